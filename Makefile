@@ -1,0 +1,36 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs
+# (Open MPI and mpi4py come from PyPI wheels, so no system MPI is required).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Open MPI refuses to start as root unless told; CI containers run as root.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/dsn demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/gateway_throughput.py
+	$(BIN)/python bench/counting.py
+
+clean:
+	rm -rf $(VENV) .dsn .pytest_cache .hypothesis

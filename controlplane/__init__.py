@@ -1,0 +1,1 @@
+"""The DSN control plane: the `dsn` command, and the REST service it will grow into."""

@@ -1,0 +1,1 @@
+"""DSN endpoints: the wire protocol, the producer SDK and synthetic camera, and the HPC consumer."""

@@ -1,0 +1,215 @@
+"""The DSN configuration: one schema for the gateway's file, consumers and rendered templates.
+
+A DSN configuration names the gateway's ingress and keys and the streaming sessions it serves. Each
+session says which CURVE client keys may stream into it, from which source networks, to which
+consumer endpoints (each inside the session's allowed internal targets), with which detector
+geometry and limits. Everything is validated on load; an error names the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from zmq.utils import z85
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field,
+                      StrictInt, StrictStr, ValidationError, model_validator)
+
+MAX_CONFIG_BYTES = 1024 * 1024
+_Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[0-9.]+|\*):(?P<port>[0-9]{1,5})$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A DSN configuration that cannot be used; the message names the key and value."""
+
+
+def _curve_key(value: str) -> str:
+    if not isinstance(value, str) or not _Z85.match(value):
+        raise ValueError("must be a 40-character Z85 CURVE public key")
+    z85.decode(value)
+    return value
+
+
+def _network(value: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a CIDR string such as 10.1.0.0/16")
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR network: {exc}") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
+        raise ValueError("IPv4-mapped IPv6 networks are refused; write the IPv4 network")
+    return str(net)
+
+
+def parse_endpoint(value: str, *, allow_wildcard: bool = False) -> tuple[str, int]:
+    """Split ``tcp://HOST:PORT`` into an IP literal and a port, refusing anything else."""
+    match = _ENDPOINT.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError("must look like tcp://IP:PORT (an IP literal, IPv6 in brackets)")
+    host, port = match["host"].strip("[]"), int(match["port"])
+    if not 1 <= port <= 65_535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    if host == "*":
+        if not allow_wildcard:
+            raise ValueError("a wildcard host is only allowed where the gateway binds")
+        return host, port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return host, port
+
+
+def _connect_endpoint(value: str) -> str:
+    parse_endpoint(value)
+    return value
+
+
+def _bind_endpoint(value: str) -> str:
+    parse_endpoint(value, allow_wildcard=True)
+    return value
+
+
+CurveKey = Annotated[StrictStr, AfterValidator(_curve_key)]
+Cidr = Annotated[StrictStr, AfterValidator(_network)]
+ConnectEndpoint = Annotated[StrictStr, AfterValidator(_connect_endpoint)]
+BindEndpoint = Annotated[StrictStr, AfterValidator(_bind_endpoint)]
+SessionId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+FrameDim = Annotated[StrictInt, Field(ge=1, le=8192)]
+
+
+class _Model(BaseModel):
+    # Strict scalars (no "5" for 5, no true for 1); containers still accept YAML lists.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Detector(_Model):
+    frame_shape: tuple[FrameDim, FrameDim] = (576, 576)
+    sectors: Annotated[StrictInt, Field(ge=1, le=64)] = 4
+    dtype: Literal["uint16"] = "uint16"
+
+    @model_validator(mode="after")
+    def _sectors_divide_rows(self) -> Detector:
+        if self.frame_shape[0] % self.sectors:
+            raise ValueError(f"frame_shape[0]={self.frame_shape[0]} is not a multiple of sectors={self.sectors}")
+        return self
+
+    @property
+    def sector_bytes(self) -> int:
+        return self.frame_shape[0] // self.sectors * self.frame_shape[1] * 2
+
+
+class Limits(_Model):
+    # ZeroMQ reads an HWM of 0 as "unlimited": a bounded queue is what makes backpressure work.
+    hwm: Annotated[StrictInt, Field(ge=1, le=100_000)] = 256
+    max_scan_positions: Annotated[StrictInt, Field(ge=1, le=16_777_216)] = 4_194_304
+    max_producers: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    max_open_scans: Annotated[StrictInt, Field(ge=1, le=64)] = 4
+
+
+class Session(_Model):
+    id: SessionId
+    client_keys: Annotated[list[CurveKey], Field(min_length=1, max_length=1024)]
+    allowed_networks: Annotated[list[Cidr], Field(min_length=1, max_length=256)]
+    allowed_targets: Annotated[list[Cidr], Field(min_length=1, max_length=256)]
+    consumers: Annotated[list[ConnectEndpoint], Field(min_length=1, max_length=4096)]
+    expires_at: AwareDatetime | None = None
+    detector: Detector = Detector()
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _consumers_inside_targets(self) -> Session:
+        targets = [ipaddress.ip_network(t) for t in self.allowed_targets]
+        for endpoint in self.consumers:
+            host = ipaddress.ip_address(parse_endpoint(endpoint)[0])
+            if not any(host in net for net in targets):
+                raise ValueError(f"consumer {endpoint} is outside allowed_targets")
+        if len(set(self.consumers)) != len(self.consumers):
+            raise ValueError("consumers lists an endpoint twice")
+        return self
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def admits(self, address: str) -> bool:
+        """True if a peer at ``address`` lies in one of the session's source networks."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in ipaddress.ip_network(net) for net in self.allowed_networks)
+
+
+class GatewaySettings(_Model):
+    ingress: BindEndpoint = "tcp://127.0.0.1:5555"
+    server_secret_key_file: Path
+    metrics: Annotated[StrictStr, Field(pattern=r"^[0-9.]+:[0-9]{1,5}$")] | None = None
+
+
+class DSNConfig(_Model):
+    version: Literal[1]
+    gateway: GatewaySettings
+    sessions: Annotated[list[Session], Field(max_length=10_000)]
+
+    @model_validator(mode="after")
+    def _unique(self) -> DSNConfig:
+        ids = [s.id for s in self.sessions]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two sessions share an id")
+        keys = [k for s in self.sessions for k in s.client_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a client key belongs to more than one session")
+        return self
+
+    def session(self, session_id: str) -> Session:
+        for session in self.sessions:
+            if session.id == session_id:
+                return session
+        raise ConfigError(f"sessions: no session with id {session_id!r}")
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.80})"
+        lines.append(f"{where}: {err['msg']}{value}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
+    """Validate an already-parsed DSN configuration; relative key paths resolve from ``base_dir``."""
+    try:
+        config = DSNConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    key_file = config.gateway.server_secret_key_file
+    if base_dir is not None and not key_file.is_absolute():
+        gateway = config.gateway.model_copy(update={"server_secret_key_file": base_dir / key_file})
+        config = config.model_copy(update={"gateway": gateway})
+    return config
+
+
+def load_config(path: Path) -> DSNConfig:
+    """Read and validate a DSN configuration file (YAML, safe loader, at most 1 MiB)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, base_dir=path.parent)

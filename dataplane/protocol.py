@@ -1,0 +1,292 @@
+"""DSN data-plane wire protocol, version 1.
+
+Every message is a ZeroMQ multipart message. Part 1 is a MessagePack header; part 2, where present,
+is one detector sector as raw little-endian array data in C order. Header keys are exactly those
+listed (unknown keys, missing keys and duplicate keys are errors), integers are MessagePack
+integers (never floats or booleans), and ``v`` is the protocol version, 1.
+
+Producer -> gateway
+    scan_begin  [header]          {v, type: "scan_begin", scan, scan_shape: [rows, cols],
+                                   frame_shape: [576, 576], sectors: 4, producers, dtype: "uint16"}
+                                  sent by every producer before its data; all must agree.
+    data        [header, sector]  {v, type: "data", scan, frame, sector, seq}
+                                  ``frame`` = row * cols + col (flat scan position); sector k holds
+                                  frame rows k*h .. k*h+h-1 with h = frame_rows / sectors;
+                                  ``seq`` counts the producer's data messages from 0.
+    data (NCEM) [header, sector]  header = MessagePack array of 8 unsigned ints
+                                  [scan_number, frame_number, positions_per_row, rows, x_in_row,
+                                   row_in_scan, thread_id, module], module = sector; translated to
+                                  the native header (frame = row_in_scan * positions_per_row +
+                                  x_in_row, seq = frame_number) before it is forwarded.
+    scan_end    [header]          {v, type: "scan_end", scan, sent}  one per producer,
+                                  ``sent`` = data messages that producer sent for the scan.
+
+Gateway -> consumer
+    scan_begin  [header]          {v, type: "scan_begin", session, scan, scan_shape, frame_shape,
+                                   sectors, dtype, members, index}
+                                  the consumer is member ``index`` of ``members`` for this scan and
+                                  receives exactly the frames with frame % members == index.
+    data        [header, sector]  the native data header and the sector, unchanged.
+    scan_end    [header]          {v, type: "scan_end", scan, expected, sent, accepted, dropped,
+                                   drops, drops_truncated}
+                                  ``expected`` = data messages forwarded to this consumer,
+                                  ``sent`` = sum of the producers' ``sent``, ``accepted`` = data
+                                  messages the gateway accepted for the whole scan, ``dropped`` =
+                                  {reason: count} for the scan, ``drops`` = [[frame, sector, reason],
+                                  ...] for this consumer's frames (at most MAX_MANIFEST entries;
+                                  ``drops_truncated`` says whether some were left out).
+
+Limits are checked before anything is allocated: a producer header longer than MAX_HEADER_BYTES is
+rejected unread, scan and frame geometry are bounded, and a payload must be exactly one sector.
+Every rejection raises ProtocolError with a stable ``reason`` used as a metric label:
+undecodable MessagePack is ``malformed_header``; a wrong type, missing or unknown key, unsupported
+version or out-of-bounds value is ``invalid_header``; a key given twice is ``duplicate_key``; a
+frame or sector outside its scan is ``out_of_range``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Final, Literal, Union
+
+import msgspec
+
+VERSION: Final = 1
+MAX_HEADER_BYTES: Final = 512
+MAX_CONTROL_BYTES: Final = 16 * 1024 * 1024
+MAX_MANIFEST: Final = 65_536
+DTYPES: Final = {"uint16": 2}
+
+U32 = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+SectorIndex = Annotated[int, msgspec.Meta(ge=0, lt=64)]
+ScanDim = Annotated[int, msgspec.Meta(ge=1, le=65_535)]
+FrameDim = Annotated[int, msgspec.Meta(ge=1, le=8_192)]
+Sectors = Annotated[int, msgspec.Meta(ge=1, le=64)]
+Producers = Annotated[int, msgspec.Meta(ge=1, le=1_024)]
+Members = Annotated[int, msgspec.Meta(ge=1, le=65_535)]
+SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Reason = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,40}$")]
+
+
+class DropReason(str, enum.Enum):
+    """Why a message was not forwarded; the value is the metric label."""
+
+    OVERSIZED_HEADER = "oversized_header"
+    MALFORMED_HEADER = "malformed_header"
+    INVALID_HEADER = "invalid_header"
+    DUPLICATE_KEY = "duplicate_key"
+    WRONG_PART_COUNT = "wrong_part_count"
+    WRONG_PAYLOAD_SIZE = "wrong_payload_size"
+    OUT_OF_RANGE = "out_of_range"
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the wire protocol; ``reason`` says how."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, tag_field="type"):
+    v: Literal[1]
+
+
+class ScanBegin(_Header, tag="scan_begin"):
+    scan: U32
+    scan_shape: tuple[ScanDim, ScanDim]
+    frame_shape: tuple[FrameDim, FrameDim]
+    sectors: Sectors
+    producers: Producers
+    dtype: Literal["uint16"]
+
+    def __post_init__(self) -> None:
+        if self.frame_shape[0] % self.sectors:
+            raise ValueError("frame_shape[0] must be a multiple of sectors")
+
+    @property
+    def geometry(self) -> ScanGeometry:
+        return ScanGeometry(self.scan_shape, self.frame_shape, self.sectors, self.dtype)
+
+
+class Data(_Header, tag="data"):
+    scan: U32
+    frame: U32
+    sector: SectorIndex
+    seq: U63
+
+
+class ScanEnd(_Header, tag="scan_end"):
+    scan: U32
+    sent: U63
+
+
+class NcemHeader(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """The NCEM 4D Camera header: a MessagePack array of 8 unsigned ints."""
+
+    scan_number: U32
+    frame_number: U32
+    positions_per_row: ScanDim
+    rows: ScanDim
+    x_in_row: U32
+    row_in_scan: U32
+    thread_id: U32
+    module: SectorIndex
+
+    def __post_init__(self) -> None:
+        if self.x_in_row >= self.positions_per_row or self.row_in_scan >= self.rows:
+            raise ValueError("scan position outside the scan")
+
+    def to_data(self) -> Data:
+        frame = self.row_in_scan * self.positions_per_row + self.x_in_row
+        return Data(v=VERSION, scan=self.scan_number, frame=frame, sector=self.module,
+                    seq=self.frame_number)
+
+
+class RoutedScanBegin(_Header, tag="scan_begin"):
+    session: SessionId
+    scan: U32
+    scan_shape: tuple[ScanDim, ScanDim]
+    frame_shape: tuple[FrameDim, FrameDim]
+    sectors: Sectors
+    dtype: Literal["uint16"]
+    members: Members
+    index: Annotated[int, msgspec.Meta(ge=0, lt=65_535)]
+
+    def __post_init__(self) -> None:
+        if self.index >= self.members:
+            raise ValueError("index must be below members")
+        if self.frame_shape[0] % self.sectors:
+            raise ValueError("frame_shape[0] must be a multiple of sectors")
+
+    @property
+    def geometry(self) -> ScanGeometry:
+        return ScanGeometry(self.scan_shape, self.frame_shape, self.sectors, self.dtype)
+
+
+class RoutedScanEnd(_Header, tag="scan_end"):
+    scan: U32
+    expected: U63
+    sent: U63
+    accepted: U63
+    dropped: dict[Reason, U63]
+    drops: list[tuple[U32, SectorIndex, Reason]]
+    drops_truncated: bool
+
+
+ProducerMessage = Union[ScanBegin, Data, ScanEnd]
+ConsumerMessage = Union[RoutedScanBegin, Data, RoutedScanEnd]
+
+
+class ScanGeometry(msgspec.Struct, frozen=True, gc=False):
+    """Shape of one scan, and the checks a data message must pass against it."""
+
+    scan_shape: tuple[int, int]
+    frame_shape: tuple[int, int]
+    sectors: int
+    dtype: str = "uint16"
+
+    @property
+    def positions(self) -> int:
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    @property
+    def sector_shape(self) -> tuple[int, int]:
+        return (self.frame_shape[0] // self.sectors, self.frame_shape[1])
+
+    @property
+    def sector_bytes(self) -> int:
+        rows, cols = self.sector_shape
+        return rows * cols * DTYPES[self.dtype]
+
+    def check(self, msg: Data, payload_bytes: int) -> None:
+        """Raise ProtocolError unless ``msg`` and its payload fit this scan."""
+        if msg.frame >= self.positions or msg.sector >= self.sectors:
+            raise ProtocolError(DropReason.OUT_OF_RANGE,
+                                f"frame {msg.frame} sector {msg.sector} outside the scan")
+        if payload_bytes != self.sector_bytes:
+            raise ProtocolError(DropReason.WRONG_PAYLOAD_SIZE,
+                                f"{payload_bytes} bytes, expected {self.sector_bytes}")
+
+
+_producer_decoder = msgspec.msgpack.Decoder(ProducerMessage)
+_ncem_decoder = msgspec.msgpack.Decoder(NcemHeader)
+_consumer_decoder = msgspec.msgpack.Decoder(ConsumerMessage)
+_encoder = msgspec.msgpack.Encoder()
+_FIELD_COUNT = {cls: len(cls.__struct_fields__) + 1 for cls in
+                (ScanBegin, Data, ScanEnd, RoutedScanBegin, RoutedScanEnd)}
+
+
+def _map_length(buf: bytes | memoryview) -> int:
+    """Number of entries in the MessagePack map starting ``buf`` (-1 if it is not a map)."""
+    first = buf[0]
+    if 0x80 <= first <= 0x8F:
+        return first & 0x0F
+    if first == 0xDE and len(buf) >= 3:
+        return int.from_bytes(buf[1:3], "big")
+    if first == 0xDF and len(buf) >= 5:
+        return int.from_bytes(buf[1:5], "big")
+    return -1
+
+
+def _is_array(first: int) -> bool:
+    return 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, buf: bytes | memoryview):  # type: ignore[no-untyped-def]
+    try:
+        msg = decoder.decode(buf)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(DropReason.INVALID_HEADER, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(DropReason.MALFORMED_HEADER, str(exc)) from None
+    # Every field is required and unknown keys are refused, so a map with more entries than the
+    # message has fields can only hold a key twice (msgspec keeps the last one silently).
+    if _map_length(buf) > _FIELD_COUNT[type(msg)]:
+        raise ProtocolError(DropReason.DUPLICATE_KEY, "a header key appears twice")
+    return msg
+
+
+def decode_producer_header(buf: bytes | memoryview) -> ScanBegin | Data | ScanEnd:
+    """Decode a producer header (native map or NCEM array) into a native message."""
+    if len(buf) > MAX_HEADER_BYTES:
+        raise ProtocolError(DropReason.OVERSIZED_HEADER, f"{len(buf)} bytes > {MAX_HEADER_BYTES}")
+    if not len(buf):
+        raise ProtocolError(DropReason.MALFORMED_HEADER, "empty header")
+    if _is_array(buf[0]):
+        return decode_ncem_header(buf).to_data()
+    return _decode(_producer_decoder, buf)  # type: ignore[no-any-return]
+
+
+def decode_ncem_header(buf: bytes | memoryview) -> NcemHeader:
+    try:
+        return _ncem_decoder.decode(buf)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(DropReason.INVALID_HEADER, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(DropReason.MALFORMED_HEADER, str(exc)) from None
+
+
+def is_native_header(buf: bytes | memoryview) -> bool:
+    """True if ``buf`` is a native (map) header, which the gateway forwards byte for byte."""
+    return len(buf) > 0 and not _is_array(buf[0])
+
+
+def decode_consumer_message(buf: bytes | memoryview) -> RoutedScanBegin | Data | RoutedScanEnd:
+    """Decode a gateway -> consumer header."""
+    if len(buf) > MAX_CONTROL_BYTES:
+        raise ProtocolError(DropReason.OVERSIZED_HEADER, f"{len(buf)} bytes > {MAX_CONTROL_BYTES}")
+    if not len(buf):
+        raise ProtocolError(DropReason.MALFORMED_HEADER, "empty header")
+    return _decode(_consumer_decoder, buf)  # type: ignore[no-any-return]
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode any header of this module to MessagePack."""
+    return _encoder.encode(msg)
+
+
+def encode_ncem(header: NcemHeader) -> bytes:
+    return _encoder.encode(header)

@@ -1,0 +1,1 @@
+"""The DSN gateway: a layer-7 ZeroMQ proxy between facility producers and HPC consumers."""
