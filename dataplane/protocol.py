@@ -123,7 +123,7 @@ class ScanEnd(_Header, tag="scan_end"):
     sent: U63
 
 
-class NcemHeader(msgspec.Struct, frozen=True, array_like=True, gc=False):
+class NcemHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, gc=False):
     """The NCEM 4D Camera header: a MessagePack array of 8 unsigned ints."""
 
     scan_number: U32
