@@ -1,0 +1,329 @@
+"""The per-rank receive loop: ZeroMQ in, the pure scan work in the middle, MPI and files out.
+
+Rank r binds a PULL socket at the session's consumer endpoint r. The loop never blocks in MPI while
+data may still arrive: threshold agreement is non-blocking (``agreement``), and the blocking gather
+happens only for a scan whose routed ``scan_end`` every rank has already received (the gateway sends
+it to all members at once), so every rank reaches that gather without needing any more data.
+Scans finish in ``scan_end`` order, the same on every rank, which keeps the gathers matched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+from mpi4py import MPI
+from tqdm import tqdm
+
+from dataplane import counting
+from dataplane.config import ConfigError, Session, load_config
+from dataplane.consumer.agreement import ThresholdAgreement
+from dataplane.consumer.errors import ConsumerError, MembershipError, SetupError
+from dataplane.consumer.gather import gather_scan
+from dataplane.consumer.logs import configure as configure_logging
+from dataplane.consumer.logs import fields
+from dataplane.consumer.outcome import merge
+from dataplane.consumer.report import JsonLinesReporter, ResultReporter, ScanResult
+from dataplane.consumer.scanwork import (
+    CountingOptions,
+    ScanWork,
+    ThresholdDecision,
+    decide_thresholds,
+)
+from dataplane.consumer.writer import write_scan
+from dataplane.protocol import (
+    Data,
+    ProtocolError,
+    RoutedScanBegin,
+    RoutedScanEnd,
+    decode_consumer_message,
+)
+
+ROOT = 0
+# Messages taken from the socket before MPI requests are tested again.
+RECEIVE_BATCH = 64
+# While an agreement is in flight, MPI needs frequent calls to make progress.
+BUSY_POLL_MS = 5
+IDLE_POLL_MS = 200
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    session: Session
+    output_dir: Path
+    options: CountingOptions
+    scans: int | None = None  # exit after this many scans; None: until stopped
+
+
+def check_layout(session: Session, ranks: int) -> None:
+    if len(session.consumers) != ranks:
+        raise SetupError(
+            f"session {session.id!r} lists {len(session.consumers)} consumer endpoints but the job "
+            f"has {ranks} MPI ranks; start it with mpiexec -n {len(session.consumers)}")
+
+
+def load_dark(path: Path, frame_shape: tuple[int, int]) -> np.ndarray:
+    """A dark reference file (.npy, frame-shaped) in the form the counting kernels subtract."""
+    try:
+        dark = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"--dark {path}: cannot read a .npy array: {exc}") from None
+    if dark.shape != tuple(frame_shape):
+        raise SetupError(f"--dark {path}: shape {dark.shape} differs from the detector frame "
+                         f"shape {tuple(frame_shape)}")
+    try:
+        return counting.dark_offsets(dark)
+    except counting.CountingError as exc:
+        raise SetupError(f"--dark {path}: {exc}") from None
+
+
+class RankLoop:
+    """One rank of a consumer job."""
+
+    def __init__(self, settings: ConsumerSettings, world: MPI.Comm, socket: zmq.Socket[bytes],
+                 reporter: ResultReporter | None, log: logging.Logger) -> None:
+        self.settings = settings
+        self.rank = world.Get_rank()
+        self.ranks = world.Get_size()
+        # Separate communicators keep the non-blocking agreement and the blocking gathers from
+        # ever being matched against each other.
+        self._agreement = ThresholdAgreement(world.Dup(), self._decide, root=ROOT)
+        self._gather_comm = world.Dup()
+        self._socket = socket
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._reporter = reporter
+        self._log = log
+        self._scans: dict[int, ScanWork] = {}
+        self._ended: list[int] = []
+        self._stray: Counter[str] = Counter()
+        self._bars: dict[int, tqdm] = {}
+        self.finished = 0
+
+    def run(self, stop: threading.Event) -> int:
+        """Receive and process until stopped or ``settings.scans`` scans are finished."""
+        while not stop.is_set() and not self._done():
+            timeout = BUSY_POLL_MS if self._agreement.pending else IDLE_POLL_MS
+            if self._poller.poll(timeout):
+                self._receive_batch()
+            self._advance()
+        if self._scans:
+            self._log.warning("stopping with scans unfinished", extra=fields(
+                scans={s: w.assembly.counters.received for s, w in self._scans.items()}))
+        for bar in self._bars.values():
+            bar.close()
+        return self.finished
+
+    def _done(self) -> bool:
+        return self.settings.scans is not None and self.finished >= self.settings.scans
+
+    def _receive_batch(self) -> None:
+        for _ in range(RECEIVE_BATCH):
+            try:
+                parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(parts)
+
+    def _handle(self, parts: list[zmq.Frame]) -> None:
+        try:
+            msg = decode_consumer_message(parts[0].buffer)
+        except ProtocolError as exc:
+            self._stray_message(exc.reason.value, None)
+            return
+        if isinstance(msg, Data):
+            self._on_data(msg, parts)
+        elif isinstance(msg, RoutedScanBegin):
+            self._on_begin(msg)
+        else:
+            self._on_end(msg)
+
+    def _on_begin(self, begin: RoutedScanBegin) -> None:
+        if begin.members != self.ranks or begin.index != self.rank:
+            raise MembershipError(
+                f"scan {begin.scan}: the gateway routes to member {begin.index} of "
+                f"{begin.members}, but this is rank {self.rank} of {self.ranks}")
+        if begin.scan in self._scans:
+            self._stray_message("scan_begin_repeated", begin.scan)
+            return
+        dark = self.settings.options.dark
+        if dark is not None and dark.shape != tuple(begin.frame_shape):
+            raise SetupError(f"scan {begin.scan}: frame shape {tuple(begin.frame_shape)} differs "
+                             f"from the dark reference's {dark.shape}")
+        work = ScanWork(begin, self.settings.options, self.ranks)
+        self._scans[begin.scan] = work
+        self._agreement.open(begin.scan)
+        self._log.info("scan begins", extra=fields(
+            scan=begin.scan, scan_shape=list(begin.scan_shape),
+            owned_frames=work.assembly.owned_frames))
+        if self.rank == ROOT and sys.stderr.isatty():
+            self._bars[begin.scan] = tqdm(total=work.assembly.owned_frames,
+                                          desc=f"scan {begin.scan}", unit="frame",
+                                          file=sys.stderr, leave=False)
+
+    def _on_data(self, msg: Data, parts: list[zmq.Frame]) -> None:
+        work = self._scans.get(msg.scan)
+        if work is None or work.closure is not None:
+            self._stray_message("unknown_scan" if work is None else "after_scan_end", msg.scan)
+            return
+        if len(parts) != 2:
+            self._stray_message("wrong_part_count", msg.scan)
+            return
+        before = work.assembly.complete_frames
+        work.add(msg, parts[1].buffer)
+        bar = self._bars.get(msg.scan)
+        if bar is not None and work.assembly.complete_frames != before:
+            bar.update(1)
+
+    def _on_end(self, end: RoutedScanEnd) -> None:
+        work = self._scans.get(end.scan)
+        if work is None or work.closure is not None:
+            self._stray_message("unknown_scan_end", end.scan)
+            return
+        closure = work.close(end)
+        self._ended.append(end.scan)
+        self._log.info("scan ends", extra=fields(
+            scan=end.scan, expected=closure.expected, received=closure.received,
+            incomplete_frames=len(closure.incomplete_frames), missing_sectors=len(closure.missing)))
+        if closure.unaccounted:
+            self._log.warning("fewer messages arrived than the gateway forwarded", extra=fields(
+                scan=end.scan, expected=closure.expected, received=closure.received))
+
+    def _advance(self) -> None:
+        for scan, work in self._scans.items():
+            if work.ready_to_contribute:
+                self._agreement.contribute(scan, work.contribution())
+        for scan, decision in self._agreement.progress():
+            self._scans[scan].decide(decision)
+            if self.rank == ROOT:
+                self._log.info("thresholds agreed",
+                               extra=fields(scan=scan, **decision.as_metadata()))
+        while self._ended and self._scans[self._ended[0]].finished and not self._done():
+            self._finish(self._ended.pop(0))
+
+    def _finish(self, scan: int) -> None:
+        work = self._scans.pop(scan)
+        parts = gather_scan(self._gather_comm, work.result(), root=ROOT)
+        bar = self._bars.pop(scan, None)
+        if bar is not None:
+            bar.close()
+        self.finished += 1
+        if parts is None or work.end is None or work.decision is None:
+            return
+        outcome = merge(work.begin, work.end, work.decision, parts)
+        written = write_scan(self.settings.output_dir, outcome)
+        result = ScanResult.of(outcome, written)
+        if self._reporter is not None:
+            self._reporter.report(result)
+        self._log.info("scan written", extra=fields(
+            scan=scan, path=str(written.path), frames=result.frames, events=result.events,
+            status=result.status, incomplete_frames=result.incomplete_frames))
+
+    def _decide(self, total: np.ndarray) -> ThresholdDecision:
+        options = self.settings.options
+        return decide_thresholds(total, options.background_n_sigma, options.xray_n_sigma)
+
+    def _stray_message(self, reason: str, scan: int | None) -> None:
+        self._stray[reason] += 1
+        count = self._stray[reason]
+        # Log the 1st, 2nd, 4th, 8th, ... so a flood stays visible without flooding the log.
+        if count & (count - 1) == 0:
+            self._log.warning("message dropped",
+                              extra=fields(reason=reason, scan=scan, count=count))
+
+
+def open_socket(context: zmq.Context[zmq.Socket[bytes]], session: Session,
+                rank: int) -> zmq.Socket[bytes]:
+    socket: zmq.Socket[bytes] = context.socket(zmq.PULL)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, session.limits.hwm)
+    endpoint = session.consumers[rank]
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        socket.close()
+        raise SetupError(f"rank {rank}: cannot bind {endpoint}: {exc}") from None
+    return socket
+
+
+def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReporter | None,
+             stop: threading.Event, log: logging.Logger) -> int:
+    """Bind, run the loop, close; returns the number of scans finished. Only the root reports."""
+    check_layout(settings.session, world.Get_size())
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    context = zmq.Context()
+    socket = open_socket(context, settings.session, world.Get_rank())
+    log.info("listening", extra=fields(endpoint=settings.session.consumers[world.Get_rank()],
+                                       session=settings.session.id, hwm=settings.session.limits.hwm,
+                                       pid=os.getpid()))
+    try:
+        return RankLoop(settings, world, socket, reporter, log).run(stop)
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+@dataclass(frozen=True)
+class JobArguments:
+    """What ``dsn consumer run`` was given."""
+
+    config: Path
+    session: str
+    output_dir: Path
+    scans: int | None
+    dark: Path | None
+    samples: int
+    background_sigma: float
+    xray_sigma: float
+    kernel: str
+    result_file: Path | None
+
+
+def settings_from(args: JobArguments) -> ConsumerSettings:
+    try:
+        session = load_config(args.config).session(args.session)
+        kernel = counting.get_kernel(args.kernel)
+    except (ConfigError, counting.CountingError) as exc:
+        raise SetupError(str(exc)) from None
+    dark = None if args.dark is None else load_dark(args.dark, session.detector.frame_shape)
+    options = CountingOptions(kernel=kernel, dark=dark, samples=args.samples,
+                              background_n_sigma=args.background_sigma,
+                              xray_n_sigma=args.xray_sigma)
+    return ConsumerSettings(session=session, output_dir=args.output_dir, options=options,
+                            scans=args.scans)
+
+
+def run_job(args: JobArguments) -> int:
+    """One rank of ``dsn consumer run``; returns the process exit code."""
+    world = MPI.COMM_WORLD
+    log = configure_logging(world.Get_rank())
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    reporter = _reporter(args.result_file) if world.Get_rank() == ROOT else None
+    try:
+        finished = run_rank(settings_from(args), world, reporter, stop, log)
+    except ConsumerError as exc:
+        log.error(str(exc), extra=fields(error=type(exc).__name__))
+        if world.Get_size() > 1:
+            # The other ranks may be inside a collective this rank will never join.
+            world.Abort(2)
+        return 2
+    finally:
+        if reporter is not None:
+            reporter.close()
+    log.info("consumer stopped", extra=fields(scans=finished, signalled=stop.is_set()))
+    return 0
+
+
+def _reporter(result_file: Path | None) -> JsonLinesReporter:
+    return JsonLinesReporter() if result_file is None else JsonLinesReporter.to_file(result_file)
+

@@ -1,0 +1,279 @@
+"""Producer SDK: stream detector sectors into a DSN gateway over CURVE, and a synthetic streamer.
+
+A ``Producer`` owns one PUSH socket, a CURVE client of the gateway's ingress. It speaks the wire
+protocol of ``dataplane.protocol``: ``scan_begin``, then one ``data`` message per sector, then
+``scan_end {sent}``. In "ncem" header mode, data messages carry the NCEM 4D Camera header instead of
+the native one (the scan messages stay native), as existing 4D Camera receivers do.
+
+Backpressure, never loss: the socket queues only to a live, authenticated connection
+(``ZMQ_IMMEDIATE``) and blocks at its high-water mark, so a stalled gateway slows the producer. A
+send that cannot complete within ``send_timeout_s`` raises ``ProducerError``; the message was not
+queued. Closing waits up to ``send_timeout_s`` for queued messages to leave.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self, cast
+
+import msgspec
+import numpy as np
+import zmq
+from tqdm import tqdm
+
+from dataplane.keys import KeyPair
+from dataplane.protocol import (
+    VERSION,
+    Data,
+    NcemHeader,
+    ProtocolError,
+    ScanBegin,
+    ScanEnd,
+    ScanGeometry,
+    decode_producer_header,
+    encode,
+    encode_ncem,
+)
+from dataplane.synthetic import StreamPlan, SyntheticCamera
+
+HeaderMode = Literal["native", "ncem"]
+Shape = tuple[int, int]
+_SECTOR_DTYPE = np.dtype("<u2")
+
+
+class ProducerError(RuntimeError):
+    """A producer that cannot send: bad input, or a gateway that is unreachable or stalled."""
+
+
+@dataclass
+class _OpenScan:
+    scan: int
+    geometry: ScanGeometry
+    seq: int = 0
+
+
+class Producer:
+    """One PUSH socket, CURVE client, connected to a gateway ingress."""
+
+    def __init__(self, endpoint: str, server_public: bytes, client: KeyPair, *, hwm: int = 256,
+                 send_timeout_s: float = 30.0, header: HeaderMode = "native",
+                 context: zmq.Context | None = None) -> None:
+        if header not in ("native", "ncem"):
+            raise ProducerError(f"header must be 'native' or 'ncem', got {header!r}")
+        if client.secret is None:
+            raise ProducerError("the client key pair has no secret key (load a .key_secret file)")
+        if not send_timeout_s > 0:
+            raise ProducerError(f"send_timeout_s must be positive, got {send_timeout_s}")
+        self.endpoint = endpoint
+        self._header = header
+        self._timeout_s = send_timeout_s
+        self._scan: _OpenScan | None = None
+        self._own_context = context is None
+        self._context = zmq.Context() if context is None else context
+        self._socket = self._context.socket(zmq.PUSH)
+        try:
+            self._configure(server_public, client, hwm)
+            self._socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.close(linger_s=0)
+            raise ProducerError(f"cannot connect to {endpoint!r}: {exc}") from None
+
+    def _configure(self, server_public: bytes, client: KeyPair, hwm: int) -> None:
+        timeout_ms = max(1, round(self._timeout_s * 1000))
+        sock = self._socket
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = client.public
+        sock.curve_secretkey = client.secret
+        sock.sndhwm = hwm
+        sock.sndtimeo = timeout_ms
+        # Queue only to a connection whose CURVE handshake succeeded, so that an absent gateway or
+        # a refused key blocks the sender instead of filling a queue nobody will read.
+        sock.immediate = 1
+        sock.linger = timeout_ms
+
+    def begin_scan(self, scan: int, scan_shape: tuple[int, int], producers: int,
+                   frame_shape: tuple[int, int] = (576, 576), sectors: int = 4) -> None:
+        """Announce a scan; every data message until ``end_scan`` belongs to it."""
+        if self._scan is not None:
+            raise ProducerError(f"scan {self._scan.scan} is still open; call end_scan first")
+        try:
+            # Decoding below checks that both shapes hold exactly two sizes.
+            begin = ScanBegin(v=VERSION, scan=scan, scan_shape=cast(Shape, tuple(scan_shape)),
+                              frame_shape=cast(Shape, tuple(frame_shape)), sectors=sectors,
+                              producers=producers, dtype="uint16")
+            header = encode(begin)
+            # The protocol's bounds apply on decoding, so a bad scan fails here, not at the gateway.
+            decode_producer_header(header)
+        except (ProtocolError, ValueError, TypeError, msgspec.EncodeError) as exc:
+            raise ProducerError(f"invalid scan {scan} (scan_shape={scan_shape}, frame_shape="
+                                f"{frame_shape}, sectors={sectors}, producers={producers}): "
+                                f"{exc}") from None
+        self._send([header], f"scan_begin of scan {scan}")
+        self._scan = _OpenScan(scan, begin.geometry)
+
+    def send(self, frame: int, sector: int, data: np.ndarray) -> None:
+        """Send one sector without copying it: ``data`` must not change until it has left.
+
+        Blocks while the gateway applies backpressure; raises ProducerError after send_timeout_s.
+        """
+        scan = self._open_scan("send")
+        frame, sector = int(frame), int(sector)
+        _check_sector(scan.geometry, frame, sector, data)
+        self._send([self._data_header(scan, frame, sector), data.data],
+                   f"scan {scan.scan} frame {frame} sector {sector}")
+        scan.seq += 1
+
+    def end_scan(self) -> int:
+        """Send ``scan_end {sent}`` and return ``sent``, the data messages sent for the scan."""
+        scan = self._open_scan("end_scan")
+        self._send([encode(ScanEnd(v=VERSION, scan=scan.scan, sent=scan.seq))],
+                   f"scan_end of scan {scan.scan}")
+        self._scan = None
+        return scan.seq
+
+    def close(self, linger_s: float | None = None) -> None:
+        """Close the socket, waiting up to ``linger_s`` (default send_timeout_s) to flush it."""
+        if self._socket.closed:
+            return
+        linger = self._timeout_s if linger_s is None else linger_s
+        self._socket.close(linger=round(linger * 1000))
+        if self._own_context:
+            self._context.term()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # After a failure the scan is incomplete anyway; do not wait on a gateway that stalled.
+        self.close(linger_s=0 if exc_type is not None else None)
+
+    def _open_scan(self, action: str) -> _OpenScan:
+        if self._scan is None:
+            raise ProducerError(f"{action} before begin_scan: no scan is open")
+        return self._scan
+
+    def _data_header(self, scan: _OpenScan, frame: int, sector: int) -> bytes:
+        if self._header == "native":
+            return encode(Data(v=VERSION, scan=scan.scan, frame=frame, sector=sector, seq=scan.seq))
+        rows, cols = scan.geometry.scan_shape
+        row, col = divmod(frame, cols)
+        # The gateway reads frame_number as seq, so it counts this producer's messages.
+        return encode_ncem(NcemHeader(scan_number=scan.scan, frame_number=scan.seq,
+                                      positions_per_row=cols, rows=rows, x_in_row=col,
+                                      row_in_scan=row, thread_id=sector, module=sector))
+
+    def _send(self, parts: list[bytes | memoryview], what: str) -> None:
+        try:
+            self._socket.send_multipart(parts, copy=False)
+        except zmq.Again:
+            raise ProducerError(
+                f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: the "
+                "gateway is unreachable, refused this CURVE key, or is not reading") from None
+        except zmq.ZMQError as exc:
+            raise ProducerError(f"{what} to {self.endpoint} failed: {exc}") from None
+
+
+def _check_sector(geometry: ScanGeometry, frame: int, sector: int, data: np.ndarray) -> None:
+    if not (0 <= frame < geometry.positions and 0 <= sector < geometry.sectors):
+        raise ProducerError(f"frame {frame} sector {sector} outside the scan "
+                            f"({geometry.positions} frames, {geometry.sectors} sectors)")
+    if data.shape != geometry.sector_shape:
+        raise ProducerError(f"sector data has shape {data.shape}, expected {geometry.sector_shape}")
+    if data.dtype != _SECTOR_DTYPE:
+        raise ProducerError(f"sector data has dtype {data.dtype}, expected little-endian uint16")
+    if not data.flags.c_contiguous:
+        raise ProducerError("sector data must be C-contiguous (use np.ascontiguousarray)")
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    messages: int  # data messages sent, duplicates included
+    bytes: int  # payload bytes of those messages
+    seconds: float
+    lost: int  # (frame, sector) pairs the plan never sent
+    duplicated: int  # pairs the plan sent twice
+
+    @property
+    def gbytes_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+def stream_synthetic(endpoint: str, server_public: bytes, client: KeyPair,
+                     camera: SyntheticCamera, plan: StreamPlan, scan: int = 0, *,
+                     header: HeaderMode = "native", progress: bool | None = None,
+                     hwm: int = 256, send_timeout_s: float = 30.0) -> StreamStats:
+    """Stream one synthetic scan with ``plan.producers`` producers, one thread and socket each.
+
+    ``progress`` None shows a progress bar only when the output is a terminal. The first producer
+    error stops the others and is raised once every thread has finished.
+    """
+    if plan.spec != camera.spec:
+        raise ProducerError("the stream plan and the camera describe different scans")
+    run = _StreamRun(endpoint, server_public, client, camera, plan, scan, header, hwm,
+                     send_timeout_s)
+    context = zmq.Context(io_threads=2)
+    bar = tqdm(total=plan.total_messages, unit="msg", desc=f"scan {scan}",
+               disable=None if progress is None else not progress)
+    start = time.perf_counter()
+    try:
+        threads = [threading.Thread(target=run.produce, args=(p, context, bar),
+                                    name=f"dsn-producer-{p}") for p in range(plan.producers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        # Terminating the context waits for queued messages to leave, so it is part of the time.
+        context.term()
+        seconds = time.perf_counter() - start
+        bar.close()
+    if run.errors:
+        raise run.errors[0]
+    sector_bytes = camera.spec.sector_rows * camera.spec.frame_shape[1] * _SECTOR_DTYPE.itemsize
+    return StreamStats(messages=plan.total_messages, bytes=plan.total_messages * sector_bytes,
+                       seconds=seconds, lost=len(plan.lost), duplicated=len(plan.duplicated))
+
+
+@dataclass
+class _StreamRun:
+    endpoint: str
+    server_public: bytes
+    client: KeyPair
+    camera: SyntheticCamera
+    plan: StreamPlan
+    scan: int
+    header: HeaderMode
+    hwm: int
+    send_timeout_s: float
+
+    def __post_init__(self) -> None:
+        self.stop = threading.Event()
+        self.errors: list[Exception] = []
+
+    def produce(self, producer: int, context: zmq.Context, bar: tqdm) -> None:
+        spec = self.camera.spec
+        try:
+            with Producer(self.endpoint, self.server_public, self.client, hwm=self.hwm,
+                          send_timeout_s=self.send_timeout_s, header=self.header,
+                          context=context) as sock:
+                sock.begin_scan(self.scan, spec.scan_shape, self.plan.producers, spec.frame_shape,
+                                spec.sectors)
+                for frame, sector in self.plan.messages(producer):
+                    if self.stop.is_set():
+                        sock.close(linger_s=0)
+                        return
+                    sock.send(frame, sector, self.camera.sector(frame, sector))
+                    bar.update(1)
+                sock.end_scan()
+        # Any failure in a thread must reach the caller, and must stop the sibling producers.
+        except Exception as exc:  # noqa: BLE001
+            self.errors.append(exc)
+            self.stop.set()

@@ -1,0 +1,133 @@
+"""Frame assembly on one rank: any order, duplicates, misrouted and malformed sectors, scan_end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataplane.consumer.assembly import MISROUTED, NOT_RECEIVED, MissingSector, ScanAssembly
+from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd
+
+SCAN_SHAPE = (2, 4)  # 8 positions
+FRAME_SHAPE = (8, 6)  # 4 sectors of 2 rows
+SECTORS = 4
+MEMBERS, INDEX = 2, 1  # this rank owns frames 1, 3, 5, 7
+
+
+def _begin() -> RoutedScanBegin:
+    return RoutedScanBegin(v=1, session="s1", scan=9, scan_shape=SCAN_SHAPE,
+                           frame_shape=FRAME_SHAPE, sectors=SECTORS, dtype="uint16",
+                           members=MEMBERS, index=INDEX)
+
+
+def _end(expected: int, drops: list[tuple[int, int, str]] | None = None) -> RoutedScanEnd:
+    return RoutedScanEnd(v=1, scan=9, expected=expected, sent=expected, accepted=expected,
+                         dropped={}, drops=drops or [], drops_truncated=False)
+
+
+def _frame(frame: int) -> np.ndarray:
+    rng = np.random.default_rng(frame)
+    return rng.integers(1, 60_000, size=FRAME_SHAPE, dtype=np.uint16)
+
+
+def _sector(frame: int, sector: int) -> bytes:
+    rows = FRAME_SHAPE[0] // SECTORS
+    return _frame(frame)[sector * rows:(sector + 1) * rows].tobytes()
+
+
+def _data(frame: int, sector: int) -> Data:
+    return Data(v=1, scan=9, frame=frame, sector=sector, seq=0)
+
+
+def _feed(assembly: ScanAssembly, order: list[tuple[int, int]]) -> dict[int, np.ndarray]:
+    done: dict[int, np.ndarray] = {}
+    for frame, sector in order:
+        pixels = assembly.add(_data(frame, sector), _sector(frame, sector))
+        if pixels is not None:
+            assert frame not in done, f"frame {frame} was completed twice"
+            done[frame] = pixels.copy()
+    return done
+
+
+def test_sectors_in_any_order_complete_each_frame_once_with_the_right_pixels() -> None:
+    order = [(f, s) for f in (1, 3, 5, 7) for s in range(SECTORS)]
+    np.random.default_rng(4).shuffle(order)
+    assembly = ScanAssembly(_begin())
+    done = _feed(assembly, order)
+    assert sorted(done) == [1, 3, 5, 7]
+    for frame, pixels in done.items():
+        np.testing.assert_array_equal(pixels, _frame(frame))
+    closure = assembly.close(_end(expected=16))
+    assert closure.incomplete_frames.size == 0 and closure.missing == []
+    assert closure.unaccounted == 0
+    assert list(assembly.incomplete_frames()) == []
+
+
+def test_duplicates_are_dropped_and_counted_before_and_after_completion() -> None:
+    assembly = ScanAssembly(_begin())
+    order = [(1, 0), (1, 0), (1, 1), (1, 2), (1, 3), (1, 2), (3, 0), (3, 0)]
+    done = _feed(assembly, order)
+    assert list(done) == [1]
+    counters = assembly.counters
+    assert (counters.received, counters.stored, counters.duplicates) == (8, 5, 3)
+
+
+def test_misrouted_and_malformed_sectors_are_rejected_by_reason() -> None:
+    assembly = ScanAssembly(_begin())
+    assert assembly.add(_data(2, 0), _sector(2, 0)) is None  # 2 % 2 != 1: another rank's frame
+    assert assembly.add(_data(1, 0), b"\x00" * 5) is None  # not one sector of payload
+    assert assembly.add(_data(9, 0), _sector(1, 0)) is None  # beyond the 8 scan positions
+    assert assembly.counters.rejected == {MISROUTED: 1, "wrong_payload_size": 1, "out_of_range": 1}
+    assert assembly.counters.stored == 0 and assembly.counters.received == 3
+
+
+def test_scan_end_zero_fills_flags_and_explains_every_missing_sector() -> None:
+    assembly = ScanAssembly(_begin())
+    # Frame 1 complete; frame 3 misses sector 2 (dropped by the gateway); frame 5 misses sectors
+    # 0 and 3 (never reached the gateway); frame 7 never arrived at all.
+    order = [(1, s) for s in range(4)] + [(3, 0), (3, 1), (3, 3), (5, 1), (5, 2)]
+    _feed(assembly, order)
+    closure = assembly.close(_end(expected=len(order), drops=[(3, 2, "invalid_header")]))
+    assert closure.incomplete_frames.tolist() == [3, 5, 7]
+    assert closure.missing_frames.tolist() == [7]
+    assert closure.missing == [
+        MissingSector(3, 2, "invalid_header"),
+        MissingSector(5, 0, NOT_RECEIVED), MissingSector(5, 3, NOT_RECEIVED),
+        *[MissingSector(7, s, NOT_RECEIVED) for s in range(4)],
+    ]
+    rows = FRAME_SHAPE[0] // SECTORS
+    frames = dict(assembly.incomplete_frames())
+    assert sorted(frames) == [3, 5, 7]
+    want3 = _frame(3)
+    want3[2 * rows:3 * rows] = 0
+    np.testing.assert_array_equal(frames[3], want3)
+    want5 = _frame(5)
+    want5[0:rows] = 0
+    want5[3 * rows:] = 0
+    np.testing.assert_array_equal(frames[5], want5)
+    assert not frames[7].any()
+
+
+def test_fewer_messages_than_forwarded_are_reported_as_unaccounted() -> None:
+    assembly = ScanAssembly(_begin())
+    _feed(assembly, [(1, s) for s in range(4)])
+    closure = assembly.close(_end(expected=6))
+    assert closure.unaccounted == 2 and closure.received == 4
+
+
+def test_received_sectors_offers_incomplete_frames_for_fallback_sampling() -> None:
+    assembly = ScanAssembly(_begin())
+    _feed(assembly, [(3, 1), (5, 0), (5, 2)])
+    sectors = list(assembly.received_sectors(limit=2))
+    assert len(sectors) == 2
+    rows = FRAME_SHAPE[0] // SECTORS
+    sector, pixels = sectors[0]
+    assert sector == 1
+    np.testing.assert_array_equal(pixels, _frame(3)[rows:2 * rows])
+
+
+def test_closing_twice_is_refused() -> None:
+    assembly = ScanAssembly(_begin())
+    assembly.close(_end(expected=0))
+    with pytest.raises(RuntimeError, match="scan 9 is already closed"):
+        assembly.close(_end(expected=0))

@@ -1,0 +1,267 @@
+"""A real 2-rank ``mpiexec`` consumer job, fed by the test acting as the gateway.
+
+Two overlapping scans are pushed to the ranks' endpoints with lost, gateway-dropped and duplicated
+sectors in shuffled order; the files are then read back with stempy and checked against stempy's own
+``electron_count_frame`` on the same zero-filled frames, the planted electrons and exact counters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import stempy.image
+import stempy.io
+import yaml
+import zmq
+
+from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
+from dataplane.synthetic import CameraSpec, SyntheticCamera
+
+SESSION = "mpi-test"
+RANKS = 2
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+CLIENT_KEY = zmq.curve_keypair()[0].decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_config(tmp_path: Path, endpoints: list[str]) -> Path:
+    config = {
+        "version": 1,
+        "gateway": {"ingress": f"tcp://127.0.0.1:{_free_port()}", "server_secret_key_file": "k"},
+        "sessions": [{"id": SESSION, "client_keys": [CLIENT_KEY],
+                      "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
+                      "consumers": endpoints, "limits": {"hwm": 64}}],
+    }
+    path = tmp_path / "dsn.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _start(ranks: int, config: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    argv = [str(MPIEXEC), "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
+            "dataplane.consumer", "run", "--config", str(config), "--session", SESSION,
+            "--output-dir", str(out), *extra]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+@dataclass
+class Job:
+    endpoints: list[str]
+    config: Path
+    out: Path
+    result_file: Path
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Iterator[Job]:
+    endpoints = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(RANKS)]
+    yield Job(endpoints, _write_config(tmp_path, endpoints), tmp_path / "out",
+              tmp_path / "results.jsonl")
+
+
+@pytest.fixture
+def pushers(job: Job) -> Iterator[list[zmq.Socket]]:
+    context = zmq.Context()
+    sockets = []
+    for endpoint in job.endpoints:
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(endpoint)
+        sockets.append(push)
+    yield sockets
+    for push in sockets:
+        push.close(linger=0)
+    context.term()
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"consumer job did not finish in {timeout}s:\n{err.decode()[-3000:]}")
+    return proc.returncode, err.decode()
+
+
+@dataclass
+class ScanPlan:
+    scan: int
+    camera: SyntheticCamera
+    lost: set[tuple[int, int]]
+    gateway_drops: dict[tuple[int, int], str]
+    duplicated: list[tuple[int, int]]
+
+    @property
+    def positions(self) -> int:
+        return self.camera.spec.positions
+
+    def messages(self) -> list[tuple[int, int]]:
+        sent = [(f, s) for f in range(self.positions) for s in range(4) if (f, s) not in self.lost]
+        return sent + self.duplicated
+
+    def received_frame(self, frame: int) -> np.ndarray:
+        image = self.camera.frame(frame).copy()
+        rows = self.camera.spec.sector_rows
+        for f, s in self.lost:
+            if f == frame:
+                image[s * rows:(s + 1) * rows] = 0
+        return image
+
+
+def _begin(plan: ScanPlan, index: int) -> bytes:
+    return encode(RoutedScanBegin(v=1, session=SESSION, scan=plan.scan,
+                                  scan_shape=plan.camera.spec.scan_shape, frame_shape=(576, 576),
+                                  sectors=4, dtype="uint16", members=RANKS, index=index))
+
+
+def _end(plan: ScanPlan, index: int, expected: int) -> bytes:
+    drops = [(f, s, r) for (f, s), r in sorted(plan.gateway_drops.items()) if f % RANKS == index]
+    dropped = {"invalid_header": len(plan.gateway_drops)} if plan.gateway_drops else {}
+    total = len(plan.messages())
+    return encode(RoutedScanEnd(v=1, scan=plan.scan, expected=expected, sent=total + len(drops),
+                                accepted=total, dropped=dropped, drops=drops,
+                                drops_truncated=False))
+
+
+def _stream(pushers: list[zmq.Socket], plans: list[ScanPlan], seed: int) -> None:
+    """Begin every scan, send all their data interleaved and shuffled, then end them in order."""
+    for plan in plans:
+        for index, push in enumerate(pushers):
+            push.send(_begin(plan, index))
+    data = [(plan, f, s) for plan in plans for f, s in plan.messages()]
+    np.random.default_rng(seed).shuffle(data)  # type: ignore[arg-type]
+    expected = {(plan.scan, i): 0 for plan in plans for i in range(RANKS)}
+    for seq, (plan, frame, sector) in enumerate(data):
+        header = encode(Data(v=1, scan=plan.scan, frame=frame, sector=sector, seq=seq))
+        pushers[frame % RANKS].send_multipart([header, plan.camera.sector(frame, sector)])
+        expected[(plan.scan, frame % RANKS)] += 1
+    for plan in plans:
+        for index, push in enumerate(pushers):
+            push.send(_end(plan, index, expected[(plan.scan, index)]))
+
+
+def _attr(group: h5py.Group, name: str) -> object:
+    value = group.attrs[name]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _check_file(path: Path, plan: ScanPlan) -> None:
+    counted = stempy.io.load_electron_counts(str(path))
+    assert tuple(counted.scan_shape) == plan.camera.spec.scan_shape
+    with h5py.File(path, "r") as f:
+        counting = dict(f["metadata/electron_counting"].attrs)
+        stream = f["metadata/stream"]
+        thresholds = stream["thresholds"]
+        assert float(thresholds.attrs["background_threshold"]) == counting["background_threshold"]
+        incomplete = np.asarray(stream["incomplete_frames"]).tolist()
+        missing = np.asarray(stream["missing_frames"]).tolist()
+        manifest = [tuple(p) for p in np.asarray(stream["loss_manifest/frame_sector"]).tolist()]
+        reasons = [r.decode() for r in stream["loss_manifest/reason"][()]]
+        attrs = {k: _attr(stream, k) for k in ("expected_sectors", "received_sectors",
+                                              "duplicate_sectors", "unaccounted_sectors", "status",
+                                              "session", "scan")}
+        assert _attr(thresholds, "source") == "frames"
+    lost_frames = sorted({f for f, _ in plan.lost})
+    assert incomplete == lost_frames
+    assert missing == [f for f in lost_frames if all((f, s) in plan.lost for s in range(4))]
+    assert manifest == sorted(plan.lost)
+    assert reasons == [plan.gateway_drops.get(p, "not_received") for p in sorted(plan.lost)]
+    sent = len(plan.messages())
+    assert attrs == {
+        "expected_sectors": sent, "received_sectors": plan.positions * 4 - len(plan.lost),
+        "duplicate_sectors": len(plan.duplicated), "unaccounted_sectors": 0,
+        "status": "partial" if plan.lost else "complete", "session": SESSION, "scan": plan.scan}
+    background, xray = float(counting["background_threshold"]), float(counting["x_ray_threshold"])
+    for frame in range(plan.positions):
+        events = np.sort(np.asarray(counted.data[frame][0], dtype=np.uint32))
+        oracle = stempy.image.electron_count_frame(plan.received_frame(frame),
+                                                   background_threshold=background,
+                                                   xray_threshold=xray).data[0][0]
+        np.testing.assert_array_equal(events, np.sort(oracle), err_msg=f"frame {frame}")
+        if frame not in lost_frames:
+            np.testing.assert_array_equal(events, plan.camera.planted(frame))
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(90)
+def test_two_rank_job_counts_overlapping_scans_exactly_and_accounts_for_every_sector(
+        job: Job, pushers: list[zmq.Socket]) -> None:
+    lossy = ScanPlan(
+        scan=7, camera=SyntheticCamera(CameraSpec(scan_shape=(8, 8), seed=11)),
+        lost={(5, 2), (10, 0), (10, 1), (13, 0), (13, 1), (13, 2), (13, 3)},
+        gateway_drops={(5, 2): "invalid_header"},
+        duplicated=[(4, 1), (7, 3), (20, 0)])
+    clean = ScanPlan(scan=8, camera=SyntheticCamera(CameraSpec(scan_shape=(4, 4), seed=12)),
+                     lost=set(), gateway_drops={}, duplicated=[(3, 0)])
+    proc = _start(RANKS, job.config, job.out, "--scans", "2", "--result-file", str(job.result_file))
+    _stream(pushers, [lossy, clean], seed=5)
+    code, err = _finish(proc, timeout=75)
+    assert code == 0, err[-3000:]
+
+    names = {plan.scan: f"{SESSION}_scan{plan.scan:06d}.h5" for plan in (lossy, clean)}
+    assert sorted(os.listdir(job.out)) == sorted(names.values())  # no temporary file left behind
+    for plan in (lossy, clean):
+        _check_file(job.out / names[plan.scan], plan)
+
+    results = [json.loads(line) for line in job.result_file.read_text().splitlines()]
+    assert [r["scan"] for r in results] == [7, 8]
+    for result, plan in zip(results, (lossy, clean), strict=True):
+        path = Path(result["path"])
+        assert path == job.out / names[plan.scan]
+        assert result["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert result["status"] == ("partial" if plan.lost else "complete")
+        assert result["incomplete_frames"] == len({f for f, _ in plan.lost})
+        assert result["frames"] == plan.positions
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert {entry["rank"] for entry in logs} == {0, 1}
+    assert any(e["msg"] == "scan written" and e["scan"] == 7 for e in logs)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_job_stops_cleanly_on_sigterm(job: Job) -> None:
+    proc = _start(RANKS, job.config, job.out)
+    # Wait until both ranks are listening, so the signal arrives in the receive loop. The ranks
+    # are signalled as a batch system does it (mpiexec itself ends a job it is signalled to end).
+    pids: list[int] = []
+    assert proc.stderr is not None
+    while len(pids) < RANKS:
+        line = proc.stderr.readline().decode()
+        assert line, "consumer job exited before listening"
+        if '"msg": "listening"' in line:
+            pids.append(json.loads(line)["pid"])
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    code, err = _finish(proc, timeout=30)
+    assert code == 0, err[-3000:]
+    stopped = [json.loads(line) for line in err.splitlines() if '"consumer stopped"' in line]
+    assert sorted(e["rank"] for e in stopped) == [0, 1] and all(e["signalled"] for e in stopped)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_rank_count_that_differs_from_the_endpoints_is_a_clear_error(job: Job) -> None:
+    proc = _start(1, job.config, job.out)
+    code, err = _finish(proc, timeout=45)
+    assert code == 2
+    assert "lists 2 consumer endpoints but the job has 1 MPI ranks" in err
