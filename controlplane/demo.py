@@ -81,9 +81,12 @@ def write_config(workdir: Path, ranks: int) -> tuple[Path, str]:
 
 def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
     workdir = options.state_dir / "demo" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    workdir.mkdir(parents=True)
     output_dir = workdir / "output"
-    output_dir.mkdir()
+    try:
+        output_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise DemoError(f"cannot create the demo's working directory under {options.state_dir}: "
+                        f"{exc.strerror}") from None
     result_file = workdir / "result.jsonl"
     config, ingress = write_config(workdir, options.ranks)
     camera = SyntheticCamera(CameraSpec(scan_shape=options.scan_shape, seed=options.seed))

@@ -240,7 +240,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, buf: bytes | memoryview):  # type:
         msg = decoder.decode(buf)
     except msgspec.ValidationError as exc:
         raise ProtocolError(DropReason.INVALID_HEADER, str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec reports a string that is not UTF-8 as UnicodeDecodeError, not as a DecodeError.
         raise ProtocolError(DropReason.MALFORMED_HEADER, str(exc)) from None
     # Every field is required and unknown keys are refused, so a map with more entries than the
     # message has fields can only hold a key twice (msgspec keeps the last one silently).

@@ -114,9 +114,12 @@ def test_oversized_header_is_rejected_before_decoding() -> None:
     assert _reason(huge) == "oversized_header"
 
 
-@pytest.mark.parametrize("buf", [b"", b"\xc1", b"\x85", b"\xde\x00", b"\x81\xa4typ"])
+@pytest.mark.parametrize("buf", [b"", b"\xc1", b"\x85", b"\xde\x00", b"\x81\xa4typ",
+                                 b"\x81\xa4type\xa4da\xff\xfe"])
 def test_truncated_or_undecodable_headers_are_malformed(buf: bytes) -> None:
     assert _reason(buf) == "malformed_header"
+    with pytest.raises(p.ProtocolError):
+        p.decode_consumer_message(buf)
 
 
 def test_extension_types_and_deep_nesting_are_rejected() -> None:

@@ -1,0 +1,227 @@
+"""Gateway throughput: direct PUSH->PULL vs the gateway in L4 and L7 mode, with and without CURVE.
+
+One producer process streams N data messages of one 4D Camera sector (144 x 576 uint16, 165,888
+bytes) to two consumer processes, either directly over TCP loopback or through a gateway process.
+Throughput is payload bytes / (last message received - first message sent). No assertions.
+
+    .venv/bin/python bench/gateway_throughput.py [--messages 8000] [--repeat 1]
+
+The CURVE cases run the real ``dsn gateway run`` command. The plaintext cases run the same proxy
+loops in a bench-only process whose ZAP handler admits NULL connections, to show the proxy's own
+cost without encryption; the gateway itself never accepts unencrypted producers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dataplane.keys import create_keypair, load_keypair
+from dataplane.protocol import Data, ScanBegin, ScanEnd, encode
+
+SECTOR_BYTES = 144 * 576 * 2
+IDLE_S = 1.0
+
+
+def consumer(port: int, ready: Any, results: Any) -> None:
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    count = volume = 0
+    last = 0.0
+    while pull.poll(int(IDLE_S * 1000) if count else 60_000):
+        frames = pull.recv_multipart(copy=False)
+        if len(frames) == 2:
+            count += 1
+            volume += len(frames[1])
+            last = time.perf_counter()
+    results.put((count, volume, last))
+    pull.close(linger=0)
+    context.term()
+
+
+def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, bytes] | None,
+             results: Any) -> None:
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.sndhwm = 64
+    if keys is not None:
+        push.curve_publickey, push.curve_secretkey, push.curve_serverkey = keys
+    for endpoint in endpoints:
+        push.connect(endpoint)
+    frames_needed = messages // 4 + 1
+    cols = 128
+    rows = frames_needed // cols + 1
+    payload = zmq.Frame(os.urandom(SECTOR_BYTES))
+    headers = [encode(Data(v=1, scan=1, frame=i // 4, sector=i % 4, seq=i))
+               for i in range(messages)]
+    push.send(encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols), frame_shape=(576, 576),
+                               sectors=4, producers=1, dtype="uint16")))
+    time.sleep(0.3)  # let the connections settle so round-robin starts balanced
+    start = time.perf_counter()
+    for header in headers:
+        push.send_multipart([header, payload], copy=False)
+    push.send(encode(ScanEnd(v=1, scan=1, sent=messages)))
+    results.put(start)
+    push.close(linger=-1)
+    context.term()
+
+
+def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
+    """Bench only: the proxy loops behind a NULL-mechanism ingress."""
+    from dataplane.config import load_config
+    from gateway.proxy import L4Proxy, L7Proxy
+    from gateway.sessions import table_from_config
+
+    config = load_config(Path(config_path))
+    table = table_from_config(config)
+    session_id = next(iter(table)).id
+    context = zmq.Context(io_threads=2)
+    zap = context.socket(zmq.REP)
+    zap.bind("inproc://zeromq.zap.01")
+
+    def admit_all() -> None:
+        while True:
+            try:
+                request = zap.recv_multipart()
+            except zmq.ContextTerminated:
+                zap.close(linger=0)  # closed by the thread that uses it, once term() begins
+                return
+            zap.send_multipart([b"1.0", request[1], b"200", b"OK", session_id.encode(), b""])
+
+    threading.Thread(target=admit_all, daemon=True).start()
+    ingress = context.socket(zmq.PULL)
+    ingress.zap_domain = b"dsn"
+    ingress.rcvhwm = 256
+    ingress.rcvtimeo = 100
+    ingress.bind(config.gateway.ingress)
+    proxy = L7Proxy(context, ingress, table) if mode == "l7" else L4Proxy(context, ingress, table)
+    signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
+    forward = threading.Thread(target=proxy.run)
+    forward.start()
+    ready.set()
+    while forward.is_alive():  # the main thread stays interruptible so SIGTERM is handled
+        forward.join(0.1)
+    proxy.close()
+    ingress.close(linger=0)
+    context.term()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def write_config(workdir: Path, ports: list[int], client_public: str) -> tuple[Path, str]:
+    ingress = f"tcp://127.0.0.1:{free_port()}"
+    path = workdir / f"dsn-{ingress.rsplit(':', 1)[1]}.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "gateway": {
+        "ingress": ingress, "server_secret_key_file": str(workdir / "server.key_secret")},
+        "sessions": [{"id": "bench", "client_keys": [client_public],
+                      "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
+                      "consumers": [f"tcp://127.0.0.1:{p}" for p in ports],
+                      "limits": {"hwm": 64}}]}))
+    return path, ingress
+
+
+def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
+    mpc = mp.get_context("spawn")
+    results, ready = mpc.Queue(), [mpc.Event(), mpc.Event()]
+    ports = [free_port(), free_port()]
+    consumers = [mpc.Process(target=consumer, args=(p, r, results)) for p, r in zip(ports, ready)]
+    for process in consumers:
+        process.start()
+    for event in ready:
+        event.wait(30)
+    client = load_keypair(workdir / "client.key_secret")
+    server = load_keypair(workdir / "server.key_secret")
+    config, ingress = write_config(workdir, ports, client.public.decode())
+    gateway: Any = None
+    keys = None
+    endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
+    if case != "direct":
+        mode, curve = case.split("+")
+        endpoints = [ingress]
+        if curve == "curve":
+            keys = (client.public, client.secret, server.public)
+            gateway = subprocess.Popen([str(Path(sys.executable).parent / "dsn"), "gateway", "run",
+                                        "--config", str(config), "--mode", mode],
+                                       stderr=subprocess.PIPE, text=True)
+            assert gateway.stderr is not None
+            gateway.stderr.readline()  # the "start" log line: bound and connected
+            threading.Thread(target=gateway.stderr.read, daemon=True).start()
+        else:
+            started = mpc.Event()
+            gateway = mpc.Process(target=plaintext_gateway, args=(str(config), mode, started))
+            gateway.start()
+            started.wait(30)
+    sender = mpc.Process(target=producer, args=(endpoints, messages, keys, results))
+    sender.start()
+    collected = [results.get(timeout=300) for _ in range(3)]
+    start = next(r for r in collected if isinstance(r, float))
+    received = [r for r in collected if isinstance(r, tuple)]
+    for process in [sender, *consumers]:
+        process.join(30)
+    if isinstance(gateway, subprocess.Popen):
+        gateway.terminate()
+        gateway.wait(20)
+    elif gateway is not None:
+        gateway.terminate()
+        gateway.join(20)
+        if gateway.is_alive():
+            gateway.kill()
+    count = sum(r[0] for r in received)
+    volume = sum(r[1] for r in received)
+    if count != messages:
+        print(f"  {case}: received {count} of {messages} messages", file=sys.stderr)
+    seconds = max(r[2] for r in received) - start
+    return volume / seconds / 1e9, count / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=8000)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best is kept")
+    parser.add_argument("--cases", default="direct,l4+plain,l7+plain,l4+curve,l7+curve",
+                        help="comma-separated subset; ratios need direct and the matching l4")
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        create_keypair(workdir, "server")
+        create_keypair(workdir, "client")
+        figures = {case: max(run_case(case, args.messages, workdir) for _ in range(args.repeat))
+                   for case in cases}
+    print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, 1 producer, 2 consumers, "
+          f"tcp loopback, {os.cpu_count()} CPUs")
+    print(f"{'case':<12}{'GB/s':>8}{'msg/s':>10}{'vs direct':>11}{'vs L4':>8}")
+    for case, (gbps, rate) in figures.items():
+        l4 = figures.get("l4+curve" if case.endswith("curve") else "l4+plain")
+        direct = figures.get("direct")
+        vs_l4 = f"{gbps / l4[0]:.2f}x" if l4 and case != "direct" else "-"
+        vs_direct = f"{gbps / direct[0]:.2f}x" if direct else "-"
+        print(f"{case:<12}{gbps:>8.2f}{rate:>10,.0f}{vs_direct:>11}{vs_l4:>8}")
+    print("curve: CURVE encryption + ZAP on the gateway ingress (the real `dsn gateway run`);\n"
+          "plain: the same proxy loops with a bench-only NULL ingress (the proxy's own cost).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Who may connect: the ZAP admission policy (pure) and the thread that serves it.
+
+The ingress socket sets ``zap_domain=b"dsn"`` and ``ZAP_ENFORCE_DOMAIN=1``: libzmq then refuses every
+connection unless this handler, bound at ``inproc://zeromq.zap.01`` on the same context, answers
+200. With no handler running, nothing connects (fail closed).
+
+ZAP 1.0 (RFC 27) request frames: version "1.0", request id, domain, peer address, routing identity,
+mechanism, then the mechanism's credentials (CURVE: the client's 32-byte public key).
+Reply frames: version, request id, status code ("200" or "400"), status text, user id, metadata.
+The user id of an admitted connection is its session id; libzmq attaches it to every message from
+that connection as the ``User-Id`` property, which the router checks per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import zmq
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
+
+from gateway.sessions import SessionTable
+
+ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
+ZAP_DOMAIN: Final = b"dsn"
+_ZAP_VERSION: Final = b"1.0"
+_CURVE_KEY_BYTES: Final = 32
+
+log = logging.getLogger("dsn.gateway.auth")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A ZAP decision: ``user_id`` (the session id) when allowed, ``reason`` when denied."""
+
+    allowed: bool
+    user_id: str = ""
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return "allow" if self.allowed else "deny"
+
+
+def _deny(reason: str) -> Admission:
+    return Admission(False, reason=reason)
+
+
+def admit(table: SessionTable, mechanism: str, client_key_z85: str, peer_address: str,
+          now: float) -> Admission:
+    """Admit a CURVE client whose key belongs to a live session reachable from ``peer_address``."""
+    if mechanism != "CURVE":
+        return _deny("mechanism")
+    entry = table.by_key(client_key_z85)
+    if entry is None:
+        return _deny("unknown_key")
+    if not entry.admits(peer_address):
+        return _deny("network")
+    if entry.expired(now):
+        return _deny("expired")
+    return Admission(True, user_id=entry.id, reason="session")
+
+
+def decide_request(table: SessionTable, frames: list[bytes], now: float) -> Admission:
+    """Turn a raw ZAP request into an admission decision; anything unexpected is denied."""
+    if len(frames) < 6 or frames[0] != _ZAP_VERSION:
+        return _deny("bad_request")
+    domain, address, mechanism = frames[2], frames[3], frames[5]
+    if domain != ZAP_DOMAIN:
+        return _deny("domain")
+    if mechanism != b"CURVE":
+        return _deny("mechanism")
+    credentials = frames[6:]
+    if len(credentials) != 1 or len(credentials[0]) != _CURVE_KEY_BYTES:
+        return _deny("bad_request")
+    key = z85.encode(credentials[0]).decode("ascii")
+    return admit(table, "CURVE", key, address.decode("ascii", "replace"), now)
+
+
+def reply_frames(request: list[bytes], admission: Admission) -> list[bytes]:
+    request_id = request[1] if len(request) > 1 else b""
+    if admission.allowed:
+        return [_ZAP_VERSION, request_id, b"200", b"OK", admission.user_id.encode(), b""]
+    return [_ZAP_VERSION, request_id, b"400", admission.reason.encode(), b"", b""]
+
+
+class ZapHandler:
+    """Answers ZAP requests for one context from a thread; counts every decision.
+
+    ``table`` may be replaced at any time (one attribute assignment); each request is decided
+    against whichever table was current when it arrived.
+    """
+
+    def __init__(self, context: zmq.Context, table: SessionTable, *,
+                 clock: Callable[[], float] = time.time, poll_ms: int = 100) -> None:
+        self.table = table
+        self.decisions: dict[tuple[str, str], int] = {}
+        self._context = context
+        self._clock = clock
+        self._poll_ms = poll_ms
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="dsn-zap", daemon=True)
+
+    def start(self) -> None:
+        """Bind the handler and return once it is answering (raises if the bind failed)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _serve(self) -> None:
+        try:
+            socket = self._context.socket(zmq.REP)
+            socket.linger = 0
+            socket.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if socket.poll(self._poll_ms):
+                    self._answer(socket)
+        finally:
+            socket.close()
+
+    def _answer(self, socket: zmq.Socket) -> None:
+        request = socket.recv_multipart()
+        admission = decide_request(self.table, request, self._clock())
+        label = (admission.label, admission.reason)
+        self.decisions[label] = self.decisions.get(label, 0) + 1
+        if not admission.allowed:
+            # The peer address and reason help an operator; the client key is never logged.
+            address = request[3].decode("ascii", "replace") if len(request) > 3 else ""
+            log.info("connection refused", extra={"fields": {"reason": admission.reason,
+                                                             "peer": address}})
+        socket.send_multipart(reply_frames(request, admission))
+
+
+HANDSHAKE_EVENTS: Final = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_PROTOCOL_REASONS: Final[dict[int, str]] = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "handshake_mechanism",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "handshake_cryptographic",
+}
+
+
+def handshake_failure_reason(event: int, value: int) -> str:
+    """Label for a connection refused before ZAP was asked (NULL/PLAIN client, wrong server key)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return _PROTOCOL_REASONS.get(value, "handshake_protocol")
+    return "handshake_failed"
+
+
+class HandshakeMonitor:
+    """Counts ingress handshakes that failed before reaching ZAP, from a socket-monitor thread.
+
+    A client speaking NULL or PLAIN to the CURVE ingress, or holding the wrong server key, is
+    refused by libzmq itself; only the monitor sees it.
+    """
+
+    def __init__(self, ingress: zmq.Socket, *, poll_ms: int = 100) -> None:
+        self.failures: dict[str, int] = {}
+        self._ingress = ingress
+        self._monitor = ingress.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._poll_ms = poll_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dsn-handshakes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._ingress.disable_monitor()
+        self._monitor.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if self._monitor.poll(self._poll_ms):
+                event = recv_monitor_message(self._monitor)
+                reason = handshake_failure_reason(event["event"], event["value"])
+                self.failures[reason] = self.failures.get(reason, 0) + 1

@@ -1,0 +1,91 @@
+"""Prometheus metrics for the gateway, read from the router's and ZAP handler's plain counters at
+scrape time, so the forwarding loop never calls into prometheus_client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.errors import GatewayError
+from gateway.router import Router
+from gateway.sessions import SessionTable
+
+
+class _Observed(Protocol):
+    """What the collector reads: the running gateway's ZAP handler, router (L7 only), table."""
+
+    table: SessionTable
+
+    @property
+    def router(self) -> Router | None: ...
+
+    def auth_decisions(self) -> dict[tuple[str, str], int]: ...
+
+
+class GatewayCollector(Collector):
+    """dsn_gateway_* metrics for one gateway."""
+
+    def __init__(self, gateway: _Observed) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._auth()
+        yield self._consumers()
+        router = self._gateway.router
+        if router is not None:
+            yield from self._routing(router)
+
+    def _auth(self) -> Metric:
+        family = CounterMetricFamily("dsn_gateway_auth_decisions",
+                                     "Ingress connection decisions (ZAP and handshake)", labels=["decision", "reason"])
+        for (decision, reason), count in self._gateway.auth_decisions().items():
+            family.add_metric([decision, reason], count)
+        return family
+
+    def _consumers(self) -> Metric:
+        family = GaugeMetricFamily("dsn_gateway_consumers", "Consumer endpoints per session",
+                                   labels=["session"])
+        for entry in self._gateway.table:
+            family.add_metric([entry.id], len(entry.session.consumers))
+        return family
+
+    @staticmethod
+    def _routing(router: Router) -> Iterator[Metric]:
+        messages = CounterMetricFamily("dsn_gateway_messages", "Data messages forwarded",
+                                       labels=["session"])
+        volume = CounterMetricFamily("dsn_gateway_bytes", "Payload bytes forwarded",
+                                     labels=["session"])
+        scans = GaugeMetricFamily("dsn_gateway_scans_open", "Open scans", labels=["session"])
+        for stats in router.stats():
+            messages.add_metric([stats.session], stats.messages)
+            volume.add_metric([stats.session], stats.bytes)
+            scans.add_metric([stats.session], stats.open_scans)
+        drops = CounterMetricFamily("dsn_gateway_drops", "Messages dropped, by reason",
+                                    labels=["session", "reason"])
+        for (session, reason), count in router.drops.copy().items():
+            drops.add_metric([session, reason], count)
+        yield from (messages, volume, scans, drops)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65_535:
+        raise GatewayError(f"metrics address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def serve_metrics(address: str, gateway: _Observed) -> WSGIServer:
+    """Serve /metrics for ``gateway`` at ``address`` (HOST:PORT) from a daemon thread."""
+    host, port = parse_address(address)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise GatewayError(f"metrics: cannot listen on {address}: {exc.strerror}") from None
+    return server

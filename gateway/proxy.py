@@ -1,0 +1,314 @@
+"""The gateway's socket loops: move frames, nothing else.
+
+Ingress: a PULL socket bound at ``gateway.ingress``, CURVE server, ZAP domain "dsn" with
+ZAP_ENFORCE_DOMAIN (no ZAP handler, no connection), MAXMSGSIZE = largest sector + 4 KiB so libzmq
+refuses an oversized message before allocating it, and a bounded RCVHWM.
+Egress: one PUSH socket per consumer endpoint, connected, SNDHWM = the session's ``limits.hwm``.
+A PUSH socket at its HWM blocks the loop, the loop stops reading its ingress, and the producers
+block: a slow consumer slows everyone down, nothing is dropped to make room.
+
+``l7``: every message goes through the Router (session, protocol, scan checks, routing); payload
+frames are forwarded zero-copy. ``l4``: no inspection; every message goes to one PUSH socket
+connected to all consumers of the single session (the comparison baseline).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Final, Literal
+
+import zmq
+
+from dataplane.config import DSNConfig, GatewaySettings
+from dataplane.keys import KeyPair, load_secret_keypair
+from gateway.auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler
+from gateway.errors import GatewayError, ModeError, SocketSetupError
+from gateway.router import Router
+from gateway.sessions import SessionTable, table_from_config
+
+Mode = Literal["l7", "l4"]
+MAXMSGSIZE_SLACK: Final = 4096
+POLL_MS: Final = 100
+# Long enough to flush what consumers were about to receive at shutdown, short enough to exit.
+EGRESS_LINGER_MS: Final = 2000
+STOP_GRACE_S: Final = 2.0
+INGRESS_HWM: Final = 64
+_control_ids = itertools.count()
+
+
+def open_ingress(context: zmq.Context, settings: GatewaySettings, table: SessionTable,
+                 keypair: KeyPair, *, rcvhwm: int = INGRESS_HWM) -> zmq.Socket:
+    """Bind the CURVE + ZAP ingress; libzmq enforces the size limit before allocation."""
+    socket = context.socket(zmq.PULL)
+    socket.linger = 0
+    socket.curve_server = True
+    socket.curve_publickey = keypair.public
+    socket.curve_secretkey = keypair.secret
+    socket.zap_domain = ZAP_DOMAIN
+    socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    socket.maxmsgsize = table.max_sector_bytes + MAXMSGSIZE_SLACK
+    socket.rcvhwm = rcvhwm
+    socket.rcvtimeo = POLL_MS
+    _bind(socket, settings.ingress)
+    return socket
+
+
+def _bind(socket: zmq.Socket, endpoint: str) -> None:
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        socket.close()
+        raise SocketSetupError(f"gateway.ingress: cannot bind {endpoint}: {exc}") from None
+
+
+def open_egress(context: zmq.Context, endpoints: list[str], hwm: int) -> zmq.Socket:
+    """A PUSH socket connected to ``endpoints`` (round-robin among them when several)."""
+    socket = context.socket(zmq.PUSH)
+    socket.sndhwm = hwm
+    socket.linger = EGRESS_LINGER_MS
+    for endpoint in endpoints:
+        try:
+            socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            socket.close(linger=0)
+            raise SocketSetupError(f"consumer {endpoint}: cannot connect: {exc}") from None
+    return socket
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+class L7Proxy:
+    """The inspecting loop: recv, ask the router, send. Owns its egress sockets."""
+
+    def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable,
+                 *, clock: Callable[[], float] = time.time) -> None:
+        self.router = Router(table, clock=clock)
+        self._context = context
+        self._ingress = ingress
+        self._egress: list[zmq.Socket] = []
+        self._pending: SessionTable | None = None
+        self._stop = threading.Event()
+        self._connect_new(table)
+
+    def use_table(self, table: SessionTable) -> None:
+        """Hand a new table to the loop, which adopts it before its next message (thread-safe)."""
+        self._pending = table
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for socket in self._egress:
+            socket.close()
+
+    def _connect_new(self, table: SessionTable) -> None:
+        hwm = {endpoint: entry.session.limits.hwm
+               for entry in table for endpoint in entry.session.consumers}
+        for endpoint in self.router.endpoints[len(self._egress):]:
+            self._egress.append(open_egress(self._context, [endpoint], hwm[endpoint]))
+
+    def _adopt(self) -> None:
+        table, self._pending = self._pending, None
+        if table is not None:
+            self.router.use_table(table)
+            self._connect_new(table)
+
+    def run(self) -> None:
+        """Forward until stop() is called."""
+        recv = self._ingress.recv_multipart
+        route = self.router.route
+        egress = self._egress
+        stopping = self._stop.is_set
+        while not stopping():
+            try:
+                frames = recv(copy=False)
+            except zmq.Again:
+                frames = None
+            # Checked after recv, so a message received after use_table() returned is judged by
+            # the new table.
+            if self._pending is not None:
+                self._adopt()
+            if frames is None:
+                continue
+            head = frames[0]
+            parts = len(frames)
+            session = _user_id(head)
+            decision = route(session, head.bytes, parts, len(frames[1]) if parts == 2 else 0)
+            if decision.slot >= 0:
+                out = frames if decision.header is None else [decision.header, frames[1]]
+                self._send(egress[decision.slot], out, session)
+            for control in decision.control:
+                self._send(egress[control.slot], [control.header], session)
+
+    def _send(self, socket: zmq.Socket, parts: list, session: str | None) -> None:  # type: ignore[type-arg]
+        try:
+            socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._send_when_ready(socket, parts, session)
+
+    def _send_when_ready(self, socket: zmq.Socket, parts: list,  # type: ignore[type-arg]
+                         session: str | None) -> None:
+        # Backpressure: wait for the consumer as long as it takes, but notice a stop request.
+        while not self._stop.is_set():
+            if socket.poll(POLL_MS, zmq.POLLOUT):
+                try:
+                    socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                    return
+                except zmq.Again:
+                    continue
+        self.router.undelivered(session)
+
+
+class L4Proxy:
+    """Plain forwarding with zmq.proxy: no inspection, no accounting."""
+
+    def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable) -> None:
+        entries = list(table)
+        if len(entries) != 1:
+            raise ModeError(f"--mode l4 forwards one session; the configuration has {len(entries)}")
+        session = entries[0].session
+        self.router = None
+        self._context = context
+        self._ingress = ingress
+        # The L7 loop's receive timeout would make zmq.proxy return EAGAIN whenever it is idle.
+        ingress.rcvtimeo = -1
+        self._egress = open_egress(context, list(session.consumers), session.limits.hwm)
+        self._control_endpoint = f"inproc://dsn-l4-control-{next(_control_ids)}"
+        self._control = context.socket(zmq.PAIR)
+        self._control.linger = 0
+        self._control.bind(self._control_endpoint)
+
+    def run(self) -> None:
+        """Forward until stop(); zmq.proxy returns normally only for TERMINATE."""
+        while True:
+            try:
+                zmq.proxy_steerable(self._ingress, self._egress, None, self._control)
+                return
+            except zmq.Again:
+                continue  # a wake-up with nothing to read (e.g. a handshake): keep forwarding
+
+    def stop(self) -> None:
+        stopper = self._context.socket(zmq.PAIR)
+        stopper.linger = 0
+        stopper.connect(self._control_endpoint)
+        try:
+            stopper.send(b"TERMINATE", flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a previous stop() already holds the control pipe; the proxy is stopping
+        finally:
+            stopper.close()
+
+    def close(self) -> None:
+        self._egress.close()
+        self._control.close()
+
+
+class Gateway:
+    """A running gateway: context, ZAP handler, ingress, and the chosen forwarding loop."""
+
+    def __init__(self, config: DSNConfig, *, mode: Mode = "l7", io_threads: int = 1,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.mode = mode
+        self.table = table_from_config(config)
+        self.context = zmq.Context(io_threads=io_threads)
+        self.zap = ZapHandler(self.context, self.table, clock=clock)
+        self._clock = clock
+        self._proxy: L7Proxy | L4Proxy | None = None
+        self._ingress: zmq.Socket | None = None
+        self._handshakes: HandshakeMonitor | None = None
+        self._stopping = threading.Event()
+        self.stuck = False
+
+    @property
+    def router(self) -> Router | None:
+        return self._proxy.router if self._proxy is not None else None
+
+    def start(self) -> None:
+        """Load the server key, start ZAP, bind the ingress and connect to the consumers."""
+        keypair = load_secret_keypair(self.config.gateway.server_secret_key_file)
+        try:
+            self.zap.start()
+            hwm = max((e.session.limits.hwm for e in self.table), default=INGRESS_HWM)
+            self._ingress = open_ingress(self.context, self.config.gateway, self.table, keypair,
+                                         rcvhwm=hwm)
+            self._handshakes = HandshakeMonitor(self._ingress)
+            self._handshakes.start()
+            self._proxy = (L7Proxy(self.context, self._ingress, self.table, clock=self._clock)
+                           if self.mode == "l7" else L4Proxy(self.context, self._ingress, self.table))
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> None:
+        """Forward until stop() is called from another thread or a signal handler."""
+        if self._proxy is None:
+            raise GatewayError("Gateway.run() called before start()")
+        # The loop runs in its own thread: a signal may land in any thread, and Python runs its
+        # handler only when the main thread executes bytecode, which zmq.proxy never returns to.
+        forward = threading.Thread(target=self._proxy.run, name="dsn-forward", daemon=True)
+        forward.start()
+        while forward.is_alive() and not self._stopping.is_set():
+            forward.join(POLL_MS / 1000)
+        # zmq.proxy (L4) sends blocking: held up by a consumer that stopped reading, it never
+        # sees TERMINATE. Give it a bounded grace period, then leave it to die with the process.
+        forward.join(STOP_GRACE_S)
+        self.stuck = forward.is_alive()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._proxy is not None:
+            self._proxy.stop()
+
+    def use_table(self, table: SessionTable) -> None:
+        """Serve a new set of sessions: ZAP decides new connections against it at once, the loop
+        adopts it before its next message."""
+        self.table = table
+        self.zap.table = table
+        # L4 keeps forwarding to the consumers it started with; only who may connect changes.
+        if isinstance(self._proxy, L7Proxy):
+            self._proxy.use_table(table)
+
+    def close(self) -> None:
+        if self.stuck:
+            # Its sockets are still in use by the blocked forwarding thread; closing them or
+            # terminating the context would hang. Process exit releases them.
+            self.zap.stop()
+            return
+        if self._proxy is not None:
+            self._proxy.close()
+        if self._handshakes is not None:
+            self._handshakes.stop()
+        if self._ingress is not None:
+            self._ingress.close()
+        self.zap.stop()
+        self.context.term()
+
+    def auth_decisions(self) -> dict[tuple[str, str], int]:
+        """Connection decisions by (decision, reason): ZAP's, and handshakes refused before ZAP."""
+        decisions = self.zap.decisions.copy()
+        if self._handshakes is not None:
+            for reason, count in self._handshakes.failures.copy().items():
+                decisions[("deny", reason)] = count
+        return decisions
+
+    def counters(self) -> dict[str, object]:
+        """Final or current counters, for logs (no key material)."""
+        counters: dict[str, object] = {
+            "auth": {f"{d}/{r}": n for (d, r), n in self.auth_decisions().items()}}
+        router = self.router
+        if router is not None:
+            counters["sessions"] = {s.session: {"messages": s.messages, "bytes": s.bytes,
+                                                "open_scans": s.open_scans}
+                                    for s in router.stats()}
+            counters["drops"] = {f"{s or '-'}/{r}": n for (s, r), n in router.drops.copy().items()}
+        return counters

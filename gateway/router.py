@@ -1,0 +1,327 @@
+"""The layer-7 routing core: per message, decide what the socket loop does. No I/O.
+
+Input per message: the session id libzmq attached to it (the ZAP ``User-Id``, or None), the header
+bytes, the number of parts and the payload length. Output: a Decision the socket loop executes —
+forward the message to one consumer slot (with a replacement header for NCEM headers), send
+control messages (routed scan_begin / scan_end), or nothing; a refused message carries ``drop``.
+
+Accounting: every data message is either forwarded or counted as a drop under (session, reason).
+A drop that belongs to an open scan (a valid data header) is also counted in that scan and listed
+in the loss manifest of the consumer owning its frame, which receives it in its routed scan_end.
+Counters are plain integers read by the metrics collector at scrape time.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from dataplane.protocol import (
+    MAX_MANIFEST,
+    VERSION,
+    Data,
+    DropReason,
+    ProtocolError,
+    RoutedScanBegin,
+    RoutedScanEnd,
+    ScanBegin,
+    ScanEnd,
+    decode_ncem_header,
+    decode_producer_header,
+    encode,
+    is_native_header,
+)
+from gateway.sessions import SessionEntry, SessionTable
+
+# Scan ids a session closed recently, kept to tell a late message ("scan_closed") from a stray one.
+CLOSED_SCANS_KEPT: Final = 1024
+
+
+class Reason(str, enum.Enum):
+    """Gateway drop reasons beyond the protocol's own (dataplane.protocol.DropReason)."""
+
+    UNAUTHENTICATED = "unauthenticated"
+    SESSION_EXPIRED = "session_expired"
+    WRONG_PART_COUNT = "wrong_part_count"
+    GEOMETRY_MISMATCH = "geometry_mismatch"
+    SCAN_TOO_LARGE = "scan_too_large"
+    SCAN_MISMATCH = "scan_mismatch"
+    TOO_MANY_PRODUCERS = "too_many_producers"
+    TOO_MANY_SCANS = "too_many_scans"
+    UNKNOWN_SCAN = "unknown_scan"
+    SCAN_CLOSED = "scan_closed"
+    UNDELIVERED = "undelivered"
+
+
+class Outgoing(NamedTuple):
+    """A control message for the consumer in ``slot``."""
+
+    slot: int
+    header: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one message. ``slot`` >= 0: forward it there (``header`` replaces part 1
+    when set); ``control``: send these; ``drop``: the reason it was refused."""
+
+    slot: int = -1
+    header: bytes | None = None
+    control: tuple[Outgoing, ...] = ()
+    drop: str | None = None
+
+
+_ACCEPTED: Final = Decision()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """A snapshot of one session's counters, for metrics and logs."""
+
+    session: str
+    messages: int
+    bytes: int
+    open_scans: int
+    consumers: int
+
+
+class _Scan:
+    """An open scan: member list fixed at its first scan_begin, and its accounting."""
+
+    __slots__ = (
+        "begin",
+        "begins",
+        "dropped",
+        "drops",
+        "ends",
+        "expected",
+        "forward",
+        "geometry",
+        "members",
+        "sent",
+        "truncated",
+    )
+
+    def __init__(self, begin: ScanBegin, members: tuple[int, ...]) -> None:
+        self.begin = begin
+        self.geometry = begin.geometry
+        self.members = members
+        self.forward = tuple(Decision(slot=slot) for slot in members)
+        self.expected = [0] * len(members)
+        self.begins = 1
+        self.ends = 0
+        self.sent = 0
+        self.dropped: dict[str, int] = {}
+        self.drops: list[list[tuple[int, int, str]]] = [[] for _ in members]
+        self.truncated = [False] * len(members)
+
+    def record_drop(self, msg: Data, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        owner = msg.frame % len(self.members)
+        if len(self.drops[owner]) < MAX_MANIFEST:
+            self.drops[owner].append((msg.frame, msg.sector, reason))
+        else:
+            self.truncated[owner] = True
+
+    def routed_begins(self, session: str) -> tuple[Outgoing, ...]:
+        b, n = self.begin, len(self.members)
+        return tuple(
+            Outgoing(slot, encode(RoutedScanBegin(
+                v=VERSION, session=session, scan=b.scan, scan_shape=b.scan_shape,
+                frame_shape=b.frame_shape, sectors=b.sectors, dtype=b.dtype, members=n, index=i)))
+            for i, slot in enumerate(self.members))
+
+    def routed_ends(self) -> tuple[Outgoing, ...]:
+        accepted = sum(self.expected)
+        return tuple(
+            Outgoing(slot, encode(RoutedScanEnd(
+                v=VERSION, scan=self.begin.scan, expected=self.expected[i], sent=self.sent,
+                accepted=accepted, dropped=dict(self.dropped), drops=self.drops[i],
+                drops_truncated=self.truncated[i])))
+            for i, slot in enumerate(self.members))
+
+
+class _SessionState:
+    __slots__ = ("bytes", "closed", "entry", "members", "messages", "scans")
+
+    def __init__(self, entry: SessionEntry, members: tuple[int, ...]) -> None:
+        self.entry = entry
+        self.members = members
+        self.scans: dict[int, _Scan] = {}
+        self.closed: deque[int] = deque(maxlen=CLOSED_SCANS_KEPT)
+        self.messages = 0
+        self.bytes = 0
+
+
+def _drop(reason: str) -> Decision:
+    return Decision(drop=reason)
+
+
+# Drop decisions carry no per-message data, so one instance per reason serves every message.
+_DROPS: Final = {r.value: _drop(r.value) for r in [*Reason, *DropReason]}
+
+
+def _decode(header: bytes | memoryview) -> ScanBegin | Data | ScanEnd | str:
+    """The decoded header, or the drop reason."""
+    try:
+        return decode_producer_header(header)
+    except ProtocolError as exc:
+        return exc.reason.value
+
+
+class Router:
+    """Per-session scans, routing and accounting for the L7 gateway."""
+
+    def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time) -> None:
+        self.endpoints: list[str] = []
+        self.drops: dict[tuple[str, str], int] = {}
+        self._slots: dict[str, int] = {}
+        self._sessions: dict[str, _SessionState] = {}
+        self._clock = clock
+        self.use_table(table)
+
+    def use_table(self, table: SessionTable) -> None:
+        """Adopt a new session table. Sessions that left it are forgotten at once (with their open
+        scans); a changed consumer list applies from each session's next scan. New consumer
+        endpoints get new slots at the end of ``endpoints``."""
+        sessions: dict[str, _SessionState] = {}
+        for entry in table:
+            members = tuple(self._slot(endpoint) for endpoint in entry.session.consumers)
+            state = self._sessions.get(entry.id)
+            if state is None:
+                state = _SessionState(entry, members)
+            state.entry, state.members = entry, members
+            sessions[entry.id] = state
+        self._sessions = sessions
+
+    def _slot(self, endpoint: str) -> int:
+        slot = self._slots.get(endpoint)
+        if slot is None:
+            slot = self._slots[endpoint] = len(self.endpoints)
+            self.endpoints.append(endpoint)
+        return slot
+
+    def route(self, session_id: str | None, header: bytes | memoryview, parts: int,
+              payload_bytes: int) -> Decision:
+        """Decide what happens to one message (``payload_bytes`` is 0 for one-part messages)."""
+        state = self._sessions.get(session_id) if session_id is not None else None
+        if state is None:
+            return self._count(session_id or "", Reason.UNAUTHENTICATED.value)
+        if self._clock() >= state.entry.expires:
+            return self._count(state.entry.id, Reason.SESSION_EXPIRED.value)
+        if parts == 2:
+            return self._data(state, header, payload_bytes)
+        if parts != 1:
+            return self._count(state.entry.id, Reason.WRONG_PART_COUNT.value)
+        msg = _decode(header)
+        if isinstance(msg, str):
+            return self._count(state.entry.id, msg)
+        if isinstance(msg, ScanBegin):
+            return self._scan_begin(state, msg)
+        if isinstance(msg, ScanEnd):
+            return self._scan_end(state, msg)
+        return self._data_drop(state, msg, Reason.WRONG_PART_COUNT.value)
+
+    def undelivered(self, session_id: str | None) -> None:
+        """Count a message that was routed but could not be sent (the gateway stopped first)."""
+        self._count(session_id or "", Reason.UNDELIVERED.value)
+
+    def _count(self, session: str, reason: str) -> Decision:
+        key = (session, reason)
+        self.drops[key] = self.drops.get(key, 0) + 1
+        return _DROPS[reason]
+
+    def _data(self, state: _SessionState, header: bytes | memoryview,
+              payload_bytes: int) -> Decision:
+        msg = _decode(header)
+        if type(msg) is str:
+            return self._count(state.entry.id, msg)
+        if type(msg) is not Data:
+            return self._count(state.entry.id, Reason.WRONG_PART_COUNT.value)
+        scan = state.scans.get(msg.scan)
+        if scan is None:
+            reason = Reason.SCAN_CLOSED if msg.scan in state.closed else Reason.UNKNOWN_SCAN
+            return self._count(state.entry.id, reason.value)
+        native = is_native_header(header)
+        if not native and not self._ncem_fits(header, scan):
+            return self._data_drop(state, msg, Reason.GEOMETRY_MISMATCH.value, scan)
+        try:
+            scan.geometry.check(msg, payload_bytes)
+        except ProtocolError as exc:
+            return self._data_drop(state, msg, exc.reason.value, scan)
+        index = msg.frame % len(scan.members)
+        scan.expected[index] += 1
+        state.messages += 1
+        state.bytes += payload_bytes
+        if native:
+            return scan.forward[index]
+        return Decision(slot=scan.members[index], header=encode(msg))
+
+    @staticmethod
+    def _ncem_fits(header: bytes | memoryview, scan: _Scan) -> bool:
+        # The NCEM header carries its own scan shape; a frame number computed from a different
+        # shape would land on the wrong position.
+        ncem = decode_ncem_header(header)
+        return (ncem.rows, ncem.positions_per_row) == tuple(scan.begin.scan_shape)
+
+    def _data_drop(self, state: _SessionState, msg: Data, reason: str,
+                   scan: _Scan | None = None) -> Decision:
+        scan = scan if scan is not None else state.scans.get(msg.scan)
+        if scan is not None:
+            scan.record_drop(msg, reason)
+        return self._count(state.entry.id, reason)
+
+    def _scan_begin(self, state: _SessionState, msg: ScanBegin) -> Decision:
+        session = state.entry.session
+        sid, detector, limits = session.id, session.detector, session.limits
+        if (tuple(msg.frame_shape), msg.sectors, msg.dtype) != (
+                tuple(detector.frame_shape), detector.sectors, detector.dtype):
+            return self._count(sid, Reason.GEOMETRY_MISMATCH.value)
+        if msg.scan_shape[0] * msg.scan_shape[1] > limits.max_scan_positions:
+            return self._count(sid, Reason.SCAN_TOO_LARGE.value)
+        if msg.producers > limits.max_producers:
+            return self._count(sid, Reason.TOO_MANY_PRODUCERS.value)
+        scan = state.scans.get(msg.scan)
+        if scan is not None:
+            return self._join_scan(sid, scan, msg)
+        if msg.scan in state.closed:
+            return self._count(sid, Reason.SCAN_CLOSED.value)
+        if len(state.scans) >= limits.max_open_scans:
+            return self._count(sid, Reason.TOO_MANY_SCANS.value)
+        scan = state.scans[msg.scan] = _Scan(msg, state.members)
+        return Decision(control=scan.routed_begins(sid))
+
+    def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin) -> Decision:
+        if msg != scan.begin:
+            return self._count(sid, Reason.SCAN_MISMATCH.value)
+        if scan.begins >= scan.begin.producers:
+            return self._count(sid, Reason.TOO_MANY_PRODUCERS.value)
+        scan.begins += 1
+        return _ACCEPTED
+
+    def _scan_end(self, state: _SessionState, msg: ScanEnd) -> Decision:
+        scan = state.scans.get(msg.scan)
+        if scan is None:
+            reason = Reason.SCAN_CLOSED if msg.scan in state.closed else Reason.UNKNOWN_SCAN
+            return self._count(state.entry.id, reason.value)
+        scan.ends += 1
+        scan.sent += msg.sent
+        if scan.ends < scan.begin.producers:
+            return _ACCEPTED
+        del state.scans[msg.scan]
+        state.closed.append(msg.scan)
+        return Decision(control=scan.routed_ends())
+
+    def stats(self) -> Iterator[SessionStats]:
+        """Counters per session; safe to call from another thread while routing goes on."""
+        for state in list(self._sessions.values()):
+            yield SessionStats(state.entry.id, state.messages, state.bytes, len(state.scans),
+                               len(state.members))
+
+    @property
+    def open_scans(self) -> int:
+        return sum(len(state.scans) for state in list(self._sessions.values()))

@@ -1,0 +1,49 @@
+"""Shared fixtures: free loopback ports, a ZeroMQ context whose sockets never linger, key pairs."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from dataplane.keys import KeyPair, create_keypair, load_keypair
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function returning a loopback TCP port that was free a moment ago."""
+    return _free_port
+
+
+@pytest.fixture
+def zmq_context() -> Iterator[zmq.Context]:
+    """A fresh context; sockets default to linger 0 and everything is closed at teardown."""
+    context = zmq.Context()
+    context.linger = 0
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def curve_keypair() -> Callable[[], KeyPair]:
+    """A function returning a fresh in-memory CURVE key pair (Z85 public and secret)."""
+    def make() -> KeyPair:
+        public, secret = zmq.curve_keypair()
+        return KeyPair(public, secret)
+    return make
+
+
+@pytest.fixture
+def server_key_files(tmp_path: Path) -> tuple[KeyPair, Path]:
+    """A server key pair written as certificate files: (the pair, the 0600 secret file)."""
+    _public_file, secret_file = create_keypair(tmp_path / "keys", "server")
+    return load_keypair(secret_file), secret_file

@@ -1,0 +1,78 @@
+"""ZAP admission policy, without sockets: only live sessions' CURVE keys, from allowed networks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import zmq
+from zmq.utils import z85
+
+from dataplane.config import Session
+from gateway.auth import admit, decide_request, handshake_failure_reason, reply_frames
+from gateway.sessions import SessionTable
+
+PUBLIC = zmq.curve_keypair()[0].decode()
+EXPIRES = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
+
+
+def _table() -> SessionTable:
+    return SessionTable([Session(
+        id="beam-1", client_keys=[PUBLIC], allowed_networks=["10.0.0.0/8", "2001:db8::/32"],
+        allowed_targets=["127.0.0.0/8"], consumers=["tcp://127.0.0.1:7001"],
+        expires_at=datetime(2030, 1, 1, tzinfo=UTC))])
+
+
+@pytest.mark.parametrize(("mechanism", "key", "address", "now", "reason"), [
+    ("NULL", PUBLIC, "10.1.2.3", 0.0, "mechanism"),
+    ("PLAIN", PUBLIC, "10.1.2.3", 0.0, "mechanism"),
+    ("CURVE", zmq.curve_keypair()[0].decode(), "10.1.2.3", 0.0, "unknown_key"),
+    ("CURVE", PUBLIC, "127.0.0.1", 0.0, "network"),
+    ("CURVE", PUBLIC, "not-an-ip", 0.0, "network"),
+    ("CURVE", PUBLIC, "10.1.2.3", EXPIRES, "expired"),
+])
+def test_refusals_name_their_reason(mechanism: str, key: str, address: str, now: float,
+                                    reason: str) -> None:
+    admission = admit(_table(), mechanism, key, address, now)
+    assert not admission.allowed and admission.reason == reason and admission.user_id == ""
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "::ffff:10.9.9.9", "2001:db8::7"])
+def test_a_live_session_key_from_an_allowed_network_is_admitted_as_its_session(
+        address: str) -> None:
+    admission = admit(_table(), "CURVE", PUBLIC, address, EXPIRES - 1)
+    assert admission.allowed and admission.user_id == "beam-1"
+
+
+def _request(domain: bytes = b"dsn", mechanism: bytes = b"CURVE",
+             credentials: tuple[bytes, ...] = (z85.decode(PUBLIC),)) -> list[bytes]:
+    return [b"1.0", b"42", domain, b"10.0.0.5", b"", mechanism, *credentials]
+
+
+@pytest.mark.parametrize(("request_frames", "reason"), [
+    (_request(domain=b"other"), "domain"),
+    (_request(mechanism=b"NULL", credentials=()), "mechanism"),
+    (_request(credentials=(b"short",)), "bad_request"),
+    (_request()[:5], "bad_request"),
+    ([b"2.0", *_request()[1:]], "bad_request"),
+])
+def test_unexpected_zap_requests_are_denied(request_frames: list[bytes], reason: str) -> None:
+    admission = decide_request(_table(), request_frames, 0.0)
+    assert not admission.allowed and admission.reason == reason
+    assert reply_frames(request_frames, admission)[2] == b"400"
+
+
+def test_zap_reply_carries_the_session_as_user_id() -> None:
+    request = _request()
+    admission = decide_request(_table(), request, 0.0)
+    assert reply_frames(request, admission) == [b"1.0", b"42", b"200", b"OK", b"beam-1", b""]
+
+
+def test_handshake_failures_are_labelled() -> None:
+    assert handshake_failure_reason(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH) == \
+        "handshake_mechanism"
+    assert handshake_failure_reason(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC) == \
+        "handshake_cryptographic"
+    assert handshake_failure_reason(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0) == "handshake_failed"

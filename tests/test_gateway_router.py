@@ -1,0 +1,283 @@
+"""The L7 routing core, without sockets: routing, scan accounting, every drop reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gateway.router as router_module
+from dataplane.config import Detector, Limits, Session
+from dataplane.protocol import (
+    Data,
+    NcemHeader,
+    RoutedScanBegin,
+    RoutedScanEnd,
+    ScanBegin,
+    ScanEnd,
+    decode_consumer_message,
+    decode_producer_header,
+    encode,
+    encode_ncem,
+)
+from gateway.router import Decision, Router
+from gateway.sessions import SessionTable
+
+DETECTOR = Detector(frame_shape=(8, 4), sectors=2)
+SECTOR = DETECTOR.sector_bytes  # 4 rows x 4 cols x 2 bytes
+NOW = 1_000_000.0
+
+
+def _session(sid: str = "s1", consumers: int = 2, **overrides: Any) -> Session:
+    fields: dict[str, Any] = {
+        "id": sid, "client_keys": [zmq.curve_keypair()[0].decode()],
+        "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
+        "consumers": [f"tcp://127.0.0.1:{7000 + hash(sid) % 1000 * 10 + i}"
+                      for i in range(consumers)],
+        "detector": DETECTOR, "limits": Limits(max_open_scans=2, max_producers=4,
+                                               max_scan_positions=100)}
+    fields.update(overrides)
+    return Session(**fields)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _router(*sessions: Session, clock: Clock | None = None) -> Router:
+    return Router(SessionTable(sessions or [_session()]), clock=clock or Clock())
+
+
+def begin(scan: int = 1, shape: tuple[int, int] = (3, 4), producers: int = 1, **kw: Any) -> bytes:
+    fields: dict[str, Any] = {"v": 1, "scan": scan, "scan_shape": shape, "frame_shape": (8, 4),
+                              "sectors": 2, "producers": producers, "dtype": "uint16"}
+    fields.update(kw)
+    return encode(ScanBegin(**fields))
+
+
+def data(scan: int = 1, frame: int = 0, sector: int = 0, seq: int = 0) -> bytes:
+    return encode(Data(v=1, scan=scan, frame=frame, sector=sector, seq=seq))
+
+
+def end(scan: int = 1, sent: int = 0) -> bytes:
+    return encode(ScanEnd(v=1, scan=scan, sent=sent))
+
+
+def send_data(router: Router, header: bytes, sid: str = "s1", size: int = SECTOR) -> Decision:
+    return router.route(sid, header, 2, size)
+
+
+def control(decision: Decision) -> list[tuple[int, Any]]:
+    return [(out.slot, decode_consumer_message(out.header)) for out in decision.control]
+
+
+def test_frames_go_to_member_frame_mod_n_with_the_header_unchanged() -> None:
+    router = _router()
+    router.route("s1", begin(), 1, 0)
+    slots = [send_data(router, data(frame=f)).slot for f in range(12)]
+    assert slots == [f % 2 for f in range(12)]
+    assert send_data(router, data(frame=3, sector=1)).header is None
+
+
+def test_scan_begin_is_routed_to_every_member_with_its_index() -> None:
+    router = _router(_session(consumers=3))
+    decision = router.route("s1", begin(scan=9, shape=(3, 4)), 1, 0)
+    assert decision.slot == -1 and decision.drop is None
+    routed = control(decision)
+    assert [slot for slot, _ in routed] == [0, 1, 2]
+    for index, (_, msg) in enumerate(routed):
+        assert msg == RoutedScanBegin(v=1, session="s1", scan=9, scan_shape=(3, 4),
+                                      frame_shape=(8, 4), sectors=2, dtype="uint16",
+                                      members=3, index=index)
+
+
+def test_scan_end_waits_for_every_producer_and_reports_exact_counts() -> None:
+    router = _router()
+    assert router.route("s1", begin(producers=2), 1, 0).control
+    assert router.route("s1", begin(producers=2), 1, 0) == Decision()
+    for frame in (0, 1, 2, 4):
+        send_data(router, data(frame=frame))
+    send_data(router, data(frame=5), size=SECTOR - 2)   # wrong payload size, owned by member 1
+    send_data(router, data(frame=99))                   # out of range, owned by member 1
+    assert router.route("s1", end(sent=3), 1, 0) == Decision()
+    routed = control(router.route("s1", end(sent=4), 1, 0))
+    expected_drops = {1: [(5, 0, "wrong_payload_size"), (99, 0, "out_of_range")], 0: []}
+    dropped = {"wrong_payload_size": 1, "out_of_range": 1}
+    for slot, msg in routed:
+        assert isinstance(msg, RoutedScanEnd)
+        assert (msg.scan, msg.sent, msg.accepted, msg.dropped) == (1, 7, 4, dropped)
+        assert msg.expected == {0: 3, 1: 1}[slot]
+        assert msg.drops == expected_drops[slot] and not msg.drops_truncated
+
+
+def test_manifest_is_truncated_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_module, "MAX_MANIFEST", 2)
+    router = _router(_session(consumers=1))
+    router.route("s1", begin(), 1, 0)
+    for frame in range(3):
+        send_data(router, data(frame=frame), size=1)
+    (_, msg), = control(router.route("s1", end(), 1, 0))
+    assert len(msg.drops) == 2 and msg.drops_truncated and msg.dropped == {"wrong_payload_size": 3}
+
+
+def test_ncem_header_is_translated_to_the_native_header() -> None:
+    router = _router()
+    router.route("s1", begin(scan=7, shape=(3, 4)), 1, 0)
+    ncem = encode_ncem(NcemHeader(scan_number=7, frame_number=42, positions_per_row=4, rows=3,
+                                  x_in_row=1, row_in_scan=2, thread_id=0, module=1))
+    decision = send_data(router, ncem)
+    assert decision.slot == 9 % 2
+    assert decision.header == encode(Data(v=1, scan=7, frame=9, sector=1, seq=42))
+
+
+def test_ncem_header_with_another_scan_shape_is_refused() -> None:
+    router = _router()
+    router.route("s1", begin(scan=7, shape=(3, 4)), 1, 0)
+    ncem = encode_ncem(NcemHeader(scan_number=7, frame_number=0, positions_per_row=2, rows=6,
+                                  x_in_row=1, row_in_scan=0, thread_id=0, module=0))
+    assert send_data(router, ncem).drop == "geometry_mismatch"
+
+
+def _open(router: Router) -> Router:
+    router.route("s1", begin(), 1, 0)
+    return router
+
+
+DUPLICATE_KEY = b"\x87" + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in [
+    ("v", 1), ("type", "data"), ("scan", 1), ("frame", 0), ("sector", 0), ("seq", 0), ("seq", 1)])
+
+DROPS: list[tuple[str, list[tuple[str | None, bytes, int, int]]]] = [
+    ("unauthenticated", [(None, data(), 2, SECTOR)]),
+    ("unauthenticated", [("nobody", data(), 2, SECTOR)]),
+    ("wrong_part_count", [("s1", data(), 3, 0)]),
+    ("wrong_part_count", [("s1", data(), 1, 0)]),
+    ("wrong_part_count", [("s1", begin(scan=2), 2, SECTOR)]),
+    ("wrong_part_count", [("s1", end(), 2, SECTOR)]),
+    ("malformed_header", [("s1", b"\xc1", 2, SECTOR)]),
+    ("malformed_header", [("s1", b"", 1, 0)]),
+    ("malformed_header", [("s1", b"\x81\xa4type\xa4da\xff\xfe", 2, SECTOR)]),  # bad UTF-8
+    ("oversized_header", [("s1", b"\x80" + b"\x00" * 600, 2, SECTOR)]),
+    ("invalid_header", [("s1", msgpack.packb({"v": 2, "type": "data"}), 2, SECTOR)]),
+    ("duplicate_key", [("s1", DUPLICATE_KEY, 2, SECTOR)]),
+    ("out_of_range", [("s1", data(frame=12), 2, SECTOR)]),
+    ("out_of_range", [("s1", data(sector=2), 2, SECTOR)]),
+    ("wrong_payload_size", [("s1", data(), 2, SECTOR + 1)]),
+    ("unknown_scan", [("s1", data(scan=5), 2, SECTOR)]),
+    ("unknown_scan", [("s1", end(scan=5), 1, 0)]),
+    ("geometry_mismatch", [("s1", begin(scan=2, frame_shape=(8, 8)), 1, 0)]),
+    ("geometry_mismatch", [("s1", begin(scan=2, sectors=4), 1, 0)]),
+    ("scan_too_large", [("s1", begin(scan=2, shape=(11, 10)), 1, 0)]),
+    ("too_many_producers", [("s1", begin(scan=2, producers=5), 1, 0)]),
+    ("too_many_producers", [("s1", begin(scan=1), 1, 0)]),
+    ("scan_mismatch", [("s1", begin(scan=1, shape=(4, 4)), 1, 0)]),
+    ("too_many_scans", [("s1", begin(scan=2), 1, 0), ("s1", begin(scan=3), 1, 0)]),
+    ("scan_closed", [("s1", end(), 1, 0), ("s1", data(), 2, SECTOR)]),
+    ("scan_closed", [("s1", end(), 1, 0), ("s1", end(), 1, 0)]),
+    ("scan_closed", [("s1", end(), 1, 0), ("s1", begin(), 1, 0)]),
+]
+
+
+@pytest.mark.parametrize(("reason", "messages"), DROPS, ids=[f"{r}-{i}" for i, (r, _) in
+                                                                 enumerate(DROPS)])
+def test_bad_messages_are_dropped_and_counted_by_reason(
+        reason: str, messages: list[tuple[str | None, bytes, int, int]]) -> None:
+    router = _open(_router())
+    *setup, last = messages
+    for message in setup:
+        assert router.route(*message).drop is None
+    decision = router.route(*last)
+    assert decision.drop == reason and decision.slot == -1 and not decision.control
+    session = last[0] or ""
+    assert router.drops == {(session, reason): 1}
+    assert send_data(router, data(scan=1, frame=1)).slot == 1 or reason.startswith("scan_closed")
+
+
+def test_expired_session_messages_are_dropped() -> None:
+    clock = Clock()
+    router = _router(_session(expires_at="1970-01-12T13:46:41Z"), clock=clock)  # NOW + 1 s
+    assert router.route("s1", begin(), 1, 0).control
+    clock.now = NOW + 1
+    assert send_data(router, data()).drop == "session_expired"
+    assert router.drops == {("s1", "session_expired"): 1}
+
+
+def test_scans_are_namespaced_per_session() -> None:
+    router = _router(_session("a"), _session("b"))
+    router.route("a", begin(scan=1), 1, 0)
+    assert send_data(router, data(scan=1), sid="b").drop == "unknown_scan"
+    router.route("b", begin(scan=1, shape=(2, 2)), 1, 0)
+    assert send_data(router, data(scan=1, frame=11), sid="a").drop is None
+    assert send_data(router, data(scan=1, frame=11), sid="b").drop == "out_of_range"
+    assert {s.session: s.messages for s in router.stats()} == {"a": 1, "b": 0}
+
+
+def test_member_list_is_fixed_per_scan_and_a_new_table_applies_from_the_next_scan() -> None:
+    first = _session(consumers=2)
+    router = _router(first)
+    router.route("s1", begin(scan=1), 1, 0)
+    grown = first.model_copy(update={"consumers": [*first.consumers, "tcp://127.0.0.1:6999"]})
+    router.use_table(SessionTable([grown]))
+    assert [send_data(router, data(frame=f)).slot for f in range(3)] == [0, 1, 0]
+    assert len(control(router.route("s1", begin(scan=2), 1, 0))) == 3
+    assert [send_data(router, data(scan=2, frame=f)).slot for f in range(3)] == [0, 1, 2]
+    assert router.endpoints[2] == "tcp://127.0.0.1:6999"
+
+
+def test_a_session_removed_from_the_table_is_forgotten_at_once() -> None:
+    router = _open(_router(_session("s1"), _session("s2")))
+    router.use_table(SessionTable([_session("s2")]))
+    assert send_data(router, data()).drop == "unauthenticated"
+    assert [s.session for s in router.stats()] == ["s2"]
+
+
+def test_forwarded_messages_and_bytes_are_counted_per_session() -> None:
+    router = _open(_router())
+    for frame in range(5):
+        send_data(router, data(frame=frame))
+    (stats,) = router.stats()
+    assert (stats.messages, stats.bytes, stats.open_scans, stats.consumers) == (5, 5 * SECTOR, 1, 2)
+
+
+HEADERS = st.one_of(
+    st.builds(begin, scan=st.integers(0, 3), shape=st.sampled_from([(3, 4), (2, 2), (20, 20)]),
+              producers=st.integers(1, 3)),
+    st.builds(data, scan=st.integers(0, 3), frame=st.integers(0, 14), sector=st.integers(0, 2)),
+    st.builds(end, scan=st.integers(0, 3), sent=st.integers(0, 10)),
+    st.binary(max_size=40))
+MESSAGES = st.tuples(st.sampled_from(["s1", "s2", None, "zz"]), HEADERS, st.integers(1, 3),
+                     st.sampled_from([SECTOR, SECTOR - 1, 0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(MESSAGES, max_size=60))
+def test_random_traffic_never_raises_and_every_data_message_is_accounted(
+        messages: list[tuple[str | None, bytes, int, int]]) -> None:
+    router = _router(_session("s1"), _session("s2", consumers=3))
+    forwarded_per_scan: dict[tuple[str, int], int] = {}
+    reported: dict[tuple[str, int], int] = {}
+    drops = 0
+    for sid, header, parts, size in messages:
+        decision = router.route(sid, header, parts, size if parts == 2 else 0)
+        assert (decision.slot >= 0) + (decision.drop is not None) + bool(decision.control) <= 1
+        drops += decision.drop is not None
+        if decision.slot >= 0:
+            key = (str(sid), decode_producer_header(header).scan)
+            forwarded_per_scan[key] = forwarded_per_scan.get(key, 0) + 1
+        ends = [msg for _, msg in control(decision) if isinstance(msg, RoutedScanEnd)]
+        if ends:
+            key = (str(sid), ends[0].scan)
+            accepted = forwarded_per_scan.pop(key, 0)
+            assert all(msg.accepted == accepted for msg in ends)
+            assert sum(msg.expected for msg in ends) == accepted
+            reported[key] = reported.get(key, 0) + accepted
+    assert sum(router.drops.values()) == drops
+    forwarded = sum(s.messages for s in router.stats())
+    assert forwarded == sum(forwarded_per_scan.values()) + sum(reported.values())
