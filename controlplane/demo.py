@@ -25,6 +25,7 @@ from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 from dataplane.verify import ScanCheck, verify_scan_file
 
 SESSION = "demo"
+READY_TIMEOUT_S = 30.0
 
 
 class DemoError(RuntimeError):
@@ -80,7 +81,8 @@ def write_config(workdir: Path, ranks: int) -> tuple[Path, str]:
 
 
 def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
-    workdir = options.state_dir / "demo" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    workdir = options.state_dir.resolve() / "demo" / stamp
     output_dir = workdir / "output"
     try:
         output_dir.mkdir(parents=True)
@@ -96,8 +98,9 @@ def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
 
     with ProcessGroup() as group:
         say(f"[1/4] gateway on {ingress} (CURVE, session {SESSION!r})")
-        group.start("gateway", dsn_command("gateway", "run", "--config", str(config)),
-                    workdir / "gateway.log")
+        gateway = group.start("gateway", dsn_command("gateway", "run", "--config", str(config)),
+                              workdir / "gateway.log")
+        group.wait_for_log(gateway, '"event": "start"', READY_TIMEOUT_S)
         say(f"[2/4] consumer job: mpiexec -n {options.ranks} dsn consumer run")
         job = group.start(
             "consumer job",

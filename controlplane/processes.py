@@ -69,6 +69,16 @@ class ProcessGroup:
         if code != 0:
             raise child.failure(f"failed with status {code}")
 
+    def wait_for_log(self, child: Child, marker: str, timeout_s: float) -> None:
+        """Wait until ``marker`` appears in the child's log (its readiness line)."""
+        deadline = time.monotonic() + timeout_s
+        while marker not in log_tail(child.log, lines=50):
+            if child.process.poll() is not None:
+                raise child.failure(f"exited with status {child.process.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise child.failure(f"was not ready within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
     def stop(self, child: Child) -> int:
         """SIGTERM the child's process group, SIGKILL it if it lingers; returns the exit status."""
         if child.process.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -15,31 +14,13 @@ import click
 
 from dataplane.config import ConfigError, load_config
 from dataplane.keys import KeyFileError, create_keypair, load_keypair
+from dataplane.logs import configure as configure_logging
 from gateway.errors import GatewayError
 from gateway.metrics import serve_metrics
 from gateway.proxy import Gateway, Mode
 
 log = logging.getLogger("dsn.gateway")
 SERVER_KEY_NAME = "server"
-
-
-class JsonLines(logging.Formatter):
-    """One JSON object per record: time, level, event, and the record's ``fields``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": round(record.created, 3), "level": record.levelname.lower(),
-                "logger": record.name, "event": record.getMessage()}
-        line.update(getattr(record, "fields", {}))
-        return json.dumps(line, sort_keys=False, default=str)
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
-    root = logging.getLogger("dsn")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
 
 
 def _fail(message: str) -> NoReturn:
@@ -61,7 +42,7 @@ def gateway() -> None:
               help="Serve Prometheus metrics here (overrides gateway.metrics).")
 def run(config_path: Path, mode: Mode, metrics_address: str | None) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
-    _configure_logging()
+    configure_logging("dsn")
     try:
         config = load_config(config_path)
         gw = Gateway(config, mode=mode)

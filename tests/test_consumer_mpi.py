@@ -234,7 +234,7 @@ def test_two_rank_job_counts_overlapping_scans_exactly_and_accounts_for_every_se
         assert result["frames"] == plan.positions
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert {entry["rank"] for entry in logs} == {0, 1}
-    assert any(e["msg"] == "scan written" and e["scan"] == 7 for e in logs)
+    assert any(e["event"] == "scan written" and e["scan"] == 7 for e in logs)
 
 
 @pytest.mark.mpi
@@ -248,7 +248,7 @@ def test_job_stops_cleanly_on_sigterm(job: Job) -> None:
     while len(pids) < RANKS:
         line = proc.stderr.readline().decode()
         assert line, "consumer job exited before listening"
-        if '"msg": "listening"' in line:
+        if '"event": "listening"' in line:
             pids.append(json.loads(line)["pid"])
     for pid in pids:
         os.kill(pid, signal.SIGTERM)

@@ -28,8 +28,8 @@ from dataplane.config import ConfigError, Session, load_config
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.errors import ConsumerError, MembershipError, SetupError
 from dataplane.consumer.gather import gather_scan
-from dataplane.consumer.logs import configure as configure_logging
-from dataplane.consumer.logs import fields
+from dataplane.logs import configure as configure_logging
+from dataplane.logs import fields
 from dataplane.consumer.outcome import merge
 from dataplane.consumer.report import JsonLinesReporter, ResultReporter, ScanResult
 from dataplane.consumer.scanwork import (
@@ -262,8 +262,7 @@ def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReport
     context = zmq.Context()
     socket = open_socket(context, settings.session, world.Get_rank())
     log.info("listening", extra=fields(endpoint=settings.session.consumers[world.Get_rank()],
-                                       session=settings.session.id, hwm=settings.session.limits.hwm,
-                                       pid=os.getpid()))
+                                       session=settings.session.id, hwm=settings.session.limits.hwm))
     try:
         return RankLoop(settings, world, socket, reporter, log).run(stop)
     finally:
@@ -304,7 +303,7 @@ def settings_from(args: JobArguments) -> ConsumerSettings:
 def run_job(args: JobArguments) -> int:
     """One rank of ``dsn consumer run``; returns the process exit code."""
     world = MPI.COMM_WORLD
-    log = configure_logging(world.Get_rank())
+    log = configure_logging("dsn.consumer", rank=world.Get_rank(), pid=os.getpid())
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
