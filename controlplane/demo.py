@@ -145,6 +145,7 @@ def format_summary(summary: DemoSummary) -> str:
         f"{stream.duplicated} duplicated",
         f"  throughput        {stream.gbytes_per_s:.2f} GB/s, {stream.messages_per_s:,.0f} messages/s "
         "(producers -> gateway -> consumers)",
-        f"  status            {summary.result['status']}",
+        f"  status            {summary.result['status']}"
+        + (f" ({stream.lost} lost sectors listed in the file's loss manifest)" if stream.lost else ""),
         f"  output            {summary.result['path']}",
     ])

@@ -28,8 +28,6 @@ from dataplane.config import ConfigError, Session, load_config
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.errors import ConsumerError, MembershipError, SetupError
 from dataplane.consumer.gather import gather_scan
-from dataplane.logs import configure as configure_logging
-from dataplane.logs import fields
 from dataplane.consumer.outcome import merge
 from dataplane.consumer.report import JsonLinesReporter, ResultReporter, ScanResult
 from dataplane.consumer.scanwork import (
@@ -39,6 +37,8 @@ from dataplane.consumer.scanwork import (
     decide_thresholds,
 )
 from dataplane.consumer.writer import write_scan
+from dataplane.logs import configure as configure_logging
+from dataplane.logs import fields
 from dataplane.protocol import (
     Data,
     ProtocolError,
