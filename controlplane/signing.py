@@ -1,0 +1,202 @@
+"""Ed25519 token-signing keys: the newest signs, every published key verifies until retired.
+
+Private keys live only in ``state_dir/keys/<kid>.pem`` (PKCS#8, mode 0600, in a 0700 directory);
+the store holds each key's public JWK and its life (created, retired). ``kid`` is the RFC 7638
+thumbprint of the public JWK, so anyone can check that a published key matches its id.
+
+Rotation adds a new newest key and deletes the private keys that will never sign again; their
+public keys stay published so the tokens they signed still verify. ``retire_expired`` unpublishes a
+key once every token it can have signed has expired: the longest token lifetime after it stopped
+signing (when the next key was created).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from controlplane.errors import ConfigurationError, Conflict
+from controlplane.store import SigningKeyRecord, Store, ensure_private_dir
+
+Clock = Callable[[], float]
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def thumbprint(x: str) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url) of an Ed25519 public key given as ``x``."""
+    required = {"crv": "Ed25519", "kty": "OKP", "x": x}  # only the required members, sorted
+    canonical = json.dumps(required, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return _b64url(hashlib.sha256(canonical).digest())
+
+
+def public_jwk(key: Ed25519PublicKey) -> dict[str, str]:
+    """The published form of a verification key (RFC 8037 OKP), ``kid`` = its thumbprint."""
+    x = _b64url(_raw_public(key))
+    return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": thumbprint(x), "alg": "EdDSA",
+            "use": "sig"}
+
+
+def public_key_from_jwk(jwk: dict[str, str]) -> Ed25519PublicKey:
+    """Parse a stored JWK, refusing one whose ``kid`` is not its own thumbprint."""
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or "x" not in jwk:
+        raise ConfigurationError(f"signing key {jwk.get('kid')!r} is not an Ed25519 OKP key")
+    if jwk.get("kid") != thumbprint(jwk["x"]):
+        raise ConfigurationError(f"signing key {jwk.get('kid')!r} does not match its thumbprint")
+    raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _write_private_pem(path: Path, key: Ed25519PrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    tmp = path.with_suffix(".pem.tmp")
+    # Created 0600 from the first byte (O_EXCL: never reuse a file someone else prepared).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_private_pem(path: Path, expected: Ed25519PublicKey) -> Ed25519PrivateKey:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read signing key {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ConfigurationError(f"signing key {path} is accessible by others (mode {mode:o}); "
+                                 "it must be 0600")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"signing key {path} is not a readable PEM private key") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigurationError(f"signing key {path} is not an Ed25519 key")
+    if _raw_public(key.public_key()) != _raw_public(expected):
+        raise ConfigurationError(f"signing key {path} does not match its published public key")
+    return key
+
+
+@dataclass(frozen=True)
+class _Published:
+    kid: str
+    created_at: float
+    jwk: dict[str, str]
+    key: Ed25519PublicKey
+
+
+def _stop_times(records: list[SigningKeyRecord]) -> dict[str, float]:
+    """When each key stopped signing: the creation time of the next newer key (oldest first)."""
+    return {older.kid: newer.created_at for older, newer in itertools.pairwise(records)}
+
+
+class KeyRing:
+    """The published verification keys and the one signing key, loaded from the store and disk."""
+
+    def __init__(self, keys_dir: Path, store: Store, clock: Clock) -> None:
+        self._dir = keys_dir
+        self._store = store
+        self._clock = clock
+        self._published: list[_Published] = []  # oldest first
+        self._signer: tuple[str, Ed25519PrivateKey] | None = None
+
+    @classmethod
+    async def load(cls, state_dir: Path, store: Store, *, clock: Clock = time.time) -> KeyRing:
+        keys_dir = state_dir / "keys"
+        await asyncio.to_thread(ensure_private_dir, keys_dir)
+        ring = cls(keys_dir, store, clock)
+        await ring.refresh()
+        return ring
+
+    async def refresh(self) -> None:
+        """Reload from the store: picks up a rotation or retirement done by another process."""
+        published = [_Published(r.kid, r.created_at, dict(r.public_jwk),
+                                public_key_from_jwk(r.public_jwk))
+                     for r in await self._store.list_signing_keys() if r.retired_at is None]
+        signer = None
+        if published:
+            newest = published[-1]
+            private = await asyncio.to_thread(_read_private_pem, self._pem(newest.kid), newest.key)
+            signer = (newest.kid, private)
+        self._published, self._signer = published, signer
+
+    def _pem(self, kid: str) -> Path:
+        return self._dir / f"{kid}.pem"
+
+    async def create(self) -> str:
+        """Create the first signing key (``dsn admin init``); Conflict if one is published."""
+        if self._published:
+            raise Conflict("a signing key already exists; rotate it instead")
+        return await self.rotate(self._clock())
+
+    async def rotate(self, now: float) -> str:
+        """Add a new newest key; older keys stop signing but stay published. Returns its kid."""
+        private = Ed25519PrivateKey.generate()
+        jwk = public_jwk(private.public_key())
+        pem = self._pem(jwk["kid"])
+        await asyncio.to_thread(_write_private_pem, pem, private)
+        try:
+            await self._store.add_signing_key(SigningKeyRecord(jwk["kid"], now, None, jwk))
+        except BaseException:
+            pem.unlink(missing_ok=True)  # an unpublished private key must not linger
+            raise
+        await self.refresh()
+        await asyncio.to_thread(self._delete_private_keys_except, jwk["kid"])
+        return jwk["kid"]
+
+    def _delete_private_keys_except(self, kid: str) -> None:
+        # Only the newest key ever signs again; the others' private halves have no further use.
+        for path in self._dir.glob("*.pem"):
+            if path.stem != kid:
+                path.unlink(missing_ok=True)
+
+    def signing_key(self) -> tuple[str, Ed25519PrivateKey]:
+        """The newest published key and its kid; ConfigurationError before ``dsn admin init``."""
+        if self._signer is None:
+            raise ConfigurationError("no signing key; run `dsn admin init` first")
+        return self._signer
+
+    def public_key(self, kid: str) -> Ed25519PublicKey | None:
+        """The verification key for ``kid`` if it is published (not retired), else None."""
+        return next((p.key for p in self._published if p.kid == kid), None)
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The JWK Set of every published key, newest first."""
+        return {"keys": [dict(p.jwk) for p in reversed(self._published)]}
+
+    async def retire_expired(self, now: float, max_token_lifetime_s: float) -> list[str]:
+        """Retire every non-newest key whose tokens have all expired; returns the retired kids."""
+        records = await self._store.list_signing_keys()
+        stopped = _stop_times(records)
+        due = [r.kid for r in records if r.retired_at is None and r.kid in stopped
+               and now >= stopped[r.kid] + max_token_lifetime_s]
+        for kid in due:
+            await self._store.retire_signing_key(kid, now)
+        if due:
+            await self.refresh()
+        return due

@@ -1,0 +1,443 @@
+"""The control plane's persistent state: one SQLite database in the state directory.
+
+SQLite runs in WAL mode (readers never wait for the writer) behind aiosqlite, so the event loop never
+blocks on disk. The schema is versioned with ``PRAGMA user_version``: ``MIGRATIONS[i]`` upgrades a
+database from version ``i`` to ``i + 1`` and every pending step runs, in order and in its own
+transaction, when the store opens. A database written by a newer release is refused, never guessed at.
+
+A short ``busy_timeout`` turns a lock held by another process into ``Unavailable`` (503 with
+``Retry-After``) instead of a hang; any other SQLite failure is ``Unavailable`` too, so callers fail
+closed. Every operation holds one asyncio lock: the single connection carries one transaction at a
+time, and no task ever reads another task's uncommitted writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_BUSY_TIMEOUT_S = 2.0
+
+# Ordered schema steps; never edit a released step, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 0 -> 1: projects, issued tokens (metadata only, never the token), public signing keys.
+    (
+        """CREATE TABLE projects (
+            name TEXT PRIMARY KEY,
+            allowed_templates TEXT NOT NULL,
+            quotas TEXT NOT NULL,
+            not_before REAL,
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE tokens (
+            jti TEXT PRIMARY KEY,
+            project TEXT,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            issued_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL,
+            parent_jti TEXT REFERENCES tokens(jti))""",
+        "CREATE INDEX tokens_by_project ON tokens(project, expires_at)",
+        """CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            retired_at REAL,
+            public_jwk TEXT NOT NULL)""",
+    ),
+    # 1 -> 2: the hash-chained audit log and its head, kept apart so a deleted tail shows.
+    (
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            principal TEXT NOT NULL,
+            action TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL)""",
+        """CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL)""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Project:
+    name: str
+    allowed_templates: tuple[str, ...] = ()
+    quotas: dict[str, int] = field(default_factory=dict)
+    not_before: float | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What the control plane remembers of an issued token: never the token itself."""
+
+    jti: str
+    project: str | None
+    kind: str
+    subject: str
+    scope: str
+    issued_at: float
+    expires_at: float
+    revoked_at: float | None = None
+    parent_jti: str | None = None
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    kid: str
+    created_at: float
+    retired_at: float | None
+    public_jwk: dict[str, str]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    ts: float
+    principal: str
+    action: str
+    resource: str
+    decision: str
+    rule: str
+    request_id: str
+    prev_hash: str
+    hash: str
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) owner-only; tighten it if it exists with wider permissions."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _is_lock_error(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
+
+
+def _unavailable(exc: BaseException, busy_timeout_s: float) -> Unavailable:
+    if isinstance(exc, sqlite3.Error) and _is_lock_error(exc):
+        return Unavailable("store is busy (locked by another writer); retry shortly",
+                           retry_after_s=max(1, round(busy_timeout_s)))
+    return Unavailable("store unavailable")
+
+
+# SQLite may hand a whole-number REAL back as an int (RETURNING does); times are always floats,
+# which matters to the audit hash, where 1 and 1.0 serialise differently.
+def _time(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _project(row: sqlite3.Row) -> Project:
+    return Project(name=row["name"], allowed_templates=tuple(json.loads(row["allowed_templates"])),
+                   quotas=dict(json.loads(row["quotas"])), not_before=_time(row["not_before"]),
+                   created_at=float(row["created_at"]))
+
+
+def _token(row: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(jti=row["jti"], project=row["project"], kind=row["kind"],
+                       subject=row["subject"], scope=row["scope"],
+                       issued_at=float(row["issued_at"]), expires_at=float(row["expires_at"]),
+                       revoked_at=_time(row["revoked_at"]), parent_jti=row["parent_jti"])
+
+
+def _signing_key(row: sqlite3.Row) -> SigningKeyRecord:
+    return SigningKeyRecord(kid=row["kid"], created_at=float(row["created_at"]),
+                            retired_at=_time(row["retired_at"]),
+                            public_jwk=json.loads(row["public_jwk"]))
+
+
+def _audit(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(seq=int(row["seq"]), ts=float(row["ts"]), principal=row["principal"],
+                       action=row["action"], resource=row["resource"], decision=row["decision"],
+                       rule=row["rule"], request_id=row["request_id"], prev_hash=row["prev_hash"],
+                       hash=row["hash"])
+
+
+Conn = aiosqlite.Connection
+
+
+class Store:
+    """Async access to the control plane database; open with ``await Store.open(path)``."""
+
+    def __init__(self, conn: Conn, busy_timeout_s: float) -> None:
+        self._conn = conn
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Store:
+        """Open (creating it and its 0700 directory if needed) and migrate the database at ``path``."""
+        ensure_private_dir(path.parent)
+        try:
+            # Autocommit at the driver level: transactions are explicit BEGIN IMMEDIATE ... COMMIT.
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open the state database {path}: {exc}") from exc
+        store = cls(conn, busy_timeout_s)
+        try:
+            await store._prepare(path)
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def _prepare(self, path: Path) -> None:
+        conn = self._conn
+        conn.row_factory = sqlite3.Row
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed audit record (and revocation) survives a power cut, not only a crash.
+            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            version = await self._user_version()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(f"{path} is not a usable SQLite database: {exc}") from exc
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"{path} has schema version {version}, newer than this release supports "
+                f"({SCHEMA_VERSION}); upgrade dsn-gateway or use another state directory")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await self._migrate(target)
+        os.chmod(path, 0o600)
+
+    async def _user_version(self) -> int:
+        async with self._conn.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _migrate(self, target: int) -> None:
+        async def step(conn: Conn) -> None:
+            for statement in MIGRATIONS[target - 1]:
+                await conn.execute(statement)
+            # PRAGMA user_version is transactional: the step and its version commit together.
+            await conn.execute(f"PRAGMA user_version = {target}")
+        log.info("migrating the state database to schema version %d", target)
+        await self._write(step)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._conn.close()
+
+    # -- transaction helpers ------------------------------------------------------------------
+
+    async def _write(self, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``body`` in one write transaction; domain errors pass, SQLite errors become 503."""
+        async with self._lock:
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+            except (sqlite3.Error, ValueError) as exc:
+                raise self._fail(exc) from exc
+            try:
+                result = await body(self._conn)
+                await self._conn.execute("COMMIT")
+            except BaseException as exc:
+                await self._rollback()
+                if isinstance(exc, (sqlite3.Error, ValueError)):
+                    raise self._fail(exc) from exc
+                raise
+            return result
+
+    async def _rollback(self) -> None:
+        try:
+            await self._conn.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError):
+            log.warning("rollback failed; the connection may be unusable", exc_info=True)
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._lock:
+            try:
+                async with self._conn.execute(sql, params) as cursor:
+                    return list(await cursor.fetchall())
+            except (sqlite3.Error, ValueError) as exc:
+                raise self._fail(exc) from exc
+
+    def _fail(self, exc: BaseException) -> Unavailable:
+        # The SQLite message holds no secrets; it goes to the log, not to the caller.
+        log.warning("store operation failed: %s: %s", type(exc).__name__, exc)
+        return _unavailable(exc, self._busy_timeout_s)
+
+    # -- projects -----------------------------------------------------------------------------
+
+    async def create_project(self, p: Project) -> None:
+        async def body(conn: Conn) -> None:
+            cursor = await conn.execute(
+                "INSERT INTO projects VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                (p.name, json.dumps(list(p.allowed_templates)), json.dumps(p.quotas),
+                 p.not_before, p.created_at))
+            if cursor.rowcount == 0:
+                raise Conflict(f"project {p.name!r} already exists")
+        await self._write(body)
+
+    async def get_project(self, name: str) -> Project | None:
+        rows = await self._read("SELECT * FROM projects WHERE name = ?", (name,))
+        return _project(rows[0]) if rows else None
+
+    async def list_projects(self) -> list[Project]:
+        return [_project(row) for row in await self._read("SELECT * FROM projects ORDER BY name")]
+
+    async def update_project(self, name: str, *, allowed_templates: Sequence[str] | None = None,
+                             quotas: dict[str, int] | None = None,
+                             not_before: float | None = None) -> Project:
+        """Change the given fields (``None`` leaves a field as it is); NotFound if no such project."""
+        async def body(conn: Conn) -> Project:
+            cursor = await conn.execute(
+                "UPDATE projects SET allowed_templates = COALESCE(?, allowed_templates), "
+                "quotas = COALESCE(?, quotas), not_before = COALESCE(?, not_before) "
+                "WHERE name = ? RETURNING *",
+                (None if allowed_templates is None else json.dumps(list(allowed_templates)),
+                 None if quotas is None else json.dumps(quotas), not_before, name))
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(f"project {name!r} does not exist")
+            return _project(row)
+        return await self._write(body)
+
+    async def delete_project(self, name: str, *, at: float | None = None) -> None:
+        """Delete a project and revoke its tokens (``at``, default now), so a project re-created
+        under the same name never revives them; the token rows stay as the revocation record."""
+        revoked_at = time.time() if at is None else at
+
+        async def body(conn: Conn) -> None:
+            cursor = await conn.execute("DELETE FROM projects WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise NotFound(f"project {name!r} does not exist")
+            await conn.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) "
+                               "WHERE project = ?", (revoked_at, name))
+        await self._write(body)
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    async def add_token(self, rec: TokenRecord) -> None:
+        """Remember an issued token; Conflict on a reused jti, NotFound for an unknown parent."""
+        async def body(conn: Conn) -> None:
+            if rec.parent_jti is not None:
+                async with conn.execute("SELECT 1 FROM tokens WHERE jti = ?",
+                                        (rec.parent_jti,)) as found:
+                    if await found.fetchone() is None:
+                        raise NotFound(f"parent token {rec.parent_jti!r} does not exist")
+            cursor = await conn.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(jti) DO NOTHING",
+                (rec.jti, rec.project, rec.kind, rec.subject, rec.scope, rec.issued_at,
+                 rec.expires_at, rec.revoked_at, rec.parent_jti))
+            if cursor.rowcount == 0:
+                raise Conflict(f"token id {rec.jti!r} already exists")
+        await self._write(body)
+
+    async def get_token(self, jti: str) -> TokenRecord | None:
+        rows = await self._read("SELECT * FROM tokens WHERE jti = ?", (jti,))
+        return _token(rows[0]) if rows else None
+
+    async def list_tokens(self, project: str) -> list[TokenRecord]:
+        rows = await self._read(
+            "SELECT * FROM tokens WHERE project = ? ORDER BY issued_at, jti", (project,))
+        return [_token(row) for row in rows]
+
+    async def count_live_tokens(self, project: str, now: float) -> int:
+        """Tokens of ``project`` that are unexpired, unrevoked and not older than its not_before."""
+        rows = await self._read(
+            "SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.project "
+            "WHERE t.project = ? AND t.revoked_at IS NULL AND t.expires_at > ? "
+            "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)", (project, now))
+        return int(rows[0][0])
+
+    async def revoke_token(self, jti: str, at: float) -> TokenRecord:
+        """Revoke ``jti``; idempotent (a second revoke keeps the first time); NotFound if unknown."""
+        async def body(conn: Conn) -> TokenRecord:
+            cursor = await conn.execute(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE jti = ? RETURNING *",
+                (at, jti))
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(f"token {jti!r} does not exist")
+            return _token(row)
+        return await self._write(body)
+
+    async def is_revoked(self, jti: str) -> bool:
+        rows = await self._read(
+            "SELECT 1 FROM tokens WHERE jti = ? AND revoked_at IS NOT NULL", (jti,))
+        return bool(rows)
+
+    # -- signing keys -------------------------------------------------------------------------
+
+    async def add_signing_key(self, rec: SigningKeyRecord) -> None:
+        async def body(conn: Conn) -> None:
+            cursor = await conn.execute(
+                "INSERT INTO signing_keys VALUES (?, ?, ?, ?) ON CONFLICT(kid) DO NOTHING",
+                (rec.kid, rec.created_at, rec.retired_at, json.dumps(rec.public_jwk)))
+            if cursor.rowcount == 0:
+                raise Conflict(f"signing key {rec.kid!r} already exists")
+        await self._write(body)
+
+    async def list_signing_keys(self) -> list[SigningKeyRecord]:
+        """All keys, retired ones included, oldest first."""
+        rows = await self._read("SELECT * FROM signing_keys ORDER BY created_at, rowid")
+        return [_signing_key(row) for row in rows]
+
+    async def retire_signing_key(self, kid: str, at: float) -> SigningKeyRecord:
+        """Retire ``kid``; idempotent (keeps the first time); NotFound if unknown."""
+        async def body(conn: Conn) -> SigningKeyRecord:
+            cursor = await conn.execute(
+                "UPDATE signing_keys SET retired_at = COALESCE(retired_at, ?) WHERE kid = ? "
+                "RETURNING *", (at, kid))
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(f"signing key {kid!r} does not exist")
+            return _signing_key(row)
+        return await self._write(body)
+
+    # -- audit chain (hashing lives in controlplane.audit) ------------------------------------
+
+    async def append_audit(self, build: Callable[[int, str | None], AuditRecord]) -> AuditRecord:
+        """Append ``build(next_seq, head_hash)`` and move the chain head, in one transaction.
+
+        The head is read inside the write transaction, so appends from other processes sharing
+        the database still form a single chain. ``head_hash`` is None for the first record.
+        """
+        async def body(conn: Conn) -> AuditRecord:
+            async with conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1") as cursor:
+                head = await cursor.fetchone()
+            rec = build(1, None) if head is None else build(head["seq"] + 1, head["hash"])
+            await conn.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               (rec.seq, rec.ts, rec.principal, rec.action, rec.resource,
+                                rec.decision, rec.rule, rec.request_id, rec.prev_hash, rec.hash))
+            await conn.execute("INSERT INTO audit_head VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE "
+                               "SET seq = excluded.seq, hash = excluded.hash", (rec.seq, rec.hash))
+            return rec
+        return await self._write(body)
+
+    async def audit_head(self) -> tuple[int, str] | None:
+        rows = await self._read("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+
+    async def list_audit(self, after_seq: int = 0, limit: int = 100) -> list[AuditRecord]:
+        rows = await self._read("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (after_seq, limit))
+        return [_audit(row) for row in rows]

@@ -1,0 +1,244 @@
+"""The audit chain on a real SQLite store: appends, tamper detection, sink failure, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from controlplane.audit import GENESIS_HASH, AuditLog, AuditVerification, chain_hash
+from controlplane.errors import Unavailable
+from controlplane.store import Store
+
+
+class StepClock:
+    """A clock that advances by one second on each read."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "controlplane.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def audit(store: Store) -> AuditLog:
+    return AuditLog(store, clock=StepClock())
+
+
+async def _append(audit: AuditLog, count: int, *, first: int = 1) -> None:
+    for n in range(first, first + count):
+        await audit.record(principal=f"admin:{n}", action="projects.create",
+                           resource=f"project:p{n}", decision="allow" if n % 2 else "deny",
+                           rule=f"rule-{n}", request_id=f"req-{n}")
+
+
+def _tamper(db_path: Path, *statements: str) -> None:
+    # A second, independent connection: what an intruder with file access would do.
+    with sqlite3.connect(db_path) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+async def test_records_carry_every_field_and_chain_from_genesis(audit: AuditLog) -> None:
+    first = await audit.record(principal="admin:root", action="tokens.issue",
+                               resource="project:alpha", decision="allow", rule="role:admin",
+                               request_id="r-1")
+    second = await audit.record(principal="project:alpha/alice", action="sessions.open",
+                                resource="template:secret", decision="deny",
+                                rule="deny:templates", request_id="r-2")
+    assert (first.seq, first.prev_hash, first.decision, first.rule) == \
+        (1, GENESIS_HASH, "allow", "role:admin")
+    assert first.ts == 1_700_000_001.0
+    assert second.seq == 2 and second.prev_hash == first.hash
+    assert second.hash == chain_hash(seq=2, ts=second.ts, principal="project:alpha/alice",
+                                     action="sessions.open", resource="template:secret",
+                                     decision="deny", rule="deny:templates", request_id="r-2",
+                                     prev_hash=first.hash)
+    assert await audit.list() == [first, second]
+    assert await audit.list(after_seq=1, limit=5) == [second]
+    assert await audit.verify() == AuditVerification(ok=True, records=2)
+
+
+def test_the_hash_covers_seq_and_prev_hash() -> None:
+    record = partial(chain_hash, ts=1.0, principal="p", action="a", resource="r",
+                     decision="allow", rule="x", request_id="q")
+    base = record(seq=1, prev_hash=GENESIS_HASH)
+    assert record(seq=2, prev_hash=GENESIS_HASH) != base
+    assert record(seq=1, prev_hash="0" * 64) != base
+
+
+async def test_an_empty_log_verifies(audit: AuditLog) -> None:
+    assert await audit.verify() == AuditVerification(ok=True, records=0)
+
+
+async def test_an_unknown_decision_is_refused(audit: AuditLog) -> None:
+    with pytest.raises(ValueError, match="'maybe'"):
+        await audit.record(principal="p", action="a", resource="r", decision="maybe",  # type: ignore[arg-type]
+                           rule="x", request_id="q")
+
+
+async def test_an_edited_field_is_detected(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 5)
+    _tamper(db_path, "UPDATE audit SET decision = 'allow' WHERE seq = 4")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq, result.records) == (False, 4, 3)
+    assert "modified" in result.problem
+
+
+async def test_a_deleted_middle_record_is_detected(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 5)
+    _tamper(db_path, "DELETE FROM audit WHERE seq = 3")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+    assert "missing" in result.problem
+
+
+async def test_a_deleted_and_renumbered_record_is_detected(audit: AuditLog,
+                                                           db_path: Path) -> None:
+    await _append(audit, 5)
+    _tamper(db_path, "DELETE FROM audit WHERE seq = 3",
+            "UPDATE audit SET seq = seq - 1 WHERE seq > 3")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+
+
+async def test_reordered_records_are_detected(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 5)
+    _tamper(db_path, "UPDATE audit SET seq = -2 WHERE seq = 2",
+            "UPDATE audit SET seq = 2 WHERE seq = 3",
+            "UPDATE audit SET seq = 3 WHERE seq = -2")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 2)
+    assert "does not link" in result.problem
+
+
+async def test_a_deleted_tail_record_is_detected(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 5)
+    _tamper(db_path, "DELETE FROM audit WHERE seq = 5")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq, result.records) == (False, 5, 4)
+    assert "deleted from the end" in result.problem
+
+
+async def test_a_wholly_emptied_log_is_detected(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 3)
+    _tamper(db_path, "DELETE FROM audit")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 1)
+
+
+async def test_a_rewritten_head_hash_is_detected(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 3)
+    _tamper(db_path, f"UPDATE audit_head SET hash = '{'0' * 64}'")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+
+
+async def test_concurrent_appends_form_one_chain(audit: AuditLog) -> None:
+    await asyncio.gather(*(audit.record(principal=f"p{n}", action="a", resource="r",
+                                        decision="allow", rule="x", request_id=f"q{n}")
+                           for n in range(50)))
+    records = await audit.list(limit=100)
+    assert [r.seq for r in records] == list(range(1, 51))
+    assert sorted(r.request_id for r in records) == sorted(f"q{n}" for n in range(50))
+    assert await audit.verify() == AuditVerification(ok=True, records=50)
+
+
+async def test_two_logs_on_one_database_still_form_one_chain(audit: AuditLog,
+                                                             db_path: Path) -> None:
+    # As with an admin CLI writing while the server runs: separate connections, separate locks.
+    other_store = await Store.open(db_path)
+    try:
+        other = AuditLog(other_store)
+        await asyncio.gather(*(log.record(principal="p", action="a", resource="r",
+                                          decision="deny", rule="x", request_id=f"q{n}")
+                               for n in range(10) for log in (audit, other)))
+    finally:
+        await other_store.close()
+    assert await audit.verify() == AuditVerification(ok=True, records=20)
+
+
+async def test_a_failing_sink_raises_unavailable_and_leaves_the_chain_valid(
+        audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 2)
+    _tamper(db_path, "CREATE TRIGGER audit_sink_down BEFORE INSERT ON audit "
+                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(Unavailable, match="audit log unavailable") as caught:
+        await audit.record(principal="p", action="tokens.issue", resource="r", decision="allow",
+                           rule="x", request_id="lost")
+    assert caught.value.status == 503
+    assert await audit.verify() == AuditVerification(ok=True, records=2)
+
+    _tamper(db_path, "DROP TRIGGER audit_sink_down")
+    after = await audit.record(principal="p", action="a", resource="r", decision="allow",
+                               rule="x", request_id="back")
+    assert after.seq == 3
+    assert await audit.verify() == AuditVerification(ok=True, records=3)
+
+
+async def test_a_failing_head_update_rolls_back_the_record_too(audit: AuditLog,
+                                                               db_path: Path) -> None:
+    await _append(audit, 1)
+    _tamper(db_path, "CREATE TRIGGER head_down BEFORE UPDATE ON audit_head "
+                     "BEGIN SELECT RAISE(ABORT, 'io error'); END")
+    with pytest.raises(Unavailable):
+        await _append(audit, 1, first=2)
+    assert [r.seq for r in await audit.list()] == [1]
+    assert await audit.verify() == AuditVerification(ok=True, records=1)
+
+
+async def test_a_locked_database_gives_unavailable(db_path: Path) -> None:
+    store = await Store.open(db_path, busy_timeout_s=0.1)
+    audit = AuditLog(store)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(Unavailable, match="audit log unavailable"):
+            await _append(audit, 1)
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_the_chain_continues_across_reopen(db_path: Path) -> None:
+    store = await Store.open(db_path)
+    await _append(AuditLog(store, clock=StepClock()), 3)
+    await store.close()
+
+    store = await Store.open(db_path)
+    try:
+        audit = AuditLog(store, clock=StepClock(2_000_000_000.0))
+        fourth = await audit.record(principal="p", action="a", resource="r", decision="allow",
+                                    rule="x", request_id="after-restart")
+        assert fourth.seq == 4
+        assert fourth.prev_hash == (await audit.list(after_seq=2, limit=1))[0].hash
+        assert await audit.verify() == AuditVerification(ok=True, records=4)
+    finally:
+        await store.close()
+
+
+async def test_verify_pages_through_a_long_log(audit: AuditLog, db_path: Path) -> None:
+    await _append(audit, 2100)
+    assert await audit.verify() == AuditVerification(ok=True, records=2100)
+    _tamper(db_path, "UPDATE audit SET rule = 'forged' WHERE seq = 2050")
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 2050)

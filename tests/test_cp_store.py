@@ -1,0 +1,219 @@
+"""The control plane store against real SQLite files: schema, persistence, locking, semantics."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
+from controlplane.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Project,
+    SigningKeyRecord,
+    Store,
+    TokenRecord,
+)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "controlplane.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, busy_timeout_s=0.2)
+    yield opened
+    await opened.close()
+
+
+def _token(jti: str, project: str | None = "alpha", *, issued_at: float = 100.0,
+           expires_at: float = 1000.0) -> TokenRecord:
+    return TokenRecord(jti=jti, project=project, kind="project", subject="alice",
+                       scope="sessions:write", issued_at=issued_at, expires_at=expires_at)
+
+
+def _version(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+async def test_open_creates_private_state_dir_wal_and_current_schema(store: Store,
+                                                                     db_path: Path) -> None:
+    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    assert _version(db_path) == SCHEMA_VERSION
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_existing_loose_state_dir_is_tightened(tmp_path: Path) -> None:
+    state = tmp_path / "loose"
+    state.mkdir(mode=0o755)
+    opened = await Store.open(state / "cp.db")
+    await opened.close()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+async def test_old_version_database_is_migrated_keeping_its_rows(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO projects VALUES ('old', '[]', '{}', NULL, 5.0)")
+    opened = await Store.open(db_path)
+    try:
+        assert _version(db_path) == SCHEMA_VERSION
+        assert await opened.get_project("old") == Project("old", (), {}, None, 5.0)
+        assert await opened.audit_head() is None  # the audit tables of step 2 exist and work
+    finally:
+        await opened.close()
+
+
+async def test_newer_version_database_is_refused(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(ConfigurationError, match="newer than this release"):
+        await Store.open(db_path)
+
+
+async def test_a_file_that_is_not_sqlite_is_a_configuration_error(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"definitely not a database" * 100)
+    with pytest.raises(ConfigurationError, match="not a usable SQLite database"):
+        await Store.open(db_path)
+
+
+async def test_everything_persists_across_close_and_reopen(db_path: Path) -> None:
+    first = await Store.open(db_path)
+    await first.create_project(Project("alpha", ("default",), {"sessions": 2}, None, 1.0))
+    await first.add_token(_token("j1"))
+    await first.revoke_token("j1", 50.0)
+    key = SigningKeyRecord("kid1", 3.0, None, {"kty": "OKP", "crv": "Ed25519", "x": "abc"})
+    await first.add_signing_key(key)
+    await first.close()
+
+    second = await Store.open(db_path)
+    try:
+        assert await second.get_project("alpha") == Project("alpha", ("default",),
+                                                            {"sessions": 2}, None, 1.0)
+        assert await second.is_revoked("j1")
+        assert await second.get_token("j1") == replace(_token("j1"), revoked_at=50.0)
+        assert await second.list_signing_keys() == [key]
+    finally:
+        await second.close()
+
+
+async def test_project_crud(store: Store) -> None:
+    await store.create_project(Project("beta", created_at=2.0))
+    await store.create_project(Project("alpha", created_at=1.0))
+    with pytest.raises(Conflict, match="'alpha' already exists"):
+        await store.create_project(Project("alpha"))
+    assert [p.name for p in await store.list_projects()] == ["alpha", "beta"]
+
+    updated = await store.update_project("alpha", allowed_templates=["a", "b"], not_before=7.0)
+    assert updated == Project("alpha", ("a", "b"), {}, 7.0, 1.0)
+    updated = await store.update_project("alpha", quotas={"tokens": 3})
+    assert updated == Project("alpha", ("a", "b"), {"tokens": 3}, 7.0, 1.0)
+    with pytest.raises(NotFound):
+        await store.update_project("nope", quotas={})
+
+    await store.delete_project("beta")
+    assert await store.get_project("beta") is None
+    with pytest.raises(NotFound):
+        await store.delete_project("beta")
+
+
+async def test_deleting_a_project_revokes_its_tokens_for_good(store: Store) -> None:
+    await store.create_project(Project("alpha"))
+    await store.add_token(_token("j1"))
+    await store.delete_project("alpha", at=9.0)
+    await store.create_project(Project("alpha"))  # same name again: the old token stays dead
+    assert await store.is_revoked("j1")
+    assert (await store.get_token("j1")).revoked_at == 9.0  # type: ignore[union-attr]
+
+
+async def test_tokens_revocation_is_idempotent_and_unknown_jti_is_not_found(store: Store) -> None:
+    await store.create_project(Project("alpha"))
+    await store.add_token(_token("j1"))
+    with pytest.raises(Conflict):
+        await store.add_token(_token("j1"))
+    assert not await store.is_revoked("j1")
+    assert (await store.revoke_token("j1", 10.0)).revoked_at == 10.0
+    assert (await store.revoke_token("j1", 20.0)).revoked_at == 10.0
+    assert await store.is_revoked("j1")
+    assert not await store.is_revoked("never-issued")
+    with pytest.raises(NotFound):
+        await store.revoke_token("never-issued", 1.0)
+
+
+async def test_parent_jti_must_name_a_stored_token(store: Store) -> None:
+    await store.create_project(Project("alpha"))
+    orphan = TokenRecord("child", "alpha", "session", "alice", "s", 1.0, 2.0, None, "missing")
+    with pytest.raises(NotFound, match="parent token 'missing'"):
+        await store.add_token(orphan)
+    await store.add_token(_token("parent"))
+    await store.add_token(TokenRecord("child", "alpha", "session", "alice", "s", 1.0, 2.0, None,
+                                      "parent"))
+    assert (await store.get_token("child")).parent_jti == "parent"  # type: ignore[union-attr]
+
+
+async def test_list_and_count_live_tokens(store: Store) -> None:
+    await store.create_project(Project("alpha"))
+    await store.create_project(Project("other"))
+    await store.add_token(_token("live", issued_at=100.0, expires_at=1000.0))
+    await store.add_token(_token("expired", issued_at=100.0, expires_at=400.0))
+    await store.add_token(_token("revoked", issued_at=100.0, expires_at=1000.0))
+    await store.add_token(_token("elsewhere", project="other"))
+    await store.revoke_token("revoked", 200.0)
+    assert [t.jti for t in await store.list_tokens("alpha")] == ["expired", "live", "revoked"]
+    assert await store.count_live_tokens("alpha", now=500.0) == 1
+
+    await store.add_token(_token("newer", issued_at=300.0))
+    await store.update_project("alpha", not_before=250.0)  # kills "live" (issued at 100)
+    assert await store.count_live_tokens("alpha", now=500.0) == 1
+
+
+async def test_signing_keys_listing_and_retirement(store: Store) -> None:
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": "x"}
+    await store.add_signing_key(SigningKeyRecord("new", 2.0, None, jwk))
+    await store.add_signing_key(SigningKeyRecord("old", 1.0, None, jwk))
+    with pytest.raises(Conflict):
+        await store.add_signing_key(SigningKeyRecord("old", 1.0, None, jwk))
+    assert [k.kid for k in await store.list_signing_keys()] == ["old", "new"]
+    assert (await store.retire_signing_key("old", 5.0)).retired_at == 5.0
+    assert (await store.retire_signing_key("old", 6.0)).retired_at == 5.0
+    with pytest.raises(NotFound):
+        await store.retire_signing_key("ghost", 1.0)
+
+
+async def test_write_lock_held_by_another_process_gives_unavailable_not_a_hang(
+        store: Store, db_path: Path) -> None:
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(Unavailable, match="busy") as caught:
+            await store.create_project(Project("alpha"))
+        assert caught.value.status == 503
+        assert caught.value.headers["Retry-After"] == "1"
+        assert await store.get_project("alpha") is None  # WAL: reads go on while locked
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    await store.create_project(Project("alpha"))  # the store recovers once the lock is gone
+    assert await store.get_project("alpha") is not None
+
+
+async def test_a_closed_store_fails_closed(db_path: Path) -> None:
+    opened = await Store.open(db_path)
+    await opened.close()
+    with pytest.raises(Unavailable):
+        await opened.get_project("alpha")
