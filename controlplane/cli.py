@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from controlplane.admin import admin, controlplane_group
 from dataplane.cli import consumer, producer, scan_shape_option
 from gateway.cli import gateway
 
@@ -56,3 +57,5 @@ def demo(state_dir: Path, scan_shape: tuple[int, int], ranks: int, loss: float, 
 main.add_command(gateway)
 main.add_command(producer)
 main.add_command(consumer)
+main.add_command(controlplane_group)
+main.add_command(admin)

@@ -91,3 +91,9 @@ class ConfigurationError(ControlPlaneError):
     """A bad state directory, policy file or setting, found at start-up or reload."""
 
     title, type_slug = "Configuration error", "configuration"
+
+
+class UnsupportedMediaType(ControlPlaneError):
+    """A request body that is not ``application/json``."""
+
+    status, title, type_slug = 415, "Unsupported media type", "unsupported-media-type"

@@ -1,0 +1,279 @@
+"""The request pipeline: every request passes ``observe`` -> ``problems`` -> ``authorize`` -> view.
+
+- ``observe`` gives the request its id (a sane incoming ``X-Request-ID`` or a fresh one), echoes it
+  on the response and counts the request by route template and status.
+- ``problems`` turns every failure into an RFC 9457 ``application/problem+json`` body carrying the
+  request id; an unexpected exception is logged here and answered with a bare 500, never a trace.
+- ``authorize`` runs the route's declared checks (``RouteSpec``): bearer token for the route's
+  surface, rate limits per token and project, the policy decision for the route's action. Each
+  decision, allow or deny (an unauthenticated request included), writes exactly one audit record
+  first; if that write fails the request is refused with 503, never served unaudited.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_urldispatcher import AbstractRoute, SystemRoute
+from pydantic import BaseModel
+
+from controlplane.audit import AuditLog
+from controlplane.errors import (
+    BadRequest,
+    ControlPlaneError,
+    Forbidden,
+    TokenError,
+    TooManyRequests,
+)
+from controlplane.metrics import Metrics
+from controlplane.policy import Decision, PolicyHolder, Principal, Resource
+from controlplane.ratelimit import RateLimiter
+from controlplane.settings import Settings
+from controlplane.signing import KeyRing
+from controlplane.store import Store
+from controlplane.tokens import Authenticator, Claims, Surface, TokenKind, TokenService
+
+log = logging.getLogger("dsn.controlplane.http")
+
+PROBLEM_TYPE_PREFIX: Final = "urn:dsn:problem:"
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+ANONYMOUS: Final = "anonymous"
+
+ResourceOf = Callable[[web.Request, Claims | None], Resource]
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One served route, declared once: the handler, its models and its authorization.
+
+    ``kinds`` are the token kinds accepted on the route (its surface, with the API audience);
+    an empty set makes the route public (no token, no policy action, nothing audited).
+    ``resource`` names what the action touches, for the policy and the audit record.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    response: type[BaseModel] | None
+    status: int = 200
+    action: str | None = None
+    kinds: frozenset[TokenKind] = frozenset()
+    resource: ResourceOf | None = None
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    tag: str = "service"
+    response_content_type: str = "application/json"
+    extra_responses: tuple[int, ...] = ()
+
+    @property
+    def public(self) -> bool:
+        return not self.kinds
+
+
+@dataclass
+class Services:
+    """Everything the views and middlewares use, built once per app in ``app.services_ctx``."""
+
+    settings: Settings
+    store: Store
+    keyring: KeyRing
+    tokens: TokenService
+    authenticator: Authenticator
+    policies: PolicyHolder
+    limiter: RateLimiter
+    audit: AuditLog
+    metrics: Metrics
+    surfaces: dict[frozenset[TokenKind], Surface] = field(default_factory=dict)
+
+    def surface(self, kinds: frozenset[TokenKind]) -> Surface:
+        if kinds not in self.surfaces:
+            self.surfaces[kinds] = Surface(self.settings.api_audience, kinds)
+        return self.surfaces[kinds]
+
+    def now(self) -> float:
+        return self.settings.clock()
+
+
+SERVICES: Final = web.AppKey("services", Services)
+METRICS: Final = web.AppKey("metrics", Metrics)
+ROUTE_SPECS: Final = web.AppKey("route_specs", dict[AbstractRoute, RouteSpec])
+REQUEST_ID: Final = web.RequestKey("request_id", str)
+CLAIMS: Final = web.RequestKey("claims", Claims)
+
+
+# --- observe -------------------------------------------------------------------------------------
+
+def _request_id(request: web.Request) -> str:
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    return incoming if _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[REQUEST_ID] = _request_id(request)
+    metrics = request.app[METRICS]
+    route = _route_label(request)
+    started = time.perf_counter()
+    response = await handler(request)
+    metrics.latency.labels(route).observe(time.perf_counter() - started)
+    metrics.requests.labels(request.method, route, str(response.status)).inc()
+    response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    return response
+
+
+# --- problems ------------------------------------------------------------------------------------
+
+def problem_response(request: web.Request, *, status: int, title: str, detail: str, slug: str,
+                     errors: list[dict[str, str]] | None = None,
+                     headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_PREFIX + slug, "title": title, "status": status, "detail": detail,
+        "instance": request.path, "request_id": request[REQUEST_ID],
+    }
+    if errors:
+        body["errors"] = errors
+    return web.json_response(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    # aiohttp's own refusals: unknown path (404), method (405, keeps Allow), body too large (413).
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    slug = re.sub(r"[^a-z0-9]+", "-", exc.reason.lower()).strip("-")
+    detail = exc.text if exc.status == 413 and exc.text else exc.reason
+    return problem_response(request, status=exc.status, title=exc.reason, detail=detail, slug=slug,
+                            headers=headers)
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ControlPlaneError as exc:
+        errors = exc.errors if isinstance(exc, BadRequest) else None
+        if exc.status >= 500:
+            log.warning("refused: %s", exc.detail, extra={"fields": {"request_id": request[REQUEST_ID]}})
+        return problem_response(request, status=exc.status, title=exc.title, detail=exc.detail,
+                                slug=exc.type_slug, errors=errors, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(request, exc)
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": request[REQUEST_ID],
+                                                           "route": _route_label(request)}})
+        return problem_response(request, status=500, title="Internal error",
+                                detail="Internal error", slug="internal")
+
+
+# --- authorize -----------------------------------------------------------------------------------
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise TokenError("missing", "an Authorization: Bearer token is required")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenError("malformed", "the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def principal_label(claims: Claims) -> str:
+    """Who acted, for the audit record: kind, project, subject and the token id (never the token)."""
+    project = f"@{claims.project}" if claims.project else ""
+    return f"{claims.kind.value}:{claims.sub}{project}#{claims.jti}"
+
+
+def resource_label(resource: Resource) -> str:
+    parts = [resource.kind] + [part for part in (resource.project, resource.name) if part]
+    return "/".join(parts)
+
+
+class Gate:
+    """The authorization steps of one request, each decision audited before it takes effect."""
+
+    def __init__(self, services: Services, request: web.Request, spec: RouteSpec) -> None:
+        self._services = services
+        self._request = request
+        self._spec = spec
+        self._action = spec.action or ""
+
+    async def admit(self) -> Claims:
+        claims = await self._authenticate()
+        await self._rate_limit(claims)
+        await self._decide(claims)
+        return claims
+
+    def _resource(self, claims: Claims | None) -> Resource:
+        if self._spec.resource is None:  # create_app refuses such routes; fail closed anyway
+            raise ControlPlaneError("route declares no resource")
+        return self._spec.resource(self._request, claims)
+
+    async def _audit(self, principal: str, resource: Resource, allowed: bool, rule: str) -> None:
+        decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
+        # The record comes first: if it cannot be written, this raises Unavailable and nothing runs.
+        await self._services.audit.record(
+            principal=principal, action=self._action, resource=resource_label(resource),
+            decision=decision, rule=rule, request_id=self._request[REQUEST_ID])
+        self._services.metrics.decisions.labels(self._action, decision, rule.split(":")[0]).inc()
+
+    async def _authenticate(self) -> Claims:
+        services = self._services
+        try:
+            token = _bearer(self._request)
+            return await services.authenticator.authenticate(token, services.surface(self._spec.kinds))
+        except TokenError as exc:
+            await self._audit(ANONYMOUS, self._resource(None), False, f"token:{exc.token_reason}")
+            raise
+
+    async def _rate_limit(self, claims: Claims) -> None:
+        try:
+            await self._services.limiter.check(claims.jti, claims.project)
+        except TooManyRequests:
+            await self._audit(principal_label(claims), self._resource(claims), False, "rate-limit")
+            raise
+
+    async def _decide(self, claims: Claims) -> None:
+        resource = self._resource(claims)
+        principal = Principal(kind=claims.kind.value, subject=claims.sub, project=claims.project,
+                              scopes=claims.scope)
+        decision: Decision = self._services.policies.current.decide(principal, self._action, resource)
+        await self._audit(principal_label(claims), resource, decision.allowed, decision.rule)
+        if not decision.allowed:
+            raise Forbidden(decision.reason or "the policy denies this action", rule=decision.rule)
+
+
+def route_spec(request: web.Request) -> RouteSpec | None:
+    """The declared spec of the matched route; None for aiohttp's own 404/405 answers."""
+    route = request.match_info.route
+    spec = request.app[ROUTE_SPECS].get(route)
+    if spec is None and not isinstance(route, SystemRoute):
+        # A route registered outside the route table has no declared checks: refuse, don't guess.
+        raise ControlPlaneError("route is not declared")
+    return spec
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    spec = route_spec(request)
+    if spec is not None and not spec.public:
+        request[CLAIMS] = await Gate(request.app[SERVICES], request, spec).admit()
+    return await handler(request)
+
+
+MIDDLEWARES: Final[tuple[Middleware, ...]] = (observe, problems, authorize)

@@ -1,0 +1,212 @@
+"""Request and response bodies of the REST API (SPEC §4), as pydantic models.
+
+Requests forbid unknown fields and are strict (no "5" for 5): a typo is a 400 naming the field,
+never a silently ignored setting. Times are ISO 8601 with a zone on the wire (UTC on output); token
+lifetimes (``ttl``) are whole seconds. The same models feed the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SCOPE_PATTERN = r"^[A-Za-z0-9:._/-]+( [A-Za-z0-9:._/-]+)*$"
+MAX_TTL_S = 10 * 365 * 86400  # a sanity bound; policy caps are far below it
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN, max_length=1024)]
+Subject = Annotated[str, StringConstraints(min_length=1, max_length=200,
+                                           pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")]
+Ttl = Annotated[int, Field(ge=1, le=MAX_TTL_S)]
+QuotaValue = Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class QueryParams(BaseModel):
+    """Query strings are text, so these convert ("10" -> 10) but still refuse unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResponseBody(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+class ProjectCreate(RequestBody):
+    name: Name
+    allowed_templates: list[Name] = Field(default_factory=list, max_length=256)
+    quotas: dict[Name, QuotaValue] = Field(default_factory=dict, max_length=64)
+
+
+class ProjectUpdate(RequestBody):
+    """Only the fields present change. ``not_before`` invalidates every older token of the project."""
+
+    allowed_templates: list[Name] | None = Field(default=None, max_length=256)
+    quotas: dict[Name, QuotaValue] | None = Field(default=None, max_length=64)
+    not_before: AwareDatetime | None = None
+
+
+class TokenIssue(RequestBody):
+    """A project token for ``subject``; ``ttl`` is capped by the policy's lifetime for the kind."""
+
+    subject: Subject
+    scope: Scope
+    ttl: Ttl
+
+
+class TokenExchange(RequestBody):
+    """RFC 8693-style exchange of the caller's project token for a narrower, short-lived token.
+
+    ``scope`` must be a subset of the project token's scope (default: all of it); ``audience``
+    defaults to the gateway for session tokens and to this API for consumer tokens.
+    """
+
+    kind: Literal["session", "consumer"]
+    audience: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    scope: Scope | None = None
+    ttl: Ttl | None = None
+
+
+class AuditQuery(QueryParams):
+    after: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # SQLite INTEGER range
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+class FieldError(ResponseBody):
+    field: str
+    message: str
+
+
+class Problem(ResponseBody):
+    """RFC 9457 problem details, always with the request id to quote to an admin."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    request_id: str
+    errors: list[FieldError] | None = None
+
+
+class ProjectOut(ResponseBody):
+    name: str
+    allowed_templates: list[str]
+    quotas: dict[str, int]
+    not_before: datetime | None
+    created_at: datetime
+
+
+class ProjectList(ResponseBody):
+    items: list[ProjectOut]
+
+
+class TokenInfo(ResponseBody):
+    """A token's metadata; the token itself is never stored, so it can never be listed."""
+
+    jti: str
+    project: str | None
+    kind: str
+    subject: str
+    scope: str
+    issued_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    parent_jti: str | None
+
+
+class TokenList(ResponseBody):
+    items: list[TokenInfo]
+
+
+class IssuedToken(ResponseBody):
+    """A freshly signed token: shown in this response only."""
+
+    token: str
+    token_type: Literal["Bearer"] = "Bearer"
+    jti: str
+    kind: str
+    project: str | None
+    subject: str
+    scope: str
+    audience: str
+    issued_at: datetime
+    expires_at: datetime
+    expires_in: int
+
+
+class Jwk(ResponseBody):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    kty: Literal["OKP"]
+    crv: Literal["Ed25519"]
+    x: str
+    kid: str
+    alg: Literal["EdDSA"] = "EdDSA"
+    use: Literal["sig"] = "sig"
+
+
+class Jwks(ResponseBody):
+    keys: list[Jwk]
+
+
+class KeyRotation(ResponseBody):
+    kid: str
+    published: list[str]
+    retired: list[str]
+
+
+class PolicySummary(ResponseBody):
+    """The active policy set as loaded (``source`` files and their parsed content)."""
+
+    sources: list[str]
+    policy: dict[str, Any]
+
+
+class PolicyReload(ResponseBody):
+    ok: bool
+    problems: list[str]
+    sources: list[str]
+
+
+class AuditRecordOut(ResponseBody):
+    seq: int
+    ts: datetime
+    principal: str
+    action: str
+    resource: str
+    decision: Literal["allow", "deny"]
+    rule: str
+    request_id: str
+    prev_hash: str
+    hash: str
+
+
+class AuditList(ResponseBody):
+    items: list[AuditRecordOut]
+    next_after: int
+
+
+class AuditVerification(ResponseBody):
+    ok: bool
+    records: int
+    first_bad_seq: int | None
+    problem: str | None
+
+
+class Health(ResponseBody):
+    status: Literal["ok"]

@@ -1,0 +1,77 @@
+"""The control plane service's configuration: one frozen object, read once at start-up.
+
+``dsn controlplane serve`` builds it from flags and ``DSN_*`` variables; tests build it directly and
+inject a clock, so token lifetimes, rate-limit windows and key retirement move without sleeping.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from controlplane.errors import ConfigurationError
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8750
+DATABASE_NAME: Final = "controlplane.sqlite3"
+# Stable names, not URLs: tokens stay valid when the service moves to another host or port.
+ISSUER: Final = "dsn-controlplane"
+API_AUDIENCE: Final = "dsn-api"
+GATEWAY_AUDIENCE: Final = "dsn-gateway"
+
+
+def _shipped_policies() -> Path:
+    """The policies shipped with the package: the source tree's, else the installed data copy."""
+    source = Path(__file__).resolve().parent.parent / "policies"
+    if source.is_dir():
+        return source
+    return Path(sysconfig.get_paths()["purelib"]) / "dsn_data" / "policies"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``create_app`` needs.
+
+    ``issuer`` is the ``iss`` of every token this service signs and accepts. ``policy_path`` is the
+    policy file or directory (``policies/*.yaml``) loaded at start and on reload. ``leeway_s`` forgives
+    clock skew on ``exp``/``iat``/``nbf``. ``client_max_size`` bounds every request body (bytes).
+    ``jwks_max_age_s`` is the JWKS cache lifetime: verifiers refetch at least this often, so a key
+    must be published this long before it signs (rotation keeps the old keys published).
+    """
+
+    state_dir: Path
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    issuer: str = ISSUER
+    policy_path: Path = field(default_factory=_shipped_policies)
+    leeway_s: int = 30
+    client_max_size: int = 64 * 1024
+    jwks_max_age_s: int = 300
+    api_audience: str = API_AUDIENCE
+    gateway_audience: str = GATEWAY_AUDIENCE
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        _require(0 < self.port < 65536, "port", self.port)
+        _require(0 <= self.leeway_s <= 300, "leeway_s", self.leeway_s)
+        _require(1024 <= self.client_max_size <= 16 * 1024 * 1024, "client_max_size",
+                 self.client_max_size)
+        _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
+        _require(bool(self.issuer.strip()), "issuer", self.issuer)
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / DATABASE_NAME
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _require(ok: bool, key: str, value: object) -> None:
+    if not ok:
+        raise ConfigurationError(f"invalid setting {key}={value!r}")

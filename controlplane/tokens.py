@@ -1,0 +1,327 @@
+"""Token issue and verification: EdDSA-signed JWTs with a fixed, strictly typed claim set (SPEC §3).
+
+Every token carries exactly these claims, each with one JSON type:
+
+    iss str · aud str · sub str · iat int · exp int · jti str · token_use str (a TokenKind)
+    project str | null (a string for project-bound kinds, null for admin and gateway) · scope str
+
+``TokenService.verify`` is pure (no I/O; the time comes from the injected clock). It refuses, in
+this order: oversized or unparsable input (malformed), any algorithm but EdDSA (algorithm), header
+parameters other than alg/kid/typ or a typ other than "JWT" (header), a kid the key ring does not
+know (unknown_key), a bad signature (signature), a missing claim (missing_claim), an unknown or
+wrongly typed claim (invalid_claim), then the values: issuer, audience, kind, lifetime, expired,
+immature. ``Authenticator`` adds the store-backed checks: revoked jti, project not_before, project
+still existing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from jwt.types import Options
+
+from controlplane.errors import BadRequest, TokenError
+
+MAX_TOKEN_BYTES = 8 * 1024
+ALGORITHM = "EdDSA"
+# Only what our own issuer writes. jku/x5u/jwk/x5c would let a token name its own key, crit/b64
+# change how it is parsed: refusing everything else closes those doors for good.
+ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
+SCOPE_TOKEN = re.compile(r"^[a-z][a-z0-9_.-]*(:[a-z0-9_.*-]+)*$")
+_JWS_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+
+
+class TokenKind(enum.StrEnum):
+    ADMIN = "admin"
+    PROJECT = "project"
+    SESSION = "session"
+    CONSUMER = "consumer"
+    GATEWAY = "gateway"
+
+    @property
+    def project_bound(self) -> bool:
+        """Project, session and consumer tokens act for one project; admin and gateway for none."""
+        return self in (TokenKind.PROJECT, TokenKind.SESSION, TokenKind.CONSUMER)
+
+
+@dataclass(frozen=True)
+class Claims:
+    iss: str
+    aud: str
+    sub: str
+    iat: int
+    exp: int
+    jti: str
+    kind: TokenKind
+    project: str | None
+    scope: frozenset[str]
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "iss": self.iss, "aud": self.aud, "sub": self.sub, "iat": self.iat, "exp": self.exp,
+            "jti": self.jti, "token_use": self.kind.value, "project": self.project,
+            "scope": " ".join(sorted(self.scope)),
+        }
+
+
+@dataclass(frozen=True)
+class Surface:
+    """Where a token is presented: the audience it must name and the kinds accepted there."""
+
+    audience: str
+    kinds: frozenset[TokenKind]
+
+
+class KeySource(Protocol):
+    def signing_key(self) -> tuple[str, Ed25519PrivateKey]: ...
+
+    def public_key(self, kid: str) -> Ed25519PublicKey | None: ...
+
+
+Clock = Callable[[], float]
+
+CLAIMS = ("iss", "aud", "sub", "iat", "exp", "jti", "token_use", "project", "scope")
+# pyjwt treats a null value as missing, so "project" (null for admin/gateway) is checked by us only.
+_PYJWT_REQUIRED = [name for name in CLAIMS if name != "project"]
+_PYJWT_OPTIONS: Options = {
+    "require": _PYJWT_REQUIRED,
+    # Time, issuer and audience are checked below with the injected clock and exact types.
+    "verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False,
+    "verify_iss": False, "verify_sub": False, "verify_jti": False,
+}
+
+
+# --- one validator per claim: each returns the typed value or raises TokenError(invalid_claim) ---
+
+def _bad(name: str, expected: str) -> TokenError:
+    return TokenError("invalid_claim", f"claim '{name}' must be {expected}")
+
+
+def _nonempty_str(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise _bad(name, "a non-empty string of at most 256 characters")
+    return value
+
+
+def _int_time(name: str, value: Any) -> int:
+    # bool is a subclass of int: `true` must not pass as a timestamp.
+    if type(value) is not int or value < 0:
+        raise _bad(name, "a non-negative integer (seconds since the epoch)")
+    return value
+
+
+def _validate_kind(value: Any) -> TokenKind:
+    if isinstance(value, str) and value in TokenKind._value2member_map_:
+        return TokenKind(value)
+    raise _bad("token_use", "one of " + ", ".join(kind.value for kind in TokenKind))
+
+
+def _validate_project(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _nonempty_str("project", value)
+
+
+def _validate_scope(value: Any) -> frozenset[str]:
+    if not isinstance(value, str) or len(value) > 2048:
+        raise _bad("scope", "a space-separated string")
+    parts = value.split(" ") if value else []
+    if any(not SCOPE_TOKEN.match(part) for part in parts):
+        raise _bad("scope", "space-separated scope names (single spaces, no empty entries)")
+    return frozenset(parts)
+
+
+def _typed_claims(payload: Mapping[str, Any]) -> Claims:
+    """The claim dispatcher: presence, no extras, then one validator per claim."""
+    missing = [name for name in CLAIMS if name not in payload]
+    if missing:
+        raise TokenError("missing_claim", f"claim '{missing[0]}' is required")
+    extra = sorted(set(payload) - set(CLAIMS))
+    if extra:
+        raise TokenError("invalid_claim", f"claim '{extra[0]}' is not allowed")
+    kind = _validate_kind(payload["token_use"])
+    project = _validate_project(payload["project"])
+    if kind.project_bound != (project is not None):
+        need = "a project name" if kind.project_bound else "null"
+        raise _bad("project", f"{need} for a {kind.value} token")
+    return Claims(
+        iss=_nonempty_str("iss", payload["iss"]), aud=_nonempty_str("aud", payload["aud"]),
+        sub=_nonempty_str("sub", payload["sub"]), iat=_int_time("iat", payload["iat"]),
+        exp=_int_time("exp", payload["exp"]), jti=_nonempty_str("jti", payload["jti"]),
+        kind=kind, project=project, scope=_validate_scope(payload["scope"]),
+    )
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    # Parsed here rather than by pyjwt, which would reject some headers (crit, a non-string kid)
+    # under a generic error before we can name the reason.
+    segment = token.split(".", 1)[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise TokenError("malformed", "the token header is not a base64url-encoded JSON object")
+    return header
+
+
+def _checked_header(token: str) -> str:
+    """Validates the unverified header and returns its kid."""
+    header = _unverified_header(token)
+    if header.get("alg") != ALGORITHM:
+        raise TokenError("algorithm", f"only {ALGORITHM} tokens are accepted")
+    extra = sorted(set(header) - ALLOWED_HEADERS)
+    if extra:
+        raise TokenError("header", f"header parameter '{extra[0]}' is not allowed")
+    if "typ" in header and header["typ"] != "JWT":
+        raise TokenError("header", "header 'typ' must be \"JWT\"")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenError("header", "header 'kid' is required and must be a string")
+    return kid
+
+
+class TokenService:
+    """Issues and verifies tokens. ``lifetime_caps`` is read on every call, so a live mapping (see
+    ``policy.LifetimeCaps``) makes a policy reload take effect at once; a kind without a cap can be
+    neither issued nor accepted."""
+
+    def __init__(
+        self, issuer: str, keyring: KeySource, *, clock: Clock, leeway_s: float = 30,
+        lifetime_caps: Mapping[TokenKind, int],
+    ) -> None:
+        self.issuer = issuer
+        self._keyring = keyring
+        self._clock = clock
+        self._leeway = leeway_s
+        self._caps = lifetime_caps
+
+    def _cap(self, kind: TokenKind) -> int | None:
+        cap = self._caps.get(kind)
+        return cap if isinstance(cap, int) and cap > 0 else None
+
+    def issue(
+        self, *, kind: TokenKind, subject: str, project: str | None, scope: Iterable[str],
+        ttl_s: int, audience: str,
+    ) -> tuple[str, Claims]:
+        """Signs a new token with the newest key; a bad argument raises BadRequest naming it."""
+        cap = self._cap(kind)
+        if cap is None:
+            raise BadRequest(f"policy sets no lifetime for {kind.value} tokens")
+        if type(ttl_s) is not int or not 0 < ttl_s <= cap:
+            raise BadRequest(f"ttl must be an integer from 1 to {cap} seconds "
+                             f"for {kind.value} tokens")
+        scopes = frozenset(scope)
+        if any(not isinstance(name, str) or not SCOPE_TOKEN.match(name) for name in scopes):
+            raise BadRequest("scope must be a set of scope names such as 'sessions:write'")
+        now = int(self._clock())
+        claims = Claims(
+            iss=self.issuer, aud=audience, sub=subject, iat=now, exp=now + ttl_s,
+            jti=secrets.token_urlsafe(16), kind=kind, project=project, scope=scopes,
+        )
+        try:  # the issuer holds itself to the verifier's rules
+            _typed_claims(claims.to_payload())
+        except TokenError as error:
+            raise BadRequest(error.detail) from None
+        kid, key = self._keyring.signing_key()
+        token = jwt.encode(claims.to_payload(), key, algorithm=ALGORITHM,
+                           headers={"kid": kid, "typ": "JWT"})
+        return token, claims
+
+    def verify(self, token: str, surface: Surface) -> Claims:
+        """Pure verification; raises TokenError with a stable reason."""
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+            raise TokenError("malformed", f"a token is a string of at most {MAX_TOKEN_BYTES} bytes")
+        if not _JWS_SHAPE.match(token):
+            raise TokenError("malformed", "a token is three base64url segments joined by dots")
+        kid = _checked_header(token)
+        key = self._keyring.public_key(kid)
+        if key is None:
+            raise TokenError("unknown_key", "the token's key id is not published")
+        payload = self._signed_payload(token, key)
+        claims = _typed_claims(payload)
+        self._check_values(claims, surface)
+        return claims
+
+    @staticmethod
+    def _signed_payload(token: str, key: Ed25519PublicKey) -> dict[str, Any]:
+        try:
+            return jwt.decode(token, key, algorithms=[ALGORITHM], options=_PYJWT_OPTIONS)
+        except jwt.InvalidSignatureError:
+            raise TokenError("signature", "the token signature does not verify") from None
+        except jwt.MissingRequiredClaimError as error:
+            raise TokenError("missing_claim", f"claim '{error.claim}' is required") from None
+        except jwt.InvalidTokenError:
+            raise TokenError("malformed", "the token payload is not a JSON object") from None
+
+    def _check_values(self, claims: Claims, surface: Surface) -> None:
+        if claims.iss != self.issuer:
+            raise TokenError("issuer", "the token was issued by another issuer")
+        if claims.aud != surface.audience:
+            raise TokenError("audience", "the token is for another audience")
+        if claims.kind not in surface.kinds:
+            raise TokenError("kind", f"a {claims.kind.value} token is not accepted here")
+        cap = self._cap(claims.kind)
+        if claims.exp <= claims.iat or cap is None or claims.exp - claims.iat > cap:
+            raise TokenError("lifetime", "the token's lifetime exceeds the policy cap")
+        now = self._clock()
+        if now >= claims.exp + self._leeway:
+            raise TokenError("expired", "the token has expired")
+        if claims.iat > now + self._leeway:
+            raise TokenError("immature", "the token is not valid yet")
+
+
+# Kinds minted by token exchange from a project token (their store record names the parent).
+EXCHANGED_KINDS = frozenset({TokenKind.SESSION, TokenKind.CONSUMER})
+
+
+class RevocationStore(Protocol):
+    async def is_revoked(self, jti: str) -> bool: ...
+
+    async def get_project(self, name: str) -> Any: ...
+
+    async def get_token(self, jti: str) -> Any: ...
+
+
+class Authenticator:
+    """verify() plus the store-backed checks; store failures propagate as Unavailable (fail
+    closed)."""
+
+    def __init__(self, tokens: TokenService, store: RevocationStore, clock: Clock) -> None:
+        self._tokens = tokens
+        self._store = store
+        self._clock = clock
+
+    async def authenticate(self, token: str, surface: Surface) -> Claims:
+        claims = self._tokens.verify(token, surface)
+        if await self._store.is_revoked(claims.jti):
+            raise TokenError("revoked", "the token has been revoked")
+        if claims.kind in EXCHANGED_KINDS:
+            await self._check_parent(claims.jti)
+        if claims.project is not None:
+            await self._check_project(claims.project, claims.iat)
+        return claims
+
+    async def _check_parent(self, jti: str) -> None:
+        # A token obtained by exchange dies with the project token it came from.
+        record = await self._store.get_token(jti)
+        parent = getattr(record, "parent_jti", None)
+        if parent is not None and await self._store.is_revoked(parent):
+            raise TokenError("revoked", "the token it was exchanged from has been revoked")
+
+    async def _check_project(self, name: str, issued_at: int) -> None:
+        project = await self._store.get_project(name)
+        if project is None:
+            raise TokenError("unknown_project", "the token's project no longer exists")
+        if project.not_before is not None and issued_at < project.not_before:
+            raise TokenError("revoked", "the token predates the project's not_before")

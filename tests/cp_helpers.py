@@ -1,0 +1,139 @@
+"""Shared helpers for control-plane tests: a manual clock, a policy file with test-sized limits,
+and a running control plane (real app, real SQLite) built on a state directory that
+``controlplane.admin.initialize`` prepared, exactly as ``dsn admin init`` would."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from controlplane.admin import initialize
+from controlplane.app import create_app
+from controlplane.middlewares import SERVICES, Services
+from controlplane.settings import Settings
+
+SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+CLIENT_SCOPE = "token:exchange projects:read tokens:read sessions:read sessions:write"
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+
+
+class ManualClock:
+    """The time every component reads; tests move it instead of sleeping."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def write_policy(directory: Path, **rate_limits: str) -> Path:
+    """The shipped policy with other rate limits (``per_token``, ``per_project``), as a new file."""
+    document = yaml.safe_load(SHIPPED_POLICY.read_text())
+    document["rate_limits"].update(rate_limits)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def sql(database: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on the state database from outside the service (tampering, triggers)."""
+    with closing(sqlite3.connect(database)) as conn:
+        rows = conn.execute(statement, params).fetchall()
+        conn.commit()
+        return rows
+
+
+@dataclass
+class ControlPlane:
+    client: TestClient
+    settings: Settings
+    clock: ManualClock
+    admin_token: str
+
+    @property
+    def services(self) -> Services:
+        return self.client.app[SERVICES]
+
+    @property
+    def database(self) -> Path:
+        return self.settings.database
+
+    async def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return await self.client.request(method, path, headers=headers, **kwargs)
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await self.call(method, path, self.admin_token, **kwargs)
+
+    async def create_project(self, name: str, **fields: Any) -> dict[str, Any]:
+        response = await self.admin("POST", "/api/v1/projects", json={"name": name, **fields})
+        assert response.status == 201, await response.text()
+        return dict(await response.json())
+
+    async def project_token(self, project: str, *, scope: str = CLIENT_SCOPE, ttl: int = 3600,
+                            subject: str = "alice") -> dict[str, Any]:
+        response = await self.admin("POST", f"/api/v1/projects/{project}/tokens",
+                                    json={"subject": subject, "scope": scope, "ttl": ttl})
+        assert response.status == 201, await response.text()
+        return dict(await response.json())
+
+    async def exchange(self, token: str, **body: Any) -> dict[str, Any]:
+        response = await self.call("POST", "/api/v1/token", token, json=body)
+        assert response.status == 200, await response.text()
+        return dict(await response.json())
+
+    def sign(self, payload: dict[str, Any], **header: Any) -> str:
+        """A token signed with the service's real key: for claims the issuer would never write."""
+        kid, key = self.services.keyring.signing_key()
+        return jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": kid, **header})
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        """A well-formed admin claim set at the current time, with ``overrides`` applied."""
+        now = int(self.clock())
+        payload: dict[str, Any] = {
+            "iss": self.settings.issuer, "aud": self.settings.api_audience, "sub": "mallory",
+            "iat": now, "exp": now + 600, "jti": f"forged-{now}", "token_use": "admin",
+            "project": None, "scope": "projects:read projects:write audit:read",
+        }
+        payload.update(overrides)
+        return payload
+
+    def audit_rows(self) -> list[tuple[Any, ...]]:
+        """(seq, principal, action, resource, decision, rule, request_id) in order."""
+        return sql(self.database, "SELECT seq, principal, action, resource, decision, rule, "
+                                  "request_id FROM audit ORDER BY seq")
+
+
+async def start_control_plane(aiohttp_client: ClientFactory, state_dir: Path, *,
+                              clock: ManualClock | None = None, policy_path: Path | None = None,
+                              **overrides: Any) -> ControlPlane:
+    """Initialise ``state_dir`` on first use (keys, admin token), then serve it with a real app.
+    Calling it again on the same directory is a restart."""
+    clock = clock or ManualClock()
+    policy_path = policy_path or SHIPPED_POLICY
+    token_file = state_dir / "admin.token"
+    if token_file.exists():
+        admin_token = token_file.read_text().strip()
+    else:
+        admin_token = await initialize(state_dir, policy_path=policy_path, now=clock())
+    settings = Settings(state_dir=state_dir, clock=clock, policy_path=policy_path, **overrides)
+    client = await aiohttp_client(create_app(settings))
+    return ControlPlane(client, settings, clock, admin_token)
