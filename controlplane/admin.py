@@ -495,21 +495,26 @@ _TOKEN_COLUMNS = [("jti", "JTI"), ("subject", "SUBJECT"), ("kind", "KIND"), ("sc
 @tokens.command("issue")
 @click.argument("project")
 @click.option("--subject", required=True, help="Who holds the token (a client, script or person).")
-@click.option("--scope", "scopes", multiple=True, required=True, metavar="SCOPE",
-              help="A scope granted, e.g. sessions:write (repeatable).")
-@click.option("--ttl", required=True, metavar="DURATION",
-              help="Lifetime: seconds or 90m, 12h, 30d, 2w; at most the policy's cap.")
+@click.option("--scope", "scopes", multiple=True, metavar="SCOPE",
+              help="A scope granted, e.g. sessions:write (repeatable). Default: every scope the "
+                   "policy grants project tokens.")
+@click.option("--ttl", metavar="DURATION",
+              help="Lifetime: seconds or 90m, 12h, 30d, 2w. Default and maximum: the policy's cap.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the token to this new 0600 file instead of stdout.")
 @_with_client
-def tokens_issue(client: ApiClient, project: str, subject: str, scopes: tuple[str, ...], ttl: str,
-                 out_file: Path | None) -> None:
+def tokens_issue(client: ApiClient, project: str, subject: str, scopes: tuple[str, ...],
+                 ttl: str | None, out_file: Path | None) -> None:
     """Issue a project token for PROJECT; it is shown (or written) once and never again.
 
     The token goes to stdout (or --out), its id and expiry to stderr, so
     'dsn admin tokens issue ... > token' captures only the token.
     """
-    body = {"subject": subject, "scope": " ".join(scopes), "ttl": _parse_duration(ttl)}
+    body: dict[str, object] = {"subject": subject}
+    if scopes:
+        body["scope"] = " ".join(scopes)
+    if ttl is not None:
+        body["ttl"] = _parse_duration(ttl)
     if out_file is not None and out_file.exists():
         raise AdminError(f"{out_file} exists; refusing to overwrite it")
     issued = client.call("POST", f"/api/v1/projects/{_quote(project)}/tokens", body)

@@ -59,11 +59,12 @@ class ProjectUpdate(RequestBody):
 
 
 class TokenIssue(RequestBody):
-    """A project token for ``subject``; ``ttl`` is capped by the policy's lifetime for the kind."""
+    """A project token for ``subject``. ``scope`` defaults to every scope the policy grants project
+    tokens; ``ttl`` defaults to, and is capped by, the policy's lifetime for the kind."""
 
     subject: Subject
-    scope: Scope
-    ttl: Ttl
+    scope: Scope | None = None
+    ttl: Ttl | None = None
 
 
 class TokenExchange(RequestBody):

@@ -227,10 +227,13 @@ async def issue_project_token(request: web.Request) -> web.Response:
     project = await _existing_project(services, request.match_info["project"])
     _check_not_before(project, now)
     await _check_token_quota(services, project, now)
-    _check_scope(services, TokenKind.PROJECT, body.scope)
+    policy = services.policies.current
+    scope = body.scope or " ".join(sorted(policy.scopes_for(TokenKind.PROJECT)))
+    _check_scope(services, TokenKind.PROJECT, scope)
     token, claims = services.tokens.issue(
         kind=TokenKind.PROJECT, subject=body.subject, project=project.name,
-        scope=body.scope.split(" "), ttl_s=body.ttl, audience=services.settings.api_audience)
+        scope=scope.split(" "), ttl_s=body.ttl or policy.lifetime_cap(TokenKind.PROJECT),
+        audience=services.settings.api_audience)
     await _remember(services, claims, None)
     return reply(_issued(token, claims), 201, {"Cache-Control": "no-store"})
 

@@ -316,6 +316,17 @@ async def test_issued_token_is_shown_once_and_listed_without_secrets(cp: Control
     assert issued["token"] not in stored and issued["token"].split(".")[2] not in stored
 
 
+async def test_token_scope_and_ttl_default_to_the_policy(cp: ControlPlane) -> None:
+    await cp.create_project("alpha")
+    response = await cp.admin("POST", "/api/v1/projects/alpha/tokens", json={"subject": "a"})
+    issued = await response.json()
+    assert response.status == 201
+    assert issued["expires_in"] == 90 * DAY
+    assert set(issued["scope"].split()) == {
+        "projects:read", "scans:read", "sessions:read", "sessions:write", "templates:read",
+        "templates:render", "token:exchange", "tokens:read"}
+
+
 async def test_token_ttl_beyond_policy_is_refused(cp: ControlPlane) -> None:
     await cp.create_project("alpha")
     response = await cp.admin("POST", "/api/v1/projects/alpha/tokens",
