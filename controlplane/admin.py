@@ -35,6 +35,7 @@ from controlplane.settings import DEFAULT_PORT, Settings
 from controlplane.signing import KeyRing
 from controlplane.store import Store, TokenRecord
 from controlplane.tokens import TokenKind, TokenService
+from dataplane.logs import configure as configure_logging
 
 DEFAULT_STATE_DIR = Path(".dsn")
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -338,9 +339,14 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None) -> No
         app = create_app(settings)
     except ControlPlaneError as exc:
         raise AdminError(exc.detail) from None
+
     def announce(_message: str) -> None:  # called once the socket is bound
         click.echo(f"control plane on {settings.base_url} (state {state_dir})", err=True)
 
+    # JSON lines on stderr; the access log's request line never holds a token (tokens travel
+    # only in the Authorization header, which is not logged).
+    configure_logging("dsn")
+    configure_logging("aiohttp.access")
     try:
         web.run_app(app, host=host, port=port, print=announce, handle_signals=True)
     except OSError as exc:
