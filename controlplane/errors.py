@@ -97,3 +97,9 @@ class UnsupportedMediaType(ControlPlaneError):
     """A request body that is not ``application/json``."""
 
     status, title, type_slug = 415, "Unsupported media type", "unsupported-media-type"
+
+
+class LaunchFailed(ControlPlaneError):
+    """The scheduler answered but refused the request (e.g. ``sbatch`` rejected the job)."""
+
+    status, title, type_slug = 502, "Job launch failed", "job-launch-failed"
