@@ -6,8 +6,11 @@ the fields include ``seq`` and the first record chains to ``GENESIS_HASH``. Cano
 head (last seq and hash) is kept in its own table, written in the same transaction as the record, so
 verification notices an edited field, a deleted or reordered record, and a deleted tail.
 
-Writing fails closed: if a record cannot be written, ``record`` raises ``Unavailable`` and the caller
-must refuse the decision it was about to grant.
+Writing fails closed: ``record`` returns only once its record is committed (fsynced) and raises
+``Unavailable`` if it cannot be written; the caller must then refuse the decision it was about to
+grant. Records arriving together are group-committed by the store: chained in arrival order and
+written in one transaction, so concurrent decisions share one fsync instead of each waiting for
+its own.
 
 Limit: someone able to rewrite the database file can rebuild a consistent chain and head; anchor
 ``head`` outside the host (a log shipper, a signed checkpoint) to detect that too.
@@ -15,7 +18,6 @@ Limit: someone able to rewrite the database file can rebuild a consistent chain 
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import hashlib
 import json
@@ -106,11 +108,11 @@ class AuditLog:
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
-        self._lock = asyncio.Lock()  # one append at a time from this process
 
     async def record(self, *, principal: str, action: str, resource: str, decision: Decision,
                      rule: str, request_id: str) -> AuditRecord:
-        """Append one decision; ``Unavailable`` if it cannot be written (refuse the decision)."""
+        """Append one decision and return it once durable; ``Unavailable`` if it cannot be written
+        (refuse the decision)."""
         if decision not in ("allow", "deny"):
             raise ValueError(f"decision must be 'allow' or 'deny', not {decision!r}")
         ts = self._clock()
@@ -123,13 +125,11 @@ class AuditLog:
             return AuditRecord(seq, float(ts), principal, action, resource, decision, rule,
                                request_id, prev, digest)
 
-        async with self._lock:
-            try:
-                return await self._store.append_audit(build)
-            except Exception as exc:
-                log.error("audit record not written (%s); refusing the decision",
-                          type(exc).__name__)
-                raise Unavailable("audit log unavailable") from exc
+        try:
+            return await self._store.append_audit(build)
+        except Exception as exc:
+            log.error("audit record not written (%s); refusing the decision", type(exc).__name__)
+            raise Unavailable("audit log unavailable") from exc
 
     async def verify(self) -> AuditVerification:
         """Walk the whole chain in pages and compare its end with the stored head."""

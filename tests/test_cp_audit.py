@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from controlplane.audit import GENESIS_HASH, AuditLog, AuditVerification, chain_hash
+from controlplane.audit import GENESIS_HASH, AuditLog, AuditRecord, AuditVerification, chain_hash
 from controlplane.errors import Unavailable
-from controlplane.store import Store
+from controlplane.store import MAX_BATCH, Store
 
 
 class StepClock:
@@ -242,3 +243,95 @@ async def test_verify_pages_through_a_long_log(audit: AuditLog, db_path: Path) -
     _tamper(db_path, "UPDATE audit SET rule = 'forged' WHERE seq = 2050")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq) == (False, 2050)
+
+
+def _batch_sizes(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """The size of every write transaction the store committed, from its debug log."""
+    return [int(r.getMessage().split()[1]) for r in caplog.records
+            if r.name == "controlplane.store" and r.msg == "committed %d writes in one transaction"]
+
+
+def _concurrently(audit: AuditLog, count: int) -> list[Awaitable[AuditRecord]]:
+    return [audit.record(principal=f"p{n}", action="a", resource="r", decision="allow",
+                         rule="x", request_id=f"q{n}") for n in range(count)]
+
+
+async def test_many_concurrent_records_form_one_chain_in_a_few_transactions(
+        audit: AuditLog, caplog: pytest.LogCaptureFixture) -> None:
+    count = 2 * MAX_BATCH + 10
+    with caplog.at_level(logging.DEBUG, logger="controlplane.store"):
+        records = await asyncio.gather(*_concurrently(audit, count))
+    assert [r.seq for r in records] == list(range(1, count + 1))  # chained in arrival order
+    assert [r.request_id for r in records] == [f"q{n}" for n in range(count)]
+    sizes = _batch_sizes(caplog)
+    assert sum(sizes) == count and max(sizes) <= MAX_BATCH
+    assert len(sizes) == 3
+    assert await audit.verify() == AuditVerification(ok=True, records=count)
+
+
+async def test_a_failing_batch_fails_every_waiter_and_leaves_the_chain_valid(
+        audit: AuditLog, db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    await _append(audit, 3)
+    _tamper(db_path, "CREATE TRIGGER head_down BEFORE UPDATE ON audit_head "
+                     "BEGIN SELECT RAISE(ABORT, 'io error'); END")
+    with caplog.at_level(logging.DEBUG, logger="controlplane.store"):
+        results = await asyncio.gather(*_concurrently(audit, 40), return_exceptions=True)
+    assert _batch_sizes(caplog) == [40]  # one batch, and none of it written
+    assert all(isinstance(r, Unavailable) and r.status == 503 for r in results)
+    assert [r.seq for r in await audit.list()] == [1, 2, 3]
+    assert await audit.verify() == AuditVerification(ok=True, records=3)
+
+    _tamper(db_path, "DROP TRIGGER head_down")
+    assert (await asyncio.gather(*_concurrently(audit, 5)))[-1].seq == 8
+    assert await audit.verify() == AuditVerification(ok=True, records=8)
+
+
+async def test_records_are_committed_when_record_returns(audit: AuditLog, db_path: Path) -> None:
+    records = await asyncio.gather(*_concurrently(audit, 30))
+    # Before any close: another connection (another process) already sees every record and head.
+    with sqlite3.connect(db_path) as other:
+        assert other.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 30
+        assert other.execute("SELECT seq, hash FROM audit_head").fetchone() == \
+            (30, records[-1].hash)
+
+    reopened = await Store.open(db_path)
+    try:
+        assert await AuditLog(reopened).verify() == AuditVerification(ok=True, records=30)
+    finally:
+        await reopened.close()
+
+
+async def test_close_writes_the_pending_records_and_refuses_later_ones(db_path: Path) -> None:
+    store = await Store.open(db_path)
+    audit = AuditLog(store, clock=StepClock())
+    pending = [asyncio.ensure_future(record) for record in _concurrently(audit, 50)]
+    await asyncio.sleep(0)  # every record is queued, none committed yet
+    await asyncio.wait_for(store.close(), timeout=5.0)
+    assert [r.seq for r in await asyncio.gather(*pending)] == list(range(1, 51))
+    with pytest.raises(Unavailable):
+        await _append(audit, 1)
+
+    reopened = await Store.open(db_path)
+    try:
+        assert await AuditLog(reopened).verify() == AuditVerification(ok=True, records=50)
+    finally:
+        await reopened.close()
+
+
+async def test_close_while_the_database_is_locked_fails_the_pending_records(
+        db_path: Path) -> None:
+    store = await Store.open(db_path, busy_timeout_s=0.2)
+    audit = AuditLog(store, clock=StepClock())
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        pending = [asyncio.ensure_future(record) for record in _concurrently(audit, 20)]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(store.close(), timeout=5.0)
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert all(isinstance(r, Unavailable) for r in results)
+    with sqlite3.connect(db_path) as check:
+        assert check.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 0

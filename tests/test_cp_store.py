@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -217,3 +219,64 @@ async def test_a_closed_store_fails_closed(db_path: Path) -> None:
     await opened.close()
     with pytest.raises(Unavailable):
         await opened.get_project("alpha")
+
+
+async def test_writes_queued_together_share_a_transaction_but_fail_alone(
+        store: Store, db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A write that SQLite refuses, and one that is a domain error, in one batch with good writes.
+    refuse_bad = ("CREATE TRIGGER refuse_bad BEFORE INSERT ON projects WHEN NEW.name = 'bad' "
+                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with sqlite3.connect(db_path) as other:
+        other.execute(refuse_bad)
+    with caplog.at_level(logging.DEBUG, logger="controlplane.store"):
+        results = await asyncio.gather(
+            store.create_project(Project("alpha")), store.create_project(Project("alpha")),
+            store.create_project(Project("bad")), store.create_project(Project("beta")),
+            return_exceptions=True)
+    assert [r.args for r in caplog.records if r.name == "controlplane.store"
+            and r.levelno == logging.DEBUG] == [(4,)]  # one transaction for all four
+    assert results[0] is None and results[3] is None
+    assert isinstance(results[1], Conflict)
+    assert isinstance(results[2], Unavailable) and results[2].status == 503
+    assert [p.name for p in await store.list_projects()] == ["alpha", "beta"]
+
+
+async def test_a_write_is_committed_when_it_returns(store: Store, db_path: Path) -> None:
+    await asyncio.gather(*(store.add_token(_token(f"j{n}")) for n in range(20)))
+    await store.revoke_token("j7", 5.0)
+    with sqlite3.connect(db_path) as other:  # another process sees it at once: committed
+        assert other.execute("SELECT COUNT(*) FROM tokens").fetchone()[0] == 20
+        assert other.execute("SELECT revoked_at FROM tokens WHERE jti = 'j7'").fetchone()[0] == 5.0
+
+
+async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
+    opened = await Store.open(db_path, busy_timeout_s=5.0)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(opened.create_project(Project("alpha")))
+        await asyncio.sleep(0.1)  # the writer is now waiting for the other process's lock
+        assert await asyncio.wait_for(opened.get_project("alpha"), timeout=1.0) is None
+        assert not write.done()
+        other.execute("ROLLBACK")
+        await asyncio.wait_for(write, timeout=5.0)
+        assert await opened.get_project("alpha") is not None
+    finally:
+        other.close()
+        await opened.close()
+
+
+async def test_close_commits_queued_writes_and_refuses_later_ones(db_path: Path) -> None:
+    opened = await Store.open(db_path)
+    queued = [asyncio.create_task(opened.create_project(Project(f"p{n}"))) for n in range(30)]
+    await asyncio.sleep(0)  # every task has queued its write
+    await asyncio.wait_for(opened.close(), timeout=5.0)
+    assert [task.result() for task in queued] == [None] * 30
+    with pytest.raises(Unavailable, match="closed"):
+        await opened.create_project(Project("late"))
+
+    reopened = await Store.open(db_path)
+    try:
+        assert len(await reopened.list_projects()) == 30
+    finally:
+        await reopened.close()
