@@ -40,18 +40,24 @@ def _curve_key(value: str) -> str:
 def _network(value: str) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a CIDR string such as 10.1.0.0/16")
+    if "%" in value:
+        raise ValueError("scoped IPv6 addresses are refused")
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
         raise ValueError(f"not a CIDR network: {exc}") from None
     if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
         raise ValueError("IPv4-mapped IPv6 networks are refused; write the IPv4 network")
-    return str(net)
+    # Netmask and hostmask forms (10.0.0.0/255.0.0.0, 10.0.0.0/0.255.255.255) and bare addresses
+    # parse too; only the canonical prefix form is accepted, so what is reviewed is what applies.
+    if str(net) != value:
+        raise ValueError(f"write the network in canonical form: {net}")
+    return value
 
 
 def parse_endpoint(value: str, *, allow_wildcard: bool = False) -> tuple[str, int]:
     """Split ``tcp://HOST:PORT`` into an IP literal and a port, refusing anything else."""
-    match = _ENDPOINT.match(value) if isinstance(value, str) else None
+    match = _ENDPOINT.fullmatch(value) if isinstance(value, str) else None
     if not match:
         raise ValueError("must look like tcp://IP:PORT (an IP literal, IPv6 in brackets)")
     host, port = match["host"].strip("[]"), int(match["port"])
@@ -120,7 +126,8 @@ class Session(_Model):
     client_keys: Annotated[list[CurveKey], Field(min_length=1, max_length=1024)]
     allowed_networks: Annotated[list[Cidr], Field(min_length=1, max_length=256)]
     allowed_targets: Annotated[list[Cidr], Field(min_length=1, max_length=256)]
-    consumers: Annotated[list[ConnectEndpoint], Field(min_length=1, max_length=4096)]
+    # Empty until HPC jobs register: a session is opened before its consumers exist.
+    consumers: Annotated[list[ConnectEndpoint], Field(max_length=4096)]
     expires_at: AwareDatetime | None = None
     detector: Detector = Detector()
     limits: Limits = Limits()

@@ -54,6 +54,7 @@ class Reason(str, enum.Enum):
     TOO_MANY_SCANS = "too_many_scans"
     UNKNOWN_SCAN = "unknown_scan"
     SCAN_CLOSED = "scan_closed"
+    NO_CONSUMERS = "no_consumers"
     UNDELIVERED = "undelivered"
 
 
@@ -292,6 +293,8 @@ class Router:
             return self._count(sid, Reason.SCAN_CLOSED.value)
         if len(state.scans) >= limits.max_open_scans:
             return self._count(sid, Reason.TOO_MANY_SCANS.value)
+        if not state.members:
+            return self._count(sid, Reason.NO_CONSUMERS.value)
         scan = state.scans[msg.scan] = _Scan(msg, state.members)
         return Decision(control=scan.routed_begins(sid))
 

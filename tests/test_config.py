@@ -97,3 +97,24 @@ def test_unreadable_oversized_and_non_yaml_files_fail_clearly(tmp_path: Path) ->
     unsafe.write_text("!!python/object/apply:os.system ['true']")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(unsafe)
+
+
+@pytest.mark.parametrize("network, expected", [
+    ("fe80::%eth0/64", "scoped IPv6"),
+    ("10.0.0.0/255.0.0.0", "canonical form: 10.0.0.0/8"),
+    ("10.0.0.0/0.255.255.255", "canonical form: 10.0.0.0/8"),
+    ("10.0.0.1", "canonical form: 10.0.0.1/32"),
+])
+def test_networks_must_be_written_in_canonical_prefix_form(network: str, expected: str) -> None:
+    assert expected in _error(lambda d: d["sessions"][0].update(allowed_networks=[network]))
+
+
+def test_an_endpoint_with_a_trailing_newline_is_refused() -> None:
+    assert "tcp://IP:PORT" in _error(
+        lambda d: d["sessions"][0].update(consumers=["tcp://127.0.0.1:6001\n"]))
+
+
+def test_a_session_may_start_without_consumers() -> None:
+    data = _config()
+    data["sessions"][0]["consumers"] = []
+    assert parse_config(data).sessions[0].consumers == []

@@ -281,3 +281,10 @@ def test_random_traffic_never_raises_and_every_data_message_is_accounted(
     assert sum(router.drops.values()) == drops
     forwarded = sum(s.messages for s in router.stats())
     assert forwarded == sum(forwarded_per_scan.values()) + sum(reported.values())
+
+
+def test_a_session_without_consumers_refuses_scans_and_counts_their_data() -> None:
+    router = _router(_session(consumers=0))
+    assert router.route("s1", begin(), 1, 0).drop == "no_consumers"
+    assert send_data(router, data(frame=0)).drop == "unknown_scan"
+    assert router.drops == {("s1", "no_consumers"): 1, ("s1", "unknown_scan"): 1}
