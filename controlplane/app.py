@@ -1,6 +1,6 @@
 """The control plane's aiohttp application factory.
 
-``create_app(settings)`` registers the routes of ``views.ROUTES`` (each once, with its declared
+``create_app(settings)`` registers the routes of ``ROUTES`` (each once, with its declared
 checks), the middlewares and the OpenAPI document. The services (store, key ring, policies, token
 service, rate limiter, audit log) open in a ``cleanup_ctx`` when the app starts and close with it,
 so a test can build the app twice on one state directory to check what survives a restart.
@@ -31,7 +31,10 @@ from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.store import Store
 from controlplane.tokens import Authenticator, TokenService
-from controlplane.views import ROUTES
+from controlplane import views
+
+# Every served route, each declared once; feature modules contribute their own route tables.
+ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES,)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:

@@ -380,9 +380,10 @@ class Store:
 
     # -- the writer ---------------------------------------------------------------------------
 
-    async def _write(self, body: Callable[[Conn], Awaitable[T]]) -> T:
+    async def write(self, body: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``body`` in the writer's next transaction and return once that has committed;
-        domain errors pass, SQLite errors become 503."""
+        domain errors pass, SQLite errors become 503. Repositories of other modules (templates,
+        sessions) write through this too, so every write shares the group commit."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._submit(_Write(body, done))
         return await done
@@ -464,7 +465,7 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """One statement on the reader connection: a snapshot of committed data, taken at once."""
         try:
             return list(await self._reader.execute_fetchall(sql, params))
@@ -481,14 +482,14 @@ class Store:
                  p.not_before, p.created_at))
             if cursor.rowcount == 0:
                 raise Conflict(f"project {p.name!r} already exists")
-        await self._write(body)
+        await self.write(body)
 
     async def get_project(self, name: str) -> Project | None:
-        rows = await self._read("SELECT * FROM projects WHERE name = ?", (name,))
+        rows = await self.read("SELECT * FROM projects WHERE name = ?", (name,))
         return _project(rows[0]) if rows else None
 
     async def list_projects(self) -> list[Project]:
-        return [_project(row) for row in await self._read("SELECT * FROM projects ORDER BY name")]
+        return [_project(row) for row in await self.read("SELECT * FROM projects ORDER BY name")]
 
     async def update_project(self, name: str, *, allowed_templates: Sequence[str] | None = None,
                              quotas: dict[str, int] | None = None,
@@ -505,7 +506,7 @@ class Store:
             if row is None:
                 raise NotFound(f"project {name!r} does not exist")
             return _project(row)
-        return await self._write(body)
+        return await self.write(body)
 
     async def delete_project(self, name: str, *, at: float | None = None) -> None:
         """Delete a project and revoke its tokens (``at``, default now), so a project re-created
@@ -518,7 +519,7 @@ class Store:
                 raise NotFound(f"project {name!r} does not exist")
             await conn.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) "
                                "WHERE project = ?", (revoked_at, name))
-        await self._write(body)
+        await self.write(body)
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -536,20 +537,20 @@ class Store:
                  rec.expires_at, rec.revoked_at, rec.parent_jti))
             if cursor.rowcount == 0:
                 raise Conflict(f"token id {rec.jti!r} already exists")
-        await self._write(body)
+        await self.write(body)
 
     async def get_token(self, jti: str) -> TokenRecord | None:
-        rows = await self._read("SELECT * FROM tokens WHERE jti = ?", (jti,))
+        rows = await self.read("SELECT * FROM tokens WHERE jti = ?", (jti,))
         return _token(rows[0]) if rows else None
 
     async def list_tokens(self, project: str) -> list[TokenRecord]:
-        rows = await self._read(
+        rows = await self.read(
             "SELECT * FROM tokens WHERE project = ? ORDER BY issued_at, jti", (project,))
         return [_token(row) for row in rows]
 
     async def count_live_tokens(self, project: str, now: float) -> int:
         """Tokens of ``project`` that are unexpired, unrevoked and not older than its not_before."""
-        rows = await self._read(
+        rows = await self.read(
             "SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.project "
             "WHERE t.project = ? AND t.revoked_at IS NULL AND t.expires_at > ? "
             "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)", (project, now))
@@ -565,10 +566,10 @@ class Store:
             if row is None:
                 raise NotFound(f"token {jti!r} does not exist")
             return _token(row)
-        return await self._write(body)
+        return await self.write(body)
 
     async def is_revoked(self, jti: str) -> bool:
-        rows = await self._read(
+        rows = await self.read(
             "SELECT 1 FROM tokens WHERE jti = ? AND revoked_at IS NOT NULL", (jti,))
         return bool(rows)
 
@@ -581,11 +582,11 @@ class Store:
                 (rec.kid, rec.created_at, rec.retired_at, json.dumps(rec.public_jwk)))
             if cursor.rowcount == 0:
                 raise Conflict(f"signing key {rec.kid!r} already exists")
-        await self._write(body)
+        await self.write(body)
 
     async def list_signing_keys(self) -> list[SigningKeyRecord]:
         """All keys, retired ones included, oldest first."""
-        rows = await self._read("SELECT * FROM signing_keys ORDER BY created_at, rowid")
+        rows = await self.read("SELECT * FROM signing_keys ORDER BY created_at, rowid")
         return [_signing_key(row) for row in rows]
 
     async def retire_signing_key(self, kid: str, at: float) -> SigningKeyRecord:
@@ -598,7 +599,7 @@ class Store:
             if row is None:
                 raise NotFound(f"signing key {kid!r} does not exist")
             return _signing_key(row)
-        return await self._write(body)
+        return await self.write(body)
 
     # -- audit chain (hashing lives in controlplane.audit) ------------------------------------
 
@@ -615,10 +616,10 @@ class Store:
         return await done
 
     async def audit_head(self) -> tuple[int, str] | None:
-        rows = await self._read("SELECT seq, hash FROM audit_head WHERE id = 1")
+        rows = await self.read("SELECT seq, hash FROM audit_head WHERE id = 1")
         return (int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
 
     async def list_audit(self, after_seq: int = 0, limit: int = 100) -> list[AuditRecord]:
-        rows = await self._read("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+        rows = await self.read("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
                                 (after_seq, limit))
         return [_audit(row) for row in rows]
