@@ -23,17 +23,17 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml  # type: ignore[import-untyped]
 from limits import RateLimitItem, parse_many
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from controlplane.errors import ConfigurationError
 from controlplane.tokens import TokenKind
+from dataplane import strictyaml
 
 DEFAULT_POLICY_FILE = "default.yaml"
 ANONYMOUS = "anonymous"
@@ -478,24 +478,6 @@ def _project_guard(principal: Principal, action: str, spec: ActionSpec,
 
 # --- loading and linting -----------------------------------------------------------------------
 
-class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
-    """A safe loader that refuses a mapping with a repeated key (PyYAML keeps the last silently)."""
-
-
-def _no_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, Hashable):
-            break  # SafeLoader's own construct_mapping names the unhashable key
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 @dataclass
 class _Merge:
@@ -518,11 +500,11 @@ def _files(path: Path) -> list[Path]:
 
 def _read(path: Path, problems: list[str]) -> dict[str, Any] | None:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = strictyaml.load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
         problems.append(f"{path}: cannot read: {error}")
         return None
-    except yaml.YAMLError as error:
+    except strictyaml.YAMLError as error:
         problems.append(f"{path}: not valid YAML: {' '.join(str(error).split())}")
         return None
     if not isinstance(data, dict):

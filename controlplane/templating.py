@@ -30,14 +30,13 @@ import re
 import shlex
 import sysconfig
 import time
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml  # type: ignore[import-untyped]
 from jinja2 import StrictUndefined, TemplateError, TemplateRuntimeError, Undefined, nodes
 from jinja2 import Template as CompiledTemplate
 from jinja2.runtime import LoopContext
@@ -58,6 +57,7 @@ from pydantic import (
 
 from controlplane.errors import BadRequest, ConfigurationError, NotFound
 from controlplane.policy import PolicySet
+from dataplane import strictyaml
 from dataplane.config import (
     BindEndpoint,
     ConfigError,
@@ -584,34 +584,10 @@ class Template(_Strict):
         return body
 
 
-class _AliasFreeLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
-    """A safe loader that also refuses aliases (no billion laughs through pydantic) and repeated
-    keys (PyYAML keeps the last one silently)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "aliases are not allowed",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                break  # SafeLoader's own construct_mapping names the unhashable key
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def _load_yaml(text: str, field: str) -> Any:
     try:
-        return yaml.load(text, Loader=_AliasFreeLoader)
-    except yaml.YAMLError as exc:
+        return strictyaml.load(text)
+    except strictyaml.YAMLError as exc:
         message = " ".join(str(exc).split())
         raise _bad_request("not valid YAML", [{"field": field, "message": message}]) from None
 

@@ -14,10 +14,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 from zmq.utils import z85
-from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field,
-                      StrictInt, StrictStr, ValidationError, model_validator)
+
+from dataplane import strictyaml
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
@@ -208,7 +218,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
 
 
 def load_config(path: Path) -> DSNConfig:
-    """Read and validate a DSN configuration file (YAML, safe loader, at most 1 MiB)."""
+    """Read and validate a DSN configuration file (strict safe YAML, at most 1 MiB)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -216,7 +226,7 @@ def load_config(path: Path) -> DSNConfig:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
+        data = strictyaml.load(raw)
+    except strictyaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_config(data, base_dir=path.parent)

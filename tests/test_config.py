@@ -118,3 +118,15 @@ def test_a_session_may_start_without_consumers() -> None:
     data = _config()
     data["sessions"][0]["consumers"] = []
     assert parse_config(data).sessions[0].consumers == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("version: 1\nversion: 1\n", "duplicate key 'version'"),
+    ("a: &x [1]\nb: *x\n", "aliases are not allowed"),
+])
+def test_config_files_refuse_repeated_keys_and_aliases(tmp_path: Path, text: str,
+                                                       expected: str) -> None:
+    path = tmp_path / "dsn.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)

@@ -1,0 +1,41 @@
+"""One YAML reader for everything an operator or admin writes: configurations, policies, templates.
+
+It is PyYAML's safe loader (plain data only, no Python objects) that additionally refuses aliases (no
+"billion laughs" expansion) and a mapping key given twice (PyYAML would keep the last one silently,
+so a reviewer could read one value while another applies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import yaml
+
+YAMLError = yaml.YAMLError
+
+
+class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # SafeLoader's own construct_mapping names the unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load(text: str | bytes) -> Any:
+    """Parse one YAML document strictly; raises ``YAMLError`` with the position of the problem."""
+    return yaml.load(text, Loader=StrictLoader)
