@@ -270,6 +270,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _show(rows: list[dict[str, Any]], columns: list[tuple[str, str]], *, as_json: bool,
+          single: bool = False) -> None:
+    """Rows as JSON (one object when ``single``) or as a table."""
+    if as_json:
+        _echo_json(rows[0] if single else rows)
+    else:
+        _table(rows, columns)
+
+
 def _table(rows: Iterable[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
     """Print ``rows`` as aligned columns ``(key, header)``; missing values print as '-'."""
     cells = [[header for _key, header in columns]]
@@ -481,10 +490,7 @@ def projects_update(client: ApiClient, name: str, templates: tuple[str, ...],
 
 
 def _show_projects(rows: list[dict[str, Any]], *, as_json: bool, single: bool = False) -> None:
-    if as_json:
-        _echo_json(rows[0] if single else rows)
-    else:
-        _table(rows, _PROJECT_COLUMNS)
+    _show(rows, _PROJECT_COLUMNS, as_json=as_json, single=single)
 
 
 # tokens
@@ -548,10 +554,7 @@ def _summary(fields: dict[str, Any]) -> str:
 def tokens_list(client: ApiClient, project: str, as_json: bool) -> None:
     """List PROJECT's tokens: ids and metadata only, never the tokens themselves."""
     rows = _items(client.call("GET", f"/api/v1/projects/{_quote(project)}/tokens"), "tokens")
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, _TOKEN_COLUMNS)
+    _show(rows, _TOKEN_COLUMNS, as_json=as_json)
 
 
 @tokens.command("revoke")
@@ -644,10 +647,7 @@ def audit_show(client: ApiClient, after_seq: int, limit: int, as_json: bool) -> 
     """Show audit records, oldest first."""
     query = urllib.parse.urlencode({"after": after_seq, "limit": limit})
     rows = _items(client.call("GET", f"/api/v1/audit?{query}"), "records")
-    if as_json:
-        _echo_json(rows)
-    else:
-        _table(rows, _AUDIT_COLUMNS)
+    _show(rows, _AUDIT_COLUMNS, as_json=as_json)
 
 
 @audit.command("verify")
