@@ -665,3 +665,186 @@ def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bo
         raise AdminError(f"audit chain broken at record {_cell(result.get('first_bad_seq'))}: "
                          f"{_cell(result.get('problem'))}")
     click.echo(f"audit chain ok: {result.get('records')} records")
+
+
+# templates
+
+@admin.group()
+def templates() -> None:
+    """List, show, edit, render, diff and roll back the versioned DSN and job templates.
+
+    Every save makes a new version. 'edit' and 'rollback' send If-Match with the latest ETag the
+    service holds unless --if-match names the one your edit started from (safer: a change made
+    meanwhile is then refused with 412 instead of overwritten).
+    """
+
+
+class _ConditionalClient(ApiClient):
+    """The admin client, plus request headers (If-Match, If-None-Match) for template writes."""
+
+    def send(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        sent = {"Authorization": f"Bearer {self._token}", "Accept": "application/json", **headers}
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise AdminError(_problem_message(exc)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AdminError(f"cannot reach the control plane at {self.url}: "
+                             f"{getattr(exc, 'reason', exc)}") from None
+
+
+def _with_conditional_client(func: F) -> F:
+    @_client_options
+    @functools.wraps(func)
+    def wrapper(url: str, state_dir: Path, token_file: Path | None, **kwargs: Any) -> Any:
+        return func(_ConditionalClient(url, _admin_token(token_file, state_dir)), **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
+def _if_match_option(func: F) -> F:
+    return click.option("--if-match", "if_match", metavar="ETAG",
+                        help="The ETag your change is based on (default: the latest version's; "
+                             "see 'templates history').")(func)
+
+
+def _template_path(name: str, suffix: str = "") -> str:
+    return f"/api/v1/templates/{_quote(name)}{suffix}"
+
+
+def _latest_etag(client: ApiClient, name: str) -> str:
+    """The latest version's ETag, a deletion included (so a deleted template can be rolled back)."""
+    versions = _items(client.call("GET", _template_path(name, "/versions")), "versions")
+    return str(versions[-1]["etag"])
+
+
+def _param_value(text: str) -> Any:
+    """A --param value: JSON where it parses (64, true, ["10.0.0.0/8"]), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
+        params[key] = _param_value(value)
+    return params
+
+
+_TEMPLATE_COLUMNS = [("name", "NAME"), ("kind", "KIND"), ("version", "VERSION"),
+                     ("author", "AUTHOR"), ("created_at", "CREATED"), ("etag", "ETAG")]
+_VERSION_COLUMNS = [("version", "VERSION"), ("kind", "KIND"), ("deleted", "DELETED"),
+                    ("author", "AUTHOR"), ("created_at", "CREATED"), ("etag", "ETAG")]
+
+
+@templates.command("list")
+@_with_client
+@_json_option
+def templates_list(client: ApiClient, as_json: bool) -> None:
+    """List the current templates."""
+    _show(_items(client.call("GET", "/api/v1/templates"), "templates"), _TEMPLATE_COLUMNS,
+          as_json=as_json)
+
+
+@templates.command("show")
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(1), help="An earlier version.")
+@_with_client
+@_json_option
+def templates_show(client: ApiClient, name: str, version: int | None, as_json: bool) -> None:
+    """Print template NAME's source (the current version unless --version); ETag on stderr."""
+    path = _template_path(name, "" if version is None else f"/versions/{version}")
+    found = client.call("GET", path)
+    if as_json:
+        _echo_json(found)
+        return
+    click.echo(f"{name} v{found['version']} {found['etag']}", err=True)
+    click.echo(found["source"], nl=False)
+
+
+@templates.command("edit")
+@click.argument("name")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@_if_match_option
+@click.option("--create", is_flag=True, help="Create a new template (If-None-Match: *).")
+@_with_conditional_client
+def templates_edit(client: _ConditionalClient, name: str, file: IO[str], if_match: str | None,
+                   create: bool) -> None:
+    """Save FILE (template YAML; '-' for stdin) as the next version of template NAME."""
+    if create and if_match:
+        raise click.UsageError("--create and --if-match exclude each other")
+    headers = ({"If-None-Match": "*"} if create
+               else {"If-Match": if_match or _latest_etag(client, name)})
+    saved = client.send("PUT", _template_path(name), {"source": file.read()}, headers)
+    click.echo(f"saved {name} v{saved['version']} {saved['etag']}")
+
+
+@templates.command("delete")
+@click.argument("name")
+@_if_match_option
+@_with_conditional_client
+def templates_delete(client: _ConditionalClient, name: str, if_match: str | None) -> None:
+    """Delete template NAME (its history stays; 'rollback' restores it)."""
+    tombstone = client.send("DELETE", _template_path(name), None,
+                            {"If-Match": if_match or _latest_etag(client, name)})
+    click.echo(f"deleted {name} (v{tombstone['version']})")
+
+
+@templates.command("render")
+@click.argument("name")
+@click.option("--param", "pairs", multiple=True, metavar="NAME=VALUE",
+              help="A parameter value, JSON where it parses: hwm=64, "
+                   "'sources=[\"10.0.0.0/8\"]' (repeatable).")
+@_with_client
+@_json_option
+def templates_render(client: ApiClient, name: str, pairs: tuple[str, ...], as_json: bool) -> None:
+    """Dry-run template NAME with sample system values; print the rendered text."""
+    rendered = client.call("POST", _template_path(name, "/render"), {"params": _params(pairs)})
+    if as_json:
+        _echo_json(rendered)
+    else:
+        click.echo(rendered["text"], nl=False)
+
+
+@templates.command("history")
+@click.argument("name")
+@_with_client
+@_json_option
+def templates_history(client: ApiClient, name: str, as_json: bool) -> None:
+    """List every version of template NAME, oldest first."""
+    _show(_items(client.call("GET", _template_path(name, "/versions")), "versions"),
+          _VERSION_COLUMNS, as_json=as_json)
+
+
+@templates.command("diff")
+@click.argument("name")
+@click.argument("old", type=click.IntRange(1))
+@click.argument("new", type=click.IntRange(1))
+@_with_client
+def templates_diff(client: ApiClient, name: str, old: int, new: int) -> None:
+    """Print the unified diff of template NAME from version OLD to version NEW."""
+    query = urllib.parse.urlencode({"from": old, "to": new})
+    click.echo(client.call("GET", _template_path(name, f"/diff?{query}"))["diff"], nl=False)
+
+
+@templates.command("rollback")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(1))
+@_if_match_option
+@_with_conditional_client
+def templates_rollback(client: _ConditionalClient, name: str, version: int,
+                       if_match: str | None) -> None:
+    """Save VERSION's source as the next version of template NAME."""
+    saved = client.send("POST", _template_path(name, "/rollback"), {"version": version},
+                        {"If-Match": if_match or _latest_etag(client, name)})
+    click.echo(f"rolled {name} back to v{version}'s source as v{saved['version']} {saved['etag']}")

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
+from controlplane.launchers import get_launcher
 from controlplane.metrics import Metrics
 from controlplane.middlewares import (
     METRICS,
@@ -31,10 +32,10 @@ from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.store import Store
 from controlplane.tokens import Authenticator, TokenService
-from controlplane import views
+from controlplane import sessions_api, templates_api, views
 
 # Every served route, each declared once; feature modules contribute their own route tables.
-ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES,)
+ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *templates_api.ROUTES, *sessions_api.ROUTES)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:
@@ -54,6 +55,8 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             app[SERVICES] = services = await _build_services(settings, store, app[METRICS])
             yield
             await services.limiter.aclose()
+            for launcher in services.launchers.values():
+                await launcher.close()  # a local job cannot outlive the parent that polls it
         finally:
             await store.close()
     return open_services
@@ -69,7 +72,7 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics) ->
         settings=settings, store=store, keyring=keyring, tokens=tokens,
         authenticator=Authenticator(tokens, store, clock), policies=policies,
         limiter=RateLimiter(policies), audit=AuditLog(store, clock=clock),
-        metrics=metrics)
+        metrics=metrics, launchers={settings.launcher: get_launcher(settings.launcher)})
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -83,4 +86,5 @@ def create_app(settings: Settings) -> web.Application:
         specs[app.router.add_route(spec.method, spec.path, spec.handler)] = spec
     app[ROUTE_SPECS] = specs
     app.cleanup_ctx.append(_services_ctx(settings))
+    app.on_startup.append(templates_api.seed_shipped_templates)  # runs once the services are open
     return app

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import yaml
-
 from controlplane.launchers import dsn_command, mpi_environment, mpiexec_command
 from controlplane.processes import ProcessGroup
+from dataplane import strictyaml
 from dataplane.keys import create_keypair, load_keypair, load_secret_keypair
 from dataplane.producer import StreamStats, stream_synthetic
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
@@ -76,7 +75,7 @@ def write_config(workdir: Path, ranks: int) -> tuple[Path, str]:
         }],
     }
     path = workdir / "dsn.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(strictyaml.dump(config))
     return path, ingress
 
 

@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -33,6 +34,7 @@ from controlplane.errors import (
     TokenError,
     TooManyRequests,
 )
+from controlplane.launchers import Launcher
 from controlplane.metrics import Metrics
 from controlplane.policy import Decision, PolicyHolder, Principal, Resource
 from controlplane.ratelimit import RateLimiter
@@ -49,7 +51,9 @@ REQUEST_ID_HEADER: Final = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 ANONYMOUS: Final = "anonymous"
 
-ResourceOf = Callable[[web.Request, Claims | None], Resource]
+# A resource named by stored state (a session's project) or by the body is awaited: looked up or
+# read before the policy decides.
+ResourceOf = Callable[[web.Request, Claims | None], Resource | Awaitable[Resource]]
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Services:
     audit: AuditLog
     metrics: Metrics
     surfaces: dict[frozenset[TokenKind], Surface] = field(default_factory=dict)
+    launchers: Mapping[str, Launcher] = field(default_factory=dict)  # by name: the configured one
 
     def surface(self, kinds: frozenset[TokenKind]) -> Surface:
         if kinds not in self.surfaces:
@@ -219,10 +224,11 @@ class Gate:
         await self._decide(claims)
         return claims
 
-    def _resource(self, claims: Claims | None) -> Resource:
+    async def _resource(self, claims: Claims | None) -> Resource:
         if self._spec.resource is None:  # create_app refuses such routes; fail closed anyway
             raise ControlPlaneError("route declares no resource")
-        return self._spec.resource(self._request, claims)
+        resource = self._spec.resource(self._request, claims)
+        return await resource if inspect.isawaitable(resource) else resource
 
     async def _audit(self, principal: str, resource: Resource, allowed: bool, rule: str) -> None:
         decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
@@ -238,18 +244,20 @@ class Gate:
             token = _bearer(self._request)
             return await services.authenticator.authenticate(token, services.surface(self._spec.kinds))
         except TokenError as exc:
-            await self._audit(ANONYMOUS, self._resource(None), False, f"token:{exc.token_reason}")
+            await self._audit(ANONYMOUS, await self._resource(None), False,
+                              f"token:{exc.token_reason}")
             raise
 
     async def _rate_limit(self, claims: Claims) -> None:
         try:
             await self._services.limiter.check(claims.jti, claims.project)
         except TooManyRequests:
-            await self._audit(principal_label(claims), self._resource(claims), False, "rate-limit")
+            await self._audit(principal_label(claims), await self._resource(claims), False,
+                              "rate-limit")
             raise
 
     async def _decide(self, claims: Claims) -> None:
-        resource = self._resource(claims)
+        resource = await self._resource(claims)
         principal = Principal(kind=claims.kind.value, subject=claims.sub, project=claims.project,
                               scopes=claims.scope)
         decision: Decision = self._services.policies.current.decide(principal, self._action, resource)

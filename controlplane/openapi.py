@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from controlplane.schemas import NAME_PATTERN, Problem
+from controlplane.templating import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
 if TYPE_CHECKING:
     from controlplane.middlewares import RouteSpec
@@ -24,6 +25,12 @@ _REF: Final = "#/components/schemas/{model}"
 _PATH_PARAMETERS: Final[dict[str, dict[str, Any]]] = {
     "project": {"type": "string", "pattern": NAME_PATTERN},
     "jti": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,256}$"},
+    "name": {"type": "string", "pattern": TEMPLATE_NAME_PATTERN},
+    "version": {"type": "integer", "minimum": 1, "maximum": 10**18 - 1},
+    "session": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+    "consumer": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
+    "job": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
+    "scan": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
 }
 _PROBLEMS: Final[dict[int, str]] = {
     400: "Invalid input (field errors in `errors`)",

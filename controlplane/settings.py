@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from controlplane.errors import ConfigurationError
+from dataplane.config import parse_endpoint
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8750
@@ -22,6 +23,7 @@ DATABASE_NAME: Final = "controlplane.sqlite3"
 ISSUER: Final = "dsn-controlplane"
 API_AUDIENCE: Final = "dsn-api"
 GATEWAY_AUDIENCE: Final = "dsn-gateway"
+DEFAULT_GATEWAY_ENDPOINT: Final = "tcp://127.0.0.1:5555"
 
 
 def _shipped_policies() -> Path:
@@ -41,6 +43,13 @@ class Settings:
     clock skew on ``exp``/``iat``/``nbf``. ``client_max_size`` bounds every request body (bytes).
     ``jwks_max_age_s`` is the JWKS cache lifetime: verifiers refetch at least this often, so a key
     must be published this long before it signs (rotation keeps the old keys published).
+
+    Sessions: ``gateway_endpoint`` is where producers connect (and the gateway binds);
+    ``gateway_key_file`` is the gateway's CURVE public key certificate (default
+    ``STATE_DIR/keys/server.key``, as ``dsn gateway keygen --out STATE_DIR/keys`` writes it; the
+    secret sits beside it as ``server.key_secret``);
+    ``launcher`` names the consumer-job launcher (``local`` or ``slurm``); ``lease_s`` is how long
+    a consumer stays live without a heartbeat.
     """
 
     state_dir: Path
@@ -54,6 +63,10 @@ class Settings:
     api_audience: str = API_AUDIENCE
     gateway_audience: str = GATEWAY_AUDIENCE
     clock: Callable[[], float] = time.time
+    gateway_endpoint: str = DEFAULT_GATEWAY_ENDPOINT
+    gateway_key_file: Path | None = None
+    launcher: str = "local"
+    lease_s: int = 30
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "port", self.port)
@@ -62,6 +75,11 @@ class Settings:
                  self.client_max_size)
         _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
         _require(bool(self.issuer.strip()), "issuer", self.issuer)
+        _require(1 <= self.lease_s <= 3600, "lease_s", self.lease_s)
+        try:
+            parse_endpoint(self.gateway_endpoint)
+        except ValueError:
+            _require(False, "gateway_endpoint", self.gateway_endpoint)
 
     @property
     def database(self) -> Path:
@@ -70,6 +88,20 @@ class Settings:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def gateway_public_key_file(self) -> Path:
+        # Absolute: the path is written into rendered configurations read from other directories.
+        return (self.gateway_key_file or self.state_dir / "keys" / "server.key").resolve()
+
+    @property
+    def gateway_secret_key_file(self) -> Path:
+        public = self.gateway_public_key_file
+        return public.with_name(public.name + "_secret")
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir.resolve() / "jobs"
 
 
 def _require(ok: bool, key: str, value: object) -> None:

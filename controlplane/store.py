@@ -94,6 +94,78 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             seq INTEGER NOT NULL,
             hash TEXT NOT NULL)""",
     ),
+    # 2 -> 3: template versions, append-only; the current one is the highest, a tombstone
+    # (deleted = 1, empty source) hides the template while its history stays.
+    (
+        """CREATE TABLE template_versions (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            kind TEXT NOT NULL,
+            source TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            author TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            deleted INTEGER NOT NULL CHECK (deleted IN (0, 1)),
+            PRIMARY KEY (name, version))""",
+    ),
+    # 3 -> 4: streaming sessions (rendered config as JSON), consumer leases, consumer jobs and
+    # scan results (one per session and scan). State and leases are judged against the clock.
+    (
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            project TEXT NOT NULL,
+            template TEXT NOT NULL,
+            template_version INTEGER NOT NULL,
+            params TEXT NOT NULL,
+            client_key TEXT NOT NULL,
+            config TEXT NOT NULL,
+            token_jti TEXT NOT NULL REFERENCES tokens(jti),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            ended_at REAL)""",
+        "CREATE INDEX sessions_by_project ON sessions(project, expires_at)",
+        "CREATE INDEX sessions_by_client_key ON sessions(client_key, expires_at)",
+        """CREATE TABLE consumers (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            job_id TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            endpoint TEXT NOT NULL,
+            host TEXT NOT NULL,
+            registered_at REAL NOT NULL,
+            lease_expires_at REAL NOT NULL,
+            left_at REAL)""",
+        "CREATE INDEX consumers_by_session ON consumers(session_id, lease_expires_at)",
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            template TEXT NOT NULL,
+            template_version INTEGER NOT NULL,
+            launcher TEXT NOT NULL,
+            native_id TEXT NOT NULL,
+            workdir TEXT NOT NULL,
+            ranks INTEGER NOT NULL,
+            token_jti TEXT NOT NULL REFERENCES tokens(jti),
+            submitted_at REAL NOT NULL)""",
+        "CREATE INDEX jobs_by_session ON jobs(session_id)",
+        """CREATE TABLE scan_results (
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            scan INTEGER NOT NULL,
+            project TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            frames INTEGER NOT NULL,
+            events INTEGER NOT NULL,
+            expected_sectors INTEGER NOT NULL,
+            received_sectors INTEGER NOT NULL,
+            duplicate_sectors INTEGER NOT NULL,
+            lost_sectors INTEGER NOT NULL,
+            incomplete_frames INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            reported_at REAL NOT NULL,
+            PRIMARY KEY (session_id, scan))""",
+        "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -36,6 +36,16 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no ty
         return super().construct_mapping(node, deep)
 
 
+class _AliasFreeDumper(yaml.SafeDumper):  # type: ignore[misc]
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump(data: Any) -> str:
+    """YAML text that ``load`` reads back: shared objects are written out again, never aliased."""
+    return yaml.dump(data, Dumper=_AliasFreeDumper, sort_keys=False)
+
+
 def load(text: str | bytes) -> Any:
     """Parse one YAML document strictly; raises ``YAMLError`` with the position of the problem."""
     return yaml.load(text, Loader=StrictLoader)

@@ -12,9 +12,9 @@ from typing import Any
 
 import msgpack
 import pytest
-import yaml
 import zmq
 
+from dataplane import strictyaml
 from dataplane.config import load_config
 from dataplane.keys import KeyPair
 from dataplane.protocol import (
@@ -138,7 +138,7 @@ def rig(tmp_path: Path, zmq_context: zmq.Context, free_port: Callable[[], int],
         extra = [{**spec, "id": f"s{i + 2}", "client_keys": [curve_keypair().public.decode()]}
                  for i in range(sessions - 1)]
         path = tmp_path / f"dsn-{len(rigs)}.yaml"
-        path.write_text(yaml.safe_dump({
+        path.write_text(strictyaml.dump({
             "version": 1, "sessions": [spec, *extra],
             "gateway": {"ingress": ingress, "server_secret_key_file": str(secret_file)}}))
         clock = Clock()
