@@ -324,7 +324,7 @@ async def test_token_scope_and_ttl_default_to_the_policy(cp: ControlPlane) -> No
     assert issued["expires_in"] == 90 * DAY
     assert set(issued["scope"].split()) == {
         "projects:read", "scans:read", "sessions:read", "sessions:write", "templates:read",
-        "templates:render", "token:exchange", "tokens:read"}
+        "templates:render", "token:exchange", "tokens:read", "consumers:register", "scans:report"}
 
 
 async def test_token_ttl_beyond_policy_is_refused(cp: ControlPlane) -> None:
