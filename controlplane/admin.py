@@ -35,6 +35,7 @@ from controlplane.settings import DEFAULT_PORT, Settings
 from controlplane.signing import KeyRing
 from controlplane.store import Store, TokenRecord
 from controlplane.tokens import TokenKind, TokenService
+from dataplane.keys import create_keypair
 from dataplane.logs import configure as configure_logging
 
 DEFAULT_STATE_DIR = Path(".dsn")
@@ -99,9 +100,18 @@ async def initialize(state_dir: Path, *, policy_path: Path | None = None,
     try:
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         await keyring.create()
+        await asyncio.to_thread(_gateway_keys, settings)
         return await _first_admin_token(settings, policy, store, keyring, clock, token_path)
     finally:
         await store.close()
+
+
+def _gateway_keys(settings: Settings) -> None:
+    """The gateway's CURVE key pair, handed to producers when sessions open; a gateway on another
+    host replaces it with its own public key (``dsn gateway keygen``)."""
+    if not settings.gateway_public_key_file.exists():
+        create_keypair(settings.gateway_public_key_file.parent,
+                       settings.gateway_public_key_file.name.removesuffix(".key"))
 
 
 async def _first_admin_token(settings: Settings, policy: PolicySet, store: Store, keyring: KeyRing,
@@ -384,7 +394,8 @@ def admin() -> None:
               help="Policy file or directory giving the admin token's scopes and lifetime. "
                    "Default: the shipped policies/.")
 def init(state_dir: Path, policy_path: Path | None) -> None:
-    """Create the state directory, the first signing key and the first admin token.
+    """Create the state directory, the first signing key, the gateway's CURVE key pair and the
+    first admin token.
 
     The token is written to STATE_DIR/admin.token (0600) and printed once; it is not stored
     anywhere else (the database keeps only its id). Refuses an already initialised directory.
@@ -393,6 +404,8 @@ def init(state_dir: Path, policy_path: Path | None) -> None:
         token = asyncio.run(initialize(state_dir, policy_path=policy_path))
     except ControlPlaneError as exc:
         raise AdminError(exc.detail) from None
+    click.echo(f"gateway CURVE keys in {state_dir / 'keys'} (server.key, server.key_secret)",
+               err=True)
     click.echo(f"admin token written to {state_dir / ADMIN_TOKEN_FILE} (0600); "
                "it is shown only this once:", err=True)
     click.echo(token)

@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 
 from controlplane.cli import main
 from controlplane.settings import DATABASE_NAME
+from dataplane.keys import load_keypair
 
 DSN = str(Path(sys.executable).parent / "dsn")
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -60,6 +61,8 @@ def test_init_writes_a_0600_token_shown_once_and_refuses_a_second_init(tmp_path:
     assert str(token_file) in result.stderr and token not in result.stderr
     assert mode(state / DATABASE_NAME) == 0o600
     assert all(mode(pem) == 0o600 for pem in (state / "keys").glob("*.pem"))
+    assert mode(state / "keys" / "server.key_secret") == 0o600
+    assert load_keypair(state / "keys" / "server.key").secret is None
 
     again = dsn("admin", "init", "--state-dir", str(state))
     assert_one_line_error(again, "already initialised")
