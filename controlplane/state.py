@@ -1,0 +1,242 @@
+"""The state service: publishes live sessions to gateways with the ZeroMQ Clone pattern.
+
+Wire format and client rules: ``dataplane.clone``. The service holds the published state (session
+id -> Session) with one sequence number; every change bumps it and goes out on the PUB socket,
+a ROUTER socket answers snapshot requests from the same map (so a snapshot at seq S holds exactly
+the changes up to S), and a heartbeat carries the current seq every ``heartbeat_s``.
+
+Each start draws a new random epoch and starts the seq at 0: nothing needs persisting, and a
+gateway seeing the new epoch knows the sequence broke and asks for a new snapshot.
+
+The app calls ``publish`` after each committed change; ``reconcile`` (run every
+``reconcile_s``) compares ``snapshot_source`` — the live sessions as the store sees them now —
+with what was published and publishes the difference, so changes nobody announced (a consumer
+lease or a session that expired, a revocation) still reach the gateways.
+
+Both sockets are CURVE servers with the state service's key pair. Gateways authenticate with their
+own CURVE client keys: a ZAP handler on the service's context admits only allow-listed keys, and
+``ZAP_ENFORCE_DOMAIN`` makes libzmq refuse every connection when no handler answers (fail closed).
+
+Wiring into an aiohttp app is one cleanup_ctx generator:
+    async with StateService(settings, keypair, gateway_keys, source) as service:
+        app[STATE] = service
+        yield
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Self
+
+import zmq
+import zmq.asyncio
+from zmq.utils import z85
+
+from dataplane import clone
+from dataplane.config import Session, parse_endpoint
+from dataplane.keys import KeyPair
+
+ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
+ZAP_DOMAIN: Final = b"dsn-state"
+_ZAP_VERSION: Final = b"1.0"
+_CURVE_KEY_BYTES: Final = 32
+
+log = logging.getLogger("dsn.controlplane.state")
+
+DEFAULT_ENDPOINTS: Final = clone.StateEndpoints("tcp://127.0.0.1:8751", "tcp://127.0.0.1:8752")
+
+SnapshotSource = Callable[[], Awaitable[Iterable[Session]]]
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    endpoints: clone.StateEndpoints = DEFAULT_ENDPOINTS
+    heartbeat_s: float = 1.0
+    reconcile_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for endpoint in self.endpoints:
+            parse_endpoint(endpoint, allow_wildcard=True)
+        if self.heartbeat_s <= 0 or self.reconcile_s <= 0:
+            raise ValueError("heartbeat_s and reconcile_s must be positive")
+
+
+def zap_reply(allowed: frozenset[bytes], request: list[bytes]) -> list[bytes]:
+    """Answer one ZAP request: 200 for an allow-listed gateway's CURVE key, 400 for anything else."""
+    request_id = request[1] if len(request) > 1 else b""
+    if (len(request) == 7 and request[0] == _ZAP_VERSION and request[2] == ZAP_DOMAIN
+            and request[5] == b"CURVE" and len(request[6]) == _CURVE_KEY_BYTES):
+        key = z85.encode(request[6])
+        if key in allowed:
+            return [_ZAP_VERSION, request_id, b"200", b"OK", key, b""]
+    return [_ZAP_VERSION, request_id, b"400", b"not an allowed gateway", b"", b""]
+
+
+def diff(published: dict[str, Session], live: Iterable[Session]) -> list[tuple[str, Session | None]]:
+    """The changes that turn ``published`` into ``live``: new or changed sessions, then tombstones."""
+    current = {s.id: s for s in live}
+    changes: list[tuple[str, Session | None]] = [
+        (sid, s) for sid, s in current.items() if published.get(sid) != s]
+    changes.extend((sid, None) for sid in published if sid not in current)
+    return changes
+
+
+class StateService:
+    """The Clone-pattern server. Runs on the current asyncio loop; use ``async with``."""
+
+    def __init__(self, settings: StateSettings, keypair: KeyPair, gateway_keys: Iterable[bytes],
+                 snapshot_source: SnapshotSource) -> None:
+        if keypair.secret is None:
+            raise ValueError("the state service needs its secret key")
+        self.settings = settings
+        self.epoch = secrets.token_hex(16)
+        self.seq = 0
+        self._keypair = keypair
+        self._allowed = frozenset(gateway_keys)
+        self._source = snapshot_source
+        self._published: dict[str, Session] = {}
+        self._context = zmq.asyncio.Context()
+        self._zap: zmq.asyncio.Socket | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Load the live sessions, start ZAP, bind both sockets and start serving."""
+        try:
+            self._published = {s.id: s for s in await self._source()}
+            self._zap = self._socket(zmq.REP, curve=False)
+            self._zap.bind(ZAP_ENDPOINT)
+            self._tasks.append(asyncio.create_task(self._serve_zap(), name="dsn-state-zap"))
+            self._router = self._socket(zmq.ROUTER)
+            # Refuse to send rather than drop silently; a whole snapshot fits one peer's queue.
+            self._router.router_mandatory = 1
+            self._router.sndhwm = clone.MAX_SESSIONS + 1
+            self._router.bind(self.settings.endpoints.snapshot)
+            self._pub = self._socket(zmq.PUB)
+            self._pub.bind(self.settings.endpoints.updates)
+            for coro, name in ((self._serve_snapshots(), "snapshots"),
+                               (self._beat(), "heartbeats"), (self._reconcile_loop(), "reconcile")):
+                self._tasks.append(asyncio.create_task(coro, name=f"dsn-state-{name}"))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for sock in (self._pub, self._router, self._zap):
+            if sock is not None:
+                sock.close(linger=0)
+        self._context.term()
+
+    def _socket(self, kind: int, *, curve: bool = True) -> zmq.asyncio.Socket:
+        sock = self._context.socket(kind)
+        sock.linger = 0
+        if curve:
+            sock.curve_server = True
+            sock.curve_secretkey = self._keypair.secret
+            sock.curve_publickey = self._keypair.public
+            sock.zap_domain = ZAP_DOMAIN
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        return sock
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        return dict(self._published)
+
+    async def publish(self, session_id: str, session: Session | None) -> bool:
+        """Publish a session's new state (None: it ended); False if that changes nothing."""
+        if self._published.get(session_id) == session:
+            return False
+        if session is None:
+            del self._published[session_id]
+        else:
+            self._published[session_id] = session
+        self.seq += 1
+        await self._send(clone.Entry(self.epoch, self.seq, session_id, session))
+        return True
+
+    async def reconcile(self) -> int:
+        """Publish whatever differs between the store's live sessions and the published ones."""
+        changes = diff(self._published, await self._source())
+        for session_id, session in changes:
+            await self.publish(session_id, session)
+        return len(changes)
+
+    async def _send(self, message: clone.Message) -> None:
+        assert self._pub is not None  # started
+        await self._pub.send_multipart(clone.encode(message))
+
+    async def _beat(self) -> None:
+        while True:
+            await self._send(clone.Heartbeat(self.epoch, self.seq))
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_s)
+            try:
+                await self.reconcile()
+            except Exception:  # a store outage must not stop the heartbeats; the next round retries
+                log.exception("state reconcile failed")
+
+    async def _serve_zap(self) -> None:
+        assert self._zap is not None
+        while True:
+            request = await self._zap.recv_multipart()
+            reply = zap_reply(self._allowed, request)
+            if reply[2] != b"200":
+                log.info("gateway refused", extra={"fields": {
+                    "peer": request[3].decode("ascii", "replace") if len(request) > 3 else ""}})
+            await self._zap.send_multipart(reply)
+
+    async def _serve_snapshots(self) -> None:
+        assert self._router is not None
+        while True:
+            frames = await self._router.recv_multipart()
+            if len(frames) < 2:
+                continue
+            try:
+                request = clone.decode(frames[1:])
+            except clone.CloneError as exc:
+                log.info("bad snapshot request", extra={"fields": {"error": str(exc)}})
+                continue
+            if isinstance(request, clone.SnapshotRequest):
+                await self._answer(frames[0], self._snapshot())
+
+    def _snapshot(self) -> list[clone.Message]:
+        """The whole state at one seq, built before the first send so no publish can interleave."""
+        entries: list[clone.Message] = [clone.Entry(self.epoch, self.seq, sid, session)
+                                        for sid, session in self._published.items()]
+        entries.append(clone.SnapshotEnd(self.epoch, self.seq, len(entries)))
+        return entries
+
+    async def _answer(self, identity: bytes, messages: list[clone.Message]) -> None:
+        assert self._router is not None
+        try:
+            for message in messages:
+                # NOBLOCK: the queue holds a whole snapshot; a full one means a stuck peer.
+                await self._router.send_multipart([identity, *clone.encode(message)],
+                                                  flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # The gateway left or stopped reading; its snapshot timeout makes it ask again.
+            log.info("snapshot not delivered", extra={"fields": {"error": exc.strerror}})

@@ -1,0 +1,185 @@
+"""Sessions from the control plane's state service: the Clone-pattern client, in a thread.
+
+Wire format and rules: ``dataplane.clone``. The thread subscribes to updates first, then asks for
+a snapshot on a fresh DEALER socket (a fresh socket per request, so a late answer to an earlier
+request can never be mistaken for the current one); ``CloneState`` buffers the updates that arrive
+meanwhile and applies those newer than the snapshot. A gap, a new server epoch, a heartbeat ahead of
+the state, or a snapshot that does not arrive in time starts a new snapshot.
+
+When the service goes silent (no heartbeat for ``missed_heartbeats`` intervals) the gateway keeps
+serving its last good table — never an empty one — and keeps reconnecting and asking; ZAP and the
+router still enforce each session's expiry, and this source also drops a session from the table
+when its expiry time passes, with or without an update.
+
+Wiring into a gateway:
+    source = CloneSessionSource(endpoints, server_key, gateway_keypair, gateway.use_table)
+    source.start()
+    source.wait_synced(timeout)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import zmq
+
+from dataplane import clone
+from dataplane.config import ConfigError
+from dataplane.keys import KeyPair
+from gateway.sessions import SessionTable
+
+log = logging.getLogger("dsn.gateway.state")
+
+
+class CloneSessionSource:
+    """A SessionSource fed by the state service; ``on_table`` gets every new table (own thread)."""
+
+    def __init__(self, endpoints: clone.StateEndpoints, server_public_key: bytes,
+                 client_keypair: KeyPair, on_table: Callable[[SessionTable], None], *,
+                 heartbeat_s: float = 1.0, missed_heartbeats: int = 3,
+                 clock: Callable[[], float] = time.time, poll_ms: int = 20) -> None:
+        if client_keypair.secret is None:
+            raise ValueError("a gateway needs its secret key to authenticate")
+        self.endpoints = endpoints
+        self.resyncs = 0
+        self.malformed = 0
+        self._server_key = server_public_key
+        self._keypair = client_keypair
+        self._on_table = on_table
+        self._timeout = heartbeat_s * missed_heartbeats
+        self._clock = clock
+        self._poll_ms = poll_ms
+        self._state = clone.CloneState()
+        self._table = SessionTable()
+        self._version = 0
+        self._next_expiry = float("inf")
+        self._context = zmq.Context()
+        self._sub: zmq.Socket | None = None
+        self._dealer: zmq.Socket | None = None
+        self._asked = 0.0
+        self._heard = 0.0
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dsn-state", daemon=True)
+
+    def load(self) -> SessionTable:
+        """The current table (the last good one while the service is away)."""
+        return self._table
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """True once the first snapshot has been applied."""
+        return self._synced.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._context.term()
+
+    def _run(self) -> None:
+        try:
+            self._subscribe()
+            self._resnapshot()
+            while not self._stop.is_set():
+                self._step()
+        finally:
+            for sock in (self._sub, self._dealer):
+                if sock is not None:
+                    sock.close(linger=0)
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self._context.socket(kind)
+        sock.linger = 0
+        sock.curve_serverkey = self._server_key
+        sock.curve_publickey = self._keypair.public
+        sock.curve_secretkey = self._keypair.secret
+        if kind == zmq.SUB:
+            sock.subscribe(b"")
+        sock.connect(endpoint)
+        return sock
+
+    def _subscribe(self) -> None:
+        if self._sub is not None:
+            self._sub.close(linger=0)
+        self._sub = self._socket(zmq.SUB, self.endpoints.updates)
+        self._heard = self._clock()
+
+    def _resnapshot(self) -> None:
+        if self._dealer is not None:
+            self._dealer.close(linger=0)
+        self._dealer = self._socket(zmq.DEALER, self.endpoints.snapshot)
+        self._dealer.send_multipart(clone.encode(self._state.request()))
+        self._asked = self._clock()
+
+    def _step(self) -> None:
+        assert self._sub is not None and self._dealer is not None
+        poller = zmq.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
+        ready = dict(poller.poll(self._poll_ms))
+        resync = False
+        if self._sub in ready:
+            resync |= self._drain(self._sub, snapshot=False)
+        if self._dealer in ready:
+            resync |= self._drain(self._dealer, snapshot=True)
+        now = self._clock()
+        if now - self._heard > self._timeout:
+            # Silence: the service or the path to it is gone. Start over on fresh sockets; the
+            # table stays as it is until a new snapshot completes.
+            log.warning("state service silent; keeping the last good sessions")
+            self._subscribe()
+            resync = True
+        elif not self._state.synced and now - self._asked > self._timeout:
+            resync = True
+        if resync:
+            self.resyncs += 1
+            self._resnapshot()
+        self._refresh(now)
+
+    def _drain(self, sock: zmq.Socket, *, snapshot: bool) -> bool:
+        """Apply every queued message; True if one of them asks for a new snapshot."""
+        resync = False
+        while not resync and sock.poll(0):
+            try:
+                message = clone.decode(sock.recv_multipart())
+            except clone.CloneError as exc:
+                # A lost update shows up as a gap or a heartbeat ahead: nothing else to do here.
+                self.malformed += 1
+                log.warning("malformed state message", extra={"fields": {"error": str(exc)}})
+                continue
+            if not snapshot:
+                self._heard = self._clock()
+            outcome = (self._state.apply_snapshot_entry(message)
+                       if snapshot and isinstance(message, clone.Entry)
+                       else self._state.apply(message))
+            resync = outcome is clone.Outcome.RESYNC
+        return resync
+
+    def _refresh(self, now: float) -> None:
+        """Hand on a new table when the state changed or a session's expiry time passed."""
+        if self._state.version == self._version and now < self._next_expiry:
+            return
+        self._version = self._state.version
+        live = self._state.live_sessions(datetime.fromtimestamp(now, UTC))
+        self._next_expiry = min((s.expires_at.timestamp() for s in live if s.expires_at),
+                                default=float("inf"))
+        try:
+            table = SessionTable(live)
+        except ConfigError as exc:
+            log.error("state service sent conflicting sessions; keeping the last good table",
+                      extra={"fields": {"error": str(exc)}})
+            return
+        self._table = table
+        if self._state.synced:
+            self._synced.set()
+        try:
+            self._on_table(table)
+        except Exception:  # the consumer's failure must not stop state updates
+            log.exception("on_table failed")

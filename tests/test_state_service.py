@@ -1,0 +1,193 @@
+"""The state service and its gateway client over real CURVE sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import zmq
+from zmq.utils import z85
+
+from controlplane.state import StateService, StateSettings, diff, zap_reply
+from dataplane.clone import StateEndpoints
+from dataplane.config import Session
+from dataplane.keys import KeyPair
+from gateway.sessions import SessionTable
+from gateway.state import CloneSessionSource
+
+pytestmark = pytest.mark.timeout(30)
+
+BEAT_S = 0.05
+
+
+def _pair() -> KeyPair:
+    public, secret = zmq.curve_keypair()
+    return KeyPair(public, secret)
+
+
+SERVER, GATEWAY, STRANGER = _pair(), _pair(), _pair()
+
+
+def session(name: str, *, consumers: int = 0, expires: datetime | None = None) -> Session:
+    return Session(id=name, client_keys=[zmq.curve_keypair()[0].decode()],
+                   allowed_networks=["10.0.0.0/8"], allowed_targets=["127.0.0.0/8"],
+                   consumers=[f"tcp://127.0.0.1:{7000 + c}" for c in range(consumers)],
+                   expires_at=expires)
+
+
+@pytest.fixture
+def endpoints(free_port: Callable[[], int]) -> StateEndpoints:
+    return StateEndpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+
+
+class Store:
+    """What the app's snapshot_source would read: the live sessions."""
+
+    def __init__(self, *sessions: Session) -> None:
+        self.sessions = {s.id: s for s in sessions}
+
+    async def live(self) -> Iterable[Session]:
+        return list(self.sessions.values())
+
+
+@asynccontextmanager
+async def serving(endpoints: StateEndpoints, store: Store, *,
+                  reconcile_s: float = 60.0) -> AsyncIterator[StateService]:
+    settings = StateSettings(endpoints, heartbeat_s=BEAT_S, reconcile_s=reconcile_s)
+    async with StateService(settings, SERVER, [GATEWAY.public], store.live) as service:
+        yield service
+
+
+class Tables:
+    """Collects the tables a client hands on, from its thread."""
+
+    def __init__(self) -> None:
+        self.received: list[SessionTable] = []
+
+    def __call__(self, table: SessionTable) -> None:
+        self.received.append(table)
+
+    def ids(self) -> set[str]:
+        return {e.id for e in self.received[-1]} if self.received else set()
+
+
+@contextmanager
+def client(endpoints: StateEndpoints, tables: Tables, keypair: KeyPair = GATEWAY,
+           **options: float) -> Iterator[CloneSessionSource]:
+    source = CloneSessionSource(endpoints, SERVER.public, keypair, tables,
+                                heartbeat_s=BEAT_S, **options)  # type: ignore[arg-type]
+    source.start()
+    try:
+        yield source
+    finally:
+        source.stop()
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_snapshot_then_updates_reach_the_gateway_table(endpoints: StateEndpoints) -> None:
+    store = Store(session("a"), session("b"))
+    tables = Tables()
+    async with serving(endpoints, store) as service:
+        with client(endpoints, tables) as source:
+            await eventually(lambda: tables.ids() == {"a", "b"})
+            assert source.wait_synced(0)
+            await service.publish("c", session("c"))
+            await service.publish("a", session("a", consumers=2))
+            await eventually(lambda: tables.ids() == {"a", "b", "c"}
+                             and len(source.load().by_id("a").session.consumers) == 2)  # type: ignore[union-attr]
+            assert source.load() is tables.received[-1]
+
+
+async def test_tombstones_remove_sessions(endpoints: StateEndpoints) -> None:
+    tables = Tables()
+    async with serving(endpoints, Store(session("a"), session("b"))) as service:
+        with client(endpoints, tables):
+            await eventually(lambda: tables.ids() == {"a", "b"})
+            assert await service.publish("a", None)
+            assert not await service.publish("a", None)
+            await eventually(lambda: tables.ids() == {"b"})
+
+
+async def test_reconcile_publishes_changes_nobody_announced(endpoints: StateEndpoints) -> None:
+    store, tables = Store(session("a")), Tables()
+    async with serving(endpoints, store, reconcile_s=BEAT_S):
+        with client(endpoints, tables):
+            await eventually(lambda: tables.ids() == {"a"})
+            # A revocation or an expired lease: the store changed, no one called publish().
+            store.sessions = {"b": session("b")}
+            await eventually(lambda: tables.ids() == {"b"})
+
+
+async def test_a_gap_triggers_a_resnapshot(endpoints: StateEndpoints) -> None:
+    tables = Tables()
+    async with serving(endpoints, Store(session("a"))) as service:
+        with client(endpoints, tables) as source:
+            await eventually(lambda: tables.ids() == {"a"})
+            # An update the gateway never sees: the state changes and the seq moves on silently.
+            service._published["lost"] = session("lost")
+            service.seq += 1
+            await service.publish("b", session("b"))
+            await eventually(lambda: tables.ids() == {"a", "b", "lost"})
+            assert source.resyncs >= 1
+
+
+async def test_a_restarted_server_is_resynchronised_and_the_last_table_kept_meanwhile(
+        endpoints: StateEndpoints) -> None:
+    tables = Tables()
+    with client(endpoints, tables, missed_heartbeats=2) as source:
+        async with serving(endpoints, Store(session("a"))) as first:
+            await eventually(lambda: tables.ids() == {"a"})
+        # Server down for several heartbeat timeouts: the gateway keeps serving "a".
+        await asyncio.sleep(BEAT_S * 8)
+        assert tables.ids() == {"a"} and source.load().by_id("a") is not None
+        async with serving(endpoints, Store(session("b"))) as second:
+            assert second.epoch != first.epoch
+            await eventually(lambda: tables.ids() == {"b"}, timeout=3.0)
+            assert all(len(t) > 0 for t in tables.received)
+
+
+async def test_an_unknown_gateway_key_gets_nothing(endpoints: StateEndpoints) -> None:
+    tables = Tables()
+    async with serving(endpoints, Store(session("a"))) as service:
+        with client(endpoints, tables, keypair=STRANGER) as source:
+            await service.publish("b", session("b"))
+            await asyncio.sleep(BEAT_S * 6)
+            assert not source.wait_synced(0) and tables.received == []
+            assert len(source.load()) == 0
+
+
+async def test_sessions_leave_the_table_at_their_expiry_without_an_update(
+        endpoints: StateEndpoints) -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=0.3)
+    tables = Tables()
+    async with serving(endpoints, Store(session("a", expires=soon), session("b"))):
+        with client(endpoints, tables):
+            await eventually(lambda: tables.ids() == {"a", "b"})
+            await eventually(lambda: tables.ids() == {"b"})
+
+
+def test_zap_admits_only_listed_gateway_keys() -> None:
+    request = [b"1.0", b"7", b"dsn-state", b"127.0.0.1", b"", b"CURVE", z85.decode(GATEWAY.public)]
+    allowed = frozenset([GATEWAY.public])
+    assert zap_reply(allowed, request)[2:5] == [b"200", b"OK", GATEWAY.public]
+    for bad in ([*request[:2], b"dsn", *request[3:]], [*request[:5], b"NULL"],
+                [*request[:6], z85.decode(STRANGER.public)], request[:3]):
+        assert zap_reply(allowed, bad)[2] == b"400"
+
+
+def test_diff_names_new_changed_and_gone_sessions() -> None:
+    a, b, c = session("a"), session("b"), session("c")
+    b2 = b.model_copy(update={"consumers": ["tcp://127.0.0.1:7000"]})
+    published = {"a": a, "b": b}
+    assert diff(published, [a, b2, c]) == [("b", b2), ("c", c)]
+    assert diff(published, [a, c]) == [("c", c), ("b", None)]
