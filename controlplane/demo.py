@@ -9,6 +9,7 @@ reordering, then a check of the HDF5 file against the camera's planted electrons
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from dataplane.verify import ScanCheck, verify_scan_file
 
 SESSION = "demo"
 READY_TIMEOUT_S = 30.0
+CONTROLPLANE_VARIABLES = ("DSN_CONTROLPLANE_URL", "DSN_CONSUMER_TOKEN_FILE")
 
 
 class DemoError(RuntimeError):
@@ -106,7 +108,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
             mpiexec_command(options.ranks, dsn_command(
                 "consumer", "run", "--config", str(config), "--session", SESSION,
                 "--output-dir", str(output_dir), "--scans", "1", "--result-file", str(result_file))),
-            workdir / "consumers.log", env=mpi_environment())
+            workdir / "consumers.log", env=_job_environment())
         rows, cols = options.scan_shape
         say(f"[3/4] streaming a {rows}x{cols} scan from {plan.producers} producers "
             f"(loss {options.loss:g}, duplicates {options.duplicates:g}, reorder window {options.reorder})")
@@ -121,6 +123,13 @@ def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
         raise DemoError("the output file does not match the synthetic ground truth:\n  "
                         + "\n  ".join(check.problems))
     return DemoSummary(stream, check, result)
+
+
+def _job_environment() -> dict[str, str]:
+    """This shell's environment for the consumer job, without settings that would point it at a
+    control plane: the demo's job reads its session from the static configuration."""
+    inherited = {k: v for k, v in os.environ.items() if k not in CONTROLPLANE_VARIABLES}
+    return mpi_environment(inherited)
 
 
 def _read_result(path: Path) -> dict[str, object]:
