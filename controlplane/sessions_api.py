@@ -753,7 +753,9 @@ async def _job_system(services: Services, session: SessionRecord, workdir: Path,
                       ranks: int) -> dict[str, Any]:
     settings = services.settings
     system: dict[str, Any] = {
-        "session_id": session.id, "ranks": ranks, "config_path": str(workdir / CONFIG_NAME),
+        # The job directory is named after the job, so its ranks register under the job's id.
+        "session_id": session.id, "job_id": workdir.name, "ranks": ranks,
+        "config_path": str(workdir / CONFIG_NAME),
         "output_dir": str(workdir / OUTPUT_NAME), "token_file": str(workdir / TOKEN_NAME),
         "controlplane_url": settings.base_url, "dsn_command": dsn_command()}
     if settings.launcher == "local":

@@ -638,6 +638,7 @@ class JobSystem(_Strict):
     """What the control plane supplies to a job template."""
 
     session_id: SessionId
+    job_id: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     ranks: StrictInt = Field(ge=1, le=4096)
     config_path: AbsolutePath
     output_dir: AbsolutePath
@@ -824,7 +825,8 @@ def sample_system(template: Template, params: Mapping[str, Any]) -> dict[str, An
                 "expires_at": datetime(2030, 1, 1, tzinfo=UTC), "ingress": "tcp://*:5555",
                 "server_secret_key_file": "/var/lib/dsn/keys/gateway.key_secret",
                 "consumers": []}
-    return {"session_id": "dry-run", "ranks": 2, "config_path": "/var/lib/dsn/dry-run.yaml",
+    return {"session_id": "dry-run", "job_id": "dry-run", "ranks": 2,
+            "config_path": "/var/lib/dsn/dry-run.yaml",
             "output_dir": "/var/lib/dsn/output", "token_file": "/var/lib/dsn/consumer.token",
             "controlplane_url": "http://127.0.0.1:8750",
             "dsn_command": ["/usr/bin/python3", "-m", "controlplane"]}

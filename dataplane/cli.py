@@ -11,7 +11,13 @@ from typing import Any, TypeVar
 import click
 
 from dataplane.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
-from dataplane.producer import HeaderMode, ProducerError, stream_synthetic
+from dataplane.producer import (
+    HeaderMode,
+    ProducerError,
+    StreamStats,
+    replay_spool,
+    stream_synthetic,
+)
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera, SyntheticError
 
 
@@ -60,8 +66,12 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 @click.option("--client-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="This producer's CURVE key pair (NAME.key_secret, mode 0600); its public key "
                    "must be registered with the session.")
-@click.option("--scan", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
-              help="Scan number.")
+@click.option("--scan", type=click.IntRange(0, 2**32 - 1), default=None,
+              help="Scan number [default: 0, or the spooled scan's number with --spool].")
+@click.option("--spool", "spool_file", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Replay this gateway spool file (as one producer) instead of streaming a "
+                   "synthetic scan.")
 @scan_shape_option(default="32x32")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the synthetic frames and of the loss, duplicates and reordering.")
@@ -80,13 +90,25 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               show_default=True, help="Seconds a send may block before the stream fails.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: only on a terminal).")
-def stream(endpoint: str, server_key: Path, client_key: Path, scan: int,
-           scan_shape: tuple[int, int], seed: int, loss: float, duplicates: float, reorder: int,
-           header: HeaderMode, electrons: int, dark: bool, timeout: float,
-           progress: bool | None) -> None:
-    """Stream a synthetic 4D Camera scan into a session, one producer per sector."""
+def stream(endpoint: str, server_key: Path, client_key: Path, scan: int | None,
+           spool_file: Path | None, scan_shape: tuple[int, int], seed: int, loss: float,
+           duplicates: float, reorder: int, header: HeaderMode, electrons: int, dark: bool,
+           timeout: float, progress: bool | None) -> None:
+    """Stream a synthetic 4D Camera scan into a session, one producer per sector, or replay a
+    spool file."""
+    if spool_file is not None:
+        _refuse_synthetic_options(click.get_current_context())
     server = _load_key(server_key, "--server-key", secret=False)
     client = _load_key(client_key, "--client-key", secret=True)
+    if spool_file is not None:
+        try:
+            stats = replay_spool(spool_file, endpoint, server.public, client, scan=scan,
+                                 progress=progress, send_timeout_s=timeout)
+        except ProducerError as exc:
+            raise click.ClickException(str(exc)) from None
+        _report(f"spool {spool_file.name}", stats)
+        return
+    scan = 0 if scan is None else scan
     try:
         spec = CameraSpec(scan_shape=scan_shape, seed=seed, electrons_per_frame=electrons,
                           dark=dark)
@@ -99,7 +121,23 @@ def stream(endpoint: str, server_key: Path, client_key: Path, scan: int,
                                  scan, header=header, progress=progress, send_timeout_s=timeout)
     except ProducerError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"scan {scan}: {stats.messages} messages, {stats.bytes / 1e6:.1f} MB in "
+    _report(f"scan {scan}", stats)
+
+
+_SYNTHETIC_OPTIONS = ("scan_shape", "seed", "loss", "duplicates", "reorder", "header", "electrons",
+                      "dark")
+
+
+def _refuse_synthetic_options(ctx: click.Context) -> None:
+    # A spool carries its own geometry and data; a synthetic option beside it would be ignored.
+    for name in _SYNTHETIC_OPTIONS:
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies to synthetic scans, "
+                                   "not to --spool")
+
+
+def _report(what: str, stats: StreamStats) -> None:
+    click.echo(f"{what}: {stats.messages} messages, {stats.bytes / 1e6:.1f} MB in "
                f"{stats.seconds:.2f} s ({stats.gbytes_per_s:.3f} GB/s, "
                f"{stats.messages_per_s:.0f} msg/s); lost {stats.lost}, "
                f"duplicated {stats.duplicated}")
@@ -152,16 +190,40 @@ def consumer() -> None:
 @click.option("--kernel", type=click.Choice(["vectorised", "stempy"]), default="vectorised",
               show_default=True, help="Electron-counting kernel.")
 @click.option("--result-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Append scan results as JSON lines here [default: stdout].")
+              help="Append scan results as JSON lines here [default: stdout without a control "
+                   "plane, none with one].")
+@click.option("--controlplane", "controlplane_url", envvar="DSN_CONTROLPLANE_URL", default=None,
+              metavar="URL",
+              help="Register with this control plane (env DSN_CONTROLPLANE_URL): each rank binds "
+                   "an ephemeral port, registers it and reports results there. Without it, rank "
+                   "r binds the session's consumer endpoint r from --config.")
+@click.option("--token-file", envvar="DSN_CONSUMER_TOKEN_FILE", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the consumer token, mode 0600 (env DSN_CONSUMER_TOKEN_FILE); "
+                   "needed with --controlplane.")
+@click.option("--bind-host", default="127.0.0.1", show_default=True, metavar="IP",
+              help="With --controlplane: the address ranks listen on, as the gateway reaches it.")
+@click.option("--job-id", envvar=["DSN_JOB_ID", "SLURM_JOB_ID"], default=None,
+              help="With --controlplane: the job id ranks register under (env DSN_JOB_ID or "
+                   "SLURM_JOB_ID) [default: a new id shared by all ranks].")
 def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int | None,
                  dark: Path | None, samples: int, background_sigma: float, xray_sigma: float,
-                 kernel: str, result_file: Path | None) -> None:
+                 kernel: str, result_file: Path | None, controlplane_url: str | None,
+                 token_file: Path | None, bind_host: str, job_id: str | None) -> None:
     """Receive, count and write a session's scans; one rank per consumer endpoint."""
     # Imported here so that other dsn commands never initialise MPI.
+    from dataplane.consumer.registration import RegistrationArguments
     from dataplane.consumer.runner import JobArguments, run_job
 
+    registration = None
+    if controlplane_url is not None:
+        if token_file is None:
+            raise click.UsageError("--controlplane needs --token-file (or DSN_CONSUMER_TOKEN_FILE)")
+        registration = RegistrationArguments(controlplane_url=controlplane_url,
+                                             token_file=token_file, bind_host=bind_host,
+                                             job_id=job_id)
     code = run_job(JobArguments(
         config=config_path, session=session, output_dir=output_dir, scans=scans, dark=dark,
         samples=samples, background_sigma=background_sigma, xray_sigma=xray_sigma, kernel=kernel,
-        result_file=result_file))
+        result_file=result_file, registration=registration))
     sys.exit(code)

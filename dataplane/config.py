@@ -171,6 +171,10 @@ class GatewaySettings(_Model):
     ingress: BindEndpoint = "tcp://127.0.0.1:5555"
     server_secret_key_file: Path
     metrics: Annotated[StrictStr, Field(pattern=r"^[0-9.]+:[0-9]{1,5}$")] | None = None
+    # Where scans of a session without consumers are spooled; relative paths resolve like the key
+    # file's (from the configuration file's directory). null turns spooling off: such scans are
+    # then refused.
+    spool_dir: Path | None = Path("spool")
 
 
 class DSNConfig(_Model):
@@ -205,14 +209,20 @@ def _describe(exc: ValidationError) -> str:
 
 
 def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
-    """Validate an already-parsed DSN configuration; relative key paths resolve from ``base_dir``."""
+    """Validate an already-parsed DSN configuration; relative key and spool paths resolve
+    from ``base_dir``."""
     try:
         config = DSNConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    key_file = config.gateway.server_secret_key_file
-    if base_dir is not None and not key_file.is_absolute():
-        gateway = config.gateway.model_copy(update={"server_secret_key_file": base_dir / key_file})
+    if base_dir is None:
+        return config
+    paths = {"server_secret_key_file": config.gateway.server_secret_key_file,
+             "spool_dir": config.gateway.spool_dir}
+    relative = {key: base_dir / path for key, path in paths.items()
+                if path is not None and not path.is_absolute()}
+    if relative:
+        gateway = config.gateway.model_copy(update=relative)
         config = config.model_copy(update={"gateway": gateway})
     return config
 

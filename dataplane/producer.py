@@ -2,7 +2,8 @@
 
 A ``Producer`` owns one PUSH socket, a CURVE client of the gateway's ingress. It speaks the wire
 protocol of ``dataplane.protocol``: ``scan_begin``, then one ``data`` message per sector, then
-``scan_end {sent}``. In "ncem" header mode, data messages carry the NCEM 4D Camera header instead of
+``scan_end {sent}``. ``replay_spool`` sends a gateway spool file (``dataplane.spool``) the same way.
+In "ncem" header mode, data messages carry the NCEM 4D Camera header instead of
 the native one (the scan messages stay native), as existing 4D Camera receivers do.
 
 Backpressure, never loss: the socket queues only to a live, authenticated connection
@@ -16,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, cast
 
@@ -37,6 +39,7 @@ from dataplane.protocol import (
     encode,
     encode_ncem,
 )
+from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import StreamPlan, SyntheticCamera
 
 HeaderMode = Literal["native", "ncem"]
@@ -277,3 +280,48 @@ class _StreamRun:
         except Exception as exc:  # noqa: BLE001
             self.errors.append(exc)
             self.stop.set()
+
+
+def replay_spool(path: Path, endpoint: str, server_public: bytes, client: KeyPair, *,
+                 scan: int | None = None, progress: bool | None = None,
+                 send_timeout_s: float = 30.0) -> StreamStats:
+    """Replay a gateway spool file into a session as one producer.
+
+    The whole file is validated before anything is sent. Then: scan_begin with ``producers=1``
+    and the spooled geometry (scan number ``scan``, or the spooled one), every data record in
+    spooled order with its frame and sector and a fresh ``seq``, and scan_end. ``lost`` in the
+    result is the number of messages the spooling gateway listed in the spool's loss manifest;
+    a spool never holds duplicates it did not receive, so ``duplicated`` is 0.
+    """
+    try:
+        reader = SpoolReader(path)
+    except OSError as exc:
+        raise ProducerError(f"cannot read spool {path}: {exc.strerror}") from None
+    except SpoolError as exc:
+        raise ProducerError(f"{path}: {exc}") from None
+    with reader:
+        info = reader.info
+        number = info.scan if scan is None else scan
+        begin = info.begin
+        bar = tqdm(total=info.records, unit="msg", desc=f"scan {number}",
+                   disable=None if progress is None else not progress)
+        start = time.perf_counter()
+        try:
+            with Producer(endpoint, server_public, client, send_timeout_s=send_timeout_s) as sock:
+                sock.begin_scan(number, begin.scan_shape, 1, begin.frame_shape, begin.sectors)
+                _replay_records(sock, reader, begin.geometry.sector_shape, bar)
+                sock.end_scan()
+        except SpoolError as exc:
+            raise ProducerError(f"{path}: {exc}") from None
+        finally:
+            bar.close()
+    return StreamStats(messages=info.records, bytes=info.bytes,
+                       seconds=time.perf_counter() - start, lost=len(info.manifest.drops),
+                       duplicated=0)
+
+
+def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape, bar: tqdm) -> None:
+    for msg, payload in reader.records():
+        # Each payload is its own bytes object, so the zero-copy send may keep it until it leaves.
+        sock.send(msg.frame, msg.sector, np.frombuffer(payload, _SECTOR_DTYPE).reshape(sector_shape))
+        bar.update(1)

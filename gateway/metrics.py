@@ -26,6 +26,8 @@ class _Observed(Protocol):
 
     def auth_decisions(self) -> dict[tuple[str, str], int]: ...
 
+    def spool_files(self) -> dict[str, int]: ...
+
 
 class GatewayCollector(Collector):
     """dsn_gateway_* metrics for one gateway."""
@@ -39,6 +41,7 @@ class GatewayCollector(Collector):
         router = self._gateway.router
         if router is not None:
             yield from self._routing(router)
+            yield self._spool_files()
 
     def _auth(self) -> Metric:
         family = CounterMetricFamily("dsn_gateway_auth_decisions",
@@ -60,16 +63,30 @@ class GatewayCollector(Collector):
                                        labels=["session"])
         volume = CounterMetricFamily("dsn_gateway_bytes", "Payload bytes forwarded",
                                      labels=["session"])
+        spooled = CounterMetricFamily("dsn_gateway_spooled_messages",
+                                      "Data messages written to spool files", labels=["session"])
+        spooled_bytes = CounterMetricFamily("dsn_gateway_spooled_bytes",
+                                            "Payload bytes written to spool files",
+                                            labels=["session"])
         scans = GaugeMetricFamily("dsn_gateway_scans_open", "Open scans", labels=["session"])
         for stats in router.stats():
             messages.add_metric([stats.session], stats.messages)
             volume.add_metric([stats.session], stats.bytes)
+            spooled.add_metric([stats.session], stats.spooled)
+            spooled_bytes.add_metric([stats.session], stats.spooled_bytes)
             scans.add_metric([stats.session], stats.open_scans)
         drops = CounterMetricFamily("dsn_gateway_drops", "Messages dropped, by reason",
                                     labels=["session", "reason"])
         for (session, reason), count in router.drops.copy().items():
             drops.add_metric([session, reason], count)
-        yield from (messages, volume, scans, drops)
+        yield from (messages, volume, spooled, spooled_bytes, scans, drops)
+
+    def _spool_files(self) -> Metric:
+        family = CounterMetricFamily("dsn_gateway_spool_files",
+                                     "Spool files published (complete scans)", labels=["session"])
+        for session, count in self._gateway.spool_files().items():
+            family.add_metric([session], count)
+        return family
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -8,7 +8,9 @@ A PUSH socket at its HWM blocks the loop, the loop stops reading its ingress, an
 block: a slow consumer slows everyone down, nothing is dropped to make room.
 
 ``l7``: every message goes through the Router (session, protocol, scan checks, routing); payload
-frames are forwarded zero-copy. ``l4``: no inspection; every message goes to one PUSH socket
+frames are forwarded zero-copy; a scan the router spools (its session has no consumer) is written
+to a file in ``gateway.spool_dir`` by this same thread (buffered, so one write call per sector).
+``l4``: no inspection; every message goes to one PUSH socket
 connected to all consumers of the single session (the comparison baseline).
 """
 
@@ -18,7 +20,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import zmq
 
@@ -26,8 +28,9 @@ from dataplane.config import DSNConfig, GatewaySettings
 from dataplane.keys import KeyPair, load_secret_keypair
 from gateway.auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
-from gateway.router import Router
+from gateway.router import Router, SpoolAction, SpoolOpen, SpoolWrite
 from gateway.sessions import SessionTable, table_from_config
+from gateway.spool import Spools, prepare_spool_dir
 
 Mode = Literal["l7", "l4"]
 MAXMSGSIZE_SLACK: Final = 4096
@@ -90,8 +93,9 @@ class L7Proxy:
     """The inspecting loop: recv, ask the router, send. Owns its egress sockets."""
 
     def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable,
-                 *, clock: Callable[[], float] = time.time) -> None:
-        self.router = Router(table, clock=clock)
+                 *, clock: Callable[[], float] = time.time, spools: Spools | None = None) -> None:
+        self.router = Router(table, clock=clock, spooling=spools is not None)
+        self.spools = spools
         self._context = context
         self._ingress = ingress
         self._egress: list[zmq.Socket] = []
@@ -109,6 +113,8 @@ class L7Proxy:
     def close(self) -> None:
         for socket in self._egress:
             socket.close()
+        if self.spools is not None:
+            self.spools.abandon_all()
 
     def _connect_new(self, table: SessionTable) -> None:
         hwm = {endpoint: entry.session.limits.hwm
@@ -148,6 +154,21 @@ class L7Proxy:
                 self._send(egress[decision.slot], out, session)
             for control in decision.control:
                 self._send(egress[control.slot], [control.header], session)
+            if decision.spool is not None:
+                self._spool(decision.spool, decision.header, frames)
+
+    def _spool(self, action: SpoolAction, header: bytes | None, frames: list[zmq.Frame]) -> None:
+        # The router asks for spooling only when the proxy has Spools.
+        spools = cast(Spools, self.spools)
+        if isinstance(action, SpoolWrite):
+            part1 = frames[0].buffer if header is None else header
+            if not spools.write(action.key, part1, frames[1].buffer):
+                self.router.spool_failed(action.key, len(frames[1]))
+        elif isinstance(action, SpoolOpen):
+            if not spools.open(action.key, action.begin):
+                self.router.spool_failed(action.key, 0)
+        elif spools.finish(action.key, action.manifest) is None:
+            self.router.spool_failed(action.key, 0)
 
     def _send(self, socket: zmq.Socket, parts: list, session: str | None) -> None:  # type: ignore[type-arg]
         try:
@@ -243,11 +264,16 @@ class Gateway:
                                          rcvhwm=hwm)
             self._handshakes = HandshakeMonitor(self._ingress)
             self._handshakes.start()
-            self._proxy = (L7Proxy(self.context, self._ingress, self.table, clock=self._clock)
-                           if self.mode == "l7" else L4Proxy(self.context, self._ingress, self.table))
+            self._proxy = (self._l7_proxy(self._ingress) if self.mode == "l7"
+                           else L4Proxy(self.context, self._ingress, self.table))
         except BaseException:
             self.close()
             raise
+
+    def _l7_proxy(self, ingress: zmq.Socket) -> L7Proxy:
+        directory = prepare_spool_dir(self.config.gateway.spool_dir)
+        spools = Spools(directory) if directory is not None else None
+        return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""
@@ -293,6 +319,13 @@ class Gateway:
         self.zap.stop()
         self.context.term()
 
+    def spool_files(self) -> dict[str, int]:
+        """Spool files published per session (L7 with a usable spool directory only)."""
+        proxy = self._proxy
+        if isinstance(proxy, L7Proxy) and proxy.spools is not None:
+            return proxy.spools.files.copy()
+        return {}
+
     def auth_decisions(self) -> dict[tuple[str, str], int]:
         """Connection decisions by (decision, reason): ZAP's, and handshakes refused before ZAP."""
         decisions = self.zap.decisions.copy()
@@ -308,7 +341,10 @@ class Gateway:
         router = self.router
         if router is not None:
             counters["sessions"] = {s.session: {"messages": s.messages, "bytes": s.bytes,
+                                                "spooled": s.spooled,
+                                                "spooled_bytes": s.spooled_bytes,
                                                 "open_scans": s.open_scans}
                                     for s in router.stats()}
+            counters["spool_files"] = self.spool_files()
             counters["drops"] = {f"{s or '-'}/{r}": n for (s, r), n in router.drops.copy().items()}
         return counters

@@ -3,11 +3,19 @@
 Input per message: the session id libzmq attached to it (the ZAP ``User-Id``, or None), the header
 bytes, the number of parts and the payload length. Output: a Decision the socket loop executes —
 forward the message to one consumer slot (with a replacement header for NCEM headers), send
-control messages (routed scan_begin / scan_end), or nothing; a refused message carries ``drop``.
+control messages (routed scan_begin / scan_end), act on a scan's spool, or nothing; a refused
+message carries ``drop``.
 
-Accounting: every data message is either forwarded or counted as a drop under (session, reason).
-A drop that belongs to an open scan (a valid data header) is also counted in that scan and listed
-in the loss manifest of the consumer owning its frame, which receives it in its routed scan_end.
+Spooling: with ``spooling`` on, a scan that begins while its session has no consumer is spooled
+instead of refused: its scan_begin yields SpoolOpen, each accepted data message SpoolWrite, and the
+last scan_end SpoolClose with the scan's loss manifest (dataplane.spool). A scan stays spooled to its
+end even if consumers appear meanwhile (the member list is fixed per scan). With ``spooling`` off
+(no usable spool directory) such a scan is refused as "no_consumers".
+
+Accounting: every data message is either forwarded, spooled, or counted as a drop under
+(session, reason). A drop that belongs to an open scan (a valid data header) is also counted in that
+scan and listed in the loss manifest of the consumer owning its frame, which receives it in its
+routed scan_end, or, for a spooled scan, in the spool's trailer.
 Counters are plain integers read by the metrics collector at scrape time.
 """
 
@@ -35,6 +43,7 @@ from dataplane.protocol import (
     encode,
     is_native_header,
 )
+from dataplane.spool import SpoolManifest
 from gateway.sessions import SessionEntry, SessionTable
 
 # Scan ids a session closed recently, kept to tell a late message ("scan_closed") from a stray one.
@@ -55,6 +64,7 @@ class Reason(str, enum.Enum):
     UNKNOWN_SCAN = "unknown_scan"
     SCAN_CLOSED = "scan_closed"
     NO_CONSUMERS = "no_consumers"
+    SPOOL_FAILED = "spool_failed"
     UNDELIVERED = "undelivered"
 
 
@@ -65,15 +75,48 @@ class Outgoing(NamedTuple):
     header: bytes
 
 
+class ScanKey(NamedTuple):
+    session: str
+    scan: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolOpen:
+    """Create the spool of ``key``; ``begin`` is the scan_begin header it records."""
+
+    key: ScanKey
+    begin: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolWrite:
+    """Append this data message (with ``Decision.header`` replacing part 1 when set)."""
+
+    key: ScanKey
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolClose:
+    """The scan ended: write the trailer with ``manifest`` and publish the spool."""
+
+    key: ScanKey
+    manifest: SpoolManifest
+
+
+SpoolAction = SpoolOpen | SpoolWrite | SpoolClose
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What to do with one message. ``slot`` >= 0: forward it there (``header`` replaces part 1
-    when set); ``control``: send these; ``drop``: the reason it was refused."""
+    when set); ``control``: send these; ``spool``: act on a spool; ``drop``: the reason it was
+    refused."""
 
     slot: int = -1
     header: bytes | None = None
     control: tuple[Outgoing, ...] = ()
     drop: str | None = None
+    spool: SpoolAction | None = None
 
 
 _ACCEPTED: Final = Decision()
@@ -88,6 +131,8 @@ class SessionStats:
     bytes: int
     open_scans: int
     consumers: int
+    spooled: int
+    spooled_bytes: int
 
 
 class _Scan:
@@ -104,25 +149,34 @@ class _Scan:
         "geometry",
         "members",
         "sent",
+        "spool",
+        "spool_failed",
+        "to_spool",
         "truncated",
     )
 
-    def __init__(self, begin: ScanBegin, members: tuple[int, ...]) -> None:
+    def __init__(self, begin: ScanBegin, members: tuple[int, ...],
+                 spool: SpoolWrite | None = None) -> None:
         self.begin = begin
         self.geometry = begin.geometry
         self.members = members
         self.forward = tuple(Decision(slot=slot) for slot in members)
-        self.expected = [0] * len(members)
+        # A spooled scan has no members; its single manifest goes into the spool's trailer.
+        self.spool = spool
+        self.to_spool = Decision(spool=spool)
+        self.spool_failed = False
+        manifests = max(len(members), 1)
+        self.expected = [0] * manifests
         self.begins = 1
         self.ends = 0
         self.sent = 0
         self.dropped: dict[str, int] = {}
-        self.drops: list[list[tuple[int, int, str]]] = [[] for _ in members]
-        self.truncated = [False] * len(members)
+        self.drops: list[list[tuple[int, int, str]]] = [[] for _ in range(manifests)]
+        self.truncated = [False] * manifests
 
     def record_drop(self, msg: Data, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        owner = msg.frame % len(self.members)
+        owner = msg.frame % len(self.members) if self.members else 0
         if len(self.drops[owner]) < MAX_MANIFEST:
             self.drops[owner].append((msg.frame, msg.sector, reason))
         else:
@@ -145,9 +199,14 @@ class _Scan:
                 drops_truncated=self.truncated[i])))
             for i, slot in enumerate(self.members))
 
+    def manifest(self) -> SpoolManifest:
+        return SpoolManifest(sent=self.sent, dropped=dict(self.dropped), drops=self.drops[0],
+                             drops_truncated=self.truncated[0])
+
 
 class _SessionState:
-    __slots__ = ("bytes", "closed", "entry", "members", "messages", "scans")
+    __slots__ = ("bytes", "closed", "entry", "members", "messages", "scans", "spooled",
+                 "spooled_bytes")
 
     def __init__(self, entry: SessionEntry, members: tuple[int, ...]) -> None:
         self.entry = entry
@@ -156,6 +215,8 @@ class _SessionState:
         self.closed: deque[int] = deque(maxlen=CLOSED_SCANS_KEPT)
         self.messages = 0
         self.bytes = 0
+        self.spooled = 0
+        self.spooled_bytes = 0
 
 
 def _drop(reason: str) -> Decision:
@@ -177,8 +238,10 @@ def _decode(header: bytes | memoryview) -> ScanBegin | Data | ScanEnd | str:
 class Router:
     """Per-session scans, routing and accounting for the L7 gateway."""
 
-    def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time,
+                 spooling: bool = False) -> None:
         self.endpoints: list[str] = []
+        self.spooling = spooling
         self.drops: dict[tuple[str, str], int] = {}
         self._slots: dict[str, int] = {}
         self._sessions: dict[str, _SessionState] = {}
@@ -231,6 +294,20 @@ class Router:
         """Count a message that was routed but could not be sent (the gateway stopped first)."""
         self._count(session_id or "", Reason.UNDELIVERED.value)
 
+    def spool_failed(self, key: ScanKey, payload_bytes: int) -> None:
+        """The spool of ``key`` could not be created (``payload_bytes`` 0: its scan_begin) or
+        written (a data message of that size): that message is counted as lost, not spooled, and
+        so is every later data message of the scan. The scan's file stays ``.partial``."""
+        self._count(key.session, Reason.SPOOL_FAILED.value)
+        state = self._sessions.get(key.session)
+        scan = state.scans.get(key.scan) if state is not None else None
+        if state is None or scan is None:
+            return
+        scan.spool_failed = True
+        if payload_bytes:
+            state.spooled -= 1
+            state.spooled_bytes -= payload_bytes
+
     def _count(self, session: str, reason: str) -> Decision:
         key = (session, reason)
         self.drops[key] = self.drops.get(key, 0) + 1
@@ -254,6 +331,8 @@ class Router:
             scan.geometry.check(msg, payload_bytes)
         except ProtocolError as exc:
             return self._data_drop(state, msg, exc.reason.value, scan)
+        if scan.spool is not None:
+            return self._spool(state, msg, scan, scan.spool, native, payload_bytes)
         index = msg.frame % len(scan.members)
         scan.expected[index] += 1
         state.messages += 1
@@ -261,6 +340,17 @@ class Router:
         if native:
             return scan.forward[index]
         return Decision(slot=scan.members[index], header=encode(msg))
+
+    def _spool(self, state: _SessionState, msg: Data, scan: _Scan, spool: SpoolWrite,
+               native: bool, payload_bytes: int) -> Decision:
+        if scan.spool_failed:
+            return self._data_drop(state, msg, Reason.SPOOL_FAILED.value, scan)
+        scan.expected[0] += 1
+        state.spooled += 1
+        state.spooled_bytes += payload_bytes
+        if native:
+            return scan.to_spool
+        return Decision(header=encode(msg), spool=spool)
 
     @staticmethod
     def _ncem_fits(header: bytes | memoryview, scan: _Scan) -> bool:
@@ -294,9 +384,17 @@ class Router:
         if len(state.scans) >= limits.max_open_scans:
             return self._count(sid, Reason.TOO_MANY_SCANS.value)
         if not state.members:
-            return self._count(sid, Reason.NO_CONSUMERS.value)
+            return self._begin_spooled(state, msg)
         scan = state.scans[msg.scan] = _Scan(msg, state.members)
         return Decision(control=scan.routed_begins(sid))
+
+    def _begin_spooled(self, state: _SessionState, msg: ScanBegin) -> Decision:
+        if not self.spooling:
+            return self._count(state.entry.id, Reason.NO_CONSUMERS.value)
+        key = ScanKey(state.entry.id, msg.scan)
+        state.scans[msg.scan] = _Scan(msg, (), SpoolWrite(key))
+        # The spool records the canonical encoding: what a replaying producer would send.
+        return Decision(spool=SpoolOpen(key, encode(msg)))
 
     def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin) -> Decision:
         if msg != scan.begin:
@@ -317,13 +415,17 @@ class Router:
             return _ACCEPTED
         del state.scans[msg.scan]
         state.closed.append(msg.scan)
-        return Decision(control=scan.routed_ends())
+        if scan.spool is None:
+            return Decision(control=scan.routed_ends())
+        if scan.spool_failed:
+            return _ACCEPTED
+        return Decision(spool=SpoolClose(scan.spool.key, scan.manifest()))
 
     def stats(self) -> Iterator[SessionStats]:
         """Counters per session; safe to call from another thread while routing goes on."""
         for state in list(self._sessions.values()):
             yield SessionStats(state.entry.id, state.messages, state.bytes, len(state.scans),
-                               len(state.members))
+                               len(state.members), state.spooled, state.spooled_bytes)
 
     @property
     def open_scans(self) -> int:

@@ -40,7 +40,7 @@ DSN_SYSTEM: dict[str, Any] = {
     "consumers": ["tcp://127.0.0.1:6001", "tcp://127.0.0.1:6002"],
 }
 JOB_SYSTEM: dict[str, Any] = {
-    "session_id": "s-20261122-0001", "ranks": 4,
+    "session_id": "s-20261122-0001", "job_id": "j-0001", "ranks": 4,
     "config_path": "/var/lib/dsn/sessions/s-20261122-0001/dsn.yaml",
     "output_dir": "/scratch/dsn/s-20261122-0001",
     "token_file": "/var/lib/dsn/sessions/s-20261122-0001/consumer.token",

@@ -24,7 +24,8 @@ from dataplane.protocol import (
     encode,
     encode_ncem,
 )
-from gateway.router import Decision, Router
+from dataplane.spool import SpoolManifest
+from gateway.router import Decision, Router, ScanKey, SpoolClose, SpoolOpen, SpoolWrite
 from gateway.sessions import SessionTable
 
 DETECTOR = Detector(frame_shape=(8, 4), sectors=2)
@@ -283,8 +284,80 @@ def test_random_traffic_never_raises_and_every_data_message_is_accounted(
     assert forwarded == sum(forwarded_per_scan.values()) + sum(reported.values())
 
 
-def test_a_session_without_consumers_refuses_scans_and_counts_their_data() -> None:
+def test_without_spooling_a_session_without_consumers_refuses_scans() -> None:
     router = _router(_session(consumers=0))
     assert router.route("s1", begin(), 1, 0).drop == "no_consumers"
     assert send_data(router, data(frame=0)).drop == "unknown_scan"
     assert router.drops == {("s1", "no_consumers"): 1, ("s1", "unknown_scan"): 1}
+
+
+def _spooling(*sessions: Session) -> Router:
+    return Router(SessionTable(sessions or [_session(consumers=0)]), clock=Clock(), spooling=True)
+
+
+KEY = ScanKey("s1", 1)
+
+
+def test_a_scan_without_consumers_is_spooled_and_counted_not_dropped() -> None:
+    router = _spooling()
+    opened = router.route("s1", begin(producers=2), 1, 0)
+    assert opened == Decision(spool=SpoolOpen(KEY, begin(producers=2)))
+    assert router.route("s1", begin(producers=2), 1, 0) == Decision()
+    written = Decision(spool=SpoolWrite(KEY))
+    assert [send_data(router, data(frame=f)) for f in (0, 5)] == [written, written]
+    ncem = encode_ncem(NcemHeader(scan_number=1, frame_number=4, positions_per_row=4, rows=3,
+                                  x_in_row=1, row_in_scan=2, thread_id=0, module=1))
+    assert send_data(router, ncem) == Decision(
+        header=encode(Data(v=1, scan=1, frame=9, sector=1, seq=4)), spool=SpoolWrite(KEY))
+    (stats,) = router.stats()
+    assert (stats.spooled, stats.spooled_bytes, stats.messages, stats.open_scans) == (
+        3, 3 * SECTOR, 0, 1)
+    assert router.drops == {}
+
+
+def test_drops_of_a_spooled_scan_go_to_the_manifest_closed_at_the_last_scan_end() -> None:
+    router = _spooling()
+    router.route("s1", begin(producers=2), 1, 0)
+    send_data(router, data(frame=1))
+    send_data(router, data(frame=99))                    # out_of_range
+    send_data(router, data(frame=2), size=SECTOR - 2)    # wrong_payload_size
+    assert router.route("s1", end(sent=2), 1, 0) == Decision()
+    closed = router.route("s1", end(sent=1), 1, 0)
+    assert closed == Decision(spool=SpoolClose(KEY, SpoolManifest(
+        sent=3, dropped={"out_of_range": 1, "wrong_payload_size": 1},
+        drops=[(99, 0, "out_of_range"), (2, 0, "wrong_payload_size")], drops_truncated=False)))
+    assert router.drops == {("s1", "out_of_range"): 1, ("s1", "wrong_payload_size"): 1}
+    assert send_data(router, data(frame=0)).drop == "scan_closed"
+
+
+def test_a_spooled_scan_stays_spooled_when_consumers_appear() -> None:
+    empty = _session(consumers=0)
+    router = _spooling(empty)
+    router.route("s1", begin(scan=1), 1, 0)
+    router.use_table(SessionTable([empty.model_copy(update={"consumers": ["tcp://127.0.0.1:7"]})]))
+    assert send_data(router, data(frame=1)).spool == SpoolWrite(KEY)
+    assert [slot for slot, _ in control(router.route("s1", begin(scan=2), 1, 0))] == [0]
+    assert send_data(router, data(scan=2, frame=1)).slot == 0
+    assert isinstance(router.route("s1", end(scan=1, sent=1), 1, 0).spool, SpoolClose)
+
+
+def test_a_failed_spool_loses_the_rest_of_its_scan_counted() -> None:
+    router = _spooling()
+    router.route("s1", begin(), 1, 0)
+    send_data(router, data(frame=0))
+    send_data(router, data(frame=1))
+    router.spool_failed(KEY, SECTOR)
+    assert send_data(router, data(frame=2)).drop == "spool_failed"
+    assert router.route("s1", end(sent=3), 1, 0) == Decision()
+    (stats,) = router.stats()
+    assert (stats.spooled, stats.spooled_bytes) == (1, SECTOR)
+    assert router.drops == {("s1", "spool_failed"): 2}
+
+
+def test_a_spool_that_cannot_be_opened_refuses_its_data() -> None:
+    router = _spooling()
+    router.route("s1", begin(), 1, 0)
+    router.spool_failed(KEY, 0)
+    assert send_data(router, data(frame=0)).drop == "spool_failed"
+    assert router.drops == {("s1", "spool_failed"): 2}
+    assert next(router.stats()).spooled == 0

@@ -1,16 +1,23 @@
-"""Scan results as the root rank reports them: the record, a reporter protocol, JSON lines."""
+"""Scan results as the root rank reports them: the record, a reporter protocol, and the
+reporters: JSON lines, the control plane's ``POST .../scans/{scan}/result``, and both at once."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
+from dataplane.consumer.controlplane import ControlPlaneClient, with_retries
+from dataplane.consumer.errors import ControlPlaneError
 from dataplane.consumer.outcome import ScanOutcome
 from dataplane.consumer.writer import WrittenScan
+from dataplane.logs import fields
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,17 @@ class ScanResult:
             incomplete_frames=len(outcome.incomplete_frames), status=outcome.status)
 
 
+    def report_body(self) -> dict[str, Any]:
+        """The control plane's ScanReport: the session and scan are in the URL, not the body."""
+        body = asdict(self)
+        del body["session"], body["scan"]
+        return body
+
+
 class ResultReporter(Protocol):
     def report(self, result: ScanResult) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class JsonLinesReporter:
@@ -54,7 +70,7 @@ class JsonLinesReporter:
     @classmethod
     def to_file(cls, path: Path) -> JsonLinesReporter:
         # Appending keeps the records of earlier jobs that reported into the same file.
-        return cls(open(path, "a", encoding="utf-8"), sync=True)  # noqa: SIM115 - kept open
+        return cls(open(path, "a", encoding="utf-8"), sync=True)  # kept open until close()
 
     def report(self, result: ScanResult) -> None:
         self._stream.write(json.dumps(asdict(result), sort_keys=True) + "\n")
@@ -65,3 +81,48 @@ class JsonLinesReporter:
     def close(self) -> None:
         if self._stream not in (sys.stdout, sys.stderr):
             self._stream.close()
+
+
+class HttpResultReporter:
+    """Records each result with the control plane, retrying while it is unavailable.
+
+    A refusal (4xx) or a control plane that stays away is logged as an error and the scan goes on
+    being served from its file: losing the record must never cost the data.
+    """
+
+    def __init__(self, client: ControlPlaneClient, session: str, log: logging.Logger, *,
+                 attempts: int = 4, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._client = client
+        self._session = session
+        self._log = log
+        self._attempts = attempts
+        self._sleep = sleep
+
+    def report(self, result: ScanResult) -> None:
+        try:
+            with_retries(lambda: self._client.report(self._session, result.scan,
+                                                     result.report_body()),
+                         attempts=self._attempts, sleep=self._sleep)
+        except ControlPlaneError as exc:
+            self._log.error("scan result not recorded by the control plane", extra=fields(
+                scan=result.scan, path=result.path, status=exc.status, error=str(exc)))
+            return
+        self._log.info("scan result recorded", extra=fields(scan=result.scan))
+
+    def close(self) -> None:
+        """Nothing is held between reports."""
+
+
+class Reporters:
+    """Several reporters in order: a local record first, so it exists even if a later one fails."""
+
+    def __init__(self, reporters: Sequence[ResultReporter]) -> None:
+        self._reporters = tuple(reporters)
+
+    def report(self, result: ScanResult) -> None:
+        for reporter in self._reporters:
+            reporter.report(result)
+
+    def close(self) -> None:
+        for reporter in self._reporters:
+            reporter.close()

@@ -1,6 +1,7 @@
 """The per-rank receive loop: ZeroMQ in, the pure scan work in the middle, MPI and files out.
 
-Rank r binds a PULL socket at the session's consumer endpoint r. The loop never blocks in MPI while
+Rank r binds a PULL socket at the session's consumer endpoint r (static mode) or, with a control
+plane, on an ephemeral port that it registers (``registration``). The loop never blocks in MPI while
 data may still arrive: threshold agreement is non-blocking (``agreement``), and the blocking gather
 happens only for a scan whose routed ``scan_end`` every rank has already received (the gateway sends
 it to all members at once), so every rank reaches that gather without needing any more data.
@@ -26,10 +27,18 @@ from tqdm import tqdm
 from dataplane import counting
 from dataplane.config import ConfigError, Session, load_config
 from dataplane.consumer.agreement import ThresholdAgreement
-from dataplane.consumer.errors import ConsumerError, MembershipError, SetupError
+from dataplane.consumer.controlplane import ControlPlaneClient
+from dataplane.consumer.errors import ConsumerError, JoinError, MembershipError, SetupError
 from dataplane.consumer.gather import gather_scan
 from dataplane.consumer.outcome import merge
-from dataplane.consumer.report import JsonLinesReporter, ResultReporter, ScanResult
+from dataplane.consumer.registration import RegistrationArguments, job_id_for, join_session
+from dataplane.consumer.report import (
+    HttpResultReporter,
+    JsonLinesReporter,
+    Reporters,
+    ResultReporter,
+    ScanResult,
+)
 from dataplane.consumer.scanwork import (
     CountingOptions,
     ScanWork,
@@ -256,7 +265,8 @@ def open_socket(context: zmq.Context[zmq.Socket[bytes]], session: Session,
 
 def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReporter | None,
              stop: threading.Event, log: logging.Logger) -> int:
-    """Bind, run the loop, close; returns the number of scans finished. Only the root reports."""
+    """Static mode: bind the session's endpoint for this rank, run the loop, close; returns the
+    number of scans finished. Only the root reports."""
     check_layout(settings.session, world.Get_size())
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     context = zmq.Context()
@@ -267,6 +277,36 @@ def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReport
         return RankLoop(settings, world, socket, reporter, log).run(stop)
     finally:
         socket.close(linger=0)
+        context.term()
+
+
+def run_registered_rank(settings: ConsumerSettings, world: MPI.Comm,
+                        registration: RegistrationArguments, result_file: Path | None,
+                        stop: threading.Event, log: logging.Logger) -> int:
+    """Registration mode: join the session (all ranks or none), run the loop, leave; returns the
+    number of scans finished. Membership comes from each routed scan_begin, not the config."""
+    session = settings.session
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SetupError(f"--output-dir {settings.output_dir}: {exc.strerror}") from None
+    job_id = job_id_for(registration.job_id, world)
+    context = zmq.Context()
+    try:
+        client, joined = join_session(registration, context, session.id, session.limits.hwm,
+                                      world, job_id, log)
+        log.info("listening", extra=fields(endpoint=joined.endpoint, session=session.id,
+                                           hwm=session.limits.hwm, job_id=job_id))
+        reporter: ResultReporter | None = None
+        try:
+            if world.Get_rank() == ROOT:
+                reporter = _registered_reporter(client, session.id, result_file, log)
+            return RankLoop(settings, world, joined.socket, reporter, log).run(stop)
+        finally:
+            if reporter is not None:
+                reporter.close()
+            joined.leave(client, session.id, log)
+    finally:
         context.term()
 
 
@@ -284,6 +324,7 @@ class JobArguments:
     xray_sigma: float
     kernel: str
     result_file: Path | None
+    registration: RegistrationArguments | None = None  # None: static mode
 
 
 def settings_from(args: JobArguments) -> ConsumerSettings:
@@ -307,22 +348,43 @@ def run_job(args: JobArguments) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    reporter = _reporter(args.result_file) if world.Get_rank() == ROOT else None
     try:
-        finished = run_rank(settings_from(args), world, reporter, stop, log)
+        finished = _run(args, world, stop, log)
+    except JoinError as exc:
+        log.error(str(exc), extra=fields(error=type(exc).__name__))
+        return 2
     except ConsumerError as exc:
         log.error(str(exc), extra=fields(error=type(exc).__name__))
         if world.Get_size() > 1:
             # The other ranks may be inside a collective this rank will never join.
             world.Abort(2)
         return 2
-    finally:
-        if reporter is not None:
-            reporter.close()
     log.info("consumer stopped", extra=fields(scans=finished, signalled=stop.is_set()))
     return 0
 
 
+def _run(args: JobArguments, world: MPI.Comm, stop: threading.Event, log: logging.Logger) -> int:
+    settings = settings_from(args)
+    if args.registration is not None:
+        return run_registered_rank(settings, world, args.registration, args.result_file, stop,
+                                   log)
+    reporter = _reporter(args.result_file) if world.Get_rank() == ROOT else None
+    try:
+        return run_rank(settings, world, reporter, stop, log)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
 def _reporter(result_file: Path | None) -> JsonLinesReporter:
     return JsonLinesReporter() if result_file is None else JsonLinesReporter.to_file(result_file)
+
+
+def _registered_reporter(client: ControlPlaneClient, session: str, result_file: Path | None,
+                         log: logging.Logger) -> ResultReporter:
+    """The control plane records results; a --result-file keeps a local copy, written first."""
+    http = HttpResultReporter(client, session, log)
+    if result_file is None:
+        return http
+    return Reporters([JsonLinesReporter.to_file(result_file), http])
 

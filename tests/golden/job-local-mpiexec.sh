@@ -7,6 +7,7 @@ exec /opt/dsn/.venv/bin/mpiexec --oversubscribe -n 4 \
   /opt/dsn/.venv/bin/python -m controlplane consumer run \
   --config /var/lib/dsn/sessions/s-20261122-0001/dsn.yaml \
   --session s-20261122-0001 \
+  --job-id j-0001 \
   --output-dir /scratch/dsn/s-20261122-0001 \
   --scans 3 \
   --kernel stempy \

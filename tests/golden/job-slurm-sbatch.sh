@@ -18,6 +18,7 @@ srun --ntasks=4 --cpus-per-task=8 \
   /opt/dsn/.venv/bin/python -m controlplane consumer run \
   --config /var/lib/dsn/sessions/s-20261122-0001/dsn.yaml \
   --session s-20261122-0001 \
+  --job-id j-0001 \
   --output-dir /scratch/dsn/s-20261122-0001 \
   --kernel stempy \
   --samples 40

@@ -1,0 +1,108 @@
+"""The gateway's spool directory: open, fill and publish the spool files the router asks for.
+
+The file format is ``dataplane.spool`` (producers read it to replay). This module holds the
+gateway side: preparing ``gateway.spool_dir`` (created 0700; refused if others may read it), and
+the open writers of spooled scans, used only by the forwarding thread. An I/O error is reported to
+the caller (which counts the loss); it never stops the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from dataplane.spool import SpoolManifest, SpoolWriter
+from gateway.router import ScanKey
+
+log = logging.getLogger("dsn.gateway.spool")
+
+
+def prepare_spool_dir(directory: Path | None) -> Path | None:
+    """The usable spool directory, or None (logged) when spooling must be refused."""
+    if directory is None:
+        return None
+    problem = _spool_dir_problem(directory)
+    if problem is None:
+        return directory
+    log.warning("spool_dir unusable; scans without consumers will be refused",
+                extra={"fields": {"spool_dir": str(directory), "reason": problem}})
+    return None
+
+
+def _spool_dir_problem(directory: Path) -> str | None:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = directory.stat().st_mode
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISDIR(mode):
+        return "not a directory"
+    if stat.S_IMODE(mode) & 0o077:
+        # Spools hold a session's detector data; other users must not read them.
+        return f"mode {stat.S_IMODE(mode):04o}; it must be 0700"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
+
+
+class Spools:
+    """The open spool writers of one gateway, by scan, and the files published per session."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._open: dict[ScanKey, SpoolWriter] = {}
+        self.files: dict[str, int] = {}
+
+    def open(self, key: ScanKey, begin: bytes) -> bool:
+        try:
+            self._open[key] = SpoolWriter(self.directory, key.session, key.scan, begin)
+        except OSError as exc:
+            return self._failed("open", key, exc)
+        return True
+
+    def write(self, key: ScanKey, header: bytes | memoryview, payload: memoryview) -> bool:
+        writer = self._open.get(key)
+        if writer is None:
+            return False
+        try:
+            writer.write(header, payload)
+        except OSError as exc:
+            self._discard(key)
+            return self._failed("write", key, exc)
+        return True
+
+    def finish(self, key: ScanKey, manifest: SpoolManifest) -> Path | None:
+        writer = self._open.pop(key, None)
+        if writer is None:
+            return None
+        try:
+            path = writer.finish(manifest)
+        except OSError as exc:
+            self._failed("finish", key, exc)
+            return None
+        self.files[key.session] = self.files.get(key.session, 0) + 1
+        log.info("spooled", extra={"fields": {"session": key.session, "scan": key.scan,
+                                              "path": str(path), "records": writer.records}})
+        return path
+
+    def abandon_all(self) -> None:
+        """Close every open spool without a trailer (the gateway stops mid-scan)."""
+        for key in list(self._open):
+            partial = self._discard(key)
+            log.warning("spool left incomplete", extra={"fields": {
+                "session": key.session, "scan": key.scan, "path": str(partial)}})
+
+    def _discard(self, key: ScanKey) -> Path:
+        writer = self._open.pop(key)
+        try:
+            return writer.abandon()
+        except OSError:
+            return writer.partial
+
+    def _failed(self, action: str, key: ScanKey, exc: OSError) -> bool:
+        log.error("spool failed", extra={"fields": {
+            "action": action, "session": key.session, "scan": key.scan,
+            "error": exc.strerror or str(exc)}})
+        return False
