@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import stat
 import time
 import urllib.error
@@ -101,6 +102,7 @@ async def initialize(state_dir: Path, *, policy_path: Path | None = None,
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         await keyring.create()
         await asyncio.to_thread(_gateway_keys, settings)
+        await asyncio.to_thread(_state_keys, settings)
         return await _first_admin_token(settings, policy, store, keyring, clock, token_path)
     finally:
         await store.close()
@@ -112,6 +114,18 @@ def _gateway_keys(settings: Settings) -> None:
     if not settings.gateway_public_key_file.exists():
         create_keypair(settings.gateway_public_key_file.parent,
                        settings.gateway_public_key_file.name.removesuffix(".key"))
+
+
+def _state_keys(settings: Settings) -> None:
+    """The state service's CURVE key pair, and the local gateway's public key as the first entry
+    of the gateways allowed to subscribe (the one-host default; an admin adds a remote gateway by
+    copying its public ``.key`` file into ``STATE_DIR/gateways/``)."""
+    if not settings.state_secret_key_file.exists():
+        create_keypair(settings.state_secret_key_file.parent, "state")
+    _private_dir(settings.gateways_dir)
+    local = settings.gateways_dir / "local.key"
+    if not local.exists():
+        shutil.copyfile(settings.gateway_public_key_file, local)
 
 
 async def _first_admin_token(settings: Settings, policy: PolicySet, store: Store, keyring: KeyRing,
@@ -144,6 +158,11 @@ async def _require_initialised(settings: Settings) -> None:
             raise ConfigurationError(f"{settings.state_dir} has no signing key; {hint}")
     finally:
         await store.close()
+    if not settings.state_secret_key_file.is_file():
+        raise ConfigurationError(f"{settings.state_dir} has no state service key "
+                                 f"({settings.state_secret_key_file}); it was initialised by an "
+                                 "older version: create the key pair with 'dsn gateway keygen' "
+                                 "and rename it to state.key / state.key_secret")
 
 
 async def _verify_offline(state_dir: Path) -> dict[str, Any]:
@@ -394,8 +413,8 @@ def admin() -> None:
               help="Policy file or directory giving the admin token's scopes and lifetime. "
                    "Default: the shipped policies/.")
 def init(state_dir: Path, policy_path: Path | None) -> None:
-    """Create the state directory, the first signing key, the gateway's CURVE key pair and the
-    first admin token.
+    """Create the state directory, the first signing key, the gateway's and the state service's
+    CURVE key pairs (the local gateway allowed to subscribe) and the first admin token.
 
     The token is written to STATE_DIR/admin.token (0600) and printed once; it is not stored
     anywhere else (the database keeps only its id). Refuses an already initialised directory.
@@ -406,6 +425,8 @@ def init(state_dir: Path, policy_path: Path | None) -> None:
         raise AdminError(exc.detail) from None
     click.echo(f"gateway CURVE keys in {state_dir / 'keys'} (server.key, server.key_secret)",
                err=True)
+    click.echo(f"state service CURVE keys in {state_dir / 'keys'} (state.key, state.key_secret); "
+               f"gateways allowed to subscribe: {state_dir / 'gateways'}/*.key", err=True)
     click.echo(f"admin token written to {state_dir / ADMIN_TOKEN_FILE} (0600); "
                "it is shown only this once:", err=True)
     click.echo(token)

@@ -2,17 +2,22 @@
 
 ``create_app(settings)`` registers the routes of ``ROUTES`` (each once, with its declared
 checks), the middlewares and the OpenAPI document. The services (store, key ring, policies, token
-service, rate limiter, audit log) open in a ``cleanup_ctx`` when the app starts and close with it,
-so a test can build the app twice on one state directory to check what survives a restart.
+service, rate limiter, audit log, state service) open in a ``cleanup_ctx`` when the app starts and
+close with it, so a test can build the app twice on one state directory to check what survives a
+restart. The state service publishes the live sessions to the gateways (``controlplane.state``):
+the session views publish each change they commit, and its reconcile loop publishes expiries.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import AsyncIterator, Callable
 
+import zmq
 from aiohttp import web
 
+from controlplane import sessions_api, templates_api, views
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
 from controlplane.launchers import get_launcher
@@ -30,9 +35,13 @@ from controlplane.policy import ACTIONS, PolicyHolder, load_policies
 from controlplane.ratelimit import RateLimiter
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
+from controlplane.state import StateService, StateSettings
 from controlplane.store import Store
 from controlplane.tokens import Authenticator, TokenService
-from controlplane import sessions_api, templates_api, views
+from dataplane.config import Session
+from dataplane.keys import KeyFileError, load_keypair, load_secret_keypair
+
+log = logging.getLogger("dsn.controlplane")
 
 # Every served route, each declared once; feature modules contribute their own route tables.
 ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *templates_api.ROUTES, *sessions_api.ROUTES)
@@ -52,8 +61,14 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def open_services(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(settings.database)
         try:
-            app[SERVICES] = services = await _build_services(settings, store, app[METRICS])
-            yield
+            state = _state_service(settings, store)
+            try:
+                app[SERVICES] = services = await _build_services(settings, store, app[METRICS],
+                                                                 state)
+                await _start_state(state, settings)
+                yield
+            finally:
+                await state.close()
             await services.limiter.aclose()
             for launcher in services.launchers.values():
                 await launcher.close()  # a local job cannot outlive the parent that polls it
@@ -62,7 +77,42 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
     return open_services
 
 
-async def _build_services(settings: Settings, store: Store, metrics: Metrics) -> Services:
+async def _start_state(state: StateService, settings: Settings) -> None:
+    try:
+        await state.start()
+    except zmq.ZMQError as exc:
+        raise ConfigurationError(f"state service: cannot bind {' and '.join(settings.state_endpoints)}"
+                                 f": {exc}") from None
+
+
+def _state_service(settings: Settings, store: Store) -> StateService:
+    """The state service over ``store``'s live sessions, with its key pair and gateway allow-list
+    read from the state directory; a missing or unreadable key refuses the start."""
+    try:
+        keypair = load_secret_keypair(settings.state_secret_key_file)
+        gateways = _gateway_keys(settings)
+    except KeyFileError as exc:
+        raise ConfigurationError(f"state service: {exc}; 'dsn admin init' creates "
+                                 f"{settings.state_secret_key_file.name} and "
+                                 f"{settings.gateways_dir.name}/ in a new state directory") from None
+
+    async def source() -> list[Session]:
+        return await sessions_api.live_sessions(store, settings.clock())
+
+    return StateService(StateSettings(settings.state_endpoints, reconcile_s=settings.reconcile_s),
+                        keypair, gateways, source)
+
+
+def _gateway_keys(settings: Settings) -> list[bytes]:
+    """The public keys of the gateways allowed to subscribe: ``STATE_DIR/gateways/*.key``."""
+    files = sorted(settings.gateways_dir.glob("*.key"))
+    if not files:
+        log.warning("no gateway keys in %s: no gateway can receive sessions", settings.gateways_dir)
+    return [load_keypair(path).public for path in files]
+
+
+async def _build_services(settings: Settings, store: Store, metrics: Metrics,
+                          state: StateService) -> Services:
     clock = settings.clock
     keyring = await KeyRing.load(settings.state_dir, store, clock=clock)
     policies = PolicyHolder(load_policies(settings.policy_path))
@@ -72,7 +122,8 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics) ->
         settings=settings, store=store, keyring=keyring, tokens=tokens,
         authenticator=Authenticator(tokens, store, clock), policies=policies,
         limiter=RateLimiter(policies), audit=AuditLog(store, clock=clock),
-        metrics=metrics, launchers={settings.launcher: get_launcher(settings.launcher)})
+        metrics=metrics, state=state,
+        launchers={settings.launcher: get_launcher(settings.launcher)})
 
 
 def create_app(settings: Settings) -> web.Application:

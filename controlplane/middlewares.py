@@ -40,6 +40,7 @@ from controlplane.policy import Decision, PolicyHolder, Principal, Resource
 from controlplane.ratelimit import RateLimiter
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
+from controlplane.state import StateService
 from controlplane.store import Store
 from controlplane.tokens import Authenticator, Claims, Surface, TokenKind, TokenService
 
@@ -98,6 +99,7 @@ class Services:
     limiter: RateLimiter
     audit: AuditLog
     metrics: Metrics
+    state: StateService  # publishes the live sessions to the gateways
     surfaces: dict[frozenset[TokenKind], Surface] = field(default_factory=dict)
     launchers: Mapping[str, Launcher] = field(default_factory=dict)  # by name: the configured one
 

@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import zmq
 from aiohttp import web
 from pydantic import Field, StringConstraints, model_validator
 
@@ -66,7 +67,14 @@ from controlplane.templating import Kind, Template, parse_template, render_value
 from controlplane.tokens import Claims, TokenKind
 from controlplane.views import ADMIN_OR_PROJECT, PROJECT_ONLY, parse_body, parse_query, reply
 from dataplane import strictyaml
-from dataplane.config import ConnectEndpoint, CurveKey, parse_endpoint
+from dataplane.config import (
+    ConfigError,
+    ConnectEndpoint,
+    CurveKey,
+    Session,
+    parse_config,
+    parse_endpoint,
+)
 from dataplane.keys import KeyFileError, load_keypair
 
 log = logging.getLogger(__name__)
@@ -592,6 +600,44 @@ async def list_results(store: Store, *, project: str | None, session_id: str | N
     return [_record(ScanRecord, row) for row in rows]
 
 
+async def live_sessions(store: Store, now: float, session_id: str | None = None
+                        ) -> list[Session]:
+    """What the gateways must serve now: every open session (or just ``session_id``) whose
+    session token is not revoked, with its live consumers in rank order."""
+    rows = await store.read(
+        "SELECT s.* FROM sessions s JOIN tokens t ON t.jti = s.token_jti WHERE s.ended_at IS NULL "
+        "AND s.expires_at > ?1 AND t.revoked_at IS NULL AND (?2 IS NULL OR s.id = ?2) "
+        "ORDER BY s.created_at, s.id", (now, session_id))
+    consumers = await store.read(
+        "SELECT * FROM consumers WHERE left_at IS NULL AND lease_expires_at > ?1 "
+        "AND (?2 IS NULL OR session_id = ?2) ORDER BY rank, job_id", (now, session_id))
+    endpoints: dict[str, list[str]] = {}
+    for row in consumers:
+        endpoints.setdefault(row["session_id"], []).append(row["endpoint"])
+    sessions = (_gateway_session(_record(SessionRecord, row), endpoints.get(row["id"], []))
+                for row in rows)
+    return [session for session in sessions if session is not None]
+
+
+def _gateway_session(record: SessionRecord, endpoints: Sequence[str]) -> Session | None:
+    try:
+        return parse_config(config_with_consumers(record.config, endpoints)).session(record.id)
+    except ConfigError as exc:
+        # Validated when rendered; a stored config that no longer validates is not served.
+        log.error("session %s cannot be published: %s", record.id, exc)
+        return None
+
+
+async def publish_session(services: Services, session_id: str) -> None:
+    """Hand a committed change of ``session_id`` to the gateways now. A failure is logged: the
+    state service's reconcile loop publishes the difference within ``reconcile_s``."""
+    try:
+        live = await live_sessions(services.store, services.now(), session_id)
+        await services.state.publish(session_id, live[0] if live else None)
+    except (ControlPlaneError, zmq.ZMQError) as exc:
+        log.warning("publishing session %s failed (reconcile retries): %s", session_id, exc)
+
+
 # --- templates, keys and files -------------------------------------------------------------------
 
 async def current_template(store: Store, name: str, kind: Kind) -> tuple[Template, int]:
@@ -949,6 +995,7 @@ async def open_session_view(request: web.Request) -> web.Response:
     body = await parse_body(request, SessionOpen)  # already read once, for the policy decision
     services = _services(request)
     session, token = await open_session(services, request[CLAIMS], body)
+    await publish_session(services, session.id)
     opened = SessionOpened(**session_fields(session, services.now(), await gateway_info(services)),
                            token=token, token_expires_at=utc(session.expires_at))
     return reply(opened, 201, {"Location": f"/api/v1/sessions/{session.id}",
@@ -972,6 +1019,7 @@ async def get_session_view(request: web.Request) -> web.Response:
 async def end_session_view(request: web.Request) -> web.Response:
     services = _services(request)
     session = await end_session(services.store, request.match_info["session"], services.now())
+    await publish_session(services, session.id)
     await cancel_jobs(services, session.id)
     return reply(await session_detail(services, session))
 
@@ -981,6 +1029,7 @@ async def register_consumer_view(request: web.Request) -> web.Response:
     services = _services(request)
     session = await existing_session(services, request.match_info["session"])
     consumer = await add_consumer(services, session, body)
+    await publish_session(services, session.id)
     return reply(consumer_out(consumer, services.now()), 201,
                  {"Location": f"/api/v1/sessions/{session.id}/consumers/{consumer.id}"})
 
@@ -997,6 +1046,7 @@ async def leave_view(request: web.Request) -> web.Response:
     services = _services(request)
     consumer = await leave(services.store, request.match_info["session"],
                            request.match_info["consumer"], services.now())
+    await publish_session(services, consumer.session_id)
     return reply(consumer_out(consumer, services.now()))
 
 

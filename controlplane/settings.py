@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from controlplane.errors import ConfigurationError
+from dataplane.clone import StateEndpoints
 from dataplane.config import parse_endpoint
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -24,6 +25,7 @@ ISSUER: Final = "dsn-controlplane"
 API_AUDIENCE: Final = "dsn-api"
 GATEWAY_AUDIENCE: Final = "dsn-gateway"
 DEFAULT_GATEWAY_ENDPOINT: Final = "tcp://127.0.0.1:5555"
+DEFAULT_STATE_ENDPOINTS: Final = StateEndpoints("tcp://127.0.0.1:8751", "tcp://127.0.0.1:8752")
 
 
 def _shipped_policies() -> Path:
@@ -50,6 +52,12 @@ class Settings:
     secret sits beside it as ``server.key_secret``);
     ``launcher`` names the consumer-job launcher (``local`` or ``slurm``); ``lease_s`` is how long
     a consumer stays live without a heartbeat.
+
+    State service: ``state_endpoints`` are where gateways fetch snapshots (ROUTER) and subscribe to
+    updates (PUB); ``reconcile_s`` is how often the published sessions are compared with the store,
+    which is how expiries (sessions, leases) reach the gateways. Its CURVE key pair is
+    ``STATE_DIR/keys/state.key(_secret)``; the gateways it admits are the public key files
+    ``STATE_DIR/gateways/*.key``.
     """
 
     state_dir: Path
@@ -67,6 +75,8 @@ class Settings:
     gateway_key_file: Path | None = None
     launcher: str = "local"
     lease_s: int = 30
+    state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
+    reconcile_s: float = 1.0
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "port", self.port)
@@ -80,6 +90,12 @@ class Settings:
             parse_endpoint(self.gateway_endpoint)
         except ValueError:
             _require(False, "gateway_endpoint", self.gateway_endpoint)
+        for endpoint in self.state_endpoints:
+            try:
+                parse_endpoint(endpoint, allow_wildcard=True)
+            except ValueError:
+                _require(False, "state_endpoints", endpoint)
+        _require(0 < self.reconcile_s <= 3600, "reconcile_s", self.reconcile_s)
 
     @property
     def database(self) -> Path:
@@ -98,6 +114,19 @@ class Settings:
     def gateway_secret_key_file(self) -> Path:
         public = self.gateway_public_key_file
         return public.with_name(public.name + "_secret")
+
+    @property
+    def state_public_key_file(self) -> Path:
+        return self.state_dir / "keys" / "state.key"
+
+    @property
+    def state_secret_key_file(self) -> Path:
+        return self.state_dir / "keys" / "state.key_secret"
+
+    @property
+    def gateways_dir(self) -> Path:
+        """The allow-list of gateways: one CURVE public key file (``NAME.key``) per gateway."""
+        return self.state_dir / "gateways"
 
     @property
     def jobs_dir(self) -> Path:

@@ -1,4 +1,10 @@
-"""``dsn gateway``: run a DSN gateway, create its CURVE server key pair."""
+"""``dsn gateway``: run a DSN gateway, create its CURVE server key pair.
+
+Two ways to run: ``--config`` serves the sessions of a static DSN configuration;
+``--controlplane-state`` serves the sessions the control plane's state service publishes (opened,
+ended and expired over REST), with the gateway's own settings from flags or a gateway-only
+configuration (``sessions: []``).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,25 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
-from dataplane.config import ConfigError, load_config
-from dataplane.keys import KeyFileError, create_keypair, load_keypair
+from dataplane.clone import StateEndpoints
+from dataplane.config import (
+    ConfigError,
+    Detector,
+    DSNConfig,
+    load_config,
+    parse_config,
+    parse_endpoint,
+)
+from dataplane.keys import KeyFileError, create_keypair, load_keypair, load_secret_keypair
 from dataplane.logs import configure as configure_logging
 from gateway.errors import GatewayError
 from gateway.metrics import serve_metrics
 from gateway.proxy import Gateway, Mode
+from gateway.state import CloneSessionSource
 
 log = logging.getLogger("dsn.gateway")
 SERVER_KEY_NAME = "server"
@@ -34,22 +49,131 @@ def gateway() -> None:
 
 
 @gateway.command()
-@click.option("--config", "config_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="DSN configuration (YAML).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="DSN configuration (YAML). With --controlplane-state: the gateway section only "
+                   "(sessions: []).")
 @click.option("--mode", type=click.Choice(["l7", "l4"]), default="l7", show_default=True,
               help="l7 inspects and routes every message; l4 forwards blindly (comparison).")
 @click.option("--metrics", "metrics_address", metavar="HOST:PORT",
               help="Serve Prometheus metrics here (overrides gateway.metrics).")
-def run(config_path: Path, mode: Mode, metrics_address: str | None) -> None:
+@click.option("--controlplane-state", "state_endpoints", metavar="SNAPSHOT,UPDATES",
+              help="Serve the sessions of the control plane's state service, e.g. "
+                   "tcp://10.0.0.5:8751,tcp://10.0.0.5:8752.")
+@click.option("--state-key", "state_key_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The state service's CURVE public key (its STATE_DIR/keys/state.key).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="This gateway's CURVE key pair (.key_secret): the ingress server key producers "
+                   "are given, and its identity to the state service (the control plane's "
+                   "STATE_DIR/gateways/ must hold the public .key).")
+@click.option("--ingress", metavar="tcp://IP:PORT", help="Where producers connect "
+              "(control-plane mode; default gateway.ingress or tcp://127.0.0.1:5555).")
+@click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Spool directory (control-plane mode; default gateway.spool_dir or ./spool).")
+@click.option("--max-sector-bytes", type=click.IntRange(1, 2**31 - 1),
+              help="Largest data message a session may carry (control-plane mode; the ingress "
+                   f"limit is fixed when it binds). Default {Detector().sector_bytes}, the 4D "
+                   "Camera's.")
+@click.option("--sync-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+              help="Seconds to wait for the first snapshot of the sessions before giving up.")
+def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
+        state_endpoints: str | None, state_key_file: Path | None, key_file: Path | None,
+        ingress: str | None, spool_dir: Path | None, max_sector_bytes: int | None,
+        sync_timeout: float) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
     configure_logging("dsn")
+    source: CloneSessionSource | None = None
     try:
-        config = load_config(config_path)
-        gw = Gateway(config, mode=mode)
-        gw.start()
+        if state_endpoints is None:
+            _static_only(state_key_file, key_file, ingress, spool_dir, max_sector_bytes)
+            if config_path is None:
+                raise ConfigError("give --config, or --controlplane-state with --state-key")
+            gw = _static_gateway(config_path, mode)
+        else:
+            config = _gateway_only_config(config_path, key_file, ingress, spool_dir)
+            gw, source = _live_gateway(config, mode, state_endpoints, state_key_file,
+                                       max_sector_bytes, sync_timeout)
     except (ConfigError, KeyFileError, GatewayError) as exc:
         _fail(str(exc))
-    address = metrics_address or config.gateway.metrics
+    try:
+        _run_with_metrics(gw, mode, metrics_address or gw.config.gateway.metrics)
+    finally:
+        if source is not None:
+            source.stop()
+
+
+def _static_only(*live_options: object) -> None:
+    if any(option is not None for option in live_options):
+        raise ConfigError("--state-key, --key, --ingress, --spool-dir and --max-sector-bytes "
+                          "apply only with --controlplane-state")
+
+
+def _static_gateway(config_path: Path, mode: Mode) -> Gateway:
+    gw = Gateway(load_config(config_path), mode=mode)
+    gw.start()
+    return gw
+
+
+def _gateway_only_config(config_path: Path | None, key_file: Path | None, ingress: str | None,
+                         spool_dir: Path | None) -> DSNConfig:
+    """The gateway's own settings: the configuration file's, overridden by the flags given."""
+    settings: dict[str, Any] = {}
+    if config_path is not None:
+        config = load_config(config_path)
+        if config.sessions:
+            raise ConfigError(f"{config_path}: sessions come from the control plane; "
+                              "leave sessions empty")
+        settings = config.gateway.model_dump(mode="json")
+    elif key_file is None:
+        raise ConfigError("--controlplane-state needs --key (or --config naming the key)")
+    flags = {"server_secret_key_file": key_file, "ingress": ingress, "spool_dir": spool_dir}
+    settings.update({name: str(value) for name, value in flags.items() if value is not None})
+    return parse_config({"version": 1, "gateway": settings, "sessions": []})
+
+
+def _state_endpoints(text: str) -> StateEndpoints:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ConfigError(f"--controlplane-state: expected SNAPSHOT,UPDATES, got {text!r}")
+    for endpoint in parts:
+        try:
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            raise ConfigError(f"--controlplane-state: {endpoint!r} {exc}") from None
+    return StateEndpoints(*parts)
+
+
+def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str, state_key_file: Path | None,
+                  max_sector_bytes: int | None, sync_timeout: float
+                  ) -> tuple[Gateway, CloneSessionSource]:
+    """A started gateway serving the state service's sessions, once their first snapshot is in."""
+    if mode != "l7":
+        raise ConfigError("--mode l4 forwards one fixed session; use --config for it")
+    if state_key_file is None:
+        raise ConfigError("--controlplane-state needs --state-key (the state service's public key)")
+    endpoints = _state_endpoints(endpoints_text)
+    server_key = load_keypair(state_key_file).public
+    keypair = load_secret_keypair(config.gateway.server_secret_key_file)
+    gw = Gateway(config, mode=mode,
+                 max_sector_bytes=max_sector_bytes or Detector().sector_bytes)
+    source = CloneSessionSource(endpoints, server_key, keypair, gw.use_table)
+    source.start()
+    try:
+        if not source.wait_synced(sync_timeout):
+            raise GatewayError(
+                f"no sessions from the state service at {endpoints_text} within {sync_timeout:g} s:"
+                " is the control plane running, is --state-key its state.key, and is this "
+                "gateway's public key in its STATE_DIR/gateways/?")
+        gw.start()
+    except BaseException:
+        source.stop()
+        raise
+    # A table handed on while start() built the forwarding loop may have missed the loop: hand
+    # the current one again (adopting the same table twice changes nothing).
+    gw.use_table(source.load())
+    return gw, source
+
+
+def _run_with_metrics(gw: Gateway, mode: Mode, address: str | None) -> None:
     try:
         server = serve_metrics(address, gw) if address else None
     except GatewayError as exc:

@@ -43,8 +43,13 @@ _control_ids = itertools.count()
 
 
 def open_ingress(context: zmq.Context, settings: GatewaySettings, table: SessionTable,
-                 keypair: KeyPair, *, rcvhwm: int = INGRESS_HWM) -> zmq.Socket:
-    """Bind the CURVE + ZAP ingress; libzmq enforces the size limit before allocation."""
+                 keypair: KeyPair, *, rcvhwm: int = INGRESS_HWM,
+                 max_sector_bytes: int = 0) -> zmq.Socket:
+    """Bind the CURVE + ZAP ingress; libzmq enforces the size limit before allocation.
+
+    The limit is fixed at bind time: ``max_sector_bytes`` raises it for sessions that arrive later
+    (control-plane mode); the router still checks each message against its own session.
+    """
     socket = context.socket(zmq.PULL)
     socket.linger = 0
     socket.curve_server = True
@@ -52,7 +57,7 @@ def open_ingress(context: zmq.Context, settings: GatewaySettings, table: Session
     socket.curve_secretkey = keypair.secret
     socket.zap_domain = ZAP_DOMAIN
     socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-    socket.maxmsgsize = table.max_sector_bytes + MAXMSGSIZE_SLACK
+    socket.maxmsgsize = max(table.max_sector_bytes, max_sector_bytes) + MAXMSGSIZE_SLACK
     socket.rcvhwm = rcvhwm
     socket.rcvtimeo = POLL_MS
     _bind(socket, settings.ingress)
@@ -237,8 +242,9 @@ class Gateway:
     """A running gateway: context, ZAP handler, ingress, and the chosen forwarding loop."""
 
     def __init__(self, config: DSNConfig, *, mode: Mode = "l7", io_threads: int = 1,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_sector_bytes: int = 0) -> None:
         self.config = config
+        self.max_sector_bytes = max_sector_bytes
         self.mode = mode
         self.table = table_from_config(config)
         self.context = zmq.Context(io_threads=io_threads)
@@ -261,7 +267,7 @@ class Gateway:
             self.zap.start()
             hwm = max((e.session.limits.hwm for e in self.table), default=INGRESS_HWM)
             self._ingress = open_ingress(self.context, self.config.gateway, self.table, keypair,
-                                         rcvhwm=hwm)
+                                         rcvhwm=hwm, max_sector_bytes=self.max_sector_bytes)
             self._handshakes = HandshakeMonitor(self._ingress)
             self._handshakes.start()
             self._proxy = (self._l7_proxy(self._ingress) if self.mode == "l7"

@@ -4,6 +4,7 @@ and a running control plane (real app, real SQLite) built on a state directory t
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from controlplane.admin import initialize
 from controlplane.app import create_app
 from controlplane.middlewares import SERVICES, Services
 from controlplane.settings import Settings
+from dataplane.clone import StateEndpoints
 
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 CLIENT_SCOPE = "token:exchange projects:read tokens:read sessions:read sessions:write"
@@ -49,6 +51,19 @@ def write_policy(directory: Path, **rate_limits: str) -> Path:
     path = directory / "policy.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def free_state_endpoints() -> StateEndpoints:
+    """Loopback endpoints for a state service: a fixed port would collide with any other control
+    plane (another test run, a developer's service) on the machine."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for probe in probes:  # both held at once: two distinct ports
+            probe.bind(("127.0.0.1", 0))
+        return StateEndpoints(*(f"tcp://127.0.0.1:{p.getsockname()[1]}" for p in probes))
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def sql(database: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -134,6 +149,7 @@ async def start_control_plane(aiohttp_client: ClientFactory, state_dir: Path, *,
         admin_token = token_file.read_text().strip()
     else:
         admin_token = await initialize(state_dir, policy_path=policy_path, now=clock())
+    overrides.setdefault("state_endpoints", free_state_endpoints())
     settings = Settings(state_dir=state_dir, clock=clock, policy_path=policy_path, **overrides)
     client = await aiohttp_client(create_app(settings))
     return ControlPlane(client, settings, clock, admin_token)
