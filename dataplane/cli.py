@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -14,12 +15,14 @@ from dataplane.keys import KeyFileError, KeyPair, create_keypair, load_keypair, 
 from dataplane.producer import (
     HeaderMode,
     ProducerError,
+    ProducerSession,
     StreamStats,
     replay_spool,
     stream_synthetic,
 )
+from dataplane.restclient import RestError, TokenFileError, read_token
+from dataplane.sessions import DEFAULT_TEMPLATE
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera, SyntheticError
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,13 +62,31 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 
 
 @producer.command("stream")
-@click.option("--endpoint", required=True, metavar="tcp://HOST:PORT",
-              help="The gateway's producer ingress, as given when the session was opened.")
-@click.option("--server-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The gateway's public CURVE key file (NAME.key).")
-@click.option("--client-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="This producer's CURVE key pair (NAME.key_secret, mode 0600); its public key "
-                   "must be registered with the session.")
+@click.option("--controlplane", "controlplane_url", default=None, metavar="URL",
+              help="Open the session at this control plane (http(s)://HOST:PORT) and stream into "
+                   "the gateway it names. Needs --project-token-file and --project.")
+@click.option("--project-token-file", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="With --controlplane: file holding the project token, mode 0600.")
+@click.option("--project", default=None, help="With --controlplane: the session's project.")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
+              help="With --controlplane: the DSN template the session is rendered from.")
+@click.option("--param", "param_pairs", multiple=True, metavar="NAME=VALUE",
+              help="With --controlplane: a template parameter, JSON where it parses "
+                   "(hwm=64, sources='[\"10.0.0.0/8\"]'), else a string. Repeatable.")
+@click.option("--ttl", type=click.IntRange(min=1), default=None,
+              help="With --controlplane: session lifetime in seconds [default: the policy's].")
+@click.option("--end-session", is_flag=True,
+              help="With --controlplane: end the session when the stream is over (or failed).")
+@click.option("--endpoint", default=None, metavar="tcp://HOST:PORT",
+              help="Without --controlplane: the gateway's producer ingress, as given when the "
+                   "session was opened.")
+@click.option("--server-key", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Without --controlplane: the gateway's public CURVE key file (NAME.key).")
+@click.option("--client-key", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="This producer's CURVE key pair (NAME.key_secret, mode 0600). Without "
+                   "--controlplane it must already be registered with the session; with it, it "
+                   "is registered when the session opens [default there: a fresh in-memory pair].")
 @click.option("--scan", type=click.IntRange(0, 2**32 - 1), default=None,
               help="Scan number [default: 0, or the spooled scan's number with --spool].")
 @click.option("--spool", "spool_file", default=None,
@@ -90,25 +111,63 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               show_default=True, help="Seconds a send may block before the stream fails.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: only on a terminal).")
-def stream(endpoint: str, server_key: Path, client_key: Path, scan: int | None,
-           spool_file: Path | None, scan_shape: tuple[int, int], seed: int, loss: float,
-           duplicates: float, reorder: int, header: HeaderMode, electrons: int, dark: bool,
-           timeout: float, progress: bool | None) -> None:
+def stream(controlplane_url: str | None, project_token_file: Path | None, project: str | None,
+           template: str, param_pairs: tuple[str, ...], ttl: int | None, end_session: bool,
+           endpoint: str | None, server_key: Path | None, client_key: Path | None,
+           scan: int | None, spool_file: Path | None, scan_shape: tuple[int, int], seed: int,
+           loss: float, duplicates: float, reorder: int, header: HeaderMode, electrons: int,
+           dark: bool, timeout: float, progress: bool | None) -> None:
     """Stream a synthetic 4D Camera scan into a session, one producer per sector, or replay a
-    spool file."""
+    spool file.
+
+    Two modes: with --controlplane, open the session there with a project token (registering
+    this producer's CURVE key) and stream into the gateway it names; without it, stream into a
+    session opened elsewhere, given its --endpoint, --server-key and a registered --client-key.
+    """
+    ctx = click.get_current_context()
     if spool_file is not None:
-        _refuse_synthetic_options(click.get_current_context())
-    server = _load_key(server_key, "--server-key", secret=False)
-    client = _load_key(client_key, "--client-key", secret=True)
-    if spool_file is not None:
-        try:
-            stats = replay_spool(spool_file, endpoint, server.public, client, scan=scan,
-                                 progress=progress, send_timeout_s=timeout)
-        except ProducerError as exc:
-            raise click.ClickException(str(exc)) from None
-        _report(f"spool {spool_file.name}", stats)
+        _refuse_options(ctx, _SYNTHETIC_OPTIONS, "applies to synthetic scans, not to --spool")
+        work = _spool_work(spool_file, scan, progress, timeout)
+    else:
+        work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
+                               reorder, header, electrons, dark, progress, timeout)
+    if controlplane_url is None:
+        _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
+        endpoint, server, client = _direct_target(endpoint, server_key, client_key)
+        _report(*_run(work, endpoint, server, client))
         return
-    scan = 0 if scan is None else scan
+    _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
+                                          "control plane names it")
+    if project_token_file is None or project is None:
+        raise click.UsageError("--controlplane needs --project-token-file and --project")
+    session = ProducerSession(
+        controlplane_url, _read_project_token(project_token_file), project=project,
+        template=template, params=_params(param_pairs), ttl=ttl, end_on_exit=end_session,
+        client=None if client_key is None else _load_key(client_key, "--client-key", secret=True))
+    _stream_in_session(session, work)
+
+
+# What a stream does once it knows where to go: (label for the report, the statistics).
+Work = Callable[[str, bytes, KeyPair], tuple[str, StreamStats]]
+
+_CONTROLPLANE_OPTIONS = ("project_token_file", "project", "template", "param_pairs", "ttl",
+                         "end_session")
+_DIRECT_OPTIONS = ("endpoint", "server_key")
+
+
+def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
+                timeout: float) -> Work:
+    def work(endpoint: str, server_public: bytes, client: KeyPair) -> tuple[str, StreamStats]:
+        return f"spool {spool_file.name}", replay_spool(
+            spool_file, endpoint, server_public, client, scan=scan, progress=progress,
+            send_timeout_s=timeout)
+    return work
+
+
+def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: float,
+                    duplicates: float, reorder: int, header: HeaderMode, electrons: int,
+                    dark: bool, progress: bool | None, timeout: float) -> Work:
+    # The scan is checked here, before any session is opened for it.
     try:
         spec = CameraSpec(scan_shape=scan_shape, seed=seed, electrons_per_frame=electrons,
                           dark=dark)
@@ -116,24 +175,78 @@ def stream(endpoint: str, server_key: Path, client_key: Path, scan: int | None,
                           duplicate_rate=duplicates, reorder_window=reorder, seed=seed)
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
+
+    def work(endpoint: str, server_public: bytes, client: KeyPair) -> tuple[str, StreamStats]:
+        return f"scan {scan}", stream_synthetic(
+            endpoint, server_public, client, SyntheticCamera(spec), plan, scan, header=header,
+            progress=progress, send_timeout_s=timeout)
+    return work
+
+
+def _run(work: Work, endpoint: str, server_public: bytes,
+         client: KeyPair) -> tuple[str, StreamStats]:
     try:
-        stats = stream_synthetic(endpoint, server.public, client, SyntheticCamera(spec), plan,
-                                 scan, header=header, progress=progress, send_timeout_s=timeout)
+        return work(endpoint, server_public, client)
     except ProducerError as exc:
         raise click.ClickException(str(exc)) from None
-    _report(f"scan {scan}", stats)
+
+
+def _direct_target(endpoint: str | None, server_key: Path | None,
+                   client_key: Path | None) -> tuple[str, bytes, KeyPair]:
+    missing = [option for option, value in (("--endpoint", endpoint), ("--server-key", server_key),
+                                            ("--client-key", client_key)) if value is None]
+    if missing:
+        raise click.UsageError(f"without --controlplane, {', '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} required")
+    assert endpoint is not None and server_key is not None and client_key is not None
+    server = _load_key(server_key, "--server-key", secret=False)
+    return endpoint, server.public, _load_key(client_key, "--client-key", secret=True)
+
+
+def _read_project_token(path: Path) -> str:
+    try:
+        return read_token(path)
+    except TokenFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--project-token-file") from None
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
+        try:
+            params[name] = json.loads(text)
+        except ValueError:
+            params[name] = text
+    return params
+
+
+def _stream_in_session(session: ProducerSession, work: Work) -> None:
+    try:
+        with session:
+            opened = session.session
+            click.echo(f"session {opened.id} (expires {opened.expires_at.isoformat()}), "
+                       f"gateway {opened.gateway_endpoint}")
+            _report(*_run(work, opened.gateway_endpoint, opened.gateway_server_key,
+                          session.client))
+    except RestError as exc:
+        raise click.ClickException(str(exc)) from None
+    if session.end_on_exit:
+        click.echo(f"session {opened.id} ended")
 
 
 _SYNTHETIC_OPTIONS = ("scan_shape", "seed", "loss", "duplicates", "reorder", "header", "electrons",
                       "dark")
 
 
-def _refuse_synthetic_options(ctx: click.Context) -> None:
-    # A spool carries its own geometry and data; a synthetic option beside it would be ignored.
-    for name in _SYNTHETIC_OPTIONS:
+def _refuse_options(ctx: click.Context, names: tuple[str, ...], reason: str) -> None:
+    # An option the chosen mode does not use would be silently ignored: refuse it instead.
+    for name in names:
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-            raise click.UsageError(f"--{name.replace('_', '-')} applies to synthetic scans, "
-                                   "not to --spool")
+            option = next(p for p in ctx.command.params if p.name == name)
+            raise click.UsageError(f"{option.opts[0]} {reason}")
 
 
 def _report(what: str, stats: StreamStats) -> None:

@@ -10,6 +10,10 @@ Backpressure, never loss: the socket queues only to a live, authenticated connec
 (``ZMQ_IMMEDIATE``) and blocks at its high-water mark, so a stalled gateway slows the producer. A
 send that cannot complete within ``send_timeout_s`` raises ``ProducerError``; the message was not
 queued. Closing waits up to ``send_timeout_s`` for queued messages to leave.
+
+``ProducerSession`` opens the session itself over the control plane's REST API with a project
+token, registering the producer's CURVE public key, and streams to the gateway endpoint and server
+key the control plane returned.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, cast
+from typing import Any, Literal, Self, cast
 
 import msgspec
 import numpy as np
 import zmq
 from tqdm import tqdm
 
-from dataplane.keys import KeyPair
+from dataplane.keys import KeyPair, load_secret_keypair
 from dataplane.protocol import (
     VERSION,
     Data,
@@ -39,6 +43,7 @@ from dataplane.protocol import (
     encode,
     encode_ncem,
 )
+from dataplane.sessions import DEFAULT_TEMPLATE, OpenedSession, end_session, open_session
 from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import StreamPlan, SyntheticCamera
 
@@ -325,3 +330,86 @@ def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape, ba
         # Each payload is its own bytes object, so the zero-copy send may keep it until it leaves.
         sock.send(msg.frame, msg.sector, np.frombuffer(payload, _SECTOR_DTYPE).reshape(sector_shape))
         bar.update(1)
+
+
+class ProducerSession:
+    """A session this producer opens over REST, and streams into; a context manager.
+
+    ``client`` is the producer's CURVE key pair, a ``.key_secret`` file to load it from, or None
+    for a fresh in-memory pair; its public key is registered when the session opens (on entering
+    the ``with`` block, or ``open()``). With ``end_on_exit`` the session is ended on leaving the
+    block, so the gateway stops admitting the key at once rather than at expiry. Control-plane
+    failures raise ``dataplane.restclient.RestError``. The project token is never in a ``repr``.
+    """
+
+    def __init__(self, controlplane_url: str, project_token: str, *, project: str,
+                 template: str = DEFAULT_TEMPLATE, params: dict[str, Any] | None = None,
+                 client: KeyPair | Path | None = None, ttl: int | None = None,
+                 end_on_exit: bool = False) -> None:
+        self.controlplane_url = controlplane_url
+        self._token = project_token
+        self.project = project
+        self.template = template
+        self.params = dict(params or {})
+        self.client = _client_keypair(client)
+        self.ttl = ttl
+        self.end_on_exit = end_on_exit
+        self._session: OpenedSession | None = None
+
+    @property
+    def session(self) -> OpenedSession:
+        if self._session is None:
+            raise ProducerError("the session is not open; call open() or use a with block")
+        return self._session
+
+    def open(self) -> OpenedSession:
+        """Open the session (once) and return it."""
+        if self._session is None:
+            self._session = open_session(
+                self.controlplane_url, self._token, project=self.project,
+                template=self.template, params=self.params,
+                client_public_key=self.client.public, ttl=self.ttl)
+        return self._session
+
+    def end(self) -> None:
+        """End the session at the control plane (idempotent)."""
+        end_session(self.controlplane_url, self._token, self.session.id)
+
+    def producer(self, **options: Any) -> Producer:
+        """A ``Producer`` connected to the session's gateway; ``options`` as for ``Producer``."""
+        session = self.session
+        return Producer(session.gateway_endpoint, session.gateway_server_key, self.client,
+                        **options)
+
+    def stream_synthetic(self, camera: SyntheticCamera, plan: StreamPlan, scan: int = 0,
+                         **options: Any) -> StreamStats:
+        """``stream_synthetic`` into this session; ``options`` as for that function."""
+        session = self.session
+        return stream_synthetic(session.gateway_endpoint, session.gateway_server_key,
+                                self.client, camera, plan, scan, **options)
+
+    def replay_spool(self, path: Path, **options: Any) -> StreamStats:
+        """``replay_spool`` into this session; ``options`` as for that function."""
+        session = self.session
+        return replay_spool(path, session.gateway_endpoint, session.gateway_server_key,
+                            self.client, **options)
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.end_on_exit and self._session is not None:
+            self.end()
+
+
+def _client_keypair(client: KeyPair | Path | None) -> KeyPair:
+    if client is None:
+        public, secret = zmq.curve_keypair()
+        return KeyPair(public, secret)
+    if isinstance(client, Path):
+        return load_secret_keypair(client)
+    if client.secret is None:
+        raise ProducerError("the client key pair has no secret key (load a .key_secret file)")
+    return client

@@ -1,0 +1,243 @@
+"""A producer opens its session over REST (registering its CURVE key) and streams into the gateway
+the control plane names: ``dataplane.sessions``, ``ProducerSession`` and ``dsn producer stream
+--controlplane``, against the real control plane app on a real loopback port. A small CURVE PULL
+server holding the gateway's secret key stands in for the gateway at the session's endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from click.testing import CliRunner, Result
+from cp_helpers import ClientFactory, ControlPlane, start_control_plane, write_policy
+
+from dataplane.cli import producer
+from dataplane.clone import StateEndpoints
+from dataplane.keys import create_keypair, load_keypair
+from dataplane.producer import ProducerSession
+from dataplane.protocol import ProducerMessage, decode_producer_header
+from dataplane.restclient import RestError
+from dataplane.sessions import end_session, open_session
+from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
+
+# 2 x 2 positions, 4 sectors: 4 producers each send scan_begin, 4 sectors and scan_end.
+SCAN_SHAPE = "2x2"
+SCAN_MESSAGES = 4 * (1 + 4 + 1)
+
+
+@pytest.fixture
+async def cp(aiohttp_client: ClientFactory, tmp_path: Path,
+             free_port: Callable[[], int]) -> ControlPlane:
+    policy = write_policy(tmp_path / "policy", per_token="10000/second",
+                          per_project="10000/second")
+    # Free ports throughout, so that other control planes on this machine never collide with it.
+    control_plane = await start_control_plane(
+        aiohttp_client, tmp_path / "state", policy_path=policy,
+        gateway_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        state_endpoints=StateEndpoints(f"tcp://127.0.0.1:{free_port()}",
+                                       f"tcp://127.0.0.1:{free_port()}"))
+    await control_plane.create_project("alpha")
+    return control_plane
+
+
+async def project_token(cp: ControlPlane) -> str:
+    return str((await cp.project_token("alpha"))["token"])
+
+
+def base_url(cp: ControlPlane) -> str:
+    return str(cp.client.make_url("")).rstrip("/")
+
+
+def token_file(tmp_path: Path, token: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "project.token"
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    return path
+
+
+@dataclass
+class StandInGateway:
+    """A CURVE PULL server at the session endpoint, with the gateway's own secret key."""
+
+    socket: zmq.Socket
+    headers: list[ProducerMessage] = field(default_factory=list)
+
+    def receive(self, count: int, timeout_s: float = 20) -> list[ProducerMessage]:
+        """The decoded headers of the next ``count`` messages (raises if they do not come)."""
+        for _ in range(count):
+            if not self.socket.poll(round(timeout_s * 1000)):
+                raise AssertionError(f"only {len(self.headers)} of {count} messages arrived")
+            self.headers.append(decode_producer_header(self.socket.recv_multipart()[0]))
+        return self.headers
+
+
+@pytest.fixture
+def gateway(cp: ControlPlane, zmq_context: zmq.Context) -> Iterator[StandInGateway]:
+    secret_file = cp.settings.state_dir / "keys" / "server.key_secret"
+    socket = zmq_context.socket(zmq.PULL)
+    socket.curve_server = True
+    socket.curve_secretkey = load_keypair(secret_file).secret
+    socket.bind(cp.settings.gateway_endpoint)
+    yield StandInGateway(socket)
+    socket.close(linger=0)
+
+
+async def session_detail(cp: ControlPlane, session_id: str) -> dict[str, Any]:
+    response = await cp.admin("GET", f"/api/v1/sessions/{session_id}")
+    assert response.status == 200, await response.text()
+    return dict(await response.json())
+
+
+def kinds(headers: list[ProducerMessage]) -> dict[str, int]:
+    return dict(Counter(type(header).__name__ for header in headers))
+
+
+# --- open_session and end_session ----------------------------------------------------------------
+
+async def test_an_opened_session_names_the_gateway_and_registers_the_client_key(
+        cp: ControlPlane) -> None:
+    token = await project_token(cp)
+    client_public = zmq.curve_keypair()[0]
+    opened = await asyncio.to_thread(open_session, base_url(cp), token, project="alpha",
+                                     template="4dstem", params={"hwm": 64},
+                                     client_public_key=client_public, ttl=600)
+    server = load_keypair(cp.settings.state_dir / "keys" / "server.key")
+    assert (opened.gateway_endpoint, opened.gateway_server_key) == (
+        cp.settings.gateway_endpoint, server.public)
+    assert client_public.decode() in json.dumps(opened.config)
+    assert opened.expires_at.timestamp() == pytest.approx(cp.clock() + 600, abs=1)
+    assert opened.session_token and opened.session_token not in repr(opened)
+    detail = await session_detail(cp, opened.id)
+    assert (detail["state"], detail["client_key"]) == ("open", client_public.decode())
+
+    await asyncio.to_thread(end_session, base_url(cp), token, opened.id)
+    await asyncio.to_thread(end_session, base_url(cp), token, opened.id)  # idempotent
+    assert (await session_detail(cp, opened.id))["state"] == "ended"
+
+
+async def test_bad_parameters_are_refused_with_their_fields(cp: ControlPlane) -> None:
+    token = await project_token(cp)
+    with pytest.raises(RestError, match=r"^POST /api/v1/sessions: 400 .*params\.hwm: ") as bad:
+        await asyncio.to_thread(open_session, base_url(cp), token, project="alpha",
+                                template="4dstem", params={"hwm": 0, "nope": 1},
+                                client_public_key=zmq.curve_keypair()[0])
+    error = bad.value
+    assert (error.status, error.retryable, bool(error.title), bool(error.request_id)) == (
+        400, False, True, True)
+    assert {"params.hwm", "params.nope"} <= {name for name, _ in error.errors}
+    assert error.request_id is not None and error.request_id in str(error)
+
+
+async def test_a_bad_token_is_401_and_never_echoed(cp: ControlPlane) -> None:
+    forged = "eyJhbGciOiJFZERTQSJ9.bm90LWEtdG9rZW4.c2lnbmF0dXJl"
+    slept: list[float] = []
+    with pytest.raises(RestError, match=r"^POST /api/v1/sessions: 401 ") as refused:
+        await asyncio.to_thread(open_session, base_url(cp), forged, project="alpha",
+                                template="4dstem", params={},
+                                client_public_key=zmq.curve_keypair()[0], sleep=slept.append)
+    assert refused.value.status == 401 and slept == []  # a refusal is not retried
+    assert forged not in str(refused.value) and forged not in repr(refused.value.args)
+
+
+def test_an_absent_control_plane_is_retried_with_backoff(free_port: Callable[[], int]) -> None:
+    slept: list[float] = []
+    with pytest.raises(RestError, match="no answer from http://127.0.0.1:") as absent:
+        open_session(f"http://127.0.0.1:{free_port()}", "t", project="alpha", template="4dstem",
+                     params={}, client_public_key=zmq.curve_keypair()[0], timeout_s=2,
+                     sleep=slept.append)
+    assert (absent.value.status, slept) == (None, [0.5, 1.0, 2.0])
+
+
+# --- ProducerSession -----------------------------------------------------------------------------
+
+async def test_a_producer_session_streams_into_its_gateway_and_ends(
+        cp: ControlPlane, gateway: StandInGateway, tmp_path: Path) -> None:
+    _, secret_file = create_keypair(tmp_path / "producer", "cam")
+    spec = CameraSpec(scan_shape=(2, 2), seed=3)
+    plan = StreamPlan(spec, producers=spec.sectors, seed=3)
+    session = ProducerSession(base_url(cp), await project_token(cp), project="alpha",
+                              client=secret_file, end_on_exit=True)
+    assert await project_token(cp) not in repr(session)
+
+    def run() -> str:
+        with session:
+            session.stream_synthetic(SyntheticCamera(spec), plan, scan=5, progress=False,
+                                     send_timeout_s=10)
+            return session.session.id
+
+    session_id, headers = await asyncio.gather(asyncio.to_thread(run), asyncio.to_thread(
+        gateway.receive, SCAN_MESSAGES))
+    assert kinds(headers) == {"ScanBegin": 4, "Data": 16, "ScanEnd": 4}
+    assert {h.scan for h in headers} == {5}
+    detail = await session_detail(cp, session_id)
+    assert (detail["state"], detail["client_key"]) == ("ended", session.client.public.decode())
+
+
+# --- dsn producer stream --controlplane ----------------------------------------------------------
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(producer, ["stream", *args], catch_exceptions=False)
+
+
+async def test_the_cli_opens_a_session_and_streams_the_scan_into_it(
+        cp: ControlPlane, gateway: StandInGateway, tmp_path: Path) -> None:
+    token = await project_token(cp)
+    args = ["--controlplane", base_url(cp), "--project-token-file",
+            str(token_file(tmp_path, token)), "--project", "alpha", "--param", "hwm=32",
+            "--param", 'sources=["127.0.0.0/8"]', "--scan-shape", SCAN_SHAPE, "--scan", "9",
+            "--no-progress", "--timeout", "10", "--end-session"]
+    result, headers = await asyncio.gather(asyncio.to_thread(invoke, args), asyncio.to_thread(
+        gateway.receive, SCAN_MESSAGES))
+    assert result.exit_code == 0, result.output
+    assert kinds(headers) == {"ScanBegin": 4, "Data": 16, "ScanEnd": 4}
+    first = result.output.splitlines()[0]
+    assert first.startswith("session s") and first.endswith(
+        f"gateway {cp.settings.gateway_endpoint}")
+    assert "scan 9: 16 messages" in result.output and token not in result.output
+    session_id = first.split()[1]
+    detail = await session_detail(cp, session_id)
+    assert (detail["state"], detail["params"]) == ("ended", {"hwm": 32,
+                                                             "sources": ["127.0.0.0/8"]})
+
+
+async def test_the_cli_reports_a_refused_session_without_the_token(cp: ControlPlane,
+                                                                    tmp_path: Path) -> None:
+    token = await project_token(cp)
+    args = ["--controlplane", base_url(cp), "--project-token-file",
+            str(token_file(tmp_path, token)), "--project", "alpha", "--param", "hwm=0"]
+    result = await asyncio.to_thread(invoke, args)
+    assert result.exit_code == 1
+    assert "400" in result.output and "params.hwm" in result.output
+    assert token not in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--controlplane", "http://127.0.0.1:1", "--endpoint", "tcp://127.0.0.1:2", "--project",
+      "alpha", "--project-token-file", "t"], "--endpoint is the gateway's own"),
+    (["--controlplane", "http://127.0.0.1:1", "--project", "alpha"],
+     "--controlplane needs --project-token-file and --project"),
+    (["--project", "alpha"], "--project needs --controlplane"),
+    (["--end-session"], "--end-session needs --controlplane"),
+    (["--endpoint", "tcp://127.0.0.1:2"], "--server-key, --client-key are required"),
+    (["--spool", "SPOOL", "--seed", "3"], "--seed applies to synthetic scans"),
+])
+def test_the_two_modes_do_not_mix(tmp_path: Path, args: list[str], message: str) -> None:
+    spool = tmp_path / "scan.spool"
+    spool.write_bytes(b"")
+    result = invoke([str(spool) if a == "SPOOL" else a for a in args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_shared_token_file_is_refused(tmp_path: Path) -> None:
+    path = token_file(tmp_path, "abc.def.ghi", mode=0o644)
+    result = invoke(["--controlplane", "http://127.0.0.1:1", "--project-token-file", str(path),
+                     "--project", "alpha"])
+    assert result.exit_code == 2 and "readable by others" in result.output
+    assert "abc.def.ghi" not in result.output
