@@ -32,10 +32,11 @@ import click
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError, ControlPlaneError
 from controlplane.policy import PolicySet, lint, load_policies
-from controlplane.settings import DEFAULT_PORT, Settings
+from controlplane.settings import DEFAULT_PORT, DEFAULT_STATE_ENDPOINTS, Settings
 from controlplane.signing import KeyRing
 from controlplane.store import Store, TokenRecord
 from controlplane.tokens import TokenKind, TokenService
+from dataplane.clone import StateEndpoints
 from dataplane.keys import create_keypair
 from dataplane.logs import configure as configure_logging
 
@@ -361,7 +362,12 @@ def controlplane_group() -> None:
 @click.option("--policy", "policy_path", type=click.Path(exists=True, path_type=Path),
               help="Policy file, or directory of *.yaml policy files; reloads re-read it. "
                    "Default: the shipped policies/.")
-def serve(state_dir: Path, host: str, port: int, policy_path: Path | None) -> None:
+@click.option("--state-snapshots", metavar="tcp://IP:PORT", default=None,
+              help="Where gateways fetch session snapshots.  [default: tcp://127.0.0.1:8751]")
+@click.option("--state-updates", metavar="tcp://IP:PORT", default=None,
+              help="Where gateways subscribe to session updates.  [default: tcp://127.0.0.1:8752]")
+def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
+          state_snapshots: str | None, state_updates: str | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -372,7 +378,10 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None) -> No
     from controlplane.app import create_app
 
     try:
-        settings = _settings(state_dir, host=host, port=port, policy_path=policy_path)
+        endpoints = StateEndpoints(state_snapshots or DEFAULT_STATE_ENDPOINTS.snapshot,
+                                   state_updates or DEFAULT_STATE_ENDPOINTS.updates)
+        settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
+                             state_endpoints=endpoints)
         asyncio.run(_require_initialised(settings))
         app = create_app(settings)
     except ControlPlaneError as exc:

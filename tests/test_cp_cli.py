@@ -172,8 +172,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     assert dsn("admin", "init", "--state-dir", str(state)).exit_code == 0
     port = _free_port()
     with log.open("wb") as out:
-        process = subprocess.Popen([DSN, "controlplane", "serve", "--state-dir", str(state),
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
+             "--state-snapshots", f"tcp://127.0.0.1:{_free_port()}",
+             "--state-updates", f"tcp://127.0.0.1:{_free_port()}"],
+            stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log, time.monotonic() + 20)
