@@ -1,6 +1,7 @@
 """Sessions opened over REST reach a real ``dsn gateway run --controlplane-state`` process: a
 registered producer streams to a registered consumer within a second, an unknown key is refused,
-and ending the session stops it at the gateway."""
+ending the session or revoking its token stops it at the gateway, and a consumer that registers
+mid-scan joins from the next scan."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import jwt
 import numpy as np
 import pytest
 import zmq
@@ -21,7 +24,7 @@ from cp_helpers import CLIENT_SCOPE, ClientFactory, ControlPlane, start_control_
 
 from dataplane.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, ProducerError
-from dataplane.protocol import Data, RoutedScanBegin, decode_consumer_message
+from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, decode_consumer_message
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -107,6 +110,18 @@ def _await_metric(address: str, line: str | re.Pattern[str], timeout_s: float) -
         time.sleep(0.02)
 
 
+def _metric_sum(address: str, pattern: re.Pattern[str]) -> float:
+    """The sum of every sample whose name and labels match ``pattern`` (0 when none does)."""
+    return sum(float(m.group(1)) for m in
+               re.finditer(pattern.pattern + r" (\S+)$", _metrics(address), re.MULTILINE))
+
+
+def _drops(address: str, session: str) -> float:
+    return _metric_sum(address, re.compile(
+        rf'dsn_gateway_drops_total{{reason="(?:unauthenticated|session_expired)",'
+        rf'session="{session}"}}'))
+
+
 def _server_key(cp: ControlPlane) -> bytes:
     return load_keypair(cp.settings.gateway_public_key_file).public
 
@@ -138,18 +153,29 @@ def _refused(cp: ControlPlane, client: KeyPair) -> bool:
 
 
 async def _open(cp: ControlPlane, client: KeyPair) -> tuple[str, str]:
+    token, opened = await _open_session(cp, client)
+    return token, str(opened["id"])
+
+
+async def _open_session(cp: ControlPlane, client: KeyPair) -> tuple[str, dict[str, Any]]:
+    """The project token and the opened session (with its session token, shown this once)."""
     token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
     response = await cp.call("POST", "/api/v1/sessions", token, json={
         "project": "alpha", "template": "tiny", "client_key": client.public.decode()})
     assert response.status == 201, await response.text()
-    return token, str((await response.json())["id"])
+    return token, dict(await response.json())
 
 
-async def _register(cp: ControlPlane, token: str, session: str, endpoint: str) -> None:
+async def _register(cp: ControlPlane, token: str, session: str, endpoint: str,
+                    rank: int = 0) -> None:
     worker = str((await cp.exchange(token, kind="consumer"))["token"])
     response = await cp.call("POST", f"/api/v1/sessions/{session}/consumers", worker, json={
-        "endpoint": endpoint, "rank": 0, "job_id": "job-1", "host": "node-1"})
+        "endpoint": endpoint, "rank": rank, "job_id": "job-1", "host": "node-1"})
     assert response.status == 201, await response.text()
+
+
+def _decoded(messages: list[list[bytes]]) -> list[RoutedScanBegin | Data | RoutedScanEnd]:
+    return [decode_consumer_message(message[0]) for message in messages]
 
 
 async def test_a_rest_session_is_enforced_by_the_gateway_until_it_ends(
@@ -186,3 +212,130 @@ async def test_a_rest_session_is_enforced_by_the_gateway_until_it_ends(
         assert time.monotonic() - ended < 2.0
         assert not await asyncio.to_thread(consumer.poll, 200)
     assert await asyncio.to_thread(_refused, cp, client)
+
+
+async def test_revoking_the_session_token_mid_stream_stops_forwarding_within_2_s(
+        cp: ControlPlane, gateway: str, consumer: zmq.Socket,
+        curve_keypair: Callable[[], KeyPair]) -> None:
+    await asyncio.to_thread(_await_metric, gateway, "dsn_gateway_auth_decisions", 20)
+    port = consumer.bind_to_random_port("tcp://127.0.0.1")
+    client = curve_keypair()
+    token, opened = await _open_session(cp, client)
+    session = str(opened["id"])
+    jti = jwt.decode(opened["token"], options={"verify_signature": False})["jti"]
+    await _register(cp, token, session, f"tcp://127.0.0.1:{port}")
+    await asyncio.to_thread(
+        _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 1.0', 2.0)
+    positions = 256
+
+    with _producer(cp, client, 2.0) as producer:
+        producer.begin_scan(1, (1, positions), producers=1, frame_shape=FRAME, sectors=SECTORS)
+        for frame in range(2):
+            producer.send(frame, 0, SECTOR)
+        begin, *data = _decoded(await asyncio.to_thread(_receive, consumer, 3))
+        assert isinstance(begin, RoutedScanBegin) and begin.session == session
+        assert [h.frame for h in data if isinstance(h, Data)] == [0, 1]
+
+        response = await cp.admin("DELETE", f"/api/v1/tokens/{jti}")
+        assert response.status == 200, await response.text()
+        assert (await response.json())["revoked_at"] is not None
+        revoked = time.monotonic()
+        # Keep streaming on the connection ZAP admitted before the revocation; the gateway must
+        # start dropping its messages within 2 s.
+        frame = 2
+        while not await asyncio.to_thread(_drops, gateway, session):
+            assert time.monotonic() - revoked < 2.0, "still forwarding 2 s after the revocation"
+            assert frame < positions // 2, "ran out of frames before the gateway reacted"
+            producer.send(frame, 0, SECTOR)
+            frame += 1
+            await asyncio.sleep(0.02)
+        cut = frame
+        # From now on nothing is forwarded: frames at or above ``after`` must all be dropped.
+        after = positions // 2
+        for late in range(after, after + 3):
+            producer.send(late, 0, SECTOR)
+        sent = (cut - 2) + 3
+
+        # Every message sent after the revocation is either delivered (before the gateway heard
+        # of it) or counted as dropped: no silent loss, and nothing sent after the cut arrives.
+        def settle() -> tuple[list[int], float]:
+            delivered: list[int] = []
+            deadline = time.monotonic() + 3.0
+            while True:
+                while consumer.poll(50):
+                    header = decode_consumer_message(consumer.recv_multipart()[0])
+                    assert isinstance(header, Data), header
+                    delivered.append(header.frame)
+                dropped = _drops(gateway, session)
+                if len(delivered) + dropped == sent:
+                    return delivered, dropped
+                assert time.monotonic() < deadline, (delivered, dropped, sent)
+
+        delivered, dropped = await asyncio.to_thread(settle)
+        assert all(f < cut for f in delivered), delivered
+        assert dropped >= 3
+        assert not await asyncio.to_thread(consumer.poll, 200)
+
+    deny = re.compile(r'dsn_gateway_auth_decisions_total{decision="deny",reason="unknown_key"}')
+    denied = await asyncio.to_thread(_metric_sum, gateway, deny)
+    assert await asyncio.to_thread(_refused, cp, client)
+    assert await asyncio.to_thread(_metric_sum, gateway, deny) > denied
+    assert not await asyncio.to_thread(consumer.poll, 200)
+
+
+async def test_a_consumer_registered_mid_scan_joins_from_the_next_scan(
+        cp: ControlPlane, gateway: str, zmq_context: zmq.Context,
+        curve_keypair: Callable[[], KeyPair]) -> None:
+    client = curve_keypair()
+    with zmq_context.socket(zmq.PULL) as first, zmq_context.socket(zmq.PULL) as second:
+        await asyncio.to_thread(_await_metric, gateway, "dsn_gateway_auth_decisions", 20)
+        token, session = await _open(cp, client)
+        port = first.bind_to_random_port("tcp://127.0.0.1")
+        await _register(cp, token, session, f"tcp://127.0.0.1:{port}", rank=0)
+        await asyncio.to_thread(
+            _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 1.0', 2.0)
+        frames = 4
+
+        with _producer(cp, client, 2.0) as producer:
+            producer.begin_scan(1, (1, frames), producers=1, frame_shape=FRAME, sectors=SECTORS)
+            for frame in range(2):
+                for sector in range(SECTORS):
+                    producer.send(frame, sector, SECTOR)
+            begin, *data = _decoded(await asyncio.to_thread(_receive, first, 1 + 2 * SECTORS))
+            assert isinstance(begin, RoutedScanBegin)
+            assert (begin.scan, begin.members, begin.index) == (1, 1, 0)
+
+            # A second consumer job registers while scan 1 is open.
+            port = second.bind_to_random_port("tcp://127.0.0.1")
+            await _register(cp, token, session, f"tcp://127.0.0.1:{port}", rank=1)
+            await asyncio.to_thread(
+                _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 2.0', 2.0)
+            for frame in range(2, frames):
+                for sector in range(SECTORS):
+                    producer.send(frame, sector, SECTOR)
+            assert producer.end_scan() == frames * SECTORS
+            *data2, end = _decoded(await asyncio.to_thread(_receive, first, 2 * SECTORS + 1))
+            data += data2
+            # Scan 1's member list was fixed at its scan_begin: all of it went to the first.
+            assert sorted((h.frame, h.sector) for h in data if isinstance(h, Data)) == [
+                (f, s) for f in range(frames) for s in range(SECTORS)]
+            assert isinstance(end, RoutedScanEnd)
+            assert (end.scan, end.expected, end.sent) == (1, frames * SECTORS, frames * SECTORS)
+            assert not await asyncio.to_thread(second.poll, 200)
+
+            # Scan 2 has both members, ranked as registered: frame f goes to member f % 2.
+            producer.begin_scan(2, (1, frames), producers=1, frame_shape=FRAME, sectors=SECTORS)
+            for frame in range(frames):
+                for sector in range(SECTORS):
+                    producer.send(frame, sector, SECTOR)
+            assert producer.end_scan() == frames * SECTORS
+            share = frames // 2 * SECTORS
+            for index, socket in enumerate((first, second)):
+                begin, *data, end = _decoded(await asyncio.to_thread(_receive, socket, share + 2))
+                assert isinstance(begin, RoutedScanBegin) and begin.session == session
+                assert (begin.scan, begin.members, begin.index) == (2, 2, index)
+                assert sorted((h.frame, h.sector) for h in data if isinstance(h, Data)) == [
+                    (f, s) for f in range(index, frames, 2) for s in range(SECTORS)]
+                assert isinstance(end, RoutedScanEnd)
+                assert (end.scan, end.expected, end.sent) == (2, share, frames * SECTORS)
+                assert not await asyncio.to_thread(socket.poll, 100)
