@@ -248,6 +248,9 @@ async def list_project_tokens(request: web.Request) -> web.Response:
 async def revoke_token(request: web.Request) -> web.Response:
     services = _services(request)
     record = await services.store.revoke_token(request.match_info["jti"], services.now())
+    if record.kind == TokenKind.SESSION.value:
+        # A session whose token is revoked ends at the gateways now, not at the next reconcile.
+        await services.state.reconcile()
     return reply(_token_info(record))
 
 
