@@ -366,8 +366,12 @@ def controlplane_group() -> None:
               help="Where gateways fetch session snapshots.  [default: tcp://127.0.0.1:8751]")
 @click.option("--state-updates", metavar="tcp://IP:PORT", default=None,
               help="Where gateways subscribe to session updates.  [default: tcp://127.0.0.1:8752]")
+@click.option("--gateway-endpoint", metavar="tcp://IP:PORT", default=None,
+              help="The gateway ingress handed to producers when sessions open.  "
+                   "[default: tcp://127.0.0.1:5555]")
 def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
-          state_snapshots: str | None, state_updates: str | None) -> None:
+          state_snapshots: str | None, state_updates: str | None,
+          gateway_endpoint: str | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -381,7 +385,7 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
         endpoints = StateEndpoints(state_snapshots or DEFAULT_STATE_ENDPOINTS.snapshot,
                                    state_updates or DEFAULT_STATE_ENDPOINTS.updates)
         settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
-                             state_endpoints=endpoints)
+                             state_endpoints=endpoints, gateway_endpoint=gateway_endpoint)
         asyncio.run(_require_initialised(settings))
         app = create_app(settings)
     except ControlPlaneError as exc:

@@ -23,7 +23,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".dsn"),
-              show_default=True, help="Where keys, configuration, logs and output files go.")
+              show_default=True, help="Where the control plane's state, logs and output files go.")
 @scan_shape_option(default="32x32")
 @click.option("--ranks", type=click.IntRange(1, 64), default=2, show_default=True,
               help="MPI ranks of the consumer job.")
@@ -36,11 +36,13 @@ def main() -> None:
               help="Seconds to wait for the consumer job.")
 def demo(state_dir: Path, scan_shape: tuple[int, int], ranks: int, loss: float, duplicates: float,
          seed: int, timeout_s: float) -> None:
-    """Stream a synthetic 4D-STEM scan through a gateway into an MPI job and verify the result.
+    """Stream a synthetic 4D-STEM scan through the whole system and verify the result.
 
-    Starts a gateway and a consumer job (mpiexec) on loopback, streams the scan from four producers,
-    checks the HDF5 file against the planted electrons and stempy's own counting, prints a summary
-    and stops everything. Exits non-zero, with the reason, if any step fails.
+    Starts a control plane (SQLite) and a gateway on loopback, creates a project, a project token
+    and a session, launches the session's consumer job (mpiexec) through the control plane, streams
+    the scan from four producers, waits for the listed result, checks the HDF5 file against the
+    planted electrons and stempy's own counting, prints a summary and stops everything. Exits
+    non-zero, with the reason and the relevant log lines, if any step fails.
     """
     from controlplane.demo import DemoError, DemoOptions, format_summary, run_demo
     from controlplane.processes import ProcessFailed

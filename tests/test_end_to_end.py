@@ -1,5 +1,6 @@
-"""The whole data path as separate processes: a gateway, a real ``mpiexec -n 2`` consumer job and four
-CURVE producers with sector loss, duplicates and reordering, checked against the synthetic truth."""
+"""The whole system as separate processes: a control plane, a gateway fed by its state service, a
+real ``mpiexec -n 2`` consumer job launched through the session's job API and four CURVE producers
+with sector loss, duplicates and reordering, checked against the synthetic truth."""
 
 from __future__ import annotations
 
@@ -38,15 +39,17 @@ def test_scan_streams_through_gateway_into_mpi_job_with_exact_accounting(tmp_pat
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     with h5py.File(path) as f:
         stream = f["metadata/stream"].attrs
-        assert stream["session"] == "demo" and int(stream["scan"]) == 0
+        assert stream["session"] == summary.session and int(stream["scan"]) == 0
         assert int(stream["unaccounted_sectors"]) == 0
+    assert (summary.result["session"], summary.result["scan"]) == (summary.session, 0)
+    assert summary.result["frames"] == 32 * 32 and summary.result["events"] == summary.check.events
     assert summary.result["status"] == "partial"
     assert summary.result["lost_sectors"] == len(plan.lost)
     assert summary.stream.messages == 32 * 32 * 4 - len(plan.lost) + len(plan.duplicated)
 
     gateway_stop = json.loads((next(tmp_path.glob("demo/*/gateway.log"))).read_text().splitlines()[-1])
     assert gateway_stop["event"] == "stop"
-    assert gateway_stop["counters"]["sessions"]["demo"]["messages"] == summary.stream.messages
+    assert gateway_stop["counters"]["sessions"][summary.session]["messages"] == summary.stream.messages
     assert gateway_stop["counters"]["drops"] == {}
 
 
