@@ -1,7 +1,8 @@
 """Sessions opened over REST reach a real ``dsn gateway run --controlplane-state`` process: a
 registered producer streams to a registered consumer within a second, an unknown key is refused,
-ending the session or revoking its token stops it at the gateway, and a consumer that registers
-mid-scan joins from the next scan."""
+a key connecting from outside its session's source networks is refused, ending the session or
+revoking its token stops it at the gateway, and a consumer that registers mid-scan joins from the
+next scan."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ from typing import Any
 import jwt
 import numpy as np
 import pytest
+import yaml
 import zmq
-from cp_helpers import CLIENT_SCOPE, ClientFactory, ControlPlane, start_control_plane
+from cp_helpers import (
+    CLIENT_SCOPE,
+    SHIPPED_POLICY,
+    ClientFactory,
+    ControlPlane,
+    start_control_plane,
+)
 
 from dataplane.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, ProducerError
@@ -51,14 +59,42 @@ body: |
       expires_at: {{ system.expires_at | yaml }}
       detector: {frame_shape: [8, 4], sectors: 2, dtype: uint16}
 """
+# TINY with the producers' source networks as a parameter (as templates/dsn/4dstem.yaml has).
+SOURCED = TINY.replace("name: tiny", "name: sourced").replace("parameters: {}", """\
+parameters:
+  sources:
+    type: cidr_list
+    network: sources
+    max_items: 4
+    default: [127.0.0.0/8]
+    description: Networks producers may connect from (inside the policy's sources).""").replace(
+    "allowed_networks: [127.0.0.0/8]", "allowed_networks: {{ params.sources | yaml }}")
 
 
 @pytest.fixture
-async def cp(aiohttp_client: ClientFactory, tmp_path: Path,
-             free_port: Callable[[], int]) -> ControlPlane:
+def extra_sources(request: pytest.FixtureRequest) -> list[str]:
+    """Source networks the control plane's policy allows besides the shipped ones (none unless a
+    test parametrizes this fixture indirectly)."""
+    return list(getattr(request, "param", []))
+
+
+def _policy_with_sources(directory: Path, extra: list[str]) -> Path:
+    """The shipped policy with ``extra`` added to its source networks, as a new file."""
+    document = yaml.safe_load(SHIPPED_POLICY.read_text())
+    document["networks"]["sources"] += extra
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture
+async def cp(aiohttp_client: ClientFactory, tmp_path: Path, free_port: Callable[[], int],
+             extra_sources: list[str]) -> ControlPlane:
+    policy = _policy_with_sources(tmp_path / "policy", extra_sources) if extra_sources else None
     control_plane = await start_control_plane(
         aiohttp_client, tmp_path / "state", gateway_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        reconcile_s=0.2)
+        reconcile_s=0.2, policy_path=policy)
     await control_plane.create_project("alpha")
     response = await control_plane.admin("PUT", "/api/v1/templates/tiny", json={"source": TINY},
                                          headers={"If-None-Match": "*"})
@@ -157,11 +193,13 @@ async def _open(cp: ControlPlane, client: KeyPair) -> tuple[str, str]:
     return token, str(opened["id"])
 
 
-async def _open_session(cp: ControlPlane, client: KeyPair) -> tuple[str, dict[str, Any]]:
+async def _open_session(cp: ControlPlane, client: KeyPair, template: str = "tiny",
+                        **params: Any) -> tuple[str, dict[str, Any]]:
     """The project token and the opened session (with its session token, shown this once)."""
     token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
     response = await cp.call("POST", "/api/v1/sessions", token, json={
-        "project": "alpha", "template": "tiny", "client_key": client.public.decode()})
+        "project": "alpha", "template": template, "params": params,
+        "client_key": client.public.decode()})
     assert response.status == 201, await response.text()
     return token, dict(await response.json())
 
@@ -339,3 +377,49 @@ async def test_a_consumer_registered_mid_scan_joins_from_the_next_scan(
                 assert isinstance(end, RoutedScanEnd)
                 assert (end.scan, end.expected, end.sent) == (2, share, frames * SECTORS)
                 assert not await asyncio.to_thread(socket.poll, 100)
+
+
+@pytest.mark.parametrize("extra_sources", [["10.0.0.0/8"]], indirect=True, ids=["10/8"])
+async def test_a_key_from_a_disallowed_network_is_refused(
+        cp: ControlPlane, gateway: str, zmq_context: zmq.Context,
+        curve_keypair: Callable[[], KeyPair]) -> None:
+    await asyncio.to_thread(_await_metric, gateway, "dsn_gateway_auth_decisions", 20)
+    response = await cp.admin("PUT", "/api/v1/templates/sourced", json={"source": SOURCED},
+                              headers={"If-None-Match": "*"})
+    assert response.status in (200, 201), await response.text()
+    remote, local = curve_keypair(), curve_keypair()
+    with zmq_context.socket(zmq.PULL) as far, zmq_context.socket(zmq.PULL) as near:
+        # One session admits producers from 10.0.0.0/8 only, the other from loopback.
+        sessions = []
+        for client, socket, sources in ((remote, far, "10.0.0.0/8"), (local, near, "127.0.0.0/8")):
+            token, opened = await _open_session(cp, client, "sourced", sources=[sources])
+            session = str(opened["id"])
+            port = socket.bind_to_random_port("tcp://127.0.0.1")
+            await _register(cp, token, session, f"tcp://127.0.0.1:{port}")
+            sessions.append(session)
+        # Both sessions are in the gateway's table before anyone connects.
+        for session in sessions:
+            await asyncio.to_thread(
+                _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 1.0', 2.0)
+
+        # The key is known, but 127.0.0.1 lies outside its session's networks.
+        network = re.compile(r'dsn_gateway_auth_decisions_total{decision="deny",reason="network"}')
+        assert await asyncio.to_thread(_metric_sum, gateway, network) == 0
+        assert await asyncio.to_thread(_refused, cp, remote)
+        deadline = time.monotonic() + 2.0
+        while not await asyncio.to_thread(_metric_sum, gateway, network):
+            assert time.monotonic() < deadline, await asyncio.to_thread(_metrics, gateway)
+            await asyncio.sleep(0.02)
+        unknown = re.compile(r'dsn_gateway_auth_decisions_total{decision="deny",'
+                             r'reason="unknown_key"}')
+        assert await asyncio.to_thread(_metric_sum, gateway, unknown) == 0
+
+        # The same gateway admits a loopback session's key from the same address.
+        with _producer(cp, local, 2.0) as producer:
+            _begin(producer)
+            for frame in range(2):
+                producer.send(frame, 0, SECTOR)
+            begin, *data = _decoded(await asyncio.to_thread(_receive, near, 3))
+            assert isinstance(begin, RoutedScanBegin) and begin.session == sessions[1]
+            assert [h.frame for h in data if isinstance(h, Data)] == [0, 1]
+        assert not await asyncio.to_thread(far.poll, 200)
