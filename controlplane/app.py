@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import zmq
 from aiohttp import web
 
-from controlplane import sessions_api, templates_api, views
+from controlplane import templates_api, views
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
 from controlplane.launchers import get_launcher
@@ -33,6 +33,8 @@ from controlplane.middlewares import (
 from controlplane.openapi import OPENAPI, build_document
 from controlplane.policy import ACTIONS, PolicyHolder, load_policies
 from controlplane.ratelimit import RateLimiter
+from controlplane.sessions import api as sessions_api
+from controlplane.sessions.repository import live_sessions
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService, StateSettings
@@ -97,7 +99,7 @@ def _state_service(settings: Settings, store: Store) -> StateService:
                                  f"{settings.gateways_dir.name}/ in a new state directory") from None
 
     async def source() -> list[Session]:
-        return await sessions_api.live_sessions(store, settings.clock())
+        return await live_sessions(store, settings.clock())
 
     return StateService(StateSettings(settings.state_endpoints, reconcile_s=settings.reconcile_s),
                         keypair, gateways, source)

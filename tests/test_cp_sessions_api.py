@@ -27,7 +27,7 @@ from test_cp_launchers import FakeSlurm
 from controlplane.admin import initialize
 from controlplane.app import create_app
 from controlplane.errors import ConfigurationError
-from controlplane.sessions_api import (
+from controlplane.sessions.core import (
     ConsumerRecord,
     admission_problem,
     lease_state,

@@ -1,0 +1,333 @@
+"""The session routes: thin aiohttp handlers over ``service`` and ``repository``, the resource
+each action names for the policy, and ``ROUTES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from controlplane.errors import BadRequest, NotFound
+from controlplane.launchers import JobStatus
+from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
+from controlplane.policy import Resource
+from controlplane.schemas import utc
+from controlplane.sessions.core import (
+    ConsumerRecord,
+    JobRecord,
+    ScanRecord,
+    SessionRecord,
+    config_with_consumers,
+)
+from controlplane.sessions.models import (
+    MAX_SCAN,
+    ConsumerOut,
+    ConsumerRegister,
+    GatewayInfo,
+    JobOut,
+    JobSubmit,
+    ScanList,
+    ScanOut,
+    ScanQuery,
+    ScanReport,
+    SessionCounters,
+    SessionDetail,
+    SessionList,
+    SessionOpen,
+    SessionOpened,
+    SessionOut,
+    SessionQuery,
+)
+from controlplane.sessions.repository import (
+    count_jobs,
+    end_session,
+    get_job,
+    leave,
+    list_consumers,
+    list_results,
+    list_sessions,
+    record_result,
+    renew_lease,
+)
+from controlplane.sessions.service import (
+    add_consumer,
+    cancel_jobs,
+    existing_session,
+    gateway_info,
+    job_status,
+    job_template_name,
+    open_session,
+    publish_session,
+    scan_record,
+    submit_job,
+)
+from controlplane.tokens import Claims, TokenKind
+from controlplane.views import ADMIN_OR_PROJECT, PROJECT_ONLY, parse_body, parse_query, reply
+
+CONSUMER_ONLY = frozenset({TokenKind.CONSUMER})
+
+
+def scan_number(request: web.Request) -> int:
+    text = request.match_info["scan"]
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_SCAN:
+        raise BadRequest("the scan number must be a non-negative integer",
+                         errors=[{"field": "scan", "message": "not a scan number"}])
+    return int(text)
+
+
+# --- serialising ---------------------------------------------------------------------------------
+
+def _time(ts: float | None) -> datetime | None:
+    return None if ts is None else utc(ts)
+
+
+def consumer_out(c: ConsumerRecord, now: float) -> ConsumerOut:
+    return ConsumerOut(id=c.id, session=c.session_id, job_id=c.job_id, rank=c.rank,
+                       endpoint=c.endpoint, host=c.host, state=c.state(now),
+                       registered_at=utc(c.registered_at),
+                       lease_expires_at=utc(c.lease_expires_at), left_at=_time(c.left_at))
+
+
+def job_out(job: JobRecord, status: JobStatus | None) -> JobOut:
+    lost = "the launcher no longer knows this job (the control plane restarted)"
+    return JobOut(id=job.id, session=job.session_id, template=job.template,
+                  template_version=job.template_version, launcher=job.launcher, ranks=job.ranks,
+                  state="lost" if status is None else status.state,
+                  exit_code=None if status is None else status.exit_code,
+                  detail=lost if status is None else status.detail,
+                  submitted_at=utc(job.submitted_at))
+
+
+def scan_out(r: ScanRecord) -> ScanOut:
+    values = {f.name: getattr(r, f.name) for f in fields(r)}
+    return ScanOut.model_validate({**values, "session": r.session_id,
+                                   "reported_at": utc(r.reported_at)})
+
+
+def session_fields(s: SessionRecord, now: float, gateway: GatewayInfo,
+                   live: Sequence[str] = ()) -> dict[str, Any]:
+    return {"id": s.id, "project": s.project, "template": s.template,
+            "template_version": s.template_version, "params": s.params,
+            "client_key": s.client_key, "state": s.state(now), "created_at": utc(s.created_at),
+            "expires_at": utc(s.expires_at), "ended_at": _time(s.ended_at),
+            "config": config_with_consumers(s.config, live), "gateway": gateway}
+
+
+def counters(consumers: Sequence[ConsumerRecord], jobs: int, scans: Sequence[ScanRecord],
+             now: float) -> SessionCounters:
+    return SessionCounters(
+        live_consumers=sum(c.state(now) == "live" for c in consumers), consumers=len(consumers),
+        jobs=jobs, scans=len(scans), complete_scans=sum(r.status == "complete" for r in scans),
+        frames=sum(r.frames for r in scans), events=sum(r.events for r in scans))
+
+
+async def summaries(services: Services, sessions: Sequence[SessionRecord]) -> list[SessionOut]:
+    if not sessions:  # an empty list needs no gateway key
+        return []
+    gateway, now = await gateway_info(services), services.now()
+    return [SessionOut(**session_fields(s, now, gateway)) for s in sessions]
+
+
+async def session_detail(services: Services, session: SessionRecord) -> SessionDetail:
+    now = services.now()
+    consumers = await list_consumers(services.store, session.id)
+    scans = await list_results(services.store, project=None, session_id=session.id,
+                               limit=1000)
+    live = [c.endpoint for c in sorted(consumers, key=lambda c: (c.rank, c.job_id))
+            if c.state(now) == "live"]
+    return SessionDetail(
+        **session_fields(session, now, await gateway_info(services), live),
+        consumers=[consumer_out(c, now) for c in consumers], scans=[scan_out(r) for r in scans],
+        counters=counters(consumers, await count_jobs(services.store, session.id), scans, now))
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+def _services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+async def open_session_view(request: web.Request) -> web.Response:
+    body = await parse_body(request, SessionOpen)  # already read once, for the policy decision
+    services = _services(request)
+    session, token = await open_session(services, request[CLAIMS], body)
+    await publish_session(services, session.id)
+    opened = SessionOpened(**session_fields(session, services.now(), await gateway_info(services)),
+                           token=token, token_expires_at=utc(session.expires_at))
+    return reply(opened, 201, {"Location": f"/api/v1/sessions/{session.id}",
+                               "Cache-Control": "no-store"})
+
+
+async def list_sessions_view(request: web.Request) -> web.Response:
+    query = parse_query(request, SessionQuery)
+    services, claims = _services(request), request[CLAIMS]
+    project = claims.project if claims.project is not None else query.project
+    sessions = await list_sessions(services.store, project)
+    return reply(SessionList(items=await summaries(services, sessions)))
+
+
+async def get_session_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    return reply(await session_detail(services, session))
+
+
+async def end_session_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    session = await end_session(services.store, request.match_info["session"], services.now())
+    await publish_session(services, session.id)
+    await cancel_jobs(services, session.id)
+    return reply(await session_detail(services, session))
+
+
+async def register_consumer_view(request: web.Request) -> web.Response:
+    body = await parse_body(request, ConsumerRegister)
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    consumer = await add_consumer(services, session, body)
+    await publish_session(services, session.id)
+    return reply(consumer_out(consumer, services.now()), 201,
+                 {"Location": f"/api/v1/sessions/{session.id}/consumers/{consumer.id}"})
+
+
+async def heartbeat_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    consumer = await renew_lease(services.store, request.match_info["session"],
+                                 request.match_info["consumer"], services.settings.lease_s,
+                                 services.now())
+    return reply(consumer_out(consumer, services.now()))
+
+
+async def leave_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    consumer = await leave(services.store, request.match_info["session"],
+                           request.match_info["consumer"], services.now())
+    await publish_session(services, consumer.session_id)
+    return reply(consumer_out(consumer, services.now()))
+
+
+async def submit_job_view(request: web.Request) -> web.Response:
+    body = await parse_body(request, JobSubmit)  # already read once, for the policy decision
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    job, status = await submit_job(services, request[CLAIMS], session, body)
+    return reply(job_out(job, status), 202,
+                 {"Location": f"/api/v1/sessions/{session.id}/jobs/{job.id}"})
+
+
+async def get_job_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    session_id, job_id = request.match_info["session"], request.match_info["job"]
+    job = await get_job(services.store, session_id, job_id)
+    if job is None:
+        raise NotFound(f"session {session_id} has no job {job_id!r}")
+    return reply(job_out(job, await job_status(services, job)))
+
+
+async def report_result_view(request: web.Request) -> web.Response:
+    body = await parse_body(request, ScanReport)
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    record = scan_record(session, scan_number(request), body, services.now())
+    return reply(scan_out(await record_result(services.store, record)))
+
+
+async def list_results_view(request: web.Request) -> web.Response:
+    query = parse_query(request, ScanQuery)
+    services, claims = _services(request), request[CLAIMS]
+    project = claims.project if claims.project is not None else query.project
+    results = await list_results(services.store, project=project, session_id=query.session,
+                                 limit=query.limit)
+    return reply(ScanList(items=[scan_out(r) for r in results]))
+
+
+# --- resources named by each action --------------------------------------------------------------
+
+async def _session_project(request: web.Request, claims: Claims | None) -> str | None:
+    """The project of the session in the path, for the policy; None before authentication (the
+    refusal is audited without a lookup)."""
+    if claims is None:
+        return None
+    return (await existing_session(_services(request), request.match_info["session"])).project
+
+
+async def _session(request: web.Request, claims: Claims | None) -> Resource:
+    return Resource(kind="session", project=await _session_project(request, claims),
+                    name=request.match_info["session"])
+
+
+async def _opening(request: web.Request, claims: Claims | None) -> Resource:
+    # The template named in the body decides (template-bound action): read it before deciding.
+    if claims is None:
+        return Resource(kind="session", project=None, name=None)
+    body = await parse_body(request, SessionOpen)
+    return Resource(kind="session", project=body.project, name=body.template)
+
+
+async def _job_launch(request: web.Request, claims: Claims | None) -> Resource:
+    # Launching a consumer job opens the session's compute side from a job template: the project
+    # must be allowed that template, like a DSN template.
+    if claims is None:
+        return Resource(kind="session", project=None, name=None)
+    project = await _session_project(request, claims)
+    body = await parse_body(request, JobSubmit)
+    return Resource(kind="session", project=project,
+                    name=job_template_name(_services(request), body))
+
+
+async def _scan(request: web.Request, claims: Claims | None) -> Resource:
+    project = await _session_project(request, claims)
+    return Resource(kind="scan", project=project,
+                    name=f"{request.match_info['session']}/{request.match_info['scan']}")
+
+
+def _listing(kind: str) -> ResourceOf:
+    def resource(request: web.Request, claims: Claims | None) -> Resource:
+        # A project-bound token lists its own project unless it names another (then the policy
+        # refuses: cross-project); an admin lists one project or all.
+        named = request.query.get("project")
+        own = claims.project if claims is not None else None
+        return Resource(kind=kind, project=named or own, name=None)
+    return resource
+
+
+SESSIONS_PATH = "/api/v1/sessions"
+SESSION_PATH = SESSIONS_PATH + "/{session}"
+
+ROUTES: tuple[RouteSpec, ...] = (
+    RouteSpec("POST", SESSIONS_PATH, open_session_view,
+              "Open a streaming session (returns its session token once)", SessionOpened, 201,
+              "sessions:open", PROJECT_ONLY, _opening, SessionOpen, tag="sessions"),
+    RouteSpec("GET", SESSIONS_PATH, list_sessions_view, "List sessions", SessionList, 200,
+              "sessions:read", ADMIN_OR_PROJECT, _listing("session"), query=SessionQuery,
+              tag="sessions"),
+    RouteSpec("GET", SESSION_PATH, get_session_view,
+              "Inspect a session: consumers, scans, counters", SessionDetail, 200,
+              "sessions:read", ADMIN_OR_PROJECT, _session, tag="sessions"),
+    RouteSpec("DELETE", SESSION_PATH, end_session_view,
+              "End a session (idempotent): its tokens are revoked, its jobs cancelled",
+              SessionDetail, 200, "sessions:end", ADMIN_OR_PROJECT, _session, tag="sessions"),
+    RouteSpec("POST", SESSION_PATH + "/consumers", register_consumer_view,
+              "Register a consumer rank's endpoint and take a lease", ConsumerOut, 201,
+              "consumers:register", CONSUMER_ONLY, _session, ConsumerRegister, tag="consumers"),
+    RouteSpec("PUT", SESSION_PATH + "/consumers/{consumer}", heartbeat_view,
+              "Renew a consumer's lease (heartbeat)", ConsumerOut, 200, "consumers:register",
+              CONSUMER_ONLY, _session, tag="consumers"),
+    RouteSpec("DELETE", SESSION_PATH + "/consumers/{consumer}", leave_view,
+              "Leave the session (idempotent)", ConsumerOut, 200, "consumers:register",
+              CONSUMER_ONLY, _session, tag="consumers"),
+    RouteSpec("POST", SESSION_PATH + "/jobs", submit_job_view,
+              "Render a job template and submit the consumer job", JobOut, 202, "sessions:open",
+              PROJECT_ONLY, _job_launch, JobSubmit, tag="jobs"),
+    RouteSpec("GET", SESSION_PATH + "/jobs/{job}", get_job_view, "Poll a consumer job", JobOut,
+              200, "sessions:read", ADMIN_OR_PROJECT, _session, tag="jobs"),
+    RouteSpec("POST", SESSION_PATH + "/scans/{scan}/result", report_result_view,
+              "Record a scan's result (idempotent for the same report)", ScanOut, 200,
+              "scans:report", CONSUMER_ONLY, _scan, ScanReport, tag="scans"),
+    RouteSpec("GET", "/api/v1/scans", list_results_view, "List scan results", ScanList, 200,
+              "scans:read", ADMIN_OR_PROJECT, _listing("scan"), query=ScanQuery, tag="scans"),
+)

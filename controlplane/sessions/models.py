@@ -1,0 +1,193 @@
+"""Request and response bodies of the session routes, and the field types they validate."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
+from controlplane.sessions.core import LeaseState, SessionState
+from controlplane.templating import (
+    NAME_PATTERN as TEMPLATE_NAME_PATTERN,
+)
+from dataplane.config import ConnectEndpoint, CurveKey
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_SCAN = 2**63 - 1  # SQLite INTEGER range
+
+# A job the launcher no longer knows (a local job after a control-plane restart) is "lost".
+JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lost"]
+ScanStatus = Literal["complete", "partial", "failed"]
+
+TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
+SessionIdText = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+Count = Annotated[int, Field(ge=0, le=MAX_SCAN)]
+Host = Annotated[str, StringConstraints(min_length=1, max_length=253,
+                                        pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:_-]*[A-Za-z0-9])?$")]
+ResultPath = Annotated[str, StringConstraints(min_length=2, max_length=4096,
+                                              pattern=r"^/[^\x00-\x1f\x7f]*$")]
+
+
+class SessionOpen(RequestBody):
+    """Open a session of ``project`` (the token's own) from DSN template ``template``.
+
+    ``client_key`` is the producer's Z85 CURVE public key: the gateway admits exactly this key.
+    ``ttl`` (seconds) defaults to, and is capped by, the policy's session-token lifetime and the
+    project token's remaining life; the session expires with its token.
+    """
+
+    project: Name
+    template: TemplateName
+    params: dict[str, Any] = Field(default_factory=dict)
+    client_key: CurveKey
+    ttl: Ttl | None = None
+
+
+class ConsumerRegister(RequestBody):
+    """One MPI rank's endpoint (``tcp://IP:PORT`` inside the session's allowed targets)."""
+
+    endpoint: ConnectEndpoint
+    rank: Annotated[int, Field(ge=0, le=4095)]
+    job_id: JobId
+    host: Host
+
+
+class JobSubmit(RequestBody):
+    """A consumer job: ``template`` defaults to the launcher's own job template."""
+
+    template: TemplateName | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    ranks: Annotated[int, Field(ge=1, le=4096)] = 1
+
+
+class ScanReport(RequestBody):
+    """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters."""
+
+    path: ResultPath
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    frames: Count
+    events: Count
+    expected_sectors: Count
+    received_sectors: Count
+    duplicate_sectors: Count
+    lost_sectors: Count
+    incomplete_frames: Count
+    status: ScanStatus
+
+    @model_validator(mode="after")
+    def _complete_means_nothing_missing(self) -> ScanReport:
+        if self.status == "complete" and (self.lost_sectors or self.incomplete_frames):
+            raise ValueError("a scan with lost sectors or incomplete frames is not complete")
+        return self
+
+
+class SessionQuery(QueryParams):
+    project: Name | None = None
+
+
+class ScanQuery(QueryParams):
+    project: Name | None = None
+    session: SessionIdText | None = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class GatewayInfo(ResponseBody):
+    endpoint: str
+    server_key: str
+
+
+class ConsumerOut(ResponseBody):
+    id: str
+    session: str
+    job_id: str
+    rank: int
+    endpoint: str
+    host: str
+    state: LeaseState
+    registered_at: datetime
+    lease_expires_at: datetime
+    left_at: datetime | None
+
+
+class JobOut(ResponseBody):
+    id: str
+    session: str
+    template: str
+    template_version: int
+    launcher: str
+    ranks: int
+    state: JobState
+    exit_code: int | None
+    detail: str
+    submitted_at: datetime
+
+
+class ScanOut(ResponseBody):
+    session: str
+    scan: int
+    project: str
+    path: str
+    sha256: str
+    frames: int
+    events: int
+    expected_sectors: int
+    received_sectors: int
+    duplicate_sectors: int
+    lost_sectors: int
+    incomplete_frames: int
+    status: ScanStatus
+    reported_at: datetime
+
+
+class ScanList(ResponseBody):
+    items: list[ScanOut]
+
+
+class SessionCounters(ResponseBody):
+    live_consumers: int
+    consumers: int
+    jobs: int
+    scans: int
+    complete_scans: int
+    frames: int
+    events: int
+
+
+class SessionOut(ResponseBody):
+    """A session; ``config`` is its DSN configuration with the currently live consumers."""
+
+    id: str
+    project: str
+    template: str
+    template_version: int
+    params: dict[str, Any]
+    client_key: str
+    state: SessionState
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    config: dict[str, Any]
+    gateway: GatewayInfo
+
+
+class SessionList(ResponseBody):
+    items: list[SessionOut]
+
+
+class SessionDetail(SessionOut):
+    consumers: list[ConsumerOut]
+    scans: list[ScanOut]
+    counters: SessionCounters
+
+
+class SessionOpened(SessionOut):
+    """The opened session and its session token (audience: the gateway), shown this once."""
+
+    token: str
+    token_type: Literal["Bearer"] = "Bearer"
+    token_expires_at: datetime
+

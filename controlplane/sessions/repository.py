@@ -1,0 +1,251 @@
+"""The sessions' SQL: records in and out of the store, each change in one ``Store.write``
+transaction with the checks that must not race it (quotas, client keys, admission).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import astuple, fields
+from typing import Any, TypeVar
+
+from controlplane.errors import Conflict, NotFound
+from controlplane.sessions.core import (
+    ConsumerRecord,
+    JobRecord,
+    ScanRecord,
+    SessionRecord,
+    admission_problem,
+    config_with_consumers,
+    lease_until,
+)
+from controlplane.store import Conn, Store, TokenRecord
+from dataplane.config import ConfigError, Session, parse_config
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+_JSON_COLUMNS = frozenset({"params", "config"})
+
+
+def _record(cls: type[R], row: sqlite3.Row) -> R:
+    values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+    for name in _JSON_COLUMNS & values.keys():
+        values[name] = json.loads(values[name])
+    return cls(**values)
+
+
+async def _insert(conn: Conn, table: str, record: Any) -> None:
+    # Table and column names come from the record dataclasses in ``core``, never from a request.
+    values = {f.name: getattr(record, f.name) for f in fields(record)}
+    for name in _JSON_COLUMNS & values.keys():
+        values[name] = json.dumps(values[name], sort_keys=True)
+    await conn.execute(f"INSERT INTO {table} ({', '.join(values)}) "
+                       f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+
+
+async def _one(conn: Conn, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+    async with conn.execute(sql, params) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+    return row
+
+
+async def _all(conn: Conn, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    async with conn.execute(sql, params) as cursor:
+        return list(await cursor.fetchall())
+
+
+async def insert_session(store: Store, session: SessionRecord, token: TokenRecord, limit: int,
+                         now: float) -> None:
+    """Store the session and its token's metadata, in one transaction with the quota and client
+    key checks so that concurrent opens cannot both pass them."""
+    async def body(conn: Conn) -> None:
+        open_sessions = await _one(conn, "SELECT COUNT(*) FROM sessions WHERE project = ? AND "
+                                         "ended_at IS NULL AND expires_at > ?",
+                                   (session.project, now))
+        if open_sessions is not None and open_sessions[0] >= limit:
+            raise Conflict(f"project {session.project!r} has reached its quota of {limit} open "
+                           "sessions; end one first")
+        # The gateway admits a producer by its key alone: one key, one open session.
+        if await _one(conn, "SELECT 1 FROM sessions WHERE client_key = ? AND ended_at IS NULL "
+                            "AND expires_at > ?", (session.client_key, now)):
+            raise Conflict("this client key already belongs to an open session")
+        await conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(token))
+        await _insert(conn, "sessions", session)
+    await store.write(body)
+
+
+async def get_session(store: Store, session_id: str) -> SessionRecord | None:
+    rows = await store.read("SELECT * FROM sessions WHERE id = ?", (session_id,))
+    return _record(SessionRecord, rows[0]) if rows else None
+
+
+async def list_sessions(store: Store, project: str | None) -> list[SessionRecord]:
+    rows = await store.read("SELECT * FROM sessions WHERE ?1 IS NULL OR project = ?1 "
+                            "ORDER BY created_at, id", (project,))
+    return [_record(SessionRecord, row) for row in rows]
+
+
+async def end_session(store: Store, session_id: str, now: float) -> SessionRecord:
+    """Mark the session ended (idempotent: the first time stays) and revoke its session token and
+    its jobs' consumer tokens in the same transaction, so it stops everywhere at once."""
+    async def body(conn: Conn) -> SessionRecord:
+        cursor = await conn.execute("UPDATE sessions SET ended_at = COALESCE(ended_at, ?) "
+                                    "WHERE id = ? RETURNING *", (now, session_id))
+        row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id!r} does not exist")
+        await conn.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE jti = ? "
+                           "OR jti IN (SELECT token_jti FROM jobs WHERE session_id = ?)",
+                           (now, row["token_jti"], session_id))
+        return _record(SessionRecord, row)
+    return await store.write(body)
+
+
+async def _open_session_in(conn: Conn, session_id: str, now: float) -> SessionRecord:
+    row = await _one(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))
+    if row is None:
+        raise NotFound(f"session {session_id!r} does not exist")
+    session = _record(SessionRecord, row)
+    if session.state(now) != "open":
+        raise Conflict(f"session {session_id} has {session.state(now)}")
+    return session
+
+
+async def _live_consumers_in(conn: Conn, session_id: str, now: float) -> list[ConsumerRecord]:
+    rows = await _all(conn, "SELECT * FROM consumers WHERE session_id = ? AND left_at IS NULL "
+                            "AND lease_expires_at > ? ORDER BY rank, job_id", (session_id, now))
+    return [_record(ConsumerRecord, row) for row in rows]
+
+
+async def register_consumer(store: Store, consumer: ConsumerRecord, limit: int,
+                            now: float) -> None:
+    async def body(conn: Conn) -> None:
+        await _open_session_in(conn, consumer.session_id, now)
+        live = await _live_consumers_in(conn, consumer.session_id, now)
+        problem = admission_problem(live, consumer, limit)
+        if problem is not None:
+            raise Conflict(problem)
+        await _insert(conn, "consumers", consumer)
+    await store.write(body)
+
+
+async def renew_lease(store: Store, session_id: str, consumer_id: str, lease_s: int,
+                      now: float) -> ConsumerRecord:
+    """Extend a live lease; a lease that expired or was left cannot be revived: register again."""
+    async def body(conn: Conn) -> ConsumerRecord:
+        session = await _open_session_in(conn, session_id, now)
+        consumer = await _consumer_in(conn, session_id, consumer_id)
+        if consumer.state(now) != "live":
+            raise Conflict(f"consumer {consumer_id} has {consumer.state(now)}; register again")
+        await conn.execute("UPDATE consumers SET lease_expires_at = ? WHERE id = ?",
+                           (lease_until(now, lease_s, session.expires_at), consumer_id))
+        return await _consumer_in(conn, session_id, consumer_id)
+    return await store.write(body)
+
+
+async def _consumer_in(conn: Conn, session_id: str, consumer_id: str) -> ConsumerRecord:
+    row = await _one(conn, "SELECT * FROM consumers WHERE id = ? AND session_id = ?",
+                     (consumer_id, session_id))
+    if row is None:
+        raise NotFound(f"session {session_id} has no consumer {consumer_id!r}")
+    return _record(ConsumerRecord, row)
+
+
+async def leave(store: Store, session_id: str, consumer_id: str, now: float) -> ConsumerRecord:
+    """Mark the consumer gone (idempotent: the first time stays)."""
+    async def body(conn: Conn) -> ConsumerRecord:
+        cursor = await conn.execute("UPDATE consumers SET left_at = COALESCE(left_at, ?) "
+                                    "WHERE id = ? AND session_id = ? RETURNING *",
+                                    (now, consumer_id, session_id))
+        row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id} has no consumer {consumer_id!r}")
+        return _record(ConsumerRecord, row)
+    return await store.write(body)
+
+
+async def list_consumers(store: Store, session_id: str) -> list[ConsumerRecord]:
+    rows = await store.read("SELECT * FROM consumers WHERE session_id = ? "
+                            "ORDER BY registered_at, id", (session_id,))
+    return [_record(ConsumerRecord, row) for row in rows]
+
+
+async def insert_job(store: Store, job: JobRecord) -> None:
+    async def body(conn: Conn) -> None:
+        await _insert(conn, "jobs", job)
+    await store.write(body)
+
+
+async def get_job(store: Store, session_id: str, job_id: str) -> JobRecord | None:
+    rows = await store.read("SELECT * FROM jobs WHERE id = ? AND session_id = ?",
+                            (job_id, session_id))
+    return _record(JobRecord, rows[0]) if rows else None
+
+
+async def list_jobs(store: Store, session_id: str) -> list[JobRecord]:
+    rows = await store.read("SELECT * FROM jobs WHERE session_id = ?", (session_id,))
+    return [_record(JobRecord, row) for row in rows]
+
+
+async def count_jobs(store: Store, session_id: str) -> int:
+    rows = await store.read("SELECT COUNT(*) FROM jobs WHERE session_id = ?", (session_id,))
+    return int(rows[0][0])
+
+
+async def record_result(store: Store, result: ScanRecord) -> ScanRecord:
+    """Store a scan's result once; the same report again returns the stored one, a different
+    report for the same scan is a conflict (a result is a fact, never overwritten)."""
+    async def body(conn: Conn) -> ScanRecord:
+        row = await _one(conn, "SELECT * FROM scan_results WHERE session_id = ? AND scan = ?",
+                         (result.session_id, result.scan))
+        if row is None:
+            await _insert(conn, "scan_results", result)
+            return result
+        stored = _record(ScanRecord, row)
+        if not stored.same_result(result):
+            raise Conflict(f"scan {result.scan} of session {result.session_id} already has a "
+                           "different result")
+        return stored
+    return await store.write(body)
+
+
+async def list_results(store: Store, *, project: str | None, session_id: str | None,
+                       limit: int) -> list[ScanRecord]:
+    rows = await store.read(
+        "SELECT * FROM scan_results WHERE (?1 IS NULL OR project = ?1) "
+        "AND (?2 IS NULL OR session_id = ?2) ORDER BY reported_at, session_id, scan LIMIT ?3",
+        (project, session_id, limit))
+    return [_record(ScanRecord, row) for row in rows]
+
+
+async def live_sessions(store: Store, now: float, session_id: str | None = None
+                        ) -> list[Session]:
+    """What the gateways must serve now: every open session (or just ``session_id``) whose
+    session token is not revoked, with its live consumers in rank order."""
+    rows = await store.read(
+        "SELECT s.* FROM sessions s JOIN tokens t ON t.jti = s.token_jti WHERE s.ended_at IS NULL "
+        "AND s.expires_at > ?1 AND t.revoked_at IS NULL AND (?2 IS NULL OR s.id = ?2) "
+        "ORDER BY s.created_at, s.id", (now, session_id))
+    consumers = await store.read(
+        "SELECT * FROM consumers WHERE left_at IS NULL AND lease_expires_at > ?1 "
+        "AND (?2 IS NULL OR session_id = ?2) ORDER BY rank, job_id", (now, session_id))
+    endpoints: dict[str, list[str]] = {}
+    for row in consumers:
+        endpoints.setdefault(row["session_id"], []).append(row["endpoint"])
+    sessions = (_gateway_session(_record(SessionRecord, row), endpoints.get(row["id"], []))
+                for row in rows)
+    return [session for session in sessions if session is not None]
+
+
+def _gateway_session(record: SessionRecord, endpoints: Sequence[str]) -> Session | None:
+    try:
+        return parse_config(config_with_consumers(record.config, endpoints)).session(record.id)
+    except ConfigError as exc:
+        # Validated when rendered; a stored config that no longer validates is not served.
+        log.error("session %s cannot be published: %s", record.id, exc)
+        return None
+

@@ -1,0 +1,358 @@
+"""Session operations over the services: opening a session, admitting consumers, submitting
+and cancelling consumer jobs, publishing changes to the gateways. The HTTP layer calls these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from controlplane import templates_api
+from controlplane.errors import (
+    BadRequest,
+    ConfigurationError,
+    Conflict,
+    ControlPlaneError,
+    NotFound,
+)
+from controlplane.launchers import (
+    TOKEN_NAME,
+    JobHandle,
+    JobSpec,
+    JobStatus,
+    Launcher,
+    dsn_command,
+    mpiexec_command,
+)
+from controlplane.middlewares import Services
+from controlplane.schemas import utc
+from controlplane.sessions.core import (
+    ConsumerRecord,
+    JobRecord,
+    ScanRecord,
+    SessionRecord,
+    config_with_consumers,
+    endpoint_problem,
+    lease_until,
+    lifetime,
+)
+from controlplane.sessions.models import (
+    ConsumerRegister,
+    GatewayInfo,
+    JobSubmit,
+    ScanReport,
+    SessionOpen,
+)
+from controlplane.sessions.repository import (
+    get_session,
+    insert_job,
+    insert_session,
+    list_consumers,
+    list_jobs,
+    live_sessions,
+    register_consumer,
+)
+from controlplane.store import Store, TokenRecord, ensure_private_dir
+from controlplane.templating import Kind, Template, parse_template, render_values
+from controlplane.tokens import Claims, TokenKind
+from dataplane import strictyaml
+from dataplane.keys import KeyFileError, load_keypair
+
+log = logging.getLogger(__name__)
+
+SESSION_QUOTA = "sessions"  # open sessions a project may hold at once
+CONSUMER_QUOTA = "consumers"  # live consumer ranks per session (and ranks per job)
+CONFIG_NAME = "dsn.yaml"
+OUTPUT_NAME = "output"
+# The job template a launcher runs unless the request names another.
+DEFAULT_JOB_TEMPLATES: Mapping[str, str] = {"local": "local-mpiexec", "slurm": "slurm-sbatch"}
+
+
+async def publish_session(services: Services, session_id: str) -> None:
+    """Hand a committed change of ``session_id`` to the gateways now. A failure is logged: the
+    state service's reconcile loop publishes the difference within ``reconcile_s``."""
+    try:
+        live = await live_sessions(services.store, services.now(), session_id)
+        await services.state.publish(session_id, live[0] if live else None)
+    except (ControlPlaneError, zmq.ZMQError) as exc:
+        log.warning("publishing session %s failed (reconcile retries): %s", session_id, exc)
+
+
+# --- templates, keys and files -------------------------------------------------------------------
+
+async def current_template(store: Store, name: str, kind: Kind) -> tuple[Template, int]:
+    """The current stored version of template ``name`` (``templates_api``) and its number; every
+    render of a session or job goes through here."""
+    try:
+        found = await templates_api.current(store, name)
+    except NotFound:
+        raise BadRequest(f"no template named {name!r}",
+                         errors=[{"field": "template", "message": "no such template"}]) from None
+    if found.kind != kind:
+        raise BadRequest(f"template {name!r} is a {found.kind} template, not a {kind} template",
+                         errors=[{"field": "template", "message": f"not a {kind} template"}])
+    # Checked when saved; parsing is CPU-bound, so it runs off the event loop.
+    return await asyncio.to_thread(parse_template, found.source), found.version
+
+
+async def gateway_info(services: Services) -> GatewayInfo:
+    path = services.settings.gateway_public_key_file
+    try:
+        pair = await asyncio.to_thread(load_keypair, path)
+    except KeyFileError as exc:
+        raise ConfigurationError(f"the gateway's server key is unavailable: {exc}") from None
+    return GatewayInfo(endpoint=services.settings.gateway_endpoint,
+                       server_key=pair.public.decode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` 0600 from the first instant; never follow a link or reuse a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _prepare_job_dir(jobs_dir: Path, job_id: str, config: dict[str, Any]) -> Path:
+    """A fresh 0700 job directory holding the session's configuration (0600) and an output dir."""
+    ensure_private_dir(jobs_dir)
+    workdir = jobs_dir / job_id
+    workdir.mkdir(mode=0o700)
+    (workdir / OUTPUT_NAME).mkdir(mode=0o700)
+    _write_private(workdir / CONFIG_NAME, strictyaml.dump(config).encode())
+    return workdir
+
+
+# --- operations ----------------------------------------------------------------------------------
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+async def _session_limit(services: Services, project: str) -> int:
+    record = await services.store.get_project(project)
+    if record is None:
+        raise NotFound(f"project {project!r} does not exist")
+    return record.quotas.get(SESSION_QUOTA, services.policies.current.quota(project, SESSION_QUOTA))
+
+
+def _token_record(claims: Claims, parent_jti: str) -> TokenRecord:
+    return TokenRecord(jti=claims.jti, project=claims.project, kind=claims.kind.value,
+                       subject=claims.sub, scope=" ".join(sorted(claims.scope)),
+                       issued_at=float(claims.iat), expires_at=float(claims.exp),
+                       parent_jti=parent_jti)
+
+
+def _session_token(services: Services, parent: Claims, ttl: int) -> tuple[str, Claims]:
+    scope = parent.scope & services.policies.current.scopes_for(TokenKind.SESSION)
+    if not scope:
+        raise BadRequest("the project token carries no scope a session token may hold")
+    return services.tokens.issue(kind=TokenKind.SESSION, subject=parent.sub,
+                                 project=parent.project, scope=scope, ttl_s=ttl,
+                                 audience=services.settings.gateway_audience)
+
+
+async def _render_session(services: Services, body: SessionOpen, session_id: str,
+                          expires_at: float) -> tuple[dict[str, Any], int]:
+    template, version = await current_template(services.store, body.template, "dsn")
+    settings = services.settings
+    system = {"session_id": session_id, "client_key": body.client_key,
+              "expires_at": utc(expires_at), "ingress": settings.gateway_endpoint,
+              "server_secret_key_file": str(settings.gateway_secret_key_file), "consumers": []}
+    # Rendering is bounded (1 s) but CPU-bound: keep it off the event loop.
+    rendered = await asyncio.to_thread(render_values, template, body.params, system,
+                                       services.policies.current)
+    assert rendered.config is not None  # a dsn template always renders a validated config
+    return rendered.config.model_dump(mode="json"), version
+
+
+async def open_session(services: Services, parent: Claims, body: SessionOpen
+                       ) -> tuple[SessionRecord, str]:
+    now = services.now()
+    cap = services.policies.current.lifetime_cap(TokenKind.SESSION)
+    token, claims = _session_token(services, parent, lifetime(body.ttl, cap, parent.exp, now=now))
+    session_id = _new_id("s")
+    config, version = await _render_session(services, body, session_id, claims.exp)
+    session = SessionRecord(id=session_id, project=body.project, template=body.template,
+                            template_version=version, params=dict(body.params),
+                            client_key=body.client_key, config=config, token_jti=claims.jti,
+                            created_at=now, expires_at=float(claims.exp), ended_at=None)
+    limit = await _session_limit(services, body.project)
+    await insert_session(services.store, session, _token_record(claims, parent.jti), limit, now)
+    services.metrics.tokens_issued.labels(claims.kind.value).inc()
+    return session, token
+
+
+async def existing_session(services: Services, session_id: str) -> SessionRecord:
+    session = await get_session(services.store, session_id)
+    if session is None:
+        raise NotFound(f"session {session_id!r} does not exist")
+    return session
+
+
+async def add_consumer(services: Services, session: SessionRecord,
+                       body: ConsumerRegister) -> ConsumerRecord:
+    now = services.now()
+    policy = services.policies.current
+    targets = session.config["sessions"][0]["allowed_targets"]
+    problem = endpoint_problem(body.endpoint, targets, policy)
+    if problem is not None:
+        raise BadRequest(f"endpoint refused: {problem}",
+                         errors=[{"field": "endpoint", "message": problem}])
+    consumer = ConsumerRecord(
+        id=_new_id("c"), session_id=session.id, job_id=body.job_id, rank=body.rank,
+        endpoint=body.endpoint, host=body.host, registered_at=now,
+        lease_expires_at=lease_until(now, services.settings.lease_s, session.expires_at),
+        left_at=None)
+    limit = policy.quota(session.project, CONSUMER_QUOTA)
+    await register_consumer(services.store, consumer, limit, now)
+    return consumer
+
+
+def job_template_name(services: Services, body: JobSubmit) -> str:
+    if body.template is not None:
+        return body.template
+    launcher = services.settings.launcher
+    if launcher not in DEFAULT_JOB_TEMPLATES:
+        raise ConfigurationError(f"launcher {launcher!r} has no default job template; name one")
+    return DEFAULT_JOB_TEMPLATES[launcher]
+
+
+def _launcher(services: Services, name: str) -> Launcher:
+    launcher = services.launchers.get(name)
+    if launcher is None:
+        raise ConfigurationError(f"launcher {name!r} is not configured in this control plane")
+    return launcher
+
+
+def _consumer_token(services: Services, parent: Claims, session: SessionRecord,
+                    job_id: str) -> tuple[str, Claims]:
+    now = services.now()
+    cap = services.policies.current.lifetime_cap(TokenKind.CONSUMER)
+    ttl = lifetime(None, cap, parent.exp, session.expires_at, now=now)
+    return services.tokens.issue(
+        kind=TokenKind.CONSUMER, subject=f"job:{job_id}", project=session.project,
+        scope=services.policies.current.scopes_for(TokenKind.CONSUMER), ttl_s=ttl,
+        audience=services.settings.api_audience)
+
+
+async def _job_system(services: Services, session: SessionRecord, workdir: Path,
+                      ranks: int) -> dict[str, Any]:
+    settings = services.settings
+    system: dict[str, Any] = {
+        # The job directory is named after the job, so its ranks register under the job's id.
+        "session_id": session.id, "job_id": workdir.name, "ranks": ranks,
+        "config_path": str(workdir / CONFIG_NAME),
+        "output_dir": str(workdir / OUTPUT_NAME), "token_file": str(workdir / TOKEN_NAME),
+        "controlplane_url": settings.base_url, "dsn_command": dsn_command()}
+    if settings.launcher == "local":
+        # mpiexec_command ends in "-n RANKS"; the template writes those itself.
+        system["mpiexec"] = (await asyncio.to_thread(mpiexec_command, ranks, []))[:-2]
+    return system
+
+
+async def _render_job(services: Services, session: SessionRecord, body: JobSubmit,
+                      workdir: Path) -> tuple[str, int]:
+    name = job_template_name(services, body)
+    template, version = await current_template(services.store, name, "job")
+    system = await _job_system(services, session, workdir, body.ranks)
+    rendered = await asyncio.to_thread(render_values, template, body.params, system,
+                                       services.policies.current)
+    return rendered.text, version
+
+
+def _check_ranks(services: Services, session: SessionRecord, ranks: int) -> None:
+    limit = services.policies.current.quota(session.project, CONSUMER_QUOTA)
+    if ranks > limit:
+        raise BadRequest(f"{ranks} ranks exceed the quota of {limit} consumers per session",
+                         errors=[{"field": "ranks", "message": f"at most {limit}"}])
+
+
+async def _job_config(services: Services, session: SessionRecord) -> dict[str, Any]:
+    now = services.now()
+    live = [c.endpoint for c in await list_consumers(services.store, session.id)
+            if c.state(now) == "live"]
+    return config_with_consumers(session.config, live)
+
+
+async def submit_job(services: Services, parent: Claims, session: SessionRecord,
+                     body: JobSubmit) -> tuple[JobRecord, JobStatus]:
+    if session.state(services.now()) != "open":
+        raise Conflict(f"session {session.id} has {session.state(services.now())}")
+    _check_ranks(services, session, body.ranks)
+    launcher = _launcher(services, services.settings.launcher)
+    job_id = _new_id("j")
+    token, claims = _consumer_token(services, parent, session, job_id)
+    spec, version = await _prepare_job(services, session, body, job_id, token)
+    await services.store.add_token(_token_record(claims, parent.jti))
+    services.metrics.tokens_issued.labels(claims.kind.value).inc()
+    handle = await _submit(services, launcher, spec, claims.jti)
+    job = JobRecord(id=job_id, session_id=session.id, template=job_template_name(services, body),
+                    template_version=version, launcher=launcher.name,
+                    native_id=handle.native_id, workdir=str(spec.workdir), ranks=body.ranks,
+                    token_jti=claims.jti, submitted_at=services.now())
+    await _remember_job(services.store, launcher, job)
+    log.info("job %s of session %s submitted through %s", job_id, session.id, launcher.name)
+    return job, await launcher.status(handle)
+
+
+async def _prepare_job(services: Services, session: SessionRecord, body: JobSubmit, job_id: str,
+                       token: str) -> tuple[JobSpec, int]:
+    """Render the script (parameters are checked first), then lay out the job directory."""
+    workdir = services.settings.jobs_dir / job_id
+    script, version = await _render_job(services, session, body, workdir)
+    await asyncio.to_thread(_prepare_job_dir, services.settings.jobs_dir, job_id,
+                            await _job_config(services, session))
+    return JobSpec(job_id=job_id, session_id=session.id, script=script, workdir=workdir,
+                   token=token), version
+
+
+async def _submit(services: Services, launcher: Launcher, spec: JobSpec, jti: str) -> JobHandle:
+    try:
+        return await launcher.submit(spec)
+    except ControlPlaneError:
+        # The job never started: its token must not outlive the attempt.
+        await services.store.revoke_token(jti, services.now())
+        raise
+
+
+async def _remember_job(store: Store, launcher: Launcher, job: JobRecord) -> None:
+    try:
+        await insert_job(store, job)
+    except ControlPlaneError:
+        # A job nobody can poll or stop through the API must not keep running.
+        await launcher.cancel(job.handle())
+        raise
+
+
+async def job_status(services: Services, job: JobRecord) -> JobStatus | None:
+    """The launcher's view of the job; None when the launcher no longer knows it."""
+    try:
+        return await _launcher(services, job.launcher).status(job.handle())
+    except NotFound:
+        return None
+
+
+async def cancel_jobs(services: Services, session_id: str) -> None:
+    """Stop the jobs of an ended session; their tokens are already revoked, so a job that cannot
+    be stopped can no longer act, and a failure is logged rather than undoing the end."""
+    for job in await list_jobs(services.store, session_id):
+        launcher = services.launchers.get(job.launcher)
+        try:
+            if launcher is not None:
+                await launcher.cancel(job.handle())
+        except ControlPlaneError as exc:
+            log.warning("could not cancel job %s of ended session %s: %s", job.id, session_id,
+                        exc.detail)
+
+
+def scan_record(session: SessionRecord, scan: int, body: ScanReport, now: float) -> ScanRecord:
+    return ScanRecord(session_id=session.id, scan=scan, project=session.project,
+                      reported_at=now, **body.model_dump())
+
