@@ -36,6 +36,7 @@ from controlplane.settings import DEFAULT_PORT, DEFAULT_STATE_ENDPOINTS, Setting
 from controlplane.signing import KeyRing
 from controlplane.store import Store, TokenRecord
 from controlplane.tokens import TokenKind, TokenService
+from dataplane.cli import template_params
 from dataplane.clone import StateEndpoints
 from dataplane.keys import create_keypair
 from dataplane.logs import configure as configure_logging
@@ -193,12 +194,15 @@ class ApiClient:
         self._token = token
         self._timeout_s = timeout_s
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> Any:
+        """``method path`` with ``body`` as JSON and any extra ``headers`` (If-Match ...)."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        sent = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
+                **(headers or {})}
         if data is not None:
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+            sent["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
         try:
             with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
                 raw = response.read()
@@ -726,34 +730,6 @@ def templates() -> None:
     """
 
 
-class _ConditionalClient(ApiClient):
-    """The admin client, plus request headers (If-Match, If-None-Match) for template writes."""
-
-    def send(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        sent = {"Authorization": f"Bearer {self._token}", "Accept": "application/json", **headers}
-        if data is not None:
-            sent["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                raise AdminError(_problem_message(exc)) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise AdminError(f"cannot reach the control plane at {self.url}: "
-                             f"{getattr(exc, 'reason', exc)}") from None
-
-
-def _with_conditional_client(func: F) -> F:
-    @_client_options
-    @functools.wraps(func)
-    def wrapper(url: str, state_dir: Path, token_file: Path | None, **kwargs: Any) -> Any:
-        return func(_ConditionalClient(url, _admin_token(token_file, state_dir)), **kwargs)
-    return wrapper  # type: ignore[return-value]
-
-
 def _if_match_option(func: F) -> F:
     return click.option("--if-match", "if_match", metavar="ETAG",
                         help="The ETag your change is based on (default: the latest version's; "
@@ -768,24 +744,6 @@ def _latest_etag(client: ApiClient, name: str) -> str:
     """The latest version's ETag, a deletion included (so a deleted template can be rolled back)."""
     versions = _items(client.call("GET", _template_path(name, "/versions")), "versions")
     return str(versions[-1]["etag"])
-
-
-def _param_value(text: str) -> Any:
-    """A --param value: JSON where it parses (64, true, ["10.0.0.0/8"]), else the plain string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
-        params[key] = _param_value(value)
-    return params
 
 
 _TEMPLATE_COLUMNS = [("name", "NAME"), ("kind", "KIND"), ("version", "VERSION"),
@@ -824,25 +782,25 @@ def templates_show(client: ApiClient, name: str, version: int | None, as_json: b
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @_if_match_option
 @click.option("--create", is_flag=True, help="Create a new template (If-None-Match: *).")
-@_with_conditional_client
-def templates_edit(client: _ConditionalClient, name: str, file: IO[str], if_match: str | None,
+@_with_client
+def templates_edit(client: ApiClient, name: str, file: IO[str], if_match: str | None,
                    create: bool) -> None:
     """Save FILE (template YAML; '-' for stdin) as the next version of template NAME."""
     if create and if_match:
         raise click.UsageError("--create and --if-match exclude each other")
     headers = ({"If-None-Match": "*"} if create
                else {"If-Match": if_match or _latest_etag(client, name)})
-    saved = client.send("PUT", _template_path(name), {"source": file.read()}, headers)
+    saved = client.call("PUT", _template_path(name), {"source": file.read()}, headers)
     click.echo(f"saved {name} v{saved['version']} {saved['etag']}")
 
 
 @templates.command("delete")
 @click.argument("name")
 @_if_match_option
-@_with_conditional_client
-def templates_delete(client: _ConditionalClient, name: str, if_match: str | None) -> None:
+@_with_client
+def templates_delete(client: ApiClient, name: str, if_match: str | None) -> None:
     """Delete template NAME (its history stays; 'rollback' restores it)."""
-    tombstone = client.send("DELETE", _template_path(name), None,
+    tombstone = client.call("DELETE", _template_path(name), None,
                             {"If-Match": if_match or _latest_etag(client, name)})
     click.echo(f"deleted {name} (v{tombstone['version']})")
 
@@ -856,7 +814,8 @@ def templates_delete(client: _ConditionalClient, name: str, if_match: str | None
 @_json_option
 def templates_render(client: ApiClient, name: str, pairs: tuple[str, ...], as_json: bool) -> None:
     """Dry-run template NAME with sample system values; print the rendered text."""
-    rendered = client.call("POST", _template_path(name, "/render"), {"params": _params(pairs)})
+    body = {"params": template_params(pairs)}
+    rendered = client.call("POST", _template_path(name, "/render"), body)
     if as_json:
         _echo_json(rendered)
     else:
@@ -888,10 +847,10 @@ def templates_diff(client: ApiClient, name: str, old: int, new: int) -> None:
 @click.argument("name")
 @click.argument("version", type=click.IntRange(1))
 @_if_match_option
-@_with_conditional_client
-def templates_rollback(client: _ConditionalClient, name: str, version: int,
+@_with_client
+def templates_rollback(client: ApiClient, name: str, version: int,
                        if_match: str | None) -> None:
     """Save VERSION's source as the next version of template NAME."""
-    saved = client.send("POST", _template_path(name, "/rollback"), {"version": version},
+    saved = client.call("POST", _template_path(name, "/rollback"), {"version": version},
                         {"If-Match": if_match or _latest_etag(client, name)})
     click.echo(f"rolled {name} back to v{version}'s source as v{saved['version']} {saved['etag']}")

@@ -142,7 +142,7 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
         raise click.UsageError("--controlplane needs --project-token-file and --project")
     session = ProducerSession(
         controlplane_url, _read_project_token(project_token_file), project=project,
-        template=template, params=_params(param_pairs), ttl=ttl, end_on_exit=end_session,
+        template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
         client=None if client_key is None else _load_key(client_key, "--client-key", secret=True))
     _stream_in_session(session, work)
 
@@ -210,7 +210,9 @@ def _read_project_token(path: Path) -> str:
         raise click.BadParameter(str(exc), param_hint="--project-token-file") from None
 
 
-def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
+def template_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--param NAME=VALUE`` pairs; a value is JSON where it parses (64, true, ["10.0.0.0/8"]),
+    else the plain string."""
     params: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
