@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from controlplane.admin import initialize
+from dataplane.ports import free_port
 
 DSN = str(Path(sys.executable).parent / "dsn")
 PROJECT = "bench"
@@ -151,12 +151,6 @@ def write_bench_policy(shipped: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -178,7 +172,7 @@ def main() -> None:
         state, log = Path(tmp) / "state", Path(tmp) / "serve.log"
         policy = write_bench_policy(ROOT / "policies", Path(tmp) / "policies")
         admin_token = asyncio.run(initialize(state, policy_path=policy))
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         with log.open("wb") as out:
             process = subprocess.Popen(

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataplane.keys import create_keypair, load_keypair
+from dataplane.ports import free_port
 from dataplane.protocol import Data, ScanBegin, ScanEnd, encode
 
 SECTOR_BYTES = 144 * 576 * 2
@@ -121,13 +122,6 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     proxy.close()
     ingress.close(linger=0)
     context.term()
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def write_config(workdir: Path, ports: list[int], client_public: str) -> tuple[Path, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from controlplane.errors import ControlPlaneError
 from controlplane.launchers import dsn_command, mpi_environment
 from controlplane.processes import Child, ProcessGroup, log_tail
 from controlplane.settings import Settings
+from dataplane.ports import free_ports
 from dataplane.producer import ProducerError, ProducerSession, StreamStats
 from dataplane.restclient import RestError, call_json, quote
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
@@ -81,25 +81,13 @@ class Loopback:
 
     @classmethod
     def free(cls) -> Loopback:
-        ports = _free_ports(5)
+        ports = free_ports(5)
         return cls(ports[0], f"tcp://127.0.0.1:{ports[1]}", f"tcp://127.0.0.1:{ports[2]}",
                    f"tcp://127.0.0.1:{ports[3]}", f"127.0.0.1:{ports[4]}")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports: every socket stays bound until all are chosen."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:

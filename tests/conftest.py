@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,18 +9,13 @@ import pytest
 import zmq
 
 from dataplane.keys import KeyPair, create_keypair, load_keypair
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from dataplane.ports import free_port as dataplane_free_port
 
 
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """A function returning a loopback TCP port that was free a moment ago."""
-    return _free_port
+    return dataplane_free_port
 
 
 @pytest.fixture

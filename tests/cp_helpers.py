@@ -4,7 +4,6 @@ and a running control plane (real app, real SQLite) built on a state directory t
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from controlplane.app import create_app
 from controlplane.middlewares import SERVICES, Services
 from controlplane.settings import Settings
 from dataplane.clone import StateEndpoints
+from dataplane.ports import free_ports
 
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 CLIENT_SCOPE = "token:exchange projects:read tokens:read sessions:read sessions:write"
@@ -56,14 +56,7 @@ def write_policy(directory: Path, **rate_limits: str) -> Path:
 def free_state_endpoints() -> StateEndpoints:
     """Loopback endpoints for a state service: a fixed port would collide with any other control
     plane (another test run, a developer's service) on the machine."""
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
-    try:
-        for probe in probes:  # both held at once: two distinct ports
-            probe.bind(("127.0.0.1", 0))
-        return StateEndpoints(*(f"tcp://127.0.0.1:{p.getsockname()[1]}" for p in probes))
-    finally:
-        for probe in probes:
-            probe.close()
+    return StateEndpoints(*(f"tcp://127.0.0.1:{port}" for port in free_ports(2)))
 
 
 def sql(database: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

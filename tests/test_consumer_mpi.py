@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import stempy.io
 import yaml
 import zmq
 
+from dataplane.ports import free_port
 from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
@@ -35,16 +35,10 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 CLIENT_KEY = zmq.curve_keypair()[0].decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_config(tmp_path: Path, endpoints: list[str]) -> Path:
     config = {
         "version": 1,
-        "gateway": {"ingress": f"tcp://127.0.0.1:{_free_port()}", "server_secret_key_file": "k"},
+        "gateway": {"ingress": f"tcp://127.0.0.1:{free_port()}", "server_secret_key_file": "k"},
         "sessions": [{"id": SESSION, "client_keys": [CLIENT_KEY],
                       "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
                       "consumers": endpoints, "limits": {"hwm": 64}}],
@@ -73,7 +67,7 @@ class Job:
 
 @pytest.fixture
 def job(tmp_path: Path) -> Iterator[Job]:
-    endpoints = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(RANKS)]
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(RANKS)]
     yield Job(endpoints, _write_config(tmp_path, endpoints), tmp_path / "out",
               tmp_path / "results.jsonl")
 

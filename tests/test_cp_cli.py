@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from click.testing import CliRunner, Result
 from controlplane.cli import main
 from controlplane.settings import DATABASE_NAME
 from dataplane.keys import load_keypair
+from dataplane.ports import free_port
 
 DSN = str(Path(sys.executable).parent / "dsn")
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -147,12 +147,6 @@ class Service:
         return dsn("admin", group, *rest, "--url", self.url, "--state-dir", str(self.state))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
     while True:
         try:
@@ -170,12 +164,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("cp")
     state, log = root / "state", root / "serve.log"
     assert dsn("admin", "init", "--state-dir", str(state)).exit_code == 0
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
             [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
-             "--state-snapshots", f"tcp://127.0.0.1:{_free_port()}",
-             "--state-updates", f"tcp://127.0.0.1:{_free_port()}"],
+             "--state-snapshots", f"tcp://127.0.0.1:{free_port()}",
+             "--state-updates", f"tcp://127.0.0.1:{free_port()}"],
             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

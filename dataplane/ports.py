@@ -1,0 +1,61 @@
+"""Free loopback ports for the processes this machine starts itself (the demo, tests, benchmarks).
+
+A port that the kernel handed out with ``bind(0)`` lies in its ephemeral range, where any outgoing
+connection may take it again before the intended server binds it. Ports are therefore chosen below
+that range, and each is checked free by binding it.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST = 20_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports on ``host`` that were free when checked."""
+    high = _ephemeral_low()
+    if high - _LOWEST < 100 * count:
+        return _kernel_ports(count, host)
+    chosen: list[int] = []
+    held: list[socket.socket] = []
+    try:
+        while len(chosen) < count:
+            port = random.randrange(_LOWEST, high)
+            probe = socket.socket()
+            try:
+                probe.bind((host, port))
+            except OSError:
+                probe.close()
+                continue
+            held.append(probe)
+            chosen.append(port)
+    finally:
+        for probe in held:
+            probe.close()
+    return chosen
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+def _kernel_ports(count: int, host: str) -> list[int]:
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for probe in held:
+            probe.bind((host, 0))
+        return [int(probe.getsockname()[1]) for probe in held]
+    finally:
+        for probe in held:
+            probe.close()
