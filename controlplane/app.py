@@ -10,6 +10,7 @@ the session views publish each change they commit, and its reconcile loop publis
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from controlplane.policy import ACTIONS, PolicyHolder, load_policies
 from controlplane.ratelimit import RateLimiter
 from controlplane.sessions import api as sessions_api
 from controlplane.sessions.repository import live_sessions
+from controlplane.sessions.service import record_gateway_report
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService, StateSettings
@@ -67,6 +69,7 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             try:
                 app[SERVICES] = services = await _build_services(settings, store, app[METRICS],
                                                                  state)
+                state.on_report = functools.partial(record_gateway_report, services)
                 await _start_state(state, settings)
                 yield
             finally:

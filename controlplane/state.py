@@ -13,6 +13,10 @@ The app calls ``publish`` after each committed change; ``reconcile`` (run every
 with what was published and publishes the difference, so changes nobody announced (a consumer
 lease or a session that expired, a revocation) still reach the gateways.
 
+The ROUTER also takes the gateways' reports of interrupted scans: ``on_report`` records one and
+says how (recorded, duplicate, refused); the service acknowledges it only then, so a report the
+store could not take is sent again by the gateway.
+
 Both sockets are CURVE servers with the state service's key pair. Gateways authenticate with their
 own CURVE client keys: a ZAP handler on the service's context admits only allow-listed keys, and
 ``ZAP_ENFORCE_DOMAIN`` makes libzmq refuse every connection when no handler answers (fail closed).
@@ -52,6 +56,7 @@ log = logging.getLogger("dsn.controlplane.state")
 DEFAULT_ENDPOINTS: Final = clone.StateEndpoints("tcp://127.0.0.1:8751", "tcp://127.0.0.1:8752")
 
 SnapshotSource = Callable[[], Awaitable[Iterable[Session]]]
+ReportSink = Callable[[clone.InterruptedScan], Awaitable[clone.AckOutcome]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +96,7 @@ class StateService:
     """The Clone-pattern server. Runs on the current asyncio loop; use ``async with``."""
 
     def __init__(self, settings: StateSettings, keypair: KeyPair, gateway_keys: Iterable[bytes],
-                 snapshot_source: SnapshotSource) -> None:
+                 snapshot_source: SnapshotSource, on_report: ReportSink | None = None) -> None:
         if keypair.secret is None:
             raise ValueError("the state service needs its secret key")
         self.settings = settings
@@ -100,6 +105,7 @@ class StateService:
         self._keypair = keypair
         self._allowed = frozenset(gateway_keys)
         self._source = snapshot_source
+        self.on_report = on_report
         self._published: dict[str, Session] = {}
         self._context = zmq.asyncio.Context()
         self._zap: zmq.asyncio.Socket | None = None
@@ -126,6 +132,7 @@ class StateService:
             # Refuse to send rather than drop silently; a whole snapshot fits one peer's queue.
             self._router.router_mandatory = 1
             self._router.sndhwm = clone.MAX_SESSIONS + 1
+            self._router.maxmsgsize = clone.MAX_BODY_BYTES + clone.MAX_KEY_BYTES + 1024
             self._router.bind(self.settings.endpoints.snapshot)
             self._pub = self._socket(zmq.PUB)
             self._pub.bind(self.settings.endpoints.updates)
@@ -222,6 +229,19 @@ class StateService:
                 continue
             if isinstance(request, clone.SnapshotRequest):
                 await self._answer(frames[0], self._snapshot())
+            elif isinstance(request, clone.Report):
+                await self._take_report(frames[0], request)
+
+    async def _take_report(self, identity: bytes, report: clone.Report) -> None:
+        if self.on_report is None:
+            outcome: clone.AckOutcome = "refused"
+        else:
+            try:
+                outcome = await self.on_report(report.scan)
+            except Exception:  # not recorded: no ACK, the gateway sends it again
+                log.exception("scan report not recorded")
+                return
+        await self._answer(identity, [clone.Ack(self.epoch, report.report_id, outcome)])
 
     def _snapshot(self) -> list[clone.Message]:
         """The whole state at one seq, built before the first send so no publish can interleave."""

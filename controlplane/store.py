@@ -166,6 +166,39 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (session_id, scan))""",
         "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
     ),
+    # 4 -> 5: a scan may also be reported by the gateway (``source``), which interrupted it when a
+    # consumer left mid-scan: the key gains the source, and gateway reports carry the sectors
+    # spooled, the losses by reason and the loss manifest itself (JSON).
+    (
+        """CREATE TABLE scan_results_v5 (
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            scan INTEGER NOT NULL,
+            project TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            frames INTEGER NOT NULL,
+            events INTEGER NOT NULL,
+            expected_sectors INTEGER NOT NULL,
+            received_sectors INTEGER NOT NULL,
+            duplicate_sectors INTEGER NOT NULL,
+            lost_sectors INTEGER NOT NULL,
+            incomplete_frames INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            reported_at REAL NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('consumer', 'gateway')),
+            spooled_sectors INTEGER NOT NULL,
+            lost_by_reason TEXT NOT NULL,
+            loss_manifest TEXT NOT NULL,
+            manifest_truncated INTEGER NOT NULL CHECK (manifest_truncated IN (0, 1)),
+            PRIMARY KEY (session_id, scan, source))""",
+        """INSERT INTO scan_results_v5 SELECT session_id, scan, project, path, sha256, frames,
+            events, expected_sectors, received_sectors, duplicate_sectors, lost_sectors,
+            incomplete_frames, status, reported_at, 'consumer', 0, '{}', '[]', 0
+            FROM scan_results""",
+        "DROP TABLE scan_results",
+        "ALTER TABLE scan_results_v5 RENAME TO scan_results",
+        "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -17,6 +17,11 @@ Every message is three frames, like the zguide's kvmsg (a ROUTER adds the peer i
 
 Messages:
     ICANHAZ?        gateway -> ROUTER  header: the gateway's epoch and last seq; body empty
+    REPORT          gateway -> ROUTER  header: epoch "" and seq = the gateway's report id;
+                                       body = MessagePack InterruptedScan (a scan a member left)
+    ACK             ROUTER -> gateway  header: the server's epoch and seq = that report id;
+                                       body = MessagePack map {outcome: recorded | duplicate |
+                                       refused}; without an ACK the gateway sends it again
     session/<id>    ROUTER -> gateway  one snapshot entry; header seq = the snapshot's seq;
                                        body = the session's DSN document (below)
     KTHXBAI         ROUTER -> gateway  end of snapshot; header seq = the snapshot's seq;
@@ -30,6 +35,9 @@ A session's document is its full ``dataplane.config.Session`` (client keys, allo
 networks, allowed internal targets, live consumers, limits, expiry) as a MessagePack map of its
 JSON form; it is validated with the same schema as a configuration file, and its id must match
 the key. Updates carry whole documents, so applying one twice changes nothing.
+
+Reports are idempotent (the control plane stores a scan's report once and answers ``duplicate``
+to the same report again), so a gateway resends every report until it is acknowledged.
 
 A client resynchronises (asks for a new snapshot) when an update or heartbeat shows a different
 epoch (the server restarted), when an update's seq is not last + 1 (it missed one), or when a
@@ -50,10 +58,13 @@ import msgspec
 from pydantic import ValidationError
 
 from dataplane.config import Session
+from dataplane.protocol import MAX_MANIFEST, U32, U63, Reason, SectorIndex, SessionId
 
 MAX_KEY_BYTES: Final = 72
 MAX_HEADER_BYTES: Final = 128
-MAX_BODY_BYTES: Final = 1024 * 1024
+# A report with a full loss manifest (MAX_MANIFEST entries) is the largest body.
+MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+MAX_SPOOL_PATH: Final = 4096
 # As many sessions as a DSN configuration may hold: bounds snapshots and buffered updates.
 MAX_SESSIONS: Final = 10_000
 MAX_PENDING: Final = 10_000
@@ -61,6 +72,8 @@ MAX_PENDING: Final = 10_000
 ICANHAZ: Final = b"ICANHAZ?"
 KTHXBAI: Final = b"KTHXBAI"
 HUGZ: Final = b"HUGZ"
+REPORT: Final = b"REPORT"
+ACK: Final = b"ACK"
 SESSION_PREFIX: Final = b"session/"
 
 Epoch = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?$")]
@@ -88,8 +101,39 @@ class _SnapshotEnd(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     count: Annotated[int, msgspec.Meta(ge=0, le=MAX_SESSIONS)]
 
 
+AckOutcome = Literal["recorded", "duplicate", "refused"]
+
+
+class _AckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    outcome: AckOutcome
+
+
+class InterruptedScan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A scan the gateway interrupted because a member left mid-scan (``reason``).
+
+    ``sent``: the producers' total; ``accepted``: data messages the gateway accepted (forwarded
+    before the interruption, then spooled); ``spooled``: those in the spool file ``spool`` ("" if
+    none was written); ``lost``: sectors listed as lost, ``dropped`` by reason and ``drops``
+    one by one ([frame, sector, reason], at most MAX_MANIFEST; ``drops_truncated`` if more).
+    """
+
+    session: SessionId
+    scan: U32
+    reason: Reason
+    sent: U63
+    accepted: U63
+    spooled: U63
+    lost: U63
+    dropped: dict[Reason, U63]
+    drops: Annotated[list[tuple[U32, SectorIndex, Reason]], msgspec.Meta(max_length=MAX_MANIFEST)]
+    drops_truncated: bool
+    spool: Annotated[str, msgspec.Meta(max_length=MAX_SPOOL_PATH)]
+
+
 _HEADER = msgspec.msgpack.Decoder(_Header)
 _SNAPSHOT_END = msgspec.msgpack.Decoder(_SnapshotEnd)
+_ACK_BODY = msgspec.msgpack.Decoder(_AckBody)
+_REPORT_BODY = msgspec.msgpack.Decoder(InterruptedScan)
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -122,7 +166,22 @@ class Heartbeat:
     seq: int
 
 
-Message = SnapshotRequest | Entry | SnapshotEnd | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A gateway's report, named by ``report_id`` in its ACK."""
+
+    report_id: int
+    scan: InterruptedScan
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    epoch: str
+    report_id: int
+    outcome: AckOutcome
+
+
+Message = SnapshotRequest | Entry | SnapshotEnd | Heartbeat | Report | Ack
 
 
 def _header(epoch: str, seq: int) -> bytes:
@@ -131,6 +190,11 @@ def _header(epoch: str, seq: int) -> bytes:
 
 def encode(message: Message) -> list[bytes]:
     """The three frames of ``message``."""
+    if isinstance(message, Report):
+        return [REPORT, _header("", message.report_id), _ENCODER.encode(message.scan)]
+    if isinstance(message, Ack):
+        return [ACK, _header(message.epoch, message.report_id),
+                _ENCODER.encode(_AckBody(message.outcome))]
     header = _header(message.epoch, message.seq)
     if isinstance(message, SnapshotRequest):
         return [ICANHAZ, header, b""]
@@ -164,6 +228,13 @@ def _session(key: bytes, body: bytes) -> tuple[str, Session | None]:
     return session_id, session
 
 
+def _body(decoder: msgspec.msgpack.Decoder, key: bytes, body: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise CloneError(f"invalid {key.decode('ascii')} body: {exc}") from None
+
+
 def decode(frames: list[bytes]) -> Message:
     """Parse three frames into a message; anything malformed raises CloneError."""
     _check_sizes(frames)
@@ -176,6 +247,8 @@ def decode(frames: list[bytes]) -> Message:
         if body:
             raise CloneError("ICANHAZ? carries no body")
         return SnapshotRequest(header.epoch, header.seq)
+    if key == REPORT:
+        return Report(header.seq, _body(_REPORT_BODY, key, body))
     if not header.epoch:
         raise CloneError(f"{key!r} needs the server's epoch")
     if key == HUGZ:
@@ -183,11 +256,9 @@ def decode(frames: list[bytes]) -> Message:
             raise CloneError("HUGZ carries no body")
         return Heartbeat(header.epoch, header.seq)
     if key == KTHXBAI:
-        try:
-            end = _SNAPSHOT_END.decode(body)
-        except msgspec.DecodeError as exc:
-            raise CloneError(f"invalid KTHXBAI body: {exc}") from None
-        return SnapshotEnd(header.epoch, header.seq, end.count)
+        return SnapshotEnd(header.epoch, header.seq, _body(_SNAPSHOT_END, key, body).count)
+    if key == ACK:
+        return Ack(header.epoch, header.seq, _body(_ACK_BODY, key, body).outcome)
     if key.startswith(SESSION_PREFIX):
         session_id, session = _session(key, body)
         return Entry(header.epoch, header.seq, session_id, session)
@@ -250,7 +321,7 @@ class CloneState:
             return self._end(message)
         if isinstance(message, Heartbeat):
             return self._heartbeat(message)
-        return Outcome.UNCHANGED  # a snapshot request is the server's to answer
+        return Outcome.UNCHANGED  # requests and reports are the server's to answer; ACKs the caller's
 
     def apply_snapshot_entry(self, entry: Entry) -> Outcome:
         """An entry from the snapshot socket (never an update)."""

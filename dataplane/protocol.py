@@ -35,6 +35,10 @@ Gateway -> consumer
                                   {reason: count} for the scan, ``drops`` = [[frame, sector, reason],
                                   ...] for this consumer's frames (at most MAX_MANIFEST entries;
                                   ``drops_truncated`` says whether some were left out).
+    scan_abort  [header]          {v, type: "scan_abort", scan, reason}
+                                  a member of the scan left mid-scan ("consumer_gone"): the gateway
+                                  sends no more of it to any member (it spools the rest and reports
+                                  the scan), so the job cannot finish it and must not wait for it.
 
 Limits are checked before anything is allocated: a producer header longer than MAX_HEADER_BYTES is
 rejected unread, scan and frame geometry are bounded, and a payload must be exactly one sector.
@@ -176,8 +180,13 @@ class RoutedScanEnd(_Header, tag="scan_end"):
     drops_truncated: bool
 
 
+class RoutedScanAbort(_Header, tag="scan_abort"):
+    scan: U32
+    reason: Reason
+
+
 ProducerMessage = Union[ScanBegin, Data, ScanEnd]
-ConsumerMessage = Union[RoutedScanBegin, Data, RoutedScanEnd]
+ConsumerMessage = Union[RoutedScanBegin, Data, RoutedScanEnd, RoutedScanAbort]
 
 
 class ScanGeometry(msgspec.Struct, frozen=True, gc=False):
@@ -216,7 +225,7 @@ _ncem_decoder = msgspec.msgpack.Decoder(NcemHeader)
 _consumer_decoder = msgspec.msgpack.Decoder(ConsumerMessage)
 _encoder = msgspec.msgpack.Encoder()
 _FIELD_COUNT = {cls: len(cls.__struct_fields__) + 1 for cls in
-                (ScanBegin, Data, ScanEnd, RoutedScanBegin, RoutedScanEnd)}
+                (ScanBegin, Data, ScanEnd, RoutedScanBegin, RoutedScanEnd, RoutedScanAbort)}
 
 
 def _map_length(buf: bytes | memoryview) -> int:
@@ -275,7 +284,8 @@ def is_native_header(buf: bytes | memoryview) -> bool:
     return len(buf) > 0 and not _is_array(buf[0])
 
 
-def decode_consumer_message(buf: bytes | memoryview) -> RoutedScanBegin | Data | RoutedScanEnd:
+def decode_consumer_message(
+        buf: bytes | memoryview) -> RoutedScanBegin | Data | RoutedScanEnd | RoutedScanAbort:
     """Decode a gateway -> consumer header."""
     if len(buf) > MAX_CONTROL_BYTES:
         raise ProtocolError(DropReason.OVERSIZED_HEADER, f"{len(buf)} bytes > {MAX_CONTROL_BYTES}")

@@ -36,6 +36,8 @@ from gateway.state import CloneSessionSource
 
 log = logging.getLogger("dsn.gateway")
 SERVER_KEY_NAME = "server"
+# At shutdown, how long reports of interrupted scans may take to reach the control plane.
+REPORT_FLUSH_S = 3.0
 
 
 def _fail(message: str) -> NoReturn:
@@ -98,7 +100,7 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         _run_with_metrics(gw, mode, metrics_address or gw.config.gateway.metrics)
     finally:
         if source is not None:
-            source.stop()
+            source.stop(flush_s=REPORT_FLUSH_S)
 
 
 def _static_only(*live_options: object) -> None:
@@ -156,6 +158,7 @@ def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str, state_key_
     gw = Gateway(config, mode=mode,
                  max_sector_bytes=max_sector_bytes or Detector().sector_bytes)
     source = CloneSessionSource(endpoints, server_key, keypair, gw.use_table)
+    gw.on_report = source.report
     source.start()
     try:
         if not source.wait_synced(sync_timeout):

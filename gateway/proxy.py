@@ -5,7 +5,10 @@ ZAP_ENFORCE_DOMAIN (no ZAP handler, no connection), MAXMSGSIZE = largest sector 
 refuses an oversized message before allocating it, and a bounded RCVHWM.
 Egress: one PUSH socket per consumer endpoint, connected, SNDHWM = the session's ``limits.hwm``.
 A PUSH socket at its HWM blocks the loop, the loop stops reading its ingress, and the producers
-block: a slow consumer slows everyone down, nothing is dropped to make room.
+block: a slow consumer slows everyone down, nothing is dropped to make room. A consumer the
+session table no longer lists (its lease ended) has its socket closed: a send waiting for it gives
+up, and the router accounts for what it was sent (its open scans are interrupted: the members get a
+scan_abort, the rest is spooled, and the scan's report goes to ``on_report`` when it ends).
 
 ``l7``: every message goes through the Router (session, protocol, scan checks, routing); payload
 frames are forwarded zero-copy; a scan the router spools (its session has no consumer) is written
@@ -17,18 +20,22 @@ connected to all consumers of the single session (the comparison baseline).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final, Literal, cast
 
+import msgspec
 import zmq
 
+from dataplane.clone import InterruptedScan
 from dataplane.config import DSNConfig, GatewaySettings
 from dataplane.keys import KeyPair, load_secret_keypair
 from gateway.auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
-from gateway.router import Router, SpoolAction, SpoolOpen, SpoolWrite
+from gateway.router import Interruption, Reason, Router, SpoolAction, SpoolOpen, SpoolWrite
 from gateway.sessions import SessionTable, table_from_config
 from gateway.spool import Spools, prepare_spool_dir
 
@@ -40,6 +47,9 @@ EGRESS_LINGER_MS: Final = 2000
 STOP_GRACE_S: Final = 2.0
 INGRESS_HWM: Final = 64
 _control_ids = itertools.count()
+log = logging.getLogger("dsn.gateway")
+
+ReportSink = Callable[[InterruptedScan], None]
 
 
 def open_ingress(context: zmq.Context, settings: GatewaySettings, table: SessionTable,
@@ -95,18 +105,21 @@ def _user_id(frame: zmq.Frame) -> str | None:
 
 
 class L7Proxy:
-    """The inspecting loop: recv, ask the router, send. Owns its egress sockets."""
+    """The inspecting loop: recv, ask the router, send. Owns its egress sockets, one per router
+    slot (None while that consumer is not in the table)."""
 
     def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable,
-                 *, clock: Callable[[], float] = time.time, spools: Spools | None = None) -> None:
+                 *, clock: Callable[[], float] = time.time, spools: Spools | None = None,
+                 on_report: ReportSink | None = None) -> None:
         self.router = Router(table, clock=clock, spooling=spools is not None)
         self.spools = spools
+        self.on_report = on_report
         self._context = context
         self._ingress = ingress
-        self._egress: list[zmq.Socket] = []
+        self._egress: list[zmq.Socket | None] = []
         self._pending: SessionTable | None = None
         self._stop = threading.Event()
-        self._connect_new(table)
+        self._sync_egress(table)
 
     def use_table(self, table: SessionTable) -> None:
         """Hand a new table to the loop, which adopts it before its next message (thread-safe)."""
@@ -117,21 +130,48 @@ class L7Proxy:
 
     def close(self) -> None:
         for socket in self._egress:
-            socket.close()
+            if socket is not None:
+                socket.close()
         if self.spools is not None:
             self.spools.abandon_all()
 
-    def _connect_new(self, table: SessionTable) -> None:
+    def _sync_egress(self, table: SessionTable) -> None:
+        """Connect to consumers that (re)appeared, close the sockets of those that left: what
+        those still queue belongs to scans the router has interrupted and accounted for."""
         hwm = {endpoint: entry.session.limits.hwm
                for entry in table for endpoint in entry.session.consumers}
-        for endpoint in self.router.endpoints[len(self._egress):]:
-            self._egress.append(open_egress(self._context, [endpoint], hwm[endpoint]))
+        live = self.router.live_slots
+        self._egress.extend([None] * (len(self.router.endpoints) - len(self._egress)))
+        for slot, endpoint in enumerate(self.router.endpoints):
+            socket = self._egress[slot]
+            if slot in live and socket is None:
+                self._egress[slot] = open_egress(self._context, [endpoint], hwm[endpoint])
+            elif slot not in live and socket is not None:
+                socket.close(linger=0)
+                self._egress[slot] = None
 
     def _adopt(self) -> None:
         table, self._pending = self._pending, None
-        if table is not None:
-            self.router.use_table(table)
-            self._connect_new(table)
+        if table is None:
+            return
+        interruptions = self.router.use_table(table)
+        self._sync_egress(table)
+        for interruption in interruptions:
+            self._interrupt(interruption)
+
+    def _interrupt(self, interruption: Interruption) -> None:
+        log.warning("scan interrupted: a consumer left mid-scan", extra={"fields": {
+            "session": interruption.key.session, "scan": interruption.key.scan}})
+        for notice in interruption.notices:
+            socket = self._egress[notice.slot]
+            if socket is not None:
+                try:
+                    # Best effort: a member that cannot take it now learns from its job's end.
+                    socket.send(notice.header, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        if interruption.spool is not None:
+            self._spool(interruption.spool, None, [])
 
     def run(self) -> None:
         """Forward until stop() is called."""
@@ -156,35 +196,68 @@ class L7Proxy:
             decision = route(session, head.bytes, parts, len(frames[1]) if parts == 2 else 0)
             if decision.slot >= 0:
                 out = frames if decision.header is None else [decision.header, frames[1]]
-                self._send(egress[decision.slot], out, session)
+                self._send(decision.slot, out, session)
             for control in decision.control:
-                self._send(egress[control.slot], [control.header], session)
+                self._send(control.slot, [control.header], session)
+            spooled = None
             if decision.spool is not None:
-                self._spool(decision.spool, decision.header, frames)
+                spooled = self._spool(decision.spool, decision.header, frames)
+            if decision.report is not None:
+                self._report(decision.report, spooled)
 
-    def _spool(self, action: SpoolAction, header: bytes | None, frames: list[zmq.Frame]) -> None:
+    def _spool(self, action: SpoolAction, header: bytes | None,
+               frames: list[zmq.Frame]) -> Path | None:
+        """Carry out a spool action; the published file when it closed a spool."""
         # The router asks for spooling only when the proxy has Spools.
         spools = cast(Spools, self.spools)
         if isinstance(action, SpoolWrite):
             part1 = frames[0].buffer if header is None else header
             if not spools.write(action.key, part1, frames[1].buffer):
                 self.router.spool_failed(action.key, len(frames[1]))
-        elif isinstance(action, SpoolOpen):
+            return None
+        if isinstance(action, SpoolOpen):
             if not spools.open(action.key, action.begin):
                 self.router.spool_failed(action.key, 0)
-        elif spools.finish(action.key, action.manifest) is None:
+            return None
+        path = spools.finish(action.key, action.manifest)
+        if path is None:
             self.router.spool_failed(action.key, 0)
+        return path
 
-    def _send(self, socket: zmq.Socket, parts: list, session: str | None) -> None:  # type: ignore[type-arg]
+    def _report(self, report: InterruptedScan, spool: Path | None) -> None:
+        if spool is not None:
+            report = msgspec.structs.replace(report, spool=str(spool))
+        elif report.spooled:
+            # The spool file could not be published: what it held is lost.
+            failed = Reason.SPOOL_FAILED.value
+            dropped = {**report.dropped, failed: report.dropped.get(failed, 0) + report.spooled}
+            report = msgspec.structs.replace(report, spooled=0, lost=report.lost + report.spooled,
+                                             dropped=dropped)
+        log.warning("interrupted scan ended", extra={"fields": {
+            "session": report.session, "scan": report.scan, "sent": report.sent,
+            "accepted": report.accepted, "spooled": report.spooled, "lost": report.lost,
+            "spool": report.spool}})
+        if self.on_report is not None:
+            self.on_report(report)
+
+    def _send(self, slot: int, parts: list, session: str | None) -> None:  # type: ignore[type-arg]
+        socket = self._egress[slot]
+        if socket is None:
+            return  # the consumer left; the router accounted for this message
         try:
             socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self._send_when_ready(socket, parts, session)
+            self._send_when_ready(slot, socket, parts, session)
 
-    def _send_when_ready(self, socket: zmq.Socket, parts: list,  # type: ignore[type-arg]
+    def _send_when_ready(self, slot: int, socket: zmq.Socket, parts: list,  # type: ignore[type-arg]
                          session: str | None) -> None:
-        # Backpressure: wait for the consumer as long as it takes, but notice a stop request.
+        # Backpressure: wait for the consumer as long as it takes, but notice a stop request,
+        # and a new table: the consumer may have left (its lease ended), closing its socket.
         while not self._stop.is_set():
+            if self._pending is not None:
+                self._adopt()
+                if self._egress[slot] is not socket:
+                    return
             if socket.poll(POLL_MS, zmq.POLLOUT):
                 try:
                     socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
@@ -242,9 +315,11 @@ class Gateway:
     """A running gateway: context, ZAP handler, ingress, and the chosen forwarding loop."""
 
     def __init__(self, config: DSNConfig, *, mode: Mode = "l7", io_threads: int = 1,
-                 clock: Callable[[], float] = time.time, max_sector_bytes: int = 0) -> None:
+                 clock: Callable[[], float] = time.time, max_sector_bytes: int = 0,
+                 on_report: ReportSink | None = None) -> None:
         self.config = config
         self.max_sector_bytes = max_sector_bytes
+        self.on_report = on_report
         self.mode = mode
         self.table = table_from_config(config)
         self.context = zmq.Context(io_threads=io_threads)
@@ -279,7 +354,8 @@ class Gateway:
     def _l7_proxy(self, ingress: zmq.Socket) -> L7Proxy:
         directory = prepare_spool_dir(self.config.gateway.spool_dir)
         spools = Spools(directory) if directory is not None else None
-        return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools)
+        return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
+                       on_report=self.on_report)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""

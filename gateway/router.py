@@ -12,6 +12,13 @@ last scan_end SpoolClose with the scan's loss manifest (dataplane.spool). A scan
 end even if consumers appear meanwhile (the member list is fixed per scan). With ``spooling`` off
 (no usable spool directory) such a scan is refused as "no_consumers".
 
+Consumers gone mid-scan: when a new table no longer lists a member of an open scan (its lease
+expired or it left), the scan is interrupted. The members form one job that cannot finish the scan
+without the one that left, so every member gets a scan_abort, every sector already forwarded is
+listed as lost ("consumer_gone": the gateway cannot know whether it was counted), and the rest of
+the scan is spooled (or, with spooling off, dropped as "consumer_gone"). When the scan ends, the
+decision carries an InterruptedScan report for the control plane beside the spool's SpoolClose.
+
 Accounting: every data message is either forwarded, spooled, or counted as a drop under
 (session, reason). A drop that belongs to an open scan (a valid data header) is also counted in that
 scan and listed in the loss manifest of the consumer owning its frame, which receives it in its
@@ -24,9 +31,11 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, NamedTuple
+
+import numpy as np
 
 from dataplane.protocol import (
     MAX_MANIFEST,
@@ -34,6 +43,7 @@ from dataplane.protocol import (
     Data,
     DropReason,
     ProtocolError,
+    RoutedScanAbort,
     RoutedScanBegin,
     RoutedScanEnd,
     ScanBegin,
@@ -43,6 +53,7 @@ from dataplane.protocol import (
     encode,
     is_native_header,
 )
+from dataplane.clone import InterruptedScan
 from dataplane.spool import SpoolManifest
 from gateway.sessions import SessionEntry, SessionTable
 
@@ -66,6 +77,7 @@ class Reason(str, enum.Enum):
     NO_CONSUMERS = "no_consumers"
     SPOOL_FAILED = "spool_failed"
     UNDELIVERED = "undelivered"
+    CONSUMER_GONE = "consumer_gone"
 
 
 class Outgoing(NamedTuple):
@@ -110,13 +122,24 @@ SpoolAction = SpoolOpen | SpoolWrite | SpoolClose
 class Decision:
     """What to do with one message. ``slot`` >= 0: forward it there (``header`` replaces part 1
     when set); ``control``: send these; ``spool``: act on a spool; ``drop``: the reason it was
-    refused."""
+    refused; ``report``: an interrupted scan ended, report it (after the spool action, which
+    gives its spool file)."""
 
     slot: int = -1
     header: bytes | None = None
     control: tuple[Outgoing, ...] = ()
     drop: str | None = None
     spool: SpoolAction | None = None
+    report: InterruptedScan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    """A scan lost a member: tell every member (best effort: some are gone) and open its spool."""
+
+    key: ScanKey
+    notices: tuple[Outgoing, ...]
+    spool: SpoolOpen | None
 
 
 _ACCEPTED: Final = Decision()
@@ -146,11 +169,15 @@ class _Scan:
         "ends",
         "expected",
         "forward",
+        "forwarded",
         "geometry",
+        "interrupted",
         "members",
+        "sectors",
         "sent",
         "spool",
         "spool_failed",
+        "spooled",
         "to_spool",
         "truncated",
     )
@@ -165,6 +192,12 @@ class _Scan:
         self.spool = spool
         self.to_spool = Decision(spool=spool)
         self.spool_failed = False
+        self.spooled = 0
+        self.interrupted = False
+        self.sectors = begin.sectors
+        # One bit per (frame, sector) forwarded: what is lost, exactly, if a member goes.
+        self.forwarded = bytearray((begin.geometry.positions * begin.sectors + 7) // 8
+                                   if members else 0)
         manifests = max(len(members), 1)
         self.expected = [0] * manifests
         self.begins = 1
@@ -174,13 +207,24 @@ class _Scan:
         self.drops: list[list[tuple[int, int, str]]] = [[] for _ in range(manifests)]
         self.truncated = [False] * manifests
 
-    def record_drop(self, msg: Data, reason: str) -> None:
+    def record_drop(self, frame: int, sector: int, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        owner = msg.frame % len(self.members) if self.members else 0
+        owner = frame % len(self.members) if self.members else 0
         if len(self.drops[owner]) < MAX_MANIFEST:
-            self.drops[owner].append((msg.frame, msg.sector, reason))
+            self.drops[owner].append((frame, sector, reason))
         else:
             self.truncated[owner] = True
+
+    def mark_forwarded(self, frame: int, sector: int) -> None:
+        bit = frame * self.sectors + sector
+        self.forwarded[bit >> 3] |= 1 << (bit & 7)
+
+    def take_forwarded(self) -> Iterator[tuple[int, int]]:
+        """Every (frame, sector) forwarded so far, in order; forgets them."""
+        bits = np.unpackbits(np.frombuffer(self.forwarded, dtype=np.uint8), bitorder="little")
+        self.forwarded = bytearray()
+        for bit in np.flatnonzero(bits).tolist():
+            yield divmod(bit, self.sectors)
 
     def routed_begins(self, session: str) -> tuple[Outgoing, ...]:
         b, n = self.begin, len(self.members)
@@ -199,9 +243,24 @@ class _Scan:
                 drops_truncated=self.truncated[i])))
             for i, slot in enumerate(self.members))
 
+    def all_drops(self) -> tuple[list[tuple[int, int, str]], bool]:
+        """The manifests of every member as one (member by member, each in the order recorded),
+        and whether it was truncated."""
+        drops = [d for member in self.drops for d in member]
+        return drops[:MAX_MANIFEST], any(self.truncated) or len(drops) > MAX_MANIFEST
+
     def manifest(self) -> SpoolManifest:
-        return SpoolManifest(sent=self.sent, dropped=dict(self.dropped), drops=self.drops[0],
-                             drops_truncated=self.truncated[0])
+        drops, truncated = self.all_drops()
+        return SpoolManifest(sent=self.sent, dropped=dict(self.dropped), drops=drops,
+                             drops_truncated=truncated)
+
+    def report(self, session: str) -> InterruptedScan:
+        drops, truncated = self.all_drops()
+        return InterruptedScan(
+            session=session, scan=self.begin.scan, reason=Reason.CONSUMER_GONE.value,
+            sent=self.sent, accepted=sum(self.expected) + self.spooled, spooled=self.spooled,
+            lost=sum(self.dropped.values()), dropped=dict(self.dropped), drops=drops,
+            drops_truncated=truncated, spool="")
 
 
 class _SessionState:
@@ -241,6 +300,7 @@ class Router:
     def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time,
                  spooling: bool = False) -> None:
         self.endpoints: list[str] = []
+        self.live_slots: frozenset[int] = frozenset()
         self.spooling = spooling
         self.drops: dict[tuple[str, str], int] = {}
         self._slots: dict[str, int] = {}
@@ -248,19 +308,49 @@ class Router:
         self._clock = clock
         self.use_table(table)
 
-    def use_table(self, table: SessionTable) -> None:
+    def use_table(self, table: SessionTable) -> list[Interruption]:
         """Adopt a new session table. Sessions that left it are forgotten at once (with their open
-        scans); a changed consumer list applies from each session's next scan. New consumer
-        endpoints get new slots at the end of ``endpoints``."""
+        scans); a changed consumer list applies from each session's next scan, except that an open
+        scan whose member left is interrupted (returned for the socket loop to act on). New
+        consumer endpoints get new slots at the end of ``endpoints``; ``live_slots`` are the slots
+        of the consumers the table lists."""
         sessions: dict[str, _SessionState] = {}
+        interruptions: list[Interruption] = []
         for entry in table:
             members = tuple(self._slot(endpoint) for endpoint in entry.session.consumers)
             state = self._sessions.get(entry.id)
             if state is None:
                 state = _SessionState(entry, members)
+            else:
+                interruptions.extend(self._interrupt_scans_without(state, frozenset(members)))
             state.entry, state.members = entry, members
             sessions[entry.id] = state
         self._sessions = sessions
+        self.live_slots = frozenset(slot for state in sessions.values() for slot in state.members)
+        return interruptions
+
+    def _interrupt_scans_without(self, state: _SessionState,
+                                 live: frozenset[int]) -> Iterable[Interruption]:
+        for scan in state.scans.values():
+            if scan.members and not scan.interrupted and not live.issuperset(scan.members):
+                yield self._interrupt(state, scan)
+
+    def _interrupt(self, state: _SessionState, scan: _Scan) -> Interruption:
+        sid, gone = state.entry.id, Reason.CONSUMER_GONE.value
+        lost = 0
+        for frame, sector in scan.take_forwarded():
+            scan.record_drop(frame, sector, gone)
+            lost += 1
+        self.drops[(sid, gone)] = self.drops.get((sid, gone), 0) + lost
+        scan.interrupted = True
+        key = ScanKey(sid, scan.begin.scan)
+        notice = encode(RoutedScanAbort(v=VERSION, scan=scan.begin.scan, reason=gone))
+        notices = tuple(Outgoing(slot, notice) for slot in scan.members)
+        if not self.spooling:
+            return Interruption(key, notices, None)
+        scan.spool = SpoolWrite(key)
+        scan.to_spool = Decision(spool=scan.spool)
+        return Interruption(key, notices, SpoolOpen(key, encode(scan.begin)))
 
     def _slot(self, endpoint: str) -> int:
         slot = self._slots.get(endpoint)
@@ -331,9 +421,10 @@ class Router:
             scan.geometry.check(msg, payload_bytes)
         except ProtocolError as exc:
             return self._data_drop(state, msg, exc.reason.value, scan)
-        if scan.spool is not None:
-            return self._spool(state, msg, scan, scan.spool, native, payload_bytes)
+        if scan.spool is not None or scan.interrupted:
+            return self._divert(state, msg, scan, native, payload_bytes)
         index = msg.frame % len(scan.members)
+        scan.mark_forwarded(msg.frame, msg.sector)
         scan.expected[index] += 1
         state.messages += 1
         state.bytes += payload_bytes
@@ -341,11 +432,15 @@ class Router:
             return scan.forward[index]
         return Decision(slot=scan.members[index], header=encode(msg))
 
-    def _spool(self, state: _SessionState, msg: Data, scan: _Scan, spool: SpoolWrite,
-               native: bool, payload_bytes: int) -> Decision:
+    def _divert(self, state: _SessionState, msg: Data, scan: _Scan, native: bool,
+                payload_bytes: int) -> Decision:
+        """A data message of a spooled or interrupted scan: to its spool, or dropped."""
+        spool = scan.spool
+        if spool is None:
+            return self._data_drop(state, msg, Reason.CONSUMER_GONE.value, scan)
         if scan.spool_failed:
             return self._data_drop(state, msg, Reason.SPOOL_FAILED.value, scan)
-        scan.expected[0] += 1
+        scan.spooled += 1
         state.spooled += 1
         state.spooled_bytes += payload_bytes
         if native:
@@ -363,7 +458,7 @@ class Router:
                    scan: _Scan | None = None) -> Decision:
         scan = scan if scan is not None else state.scans.get(msg.scan)
         if scan is not None:
-            scan.record_drop(msg, reason)
+            scan.record_drop(msg.frame, msg.sector, reason)
         return self._count(state.entry.id, reason)
 
     def _scan_begin(self, state: _SessionState, msg: ScanBegin) -> Decision:
@@ -415,11 +510,12 @@ class Router:
             return _ACCEPTED
         del state.scans[msg.scan]
         state.closed.append(msg.scan)
-        if scan.spool is None:
+        if not scan.interrupted and scan.spool is None:
             return Decision(control=scan.routed_ends())
-        if scan.spool_failed:
-            return _ACCEPTED
-        return Decision(spool=SpoolClose(scan.spool.key, scan.manifest()))
+        report = scan.report(state.entry.id) if scan.interrupted else None
+        if scan.spool is None or scan.spool_failed:
+            return Decision(report=report) if report is not None else _ACCEPTED
+        return Decision(spool=SpoolClose(scan.spool.key, scan.manifest()), report=report)
 
     def stats(self) -> Iterator[SessionStats]:
         """Counters per session; safe to call from another thread while routing goes on."""

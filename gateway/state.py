@@ -6,6 +6,12 @@ request can never be mistaken for the current one); ``CloneState`` buffers the u
 meanwhile and applies those newer than the snapshot. A gap, a new server epoch, a heartbeat ahead of
 the state, or a snapshot that does not arrive in time starts a new snapshot.
 
+The same thread carries the gateway's reports of interrupted scans (``report``, callable from any
+thread) to the service on the snapshot socket, and sends each again every ``resend_s`` and on every
+new socket until the service acknowledges it (the service records a report once, so a repeat is
+harmless). Reports not yet acknowledged when the gateway stops are lost with it; the spool file's
+trailer holds the same loss manifest.
+
 When the service goes silent (no heartbeat for ``missed_heartbeats`` intervals) the gateway keeps
 serving its last good table — never an empty one — and keeps reconnecting and asking; ZAP and the
 router still enforce each session's expiry, and this source also drops a session from the table
@@ -19,7 +25,9 @@ Wiring into a gateway:
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +49,8 @@ class CloneSessionSource:
     def __init__(self, endpoints: clone.StateEndpoints, server_public_key: bytes,
                  client_keypair: KeyPair, on_table: Callable[[SessionTable], None], *,
                  heartbeat_s: float = 1.0, missed_heartbeats: int = 3,
-                 clock: Callable[[], float] = time.time, poll_ms: int = 20) -> None:
+                 clock: Callable[[], float] = time.time, poll_ms: int = 20,
+                 resend_s: float = 2.0) -> None:
         if client_keypair.secret is None:
             raise ValueError("a gateway needs its secret key to authenticate")
         self.endpoints = endpoints
@@ -62,6 +71,12 @@ class CloneSessionSource:
         self._dealer: zmq.Socket | None = None
         self._asked = 0.0
         self._heard = 0.0
+        self._resend_s = resend_s
+        self._outbox: queue.SimpleQueue[clone.InterruptedScan] = queue.SimpleQueue()
+        self._report_ids = itertools.count(1)
+        self._unacked: dict[int, clone.InterruptedScan] = {}
+        self._sent_reports = 0.0
+        self.acknowledged: dict[str, int] = {}
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsn-state", daemon=True)
@@ -73,11 +88,26 @@ class CloneSessionSource:
     def start(self) -> None:
         self._thread.start()
 
+    def report(self, scan: clone.InterruptedScan) -> None:
+        """Queue a report for the service (thread-safe; sent by this source's thread)."""
+        self._outbox.put(scan)
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._unacked) + self._outbox.qsize()
+
     def wait_synced(self, timeout: float) -> bool:
         """True once the first snapshot has been applied."""
         return self._synced.wait(timeout)
 
-    def stop(self) -> None:
+    def stop(self, flush_s: float = 0.0) -> None:
+        """Stop, first waiting up to ``flush_s`` for unacknowledged reports to be acknowledged."""
+        deadline = time.monotonic() + flush_s
+        while self.unacknowledged and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(self._poll_ms / 1000)
+        if self.unacknowledged:
+            log.error("scan reports not acknowledged; their spool trailers hold the manifests",
+                      extra={"fields": {"reports": self.unacknowledged}})
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -117,6 +147,38 @@ class CloneSessionSource:
         self._dealer = self._socket(zmq.DEALER, self.endpoints.snapshot)
         self._dealer.send_multipart(clone.encode(self._state.request()))
         self._asked = self._clock()
+        self._send_reports(list(self._unacked))
+
+    def _send_reports(self, ids: list[int]) -> None:
+        assert self._dealer is not None
+        for report_id in ids:
+            try:
+                self._dealer.send_multipart(
+                    clone.encode(clone.Report(report_id, self._unacked[report_id])),
+                    flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the service is away; the next resend tries again
+        self._sent_reports = self._clock()
+
+    def _flush_reports(self, now: float) -> None:
+        fresh = []
+        while not self._outbox.empty():
+            report_id = next(self._report_ids)
+            self._unacked[report_id] = self._outbox.get()
+            fresh.append(report_id)
+        if now - self._sent_reports >= self._resend_s:
+            fresh = list(self._unacked)
+        if fresh:
+            self._send_reports(fresh)
+
+    def _acked(self, ack: clone.Ack) -> None:
+        report = self._unacked.pop(ack.report_id, None)
+        if report is None:
+            return
+        self.acknowledged[ack.outcome] = self.acknowledged.get(ack.outcome, 0) + 1
+        level = logging.INFO if ack.outcome != "refused" else logging.ERROR
+        log.log(level, "scan report acknowledged", extra={"fields": {
+            "session": report.session, "scan": report.scan, "outcome": ack.outcome}})
 
     def _step(self) -> None:
         assert self._sub is not None and self._dealer is not None
@@ -141,6 +203,7 @@ class CloneSessionSource:
         if resync:
             self.resyncs += 1
             self._resnapshot()
+        self._flush_reports(now)
         self._refresh(now)
 
     def _drain(self, sock: zmq.Socket, *, snapshot: bool) -> bool:
@@ -156,6 +219,9 @@ class CloneSessionSource:
                 continue
             if not snapshot:
                 self._heard = self._clock()
+            if isinstance(message, clone.Ack):
+                self._acked(message)
+                continue
             outcome = (self._state.apply_snapshot_entry(message)
                        if snapshot and isinstance(message, clone.Entry)
                        else self._state.apply(message))

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 import gateway.router as router_module
 from dataplane.config import Detector, Limits, Session
+from dataplane.clone import InterruptedScan
 from dataplane.protocol import (
     Data,
     NcemHeader,
+    RoutedScanAbort,
     RoutedScanBegin,
     RoutedScanEnd,
     ScanBegin,
@@ -25,7 +27,16 @@ from dataplane.protocol import (
     encode_ncem,
 )
 from dataplane.spool import SpoolManifest
-from gateway.router import Decision, Router, ScanKey, SpoolClose, SpoolOpen, SpoolWrite
+from gateway.router import (
+    Decision,
+    Interruption,
+    Outgoing,
+    Router,
+    ScanKey,
+    SpoolClose,
+    SpoolOpen,
+    SpoolWrite,
+)
 from gateway.sessions import SessionTable
 
 DETECTOR = Detector(frame_shape=(8, 4), sectors=2)
@@ -361,3 +372,81 @@ def test_a_spool_that_cannot_be_opened_refuses_its_data() -> None:
     assert send_data(router, data(frame=0)).drop == "spool_failed"
     assert router.drops == {("s1", "spool_failed"): 2}
     assert next(router.stats()).spooled == 0
+
+
+def _without_member(session: Session, index: int) -> SessionTable:
+    kept = [e for i, e in enumerate(session.consumers) if i != index]
+    return SessionTable([session.model_copy(update={"consumers": kept})])
+
+
+def _interrupted(spooling: bool) -> tuple[Router, list[Interruption]]:
+    """Scan 1 of a 2-member session (3x4 positions, 2 sectors, 2 producers): frames 0-3 (both
+    sectors) forwarded and one message dropped as out_of_range, then member 1 leaves."""
+    session = _session(consumers=2)
+    router = Router(SessionTable([session]), clock=Clock(), spooling=spooling)
+    router.route("s1", begin(producers=2), 1, 0)
+    router.route("s1", begin(producers=2), 1, 0)
+    for frame in range(4):
+        for sector in range(2):
+            assert send_data(router, data(frame=frame, sector=sector)).slot == frame % 2
+    send_data(router, data(frame=12))  # out_of_range
+    return router, router.use_table(_without_member(session, 1))
+
+
+FORWARDED = [(f, s) for f in range(4) for s in range(2)]
+
+
+def test_a_member_leaving_mid_scan_interrupts_it_every_member_is_told_and_the_rest_spooled(
+        ) -> None:
+    router, interruptions = _interrupted(spooling=True)
+    abort = encode(RoutedScanAbort(v=1, scan=1, reason="consumer_gone"))
+    assert interruptions == [Interruption(KEY, (Outgoing(0, abort), Outgoing(1, abort)),
+                                          SpoolOpen(KEY, begin(producers=2)))]
+    assert router.live_slots == frozenset({0})
+    assert send_data(router, data(frame=4)) == Decision(spool=SpoolWrite(KEY))
+    assert send_data(router, data(frame=5, sector=1)) == Decision(spool=SpoolWrite(KEY))
+    assert router.route("s1", end(sent=6), 1, 0) == Decision()
+    closed = router.route("s1", end(sent=5), 1, 0)
+    # Every sector forwarded before the interruption is lost, one by one, member by member.
+    lost = ([(12, 0, "out_of_range")]
+            + [(f, s, "consumer_gone") for f, s in FORWARDED if f % 2 == 0]
+            + [(f, s, "consumer_gone") for f, s in FORWARDED if f % 2 == 1])
+    dropped = {"out_of_range": 1, "consumer_gone": 8}
+    assert closed == Decision(
+        spool=SpoolClose(KEY, SpoolManifest(sent=11, dropped=dropped, drops=lost,
+                                            drops_truncated=False)),
+        report=InterruptedScan(session="s1", scan=1, reason="consumer_gone", sent=11,
+                               accepted=10, spooled=2, lost=9, dropped=dropped, drops=lost,
+                               drops_truncated=False, spool=""))
+    assert router.drops == {("s1", "out_of_range"): 1, ("s1", "consumer_gone"): 8}
+
+
+def test_an_interrupted_scan_without_spooling_drops_the_rest_listed_and_reports_it() -> None:
+    router, interruptions = _interrupted(spooling=False)
+    assert [i.spool for i in interruptions] == [None]
+    assert send_data(router, data(frame=4)).drop == "consumer_gone"
+    assert router.route("s1", end(sent=5), 1, 0) == Decision()
+    closed = router.route("s1", end(sent=5), 1, 0)
+    report = closed.report
+    assert report is not None and closed.spool is None
+    assert (report.sent, report.accepted, report.spooled, report.lost) == (10, 8, 0, 10)
+    assert (4, 0, "consumer_gone") in report.drops
+    assert router.drops[("s1", "consumer_gone")] == 9
+
+
+def test_a_scan_is_interrupted_once_and_later_scans_use_the_members_left() -> None:
+    router, _ = _interrupted(spooling=True)
+    nobody = _session(consumers=2).model_copy(update={"consumers": []})
+    assert router.use_table(SessionTable([nobody])) == []
+    assert router.route("s1", begin(scan=2), 1, 0) == Decision(
+        spool=SpoolOpen(ScanKey("s1", 2), begin(scan=2)))
+
+
+def test_a_member_leaving_between_scans_interrupts_nothing() -> None:
+    session = _session(consumers=2)
+    router = _router(session)
+    router.route("s1", begin(), 1, 0)
+    send_data(router, data(frame=0))
+    router.route("s1", end(sent=1), 1, 0)
+    assert router.use_table(_without_member(session, 1)) == []
+    assert router.drops == {}

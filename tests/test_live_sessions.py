@@ -2,7 +2,8 @@
 registered producer streams to a registered consumer within a second, an unknown key is refused,
 a key connecting from outside its session's source networks is refused, ending the session or
 revoking its token stops it at the gateway, and a consumer that registers mid-scan joins from the
-next scan."""
+next scan; a consumer gone mid-scan interrupts it (told to the others, the rest spooled, every loss
+listed in the gateway's report)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,14 @@ from cp_helpers import (
 
 from dataplane.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, ProducerError
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, decode_consumer_message
+from dataplane.protocol import (
+    Data,
+    RoutedScanAbort,
+    RoutedScanBegin,
+    RoutedScanEnd,
+    decode_consumer_message,
+)
+from dataplane.spool import SpoolReader
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -423,3 +431,99 @@ async def test_a_key_from_a_disallowed_network_is_refused(
             assert isinstance(begin, RoutedScanBegin) and begin.session == sessions[1]
             assert [h.frame for h in data if isinstance(h, Data)] == [0, 1]
         assert not await asyncio.to_thread(far.poll, 200)
+
+
+async def _register_rank(cp: ControlPlane, token: str, session: str, endpoint: str,
+                         rank: int) -> tuple[str, str]:
+    """Register a rank of job-1; its consumer token and consumer id, for heartbeats."""
+    worker = str((await cp.exchange(token, kind="consumer"))["token"])
+    response = await cp.call("POST", f"/api/v1/sessions/{session}/consumers", worker, json={
+        "endpoint": endpoint, "rank": rank, "job_id": "job-1", "host": "node-1"})
+    assert response.status == 201, await response.text()
+    return worker, str((await response.json())["id"])
+
+
+def _drain(socket: zmq.Socket) -> list[RoutedScanBegin | Data | RoutedScanEnd | RoutedScanAbort]:
+    messages = []
+    while socket.poll(300):
+        messages.append(decode_consumer_message(socket.recv_multipart()[0]))
+    return messages
+
+
+async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_every_loss_listed(
+        cp: ControlPlane, gateway: str, zmq_context: zmq.Context, tmp_path: Path,
+        curve_keypair: Callable[[], KeyPair]) -> None:
+    await asyncio.to_thread(_await_metric, gateway, "dsn_gateway_auth_decisions", 20)
+    client = curve_keypair()
+    token, session = await _open(cp, client)
+    survivor, victim = zmq_context.socket(zmq.PULL), zmq_context.socket(zmq.PULL)
+    ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (survivor, victim)]
+    worker, first = await _register_rank(cp, token, session, f"tcp://127.0.0.1:{ports[0]}", 0)
+    await _register_rank(cp, token, session, f"tcp://127.0.0.1:{ports[1]}", 1)
+    await asyncio.to_thread(
+        _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 2.0', 2.0)
+    frames = 1024  # enough that the victim's queue fills and the gateway waits for it
+    everything = {(f, s) for f in range(frames) for s in range(SECTORS)}
+
+    with _producer(cp, client, 30.0) as producer:
+        producer.begin_scan(1, (1, frames), producers=1, frame_shape=FRAME, sectors=SECTORS)
+        for frame in range(100):
+            for sector in range(SECTORS):
+                producer.send(frame, sector, SECTOR)
+        delivered = _decoded(await asyncio.to_thread(_receive, victim, 101))
+        victim.close(linger=0)  # the rank dies: the gateway's queue to it fills, then waits
+        # Once its connection is gone (not merely unread), only the gateway's queue takes more.
+        await asyncio.sleep(0.3)
+
+        def stream_the_rest() -> int:
+            for frame in range(100, frames):
+                for sector in range(SECTORS):
+                    producer.send(frame, sector, SECTOR)
+            return producer.end_scan()
+
+        rest = asyncio.create_task(asyncio.to_thread(stream_the_rest))
+        # Backpressure from the dead rank holds up the whole scan: the survivor's share stalls.
+        received = await asyncio.to_thread(_drain, survivor)
+        assert len(received) < 1 + frames // 2 * SECTORS, "the gateway did not wait"
+        # The survivor keeps its lease; the victim's runs out.
+        cp.clock.advance(cp.settings.lease_s - 1)
+        response = await cp.call("PUT", f"/api/v1/sessions/{session}/consumers/{first}", worker)
+        assert response.status == 200, await response.text()
+        cp.clock.advance(2)
+        assert await asyncio.wait_for(rest, 20) == frames * SECTORS
+    received += await asyncio.to_thread(_drain, survivor)
+    survivor.close(linger=0)
+
+    path = f"/api/v1/sessions/{session}/scans/1"
+    deadline = time.monotonic() + 10
+    while (response := await cp.admin("GET", path)).status == 404:
+        assert time.monotonic() < deadline, "the gateway's report never arrived"
+        await asyncio.sleep(0.1)
+    assert response.status == 200, await response.text()
+    [result] = (await response.json())["items"]
+    assert (result["source"], result["status"]) == ("gateway", "partial")
+    lost = {(f, s) for f, s, reason in result["loss_manifest"]}
+    assert {reason for *_, reason in result["loss_manifest"]} == {"consumer_gone"}
+    assert not result["manifest_truncated"]
+
+    # The survivor was told, after the share it was sent (all of which is listed as lost).
+    assert isinstance(received[0], RoutedScanBegin)
+    assert received[-1] == RoutedScanAbort(v=1, scan=1, reason="consumer_gone")
+    to_survivor = {(m.frame, m.sector) for m in received if isinstance(m, Data)}
+    to_victim = {(m.frame, m.sector) for m in delivered if isinstance(m, Data)}
+    assert to_survivor | to_victim <= lost
+
+    # Every sector is in exactly one place: the loss manifest or the spool.
+    with SpoolReader(Path(result["path"])) as spool:
+        spooled = [(msg.frame, msg.sector) for msg, _ in spool.records()]
+        manifest = spool.info.manifest
+    assert len(spooled) == len(set(spooled)) == result["spooled_sectors"]
+    assert lost.isdisjoint(spooled) and lost | set(spooled) == everything
+    assert result["lost_sectors"] == len(lost) and result["lost_by_reason"] == {
+        "consumer_gone": len(lost)}
+    assert result["expected_sectors"] == frames * SECTORS  # everything was accepted
+    assert sorted(map(tuple, result["loss_manifest"])) == sorted(manifest.drops)
+    assert manifest.sent == frames * SECTORS
+
+    listed = await (await cp.admin("GET", f"/api/v1/scans?session={session}")).json()
+    assert [(r["source"], r["status"]) for r in listed["items"]] == [("gateway", "partial")]

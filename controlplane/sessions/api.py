@@ -30,6 +30,8 @@ from controlplane.sessions.models import (
     GatewayInfo,
     JobOut,
     JobSubmit,
+    ScanDetail,
+    ScanDetails,
     ScanList,
     ScanOut,
     ScanQuery,
@@ -106,6 +108,12 @@ def scan_out(r: ScanRecord) -> ScanOut:
     values = {f.name: getattr(r, f.name) for f in fields(r)}
     return ScanOut.model_validate({**values, "session": r.session_id,
                                    "reported_at": utc(r.reported_at)})
+
+
+def scan_detail(r: ScanRecord) -> ScanDetail:
+    return ScanDetail.model_validate({**scan_out(r).model_dump(),
+                                      "loss_manifest": r.loss_manifest,
+                                      "manifest_truncated": bool(r.manifest_truncated)})
 
 
 def session_fields(s: SessionRecord, now: float, gateway: GatewayInfo,
@@ -236,6 +244,16 @@ async def report_result_view(request: web.Request) -> web.Response:
     return reply(scan_out(await record_result(services.store, record)))
 
 
+async def scan_results_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    results = await list_results(services.store, project=None, session_id=session.id,
+                                 scan=scan_number(request), limit=2)
+    if not results:
+        raise NotFound(f"scan {request.match_info['scan']} of session {session.id} has no result")
+    return reply(ScanDetails(items=[scan_detail(r) for r in results]))
+
+
 async def list_results_view(request: web.Request) -> web.Response:
     query = parse_query(request, ScanQuery)
     services, claims = _services(request), request[CLAIMS]
@@ -328,6 +346,10 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("POST", SESSION_PATH + "/scans/{scan}/result", report_result_view,
               "Record a scan's result (idempotent for the same report)", ScanOut, 200,
               "scans:report", CONSUMER_ONLY, _scan, ScanReport, tag="scans"),
+    RouteSpec("GET", SESSION_PATH + "/scans/{scan}", scan_results_view,
+              "A scan's results (the consumers' and, if it interrupted the scan, the gateway's) "
+              "with their loss manifests", ScanDetails, 200, "scans:read", ADMIN_OR_PROJECT, _scan,
+              tag="scans"),
     RouteSpec("GET", "/api/v1/scans", list_results_view, "List scan results", ScanList, 200,
               "scans:read", ADMIN_OR_PROJECT, _listing("scan"), query=ScanQuery, tag="scans"),
 )

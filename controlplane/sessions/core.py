@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +112,11 @@ class ScanRecord:
     incomplete_frames: int
     status: str
     reported_at: float
+    source: str = "consumer"  # or "gateway": a scan it interrupted (sectors spooled, manifest)
+    spooled_sectors: int = 0
+    lost_by_reason: dict[str, int] = field(default_factory=dict)
+    loss_manifest: list[list[int | str]] = field(default_factory=list)
+    manifest_truncated: bool = False
 
     def same_result(self, other: ScanRecord) -> bool:
         """Whether ``other`` reports the same outcome (the time of the report aside)."""

@@ -21,6 +21,7 @@ MAX_SCAN = 2**63 - 1  # SQLite INTEGER range
 # A job the launcher no longer knows (a local job after a control-plane restart) is "lost".
 JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lost"]
 ScanStatus = Literal["complete", "partial", "failed"]
+ScanSource = Literal["consumer", "gateway"]
 
 TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
@@ -141,10 +142,25 @@ class ScanOut(ResponseBody):
     incomplete_frames: int
     status: ScanStatus
     reported_at: datetime
+    source: ScanSource
+    spooled_sectors: int
+    lost_by_reason: dict[str, int]
 
 
 class ScanList(ResponseBody):
     items: list[ScanOut]
+
+
+class ScanDetail(ScanOut):
+    """A result with its loss manifest: [frame, sector, reason] per lost sector (a gateway's
+    report; a consumer's manifest is in its HDF5 file, under /metadata/stream)."""
+
+    loss_manifest: list[tuple[int, int, str]]
+    manifest_truncated: bool
+
+
+class ScanDetails(ResponseBody):
+    items: list[ScanDetail]
 
 
 class SessionCounters(ResponseBody):

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-_JSON_COLUMNS = frozenset({"params", "config"})
+_JSON_COLUMNS = frozenset({"params", "config", "lost_by_reason", "loss_manifest"})
 
 
 def _record(cls: type[R], row: sqlite3.Row) -> R:
@@ -197,11 +197,12 @@ async def count_jobs(store: Store, session_id: str) -> int:
 
 
 async def record_result(store: Store, result: ScanRecord) -> ScanRecord:
-    """Store a scan's result once; the same report again returns the stored one, a different
-    report for the same scan is a conflict (a result is a fact, never overwritten)."""
+    """Store a scan's result once per source; the same report again returns the stored one, a
+    different report for the same scan and source is a conflict (a result is a fact, never
+    overwritten)."""
     async def body(conn: Conn) -> ScanRecord:
-        row = await _one(conn, "SELECT * FROM scan_results WHERE session_id = ? AND scan = ?",
-                         (result.session_id, result.scan))
+        row = await _one(conn, "SELECT * FROM scan_results WHERE session_id = ? AND scan = ? "
+                         "AND source = ?", (result.session_id, result.scan, result.source))
         if row is None:
             await _insert(conn, "scan_results", result)
             return result
@@ -214,11 +215,12 @@ async def record_result(store: Store, result: ScanRecord) -> ScanRecord:
 
 
 async def list_results(store: Store, *, project: str | None, session_id: str | None,
-                       limit: int) -> list[ScanRecord]:
+                       limit: int, scan: int | None = None) -> list[ScanRecord]:
     rows = await store.read(
         "SELECT * FROM scan_results WHERE (?1 IS NULL OR project = ?1) "
-        "AND (?2 IS NULL OR session_id = ?2) ORDER BY reported_at, session_id, scan LIMIT ?3",
-        (project, session_id, limit))
+        "AND (?2 IS NULL OR session_id = ?2) AND (?3 IS NULL OR scan = ?3) "
+        "ORDER BY reported_at, session_id, scan, source LIMIT ?4",
+        (project, session_id, scan, limit))
     return [_record(ScanRecord, row) for row in rows]
 
 

@@ -31,7 +31,8 @@ from controlplane.launchers import (
     dsn_command,
     mpiexec_command,
 )
-from controlplane.middlewares import Services
+from controlplane.middlewares import Services, resource_label
+from controlplane.policy import Resource
 from controlplane.schemas import utc
 from controlplane.sessions.core import (
     ConsumerRecord,
@@ -52,6 +53,7 @@ from controlplane.sessions.models import (
 )
 from controlplane.sessions.repository import (
     get_session,
+    record_result,
     insert_job,
     insert_session,
     list_consumers,
@@ -63,6 +65,7 @@ from controlplane.store import Store, TokenRecord, ensure_private_dir
 from controlplane.templating import Kind, Template, parse_template, render_values
 from controlplane.tokens import Claims, TokenKind
 from dataplane import strictyaml
+from dataplane.clone import AckOutcome, InterruptedScan
 from dataplane.keys import KeyFileError, load_keypair
 
 log = logging.getLogger(__name__)
@@ -350,6 +353,37 @@ async def cancel_jobs(services: Services, session_id: str) -> None:
         except ControlPlaneError as exc:
             log.warning("could not cancel job %s of ended session %s: %s", job.id, session_id,
                         exc.detail)
+
+
+async def record_gateway_report(services: Services, report: InterruptedScan) -> AckOutcome:
+    """Record a gateway's report of a scan it interrupted, as the scan's ``gateway`` result:
+    always partial, nothing counted, the rest in its spool file, every loss listed. Audited as
+    the gateway's own action (its CURVE key was admitted by the state service)."""
+    session = await get_session(services.store, report.session)
+    if session is None:
+        log.warning("gateway report for unknown session %s refused", report.session)
+        return "refused"
+    record = ScanRecord(
+        session_id=session.id, scan=report.scan, project=session.project, path=report.spool,
+        sha256="", frames=0, events=0, expected_sectors=report.accepted, received_sectors=0,
+        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status="partial",
+        reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
+        lost_by_reason=dict(report.dropped),
+        loss_manifest=[list(entry) for entry in report.drops],
+        manifest_truncated=report.drops_truncated)
+    resource = Resource(kind="scan", project=session.project, name=f"{session.id}/{report.scan}")
+    # Audited first, like every request: a report that cannot be audited is not recorded.
+    await services.audit.record(principal="gateway", action="scans:report",
+                                resource=resource_label(resource), decision="allow",
+                                rule="state-service:gateway-key",
+                                request_id=f"gateway-report-{secrets.token_hex(8)}")
+    try:
+        stored = await record_result(services.store, record)
+    except Conflict:
+        log.error("gateway report for scan %d of session %s differs from the one recorded",
+                  report.scan, session.id)
+        return "refused"
+    return "recorded" if stored is record else "duplicate"
 
 
 def scan_record(session: SessionRecord, scan: int, body: ScanReport, now: float) -> ScanRecord:
