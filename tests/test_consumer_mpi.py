@@ -26,7 +26,7 @@ import yaml
 import zmq
 
 from dataplane.ports import free_port
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
+from dataplane.protocol import Data, RoutedScanAbort, RoutedScanBegin, RoutedScanEnd, encode
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
 SESSION = "mpi-test"
@@ -259,3 +259,26 @@ def test_rank_count_that_differs_from_the_endpoints_is_a_clear_error(job: Job) -
     code, err = _finish(proc, timeout=45)
     assert code == 2
     assert "lists 2 consumer endpoints but the job has 1 MPI ranks" in err
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_a_scan_aborted_by_the_gateway_ends_the_job_with_a_clear_error_and_no_file(
+        job: Job, pushers: list[zmq.Socket]) -> None:
+    proc = _start(RANKS, job.config, job.out, "--result-file", str(job.result_file))
+    plan = ScanPlan(scan=9, camera=SyntheticCamera(CameraSpec(scan_shape=(2, 2), seed=3)),
+                    lost=set(), gateway_drops={}, duplicated=[])
+    for index, push in enumerate(pushers):
+        push.send(_begin(plan, index))
+    for frame in range(2):
+        pushers[frame % RANKS].send_multipart([
+            encode(Data(v=1, scan=plan.scan, frame=frame, sector=0, seq=frame)),
+            plan.camera.sector(frame, 0)])
+    abort = encode(RoutedScanAbort(v=1, scan=plan.scan, reason="consumer_gone"))
+    for push in pushers:
+        push.send(abort)
+    code, err = _finish(proc, timeout=45)
+    assert code != 0
+    assert "scan 9 aborted by the gateway (consumer_gone)" in err
+    assert not list(job.out.glob("*.h5"))
+    assert not job.result_file.exists() or not job.result_file.read_text()  # nothing reported

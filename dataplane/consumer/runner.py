@@ -51,6 +51,7 @@ from dataplane.logs import fields
 from dataplane.protocol import (
     Data,
     ProtocolError,
+    RoutedScanAbort,
     RoutedScanBegin,
     RoutedScanEnd,
     decode_consumer_message,
@@ -152,8 +153,10 @@ class RankLoop:
             self._on_data(msg, parts)
         elif isinstance(msg, RoutedScanBegin):
             self._on_begin(msg)
-        else:
+        elif isinstance(msg, RoutedScanEnd):
             self._on_end(msg)
+        else:
+            self._on_abort(msg)
 
     def _on_begin(self, begin: RoutedScanBegin) -> None:
         if begin.members != self.ranks or begin.index != self.rank:
@@ -205,6 +208,16 @@ class RankLoop:
         if closure.unaccounted:
             self._log.warning("fewer messages arrived than the gateway forwarded", extra=fields(
                 scan=end.scan, expected=closure.expected, received=closure.received))
+
+    def _on_abort(self, abort: RoutedScanAbort) -> None:
+        if abort.scan not in self._scans:
+            self._stray_message("unknown_scan_abort", abort.scan)
+            return
+        # A member of this job left the session mid-scan: the scan can never be gathered, and
+        # the threshold agreement of every open scan may wait for that member forever.
+        raise MembershipError(
+            f"scan {abort.scan} aborted by the gateway ({abort.reason}): a rank of this job left "
+            "the session; the gateway spools the rest of the scan and reports it")
 
     def _advance(self) -> None:
         for scan, work in self._scans.items():

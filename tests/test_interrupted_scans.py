@@ -1,0 +1,260 @@
+"""The whole path with real processes: control plane on real HTTP, a ``dsn gateway run
+--controlplane-state`` process, consumer jobs launched through the jobs API (``mpiexec -n 2``),
+CURVE producers streaming a synthetic 4D camera.
+
+- A scan streamed while no consumer is registered is spooled; replayed later into the session, the
+  MPI job counts exactly the events it counts for the same scan streamed directly (and both equal
+  the planted electrons).
+- Killing a rank mid-scan (SIGKILL; Open MPI then ends the job) gives a scan the gateway reports
+  ``partial``: every sector it forwarded before the job's leases ran out is listed lost, the rest is
+  in the spool, each sector in exactly one of the two; nothing is ever reported ``complete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import stempy.io
+import zmq
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from cp_helpers import ControlPlane, start_control_plane
+from test_cp_sessions_api import WORKER_SCOPE
+
+from dataplane.keys import KeyPair, load_keypair
+from dataplane.producer import Producer, replay_spool
+from dataplane.spool import SpoolReader
+from dataplane.synthetic import CameraSpec, SyntheticCamera
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(180)]
+
+DSN = str(Path(sys.executable).parent / "dsn")
+RANKS = 2
+SECTORS = 4
+CAMERA = SyntheticCamera(CameraSpec(scan_shape=(6, 6), seed=5))
+EVERY_SECTOR = {(f, s) for f in range(CAMERA.spec.positions) for s in range(SECTORS)}
+
+
+@contextlib.contextmanager
+def gateway_process(cp: ControlPlane, spool_dir: Path, metrics: str) -> Iterator[None]:
+    """A gateway serving the control plane's sessions; stopped with SIGTERM, must exit 0."""
+    keys = cp.settings.state_dir / "keys"
+    process = subprocess.Popen(
+        [DSN, "gateway", "run", "--controlplane-state", ",".join(cp.settings.state_endpoints),
+         "--state-key", str(keys / "state.key"), "--key", str(keys / "server.key_secret"),
+         "--ingress", cp.settings.gateway_endpoint, "--spool-dir", str(spool_dir),
+         "--metrics", metrics, "--sync-timeout", "20"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+
+
+def metrics_text(address: str) -> str:
+    """The gateway's metrics page ("" while it is not serving)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
+
+
+def metric(address: str, name: str, session: str) -> float:
+    """One per-session sample of the gateway's metrics (0 when absent)."""
+    found = re.search(rf'^{name}{{session="{session}"}} (\S+)$', metrics_text(address),
+                      re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def until(condition: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
+    """Poll ``condition`` (sync or async) until it returns something true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+class Session:
+    """One session of project alpha and the producer's CURVE identity."""
+
+    def __init__(self, cp: ControlPlane, token: str, opened: dict[str, Any],
+                 client: KeyPair) -> None:
+        self.cp, self.token, self.id, self.client = cp, token, str(opened["id"]), client
+        self.base = f"/api/v1/sessions/{self.id}"
+        self.server_key = load_keypair(cp.settings.gateway_public_key_file).public
+
+    def producer(self) -> Producer:
+        return Producer(self.cp.settings.gateway_endpoint, self.server_key, self.client,
+                        send_timeout_s=60)
+
+    async def launch(self, scans: int) -> tuple[str, Path]:
+        response = await self.cp.call("POST", f"{self.base}/jobs", self.token, json={
+            "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": scans}})
+        assert response.status == 202, await response.text()
+        job = await response.json()
+        await until(self._live_consumers(RANKS), "the job's ranks to register")
+        return response.headers["Location"], self.cp.settings.jobs_dir / job["id"] / "job.log"
+
+    def _live_consumers(self, count: int) -> Callable[[], Any]:
+        async def check() -> bool:
+            detail = await (await self.cp.call("GET", self.base, self.token)).json()
+            return bool(detail["counters"]["live_consumers"] == count)
+        return check
+
+    async def job_ended(self, job: str) -> dict[str, Any]:
+        async def ended() -> dict[str, Any] | None:
+            answer = await (await self.cp.call("GET", job, self.token)).json()
+            return None if answer["state"] in ("pending", "running") else dict(answer)
+        return await until(ended, "the job to end")  # type: ignore[no-any-return]
+
+    async def results(self, scan: int) -> list[dict[str, Any]]:
+        response = await self.cp.call("GET", f"{self.base}/scans/{scan}", self.token)
+        return [] if response.status == 404 else list((await response.json())["items"])
+
+
+def stream(session: Session, scan: int, frames: range, *, begin: bool = True,
+           end: bool = True, producer: Producer | None = None) -> Producer:
+    """Send ``frames`` of CAMERA (every sector) as scan ``scan``."""
+    producer = producer or session.producer()
+    if begin:
+        producer.begin_scan(scan, CAMERA.spec.scan_shape, producers=1)
+    for frame in frames:
+        for sector in range(SECTORS):
+            producer.send(frame, sector, CAMERA.sector(frame, sector))
+    if end:
+        producer.end_scan()
+        producer.close()
+    return producer
+
+
+def events_by_frame(path: Path) -> list[list[int]]:
+    counted = stempy.io.load_electron_counts(str(path))
+    return [sorted(np.asarray(e).tolist()) for e in counted.data[:, 0]]
+
+
+def planted_by_frame() -> list[list[int]]:
+    return [sorted(CAMERA.planted(f).tolist()) for f in range(CAMERA.spec.positions)]
+
+
+def rank_pid(job_log: Path, rank: int) -> int:
+    for line in job_log.read_text().splitlines():
+        if '"event": "listening"' in line:
+            entry = json.loads(line)
+            if entry["rank"] == rank:
+                return int(entry["pid"])
+    raise AssertionError(f"rank {rank} is not listening yet:\n{job_log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+async def served(tmp_path: Path, free_port: Callable[[], int]) -> Any:
+    """A control plane on a real port (jobs reach it at its base URL) and a live gateway."""
+    port, clients = free_port(), []
+
+    async def serve(app: web.Application) -> TestClient:
+        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    cp = await start_control_plane(serve, tmp_path / "state", port=port, reconcile_s=0.2,  # type: ignore[arg-type]
+                                   gateway_endpoint=f"tcp://127.0.0.1:{free_port()}")
+    metrics = f"127.0.0.1:{free_port()}"
+    try:
+        with gateway_process(cp, tmp_path / "spool", metrics):
+            yield cp, metrics, tmp_path / "spool"
+    finally:
+        for client in clients:
+            await client.close()  # stops the launcher, and with it any job still running
+
+
+async def open_session(cp: ControlPlane) -> Session:
+    await cp.create_project("alpha")
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    keys = KeyPair(*zmq.curve_keypair())
+    response = await cp.call("POST", "/api/v1/sessions", token, json={
+        "project": "alpha", "template": "4dstem", "params": {},
+        "client_key": keys.public.decode()})
+    assert response.status == 201, await response.text()
+    return Session(cp, token, dict(await response.json()), keys)
+
+
+async def test_a_spooled_scan_replayed_counts_the_same_events_and_a_killed_rank_is_accounted(
+        served: tuple[ControlPlane, str, Path]) -> None:
+    cp, metrics, spool_dir = served
+    session = await open_session(cp)
+    await until(lambda: "dsn_gateway_consumers" in metrics_text(metrics), "the gateway to serve")
+
+    # 1. No consumer yet: scan 1 is spooled.
+    await asyncio.to_thread(stream, session, 1, range(CAMERA.spec.positions))
+    spool = await until(lambda: list(spool_dir.glob(f"{session.id}_scan000001.spool")),
+                        "the spool file")
+    [spool_file] = spool
+
+    # 2. A job joins; the spool is replayed as scan 2 (scan 1 is closed in this session) and the
+    # same scan streamed directly as scan 3.
+    job, _ = await session.launch(scans=2)
+    await asyncio.to_thread(replay_spool, spool_file, cp.settings.gateway_endpoint,
+                            session.server_key, session.client, scan=2, send_timeout_s=60)
+    await asyncio.to_thread(stream, session, 3, range(CAMERA.spec.positions))
+    assert (await session.job_ended(job))["state"] == "succeeded"
+    [replayed], [direct] = await session.results(2), await session.results(3)
+    for result in (replayed, direct):
+        assert (result["source"], result["status"], result["frames"]) == (
+            "consumer", "complete", CAMERA.spec.positions)
+    assert replayed["events"] == direct["events"]
+    assert events_by_frame(Path(replayed["path"])) == events_by_frame(Path(direct["path"])) \
+        == planted_by_frame()
+
+    # 3. Another job; rank 1 is killed mid-scan 4.
+    job, job_log = await session.launch(scans=1)
+    half = CAMERA.spec.positions // 2
+    producer = await asyncio.to_thread(stream, session, 4, range(half), end=False)
+    await until(lambda: metric(metrics, "dsn_gateway_messages_total", session.id)
+                >= 2 * CAMERA.spec.positions * SECTORS + half * SECTORS, "the first half")
+    os.kill(rank_pid(job_log, 1), signal.SIGKILL)
+    assert (await session.job_ended(job))["state"] == "failed"
+    rest = threading.Thread(target=stream, args=(session, 4, range(half, CAMERA.spec.positions)),
+                            kwargs={"begin": False, "producer": producer})
+    rest.start()
+    # The dead job's leases run out (the control plane's clock is the tests' to move).
+    cp.clock.advance(cp.settings.lease_s + 1)
+    [report] = await until(lambda: session.results(4), "the gateway's report")
+    await asyncio.to_thread(rest.join, 30)
+    assert not rest.is_alive()
+
+    assert (report["source"], report["status"]) == ("gateway", "partial")
+    lost = {(f, s) for f, s, _ in report["loss_manifest"]}
+    with SpoolReader(Path(report["path"])) as reader:
+        spooled = [(msg.frame, msg.sector) for msg, _ in reader.records()]
+        assert reader.info.manifest.sent == len(EVERY_SECTOR)
+    assert len(set(spooled)) == len(spooled) == report["spooled_sectors"] > 0
+    assert lost.isdisjoint(spooled) and lost | set(spooled) == EVERY_SECTOR
+    assert len(lost) == report["lost_sectors"] >= half * SECTORS
+    assert report["lost_by_reason"] == {"consumer_gone": len(lost)}
+    listed = await (await cp.call("GET", f"/api/v1/scans?session={session.id}",
+                                  session.token)).json()
+    assert sorted((r["scan"], r["source"], r["status"]) for r in listed["items"]) == [
+        (2, "consumer", "complete"), (3, "consumer", "complete"), (4, "gateway", "partial")]
