@@ -373,9 +373,13 @@ def controlplane_group() -> None:
 @click.option("--gateway-endpoint", metavar="tcp://IP:PORT", default=None,
               help="The gateway ingress handed to producers when sessions open.  "
                    "[default: tcp://127.0.0.1:5555]")
+@click.option("--gateway-plain-endpoint", metavar="tcp://IP:PORT", default=None,
+              help="The gateway's plaintext ingress (its --plain-ingress), handed to producers "
+                   "of sessions opened with transport 'plain'; only where the policy sets "
+                   "allow_plaintext.  [default: none]")
 def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
           state_snapshots: str | None, state_updates: str | None,
-          gateway_endpoint: str | None) -> None:
+          gateway_endpoint: str | None, gateway_plain_endpoint: str | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -389,7 +393,8 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
         endpoints = StateEndpoints(state_snapshots or DEFAULT_STATE_ENDPOINTS.snapshot,
                                    state_updates or DEFAULT_STATE_ENDPOINTS.updates)
         settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
-                             state_endpoints=endpoints, gateway_endpoint=gateway_endpoint)
+                             state_endpoints=endpoints, gateway_endpoint=gateway_endpoint,
+                             gateway_plain_endpoint=gateway_plain_endpoint)
         asyncio.run(_require_initialised(settings))
         app = create_app(settings)
     except ControlPlaneError as exc:

@@ -47,6 +47,8 @@ class Settings:
     must be published this long before it signs (rotation keeps the old keys published).
 
     Sessions: ``gateway_endpoint`` is where producers connect (and the gateway binds);
+    ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one (sessions opened with
+    transport ``plain``, where the policy allows unencrypted transport);
     ``gateway_key_file`` is the gateway's CURVE public key certificate (default
     ``STATE_DIR/keys/server.key``, as ``dsn gateway keygen --out STATE_DIR/keys`` writes it; the
     secret sits beside it as ``server.key_secret``);
@@ -73,6 +75,7 @@ class Settings:
     clock: Callable[[], float] = time.time
     gateway_endpoint: str = DEFAULT_GATEWAY_ENDPOINT
     gateway_key_file: Path | None = None
+    gateway_plain_endpoint: str | None = None
     launcher: str = "local"
     lease_s: int = 30
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
@@ -86,10 +89,13 @@ class Settings:
         _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
         _require(bool(self.issuer.strip()), "issuer", self.issuer)
         _require(1 <= self.lease_s <= 3600, "lease_s", self.lease_s)
-        try:
-            parse_endpoint(self.gateway_endpoint)
-        except ValueError:
-            _require(False, "gateway_endpoint", self.gateway_endpoint)
+        for name in ("gateway_endpoint", "gateway_plain_endpoint"):
+            value = getattr(self, name)
+            try:
+                if value is not None:
+                    parse_endpoint(value)
+            except ValueError:
+                _require(False, name, value)
         for endpoint in self.state_endpoints:
             try:
                 parse_endpoint(endpoint, allow_wildcard=True)

@@ -13,6 +13,7 @@ import click
 
 from dataplane.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
 from dataplane.producer import (
+    GatewayTarget,
     HeaderMode,
     ProducerError,
     ProducerSession,
@@ -21,7 +22,7 @@ from dataplane.producer import (
     stream_synthetic,
 )
 from dataplane.restclient import RestError, TokenFileError, read_token
-from dataplane.sessions import DEFAULT_TEMPLATE
+from dataplane.sessions import DEFAULT_TEMPLATE, Transport
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera, SyntheticError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,6 +79,11 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="With --controlplane: session lifetime in seconds [default: the policy's].")
 @click.option("--end-session", is_flag=True,
               help="With --controlplane: end the session when the stream is over (or failed).")
+@click.option("--transport", type=click.Choice(["curve", "plain"]), default="curve",
+              show_default=True,
+              help="With --controlplane: 'plain' streams unencrypted to the gateway's plaintext "
+                   "ingress (PLAIN: session id and session token signature); refused unless the "
+                   "policy allows unencrypted transport.")
 @click.option("--endpoint", default=None, metavar="tcp://HOST:PORT",
               help="Without --controlplane: the gateway's producer ingress, as given when the "
                    "session was opened.")
@@ -113,7 +119,7 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="Show a progress bar (default: only on a terminal).")
 def stream(controlplane_url: str | None, project_token_file: Path | None, project: str | None,
            template: str, param_pairs: tuple[str, ...], ttl: int | None, end_session: bool,
-           endpoint: str | None, server_key: Path | None, client_key: Path | None,
+           transport: Transport, endpoint: str | None, server_key: Path | None, client_key: Path | None,
            scan: int | None, spool_file: Path | None, scan_shape: tuple[int, int], seed: int,
            loss: float, duplicates: float, reorder: int, header: HeaderMode, electrons: int,
            dark: bool, timeout: float, progress: bool | None) -> None:
@@ -133,8 +139,7 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
                                reorder, header, electrons, dark, progress, timeout)
     if controlplane_url is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
-        endpoint, server, client = _direct_target(endpoint, server_key, client_key)
-        _report(*_run(work, endpoint, server, client))
+        _report(*_run(work, _direct_target(endpoint, server_key, client_key)))
         return
     _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
                                           "control plane names it")
@@ -143,24 +148,25 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
     session = ProducerSession(
         controlplane_url, _read_project_token(project_token_file), project=project,
         template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
-        client=None if client_key is None else _load_key(client_key, "--client-key", secret=True))
+        client=None if client_key is None else _load_key(client_key, "--client-key", secret=True),
+        transport=transport)
     _stream_in_session(session, work)
 
 
 # What a stream does once it knows where to go: (label for the report, the statistics).
-Work = Callable[[str, bytes, KeyPair], tuple[str, StreamStats]]
+Work = Callable[[GatewayTarget], tuple[str, StreamStats]]
 
 _CONTROLPLANE_OPTIONS = ("project_token_file", "project", "template", "param_pairs", "ttl",
-                         "end_session")
+                         "end_session", "transport")
 _DIRECT_OPTIONS = ("endpoint", "server_key")
 
 
 def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
                 timeout: float) -> Work:
-    def work(endpoint: str, server_public: bytes, client: KeyPair) -> tuple[str, StreamStats]:
+    def work(target: GatewayTarget) -> tuple[str, StreamStats]:
         return f"spool {spool_file.name}", replay_spool(
-            spool_file, endpoint, server_public, client, scan=scan, progress=progress,
-            send_timeout_s=timeout)
+            spool_file, target.endpoint, target.server_public, target.client, scan=scan,
+            progress=progress, send_timeout_s=timeout, plain=target.plain)
     return work
 
 
@@ -176,23 +182,22 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
 
-    def work(endpoint: str, server_public: bytes, client: KeyPair) -> tuple[str, StreamStats]:
+    def work(target: GatewayTarget) -> tuple[str, StreamStats]:
         return f"scan {scan}", stream_synthetic(
-            endpoint, server_public, client, SyntheticCamera(spec), plan, scan, header=header,
-            progress=progress, send_timeout_s=timeout)
+            target.endpoint, target.server_public, target.client, SyntheticCamera(spec), plan,
+            scan, header=header, progress=progress, send_timeout_s=timeout, plain=target.plain)
     return work
 
 
-def _run(work: Work, endpoint: str, server_public: bytes,
-         client: KeyPair) -> tuple[str, StreamStats]:
+def _run(work: Work, target: GatewayTarget) -> tuple[str, StreamStats]:
     try:
-        return work(endpoint, server_public, client)
+        return work(target)
     except ProducerError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _direct_target(endpoint: str | None, server_key: Path | None,
-                   client_key: Path | None) -> tuple[str, bytes, KeyPair]:
+                   client_key: Path | None) -> GatewayTarget:
     missing = [option for option, value in (("--endpoint", endpoint), ("--server-key", server_key),
                                             ("--client-key", client_key)) if value is None]
     if missing:
@@ -200,7 +205,8 @@ def _direct_target(endpoint: str | None, server_key: Path | None,
                                f"{'is' if len(missing) == 1 else 'are'} required")
     assert endpoint is not None and server_key is not None and client_key is not None
     server = _load_key(server_key, "--server-key", secret=False)
-    return endpoint, server.public, _load_key(client_key, "--client-key", secret=True)
+    return GatewayTarget(endpoint, server.public,
+                         _load_key(client_key, "--client-key", secret=True))
 
 
 def _read_project_token(path: Path) -> str:
@@ -229,11 +235,12 @@ def _stream_in_session(session: ProducerSession, work: Work) -> None:
     try:
         with session:
             opened = session.session
+            target = session.gateway()
             click.echo(f"session {opened.id} (expires {opened.expires_at.isoformat()}), "
-                       f"gateway {opened.gateway_endpoint}")
-            _report(*_run(work, opened.gateway_endpoint, opened.gateway_server_key,
-                          session.client))
-    except RestError as exc:
+                       f"gateway {target.endpoint}"
+                       f"{' (plain, unencrypted)' if target.plain is not None else ''}")
+            _report(*_run(work, target))
+    except (RestError, ProducerError) as exc:
         raise click.ClickException(str(exc)) from None
     if session.end_on_exit:
         click.echo(f"session {opened.id} ended")

@@ -131,9 +131,16 @@ class Limits(_Model):
     max_open_scans: Annotated[StrictInt, Field(ge=1, le=64)] = 4
 
 
+Sha256Hex = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class Session(_Model):
     id: SessionId
     client_keys: Annotated[list[CurveKey], Field(min_length=1, max_length=1024)]
+    # Set only where policy allows unencrypted transport: the session then also admits PLAIN
+    # connections on the gateway's plain_ingress with username = the session id and a password
+    # whose SHA-256 is this (the session token's signature; see docs/security.md).
+    plain_password_sha256: Sha256Hex | None = None
     allowed_networks: Annotated[list[Cidr], Field(min_length=1, max_length=256)]
     allowed_targets: Annotated[list[Cidr], Field(min_length=1, max_length=256)]
     # Empty until HPC jobs register: a session is opened before its consumers exist.
@@ -175,6 +182,9 @@ class GatewaySettings(_Model):
     # file's (from the configuration file's directory). null turns spooling off: such scans are
     # then refused.
     spool_dir: Path | None = Path("spool")
+    # A second ingress for sessions allowed unencrypted transport (PLAIN, token as password);
+    # null (the default): there is none, and PLAIN connections have nowhere to go.
+    plain_ingress: BindEndpoint | None = None
 
 
 class DSNConfig(_Model):

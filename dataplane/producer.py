@@ -13,7 +13,10 @@ queued. Closing waits up to ``send_timeout_s`` for queued messages to leave.
 
 ``ProducerSession`` opens the session itself over the control plane's REST API with a project
 token, registering the producer's CURVE public key, and streams to the gateway endpoint and server
-key the control plane returned.
+key the control plane returned. With ``transport="plain"`` (only where the policy allows
+unencrypted transport) it streams to the gateway's plaintext ingress instead, authenticated by
+``PlainCredentials`` (session id, session token signature); every function that connects takes
+``plain=`` for that.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, cast
+from typing import Any, Literal, NamedTuple, Self, cast
 
 import msgspec
 import numpy as np
@@ -43,7 +46,14 @@ from dataplane.protocol import (
     encode,
     encode_ncem,
 )
-from dataplane.sessions import DEFAULT_TEMPLATE, OpenedSession, end_session, open_session
+from dataplane.sessions import (
+    DEFAULT_TEMPLATE,
+    OpenedSession,
+    PlainCredentials,
+    Transport,
+    end_session,
+    open_session,
+)
 from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import StreamPlan, SyntheticCamera
 
@@ -64,14 +74,17 @@ class _OpenScan:
 
 
 class Producer:
-    """One PUSH socket, CURVE client, connected to a gateway ingress."""
+    """One PUSH socket, a CURVE client (or, with ``plain``, a PLAIN client) of a gateway ingress."""
 
-    def __init__(self, endpoint: str, server_public: bytes, client: KeyPair, *, hwm: int = 256,
-                 send_timeout_s: float = 30.0, header: HeaderMode = "native",
-                 context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, server_public: bytes | None, client: KeyPair | None, *,
+                 hwm: int = 256, send_timeout_s: float = 30.0, header: HeaderMode = "native",
+                 context: zmq.Context | None = None,
+                 plain: PlainCredentials | None = None) -> None:
         if header not in ("native", "ncem"):
             raise ProducerError(f"header must be 'native' or 'ncem', got {header!r}")
-        if client.secret is None:
+        if plain is None and (server_public is None or client is None):
+            raise ProducerError("CURVE needs the gateway's server key and a client key pair")
+        if plain is None and client is not None and client.secret is None:
             raise ProducerError("the client key pair has no secret key (load a .key_secret file)")
         if not send_timeout_s > 0:
             raise ProducerError(f"send_timeout_s must be positive, got {send_timeout_s}")
@@ -83,18 +96,24 @@ class Producer:
         self._context = zmq.Context() if context is None else context
         self._socket = self._context.socket(zmq.PUSH)
         try:
-            self._configure(server_public, client, hwm)
+            self._configure(server_public, client, plain, hwm)
             self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
             self.close(linger_s=0)
             raise ProducerError(f"cannot connect to {endpoint!r}: {exc}") from None
 
-    def _configure(self, server_public: bytes, client: KeyPair, hwm: int) -> None:
+    def _configure(self, server_public: bytes | None, client: KeyPair | None,
+                   plain: PlainCredentials | None, hwm: int) -> None:
         timeout_ms = max(1, round(self._timeout_s * 1000))
         sock = self._socket
-        sock.curve_serverkey = server_public
-        sock.curve_publickey = client.public
-        sock.curve_secretkey = client.secret
+        if plain is not None:
+            sock.plain_username = plain.username.encode("ascii")
+            sock.plain_password = plain.password.encode("ascii")
+        else:
+            assert server_public is not None and client is not None  # checked by __init__
+            sock.curve_serverkey = server_public
+            sock.curve_publickey = client.public
+            sock.curve_secretkey = client.secret
         sock.sndhwm = hwm
         sock.sndtimeo = timeout_ms
         # Queue only to a connection whose CURVE handshake succeeded, so that an absent gateway or
@@ -214,10 +233,11 @@ class StreamStats:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-def stream_synthetic(endpoint: str, server_public: bytes, client: KeyPair,
+def stream_synthetic(endpoint: str, server_public: bytes | None, client: KeyPair | None,
                      camera: SyntheticCamera, plan: StreamPlan, scan: int = 0, *,
                      header: HeaderMode = "native", progress: bool | None = None,
-                     hwm: int = 256, send_timeout_s: float = 30.0) -> StreamStats:
+                     hwm: int = 256, send_timeout_s: float = 30.0,
+                     plain: PlainCredentials | None = None) -> StreamStats:
     """Stream one synthetic scan with ``plan.producers`` producers, one thread and socket each.
 
     ``progress`` None shows a progress bar only when the output is a terminal. The first producer
@@ -226,7 +246,7 @@ def stream_synthetic(endpoint: str, server_public: bytes, client: KeyPair,
     if plan.spec != camera.spec:
         raise ProducerError("the stream plan and the camera describe different scans")
     run = _StreamRun(endpoint, server_public, client, camera, plan, scan, header, hwm,
-                     send_timeout_s)
+                     send_timeout_s, plain)
     context = zmq.Context(io_threads=2)
     bar = tqdm(total=plan.total_messages, unit="msg", desc=f"scan {scan}",
                disable=None if progress is None else not progress)
@@ -253,14 +273,15 @@ def stream_synthetic(endpoint: str, server_public: bytes, client: KeyPair,
 @dataclass
 class _StreamRun:
     endpoint: str
-    server_public: bytes
-    client: KeyPair
+    server_public: bytes | None
+    client: KeyPair | None
     camera: SyntheticCamera
     plan: StreamPlan
     scan: int
     header: HeaderMode
     hwm: int
     send_timeout_s: float
+    plain: PlainCredentials | None
 
     def __post_init__(self) -> None:
         self.stop = threading.Event()
@@ -271,7 +292,7 @@ class _StreamRun:
         try:
             with Producer(self.endpoint, self.server_public, self.client, hwm=self.hwm,
                           send_timeout_s=self.send_timeout_s, header=self.header,
-                          context=context) as sock:
+                          context=context, plain=self.plain) as sock:
                 sock.begin_scan(self.scan, spec.scan_shape, self.plan.producers, spec.frame_shape,
                                 spec.sectors)
                 for frame, sector in self.plan.messages(producer):
@@ -287,9 +308,10 @@ class _StreamRun:
             self.stop.set()
 
 
-def replay_spool(path: Path, endpoint: str, server_public: bytes, client: KeyPair, *,
-                 scan: int | None = None, progress: bool | None = None,
-                 send_timeout_s: float = 30.0) -> StreamStats:
+def replay_spool(path: Path, endpoint: str, server_public: bytes | None, client: KeyPair | None,
+                 *, scan: int | None = None, progress: bool | None = None,
+                 send_timeout_s: float = 30.0,
+                 plain: PlainCredentials | None = None) -> StreamStats:
     """Replay a gateway spool file into a session as one producer.
 
     The whole file is validated before anything is sent. Then: scan_begin with ``producers=1``
@@ -312,7 +334,8 @@ def replay_spool(path: Path, endpoint: str, server_public: bytes, client: KeyPai
                    disable=None if progress is None else not progress)
         start = time.perf_counter()
         try:
-            with Producer(endpoint, server_public, client, send_timeout_s=send_timeout_s) as sock:
+            with Producer(endpoint, server_public, client, send_timeout_s=send_timeout_s,
+                          plain=plain) as sock:
                 sock.begin_scan(number, begin.scan_shape, 1, begin.frame_shape, begin.sectors)
                 _replay_records(sock, reader, begin.geometry.sector_shape, bar)
                 sock.end_scan()
@@ -332,20 +355,31 @@ def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape, ba
         bar.update(1)
 
 
+class GatewayTarget(NamedTuple):
+    """A gateway ingress and the credentials for it (``plain`` set: PLAIN, else CURVE)."""
+
+    endpoint: str
+    server_public: bytes
+    client: KeyPair
+    plain: PlainCredentials | None = None
+
+
 class ProducerSession:
     """A session this producer opens over REST, and streams into; a context manager.
 
     ``client`` is the producer's CURVE key pair, a ``.key_secret`` file to load it from, or None
     for a fresh in-memory pair; its public key is registered when the session opens (on entering
     the ``with`` block, or ``open()``). With ``end_on_exit`` the session is ended on leaving the
-    block, so the gateway stops admitting the key at once rather than at expiry. Control-plane
+    block, so the gateway stops admitting the key at once rather than at expiry. With
+    ``transport="plain"`` the session is opened for unencrypted transport (refused unless the
+    policy allows it) and every stream goes to the gateway's plaintext ingress. Control-plane
     failures raise ``dataplane.restclient.RestError``. The project token is never in a ``repr``.
     """
 
     def __init__(self, controlplane_url: str, project_token: str, *, project: str,
                  template: str = DEFAULT_TEMPLATE, params: dict[str, Any] | None = None,
                  client: KeyPair | Path | None = None, ttl: int | None = None,
-                 end_on_exit: bool = False) -> None:
+                 end_on_exit: bool = False, transport: Transport = "curve") -> None:
         self.controlplane_url = controlplane_url
         self._token = project_token
         self.project = project
@@ -354,6 +388,7 @@ class ProducerSession:
         self.client = _client_keypair(client)
         self.ttl = ttl
         self.end_on_exit = end_on_exit
+        self.transport = transport
         self._session: OpenedSession | None = None
 
     @property
@@ -368,31 +403,41 @@ class ProducerSession:
             self._session = open_session(
                 self.controlplane_url, self._token, project=self.project,
                 template=self.template, params=self.params,
-                client_public_key=self.client.public, ttl=self.ttl)
+                client_public_key=self.client.public, ttl=self.ttl, transport=self.transport)
         return self._session
 
     def end(self) -> None:
         """End the session at the control plane (idempotent)."""
         end_session(self.controlplane_url, self._token, self.session.id)
 
+    def gateway(self) -> GatewayTarget:
+        """Where this session's streams go, and how they authenticate."""
+        session = self.session
+        if self.transport == "curve":
+            return GatewayTarget(session.gateway_endpoint, session.gateway_server_key, self.client)
+        if session.gateway_plain_endpoint is None:
+            raise ProducerError("the control plane names no plaintext ingress for this session")
+        return GatewayTarget(session.gateway_plain_endpoint, session.gateway_server_key,
+                             self.client, session.plain_credentials)
+
     def producer(self, **options: Any) -> Producer:
         """A ``Producer`` connected to the session's gateway; ``options`` as for ``Producer``."""
-        session = self.session
-        return Producer(session.gateway_endpoint, session.gateway_server_key, self.client,
-                        **options)
+        target = self.gateway()
+        return Producer(target.endpoint, target.server_public, target.client,
+                        plain=target.plain, **options)
 
     def stream_synthetic(self, camera: SyntheticCamera, plan: StreamPlan, scan: int = 0,
                          **options: Any) -> StreamStats:
         """``stream_synthetic`` into this session; ``options`` as for that function."""
-        session = self.session
-        return stream_synthetic(session.gateway_endpoint, session.gateway_server_key,
-                                self.client, camera, plan, scan, **options)
+        target = self.gateway()
+        return stream_synthetic(target.endpoint, target.server_public, target.client, camera,
+                                plan, scan, plain=target.plain, **options)
 
     def replay_spool(self, path: Path, **options: Any) -> StreamStats:
         """``replay_spool`` into this session; ``options`` as for that function."""
-        session = self.session
-        return replay_spool(path, session.gateway_endpoint, session.gateway_server_key,
-                            self.client, **options)
+        target = self.gateway()
+        return replay_spool(path, target.endpoint, target.server_public, target.client,
+                            plain=target.plain, **options)
 
     def __enter__(self) -> Self:
         self.open()

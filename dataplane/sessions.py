@@ -14,13 +14,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from dataplane.restclient import RestError, call_json, check_base_url, quote, with_retries
 
 SESSIONS_PATH = "/api/v1/sessions"
 DEFAULT_TEMPLATE = "4dstem"
 RETRY_ATTEMPTS = 4
+Transport = Literal["curve", "plain"]
+
+
+@dataclass(frozen=True)
+class PlainCredentials:
+    """ZMTP PLAIN credentials for a session allowed unencrypted transport: the session id and the
+    session token's signature (a whole token exceeds PLAIN's 255-byte limit)."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def of(cls, session_id: str, session_token: str) -> PlainCredentials:
+        return cls(session_id, session_token.rsplit(".", 1)[-1])
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,8 @@ class OpenedSession:
     """What a producer needs from an opened session: where to stream and whom to trust.
 
     ``gateway_server_key`` is the gateway's Z85 CURVE public key; ``session_token`` is the session
-    token the control plane returned once (audience: the gateway), kept out of ``repr``.
+    token the control plane returned once (audience: the gateway), kept out of ``repr``;
+    ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one.
     """
 
     id: str
@@ -37,6 +52,11 @@ class OpenedSession:
     gateway_server_key: bytes
     session_token: str = field(repr=False)
     config: dict[str, Any] = field(repr=False, default_factory=dict)
+    gateway_plain_endpoint: str | None = None
+
+    @property
+    def plain_credentials(self) -> PlainCredentials:
+        return PlainCredentials.of(self.id, self.session_token)
 
     @classmethod
     def from_answer(cls, answer: dict[str, Any]) -> OpenedSession:
@@ -45,10 +65,12 @@ class OpenedSession:
             server_key = str(gateway["server_key"]).encode("ascii")
             if len(server_key) != 40:
                 raise ValueError("the gateway's server key is not a 40-character Z85 key")
+            plain = gateway.get("plain_endpoint")
             return cls(id=str(answer["id"]),
                        expires_at=datetime.fromisoformat(answer["expires_at"]),
                        gateway_endpoint=str(gateway["endpoint"]), gateway_server_key=server_key,
-                       session_token=str(answer["token"]), config=dict(answer["config"]))
+                       session_token=str(answer["token"]), config=dict(answer["config"]),
+                       gateway_plain_endpoint=None if plain is None else str(plain))
         except (KeyError, TypeError, ValueError, UnicodeEncodeError) as exc:
             # The answer holds a token: name only the problem, never the answer itself.
             raise RestError(f"the control plane's session record is malformed: "
@@ -57,13 +79,15 @@ class OpenedSession:
 
 def open_session(controlplane_url: str, project_token: str, *, project: str, template: str,
                  params: dict[str, Any], client_public_key: bytes, ttl: int | None = None,
-                 timeout_s: float = 10.0,
+                 transport: Transport = "curve", timeout_s: float = 10.0,
                  sleep: Callable[[float], None] = time.sleep) -> OpenedSession:
     """Open a session of ``project`` from DSN template ``template``; the gateway will admit the
-    producer holding the secret of ``client_public_key`` (Z85)."""
+    producer holding the secret of ``client_public_key`` (Z85), and with ``transport`` "plain"
+    (where the policy allows it) the ``plain_credentials`` on its plaintext ingress too."""
     check_base_url(controlplane_url)
     body: dict[str, Any] = {"project": project, "template": template, "params": params,
-                            "client_key": client_public_key.decode("ascii")}
+                            "client_key": client_public_key.decode("ascii"),
+                            "transport": transport}
     if ttl is not None:
         body["ttl"] = ttl
     answer = with_retries(

@@ -5,7 +5,12 @@ connection unless this handler, bound at ``inproc://zeromq.zap.01`` on the same 
 200. With no handler running, nothing connects (fail closed).
 
 ZAP 1.0 (RFC 27) request frames: version "1.0", request id, domain, peer address, routing identity,
-mechanism, then the mechanism's credentials (CURVE: the client's 32-byte public key).
+mechanism, then the mechanism's credentials (CURVE: the client's 32-byte public key; PLAIN:
+username and password).
+
+Two domains, one per ingress: ``dsn`` (the CURVE ingress) admits only CURVE, ``dsn-plain`` (the
+optional plaintext ingress) only PLAIN, with username = a session id whose session allows
+unencrypted transport and password = the secret whose SHA-256 that session publishes.
 Reply frames: version, request id, status code ("200" or "400"), status text, user id, metadata.
 The user id of an admitted connection is its session id; libzmq attaches it to every message from
 that connection as the ``User-Id`` property, which the router checks per message.
@@ -13,6 +18,8 @@ that connection as the ``User-Id`` property, which the router checks per message
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -24,10 +31,13 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from gateway.sessions import SessionTable
+from gateway.sessions import SessionEntry, SessionTable
 
 ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 ZAP_DOMAIN: Final = b"dsn"
+PLAIN_ZAP_DOMAIN: Final = b"dsn-plain"
+# ZMTP PLAIN carries each credential with a one-byte length.
+_MAX_PLAIN_BYTES: Final = 255
 _ZAP_VERSION: Final = b"1.0"
 _CURVE_KEY_BYTES: Final = 32
 
@@ -56,7 +66,10 @@ def admit(table: SessionTable, mechanism: str, client_key_z85: str, peer_address
     """Admit a CURVE client whose key belongs to a live session reachable from ``peer_address``."""
     if mechanism != "CURVE":
         return _deny("mechanism")
-    entry = table.by_key(client_key_z85)
+    return _admit_entry(table.by_key(client_key_z85), peer_address, now)
+
+
+def _admit_entry(entry: SessionEntry | None, peer_address: str, now: float) -> Admission:
     if entry is None:
         return _deny("unknown_key")
     if not entry.admits(peer_address):
@@ -66,20 +79,39 @@ def admit(table: SessionTable, mechanism: str, client_key_z85: str, peer_address
     return Admission(True, user_id=entry.id, reason="session")
 
 
+def admit_plain(table: SessionTable, username: bytes, password: bytes, peer_address: str,
+                now: float) -> Admission:
+    """Admit a PLAIN client naming a live session that allows unencrypted transport, with the
+    password whose SHA-256 the session publishes, from one of its networks."""
+    entry = table.by_id(username.decode("ascii", "replace"))
+    expected = entry.session.plain_password_sha256 if entry is not None else None
+    if entry is None or expected is None:
+        return _deny("unknown_key")
+    # Compared in constant time; the password itself is never stored or logged.
+    if not hmac.compare_digest(hashlib.sha256(password).hexdigest(), expected):
+        return _deny("bad_password")
+    return _admit_entry(entry, peer_address, now)
+
+
 def decide_request(table: SessionTable, frames: list[bytes], now: float) -> Admission:
     """Turn a raw ZAP request into an admission decision; anything unexpected is denied."""
     if len(frames) < 6 or frames[0] != _ZAP_VERSION:
         return _deny("bad_request")
-    domain, address, mechanism = frames[2], frames[3], frames[5]
-    if domain != ZAP_DOMAIN:
-        return _deny("domain")
-    if mechanism != b"CURVE":
-        return _deny("mechanism")
-    credentials = frames[6:]
-    if len(credentials) != 1 or len(credentials[0]) != _CURVE_KEY_BYTES:
-        return _deny("bad_request")
-    key = z85.encode(credentials[0]).decode("ascii")
-    return admit(table, "CURVE", key, address.decode("ascii", "replace"), now)
+    domain, address, mechanism, credentials = frames[2], frames[3], frames[5], frames[6:]
+    peer = address.decode("ascii", "replace")
+    if domain == ZAP_DOMAIN:
+        if mechanism != b"CURVE":
+            return _deny("mechanism")
+        if len(credentials) != 1 or len(credentials[0]) != _CURVE_KEY_BYTES:
+            return _deny("bad_request")
+        return admit(table, "CURVE", z85.encode(credentials[0]).decode("ascii"), peer, now)
+    if domain == PLAIN_ZAP_DOMAIN:
+        if mechanism != b"PLAIN":
+            return _deny("mechanism")
+        if len(credentials) != 2 or any(len(c) > _MAX_PLAIN_BYTES for c in credentials):
+            return _deny("bad_request")
+        return admit_plain(table, credentials[0], credentials[1], peer, now)
+    return _deny("domain")
 
 
 def reply_frames(request: list[bytes], admission: Admission) -> list[bytes]:

@@ -2,7 +2,9 @@
 
 Ingress: a PULL socket bound at ``gateway.ingress``, CURVE server, ZAP domain "dsn" with
 ZAP_ENFORCE_DOMAIN (no ZAP handler, no connection), MAXMSGSIZE = largest sector + 4 KiB so libzmq
-refuses an oversized message before allocating it, and a bounded RCVHWM.
+refuses an oversized message before allocating it, and a bounded RCVHWM. With
+``gateway.plain_ingress`` set (L7 only), a second PULL socket there is a PLAIN server in ZAP domain
+"dsn-plain", for sessions whose policy allows unencrypted transport; the loop reads both.
 Egress: one PUSH socket per consumer endpoint, connected, SNDHWM = the session's ``limits.hwm``.
 A PUSH socket at its HWM blocks the loop, the loop stops reading its ingress, and the producers
 block: a slow consumer slows everyone down, nothing is dropped to make room. A consumer the
@@ -33,7 +35,7 @@ import zmq
 from dataplane.clone import InterruptedScan
 from dataplane.config import DSNConfig, GatewaySettings
 from dataplane.keys import KeyPair, load_secret_keypair
-from gateway.auth import ZAP_DOMAIN, HandshakeMonitor, ZapHandler
+from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
 from gateway.router import Interruption, Reason, Router, SpoolAction, SpoolOpen, SpoolWrite
 from gateway.sessions import SessionTable, table_from_config
@@ -60,26 +62,41 @@ def open_ingress(context: zmq.Context, settings: GatewaySettings, table: Session
     The limit is fixed at bind time: ``max_sector_bytes`` raises it for sessions that arrive later
     (control-plane mode); the router still checks each message against its own session.
     """
-    socket = context.socket(zmq.PULL)
-    socket.linger = 0
+    socket = _ingress_socket(context, ZAP_DOMAIN, table, rcvhwm, max_sector_bytes)
     socket.curve_server = True
     socket.curve_publickey = keypair.public
     socket.curve_secretkey = keypair.secret
-    socket.zap_domain = ZAP_DOMAIN
+    _bind(socket, settings.ingress, "gateway.ingress")
+    return socket
+
+
+def open_plain_ingress(context: zmq.Context, endpoint: str, table: SessionTable, *,
+                       rcvhwm: int = INGRESS_HWM, max_sector_bytes: int = 0) -> zmq.Socket:
+    """Bind the PLAIN + ZAP ingress (no encryption; ZAP checks the session's password)."""
+    socket = _ingress_socket(context, PLAIN_ZAP_DOMAIN, table, rcvhwm, max_sector_bytes)
+    socket.plain_server = True
+    _bind(socket, endpoint, "gateway.plain_ingress")
+    return socket
+
+
+def _ingress_socket(context: zmq.Context, domain: bytes, table: SessionTable, rcvhwm: int,
+                    max_sector_bytes: int) -> zmq.Socket:
+    socket = context.socket(zmq.PULL)
+    socket.linger = 0
+    socket.zap_domain = domain
     socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     socket.maxmsgsize = max(table.max_sector_bytes, max_sector_bytes) + MAXMSGSIZE_SLACK
     socket.rcvhwm = rcvhwm
     socket.rcvtimeo = POLL_MS
-    _bind(socket, settings.ingress)
     return socket
 
 
-def _bind(socket: zmq.Socket, endpoint: str) -> None:
+def _bind(socket: zmq.Socket, endpoint: str, setting: str) -> None:
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
         socket.close()
-        raise SocketSetupError(f"gateway.ingress: cannot bind {endpoint}: {exc}") from None
+        raise SocketSetupError(f"{setting}: cannot bind {endpoint}: {exc}") from None
 
 
 def open_egress(context: zmq.Context, endpoints: list[str], hwm: int) -> zmq.Socket:
@@ -110,12 +127,14 @@ class L7Proxy:
 
     def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable,
                  *, clock: Callable[[], float] = time.time, spools: Spools | None = None,
-                 on_report: ReportSink | None = None) -> None:
+                 on_report: ReportSink | None = None,
+                 plain_ingress: zmq.Socket | None = None) -> None:
         self.router = Router(table, clock=clock, spooling=spools is not None)
         self.spools = spools
         self.on_report = on_report
         self._context = context
         self._ingress = ingress
+        self._plain_ingress = plain_ingress
         self._egress: list[zmq.Socket | None] = []
         self._pending: SessionTable | None = None
         self._stop = threading.Event()
@@ -173,17 +192,40 @@ class L7Proxy:
         if interruption.spool is not None:
             self._spool(interruption.spool, None, [])
 
+    def _receiver(self) -> Callable[[], list[zmq.Frame] | None]:
+        """The next message from the ingress (or ingresses), or None after POLL_MS of quiet."""
+        recv = self._ingress.recv_multipart
+        if self._plain_ingress is None:
+            def receive() -> list[zmq.Frame] | None:
+                try:
+                    return recv(copy=False)  # type: ignore[no-any-return]
+                except zmq.Again:
+                    return None
+            return receive
+        sockets = [self._ingress, self._plain_ingress]
+        poller = zmq.Poller()
+        for socket in sockets:
+            poller.register(socket, zmq.POLLIN)
+        turn = itertools.cycle([sockets, sockets[::-1]])
+
+        def receive_either() -> list[zmq.Frame] | None:
+            # Alternate which ingress is read first, so neither can starve the other.
+            for socket in next(turn):
+                try:
+                    return socket.recv_multipart(zmq.NOBLOCK, copy=False)  # type: ignore[no-any-return]
+                except zmq.Again:
+                    continue
+            poller.poll(POLL_MS)
+            return None
+        return receive_either
+
     def run(self) -> None:
         """Forward until stop() is called."""
-        recv = self._ingress.recv_multipart
+        receive = self._receiver()
         route = self.router.route
-        egress = self._egress
         stopping = self._stop.is_set
         while not stopping():
-            try:
-                frames = recv(copy=False)
-            except zmq.Again:
-                frames = None
+            frames = receive()
             # Checked after recv, so a message received after use_table() returned is judged by
             # the new table.
             if self._pending is not None:
@@ -326,8 +368,8 @@ class Gateway:
         self.zap = ZapHandler(self.context, self.table, clock=clock)
         self._clock = clock
         self._proxy: L7Proxy | L4Proxy | None = None
-        self._ingress: zmq.Socket | None = None
-        self._handshakes: HandshakeMonitor | None = None
+        self._ingresses: list[zmq.Socket] = []
+        self._handshakes: list[HandshakeMonitor] = []
         self._stopping = threading.Event()
         self.stuck = False
 
@@ -337,25 +379,38 @@ class Gateway:
 
     def start(self) -> None:
         """Load the server key, start ZAP, bind the ingress and connect to the consumers."""
-        keypair = load_secret_keypair(self.config.gateway.server_secret_key_file)
+        settings = self.config.gateway
+        keypair = load_secret_keypair(settings.server_secret_key_file)
+        if settings.plain_ingress is not None and self.mode != "l7":
+            raise ModeError("gateway.plain_ingress needs --mode l7 (it checks every message)")
         try:
             self.zap.start()
             hwm = max((e.session.limits.hwm for e in self.table), default=INGRESS_HWM)
-            self._ingress = open_ingress(self.context, self.config.gateway, self.table, keypair,
-                                         rcvhwm=hwm, max_sector_bytes=self.max_sector_bytes)
-            self._handshakes = HandshakeMonitor(self._ingress)
-            self._handshakes.start()
-            self._proxy = (self._l7_proxy(self._ingress) if self.mode == "l7"
-                           else L4Proxy(self.context, self._ingress, self.table))
+            limits = {"rcvhwm": hwm, "max_sector_bytes": self.max_sector_bytes}
+            ingress = open_ingress(self.context, settings, self.table, keypair, **limits)
+            self._watch(ingress)
+            plain = None
+            if settings.plain_ingress is not None:
+                plain = open_plain_ingress(self.context, settings.plain_ingress, self.table,
+                                           **limits)
+                self._watch(plain)
+            self._proxy = (self._l7_proxy(ingress, plain) if self.mode == "l7"
+                           else L4Proxy(self.context, ingress, self.table))
         except BaseException:
             self.close()
             raise
 
-    def _l7_proxy(self, ingress: zmq.Socket) -> L7Proxy:
+    def _watch(self, ingress: zmq.Socket) -> None:
+        self._ingresses.append(ingress)
+        monitor = HandshakeMonitor(ingress)
+        self._handshakes.append(monitor)
+        monitor.start()
+
+    def _l7_proxy(self, ingress: zmq.Socket, plain: zmq.Socket | None) -> L7Proxy:
         directory = prepare_spool_dir(self.config.gateway.spool_dir)
         spools = Spools(directory) if directory is not None else None
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
-                       on_report=self.on_report)
+                       on_report=self.on_report, plain_ingress=plain)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""
@@ -394,10 +449,10 @@ class Gateway:
             return
         if self._proxy is not None:
             self._proxy.close()
-        if self._handshakes is not None:
-            self._handshakes.stop()
-        if self._ingress is not None:
-            self._ingress.close()
+        for monitor in self._handshakes:
+            monitor.stop()
+        for ingress in self._ingresses:
+            ingress.close()
         self.zap.stop()
         self.context.term()
 
@@ -411,9 +466,10 @@ class Gateway:
     def auth_decisions(self) -> dict[tuple[str, str], int]:
         """Connection decisions by (decision, reason): ZAP's, and handshakes refused before ZAP."""
         decisions = self.zap.decisions.copy()
-        if self._handshakes is not None:
-            for reason, count in self._handshakes.failures.copy().items():
-                decisions[("deny", reason)] = count
+        for monitor in self._handshakes:
+            for reason, count in monitor.failures.copy().items():
+                key = ("deny", reason)
+                decisions[key] = decisions.get(key, 0) + count
         return decisions
 
     def counters(self) -> dict[str, object]:

@@ -37,6 +37,7 @@ from typing import Final, NamedTuple
 
 import numpy as np
 
+from dataplane.clone import InterruptedScan
 from dataplane.protocol import (
     MAX_MANIFEST,
     VERSION,
@@ -53,7 +54,6 @@ from dataplane.protocol import (
     encode,
     is_native_header,
 )
-from dataplane.clone import InterruptedScan
 from dataplane.spool import SpoolManifest
 from gateway.sessions import SessionEntry, SessionTable
 

@@ -1,7 +1,9 @@
-"""ZAP admission policy, without sockets: only live sessions' CURVE keys, from allowed networks."""
+"""ZAP admission policy, without sockets: only live sessions' CURVE keys (or, for sessions allowed
+unencrypted transport, their PLAIN password), from allowed networks."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import pytest
@@ -76,3 +78,48 @@ def test_handshake_failures_are_labelled() -> None:
                                     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC) == \
         "handshake_cryptographic"
     assert handshake_failure_reason(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0) == "handshake_failed"
+
+
+PASSWORD = b"signature-of-the-session-token"
+
+
+def _plain_table() -> SessionTable:
+    """beam-1 as above (CURVE only) and beam-2, which also allows unencrypted transport."""
+    plain = Session(
+        id="beam-2", client_keys=[zmq.curve_keypair()[0].decode()],
+        plain_password_sha256=hashlib.sha256(PASSWORD).hexdigest(),
+        allowed_networks=["10.0.0.0/8"], allowed_targets=["127.0.0.0/8"], consumers=[],
+        expires_at=datetime(2030, 1, 1, tzinfo=UTC))
+    return SessionTable([next(iter(_table())).session, plain])
+
+
+def _plain(username: bytes, password: bytes, domain: bytes = b"dsn-plain",
+           mechanism: bytes = b"PLAIN") -> list[bytes]:
+    return _request(domain=domain, mechanism=mechanism, credentials=(username, password))
+
+
+def test_a_plain_client_naming_a_plaintext_session_with_its_password_is_admitted() -> None:
+    admission = decide_request(_plain_table(), _plain(b"beam-2", PASSWORD), 0.0)
+    assert admission.allowed and admission.user_id == "beam-2"
+
+
+@pytest.mark.parametrize(("request_frames", "reason"), [
+    (_plain(b"beam-2", b"wrong"), "bad_password"),
+    (_plain(b"beam-2", PASSWORD[:-1]), "bad_password"),
+    (_plain(b"beam-1", PASSWORD), "unknown_key"),  # CURVE-only session: no password exists
+    (_plain(b"nobody", PASSWORD), "unknown_key"),
+    (_plain(b"beam-2", PASSWORD, domain=b"dsn"), "mechanism"),  # PLAIN on the CURVE ingress
+    (_request(domain=b"dsn-plain"), "mechanism"),  # CURVE on the plaintext ingress
+    (_plain(b"beam-2", b"x" * 256), "bad_request"),
+    (_request(domain=b"dsn-plain", mechanism=b"PLAIN", credentials=(b"beam-2",)), "bad_request"),
+])
+def test_plain_refusals_name_their_reason(request_frames: list[bytes], reason: str) -> None:
+    admission = decide_request(_plain_table(), request_frames, 0.0)
+    assert not admission.allowed and admission.reason == reason
+
+
+def test_a_plain_client_outside_the_session_networks_or_after_expiry_is_refused() -> None:
+    outside = _plain(b"beam-2", PASSWORD)
+    outside[3] = b"192.168.1.1"
+    assert decide_request(_plain_table(), outside, 0.0).reason == "network"
+    assert decide_request(_plain_table(), _plain(b"beam-2", PASSWORD), EXPIRES).reason == "expired"

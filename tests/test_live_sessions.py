@@ -33,6 +33,7 @@ from cp_helpers import (
 
 from dataplane.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, ProducerError
+from dataplane.sessions import PlainCredentials
 from dataplane.protocol import (
     Data,
     RoutedScanAbort,
@@ -86,10 +87,18 @@ def extra_sources(request: pytest.FixtureRequest) -> list[str]:
     return list(getattr(request, "param", []))
 
 
-def _policy_with_sources(directory: Path, extra: list[str]) -> Path:
-    """The shipped policy with ``extra`` added to its source networks, as a new file."""
+@pytest.fixture
+def plaintext(request: pytest.FixtureRequest) -> bool:
+    """Whether the policy allows unencrypted transport and the gateway has a plaintext ingress
+    (no, unless a test parametrizes this fixture indirectly)."""
+    return bool(getattr(request, "param", False))
+
+
+def _policy(directory: Path, extra_sources: list[str], plaintext: bool) -> Path:
+    """The shipped policy with ``extra_sources`` added and ``allow_plaintext``, as a new file."""
     document = yaml.safe_load(SHIPPED_POLICY.read_text())
-    document["networks"]["sources"] += extra
+    document["networks"]["sources"] += extra_sources
+    document["allow_plaintext"] = plaintext
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "policy.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -98,11 +107,13 @@ def _policy_with_sources(directory: Path, extra: list[str]) -> Path:
 
 @pytest.fixture
 async def cp(aiohttp_client: ClientFactory, tmp_path: Path, free_port: Callable[[], int],
-             extra_sources: list[str]) -> ControlPlane:
-    policy = _policy_with_sources(tmp_path / "policy", extra_sources) if extra_sources else None
+             extra_sources: list[str], plaintext: bool) -> ControlPlane:
+    policy = (_policy(tmp_path / "policy", extra_sources, plaintext)
+              if extra_sources or plaintext else None)
+    plain = f"tcp://127.0.0.1:{free_port()}" if plaintext else None
     control_plane = await start_control_plane(
         aiohttp_client, tmp_path / "state", gateway_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        reconcile_s=0.2, policy_path=policy)
+        reconcile_s=0.2, policy_path=policy, gateway_plain_endpoint=plain)
     await control_plane.create_project("alpha")
     response = await control_plane.admin("PUT", "/api/v1/templates/tiny", json={"source": TINY},
                                          headers={"If-None-Match": "*"})
@@ -114,11 +125,13 @@ async def cp(aiohttp_client: ClientFactory, tmp_path: Path, free_port: Callable[
 def gateway(cp: ControlPlane, tmp_path: Path, free_port: Callable[[], int]) -> Iterator[str]:
     """A gateway process in control-plane mode; yields its metrics address."""
     keys, metrics = cp.settings.state_dir / "keys", f"127.0.0.1:{free_port()}"
+    plain = cp.settings.gateway_plain_endpoint
     process = subprocess.Popen(
         [DSN, "gateway", "run", "--controlplane-state", ",".join(cp.settings.state_endpoints),
          "--state-key", str(keys / "state.key"), "--key", str(keys / "server.key_secret"),
          "--ingress", cp.settings.gateway_endpoint, "--spool-dir", str(tmp_path / "spool"),
-         "--metrics", metrics, "--sync-timeout", "20"],
+         "--metrics", metrics, "--sync-timeout", "20",
+         *(["--plain-ingress", plain] if plain else [])],
         stderr=subprocess.PIPE, text=True)
     try:
         yield metrics
@@ -527,3 +540,63 @@ async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_ev
 
     listed = await (await cp.admin("GET", f"/api/v1/scans?session={session}")).json()
     assert [(r["source"], r["status"]) for r in listed["items"]] == [("gateway", "partial")]
+
+
+@pytest.mark.parametrize("plaintext", [True], indirect=True, ids=["allow_plaintext"])
+async def test_where_policy_allows_it_a_session_streams_unencrypted_with_its_token(
+        cp: ControlPlane, gateway: str, consumer: zmq.Socket,
+        curve_keypair: Callable[[], KeyPair]) -> None:
+    await asyncio.to_thread(_await_metric, gateway, "dsn_gateway_auth_decisions", 20)
+    port = consumer.bind_to_random_port("tcp://127.0.0.1")
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    response = await cp.call("POST", "/api/v1/sessions", token, json={
+        "project": "alpha", "template": "tiny", "params": {},
+        "client_key": curve_keypair().public.decode(), "transport": "plain"})
+    assert response.status == 201, await response.text()
+    opened = await response.json()
+    session, plain = str(opened["id"]), opened["gateway"]["plain_endpoint"]
+    assert plain == cp.settings.gateway_plain_endpoint
+    await _register(cp, token, session, f"tcp://127.0.0.1:{port}")
+    await asyncio.to_thread(
+        _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 1.0', 2.0)
+
+    def plain_producer(credentials: PlainCredentials) -> Producer:
+        return Producer(plain, None, None, plain=credentials, send_timeout_s=0.5)
+
+    with plain_producer(PlainCredentials.of(session, opened["token"])) as producer:
+        _begin(producer)
+        producer.send(0, 0, SECTOR)
+        begin, data = _decoded(await asyncio.to_thread(_receive, consumer, 2))
+        assert isinstance(begin, RoutedScanBegin) and begin.session == session
+        assert isinstance(data, Data) and (data.frame, data.sector) == (0, 0)
+
+    wrong = re.compile(r'dsn_gateway_auth_decisions_total{decision="deny",reason="bad_password"}')
+    for credentials in (PlainCredentials(session, "not-the-signature"),
+                        PlainCredentials.of(session, token)):  # another token's signature
+        with plain_producer(credentials) as producer, pytest.raises(ProducerError):
+            _begin(producer)
+    assert await asyncio.to_thread(_metric_sum, gateway, wrong) >= 2
+
+    # Revoking the session token ends the session everywhere, PLAIN included.
+    jti = jwt.decode(opened["token"], options={"verify_signature": False})["jti"]
+    assert (await cp.admin("DELETE", f"/api/v1/tokens/{jti}")).status == 200
+    deadline = time.monotonic() + 2.0
+    while True:
+        with plain_producer(PlainCredentials.of(session, opened["token"])) as producer:
+            try:
+                _begin(producer)
+            except ProducerError:
+                break
+        assert time.monotonic() < deadline, "the revoked session still admits its producer"
+
+
+async def test_unencrypted_transport_is_refused_where_the_policy_does_not_allow_it(
+        cp: ControlPlane, curve_keypair: Callable[[], KeyPair]) -> None:
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    response = await cp.call("POST", "/api/v1/sessions", token, json={
+        "project": "alpha", "template": "tiny", "params": {},
+        "client_key": curve_keypair().public.decode(), "transport": "plain"})
+    assert response.status == 403, await response.text()
+    assert "allow_plaintext" in (await response.json())["detail"]
+    listed = await (await cp.admin("GET", "/api/v1/sessions?project=alpha")).json()
+    assert listed["items"] == []  # nothing was opened

@@ -38,7 +38,9 @@ class SessionOpen(RequestBody):
 
     ``client_key`` is the producer's Z85 CURVE public key: the gateway admits exactly this key.
     ``ttl`` (seconds) defaults to, and is capped by, the policy's session-token lifetime and the
-    project token's remaining life; the session expires with its token.
+    project token's remaining life; the session expires with its token. ``transport`` ``plain``
+    (only where the policy sets ``allow_plaintext``) also admits the producer unencrypted, on the
+    gateway's plaintext ingress, with the session token as its credential.
     """
 
     project: Name
@@ -46,6 +48,7 @@ class SessionOpen(RequestBody):
     params: dict[str, Any] = Field(default_factory=dict)
     client_key: CurveKey
     ttl: Ttl | None = None
+    transport: Literal["curve", "plain"] = "curve"
 
 
 class ConsumerRegister(RequestBody):
@@ -99,6 +102,7 @@ class ScanQuery(QueryParams):
 class GatewayInfo(ResponseBody):
     endpoint: str
     server_key: str
+    plain_endpoint: str | None = None  # the plaintext ingress, for sessions with transport plain
 
 
 class ConsumerOut(ResponseBody):

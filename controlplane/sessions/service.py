@@ -5,6 +5,7 @@ and cancelling consumer jobs, publishing changes to the gateways. The HTTP layer
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -20,6 +21,7 @@ from controlplane.errors import (
     ConfigurationError,
     Conflict,
     ControlPlaneError,
+    Forbidden,
     NotFound,
 )
 from controlplane.launchers import (
@@ -53,12 +55,12 @@ from controlplane.sessions.models import (
 )
 from controlplane.sessions.repository import (
     get_session,
-    record_result,
     insert_job,
     insert_session,
     list_consumers,
     list_jobs,
     live_sessions,
+    record_result,
     register_consumer,
 )
 from controlplane.store import Store, TokenRecord, ensure_private_dir
@@ -112,7 +114,8 @@ async def gateway_info(services: Services) -> GatewayInfo:
     except KeyFileError as exc:
         raise ConfigurationError(f"the gateway's server key is unavailable: {exc}") from None
     return GatewayInfo(endpoint=services.settings.gateway_endpoint,
-                       server_key=pair.public.decode())
+                       server_key=pair.public.decode(),
+                       plain_endpoint=services.settings.gateway_plain_endpoint)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -175,13 +178,38 @@ async def _render_session(services: Services, body: SessionOpen, session_id: str
     return rendered.config.model_dump(mode="json"), version
 
 
+def _check_plaintext(services: Services, body: SessionOpen) -> None:
+    if body.transport != "plain":
+        return
+    if not services.policies.current.allow_plaintext:
+        raise Forbidden("the policy does not allow unencrypted transport (allow_plaintext)",
+                        rule="plaintext-not-allowed")
+    if services.settings.gateway_plain_endpoint is None:
+        raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
+
+
+def plain_password(token: str) -> str:
+    """A session token's PLAIN password: its signature (a whole token exceeds PLAIN's 255 bytes;
+    the signature is as unguessable, and bound to this token)."""
+    return token.rsplit(".", 1)[-1]
+
+
+def _with_plain_password(config: dict[str, Any], token: str) -> dict[str, Any]:
+    digest = hashlib.sha256(plain_password(token).encode("ascii")).hexdigest()
+    sessions = [{**session, "plain_password_sha256": digest} for session in config["sessions"]]
+    return {**config, "sessions": sessions}
+
+
 async def open_session(services: Services, parent: Claims, body: SessionOpen
                        ) -> tuple[SessionRecord, str]:
     now = services.now()
+    _check_plaintext(services, body)
     cap = services.policies.current.lifetime_cap(TokenKind.SESSION)
     token, claims = _session_token(services, parent, lifetime(body.ttl, cap, parent.exp, now=now))
     session_id = _new_id("s")
     config, version = await _render_session(services, body, session_id, claims.exp)
+    if body.transport == "plain":
+        config = _with_plain_password(config, token)
     session = SessionRecord(id=session_id, project=body.project, template=body.template,
                             template_version=version, params=dict(body.params),
                             client_key=body.client_key, config=config, token_jti=claims.jti,
