@@ -11,6 +11,13 @@ Backpressure, never loss: the socket queues only to a live, authenticated connec
 send that cannot complete within ``send_timeout_s`` raises ``ProducerError``; the message was not
 queued. Closing waits up to ``send_timeout_s`` for queued messages to leave.
 
+Reconnects: ZeroMQ reconnects by itself when the gateway restarts. A restarted gateway knows
+nothing of the scan under way, so once the connection broke the producer sends its open scan's
+``scan_begin`` again before its next message (``reannounced`` counts them; the send blocks until
+the new connection is up, so that announcement goes first) and the rest of the scan flows.
+Messages that were in flight when the connection broke are lost; the consumer lists each missing
+sector.
+
 ``ProducerSession`` opens the session itself over the control plane's REST API with a project
 token, registering the producer's CURVE public key, and streams to the gateway endpoint and server
 key the control plane returned. With ``transport="plain"`` (only where the policy allows
@@ -32,6 +39,7 @@ import msgspec
 import numpy as np
 import zmq
 from tqdm import tqdm
+from zmq.utils.monitor import recv_monitor_message
 
 from dataplane.keys import KeyPair, load_secret_keypair
 from dataplane.protocol import (
@@ -70,6 +78,7 @@ class ProducerError(RuntimeError):
 class _OpenScan:
     scan: int
     geometry: ScanGeometry
+    begin: bytes
     seq: int = 0
 
 
@@ -95,8 +104,10 @@ class Producer:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._socket = self._context.socket(zmq.PUSH)
+        self.reannounced = 0
         try:
             self._configure(server_public, client, plain, hwm)
+            self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
             self.close(linger_s=0)
@@ -138,8 +149,9 @@ class Producer:
             raise ProducerError(f"invalid scan {scan} (scan_shape={scan_shape}, frame_shape="
                                 f"{frame_shape}, sectors={sectors}, producers={producers}): "
                                 f"{exc}") from None
+        self._connection_broke()  # a break before this scan needs no second announcement
         self._send([header], f"scan_begin of scan {scan}")
-        self._scan = _OpenScan(scan, begin.geometry)
+        self._scan = _OpenScan(scan, begin.geometry, header)
 
     def send(self, frame: int, sector: int, data: np.ndarray) -> None:
         """Send one sector without copying it: ``data`` must not change until it has left.
@@ -149,6 +161,7 @@ class Producer:
         scan = self._open_scan("send")
         frame, sector = int(frame), int(sector)
         _check_sector(scan.geometry, frame, sector, data)
+        self._announce_again_after_reconnect(scan)
         self._send([self._data_header(scan, frame, sector), data.data],
                    f"scan {scan.scan} frame {frame} sector {sector}")
         scan.seq += 1
@@ -156,6 +169,7 @@ class Producer:
     def end_scan(self) -> int:
         """Send ``scan_end {sent}`` and return ``sent``, the data messages sent for the scan."""
         scan = self._open_scan("end_scan")
+        self._announce_again_after_reconnect(scan)
         self._send([encode(ScanEnd(v=VERSION, scan=scan.scan, sent=scan.seq))],
                    f"scan_end of scan {scan.scan}")
         self._scan = None
@@ -166,6 +180,10 @@ class Producer:
         if self._socket.closed:
             return
         linger = self._timeout_s if linger_s is None else linger_s
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            self._socket.disable_monitor()
+            monitor.close(linger=0)
         self._socket.close(linger=round(linger * 1000))
         if self._own_context:
             self._context.term()
@@ -177,6 +195,20 @@ class Producer:
                  tb: TracebackType | None) -> None:
         # After a failure the scan is incomplete anyway; do not wait on a gateway that stalled.
         self.close(linger_s=0 if exc_type is not None else None)
+
+    def _connection_broke(self) -> bool:
+        """Whether the connection to the gateway broke since the last call."""
+        broke = False
+        # EVENTS is cheaper than a poll, and this runs before every message.
+        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            recv_monitor_message(self._monitor)
+            broke = True
+        return broke
+
+    def _announce_again_after_reconnect(self, scan: _OpenScan) -> None:
+        if self._connection_broke():
+            self._send([scan.begin], f"scan_begin of scan {scan.scan} after a reconnect")
+            self.reannounced += 1
 
     def _open_scan(self, action: str) -> _OpenScan:
         if self._scan is None:

@@ -163,7 +163,6 @@ class _Scan:
 
     __slots__ = (
         "begin",
-        "begins",
         "dropped",
         "drops",
         "ends",
@@ -200,7 +199,6 @@ class _Scan:
                                    if members else 0)
         manifests = max(len(members), 1)
         self.expected = [0] * manifests
-        self.begins = 1
         self.ends = 0
         self.sent = 0
         self.dropped: dict[str, int] = {}
@@ -494,9 +492,8 @@ class Router:
     def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin) -> Decision:
         if msg != scan.begin:
             return self._count(sid, Reason.SCAN_MISMATCH.value)
-        if scan.begins >= scan.begin.producers:
-            return self._count(sid, Reason.TOO_MANY_PRODUCERS.value)
-        scan.begins += 1
+        # Every producer sends the same scan_begin, and sends it again after a reconnect
+        # (dataplane.producer): nothing changes. The scan closes at its ``producers``-th scan_end.
         return _ACCEPTED
 
     def _scan_end(self, state: _SessionState, msg: ScanEnd) -> Decision:

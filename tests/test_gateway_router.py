@@ -188,7 +188,6 @@ DROPS: list[tuple[str, list[tuple[str | None, bytes, int, int]]]] = [
     ("geometry_mismatch", [("s1", begin(scan=2, sectors=4), 1, 0)]),
     ("scan_too_large", [("s1", begin(scan=2, shape=(11, 10)), 1, 0)]),
     ("too_many_producers", [("s1", begin(scan=2, producers=5), 1, 0)]),
-    ("too_many_producers", [("s1", begin(scan=1), 1, 0)]),
     ("scan_mismatch", [("s1", begin(scan=1, shape=(4, 4)), 1, 0)]),
     ("too_many_scans", [("s1", begin(scan=2), 1, 0), ("s1", begin(scan=3), 1, 0)]),
     ("scan_closed", [("s1", end(), 1, 0), ("s1", data(), 2, SECTOR)]),
@@ -449,4 +448,14 @@ def test_a_member_leaving_between_scans_interrupts_nothing() -> None:
     send_data(router, data(frame=0))
     router.route("s1", end(sent=1), 1, 0)
     assert router.use_table(_without_member(session, 1)) == []
+    assert router.drops == {}
+
+
+def test_an_identical_scan_begin_again_is_a_producer_reconnecting_and_changes_nothing() -> None:
+    router = _open(_router())
+    send_data(router, data(frame=0))
+    assert router.route("s1", begin(), 1, 0) == Decision()
+    assert send_data(router, data(frame=1)).slot == 1
+    [(_, closed)] = control(router.route("s1", end(sent=2), 1, 0))[1:]
+    assert isinstance(closed, RoutedScanEnd) and closed.accepted == 2
     assert router.drops == {}

@@ -325,3 +325,37 @@ def test_keygen_writes_a_key_pair_and_prints_the_public_key(tmp_path: Path) -> N
     assert load_keypair(tmp_path / "k" / "cam.key").public == public
     bad = runner.invoke(producer_cli, ["keygen", "--out", str(tmp_path), "--name", "../x"])
     assert bad.exit_code == 2 and "--name" in bad.output
+
+
+def test_after_a_gateway_restart_the_open_scan_is_announced_again_before_more_data(
+        context: zmq.Context, client: KeyPair) -> None:
+    public, secret = zmq.curve_keypair()
+
+    def ingress(endpoint: str | None = None) -> tuple[zmq.Socket, str]:
+        sock = context.socket(zmq.PULL)
+        sock.linger = 0
+        sock.curve_server, sock.curve_secretkey = True, secret
+        if endpoint is None:
+            return sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+        sock.bind(endpoint)
+        return sock, endpoint
+
+    sector = np.zeros((144, 576), np.uint16)
+    first, endpoint = ingress()
+    with Producer(endpoint, public, client, send_timeout_s=10) as prod:
+        prod.begin_scan(5, (2, 2), producers=1)
+        prod.send(0, 0, sector)
+        assert [type(decode_producer_header(first.recv_multipart()[0])).__name__
+                for _ in range(2)] == ["ScanBegin", "Data"]
+        first.close(linger=0)  # the gateway dies
+        time.sleep(0.2)  # and its connection with it
+        second, _ = ingress(endpoint)  # a new gateway on the same endpoint
+        prod.send(1, 0, sector)
+        assert prod.end_scan() == 2
+        assert prod.reannounced == 1
+    headers = [decode_producer_header(second.recv_multipart()[0]) for _ in range(3)]
+    second.close(linger=0)
+    begin, data, end = headers
+    assert isinstance(begin, ScanBegin) and begin.scan == 5
+    assert isinstance(data, Data) and (data.frame, data.seq) == (1, 1)
+    assert isinstance(end, ScanEnd) and end.sent == 2
