@@ -129,6 +129,9 @@ class Limits(_Model):
     max_scan_positions: Annotated[StrictInt, Field(ge=1, le=16_777_216)] = 4_194_304
     max_producers: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
     max_open_scans: Annotated[StrictInt, Field(ge=1, le=64)] = 4
+    # A scan with no message for this long is closed as if its producers had ended it (a producer
+    # died mid-scan); consumers then list what never came.
+    scan_idle_s: Annotated[StrictInt, Field(ge=1, le=86_400)] = 300
 
 
 Sha256Hex = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -37,7 +37,15 @@ from dataplane.config import DSNConfig, GatewaySettings
 from dataplane.keys import KeyPair, load_secret_keypair
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
-from gateway.router import Interruption, Reason, Router, SpoolAction, SpoolOpen, SpoolWrite
+from gateway.router import (
+    Decision,
+    Interruption,
+    Reason,
+    Router,
+    SpoolAction,
+    SpoolOpen,
+    SpoolWrite,
+)
 from gateway.sessions import SessionTable, table_from_config
 from gateway.spool import Spools, prepare_spool_dir
 
@@ -231,6 +239,9 @@ class L7Proxy:
             if self._pending is not None:
                 self._adopt()
             if frames is None:
+                # Quiet ingress: the moment to close scans whose producers went silent.
+                for decision in self.router.expire_idle():
+                    self._finish(decision, [], None)
                 continue
             head = frames[0]
             parts = len(frames)
@@ -239,13 +250,18 @@ class L7Proxy:
             if decision.slot >= 0:
                 out = frames if decision.header is None else [decision.header, frames[1]]
                 self._send(decision.slot, out, session)
-            for control in decision.control:
-                self._send(control.slot, [control.header], session)
-            spooled = None
-            if decision.spool is not None:
-                spooled = self._spool(decision.spool, decision.header, frames)
-            if decision.report is not None:
-                self._report(decision.report, spooled)
+            if decision.control or decision.spool is not None or decision.report is not None:
+                self._finish(decision, frames, session)
+
+    def _finish(self, decision: Decision, frames: list[zmq.Frame], session: str | None) -> None:
+        """A decision's control messages, spool action and report."""
+        for control in decision.control:
+            self._send(control.slot, [control.header], session)
+        spooled = None
+        if decision.spool is not None:
+            spooled = self._spool(decision.spool, decision.header, frames)
+        if decision.report is not None:
+            self._report(decision.report, spooled)
 
     def _spool(self, action: SpoolAction, header: bytes | None,
                frames: list[zmq.Frame]) -> Path | None:

@@ -19,6 +19,10 @@ listed as lost ("consumer_gone": the gateway cannot know whether it was counted)
 the scan is spooled (or, with spooling off, dropped as "consumer_gone"). When the scan ends, the
 decision carries an InterruptedScan report for the control plane beside the spool's SpoolClose.
 
+Idle scans: a scan that has seen no message for its session's ``limits.scan_idle_s`` (a producer
+died before its scan_end) is closed by ``expire_idle`` exactly as its last scan_end would have
+closed it; consumers list whatever never arrived.
+
 Accounting: every data message is either forwarded, spooled, or counted as a drop under
 (session, reason). A drop that belongs to an open scan (a valid data header) is also counted in that
 scan and listed in the loss manifest of the consumer owning its frame, which receives it in its
@@ -29,6 +33,7 @@ Counters are plain integers read by the metrics collector at scrape time.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +61,8 @@ from dataplane.protocol import (
 )
 from dataplane.spool import SpoolManifest
 from gateway.sessions import SessionEntry, SessionTable
+
+log = logging.getLogger("dsn.gateway.router")
 
 # Scan ids a session closed recently, kept to tell a late message ("scan_closed") from a stray one.
 CLOSED_SCANS_KEPT: Final = 1024
@@ -173,6 +180,7 @@ class _Scan:
         "interrupted",
         "members",
         "sectors",
+        "seen",
         "sent",
         "spool",
         "spool_failed",
@@ -181,9 +189,10 @@ class _Scan:
         "truncated",
     )
 
-    def __init__(self, begin: ScanBegin, members: tuple[int, ...],
+    def __init__(self, begin: ScanBegin, members: tuple[int, ...], now: float,
                  spool: SpoolWrite | None = None) -> None:
         self.begin = begin
+        self.seen = now
         self.geometry = begin.geometry
         self.members = members
         self.forward = tuple(Decision(slot=slot) for slot in members)
@@ -363,20 +372,33 @@ class Router:
         state = self._sessions.get(session_id) if session_id is not None else None
         if state is None:
             return self._count(session_id or "", Reason.UNAUTHENTICATED.value)
-        if self._clock() >= state.entry.expires:
+        now = self._clock()
+        if now >= state.entry.expires:
             return self._count(state.entry.id, Reason.SESSION_EXPIRED.value)
         if parts == 2:
-            return self._data(state, header, payload_bytes)
+            return self._data(state, header, payload_bytes, now)
         if parts != 1:
             return self._count(state.entry.id, Reason.WRONG_PART_COUNT.value)
         msg = _decode(header)
         if isinstance(msg, str):
             return self._count(state.entry.id, msg)
         if isinstance(msg, ScanBegin):
-            return self._scan_begin(state, msg)
+            return self._scan_begin(state, msg, now)
         if isinstance(msg, ScanEnd):
-            return self._scan_end(state, msg)
+            return self._scan_end(state, msg, now)
         return self._data_drop(state, msg, Reason.WRONG_PART_COUNT.value)
+
+    def expire_idle(self) -> list[Decision]:
+        """Close every scan idle for its session's ``scan_idle_s``; what the loop must do."""
+        now, closed = self._clock(), []
+        for state in self._sessions.values():
+            idle_s = state.entry.session.limits.scan_idle_s
+            for scan in [s for s in state.scans.values() if now - s.seen >= idle_s]:
+                log.warning("scan closed after %d s without a message: %d of %d producers "
+                            "ended it", idle_s, scan.ends, scan.begin.producers,
+                            extra={"fields": {"session": state.entry.id, "scan": scan.begin.scan}})
+                closed.append(self._close(state, scan))
+        return closed
 
     def undelivered(self, session_id: str | None) -> None:
         """Count a message that was routed but could not be sent (the gateway stopped first)."""
@@ -401,8 +423,8 @@ class Router:
         self.drops[key] = self.drops.get(key, 0) + 1
         return _DROPS[reason]
 
-    def _data(self, state: _SessionState, header: bytes | memoryview,
-              payload_bytes: int) -> Decision:
+    def _data(self, state: _SessionState, header: bytes | memoryview, payload_bytes: int,
+              now: float) -> Decision:
         msg = _decode(header)
         if type(msg) is str:
             return self._count(state.entry.id, msg)
@@ -412,6 +434,7 @@ class Router:
         if scan is None:
             reason = Reason.SCAN_CLOSED if msg.scan in state.closed else Reason.UNKNOWN_SCAN
             return self._count(state.entry.id, reason.value)
+        scan.seen = now
         native = is_native_header(header)
         if not native and not self._ncem_fits(header, scan):
             return self._data_drop(state, msg, Reason.GEOMETRY_MISMATCH.value, scan)
@@ -459,7 +482,7 @@ class Router:
             scan.record_drop(msg.frame, msg.sector, reason)
         return self._count(state.entry.id, reason)
 
-    def _scan_begin(self, state: _SessionState, msg: ScanBegin) -> Decision:
+    def _scan_begin(self, state: _SessionState, msg: ScanBegin, now: float) -> Decision:
         session = state.entry.session
         sid, detector, limits = session.id, session.detector, session.limits
         if (tuple(msg.frame_shape), msg.sectors, msg.dtype) != (
@@ -471,42 +494,48 @@ class Router:
             return self._count(sid, Reason.TOO_MANY_PRODUCERS.value)
         scan = state.scans.get(msg.scan)
         if scan is not None:
-            return self._join_scan(sid, scan, msg)
+            return self._join_scan(sid, scan, msg, now)
         if msg.scan in state.closed:
             return self._count(sid, Reason.SCAN_CLOSED.value)
         if len(state.scans) >= limits.max_open_scans:
             return self._count(sid, Reason.TOO_MANY_SCANS.value)
         if not state.members:
-            return self._begin_spooled(state, msg)
-        scan = state.scans[msg.scan] = _Scan(msg, state.members)
+            return self._begin_spooled(state, msg, now)
+        scan = state.scans[msg.scan] = _Scan(msg, state.members, now)
         return Decision(control=scan.routed_begins(sid))
 
-    def _begin_spooled(self, state: _SessionState, msg: ScanBegin) -> Decision:
+    def _begin_spooled(self, state: _SessionState, msg: ScanBegin, now: float) -> Decision:
         if not self.spooling:
             return self._count(state.entry.id, Reason.NO_CONSUMERS.value)
         key = ScanKey(state.entry.id, msg.scan)
-        state.scans[msg.scan] = _Scan(msg, (), SpoolWrite(key))
+        state.scans[msg.scan] = _Scan(msg, (), now, SpoolWrite(key))
         # The spool records the canonical encoding: what a replaying producer would send.
         return Decision(spool=SpoolOpen(key, encode(msg)))
 
-    def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin) -> Decision:
+    def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin, now: float) -> Decision:
         if msg != scan.begin:
             return self._count(sid, Reason.SCAN_MISMATCH.value)
+        scan.seen = now
         # Every producer sends the same scan_begin, and sends it again after a reconnect
         # (dataplane.producer): nothing changes. The scan closes at its ``producers``-th scan_end.
         return _ACCEPTED
 
-    def _scan_end(self, state: _SessionState, msg: ScanEnd) -> Decision:
+    def _scan_end(self, state: _SessionState, msg: ScanEnd, now: float) -> Decision:
         scan = state.scans.get(msg.scan)
         if scan is None:
             reason = Reason.SCAN_CLOSED if msg.scan in state.closed else Reason.UNKNOWN_SCAN
             return self._count(state.entry.id, reason.value)
         scan.ends += 1
         scan.sent += msg.sent
+        scan.seen = now
         if scan.ends < scan.begin.producers:
             return _ACCEPTED
-        del state.scans[msg.scan]
-        state.closed.append(msg.scan)
+        return self._close(state, scan)
+
+    def _close(self, state: _SessionState, scan: _Scan) -> Decision:
+        """Close an open scan: routed scan_ends to its members, or its spool and report."""
+        del state.scans[scan.begin.scan]
+        state.closed.append(scan.begin.scan)
         if not scan.interrupted and scan.spool is None:
             return Decision(control=scan.routed_ends())
         report = scan.report(state.entry.id) if scan.interrupted else None

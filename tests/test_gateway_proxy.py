@@ -306,7 +306,9 @@ def test_refused_connections_are_counted_and_deliver_nothing(
 @pytest.mark.timeout(20)
 def test_messages_of_an_expired_session_are_dropped(rig: Callable[..., Rig]) -> None:
     expires = time.time() + 3600
-    r = rig(consumers=1, expires_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
+    # The clock jumps an hour: a long scan_idle_s keeps the open scan from closing as idle.
+    r = rig(consumers=1, expires_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)),
+            limits={"scan_idle_s": 86_400})
     producer = r.producer()
     producer.send_multipart(begin())
     receive(r.consumers[0], 1)
@@ -381,3 +383,23 @@ def test_l4_forwards_everything_uninspected_round_robin(rig: Callable[..., Rig])
 def test_l4_refuses_a_configuration_with_several_sessions(rig: Callable[..., Rig]) -> None:
     with pytest.raises(ModeError, match="the configuration has 2"):
         rig(consumers=1, mode="l4", sessions=2)
+
+
+@pytest.mark.timeout(20)
+def test_a_scan_whose_producer_went_silent_is_closed_after_scan_idle_s(
+        rig: Callable[..., Rig]) -> None:
+    r = rig(consumers=1, limits={"scan_idle_s": 60})
+    producer = r.producer()
+    producer.send_multipart(begin(producers=2))
+    producer.send_multipart(data(1, 0, 0))
+    producer.send_multipart(end(sent=1))  # the second producer never ends the scan
+    receive(r.consumers[0], 2)
+    assert_silent(r.consumers[0])
+    r.clock.now += 61
+    [closing] = receive(r.consumers[0], 1)
+    routed = decode_consumer_message(closing[0])
+    assert isinstance(routed, RoutedScanEnd) and (routed.expected, routed.sent) == (1, 1)
+    producer.send_multipart(data(1, 1, 0))
+    router = r.gateway.router
+    assert router is not None
+    wait_for(lambda: router.drops.get(("s1", "scan_closed"), 0) == 1, "scan_closed drop")

@@ -459,3 +459,23 @@ def test_an_identical_scan_begin_again_is_a_producer_reconnecting_and_changes_no
     [(_, closed)] = control(router.route("s1", end(sent=2), 1, 0))[1:]
     assert isinstance(closed, RoutedScanEnd) and closed.accepted == 2
     assert router.drops == {}
+
+
+def test_only_scans_idle_for_scan_idle_s_are_closed_as_their_last_scan_end_would() -> None:
+    clock = Clock()
+    router = _router(_session(limits=Limits(max_open_scans=2, max_scan_positions=100,
+                                            scan_idle_s=30)), clock=clock)
+    router.route("s1", begin(scan=1, producers=2), 1, 0)
+    router.route("s1", begin(scan=2), 1, 0)
+    send_data(router, data(scan=1, frame=0))
+    router.route("s1", end(scan=1, sent=1), 1, 0)
+    clock.now += 20
+    send_data(router, data(scan=2, frame=1))  # scan 2 stays busy
+    clock.now += 10
+    [closed] = router.expire_idle()
+    assert [(slot, m.scan, m.expected, m.sent) for slot, m in control(closed)] == [
+        (0, 1, 1, 1), (1, 1, 0, 1)]
+    assert router.expire_idle() == []
+    assert send_data(router, data(scan=1, frame=2)).drop == "scan_closed"
+    clock.now += 30
+    assert len(router.expire_idle()) == 1  # scan 2, idle now
