@@ -388,6 +388,7 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
     from aiohttp import web  # the web stack loads only for the command that serves
 
     from controlplane.app import create_app
+    from controlplane.middlewares import AccessLogger
 
     try:
         endpoints = StateEndpoints(state_snapshots or DEFAULT_STATE_ENDPOINTS.snapshot,
@@ -403,12 +404,13 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
     def announce(_message: str) -> None:  # called once the socket is bound
         click.echo(f"control plane on {settings.base_url} (state {state_dir})", err=True)
 
-    # JSON lines on stderr; the access log's request line never holds a token (tokens travel
-    # only in the Authorization header, which is not logged).
+    # JSON lines on stderr. Tokens travel only in the Authorization header, which is not logged;
+    # the access log names the path without its query string, where a client might put one.
     configure_logging("dsn")
     configure_logging("aiohttp.access")
     try:
-        web.run_app(app, host=host, port=port, print=announce, handle_signals=True)
+        web.run_app(app, host=host, port=port, print=announce, handle_signals=True,
+                    access_log_class=AccessLogger)
     except OSError as exc:
         raise AdminError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     except ControlPlaneError as exc:

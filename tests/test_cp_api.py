@@ -607,6 +607,6 @@ async def test_health_ready_and_metrics(cp: ControlPlane) -> None:
     await cp.client.get("/api/v1/projects")
     text = await (await cp.client.get("/metrics")).text()
     assert 'dsn_cp_http_requests_total{method="GET",route="/api/v1/projects",status="200"} 1.0' in text
-    assert 'dsn_cp_authz_decisions_total{action="projects:list",decision="deny",reason="token"} 1.0' \
-        in text
+    assert ('dsn_cp_authz_decisions_total{action="projects:list",decision="deny",'
+            'reason="token:missing"} 1.0') in text
     assert cp.admin_token not in text

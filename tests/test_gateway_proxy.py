@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
@@ -318,7 +319,8 @@ def test_messages_of_an_expired_session_are_dropped(rig: Callable[..., Rig]) -> 
     assert router is not None
     wait_for(lambda: router.drops.get(("s1", "session_expired"), 0) == 1, "session_expired drop")
     assert_silent(r.consumers[0])
-    r.producer(client=r.client).send_multipart(begin(scan=2), flags=zmq.NOBLOCK)
+    with contextlib.suppress(zmq.Again):  # refused at once, the key may never get a pipe
+        r.producer(client=r.client).send_multipart(begin(scan=2), flags=zmq.NOBLOCK)
     wait_for(lambda: r.gateway.auth_decisions().get(("deny", "expired"), 0) >= 1, "deny/expired")
 
 
@@ -360,7 +362,8 @@ def test_a_new_table_without_the_session_refuses_it_at_once(rig: Callable[..., R
     router = r.gateway.router
     assert router is not None
     wait_for(lambda: router.drops.get(("s1", "unauthenticated"), 0) == 1, "unauthenticated drop")
-    r.producer().send_multipart(begin(scan=2), flags=zmq.NOBLOCK)
+    with contextlib.suppress(zmq.Again):  # refused at once, the key may never get a pipe
+        r.producer().send_multipart(begin(scan=2), flags=zmq.NOBLOCK)
     wait_for(lambda: r.gateway.auth_decisions().get(("deny", "unknown_key"), 0) >= 1,
              "deny/unknown_key")
     assert_silent(r.consumers[0])
