@@ -10,6 +10,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -22,6 +23,9 @@ class Metrics:
     latency: Histogram = field(init=False)
     decisions: Counter = field(init=False)
     tokens_issued: Counter = field(init=False)
+    live_sessions: Gauge = field(init=False)
+    live_consumers: Gauge = field(init=False)
+    gateway_reports: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -36,6 +40,14 @@ class Metrics:
                                   ["action", "decision", "reason"], registry=self.registry))
         set_("tokens_issued", Counter("dsn_cp_tokens_issued", "Tokens signed, by kind",
                                       ["kind"], registry=self.registry))
+        set_("live_sessions", Gauge("dsn_cp_live_sessions",
+                                    "Sessions published to the gateways", registry=self.registry))
+        set_("live_consumers", Gauge("dsn_cp_live_consumers",
+                                     "Consumer ranks with a live lease, over all published sessions",
+                                     registry=self.registry))
+        set_("gateway_reports", Counter("dsn_cp_gateway_scan_reports",
+                                        "Interrupted-scan reports from gateways, by outcome",
+                                        ["outcome"], registry=self.registry))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

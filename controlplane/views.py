@@ -135,7 +135,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body, content_type = _services(request).metrics.exposition()
+    services = _services(request)
+    published = services.state.sessions.values()
+    services.metrics.live_sessions.set(len(published))
+    services.metrics.live_consumers.set(sum(len(s.consumers) for s in published))
+    body, content_type = services.metrics.exposition()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response

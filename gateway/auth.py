@@ -183,6 +183,8 @@ class ZapHandler:
 
 
 HANDSHAKE_EVENTS: Final = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+# Connections that never speak ZMTP (a port scanner, garbage) produce only these two.
+CONNECTION_EVENTS: Final = {zmq.EVENT_ACCEPTED: "accepted", zmq.EVENT_DISCONNECTED: "disconnected"}
 _PROTOCOL_REASONS: Final[dict[int, str]] = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "handshake_mechanism",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "handshake_cryptographic",
@@ -200,13 +202,18 @@ class HandshakeMonitor:
     """Counts ingress handshakes that failed before reaching ZAP, from a socket-monitor thread.
 
     A client speaking NULL or PLAIN to the CURVE ingress, or holding the wrong server key, is
-    refused by libzmq itself; only the monitor sees it.
+    refused by libzmq itself; only the monitor sees it. ``connections`` counts every TCP connection
+    accepted and closed, so connections that never got as far as a handshake show too.
     """
 
     def __init__(self, ingress: zmq.Socket, *, poll_ms: int = 100) -> None:
         self.failures: dict[str, int] = {}
+        self.connections: dict[str, int] = {}
         self._ingress = ingress
-        self._monitor = ingress.get_monitor_socket(HANDSHAKE_EVENTS)
+        mask = HANDSHAKE_EVENTS
+        for event in CONNECTION_EVENTS:
+            mask |= event
+        self._monitor = ingress.get_monitor_socket(mask)
         self._poll_ms = poll_ms
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dsn-handshakes", daemon=True)
@@ -225,5 +232,9 @@ class HandshakeMonitor:
         while not self._stop.is_set():
             if self._monitor.poll(self._poll_ms):
                 event = recv_monitor_message(self._monitor)
+                connection = CONNECTION_EVENTS.get(event["event"])
+                if connection is not None:
+                    self.connections[connection] = self.connections.get(connection, 0) + 1
+                    continue
                 reason = handshake_failure_reason(event["event"], event["value"])
                 self.failures[reason] = self.failures.get(reason, 0) + 1

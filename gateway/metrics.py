@@ -28,6 +28,10 @@ class _Observed(Protocol):
 
     def spool_files(self) -> dict[str, int]: ...
 
+    def connections(self) -> dict[str, int]: ...
+
+    def backpressure(self) -> dict[str, tuple[int, float]]: ...
+
 
 class GatewayCollector(Collector):
     """dsn_gateway_* metrics for one gateway."""
@@ -37,11 +41,13 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield self._auth()
+        yield self._connections()
         yield self._consumers()
         router = self._gateway.router
         if router is not None:
             yield from self._routing(router)
             yield self._spool_files()
+            yield from self._backpressure()
 
     def _auth(self) -> Metric:
         family = CounterMetricFamily("dsn_gateway_auth_decisions",
@@ -49,6 +55,27 @@ class GatewayCollector(Collector):
         for (decision, reason), count in self._gateway.auth_decisions().items():
             family.add_metric([decision, reason], count)
         return family
+
+    def _connections(self) -> Metric:
+        family = CounterMetricFamily("dsn_gateway_connections",
+                                     "Ingress TCP connections accepted and closed (a connection "
+                                     "accepted that never reached a handshake decision is junk)",
+                                     labels=["event"])
+        for event, count in self._gateway.connections().items():
+            family.add_metric([event], count)
+        return family
+
+    def _backpressure(self) -> Iterator[Metric]:
+        waits = CounterMetricFamily("dsn_gateway_backpressure_waits",
+                                    "Sends that waited for a consumer (its queue was full)",
+                                    labels=["session"])
+        seconds = CounterMetricFamily("dsn_gateway_backpressure_seconds",
+                                      "Seconds the forwarding loop waited for consumers",
+                                      labels=["session"])
+        for session, (count, waited) in self._gateway.backpressure().items():
+            waits.add_metric([session], count)
+            seconds.add_metric([session], waited)
+        yield from (waits, seconds)
 
     def _consumers(self) -> Metric:
         family = GaugeMetricFamily("dsn_gateway_consumers", "Consumer endpoints per session",
@@ -69,17 +96,25 @@ class GatewayCollector(Collector):
                                             "Payload bytes written to spool files",
                                             labels=["session"])
         scans = GaugeMetricFamily("dsn_gateway_scans_open", "Open scans", labels=["session"])
+        interrupted = CounterMetricFamily("dsn_gateway_scans_interrupted",
+                                          "Scans a consumer left mid-scan (rest spooled, reported)",
+                                          labels=["session"])
+        idle = CounterMetricFamily("dsn_gateway_scans_idle_closed",
+                                   "Scans closed after limits.scan_idle_s without a message",
+                                   labels=["session"])
         for stats in router.stats():
             messages.add_metric([stats.session], stats.messages)
             volume.add_metric([stats.session], stats.bytes)
             spooled.add_metric([stats.session], stats.spooled)
             spooled_bytes.add_metric([stats.session], stats.spooled_bytes)
             scans.add_metric([stats.session], stats.open_scans)
+            interrupted.add_metric([stats.session], stats.interrupted)
+            idle.add_metric([stats.session], stats.idle_closed)
         drops = CounterMetricFamily("dsn_gateway_drops", "Messages dropped, by reason",
                                     labels=["session", "reason"])
         for (session, reason), count in router.drops.copy().items():
             drops.add_metric([session, reason], count)
-        yield from (messages, volume, spooled, spooled_bytes, scans, drops)
+        yield from (messages, volume, spooled, spooled_bytes, scans, interrupted, idle, drops)
 
     def _spool_files(self) -> Metric:
         family = CounterMetricFamily("dsn_gateway_spool_files",

@@ -143,6 +143,9 @@ class L7Proxy:
         self._context = context
         self._ingress = ingress
         self._plain_ingress = plain_ingress
+        # session -> (sends that waited for a consumer, seconds waited): ZeroMQ shows no queue
+        # lengths, so time spent blocked is how backpressure becomes visible.
+        self.backpressure: dict[str, tuple[int, float]] = {}
         self._egress: list[zmq.Socket | None] = []
         self._pending: SessionTable | None = None
         self._stop = threading.Event()
@@ -311,18 +314,23 @@ class L7Proxy:
                          session: str | None) -> None:
         # Backpressure: wait for the consumer as long as it takes, but notice a stop request,
         # and a new table: the consumer may have left (its lease ended), closing its socket.
-        while not self._stop.is_set():
-            if self._pending is not None:
-                self._adopt()
-                if self._egress[slot] is not socket:
-                    return
-            if socket.poll(POLL_MS, zmq.POLLOUT):
-                try:
-                    socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                    return
-                except zmq.Again:
-                    continue
-        self.router.undelivered(session)
+        started = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if self._pending is not None:
+                    self._adopt()
+                    if self._egress[slot] is not socket:
+                        return
+                if socket.poll(POLL_MS, zmq.POLLOUT):
+                    try:
+                        socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                        return
+                    except zmq.Again:
+                        continue
+            self.router.undelivered(session)
+        finally:
+            waits, seconds = self.backpressure.get(session or "", (0, 0.0))
+            self.backpressure[session or ""] = (waits + 1, seconds + time.monotonic() - started)
 
 
 class L4Proxy:
@@ -487,6 +495,19 @@ class Gateway:
                 key = ("deny", reason)
                 decisions[key] = decisions.get(key, 0) + count
         return decisions
+
+    def connections(self) -> dict[str, int]:
+        """Ingress TCP connections accepted and closed (every ingress)."""
+        totals: dict[str, int] = {}
+        for monitor in self._handshakes:
+            for event, count in monitor.connections.copy().items():
+                totals[event] = totals.get(event, 0) + count
+        return totals
+
+    def backpressure(self) -> dict[str, tuple[int, float]]:
+        """Per session: sends that had to wait for a consumer, and the seconds spent waiting."""
+        proxy = self._proxy
+        return proxy.backpressure.copy() if isinstance(proxy, L7Proxy) else {}
 
     def counters(self) -> dict[str, object]:
         """Final or current counters, for logs (no key material)."""

@@ -163,6 +163,8 @@ class SessionStats:
     consumers: int
     spooled: int
     spooled_bytes: int
+    interrupted: int  # scans a consumer left mid-scan
+    idle_closed: int  # scans closed after scan_idle_s without a message
 
 
 class _Scan:
@@ -271,8 +273,8 @@ class _Scan:
 
 
 class _SessionState:
-    __slots__ = ("bytes", "closed", "entry", "members", "messages", "scans", "spooled",
-                 "spooled_bytes")
+    __slots__ = ("bytes", "closed", "entry", "idle_closed", "interrupted", "members", "messages",
+                 "scans", "spooled", "spooled_bytes")
 
     def __init__(self, entry: SessionEntry, members: tuple[int, ...]) -> None:
         self.entry = entry
@@ -283,6 +285,8 @@ class _SessionState:
         self.bytes = 0
         self.spooled = 0
         self.spooled_bytes = 0
+        self.interrupted = 0
+        self.idle_closed = 0
 
 
 def _drop(reason: str) -> Decision:
@@ -350,6 +354,7 @@ class Router:
             lost += 1
         self.drops[(sid, gone)] = self.drops.get((sid, gone), 0) + lost
         scan.interrupted = True
+        state.interrupted += 1
         key = ScanKey(sid, scan.begin.scan)
         notice = encode(RoutedScanAbort(v=VERSION, scan=scan.begin.scan, reason=gone))
         notices = tuple(Outgoing(slot, notice) for slot in scan.members)
@@ -397,6 +402,7 @@ class Router:
                 log.warning("scan closed after %d s without a message: %d of %d producers "
                             "ended it", idle_s, scan.ends, scan.begin.producers,
                             extra={"fields": {"session": state.entry.id, "scan": scan.begin.scan}})
+                state.idle_closed += 1
                 closed.append(self._close(state, scan))
         return closed
 
@@ -547,7 +553,8 @@ class Router:
         """Counters per session; safe to call from another thread while routing goes on."""
         for state in list(self._sessions.values()):
             yield SessionStats(state.entry.id, state.messages, state.bytes, len(state.scans),
-                               len(state.members), state.spooled, state.spooled_bytes)
+                               len(state.members), state.spooled, state.spooled_bytes,
+                               state.interrupted, state.idle_closed)
 
     @property
     def open_scans(self) -> int:

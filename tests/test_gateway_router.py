@@ -418,6 +418,7 @@ def test_a_member_leaving_mid_scan_interrupts_it_every_member_is_told_and_the_re
                                accepted=10, spooled=2, lost=9, dropped=dropped, drops=lost,
                                drops_truncated=False, spool=""))
     assert router.drops == {("s1", "out_of_range"): 1, ("s1", "consumer_gone"): 8}
+    assert next(router.stats()).interrupted == 1
 
 
 def test_an_interrupted_scan_without_spooling_drops_the_rest_listed_and_reports_it() -> None:
@@ -476,6 +477,7 @@ def test_only_scans_idle_for_scan_idle_s_are_closed_as_their_last_scan_end_would
     assert [(slot, m.scan, m.expected, m.sent) for slot, m in control(closed)] == [
         (0, 1, 1, 1), (1, 1, 0, 1)]
     assert router.expire_idle() == []
+    assert next(router.stats()).idle_closed == 1
     assert send_data(router, data(scan=1, frame=2)).drop == "scan_closed"
     clock.now += 30
     assert len(router.expire_idle()) == 1  # scan 2, idle now

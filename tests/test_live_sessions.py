@@ -540,6 +540,10 @@ async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_ev
 
     listed = await (await cp.admin("GET", f"/api/v1/scans?session={session}")).json()
     assert [(r["source"], r["status"]) for r in listed["items"]] == [("gateway", "partial")]
+    exposition = await (await cp.call("GET", "/metrics")).text()
+    assert 'dsn_cp_gateway_scan_reports_total{outcome="recorded"} 1.0' in exposition
+    assert re.search(rf'dsn_gateway_scans_interrupted_total{{session="{session}"}} 1\.0',
+                     await asyncio.to_thread(_metrics, gateway))
 
 
 @pytest.mark.parametrize("plaintext", [True], indirect=True, ids=["allow_plaintext"])

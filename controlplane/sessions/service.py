@@ -390,6 +390,7 @@ async def record_gateway_report(services: Services, report: InterruptedScan) -> 
     session = await get_session(services.store, report.session)
     if session is None:
         log.warning("gateway report for unknown session %s refused", report.session)
+        services.metrics.gateway_reports.labels("refused").inc()
         return "refused"
     record = ScanRecord(
         session_id=session.id, scan=report.scan, project=session.project, path=report.spool,
@@ -410,8 +411,11 @@ async def record_gateway_report(services: Services, report: InterruptedScan) -> 
     except Conflict:
         log.error("gateway report for scan %d of session %s differs from the one recorded",
                   report.scan, session.id)
+        services.metrics.gateway_reports.labels("refused").inc()
         return "refused"
-    return "recorded" if stored is record else "duplicate"
+    outcome: AckOutcome = "recorded" if stored is record else "duplicate"
+    services.metrics.gateway_reports.labels(outcome).inc()
+    return outcome
 
 
 def scan_record(session: SessionRecord, scan: int, body: ScanReport, now: float) -> ScanRecord:
