@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gateway.router as router_module
-from dataplane.config import Detector, Limits, Session
 from dataplane.clone import InterruptedScan
+from dataplane.config import Detector, Limits, Session
 from dataplane.protocol import (
     Data,
     NcemHeader,

@@ -33,7 +33,6 @@ from cp_helpers import (
 
 from dataplane.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, ProducerError
-from dataplane.sessions import PlainCredentials
 from dataplane.protocol import (
     Data,
     RoutedScanAbort,
@@ -41,6 +40,7 @@ from dataplane.protocol import (
     RoutedScanEnd,
     decode_consumer_message,
 )
+from dataplane.sessions import PlainCredentials
 from dataplane.spool import SpoolReader
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
