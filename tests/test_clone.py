@@ -32,6 +32,12 @@ def session(index: int, *, consumers: int = 0, expires: datetime | None = None) 
     Entry(EPOCH, 4, "s1", None),
     SnapshotEnd(EPOCH, 9, 2),
     Heartbeat(EPOCH, 9),
+    clone.Report(3, clone.InterruptedScan(
+        session="s1", scan=4, reason="consumer_gone", sent=10, accepted=9, spooled=5, lost=5,
+        dropped={"consumer_gone": 4, "out_of_range": 1},
+        drops=[(0, 0, "consumer_gone"), (0, 1, "consumer_gone")], drops_truncated=False,
+        spool="/var/spool/dsn/s1_scan000004.spool")),
+    clone.Ack(EPOCH, 3, "duplicate"),
 ])
 def test_messages_round_trip(message: clone.Message) -> None:
     frames = clone.encode(message)
@@ -62,6 +68,10 @@ def _header(**fields: object) -> bytes:
     [b"session/" + b"x" * 80, _header(), b""],
     [b"HUGZ", _header(pad="x" * 200), b""],
     [b"session/s1", _header(), b"\x00" * (clone.MAX_BODY_BYTES + 1)],
+    [b"REPORT", _header(epoch=""), msgspec.msgpack.encode({"session": "s1"})],
+    [b"REPORT", _header(epoch=""), b"\xc1"],
+    [b"ACK", _header(), msgspec.msgpack.encode({"outcome": "maybe"})],
+    [b"ACK", _header(epoch=""), msgspec.msgpack.encode({"outcome": "recorded"})],
 ])
 def test_malformed_messages_are_refused(frames: list[bytes]) -> None:
     with pytest.raises(clone.CloneError):

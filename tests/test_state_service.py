@@ -13,7 +13,7 @@ import zmq
 from zmq.utils import z85
 
 from controlplane.state import StateService, StateSettings, diff, zap_reply
-from dataplane.clone import StateEndpoints
+from dataplane.clone import AckOutcome, InterruptedScan, StateEndpoints
 from dataplane.config import Session
 from dataplane.keys import KeyPair
 from gateway.sessions import SessionTable
@@ -191,3 +191,48 @@ def test_diff_names_new_changed_and_gone_sessions() -> None:
     published = {"a": a, "b": b}
     assert diff(published, [a, b2, c]) == [("b", b2), ("c", c)]
     assert diff(published, [a, c]) == [("c", c), ("b", None)]
+
+
+REPORT = InterruptedScan(session="a", scan=2, reason="consumer_gone", sent=8, accepted=8,
+                         spooled=6, lost=2, dropped={"consumer_gone": 2},
+                         drops=[(0, 0, "consumer_gone"), (0, 1, "consumer_gone")],
+                         drops_truncated=False, spool="/spool/a_scan000002.spool")
+
+
+async def test_a_report_is_sent_until_the_service_has_recorded_it(
+        endpoints: StateEndpoints) -> None:
+    received: list[InterruptedScan] = []
+    failures = [RuntimeError("the store is locked")]  # the first attempt is not recorded
+
+    async def sink(report: InterruptedScan) -> AckOutcome:
+        received.append(report)
+        if failures:
+            raise failures.pop()
+        return "recorded" if received.count(report) == 2 else "duplicate"
+
+    tables = Tables()
+    async with serving(endpoints, Store(session("a"))) as service:
+        service.on_report = sink
+        with client(endpoints, tables, resend_s=0.2) as source:
+            await eventually(lambda: tables.ids() == {"a"})
+            source.report(REPORT)
+            await eventually(lambda: source.acknowledged == {"recorded": 1}, timeout=3)
+            assert source.unacknowledged == 0
+            assert received == [REPORT, REPORT]  # unacknowledged, so sent again
+            await asyncio.sleep(0.5)
+            assert len(received) == 2  # acknowledged: never again
+
+
+async def test_a_gateway_that_is_not_allowed_cannot_report(endpoints: StateEndpoints) -> None:
+    received: list[InterruptedScan] = []
+
+    async def sink(report: InterruptedScan) -> AckOutcome:
+        received.append(report)
+        return "recorded"
+
+    async with serving(endpoints, Store(session("a"))) as service:
+        service.on_report = sink
+        with client(endpoints, Tables(), keypair=STRANGER, resend_s=0.1) as source:
+            source.report(REPORT)
+            await asyncio.sleep(0.5)
+            assert received == [] and source.unacknowledged == 1
