@@ -224,10 +224,6 @@ class _Scan:
         else:
             self.truncated[owner] = True
 
-    def mark_forwarded(self, frame: int, sector: int) -> None:
-        bit = frame * self.sectors + sector
-        self.forwarded[bit >> 3] |= 1 << (bit & 7)
-
     def take_forwarded(self) -> Iterator[tuple[int, int]]:
         """Every (frame, sector) forwarded so far, in order; forgets them."""
         bits = np.unpackbits(np.frombuffer(self.forwarded, dtype=np.uint8), bitorder="little")
@@ -450,8 +446,11 @@ class Router:
             return self._data_drop(state, msg, exc.reason.value, scan)
         if scan.spool is not None or scan.interrupted:
             return self._divert(state, msg, scan, native, payload_bytes)
-        index = msg.frame % len(scan.members)
-        scan.mark_forwarded(msg.frame, msg.sector)
+        frame = msg.frame
+        index = frame % len(scan.members)
+        # Inline (no method call): this runs for every forwarded message.
+        bit = frame * scan.sectors + msg.sector
+        scan.forwarded[bit >> 3] |= 1 << (bit & 7)
         scan.expected[index] += 1
         state.messages += 1
         state.bytes += payload_bytes
