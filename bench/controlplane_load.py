@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -34,20 +31,15 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from controlplane_tokens import (
-    DSN,
     PROJECT,
     CaseResult,
     Request,
     _getter,
     _poster,
     _setup,
-    _wait_ready,
     run_case,
-    write_bench_policy,
+    served_controlplane,
 )
-
-from controlplane.admin import initialize
-from dataplane.ports import free_port
 
 UNBOUNDED = 1_000_000_000  # the largest quota the API accepts: no case is refused by a quota
 
@@ -93,23 +85,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="16,64", help="comma-separated client counts")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory(prefix="dsn-bench-load-") as tmp:
-        state, log = Path(tmp) / "state", Path(tmp) / "serve.log"
-        policy = write_bench_policy(BENCH.parent / "policies", Path(tmp) / "policies")
-        admin_token = asyncio.run(initialize(state, policy_path=policy))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
-                 "--policy", str(policy)], stdout=out, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(base, process, log, 30)
-            results = asyncio.run(measure(base, admin_token, requests=args.requests,
-                                          concurrencies=concurrencies))
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=15)
+    with served_controlplane() as (base, admin_token):
+        results = asyncio.run(measure(base, admin_token, requests=args.requests,
+                                      concurrencies=concurrencies))
     print(f"control plane load: {args.requests} requests per case, SQLite state, "
           f"one serve process")
     print(f"{'clients':>7} {'case':<9} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p99 ms':>9} "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import statistics
 import subprocess
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,11 +164,9 @@ def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout_
             time.sleep(0.05)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000, help="requests per case")
-    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
-    args = parser.parse_args()
+@contextlib.contextmanager
+def served_controlplane() -> Iterator[tuple[str, str]]:
+    """A fresh ``dsn controlplane serve`` with the bench policy: (base URL, admin token)."""
     with tempfile.TemporaryDirectory(prefix="dsn-bench-cp-") as tmp:
         state, log = Path(tmp) / "state", Path(tmp) / "serve.log"
         policy = write_bench_policy(ROOT / "policies", Path(tmp) / "policies")
@@ -180,11 +179,20 @@ def main() -> None:
                  "--policy", str(policy)], stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_ready(base, process, log, 30)
-            results = asyncio.run(measure(base, admin_token, requests=args.requests,
-                                          concurrency=args.concurrency))
+            yield base, admin_token
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000, help="requests per case")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    args = parser.parse_args()
+    with served_controlplane() as (base, admin_token):
+        results = asyncio.run(measure(base, admin_token, requests=args.requests,
+                                      concurrency=args.concurrency))
     print(f"control plane tokens: {args.requests} requests per case, {args.concurrency} clients, "
           f"SQLite state, one serve process")
     print(f"{'case':<9} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")

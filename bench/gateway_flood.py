@@ -23,10 +23,8 @@ import multiprocessing as mp
 import os
 import re
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import deque
@@ -40,9 +38,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from gateway_throughput import SECTOR_BYTES, consumer, producer, write_config
+from gateway_throughput import SECTOR_BYTES, producer, start_gateway, start_rig
 
-from dataplane.keys import create_keypair, load_keypair
+from dataplane.keys import create_keypair
 from dataplane.ports import free_port
 
 DSN = str(Path(sys.executable).parent / "dsn")
@@ -99,39 +97,29 @@ class Run:
     received: int
     junk_opened: int = 0
     junk_refused: int = 0
+    accepted: int = 0
 
 
-def _start_gateway(config: Path, metrics: str) -> subprocess.Popen[str]:
-    gateway = subprocess.Popen([DSN, "gateway", "run", "--config", str(config), "--mode", "l7",
-                                "--metrics", metrics], stderr=subprocess.PIPE, text=True)
-    assert gateway.stderr is not None
-    gateway.stderr.readline()  # the "start" log line: bound and connected
-    threading.Thread(target=gateway.stderr.read, daemon=True).start()
-    return gateway
+def _sum(text: str, pattern: str) -> int:
+    return int(sum(float(v) for v in re.findall(pattern + r" ([0-9.e+]+)$", text, re.MULTILINE)))
 
 
-def _refusals(metrics: str) -> int:
+def _connections(metrics: str) -> tuple[int, int]:
+    """Connections refused (ZAP or handshake) and accepted, from the gateway's metrics."""
     with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
         text = response.read().decode()
-    pattern = r'^dsn_gateway_auth_decisions_total\{decision="deny",[^}]*\} ([0-9.e+]+)$'
-    return int(sum(float(v) for v in re.findall(pattern, text, re.MULTILINE)))
+    return (_sum(text, r'^dsn_gateway_auth_decisions_total\{decision="deny",[^}]*\}'),
+            _sum(text, r'^dsn_gateway_connections_total\{event="accepted"\}'))
 
 
 def run(messages: int, workdir: Path, flood_rate: float) -> Run:
     """One stream through a fresh gateway, with a junk flood at ``flood_rate``/s (0: none)."""
     mpc = mp.get_context("spawn")
-    results, ready = mpc.Queue(), [mpc.Event(), mpc.Event()]
-    ports = [free_port(), free_port()]
-    consumers = [mpc.Process(target=consumer, args=(p, r, results)) for p, r in zip(ports, ready)]
-    for process in consumers:
-        process.start()
-    for event in ready:
-        event.wait(30)
-    client = load_keypair(workdir / "client.key_secret")
-    server = load_keypair(workdir / "server.key_secret")
-    config, ingress = write_config(workdir, ports, client.public.decode())
+    rig = start_rig(mpc, workdir)
+    results, consumers, client, server, ingress = (rig.results, rig.consumers, rig.client,
+                                                   rig.server, rig.ingress)
     metrics = f"127.0.0.1:{free_port()}"
-    gateway = _start_gateway(config, metrics)
+    gateway = start_gateway(rig.config, "--mode", "l7", "--metrics", metrics)
     stop, opened = mpc.Event(), mpc.Queue()
     flooder = None
     if flood_rate:
@@ -144,7 +132,7 @@ def run(messages: int, workdir: Path, flood_rate: float) -> Run:
     collected = [results.get(timeout=300) for _ in range(3)]
     stop.set()
     junk_opened = opened.get(timeout=30) if flooder is not None else 0
-    junk_refused = _refusals(metrics)
+    junk_refused, accepted = _connections(metrics)
     for process in [sender, *consumers, *([flooder] if flooder else [])]:
         process.join(30)
     gateway.terminate()
@@ -153,7 +141,8 @@ def run(messages: int, workdir: Path, flood_rate: float) -> Run:
     received = [r for r in collected if isinstance(r, tuple)]
     count, volume = sum(r[0] for r in received), sum(r[1] for r in received)
     seconds = max(r[2] for r in received) - start
-    return Run(volume / seconds / 1e9, count / seconds, count, junk_opened, junk_refused)
+    return Run(volume / seconds / 1e9, count / seconds, count, junk_opened, junk_refused,
+               accepted)
 
 
 def main() -> None:
@@ -176,14 +165,14 @@ def main() -> None:
     print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, 1 producer, 2 consumers, L7 + "
           f"CURVE gateway, tcp loopback, {os.cpu_count()} CPUs, best of {args.repeat}")
     print(f"{'case':<22}{'GB/s':>7}{'msg/s':>9}{'received':>10}{'junk opened':>13}"
-          f"{'refused':>9}")
+          f"{'refused':>9}{'accepted':>10}")
     for name, r in (("no flood", best_quiet), (f"flood {args.rate:g}/s", best_flood)):
         print(f"{name:<22}{r.gbps:>7.2f}{r.rate:>9,.0f}{r.received:>10}{r.junk_opened:>13}"
-              f"{r.junk_refused:>9}")
+              f"{r.junk_refused:>9}{r.accepted:>10}")
     print(f"flood / no flood: {best_flood.gbps / best_quiet.gbps:.2f}x")
-    print("refused: the gateway's dsn_gateway_auth_decisions_total{decision=\"deny\"} after the "
-          "run (raw garbage\nconnections are closed by libzmq without a handshake event and are "
-          "not counted).")
+    print("refused: dsn_gateway_auth_decisions_total{decision=\"deny\"}; accepted: "
+          "dsn_gateway_connections_total{event=\"accepted\"}\n(every TCP connection, raw garbage "
+          "included, which libzmq closes without a handshake event).")
 
 
 if __name__ == "__main__":

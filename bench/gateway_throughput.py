@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataplane.keys import create_keypair, load_keypair
+from dataplane.keys import KeyPair, create_keypair, load_keypair
 from dataplane.ports import free_port
 from dataplane.protocol import Data, ScanBegin, ScanEnd, encode
 
@@ -136,8 +137,20 @@ def write_config(workdir: Path, ports: list[int], client_public: str) -> tuple[P
     return path, ingress
 
 
-def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
-    mpc = mp.get_context("spawn")
+@dataclass
+class Rig:
+    """Two consumer processes (ready), the keys, and a configuration naming them."""
+
+    results: Any  # multiprocessing queue: the producer's start time, each consumer's tally
+    consumers: list[Any]
+    ports: list[int]
+    client: KeyPair
+    server: KeyPair
+    config: Path
+    ingress: str
+
+
+def start_rig(mpc: Any, workdir: Path) -> Rig:
     results, ready = mpc.Queue(), [mpc.Event(), mpc.Event()]
     ports = [free_port(), free_port()]
     consumers = [mpc.Process(target=consumer, args=(p, r, results)) for p, r in zip(ports, ready)]
@@ -148,6 +161,25 @@ def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
     client = load_keypair(workdir / "client.key_secret")
     server = load_keypair(workdir / "server.key_secret")
     config, ingress = write_config(workdir, ports, client.public.decode())
+    return Rig(results, consumers, ports, client, server, config, ingress)
+
+
+def start_gateway(config: Path, *options: str) -> subprocess.Popen[str]:
+    """``dsn gateway run --config`` with ``options``, once it has bound and connected."""
+    gateway = subprocess.Popen([str(Path(sys.executable).parent / "dsn"), "gateway", "run",
+                                "--config", str(config), *options],
+                               stderr=subprocess.PIPE, text=True)
+    assert gateway.stderr is not None
+    gateway.stderr.readline()  # the "start" log line: bound and connected
+    threading.Thread(target=gateway.stderr.read, daemon=True).start()
+    return gateway
+
+
+def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
+    mpc = mp.get_context("spawn")
+    rig = start_rig(mpc, workdir)
+    results, consumers, ports = rig.results, rig.consumers, rig.ports
+    client, server, config, ingress = rig.client, rig.server, rig.config, rig.ingress
     gateway: Any = None
     keys = None
     endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
@@ -156,12 +188,7 @@ def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
         endpoints = [ingress]
         if curve == "curve":
             keys = (client.public, client.secret, server.public)
-            gateway = subprocess.Popen([str(Path(sys.executable).parent / "dsn"), "gateway", "run",
-                                        "--config", str(config), "--mode", mode],
-                                       stderr=subprocess.PIPE, text=True)
-            assert gateway.stderr is not None
-            gateway.stderr.readline()  # the "start" log line: bound and connected
-            threading.Thread(target=gateway.stderr.read, daemon=True).start()
+            gateway = start_gateway(config, "--mode", mode)
         else:
             started = mpc.Event()
             gateway = mpc.Process(target=plaintext_gateway, args=(str(config), mode, started))
