@@ -7,11 +7,11 @@ Every token carries exactly these claims, each with one JSON type:
 
 ``TokenService.verify`` is pure (no I/O; the time comes from the injected clock). It refuses, in
 this order: oversized or unparsable input (malformed), any algorithm but EdDSA (algorithm), header
-parameters other than alg/kid/typ or a typ other than "JWT" (header), a kid the key ring does not
-know (unknown_key), a bad signature (signature), a missing claim (missing_claim), an unknown or
-wrongly typed claim (invalid_claim), then the values: issuer, audience, kind, lifetime, expired,
-immature. ``Authenticator`` adds the store-backed checks: revoked jti, project not_before, project
-still existing.
+parameters other than alg/kid/typ, a repeated header name or a typ other than "JWT" (header), a kid
+the key ring does not know (unknown_key), a bad signature (signature), a missing claim
+(missing_claim), an unknown, repeated or wrongly typed claim (invalid_claim), then the values:
+issuer, audience, kind, lifetime, expired, immature. ``Authenticator`` adds the store-backed
+checks: revoked jti, project not_before, project still existing.
 """
 
 from __future__ import annotations
@@ -162,17 +162,50 @@ def _typed_claims(payload: Mapping[str, Any]) -> Claims:
     )
 
 
+class _RepeatedName(ValueError):
+    """A JSON object naming one member twice."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7515/7519 let a parser keep the last of repeated names; we never write any, and another
+    # verifier keeping the first would read a different token: refuse instead of choosing.
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise _RepeatedName(min(name for name in names if names.count(name) > 1))
+    return dict(pairs)
+
+
+def _segment_json(segment: str) -> Any:
+    """One base64url segment as JSON; _RepeatedName for a repeated member name, else ValueError."""
+    try:
+        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return json.loads(data, object_pairs_hook=_unique_members)
+    except (binascii.Error, RecursionError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _unverified_header(token: str) -> dict[str, Any]:
     # Parsed here rather than by pyjwt, which would reject some headers (crit, a non-string kid)
     # under a generic error before we can name the reason.
-    segment = token.split(".", 1)[0]
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error, RecursionError):
+        header = _segment_json(token.split(".", 1)[0])
+    except _RepeatedName as repeated:
+        raise TokenError("header", f"header parameter '{repeated}' is repeated") from None
+    except ValueError:
         header = None
     if not isinstance(header, dict):
         raise TokenError("malformed", "the token header is not a base64url-encoded JSON object")
     return header
+
+
+def _refuse_repeated_claims(token: str) -> None:
+    """pyjwt keeps the last of repeated claims; a signed payload that repeats one is refused."""
+    try:
+        _segment_json(token.split(".")[1])
+    except _RepeatedName as repeated:
+        raise TokenError("invalid_claim", f"claim '{repeated}' is repeated") from None
+    except ValueError:  # pyjwt parsed it already; unreachable, but never let it pass unchecked
+        raise TokenError("malformed", "the token payload is not a JSON object") from None
 
 
 def _checked_header(token: str) -> str:
@@ -249,6 +282,7 @@ class TokenService:
         if key is None:
             raise TokenError("unknown_key", "the token's key id is not published")
         payload = self._signed_payload(token, key)
+        _refuse_repeated_claims(token)
         claims = _typed_claims(payload)
         self._check_values(claims, surface)
         return claims

@@ -146,3 +146,19 @@ async def start_control_plane(aiohttp_client: ClientFactory, state_dir: Path, *,
     settings = Settings(state_dir=state_dir, clock=clock, policy_path=policy_path, **overrides)
     client = await aiohttp_client(create_app(settings))
     return ControlPlane(client, settings, clock, admin_token)
+
+
+HTTP_LAYER_REFUSALS = (400, 413, 414, 431)
+
+
+async def http_layer_refusal(request: Awaitable[Any]) -> int | None:
+    """The status of a request aiohttp's HTTP parser refuses before the app sees it (a head over
+    its size limits), or None if the server closed the connection first: it stops reading an
+    oversized head at the limit, so its close may reset a client still writing the rest."""
+    from aiohttp import ClientConnectionError  # the one helper here that needs the client side
+
+    try:
+        response = await request
+    except ClientConnectionError:
+        return None
+    return int(response.status)
