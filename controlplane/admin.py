@@ -388,7 +388,7 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
     from aiohttp import web  # the web stack loads only for the command that serves
 
     from controlplane.app import create_app
-    from controlplane.middlewares import AccessLogger
+    from controlplane.middlewares import AccessLogger, quiet_protocol_errors
 
     try:
         endpoints = StateEndpoints(state_snapshots or DEFAULT_STATE_ENDPOINTS.snapshot,
@@ -408,6 +408,8 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
     # the access log names the path without its query string, where a client might put one.
     configure_logging("dsn")
     configure_logging("aiohttp.access")
+    configure_logging("aiohttp.server")
+    quiet_protocol_errors()
     try:
         web.run_app(app, host=host, port=port, print=announce, handle_signals=True,
                     access_log_class=AccessLogger)

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import AbstractRoute, SystemRoute
 from pydantic import BaseModel
@@ -142,6 +143,25 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method, "path": request.path, "status": response.status,
             "bytes": response.body_length, "duration_ms": round(time * 1000, 3),
             "request_id": request_id, "peer": request.remote}})
+
+
+def _without_request_bytes(record: logging.LogRecord) -> bool:
+    """A filter for ``aiohttp.server``: an unparsable request (a header too long, a bad line) is
+    logged with a slice of the offending bytes, which may be part of a token. Keep the fact and
+    the peer, drop the bytes and the traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.msg = "malformed HTTP request refused: %s from %s"
+        record.args = (type(error).__name__, record.args[0] if record.args else "?")
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_protocol_errors() -> None:
+    """Install the filter that keeps request bytes out of ``aiohttp.server``'s error log."""
+    server = logging.getLogger("aiohttp.server")
+    if _without_request_bytes not in server.filters:
+        server.addFilter(_without_request_bytes)
 
 
 @web.middleware

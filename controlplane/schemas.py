@@ -7,10 +7,32 @@ lifetimes (``ttl``) are whole seconds. The same models feed the OpenAPI document
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+
+class RepeatedName(ValueError):
+    """A JSON object naming one member twice; the exception's text is that name."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise RepeatedName(min(name for name in names if names.count(name) > 1))
+    return dict(pairs)
+
+
+def json_without_repeats(data: bytes | str) -> Any:
+    """Parse JSON, refusing repeated member names (RepeatedName): parsers disagree on which of
+    them counts, so a document with any means different things to different readers. Anything
+    else unparsable, too deep included, is a ValueError."""
+    try:
+        return json.loads(data, object_pairs_hook=_unique_members)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 SCOPE_PATTERN = r"^[A-Za-z0-9:._/-]+( [A-Za-z0-9:._/-]+)*$"

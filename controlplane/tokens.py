@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from jwt.types import Options
 
 from controlplane.errors import BadRequest, TokenError
+from controlplane.schemas import RepeatedName, json_without_repeats
 
 MAX_TOKEN_BYTES = 8 * 1024
 ALGORITHM = "EdDSA"
@@ -162,26 +162,15 @@ def _typed_claims(payload: Mapping[str, Any]) -> Claims:
     )
 
 
-class _RepeatedName(ValueError):
-    """A JSON object naming one member twice."""
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # RFC 7515/7519 let a parser keep the last of repeated names; we never write any, and another
-    # verifier keeping the first would read a different token: refuse instead of choosing.
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        raise _RepeatedName(min(name for name in names if names.count(name) > 1))
-    return dict(pairs)
-
-
 def _segment_json(segment: str) -> Any:
-    """One base64url segment as JSON; _RepeatedName for a repeated member name, else ValueError."""
+    """One base64url segment as JSON; RepeatedName for a repeated member name (RFC 7515/7519 let
+    a parser keep the last; another verifier keeping the first would read a different token, so
+    we refuse instead of choosing), else ValueError."""
     try:
         data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        return json.loads(data, object_pairs_hook=_unique_members)
-    except (binascii.Error, RecursionError) as exc:
+    except binascii.Error as exc:
         raise ValueError(str(exc)) from None
+    return json_without_repeats(data)
 
 
 def _unverified_header(token: str) -> dict[str, Any]:
@@ -189,7 +178,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
     # under a generic error before we can name the reason.
     try:
         header = _segment_json(token.split(".", 1)[0])
-    except _RepeatedName as repeated:
+    except RepeatedName as repeated:
         raise TokenError("header", f"header parameter '{repeated}' is repeated") from None
     except ValueError:
         header = None
@@ -202,7 +191,7 @@ def _refuse_repeated_claims(token: str) -> None:
     """pyjwt keeps the last of repeated claims; a signed payload that repeats one is refused."""
     try:
         _segment_json(token.split(".")[1])
-    except _RepeatedName as repeated:
+    except RepeatedName as repeated:
         raise TokenError("invalid_claim", f"claim '{repeated}' is repeated") from None
     except ValueError:  # pyjwt parsed it already; unreachable, but never let it pass unchecked
         raise TokenError("malformed", "the token payload is not a JSON object") from None

@@ -35,6 +35,7 @@ from controlplane.errors import (
 from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
 from controlplane.openapi import OPENAPI
 from controlplane.policy import Resource
+from controlplane.schemas import RepeatedName, json_without_repeats
 from controlplane.store import AuditRecord, Project, TokenRecord
 from controlplane.tokens import Claims, TokenKind
 
@@ -57,6 +58,13 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
     raw = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+    try:
+        json_without_repeats(raw or b"null")
+    except RepeatedName as repeated:
+        raise BadRequest(f"the request body names '{repeated}' twice",
+                         errors=[{"field": str(repeated), "message": "repeated"}]) from None
+    except ValueError:
+        pass  # not JSON at all: the model's own parse below names the problem
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:

@@ -24,11 +24,17 @@ import pytest
 import test_gateway_proxy
 import zmq
 from aiohttp.test_utils import TestServer
-from cp_helpers import CLIENT_SCOPE, ClientFactory, ControlPlane, start_control_plane
+from cp_helpers import (
+    CLIENT_SCOPE,
+    ClientFactory,
+    ControlPlane,
+    http_layer_refusal,
+    start_control_plane,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_proxy import SMALL_SECTOR, Rig, begin, data, end, receive, wait_for
 
-from controlplane.middlewares import AccessLogger
+from controlplane.middlewares import AccessLogger, quiet_protocol_errors
 from dataplane.keys import KeyPair
 from dataplane.logs import JsonLines
 from gateway.metrics import serve_metrics
@@ -244,11 +250,15 @@ async def test_no_token_reaches_any_log_line_audit_record_or_stored_row(
         await server.start_server(access_log_class=AccessLogger)
         return await aiohttp_client(server)
 
+    quiet_protocol_errors()  # as `dsn controlplane serve` does
     cp = await start_control_plane(served, tmp_path / "state")
     flow = await token_flow(cp)
     # A client that puts its token in the query string: refused, and the token is not logged.
     leaked = await cp.call("GET", f"/api/v1/projects/obs?access_token={flow.tokens[1]}")
     assert leaked.status == 401
+    # A header too long to parse: the HTTP layer refuses it and logs no byte of it.
+    bomb = {"Authorization": f"Bearer {flow.tokens[1]}{'x' * 9000}"}
+    assert await http_layer_refusal(cp.call("GET", "/api/v1/projects/obs", headers=bomb))
     audit = await (await cp.admin("GET", "/api/v1/audit")).text()
     lines = all_logs()
     assert flow.refused == 6 and len(flow.tokens) == 5
@@ -265,6 +275,7 @@ async def test_no_token_reaches_any_log_line_audit_record_or_stored_row(
             assert secret not in text, f"a token (or its signature) appears in the {where}"
     for line in lines:
         assert LOG_FIELDS <= set(json.loads(line)), line
+        assert "Bearer" not in line, line
 
 
 @pytest.mark.timeout(60)
