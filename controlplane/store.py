@@ -524,7 +524,13 @@ class Store:
         except BaseException as exc:
             # Nothing of the batch was written: every waiter hears so, each with its own error.
             log.warning("store transaction failed: %s: %s", type(exc).__name__, exc)
-            for job in batch:
+            failed = list(batch)
+            if isinstance(exc, sqlite3.Error) and _is_lock_error(exc):
+                # The lock outlived the busy timeout: what queued meanwhile would wait it out
+                # again before its 503; answer it now (each carries Retry-After).
+                failed += self._pending
+                self._pending.clear()
+            for job in failed:
                 _settle(job.done, None, _unavailable(exc, self._busy_timeout_s))
             if not isinstance(exc, Exception):
                 raise
