@@ -12,6 +12,8 @@ from dataplane.protocol import RoutedScanBegin, RoutedScanEnd
 
 COMPLETE = "complete"
 PARTIAL = "partial"
+# The scan's data arrived but its file could not be written (the disk filled up, say).
+FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TextIO
 
 from dataplane.consumer.controlplane import ControlPlaneClient, with_retries
 from dataplane.consumer.errors import ControlPlaneError
-from dataplane.consumer.outcome import ScanOutcome
+from dataplane.consumer.outcome import FAILED, ScanOutcome
 from dataplane.consumer.writer import WrittenScan
 from dataplane.logs import fields
 
@@ -34,22 +34,41 @@ class ScanResult:
     lost_sectors: int
     incomplete_frames: int
     status: str
+    reason: str | None = None  # why a failed scan has no file; None otherwise
 
     @classmethod
     def of(cls, outcome: ScanOutcome, written: WrittenScan) -> ScanResult:
+        return cls._from(outcome, path=str(written.path), sha256=written.sha256,
+                         status=outcome.status)
+
+    @classmethod
+    def failed(cls, outcome: ScanOutcome, path: Path, reason: str) -> ScanResult:
+        """A scan whose file could not be written: ``path`` is where it should have gone, and
+        nothing is there; the counters still say what arrived."""
+        return cls._from(outcome, path=str(path), sha256="", status=FAILED, reason=reason)
+
+    @classmethod
+    def _from(cls, outcome: ScanOutcome, **result: Any) -> ScanResult:
         totals = outcome.totals
         return cls(
-            session=outcome.begin.session, scan=outcome.begin.scan, path=str(written.path),
-            sha256=written.sha256, frames=int(outcome.frame_events.shape[0]), events=outcome.events,
+            session=outcome.begin.session, scan=outcome.begin.scan,
+            frames=int(outcome.frame_events.shape[0]), events=outcome.events,
             expected_sectors=int(totals["expected_sectors"]),
             received_sectors=int(totals["received_sectors"]),
             duplicate_sectors=int(totals["duplicate_sectors"]), lost_sectors=len(outcome.lost),
-            incomplete_frames=len(outcome.incomplete_frames), status=outcome.status)
+            incomplete_frames=len(outcome.incomplete_frames), **result)
 
+    def record(self) -> dict[str, Any]:
+        """The result as a JSON object; ``reason`` only when there is one, so a written scan's
+        record keeps the control plane's ScanReport fields and nothing else."""
+        record = asdict(self)
+        if record["reason"] is None:
+            del record["reason"]
+        return record
 
     def report_body(self) -> dict[str, Any]:
         """The control plane's ScanReport: the session and scan are in the URL, not the body."""
-        body = asdict(self)
+        body = self.record()
         del body["session"], body["scan"]
         return body
 
@@ -73,7 +92,7 @@ class JsonLinesReporter:
         return cls(open(path, "a", encoding="utf-8"), sync=True)  # kept open until close()
 
     def report(self, result: ScanResult) -> None:
-        self._stream.write(json.dumps(asdict(result), sort_keys=True) + "\n")
+        self._stream.write(json.dumps(result.record(), sort_keys=True) + "\n")
         self._stream.flush()
         if self._sync:
             os.fsync(self._stream.fileno())
@@ -87,7 +106,9 @@ class HttpResultReporter:
     """Records each result with the control plane, retrying while it is unavailable.
 
     A refusal (4xx) or a control plane that stays away is logged as an error and the scan goes on
-    being served from its file: losing the record must never cost the data.
+    being served from its file: losing the record must never cost the data. A ``failed`` result
+    (no file: an empty sha256 and a ``reason``) is sent too; a control plane whose ScanReport
+    requires a file's SHA-256 refuses it, and that refusal is logged the same way.
     """
 
     def __init__(self, client: ControlPlaneClient, session: str, log: logging.Logger, *,

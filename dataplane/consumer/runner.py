@@ -28,9 +28,15 @@ from dataplane import counting
 from dataplane.config import ConfigError, Session, load_config
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.controlplane import ControlPlaneClient
-from dataplane.consumer.errors import ConsumerError, JoinError, MembershipError, SetupError
+from dataplane.consumer.errors import (
+    ConsumerError,
+    JoinError,
+    MembershipError,
+    SetupError,
+    WriteError,
+)
 from dataplane.consumer.gather import gather_scan
-from dataplane.consumer.outcome import merge
+from dataplane.consumer.outcome import ScanOutcome, merge
 from dataplane.consumer.registration import RegistrationArguments, job_id_for, join_session
 from dataplane.consumer.report import (
     HttpResultReporter,
@@ -45,7 +51,7 @@ from dataplane.consumer.scanwork import (
     ThresholdDecision,
     decide_thresholds,
 )
-from dataplane.consumer.writer import write_scan
+from dataplane.consumer.writer import scan_file_name, write_scan
 from dataplane.logs import configure as configure_logging
 from dataplane.logs import fields
 from dataplane.protocol import (
@@ -241,13 +247,9 @@ class RankLoop:
         if parts is None or work.end is None or work.decision is None:
             return
         outcome = merge(work.begin, work.end, work.decision, parts)
-        written = write_scan(self.settings.output_dir, outcome)
-        result = ScanResult.of(outcome, written)
+        result = write_result(self.settings.output_dir, outcome, self._log)
         if self._reporter is not None:
             self._reporter.report(result)
-        self._log.info("scan written", extra=fields(
-            scan=scan, path=str(written.path), frames=result.frames, events=result.events,
-            status=result.status, incomplete_frames=result.incomplete_frames))
 
     def _decide(self, total: np.ndarray) -> ThresholdDecision:
         options = self.settings.options
@@ -260,6 +262,23 @@ class RankLoop:
         if count & (count - 1) == 0:
             self._log.warning("message dropped",
                               extra=fields(reason=reason, scan=scan, count=count))
+
+
+def write_result(output_dir: Path, outcome: ScanOutcome, log: logging.Logger) -> ScanResult:
+    """Write the scan's file and log it. A write that fails (a full disk, say) becomes a
+    ``failed`` result rather than the job's end: the writer has removed its temporary file, and
+    the scans after this one may still find space."""
+    try:
+        written = write_scan(output_dir, outcome)
+    except WriteError as exc:
+        log.error("scan not written", extra=fields(scan=outcome.begin.scan, error=str(exc)))
+        path = output_dir / scan_file_name(outcome.begin.session, outcome.begin.scan)
+        return ScanResult.failed(outcome, path, str(exc))
+    result = ScanResult.of(outcome, written)
+    log.info("scan written", extra=fields(
+        scan=result.scan, path=result.path, frames=result.frames, events=result.events,
+        status=result.status, incomplete_frames=result.incomplete_frames))
+    return result
 
 
 def open_socket(context: zmq.Context[zmq.Socket[bytes]], session: Session,
@@ -361,6 +380,9 @@ def run_job(args: JobArguments) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # A file-size limit (a batch system's ulimit -f) must fail the write, not kill the rank: the
+    # write then raises EFBIG and the scan is reported failed.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         finished = _run(args, world, stop, log)
     except JoinError as exc:

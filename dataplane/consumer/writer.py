@@ -8,7 +8,8 @@ frames, missing frames, the loss manifest) as datasets, because HDF5 attributes 
 64 KiB.
 
 A file is written under a hidden temporary name in the output directory, flushed and fsynced, then
-renamed, so the final name only ever holds a whole file.
+renamed, so the final name only ever holds a whole file; a write that fails (a full disk) removes
+its temporary file and raises WriteError.
 """
 
 from __future__ import annotations
@@ -51,9 +52,20 @@ def write_scan(output_dir: Path, outcome: ScanOutcome) -> WrittenScan:
         os.replace(temporary, final)
         _sync_directory(output_dir)
     except (OSError, ValueError, RuntimeError) as exc:
-        temporary.unlink(missing_ok=True)
-        raise WriteError(f"cannot write scan {outcome.begin.scan} to {final}: {exc}") from exc
+        left = _remove(temporary)
+        raise WriteError(f"cannot write scan {outcome.begin.scan} to {final}: {exc}{left}") from exc
     return WrittenScan(final, digest, size)
+
+
+def _remove(temporary: Path) -> str:
+    """Remove a failed write's temporary file; what is left behind, for the error message.
+
+    A failure here must not hide the write's own error (usually the full disk)."""
+    try:
+        temporary.unlink(missing_ok=True)
+    except OSError as exc:
+        return f" (temporary file {temporary} left behind: {exc.strerror})"
+    return ""
 
 
 def electron_counting_metadata(outcome: ScanOutcome) -> dict[str, Any]:
