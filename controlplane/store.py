@@ -199,6 +199,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE scan_results_v5 RENAME TO scan_results",
         "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
     ),
+    # 5 -> 6: why a scan failed (its file could not be written) or was interrupted.
+    ("ALTER TABLE scan_results ADD COLUMN reason TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

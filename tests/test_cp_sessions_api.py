@@ -475,8 +475,22 @@ async def test_results_are_recorded_once_and_listed_by_project(cp: ControlPlane)
     assert (detail["counters"]["scans"], detail["counters"]["events"]) == (1, 120)
 
 
-@pytest.mark.parametrize("change", [{"sha256": "ABC"}, {"status": "complete", "lost_sectors": 3},
-                                    {"path": "relative.h5"}, {"frames": -1}])
+async def test_a_scan_whose_file_could_not_be_written_is_recorded_failed_with_its_reason(
+        cp: ControlPlane) -> None:
+    token, session = await opened(cp)
+    failed = {**RESULT, "sha256": "", "status": "failed", "reason": "No space left on device"}
+    response = await cp.call("POST", f"/api/v1/sessions/{session['id']}/scans/2/result",
+                             await consumer_token(cp, token), json=failed)
+    assert response.status == 200, await response.text()
+    [listed] = (await (await cp.call("GET", "/api/v1/scans?project=alpha", token)).json())["items"]
+    assert (listed["status"], listed["sha256"], listed["reason"]) == (
+        "failed", "", "No space left on device")
+
+
+@pytest.mark.parametrize("change", [
+    {"sha256": "ABC"}, {"status": "complete", "lost_sectors": 3}, {"path": "relative.h5"},
+    {"frames": -1}, {"sha256": ""}, {"status": "failed"}, {"status": "failed", "sha256": ""},
+    {"reason": "why not"}, {"status": "failed", "sha256": "", "reason": ""}])
 async def test_a_bad_result_is_400(cp: ControlPlane, change: dict[str, Any]) -> None:
     token, session = await opened(cp)
     response = await cp.call("POST", f"/api/v1/sessions/{session['id']}/scans/1/result",

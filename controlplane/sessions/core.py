@@ -117,6 +117,7 @@ class ScanRecord:
     lost_by_reason: dict[str, int] = field(default_factory=dict)
     loss_manifest: list[list[int | str]] = field(default_factory=list)
     manifest_truncated: bool = False
+    reason: str | None = None  # why: a failed scan's error, or what interrupted the scan
 
     def same_result(self, other: ScanRecord) -> bool:
         """Whether ``other`` reports the same outcome (the time of the report aside)."""

@@ -69,10 +69,12 @@ class JobSubmit(RequestBody):
 
 
 class ScanReport(RequestBody):
-    """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters."""
+    """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters.
+    A ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
+    ``sha256`` is empty and ``reason`` says why; other scans have a SHA-256 and no reason."""
 
     path: ResultPath
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
     frames: Count
     events: Count
     expected_sectors: Count
@@ -81,11 +83,16 @@ class ScanReport(RequestBody):
     lost_sectors: Count
     incomplete_frames: Count
     status: ScanStatus
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
     @model_validator(mode="after")
     def _complete_means_nothing_missing(self) -> ScanReport:
         if self.status == "complete" and (self.lost_sectors or self.incomplete_frames):
             raise ValueError("a scan with lost sectors or incomplete frames is not complete")
+        failed = self.status == "failed"
+        if failed != (self.sha256 == "") or failed != (self.reason is not None):
+            raise ValueError("a failed scan has no sha256 and a reason; any other has a sha256 "
+                             "and no reason")
         return self
 
 
@@ -147,6 +154,7 @@ class ScanOut(ResponseBody):
     status: ScanStatus
     reported_at: datetime
     source: ScanSource
+    reason: str | None
     spooled_sectors: int
     lost_by_reason: dict[str, int]
 

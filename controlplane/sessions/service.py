@@ -399,7 +399,7 @@ async def record_gateway_report(services: Services, report: InterruptedScan) -> 
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
         loss_manifest=[list(entry) for entry in report.drops],
-        manifest_truncated=report.drops_truncated)
+        manifest_truncated=report.drops_truncated, reason=report.reason)
     resource = Resource(kind="scan", project=session.project, name=f"{session.id}/{report.scan}")
     # Audited first, like every request: a report that cannot be audited is not recorded.
     await services.audit.record(principal="gateway", action="scans:report",
