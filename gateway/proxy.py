@@ -56,6 +56,9 @@ POLL_MS: Final = 100
 EGRESS_LINGER_MS: Final = 2000
 STOP_GRACE_S: Final = 2.0
 INGRESS_HWM: Final = 64
+# libzmq delivers nothing to a CURVE/PLAIN + ZAP socket whose RCVHWM is 1 (measured with pyzmq
+# 27): a session's hwm of 1 still gets an ingress queue of 2.
+MIN_INGRESS_HWM: Final = 2
 _control_ids = itertools.count()
 log = logging.getLogger("dsn.gateway")
 
@@ -410,7 +413,8 @@ class Gateway:
         try:
             self.zap.start()
             hwm = max((e.session.limits.hwm for e in self.table), default=INGRESS_HWM)
-            limits = {"rcvhwm": hwm, "max_sector_bytes": self.max_sector_bytes}
+            limits = {"rcvhwm": max(hwm, MIN_INGRESS_HWM),
+                      "max_sector_bytes": self.max_sector_bytes}
             ingress = open_ingress(self.context, settings, self.table, keypair, **limits)
             self._watch(ingress)
             plain = None

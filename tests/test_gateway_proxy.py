@@ -408,3 +408,14 @@ def test_a_scan_whose_producer_went_silent_is_closed_after_scan_idle_s(
     router = r.gateway.router
     assert router is not None
     wait_for(lambda: router.drops.get(("s1", "scan_closed"), 0) == 1, "scan_closed drop")
+
+
+@pytest.mark.timeout(20)
+def test_a_session_with_hwm_1_still_streams(rig: Callable[..., Rig]) -> None:
+    r = rig(consumers=1, limits={"hwm": 1})
+    producer = r.producer()
+    producer.send_multipart(begin())
+    producer.send_multipart(data(1, 0, 0))
+    producer.send_multipart(end(sent=1))
+    *_, last = (decode_consumer_message(m[0]) for m in receive(r.consumers[0], 3))
+    assert isinstance(last, RoutedScanEnd) and last.expected == 1
