@@ -36,7 +36,7 @@ from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Se
 from controlplane.openapi import OPENAPI
 from controlplane.policy import Resource
 from controlplane.schemas import RepeatedName, json_without_repeats
-from controlplane.store import AuditRecord, Project, TokenRecord
+from controlplane.store import AuditRecord, Conn, Project, TokenRecord
 from controlplane.tokens import Claims, TokenKind
 
 M = TypeVar("M", bound=BaseModel)
@@ -128,6 +128,10 @@ async def jwks(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers=headers, content_type="application/json")
 
 
+async def _nothing(conn: Conn) -> None:
+    """A write transaction that changes nothing: it takes the write lock and commits."""
+
+
 async def healthz(request: web.Request) -> web.Response:
     return reply(s.Health(status="ok"))
 
@@ -135,6 +139,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     services = _services(request)
     await services.store.audit_head()  # a real read: raises Unavailable when the store is down
+    # Every API request writes its audit record: a store that cannot take writes (locked by
+    # another process) is not ready, even while reads still work.
+    await services.store.write(_nothing)
     try:
         services.keyring.signing_key()
     except ControlPlaneError:

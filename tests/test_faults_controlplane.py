@@ -408,8 +408,10 @@ async def test_a_database_locked_by_another_process_gives_503_then_recovers(
         assert int(response.headers["Retry-After"]) >= 1
         assert elapsed < ANSWER_BOUND_S, elapsed
     assert (await cp.client.get("/healthz")).status == 200  # the service itself stays up
+    assert (await cp.client.get("/readyz")).status == 503  # but it cannot serve requests
 
     await release()
+    assert (await cp.client.get("/readyz")).status == 200
     assert len(cp.audit_rows()) == seq_before  # nothing was decided unaudited
     assert sql(cp.database, "SELECT name FROM projects ORDER BY name") == [("alpha",)]
     assert sql(cp.database, "SELECT quotas FROM projects") == [("{}",)]
