@@ -254,6 +254,8 @@ async def test_a_spooled_scan_replayed_counts_the_same_events_and_a_killed_rank_
     assert lost.isdisjoint(spooled) and lost | set(spooled) == EVERY_SECTOR
     assert len(lost) == report["lost_sectors"] >= half * SECTORS
     assert report["lost_by_reason"] == {"consumer_gone": len(lost)}
+    print(f"rank killed mid-scan: {len(EVERY_SECTOR)} sectors = {len(lost)} listed lost "
+          f"(consumer_gone) + {len(spooled)} spooled; 0 unaccounted")
     listed = await (await cp.call("GET", f"/api/v1/scans?session={session.id}",
                                   session.token)).json()
     assert sorted((r["scan"], r["source"], r["status"]) for r in listed["items"]) == [
