@@ -53,7 +53,7 @@ from controlplane.templating import (
     Template,
     check_template,
     load_templates,
-    parse_template,
+    parse_template_cached,
     render,
     sample_system,
     shipped_templates_dir,
@@ -417,7 +417,7 @@ def _tagged(model: s.ResponseBody, v: TemplateVersion) -> web.Response:
 
 
 async def _parsed(source: str) -> Template:
-    return await asyncio.to_thread(parse_template, source)
+    return await asyncio.to_thread(parse_template_cached, source)
 
 
 async def _save(request: web.Request, source: str) -> web.Response:

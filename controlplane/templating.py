@@ -24,6 +24,7 @@ Pure: no I/O except ``load_template``/``load_templates``, which read the shipped
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -603,6 +604,11 @@ def parse_template(source_text: str) -> Template:
         return Template.model_validate(data)
     except ValidationError as exc:
         raise _bad_request("template rejected", _field_errors(exc, "")) from None
+
+
+# Checking a template costs milliseconds and every session open needs its template: a template's
+# text decides the result, and Templates are frozen, so one parse per text serves every request.
+parse_template_cached = functools.lru_cache(maxsize=128)(parse_template)
 
 
 # --- system values -------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ from controlplane.sessions.repository import (
     register_consumer,
 )
 from controlplane.store import Store, TokenRecord, ensure_private_dir
-from controlplane.templating import Kind, Template, parse_template, render_values
+from controlplane.templating import Kind, Template, parse_template_cached, render_values
 from controlplane.tokens import Claims, TokenKind
 from dataplane import strictyaml
 from dataplane.clone import AckOutcome, InterruptedScan
@@ -104,7 +104,7 @@ async def current_template(store: Store, name: str, kind: Kind) -> tuple[Templat
         raise BadRequest(f"template {name!r} is a {found.kind} template, not a {kind} template",
                          errors=[{"field": "template", "message": f"not a {kind} template"}])
     # Checked when saved; parsing is CPU-bound, so it runs off the event loop.
-    return await asyncio.to_thread(parse_template, found.source), found.version
+    return await asyncio.to_thread(parse_template_cached, found.source), found.version
 
 
 async def gateway_info(services: Services) -> GatewayInfo:
