@@ -4,9 +4,10 @@ and a running control plane (real app, real SQLite) built on a state directory t
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import jwt
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from controlplane.admin import initialize
 from controlplane.app import create_app
@@ -162,3 +163,23 @@ async def http_layer_refusal(request: Awaitable[Any]) -> int | None:
     except ClientConnectionError:
         return None
     return int(response.status)
+
+
+@contextlib.asynccontextmanager
+async def served_on(port: int) -> AsyncIterator[ClientFactory]:
+    """A ClientFactory serving its app on exactly ``port`` of loopback (so that jobs reach the
+    control plane at ``Settings.base_url``); every server stops on leaving, and with it the
+    launcher and any job still running."""
+    clients: list[TestClient] = []
+
+    async def serve(app: web.Application) -> TestClient:
+        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    try:
+        yield serve
+    finally:
+        for client in clients:
+            await client.close()

@@ -31,9 +31,7 @@ import numpy as np
 import pytest
 import stempy.io
 import zmq
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from cp_helpers import ControlPlane, start_control_plane
+from cp_helpers import ControlPlane, served_on, start_control_plane
 from test_cp_sessions_api import WORKER_SCOPE
 
 from dataplane.keys import KeyPair, load_keypair
@@ -171,23 +169,13 @@ def rank_pid(job_log: Path, rank: int) -> int:
 @pytest.fixture
 async def served(tmp_path: Path, free_port: Callable[[], int]) -> Any:
     """A control plane on a real port (jobs reach it at its base URL) and a live gateway."""
-    port, clients = free_port(), []
-
-    async def serve(app: web.Application) -> TestClient:
-        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    cp = await start_control_plane(serve, tmp_path / "state", port=port, reconcile_s=0.2,  # type: ignore[arg-type]
-                                   gateway_endpoint=f"tcp://127.0.0.1:{free_port()}")
-    metrics = f"127.0.0.1:{free_port()}"
-    try:
+    port = free_port()
+    async with served_on(port) as serve:
+        cp = await start_control_plane(serve, tmp_path / "state", port=port, reconcile_s=0.2,
+                                       gateway_endpoint=f"tcp://127.0.0.1:{free_port()}")
+        metrics = f"127.0.0.1:{free_port()}"
         with gateway_process(cp, tmp_path / "spool", metrics):
             yield cp, metrics, tmp_path / "spool"
-    finally:
-        for client in clients:
-            await client.close()  # stops the launcher, and with it any job still running
 
 
 async def open_session(cp: ControlPlane) -> Session:

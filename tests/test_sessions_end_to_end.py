@@ -17,9 +17,7 @@ from typing import Any
 import pytest
 import stempy.io
 import zmq
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from cp_helpers import ControlPlane
+from cp_helpers import ControlPlane, served_on
 from test_cp_sessions_api import WORKER_SCOPE, open_session, start_control_plane
 
 from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
@@ -78,21 +76,9 @@ def push_scan(session: str, endpoints: list[str]) -> None:
 async def test_a_launched_job_registers_counts_a_scan_reports_it_and_leaves(
         tmp_path: Path, free_port: Any) -> None:
     port = free_port()
-    servers: list[TestClient] = []
-
-    async def serve(app: web.Application) -> TestClient:
-        # The job reaches the control plane at Settings.base_url: serve on exactly that port.
-        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
-        await client.start_server()
-        servers.append(client)
-        return client
-
-    try:
+    async with served_on(port) as serve:
         cp = await start_control_plane(serve, tmp_path, port=port)
         await run_session(cp)
-    finally:
-        for client in servers:
-            await client.close()  # stops the launcher, and with it any job still running
 
 
 async def run_session(cp: ControlPlane) -> None:
