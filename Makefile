@@ -30,7 +30,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/gateway_throughput.py
+	$(BIN)/python bench/gateway_flood.py
 	$(BIN)/python bench/counting.py
+	$(BIN)/python bench/controlplane_tokens.py
+	$(BIN)/python bench/controlplane_load.py
 
 clean:
 	rm -rf $(VENV) .dsn .pytest_cache .hypothesis
