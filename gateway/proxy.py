@@ -187,10 +187,12 @@ class L7Proxy:
         table, self._pending = self._pending, None
         if table is None:
             return
-        interruptions = self.router.use_table(table)
+        change = self.router.use_table(table)
         self._sync_egress(table)
-        for interruption in interruptions:
+        for interruption in change.interruptions:
             self._interrupt(interruption)
+        for decision in change.closed:
+            self._finish(decision, [], None)
 
     def _interrupt(self, interruption: Interruption) -> None:
         log.warning("scan interrupted: a consumer left mid-scan", extra={"fields": {

@@ -140,6 +140,14 @@ class Decision:
     report: InterruptedScan | None = None
 
 
+class TableChange(NamedTuple):
+    """What adopting a table asks of the socket loop: scans to interrupt, and decisions closing
+    the scans of sessions that left."""
+
+    interruptions: list[Interruption]
+    closed: list[Decision]
+
+
 @dataclass(frozen=True, slots=True)
 class Interruption:
     """A scan lost a member: tell every member (best effort: some are gone) and open its spool."""
@@ -315,12 +323,13 @@ class Router:
         self._clock = clock
         self.use_table(table)
 
-    def use_table(self, table: SessionTable) -> list[Interruption]:
-        """Adopt a new session table. Sessions that left it are forgotten at once (with their open
-        scans); a changed consumer list applies from each session's next scan, except that an open
-        scan whose member left is interrupted (returned for the socket loop to act on). New
-        consumer endpoints get new slots at the end of ``endpoints``; ``live_slots`` are the slots
-        of the consumers the table lists."""
+    def use_table(self, table: SessionTable) -> TableChange:
+        """Adopt a new session table. Sessions that left it (ended, expired, revoked) are forgotten
+        at once, their open scans closed as their last scan_end would have closed them (a spool is
+        published, an interrupted scan reported); a changed consumer list applies from each
+        session's next scan, except that an open scan whose member left is interrupted. What the
+        socket loop must do is returned. New consumer endpoints get new slots at the end of
+        ``endpoints``; ``live_slots`` are the slots of the consumers the table lists."""
         sessions: dict[str, _SessionState] = {}
         interruptions: list[Interruption] = []
         for entry in table:
@@ -332,9 +341,12 @@ class Router:
                 interruptions.extend(self._interrupt_scans_without(state, frozenset(members)))
             state.entry, state.members = entry, members
             sessions[entry.id] = state
+        closed = [self._close(state, scan)
+                  for sid, state in self._sessions.items() if sid not in sessions
+                  for scan in list(state.scans.values())]
         self._sessions = sessions
         self.live_slots = frozenset(slot for state in sessions.values() for slot in state.members)
-        return interruptions
+        return TableChange(interruptions, closed)
 
     def _interrupt_scans_without(self, state: _SessionState,
                                  live: frozenset[int]) -> Iterable[Interruption]:

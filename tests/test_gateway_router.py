@@ -36,6 +36,7 @@ from gateway.router import (
     SpoolClose,
     SpoolOpen,
     SpoolWrite,
+    TableChange,
 )
 from gateway.sessions import SessionTable
 
@@ -244,9 +245,21 @@ def test_member_list_is_fixed_per_scan_and_a_new_table_applies_from_the_next_sca
 
 def test_a_session_removed_from_the_table_is_forgotten_at_once() -> None:
     router = _open(_router(_session("s1"), _session("s2")))
-    router.use_table(SessionTable([_session("s2")]))
+    send_data(router, data(frame=1))
+    [closed] = router.use_table(SessionTable([_session("s2")])).closed
+    # Its open scan ends as its last scan_end would have ended it.
+    assert [(slot, m.scan, m.expected) for slot, m in control(closed)] == [(0, 1, 0), (1, 1, 1)]
     assert send_data(router, data()).drop == "unauthenticated"
     assert [s.session for s in router.stats()] == ["s2"]
+
+
+def test_the_spool_of_a_session_that_ends_mid_scan_is_published_with_what_it_holds() -> None:
+    router = _spooling()
+    router.route("s1", begin(), 1, 0)
+    send_data(router, data(frame=0))
+    change = router.use_table(SessionTable())
+    assert change == TableChange([], [Decision(spool=SpoolClose(KEY, SpoolManifest(
+        sent=0, dropped={}, drops=[], drops_truncated=False)))])
 
 
 def test_forwarded_messages_and_bytes_are_counted_per_session() -> None:
@@ -389,7 +402,7 @@ def _interrupted(spooling: bool) -> tuple[Router, list[Interruption]]:
         for sector in range(2):
             assert send_data(router, data(frame=frame, sector=sector)).slot == frame % 2
     send_data(router, data(frame=12))  # out_of_range
-    return router, router.use_table(_without_member(session, 1))
+    return router, router.use_table(_without_member(session, 1)).interruptions
 
 
 FORWARDED = [(f, s) for f in range(4) for s in range(2)]
@@ -437,7 +450,7 @@ def test_an_interrupted_scan_without_spooling_drops_the_rest_listed_and_reports_
 def test_a_scan_is_interrupted_once_and_later_scans_use_the_members_left() -> None:
     router, _ = _interrupted(spooling=True)
     nobody = _session(consumers=2).model_copy(update={"consumers": []})
-    assert router.use_table(SessionTable([nobody])) == []
+    assert router.use_table(SessionTable([nobody])) == TableChange([], [])
     assert router.route("s1", begin(scan=2), 1, 0) == Decision(
         spool=SpoolOpen(ScanKey("s1", 2), begin(scan=2)))
 
@@ -448,7 +461,7 @@ def test_a_member_leaving_between_scans_interrupts_nothing() -> None:
     router.route("s1", begin(), 1, 0)
     send_data(router, data(frame=0))
     router.route("s1", end(sent=1), 1, 0)
-    assert router.use_table(_without_member(session, 1)) == []
+    assert router.use_table(_without_member(session, 1)) == TableChange([], [])
     assert router.drops == {}
 
 
