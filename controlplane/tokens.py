@@ -8,9 +8,10 @@ Every token carries exactly these claims, each with one JSON type:
 ``TokenService.verify`` is pure (no I/O; the time comes from the injected clock). It refuses, in
 this order: oversized or unparsable input (malformed), any algorithm but EdDSA (algorithm), header
 parameters other than alg/kid/typ, a repeated header name or a typ other than "JWT" (header), a kid
-the key ring does not know (unknown_key), a bad signature (signature), a missing claim
-(missing_claim), an unknown, repeated or wrongly typed claim (invalid_claim), then the values:
-issuer, audience, kind, lifetime, expired, immature. ``Authenticator`` adds the store-backed
+the key ring does not know (unknown_key), a bad signature (signature), a payload that is not a JSON
+object (malformed) or repeats a claim (invalid_claim), a missing claim (missing_claim), an unknown
+or wrongly typed claim (invalid_claim), then the values: issuer, audience, kind, lifetime, expired,
+immature. ``Authenticator`` adds the store-backed
 checks: revoked jti, project not_before, project still existing.
 """
 
@@ -27,7 +28,6 @@ from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from jwt.types import Options
 
 from controlplane.errors import BadRequest, TokenError
 from controlplane.schemas import RepeatedName, json_without_repeats
@@ -91,14 +91,9 @@ class KeySource(Protocol):
 Clock = Callable[[], float]
 
 CLAIMS = ("iss", "aud", "sub", "iat", "exp", "jti", "token_use", "project", "scope")
-# pyjwt treats a null value as missing, so "project" (null for admin/gateway) is checked by us only.
-_PYJWT_REQUIRED = [name for name in CLAIMS if name != "project"]
-_PYJWT_OPTIONS: Options = {
-    "require": _PYJWT_REQUIRED,
-    # Time, issuer and audience are checked below with the injected clock and exact types.
-    "verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False,
-    "verify_iss": False, "verify_sub": False, "verify_jti": False,
-}
+# pyjwt checks the signature only; the payload is parsed once, here, and every claim (presence,
+# type, time with the injected clock, issuer, audience) is checked by the validators below.
+_JWS = jwt.PyJWS()
 
 
 # --- one validator per claim: each returns the typed value or raises TokenError(invalid_claim) ---
@@ -163,8 +158,8 @@ def _typed_claims(payload: Mapping[str, Any]) -> Claims:
 
 
 def _segment_json(segment: str) -> Any:
-    """One base64url segment as JSON; RepeatedName for a repeated member name (RFC 7515/7519 let
-    a parser keep the last; another verifier keeping the first would read a different token, so
+    """One base64url segment as JSON; RepeatedName for a repeated member name (RFC 7515 lets a
+    parser keep the last; another verifier keeping the first would read a different token, so
     we refuse instead of choosing), else ValueError."""
     try:
         data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
@@ -185,16 +180,6 @@ def _unverified_header(token: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise TokenError("malformed", "the token header is not a base64url-encoded JSON object")
     return header
-
-
-def _refuse_repeated_claims(token: str) -> None:
-    """pyjwt keeps the last of repeated claims; a signed payload that repeats one is refused."""
-    try:
-        _segment_json(token.split(".")[1])
-    except RepeatedName as repeated:
-        raise TokenError("invalid_claim", f"claim '{repeated}' is repeated") from None
-    except ValueError:  # pyjwt parsed it already; unreachable, but never let it pass unchecked
-        raise TokenError("malformed", "the token payload is not a JSON object") from None
 
 
 def _checked_header(token: str) -> str:
@@ -270,22 +255,29 @@ class TokenService:
         key = self._keyring.public_key(kid)
         if key is None:
             raise TokenError("unknown_key", "the token's key id is not published")
-        payload = self._signed_payload(token, key)
-        _refuse_repeated_claims(token)
-        claims = _typed_claims(payload)
+        claims = _typed_claims(self._signed_payload(token, key))
         self._check_values(claims, surface)
         return claims
 
     @staticmethod
     def _signed_payload(token: str, key: Ed25519PublicKey) -> dict[str, Any]:
+        """The payload of a token whose signature verifies, parsed once; a repeated claim name is
+        refused (pyjwt would keep the last, another verifier the first)."""
         try:
-            return jwt.decode(token, key, algorithms=[ALGORITHM], options=_PYJWT_OPTIONS)
+            signed = _JWS.decode_complete(token, key, algorithms=[ALGORITHM])
         except jwt.InvalidSignatureError:
             raise TokenError("signature", "the token signature does not verify") from None
-        except jwt.MissingRequiredClaimError as error:
-            raise TokenError("missing_claim", f"claim '{error.claim}' is required") from None
         except jwt.InvalidTokenError:
-            raise TokenError("malformed", "the token payload is not a JSON object") from None
+            raise TokenError("malformed", "the token is not a signed JWS") from None
+        try:
+            payload = json_without_repeats(signed["payload"])
+        except RepeatedName as repeated:
+            raise TokenError("invalid_claim", f"claim '{repeated}' is repeated") from None
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise TokenError("malformed", "the token payload is not a JSON object")
+        return payload
 
     def _check_values(self, claims: Claims, surface: Surface) -> None:
         if claims.iss != self.issuer:
