@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, SessionState
@@ -68,13 +68,9 @@ class JobSubmit(RequestBody):
     ranks: Annotated[int, Field(ge=1, le=4096)] = 1
 
 
-class ScanReport(RequestBody):
-    """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters.
-    A ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
-    ``sha256`` is empty and ``reason`` says why; other scans have a SHA-256 and no reason."""
+class ScanCounts(BaseModel):
+    """A scan result's counters, as reported and as listed."""
 
-    path: ResultPath
-    sha256: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
     frames: Count
     events: Count
     expected_sectors: Count
@@ -82,6 +78,15 @@ class ScanReport(RequestBody):
     duplicate_sectors: Count
     lost_sectors: Count
     incomplete_frames: Count
+
+
+class ScanReport(RequestBody, ScanCounts):
+    """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters.
+    A ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
+    ``sha256`` is empty and ``reason`` says why; other scans have a SHA-256 and no reason."""
+
+    path: ResultPath
+    sha256: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
     status: ScanStatus
     reason: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
@@ -138,19 +143,12 @@ class JobOut(ResponseBody):
     submitted_at: datetime
 
 
-class ScanOut(ResponseBody):
+class ScanOut(ResponseBody, ScanCounts):
     session: str
     scan: int
     project: str
     path: str
     sha256: str
-    frames: int
-    events: int
-    expected_sectors: int
-    received_sectors: int
-    duplicate_sectors: int
-    lost_sectors: int
-    incomplete_frames: int
     status: ScanStatus
     reported_at: datetime
     source: ScanSource
