@@ -10,6 +10,7 @@ the same key would be refused (409) if the first one did take effect.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,13 @@ class PlainCredentials:
 
     @classmethod
     def of(cls, session_id: str, session_token: str) -> PlainCredentials:
+        # The signature is as unguessable as the whole token, and bound to it.
         return cls(session_id, session_token.rsplit(".", 1)[-1])
+
+    @property
+    def password_sha256(self) -> str:
+        """What the session publishes for the gateway to check the password against."""
+        return hashlib.sha256(self.password.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)

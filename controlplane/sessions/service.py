@@ -5,7 +5,6 @@ and cancelling consumer jobs, publishing changes to the gateways. The HTTP layer
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import secrets
@@ -69,6 +68,7 @@ from controlplane.tokens import Claims, TokenKind
 from dataplane import strictyaml
 from dataplane.clone import AckOutcome, InterruptedScan
 from dataplane.keys import KeyFileError, load_keypair
+from dataplane.sessions import PlainCredentials
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,9 @@ def _check_plaintext(services: Services, body: SessionOpen) -> None:
         raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
 
 
-def plain_password(token: str) -> str:
-    """A session token's PLAIN password: its signature (a whole token exceeds PLAIN's 255 bytes;
-    the signature is as unguessable, and bound to this token)."""
-    return token.rsplit(".", 1)[-1]
-
-
-def _with_plain_password(config: dict[str, Any], token: str) -> dict[str, Any]:
-    digest = hashlib.sha256(plain_password(token).encode("ascii")).hexdigest()
+def _with_plain_password(config: dict[str, Any], session_id: str,
+                         token: str) -> dict[str, Any]:
+    digest = PlainCredentials.of(session_id, token).password_sha256
     sessions = [{**session, "plain_password_sha256": digest} for session in config["sessions"]]
     return {**config, "sessions": sessions}
 
@@ -209,7 +204,7 @@ async def open_session(services: Services, parent: Claims, body: SessionOpen
     session_id = _new_id("s")
     config, version = await _render_session(services, body, session_id, claims.exp)
     if body.transport == "plain":
-        config = _with_plain_password(config, token)
+        config = _with_plain_password(config, session_id, token)
     session = SessionRecord(id=session_id, project=body.project, template=body.template,
                             template_version=version, params=dict(body.params),
                             client_key=body.client_key, config=config, token_jti=claims.jti,
@@ -387,10 +382,15 @@ async def record_gateway_report(services: Services, report: InterruptedScan) -> 
     """Record a gateway's report of a scan it interrupted, as the scan's ``gateway`` result:
     always partial, nothing counted, the rest in its spool file, every loss listed. Audited as
     the gateway's own action (its CURVE key was admitted by the state service)."""
+    outcome = await _record_report(services, report)
+    services.metrics.gateway_reports.labels(outcome).inc()
+    return outcome
+
+
+async def _record_report(services: Services, report: InterruptedScan) -> AckOutcome:
     session = await get_session(services.store, report.session)
     if session is None:
         log.warning("gateway report for unknown session %s refused", report.session)
-        services.metrics.gateway_reports.labels("refused").inc()
         return "refused"
     record = ScanRecord(
         session_id=session.id, scan=report.scan, project=session.project, path=report.spool,
@@ -411,11 +411,8 @@ async def record_gateway_report(services: Services, report: InterruptedScan) -> 
     except Conflict:
         log.error("gateway report for scan %d of session %s differs from the one recorded",
                   report.scan, session.id)
-        services.metrics.gateway_reports.labels("refused").inc()
         return "refused"
-    outcome: AckOutcome = "recorded" if stored is record else "duplicate"
-    services.metrics.gateway_reports.labels(outcome).inc()
-    return outcome
+    return "recorded" if stored is record else "duplicate"
 
 
 def scan_record(session: SessionRecord, scan: int, body: ScanReport, now: float) -> ScanRecord:
