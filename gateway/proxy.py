@@ -25,11 +25,11 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Literal, cast
 
-import msgspec
 import zmq
 
 from dataplane.clone import InterruptedScan
@@ -40,11 +40,11 @@ from gateway.errors import GatewayError, ModeError, SocketSetupError
 from gateway.router import (
     Decision,
     Interruption,
-    Reason,
     Router,
     SpoolAction,
     SpoolOpen,
     SpoolWrite,
+    with_spool,
 )
 from gateway.sessions import SessionTable, table_from_config
 from gateway.spool import Spools, prepare_spool_dir
@@ -291,14 +291,7 @@ class L7Proxy:
         return path
 
     def _report(self, report: InterruptedScan, spool: Path | None) -> None:
-        if spool is not None:
-            report = msgspec.structs.replace(report, spool=str(spool))
-        elif report.spooled:
-            # The spool file could not be published: what it held is lost.
-            failed = Reason.SPOOL_FAILED.value
-            dropped = {**report.dropped, failed: report.dropped.get(failed, 0) + report.spooled}
-            report = msgspec.structs.replace(report, spooled=0, lost=report.lost + report.spooled,
-                                             dropped=dropped)
+        report = with_spool(report, None if spool is None else str(spool))
         log.warning("interrupted scan ended", extra={"fields": {
             "session": report.session, "scan": report.scan, "sent": report.sent,
             "accepted": report.accepted, "spooled": report.spooled, "lost": report.lost,
@@ -495,20 +488,14 @@ class Gateway:
 
     def auth_decisions(self) -> dict[tuple[str, str], int]:
         """Connection decisions by (decision, reason): ZAP's, and handshakes refused before ZAP."""
-        decisions = self.zap.decisions.copy()
+        decisions = Counter(self.zap.decisions.copy())
         for monitor in self._handshakes:
-            for reason, count in monitor.failures.copy().items():
-                key = ("deny", reason)
-                decisions[key] = decisions.get(key, 0) + count
-        return decisions
+            decisions.update({("deny", reason): n for reason, n in monitor.failures.copy().items()})
+        return dict(decisions)
 
     def connections(self) -> dict[str, int]:
         """Ingress TCP connections accepted and closed (every ingress)."""
-        totals: dict[str, int] = {}
-        for monitor in self._handshakes:
-            for event, count in monitor.connections.copy().items():
-                totals[event] = totals.get(event, 0) + count
-        return totals
+        return dict(sum((Counter(m.connections.copy()) for m in self._handshakes), Counter()))
 
     def backpressure(self) -> dict[str, tuple[int, float]]:
         """Per session: sends that had to wait for a consumer, and the seconds spent waiting."""

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+import msgspec
 import numpy as np
 
 from dataplane.clone import InterruptedScan
@@ -274,6 +275,19 @@ class _Scan:
             sent=self.sent, accepted=sum(self.expected) + self.spooled, spooled=self.spooled,
             lost=sum(self.dropped.values()), dropped=dict(self.dropped), drops=drops,
             drops_truncated=truncated, spool="")
+
+
+def with_spool(report: InterruptedScan, spool: str | None) -> InterruptedScan:
+    """An interrupted scan's report once its spool was closed: the published file, or (``None``:
+    it could not be published) what it held counted as lost to ``spool_failed``."""
+    if spool is not None:
+        return msgspec.structs.replace(report, spool=spool)
+    if not report.spooled:
+        return report
+    failed = Reason.SPOOL_FAILED.value
+    dropped = {**report.dropped, failed: report.dropped.get(failed, 0) + report.spooled}
+    return msgspec.structs.replace(report, spooled=0, lost=report.lost + report.spooled,
+                                   dropped=dropped)
 
 
 class _SessionState:

@@ -37,6 +37,7 @@ from gateway.router import (
     SpoolOpen,
     SpoolWrite,
     TableChange,
+    with_spool,
 )
 from gateway.sessions import SessionTable
 
@@ -494,3 +495,15 @@ def test_only_scans_idle_for_scan_idle_s_are_closed_as_their_last_scan_end_would
     assert send_data(router, data(scan=1, frame=2)).drop == "scan_closed"
     clock.now += 30
     assert len(router.expire_idle()) == 1  # scan 2, idle now
+
+
+def test_a_report_names_its_published_spool_or_counts_an_unpublished_one_as_lost() -> None:
+    router, _ = _interrupted(spooling=True)
+    send_data(router, data(frame=4))
+    router.route("s1", end(sent=5), 1, 0)
+    report = router.route("s1", end(sent=5), 1, 0).report
+    assert report is not None and report.spooled == 1
+    assert with_spool(report, "/spool/s1_scan000001.spool").spool == "/spool/s1_scan000001.spool"
+    unpublished = with_spool(report, None)
+    assert (unpublished.spooled, unpublished.lost, unpublished.spool) == (0, report.lost + 1, "")
+    assert unpublished.dropped == {**report.dropped, "spool_failed": 1}
