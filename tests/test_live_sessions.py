@@ -226,11 +226,13 @@ async def _open_session(cp: ControlPlane, client: KeyPair, template: str = "tiny
 
 
 async def _register(cp: ControlPlane, token: str, session: str, endpoint: str,
-                    rank: int = 0) -> None:
+                    rank: int = 0) -> tuple[str, str]:
+    """Register a rank of job-1; its consumer token and consumer id, for heartbeats."""
     worker = str((await cp.exchange(token, kind="consumer"))["token"])
     response = await cp.call("POST", f"/api/v1/sessions/{session}/consumers", worker, json={
         "endpoint": endpoint, "rank": rank, "job_id": "job-1", "host": "node-1"})
     assert response.status == 201, await response.text()
+    return worker, str((await response.json())["id"])
 
 
 def _decoded(messages: list[list[bytes]]) -> list[RoutedScanBegin | Data | RoutedScanEnd]:
@@ -446,16 +448,6 @@ async def test_a_key_from_a_disallowed_network_is_refused(
         assert not await asyncio.to_thread(far.poll, 200)
 
 
-async def _register_rank(cp: ControlPlane, token: str, session: str, endpoint: str,
-                         rank: int) -> tuple[str, str]:
-    """Register a rank of job-1; its consumer token and consumer id, for heartbeats."""
-    worker = str((await cp.exchange(token, kind="consumer"))["token"])
-    response = await cp.call("POST", f"/api/v1/sessions/{session}/consumers", worker, json={
-        "endpoint": endpoint, "rank": rank, "job_id": "job-1", "host": "node-1"})
-    assert response.status == 201, await response.text()
-    return worker, str((await response.json())["id"])
-
-
 def _drain(socket: zmq.Socket) -> list[RoutedScanBegin | Data | RoutedScanEnd | RoutedScanAbort]:
     messages = []
     while socket.poll(300):
@@ -471,8 +463,8 @@ async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_ev
     token, session = await _open(cp, client)
     survivor, victim = zmq_context.socket(zmq.PULL), zmq_context.socket(zmq.PULL)
     ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (survivor, victim)]
-    worker, first = await _register_rank(cp, token, session, f"tcp://127.0.0.1:{ports[0]}", 0)
-    await _register_rank(cp, token, session, f"tcp://127.0.0.1:{ports[1]}", 1)
+    worker, first = await _register(cp, token, session, f"tcp://127.0.0.1:{ports[0]}", 0)
+    await _register(cp, token, session, f"tcp://127.0.0.1:{ports[1]}", 1)
     await asyncio.to_thread(
         _await_metric, gateway, f'dsn_gateway_consumers{{session="{session}"}} 2.0', 2.0)
     frames = 1024  # enough that the victim's queue fills and the gateway waits for it
