@@ -168,7 +168,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 4 -> 5: a scan may also be reported by the gateway (``source``), which interrupted it when a
     # consumer left mid-scan: the key gains the source, and gateway reports carry the sectors
-    # spooled, the losses by reason and the loss manifest itself (JSON).
+    # spooled, the losses by reason and the loss manifest itself (JSON); ``reason`` says why a
+    # scan failed (its file could not be written) or was interrupted.
     (
         """CREATE TABLE scan_results_v5 (
             session_id TEXT NOT NULL REFERENCES sessions(id),
@@ -190,17 +191,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             lost_by_reason TEXT NOT NULL,
             loss_manifest TEXT NOT NULL,
             manifest_truncated INTEGER NOT NULL CHECK (manifest_truncated IN (0, 1)),
+            reason TEXT,
             PRIMARY KEY (session_id, scan, source))""",
         """INSERT INTO scan_results_v5 SELECT session_id, scan, project, path, sha256, frames,
             events, expected_sectors, received_sectors, duplicate_sectors, lost_sectors,
-            incomplete_frames, status, reported_at, 'consumer', 0, '{}', '[]', 0
+            incomplete_frames, status, reported_at, 'consumer', 0, '{}', '[]', 0, NULL
             FROM scan_results""",
         "DROP TABLE scan_results",
         "ALTER TABLE scan_results_v5 RENAME TO scan_results",
         "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
     ),
-    # 5 -> 6: why a scan failed (its file could not be written) or was interrupted.
-    ("ALTER TABLE scan_results ADD COLUMN reason TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
