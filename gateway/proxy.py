@@ -97,7 +97,7 @@ def _ingress_socket(context: zmq.Context, domain: bytes, table: SessionTable, rc
     socket.zap_domain = domain
     socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     socket.maxmsgsize = max(table.max_sector_bytes, max_sector_bytes) + MAXMSGSIZE_SLACK
-    socket.rcvhwm = rcvhwm
+    socket.rcvhwm = max(rcvhwm, MIN_INGRESS_HWM)
     socket.rcvtimeo = POLL_MS
     return socket
 
@@ -408,8 +408,7 @@ class Gateway:
         try:
             self.zap.start()
             hwm = max((e.session.limits.hwm for e in self.table), default=INGRESS_HWM)
-            limits = {"rcvhwm": max(hwm, MIN_INGRESS_HWM),
-                      "max_sector_bytes": self.max_sector_bytes}
+            limits = {"rcvhwm": hwm, "max_sector_bytes": self.max_sector_bytes}
             ingress = open_ingress(self.context, settings, self.table, keypair, **limits)
             self._watch(ingress)
             plain = None
