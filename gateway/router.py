@@ -213,7 +213,7 @@ class _Scan:
         self.spool_failed = False
         self.spooled = 0
         self.interrupted = False
-        self.sectors = begin.sectors
+        self.sectors = begin.sectors  # read for every forwarded message: one lookup, not two
         # One bit per (frame, sector) forwarded: what is lost, exactly, if a member goes.
         self.forwarded = bytearray((begin.geometry.positions * begin.sectors + 7) // 8
                                    if members else 0)
