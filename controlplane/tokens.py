@@ -234,7 +234,8 @@ class TokenService:
         now = int(self._clock())
         claims = Claims(
             iss=self.issuer, aud=audience, sub=subject, iat=now, exp=now + ttl_s,
-            jti=secrets.token_urlsafe(16), kind=kind, project=project, scope=scopes,
+            # Hex, never a leading "-": a jti is typed on command lines (dsn admin tokens revoke).
+            jti=secrets.token_hex(16), kind=kind, project=project, scope=scopes,
         )
         try:  # the issuer holds itself to the verifier's rules
             _typed_claims(claims.to_payload())

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,11 @@ def test_forged_good_payload_verifies(service: TokenService, ring: KeyRing) -> N
     assert service.verify(forge(ring, good_payload()), API).jti == "j-1"
 
 
-def test_jti_is_unique(service: TokenService) -> None:
+def test_jti_is_unique_and_safe_on_a_command_line(service: TokenService) -> None:
     jtis = {service.issue(kind=TokenKind.ADMIN, subject="root", project=None, scope=set(),
                           ttl_s=60, audience="dsn-api")[1].jti for _ in range(50)}
     assert len(jtis) == 50
+    assert all(re.fullmatch(r"[0-9a-f]{32}", jti) for jti in jtis)  # never read as an option
 
 
 def test_rotation_newest_signs_old_still_verifies(service: TokenService, ring: KeyRing) -> None:
