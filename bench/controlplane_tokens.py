@@ -38,8 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controlplane.admin import initialize
-from dataplane.ports import free_port
+from common.ports import free_port
+from controlplane.admin.bootstrap import initialize
 
 DSN = str(Path(sys.executable).parent / "dsn")
 PROJECT = "bench"

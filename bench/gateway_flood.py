@@ -40,8 +40,8 @@ sys.path.insert(0, str(BENCH.parent))
 
 from gateway_throughput import SECTOR_BYTES, producer, start_gateway, start_rig
 
-from dataplane.keys import create_keypair
-from dataplane.ports import free_port
+from common.keys import create_keypair
+from common.ports import free_port
 
 DSN = str(Path(sys.executable).parent / "dsn")
 HALF_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f\x03"

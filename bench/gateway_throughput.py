@@ -32,9 +32,9 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataplane.keys import KeyPair, create_keypair, load_keypair
-from dataplane.ports import free_port
-from dataplane.protocol import Data, ScanBegin, ScanEnd, encode
+from common.keys import KeyPair, create_keypair, load_keypair
+from common.ports import free_port
+from common.protocol import Data, ScanBegin, ScanEnd, encode
 
 SECTOR_BYTES = 144 * 576 * 2
 IDLE_S = 1.0
@@ -87,7 +87,7 @@ def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, byte
 
 def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     """Bench only: the proxy loops behind a NULL-mechanism ingress."""
-    from dataplane.config import load_config
+    from common.config import load_config
     from gateway.proxy import L4Proxy, L7Proxy
     from gateway.sessions import table_from_config
 

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 import zmq
 from aiohttp import web
 
+from common.config import Session
+from common.keys import KeyFileError, load_keypair, load_secret_keypair
 from controlplane import templates_api, views
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
@@ -42,8 +44,6 @@ from controlplane.signing import KeyRing
 from controlplane.state import StateService, StateSettings
 from controlplane.store import Store
 from controlplane.tokens import Authenticator, TokenService
-from dataplane.config import Session
-from dataplane.keys import KeyFileError, load_keypair, load_secret_keypair
 
 log = logging.getLogger("dsn.controlplane")
 

@@ -1,63 +1,84 @@
-"""The ``dsn`` command: one entry point joining each package's own commands."""
+"""``dsn controlplane serve``: run the control plane's REST service and its state publisher."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import click
 
-from controlplane.admin import admin, controlplane_group
-from dataplane.cli import consumer, producer, scan_shape_option
-from gateway.cli import gateway
+from common.clitypes import OneLineError
+from common.clone import StateEndpoints
+from common.logs import configure as configure_logging
+from controlplane.admin.bootstrap import require_initialised
+from controlplane.settings import DEFAULT_PORT, DEFAULT_STATE_DIR, DEFAULT_STATE_ENDPOINTS, Settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DSN"})
-@click.version_option(package_name="dsn-gateway")
-def main() -> None:
-    """Data Streaming Node: stream detector data memory-to-memory into HPC compute nodes.
+def _settings(state_dir: Path, **overrides: Any) -> Settings:
+    """Settings from the options given; the rest keep Settings' defaults."""
+    return Settings(state_dir=state_dir,
+                    **{key: value for key, value in overrides.items() if value is not None})
 
-    Every option can also be set as an environment variable DSN_<COMMAND>_<OPTION>, for example
-    DSN_DEMO_STATE_DIR.
+
+@click.group()
+def controlplane() -> None:
+    """Run the control plane: the REST service for projects, tokens, policies and audit."""
+
+
+@controlplane.command()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_STATE_DIR, show_default=True,
+              help="State directory made by 'dsn admin init' (database, signing keys).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port to listen on.")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, path_type=Path),
+              help="Policy file, or directory of *.yaml policy files; reloads re-read it. "
+                   "Default: the shipped policies/.")
+@click.option("--state-snapshots", metavar="tcp://IP:PORT", default=None,
+              help="Where gateways fetch session snapshots.  [default: tcp://127.0.0.1:8751]")
+@click.option("--state-updates", metavar="tcp://IP:PORT", default=None,
+              help="Where gateways subscribe to session updates.  [default: tcp://127.0.0.1:8752]")
+@click.option("--gateway-endpoint", metavar="tcp://IP:PORT", default=None,
+              help="The gateway ingress handed to producers when sessions open.  "
+                   "[default: tcp://127.0.0.1:5555]")
+@click.option("--gateway-plain-endpoint", metavar="tcp://IP:PORT", default=None,
+              help="The gateway's plaintext ingress (its --plain-ingress), handed to producers "
+                   "of sessions opened with transport 'plain'; only where the policy sets "
+                   "allow_plaintext.  [default: none]")
+def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
+          state_snapshots: str | None, state_updates: str | None,
+          gateway_endpoint: str | None, gateway_plain_endpoint: str | None) -> None:
+    """Serve the REST API until SIGINT or SIGTERM.
+
+    Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
+    never creates keys or an admin token by itself.
     """
+    from aiohttp import web  # the web stack loads only for the command that serves
 
+    from controlplane.app import create_app
+    from controlplane.middlewares import AccessLogger, quiet_protocol_errors
 
-@main.command()
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".dsn"),
-              show_default=True, help="Where the control plane's state, logs and output files go.")
-@scan_shape_option(default="32x32")
-@click.option("--ranks", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="MPI ranks of the consumer job.")
-@click.option("--loss", type=click.FloatRange(0, 0.5), default=0.001, show_default=True,
-              help="Fraction of sectors lost before the gateway (like detector UDP loss).")
-@click.option("--duplicates", type=click.FloatRange(0, 0.5), default=0.001, show_default=True,
-              help="Fraction of sectors the producers send twice.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic scan.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=300, show_default=True,
-              help="Seconds to wait for the consumer job.")
-def demo(state_dir: Path, scan_shape: tuple[int, int], ranks: int, loss: float, duplicates: float,
-         seed: int, timeout_s: float) -> None:
-    """Stream a synthetic 4D-STEM scan through the whole system and verify the result.
+    endpoints = StateEndpoints(state_snapshots or DEFAULT_STATE_ENDPOINTS.snapshot,
+                               state_updates or DEFAULT_STATE_ENDPOINTS.updates)
+    settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
+                         state_endpoints=endpoints, gateway_endpoint=gateway_endpoint,
+                         gateway_plain_endpoint=gateway_plain_endpoint)
+    asyncio.run(require_initialised(settings))
+    app = create_app(settings)
 
-    Starts a control plane (SQLite) and a gateway on loopback, creates a project, a project token
-    and a session, launches the session's consumer job (mpiexec) through the control plane, streams
-    the scan from four producers, waits for the listed result, checks the HDF5 file against the
-    planted electrons and stempy's own counting, prints a summary and stops everything. Exits
-    non-zero, with the reason and the relevant log lines, if any step fails.
-    """
-    from controlplane.demo import DemoError, DemoOptions, format_summary, run_demo
-    from controlplane.processes import ProcessFailed
+    def announce(_message: str) -> None:  # called once the socket is bound
+        click.echo(f"control plane on {settings.base_url} (state {state_dir})", err=True)
 
-    options = DemoOptions(state_dir=state_dir, scan_shape=scan_shape, ranks=ranks, loss=loss,
-                          duplicates=duplicates, seed=seed, timeout_s=timeout_s)
+    # JSON lines on stderr. Tokens travel only in the Authorization header, which is not logged;
+    # the access log names the path without its query string, where a client might put one.
+    configure_logging("dsn")
+    configure_logging("aiohttp.access")
+    configure_logging("aiohttp.server")
+    quiet_protocol_errors()
     try:
-        summary = run_demo(options, say=lambda line: click.echo(line, err=True))
-    except (DemoError, ProcessFailed) as exc:
-        raise click.ClickException(f"demo failed: {exc}") from None
-    click.echo(format_summary(summary))
-
-
-main.add_command(gateway)
-main.add_command(producer)
-main.add_command(consumer)
-main.add_command(controlplane_group)
-main.add_command(admin)
+        web.run_app(app, host=host, port=port, print=announce, handle_signals=True,
+                    access_log_class=AccessLogger)
+    except OSError as exc:
+        raise OneLineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

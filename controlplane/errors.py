@@ -7,8 +7,10 @@ a key or a stack trace.
 
 from __future__ import annotations
 
+from common.errors import DsnError
 
-class ControlPlaneError(Exception):
+
+class ControlPlaneError(DsnError):
     status = 500
     title = "Internal error"
     type_slug = "internal"

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, Protocol
 
+from common.privatefs import (
+    PrivateFileExists,
+    PrivatePathError,
+    create_private_file,
+    private_dir,
+)
+from common.processes import signal_group
 from controlplane.errors import (
     ConfigurationError,
     Conflict,
@@ -51,11 +57,8 @@ _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class LauncherError(ConfigurationError, RuntimeError):
-    """A consumer job that cannot be started; the message says what is missing.
-
-    Also a ``RuntimeError`` because the demo's callers predate the control plane's exception tree.
-    """
+class LauncherError(ConfigurationError):
+    """A consumer job that cannot be started; the message says what is missing."""
 
 
 @functools.cache
@@ -80,9 +83,10 @@ def _is_open_mpi(mpiexec: Path) -> bool:
     return "Open MPI" in out.stdout or "OpenRTE" in out.stdout
 
 
-def dsn_command(*args: str) -> list[str]:
-    """The ``dsn`` command line for this installation, independent of PATH."""
-    return [sys.executable, "-m", "controlplane", *args]
+def consumer_command() -> list[str]:
+    """The consumer's command line for this installation, independent of PATH: its own module,
+    so that each rank loads the data plane and nothing else."""
+    return [sys.executable, "-m", "dataplane.consumer"]
 
 
 def mpiexec_command(ranks: int, command: Sequence[str]) -> list[str]:
@@ -155,26 +159,6 @@ class JobStatus:
         return self.state in ("succeeded", "failed", "cancelled")
 
 
-def _create_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first instant (O_EXCL: never reuse or follow a link)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have cleared bits we need (e.g. the script's x bit)
-        with os.fdopen(fd, "wb", closefd=False) as out:
-            out.write(data)
-    finally:
-        os.close(fd)
-
-
-def _prepare_job_dir(directory: Path) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise ConfigurationError(f"job directory {directory} is not a directory owned by this user")
-    directory.chmod(0o700)  # an existing directory keeps its mode otherwise
-
-
 def write_job_files(spec: JobSpec) -> tuple[Path, Path]:
     """Write ``token`` (0600) and ``job.sh`` (0700, the script verbatim) into the 0700 job directory.
 
@@ -182,14 +166,15 @@ def write_job_files(spec: JobSpec) -> tuple[Path, Path]:
     are created exclusively, never overwritten.
     """
     directory = spec.workdir
-    _prepare_job_dir(directory)
     token_path, script_path = directory / TOKEN_NAME, directory / SCRIPT_NAME
     try:
-        _create_file(token_path, spec.token.encode(), 0o600)
-        _create_file(script_path, spec.script.encode(), 0o700)
-    except FileExistsError as exc:
-        raise Conflict(f"job directory {directory} already holds {Path(str(exc.filename)).name}; "
-                       "each job needs a fresh directory") from None
+        private_dir(directory)
+        create_private_file(token_path, spec.token.encode(), mode=0o600)
+        create_private_file(script_path, spec.script.encode(), mode=0o700)
+    except PrivateFileExists as exc:
+        raise Conflict(f"{exc}: each job needs a fresh directory") from None
+    except PrivatePathError as exc:
+        raise ConfigurationError(f"job directory: {exc}") from None
     return script_path, token_path
 
 
@@ -286,27 +271,20 @@ class LocalLauncher:
 
     async def _stop(self, process: asyncio.subprocess.Process) -> None:
         """SIGTERM the job's process group, SIGKILL it after the grace period."""
-        _signal_group(process.pid, signal.SIGTERM)
+        signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), self.grace_s)
         except TimeoutError:
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
             await process.wait()
         # The script may have exited on SIGTERM while children it started ignore it.
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
 
     def _job(self, handle: JobHandle) -> _LocalJob:
         job = self._jobs.get(handle.native_id) if handle.launcher == self.name else None
         if job is None:
             raise NotFound(f"job {handle.job_id} was not started by this local launcher")
         return job
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _exit_code(returncode: int) -> int | None:

@@ -31,9 +31,9 @@ from typing import Any, Literal
 from limits import RateLimitItem, parse_many
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from common import strictyaml
 from controlplane.errors import ConfigurationError
 from controlplane.tokens import TokenKind
-from dataplane import strictyaml
 
 DEFAULT_POLICY_FILE = "default.yaml"
 ANONYMOUS = "anonymous"

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from common.clone import StateEndpoints
+from common.config import parse_endpoint
 from controlplane.errors import ConfigurationError
-from dataplane.clone import StateEndpoints
-from dataplane.config import parse_endpoint
 
+DEFAULT_STATE_DIR: Final = Path(".dsn")
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8750
 DATABASE_NAME: Final = "controlplane.sqlite3"

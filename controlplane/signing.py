@@ -17,8 +17,6 @@ import base64
 import hashlib
 import itertools
 import json
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +25,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.privatefs import (
+    PrivatePathError,
+    private_dir,
+    read_private_file,
+    replace_private_file,
+)
 from controlplane.errors import ConfigurationError, Conflict
-from controlplane.store import SigningKeyRecord, Store, ensure_private_dir
+from controlplane.store import SigningKeyRecord, Store
 
 Clock = Callable[[], float]
+# An Ed25519 PKCS#8 PEM is 119 bytes; anything much larger is not one.
+MAX_PEM_BYTES = 4096
 
 
 def _b64url(data: bytes) -> str:
@@ -68,29 +74,14 @@ def public_key_from_jwk(jwk: dict[str, str]) -> Ed25519PublicKey:
 def _write_private_pem(path: Path, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    tmp = path.with_suffix(".pem.tmp")
-    # Created 0600 from the first byte (O_EXCL: never reuse a file someone else prepared).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_private_file(path, pem)
 
 
 def _read_private_pem(path: Path, expected: Ed25519PublicKey) -> Ed25519PrivateKey:
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read signing key {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigurationError(f"signing key {path} is accessible by others (mode {mode:o}); "
-                                 "it must be 0600")
+        data = read_private_file(path, max_bytes=MAX_PEM_BYTES, what="signing key")
+    except PrivatePathError as exc:
+        raise ConfigurationError(str(exc)) from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -128,7 +119,7 @@ class KeyRing:
     @classmethod
     async def load(cls, state_dir: Path, store: Store, *, clock: Clock = time.time) -> KeyRing:
         keys_dir = state_dir / "keys"
-        await asyncio.to_thread(ensure_private_dir, keys_dir)
+        await asyncio.to_thread(private_dir, keys_dir)
         ring = cls(keys_dir, store, clock)
         await ring.refresh()
         return ring

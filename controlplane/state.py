@@ -1,6 +1,6 @@
 """The state service: publishes live sessions to gateways with the ZeroMQ Clone pattern.
 
-Wire format and client rules: ``dataplane.clone``. The service holds the published state (session
+Wire format and client rules: ``common.clone``. The service holds the published state (session
 id -> Session) with one sequence number; every change bumps it and goes out on the PUB socket,
 a ROUTER socket answers snapshot requests from the same map (so a snapshot at seq S holds exactly
 the changes up to S), and a heartbeat carries the current seq every ``heartbeat_s``.
@@ -42,9 +42,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils import z85
 
-from dataplane import clone
-from dataplane.config import Session, parse_endpoint
-from dataplane.keys import KeyPair
+from common import clone
+from common.config import Session, parse_endpoint
+from common.keys import KeyPair
 
 ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 ZAP_DOMAIN: Final = b"dsn-state"

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from common.privatefs import PrivatePathError, private_dir
 from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -251,13 +251,6 @@ class AuditRecord:
     hash: str
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) owner-only; tighten it if it exists with wider permissions."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        os.chmod(path, 0o700)
-
-
 def _is_lock_error(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
 
@@ -461,7 +454,10 @@ class Store:
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Store:
         """Open (creating it and its 0700 directory if needed) and migrate the database at ``path``."""
-        ensure_private_dir(path.parent)
+        try:
+            private_dir(path.parent)
+        except PrivatePathError as exc:
+            raise ConfigurationError(f"state directory: {exc}") from None
         async with AsyncExitStack() as on_failure:
             writer = await _connect(path, busy_timeout_s)
             on_failure.push_async_callback(writer.close)

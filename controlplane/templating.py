@@ -16,7 +16,7 @@ Defences, outermost first:
    and item access reads plain data only (mapping keys, list indexes, loop counters), under a time
    and output-size budget checked on every loop step and output chunk.
 4. DSN output is re-read with a safe YAML loader (no aliases, no duplicate keys) and validated by
-   ``dataplane.config.parse_config``, the schema the gateway's own file uses; job output must be a
+   ``common.config.parse_config``, the schema the gateway's own file uses; job output must be a
    ``#!`` script free of control characters.
 
 Pure: no I/O except ``load_template``/``load_templates``, which read the shipped directory.
@@ -56,10 +56,8 @@ from pydantic import (
     model_validator,
 )
 
-from controlplane.errors import BadRequest, ConfigurationError, NotFound
-from controlplane.policy import PolicySet
-from dataplane import strictyaml
-from dataplane.config import (
+from common import strictyaml
+from common.config import (
     BindEndpoint,
     ConfigError,
     ConnectEndpoint,
@@ -69,6 +67,8 @@ from dataplane.config import (
     parse_config,
     parse_endpoint,
 )
+from controlplane.errors import BadRequest, ConfigurationError, NotFound
+from controlplane.policy import PolicySet
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MAX_SOURCE_BYTES = 256 * 1024
@@ -650,7 +650,7 @@ class JobSystem(_Strict):
     output_dir: AbsolutePath
     token_file: AbsolutePath
     controlplane_url: StrictStr = Field(pattern=_URL.pattern, max_length=1024)
-    dsn_command: list[Argument] = Field(min_length=1, max_length=16)
+    consumer_command: list[Argument] = Field(min_length=1, max_length=16)
     mpiexec: list[Argument] = Field(default_factory=lambda: ["mpiexec"], min_length=1,
                                     max_length=16)
 
@@ -835,7 +835,7 @@ def sample_system(template: Template, params: Mapping[str, Any]) -> dict[str, An
             "config_path": "/var/lib/dsn/dry-run.yaml",
             "output_dir": "/var/lib/dsn/output", "token_file": "/var/lib/dsn/consumer.token",
             "controlplane_url": "http://127.0.0.1:8750",
-            "dsn_command": ["/usr/bin/python3", "-m", "controlplane"]}
+            "consumer_command": ["/usr/bin/python3", "-m", "dataplane.consumer"]}
 
 
 def _saved_value_errors(exc: BadRequest) -> BadRequest:

@@ -1,17 +1,17 @@
-"""``dsn producer`` and ``dsn consumer``: the endpoint commands."""
+"""``dsn producer``: stream a synthetic scan or replay a spool file into a session; make keys."""
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from dataplane.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
+from common.clitypes import scan_shape_option, template_params
+from common.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
+from common.restclient import RestError
+from common.tokenfile import TokenFileError, read_token
 from dataplane.producer import (
     GatewayTarget,
     HeaderMode,
@@ -21,38 +21,13 @@ from dataplane.producer import (
     replay_spool,
     stream_synthetic,
 )
-from dataplane.restclient import RestError, TokenFileError, read_token
 from dataplane.sessions import DEFAULT_TEMPLATE, Transport
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera, SyntheticError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group()
 def producer() -> None:
     """Stream detector data into a DSN session."""
-
-
-class ShapeParam(click.ParamType):
-    """``ROWSxCOLS``, e.g. ``32x32``."""
-
-    name = "ROWSxCOLS"
-
-    def convert(self, value: object, param: click.Parameter | None,
-                ctx: click.Context | None) -> tuple[int, int]:
-        if isinstance(value, tuple):
-            return value
-        match = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", str(value))
-        if not match or int(match[1]) < 1 or int(match[2]) < 1:
-            self.fail(f"{value!r} is not ROWSxCOLS with two positive integers, e.g. 32x32",
-                      param, ctx)
-        return int(match[1]), int(match[2])
-
-
-def scan_shape_option(default: str) -> Callable[[F], F]:
-    """``--scan-shape ROWSxCOLS``, shared by every command that streams a scan."""
-    return click.option("--scan-shape", type=ShapeParam(), default=default, show_default=True,
-                        help="Scan positions as ROWSxCOLS.")
 
 
 def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
@@ -216,21 +191,6 @@ def _read_project_token(path: Path) -> str:
         raise click.BadParameter(str(exc), param_hint="--project-token-file") from None
 
 
-def template_params(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``--param NAME=VALUE`` pairs; a value is JSON where it parses (64, true, ["10.0.0.0/8"]),
-    else the plain string."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
-        try:
-            params[name] = json.loads(text)
-        except ValueError:
-            params[name] = text
-    return params
-
-
 def _stream_in_session(session: ProducerSession, work: Work) -> None:
     try:
         with session:
@@ -285,67 +245,3 @@ def keygen(directory: Path, name: str) -> None:
         raise click.ClickException(f"cannot write keys to {directory}: {exc}") from None
     click.echo(f"public key file: {public_path}\nsecret key file: {secret_path}")
     click.echo(load_keypair(public_path).public.decode("ascii"))
-
-
-@click.group()
-def consumer() -> None:
-    """Receive, count and store a session's data on HPC nodes (run under mpiexec or srun)."""
-
-
-@consumer.command("run")
-@click.option("--config", "config_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="DSN configuration file (YAML).")
-@click.option("--session", required=True, help="Session id in the configuration.")
-@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for the per-scan HDF5 files (written by rank 0).")
-@click.option("--scans", type=click.IntRange(min=1), default=None,
-              help="Exit after this many scans [default: run until SIGTERM/SIGINT].")
-@click.option("--dark", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Dark reference: a frame-shaped float32 .npy file.")
-@click.option("--samples", type=click.IntRange(min=1), default=40, show_default=True,
-              help="Sample frames per scan for the thresholds, across all ranks.")
-@click.option("--background-sigma", type=float, default=4.0, show_default=True,
-              help="Background threshold in standard deviations.")
-@click.option("--xray-sigma", type=float, default=10.0, show_default=True,
-              help="X-ray threshold in standard deviations.")
-@click.option("--kernel", type=click.Choice(["vectorised", "stempy"]), default="vectorised",
-              show_default=True, help="Electron-counting kernel.")
-@click.option("--result-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Append scan results as JSON lines here [default: stdout without a control "
-                   "plane, none with one].")
-@click.option("--controlplane", "controlplane_url", envvar="DSN_CONTROLPLANE_URL", default=None,
-              metavar="URL",
-              help="Register with this control plane (env DSN_CONTROLPLANE_URL): each rank binds "
-                   "an ephemeral port, registers it and reports results there. Without it, rank "
-                   "r binds the session's consumer endpoint r from --config.")
-@click.option("--token-file", envvar="DSN_CONSUMER_TOKEN_FILE", default=None,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="File holding the consumer token, mode 0600 (env DSN_CONSUMER_TOKEN_FILE); "
-                   "needed with --controlplane.")
-@click.option("--bind-host", default="127.0.0.1", show_default=True, metavar="IP",
-              help="With --controlplane: the address ranks listen on, as the gateway reaches it.")
-@click.option("--job-id", envvar=["DSN_JOB_ID", "SLURM_JOB_ID"], default=None,
-              help="With --controlplane: the job id ranks register under (env DSN_JOB_ID or "
-                   "SLURM_JOB_ID) [default: a new id shared by all ranks].")
-def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int | None,
-                 dark: Path | None, samples: int, background_sigma: float, xray_sigma: float,
-                 kernel: str, result_file: Path | None, controlplane_url: str | None,
-                 token_file: Path | None, bind_host: str, job_id: str | None) -> None:
-    """Receive, count and write a session's scans; one rank per consumer endpoint."""
-    # Imported here so that other dsn commands never initialise MPI.
-    from dataplane.consumer.registration import RegistrationArguments
-    from dataplane.consumer.runner import JobArguments, run_job
-
-    registration = None
-    if controlplane_url is not None:
-        if token_file is None:
-            raise click.UsageError("--controlplane needs --token-file (or DSN_CONSUMER_TOKEN_FILE)")
-        registration = RegistrationArguments(controlplane_url=controlplane_url,
-                                             token_file=token_file, bind_host=bind_host,
-                                             job_id=job_id)
-    code = run_job(JobArguments(
-        config=config_path, session=session, output_dir=output_dir, scans=scans, dark=dark,
-        samples=samples, background_sigma=background_sigma, xray_sigma=xray_sigma, kernel=kernel,
-        result_file=result_file, registration=registration))
-    sys.exit(code)

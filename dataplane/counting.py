@@ -27,6 +27,8 @@ import numpy as np
 import stempy.image
 from scipy.optimize import least_squares
 
+from dataplane.errors import DataPlaneError
+
 PIXEL_VALUES: Final = 65_536
 # stempy converts the float dark reference through a 32-bit integer; outside that range its result
 # is not a subtraction at all, so such references are refused rather than imitated.
@@ -42,7 +44,7 @@ _NEIGHBOUR_STEPS: Final = np.array(
 )
 
 
-class CountingError(ValueError):
+class CountingError(DataPlaneError, ValueError):
     """Bad counting input, or thresholds that cannot be derived from the samples."""
 
 

@@ -1,7 +1,7 @@
 """Producer SDK: stream detector sectors into a DSN gateway over CURVE, and a synthetic streamer.
 
 A ``Producer`` owns one PUSH socket, a CURVE client of the gateway's ingress. It speaks the wire
-protocol of ``dataplane.protocol``: ``scan_begin``, then one ``data`` message per sector, then
+protocol of ``common.protocol``: ``scan_begin``, then one ``data`` message per sector, then
 ``scan_end {sent}``. ``replay_spool`` sends a gateway spool file (``dataplane.spool``) the same way.
 In "ncem" header mode, data messages carry the NCEM 4D Camera header instead of
 the native one (the scan messages stay native), as existing 4D Camera receivers do.
@@ -41,8 +41,8 @@ import zmq
 from tqdm import tqdm
 from zmq.utils.monitor import recv_monitor_message
 
-from dataplane.keys import KeyPair, load_secret_keypair
-from dataplane.protocol import (
+from common.keys import KeyPair, load_secret_keypair
+from common.protocol import (
     VERSION,
     Data,
     NcemHeader,
@@ -54,6 +54,7 @@ from dataplane.protocol import (
     encode,
     encode_ncem,
 )
+from dataplane.errors import DataPlaneError
 from dataplane.sessions import (
     DEFAULT_TEMPLATE,
     OpenedSession,
@@ -70,7 +71,7 @@ Shape = tuple[int, int]
 _SECTOR_DTYPE = np.dtype("<u2")
 
 
-class ProducerError(RuntimeError):
+class ProducerError(DataPlaneError):
     """A producer that cannot send: bad input, or a gateway that is unreachable or stalled."""
 
 
@@ -405,7 +406,7 @@ class ProducerSession:
     block, so the gateway stops admitting the key at once rather than at expiry. With
     ``transport="plain"`` the session is opened for unencrypted transport (refused unless the
     policy allows it) and every stream goes to the gateway's plaintext ingress. Control-plane
-    failures raise ``dataplane.restclient.RestError``. The project token is never in a ``repr``.
+    failures raise ``common.restclient.RestError``. The project token is never in a ``repr``.
     """
 
     def __init__(self, controlplane_url: str, project_token: str, *, project: str,

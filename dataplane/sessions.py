@@ -1,7 +1,7 @@
 """A producer's sessions over the control plane's REST API: open one (registering the producer's
 CURVE public key, which the gateway then admits) and end it.
 
-Both calls take a project token. Failures are ``RestError`` (``dataplane.restclient``) with the
+Both calls take a project token. Failures are ``RestError`` (``common.restclient``) with the
 status, the problem's title, detail, field errors and request id, never the token. A control plane
 that does not answer, or answers 429 or 503, is asked again a few times with backoff: those mean the
 request was not acted on. Other 5xx answers are not retried for an open, since a second open with
@@ -10,38 +10,19 @@ the same key would be refused (409) if the first one did take effect.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from dataplane.restclient import RestError, call_json, check_base_url, quote, with_retries
+from common.credentials import PlainCredentials
+from common.restclient import RestError, call_json, check_base_url, quote, with_retries
 
 SESSIONS_PATH = "/api/v1/sessions"
 DEFAULT_TEMPLATE = "4dstem"
 RETRY_ATTEMPTS = 4
 Transport = Literal["curve", "plain"]
-
-
-@dataclass(frozen=True)
-class PlainCredentials:
-    """ZMTP PLAIN credentials for a session allowed unencrypted transport: the session id and the
-    session token's signature (a whole token exceeds PLAIN's 255-byte limit)."""
-
-    username: str
-    password: str = field(repr=False)
-
-    @classmethod
-    def of(cls, session_id: str, session_token: str) -> PlainCredentials:
-        # The signature is as unguessable as the whole token, and bound to it.
-        return cls(session_id, session_token.rsplit(".", 1)[-1])
-
-    @property
-    def password_sha256(self) -> str:
-        """What the session publishes for the gateway to check the password against."""
-        return hashlib.sha256(self.password.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from typing import BinaryIO, Final, Self
 
 import msgspec
 
-from dataplane.protocol import (
+from common.protocol import (
     MAX_CONTROL_BYTES,
     MAX_HEADER_BYTES,
     U32,
@@ -61,6 +61,7 @@ from dataplane.protocol import (
     decode_producer_header,
     is_native_header,
 )
+from dataplane.errors import DataPlaneError
 
 MAGIC: Final = b"DSNSPOOL"
 FORMAT_VERSION: Final = 1
@@ -77,11 +78,11 @@ _SCAN_BEGIN = struct.Struct("<IH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _COUNTS = struct.Struct("<QQI")
-# The protocol's session id (dataplane.protocol.SessionId), which also bounds it to 64 bytes.
+# The protocol's session id (common.protocol.SessionId), which also bounds it to 64 bytes.
 _SESSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class SpoolError(ValueError):
+class SpoolError(DataPlaneError, ValueError):
     """A spool file that cannot be used; the message names the byte offset of the defect."""
 
     def __init__(self, offset: int, detail: str) -> None:

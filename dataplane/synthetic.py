@@ -35,6 +35,8 @@ from typing import Final, NamedTuple
 
 import numpy as np
 
+from dataplane.errors import DataPlaneError
+
 BACKGROUND_MEAN: Final = 100
 BACKGROUND_SIGMA: Final = 10.0
 BACKGROUND_MIN: Final = 75
@@ -54,7 +56,7 @@ _POOL_STREAM, _DARK_STREAM, _FRAME_STREAM, _PLAN_STREAM, _REORDER_STREAM = range
 _NEIGHBOURS: Final = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc)
 
 
-class SyntheticError(ValueError):
+class SyntheticError(DataPlaneError, ValueError):
     """A camera spec, stream plan or index that cannot be used; the message names the value."""
 
 

@@ -18,8 +18,8 @@ from typing import Any, NoReturn
 
 import click
 
-from dataplane.clone import StateEndpoints
-from dataplane.config import (
+from common.clone import StateEndpoints
+from common.config import (
     ConfigError,
     Detector,
     DSNConfig,
@@ -27,8 +27,8 @@ from dataplane.config import (
     parse_config,
     parse_endpoint,
 )
-from dataplane.keys import KeyFileError, create_keypair, load_keypair, load_secret_keypair
-from dataplane.logs import configure as configure_logging
+from common.keys import KeyFileError, create_keypair, load_keypair, load_secret_keypair
+from common.logs import configure as configure_logging
 from gateway.errors import GatewayError
 from gateway.metrics import serve_metrics
 from gateway.proxy import Gateway, Mode

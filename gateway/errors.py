@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import DsnError
 
-class GatewayError(Exception):
+
+class GatewayError(DsnError):
     """A gateway that cannot start or run as configured; the message names the cause."""
 
 

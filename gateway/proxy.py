@@ -32,9 +32,9 @@ from typing import Final, Literal, cast
 
 import zmq
 
-from dataplane.clone import InterruptedScan
-from dataplane.config import DSNConfig, GatewaySettings
-from dataplane.keys import KeyPair, load_secret_keypair
+from common.clone import InterruptedScan
+from common.config import DSNConfig, GatewaySettings
+from common.keys import KeyPair, load_secret_keypair
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
 from gateway.router import (

@@ -43,8 +43,8 @@ from typing import Final, NamedTuple
 import msgspec
 import numpy as np
 
-from dataplane.clone import InterruptedScan
-from dataplane.protocol import (
+from common.clone import InterruptedScan
+from common.protocol import (
     MAX_MANIFEST,
     VERSION,
     Data,
@@ -70,7 +70,7 @@ CLOSED_SCANS_KEPT: Final = 1024
 
 
 class Reason(str, enum.Enum):
-    """Gateway drop reasons beyond the protocol's own (dataplane.protocol.DropReason)."""
+    """Gateway drop reasons beyond the protocol's own (common.protocol.DropReason)."""
 
     UNAUTHENTICATED = "unauthenticated"
     SESSION_EXPIRED = "session_expired"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from dataplane.config import ConfigError, DSNConfig, Network, Session, load_config
+from common.config import ConfigError, DSNConfig, Network, Session, load_config
 
 
 @dataclass(frozen=True, slots=True)

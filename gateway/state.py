@@ -1,6 +1,6 @@
 """Sessions from the control plane's state service: the Clone-pattern client, in a thread.
 
-Wire format and rules: ``dataplane.clone``. The thread subscribes to updates first, then asks for
+Wire format and rules: ``common.clone``. The thread subscribes to updates first, then asks for
 a snapshot on a fresh DEALER socket (a fresh socket per request, so a late answer to an earlier
 request can never be mistaken for the current one); ``CloneState`` buffers the updates that arrive
 meanwhile and applies those newer than the snapshot. A gap, a new server epoch, a heartbeat ahead of
@@ -35,9 +35,9 @@ from datetime import UTC, datetime
 
 import zmq
 
-from dataplane import clone
-from dataplane.config import ConfigError
-from dataplane.keys import KeyPair
+from common import clone
+from common.config import ConfigError
+from common.keys import KeyPair
 from gateway.sessions import SessionTable
 
 log = logging.getLogger("dsn.gateway.state")

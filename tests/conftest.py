@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from dataplane.keys import KeyPair, create_keypair, load_keypair
-from dataplane.ports import free_port as dataplane_free_port
+from common.keys import KeyPair, create_keypair, load_keypair
+from common.ports import free_port as dataplane_free_port
 
 
 @pytest.fixture

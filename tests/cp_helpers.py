@@ -18,12 +18,12 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from controlplane.admin import initialize
+from common.clone import StateEndpoints
+from common.ports import free_ports
+from controlplane.admin.bootstrap import initialize
 from controlplane.app import create_app
 from controlplane.middlewares import SERVICES, Services
 from controlplane.settings import Settings
-from dataplane.clone import StateEndpoints
-from dataplane.ports import free_ports
 
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 CLIENT_SCOPE = "token:exchange projects:read tokens:read sessions:read sessions:write"

@@ -19,8 +19,8 @@ import test_gateway_proxy
 import zmq
 from test_gateway_proxy import Rig, begin, data, end, receive, wait_for
 
-from dataplane.keys import KeyPair
-from dataplane.protocol import RoutedScanEnd, decode_consumer_message
+from common.keys import KeyPair
+from common.protocol import RoutedScanEnd, decode_consumer_message
 
 rig = test_gateway_proxy.rig  # the gateway rig fixture, shared
 

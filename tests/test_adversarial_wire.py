@@ -22,7 +22,7 @@ import zmq
 from test_gateway_proxy import Rig, begin, data, end, receive
 from zmq.utils.monitor import recv_monitor_message
 
-from dataplane.protocol import NcemHeader, RoutedScanEnd, decode_consumer_message, encode_ncem
+from common.protocol import NcemHeader, RoutedScanEnd, decode_consumer_message, encode_ncem
 
 rig = test_gateway_proxy.rig  # the gateway rig fixture, shared
 

@@ -10,8 +10,8 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane import clone
-from dataplane.clone import CloneState, Entry, Heartbeat, Outcome, SnapshotEnd, SnapshotRequest
+from common import clone
+from common.clone import CloneState, Entry, Heartbeat, Outcome, SnapshotEnd, SnapshotRequest
 
 EPOCH = "a" * 32
 OTHER_EPOCH = "b" * 32

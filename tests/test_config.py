@@ -10,7 +10,7 @@ import pytest
 import yaml
 import zmq
 
-from dataplane.config import ConfigError, load_config, parse_config
+from common.config import ConfigError, load_config, parse_config
 
 CLIENT_KEY = zmq.curve_keypair()[0].decode()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.protocol import Data, RoutedScanBegin, RoutedScanEnd
 from dataplane.consumer.assembly import MISROUTED, NOT_RECEIVED, MissingSector, ScanAssembly
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd
 
 SCAN_SHAPE = (2, 4)  # 8 positions
 FRAME_SHAPE = (8, 6)  # 4 sectors of 2 rows

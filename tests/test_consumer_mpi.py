@@ -25,8 +25,8 @@ import stempy.io
 import yaml
 import zmq
 
-from dataplane.ports import free_port
-from dataplane.protocol import Data, RoutedScanAbort, RoutedScanBegin, RoutedScanEnd, encode
+from common.ports import free_port
+from common.protocol import Data, RoutedScanAbort, RoutedScanBegin, RoutedScanEnd, encode
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
 SESSION = "mpi-test"

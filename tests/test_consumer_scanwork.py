@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import stempy.io
 
+from common.protocol import Data, RoutedScanBegin, RoutedScanEnd
 from dataplane import counting
 from dataplane.consumer.agreement import decode_decision, encode_decision
 from dataplane.consumer.errors import WriteError
 from dataplane.consumer.outcome import RankParts, merge
 from dataplane.consumer.scanwork import CountingOptions, ScanWork, decide_thresholds
 from dataplane.consumer.writer import scan_file_name, write_scan
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
 SPEC = CameraSpec(scan_shape=(2, 4), frame_shape=(64, 64), seed=21, electrons_per_frame=6)

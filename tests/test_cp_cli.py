@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from controlplane.cli import main
+from common.keys import load_keypair
+from common.ports import free_port
 from controlplane.settings import DATABASE_NAME
-from dataplane.keys import load_keypair
-from dataplane.ports import free_port
+from dsn.cli import main
 
 DSN = str(Path(sys.executable).parent / "dsn")
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"

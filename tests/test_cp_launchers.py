@@ -122,7 +122,7 @@ def test_job_files_are_never_overwritten_nor_written_through_a_link(tmp_path: Pa
     elsewhere = tmp_path / "elsewhere"
     elsewhere.write_text("untouched")
     (spec.workdir / "token").symlink_to(elsewhere)
-    with pytest.raises(Conflict, match="already holds token"):
+    with pytest.raises(Conflict, match="token exists; refusing to overwrite it"):
         write_job_files(spec)
     assert elsewhere.read_text() == "untouched"
     assert _mode(spec.workdir) == 0o700

@@ -24,7 +24,9 @@ from cp_helpers import CLIENT_SCOPE, SHIPPED_POLICY, ClientFactory, ControlPlane
 from cp_helpers import start_control_plane as start
 from test_cp_launchers import FakeSlurm
 
-from controlplane.admin import initialize
+from common.config import load_config
+from common.keys import create_keypair, load_keypair
+from controlplane.admin.bootstrap import initialize
 from controlplane.app import create_app
 from controlplane.errors import ConfigurationError
 from controlplane.sessions.core import (
@@ -36,8 +38,6 @@ from controlplane.sessions.core import (
 )
 from controlplane.settings import Settings
 from controlplane.tokens import Surface, TokenKind
-from dataplane.config import load_config
-from dataplane.keys import create_keypair, load_keypair
 
 WORKER_SCOPE = CLIENT_SCOPE + " scans:read consumers:register scans:report"
 SHA = hashlib.sha256(b"scan").hexdigest()

@@ -45,7 +45,7 @@ JOB_SYSTEM: dict[str, Any] = {
     "output_dir": "/scratch/dsn/s-20261122-0001",
     "token_file": "/var/lib/dsn/sessions/s-20261122-0001/consumer.token",
     "controlplane_url": "https://dsn.example.org:8750",
-    "dsn_command": ["/opt/dsn/.venv/bin/python", "-m", "controlplane"],
+    "consumer_command": ["/opt/dsn/.venv/bin/python", "-m", "dataplane.consumer"],
     "mpiexec": ["/opt/dsn/.venv/bin/mpiexec", "--oversubscribe"],
 }
 GOLDEN_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
@@ -99,7 +99,7 @@ sessions:
     allowed_targets: [127.0.0.0/8]
     consumers: {{ system.consumers | yaml }}
 """
-ECHO_JOB = "#!/bin/sh\nprintf '%s\\n' {{ params.text | shquote }} {{ system.dsn_command | shquote }}\n"
+ECHO_JOB = "#!/bin/sh\nprintf '%s\\n' {{ params.text | shquote }} {{ system.consumer_command | shquote }}\n"
 
 
 # --- golden files ------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_job_values_reach_the_command_as_one_word_each(text: str, tmp_path: Path
                                                        policy: PolicySet) -> None:
     template = make("job", {"text": {"type": "string", "pattern": ".*", "example": "x"}},
                     ECHO_JOB)
-    system = JOB_SYSTEM | {"dsn_command": [f"x{text}", "second word"]}
+    system = JOB_SYSTEM | {"consumer_command": [f"x{text}", "second word"]}
     script = render_values(template, {"text": text}, system, policy).text
     run = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          timeout=10, check=True)
@@ -364,7 +364,7 @@ def test_system_values_are_validated_too(change: dict[str, Any], field: str,
 @pytest.mark.parametrize("change, field", [
     ({"ranks": 0}, "system.ranks"), ({"ranks": "4"}, "system.ranks"),
     ({"token_file": "/t\n; curl evil"}, "system.token_file"),
-    ({"dsn_command": []}, "system.dsn_command"),
+    ({"consumer_command": []}, "system.consumer_command"),
     ({"controlplane_url": "http://x/$(id)"}, "system.controlplane_url"),
 ])
 def test_job_system_values_are_validated(change: dict[str, Any], field: str,
@@ -431,7 +431,7 @@ def test_sandbox_escapes_are_refused_when_saved(body: str, policy: PolicySet) ->
 
 
 @pytest.mark.parametrize("expression", ["system.ranks.real", "system.session_id.upper",
-                                        "system.dsn_command.copy", "system['ranks'].numerator"])
+                                        "system.consumer_command.copy", "system['ranks'].numerator"])
 def test_the_sandbox_reads_plain_data_only(expression: str, policy: PolicySet) -> None:
     source = yaml.safe_dump({"name": "probe", "kind": "job",
                              "body": f"#!/bin/sh\necho {{{{ {expression} | shquote }}}}\n"})

@@ -12,9 +12,9 @@ import pytest
 import stempy.io
 from click.testing import CliRunner
 
-from controlplane.cli import main
-from controlplane.demo import DemoOptions, run_demo
 from dataplane.synthetic import CameraSpec, StreamPlan
+from dsn.cli import main
+from dsn.demo import DemoOptions, run_demo
 
 
 @pytest.mark.slow

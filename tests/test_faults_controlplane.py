@@ -41,11 +41,12 @@ from cp_helpers import (
 )
 from test_cp_api import assert_problem
 
-from controlplane.cli import main
-from controlplane.processes import Child, ProcessFailed, ProcessGroup
+from common.ports import free_port
 from controlplane.settings import DATABASE_NAME
 from controlplane.store import DEFAULT_BUSY_TIMEOUT_S
-from dataplane.ports import free_port
+from dsn.cli import main
+from dsn.errors import ProcessFailed
+from dsn.processes import Child, ProcessGroup
 
 DSN = str(Path(sys.executable).parent / "dsn")
 ROUNDS = 3

@@ -37,11 +37,11 @@ import test_consumer_mpi as mpi_job
 import zmq
 from test_consumer_mpi import Job, ScanPlan
 
-from dataplane import strictyaml
-from dataplane.config import Detector
-from dataplane.keys import KeyPair
+from common import strictyaml
+from common.config import Detector
+from common.keys import KeyPair
+from common.protocol import Data, RoutedScanBegin, RoutedScanEnd, decode_consumer_message
 from dataplane.producer import Producer
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, decode_consumer_message
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
 DSN = Path(sys.executable).parent / "dsn"

@@ -30,8 +30,8 @@ import yaml
 import zmq
 from test_consumer_mpi import RANKS, SESSION, _finish, _start
 
-from dataplane.keys import KeyPair, create_keypair, load_keypair
-from dataplane.ports import free_port
+from common.keys import KeyPair, create_keypair, load_keypair
+from common.ports import free_port
 from dataplane.producer import stream_synthetic
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 from dataplane.verify import expected_events

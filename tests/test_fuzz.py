@@ -211,7 +211,7 @@ def test_any_string_reaches_a_job_script_as_exactly_one_shell_word_or_is_refused
         assert _refused_fields(exc) == {"params.text"} and not text.isprintable()
         return
     command = script.splitlines()[1]
-    assert shlex.split(command) == ["printf", "%s\\n", text, *JOB_SYSTEM["dsn_command"]]
+    assert shlex.split(command) == ["printf", "%s\\n", text, *JOB_SYSTEM["consumer_command"]]
 
 
 values = st.recursive(

@@ -10,7 +10,7 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from dataplane.config import Session
+from common.config import Session
 from gateway.auth import admit, decide_request, handshake_failure_reason, reply_frames
 from gateway.sessions import SessionTable
 

@@ -16,8 +16,8 @@ import yaml
 import zmq
 from click.testing import CliRunner
 
-from dataplane.keys import KeyPair, load_keypair
-from dataplane.protocol import Data, ScanBegin, encode
+from common.keys import KeyPair, load_keypair
+from common.protocol import Data, ScanBegin, encode
 from gateway.cli import gateway
 
 DSN = str(Path(sys.executable).parent / "dsn")

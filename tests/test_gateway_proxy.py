@@ -15,10 +15,10 @@ import msgpack
 import pytest
 import zmq
 
-from dataplane import strictyaml
-from dataplane.config import load_config
-from dataplane.keys import KeyPair
-from dataplane.protocol import (
+from common import strictyaml
+from common.config import load_config
+from common.keys import KeyPair
+from common.protocol import (
     Data,
     NcemHeader,
     RoutedScanBegin,

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gateway.router as router_module
-from dataplane.clone import InterruptedScan
-from dataplane.config import Detector, Limits, Session
-from dataplane.protocol import (
+from common.clone import InterruptedScan
+from common.config import Detector, Limits, Session
+from common.protocol import (
     Data,
     NcemHeader,
     RoutedScanAbort,

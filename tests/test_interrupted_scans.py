@@ -34,7 +34,7 @@ import zmq
 from cp_helpers import ControlPlane, served_on, start_control_plane
 from test_cp_sessions_api import WORKER_SCOPE
 
-from dataplane.keys import KeyPair, load_keypair
+from common.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, replay_spool
 from dataplane.spool import SpoolReader
 from dataplane.synthetic import CameraSpec, SyntheticCamera

@@ -31,16 +31,16 @@ from cp_helpers import (
     start_control_plane,
 )
 
-from dataplane.keys import KeyPair, load_keypair
-from dataplane.producer import Producer, ProducerError
-from dataplane.protocol import (
+from common.credentials import PlainCredentials
+from common.keys import KeyPair, load_keypair
+from common.protocol import (
     Data,
     RoutedScanAbort,
     RoutedScanBegin,
     RoutedScanEnd,
     decode_consumer_message,
 )
-from dataplane.sessions import PlainCredentials
+from dataplane.producer import Producer, ProducerError
 from dataplane.spool import SpoolReader
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]

@@ -34,9 +34,9 @@ from cp_helpers import (
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_proxy import SMALL_SECTOR, Rig, begin, data, end, receive, wait_for
 
+from common.keys import KeyPair
+from common.logs import JsonLines
 from controlplane.middlewares import AccessLogger, quiet_protocol_errors
-from dataplane.keys import KeyPair
-from dataplane.logs import JsonLines
 from gateway.metrics import serve_metrics
 
 rig = test_gateway_proxy.rig  # the gateway rig fixture, shared
@@ -216,7 +216,7 @@ class _Collect(logging.Handler):
 def all_logs() -> Iterator[Callable[[], list[str]]]:
     """Every record any logger emits, at DEBUG and up, formatted as the services' JSON lines.
     The handler sits on the root logger and on the loggers ``dsn`` processes stop propagating
-    (dataplane.logs.configure), so no record escapes it."""
+    (common.logs.configure), so no record escapes it."""
     collect = _Collect()
     loggers = [logging.getLogger(name) for name in ("", "dsn", "aiohttp.access")]
     levels = [logger.level for logger in loggers]

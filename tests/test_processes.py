@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.processes import ProcessFailed, ProcessGroup
+from dsn.errors import ProcessFailed
+from dsn.processes import ProcessGroup
 
 
 def _python(code: str) -> list[str]:

@@ -16,10 +16,10 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
+from common.keys import KeyPair, create_keypair, load_keypair
+from common.protocol import Data, ScanBegin, ScanEnd, decode_producer_header, is_native_header
 from dataplane.cli import producer as producer_cli
-from dataplane.keys import KeyPair, create_keypair, load_keypair
 from dataplane.producer import HeaderMode, Producer, ProducerError, StreamStats, stream_synthetic
-from dataplane.protocol import Data, ScanBegin, ScanEnd, decode_producer_header, is_native_header
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 
 pytestmark = pytest.mark.timeout(30)

@@ -18,12 +18,12 @@ import zmq
 from click.testing import CliRunner, Result
 from cp_helpers import ClientFactory, ControlPlane, start_control_plane, write_policy
 
+from common.clone import StateEndpoints
+from common.keys import create_keypair, load_keypair
+from common.protocol import ProducerMessage, decode_producer_header
+from common.restclient import RestError
 from dataplane.cli import producer
-from dataplane.clone import StateEndpoints
-from dataplane.keys import create_keypair, load_keypair
 from dataplane.producer import ProducerSession
-from dataplane.protocol import ProducerMessage, decode_producer_header
-from dataplane.restclient import RestError
 from dataplane.sessions import end_session, open_session
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 
@@ -148,7 +148,7 @@ async def test_a_bad_token_is_401_and_never_echoed(cp: ControlPlane) -> None:
 
 def test_an_absent_control_plane_is_retried_with_backoff(free_port: Callable[[], int]) -> None:
     slept: list[float] = []
-    with pytest.raises(RestError, match="no answer from http://127.0.0.1:") as absent:
+    with pytest.raises(RestError, match="cannot reach the control plane at http://127.0.0.1:") as absent:
         open_session(f"http://127.0.0.1:{free_port()}", "t", project="alpha", template="4dstem",
                      params={}, client_public_key=zmq.curve_keypair()[0], timeout_s=2,
                      sleep=slept.append)

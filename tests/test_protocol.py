@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataplane import protocol as p
+from common import protocol as p
 
 u32 = st.integers(0, 2**32 - 1)
 dims = st.tuples(st.integers(1, 65_535), st.integers(1, 65_535))

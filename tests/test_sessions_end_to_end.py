@@ -20,7 +20,7 @@ import zmq
 from cp_helpers import ControlPlane, served_on
 from test_cp_sessions_api import WORKER_SCOPE, open_session, start_control_plane
 
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
+from common.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
 RANKS = 2

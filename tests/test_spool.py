@@ -19,12 +19,10 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from dataplane import strictyaml
-from dataplane.cli import producer as producer_cli
-from dataplane.config import load_config
-from dataplane.keys import KeyPair, create_keypair, load_secret_keypair
-from dataplane.producer import Producer, replay_spool, stream_synthetic
-from dataplane.protocol import (
+from common import strictyaml
+from common.config import load_config
+from common.keys import KeyPair, create_keypair, load_secret_keypair
+from common.protocol import (
     Data,
     RoutedScanBegin,
     RoutedScanEnd,
@@ -32,6 +30,8 @@ from dataplane.protocol import (
     decode_consumer_message,
     encode,
 )
+from dataplane.cli import producer as producer_cli
+from dataplane.producer import Producer, replay_spool, stream_synthetic
 from dataplane.spool import (
     SpoolError,
     SpoolManifest,

@@ -12,10 +12,10 @@ import pytest
 import zmq
 from zmq.utils import z85
 
+from common.clone import AckOutcome, InterruptedScan, StateEndpoints
+from common.config import Session
+from common.keys import KeyPair
 from controlplane.state import StateService, StateSettings, diff, zap_reply
-from dataplane.clone import AckOutcome, InterruptedScan, StateEndpoints
-from dataplane.config import Session
-from dataplane.keys import KeyPair
 from gateway.sessions import SessionTable
 from gateway.state import CloneSessionSource
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from common.config import parse_endpoint
 from controlplane.errors import Conflict
 from controlplane.launchers import JobHandle
 from controlplane.policy import PolicySet
-from dataplane.config import parse_endpoint
 
 SessionState = Literal["open", "ended", "expired"]
 LeaseState = Literal["live", "expired", "left"]

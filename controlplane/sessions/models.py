@@ -7,12 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
+from common.config import ConnectEndpoint, CurveKey
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, SessionState
 from controlplane.templating import (
     NAME_PATTERN as TEMPLATE_NAME_PATTERN,
 )
-from dataplane.config import ConnectEndpoint, CurveKey
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

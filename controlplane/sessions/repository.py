@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, fields
 from typing import Any, TypeVar
 
+from common.config import ConfigError, Session, parse_config
 from controlplane.errors import Conflict, NotFound
 from controlplane.sessions.core import (
     ConsumerRecord,
@@ -22,7 +23,6 @@ from controlplane.sessions.core import (
     lease_until,
 )
 from controlplane.store import Conn, Store, TokenRecord
-from dataplane.config import ConfigError, Session, parse_config
 
 log = logging.getLogger(__name__)
 

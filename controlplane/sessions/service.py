@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,11 @@ from typing import Any
 
 import zmq
 
+from common import strictyaml
+from common.clone import AckOutcome, InterruptedScan
+from common.credentials import PlainCredentials
+from common.keys import KeyFileError, load_keypair
+from common.privatefs import create_private_file, private_dir
 from controlplane import templates_api
 from controlplane.errors import (
     BadRequest,
@@ -29,7 +33,7 @@ from controlplane.launchers import (
     JobSpec,
     JobStatus,
     Launcher,
-    dsn_command,
+    consumer_command,
     mpiexec_command,
 )
 from controlplane.middlewares import Services, resource_label
@@ -62,13 +66,9 @@ from controlplane.sessions.repository import (
     record_result,
     register_consumer,
 )
-from controlplane.store import Store, TokenRecord, ensure_private_dir
+from controlplane.store import Store, TokenRecord
 from controlplane.templating import Kind, Template, parse_template_cached, render_values
 from controlplane.tokens import Claims, TokenKind
-from dataplane import strictyaml
-from dataplane.clone import AckOutcome, InterruptedScan
-from dataplane.keys import KeyFileError, load_keypair
-from dataplane.sessions import PlainCredentials
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,13 @@ async def gateway_info(services: Services) -> GatewayInfo:
                        plain_endpoint=services.settings.gateway_plain_endpoint)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` 0600 from the first instant; never follow a link or reuse a file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
 def _prepare_job_dir(jobs_dir: Path, job_id: str, config: dict[str, Any]) -> Path:
     """A fresh 0700 job directory holding the session's configuration (0600) and an output dir."""
-    ensure_private_dir(jobs_dir)
     workdir = jobs_dir / job_id
-    workdir.mkdir(mode=0o700)
-    (workdir / OUTPUT_NAME).mkdir(mode=0o700)
-    _write_private(workdir / CONFIG_NAME, strictyaml.dump(config).encode())
+    private_dir(jobs_dir)
+    workdir.mkdir(mode=0o700)  # new: a job id is never reused
+    private_dir(workdir / OUTPUT_NAME)
+    create_private_file(workdir / CONFIG_NAME, strictyaml.dump(config).encode())
     return workdir
 
 
@@ -276,7 +269,7 @@ async def _job_system(services: Services, session: SessionRecord, workdir: Path,
         "session_id": session.id, "job_id": workdir.name, "ranks": ranks,
         "config_path": str(workdir / CONFIG_NAME),
         "output_dir": str(workdir / OUTPUT_NAME), "token_file": str(workdir / TOKEN_NAME),
-        "controlplane_url": settings.base_url, "dsn_command": dsn_command()}
+        "controlplane_url": settings.base_url, "consumer_command": consumer_command()}
     if settings.launcher == "local":
         # mpiexec_command ends in "-n RANKS"; the template writes those itself.
         system["mpiexec"] = (await asyncio.to_thread(mpiexec_command, ranks, []))[:-2]

@@ -1,5 +1,6 @@
-"""``python -m dataplane.consumer run ...``: the same command as ``dsn consumer run``."""
+"""``python -m dataplane.consumer run ...``: the same command as ``dsn consumer run``, without
+loading anything but the data plane (job scripts start every MPI rank this way)."""
 
-from dataplane.cli import consumer
+from dataplane.consumer.cli import consumer
 
-consumer(prog_name="dsn consumer")
+consumer(prog_name="dsn consumer", auto_envvar_prefix="DSN_CONSUMER")

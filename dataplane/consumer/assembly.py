@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dataplane.protocol import Data, ProtocolError, RoutedScanBegin, RoutedScanEnd
+from common.protocol import Data, ProtocolError, RoutedScanBegin, RoutedScanEnd
 
 NOT_RECEIVED = "not_received"
 MISROUTED = "misrouted"

@@ -1,31 +1,20 @@
 """The consumer's side of the control plane's REST API: register, heartbeat, leave, report.
 
-The calls go through ``dataplane.restclient``; every failure here is a ``ControlPlaneError`` naming
-the call and the control plane's own explanation (the ``detail`` of its problem+json answer), so
-that consumer code handles one exception tree. The token travels only in the ``Authorization``
-header and is never part of a message or a log record.
+The calls go through the shared REST client: every failure is its ``RestError``, naming the call,
+the status and the control plane's own explanation, with ``retryable`` for the ones worth another
+attempt. The token travels only in the ``Authorization`` header and is never part of a message or
+a log record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from dataplane import restclient
-from dataplane.consumer.errors import ControlPlaneError, SetupError
-from dataplane.restclient import REQUEST_TIMEOUT_S, RestError, TokenFileError, quote, with_retries
-
-__all__ = ["ControlPlaneClient", "Lease", "Registration", "read_token", "with_retries"]
-
-
-def read_token(path: Path) -> str:
-    """The consumer token from ``path``, which must be a regular file only its owner can read."""
-    try:
-        return restclient.read_token(path)
-    except TokenFileError as exc:
-        raise SetupError(str(exc)) from None
+from common import restclient
+from common.restclient import REQUEST_TIMEOUT_S, RestError, quote
+from dataplane.consumer.errors import SetupError
 
 
 @dataclass(frozen=True)
@@ -56,8 +45,8 @@ class Lease:
             return cls(str(answer["id"]), datetime.fromisoformat(answer["registered_at"]),
                        datetime.fromisoformat(answer["lease_expires_at"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ControlPlaneError(f"the control plane's consumer record is malformed: {exc!r}",
-                                    None) from None
+            raise RestError(f"the control plane's consumer record is malformed: {exc!r}",
+                            None) from None
 
 
 @dataclass(frozen=True)
@@ -90,11 +79,8 @@ class ControlPlaneClient:
         self._call("POST", f"{_session_path(session)}/scans/{scan}/result", result)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        try:
-            return restclient.call_json(self.base_url, self.token, method, path, body,
-                                        timeout_s=self.timeout_s)
-        except RestError as exc:
-            raise ControlPlaneError(str(exc), exc.status) from None
+        return restclient.call_json(self.base_url, self.token, method, path, body,
+                                    timeout_s=self.timeout_s)
 
 
 def _session_path(session: str) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataplane.errors import DataPlaneError
 
-class ConsumerError(Exception):
+
+class ConsumerError(DataPlaneError):
     """A consumer job cannot go on; the message names the bad value."""
 
 
@@ -21,19 +23,3 @@ class MembershipError(ConsumerError):
 
 class WriteError(ConsumerError):
     """A scan's output file could not be written."""
-
-
-class ControlPlaneError(ConsumerError):
-    """A control-plane call failed; ``status`` is the HTTP status (None: no usable answer).
-
-    ``retryable`` marks the failures worth another attempt: no answer, 429 and 5xx. A 4xx is the
-    control plane refusing the request, and asking again would be refused again.
-    """
-
-    def __init__(self, message: str, status: int | None) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def retryable(self) -> bool:
-        return self.status is None or self.status == 429 or self.status >= 500

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from common.protocol import RoutedScanBegin, RoutedScanEnd
 from dataplane.consumer.scanwork import ThresholdDecision
-from dataplane.protocol import RoutedScanBegin, RoutedScanEnd
 
 COMPLETE = "complete"
 PARTIAL = "partial"

@@ -21,15 +21,12 @@ from pathlib import Path
 import zmq
 from mpi4py import MPI
 
-from dataplane.consumer.controlplane import (
-    ControlPlaneClient,
-    Lease,
-    Registration,
-    read_token,
-    with_retries,
-)
-from dataplane.consumer.errors import ConsumerError, ControlPlaneError, JoinError, SetupError
-from dataplane.logs import fields
+from common.errors import DsnError
+from common.logs import fields
+from common.restclient import RestError, with_retries
+from common.tokenfile import read_token
+from dataplane.consumer.controlplane import ControlPlaneClient, Lease, Registration
+from dataplane.consumer.errors import JoinError, SetupError
 
 ROOT = 0
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -105,7 +102,7 @@ class LeaseKeeper:
         while not self._stopped.wait(max(self.lease.seconds / 3, MIN_HEARTBEAT_S)):
             try:
                 self.lease = self._renew()
-            except ControlPlaneError as exc:
+            except RestError as exc:
                 if not exc.retryable and exc.status != 409:
                     self._log.error("the control plane refuses this consumer's heartbeats; "
                                     "no longer renewing", extra=fields(error=str(exc)))
@@ -115,7 +112,7 @@ class LeaseKeeper:
     def _renew(self) -> Lease:
         try:
             return self._client.heartbeat(self._session, self.lease.consumer_id)
-        except ControlPlaneError as exc:
+        except RestError as exc:
             if exc.status != 409:
                 raise
         # 409: the lease lapsed (a stalled heartbeat) and cannot be revived; take a new one.
@@ -139,7 +136,7 @@ class Joined:
         consumer = self.keeper.lease.consumer_id
         try:
             with_retries(lambda: client.leave(session, consumer), attempts=3)
-        except ControlPlaneError as exc:
+        except RestError as exc:
             log.warning("could not leave the session; the lease will expire",
                         extra=fields(consumer=consumer, error=str(exc)))
         else:
@@ -155,7 +152,7 @@ def _join_one(args: RegistrationArguments, context: zmq.Context[zmq.Socket[bytes
     me = Registration(endpoint=endpoint, rank=rank, job_id=job_id, host=sockets.gethostname())
     try:
         lease = with_retries(lambda: client.register(session, me))
-    except ControlPlaneError:
+    except RestError:
         socket.close(linger=0)
         raise
     log.info("registered", extra=fields(endpoint=endpoint, consumer=lease.consumer_id,
@@ -169,14 +166,13 @@ def join_session(args: RegistrationArguments, context: zmq.Context[zmq.Socket[by
                  session: str, hwm: int, world: MPI.Comm, job_id: str,
                  log: logging.Logger) -> tuple[ControlPlaneClient, Joined]:
     """Bind and register on every rank; JoinError on every rank unless all of them succeeded."""
-    outcome: tuple[ControlPlaneClient, Joined] | ConsumerError
+    outcome: tuple[ControlPlaneClient, Joined] | DsnError
     try:
         outcome = _join_one(args, context, session, hwm, world.Get_rank(), job_id, log)
-    except ConsumerError as exc:
+    except DsnError as exc:  # a refused registration, a bad token file, a port not bound
         outcome = exc
-    failed = [r for r, bad in enumerate(world.allgather(isinstance(outcome, ConsumerError)))
-              if bad]
-    if isinstance(outcome, ConsumerError):
+    failed = [r for r, bad in enumerate(world.allgather(isinstance(outcome, DsnError))) if bad]
+    if isinstance(outcome, DsnError):
         raise JoinError(str(outcome)) from outcome
     if failed:
         client, joined = outcome

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from dataplane.consumer.controlplane import ControlPlaneClient, with_retries
-from dataplane.consumer.errors import ControlPlaneError
+from common.logs import fields
+from common.restclient import RestError, with_retries
+from dataplane.consumer.controlplane import ControlPlaneClient
 from dataplane.consumer.outcome import FAILED, ScanOutcome
 from dataplane.consumer.writer import WrittenScan
-from dataplane.logs import fields
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class HttpResultReporter:
             with_retries(lambda: self._client.report(self._session, result.scan,
                                                      result.report_body()),
                          attempts=self._attempts, sleep=self._sleep)
-        except ControlPlaneError as exc:
+        except RestError as exc:
             self._log.error("scan result not recorded by the control plane", extra=fields(
                 scan=result.scan, path=result.path, status=exc.status, error=str(exc)))
             return

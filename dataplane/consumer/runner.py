@@ -24,8 +24,18 @@ import zmq
 from mpi4py import MPI
 from tqdm import tqdm
 
+from common.config import ConfigError, Session, load_config
+from common.logs import configure as configure_logging
+from common.logs import fields
+from common.protocol import (
+    Data,
+    ProtocolError,
+    RoutedScanAbort,
+    RoutedScanBegin,
+    RoutedScanEnd,
+    decode_consumer_message,
+)
 from dataplane import counting
-from dataplane.config import ConfigError, Session, load_config
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.controlplane import ControlPlaneClient
 from dataplane.consumer.errors import (
@@ -52,16 +62,6 @@ from dataplane.consumer.scanwork import (
     decide_thresholds,
 )
 from dataplane.consumer.writer import scan_file_name, write_scan
-from dataplane.logs import configure as configure_logging
-from dataplane.logs import fields
-from dataplane.protocol import (
-    Data,
-    ProtocolError,
-    RoutedScanAbort,
-    RoutedScanBegin,
-    RoutedScanEnd,
-    decode_consumer_message,
-)
 
 ROOT = 0
 # Messages taken from the socket before MPI requests are tested again.

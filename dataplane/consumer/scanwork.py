@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from common.protocol import Data, RoutedScanBegin, RoutedScanEnd
 from dataplane import counting
 from dataplane.consumer.assembly import ScanAssembly, ScanClosure
-from dataplane.protocol import Data, RoutedScanBegin, RoutedScanEnd
 
 HISTOGRAM_BINS = counting.PIXEL_VALUES
 

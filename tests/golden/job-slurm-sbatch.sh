@@ -15,7 +15,7 @@ export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750
 export DSN_CONSUMER_TOKEN_FILE=/var/lib/dsn/sessions/s-20261122-0001/consumer.token
 srun --ntasks=4 --cpus-per-task=8 \
   --cpu-bind=cores \
-  /opt/dsn/.venv/bin/python -m controlplane consumer run \
+  /opt/dsn/.venv/bin/python -m dataplane.consumer run \
   --config /var/lib/dsn/sessions/s-20261122-0001/dsn.yaml \
   --session s-20261122-0001 \
   --job-id j-0001 \

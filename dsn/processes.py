@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -11,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-
-class ProcessFailed(RuntimeError):
-    """A child process exited unexpectedly or did not finish in time; the message shows its log tail."""
+from common.processes import signal_group
+from dsn.errors import ProcessFailed
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -82,11 +80,11 @@ class ProcessGroup:
     def stop(self, child: Child) -> int:
         """SIGTERM the child's process group, SIGKILL it if it lingers; returns the exit status."""
         if child.process.poll() is None:
-            _signal_group(child.process, signal.SIGTERM)
+            signal_group(child.process.pid, signal.SIGTERM)
             try:
                 child.process.wait(self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                _signal_group(child.process, signal.SIGKILL)
+                signal_group(child.process.pid, signal.SIGKILL)
                 child.process.wait()
         return child.process.returncode
 
@@ -97,10 +95,3 @@ class ProcessGroup:
                  tb: TracebackType | None) -> None:
         for child in reversed(self.children):
             self.stop(child)
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass

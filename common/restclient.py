@@ -1,4 +1,4 @@
-"""A small blocking JSON client for the control plane's REST API, shared by producers and consumers.
+"""The one JSON client for the control plane's REST API: producers, consumers and admin commands.
 
 Blocking calls on the standard library's ``urllib``: producers and consumer ranks are not event
 loops, and each call is one small JSON request. Every failure is a ``RestError`` naming the call,
@@ -11,27 +11,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import stat
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
+
+from common.errors import DsnError
 
 T = TypeVar("T")
 # Long enough for a control plane under load, short enough that a caller never looks hung.
 REQUEST_TIMEOUT_S = 10.0
-MAX_TOKEN_BYTES = 16 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
-class TokenFileError(ValueError):
-    """A token file that is missing, shared with other users, or does not hold one token."""
-
-
-class RestError(Exception):
+class RestError(DsnError):
     """A control-plane call failed; ``status`` is the HTTP status (None: no usable answer).
 
     ``title``, ``detail``, ``errors`` (``[{field, message}]``) and ``request_id`` come from the
@@ -53,25 +48,6 @@ class RestError(Exception):
         return self.status is None or self.status == 429 or self.status >= 500
 
 
-def read_token(path: Path) -> str:
-    """The token in ``path``, which must be a regular file only its owner can read."""
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise TokenFileError(f"token file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise TokenFileError(f"token file {path} is not a regular file")
-    if info.st_mode & 0o077:
-        raise TokenFileError(f"token file {path} is readable by others (mode "
-                             f"{stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
-    if info.st_size > MAX_TOKEN_BYTES:
-        raise TokenFileError(f"token file {path} is {info.st_size} bytes; a token is far smaller")
-    token = path.read_text(encoding="ascii", errors="replace").strip()
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise TokenFileError(f"token file {path} does not hold one token")
-    return token
-
-
 def check_base_url(url: str) -> None:
     """Refuse (ValueError) a control plane URL that is not ``http(s)://HOST:PORT``."""
     parts = urllib.parse.urlsplit(url)
@@ -85,9 +61,12 @@ def quote(segment: str) -> str:
 
 
 def call_json(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None,
-              *, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
-    """``method path`` with ``body`` as JSON; the answer's JSON object (``{}`` for no body)."""
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+              *, headers: dict[str, str] | None = None,
+              timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    """``method path`` with ``body`` as JSON and any extra ``headers`` (``If-Match`` ...); the
+    answer's JSON object (``{}`` for no body)."""
+    headers = {**(headers or {}), "Authorization": f"Bearer {token}",
+               "Accept": "application/json"}
     data = None
     if body is not None:
         data = json.dumps(body).encode()
@@ -104,13 +83,13 @@ def call_json(base_url: str, token: str, method: str, path: str, body: dict[str,
                                  exc.headers.get(REQUEST_ID_HEADER)) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise RestError(f"{what}: no answer from {base_url}: {reason}", None) from None
+        raise RestError(f"{what}: cannot reach the control plane at {base_url}: {reason}",
+                        None) from None
 
 
 def is_retryable(exc: Exception) -> bool:
-    """True for an error that says it is worth another attempt (``RestError`` and the consumer's
-    ``ControlPlaneError`` both carry ``retryable``)."""
-    return bool(getattr(exc, "retryable", False))
+    """True for a RestError that says it is worth another attempt."""
+    return isinstance(exc, RestError) and exc.retryable
 
 
 def with_retries(call: Callable[[], T], *, attempts: int = 4, first_delay_s: float = 0.5,

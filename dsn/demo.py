@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,16 +23,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controlplane.admin import initialize
+from common.ports import free_ports
+from common.restclient import RestError, call_json, quote
+from controlplane.admin.bootstrap import initialize
 from controlplane.errors import ControlPlaneError
-from controlplane.launchers import dsn_command, mpi_environment
-from controlplane.processes import Child, ProcessGroup, log_tail
+from controlplane.launchers import mpi_environment
 from controlplane.settings import Settings
-from dataplane.ports import free_ports
 from dataplane.producer import ProducerError, ProducerSession, StreamStats
-from dataplane.restclient import RestError, call_json, quote
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 from dataplane.verify import ScanCheck, verify_scan_file
+from dsn.errors import DemoError
+from dsn.processes import Child, ProcessGroup, log_tail
 
 PROJECT = "demo"
 SESSION_TEMPLATE = "4dstem"
@@ -45,8 +47,9 @@ POLL_S = 0.1
 T = TypeVar("T")
 
 
-class DemoError(RuntimeError):
-    """The demo could not complete; the message says which step failed and why."""
+def dsn_command(*args: str) -> list[str]:
+    """The ``dsn`` command line for this installation, independent of PATH."""
+    return [sys.executable, "-m", "dsn", *args]
 
 
 @dataclass(frozen=True)

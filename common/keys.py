@@ -12,8 +12,11 @@ from typing import NamedTuple
 
 import zmq.auth
 
+from common.errors import DsnError
+from common.privatefs import private_dir
 
-class KeyFileError(ValueError):
+
+class KeyFileError(DsnError, ValueError):
     """A key file that is missing, unreadable or not a CURVE certificate."""
 
 
@@ -24,7 +27,7 @@ class KeyPair(NamedTuple):
 
 def create_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     """Create ``name.key`` and ``name.key_secret`` in ``directory``; returns both paths."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(directory)
     old_umask = os.umask(0o077)
     try:
         public, secret = zmq.auth.create_certificates(str(directory), name)

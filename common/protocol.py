@@ -55,6 +55,8 @@ from typing import Annotated, Final, Literal, Union
 
 import msgspec
 
+from common.errors import DsnError
+
 VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 512
 MAX_CONTROL_BYTES: Final = 16 * 1024 * 1024
@@ -85,7 +87,7 @@ class DropReason(str, enum.Enum):
     OUT_OF_RANGE = "out_of_range"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(DsnError, ValueError):
     """A message that breaks the wire protocol; ``reason`` says how."""
 
     def __init__(self, reason: DropReason, detail: str = "") -> None:

@@ -31,7 +31,7 @@ Messages:
                                        (the session ended, expired or was revoked)
     HUGZ            PUB                heartbeat; header seq = the server's current seq; body empty
 
-A session's document is its full ``dataplane.config.Session`` (client keys, allowed source
+A session's document is its full ``common.config.Session`` (client keys, allowed source
 networks, allowed internal targets, live consumers, limits, expiry) as a MessagePack map of its
 JSON form; it is validated with the same schema as a configuration file, and its id must match
 the key. Updates carry whole documents, so applying one twice changes nothing.
@@ -57,8 +57,9 @@ from typing import Annotated, Final, Literal, NamedTuple
 import msgspec
 from pydantic import ValidationError
 
-from dataplane.config import Session
-from dataplane.protocol import MAX_MANIFEST, U32, U63, Reason, SectorIndex, SessionId
+from common.config import Session
+from common.errors import DsnError
+from common.protocol import MAX_MANIFEST, U32, U63, Reason, SectorIndex, SessionId
 
 MAX_KEY_BYTES: Final = 72
 MAX_HEADER_BYTES: Final = 128
@@ -80,7 +81,7 @@ Epoch = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?$")]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
-class CloneError(ValueError):
+class CloneError(DsnError, ValueError):
     """A state-distribution message that breaks the wire format."""
 
 

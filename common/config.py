@@ -27,7 +27,8 @@ from pydantic import (
 )
 from zmq.utils import z85
 
-from dataplane import strictyaml
+from common import strictyaml
+from common.errors import DsnError
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
@@ -36,7 +37,7 @@ _ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[0-9.]+|\*):(?P<port
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class ConfigError(ValueError):
+class ConfigError(DsnError, ValueError):
     """A DSN configuration that cannot be used; the message names the key and value."""
 
 

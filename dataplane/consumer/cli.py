@@ -1,0 +1,72 @@
+"""``dsn consumer``: the HPC consumer command (also ``python -m dataplane.consumer``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def consumer() -> None:
+    """Receive, count and store a session's data on HPC nodes (run under mpiexec or srun)."""
+
+
+@consumer.command("run")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="DSN configuration file (YAML).")
+@click.option("--session", required=True, help="Session id in the configuration.")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the per-scan HDF5 files (written by rank 0).")
+@click.option("--scans", type=click.IntRange(min=1), default=None,
+              help="Exit after this many scans [default: run until SIGTERM/SIGINT].")
+@click.option("--dark", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Dark reference: a frame-shaped float32 .npy file.")
+@click.option("--samples", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Sample frames per scan for the thresholds, across all ranks.")
+@click.option("--background-sigma", type=float, default=4.0, show_default=True,
+              help="Background threshold in standard deviations.")
+@click.option("--xray-sigma", type=float, default=10.0, show_default=True,
+              help="X-ray threshold in standard deviations.")
+@click.option("--kernel", type=click.Choice(["vectorised", "stempy"]), default="vectorised",
+              show_default=True, help="Electron-counting kernel.")
+@click.option("--result-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append scan results as JSON lines here [default: stdout without a control "
+                   "plane, none with one].")
+@click.option("--controlplane", "controlplane_url", envvar="DSN_CONTROLPLANE_URL", default=None,
+              metavar="URL",
+              help="Register with this control plane (env DSN_CONTROLPLANE_URL): each rank binds "
+                   "an ephemeral port, registers it and reports results there. Without it, rank "
+                   "r binds the session's consumer endpoint r from --config.")
+@click.option("--token-file", envvar="DSN_CONSUMER_TOKEN_FILE", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the consumer token, mode 0600 (env DSN_CONSUMER_TOKEN_FILE); "
+                   "needed with --controlplane.")
+@click.option("--bind-host", default="127.0.0.1", show_default=True, metavar="IP",
+              help="With --controlplane: the address ranks listen on, as the gateway reaches it.")
+@click.option("--job-id", envvar=["DSN_JOB_ID", "SLURM_JOB_ID"], default=None,
+              help="With --controlplane: the job id ranks register under (env DSN_JOB_ID or "
+                   "SLURM_JOB_ID) [default: a new id shared by all ranks].")
+def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int | None,
+                 dark: Path | None, samples: int, background_sigma: float, xray_sigma: float,
+                 kernel: str, result_file: Path | None, controlplane_url: str | None,
+                 token_file: Path | None, bind_host: str, job_id: str | None) -> None:
+    """Receive, count and write a session's scans; one rank per consumer endpoint."""
+    # Imported here so that other dsn commands never initialise MPI.
+    from dataplane.consumer.registration import RegistrationArguments
+    from dataplane.consumer.runner import JobArguments, run_job
+
+    registration = None
+    if controlplane_url is not None:
+        if token_file is None:
+            raise click.UsageError("--controlplane needs --token-file (or DSN_CONSUMER_TOKEN_FILE)")
+        registration = RegistrationArguments(controlplane_url=controlplane_url,
+                                             token_file=token_file, bind_host=bind_host,
+                                             job_id=job_id)
+    code = run_job(JobArguments(
+        config=config_path, session=session, output_dir=output_dir, scans=scans, dark=dark,
+        samples=samples, background_sigma=background_sigma, xray_sigma=xray_sigma, kernel=kernel,
+        result_file=result_file, registration=registration))
+    sys.exit(code)

@@ -1,0 +1,90 @@
+"""The ``dsn`` command: one entry point over each package's own commands.
+
+Each subcommand group is imported only when it runs (or when ``--help`` lists it), so
+``dsn consumer run`` loads the data plane and nothing of the control plane or the gateway.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import click
+
+from common.clitypes import ReportingGroup, scan_shape_option
+
+# name -> "module:attribute" of the click group, imported on first use.
+SUBCOMMANDS = {
+    "admin": "controlplane.admin.commands:admin",
+    "consumer": "dataplane.consumer.cli:consumer",
+    "controlplane": "controlplane.cli:controlplane",
+    "gateway": "gateway.cli:gateway",
+    "producer": "dataplane.cli:producer",
+}
+
+
+class LazyGroup(ReportingGroup):
+    """A group whose subcommands named in ``commands`` are imported when first needed."""
+
+    def __init__(self, *args: object, commands: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._lazy = commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self._lazy.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+
+@click.group(cls=LazyGroup, commands=SUBCOMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DSN"})
+@click.version_option(package_name="dsn-gateway")
+def main() -> None:
+    """Data Streaming Node: stream detector data memory-to-memory into HPC compute nodes.
+
+    Every option can also be set as an environment variable DSN_<COMMAND>_<OPTION>, for example
+    DSN_DEMO_STATE_DIR.
+    """
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".dsn"),
+              show_default=True, help="Where the control plane's state, logs and output files go.")
+@scan_shape_option(default="32x32")
+@click.option("--ranks", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="MPI ranks of the consumer job.")
+@click.option("--loss", type=click.FloatRange(0, 0.5), default=0.001, show_default=True,
+              help="Fraction of sectors lost before the gateway (like detector UDP loss).")
+@click.option("--duplicates", type=click.FloatRange(0, 0.5), default=0.001, show_default=True,
+              help="Fraction of sectors the producers send twice.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic scan.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=300, show_default=True,
+              help="Seconds to wait for the consumer job.")
+def demo(state_dir: Path, scan_shape: tuple[int, int], ranks: int, loss: float, duplicates: float,
+         seed: int, timeout_s: float) -> None:
+    """Stream a synthetic 4D-STEM scan through the whole system and verify the result.
+
+    Starts a control plane (SQLite) and a gateway on loopback, creates a project, a project token
+    and a session, launches the session's consumer job (mpiexec) through the control plane, streams
+    the scan from four producers, waits for the listed result, checks the HDF5 file against the
+    planted electrons and stempy's own counting, prints a summary and stops everything. Exits
+    non-zero, with the reason and the relevant log lines, if any step fails.
+    """
+    from dsn.demo import DemoOptions, format_summary, run_demo
+    from dsn.errors import DemoError
+
+    options = DemoOptions(state_dir=state_dir, scan_shape=scan_shape, ranks=ranks, loss=loss,
+                          duplicates=duplicates, seed=seed, timeout_s=timeout_s)
+    try:
+        summary = run_demo(options, say=lambda line: click.echo(line, err=True))
+    except DemoError as exc:
+        raise click.ClickException(f"demo failed: {exc}") from None
+    click.echo(format_summary(summary))
