@@ -1,5 +1,8 @@
-"""The control plane's one exception tree. Each class carries its HTTP status and problem type; the
-error middleware turns any of them into an RFC 9457 problem+json response in one place.
+"""The control plane's exception tree: what went wrong, in the service's own terms.
+
+No class here knows HTTP. ``controlplane.problems`` maps each one to a status and a problem type in
+one table, and the error middleware answers with RFC 9457 problem+json from it; the admin commands
+print the same messages as one line.
 
 Messages are safe to show to the caller: they name the claim, field or rule at fault, never a token,
 a key or a stack trace.
@@ -7,101 +10,154 @@ a key or a stack trace.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from common.errors import DsnError
 
 
 class ControlPlaneError(DsnError):
-    status = 500
-    title = "Internal error"
-    type_slug = "internal"
+    """The root; on its own, a failure inside the service that the caller cannot fix.
 
-    def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail or self.title)
-        self.detail = detail or self.title
-        self.headers = headers or {}
+    ``retry_after_s``, where set, is when asking again may succeed.
+    """
 
+    retry_after_s: int | None = None
 
-class BadRequest(ControlPlaneError):
-    status, title, type_slug = 400, "Bad request", "bad-request"
-
-    def __init__(self, detail: str = "", *, errors: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
-        self.errors = errors or []  # field-level: [{"field": "params.port", "message": "..."}]
+        self.detail = detail
 
 
-class Unauthorized(ControlPlaneError):
-    """No usable credentials: a missing, malformed, forged, expired or revoked token."""
+class InvalidRequest(ControlPlaneError):
+    """A request whose values break the rules; ``errors`` names the fields at fault."""
 
-    status, title, type_slug = 401, "Unauthorized", "unauthorized"
-
-    def __init__(self, detail: str = "", *, reason: str = "invalid_token") -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": f'Bearer error="{reason}"'})
-        self.reason = reason
+    def __init__(self, detail: str, *, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors or []  # [{"field": "params.port", "message": "..."}]
 
 
-class TokenError(Unauthorized):
-    """A token that fails verification; ``reason`` is a stable label for audit and metrics."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail, reason="invalid_token")
-        self.token_reason = reason
+class UnsupportedMediaType(InvalidRequest):
+    """A request body that is not JSON."""
 
 
-class Forbidden(ControlPlaneError):
+class TokenError(ControlPlaneError):
+    """No usable credentials. Each subclass is one way a token fails, with ``reason``, a stable
+    label for the audit log and the metrics."""
+
+    reason: ClassVar[str] = "invalid_token"
+
+
+class MissingToken(TokenError):
+    reason = "missing"
+
+
+class MalformedToken(TokenError):
+    reason = "malformed"
+
+
+class InvalidHeader(TokenError):
+    reason = "header"
+
+
+class InvalidAlgorithm(TokenError):
+    reason = "algorithm"
+
+
+class UnknownKey(TokenError):
+    reason = "unknown_key"
+
+
+class InvalidSignature(TokenError):
+    reason = "signature"
+
+
+class MissingClaim(TokenError):
+    reason = "missing_claim"
+
+
+class InvalidClaim(TokenError):
+    reason = "invalid_claim"
+
+
+class InvalidIssuer(TokenError):
+    reason = "issuer"
+
+
+class InvalidAudience(TokenError):
+    reason = "audience"
+
+
+class WrongKind(TokenError):
+    reason = "kind"
+
+
+class LifetimeTooLong(TokenError):
+    reason = "lifetime"
+
+
+class ExpiredToken(TokenError):
+    reason = "expired"
+
+
+class ImmatureToken(TokenError):
+    reason = "immature"
+
+
+class RevokedToken(TokenError):
+    reason = "revoked"
+
+
+class UnknownProject(TokenError):
+    reason = "unknown_project"
+
+
+class PermissionDenied(ControlPlaneError):
     """Authenticated, but the policy denies the action; ``rule`` names the deciding rule."""
 
-    status, title, type_slug = 403, "Forbidden", "forbidden"
-
-    def __init__(self, detail: str = "", *, rule: str = "") -> None:
+    def __init__(self, detail: str, *, rule: str = "") -> None:
         super().__init__(detail)
         self.rule = rule
 
 
 class NotFound(ControlPlaneError):
-    status, title, type_slug = 404, "Not found", "not-found"
+    """The resource named does not exist (or is not the caller's to see)."""
 
 
 class Conflict(ControlPlaneError):
-    status, title, type_slug = 409, "Conflict", "conflict"
+    """The request contradicts the current state: a duplicate, a quota reached, a lapsed lease."""
+
+    def __init__(self, detail: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class PreconditionFailed(ControlPlaneError):
-    status, title, type_slug = 412, "Precondition failed", "precondition-failed"
+    """The version the caller based its change on is no longer the current one (a lost update)."""
 
 
-class PayloadTooLarge(ControlPlaneError):
-    status, title, type_slug = 413, "Payload too large", "payload-too-large"
+class PreconditionRequired(ControlPlaneError):
+    """A change that must name the version it is based on did not."""
 
 
-class TooManyRequests(ControlPlaneError):
-    status, title, type_slug = 429, "Too many requests", "rate-limited"
+class RateLimited(ControlPlaneError):
+    """Too many requests for the token or its project; ``retry_after_s`` says when to come back."""
 
     def __init__(self, detail: str, *, retry_after_s: int) -> None:
-        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})
+        super().__init__(detail)
+        self.retry_after_s = max(1, retry_after_s)
 
 
 class Unavailable(ControlPlaneError):
     """The store or the audit sink cannot take a write: refuse rather than act unaudited."""
 
-    status, title, type_slug = 503, "Service unavailable", "unavailable"
-
     def __init__(self, detail: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})
+        super().__init__(detail)
+        self.retry_after_s = max(1, retry_after_s)
 
 
 class ConfigurationError(ControlPlaneError):
     """A bad state directory, policy file or setting, found at start-up or reload."""
 
-    title, type_slug = "Configuration error", "configuration"
-
-
-class UnsupportedMediaType(ControlPlaneError):
-    """A request body that is not ``application/json``."""
-
-    status, title, type_slug = 415, "Unsupported media type", "unsupported-media-type"
-
 
 class LaunchFailed(ControlPlaneError):
     """The scheduler answered but refused the request (e.g. ``sbatch`` rejected the job)."""
-
-    status, title, type_slug = 502, "Job launch failed", "job-launch-failed"

@@ -30,15 +30,17 @@ from pydantic import BaseModel
 
 from controlplane.audit import AuditLog
 from controlplane.errors import (
-    BadRequest,
     ControlPlaneError,
-    Forbidden,
+    MalformedToken,
+    MissingToken,
+    PermissionDenied,
+    RateLimited,
     TokenError,
-    TooManyRequests,
 )
 from controlplane.launchers import Launcher
 from controlplane.metrics import Metrics
 from controlplane.policy import Decision, PolicyHolder, Principal, Resource
+from controlplane.problems import PROBLEM_TYPE_PREFIX, field_errors, problem_headers, problem_type
 from controlplane.ratelimit import RateLimiter
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
@@ -48,7 +50,6 @@ from controlplane.tokens import Authenticator, Claims, Surface, TokenKind, Token
 
 log = logging.getLogger("dsn.controlplane.http")
 
-PROBLEM_TYPE_PREFIX: Final = "urn:dsn:problem:"
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
@@ -205,11 +206,12 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except ControlPlaneError as exc:
-        errors = exc.errors if isinstance(exc, BadRequest) else None
-        if exc.status >= 500:
+        kind = problem_type(exc)
+        if kind.status >= 500:
             log.warning("refused: %s", exc.detail, extra={"fields": {"request_id": request[REQUEST_ID]}})
-        return problem_response(request, status=exc.status, title=exc.title, detail=exc.detail,
-                                slug=exc.type_slug, errors=errors, headers=exc.headers)
+        return problem_response(request, status=kind.status, title=kind.title, detail=exc.detail,
+                                slug=kind.slug, errors=field_errors(exc),
+                                headers=problem_headers(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -227,9 +229,9 @@ def _bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise TokenError("missing", "an Authorization: Bearer token is required")
+        raise MissingToken("an Authorization: Bearer token is required")
     if scheme.lower() != "bearer" or not token.strip():
-        raise TokenError("malformed", "the Authorization header must be 'Bearer <token>'")
+        raise MalformedToken("the Authorization header must be 'Bearer <token>'")
     return token.strip()
 
 
@@ -281,13 +283,13 @@ class Gate:
             return await services.authenticator.authenticate(token, services.surface(self._spec.kinds))
         except TokenError as exc:
             await self._audit(ANONYMOUS, await self._resource(None), False,
-                              f"token:{exc.token_reason}")
+                              f"token:{exc.reason}")
             raise
 
     async def _rate_limit(self, claims: Claims) -> None:
         try:
             await self._services.limiter.check(claims.jti, claims.project)
-        except TooManyRequests:
+        except RateLimited:
             await self._audit(principal_label(claims), await self._resource(claims), False,
                               "rate-limit")
             raise
@@ -299,7 +301,7 @@ class Gate:
         decision: Decision = self._services.policies.current.decide(principal, self._action, resource)
         await self._audit(principal_label(claims), resource, decision.allowed, decision.rule)
         if not decision.allowed:
-            raise Forbidden(decision.reason or "the policy denies this action", rule=decision.rule)
+            raise PermissionDenied(decision.reason or "the policy denies this action", rule=decision.rule)
 
 
 def route_spec(request: web.Request) -> RouteSpec | None:

@@ -35,7 +35,6 @@ from common import strictyaml
 from controlplane.errors import ConfigurationError
 from controlplane.tokens import TokenKind
 
-DEFAULT_POLICY_FILE = "default.yaml"
 ANONYMOUS = "anonymous"
 PRINCIPAL_KINDS = frozenset(kind.value for kind in TokenKind) | {ANONYMOUS}
 ProjectUse = Literal["required", "optional", "none"]

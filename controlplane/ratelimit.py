@@ -18,7 +18,7 @@ from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from controlplane.errors import TooManyRequests
+from controlplane.errors import RateLimited
 from controlplane.policy import PolicyHolder
 
 
@@ -29,7 +29,7 @@ class RateLimiter:
         self._limiter = MovingWindowRateLimiter(self._storage)
 
     async def check(self, token_jti: str, project: str | None) -> None:
-        """Counts one request against the token's and its project's limits; TooManyRequests (429,
+        """Counts one request against the token's and its project's limits; RateLimited (with
         Retry-After) when either is spent. A refused request does not count against the project."""
         current = self._policies.current
         await self._hit(current.per_token_limits, "token", token_jti, "this token")
@@ -41,7 +41,7 @@ class RateLimiter:
                    who: str) -> None:
         for item in items:
             if not await self._limiter.hit(item, namespace, key):
-                raise TooManyRequests(f"rate limit of {item} exceeded for {who}",
+                raise RateLimited(f"rate limit of {item} exceeded for {who}",
                                       retry_after_s=await self._retry_after(item, namespace, key))
 
     async def _retry_after(self, item: RateLimitItem, namespace: str, key: str) -> int:

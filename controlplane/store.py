@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -616,19 +615,6 @@ class Store:
                 raise NotFound(f"project {name!r} does not exist")
             return _project(row)
         return await self.write(body)
-
-    async def delete_project(self, name: str, *, at: float | None = None) -> None:
-        """Delete a project and revoke its tokens (``at``, default now), so a project re-created
-        under the same name never revives them; the token rows stay as the revocation record."""
-        revoked_at = time.time() if at is None else at
-
-        async def body(conn: Conn) -> None:
-            cursor = await conn.execute("DELETE FROM projects WHERE name = ?", (name,))
-            if cursor.rowcount == 0:
-                raise NotFound(f"project {name!r} does not exist")
-            await conn.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) "
-                               "WHERE project = ?", (revoked_at, name))
-        await self.write(body)
 
     # -- tokens -------------------------------------------------------------------------------
 

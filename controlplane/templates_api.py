@@ -37,11 +37,11 @@ from pydantic import Field
 
 from controlplane import schemas as s
 from controlplane.errors import (
-    BadRequest,
     Conflict,
-    ControlPlaneError,
+    InvalidRequest,
     NotFound,
     PreconditionFailed,
+    PreconditionRequired,
 )
 from controlplane.middlewares import CLAIMS, SERVICES, RouteSpec, Services, principal_label
 from controlplane.policy import PolicySet, Resource
@@ -68,12 +68,6 @@ TEMPLATES_PATH: Final = "/api/v1/templates"
 TEMPLATE_PATH: Final = TEMPLATES_PATH + "/{name}"
 _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(r"^[1-9][0-9]{0,17}$")  # fits SQLite's INTEGER
-
-
-class PreconditionRequired(ControlPlaneError):
-    """A template write naming no version: no ``If-Match`` (nor ``If-None-Match: *`` to create)."""
-
-    status, title, type_slug = 428, "Precondition required", "precondition-required"
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -344,7 +338,7 @@ def checked_source(source: str, name: str, policy: PolicySet) -> Template:
     the declared name must be the URL's; CPU-bound, so callers run it off the event loop."""
     template = check_template(source, policy)
     if template.name != name:
-        raise BadRequest("the template's name differs from the URL's", errors=[
+        raise InvalidRequest("the template's name differs from the URL's", errors=[
             {"field": "name", "message": f"declares {template.name!r}; the URL names {name!r}"}])
     return template
 
@@ -476,7 +470,7 @@ async def rollback_template(request: web.Request) -> web.Response:
     body = await parse_body(request, TemplateRollback)
     target = await get_version(_services(request).store, _name(request), body.version)
     if target.deleted:
-        raise BadRequest("that version is a deletion", errors=[
+        raise InvalidRequest("that version is a deletion", errors=[
             {"field": "version", "message": f"version {target.version} deleted the template"}])
     return await _save(request, target.source)
 

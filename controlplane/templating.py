@@ -67,7 +67,7 @@ from common.config import (
     parse_config,
     parse_endpoint,
 )
-from controlplane.errors import BadRequest, ConfigurationError, NotFound
+from controlplane.errors import ConfigurationError, InvalidRequest, NotFound
 from controlplane.policy import PolicySet
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -111,9 +111,9 @@ def _field_errors(exc: ValidationError, prefix: str) -> list[dict[str, str]]:
     return errors
 
 
-def _bad_request(what: str, errors: list[dict[str, str]]) -> BadRequest:
+def _invalid(what: str, errors: list[dict[str, str]]) -> InvalidRequest:
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return BadRequest(f"{what}: {summary}", errors=errors)
+    return InvalidRequest(f"{what}: {summary}", errors=errors)
 
 
 # --- parameter values: one checker per type, each returning the canonical value ----------------
@@ -590,20 +590,20 @@ def _load_yaml(text: str, field: str) -> Any:
         return strictyaml.load(text)
     except strictyaml.YAMLError as exc:
         message = " ".join(str(exc).split())
-        raise _bad_request("not valid YAML", [{"field": field, "message": message}]) from None
+        raise _invalid("not valid YAML", [{"field": field, "message": message}]) from None
 
 
 def parse_template(source_text: str) -> Template:
-    """A template document (YAML) as a ``Template``; BadRequest lists every problem by field."""
+    """A template document (YAML) as a ``Template``; InvalidRequest lists every problem by field."""
     if not isinstance(source_text, str) or len(source_text.encode()) > MAX_SOURCE_BYTES:
-        raise _bad_request("template rejected", [
+        raise _invalid("template rejected", [
             {"field": "(top level)", "message": f"must be YAML text of at most "
                                                 f"{MAX_SOURCE_BYTES} bytes"}])
     data = _load_yaml(source_text, "(top level)")
     try:
         return Template.model_validate(data)
     except ValidationError as exc:
-        raise _bad_request("template rejected", _field_errors(exc, "")) from None
+        raise _invalid("template rejected", _field_errors(exc, "")) from None
 
 
 # Checking a template costs milliseconds and every session open needs its template: a template's
@@ -665,11 +665,11 @@ def validate_system(kind: Kind, values: Mapping[str, Any], policy: PolicySet) ->
     try:
         system = _SYSTEM_MODELS[kind].model_validate(dict(values))
     except ValidationError as exc:
-        raise _bad_request("invalid system values", _field_errors(exc, "system")) from None
+        raise _invalid("invalid system values", _field_errors(exc, "system")) from None
     if isinstance(system, DSNSystem):
         outside = [c for c in system.consumers if not policy.target_allowed(parse_endpoint(c)[0])]
         if outside:
-            raise _bad_request("invalid system values", [
+            raise _invalid("invalid system values", [
                 {"field": "system.consumers",
                  "message": f"{', '.join(outside)} outside the targets the policy allows"}])
     return system
@@ -683,10 +683,10 @@ def _param_field(name: Any) -> str:
 
 
 def validate_params(template: Template, values: Any, policy: PolicySet) -> dict[str, Any]:
-    """Every declared parameter's canonical value (user's, else default); BadRequest lists every
+    """Every declared parameter's canonical value (user's, else default); InvalidRequest lists every
     bad, unknown or missing parameter under ``params.<name>``."""
     if not isinstance(values, Mapping):
-        raise _bad_request("invalid parameters", [
+        raise _invalid("invalid parameters", [
             {"field": "params", "message": f"must be an object, not {_show(values)}"}])
     known = sorted(template.parameters)
     errors = [{"field": _param_field(name),
@@ -703,7 +703,7 @@ def validate_params(template: Template, values: Any, policy: PolicySet) -> dict[
         except ValueError as exc:
             errors.append({"field": f"params.{name}", "message": str(exc)})
     if errors:
-        raise _bad_request(f"invalid parameters for template {template.name!r}", errors)
+        raise _invalid(f"invalid parameters for template {template.name!r}", errors)
     return result
 
 
@@ -773,16 +773,16 @@ def _validated_config(text: str) -> DSNConfig:
     try:
         return parse_config(data)
     except ConfigError as exc:
-        raise _bad_request("the rendered configuration is invalid",
+        raise _invalid("the rendered configuration is invalid",
                            [{"field": "config", "message": str(exc)}]) from None
 
 
 def _validated_script(text: str) -> str:
     if not text.startswith("#!"):
-        raise _bad_request("the rendered job script is invalid",
+        raise _invalid("the rendered job script is invalid",
                            [{"field": "body", "message": "a job script must start with #!"}])
     if any(not (c.isprintable() or c in "\n\t") for c in text):
-        raise _bad_request("the rendered job script is invalid",
+        raise _invalid("the rendered job script is invalid",
                            [{"field": "body", "message": "contains a control character"}])
     return text
 
@@ -795,7 +795,7 @@ def render(template: Template, params: Mapping[str, Any], system: System, *,
     if not isinstance(system, _SYSTEM_MODELS[template.kind]):
         raise TypeError(f"a {template.kind} template needs {_SYSTEM_MODELS[template.kind].__name__}")
     if set(params) != set(template.parameters):
-        raise _bad_request("invalid parameters", [
+        raise _invalid("invalid parameters", [
             {"field": "params", "message": "pass the result of validate_params"}])
     budget = _Budget(max_seconds, max_bytes)
     context = {"params": _metered(dict(params), budget),
@@ -803,7 +803,7 @@ def render(template: Template, params: Mapping[str, Any], system: System, *,
     try:
         text = _generate(_compiled(template.kind, template.body), context, budget)
     except (TemplateError, _RenderLimit) as exc:
-        raise _bad_request(f"template {template.name!r} failed to render",
+        raise _invalid(f"template {template.name!r} failed to render",
                            [{"field": "body", "message": str(exc)}]) from None
     if template.kind == "dsn":
         return Rendered(text, _validated_config(text))
@@ -838,11 +838,11 @@ def sample_system(template: Template, params: Mapping[str, Any]) -> dict[str, An
             "consumer_command": ["/usr/bin/python3", "-m", "dataplane.consumer"]}
 
 
-def _saved_value_errors(exc: BadRequest) -> BadRequest:
+def _saved_value_errors(exc: InvalidRequest) -> InvalidRequest:
     """Parameter errors of a dry run are errors in the template's own defaults or examples."""
     errors = [{"field": e["field"].replace("params.", "parameters.", 1),
                "message": f"default or example: {e['message']}"} for e in exc.errors]
-    return _bad_request("template rejected", errors)
+    return _invalid("template rejected", errors)
 
 
 def check_template(source_text: str, policy: PolicySet) -> Template:
@@ -852,7 +852,7 @@ def check_template(source_text: str, policy: PolicySet) -> Template:
     examples = {name: p.example for name, p in template.parameters.items() if p.example is not None}
     try:
         params = validate_params(template, examples, policy)
-    except BadRequest as exc:
+    except InvalidRequest as exc:
         raise _saved_value_errors(exc) from None
     system = validate_system(template.kind, sample_system(template, params), policy)
     render(template, params, system)
@@ -872,7 +872,7 @@ def _template_file(root: Path, name: str) -> tuple[Path, Kind] | None:
     for kind, directory in KIND_DIRECTORIES.items():
         path = (base / directory / f"{name}.yaml").resolve()
         if not path.is_relative_to(base):  # a symbolic link out of the directory
-            raise _bad_request("invalid template name", [
+            raise _invalid("invalid template name", [
                 {"field": "name", "message": f"{name!r} resolves outside {root}"}])
         if path.is_file():
             return path, kind
@@ -882,7 +882,7 @@ def _template_file(root: Path, name: str) -> tuple[Path, Kind] | None:
 def load_template(root: Path, name: Any) -> Template:
     """The template ``name`` from ``root/dsn`` or ``root/jobs``; names never leave ``root``."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise _bad_request("invalid template name", [
+        raise _invalid("invalid template name", [
             {"field": "name", "message": f"{_show(name)} does not match {NAME_PATTERN}"}])
     found = _template_file(root, name)
     if found is None:
@@ -892,7 +892,7 @@ def load_template(root: Path, name: Any) -> Template:
         raw = file.read(MAX_SOURCE_BYTES + 1)  # parse_template names the size limit
     try:
         template = parse_template(raw.decode("utf-8"))
-    except (BadRequest, UnicodeDecodeError) as exc:
+    except (InvalidRequest, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{path}: {exc}") from None
     if template.name != name or template.kind != kind:
         raise ConfigurationError(f"{path}: declares {template.kind} template {template.name!r}; "

@@ -29,7 +29,25 @@ from typing import Any, Protocol
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controlplane.errors import BadRequest, TokenError
+from controlplane.errors import (
+    ExpiredToken,
+    ImmatureToken,
+    InvalidAlgorithm,
+    InvalidAudience,
+    InvalidClaim,
+    InvalidHeader,
+    InvalidIssuer,
+    InvalidRequest,
+    InvalidSignature,
+    LifetimeTooLong,
+    MalformedToken,
+    MissingClaim,
+    RevokedToken,
+    TokenError,
+    UnknownKey,
+    UnknownProject,
+    WrongKind,
+)
 from controlplane.schemas import RepeatedName, json_without_repeats
 
 MAX_TOKEN_BYTES = 8 * 1024
@@ -96,10 +114,10 @@ CLAIMS = ("iss", "aud", "sub", "iat", "exp", "jti", "token_use", "project", "sco
 _JWS = jwt.PyJWS()
 
 
-# --- one validator per claim: each returns the typed value or raises TokenError(invalid_claim) ---
+# --- one validator per claim: each returns the typed value or raises InvalidClaim ---------------
 
-def _bad(name: str, expected: str) -> TokenError:
-    return TokenError("invalid_claim", f"claim '{name}' must be {expected}")
+def _bad(name: str, expected: str) -> InvalidClaim:
+    return InvalidClaim(f"claim '{name}' must be {expected}")
 
 
 def _nonempty_str(name: str, value: Any) -> str:
@@ -140,10 +158,10 @@ def _typed_claims(payload: Mapping[str, Any]) -> Claims:
     """The claim dispatcher: presence, no extras, then one validator per claim."""
     missing = [name for name in CLAIMS if name not in payload]
     if missing:
-        raise TokenError("missing_claim", f"claim '{missing[0]}' is required")
+        raise MissingClaim(f"claim '{missing[0]}' is required")
     extra = sorted(set(payload) - set(CLAIMS))
     if extra:
-        raise TokenError("invalid_claim", f"claim '{extra[0]}' is not allowed")
+        raise InvalidClaim(f"claim '{extra[0]}' is not allowed")
     kind = _validate_kind(payload["token_use"])
     project = _validate_project(payload["project"])
     if kind.project_bound != (project is not None):
@@ -174,11 +192,11 @@ def _unverified_header(token: str) -> dict[str, Any]:
     try:
         header = _segment_json(token.split(".", 1)[0])
     except RepeatedName as repeated:
-        raise TokenError("header", f"header parameter '{repeated}' is repeated") from None
+        raise InvalidHeader(f"header parameter '{repeated}' is repeated") from None
     except ValueError:
         header = None
     if not isinstance(header, dict):
-        raise TokenError("malformed", "the token header is not a base64url-encoded JSON object")
+        raise MalformedToken("the token header is not a base64url-encoded JSON object")
     return header
 
 
@@ -186,15 +204,15 @@ def _checked_header(token: str) -> str:
     """Validates the unverified header and returns its kid."""
     header = _unverified_header(token)
     if header.get("alg") != ALGORITHM:
-        raise TokenError("algorithm", f"only {ALGORITHM} tokens are accepted")
+        raise InvalidAlgorithm(f"only {ALGORITHM} tokens are accepted")
     extra = sorted(set(header) - ALLOWED_HEADERS)
     if extra:
-        raise TokenError("header", f"header parameter '{extra[0]}' is not allowed")
+        raise InvalidHeader(f"header parameter '{extra[0]}' is not allowed")
     if "typ" in header and header["typ"] != "JWT":
-        raise TokenError("header", "header 'typ' must be \"JWT\"")
+        raise InvalidHeader("header 'typ' must be \"JWT\"")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
-        raise TokenError("header", "header 'kid' is required and must be a string")
+        raise InvalidHeader("header 'kid' is required and must be a string")
     return kid
 
 
@@ -221,16 +239,16 @@ class TokenService:
         self, *, kind: TokenKind, subject: str, project: str | None, scope: Iterable[str],
         ttl_s: int, audience: str,
     ) -> tuple[str, Claims]:
-        """Signs a new token with the newest key; a bad argument raises BadRequest naming it."""
+        """Signs a new token with the newest key; a bad argument raises InvalidRequest naming it."""
         cap = self._cap(kind)
         if cap is None:
-            raise BadRequest(f"policy sets no lifetime for {kind.value} tokens")
+            raise InvalidRequest(f"policy sets no lifetime for {kind.value} tokens")
         if type(ttl_s) is not int or not 0 < ttl_s <= cap:
-            raise BadRequest(f"ttl must be an integer from 1 to {cap} seconds "
+            raise InvalidRequest(f"ttl must be an integer from 1 to {cap} seconds "
                              f"for {kind.value} tokens")
         scopes = frozenset(scope)
         if any(not isinstance(name, str) or not SCOPE_TOKEN.match(name) for name in scopes):
-            raise BadRequest("scope must be a set of scope names such as 'sessions:write'")
+            raise InvalidRequest("scope must be a set of scope names such as 'sessions:write'")
         now = int(self._clock())
         claims = Claims(
             iss=self.issuer, aud=audience, sub=subject, iat=now, exp=now + ttl_s,
@@ -240,22 +258,22 @@ class TokenService:
         try:  # the issuer holds itself to the verifier's rules
             _typed_claims(claims.to_payload())
         except TokenError as error:
-            raise BadRequest(error.detail) from None
+            raise InvalidRequest(error.detail) from None
         kid, key = self._keyring.signing_key()
         token = jwt.encode(claims.to_payload(), key, algorithm=ALGORITHM,
                            headers={"kid": kid, "typ": "JWT"})
         return token, claims
 
     def verify(self, token: str, surface: Surface) -> Claims:
-        """Pure verification; raises TokenError with a stable reason."""
+        """Pure verification; raises a TokenError subclass naming the reason."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
-            raise TokenError("malformed", f"a token is a string of at most {MAX_TOKEN_BYTES} bytes")
+            raise MalformedToken(f"a token is a string of at most {MAX_TOKEN_BYTES} bytes")
         if not _JWS_SHAPE.match(token):
-            raise TokenError("malformed", "a token is three base64url segments joined by dots")
+            raise MalformedToken("a token is three base64url segments joined by dots")
         kid = _checked_header(token)
         key = self._keyring.public_key(kid)
         if key is None:
-            raise TokenError("unknown_key", "the token's key id is not published")
+            raise UnknownKey("the token's key id is not published")
         claims = _typed_claims(self._signed_payload(token, key))
         self._check_values(claims, surface)
         return claims
@@ -267,34 +285,34 @@ class TokenService:
         try:
             signed = _JWS.decode_complete(token, key, algorithms=[ALGORITHM])
         except jwt.InvalidSignatureError:
-            raise TokenError("signature", "the token signature does not verify") from None
+            raise InvalidSignature("the token signature does not verify") from None
         except jwt.InvalidTokenError:
-            raise TokenError("malformed", "the token is not a signed JWS") from None
+            raise MalformedToken("the token is not a signed JWS") from None
         try:
             payload = json_without_repeats(signed["payload"])
         except RepeatedName as repeated:
-            raise TokenError("invalid_claim", f"claim '{repeated}' is repeated") from None
+            raise InvalidClaim(f"claim '{repeated}' is repeated") from None
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
-            raise TokenError("malformed", "the token payload is not a JSON object")
+            raise MalformedToken("the token payload is not a JSON object")
         return payload
 
     def _check_values(self, claims: Claims, surface: Surface) -> None:
         if claims.iss != self.issuer:
-            raise TokenError("issuer", "the token was issued by another issuer")
+            raise InvalidIssuer("the token was issued by another issuer")
         if claims.aud != surface.audience:
-            raise TokenError("audience", "the token is for another audience")
+            raise InvalidAudience("the token is for another audience")
         if claims.kind not in surface.kinds:
-            raise TokenError("kind", f"a {claims.kind.value} token is not accepted here")
+            raise WrongKind(f"a {claims.kind.value} token is not accepted here")
         cap = self._cap(claims.kind)
         if claims.exp <= claims.iat or cap is None or claims.exp - claims.iat > cap:
-            raise TokenError("lifetime", "the token's lifetime exceeds the policy cap")
+            raise LifetimeTooLong("the token's lifetime exceeds the policy cap")
         now = self._clock()
         if now >= claims.exp + self._leeway:
-            raise TokenError("expired", "the token has expired")
+            raise ExpiredToken("the token has expired")
         if claims.iat > now + self._leeway:
-            raise TokenError("immature", "the token is not valid yet")
+            raise ImmatureToken("the token is not valid yet")
 
 
 # Kinds minted by token exchange from a project token (their store record names the parent).
@@ -321,7 +339,7 @@ class Authenticator:
     async def authenticate(self, token: str, surface: Surface) -> Claims:
         claims = self._tokens.verify(token, surface)
         if await self._store.is_revoked(claims.jti):
-            raise TokenError("revoked", "the token has been revoked")
+            raise RevokedToken("the token has been revoked")
         if claims.kind in EXCHANGED_KINDS:
             await self._check_parent(claims.jti)
         if claims.project is not None:
@@ -333,11 +351,11 @@ class Authenticator:
         record = await self._store.get_token(jti)
         parent = getattr(record, "parent_jti", None)
         if parent is not None and await self._store.is_revoked(parent):
-            raise TokenError("revoked", "the token it was exchanged from has been revoked")
+            raise RevokedToken("the token it was exchanged from has been revoked")
 
     async def _check_project(self, name: str, issued_at: int) -> None:
         project = await self._store.get_project(name)
         if project is None:
-            raise TokenError("unknown_project", "the token's project no longer exists")
+            raise UnknownProject("the token's project no longer exists")
         if project.not_before is not None and issued_at < project.not_before:
-            raise TokenError("revoked", "the token predates the project's not_before")
+            raise RevokedToken("the token predates the project's not_before")

@@ -24,11 +24,12 @@ from pydantic import BaseModel, ValidationError
 
 from controlplane import schemas as s
 from controlplane.errors import (
-    BadRequest,
     Conflict,
     ControlPlaneError,
+    ExpiredToken,
+    InvalidClaim,
+    InvalidRequest,
     NotFound,
-    TokenError,
     Unavailable,
     UnsupportedMediaType,
 )
@@ -61,23 +62,23 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     try:
         json_without_repeats(raw or b"null")
     except RepeatedName as repeated:
-        raise BadRequest(f"the request body names '{repeated}' twice",
+        raise InvalidRequest(f"the request body names '{repeated}' twice",
                          errors=[{"field": str(repeated), "message": "repeated"}]) from None
     except ValueError:
         pass  # not JSON at all: the model's own parse below names the problem
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
-        raise BadRequest("the request body is invalid", errors=_field_errors(exc)) from None
+        raise InvalidRequest("the request body is invalid", errors=_field_errors(exc)) from None
 
 
 def parse_query(request: web.Request, model: type[M]) -> M:
     if len(set(request.query)) != len(request.query):
-        raise BadRequest("a query parameter is repeated")
+        raise InvalidRequest("a query parameter is repeated")
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
-        raise BadRequest("the query string is invalid", errors=_field_errors(exc)) from None
+        raise InvalidRequest("the query string is invalid", errors=_field_errors(exc)) from None
 
 
 def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -193,10 +194,10 @@ def _next_not_before(body: s.ProjectUpdate, current: Project, now: float) -> flo
         return None
     wanted = float(math.ceil(body.not_before.timestamp()))
     if wanted > now + 60:
-        raise BadRequest("not_before may not lie in the future",
+        raise InvalidRequest("not_before may not lie in the future",
                          errors=[{"field": "not_before", "message": "more than 60 s ahead"}])
     if current.not_before is not None and wanted < current.not_before:
-        raise BadRequest("not_before may only move forward",
+        raise InvalidRequest("not_before may only move forward",
                          errors=[{"field": "not_before", "message": "earlier than the current one"}])
     return wanted
 
@@ -216,7 +217,7 @@ async def update_project(request: web.Request) -> web.Response:
 def _check_not_before(project: Project, now: float) -> None:
     if project.not_before is not None and int(now) < project.not_before:
         raise Conflict("the project's not_before cut-off is this second; retry in a moment",
-                       headers={"Retry-After": "1"})
+                       retry_after_s=1)
 
 
 async def _check_token_quota(services: Services, project: Project, now: float) -> None:
@@ -236,7 +237,7 @@ async def _remember(services: Services, claims: Claims, parent_jti: str | None) 
 def _check_scope(services: Services, kind: TokenKind, scope: str) -> None:
     beyond = set(scope.split(" ")) - services.policies.current.scopes_for(kind)
     if beyond:
-        raise BadRequest(f"the policy grants {kind.value} tokens no scope {min(beyond)!r}",
+        raise InvalidRequest(f"the policy grants {kind.value} tokens no scope {min(beyond)!r}",
                          errors=[{"field": "scope", "message": "beyond the policy's roles"}])
 
 
@@ -281,16 +282,16 @@ def _exchange_terms(services: Services, parent: Claims, body: s.TokenExchange,
                         else services.settings.api_audience)
     audience = body.audience or default_audience
     if audience not in (services.settings.api_audience, services.settings.gateway_audience):
-        raise BadRequest("unknown audience", errors=[{"field": "audience", "message": "not served here"}])
+        raise InvalidRequest("unknown audience", errors=[{"field": "audience", "message": "not served here"}])
     allowed = parent.scope & services.policies.current.scopes_for(kind)
     scope = allowed if body.scope is None else frozenset(body.scope.split(" "))
     if not scope or not scope <= allowed:
-        raise BadRequest("invalid_scope: the scope must be a non-empty subset of the project "
+        raise InvalidRequest("invalid_scope: the scope must be a non-empty subset of the project "
                          f"token's scopes that {kind.value} tokens may carry",
                          errors=[{"field": "scope", "message": "empty or too wide"}])
     remaining = int(parent.exp - now)
     if remaining < 1:
-        raise TokenError("expired", "the project token has expired")
+        raise ExpiredToken("the project token has expired")
     cap = services.policies.current.lifetime_cap(kind.value)
     return kind, audience, scope, min(body.ttl or cap, cap, remaining)
 
@@ -301,7 +302,7 @@ async def exchange_token(request: web.Request) -> web.Response:
     now = services.now()
     kind, audience, scope, ttl = _exchange_terms(services, parent, body, now)
     if parent.project is None:  # verification guarantees it for project tokens; never guess
-        raise TokenError("invalid_claim", "a project token must name its project")
+        raise InvalidClaim("a project token must name its project")
     _check_not_before(await _existing_project(services, parent.project), now)
     token, claims = services.tokens.issue(kind=kind, subject=parent.sub, project=parent.project,
                                           scope=scope, ttl_s=ttl, audience=audience)

@@ -29,7 +29,9 @@ from cp_helpers import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from controlplane import errors
 from controlplane.middlewares import ROUTE_SPECS
+from controlplane.problems import problem_headers, problem_type
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 DAY = 86400
@@ -610,3 +612,18 @@ async def test_health_ready_and_metrics(cp: ControlPlane) -> None:
     assert ('dsn_cp_authz_decisions_total{action="projects:list",decision="deny",'
             'reason="token:missing"} 1.0') in text
     assert cp.admin_token not in text
+
+
+def test_every_error_class_answers_with_the_status_of_its_nearest_listed_class() -> None:
+    """The one table from domain errors to HTTP: each class, subclasses included, gets a
+    4xx/5xx status, and the token failures all answer 401 with their own stable reasons."""
+    def subclasses(cls: type[errors.ControlPlaneError]) -> list[type[errors.ControlPlaneError]]:
+        return [cls] + [sub for direct in cls.__subclasses__() for sub in subclasses(direct)]
+
+    for cls in subclasses(errors.ControlPlaneError):
+        assert 400 <= problem_type(cls.__new__(cls)).status <= 599, cls
+    tokens = subclasses(errors.TokenError)[1:]
+    assert {problem_type(cls.__new__(cls)).status for cls in tokens} == {401}
+    assert len({cls.reason for cls in tokens}) == len(tokens)
+    assert problem_type(errors.UnsupportedMediaType("x")).status == 415  # nearer than 400
+    assert problem_headers(errors.Conflict("x", retry_after_s=3)) == {"Retry-After": "3"}

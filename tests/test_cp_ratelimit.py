@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane.errors import TooManyRequests
+from controlplane.errors import RateLimited
 from controlplane.policy import PolicyHolder
 from controlplane.ratelimit import RateLimiter
 
@@ -35,10 +35,9 @@ async def limiter(tmp_path: Path) -> AsyncIterator[RateLimiter]:
 async def test_fourth_call_of_a_token_is_refused_with_retry_after(limiter: RateLimiter) -> None:
     for _ in range(3):
         await limiter.check("jti-a", "p1")
-    with pytest.raises(TooManyRequests) as caught:
+    with pytest.raises(RateLimited) as caught:
         await limiter.check("jti-a", "p1")
-    assert caught.value.status == 429
-    retry_after = int(caught.value.headers["Retry-After"])
+    retry_after = caught.value.retry_after_s
     assert 55 <= retry_after <= 60
     assert "this token" in caught.value.detail
 
@@ -48,7 +47,7 @@ async def test_tokens_are_counted_independently(limiter: RateLimiter) -> None:
         await limiter.check("jti-a", None)
     for _ in range(3):
         await limiter.check("jti-b", None)  # jti-a's spent budget does not touch jti-b
-    with pytest.raises(TooManyRequests):
+    with pytest.raises(RateLimited):
         await limiter.check("jti-b", None)
 
 
@@ -57,10 +56,10 @@ async def test_project_limit_spans_its_tokens(limiter: RateLimiter) -> None:
         await limiter.check("jti-a", "p1")
     for _ in range(2):
         await limiter.check("jti-b", "p1")
-    with pytest.raises(TooManyRequests) as caught:
+    with pytest.raises(RateLimited) as caught:
         await limiter.check("jti-c", "p1")  # a fresh token, but p1 has used its 5
     assert "project 'p1'" in caught.value.detail
-    assert 55 <= int(caught.value.headers["Retry-After"]) <= 60
+    assert 55 <= caught.value.retry_after_s <= 60
     await limiter.check("jti-d", "p2")  # other projects are unaffected
 
 
@@ -68,11 +67,11 @@ async def test_token_refusal_does_not_spend_the_project_budget(limiter: RateLimi
     for _ in range(3):
         await limiter.check("jti-a", "p1")
     for _ in range(4):
-        with pytest.raises(TooManyRequests):
+        with pytest.raises(RateLimited):
             await limiter.check("jti-a", "p1")
     for _ in range(2):
         await limiter.check("jti-b", "p1")  # p1 still has 2 of its 5 left
-    with pytest.raises(TooManyRequests):
+    with pytest.raises(RateLimited):
         await limiter.check("jti-c", "p1")
 
 
@@ -81,9 +80,9 @@ async def test_second_window_short_retry_after(tmp_path: Path) -> None:
     limiter = RateLimiter(holder)
     try:
         await limiter.check("jti-a", "p1")
-        with pytest.raises(TooManyRequests) as caught:
+        with pytest.raises(RateLimited) as caught:
             await limiter.check("jti-a", "p1")
-        assert caught.value.headers["Retry-After"] == "1"
+        assert caught.value.retry_after_s == 1
     finally:
         await limiter.aclose()
 
@@ -93,7 +92,7 @@ async def test_policy_reload_changes_the_limits(tmp_path: Path) -> None:
     limiter = RateLimiter(holder)
     try:
         await limiter.check("jti-a", "p1")
-        with pytest.raises(TooManyRequests):
+        with pytest.raises(RateLimited):
             await limiter.check("jti-a", "p1")
         doc = yaml.safe_load(path.read_text())
         doc["rate_limits"]["per_token"] = "3/minute"

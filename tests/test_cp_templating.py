@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from controlplane.errors import BadRequest, NotFound
+from controlplane.errors import InvalidRequest, NotFound
 from controlplane.policy import PolicySet, load_policies
 from controlplane.templating import (
     KIND_DIRECTORIES,
@@ -82,7 +82,7 @@ def make(kind: str, parameters: dict[str, Any], body: str, name: str = "test") -
                                           "body": body}))
 
 
-def fields(exc: pytest.ExceptionInfo[BadRequest]) -> dict[str, str]:
+def fields(exc: pytest.ExceptionInfo[InvalidRequest]) -> dict[str, str]:
     return {error["field"]: error["message"] for error in exc.value.errors}
 
 
@@ -140,7 +140,7 @@ def test_the_shipped_set_is_one_dsn_and_two_job_templates(shipped: dict[str, Tem
 
 def test_every_bad_parameter_is_reported_at_once(shipped: dict[str, Template],
                                                  policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(shipped["4dstem"], {"hwm": "256", "max_producers": True,
                                             "sources": "127.0.0.0/8", "bogus": 1}, policy)
     assert set(fields(exc)) == {"params.hwm", "params.max_producers", "params.sources",
@@ -152,7 +152,7 @@ def test_every_bad_parameter_is_reported_at_once(shipped: dict[str, Template],
 def test_defaults_apply_and_required_parameters_are_named(shipped: dict[str, Template],
                                                           policy: PolicySet) -> None:
     assert validate_params(shipped["4dstem"], {}, policy)["hwm"] == 256
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(shipped["slurm-sbatch"], {}, policy)
     assert fields(exc) == {"params.account": "required"}
 
@@ -160,7 +160,7 @@ def test_defaults_apply_and_required_parameters_are_named(shipped: dict[str, Tem
 @pytest.mark.parametrize("hwm", [0, -1, 10_001, 2**64, "256", 256.0, True, None, [256]])
 def test_hwm_zero_or_above_the_cap_is_refused(hwm: Any, shipped: dict[str, Template],
                                               policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(shipped["4dstem"], {"hwm": hwm}, policy)
     assert list(fields(exc)) == ["params.hwm"]
 
@@ -175,7 +175,7 @@ def test_the_config_schema_backstops_a_template_that_allows_hwm_zero(policy: Pol
     body = DSN_WITH_TEXT.replace("    consumers:", "    limits: {hwm: {{ params.hwm | yaml }}}\n"
                                                   "    consumers:")
     template = make("dsn", {"text": FREE_TEXT, "hwm": {"type": "int", "min": 0, "max": 10}}, body)
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         render_values(template, {"text": "/k", "hwm": 0}, DSN_SYSTEM, policy)
     assert "limits.hwm" in fields(exc)["config"]
 
@@ -198,7 +198,7 @@ def test_the_config_schema_backstops_a_template_that_allows_hwm_zero(policy: Pol
 ])
 def test_bad_cidrs_are_refused(cidr: Any, reason: str, shipped: dict[str, Template],
                                policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(shipped["4dstem"], {"sources": [cidr]}, policy)
     assert reason in fields(exc)["params.sources"]
 
@@ -206,7 +206,7 @@ def test_bad_cidrs_are_refused(cidr: Any, reason: str, shipped: dict[str, Templa
 def test_cidr_lists_are_bounded_and_unique(shipped: dict[str, Template],
                                            policy: PolicySet) -> None:
     for sources in ([], ["127.0.0.0/8"] * 2, [f"127.0.{i}.0/24" for i in range(17)]):
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidRequest):
             validate_params(shipped["4dstem"], {"sources": sources}, policy)
 
 
@@ -214,7 +214,7 @@ def test_the_whole_internet_is_allowed_only_where_the_policy_allows_it(
         shipped: dict[str, Template], open_policy: PolicySet) -> None:
     params = validate_params(shipped["4dstem"], {"sources": ["0.0.0.0/0"]}, open_policy)
     assert params["sources"] == ["0.0.0.0/0"]
-    with pytest.raises(BadRequest) as exc:  # the targets still follow the policy's targets
+    with pytest.raises(InvalidRequest) as exc:  # the targets still follow the policy's targets
         validate_params(shipped["4dstem"], {"targets": ["0.0.0.0/0"]}, open_policy)
     assert "outside the targets networks" in fields(exc)["params.targets"]
 
@@ -236,7 +236,7 @@ def network_job() -> Template:
 @pytest.mark.parametrize("port", [0, 65_536, -1, "5", True, 5.0])
 def test_ports_outside_1_to_65535_or_not_integers_are_refused(
         port: Any, network_job: Template, policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(network_job, {"port": port}, policy)
     assert list(fields(exc)) == ["params.port"]
 
@@ -251,7 +251,7 @@ def test_port_bounds_are_inclusive(port: int, network_job: Template, policy: Pol
                                   "localhost\n", 2130706433])
 def test_bad_or_foreign_hosts_are_refused(host: Any, network_job: Template,
                                           policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(network_job, {"hosts": [host]}, policy)
     assert list(fields(exc)) == ["params.hosts"]
 
@@ -263,7 +263,7 @@ def test_bad_or_foreign_hosts_are_refused(host: Any, network_job: Template,
 ])
 def test_bad_or_foreign_endpoints_are_refused(endpoint: Any, network_job: Template,
                                               policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(network_job, {"endpoints": [endpoint]}, policy)
     assert list(fields(exc)) == ["params.endpoints"]
 
@@ -276,7 +276,7 @@ def test_canonical_hosts_and_endpoints_inside_the_policy_pass(network_job: Templ
 
 
 def test_enums_and_bools_are_strict(shipped: dict[str, Template], policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(shipped["slurm-sbatch"], {"account": "m1", "qos": "REALTIME",
                                                   "exclusive": 1}, policy)
     assert set(fields(exc)) == {"params.qos", "params.exclusive"}
@@ -288,7 +288,7 @@ def test_enums_and_bools_are_strict(shipped: dict[str, Template], policy: Policy
 def test_newlines_and_control_characters_never_reach_a_template(text: str,
                                                                 policy: PolicySet) -> None:
     template = make("dsn", {"text": FREE_TEXT}, DSN_WITH_TEXT)
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(template, {"text": text}, policy)
     assert "newline or control character" in fields(exc)["params.text"]
 
@@ -301,7 +301,7 @@ def test_newlines_and_control_characters_never_reach_a_template(text: str,
 def test_yaml_structure_in_a_value_stays_one_scalar(text: str, policy: PolicySet) -> None:
     template = make("dsn", {"text": FREE_TEXT}, DSN_WITH_TEXT)
     if not text.isprintable():
-        pytest.raises(BadRequest, validate_params, template, {"text": text}, policy)
+        pytest.raises(InvalidRequest, validate_params, template, {"text": text}, policy)
         return
     rendered = render_values(template, {"text": text}, DSN_SYSTEM, policy)
     assert rendered.config is not None
@@ -330,7 +330,7 @@ def test_job_values_reach_the_command_as_one_word_each(text: str, tmp_path: Path
 
 def test_shipped_job_templates_refuse_shell_syntax_in_strings(shipped: dict[str, Template],
                                                               policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_params(shipped["slurm-sbatch"], {"account": "m1; rm -rf ~",
                                                   "time": "1:00:00 --uid=0"}, policy)
     assert set(fields(exc)) == {"params.account", "params.time"}
@@ -356,7 +356,7 @@ def test_parameter_names_that_shadow_methods_read_the_value(policy: PolicySet) -
 ])
 def test_system_values_are_validated_too(change: dict[str, Any], field: str,
                                          policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_system("dsn", DSN_SYSTEM | change, policy)
     assert field in fields(exc)
 
@@ -369,7 +369,7 @@ def test_system_values_are_validated_too(change: dict[str, Any], field: str,
 ])
 def test_job_system_values_are_validated(change: dict[str, Any], field: str,
                                          policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         validate_system("job", JOB_SYSTEM | change, policy)
     assert field in fields(exc)
 
@@ -377,7 +377,7 @@ def test_job_system_values_are_validated(change: dict[str, Any], field: str,
 def test_render_takes_only_validated_values(shipped: dict[str, Template],
                                             policy: PolicySet) -> None:
     system = validate_system("dsn", DSN_SYSTEM, policy)
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidRequest):
         render(shipped["4dstem"], {"hwm": 0}, system)
     with pytest.raises(TypeError):
         render(shipped["local-mpiexec"], {}, system)
@@ -425,7 +425,7 @@ def test_sandbox_escapes_are_refused_when_saved(body: str, policy: PolicySet) ->
                                             "sources": {"type": "cidr_list",
                                                         "network": "sources",
                                                         "default": ["127.0.0.0/8"]}}})
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         check_template(source, policy)
     assert "body" in fields(exc)
 
@@ -435,7 +435,7 @@ def test_sandbox_escapes_are_refused_when_saved(body: str, policy: PolicySet) ->
 def test_the_sandbox_reads_plain_data_only(expression: str, policy: PolicySet) -> None:
     source = yaml.safe_dump({"name": "probe", "kind": "job",
                              "body": f"#!/bin/sh\necho {{{{ {expression} | shquote }}}}\n"})
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         check_template(source, policy)
     assert "is unsafe" in fields(exc)["body"]
 
@@ -454,7 +454,7 @@ BOMBS = [
 @pytest.mark.parametrize("body", BOMBS)
 def test_render_bombs_are_refused_quickly_when_saved(body: str, policy: PolicySet) -> None:
     started = time.monotonic()
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidRequest):
         make("dsn", {"sources": NETWORK_PARAMS["hosts"]}, body)
     assert time.monotonic() - started < 1.0
 
@@ -469,14 +469,14 @@ def _loop_template(chunk: str) -> Template:
 
 def test_output_size_is_bounded_while_rendering(policy: PolicySet) -> None:
     started = time.monotonic()
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         render_values(_loop_template("x" * 1024), {}, JOB_SYSTEM, policy)
     assert "exceeds 65536 bytes" in fields(exc)["body"]
     assert time.monotonic() - started < 1.0
 
 
 def test_render_time_is_bounded(policy: PolicySet) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         render_values(_loop_template(""), {}, JOB_SYSTEM, policy, max_seconds=0.0)
     assert "longer than 0.0 s" in fields(exc)["body"]
 
@@ -484,7 +484,7 @@ def test_render_time_is_bounded(policy: PolicySet) -> None:
 def test_yaml_aliases_in_a_dsn_body_are_refused(policy: PolicySet) -> None:
     body = DSN_WITH_TEXT.replace("allowed_targets: [127.0.0.0/8]",
                                  "allowed_targets: &t [127.0.0.0/8]\n    x: *t")
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         render_values(make("dsn", {"text": FREE_TEXT}, body), {"text": "/k"}, DSN_SYSTEM,
                       policy)
     assert "aliases are not allowed" in fields(exc)["config"]
@@ -492,7 +492,7 @@ def test_yaml_aliases_in_a_dsn_body_are_refused(policy: PolicySet) -> None:
 
 def test_a_job_script_must_start_with_a_shebang(policy: PolicySet) -> None:
     template = make("job", {}, "echo {{ system.ranks | shquote }}\n")
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         render_values(template, {}, JOB_SYSTEM, policy)
     assert "#!" in fields(exc)["body"]
 
@@ -515,7 +515,7 @@ def test_a_job_script_must_start_with_a_shebang(policy: PolicySet) -> None:
     ({"type": "bool", "secret": True}, "parameters.p.secret"),
 ])
 def test_bad_parameter_declarations_are_refused(parameter: dict[str, Any], field: str) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         make("job", {"p": parameter}, "#!/bin/sh\n")
     assert field in fields(exc)
 
@@ -523,7 +523,7 @@ def test_bad_parameter_declarations_are_refused(parameter: dict[str, Any], field
 def test_defaults_outside_the_policy_are_refused_when_saved(policy: PolicySet) -> None:
     source = (TEMPLATES / "dsn" / "4dstem.yaml").read_text().replace(
         "default: [127.0.0.0/8]", "default: [0.0.0.0/0]", 1)
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         check_template(source, policy)
     assert "outside the sources networks" in fields(exc)["parameters.sources"]
 
@@ -538,7 +538,7 @@ def test_defaults_outside_the_policy_are_refused_when_saved(policy: PolicySet) -
     ("name: a\nkind: job\nbody: '{% if %}'\n", "body"),
 ])
 def test_malformed_template_documents_are_refused(source: str, field: str) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         parse_template(source)
     assert field in fields(exc)
 
@@ -549,7 +549,7 @@ def test_malformed_template_documents_are_refused(source: str, field: str) -> No
                                   "4dstem/../4dstem", "4DSTEM", "", "a" * 64, "-x", "4dstem\n",
                                   None, 4])
 def test_template_names_cannot_traverse_paths(name: Any) -> None:
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         load_template(TEMPLATES, name)
     assert list(fields(exc)) == ["name"]
 
@@ -558,7 +558,7 @@ def test_a_symbolic_link_out_of_the_directory_is_refused(tmp_path: Path) -> None
     root = tmp_path / "templates"
     (root / "dsn").mkdir(parents=True)
     (root / "dsn" / "evil.yaml").symlink_to(TEMPLATES / "dsn" / "4dstem.yaml")
-    with pytest.raises(BadRequest) as exc:
+    with pytest.raises(InvalidRequest) as exc:
         load_template(root, "evil")
     assert "resolves outside" in fields(exc)["name"]
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from test_cp_templating import DSN_SYSTEM, DSN_WITH_TEXT, ECHO_JOB, FREE_TEXT, JOB_SYSTEM, make
 
-from controlplane.errors import BadRequest
+from controlplane.errors import InvalidRequest
 from controlplane.policy import (
     ACTIONS,
     BUILTIN_RULES,
@@ -177,7 +177,7 @@ def dsn_template() -> Template:
     return load_templates(ROOT / "templates")["4dstem"]
 
 
-def _refused_fields(exc: BadRequest) -> set[str]:
+def _refused_fields(exc: InvalidRequest) -> set[str]:
     return {error["field"] for error in exc.errors}
 
 
@@ -188,7 +188,7 @@ def test_any_string_renders_as_one_yaml_scalar_or_is_refused(text: str,
     template = make("dsn", {"text": FREE_TEXT}, DSN_WITH_TEXT)
     try:
         rendered = render_values(template, {"text": text}, DSN_SYSTEM, shipped_policy)
-    except BadRequest as exc:
+    except InvalidRequest as exc:
         assert _refused_fields(exc) == {"params.text"}, exc.errors
         assert not text.isprintable() or text == ""
         return
@@ -207,7 +207,7 @@ def test_any_string_reaches_a_job_script_as_exactly_one_shell_word_or_is_refused
     template = make("job", {"text": {"type": "string", "pattern": ".*", "example": "x"}}, ECHO_JOB)
     try:
         script = render_values(template, {"text": text}, JOB_SYSTEM, shipped_policy).text
-    except BadRequest as exc:
+    except InvalidRequest as exc:
         assert _refused_fields(exc) == {"params.text"} and not text.isprintable()
         return
     command = script.splitlines()[1]
@@ -233,7 +233,7 @@ def test_shipped_dsn_template_renders_exactly_the_validated_values_or_names_each
         params: dict[str, Any], shipped_policy: PolicySet, dsn_template: Template) -> None:
     try:
         canonical = validate_params(dsn_template, params, shipped_policy)
-    except BadRequest as exc:
+    except InvalidRequest as exc:
         event("refused")
         assert _refused_fields(exc) <= {f"params.{name}" for name in params}
         assert exc.errors

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controlplane.errors import BadRequest, NotFound
+from controlplane.errors import InvalidRequest, NotFound
 from controlplane.launchers import JobStatus
 from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
 from controlplane.policy import Resource
@@ -76,7 +76,7 @@ CONSUMER_ONLY = frozenset({TokenKind.CONSUMER})
 def scan_number(request: web.Request) -> int:
     text = request.match_info["scan"]
     if not text.isascii() or not text.isdigit() or int(text) > MAX_SCAN:
-        raise BadRequest("the scan number must be a non-negative integer",
+        raise InvalidRequest("the scan number must be a non-negative integer",
                          errors=[{"field": "scan", "message": "not a scan number"}])
     return int(text)
 

@@ -20,12 +20,12 @@ from common.keys import KeyFileError, load_keypair
 from common.privatefs import create_private_file, private_dir
 from controlplane import templates_api
 from controlplane.errors import (
-    BadRequest,
     ConfigurationError,
     Conflict,
     ControlPlaneError,
-    Forbidden,
+    InvalidRequest,
     NotFound,
+    PermissionDenied,
 )
 from controlplane.launchers import (
     TOKEN_NAME,
@@ -98,10 +98,10 @@ async def current_template(store: Store, name: str, kind: Kind) -> tuple[Templat
     try:
         found = await templates_api.current(store, name)
     except NotFound:
-        raise BadRequest(f"no template named {name!r}",
+        raise InvalidRequest(f"no template named {name!r}",
                          errors=[{"field": "template", "message": "no such template"}]) from None
     if found.kind != kind:
-        raise BadRequest(f"template {name!r} is a {found.kind} template, not a {kind} template",
+        raise InvalidRequest(f"template {name!r} is a {found.kind} template, not a {kind} template",
                          errors=[{"field": "template", "message": f"not a {kind} template"}])
     # Checked when saved; parsing is CPU-bound, so it runs off the event loop.
     return await asyncio.to_thread(parse_template_cached, found.source), found.version
@@ -151,7 +151,7 @@ def _token_record(claims: Claims, parent_jti: str) -> TokenRecord:
 def _session_token(services: Services, parent: Claims, ttl: int) -> tuple[str, Claims]:
     scope = parent.scope & services.policies.current.scopes_for(TokenKind.SESSION)
     if not scope:
-        raise BadRequest("the project token carries no scope a session token may hold")
+        raise InvalidRequest("the project token carries no scope a session token may hold")
     return services.tokens.issue(kind=TokenKind.SESSION, subject=parent.sub,
                                  project=parent.project, scope=scope, ttl_s=ttl,
                                  audience=services.settings.gateway_audience)
@@ -175,7 +175,7 @@ def _check_plaintext(services: Services, body: SessionOpen) -> None:
     if body.transport != "plain":
         return
     if not services.policies.current.allow_plaintext:
-        raise Forbidden("the policy does not allow unencrypted transport (allow_plaintext)",
+        raise PermissionDenied("the policy does not allow unencrypted transport (allow_plaintext)",
                         rule="plaintext-not-allowed")
     if services.settings.gateway_plain_endpoint is None:
         raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
@@ -222,7 +222,7 @@ async def add_consumer(services: Services, session: SessionRecord,
     targets = session.config["sessions"][0]["allowed_targets"]
     problem = endpoint_problem(body.endpoint, targets, policy)
     if problem is not None:
-        raise BadRequest(f"endpoint refused: {problem}",
+        raise InvalidRequest(f"endpoint refused: {problem}",
                          errors=[{"field": "endpoint", "message": problem}])
     consumer = ConsumerRecord(
         id=_new_id("c"), session_id=session.id, job_id=body.job_id, rank=body.rank,
@@ -289,7 +289,7 @@ async def _render_job(services: Services, session: SessionRecord, body: JobSubmi
 def _check_ranks(services: Services, session: SessionRecord, ranks: int) -> None:
     limit = services.policies.current.quota(session.project, CONSUMER_QUOTA)
     if ranks > limit:
-        raise BadRequest(f"{ranks} ranks exceed the quota of {limit} consumers per session",
+        raise InvalidRequest(f"{ranks} ranks exceed the quota of {limit} consumers per session",
                          errors=[{"field": "ranks", "message": f"at most {limit}"}])
 
 

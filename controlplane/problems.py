@@ -1,0 +1,70 @@
+"""Errors as HTTP answers: the one table from the control plane's exceptions to RFC 9457 problems.
+
+An exception answers with the entry of the nearest class in its MRO that the table lists, so a
+new subclass answers like its parent until it is given an entry of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from controlplane.errors import (
+    ConfigurationError,
+    Conflict,
+    ControlPlaneError,
+    InvalidRequest,
+    LaunchFailed,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    PreconditionRequired,
+    RateLimited,
+    TokenError,
+    Unavailable,
+    UnsupportedMediaType,
+)
+
+PROBLEM_TYPE_PREFIX: Final = "urn:dsn:problem:"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    status: int
+    title: str
+    slug: str  # the problem type is PROBLEM_TYPE_PREFIX + slug
+
+
+PROBLEM_TYPES: Final[dict[type[ControlPlaneError], ProblemType]] = {
+    ControlPlaneError: ProblemType(500, "Internal error", "internal"),
+    InvalidRequest: ProblemType(400, "Bad request", "bad-request"),
+    TokenError: ProblemType(401, "Unauthorized", "unauthorized"),
+    PermissionDenied: ProblemType(403, "Forbidden", "forbidden"),
+    NotFound: ProblemType(404, "Not found", "not-found"),
+    Conflict: ProblemType(409, "Conflict", "conflict"),
+    PreconditionFailed: ProblemType(412, "Precondition failed", "precondition-failed"),
+    UnsupportedMediaType: ProblemType(415, "Unsupported media type", "unsupported-media-type"),
+    PreconditionRequired: ProblemType(428, "Precondition required", "precondition-required"),
+    RateLimited: ProblemType(429, "Too many requests", "rate-limited"),
+    ConfigurationError: ProblemType(500, "Configuration error", "configuration"),
+    LaunchFailed: ProblemType(502, "Job launch failed", "job-launch-failed"),
+    Unavailable: ProblemType(503, "Service unavailable", "unavailable"),
+}
+
+
+def problem_type(exc: ControlPlaneError) -> ProblemType:
+    # The root is in the table, so every ControlPlaneError finds an entry.
+    return next(PROBLEM_TYPES[cls] for cls in type(exc).__mro__ if cls in PROBLEM_TYPES)
+
+
+def problem_headers(exc: ControlPlaneError) -> dict[str, str]:
+    """What the status obliges the answer to say besides the body."""
+    if isinstance(exc, TokenError):
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    if exc.retry_after_s is not None:
+        return {"Retry-After": str(exc.retry_after_s)}
+    return {}
+
+
+def field_errors(exc: ControlPlaneError) -> list[dict[str, str]]:
+    return exc.errors if isinstance(exc, InvalidRequest) else []
