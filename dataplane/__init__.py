@@ -1,1 +1,2 @@
-"""DSN endpoints: the wire protocol, the producer SDK and synthetic camera, and the HPC consumer."""
+"""The endpoints of the data plane: the producer SDK and the synthetic 4D Camera, the spool file
+format, and the HPC consumer (``dataplane.consumer``). It imports only ``common``."""
