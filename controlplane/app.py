@@ -20,7 +20,7 @@ from aiohttp import web
 
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
-from controlplane import templates_api, views
+from controlplane import views
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
 from controlplane.launchers import get_launcher
@@ -43,6 +43,7 @@ from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService, StateSettings
 from controlplane.store import Store
+from controlplane.templates import api as templates_api
 from controlplane.tokens import Authenticator, TokenService
 
 log = logging.getLogger("dsn.controlplane")

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from controlplane.schemas import NAME_PATTERN, Problem
-from controlplane.templating import NAME_PATTERN as TEMPLATE_NAME_PATTERN
+from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
 if TYPE_CHECKING:
     from controlplane.middlewares import RouteSpec

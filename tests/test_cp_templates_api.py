@@ -24,7 +24,7 @@ from cp_helpers import (
     start_control_plane,
 )
 
-from controlplane.templating import shipped_templates_dir
+from controlplane.templates.loader import shipped_templates_dir
 from dsn.cli import main
 
 SHIPPED = {"4dstem": "dsn", "local-mpiexec": "job", "slurm-sbatch": "job"}

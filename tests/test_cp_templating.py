@@ -14,18 +14,15 @@ import yaml  # type: ignore[import-untyped]
 
 from controlplane.errors import InvalidRequest, NotFound
 from controlplane.policy import PolicySet, load_policies
-from controlplane.templating import (
+from controlplane.templates.loader import (
     KIND_DIRECTORIES,
     Template,
-    check_template,
     load_template,
     load_templates,
     parse_template,
-    render,
-    render_values,
-    validate_params,
-    validate_system,
 )
+from controlplane.templates.render import check_template, render, render_values, validate_params
+from controlplane.templates.system import validate_system
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"

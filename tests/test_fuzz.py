@@ -30,7 +30,8 @@ from controlplane.policy import (
     expand_actions,
     load_policies,
 )
-from controlplane.templating import Template, load_templates, render_values, validate_params
+from controlplane.templates.loader import Template, load_templates
+from controlplane.templates.render import render_values, validate_params
 from controlplane.tokens import TokenKind
 
 ROOT = Path(__file__).resolve().parent.parent

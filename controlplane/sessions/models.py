@@ -10,9 +10,7 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 from common.config import ConnectEndpoint, CurveKey
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, SessionState
-from controlplane.templating import (
-    NAME_PATTERN as TEMPLATE_NAME_PATTERN,
-)
+from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

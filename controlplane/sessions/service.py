@@ -18,7 +18,6 @@ from common.clone import AckOutcome, InterruptedScan
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
 from common.privatefs import create_private_file, private_dir
-from controlplane import templates_api
 from controlplane.errors import (
     ConfigurationError,
     Conflict,
@@ -67,7 +66,10 @@ from controlplane.sessions.repository import (
     register_consumer,
 )
 from controlplane.store import Store, TokenRecord
-from controlplane.templating import Kind, Template, parse_template_cached, render_values
+from controlplane.templates import repository as template_versions
+from controlplane.templates.base import Kind
+from controlplane.templates.loader import Template, parse_template_cached
+from controlplane.templates.render import render_values
 from controlplane.tokens import Claims, TokenKind
 
 log = logging.getLogger(__name__)
@@ -93,10 +95,10 @@ async def publish_session(services: Services, session_id: str) -> None:
 # --- templates, keys and files -------------------------------------------------------------------
 
 async def current_template(store: Store, name: str, kind: Kind) -> tuple[Template, int]:
-    """The current stored version of template ``name`` (``templates_api``) and its number; every
-    render of a session or job goes through here."""
+    """The current stored version of template ``name`` (``templates.repository``) and its
+    number; every render of a session or job goes through here."""
     try:
-        found = await templates_api.current(store, name)
+        found = await template_versions.current(store, name)
     except NotFound:
         raise InvalidRequest(f"no template named {name!r}",
                          errors=[{"field": "template", "message": "no such template"}]) from None

@@ -1,0 +1,137 @@
+"""Template documents: the ``Template`` model, its YAML text parsed and checked statically, and
+the shipped directory (``templates/``) the store is seeded from.
+
+A template is a YAML document: ``name``, ``kind`` (``dsn`` or ``job``), ``description``, typed
+``parameters`` and a jinja2 ``body`` (format: ``templates/README.md``). Building a ``Template``
+checks the declarations and the body's grammar; the dry render an admin's save also needs is
+``render.check_template``.
+
+The only module of the package with I/O: ``load_template``/``load_templates``/``read_shipped``
+read the shipped directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sysconfig
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+
+from common import strictyaml
+from controlplane.errors import ConfigurationError, InvalidRequest, NotFound
+from controlplane.templates.base import Kind, Strict, field_errors, invalid, show
+from controlplane.templates.parameters import Parameter
+from controlplane.templates.sandbox import parse_body
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+MAX_SOURCE_BYTES = 256 * 1024
+MAX_BODY_CHARS = 64 * 1024
+KIND_DIRECTORIES: dict[Kind, str] = {"dsn": "dsn", "job": "jobs"}
+_NAME = re.compile(NAME_PATTERN)
+ParamName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
+class Template(Strict):
+    """A template whose declarations are coherent and whose body passed the static check."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Kind
+    description: str = Field(default="", max_length=2000)
+    parameters: dict[ParamName, Parameter] = Field(default_factory=dict, max_length=64)
+    body: str = Field(min_length=1, max_length=MAX_BODY_CHARS)
+
+    @field_validator("body")
+    @classmethod
+    def _body_is_safe(cls, body: str, info: ValidationInfo) -> str:
+        kind = info.data.get("kind")
+        if kind is not None:  # else the kind's own error is reported
+            parse_body(kind, body)
+        return body
+
+
+def load_yaml(text: str, field: str) -> Any:
+    """YAML read by ``common.strictyaml`` (no aliases, no duplicate keys); InvalidRequest naming
+    ``field`` otherwise."""
+    try:
+        return strictyaml.load(text)
+    except strictyaml.YAMLError as exc:
+        message = " ".join(str(exc).split())
+        raise invalid("not valid YAML", [{"field": field, "message": message}]) from None
+
+
+def parse_template(source_text: str) -> Template:
+    """A template document (YAML) as a ``Template``; InvalidRequest lists every problem by field."""
+    if not isinstance(source_text, str) or len(source_text.encode()) > MAX_SOURCE_BYTES:
+        raise invalid("template rejected", [
+            {"field": "(top level)", "message": f"must be YAML text of at most "
+                                                f"{MAX_SOURCE_BYTES} bytes"}])
+    data = load_yaml(source_text, "(top level)")
+    try:
+        return Template.model_validate(data)
+    except ValidationError as exc:
+        raise invalid("template rejected", field_errors(exc, "")) from None
+
+
+# Checking a template costs milliseconds and every session open needs its template: a template's
+# text decides the result, and Templates are frozen, so one parse per text serves every request.
+parse_template_cached = functools.lru_cache(maxsize=128)(parse_template)
+
+
+def shipped_templates_dir() -> Path:
+    """The templates shipped with the package: the source tree's, else the installed data copy."""
+    source = Path(__file__).resolve().parents[2] / "templates"  # above controlplane/templates/
+    if source.is_dir():
+        return source
+    return Path(sysconfig.get_paths()["purelib"]) / "dsn_data" / "templates"
+
+
+def _template_file(root: Path, name: str) -> tuple[Path, Kind] | None:
+    base = root.resolve()
+    for kind, directory in KIND_DIRECTORIES.items():
+        path = (base / directory / f"{name}.yaml").resolve()
+        if not path.is_relative_to(base):  # a symbolic link out of the directory
+            raise invalid("invalid template name", [
+                {"field": "name", "message": f"{name!r} resolves outside {root}"}])
+        if path.is_file():
+            return path, kind
+    return None
+
+
+def load_template(root: Path, name: Any) -> Template:
+    """The template ``name`` from ``root/dsn`` or ``root/jobs``; names never leave ``root``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise invalid("invalid template name", [
+            {"field": "name", "message": f"{show(name)} does not match {NAME_PATTERN}"}])
+    found = _template_file(root, name)
+    if found is None:
+        raise NotFound(f"no template named {name!r} in {root}")
+    path, kind = found
+    with path.open("rb") as file:
+        raw = file.read(MAX_SOURCE_BYTES + 1)  # parse_template names the size limit
+    try:
+        template = parse_template(raw.decode("utf-8"))
+    except (InvalidRequest, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{path}: {exc}") from None
+    if template.name != name or template.kind != kind:
+        raise ConfigurationError(f"{path}: declares {template.kind} template {template.name!r}; "
+                                 f"expected {kind} template {name!r}")
+    return template
+
+
+def load_templates(root: Path) -> dict[str, Template]:
+    """Every template under ``root``, by name (the shipped set the store starts from)."""
+    names = sorted(path.stem for directory in KIND_DIRECTORIES.values()
+                   for path in (root / directory).glob("*.yaml"))
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"{root}: two templates share a name: {names}")
+    return {name: load_template(root, name) for name in names}
+
+
+def read_shipped() -> dict[str, tuple[str, str]]:
+    """The shipped templates' kinds and source texts (validated by ``load_templates``)."""
+    root = shipped_templates_dir()
+    return {name: (t.kind, (root / KIND_DIRECTORIES[t.kind] / f"{name}.yaml").read_text("utf-8"))
+            for name, t in load_templates(root).items()}
