@@ -155,7 +155,7 @@ def dry_run(template: Template, version: int, values: Mapping[str, Any],
             policy: PolicySet) -> RenderOut:
     """Validate ``values`` (errors under ``params.<name>``) and render with sample system values."""
     params = validate_params(template, values, policy)
-    system = validate_system(template.kind, sample_system(template, params), policy)
+    system = validate_system(template.kind, sample_system(template.kind), policy)
     rendered = render(template, params, system)
     config = None if rendered.config is None else rendered.config.model_dump(mode="json")
     return RenderOut(name=template.name, version=version, kind=template.kind, config=config,

@@ -189,6 +189,6 @@ def check_template(source_text: str, policy: PolicySet) -> Template:
         params = validate_params(template, examples, policy)
     except InvalidRequest as exc:
         raise _saved_value_errors(exc) from None
-    system = validate_system(template.kind, sample_system(template, params), policy)
+    system = validate_system(template.kind, sample_system(template.kind), policy)
     render(template, params, system)
     return template

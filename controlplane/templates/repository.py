@@ -117,8 +117,9 @@ async def get_version(store: Store, name: str, version: int) -> TemplateVersion:
 
 
 def check_precondition(pre: Precondition, found: TemplateVersion | None) -> None:
-    """428 for a write to an existing template naming no version; 412 when the named one (or the
-    absence ``If-None-Match: *`` asks for) is not what the store holds."""
+    """PreconditionRequired for a write to an existing template naming no version;
+    PreconditionFailed when the named one (or the absence ``If-None-Match: *`` asks for) is not
+    what the store holds."""
     live = found is not None and not found.deleted
     if pre.if_none_match_any and live:
         raise PreconditionFailed("the template exists; send If-Match with its ETag to replace it")

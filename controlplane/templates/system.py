@@ -22,7 +22,6 @@ from pydantic import (
 from common.config import BindEndpoint, ConnectEndpoint, CurveKey, SessionId, parse_endpoint
 from controlplane.policy import PolicySet
 from controlplane.templates.base import Kind, Strict, field_errors, invalid, show
-from controlplane.templates.loader import Template
 
 _URL = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$"
                   r"|^https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
@@ -93,9 +92,9 @@ def validate_system(kind: Kind, values: Mapping[str, Any], policy: PolicySet) ->
 _SAMPLE_KEY = "0" * 40  # a valid Z85 key (32 zero bytes): dry runs need one, and never connect
 
 
-def sample_system(template: Template, params: Mapping[str, Any]) -> dict[str, Any]:
-    """System values for a dry run of ``template`` with validated ``params``."""
-    if template.kind == "dsn":
+def sample_system(kind: Kind) -> dict[str, Any]:
+    """Sample system values for a dry run of a template of ``kind``."""
+    if kind == "dsn":
         return {"session_id": "dry-run", "client_key": _SAMPLE_KEY,
                 "expires_at": datetime(2030, 1, 1, tzinfo=UTC), "ingress": "tcp://*:5555",
                 "server_secret_key_file": "/var/lib/dsn/keys/gateway.key_secret",
