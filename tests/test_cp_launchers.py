@@ -306,7 +306,7 @@ with open(state / (name + ".calls"), "a") as log:
     log.write(json.dumps(call) + "\\n")
 behaviour = state / (name + ".json")
 answer = json.loads(behaviour.read_text()) if behaviour.exists() else {{}}
-time.sleep(answer.get("sleep", 0))
+time.sleep(answer.get("sleep", 0))  # a scheduler too slow to answer, when told to be
 sys.stdout.write(answer.get("stdout", ""))
 sys.stderr.write(answer.get("stderr", ""))
 sys.exit(answer.get("exit", 0))

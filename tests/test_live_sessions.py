@@ -30,7 +30,7 @@ from cp_helpers import (
     ControlPlane,
     start_control_plane,
 )
-from waiting import eventually, eventually_async
+from waiting import eventually, eventually_async, tcp_port_closed
 
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_keypair
@@ -310,7 +310,7 @@ async def test_revoking_the_session_token_mid_stream_stops_forwarding_within_2_s
             assert frame < positions // 2, "ran out of frames before the gateway reacted"
             producer.send(frame, 0, SECTOR)
             frame += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # paces the stream, which goes on until the gateway reacts
         cut = frame
         # From now on nothing is forwarded: frames at or above ``after`` must all be dropped.
         after = positions // 2
@@ -477,7 +477,8 @@ async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_ev
         delivered = _decoded(await asyncio.to_thread(_receive, victim, 101))
         victim.close(linger=0)  # the rank dies: the gateway's queue to it fills, then waits
         # Once its connection is gone (not merely unread), only the gateway's queue takes more.
-        await asyncio.sleep(0.3)
+        await eventually_async(lambda: tcp_port_closed(ports[1]), timeout_s=5.0,
+                               what="the gateway's connection to the dead rank to close")
 
         def stream_the_rest() -> int:
             for frame in range(100, frames):

@@ -154,8 +154,10 @@ async def test_a_restarted_server_is_resynchronised_and_the_last_table_kept_mean
     with client(endpoints, tables, missed_heartbeats=2) as source:
         async with serving(endpoints, Store(session("a"))) as first:
             await tables.become("a")
-        # Server down for several heartbeat timeouts: the gateway keeps serving "a".
-        await asyncio.sleep(BEAT_S * 8)
+        # Server down until the gateway has found it silent twice: it keeps serving "a".
+        silences = source.resyncs + 2
+        await eventually_async(lambda: source.resyncs >= silences, timeout_s=1.0,
+                               what="the gateway to find the stopped server silent twice")
         assert tables.ids() == {"a"} and source.load().by_id("a") is not None
         async with serving(endpoints, Store(session("b"))) as second:
             assert second.epoch != first.epoch
@@ -168,7 +170,9 @@ async def test_an_unknown_gateway_key_gets_nothing(endpoints: StateEndpoints) ->
     async with serving(endpoints, Store(session("a"))) as service:
         with client(endpoints, tables, keypair=STRANGER) as source:
             await service.publish("b", session("b"))
-            await asyncio.sleep(BEAT_S * 6)
+            # Its snapshot request goes unanswered twice (it asks again after each timeout).
+            await eventually_async(lambda: source.resyncs >= 2, timeout_s=1.0,
+                                   what="two unanswered snapshot requests")
             assert not source.wait_synced(0) and tables.received == []
             assert len(source.load()) == 0
 
@@ -227,6 +231,7 @@ async def test_a_report_is_sent_until_the_service_has_recorded_it(
                                    what="the report's acknowledgement")
             assert source.unacknowledged == 0
             assert received == [REPORT, REPORT]  # unacknowledged, so sent again
+            # Nothing to wait for: a resend would come within 0.2 s, none may come at all.
             await asyncio.sleep(0.5)
             assert len(received) == 2  # acknowledged: never again
 
@@ -242,5 +247,6 @@ async def test_a_gateway_that_is_not_allowed_cannot_report(endpoints: StateEndpo
         service.on_report = sink
         with client(endpoints, Tables(), keypair=STRANGER, resend_s=0.1) as source:
             source.report(REPORT)
+            # Nothing to wait for: the report is resent every 0.1 s, none may ever arrive.
             await asyncio.sleep(0.5)
             assert received == [] and source.unacknowledged == 1

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import socket
 
 import pytest
-from waiting import eventually, eventually_async
+from waiting import eventually, eventually_async, tcp_port_closed
 
 
 def test_the_first_truthy_value_is_returned() -> None:
@@ -54,3 +55,17 @@ async def test_the_async_twin_awaits_coroutines_and_takes_plain_values_too() -> 
     assert await eventually_async(lambda: 7, timeout_s=5, what="seven") == 7
     with pytest.raises(AssertionError, match="waiting for never; last check returned None"):
         await eventually_async(lambda: None, timeout_s=0.05, what="never")
+
+
+def test_a_port_is_closed_once_its_listener_and_both_ends_of_its_connection_are() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    server, _ = listener.accept()
+    assert not tcp_port_closed(port)
+    listener.close()
+    server.close()
+    assert not tcp_port_closed(port)  # the client has not closed its end yet
+    client.close()
+    eventually(lambda: tcp_port_closed(port), timeout_s=5, what=f"port {port} closed")
+    assert tcp_port_closed(port)

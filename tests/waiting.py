@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
@@ -63,6 +64,23 @@ async def eventually_async(check: Callable[[], Any], *, timeout_s: float, what: 
         if left <= 0:
             raise _timed_out(what, timeout_s, value, error) from error
         await asyncio.sleep(min(interval_s, left))
+
+
+# /proc/net/tcp states that outlive a closed connection: TIME_WAIT on the end that closed first,
+# CLOSE, and SYN_SENT for a ZeroMQ peer already trying to reconnect to the closed port.
+_AFTER_CLOSE = {"06", "07", "02"}
+
+
+def tcp_port_closed(port: int) -> bool:
+    """Whether both ends of every IPv4 TCP connection on ``port`` (and any listener on it) are
+    closed: a peer process has then seen the connection go, where its own counters do not show it.
+    A reset connection is gone at once, which suits: a reset socket takes no more data either."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        ports = {int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)}
+        if port in ports and state not in _AFTER_CLOSE:
+            return False
+    return True
 
 
 def _attempt(check: Callable[[], T | None]) -> tuple[T | None, Exception | None]:
