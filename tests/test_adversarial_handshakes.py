@@ -17,7 +17,8 @@ from itertools import cycle
 import pytest
 import test_gateway_proxy
 import zmq
-from test_gateway_proxy import Rig, begin, data, end, receive, wait_for
+from test_gateway_proxy import Rig, begin, data, end, receive
+from waiting import eventually
 
 from common.keys import KeyPair
 from common.protocol import RoutedScanEnd, decode_consumer_message
@@ -106,12 +107,12 @@ def test_a_junk_connection_flood_neither_blocks_nor_corrupts_a_real_stream(
     # ZAP sees every CURVE stranger; libzmq reports every NULL, PLAIN and half-greeting client to
     # the handshake monitor. Raw garbage is closed by libzmq without a handshake event; it shows
     # among the accepted connections, with every other one.
-    wait_for(lambda: r.gateway.connections().get("accepted", 0) >= JUNK + 1,
-             "every connection accepted and counted", timeout=10)
-    wait_for(lambda: r.gateway.auth_decisions().get(("deny", "unknown_key"), 0) >= each,
-             "every unregistered CURVE key refused by ZAP", timeout=10)
-    wait_for(lambda: _handshake_refusals(r) >= 3 * each, "every failed handshake counted",
-             timeout=10)
+    eventually(lambda: r.gateway.connections().get("accepted", 0) >= JUNK + 1, timeout_s=10,
+               what="every connection accepted and counted")
+    eventually(lambda: r.gateway.auth_decisions().get(("deny", "unknown_key"), 0) >= each,
+               timeout_s=10, what="every unregistered CURVE key refused by ZAP")
+    eventually(lambda: _handshake_refusals(r) >= 3 * each, timeout_s=10,
+               what="every failed handshake counted")
     decisions = r.gateway.auth_decisions()
     assert decisions[("deny", "unknown_key")] == each
     assert _handshake_refusals(r) == 3 * each

@@ -27,6 +27,7 @@ from test_cp_sessions_api import (
     opened,
     start_control_plane,
 )
+from waiting import eventually_async
 
 from common.logs import JsonLines
 from common.restclient import RestError, with_retries
@@ -171,25 +172,19 @@ async def test_the_keeper_renews_the_lease_and_registers_again_after_a_lapse(
     try:
         # A 3 s lease is renewed every second: wait for a renewal at a moved clock.
         cp.clock.advance(1)
-        await wait_for(lambda: keeper.lease.expires_at > lease.expires_at)
+        await eventually_async(lambda: keeper.lease.expires_at > lease.expires_at, timeout_s=10,
+                               what="a renewed lease")
         assert keeper.lease.consumer_id == lease.consumer_id
         # The lease lapses (here: the consumer left behind the keeper's back); the next heartbeat
         # is refused with 409 and the keeper takes a new lease for the same endpoint.
         await asyncio.to_thread(client.leave, session, lease.consumer_id)
-        await wait_for(lambda: keeper.lease.consumer_id != lease.consumer_id)
+        await eventually_async(lambda: keeper.lease.consumer_id != lease.consumer_id,
+                               timeout_s=10, what="a new lease after the lapse")
     finally:
         await asyncio.to_thread(keeper.stop)
     states = {c["id"]: c["state"] for c in await consumers(cp, token, session)}
     assert states == {lease.consumer_id: "left", keeper.lease.consumer_id: "live"}
     assert "lease lapsed; registered again" in [r["event"] for r in records(stream)]
-
-
-async def wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_lease_length_comes_from_the_control_planes_own_times() -> None:

@@ -326,7 +326,7 @@ async def test_close_while_the_database_is_locked_fails_the_pending_records(
     try:
         other.execute("BEGIN IMMEDIATE")
         pending = [asyncio.ensure_future(record) for record in _concurrently(audit, 20)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # every record is queued before the close
         await asyncio.wait_for(store.close(), timeout=5.0)
         results = await asyncio.gather(*pending, return_exceptions=True)
         other.execute("ROLLBACK")

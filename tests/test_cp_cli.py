@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from waiting import eventually
 
 from common.keys import load_keypair
 from common.ports import free_port
@@ -147,16 +147,19 @@ class Service:
         return dsn("admin", group, *rest, "--url", self.url, "--state-dir", str(self.state))
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"serve did not come up: {log.read_text()}") from None
-            time.sleep(0.05)
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    def up_or_exited() -> str | None:
+        if process.poll() is not None:
+            return "exited"
+        with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+            return "up" if response.status == 200 else None
+
+    try:
+        outcome = eventually(up_or_exited, timeout_s=timeout_s, what=f"{url}/healthz to answer",
+                             interval_s=0.05)
+    except AssertionError as stuck:
+        raise AssertionError(f"{stuck}\nserve log: {log.read_text()}") from None
+    assert outcome == "up", f"serve exited: {log.read_text()}"
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log, time.monotonic() + 20)
+        _wait_healthy(url, process, log, timeout_s=20)
         yield Service(url, state)
     finally:
         process.send_signal(signal.SIGTERM)

@@ -3,7 +3,6 @@ Slurm through fake ``sbatch``/``squeue``/``sacct``/``scancel`` commands that rec
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -15,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from waiting import eventually_async
 
 from controlplane.errors import ConfigurationError, Conflict, LaunchFailed, Unavailable
 from controlplane.launchers import (
@@ -44,22 +44,17 @@ def _spec(tmp_path: Path, script: str, job_id: str = "job-1") -> JobSpec:
 
 
 async def _wait_finished(launcher: LocalLauncher, handle: JobHandle, timeout_s: float) -> JobStatus:
-    deadline = time.monotonic() + timeout_s
-    while not (status := await launcher.status(handle)).finished:
-        assert time.monotonic() < deadline, f"job still {status.state} after {timeout_s} s"
-        await _sleep()
-    return status
+    async def finished() -> JobStatus | None:
+        status = await launcher.status(handle)
+        return status if status.finished else None
+
+    return await eventually_async(finished, timeout_s=timeout_s, what=f"job {handle.job_id} to end",
+                                  interval_s=0.05)
 
 
 async def _wait_for_file(path: Path, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
-        await _sleep()
-
-
-async def _sleep() -> None:
-    await asyncio.sleep(0.05)
+    await eventually_async(path.exists, timeout_s=timeout_s, what=f"{path} to appear",
+                           interval_s=0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -88,10 +83,13 @@ def _group_members(pgid: int) -> list[int]:
 
 async def _wait_dead(pids: list[int], timeout_s: float = 10.0) -> None:
     """SIGKILL is delivered asynchronously: wait for every process to be gone (or a zombie)."""
-    deadline = time.monotonic() + timeout_s
-    while survivors := [pid for pid in pids if _alive(pid)]:
-        assert time.monotonic() < deadline, f"processes {survivors} of a cancelled job survived"
-        await _sleep()
+    def all_dead() -> bool:
+        survivors = [pid for pid in pids if _alive(pid)]
+        assert not survivors, f"processes {survivors} survived"
+        return True
+
+    await eventually_async(all_dead, timeout_s=timeout_s, what="a cancelled job's processes to die",
+                           interval_s=0.05)
 
 
 @pytest.fixture
@@ -308,7 +306,7 @@ with open(state / (name + ".calls"), "a") as log:
     log.write(json.dumps(call) + "\\n")
 behaviour = state / (name + ".json")
 answer = json.loads(behaviour.read_text()) if behaviour.exists() else {{}}
-time.sleep(answer.get("sleep", 0))
+time.sleep(answer.get("sleep", 0))  # a scheduler too slow to answer, when told to be
 sys.stdout.write(answer.get("stdout", ""))
 sys.stderr.write(answer.get("stderr", ""))
 sys.exit(answer.get("exit", 0))

@@ -7,11 +7,9 @@ expiry, consumer jobs through the real local launcher and a fake Slurm, and scan
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import stat
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ import zmq
 from cp_helpers import CLIENT_SCOPE, SHIPPED_POLICY, ClientFactory, ControlPlane, sql
 from cp_helpers import start_control_plane as start
 from test_cp_launchers import FakeSlurm
+from waiting import eventually_async
 
 from common.config import load_config
 from common.keys import create_keypair, load_keypair
@@ -380,12 +379,13 @@ async def save_template(cp: ControlPlane, source: str) -> None:
 
 
 async def poll_job(cp: ControlPlane, token: str, location: str, timeout_s: float = 20) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while (job := await (await cp.call("GET", location, token)).json())["state"] in (
-            "pending", "running"):
-        assert time.monotonic() < deadline, job
-        await asyncio.sleep(0.05)
-    return job
+    async def ended() -> Any:
+        job = await (await cp.call("GET", location, token)).json()
+        assert job["state"] not in ("pending", "running"), job
+        return job
+
+    return await eventually_async(ended, timeout_s=timeout_s, what=f"job {location} to end",
+                                  interval_s=0.05)
 
 
 @pytest.mark.timeout(60)

@@ -6,11 +6,13 @@ import asyncio
 import logging
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from waiting import eventually_async
 
 from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
 from controlplane.store import (
@@ -236,11 +238,20 @@ async def test_a_write_is_committed_when_it_returns(store: Store, db_path: Path)
 
 async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
     opened = await Store.open(db_path, busy_timeout_s=5.0)
+    began = threading.Event()
+
+    def traced(statement: str) -> None:
+        if statement.startswith("BEGIN"):
+            began.set()
+
+    # SQLite traces a statement as it starts to run, before BEGIN IMMEDIATE waits for the lock.
+    await opened._conn.set_trace_callback(traced)
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
         write = asyncio.create_task(opened.create_project(Project("alpha")))
-        await asyncio.sleep(0.1)  # the writer is now waiting for the other process's lock
+        await eventually_async(began.is_set, timeout_s=5.0,
+                               what="the writer to wait for the other process's lock")
         assert await asyncio.wait_for(opened.get_project("alpha"), timeout=1.0) is None
         assert not write.done()
         other.execute("ROLLBACK")

@@ -36,6 +36,7 @@ import pytest
 import test_consumer_mpi as mpi_job
 import zmq
 from test_consumer_mpi import Job, ScanPlan
+from waiting import eventually
 
 from common import strictyaml
 from common.config import Detector
@@ -49,14 +50,6 @@ DSN = Path(sys.executable).parent / "dsn"
 job = mpi_job.job
 pushers = mpi_job.pushers
 MiB = 1024 * 1024
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -166,8 +159,8 @@ def gateway_process(tmp_path: Path, free_port: Callable[[], int],
                                        stdout=out, stderr=out)
         gateway = GatewayProcess(process, ingress, log)
         started.append(gateway)
-        wait_for(lambda: '"event": "start"' in log.read_text() or process.poll() is not None,
-                 "the gateway to start", timeout=15)
+        eventually(lambda: '"event": "start"' in log.read_text() or process.poll() is not None,
+                   timeout_s=15, what="the gateway to start (or exit)")
         assert process.poll() is None, log.read_text()[-2000:]
         return gateway
 
@@ -453,8 +446,8 @@ def test_disk_full_during_the_write_fails_the_scan_cleanly_and_the_next_scan_is_
 
     full, later = plan(1, seed=21), plan(2, seed=22)
     mpi_job._stream(pushers, [full], seed=1)
-    wait_for(lambda: len(results(job.result_file)) == 1 or proc.poll() is not None,
-             "the first scan's result", timeout=45)
+    eventually(lambda: len(results(job.result_file)) == 1 or proc.poll() is not None,
+               timeout_s=45, what="the first scan's result (or the job's end)")
     assert proc.poll() is None, "the consumer job ended at the full disk"
     # Nothing under the final name, no temporary file: only what the disk itself holds.
     assert disk.leftovers() == []

@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import stempy.io
 import yaml
 import zmq
 from test_consumer_mpi import RANKS, SESSION, _finish, _start
+from waiting import eventually
 
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.ports import free_port
@@ -115,10 +115,10 @@ def test_a_gateway_killed_mid_scan_and_restarted_loses_only_what_was_in_flight_a
     with ThreadPoolExecutor(1) as pool:
         streaming = pool.submit(stream_synthetic, endpoint, server, client, CAMERA, PLAN, 1,
                                 progress=False, send_timeout_s=60)
-        deadline = time.monotonic() + 60
-        while first.forwarded() < PLAN.total_messages // 4:
-            assert time.monotonic() < deadline and not streaming.done(), "no stream"
-            time.sleep(0.01)
+        # A fine interval: the kill must land mid-scan, and the scan takes seconds at most.
+        eventually(lambda: streaming.done() or first.forwarded() >= PLAN.total_messages // 4,
+                   timeout_s=60, what="a quarter of the scan forwarded", interval_s=0.01)
+        assert not streaming.done(), f"the stream ended early: {streaming.exception()!r}"
         first.kill()  # mid-scan: the producers block until a gateway is back
         assert not streaming.done(), "the scan ended before the gateway was killed"
         second = GatewayProcess(config, metrics)

@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from waiting import eventually
 
 from common import strictyaml
 from common.config import load_config
@@ -106,14 +107,6 @@ def receive(socket: zmq.Socket, count: int, timeout_ms: int = 5000) -> list[list
 
 def assert_silent(socket: zmq.Socket, ms: int = 300) -> None:
     assert not socket.poll(ms), f"unexpected message {socket.recv_multipart()!r:.120}"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -298,7 +291,7 @@ def test_refused_connections_are_counted_and_deliver_nothing(
     def refused() -> bool:
         return any(d == "deny" and why.startswith(reason) for d, why in r.gateway.auth_decisions())
 
-    wait_for(refused, f"deny/{reason}*")
+    eventually(refused, timeout_s=5.0, what=f"deny/{reason}*")
     assert ("allow", "session") not in r.gateway.auth_decisions()
     assert_silent(r.consumers[0])
     assert r.gateway.router is not None and r.gateway.router.drops == {}
@@ -317,11 +310,13 @@ def test_messages_of_an_expired_session_are_dropped(rig: Callable[..., Rig]) -> 
     producer.send_multipart(data(1, 0, 0))
     router = r.gateway.router
     assert router is not None
-    wait_for(lambda: router.drops.get(("s1", "session_expired"), 0) == 1, "session_expired drop")
+    eventually(lambda: router.drops.get(("s1", "session_expired"), 0) == 1, timeout_s=5.0,
+               what="a session_expired drop")
     assert_silent(r.consumers[0])
     with contextlib.suppress(zmq.Again):  # refused at once, the key may never get a pipe
         r.producer(client=r.client).send_multipart(begin(scan=2), flags=zmq.NOBLOCK)
-    wait_for(lambda: r.gateway.auth_decisions().get(("deny", "expired"), 0) >= 1, "deny/expired")
+    eventually(lambda: r.gateway.auth_decisions().get(("deny", "expired"), 0) >= 1, timeout_s=5.0,
+               what="deny/expired")
 
 
 @pytest.mark.timeout(30)
@@ -363,11 +358,12 @@ def test_a_new_table_without_the_session_refuses_it_at_once(rig: Callable[..., R
     producer.send_multipart(data(1, 0, 0))
     router = r.gateway.router
     assert router is not None
-    wait_for(lambda: router.drops.get(("s1", "unauthenticated"), 0) == 1, "unauthenticated drop")
+    eventually(lambda: router.drops.get(("s1", "unauthenticated"), 0) == 1, timeout_s=5.0,
+               what="an unauthenticated drop")
     with contextlib.suppress(zmq.Again):  # refused at once, the key may never get a pipe
         r.producer().send_multipart(begin(scan=2), flags=zmq.NOBLOCK)
-    wait_for(lambda: r.gateway.auth_decisions().get(("deny", "unknown_key"), 0) >= 1,
-             "deny/unknown_key")
+    eventually(lambda: r.gateway.auth_decisions().get(("deny", "unknown_key"), 0) >= 1,
+               timeout_s=5.0, what="deny/unknown_key")
     assert_silent(r.consumers[0])
 
 
@@ -407,7 +403,8 @@ def test_a_scan_whose_producer_went_silent_is_closed_after_scan_idle_s(
     producer.send_multipart(data(1, 1, 0))
     router = r.gateway.router
     assert router is not None
-    wait_for(lambda: router.drops.get(("s1", "scan_closed"), 0) == 1, "scan_closed drop")
+    eventually(lambda: router.drops.get(("s1", "scan_closed"), 0) == 1, timeout_s=5.0,
+               what="a scan_closed drop")
 
 
 @pytest.mark.timeout(20)

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import stempy.io
 import zmq
 from cp_helpers import ControlPlane, served_on, start_control_plane
 from test_cp_sessions_api import WORKER_SCOPE
+from waiting import eventually_async
 
 from common.keys import KeyPair, load_keypair
 from dataplane.producer import Producer, replay_spool
@@ -46,6 +46,8 @@ RANKS = 2
 SECTORS = 4
 CAMERA = SyntheticCamera(CameraSpec(scan_shape=(6, 6), seed=5))
 EVERY_SECTOR = {(f, s) for f in range(CAMERA.spec.positions) for s in range(SECTORS)}
+WAIT_S = 60  # process start-up and MPI jobs, with room for a loaded machine
+POLL_S = 0.1  # each check is an HTTP request
 
 
 @contextlib.contextmanager
@@ -82,19 +84,6 @@ def metric(address: str, name: str, session: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def until(condition: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
-    """Poll ``condition`` (sync or async) until it returns something true."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 class Session:
     """One session of project alpha and the producer's CURVE identity."""
 
@@ -113,7 +102,8 @@ class Session:
             "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": scans}})
         assert response.status == 202, await response.text()
         job = await response.json()
-        await until(self._live_consumers(RANKS), "the job's ranks to register")
+        await eventually_async(self._live_consumers(RANKS), timeout_s=WAIT_S,
+                               what="the job's ranks to register", interval_s=POLL_S)
         return response.headers["Location"], self.cp.settings.jobs_dir / job["id"] / "job.log"
 
     def _live_consumers(self, count: int) -> Callable[[], Any]:
@@ -126,7 +116,8 @@ class Session:
         async def ended() -> dict[str, Any] | None:
             answer = await (await self.cp.call("GET", job, self.token)).json()
             return None if answer["state"] in ("pending", "running") else dict(answer)
-        return await until(ended, "the job to end")  # type: ignore[no-any-return]
+        return await eventually_async(ended, timeout_s=WAIT_S, what="the job to end",
+                                      interval_s=POLL_S)
 
     async def results(self, scan: int) -> list[dict[str, Any]]:
         response = await self.cp.call("GET", f"{self.base}/scans/{scan}", self.token)
@@ -193,12 +184,13 @@ async def test_a_spooled_scan_replayed_counts_the_same_events_and_a_killed_rank_
         served: tuple[ControlPlane, str, Path]) -> None:
     cp, metrics, spool_dir = served
     session = await open_session(cp)
-    await until(lambda: "dsn_gateway_consumers" in metrics_text(metrics), "the gateway to serve")
+    await eventually_async(lambda: "dsn_gateway_consumers" in metrics_text(metrics),
+                           timeout_s=WAIT_S, what="the gateway to serve", interval_s=POLL_S)
 
     # 1. No consumer yet: scan 1 is spooled.
     await asyncio.to_thread(stream, session, 1, range(CAMERA.spec.positions))
-    spool = await until(lambda: list(spool_dir.glob(f"{session.id}_scan000001.spool")),
-                        "the spool file")
+    spool = await eventually_async(lambda: list(spool_dir.glob(f"{session.id}_scan000001.spool")),
+                                   timeout_s=WAIT_S, what="the spool file", interval_s=POLL_S)
     [spool_file] = spool
 
     # 2. A job joins; the spool is replayed as scan 2 (scan 1 is closed in this session) and the
@@ -220,8 +212,9 @@ async def test_a_spooled_scan_replayed_counts_the_same_events_and_a_killed_rank_
     job, job_log = await session.launch(scans=1)
     half = CAMERA.spec.positions // 2
     producer = await asyncio.to_thread(stream, session, 4, range(half), end=False)
-    await until(lambda: metric(metrics, "dsn_gateway_messages_total", session.id)
-                >= 2 * CAMERA.spec.positions * SECTORS + half * SECTORS, "the first half")
+    await eventually_async(lambda: metric(metrics, "dsn_gateway_messages_total", session.id)
+                           >= 2 * CAMERA.spec.positions * SECTORS + half * SECTORS,
+                           timeout_s=WAIT_S, what="the first half", interval_s=POLL_S)
     os.kill(rank_pid(job_log, 1), signal.SIGKILL)
     assert (await session.job_ended(job))["state"] == "failed"
     rest = threading.Thread(target=stream, args=(session, 4, range(half, CAMERA.spec.positions)),
@@ -229,7 +222,8 @@ async def test_a_spooled_scan_replayed_counts_the_same_events_and_a_killed_rank_
     rest.start()
     # The dead job's leases run out (the control plane's clock is the tests' to move).
     cp.clock.advance(cp.settings.lease_s + 1)
-    [report] = await until(lambda: session.results(4), "the gateway's report")
+    [report] = await eventually_async(lambda: session.results(4), timeout_s=WAIT_S,
+                                      what="the gateway's report", interval_s=POLL_S)
     await asyncio.to_thread(rest.join, 30)
     assert not rest.is_alive()
 

@@ -30,6 +30,7 @@ from cp_helpers import (
     ControlPlane,
     start_control_plane,
 )
+from waiting import eventually, eventually_async, tcp_port_closed
 
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_keypair
@@ -157,14 +158,14 @@ def _await_metric(address: str, line: str | re.Pattern[str], timeout_s: float) -
     """Seconds until the gateway's metrics show ``line`` (a substring or a pattern)."""
     start = time.monotonic()
     pattern = line if isinstance(line, re.Pattern) else re.compile(re.escape(line))
-    while True:
-        try:
-            if pattern.search(_metrics(address)):
-                return time.monotonic() - start
-        except OSError:
-            pass  # not serving yet
-        assert time.monotonic() - start < timeout_s, f"{line!r} not in {_metrics(address)}"
-        time.sleep(0.02)
+
+    def shown() -> bool:
+        text = _metrics(address)  # raises while the gateway is not serving yet
+        assert pattern.search(text), f"{line!r} not in {text}"
+        return True
+
+    eventually(shown, timeout_s=timeout_s, what=f"{line!r} in the gateway's metrics")
+    return time.monotonic() - start
 
 
 def _metric_sum(address: str, pattern: re.Pattern[str]) -> float:
@@ -309,7 +310,7 @@ async def test_revoking_the_session_token_mid_stream_stops_forwarding_within_2_s
             assert frame < positions // 2, "ran out of frames before the gateway reacted"
             producer.send(frame, 0, SECTOR)
             frame += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # paces the stream, which goes on until the gateway reacts
         cut = frame
         # From now on nothing is forwarded: frames at or above ``after`` must all be dropped.
         after = positions // 2
@@ -319,20 +320,20 @@ async def test_revoking_the_session_token_mid_stream_stops_forwarding_within_2_s
 
         # Every message sent after the revocation is either delivered (before the gateway heard
         # of it) or counted as dropped: no silent loss, and nothing sent after the cut arrives.
-        def settle() -> tuple[list[int], float]:
-            delivered: list[int] = []
-            deadline = time.monotonic() + 3.0
-            while True:
-                while consumer.poll(50):
-                    header = decode_consumer_message(consumer.recv_multipart()[0])
-                    assert isinstance(header, Data), header
-                    delivered.append(header.frame)
-                dropped = _drops(gateway, session)
-                if len(delivered) + dropped == sent:
-                    return delivered, dropped
-                assert time.monotonic() < deadline, (delivered, dropped, sent)
+        received: list[Any] = []
 
-        delivered, dropped = await asyncio.to_thread(settle)
+        def accounted() -> tuple[list[Any], float]:
+            while consumer.poll(0):
+                received.append(decode_consumer_message(consumer.recv_multipart()[0]))
+            dropped = _drops(gateway, session)
+            assert len(received) + dropped == sent, (received, dropped, sent)
+            return received, dropped  # a pair: true even when nothing was dropped
+
+        _, dropped = await asyncio.to_thread(
+            eventually, accounted, timeout_s=3.0,
+            what="every message after the revocation delivered or dropped")
+        assert all(isinstance(h, Data) for h in received), received
+        delivered = [h.frame for h in received]
         assert all(f < cut for f in delivered), delivered
         assert dropped >= 3
         assert not await asyncio.to_thread(consumer.poll, 200)
@@ -429,10 +430,8 @@ async def test_a_key_from_a_disallowed_network_is_refused(
         network = re.compile(r'dsn_gateway_auth_decisions_total{decision="deny",reason="network"}')
         assert await asyncio.to_thread(_metric_sum, gateway, network) == 0
         assert await asyncio.to_thread(_refused, cp, remote)
-        deadline = time.monotonic() + 2.0
-        while not await asyncio.to_thread(_metric_sum, gateway, network):
-            assert time.monotonic() < deadline, await asyncio.to_thread(_metrics, gateway)
-            await asyncio.sleep(0.02)
+        await eventually_async(lambda: asyncio.to_thread(_metric_sum, gateway, network),
+                               timeout_s=2.0, what="a deny for the network")
         unknown = re.compile(r'dsn_gateway_auth_decisions_total{decision="deny",'
                              r'reason="unknown_key"}')
         assert await asyncio.to_thread(_metric_sum, gateway, unknown) == 0
@@ -478,7 +477,8 @@ async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_ev
         delivered = _decoded(await asyncio.to_thread(_receive, victim, 101))
         victim.close(linger=0)  # the rank dies: the gateway's queue to it fills, then waits
         # Once its connection is gone (not merely unread), only the gateway's queue takes more.
-        await asyncio.sleep(0.3)
+        await eventually_async(lambda: tcp_port_closed(ports[1]), timeout_s=5.0,
+                               what="the gateway's connection to the dead rank to close")
 
         def stream_the_rest() -> int:
             for frame in range(100, frames):
@@ -500,10 +500,13 @@ async def test_a_consumer_gone_mid_scan_interrupts_it_the_rest_is_spooled_and_ev
     survivor.close(linger=0)
 
     path = f"/api/v1/sessions/{session}/scans/1"
-    deadline = time.monotonic() + 10
-    while (response := await cp.admin("GET", path)).status == 404:
-        assert time.monotonic() < deadline, "the gateway's report never arrived"
-        await asyncio.sleep(0.1)
+
+    async def reported() -> Any:
+        response = await cp.admin("GET", path)
+        return response if response.status != 404 else None
+
+    response = await eventually_async(reported, timeout_s=10, what="the gateway's report",
+                                      interval_s=0.1)
     assert response.status == 200, await response.text()
     [result] = (await response.json())["items"]
     assert (result["source"], result["status"]) == ("gateway", "partial")
@@ -576,14 +579,17 @@ async def test_where_policy_allows_it_a_session_streams_unencrypted_with_its_tok
     # Revoking the session token ends the session everywhere, PLAIN included.
     jti = jwt.decode(opened["token"], options={"verify_signature": False})["jti"]
     assert (await cp.admin("DELETE", f"/api/v1/tokens/{jti}")).status == 200
-    deadline = time.monotonic() + 2.0
-    while True:
+
+    def refused() -> bool:
         with plain_producer(PlainCredentials.of(session, opened["token"])) as producer:
             try:
                 _begin(producer)
             except ProducerError:
-                break
-        assert time.monotonic() < deadline, "the revoked session still admits its producer"
+                return True
+        return False
+
+    await asyncio.to_thread(eventually, refused, timeout_s=2.0,
+                            what="the revoked session to refuse its producer")
 
 
 async def test_unencrypted_transport_is_refused_where_the_policy_does_not_allow_it(

@@ -32,7 +32,8 @@ from cp_helpers import (
     start_control_plane,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from test_gateway_proxy import SMALL_SECTOR, Rig, begin, data, end, receive, wait_for
+from test_gateway_proxy import SMALL_SECTOR, Rig, begin, data, end, receive
+from waiting import eventually
 
 from common.keys import KeyPair
 from common.logs import JsonLines
@@ -131,7 +132,8 @@ def test_gateway_metrics_are_the_documented_families_and_follow_a_real_stream(
         r.producer(client=curve_keypair()).send_multipart(begin(scan=9), flags=zmq.NOBLOCK)
     for pull in r.consumers:
         receive(pull, 1 + 12)
-    wait_for(lambda: ("deny", "unknown_key") in r.gateway.auth_decisions(), "deny/unknown_key")
+    eventually(lambda: ("deny", "unknown_key") in r.gateway.auth_decisions(), timeout_s=5.0,
+               what="deny/unknown_key")
 
     families, during = parse(scrape())
     assert_matches_doc(families, "dsn_gateway_")

@@ -18,6 +18,7 @@ def _python(code: str) -> list[str]:
 @pytest.mark.timeout(30)
 def test_readiness_line_is_awaited_and_children_are_stopped_on_exit(tmp_path: Path) -> None:
     with ProcessGroup(stop_timeout_s=5) as group:
+        # The sleep stands for a server's lifetime: it runs until the group stops it.
         child = group.start("server", _python(
             "import sys, time; print('ready', flush=True); time.sleep(60)"), tmp_path / "s.log")
         group.wait_for_log(child, "ready", timeout_s=10)
@@ -39,6 +40,7 @@ def test_a_child_that_dies_before_it_is_ready_fails_fast_with_its_log(tmp_path: 
 @pytest.mark.timeout(30)
 def test_waiting_for_a_job_fails_when_another_child_exits(tmp_path: Path) -> None:
     with ProcessGroup() as group:
+        # The job outlives the test unless the group notices the gateway's exit.
         job = group.start("job", _python("import time; time.sleep(60)"), tmp_path / "j.log")
         group.start("gateway", _python("import sys; sys.exit(1)"), tmp_path / "g.log")
         with pytest.raises(ProcessFailed, match="gateway exited early with status 1"):

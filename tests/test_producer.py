@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zmq
 from click.testing import CliRunner
+from waiting import eventually, tcp_port_closed
 
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.protocol import Data, ScanBegin, ScanEnd, decode_producer_header, is_native_header
@@ -348,7 +349,11 @@ def test_after_a_gateway_restart_the_open_scan_is_announced_again_before_more_da
         assert [type(decode_producer_header(first.recv_multipart()[0])).__name__
                 for _ in range(2)] == ["ScanBegin", "Data"]
         first.close(linger=0)  # the gateway dies
-        time.sleep(0.2)  # and its connection with it
+        # The producer must see the break before it sends again: that is what makes it announce
+        # the scan again. Its end of the connection closes once it has.
+        port = int(endpoint.rsplit(":", 1)[1])
+        eventually(lambda: tcp_port_closed(port), timeout_s=5.0,
+                   what="the producer to see the gateway's connection close")
         second, _ = ingress(endpoint)  # a new gateway on the same endpoint
         prod.send(1, 0, sector)
         assert prod.end_scan() == 2

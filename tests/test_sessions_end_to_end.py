@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import stempy.io
 import zmq
 from cp_helpers import ControlPlane, served_on
 from test_cp_sessions_api import WORKER_SCOPE, open_session, start_control_plane
+from waiting import eventually_async
 
 from common.protocol import Data, RoutedScanBegin, RoutedScanEnd, encode
 from dataplane.synthetic import CameraSpec, SyntheticCamera
@@ -30,13 +30,13 @@ CAMERA = SyntheticCamera(CameraSpec(scan_shape=(4, 4), seed=21))
 
 async def poll(cp: ControlPlane, token: str, path: str, done: Any, timeout_s: float = 60) -> Any:
     """GET ``path`` until ``done(answer)``; fails with the last answer after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    async def answered() -> Any:
         answer = await (await cp.call("GET", path, token)).json()
-        if done(answer):
-            return answer
-        assert time.monotonic() < deadline, answer
-        await asyncio.sleep(0.1)
+        assert done(answer), answer
+        return answer
+
+    return await eventually_async(answered, timeout_s=timeout_s, what=f"GET {path} to be done",
+                                  interval_s=0.1)
 
 
 def push_scan(session: str, endpoints: list[str]) -> None:

@@ -7,7 +7,6 @@ import os
 import stat
 import struct
 import threading
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import msgspec
 import pytest
 import zmq
 from click.testing import CliRunner
+from waiting import eventually
 
 from common import strictyaml
 from common.config import load_config
@@ -235,13 +235,6 @@ def _client(directory: Path, name: str) -> tuple[KeyPair, Path]:
     return load_secret_keypair(secret), secret
 
 
-def _wait_for(path: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.02)
-
-
 def _receive_scan(pulls: list[zmq.Socket]) -> tuple[list[Any], list[Key], list[Any]]:
     """Routed scan_begins, data as (frame, sector, payload), routed scan_ends of every consumer."""
     begins, data, ends = [], [], []
@@ -280,15 +273,13 @@ def test_a_spooled_file_appears_only_under_its_final_name_after_scan_end(
             producer.send(frame, 2, camera.sector(frame, 2))
         router = gateway.router
         assert router is not None
-        deadline = time.monotonic() + 10
-        while next(router.stats()).spooled < 3:
-            assert time.monotonic() < deadline, "the gateway never spooled the messages"
-            time.sleep(0.02)
+        eventually(lambda: next(router.stats()).spooled >= 3, timeout_s=10,
+                   what="the gateway to spool the 3 messages")
         (partial,) = os.listdir(spool_dir)
         assert partial.startswith("lab_scan000012.spool.") and partial.endswith(".partial")
         producer.end_scan()
     final = spool_dir / "lab_scan000012.spool"
-    _wait_for(final)
+    eventually(final.exists, timeout_s=10, what=f"{final.name} to appear")
     assert os.listdir(spool_dir) == [final.name]
     assert [(m.frame, m.sector, m.seq) for m, _ in _read(final)] == [(0, 2, 0), (1, 2, 1),
                                                                       (2, 2, 2)]
@@ -312,7 +303,7 @@ def test_a_replayed_spool_delivers_exactly_what_a_direct_stream_delivers(
     stream_synthetic(spooler.config.gateway.ingress, server.public, spool_client,
                      SyntheticCamera(SPEC), PLAN, scan=7, progress=False, send_timeout_s=10)
     spool = tmp_path / "spool" / "lab_scan000007.spool"
-    _wait_for(spool)
+    eventually(spool.exists, timeout_s=10, what=f"{spool.name} to appear")
 
     pulls = [zmq_context.socket(zmq.PULL) for _ in range(2)]
     ports = [pull.bind_to_random_port("tcp://127.0.0.1") for pull in pulls]
@@ -366,8 +357,9 @@ def test_without_a_usable_spool_dir_a_scan_without_consumers_is_refused(
     with Producer(gateway.config.gateway.ingress, server_key_files[0].public, client,
                   send_timeout_s=10) as producer:
         producer.begin_scan(1, SPEC.scan_shape, 1)
-    deadline = time.monotonic() + 10
-    while router.drops != {("lab", "no_consumers"): 1}:
-        assert time.monotonic() < deadline, f"drops: {router.drops}"
-        time.sleep(0.02)
+    def refused() -> bool:
+        assert router.drops == {("lab", "no_consumers"): 1}
+        return True
+
+    eventually(refused, timeout_s=10, what="the scan to be dropped for want of consumers")
     assert gateway.spool_files() == {}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import zmq
+from waiting import eventually_async
 from zmq.utils import z85
 
 from common.clone import AckOutcome, InterruptedScan, StateEndpoints
@@ -74,6 +74,14 @@ class Tables:
     def ids(self) -> set[str]:
         return {e.id for e in self.received[-1]} if self.received else set()
 
+    async def become(self, *ids: str, timeout_s: float = 1.0) -> None:
+        """Wait for the last table handed on to hold exactly ``ids``."""
+        def holds() -> bool:
+            assert self.ids() == set(ids)
+            return True
+
+        await eventually_async(holds, timeout_s=timeout_s, what=f"a table of {sorted(ids)}")
+
 
 @contextmanager
 def client(endpoints: StateEndpoints, tables: Tables, keypair: KeyPair = GATEWAY,
@@ -87,24 +95,23 @@ def client(endpoints: StateEndpoints, tables: Tables, keypair: KeyPair = GATEWAY
         source.stop()
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_snapshot_then_updates_reach_the_gateway_table(endpoints: StateEndpoints) -> None:
     store = Store(session("a"), session("b"))
     tables = Tables()
     async with serving(endpoints, store) as service:
         with client(endpoints, tables) as source:
-            await eventually(lambda: tables.ids() == {"a", "b"})
+            await tables.become("a", "b")
             assert source.wait_synced(0)
             await service.publish("c", session("c"))
             await service.publish("a", session("a", consumers=2))
-            await eventually(lambda: tables.ids() == {"a", "b", "c"}
-                             and len(source.load().by_id("a").session.consumers) == 2)  # type: ignore[union-attr]
+            await tables.become("a", "b", "c")
+
+            def a_has_two_consumers() -> bool:
+                entry = source.load().by_id("a")
+                return entry is not None and len(entry.session.consumers) == 2
+
+            await eventually_async(a_has_two_consumers, timeout_s=1.0,
+                                   what="session a's update to two consumers")
             assert source.load() is tables.received[-1]
 
 
@@ -112,32 +119,32 @@ async def test_tombstones_remove_sessions(endpoints: StateEndpoints) -> None:
     tables = Tables()
     async with serving(endpoints, Store(session("a"), session("b"))) as service:
         with client(endpoints, tables):
-            await eventually(lambda: tables.ids() == {"a", "b"})
+            await tables.become("a", "b")
             assert await service.publish("a", None)
             assert not await service.publish("a", None)
-            await eventually(lambda: tables.ids() == {"b"})
+            await tables.become("b")
 
 
 async def test_reconcile_publishes_changes_nobody_announced(endpoints: StateEndpoints) -> None:
     store, tables = Store(session("a")), Tables()
     async with serving(endpoints, store, reconcile_s=BEAT_S):
         with client(endpoints, tables):
-            await eventually(lambda: tables.ids() == {"a"})
+            await tables.become("a")
             # A revocation or an expired lease: the store changed, no one called publish().
             store.sessions = {"b": session("b")}
-            await eventually(lambda: tables.ids() == {"b"})
+            await tables.become("b")
 
 
 async def test_a_gap_triggers_a_resnapshot(endpoints: StateEndpoints) -> None:
     tables = Tables()
     async with serving(endpoints, Store(session("a"))) as service:
         with client(endpoints, tables) as source:
-            await eventually(lambda: tables.ids() == {"a"})
+            await tables.become("a")
             # An update the gateway never sees: the state changes and the seq moves on silently.
             service._published["lost"] = session("lost")
             service.seq += 1
             await service.publish("b", session("b"))
-            await eventually(lambda: tables.ids() == {"a", "b", "lost"})
+            await tables.become("a", "b", "lost")
             assert source.resyncs >= 1
 
 
@@ -146,13 +153,15 @@ async def test_a_restarted_server_is_resynchronised_and_the_last_table_kept_mean
     tables = Tables()
     with client(endpoints, tables, missed_heartbeats=2) as source:
         async with serving(endpoints, Store(session("a"))) as first:
-            await eventually(lambda: tables.ids() == {"a"})
-        # Server down for several heartbeat timeouts: the gateway keeps serving "a".
-        await asyncio.sleep(BEAT_S * 8)
+            await tables.become("a")
+        # Server down until the gateway has found it silent twice: it keeps serving "a".
+        silences = source.resyncs + 2
+        await eventually_async(lambda: source.resyncs >= silences, timeout_s=1.0,
+                               what="the gateway to find the stopped server silent twice")
         assert tables.ids() == {"a"} and source.load().by_id("a") is not None
         async with serving(endpoints, Store(session("b"))) as second:
             assert second.epoch != first.epoch
-            await eventually(lambda: tables.ids() == {"b"}, timeout=3.0)
+            await tables.become("b", timeout_s=3.0)
             assert all(len(t) > 0 for t in tables.received)
 
 
@@ -161,7 +170,9 @@ async def test_an_unknown_gateway_key_gets_nothing(endpoints: StateEndpoints) ->
     async with serving(endpoints, Store(session("a"))) as service:
         with client(endpoints, tables, keypair=STRANGER) as source:
             await service.publish("b", session("b"))
-            await asyncio.sleep(BEAT_S * 6)
+            # Its snapshot request goes unanswered twice (it asks again after each timeout).
+            await eventually_async(lambda: source.resyncs >= 2, timeout_s=1.0,
+                                   what="two unanswered snapshot requests")
             assert not source.wait_synced(0) and tables.received == []
             assert len(source.load()) == 0
 
@@ -172,8 +183,8 @@ async def test_sessions_leave_the_table_at_their_expiry_without_an_update(
     tables = Tables()
     async with serving(endpoints, Store(session("a", expires=soon), session("b"))):
         with client(endpoints, tables):
-            await eventually(lambda: tables.ids() == {"a", "b"})
-            await eventually(lambda: tables.ids() == {"b"})
+            await tables.become("a", "b")
+            await tables.become("b")
 
 
 def test_zap_admits_only_listed_gateway_keys() -> None:
@@ -214,11 +225,13 @@ async def test_a_report_is_sent_until_the_service_has_recorded_it(
     async with serving(endpoints, Store(session("a"))) as service:
         service.on_report = sink
         with client(endpoints, tables, resend_s=0.2) as source:
-            await eventually(lambda: tables.ids() == {"a"})
+            await tables.become("a")
             source.report(REPORT)
-            await eventually(lambda: source.acknowledged == {"recorded": 1}, timeout=3)
+            await eventually_async(lambda: source.acknowledged == {"recorded": 1}, timeout_s=3,
+                                   what="the report's acknowledgement")
             assert source.unacknowledged == 0
             assert received == [REPORT, REPORT]  # unacknowledged, so sent again
+            # Nothing to wait for: a resend would come within 0.2 s, none may come at all.
             await asyncio.sleep(0.5)
             assert len(received) == 2  # acknowledged: never again
 
@@ -234,5 +247,6 @@ async def test_a_gateway_that_is_not_allowed_cannot_report(endpoints: StateEndpo
         service.on_report = sink
         with client(endpoints, Tables(), keypair=STRANGER, resend_s=0.1) as source:
             source.report(REPORT)
+            # Nothing to wait for: the report is resent every 0.1 s, none may ever arrive.
             await asyncio.sleep(0.5)
             assert received == [] and source.unacknowledged == 1
