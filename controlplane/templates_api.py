@@ -45,7 +45,7 @@ from controlplane.errors import (
 )
 from controlplane.middlewares import CLAIMS, SERVICES, RouteSpec, Services, principal_label
 from controlplane.policy import PolicySet, Resource
-from controlplane.store import Conn, Store
+from controlplane.store.engine import Conn, Store
 from controlplane.templating import (
     KIND_DIRECTORIES,
     MAX_SOURCE_BYTES,
