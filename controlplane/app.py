@@ -42,7 +42,8 @@ from controlplane.sessions.service import record_gateway_report
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService, StateSettings
-from controlplane.store import Store
+from controlplane.store.engine import Store
+from controlplane.store.tokens import Revocations
 from controlplane.templates import api as templates_api
 from controlplane.tokens import Authenticator, TokenService
 
@@ -126,7 +127,7 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics,
                           lifetime_caps=policies.lifetime_caps)
     return Services(
         settings=settings, store=store, keyring=keyring, tokens=tokens,
-        authenticator=Authenticator(tokens, store, clock), policies=policies,
+        authenticator=Authenticator(tokens, Revocations(store), clock), policies=policies,
         limiter=RateLimiter(policies), audit=AuditLog(store, clock=clock),
         metrics=metrics, state=state,
         launchers={settings.launcher: get_launcher(settings.launcher)})

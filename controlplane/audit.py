@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from controlplane.errors import Unavailable
-from controlplane.store import AuditRecord, Store
+from controlplane.store.audit import AuditRecord, append_audit, audit_head, list_audit
+from controlplane.store.engine import Store
 
 __all__ = ["GENESIS_HASH", "AuditLog", "AuditRecord", "AuditVerification", "chain_hash"]
 
@@ -126,7 +127,7 @@ class AuditLog:
                                request_id, prev, digest)
 
         try:
-            return await self._store.append_audit(build)
+            return await append_audit(self._store, build)
         except Exception as exc:
             log.error("audit record not written (%s); refusing the decision", type(exc).__name__)
             raise Unavailable("audit log unavailable") from exc
@@ -135,13 +136,13 @@ class AuditLog:
         """Walk the whole chain in pages and compare its end with the stored head."""
         checker = _ChainChecker()
         after = 0
-        while page := await self._store.list_audit(after_seq=after, limit=_VERIFY_PAGE):
+        while page := await list_audit(self._store, after_seq=after, limit=_VERIFY_PAGE):
             for rec in page:
                 if (failure := checker.feed(rec)) is not None:
                     return failure
             after = page[-1].seq
-        return checker.finish(await self._store.audit_head())
+        return checker.finish(await audit_head(self._store))
 
     async def list(self, after_seq: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
         """Up to ``limit`` records after ``after_seq``, oldest first."""
-        return await self._store.list_audit(after_seq=after_seq, limit=limit)
+        return await list_audit(self._store, after_seq=after_seq, limit=limit)

@@ -45,7 +45,7 @@ from controlplane.ratelimit import RateLimiter
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService
-from controlplane.store import Store
+from controlplane.store.engine import Store
 from controlplane.tokens import Authenticator, Claims, Surface, TokenKind, TokenService
 
 log = logging.getLogger("dsn.controlplane.http")

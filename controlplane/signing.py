@@ -32,7 +32,13 @@ from common.privatefs import (
     replace_private_file,
 )
 from controlplane.errors import ConfigurationError, Conflict
-from controlplane.store import SigningKeyRecord, Store
+from controlplane.store.engine import Store
+from controlplane.store.signing_keys import (
+    SigningKeyRecord,
+    add_signing_key,
+    list_signing_keys,
+    retire_signing_key,
+)
 
 Clock = Callable[[], float]
 # An Ed25519 PKCS#8 PEM is 119 bytes; anything much larger is not one.
@@ -128,7 +134,7 @@ class KeyRing:
         """Reload from the store: picks up a rotation or retirement done by another process."""
         published = [_Published(r.kid, r.created_at, dict(r.public_jwk),
                                 public_key_from_jwk(r.public_jwk))
-                     for r in await self._store.list_signing_keys() if r.retired_at is None]
+                     for r in await list_signing_keys(self._store) if r.retired_at is None]
         signer = None
         if published:
             newest = published[-1]
@@ -152,7 +158,7 @@ class KeyRing:
         pem = self._pem(jwk["kid"])
         await asyncio.to_thread(_write_private_pem, pem, private)
         try:
-            await self._store.add_signing_key(SigningKeyRecord(jwk["kid"], now, None, jwk))
+            await add_signing_key(self._store, SigningKeyRecord(jwk["kid"], now, None, jwk))
         except BaseException:
             pem.unlink(missing_ok=True)  # an unpublished private key must not linger
             raise
@@ -182,12 +188,12 @@ class KeyRing:
 
     async def retire_expired(self, now: float, max_token_lifetime_s: float) -> list[str]:
         """Retire every non-newest key whose tokens have all expired; returns the retired kids."""
-        records = await self._store.list_signing_keys()
+        records = await list_signing_keys(self._store)
         stopped = _stop_times(records)
         due = [r.kid for r in records if r.retired_at is None and r.kid in stopped
                and now >= stopped[r.kid] + max_token_lifetime_s]
         for kid in due:
-            await self._store.retire_signing_key(kid, now)
+            await retire_signing_key(self._store, kid, now)
         if due:
             await self.refresh()
         return due

@@ -320,6 +320,8 @@ EXCHANGED_KINDS = frozenset({TokenKind.SESSION, TokenKind.CONSUMER})
 
 
 class RevocationStore(Protocol):
+    """What the Authenticator reads of the store (``controlplane.store.tokens.Revocations``)."""
+
     async def is_revoked(self, jti: str) -> bool: ...
 
     async def get_project(self, name: str) -> Any: ...

@@ -37,7 +37,12 @@ from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Se
 from controlplane.openapi import OPENAPI
 from controlplane.policy import Resource
 from controlplane.schemas import RepeatedName, json_without_repeats
-from controlplane.store import AuditRecord, Conn, Project, TokenRecord
+from controlplane.store import projects as project_repo
+from controlplane.store import tokens as token_repo
+from controlplane.store.audit import AuditRecord, audit_head
+from controlplane.store.engine import Conn
+from controlplane.store.projects import Project
+from controlplane.store.tokens import TokenRecord
 from controlplane.tokens import Claims, TokenKind
 
 M = TypeVar("M", bound=BaseModel)
@@ -111,7 +116,7 @@ def _issued(token: str, claims: Claims) -> s.IssuedToken:
 
 
 async def _existing_project(services: Services, name: str) -> Project:
-    project = await services.store.get_project(name)
+    project = await project_repo.get_project(services.store, name)
     if project is None:
         raise NotFound(f"project {name!r} does not exist")
     return project
@@ -139,7 +144,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = _services(request)
-    await services.store.audit_head()  # a real read: raises Unavailable when the store is down
+    await audit_head(services.store)  # a real read: raises Unavailable when the store is down
     # Every API request writes its audit record: a store that cannot take writes (locked by
     # another process) is not ready, even while reads still work.
     await services.store.write(_nothing)
@@ -172,12 +177,12 @@ async def create_project(request: web.Request) -> web.Response:
     services = _services(request)
     project = Project(name=body.name, allowed_templates=tuple(body.allowed_templates),
                       quotas=dict(body.quotas), not_before=None, created_at=services.now())
-    await services.store.create_project(project)
+    await project_repo.create_project(services.store, project)
     return reply(_project_out(project), 201, {"Location": f"/api/v1/projects/{project.name}"})
 
 
 async def list_projects(request: web.Request) -> web.Response:
-    projects = await _services(request).store.list_projects()
+    projects = await project_repo.list_projects(_services(request).store)
     return reply(s.ProjectList(items=[_project_out(p) for p in projects]))
 
 
@@ -206,8 +211,8 @@ async def update_project(request: web.Request) -> web.Response:
     body = await parse_body(request, s.ProjectUpdate)
     services = _services(request)
     current = await _existing_project(services, request.match_info["project"])
-    project = await services.store.update_project(
-        current.name, allowed_templates=body.allowed_templates, quotas=body.quotas,
+    project = await project_repo.update_project(
+        services.store, current.name, allowed_templates=body.allowed_templates, quotas=body.quotas,
         not_before=_next_not_before(body, current, services.now()))
     return reply(_project_out(project))
 
@@ -222,12 +227,14 @@ def _check_not_before(project: Project, now: float) -> None:
 
 async def _check_token_quota(services: Services, project: Project, now: float) -> None:
     limit = project.quotas.get(TOKEN_QUOTA, services.policies.current.quota(project.name, TOKEN_QUOTA))
-    if limit is not None and await services.store.count_live_tokens(project.name, now) >= limit:
+    if limit is None:
+        return
+    if await token_repo.count_live_tokens(services.store, project.name, now) >= limit:
         raise Conflict(f"project {project.name!r} has reached its quota of {limit} live tokens")
 
 
 async def _remember(services: Services, claims: Claims, parent_jti: str | None) -> None:
-    await services.store.add_token(TokenRecord(
+    await token_repo.add_token(services.store, TokenRecord(
         jti=claims.jti, project=claims.project, kind=claims.kind.value, subject=claims.sub,
         scope=" ".join(sorted(claims.scope)), issued_at=claims.iat, expires_at=claims.exp,
         revoked_at=None, parent_jti=parent_jti))
@@ -261,13 +268,14 @@ async def issue_project_token(request: web.Request) -> web.Response:
 async def list_project_tokens(request: web.Request) -> web.Response:
     services = _services(request)
     project = await _existing_project(services, request.match_info["project"])
-    records = await services.store.list_tokens(project.name)
+    records = await token_repo.list_tokens(services.store, project.name)
     return reply(s.TokenList(items=[_token_info(r) for r in records]))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
     services = _services(request)
-    record = await services.store.revoke_token(request.match_info["jti"], services.now())
+    record = await token_repo.revoke_token(services.store, request.match_info["jti"],
+                                          services.now())
     if record.kind == TokenKind.SESSION.value:
         # A session whose token is revoked ends at the gateways now, not at the next reconcile.
         await services.state.reconcile()

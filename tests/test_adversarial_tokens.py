@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_cp_api import assert_problem, b64
 
 from controlplane.signing import public_jwk
-from controlplane.store import TokenRecord
+from controlplane.store.tokens import TokenRecord, add_token
 
 API = "/api/v1/projects"
 ALPHA = "/api/v1/projects/alpha"
@@ -275,7 +275,7 @@ CORPUS: list[Forgery] = [
 async def _revoked_admin(cp: ControlPlane) -> str:
     """An admin token the store knows (as ``dsn admin init`` records it), then revoked."""
     claims = cp.claims(jti="admin-to-revoke", sub="former-admin")
-    await cp.services.store.add_token(TokenRecord(
+    await add_token(cp.services.store, TokenRecord(
         jti=claims["jti"], project=None, kind="admin", subject=claims["sub"],
         scope=claims["scope"], issued_at=claims["iat"], expires_at=claims["exp"]))
     token = cp.sign(claims)

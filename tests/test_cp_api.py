@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from controlplane import errors
 from controlplane.middlewares import ROUTE_SPECS
 from controlplane.problems import problem_headers, problem_type
+from controlplane.store import projects as project_repo
+from controlplane.store.engine import Store
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "request_id"}
 DAY = 86400
@@ -562,10 +564,10 @@ async def test_policy_reload_keeps_the_last_good_set(aiohttp_client: ClientFacto
 # --- HTTP hygiene --------------------------------------------------------------------------------
 
 async def test_handler_bug_is_a_bare_500(cp: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken() -> None:
+    async def broken(store: Store) -> None:
         raise RuntimeError("secret internals /etc/passwd")
 
-    monkeypatch.setattr(cp.services.store, "list_projects", broken)
+    monkeypatch.setattr(project_repo, "list_projects", broken)
     response = await cp.admin("GET", "/api/v1/projects")
     body = await assert_problem(response, 500)
     assert set(body) == PROBLEM_KEYS and body["detail"] == "Internal error"

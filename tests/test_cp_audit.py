@@ -13,7 +13,7 @@ import pytest
 
 from controlplane.audit import GENESIS_HASH, AuditLog, AuditRecord, AuditVerification, chain_hash
 from controlplane.errors import Unavailable
-from controlplane.store import MAX_BATCH, Store
+from controlplane.store.engine import MAX_BATCH, Store
 
 
 class StepClock:

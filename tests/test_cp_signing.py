@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.errors import ConfigurationError, Conflict
 from controlplane.signing import KeyRing, public_jwk, thumbprint
-from controlplane.store import Store
+from controlplane.store.engine import Store
 
 
 class FakeClock:

@@ -15,13 +15,30 @@ import pytest
 from waiting import eventually_async
 
 from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
-from controlplane.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
+from controlplane.store.audit import audit_head
+from controlplane.store.engine import Store
+from controlplane.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from controlplane.store.projects import (
     Project,
+    create_project,
+    get_project,
+    list_projects,
+    update_project,
+)
+from controlplane.store.signing_keys import (
     SigningKeyRecord,
-    Store,
+    add_signing_key,
+    list_signing_keys,
+    retire_signing_key,
+)
+from controlplane.store.tokens import (
     TokenRecord,
+    add_token,
+    count_live_tokens,
+    get_token,
+    is_revoked,
+    list_tokens,
+    revoke_token,
 )
 
 
@@ -75,8 +92,8 @@ async def test_old_version_database_is_migrated_keeping_its_rows(db_path: Path) 
     opened = await Store.open(db_path)
     try:
         assert _version(db_path) == SCHEMA_VERSION
-        assert await opened.get_project("old") == Project("old", (), {}, None, 5.0)
-        assert await opened.audit_head() is None  # the audit tables of step 2 exist and work
+        assert await get_project(opened, "old") == Project("old", (), {}, None, 5.0)
+        assert await audit_head(opened) is None  # the audit tables of step 2 exist and work
     finally:
         await opened.close()
 
@@ -98,91 +115,91 @@ async def test_a_file_that_is_not_sqlite_is_a_configuration_error(db_path: Path)
 
 async def test_everything_persists_across_close_and_reopen(db_path: Path) -> None:
     first = await Store.open(db_path)
-    await first.create_project(Project("alpha", ("default",), {"sessions": 2}, None, 1.0))
-    await first.add_token(_token("j1"))
-    await first.revoke_token("j1", 50.0)
+    await create_project(first, Project("alpha", ("default",), {"sessions": 2}, None, 1.0))
+    await add_token(first, _token("j1"))
+    await revoke_token(first, "j1", 50.0)
     key = SigningKeyRecord("kid1", 3.0, None, {"kty": "OKP", "crv": "Ed25519", "x": "abc"})
-    await first.add_signing_key(key)
+    await add_signing_key(first, key)
     await first.close()
 
     second = await Store.open(db_path)
     try:
-        assert await second.get_project("alpha") == Project("alpha", ("default",),
+        assert await get_project(second, "alpha") == Project("alpha", ("default",),
                                                             {"sessions": 2}, None, 1.0)
-        assert await second.is_revoked("j1")
-        assert await second.get_token("j1") == replace(_token("j1"), revoked_at=50.0)
-        assert await second.list_signing_keys() == [key]
+        assert await is_revoked(second, "j1")
+        assert await get_token(second, "j1") == replace(_token("j1"), revoked_at=50.0)
+        assert await list_signing_keys(second) == [key]
     finally:
         await second.close()
 
 
 async def test_project_crud(store: Store) -> None:
-    await store.create_project(Project("beta", created_at=2.0))
-    await store.create_project(Project("alpha", created_at=1.0))
+    await create_project(store, Project("beta", created_at=2.0))
+    await create_project(store, Project("alpha", created_at=1.0))
     with pytest.raises(Conflict, match="'alpha' already exists"):
-        await store.create_project(Project("alpha"))
-    assert [p.name for p in await store.list_projects()] == ["alpha", "beta"]
+        await create_project(store, Project("alpha"))
+    assert [p.name for p in await list_projects(store)] == ["alpha", "beta"]
 
-    updated = await store.update_project("alpha", allowed_templates=["a", "b"], not_before=7.0)
+    updated = await update_project(store, "alpha", allowed_templates=["a", "b"], not_before=7.0)
     assert updated == Project("alpha", ("a", "b"), {}, 7.0, 1.0)
-    updated = await store.update_project("alpha", quotas={"tokens": 3})
+    updated = await update_project(store, "alpha", quotas={"tokens": 3})
     assert updated == Project("alpha", ("a", "b"), {"tokens": 3}, 7.0, 1.0)
     with pytest.raises(NotFound):
-        await store.update_project("nope", quotas={})
+        await update_project(store, "nope", quotas={})
 
 
 async def test_tokens_revocation_is_idempotent_and_unknown_jti_is_not_found(store: Store) -> None:
-    await store.create_project(Project("alpha"))
-    await store.add_token(_token("j1"))
+    await create_project(store, Project("alpha"))
+    await add_token(store, _token("j1"))
     with pytest.raises(Conflict):
-        await store.add_token(_token("j1"))
-    assert not await store.is_revoked("j1")
-    assert (await store.revoke_token("j1", 10.0)).revoked_at == 10.0
-    assert (await store.revoke_token("j1", 20.0)).revoked_at == 10.0
-    assert await store.is_revoked("j1")
-    assert not await store.is_revoked("never-issued")
+        await add_token(store, _token("j1"))
+    assert not await is_revoked(store, "j1")
+    assert (await revoke_token(store, "j1", 10.0)).revoked_at == 10.0
+    assert (await revoke_token(store, "j1", 20.0)).revoked_at == 10.0
+    assert await is_revoked(store, "j1")
+    assert not await is_revoked(store, "never-issued")
     with pytest.raises(NotFound):
-        await store.revoke_token("never-issued", 1.0)
+        await revoke_token(store, "never-issued", 1.0)
 
 
 async def test_parent_jti_must_name_a_stored_token(store: Store) -> None:
-    await store.create_project(Project("alpha"))
+    await create_project(store, Project("alpha"))
     orphan = TokenRecord("child", "alpha", "session", "alice", "s", 1.0, 2.0, None, "missing")
     with pytest.raises(NotFound, match="parent token 'missing'"):
-        await store.add_token(orphan)
-    await store.add_token(_token("parent"))
-    await store.add_token(TokenRecord("child", "alpha", "session", "alice", "s", 1.0, 2.0, None,
-                                      "parent"))
-    assert (await store.get_token("child")).parent_jti == "parent"  # type: ignore[union-attr]
+        await add_token(store, orphan)
+    await add_token(store, _token("parent"))
+    await add_token(store, TokenRecord("child", "alpha", "session", "alice", "s", 1.0, 2.0, None,
+                                       "parent"))
+    assert (await get_token(store, "child")).parent_jti == "parent"  # type: ignore[union-attr]
 
 
 async def test_list_and_count_live_tokens(store: Store) -> None:
-    await store.create_project(Project("alpha"))
-    await store.create_project(Project("other"))
-    await store.add_token(_token("live", issued_at=100.0, expires_at=1000.0))
-    await store.add_token(_token("expired", issued_at=100.0, expires_at=400.0))
-    await store.add_token(_token("revoked", issued_at=100.0, expires_at=1000.0))
-    await store.add_token(_token("elsewhere", project="other"))
-    await store.revoke_token("revoked", 200.0)
-    assert [t.jti for t in await store.list_tokens("alpha")] == ["expired", "live", "revoked"]
-    assert await store.count_live_tokens("alpha", now=500.0) == 1
+    await create_project(store, Project("alpha"))
+    await create_project(store, Project("other"))
+    await add_token(store, _token("live", issued_at=100.0, expires_at=1000.0))
+    await add_token(store, _token("expired", issued_at=100.0, expires_at=400.0))
+    await add_token(store, _token("revoked", issued_at=100.0, expires_at=1000.0))
+    await add_token(store, _token("elsewhere", project="other"))
+    await revoke_token(store, "revoked", 200.0)
+    assert [t.jti for t in await list_tokens(store, "alpha")] == ["expired", "live", "revoked"]
+    assert await count_live_tokens(store, "alpha", now=500.0) == 1
 
-    await store.add_token(_token("newer", issued_at=300.0))
-    await store.update_project("alpha", not_before=250.0)  # kills "live" (issued at 100)
-    assert await store.count_live_tokens("alpha", now=500.0) == 1
+    await add_token(store, _token("newer", issued_at=300.0))
+    await update_project(store, "alpha", not_before=250.0)  # kills "live" (issued at 100)
+    assert await count_live_tokens(store, "alpha", now=500.0) == 1
 
 
 async def test_signing_keys_listing_and_retirement(store: Store) -> None:
     jwk = {"kty": "OKP", "crv": "Ed25519", "x": "x"}
-    await store.add_signing_key(SigningKeyRecord("new", 2.0, None, jwk))
-    await store.add_signing_key(SigningKeyRecord("old", 1.0, None, jwk))
+    await add_signing_key(store, SigningKeyRecord("new", 2.0, None, jwk))
+    await add_signing_key(store, SigningKeyRecord("old", 1.0, None, jwk))
     with pytest.raises(Conflict):
-        await store.add_signing_key(SigningKeyRecord("old", 1.0, None, jwk))
-    assert [k.kid for k in await store.list_signing_keys()] == ["old", "new"]
-    assert (await store.retire_signing_key("old", 5.0)).retired_at == 5.0
-    assert (await store.retire_signing_key("old", 6.0)).retired_at == 5.0
+        await add_signing_key(store, SigningKeyRecord("old", 1.0, None, jwk))
+    assert [k.kid for k in await list_signing_keys(store)] == ["old", "new"]
+    assert (await retire_signing_key(store, "old", 5.0)).retired_at == 5.0
+    assert (await retire_signing_key(store, "old", 6.0)).retired_at == 5.0
     with pytest.raises(NotFound):
-        await store.retire_signing_key("ghost", 1.0)
+        await retire_signing_key(store, "ghost", 1.0)
 
 
 async def test_write_lock_held_by_another_process_gives_unavailable_not_a_hang(
@@ -191,21 +208,21 @@ async def test_write_lock_held_by_another_process_gives_unavailable_not_a_hang(
     try:
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(Unavailable, match="busy") as caught:
-            await store.create_project(Project("alpha"))
+            await create_project(store, Project("alpha"))
         assert caught.value.retry_after_s == 1
-        assert await store.get_project("alpha") is None  # WAL: reads go on while locked
+        assert await get_project(store, "alpha") is None  # WAL: reads go on while locked
         other.execute("ROLLBACK")
     finally:
         other.close()
-    await store.create_project(Project("alpha"))  # the store recovers once the lock is gone
-    assert await store.get_project("alpha") is not None
+    await create_project(store, Project("alpha"))  # the store recovers once the lock is gone
+    assert await get_project(store, "alpha") is not None
 
 
 async def test_a_closed_store_fails_closed(db_path: Path) -> None:
     opened = await Store.open(db_path)
     await opened.close()
     with pytest.raises(Unavailable):
-        await opened.get_project("alpha")
+        await get_project(opened, "alpha")
 
 
 async def test_writes_queued_together_share_a_transaction_but_fail_alone(
@@ -217,20 +234,20 @@ async def test_writes_queued_together_share_a_transaction_but_fail_alone(
         other.execute(refuse_bad)
     with caplog.at_level(logging.DEBUG, logger="controlplane.store"):
         results = await asyncio.gather(
-            store.create_project(Project("alpha")), store.create_project(Project("alpha")),
-            store.create_project(Project("bad")), store.create_project(Project("beta")),
+            create_project(store, Project("alpha")), create_project(store, Project("alpha")),
+            create_project(store, Project("bad")), create_project(store, Project("beta")),
             return_exceptions=True)
     assert [r.args for r in caplog.records if r.name == "controlplane.store"
             and r.levelno == logging.DEBUG] == [(4,)]  # one transaction for all four
     assert results[0] is None and results[3] is None
     assert isinstance(results[1], Conflict)
     assert isinstance(results[2], Unavailable)
-    assert [p.name for p in await store.list_projects()] == ["alpha", "beta"]
+    assert [p.name for p in await list_projects(store)] == ["alpha", "beta"]
 
 
 async def test_a_write_is_committed_when_it_returns(store: Store, db_path: Path) -> None:
-    await asyncio.gather(*(store.add_token(_token(f"j{n}")) for n in range(20)))
-    await store.revoke_token("j7", 5.0)
+    await asyncio.gather(*(add_token(store, _token(f"j{n}")) for n in range(20)))
+    await revoke_token(store, "j7", 5.0)
     with sqlite3.connect(db_path) as other:  # another process sees it at once: committed
         assert other.execute("SELECT COUNT(*) FROM tokens").fetchone()[0] == 20
         assert other.execute("SELECT revoked_at FROM tokens WHERE jti = 'j7'").fetchone()[0] == 5.0
@@ -249,14 +266,14 @@ async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
-        write = asyncio.create_task(opened.create_project(Project("alpha")))
+        write = asyncio.create_task(create_project(opened, Project("alpha")))
         await eventually_async(began.is_set, timeout_s=5.0,
                                what="the writer to wait for the other process's lock")
-        assert await asyncio.wait_for(opened.get_project("alpha"), timeout=1.0) is None
+        assert await asyncio.wait_for(get_project(opened, "alpha"), timeout=1.0) is None
         assert not write.done()
         other.execute("ROLLBACK")
         await asyncio.wait_for(write, timeout=5.0)
-        assert await opened.get_project("alpha") is not None
+        assert await get_project(opened, "alpha") is not None
     finally:
         other.close()
         await opened.close()
@@ -264,15 +281,15 @@ async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
 
 async def test_close_commits_queued_writes_and_refuses_later_ones(db_path: Path) -> None:
     opened = await Store.open(db_path)
-    queued = [asyncio.create_task(opened.create_project(Project(f"p{n}"))) for n in range(30)]
+    queued = [asyncio.create_task(create_project(opened, Project(f"p{n}"))) for n in range(30)]
     await asyncio.sleep(0)  # every task has queued its write
     await asyncio.wait_for(opened.close(), timeout=5.0)
     assert [task.result() for task in queued] == [None] * 30
     with pytest.raises(Unavailable, match="closed"):
-        await opened.create_project(Project("late"))
+        await create_project(opened, Project("late"))
 
     reopened = await Store.open(db_path)
     try:
-        assert len(await reopened.list_projects()) == 30
+        assert len(await list_projects(reopened)) == 30
     finally:
         await reopened.close()

@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import InvalidRequest, TokenError
-from controlplane.store import Project, Store, TokenRecord
+from controlplane.store.engine import Store
+from controlplane.store.projects import Project, create_project, update_project
+from controlplane.store.tokens import Revocations, TokenRecord, add_token, revoke_token
 from controlplane.tokens import (
     MAX_TOKEN_BYTES,
     Authenticator,
@@ -359,7 +361,7 @@ def test_mutated_tokens_never_verify(data: st.DataObject) -> None:
 @pytest.fixture
 async def store(tmp_path: Path) -> Any:
     opened = await Store.open(tmp_path / "state" / "cp.sqlite")
-    await opened.create_project(Project("p1", created_at=NOW - 100))
+    await create_project(opened, Project("p1", created_at=NOW - 100))
     yield opened
     await opened.close()
 
@@ -371,12 +373,12 @@ def record(claims: Claims, parent: str | None = None) -> TokenRecord:
 
 async def test_authenticator_accepts_then_refuses_revoked(service: TokenService, store: Store,
                                                           clock: Clock) -> None:
-    auth = Authenticator(service, store, clock)
+    auth = Authenticator(service, Revocations(store), clock)
     token, claims = service.issue(kind=TokenKind.PROJECT, subject="alice", project="p1",
                                   scope=set(), ttl_s=600, audience="dsn-api")
-    await store.add_token(record(claims))
+    await add_token(store, record(claims))
     assert await auth.authenticate(token, API) == claims
-    await store.revoke_token(claims.jti, at=NOW)
+    await revoke_token(store, claims.jti, at=NOW)
     with pytest.raises(TokenError) as caught:
         await auth.authenticate(token, API)
     assert caught.value.reason == "revoked"
@@ -384,15 +386,15 @@ async def test_authenticator_accepts_then_refuses_revoked(service: TokenService,
 
 async def test_exchanged_token_dies_with_its_parent(service: TokenService, store: Store,
                                                     clock: Clock) -> None:
-    auth = Authenticator(service, store, clock)
+    auth = Authenticator(service, Revocations(store), clock)
     _, parent = service.issue(kind=TokenKind.PROJECT, subject="alice", project="p1", scope=set(),
                               ttl_s=600, audience="dsn-api")
     child_token, child = service.issue(kind=TokenKind.SESSION, subject="alice", project="p1",
                                        scope=set(), ttl_s=60, audience="dsn-api")
-    await store.add_token(record(parent))
-    await store.add_token(record(child, parent=parent.jti))
+    await add_token(store, record(parent))
+    await add_token(store, record(child, parent=parent.jti))
     assert (await auth.authenticate(child_token, SESSION_API)).jti == child.jti
-    await store.revoke_token(parent.jti, at=NOW)
+    await revoke_token(store, parent.jti, at=NOW)
     with pytest.raises(TokenError) as caught:
         await auth.authenticate(child_token, SESSION_API)
     assert caught.value.reason == "revoked"
@@ -400,10 +402,10 @@ async def test_exchanged_token_dies_with_its_parent(service: TokenService, store
 
 async def test_project_not_before_kills_older_tokens(service: TokenService, store: Store,
                                                      clock: Clock) -> None:
-    auth = Authenticator(service, store, clock)
+    auth = Authenticator(service, Revocations(store), clock)
     old, _ = service.issue(kind=TokenKind.PROJECT, subject="alice", project="p1", scope=set(),
                            ttl_s=600, audience="dsn-api")
-    await store.update_project("p1", not_before=NOW + 1)
+    await update_project(store, "p1", not_before=NOW + 1)
     clock.now = NOW + 1
     new, _ = service.issue(kind=TokenKind.PROJECT, subject="alice", project="p1", scope=set(),
                            ttl_s=600, audience="dsn-api")
@@ -415,8 +417,8 @@ async def test_project_not_before_kills_older_tokens(service: TokenService, stor
 
 async def test_token_of_a_deleted_project_refused(service: TokenService, store: Store,
                                                   clock: Clock) -> None:
-    auth = Authenticator(service, store, clock)
-    await store.create_project(Project("p2", created_at=NOW))
+    auth = Authenticator(service, Revocations(store), clock)
+    await create_project(store, Project("p2", created_at=NOW))
     token, _ = service.issue(kind=TokenKind.PROJECT, subject="bob", project="p2", scope=set(),
                              ttl_s=600, audience="dsn-api")
     # No API deletes projects; one removed behind the service's back takes its tokens with it.
@@ -428,7 +430,7 @@ async def test_token_of_a_deleted_project_refused(service: TokenService, store: 
 
 async def test_admin_token_needs_no_project(service: TokenService, store: Store,
                                             clock: Clock) -> None:
-    auth = Authenticator(service, store, clock)
+    auth = Authenticator(service, Revocations(store), clock)
     token, claims = service.issue(kind=TokenKind.ADMIN, subject="root", project=None,
                                   scope={"projects:write"}, ttl_s=600, audience="dsn-api")
     assert await auth.authenticate(token, API) == claims

@@ -43,7 +43,7 @@ from test_cp_api import assert_problem
 
 from common.ports import free_port
 from controlplane.settings import DATABASE_NAME
-from controlplane.store import DEFAULT_BUSY_TIMEOUT_S
+from controlplane.store.engine import DEFAULT_BUSY_TIMEOUT_S
 from dsn.cli import main
 from dsn.errors import ProcessFailed
 from dsn.processes import Child, ProcessGroup

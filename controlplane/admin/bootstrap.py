@@ -23,7 +23,9 @@ from controlplane.errors import ConfigurationError
 from controlplane.policy import PolicySet, load_policies
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
-from controlplane.store import Store, TokenRecord
+from controlplane.store.engine import Store
+from controlplane.store.signing_keys import list_signing_keys
+from controlplane.store.tokens import TokenRecord, add_token
 from controlplane.tokens import TokenKind, TokenService
 
 ADMIN_TOKEN_FILE = "admin.token"
@@ -82,7 +84,7 @@ async def _first_admin_token(settings: Settings, policy: PolicySet, store: Store
     token, claims = service.issue(kind=kind, subject="admin", project=None,
                                   scope=policy.admin_scopes(), ttl_s=policy.lifetime_cap(kind),
                                   audience=settings.api_audience)
-    await store.add_token(TokenRecord(
+    await add_token(store, TokenRecord(
         jti=claims.jti, project=None, kind=kind.value, subject=claims.sub,
         scope=" ".join(sorted(claims.scope)), issued_at=float(claims.iat),
         expires_at=float(claims.exp)))
@@ -100,7 +102,7 @@ async def require_initialised(settings: Settings) -> None:
         raise ConfigurationError(f"{settings.state_dir} is not initialised; {hint}")
     store = await Store.open(settings.database)
     try:
-        if not await store.list_signing_keys():
+        if not await list_signing_keys(store):
             raise ConfigurationError(f"{settings.state_dir} has no signing key; {hint}")
     finally:
         await store.close()

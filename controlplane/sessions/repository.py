@@ -22,7 +22,8 @@ from controlplane.sessions.core import (
     config_with_consumers,
     lease_until,
 )
-from controlplane.store import Conn, Store, TokenRecord
+from controlplane.store.engine import Conn, Store
+from controlplane.store.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,9 @@ from controlplane.sessions.repository import (
     record_result,
     register_consumer,
 )
-from controlplane.store import Store, TokenRecord
+from controlplane.store.engine import Store
+from controlplane.store.projects import get_project
+from controlplane.store.tokens import TokenRecord, add_token, revoke_token
 from controlplane.templates import repository as template_versions
 from controlplane.templates.base import Kind
 from controlplane.templates.loader import Template, parse_template_cached
@@ -137,7 +139,7 @@ def _new_id(prefix: str) -> str:
 
 
 async def _session_limit(services: Services, project: str) -> int:
-    record = await services.store.get_project(project)
+    record = await get_project(services.store, project)
     if record is None:
         raise NotFound(f"project {project!r} does not exist")
     return record.quotas.get(SESSION_QUOTA, services.policies.current.quota(project, SESSION_QUOTA))
@@ -311,7 +313,7 @@ async def submit_job(services: Services, parent: Claims, session: SessionRecord,
     job_id = _new_id("j")
     token, claims = _consumer_token(services, parent, session, job_id)
     spec, version = await _prepare_job(services, session, body, job_id, token)
-    await services.store.add_token(_token_record(claims, parent.jti))
+    await add_token(services.store, _token_record(claims, parent.jti))
     services.metrics.tokens_issued.labels(claims.kind.value).inc()
     handle = await _submit(services, launcher, spec, claims.jti)
     job = JobRecord(id=job_id, session_id=session.id, template=job_template_name(services, body),
@@ -339,7 +341,7 @@ async def _submit(services: Services, launcher: Launcher, spec: JobSpec, jti: st
         return await launcher.submit(spec)
     except ControlPlaneError:
         # The job never started: its token must not outlive the attempt.
-        await services.store.revoke_token(jti, services.now())
+        await revoke_token(services.store, jti, services.now())
         raise
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from controlplane.errors import Conflict, NotFound, PreconditionFailed, PreconditionRequired
-from controlplane.store import Conn, Store
+from controlplane.store.engine import Conn, Store
 
 SHIPPED_AUTHOR: Final = "shipped"
 

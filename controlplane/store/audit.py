@@ -1,0 +1,83 @@
+"""The audit chain's SQL: records and the chain head, kept in separate tables so a deleted tail
+shows. Hashing lives in ``controlplane.audit``; this module only stores what it builds.
+
+Appends are grouped writes (``Store.write_grouped``): the engine runs ``_append_chain`` once per
+batch over every append queued in it, so a batch extends the chain with one head read, one insert
+and one head move. The chain-extension SQL lives here rather than in the engine because all the
+engine needs to know is that some writes run together under one savepoint; what they write, and
+that it is a hash chain, is this feature's business.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass
+
+from controlplane.store.engine import Conn, Store
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    ts: float
+    principal: str
+    action: str
+    resource: str
+    decision: str
+    rule: str
+    request_id: str
+    prev_hash: str
+    hash: str
+
+
+# Builds the record to append from the next seq and the head's hash (None for the first record).
+AuditBuilder = Callable[[int, str | None], AuditRecord]
+
+
+def _audit(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(seq=int(row["seq"]), ts=float(row["ts"]), principal=row["principal"],
+                       action=row["action"], resource=row["resource"], decision=row["decision"],
+                       rule=row["rule"], request_id=row["request_id"], prev_hash=row["prev_hash"],
+                       hash=row["hash"])
+
+
+async def append_audit(store: Store, build: AuditBuilder) -> AuditRecord:
+    """Append ``build(next_seq, head_hash)`` and move the chain head; return once committed.
+
+    Appends queued together are chained in queue order in one transaction, the head read
+    inside it, so appends from other processes sharing the database still form a single
+    chain. ``head_hash`` is None for the first record. If the batch cannot be written, every
+    append in it raises ``Unavailable`` and the chain is left as it was.
+    """
+    return await store.write_grouped(_append_chain, build)
+
+
+async def _append_chain(builds: Sequence[AuditBuilder], conn: Conn) -> list[AuditRecord]:
+    """Chain ``builds`` in order onto the head, read inside the write transaction so appends from
+    other processes sharing the database still form a single chain; then move the head once."""
+    async with conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1") as cursor:
+        head = await cursor.fetchone()
+    seq, prev = (0, None) if head is None else (int(head["seq"]), str(head["hash"]))
+    records = []
+    for build in builds:
+        record = build(seq + 1, prev)
+        records.append(record)
+        seq, prev = record.seq, record.hash
+    # AuditRecord's fields are declared in the table's column order.
+    await conn.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [astuple(record) for record in records])
+    await conn.execute("INSERT INTO audit_head VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE "
+                       "SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
+    return records
+
+
+async def audit_head(store: Store) -> tuple[int, str] | None:
+    rows = await store.read("SELECT seq, hash FROM audit_head WHERE id = 1")
+    return (int(rows[0]["seq"]), str(rows[0]["hash"])) if rows else None
+
+
+async def list_audit(store: Store, after_seq: int = 0, limit: int = 100) -> list[AuditRecord]:
+    rows = await store.read("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                            (after_seq, limit))
+    return [_audit(row) for row in rows]

@@ -1,0 +1,164 @@
+"""The store's schema, as ordered steps: ``MIGRATIONS[i]`` upgrades a database from version ``i``
+to ``i + 1`` (``PRAGMA user_version``).
+
+The runner stays in ``engine``, which runs every pending step when the store opens, each in its
+own transaction with its version, and refuses a database newer than ``SCHEMA_VERSION``: a step is
+a write like any other, under the engine's transactions and error mapping.
+"""
+
+from __future__ import annotations
+
+# Ordered schema steps; never edit a released step, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 0 -> 1: projects, issued tokens (metadata only, never the token), public signing keys.
+    (
+        """CREATE TABLE projects (
+            name TEXT PRIMARY KEY,
+            allowed_templates TEXT NOT NULL,
+            quotas TEXT NOT NULL,
+            not_before REAL,
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE tokens (
+            jti TEXT PRIMARY KEY,
+            project TEXT,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            issued_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL,
+            parent_jti TEXT REFERENCES tokens(jti))""",
+        "CREATE INDEX tokens_by_project ON tokens(project, expires_at)",
+        """CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            retired_at REAL,
+            public_jwk TEXT NOT NULL)""",
+    ),
+    # 1 -> 2: the hash-chained audit log and its head, kept apart so a deleted tail shows.
+    (
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            principal TEXT NOT NULL,
+            action TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL)""",
+        """CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL)""",
+    ),
+    # 2 -> 3: template versions, append-only; the current one is the highest, a tombstone
+    # (deleted = 1, empty source) hides the template while its history stays.
+    (
+        """CREATE TABLE template_versions (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            kind TEXT NOT NULL,
+            source TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            author TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            deleted INTEGER NOT NULL CHECK (deleted IN (0, 1)),
+            PRIMARY KEY (name, version))""",
+    ),
+    # 3 -> 4: streaming sessions (rendered config as JSON), consumer leases, consumer jobs and
+    # scan results (one per session and scan). State and leases are judged against the clock.
+    (
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            project TEXT NOT NULL,
+            template TEXT NOT NULL,
+            template_version INTEGER NOT NULL,
+            params TEXT NOT NULL,
+            client_key TEXT NOT NULL,
+            config TEXT NOT NULL,
+            token_jti TEXT NOT NULL REFERENCES tokens(jti),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            ended_at REAL)""",
+        "CREATE INDEX sessions_by_project ON sessions(project, expires_at)",
+        "CREATE INDEX sessions_by_client_key ON sessions(client_key, expires_at)",
+        """CREATE TABLE consumers (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            job_id TEXT NOT NULL,
+            rank INTEGER NOT NULL,
+            endpoint TEXT NOT NULL,
+            host TEXT NOT NULL,
+            registered_at REAL NOT NULL,
+            lease_expires_at REAL NOT NULL,
+            left_at REAL)""",
+        "CREATE INDEX consumers_by_session ON consumers(session_id, lease_expires_at)",
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            template TEXT NOT NULL,
+            template_version INTEGER NOT NULL,
+            launcher TEXT NOT NULL,
+            native_id TEXT NOT NULL,
+            workdir TEXT NOT NULL,
+            ranks INTEGER NOT NULL,
+            token_jti TEXT NOT NULL REFERENCES tokens(jti),
+            submitted_at REAL NOT NULL)""",
+        "CREATE INDEX jobs_by_session ON jobs(session_id)",
+        """CREATE TABLE scan_results (
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            scan INTEGER NOT NULL,
+            project TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            frames INTEGER NOT NULL,
+            events INTEGER NOT NULL,
+            expected_sectors INTEGER NOT NULL,
+            received_sectors INTEGER NOT NULL,
+            duplicate_sectors INTEGER NOT NULL,
+            lost_sectors INTEGER NOT NULL,
+            incomplete_frames INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            reported_at REAL NOT NULL,
+            PRIMARY KEY (session_id, scan))""",
+        "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
+    ),
+    # 4 -> 5: a scan may also be reported by the gateway (``source``), which interrupted it when a
+    # consumer left mid-scan: the key gains the source, and gateway reports carry the sectors
+    # spooled, the losses by reason and the loss manifest itself (JSON); ``reason`` says why a
+    # scan failed (its file could not be written) or was interrupted.
+    (
+        """CREATE TABLE scan_results_v5 (
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            scan INTEGER NOT NULL,
+            project TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            frames INTEGER NOT NULL,
+            events INTEGER NOT NULL,
+            expected_sectors INTEGER NOT NULL,
+            received_sectors INTEGER NOT NULL,
+            duplicate_sectors INTEGER NOT NULL,
+            lost_sectors INTEGER NOT NULL,
+            incomplete_frames INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            reported_at REAL NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('consumer', 'gateway')),
+            spooled_sectors INTEGER NOT NULL,
+            lost_by_reason TEXT NOT NULL,
+            loss_manifest TEXT NOT NULL,
+            manifest_truncated INTEGER NOT NULL CHECK (manifest_truncated IN (0, 1)),
+            reason TEXT,
+            PRIMARY KEY (session_id, scan, source))""",
+        """INSERT INTO scan_results_v5 SELECT session_id, scan, project, path, sha256, frames,
+            events, expected_sectors, received_sectors, duplicate_sectors, lost_sectors,
+            incomplete_frames, status, reported_at, 'consumer', 0, '{}', '[]', 0, NULL
+            FROM scan_results""",
+        "DROP TABLE scan_results",
+        "ALTER TABLE scan_results_v5 RENAME TO scan_results",
+        "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,54 @@
+"""Signing keys' SQL: each key's public JWK and its life (created, retired); the private halves
+never reach the store (``controlplane.signing`` keeps them on disk)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from controlplane.errors import Conflict, NotFound
+from controlplane.store.engine import Conn, Store, time_or_none
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    kid: str
+    created_at: float
+    retired_at: float | None
+    public_jwk: dict[str, str]
+
+
+def _signing_key(row: sqlite3.Row) -> SigningKeyRecord:
+    return SigningKeyRecord(kid=row["kid"], created_at=float(row["created_at"]),
+                            retired_at=time_or_none(row["retired_at"]),
+                            public_jwk=json.loads(row["public_jwk"]))
+
+
+async def add_signing_key(store: Store, rec: SigningKeyRecord) -> None:
+    async def body(conn: Conn) -> None:
+        cursor = await conn.execute(
+            "INSERT INTO signing_keys VALUES (?, ?, ?, ?) ON CONFLICT(kid) DO NOTHING",
+            (rec.kid, rec.created_at, rec.retired_at, json.dumps(rec.public_jwk)))
+        if cursor.rowcount == 0:
+            raise Conflict(f"signing key {rec.kid!r} already exists")
+    await store.write(body)
+
+
+async def list_signing_keys(store: Store) -> list[SigningKeyRecord]:
+    """All keys, retired ones included, oldest first."""
+    rows = await store.read("SELECT * FROM signing_keys ORDER BY created_at, rowid")
+    return [_signing_key(row) for row in rows]
+
+
+async def retire_signing_key(store: Store, kid: str, at: float) -> SigningKeyRecord:
+    """Retire ``kid``; idempotent (keeps the first time); NotFound if unknown."""
+    async def body(conn: Conn) -> SigningKeyRecord:
+        cursor = await conn.execute(
+            "UPDATE signing_keys SET retired_at = COALESCE(retired_at, ?) WHERE kid = ? "
+            "RETURNING *", (at, kid))
+        row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(f"signing key {kid!r} does not exist")
+        return _signing_key(row)
+    return await store.write(body)

@@ -1,0 +1,107 @@
+"""Issued tokens' SQL: what the control plane remembers of a token (never the token itself), its
+revocation, and the live count a project's quota is judged by. ``Revocations`` is the
+Authenticator's view of it (``controlplane.tokens.RevocationStore``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from controlplane.errors import Conflict, NotFound
+from controlplane.store.engine import Conn, Store, time_or_none
+from controlplane.store.projects import Project, get_project
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What the control plane remembers of an issued token: never the token itself."""
+
+    jti: str
+    project: str | None
+    kind: str
+    subject: str
+    scope: str
+    issued_at: float
+    expires_at: float
+    revoked_at: float | None = None
+    parent_jti: str | None = None
+
+
+def _token(row: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(jti=row["jti"], project=row["project"], kind=row["kind"],
+                       subject=row["subject"], scope=row["scope"],
+                       issued_at=float(row["issued_at"]), expires_at=float(row["expires_at"]),
+                       revoked_at=time_or_none(row["revoked_at"]), parent_jti=row["parent_jti"])
+
+
+async def add_token(store: Store, rec: TokenRecord) -> None:
+    """Remember an issued token; Conflict on a reused jti, NotFound for an unknown parent."""
+    async def body(conn: Conn) -> None:
+        if rec.parent_jti is not None:
+            async with conn.execute("SELECT 1 FROM tokens WHERE jti = ?",
+                                    (rec.parent_jti,)) as found:
+                if await found.fetchone() is None:
+                    raise NotFound(f"parent token {rec.parent_jti!r} does not exist")
+        cursor = await conn.execute(
+            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(jti) DO NOTHING",
+            (rec.jti, rec.project, rec.kind, rec.subject, rec.scope, rec.issued_at,
+             rec.expires_at, rec.revoked_at, rec.parent_jti))
+        if cursor.rowcount == 0:
+            raise Conflict(f"token id {rec.jti!r} already exists")
+    await store.write(body)
+
+
+async def get_token(store: Store, jti: str) -> TokenRecord | None:
+    rows = await store.read("SELECT * FROM tokens WHERE jti = ?", (jti,))
+    return _token(rows[0]) if rows else None
+
+
+async def list_tokens(store: Store, project: str) -> list[TokenRecord]:
+    rows = await store.read(
+        "SELECT * FROM tokens WHERE project = ? ORDER BY issued_at, jti", (project,))
+    return [_token(row) for row in rows]
+
+
+async def count_live_tokens(store: Store, project: str, now: float) -> int:
+    """Tokens of ``project`` that are unexpired, unrevoked and not older than its not_before."""
+    rows = await store.read(
+        "SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.project "
+        "WHERE t.project = ? AND t.revoked_at IS NULL AND t.expires_at > ? "
+        "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)", (project, now))
+    return int(rows[0][0])
+
+
+async def revoke_token(store: Store, jti: str, at: float) -> TokenRecord:
+    """Revoke ``jti``; idempotent (a second revoke keeps the first time); NotFound if unknown."""
+    async def body(conn: Conn) -> TokenRecord:
+        cursor = await conn.execute(
+            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE jti = ? RETURNING *",
+            (at, jti))
+        row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(f"token {jti!r} does not exist")
+        return _token(row)
+    return await store.write(body)
+
+
+async def is_revoked(store: Store, jti: str) -> bool:
+    rows = await store.read(
+        "SELECT 1 FROM tokens WHERE jti = ? AND revoked_at IS NOT NULL", (jti,))
+    return bool(rows)
+
+
+@dataclass(frozen=True)
+class Revocations:
+    """The store as the Authenticator reads it (``controlplane.tokens.RevocationStore``):
+    revocations, the parents of exchanged tokens, projects."""
+
+    store: Store
+
+    async def is_revoked(self, jti: str) -> bool:
+        return await is_revoked(self.store, jti)
+
+    async def get_token(self, jti: str) -> TokenRecord | None:
+        return await get_token(self.store, jti)
+
+    async def get_project(self, name: str) -> Project | None:
+        return await get_project(self.store, name)
