@@ -44,13 +44,12 @@ import zmq.asyncio
 from common import clone, zap
 from common.config import Session, parse_endpoint
 from common.keys import KeyPair
+from controlplane.settings import DEFAULT_STATE_ENDPOINTS
 
 ZAP_DOMAIN: Final = b"dsn-state"
 _REFUSED: Final = "not an allowed gateway"
 
 log = logging.getLogger("dsn.controlplane.state")
-
-DEFAULT_ENDPOINTS: Final = clone.StateEndpoints("tcp://127.0.0.1:8751", "tcp://127.0.0.1:8752")
 
 SnapshotSource = Callable[[], Awaitable[Iterable[Session]]]
 ReportSink = Callable[[clone.InterruptedScan], Awaitable[clone.AckOutcome]]
@@ -58,7 +57,7 @@ ReportSink = Callable[[clone.InterruptedScan], Awaitable[clone.AckOutcome]]
 
 @dataclass(frozen=True, slots=True)
 class StateSettings:
-    endpoints: clone.StateEndpoints = DEFAULT_ENDPOINTS
+    endpoints: clone.StateEndpoints = DEFAULT_STATE_ENDPOINTS
     heartbeat_s: float = 1.0
     reconcile_s: float = 1.0
 
