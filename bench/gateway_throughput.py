@@ -32,6 +32,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import zap
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.ports import free_port
 from common.protocol import Data, ScanBegin, ScanEnd, encode
@@ -95,17 +96,17 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     table = table_from_config(config)
     session_id = next(iter(table)).id
     context = zmq.Context(io_threads=2)
-    zap = context.socket(zmq.REP)
-    zap.bind("inproc://zeromq.zap.01")
+    handler = context.socket(zmq.REP)
+    handler.bind(zap.ENDPOINT)
 
     def admit_all() -> None:
         while True:
             try:
-                request = zap.recv_multipart()
+                request = handler.recv_multipart()
             except zmq.ContextTerminated:
-                zap.close(linger=0)  # closed by the thread that uses it, once term() begins
+                handler.close(linger=0)  # closed by the thread that uses it, once term() begins
                 return
-            zap.send_multipart([b"1.0", request[1], b"200", b"OK", session_id.encode(), b""])
+            handler.send_multipart(zap.allow(request[1], session_id))
 
     threading.Thread(target=admit_all, daemon=True).start()
     ingress = context.socket(zmq.PULL)

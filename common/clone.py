@@ -59,7 +59,7 @@ from pydantic import ValidationError
 
 from common.config import Session
 from common.errors import DsnError
-from common.protocol import MAX_MANIFEST, U32, U63, Reason, SectorIndex, SessionId
+from common.protocol import MAX_MANIFEST, U32, U63, ReasonLabel, SectorIndex, SessionId
 
 MAX_KEY_BYTES: Final = 72
 MAX_HEADER_BYTES: Final = 128
@@ -120,13 +120,14 @@ class InterruptedScan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     session: SessionId
     scan: U32
-    reason: Reason
+    reason: ReasonLabel
     sent: U63
     accepted: U63
     spooled: U63
     lost: U63
-    dropped: dict[Reason, U63]
-    drops: Annotated[list[tuple[U32, SectorIndex, Reason]], msgspec.Meta(max_length=MAX_MANIFEST)]
+    dropped: dict[ReasonLabel, U63]
+    drops: Annotated[list[tuple[U32, SectorIndex, ReasonLabel]],
+                     msgspec.Meta(max_length=MAX_MANIFEST)]
     drops_truncated: bool
     spool: Annotated[str, msgspec.Meta(max_length=MAX_SPOOL_PATH)]
 

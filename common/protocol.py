@@ -72,12 +72,16 @@ Sectors = Annotated[int, msgspec.Meta(ge=1, le=64)]
 Producers = Annotated[int, msgspec.Meta(ge=1, le=1_024)]
 Members = Annotated[int, msgspec.Meta(ge=1, le=65_535)]
 SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-Reason = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,40}$")]
+# A drop reason as manifests and reports carry it: checked for its shape only, never against
+# DropReason, so a label the reader does not know still decodes.
+ReasonLabel = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,40}$")]
 
 
+@enum.unique
 class DropReason(str, enum.Enum):
-    """Why a message was not forwarded; the value is the metric label."""
+    """Why a message was not forwarded; the value is its label in metrics and loss manifests."""
 
+    # The protocol's: a message that breaks the wire format.
     OVERSIZED_HEADER = "oversized_header"
     MALFORMED_HEADER = "malformed_header"
     INVALID_HEADER = "invalid_header"
@@ -85,6 +89,20 @@ class DropReason(str, enum.Enum):
     WRONG_PART_COUNT = "wrong_part_count"
     WRONG_PAYLOAD_SIZE = "wrong_payload_size"
     OUT_OF_RANGE = "out_of_range"
+    # The gateway's: a message its session, its scan or its consumers could not take.
+    UNAUTHENTICATED = "unauthenticated"
+    SESSION_EXPIRED = "session_expired"
+    GEOMETRY_MISMATCH = "geometry_mismatch"
+    SCAN_TOO_LARGE = "scan_too_large"
+    SCAN_MISMATCH = "scan_mismatch"
+    TOO_MANY_PRODUCERS = "too_many_producers"
+    TOO_MANY_SCANS = "too_many_scans"
+    UNKNOWN_SCAN = "unknown_scan"
+    SCAN_CLOSED = "scan_closed"
+    NO_CONSUMERS = "no_consumers"
+    SPOOL_FAILED = "spool_failed"
+    UNDELIVERED = "undelivered"
+    CONSUMER_GONE = "consumer_gone"
 
 
 class ProtocolError(DsnError, ValueError):
@@ -177,14 +195,14 @@ class RoutedScanEnd(_Header, tag="scan_end"):
     expected: U63
     sent: U63
     accepted: U63
-    dropped: dict[Reason, U63]
-    drops: list[tuple[U32, SectorIndex, Reason]]
+    dropped: dict[ReasonLabel, U63]
+    drops: list[tuple[U32, SectorIndex, ReasonLabel]]
     drops_truncated: bool
 
 
 class RoutedScanAbort(_Header, tag="scan_abort"):
     scan: U32
-    reason: Reason
+    reason: ReasonLabel
 
 
 ProducerMessage = Union[ScanBegin, Data, ScanEnd]

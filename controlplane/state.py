@@ -40,20 +40,16 @@ from typing import Final, Self
 
 import zmq
 import zmq.asyncio
-from zmq.utils import z85
 
-from common import clone
+from common import clone, zap
 from common.config import Session, parse_endpoint
 from common.keys import KeyPair
+from controlplane.settings import DEFAULT_STATE_ENDPOINTS
 
-ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 ZAP_DOMAIN: Final = b"dsn-state"
-_ZAP_VERSION: Final = b"1.0"
-_CURVE_KEY_BYTES: Final = 32
+_REFUSED: Final = "not an allowed gateway"
 
 log = logging.getLogger("dsn.controlplane.state")
-
-DEFAULT_ENDPOINTS: Final = clone.StateEndpoints("tcp://127.0.0.1:8751", "tcp://127.0.0.1:8752")
 
 SnapshotSource = Callable[[], Awaitable[Iterable[Session]]]
 ReportSink = Callable[[clone.InterruptedScan], Awaitable[clone.AckOutcome]]
@@ -61,7 +57,7 @@ ReportSink = Callable[[clone.InterruptedScan], Awaitable[clone.AckOutcome]]
 
 @dataclass(frozen=True, slots=True)
 class StateSettings:
-    endpoints: clone.StateEndpoints = DEFAULT_ENDPOINTS
+    endpoints: clone.StateEndpoints = DEFAULT_STATE_ENDPOINTS
     heartbeat_s: float = 1.0
     reconcile_s: float = 1.0
 
@@ -72,15 +68,13 @@ class StateSettings:
             raise ValueError("heartbeat_s and reconcile_s must be positive")
 
 
-def zap_reply(allowed: frozenset[bytes], request: list[bytes]) -> list[bytes]:
-    """Answer one ZAP request: 200 for an allow-listed gateway's CURVE key, 400 for anything else."""
-    request_id = request[1] if len(request) > 1 else b""
-    if (len(request) == 7 and request[0] == _ZAP_VERSION and request[2] == ZAP_DOMAIN
-            and request[5] == b"CURVE" and len(request[6]) == _CURVE_KEY_BYTES):
-        key = z85.encode(request[6])
-        if key in allowed:
-            return [_ZAP_VERSION, request_id, b"200", b"OK", key, b""]
-    return [_ZAP_VERSION, request_id, b"400", b"not an allowed gateway", b"", b""]
+def zap_reply(allowed: frozenset[bytes], request: zap.ZapRequest) -> list[bytes]:
+    """Answer one ZAP request: 200 for an allow-listed gateway's CURVE key, 400 for anything
+    else."""
+    key = request.curve_key() if request.domain == ZAP_DOMAIN else None
+    if key is not None and key.encode("ascii") in allowed:
+        return zap.allow(request.request_id, key)
+    return zap.deny(request.request_id, _REFUSED)
 
 
 def diff(published: dict[str, Session], live: Iterable[Session]) -> list[tuple[str, Session | None]]:
@@ -126,7 +120,7 @@ class StateService:
         try:
             self._published = {s.id: s for s in await self._source()}
             self._zap = self._socket(zmq.REP, curve=False)
-            self._zap.bind(ZAP_ENDPOINT)
+            self._zap.bind(zap.ENDPOINT)
             self._tasks.append(asyncio.create_task(self._serve_zap(), name="dsn-state-zap"))
             self._router = self._socket(zmq.ROUTER)
             # Refuse to send rather than drop silently; a whole snapshot fits one peer's queue.
@@ -209,11 +203,15 @@ class StateService:
     async def _serve_zap(self) -> None:
         assert self._zap is not None
         while True:
-            request = await self._zap.recv_multipart()
-            reply = zap_reply(self._allowed, request)
-            if reply[2] != b"200":
-                log.info("gateway refused", extra={"fields": {
-                    "peer": request[3].decode("ascii", "replace") if len(request) > 3 else ""}})
+            frames = await self._zap.recv_multipart()
+            try:
+                request = zap.parse(frames)
+            except zap.ZapError as exc:
+                reply, peer = zap.deny(exc.request_id, _REFUSED), exc.address
+            else:
+                reply, peer = zap_reply(self._allowed, request), request.address
+            if reply[2] != zap.ALLOWED:
+                log.info("gateway refused", extra={"fields": {"peer": peer}})
             await self._zap.send_multipart(reply)
 
     async def _serve_snapshots(self) -> None:

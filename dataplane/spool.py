@@ -54,7 +54,7 @@ from common.protocol import (
     U63,
     Data,
     ProtocolError,
-    Reason,
+    ReasonLabel,
     ScanBegin,
     ScanEnd,
     SectorIndex,
@@ -94,8 +94,8 @@ class SpoolManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The scan's totals and loss manifest, stored in the trailer."""
 
     sent: U63
-    dropped: dict[Reason, U63]
-    drops: list[tuple[U32, SectorIndex, Reason]]
+    dropped: dict[ReasonLabel, U63]
+    drops: list[tuple[U32, SectorIndex, ReasonLabel]]
     drops_truncated: bool
 
 

@@ -1,17 +1,13 @@
 """Who may connect: the ZAP admission policy (pure) and the thread that serves it.
 
-The ingress socket sets ``zap_domain=b"dsn"`` and ``ZAP_ENFORCE_DOMAIN=1``: libzmq then refuses every
-connection unless this handler, bound at ``inproc://zeromq.zap.01`` on the same context, answers
-200. With no handler running, nothing connects (fail closed).
-
-ZAP 1.0 (RFC 27) request frames: version "1.0", request id, domain, peer address, routing identity,
-mechanism, then the mechanism's credentials (CURVE: the client's 32-byte public key; PLAIN:
-username and password).
+The ingress socket sets ``zap_domain=b"dsn"`` and ``ZAP_ENFORCE_DOMAIN=1``: libzmq then refuses
+every connection unless this handler, bound at ``common.zap.ENDPOINT`` on the same context, answers
+200. With no handler running, nothing connects (fail closed). Request and reply frames:
+``common.zap``.
 
 Two domains, one per ingress: ``dsn`` (the CURVE ingress) admits only CURVE, ``dsn-plain`` (the
 optional plaintext ingress) only PLAIN, with username = a session id whose session allows
 unencrypted transport and password = the secret whose SHA-256 that session publishes.
-Reply frames: version, request id, status code ("200" or "400"), status text, user id, metadata.
 The user id of an admitted connection is its session id; libzmq attaches it to every message from
 that connection as the ``User-Id`` property, which the router checks per message.
 """
@@ -28,18 +24,13 @@ from dataclasses import dataclass
 from typing import Final
 
 import zmq
-from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from common import zap
 from gateway.sessions import SessionEntry, SessionTable
 
-ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 ZAP_DOMAIN: Final = b"dsn"
 PLAIN_ZAP_DOMAIN: Final = b"dsn-plain"
-# ZMTP PLAIN carries each credential with a one-byte length.
-_MAX_PLAIN_BYTES: Final = 255
-_ZAP_VERSION: Final = b"1.0"
-_CURVE_KEY_BYTES: Final = 32
 
 log = logging.getLogger("dsn.gateway.auth")
 
@@ -93,32 +84,30 @@ def admit_plain(table: SessionTable, username: bytes, password: bytes, peer_addr
     return _admit_entry(entry, peer_address, now)
 
 
-def decide_request(table: SessionTable, frames: list[bytes], now: float) -> Admission:
-    """Turn a raw ZAP request into an admission decision; anything unexpected is denied."""
-    if len(frames) < 6 or frames[0] != _ZAP_VERSION:
-        return _deny("bad_request")
-    domain, address, mechanism, credentials = frames[2], frames[3], frames[5], frames[6:]
-    peer = address.decode("ascii", "replace")
-    if domain == ZAP_DOMAIN:
-        if mechanism != b"CURVE":
+def decide_request(table: SessionTable, request: zap.ZapRequest, now: float) -> Admission:
+    """Turn a ZAP request into an admission decision; anything unexpected is denied."""
+    if request.domain == ZAP_DOMAIN:
+        if request.mechanism != b"CURVE":
             return _deny("mechanism")
-        if len(credentials) != 1 or len(credentials[0]) != _CURVE_KEY_BYTES:
+        key = request.curve_key()
+        if key is None:
             return _deny("bad_request")
-        return admit(table, "CURVE", z85.encode(credentials[0]).decode("ascii"), peer, now)
-    if domain == PLAIN_ZAP_DOMAIN:
-        if mechanism != b"PLAIN":
+        return admit(table, "CURVE", key, request.address, now)
+    if request.domain == PLAIN_ZAP_DOMAIN:
+        if request.mechanism != b"PLAIN":
             return _deny("mechanism")
-        if len(credentials) != 2 or any(len(c) > _MAX_PLAIN_BYTES for c in credentials):
+        credentials = request.plain_credentials()
+        if credentials is None:
             return _deny("bad_request")
-        return admit_plain(table, credentials[0], credentials[1], peer, now)
+        username, password = credentials
+        return admit_plain(table, username, password, request.address, now)
     return _deny("domain")
 
 
-def reply_frames(request: list[bytes], admission: Admission) -> list[bytes]:
-    request_id = request[1] if len(request) > 1 else b""
+def reply_frames(request_id: bytes, admission: Admission) -> list[bytes]:
     if admission.allowed:
-        return [_ZAP_VERSION, request_id, b"200", b"OK", admission.user_id.encode(), b""]
-    return [_ZAP_VERSION, request_id, b"400", admission.reason.encode(), b"", b""]
+        return zap.allow(request_id, admission.user_id)
+    return zap.deny(request_id, admission.reason)
 
 
 class ZapHandler:
@@ -156,7 +145,7 @@ class ZapHandler:
         try:
             socket = self._context.socket(zmq.REP)
             socket.linger = 0
-            socket.bind(ZAP_ENDPOINT)
+            socket.bind(zap.ENDPOINT)
         except zmq.ZMQError as exc:
             self._error = exc
             self._ready.set()
@@ -170,16 +159,24 @@ class ZapHandler:
             socket.close()
 
     def _answer(self, socket: zmq.Socket) -> None:
-        request = socket.recv_multipart()
+        frames = socket.recv_multipart()
+        try:
+            request = zap.parse(frames)
+        except zap.ZapError as exc:
+            self._reply(socket, exc.request_id, exc.address, _deny("bad_request"))
+            return
         admission = decide_request(self.table, request, self._clock())
+        self._reply(socket, request.request_id, request.address, admission)
+
+    def _reply(self, socket: zmq.Socket, request_id: bytes, address: str,
+               admission: Admission) -> None:
         label = (admission.label, admission.reason)
         self.decisions[label] = self.decisions.get(label, 0) + 1
         if not admission.allowed:
             # The peer address and reason help an operator; the client key is never logged.
-            address = request[3].decode("ascii", "replace") if len(request) > 3 else ""
             log.info("connection refused", extra={"fields": {"reason": admission.reason,
                                                              "peer": address}})
-        socket.send_multipart(reply_frames(request, admission))
+        socket.send_multipart(reply_frames(request_id, admission))
 
 
 HANDSHAKE_EVENTS: Final = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL

@@ -32,7 +32,6 @@ Counters are plain integers read by the metrics collector at scrape time.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections import deque
@@ -67,25 +66,6 @@ log = logging.getLogger("dsn.gateway.router")
 
 # Scan ids a session closed recently, kept to tell a late message ("scan_closed") from a stray one.
 CLOSED_SCANS_KEPT: Final = 1024
-
-
-class Reason(str, enum.Enum):
-    """Gateway drop reasons beyond the protocol's own (common.protocol.DropReason)."""
-
-    UNAUTHENTICATED = "unauthenticated"
-    SESSION_EXPIRED = "session_expired"
-    WRONG_PART_COUNT = "wrong_part_count"
-    GEOMETRY_MISMATCH = "geometry_mismatch"
-    SCAN_TOO_LARGE = "scan_too_large"
-    SCAN_MISMATCH = "scan_mismatch"
-    TOO_MANY_PRODUCERS = "too_many_producers"
-    TOO_MANY_SCANS = "too_many_scans"
-    UNKNOWN_SCAN = "unknown_scan"
-    SCAN_CLOSED = "scan_closed"
-    NO_CONSUMERS = "no_consumers"
-    SPOOL_FAILED = "spool_failed"
-    UNDELIVERED = "undelivered"
-    CONSUMER_GONE = "consumer_gone"
 
 
 class Outgoing(NamedTuple):
@@ -271,7 +251,7 @@ class _Scan:
     def report(self, session: str) -> InterruptedScan:
         drops, truncated = self.all_drops()
         return InterruptedScan(
-            session=session, scan=self.begin.scan, reason=Reason.CONSUMER_GONE.value,
+            session=session, scan=self.begin.scan, reason=DropReason.CONSUMER_GONE.value,
             sent=self.sent, accepted=sum(self.expected) + self.spooled, spooled=self.spooled,
             lost=sum(self.dropped.values()), dropped=dict(self.dropped), drops=drops,
             drops_truncated=truncated, spool="")
@@ -284,7 +264,7 @@ def with_spool(report: InterruptedScan, spool: str | None) -> InterruptedScan:
         return msgspec.structs.replace(report, spool=spool)
     if not report.spooled:
         return report
-    failed = Reason.SPOOL_FAILED.value
+    failed = DropReason.SPOOL_FAILED.value
     dropped = {**report.dropped, failed: report.dropped.get(failed, 0) + report.spooled}
     return msgspec.structs.replace(report, spooled=0, lost=report.lost + report.spooled,
                                    dropped=dropped)
@@ -312,7 +292,7 @@ def _drop(reason: str) -> Decision:
 
 
 # Drop decisions carry no per-message data, so one instance per reason serves every message.
-_DROPS: Final = {r.value: _drop(r.value) for r in [*Reason, *DropReason]}
+_DROPS: Final = {r.value: _drop(r.value) for r in DropReason}
 
 
 def _decode(header: bytes | memoryview) -> ScanBegin | Data | ScanEnd | str:
@@ -369,7 +349,7 @@ class Router:
                 yield self._interrupt(state, scan)
 
     def _interrupt(self, state: _SessionState, scan: _Scan) -> Interruption:
-        sid, gone = state.entry.id, Reason.CONSUMER_GONE.value
+        sid, gone = state.entry.id, DropReason.CONSUMER_GONE.value
         lost = 0
         for frame, sector in scan.take_forwarded():
             scan.record_drop(frame, sector, gone)
@@ -398,14 +378,14 @@ class Router:
         """Decide what happens to one message (``payload_bytes`` is 0 for one-part messages)."""
         state = self._sessions.get(session_id) if session_id is not None else None
         if state is None:
-            return self._count(session_id or "", Reason.UNAUTHENTICATED.value)
+            return self._count(session_id or "", DropReason.UNAUTHENTICATED.value)
         now = self._clock()
         if now >= state.entry.expires:
-            return self._count(state.entry.id, Reason.SESSION_EXPIRED.value)
+            return self._count(state.entry.id, DropReason.SESSION_EXPIRED.value)
         if parts == 2:
             return self._data(state, header, payload_bytes, now)
         if parts != 1:
-            return self._count(state.entry.id, Reason.WRONG_PART_COUNT.value)
+            return self._count(state.entry.id, DropReason.WRONG_PART_COUNT.value)
         msg = _decode(header)
         if isinstance(msg, str):
             return self._count(state.entry.id, msg)
@@ -413,7 +393,7 @@ class Router:
             return self._scan_begin(state, msg, now)
         if isinstance(msg, ScanEnd):
             return self._scan_end(state, msg, now)
-        return self._data_drop(state, msg, Reason.WRONG_PART_COUNT.value)
+        return self._data_drop(state, msg, DropReason.WRONG_PART_COUNT.value)
 
     def expire_idle(self) -> list[Decision]:
         """Close every scan idle for its session's ``scan_idle_s``; what the loop must do."""
@@ -430,13 +410,13 @@ class Router:
 
     def undelivered(self, session_id: str | None) -> None:
         """Count a message that was routed but could not be sent (the gateway stopped first)."""
-        self._count(session_id or "", Reason.UNDELIVERED.value)
+        self._count(session_id or "", DropReason.UNDELIVERED.value)
 
     def spool_failed(self, key: ScanKey, payload_bytes: int) -> None:
         """The spool of ``key`` could not be created (``payload_bytes`` 0: its scan_begin) or
         written (a data message of that size): that message is counted as lost, not spooled, and
         so is every later data message of the scan. The scan's file stays ``.partial``."""
-        self._count(key.session, Reason.SPOOL_FAILED.value)
+        self._count(key.session, DropReason.SPOOL_FAILED.value)
         state = self._sessions.get(key.session)
         scan = state.scans.get(key.scan) if state is not None else None
         if state is None or scan is None:
@@ -457,15 +437,15 @@ class Router:
         if type(msg) is str:
             return self._count(state.entry.id, msg)
         if type(msg) is not Data:
-            return self._count(state.entry.id, Reason.WRONG_PART_COUNT.value)
+            return self._count(state.entry.id, DropReason.WRONG_PART_COUNT.value)
         scan = state.scans.get(msg.scan)
         if scan is None:
-            reason = Reason.SCAN_CLOSED if msg.scan in state.closed else Reason.UNKNOWN_SCAN
+            reason = DropReason.SCAN_CLOSED if msg.scan in state.closed else DropReason.UNKNOWN_SCAN
             return self._count(state.entry.id, reason.value)
         scan.seen = now
         native = is_native_header(header)
         if not native and not self._ncem_fits(header, scan):
-            return self._data_drop(state, msg, Reason.GEOMETRY_MISMATCH.value, scan)
+            return self._data_drop(state, msg, DropReason.GEOMETRY_MISMATCH.value, scan)
         try:
             scan.geometry.check(msg, payload_bytes)
         except ProtocolError as exc:
@@ -489,9 +469,9 @@ class Router:
         """A data message of a spooled or interrupted scan: to its spool, or dropped."""
         spool = scan.spool
         if spool is None:
-            return self._data_drop(state, msg, Reason.CONSUMER_GONE.value, scan)
+            return self._data_drop(state, msg, DropReason.CONSUMER_GONE.value, scan)
         if scan.spool_failed:
-            return self._data_drop(state, msg, Reason.SPOOL_FAILED.value, scan)
+            return self._data_drop(state, msg, DropReason.SPOOL_FAILED.value, scan)
         scan.spooled += 1
         state.spooled += 1
         state.spooled_bytes += payload_bytes
@@ -518,18 +498,18 @@ class Router:
         sid, detector, limits = session.id, session.detector, session.limits
         if (tuple(msg.frame_shape), msg.sectors, msg.dtype) != (
                 tuple(detector.frame_shape), detector.sectors, detector.dtype):
-            return self._count(sid, Reason.GEOMETRY_MISMATCH.value)
+            return self._count(sid, DropReason.GEOMETRY_MISMATCH.value)
         if msg.scan_shape[0] * msg.scan_shape[1] > limits.max_scan_positions:
-            return self._count(sid, Reason.SCAN_TOO_LARGE.value)
+            return self._count(sid, DropReason.SCAN_TOO_LARGE.value)
         if msg.producers > limits.max_producers:
-            return self._count(sid, Reason.TOO_MANY_PRODUCERS.value)
+            return self._count(sid, DropReason.TOO_MANY_PRODUCERS.value)
         scan = state.scans.get(msg.scan)
         if scan is not None:
             return self._join_scan(sid, scan, msg, now)
         if msg.scan in state.closed:
-            return self._count(sid, Reason.SCAN_CLOSED.value)
+            return self._count(sid, DropReason.SCAN_CLOSED.value)
         if len(state.scans) >= limits.max_open_scans:
-            return self._count(sid, Reason.TOO_MANY_SCANS.value)
+            return self._count(sid, DropReason.TOO_MANY_SCANS.value)
         if not state.members:
             return self._begin_spooled(state, msg, now)
         scan = state.scans[msg.scan] = _Scan(msg, state.members, now)
@@ -537,7 +517,7 @@ class Router:
 
     def _begin_spooled(self, state: _SessionState, msg: ScanBegin, now: float) -> Decision:
         if not self.spooling:
-            return self._count(state.entry.id, Reason.NO_CONSUMERS.value)
+            return self._count(state.entry.id, DropReason.NO_CONSUMERS.value)
         key = ScanKey(state.entry.id, msg.scan)
         state.scans[msg.scan] = _Scan(msg, (), now, SpoolWrite(key))
         # The spool records the canonical encoding: what a replaying producer would send.
@@ -545,7 +525,7 @@ class Router:
 
     def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin, now: float) -> Decision:
         if msg != scan.begin:
-            return self._count(sid, Reason.SCAN_MISMATCH.value)
+            return self._count(sid, DropReason.SCAN_MISMATCH.value)
         scan.seen = now
         # Every producer sends the same scan_begin, and sends it again after a reconnect
         # (dataplane.producer): nothing changes. The scan closes at its ``producers``-th scan_end.
@@ -554,7 +534,7 @@ class Router:
     def _scan_end(self, state: _SessionState, msg: ScanEnd, now: float) -> Decision:
         scan = state.scans.get(msg.scan)
         if scan is None:
-            reason = Reason.SCAN_CLOSED if msg.scan in state.closed else Reason.UNKNOWN_SCAN
+            reason = DropReason.SCAN_CLOSED if msg.scan in state.closed else DropReason.UNKNOWN_SCAN
             return self._count(state.entry.id, reason.value)
         scan.ends += 1
         scan.sent += msg.sent

@@ -31,11 +31,12 @@ from waiting import eventually_async
 
 from common.logs import JsonLines
 from common.restclient import RestError, with_retries
+from common.results import ScanResult
 from controlplane.launchers import mpi_environment, mpiexec_command
 from dataplane.consumer.controlplane import ControlPlaneClient, Lease, Registration
 from dataplane.consumer.errors import SetupError
 from dataplane.consumer.registration import LeaseKeeper, bind_ephemeral
-from dataplane.consumer.report import HttpResultReporter, ScanResult
+from dataplane.consumer.report import HttpResultReporter, report_body
 
 SCAN_RESULT = ScanResult(
     session="", scan=7, path="/data/out/scan-7.h5", sha256=SHA, frames=16, events=120,
@@ -218,7 +219,7 @@ async def test_results_are_posted_and_listed(cp: ControlPlane) -> None:
     assert [(r["session"], r["scan"], r["sha256"], r["status"]) for r in listed["items"]] == [
         (session, 7, RESULT["sha256"], "complete")]
     assert [r["event"] for r in records(stream)] == ["scan result recorded"]
-    assert SCAN_RESULT.report_body() == RESULT  # the session and scan travel in the URL
+    assert report_body(SCAN_RESULT) == RESULT  # the session and scan travel in the URL
 
 
 async def test_a_refused_result_is_logged_and_not_retried(cp: ControlPlane) -> None:

@@ -10,8 +10,16 @@ import pytest
 import zmq
 from zmq.utils import z85
 
+from common import zap
 from common.config import Session
-from gateway.auth import admit, decide_request, handshake_failure_reason, reply_frames
+from gateway.auth import (
+    Admission,
+    ZapHandler,
+    admit,
+    decide_request,
+    handshake_failure_reason,
+    reply_frames,
+)
 from gateway.sessions import SessionTable
 
 PUBLIC = zmq.curve_keypair()[0].decode()
@@ -51,23 +59,44 @@ def _request(domain: bytes = b"dsn", mechanism: bytes = b"CURVE",
     return [b"1.0", b"42", domain, b"10.0.0.5", b"", mechanism, *credentials]
 
 
+def _decide(table: SessionTable, frames: list[bytes], now: float = 0.0) -> Admission:
+    return decide_request(table, zap.parse(frames), now)
+
+
 @pytest.mark.parametrize(("request_frames", "reason"), [
     (_request(domain=b"other"), "domain"),
     (_request(mechanism=b"NULL", credentials=()), "mechanism"),
     (_request(credentials=(b"short",)), "bad_request"),
-    (_request()[:5], "bad_request"),
-    ([b"2.0", *_request()[1:]], "bad_request"),
 ])
 def test_unexpected_zap_requests_are_denied(request_frames: list[bytes], reason: str) -> None:
-    admission = decide_request(_table(), request_frames, 0.0)
+    admission = _decide(_table(), request_frames)
     assert not admission.allowed and admission.reason == reason
-    assert reply_frames(request_frames, admission)[2] == b"400"
+    assert reply_frames(b"42", admission)[2] == b"400"
 
 
 def test_zap_reply_carries_the_session_as_user_id() -> None:
-    request = _request()
-    admission = decide_request(_table(), request, 0.0)
-    assert reply_frames(request, admission) == [b"1.0", b"42", b"200", b"OK", b"beam-1", b""]
+    admission = _decide(_table(), _request())
+    assert reply_frames(b"42", admission) == [b"1.0", b"42", b"200", b"OK", b"beam-1", b""]
+
+
+@pytest.mark.parametrize("request_frames", [_request()[:5], [b"2.0", *_request()[1:]]])
+def test_the_handler_denies_a_malformed_request_as_a_bad_request(
+        request_frames: list[bytes]) -> None:
+    context = zmq.Context()
+    handler = ZapHandler(context, _table(), poll_ms=10)
+    handler.start()
+    try:
+        with context.socket(zmq.REQ) as requester:  # in libzmq's place
+            requester.linger = 0
+            requester.rcvtimeo = 5000
+            requester.connect(zap.ENDPOINT)
+            requester.send_multipart(request_frames)
+            reply = requester.recv_multipart()
+    finally:
+        handler.stop()
+        context.term()
+    assert reply == [b"1.0", b"42", b"400", b"bad_request", b"", b""]
+    assert handler.decisions == {("deny", "bad_request"): 1}
 
 
 def test_handshake_failures_are_labelled() -> None:
@@ -99,7 +128,7 @@ def _plain(username: bytes, password: bytes, domain: bytes = b"dsn-plain",
 
 
 def test_a_plain_client_naming_a_plaintext_session_with_its_password_is_admitted() -> None:
-    admission = decide_request(_plain_table(), _plain(b"beam-2", PASSWORD), 0.0)
+    admission = _decide(_plain_table(), _plain(b"beam-2", PASSWORD))
     assert admission.allowed and admission.user_id == "beam-2"
 
 
@@ -114,12 +143,12 @@ def test_a_plain_client_naming_a_plaintext_session_with_its_password_is_admitted
     (_request(domain=b"dsn-plain", mechanism=b"PLAIN", credentials=(b"beam-2",)), "bad_request"),
 ])
 def test_plain_refusals_name_their_reason(request_frames: list[bytes], reason: str) -> None:
-    admission = decide_request(_plain_table(), request_frames, 0.0)
+    admission = _decide(_plain_table(), request_frames)
     assert not admission.allowed and admission.reason == reason
 
 
 def test_a_plain_client_outside_the_session_networks_or_after_expiry_is_refused() -> None:
     outside = _plain(b"beam-2", PASSWORD)
     outside[3] = b"192.168.1.1"
-    assert decide_request(_plain_table(), outside, 0.0).reason == "network"
-    assert decide_request(_plain_table(), _plain(b"beam-2", PASSWORD), EXPIRES).reason == "expired"
+    assert _decide(_plain_table(), outside).reason == "network"
+    assert _decide(_plain_table(), _plain(b"beam-2", PASSWORD), EXPIRES).reason == "expired"

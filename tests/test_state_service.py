@@ -12,6 +12,7 @@ import zmq
 from waiting import eventually_async
 from zmq.utils import z85
 
+from common import zap
 from common.clone import AckOutcome, InterruptedScan, StateEndpoints
 from common.config import Session
 from common.keys import KeyPair
@@ -190,10 +191,11 @@ async def test_sessions_leave_the_table_at_their_expiry_without_an_update(
 def test_zap_admits_only_listed_gateway_keys() -> None:
     request = [b"1.0", b"7", b"dsn-state", b"127.0.0.1", b"", b"CURVE", z85.decode(GATEWAY.public)]
     allowed = frozenset([GATEWAY.public])
-    assert zap_reply(allowed, request)[2:5] == [b"200", b"OK", GATEWAY.public]
+    assert zap_reply(allowed, zap.parse(request))[2:5] == [b"200", b"OK", GATEWAY.public]
     for bad in ([*request[:2], b"dsn", *request[3:]], [*request[:5], b"NULL"],
-                [*request[:6], z85.decode(STRANGER.public)], request[:3]):
-        assert zap_reply(allowed, bad)[2] == b"400"
+                [*request[:6], z85.decode(STRANGER.public)], [*request, b"extra"]):
+        assert zap_reply(allowed, zap.parse(bad)) == [
+            b"1.0", b"7", b"400", b"not an allowed gateway", b"", b""]
 
 
 def test_diff_names_new_changed_and_gone_sessions() -> None:

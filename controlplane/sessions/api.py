@@ -106,8 +106,7 @@ def job_out(job: JobRecord, status: JobStatus | None) -> JobOut:
 
 def scan_out(r: ScanRecord) -> ScanOut:
     values = {f.name: getattr(r, f.name) for f in fields(r)}
-    return ScanOut.model_validate({**values, "session": r.session_id,
-                                   "reported_at": utc(r.reported_at)})
+    return ScanOut.model_validate({**values, "reported_at": utc(r.reported_at)})
 
 
 def scan_detail(r: ScanRecord) -> ScanDetail:

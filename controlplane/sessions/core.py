@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from common.config import parse_endpoint
+from common.results import ScanResult
 from controlplane.errors import Conflict
 from controlplane.launchers import JobHandle
 from controlplane.policy import PolicySet
@@ -96,28 +97,29 @@ class JobRecord:
         return JobHandle(self.launcher, self.id, self.native_id, Path(self.workdir))
 
 
-@dataclass(frozen=True)
-class ScanRecord:
-    session_id: str
-    scan: int
+@dataclass(frozen=True, kw_only=True)
+class ScanRecord(ScanResult):
+    """A scan's result as the store keeps it: the project, when it was reported and by whom.
+
+    ``source`` ``consumer`` is rank 0's result. ``gateway`` is a scan the gateway interrupted when
+    a member left: always partial, with no file of its own (``path`` is the spool file and there
+    is no sha256), ``reason`` says what interrupted it, and the sectors spooled, the losses by
+    reason and the loss manifest itself come with it.
+    """
+
     project: str
-    path: str
-    sha256: str
-    frames: int
-    events: int
-    expected_sectors: int
-    received_sectors: int
-    duplicate_sectors: int
-    lost_sectors: int
-    incomplete_frames: int
-    status: str
     reported_at: float
-    source: str = "consumer"  # or "gateway": a scan it interrupted (sectors spooled, manifest)
+    source: str = "consumer"
     spooled_sectors: int = 0
     lost_by_reason: dict[str, int] = field(default_factory=dict)
     loss_manifest: list[list[int | str]] = field(default_factory=list)
     manifest_truncated: bool = False
-    reason: str | None = None  # why: a failed scan's error, or what interrupted the scan
+
+    @classmethod
+    def of(cls, result: ScanResult, *, project: str, reported_at: float) -> ScanRecord:
+        """A consumer's ``result``, to be stored."""
+        return cls(**{f.name: getattr(result, f.name) for f in fields(result)}, project=project,
+                   reported_at=reported_at)
 
     def same_result(self, other: ScanRecord) -> bool:
         """Whether ``other`` reports the same outcome (the time of the report aside)."""

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from common.config import ConnectEndpoint, CurveKey
+from common.results import ScanResult, ScanStatus, check
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, SessionState
 from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
@@ -18,7 +19,6 @@ MAX_SCAN = 2**63 - 1  # SQLite INTEGER range
 
 # A job the launcher no longer knows (a local job after a control-plane restart) is "lost".
 JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lost"]
-ScanStatus = Literal["complete", "partial", "failed"]
 ScanSource = Literal["consumer", "gateway"]
 
 TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
@@ -78,6 +78,8 @@ class ScanCounts(BaseModel):
     incomplete_frames: Count
 
 
+# The fields of common.results.ScanResult but the session and scan, which the URL names; the
+# model is still written out because the OpenAPI document is built from it.
 class ScanReport(RequestBody, ScanCounts):
     """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters.
     A ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
@@ -89,14 +91,13 @@ class ScanReport(RequestBody, ScanCounts):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
     @model_validator(mode="after")
-    def _complete_means_nothing_missing(self) -> ScanReport:
-        if self.status == "complete" and (self.lost_sectors or self.incomplete_frames):
-            raise ValueError("a scan with lost sectors or incomplete frames is not complete")
-        failed = self.status == "failed"
-        if failed != (self.sha256 == "") or failed != (self.reason is not None):
-            raise ValueError("a failed scan has no sha256 and a reason; any other has a sha256 "
-                             "and no reason")
+    def _keeps_the_result_rule(self) -> ScanReport:
+        check(self)
         return self
+
+    def result(self, session: str, scan: int) -> ScanResult:
+        """The reported result, with the session and scan the URL names."""
+        return ScanResult(session=session, scan=scan, **self.model_dump())
 
 
 class SessionQuery(QueryParams):

@@ -30,10 +30,17 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 _JSON_COLUMNS = frozenset({"params", "config", "lost_by_reason", "loss_manifest"})
+# A scan result names its session ``session`` (common.results); its column is the ``session_id``
+# of every other table.
+_COLUMNS = {"session": "session_id"}
+
+
+def _column(field_name: str) -> str:
+    return _COLUMNS.get(field_name, field_name)
 
 
 def _record(cls: type[R], row: sqlite3.Row) -> R:
-    values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+    values = {f.name: row[_column(f.name)] for f in fields(cls)}  # type: ignore[arg-type]
     for name in _JSON_COLUMNS & values.keys():
         values[name] = json.loads(values[name])
     return cls(**values)
@@ -41,7 +48,7 @@ def _record(cls: type[R], row: sqlite3.Row) -> R:
 
 async def _insert(conn: Conn, table: str, record: Any) -> None:
     # Table and column names come from the record dataclasses in ``core``, never from a request.
-    values = {f.name: getattr(record, f.name) for f in fields(record)}
+    values = {_column(f.name): getattr(record, f.name) for f in fields(record)}
     for name in _JSON_COLUMNS & values.keys():
         values[name] = json.dumps(values[name], sort_keys=True)
     await conn.execute(f"INSERT INTO {table} ({', '.join(values)}) "
@@ -203,13 +210,13 @@ async def record_result(store: Store, result: ScanRecord) -> ScanRecord:
     overwritten)."""
     async def body(conn: Conn) -> ScanRecord:
         row = await _one(conn, "SELECT * FROM scan_results WHERE session_id = ? AND scan = ? "
-                         "AND source = ?", (result.session_id, result.scan, result.source))
+                         "AND source = ?", (result.session, result.scan, result.source))
         if row is None:
             await _insert(conn, "scan_results", result)
             return result
         stored = _record(ScanRecord, row)
         if not stored.same_result(result):
-            raise Conflict(f"scan {result.scan} of session {result.session_id} already has a "
+            raise Conflict(f"scan {result.scan} of session {result.session} already has a "
                            "different result")
         return stored
     return await store.write(body)

@@ -390,7 +390,7 @@ async def _record_report(services: Services, report: InterruptedScan) -> AckOutc
         log.warning("gateway report for unknown session %s refused", report.session)
         return "refused"
     record = ScanRecord(
-        session_id=session.id, scan=report.scan, project=session.project, path=report.spool,
+        session=session.id, scan=report.scan, project=session.project, path=report.spool,
         sha256="", frames=0, events=0, expected_sectors=report.accepted, received_sectors=0,
         duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status="partial",
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
@@ -413,6 +413,5 @@ async def _record_report(services: Services, report: InterruptedScan) -> AckOutc
 
 
 def scan_record(session: SessionRecord, scan: int, body: ScanReport, now: float) -> ScanRecord:
-    return ScanRecord(session_id=session.id, scan=scan, project=session.project,
-                      reported_at=now, **body.model_dump())
+    return ScanRecord.of(body.result(session.id, scan), project=session.project, reported_at=now)
 

@@ -8,12 +8,8 @@ from typing import Any
 import numpy as np
 
 from common.protocol import RoutedScanBegin, RoutedScanEnd
+from common.results import COMPLETE, PARTIAL, ScanStatus
 from dataplane.consumer.scanwork import ThresholdDecision
-
-COMPLETE = "complete"
-PARTIAL = "partial"
-# The scan's data arrived but its file could not be written (the disk filled up, say).
-FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class ScanOutcome:
         return int(sum(len(e) for e in self.frame_events[:, 0]))
 
     @property
-    def status(self) -> str:
+    def status(self) -> ScanStatus:
         """``complete`` only when every sector arrived and every frame could be counted."""
         nothing_missing = not len(self.lost) and not len(self.incomplete_frames)
         everything_arrived = self.totals["unaccounted_sectors"] == 0

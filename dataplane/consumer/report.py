@@ -1,5 +1,6 @@
-"""Scan results as the root rank reports them: the record, a reporter protocol, and the
-reporters: JSON lines, the control plane's ``POST .../scans/{scan}/result``, and both at once."""
+"""Scan results as the root rank reports them: building the record (``common.results``) from a
+scan's outcome, a reporter protocol, and the reporters: JSON lines, the control plane's
+``POST .../scans/{scan}/result``, and both at once."""
 
 from __future__ import annotations
 
@@ -9,68 +10,56 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from common.logs import fields
 from common.restclient import RestError, with_retries
+from common.results import FAILED, ScanResult, check
 from dataplane.consumer.controlplane import ControlPlaneClient
-from dataplane.consumer.outcome import FAILED, ScanOutcome
+from dataplane.consumer.outcome import ScanOutcome
 from dataplane.consumer.writer import WrittenScan
 
 
-@dataclass(frozen=True)
-class ScanResult:
-    session: str
-    scan: int
-    path: str
-    sha256: str
-    frames: int
-    events: int
-    expected_sectors: int
-    received_sectors: int
-    duplicate_sectors: int
-    lost_sectors: int
-    incomplete_frames: int
-    status: str
-    reason: str | None = None  # why a failed scan has no file; None otherwise
+def written_result(outcome: ScanOutcome, written: WrittenScan) -> ScanResult:
+    return _result(outcome, path=str(written.path), sha256=written.sha256, status=outcome.status)
 
-    @classmethod
-    def of(cls, outcome: ScanOutcome, written: WrittenScan) -> ScanResult:
-        return cls._from(outcome, path=str(written.path), sha256=written.sha256,
-                         status=outcome.status)
 
-    @classmethod
-    def failed(cls, outcome: ScanOutcome, path: Path, reason: str) -> ScanResult:
-        """A scan whose file could not be written: ``path`` is where it should have gone, and
-        nothing is there; the counters still say what arrived."""
-        return cls._from(outcome, path=str(path), sha256="", status=FAILED, reason=reason)
+def failed_result(outcome: ScanOutcome, path: Path, reason: str) -> ScanResult:
+    """A scan whose file could not be written: ``path`` is where it should have gone, and nothing
+    is there; the counters still say what arrived."""
+    return _result(outcome, path=str(path), sha256="", status=FAILED, reason=reason)
 
-    @classmethod
-    def _from(cls, outcome: ScanOutcome, **result: Any) -> ScanResult:
-        totals = outcome.totals
-        return cls(
-            session=outcome.begin.session, scan=outcome.begin.scan,
-            frames=int(outcome.frame_events.shape[0]), events=outcome.events,
-            expected_sectors=int(totals["expected_sectors"]),
-            received_sectors=int(totals["received_sectors"]),
-            duplicate_sectors=int(totals["duplicate_sectors"]), lost_sectors=len(outcome.lost),
-            incomplete_frames=len(outcome.incomplete_frames), **result)
 
-    def record(self) -> dict[str, Any]:
-        """The result as a JSON object; ``reason`` only when there is one, so a written scan's
-        record keeps the control plane's ScanReport fields and nothing else."""
-        record = asdict(self)
-        if record["reason"] is None:
-            del record["reason"]
-        return record
+def _result(outcome: ScanOutcome, **result: Any) -> ScanResult:
+    totals = outcome.totals
+    built = ScanResult(
+        session=outcome.begin.session, scan=outcome.begin.scan,
+        frames=int(outcome.frame_events.shape[0]), events=outcome.events,
+        expected_sectors=int(totals["expected_sectors"]),
+        received_sectors=int(totals["received_sectors"]),
+        duplicate_sectors=int(totals["duplicate_sectors"]), lost_sectors=len(outcome.lost),
+        incomplete_frames=len(outcome.incomplete_frames), **result)
+    # The control plane refuses a result that breaks the rule: a bug shows here, where it is made.
+    check(built)
+    return built
 
-    def report_body(self) -> dict[str, Any]:
-        """The control plane's ScanReport: the session and scan are in the URL, not the body."""
-        body = self.record()
-        del body["session"], body["scan"]
-        return body
+
+def json_record(result: ScanResult) -> dict[str, Any]:
+    """The result as a JSON object; ``reason`` only when there is one, so a written scan's
+    record keeps the control plane's ScanReport fields and nothing else."""
+    record = asdict(result)
+    if record["reason"] is None:
+        del record["reason"]
+    return record
+
+
+def report_body(result: ScanResult) -> dict[str, Any]:
+    """The control plane's ScanReport: the session and scan are in the URL, not the body."""
+    body = json_record(result)
+    del body["session"], body["scan"]
+    return body
 
 
 class ResultReporter(Protocol):
@@ -92,7 +81,7 @@ class JsonLinesReporter:
         return cls(open(path, "a", encoding="utf-8"), sync=True)  # kept open until close()
 
     def report(self, result: ScanResult) -> None:
-        self._stream.write(json.dumps(result.record(), sort_keys=True) + "\n")
+        self._stream.write(json.dumps(json_record(result), sort_keys=True) + "\n")
         self._stream.flush()
         if self._sync:
             os.fsync(self._stream.fileno())
@@ -122,7 +111,7 @@ class HttpResultReporter:
     def report(self, result: ScanResult) -> None:
         try:
             with_retries(lambda: self._client.report(self._session, result.scan,
-                                                     result.report_body()),
+                                                     report_body(result)),
                          attempts=self._attempts, sleep=self._sleep)
         except RestError as exc:
             self._log.error("scan result not recorded by the control plane", extra=fields(

@@ -35,6 +35,7 @@ from common.protocol import (
     RoutedScanEnd,
     decode_consumer_message,
 )
+from common.results import ScanResult
 from dataplane import counting
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.controlplane import ControlPlaneClient
@@ -53,7 +54,8 @@ from dataplane.consumer.report import (
     JsonLinesReporter,
     Reporters,
     ResultReporter,
-    ScanResult,
+    failed_result,
+    written_result,
 )
 from dataplane.consumer.scanwork import (
     CountingOptions,
@@ -273,8 +275,8 @@ def write_result(output_dir: Path, outcome: ScanOutcome, log: logging.Logger) ->
     except WriteError as exc:
         log.error("scan not written", extra=fields(scan=outcome.begin.scan, error=str(exc)))
         path = output_dir / scan_file_name(outcome.begin.session, outcome.begin.scan)
-        return ScanResult.failed(outcome, path, str(exc))
-    result = ScanResult.of(outcome, written)
+        return failed_result(outcome, path, str(exc))
+    result = written_result(outcome, written)
     log.info("scan written", extra=fields(
         scan=result.scan, path=result.path, frames=result.frames, events=result.events,
         status=result.status, incomplete_frames=result.incomplete_frames))

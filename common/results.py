@@ -1,0 +1,84 @@
+"""What a scan produced: the one record rank 0 reports and the control plane keeps.
+
+A consumer job's rank 0 builds a ``ScanResult`` once the scan's file is written (or could not be),
+logs it as a JSON line and reports it to the control plane, which validates the HTTP body against
+the same fields and stores the record with who reported it and when.
+
+``status`` is ``complete`` only when nothing is missing, ``partial`` otherwise, and ``failed`` when
+the scan's file could not be written: ``path`` is then where it should have been, ``sha256`` is
+empty and ``reason`` says why, while the counters still say what arrived. ``check`` is that rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol
+
+from common.errors import DsnError
+
+ScanStatus = Literal["complete", "partial", "failed"]
+COMPLETE: Final = "complete"
+PARTIAL: Final = "partial"
+# The scan's data arrived but its file could not be written (the disk filled up, say).
+FAILED: Final = "failed"
+
+
+class ResultError(DsnError, ValueError):
+    """A scan result that breaks the rule every consumer's result keeps; the message says which.
+
+    A ValueError too, so a pydantic validator that calls ``check`` reports it as a field error.
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanResult:
+    """One scan's result: its file (``path``, ``sha256``) and how complete it is.
+
+    ``expected_sectors``: data messages the gateway forwarded, duplicates included;
+    ``received_sectors``: distinct sectors stored; ``lost_sectors``: sectors not in the file;
+    ``incomplete_frames``: frames counted with a zero-filled sector.
+    """
+
+    session: str
+    scan: int
+    path: str
+    sha256: str
+    frames: int
+    events: int
+    expected_sectors: int
+    received_sectors: int
+    duplicate_sectors: int
+    lost_sectors: int
+    incomplete_frames: int
+    status: ScanStatus
+    reason: str | None = None  # why a failed scan has no file; None otherwise
+
+
+class Outcome(Protocol):
+    """The fields ``check`` reads: a ScanResult has them, and so has the HTTP body of one."""
+
+    @property
+    def status(self) -> ScanStatus: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def lost_sectors(self) -> int: ...
+
+    @property
+    def incomplete_frames(self) -> int: ...
+
+
+def check(result: Outcome) -> None:
+    """Raise ResultError unless a ``complete`` result misses nothing, and only a ``failed`` one
+    has no sha256 and a reason."""
+    if result.status == COMPLETE and (result.lost_sectors or result.incomplete_frames):
+        raise ResultError("a scan with lost sectors or incomplete frames is not complete")
+    failed = result.status == FAILED
+    if failed != (result.sha256 == "") or failed != (result.reason is not None):
+        raise ResultError("a failed scan has no sha256 and a reason; any other has a sha256 "
+                          "and no reason")
