@@ -18,6 +18,8 @@ from controlplane.policy import PolicySet
 
 SessionState = Literal["open", "ended", "expired"]
 LeaseState = Literal["live", "expired", "left"]
+# Who reported a scan: its consumer job, or the gateway that interrupted it.
+ScanSource = Literal["consumer", "gateway"]
 
 
 def session_state(ended_at: float | None, expires_at: float, now: float) -> SessionState:
@@ -109,7 +111,7 @@ class ScanRecord(ScanResult):
 
     project: str
     reported_at: float
-    source: str = "consumer"
+    source: ScanSource = "consumer"
     spooled_sectors: int = 0
     lost_by_reason: dict[str, int] = field(default_factory=dict)
     loss_manifest: list[list[int | str]] = field(default_factory=list)

@@ -18,6 +18,7 @@ from common.clone import AckOutcome, InterruptedScan
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
 from common.privatefs import create_private_file, private_dir
+from common.results import PARTIAL
 from controlplane.errors import (
     ConfigurationError,
     Conflict,
@@ -392,7 +393,7 @@ async def _record_report(services: Services, report: InterruptedScan) -> AckOutc
     record = ScanRecord(
         session=session.id, scan=report.scan, project=session.project, path=report.spool,
         sha256="", frames=0, events=0, expected_sectors=report.accepted, received_sectors=0,
-        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status="partial",
+        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status=PARTIAL,
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
         loss_manifest=[list(entry) for entry in report.drops],
