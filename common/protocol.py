@@ -78,7 +78,7 @@ ReasonLabel = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,40}$")]
 
 
 @enum.unique
-class DropReason(str, enum.Enum):
+class DropReason(enum.StrEnum):
     """Why a message was not forwarded; the value is its label in metrics and loss manifests."""
 
     # The protocol's: a message that breaks the wire format.
