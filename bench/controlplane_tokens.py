@@ -142,7 +142,8 @@ async def measure(base: str, admin_token: str, *, requests: int,
 
 
 def write_bench_policy(shipped: Path, out_dir: Path) -> Path:
-    """The shipped policy files with rate limits no bench client reaches (and nothing else changed)."""
+    """The shipped policy files with rate limits no bench client reaches
+    (and nothing else changed)."""
     out_dir.mkdir()
     for source in sorted(shipped.glob("*.yaml")):
         document = yaml.safe_load(source.read_text())
@@ -160,7 +161,9 @@ def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout_
                 return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the control plane did not start; log:\n{log.read_text()}")
+                # Refused connections are how "not ready yet" shows; the log says why.
+                raise SystemExit(
+                    f"the control plane did not start; log:\n{log.read_text()}") from None
             time.sleep(0.05)
 
 

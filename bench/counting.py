@@ -34,7 +34,7 @@ def synthetic_frames(count: int, seed: int) -> list[np.ndarray]:
         frame = rng.normal(100.0, 10.0, FRAME_SHAPE)
         rows = rng.integers(1, FRAME_SHAPE[0] - 1, ELECTRONS_PER_FRAME)
         cols = rng.integers(1, FRAME_SHAPE[1] - 1, ELECTRONS_PER_FRAME)
-        for row, col in zip(rows, cols):
+        for row, col in zip(rows, cols, strict=True):
             frame[row - 1:row + 2, col - 1:col + 2] += 30.0
             frame[row, col] += 50.0
         frames.append(frame.clip(0, 65535).astype(np.uint16))
@@ -71,7 +71,7 @@ def main() -> None:
 
     reference = [KERNELS["stempy"](f, thresholds, darks["stempy"]) for f in frames]
     for name in KERNELS:
-        for frame, expected in zip(frames, reference):
+        for frame, expected in zip(frames, reference, strict=True):
             if not np.array_equal(KERNELS[name](frame, thresholds, darks[name]), expected):
                 raise SystemExit(f"kernel {name!r} disagrees with stempy")
     events = sum(len(e) for e in reference) / len(frames)

@@ -154,7 +154,8 @@ class Rig:
 def start_rig(mpc: Any, workdir: Path) -> Rig:
     results, ready = mpc.Queue(), [mpc.Event(), mpc.Event()]
     ports = [free_port(), free_port()]
-    consumers = [mpc.Process(target=consumer, args=(p, r, results)) for p, r in zip(ports, ready)]
+    consumers = [mpc.Process(target=consumer, args=(p, r, results))
+                 for p, r in zip(ports, ready, strict=True)]
     for process in consumers:
         process.start()
     for event in ready:

@@ -2,7 +2,8 @@
 object-level authorization, mass assignment, body and header bombs, wrong content types.
 
 Every answer must be a refusal (4xx, or a connection closed by the HTTP parser for a head over
-its limits) and never a 5xx, and the service must still answer ``/healthz`` afterwards. Already proven elsewhere and not repeated here: cross-project access to
+its limits) and never a 5xx, and the service must still answer ``/healthz`` afterwards.
+Already proven elsewhere and not repeated here: cross-project access to
 ``/api/v1/projects/{project}*`` (test_cp_api::test_cross_project_access_is_403), to another
 project's sessions, jobs, consumers and results (test_cp_sessions_api::
 test_another_projects_session_is_403_everywhere and

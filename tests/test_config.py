@@ -18,7 +18,8 @@ CLIENT_KEY = zmq.curve_keypair()[0].decode()
 def _config() -> dict[str, Any]:
     return {
         "version": 1,
-        "gateway": {"ingress": "tcp://127.0.0.1:5555", "server_secret_key_file": "server.key_secret"},
+        "gateway": {"ingress": "tcp://127.0.0.1:5555",
+                    "server_secret_key_file": "server.key_secret"},
         "sessions": [{
             "id": "scan-42",
             "client_keys": [CLIENT_KEY],
@@ -59,7 +60,8 @@ def test_valid_config_loads_with_defaults_and_resolves_key_path(tmp_path: Path) 
     (lambda d: d["sessions"][0].update(consumers=["tcp://127.0.0.1:65536"]), "port 65536"),
     (lambda d: d["sessions"][0].update(consumers=["tcp://node01:6001"]), "an IP literal"),
     (lambda d: d["sessions"][0].update(consumers=["tcp://*:6001"]), "wildcard"),
-    (lambda d: d["sessions"][0].update(consumers=["tcp://127.0.0.1:1", "tcp://127.0.0.1:1"]), "twice"),
+    (lambda d: d["sessions"][0].update(consumers=["tcp://127.0.0.1:1", "tcp://127.0.0.1:1"]),
+     "twice"),
     (lambda d: d["sessions"][0].update(client_keys=["short"]), "Z85"),
     (lambda d: d["sessions"][0].update(id="../etc"), "sessions.0.id"),
     (lambda d: d["sessions"][0].update(limits={"hwm": 0}), "limits.hwm"),

@@ -127,7 +127,8 @@ async def test_refusals_carry_the_status_and_the_control_planes_reason(cp: Contr
 
 def test_an_absent_control_plane_is_a_retryable_error(free_port: Callable[[], int]) -> None:
     client = ControlPlaneClient(f"http://127.0.0.1:{free_port()}", "t", timeout_s=2)
-    with pytest.raises(RestError, match="cannot reach the control plane at http://127.0.0.1:") as absent:
+    with pytest.raises(RestError,
+                       match="cannot reach the control plane at http://127.0.0.1:") as absent:
         client.leave("s", "c")
     assert (absent.value.status, absent.value.retryable) == (None, True)
 

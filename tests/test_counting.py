@@ -140,7 +140,7 @@ def test_plateau_of_equal_neighbouring_maxima_is_no_event(second: tuple[int, int
 def test_values_exactly_at_the_thresholds_are_excluded() -> None:
     frame = np.zeros((3, 11), dtype=np.uint16)
     # Isolated pixels (every other column) at and around each threshold.
-    for col, value in zip(range(0, 11, 2), [10, 11, 19, 20, 21, 9]):
+    for col, value in zip(range(0, 11, 2), [10, 11, 19, 20, 21, 9], strict=True):
         frame[1, col] = value
     events = events_of_both(frame, make_thresholds(10.0, 20.0))
     assert events.tolist() == [11 + 2, 11 + 4]
@@ -148,7 +148,7 @@ def test_values_exactly_at_the_thresholds_are_excluded() -> None:
 
 def test_fractional_thresholds_compare_like_stempy() -> None:
     frame = np.zeros((3, 9), dtype=np.uint16)
-    for col, value in zip(range(0, 9, 2), [10, 11, 19, 20, 12]):
+    for col, value in zip(range(0, 9, 2), [10, 11, 19, 20, 12], strict=True):
         frame[1, col] = value
     events = events_of_both(frame, make_thresholds(10.5, 19.5))
     assert events.tolist() == [9 + 2, 9 + 4, 9 + 8]

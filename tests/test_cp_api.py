@@ -268,7 +268,7 @@ async def test_admin_sees_404_for_a_missing_project(cp: ControlPlane) -> None:
         await assert_problem(await cp.admin(method, template.format(p="ghost"), json=body), 404)
 
 
-# --- projects, tokens, exchange --------------------------------------------------------------------
+# --- projects, tokens, exchange ------------------------------------------------------------------
 
 async def test_project_crud(cp: ControlPlane) -> None:
     created = await cp.create_project("alpha", allowed_templates=["4dcamera"], quotas={"tokens": 5})
@@ -357,7 +357,8 @@ async def test_token_quota(cp: ControlPlane) -> None:
 async def test_exchange_narrows_scope_and_caps_lifetime(cp: ControlPlane) -> None:
     await cp.create_project("alpha")
     parent = await cp.project_token("alpha", ttl=7 * DAY)
-    session = await cp.exchange(parent["token"], kind="session", scope="sessions:write", ttl=30 * DAY)
+    session = await cp.exchange(parent["token"], kind="session", scope="sessions:write",
+                                ttl=30 * DAY)
     assert session["scope"] == "sessions:write" and session["audience"] == "dsn-gateway"
     assert session["expires_in"] == 12 * 3600  # the policy's session cap, not the 30 days asked
     consumer = await cp.exchange(parent["token"], kind="consumer")
@@ -373,7 +374,8 @@ async def test_exchange_narrows_scope_and_caps_lifetime(cp: ControlPlane) -> Non
                                   {"kind": "session", "scope": "scans:report"},
                                   {"kind": "session", "audience": "https://elsewhere"},
                                   {"kind": "admin"}, {"kind": "session", "ttl": 0}])
-async def test_exchange_refuses_wider_or_unknown_terms(cp: ControlPlane, body: dict[str, Any]) -> None:
+async def test_exchange_refuses_wider_or_unknown_terms(cp: ControlPlane,
+                                                       body: dict[str, Any]) -> None:
     await cp.create_project("alpha")
     parent = await cp.project_token("alpha")
     await assert_problem(await cp.call("POST", "/api/v1/token", parent["token"], json=body), 400)
@@ -400,7 +402,7 @@ async def test_revocation_is_idempotent_and_immediate(cp: ControlPlane) -> None:
     await assert_problem(await cp.admin("DELETE", "/api/v1/tokens/unknown-jti"), 404)
 
 
-# --- rate limits -----------------------------------------------------------------------------------
+# --- rate limits ---------------------------------------------------------------------------------
 
 async def test_rate_limits_per_token_and_per_project(aiohttp_client: ClientFactory,
                                                      tmp_path: Path) -> None:
@@ -477,7 +479,8 @@ async def test_audit_sink_failure_refuses_with_503(cp: ControlPlane) -> None:
     response = await cp.admin("POST", "/api/v1/projects", json={"name": "alpha"})
     body = await assert_problem(response, 503)
     assert "Retry-After" in response.headers and "audit sink down" not in body["detail"]
-    await assert_problem(await cp.client.get("/api/v1/projects"), 503)  # a deny needs its record too
+    # a deny needs its record too
+    await assert_problem(await cp.client.get("/api/v1/projects"), 503)
     sql(cp.database, "DROP TRIGGER audit_down")
     assert sql(cp.database, "SELECT name FROM projects") == []  # nothing was done unaudited
     assert (await (await cp.admin("GET", "/api/v1/audit/verify")).json())["ok"] is True
@@ -594,7 +597,8 @@ async def test_body_must_be_small_json(cp: ControlPlane) -> None:
     await assert_problem(await cp.admin("POST", "/api/v1/projects", data=b"name=alpha",
                                         headers={"Content-Type": "text/plain"}), 415)
     huge = json.dumps({"name": "alpha", "allowed_templates": ["t"] * 40000}).encode()
-    await assert_problem(await cp.admin("POST", "/api/v1/projects", data=huge, headers=headers), 413)
+    await assert_problem(await cp.admin("POST", "/api/v1/projects", data=huge,
+                                        headers=headers), 413)
 
 
 async def test_unknown_path_and_method_are_problems(cp: ControlPlane) -> None:
@@ -610,7 +614,8 @@ async def test_health_ready_and_metrics(cp: ControlPlane) -> None:
     await cp.admin("GET", "/api/v1/projects")
     await cp.client.get("/api/v1/projects")
     text = await (await cp.client.get("/metrics")).text()
-    assert 'dsn_cp_http_requests_total{method="GET",route="/api/v1/projects",status="200"} 1.0' in text
+    assert ('dsn_cp_http_requests_total{method="GET",route="/api/v1/projects",'
+            'status="200"} 1.0') in text
     assert ('dsn_cp_authz_decisions_total{action="projects:list",decision="deny",'
             'reason="token:missing"} 1.0') in text
     assert cp.admin_token not in text

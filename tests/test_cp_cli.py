@@ -284,7 +284,8 @@ def test_audit_show_and_verify_online(service: Service) -> None:
     table = service.admin("audit", "show", "--limit", "3")
     assert table.exit_code == 0 and len(table.stdout.strip().splitlines()) == 4
     verified = service.admin("audit", "verify")
-    assert verified.exit_code == 0 and verified.stdout.startswith("audit chain ok:"), verified.output
+    assert (verified.exit_code == 0
+            and verified.stdout.startswith("audit chain ok:")), verified.output
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
-"""Job launchers: the job directory and token file, a real local job (bash and ``mpiexec -n 2``), and
-Slurm through fake ``sbatch``/``squeue``/``sacct``/``scancel`` commands that record how they were called."""
+"""Job launchers: the job directory and token file, a real local job (bash and ``mpiexec -n 2``),
+and Slurm through fake ``sbatch``/``squeue``/``sacct``/``scancel`` commands that record how they
+were called."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ async def local() -> AsyncIterator[LocalLauncher]:
     await launcher.close()
 
 
-# --- job files and the job specification -----------------------------------------------------------
+# --- job files and the job specification ---------------------------------------------------------
 
 def test_job_files_are_private_from_creation_whatever_the_umask(tmp_path: Path) -> None:
     spec = _spec(tmp_path, "#!/bin/bash\necho hello\n")
@@ -138,7 +139,7 @@ def test_job_spec_keeps_the_token_out_of_its_repr_script_and_environment(tmp_pat
         JobSpec("../escape", "s", "true\n", tmp_path, TOKEN)
 
 
-# --- the registry ----------------------------------------------------------------------------------
+# --- the registry --------------------------------------------------------------------------------
 
 def test_an_unknown_launcher_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError) as info:
@@ -152,7 +153,7 @@ def test_an_unknown_launcher_setting_is_a_configuration_error() -> None:
     assert isinstance(get_launcher("local", grace_s=2.0), LocalLauncher)
 
 
-# --- local -----------------------------------------------------------------------------------------
+# --- local ---------------------------------------------------------------------------------------
 
 TOKEN_CHECK_SCRIPT = """#!/bin/bash
 set -eu
@@ -173,7 +174,8 @@ async def test_local_job_reads_its_0600_token_file_and_succeeds(tmp_path: Path,
     status = await _wait_finished(local, handle, timeout_s=20)
     log = (spec.workdir / "job.log").read_text()
     assert status == JobStatus("succeeded", 0, "exited with status 0"), log
-    assert (spec.workdir / "marker").read_text().strip() == hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert ((spec.workdir / "marker").read_text().strip()
+            == hashlib.sha256(TOKEN.encode()).hexdigest())
     assert "session s-1 checked its token" in log
     assert (spec.workdir / "job.sh").read_text() == TOKEN_CHECK_SCRIPT
     assert _mode(spec.workdir / "job.log") == 0o600
@@ -236,7 +238,8 @@ async def test_cancel_kills_the_whole_process_group_even_children_ignoring_sigte
     spec = _spec(tmp_path, CANCEL_SCRIPT)
     handle = await local.submit(spec)
     await _wait_for_file(spec.workdir / "ready")
-    pids = [int((spec.workdir / f"{name}.pid").read_text()) for name in ("shell", "child", "stubborn")]
+    pids = [int((spec.workdir / f"{name}.pid").read_text())
+            for name in ("shell", "child", "stubborn")]
     assert all(_alive(pid) for pid in pids)
 
     await local.cancel(handle)
@@ -284,12 +287,13 @@ async def test_the_token_is_never_on_a_running_jobs_command_line_or_environment(
 @pytest.mark.timeout(30)
 async def test_close_stops_every_running_local_job(tmp_path: Path) -> None:
     launcher = LocalLauncher(grace_s=1.0)
-    handles = [await launcher.submit(_spec(tmp_path, "sleep 300\n", job_id=f"j{i}")) for i in (1, 2)]
+    handles = [await launcher.submit(_spec(tmp_path, "sleep 300\n", job_id=f"j{i}"))
+               for i in (1, 2)]
     await launcher.close()
     assert [(await launcher.status(h)).state for h in handles] == ["cancelled", "cancelled"]
 
 
-# --- slurm -----------------------------------------------------------------------------------------
+# --- slurm ---------------------------------------------------------------------------------------
 
 FAKE_TOOL = """#!{python}
 import json, os, stat, sys, time

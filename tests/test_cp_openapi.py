@@ -118,7 +118,8 @@ def _run_operation(cases: SearchStrategy[Any], base_url: str, token: str,
 async def test_schemathesis_finds_no_server_error(aiohttp_client: ClientFactory,
                                                   tmp_path: Path) -> None:
     # Limits the fuzzer cannot reach, so it explores the routes rather than the 429 answer.
-    policy = write_policy(tmp_path / "policy", per_token="100000/minute", per_project="100000/minute")
+    policy = write_policy(tmp_path / "policy", per_token="100000/minute",
+                          per_project="100000/minute")
     cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy)
     await cp.create_project("alpha")
     document = await _served_document(cp)

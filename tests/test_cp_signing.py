@@ -1,4 +1,5 @@
-"""Signing keys on a real state directory and SQLite store: files, kids, JWKS, rotation, retirement."""
+"""Signing keys on a real state directory and SQLite store:
+files, kids, JWKS, rotation, retirement."""
 
 from __future__ import annotations
 

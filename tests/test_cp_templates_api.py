@@ -314,7 +314,8 @@ async def test_cli_edit_history_diff_rollback_render(cp: ControlPlane, tmp_path:
     saved = await admin_cli(cp, "templates", "edit", "4dstem", str(edit))
     assert saved.exit_code == 0 and saved.stdout.startswith("saved 4dstem v2 "), saved.output
     lost = await admin_cli(cp, "templates", "edit", "4dstem", str(edit), "--if-match", stale)
-    assert lost.exit_code == 1 and lost.stderr.startswith("error: PUT /api/v1/templates/4dstem: 412 "), lost.output
+    assert (lost.exit_code == 1
+            and lost.stderr.startswith("error: PUT /api/v1/templates/4dstem: 412 ")), lost.output
 
     history = await admin_cli(cp, "templates", "history", "4dstem")
     assert [line.split()[0] for line in history.stdout.splitlines()] == ["VERSION", "1", "2"]

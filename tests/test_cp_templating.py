@@ -96,7 +96,8 @@ sessions:
     allowed_targets: [127.0.0.0/8]
     consumers: {{ system.consumers | yaml }}
 """
-ECHO_JOB = "#!/bin/sh\nprintf '%s\\n' {{ params.text | shquote }} {{ system.consumer_command | shquote }}\n"
+ECHO_JOB = ("#!/bin/sh\nprintf '%s\\n' {{ params.text | shquote }}"
+            " {{ system.consumer_command | shquote }}\n")
 
 
 # --- golden files ------------------------------------------------------------------------------
@@ -335,7 +336,8 @@ def test_shipped_job_templates_refuse_shell_syntax_in_strings(shipped: dict[str,
 
 def test_parameter_names_that_shadow_methods_read_the_value(policy: PolicySet) -> None:
     template = make("job", {"items": {"type": "int", "min": 0, "max": 9, "default": 7}},
-                    "#!/bin/sh\necho {{ params.items | shquote }} {{ params['items'] | shquote }}\n")
+                    "#!/bin/sh\necho {{ params.items | shquote }}"
+                    " {{ params['items'] | shquote }}\n")
     assert render_values(template, {}, JOB_SYSTEM, policy).text.endswith("echo 7 7\n")
 
 
@@ -428,7 +430,8 @@ def test_sandbox_escapes_are_refused_when_saved(body: str, policy: PolicySet) ->
 
 
 @pytest.mark.parametrize("expression", ["system.ranks.real", "system.session_id.upper",
-                                        "system.consumer_command.copy", "system['ranks'].numerator"])
+                                        "system.consumer_command.copy",
+                                        "system['ranks'].numerator"])
 def test_the_sandbox_reads_plain_data_only(expression: str, policy: PolicySet) -> None:
     source = yaml.safe_dump({"name": "probe", "kind": "job",
                              "body": f"#!/bin/sh\necho {{{{ {expression} | shquote }}}}\n"})
@@ -530,7 +533,8 @@ def test_defaults_outside_the_policy_are_refused_when_saved(policy: PolicySet) -
     ("name: ../etc\nkind: job\nbody: '#!/bin/sh'\n", "name"),
     ("name: a\nkind: shell\nbody: x\n", "kind"),
     ("name: a\nkind: job\nbody: x\nowner: me\n", "owner"),
-    ("name: a\nkind: job\nparameters: {Bad-Name: {type: bool}}\nbody: x\n", "parameters.Bad-Name.[key]"),
+    ("name: a\nkind: job\nparameters: {Bad-Name: {type: bool}}\nbody: x\n",
+     "parameters.Bad-Name.[key]"),
     ("[1, 2]", "(top level)"),
     ("name: a\nkind: job\nbody: '{% if %}'\n", "body"),
 ])

@@ -47,9 +47,11 @@ def test_scan_streams_through_gateway_into_mpi_job_with_exact_accounting(tmp_pat
     assert summary.result["lost_sectors"] == len(plan.lost)
     assert summary.stream.messages == 32 * 32 * 4 - len(plan.lost) + len(plan.duplicated)
 
-    gateway_stop = json.loads((next(tmp_path.glob("demo/*/gateway.log"))).read_text().splitlines()[-1])
+    gateway_stop = json.loads(
+        (next(tmp_path.glob("demo/*/gateway.log"))).read_text().splitlines()[-1])
     assert gateway_stop["event"] == "stop"
-    assert gateway_stop["counters"]["sessions"][summary.session]["messages"] == summary.stream.messages
+    assert (gateway_stop["counters"]["sessions"][summary.session]["messages"]
+            == summary.stream.messages)
     assert gateway_stop["counters"]["drops"] == {}
 
 

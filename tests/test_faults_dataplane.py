@@ -138,9 +138,11 @@ class GatewayProcess:
 
 
 @pytest.fixture
-def gateway_process(tmp_path: Path, free_port: Callable[[], int],
-                    server_key_files: tuple[KeyPair, Path]) -> Iterator[Callable[..., GatewayProcess]]:
-    """Starts ``dsn gateway run`` for one session with one consumer endpoint; kills it at the end."""
+def gateway_process(
+        tmp_path: Path, free_port: Callable[[], int],
+        server_key_files: tuple[KeyPair, Path]) -> Iterator[Callable[..., GatewayProcess]]:
+    """Starts ``dsn gateway run`` for one session with one consumer endpoint;
+    kills it at the end."""
     started: list[GatewayProcess] = []
 
     def start(client: KeyPair, consumer: str) -> GatewayProcess:

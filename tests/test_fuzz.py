@@ -1,5 +1,6 @@
 """Property tests on the control plane's two pure deciders: policy evaluation and template
-parameters. Complements ``test_cp_policy.py::test_decide_never_raises_and_never_allows_unknown_actions``
+parameters. Complements
+``test_cp_policy.py::test_decide_never_raises_and_never_allows_unknown_actions``
 (the shipped policy, well-typed inputs) and the parametrized injection cases of
 ``test_cp_templating.py`` with generated policies, ill-typed principals and arbitrary values.
 The wire codec's property tests live in ``test_protocol.py``."""

@@ -180,7 +180,7 @@ def test_l7_routes_frames_mod_n_between_routed_scan_begin_and_scan_end(
             dtype="uint16", members=2, index=index)
         frames = [decode_consumer_message(m[0]).frame for m in body]  # type: ignore[union-attr]
         assert sorted(set(frames)) == list(range(index, 12, 2))
-        assert all(m[1] == _sector(f) for m, f in zip(body, frames))
+        assert all(m[1] == _sector(f) for m, f in zip(body, frames, strict=True))
         routed_end = decode_consumer_message(last[0])
         assert isinstance(routed_end, RoutedScanEnd)
         assert (routed_end.expected, routed_end.sent, routed_end.accepted) == (12, 24, 24)

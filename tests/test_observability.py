@@ -227,7 +227,7 @@ def all_logs() -> Iterator[Callable[[], list[str]]]:
         logger.setLevel(logging.DEBUG)
     formatter = JsonLines({})
     yield lambda: [formatter.format(record) for record in collect.records.values()]
-    for logger, level in zip(loggers, levels):
+    for logger, level in zip(loggers, levels, strict=True):
         logger.removeHandler(collect)
         logger.setLevel(level)
 

@@ -135,7 +135,8 @@ def test_stream_synthetic_delivers_the_plan_with_exact_headers_and_payloads(
     assert len(begins) == 4 and {b.scan for b in begins} == {7}
     assert {(b.scan_shape, b.frame_shape, b.sectors, b.producers) for b in begins} == {
         ((4, 4), (576, 576), 4, 4)}
-    data_headers = [h for h, m in zip((h for h, _ in messages), headers) if isinstance(m, Data)]
+    data_headers = [h for h, m in zip((h for h, _ in messages), headers, strict=True)
+                    if isinstance(m, Data)]
     assert all(is_native_header(h) == (header == "native") for h in data_headers)
     ends = sorted(m.sent for m in headers if isinstance(m, ScanEnd))
     assert ends == sorted(len(plan.messages(p)) for p in range(4))

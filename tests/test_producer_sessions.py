@@ -148,7 +148,8 @@ async def test_a_bad_token_is_401_and_never_echoed(cp: ControlPlane) -> None:
 
 def test_an_absent_control_plane_is_retried_with_backoff(free_port: Callable[[], int]) -> None:
     slept: list[float] = []
-    with pytest.raises(RestError, match="cannot reach the control plane at http://127.0.0.1:") as absent:
+    with pytest.raises(RestError,
+                       match="cannot reach the control plane at http://127.0.0.1:") as absent:
         open_session(f"http://127.0.0.1:{free_port()}", "t", project="alpha", template="4dstem",
                      params={}, client_public_key=zmq.curve_keypair()[0], timeout_s=2,
                      sleep=slept.append)

@@ -33,7 +33,8 @@ def test_native_headers_round_trip(msg: p.ProducerMessage) -> None:
 
 @given(st.one_of(data_headers, scan_ends, scan_begins))
 def test_headers_from_plain_msgpack_producers_decode(msg: p.ProducerMessage) -> None:
-    as_dict = {"type": msg.__struct_config__.tag, **{f: getattr(msg, f) for f in msg.__struct_fields__}}
+    as_dict = {"type": msg.__struct_config__.tag,
+               **{f: getattr(msg, f) for f in msg.__struct_fields__}}
     assert p.decode_producer_header(msgpack.packb(as_dict)) == msg
 
 
@@ -45,8 +46,10 @@ def test_arbitrary_bytes_decode_or_raise_protocol_error(buf: bytes) -> None:
         assert exc.reason in p.DropReason
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8),
-                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+@given(st.recursive((st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+                     | st.floats() | st.text(max_size=8)),
+                    lambda c: (st.lists(c, max_size=4)
+                               | st.dictionaries(st.text(max_size=6), c, max_size=4)),
                     max_leaves=20))
 def test_arbitrary_msgpack_values_never_escape_as_other_errors(value: object) -> None:
     try:
@@ -80,13 +83,15 @@ def test_duplicate_key_is_rejected_even_when_the_struct_would_decode() -> None:
     body = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in good.items())
     duplicated = bytes([0x80 | 7]) + body + msgpack.packb("scan") + msgpack.packb(9)
     assert _reason(duplicated) == "duplicate_key"
-    assert p.decode_producer_header(bytes([0x80 | 6]) + body) == p.Data(v=1, scan=1, frame=2, sector=3, seq=4)
+    assert (p.decode_producer_header(bytes([0x80 | 6]) + body)
+            == p.Data(v=1, scan=1, frame=2, sector=3, seq=4))
 
 
 @pytest.mark.parametrize("header, reason", [
     ({"type": "data", "v": 2, "scan": 1, "frame": 2, "sector": 3, "seq": 4}, "invalid_header"),
     ({"type": "data", "v": 1, "scan": 1, "frame": 2, "sector": 3}, "invalid_header"),
-    ({"type": "data", "v": 1, "scan": 1, "frame": 2, "sector": 3, "seq": 4, "x": 0}, "invalid_header"),
+    ({"type": "data", "v": 1, "scan": 1, "frame": 2, "sector": 3, "seq": 4, "x": 0},
+     "invalid_header"),
     ({"type": "data", "v": 1, "scan": "1", "frame": 2, "sector": 3, "seq": 4}, "invalid_header"),
     ({"type": "data", "v": 1, "scan": True, "frame": 2, "sector": 3, "seq": 4}, "invalid_header"),
     ({"type": "data", "v": 1, "scan": 1, "frame": 2.0, "sector": 3, "seq": 4}, "invalid_header"),
@@ -129,7 +134,8 @@ def test_extension_types_and_deep_nesting_are_rejected() -> None:
     nested: object = 1
     for _ in range(100):
         nested = [nested]
-    assert _reason(msgpack.packb({"type": "data", "v": 1, "scan": nested})) in {"invalid_header", "oversized_header"}
+    assert _reason(msgpack.packb({"type": "data", "v": 1, "scan": nested})) in {
+        "invalid_header", "oversized_header"}
 
 
 def test_geometry_checks_frame_sector_and_payload_size() -> None:
@@ -154,8 +160,8 @@ def test_routed_messages_round_trip_and_validate_index() -> None:
                           drops_truncated=False)
     assert p.decode_consumer_message(p.encode(begin)) == begin
     assert p.decode_consumer_message(p.encode(end)) == end
-    bad = msgpack.packb({"type": "scan_begin", "v": 1, "session": "s1", "scan": 3, "scan_shape": [4, 4],
-                         "frame_shape": [576, 576], "sectors": 4, "dtype": "uint16", "members": 2,
-                         "index": 2})
+    bad = msgpack.packb({"type": "scan_begin", "v": 1, "session": "s1", "scan": 3,
+                         "scan_shape": [4, 4], "frame_shape": [576, 576], "sectors": 4,
+                         "dtype": "uint16", "members": 2, "index": 2})
     with pytest.raises(p.ProtocolError):
         p.decode_consumer_message(bad)

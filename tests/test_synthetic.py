@@ -1,4 +1,5 @@
-"""The synthetic 4D Camera's exact ground truth (against stempy) and the stream plans' fault model."""
+"""The synthetic 4D Camera's exact ground truth (against stempy) and the stream plans'
+fault model."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def test_planted_electrons_are_isolated_in_range_and_reach_the_borders(seed: int
         assert chebyshev.min() >= 2
         assert np.all((frame[r, c] >= low) & (frame[r, c] <= high))
         assert {0, rows - 1} <= set(r.tolist()) and {0, cols - 1} <= set(c.tolist())
-        assert any(ri in (0, rows - 1) and ci in (0, cols - 1) for ri, ci in zip(r, c))
+        assert any(ri in (0, rows - 1) and ci in (0, cols - 1)
+                   for ri, ci in zip(r, c, strict=True))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
