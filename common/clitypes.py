@@ -14,7 +14,7 @@ from common.errors import DsnError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class ShapeParam(click.ParamType):
+class ShapeParam(click.ParamType[tuple[int, int]]):
     """``ROWSxCOLS``, e.g. ``32x32``."""
 
     name = "ROWSxCOLS"

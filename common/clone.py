@@ -52,7 +52,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Annotated, Final, Literal, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple, TypeVar
 
 import msgspec
 from pydantic import ValidationError
@@ -230,7 +230,10 @@ def _session(key: bytes, body: bytes) -> tuple[str, Session | None]:
     return session_id, session
 
 
-def _body(decoder: msgspec.msgpack.Decoder, key: bytes, body: bytes):  # type: ignore[no-untyped-def]
+_T = TypeVar("_T")
+
+
+def _body(decoder: msgspec.msgpack.Decoder[_T], key: bytes, body: bytes) -> _T:
     try:
         return decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -323,7 +326,8 @@ class CloneState:
             return self._end(message)
         if isinstance(message, Heartbeat):
             return self._heartbeat(message)
-        return Outcome.UNCHANGED  # requests and reports are the server's to answer; ACKs the caller's
+        # Requests and reports are the server's to answer; ACKs the caller's.
+        return Outcome.UNCHANGED
 
     def apply_snapshot_entry(self, entry: Entry) -> Outcome:
         """An entry from the snapshot socket (never an update)."""

@@ -116,7 +116,8 @@ class Detector(_Model):
     @model_validator(mode="after")
     def _sectors_divide_rows(self) -> Detector:
         if self.frame_shape[0] % self.sectors:
-            raise ValueError(f"frame_shape[0]={self.frame_shape[0]} is not a multiple of sectors={self.sectors}")
+            raise ValueError(f"frame_shape[0]={self.frame_shape[0]} is not a multiple of "
+                             f"sectors={self.sectors}")
         return self
 
     @property

@@ -1,7 +1,7 @@
 """Structured logs for every dsn process: one JSON object per line on stderr.
 
-Each record has ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``event`` (the message), the process's
-static fields (for example the MPI rank) and the record's own fields, passed as
+Each record has ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``event`` (the message), the
+process's static fields (for example the MPI rank) and the record's own fields, passed as
 ``log.info("event", extra=fields(key=value))``. Callers never pass tokens or key material.
 """
 

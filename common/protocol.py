@@ -32,9 +32,9 @@ Gateway -> consumer
                                   ``expected`` = data messages forwarded to this consumer,
                                   ``sent`` = sum of the producers' ``sent``, ``accepted`` = data
                                   messages the gateway accepted for the whole scan, ``dropped`` =
-                                  {reason: count} for the scan, ``drops`` = [[frame, sector, reason],
-                                  ...] for this consumer's frames (at most MAX_MANIFEST entries;
-                                  ``drops_truncated`` says whether some were left out).
+                                  {reason: count} for the scan, ``drops`` = [[frame, sector,
+                                  reason], ...] for this consumer's frames (at most MAX_MANIFEST
+                                  entries; ``drops_truncated`` says whether some were left out).
     scan_abort  [header]          {v, type: "scan_abort", scan, reason}
                                   a member of the scan left mid-scan ("consumer_gone"): the gateway
                                   sends no more of it to any member (it spools the rest and reports
@@ -51,7 +51,7 @@ frame or sector outside its scan is ``out_of_range``.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Final, Literal, Union
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 
@@ -114,11 +114,12 @@ class ProtocolError(DsnError, ValueError):
         self.detail = detail
 
 
+# msgspec passes frozen=True on to subclasses; they restate it because type checkers do not.
 class _Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False, tag_field="type"):
     v: Literal[1]
 
 
-class ScanBegin(_Header, tag="scan_begin"):
+class ScanBegin(_Header, tag="scan_begin", frozen=True):
     scan: U32
     scan_shape: tuple[ScanDim, ScanDim]
     frame_shape: tuple[FrameDim, FrameDim]
@@ -135,19 +136,20 @@ class ScanBegin(_Header, tag="scan_begin"):
         return ScanGeometry(self.scan_shape, self.frame_shape, self.sectors, self.dtype)
 
 
-class Data(_Header, tag="data"):
+class Data(_Header, tag="data", frozen=True):
     scan: U32
     frame: U32
     sector: SectorIndex
     seq: U63
 
 
-class ScanEnd(_Header, tag="scan_end"):
+class ScanEnd(_Header, tag="scan_end", frozen=True):
     scan: U32
     sent: U63
 
 
-class NcemHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, gc=False):
+class NcemHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True,
+                 gc=False):
     """The NCEM 4D Camera header: a MessagePack array of 8 unsigned ints."""
 
     scan_number: U32
@@ -169,7 +171,7 @@ class NcemHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
                     seq=self.frame_number)
 
 
-class RoutedScanBegin(_Header, tag="scan_begin"):
+class RoutedScanBegin(_Header, tag="scan_begin", frozen=True):
     session: SessionId
     scan: U32
     scan_shape: tuple[ScanDim, ScanDim]
@@ -190,7 +192,7 @@ class RoutedScanBegin(_Header, tag="scan_begin"):
         return ScanGeometry(self.scan_shape, self.frame_shape, self.sectors, self.dtype)
 
 
-class RoutedScanEnd(_Header, tag="scan_end"):
+class RoutedScanEnd(_Header, tag="scan_end", frozen=True):
     scan: U32
     expected: U63
     sent: U63
@@ -200,13 +202,14 @@ class RoutedScanEnd(_Header, tag="scan_end"):
     drops_truncated: bool
 
 
-class RoutedScanAbort(_Header, tag="scan_abort"):
+class RoutedScanAbort(_Header, tag="scan_abort", frozen=True):
     scan: U32
     reason: ReasonLabel
 
 
-ProducerMessage = Union[ScanBegin, Data, ScanEnd]
-ConsumerMessage = Union[RoutedScanBegin, Data, RoutedScanEnd, RoutedScanAbort]
+ProducerMessage = ScanBegin | Data | ScanEnd
+ConsumerMessage = RoutedScanBegin | Data | RoutedScanEnd | RoutedScanAbort
+_M = TypeVar("_M", ProducerMessage, ConsumerMessage)
 
 
 class ScanGeometry(msgspec.Struct, frozen=True, gc=False):
@@ -264,7 +267,7 @@ def _is_array(first: int) -> bool:
     return 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder, buf: bytes | memoryview):  # type: ignore[no-untyped-def]
+def _decode(decoder: msgspec.msgpack.Decoder[_M], buf: bytes | memoryview) -> _M:
     try:
         msg = decoder.decode(buf)
     except msgspec.ValidationError as exc:
@@ -287,7 +290,7 @@ def decode_producer_header(buf: bytes | memoryview) -> ScanBegin | Data | ScanEn
         raise ProtocolError(DropReason.MALFORMED_HEADER, "empty header")
     if _is_array(buf[0]):
         return decode_ncem_header(buf).to_data()
-    return _decode(_producer_decoder, buf)  # type: ignore[no-any-return]
+    return _decode(_producer_decoder, buf)
 
 
 def decode_ncem_header(buf: bytes | memoryview) -> NcemHeader:
@@ -311,7 +314,7 @@ def decode_consumer_message(
         raise ProtocolError(DropReason.OVERSIZED_HEADER, f"{len(buf)} bytes > {MAX_CONTROL_BYTES}")
     if not len(buf):
         raise ProtocolError(DropReason.MALFORMED_HEADER, "empty header")
-    return _decode(_consumer_decoder, buf)  # type: ignore[no-any-return]
+    return _decode(_consumer_decoder, buf)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

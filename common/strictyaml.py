@@ -1,8 +1,8 @@
 """One YAML reader for everything an operator or admin writes: configurations, policies, templates.
 
-It is PyYAML's safe loader (plain data only, no Python objects) that additionally refuses aliases (no
-"billion laughs" expansion) and a mapping key given twice (PyYAML would keep the last one silently,
-so a reviewer could read one value while another applies).
+It is PyYAML's safe loader (plain data only, no Python objects) that additionally refuses aliases
+(no "billion laughs" expansion) and a mapping key given twice (PyYAML would keep the last one
+silently, so a reviewer could read one value while another applies).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import yaml
 YAMLError = yaml.YAMLError
 
 
-class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type stubs
+class StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
             raise yaml.composer.ComposerError(None, None, "aliases are not allowed",
                                               event.start_mark)
         return super().compose_node(parent, index)
@@ -36,7 +36,7 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no ty
         return super().construct_mapping(node, deep)
 
 
-class _AliasFreeDumper(yaml.SafeDumper):  # type: ignore[misc]
+class _AliasFreeDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True
 

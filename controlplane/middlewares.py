@@ -153,7 +153,9 @@ def _without_request_bytes(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, HttpProcessingError):
         record.msg = "malformed HTTP request refused: %s from %s"
-        record.args = (type(error).__name__, record.args[0] if record.args else "?")
+        # aiohttp logs these with positional arguments, the peer first.
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.args = (type(error).__name__, peer)
         record.exc_info, record.exc_text = None, None
     return True
 
@@ -189,7 +191,8 @@ def problem_response(request: web.Request, *, status: int, title: str, detail: s
     }
     if errors:
         body["errors"] = errors
-    return web.json_response(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+    return web.json_response(body, status=status, headers=headers,
+                             content_type=PROBLEM_CONTENT_TYPE)
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -208,7 +211,8 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except ControlPlaneError as exc:
         kind = problem_type(exc)
         if kind.status >= 500:
-            log.warning("refused: %s", exc.detail, extra={"fields": {"request_id": request[REQUEST_ID]}})
+            log.warning("refused: %s", exc.detail,
+                        extra={"fields": {"request_id": request[REQUEST_ID]}})
         return problem_response(request, status=kind.status, title=kind.title, detail=exc.detail,
                                 slug=kind.slug, errors=field_errors(exc),
                                 headers=problem_headers(exc))
@@ -236,7 +240,8 @@ def _bearer(request: web.Request) -> str:
 
 
 def principal_label(claims: Claims) -> str:
-    """Who acted, for the audit record: kind, project, subject and the token id (never the token)."""
+    """Who acted, for the audit record: kind, project, subject and the token id (never the
+    token)."""
     project = f"@{claims.project}" if claims.project else ""
     return f"{claims.kind.value}:{claims.sub}{project}#{claims.jti}"
 
@@ -280,7 +285,8 @@ class Gate:
         services = self._services
         try:
             token = _bearer(self._request)
-            return await services.authenticator.authenticate(token, services.surface(self._spec.kinds))
+            return await services.authenticator.authenticate(
+                token, services.surface(self._spec.kinds))
         except TokenError as exc:
             await self._audit(ANONYMOUS, await self._resource(None), False,
                               f"token:{exc.reason}")
@@ -298,10 +304,12 @@ class Gate:
         resource = await self._resource(claims)
         principal = Principal(kind=claims.kind.value, subject=claims.sub, project=claims.project,
                               scopes=claims.scope)
-        decision: Decision = self._services.policies.current.decide(principal, self._action, resource)
+        decision: Decision = self._services.policies.current.decide(principal, self._action,
+                                                                    resource)
         await self._audit(principal_label(claims), resource, decision.allowed, decision.rule)
         if not decision.allowed:
-            raise PermissionDenied(decision.reason or "the policy denies this action", rule=decision.rule)
+            raise PermissionDenied(decision.reason or "the policy denies this action",
+                                   rule=decision.rule)
 
 
 def route_spec(request: web.Request) -> RouteSpec | None:

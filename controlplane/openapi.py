@@ -132,7 +132,8 @@ def _operation(spec: RouteSpec, refs: Refs) -> dict[str, Any]:
     return operation
 
 
-def build_document(specs: tuple[RouteSpec, ...], *, version: str, server_url: str) -> dict[str, Any]:
+def build_document(specs: tuple[RouteSpec, ...], *, version: str,
+                   server_url: str) -> dict[str, Any]:
     refs, components = _schemas(specs)
     paths: dict[str, dict[str, Any]] = {}
     for spec in specs:

@@ -446,7 +446,9 @@ def _principal_guard(principal: Principal, action: str, spec: ActionSpec,
                      resource: Resource) -> Decision | None:
     if not isinstance(principal.kind, str) or principal.kind not in PRINCIPAL_KINDS:
         return Decision(False, "unknown-principal", f"{principal.kind!r} is not a principal kind")
-    if not isinstance(principal.scopes, frozenset):
+    # decide() never raises on any input: what a principal holds is checked, not trusted.
+    scopes: object = principal.scopes
+    if not isinstance(scopes, frozenset):
         return Decision(False, "unknown-principal", "the principal's scopes are not a set")
     return None
 

@@ -73,7 +73,8 @@ class ProjectCreate(RequestBody):
 
 
 class ProjectUpdate(RequestBody):
-    """Only the fields present change. ``not_before`` invalidates every older token of the project."""
+    """Only the fields present change. ``not_before`` invalidates every older token of the
+    project."""
 
     allowed_templates: list[Name] | None = Field(default=None, max_length=256)
     quotas: dict[Name, QuotaValue] | None = Field(default=None, max_length=64)

@@ -77,8 +77,10 @@ def zap_reply(allowed: frozenset[bytes], request: zap.ZapRequest) -> list[bytes]
     return zap.deny(request.request_id, _REFUSED)
 
 
-def diff(published: dict[str, Session], live: Iterable[Session]) -> list[tuple[str, Session | None]]:
-    """The changes that turn ``published`` into ``live``: new or changed sessions, then tombstones."""
+def diff(published: dict[str, Session],
+         live: Iterable[Session]) -> list[tuple[str, Session | None]]:
+    """The changes that turn ``published`` into ``live``: new or changed sessions, then
+    tombstones."""
     current = {s.id: s for s in live}
     changes: list[tuple[str, Session | None]] = [
         (sid, s) for sid, s in current.items() if published.get(sid) != s]

@@ -56,7 +56,8 @@ TOKEN_QUOTA = "tokens"  # live project tokens a project may hold
 
 def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
     # Only the location and pydantic's message: the offending input is never echoed back.
-    return [{"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
+    return [{"field": ".".join(str(part) for part in error["loc"]) or "body",
+             "message": error["msg"]}
             for error in exc.errors(include_input=False, include_url=False)]
 
 
@@ -86,7 +87,8 @@ def parse_query(request: web.Request, model: type[M]) -> M:
         raise InvalidRequest("the query string is invalid", errors=_field_errors(exc)) from None
 
 
-def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def reply(model: BaseModel, status: int = 200,
+          headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=model.model_dump_json().encode(), status=status, headers=headers,
                         content_type="application/json")
 
@@ -109,8 +111,9 @@ def _token_info(t: TokenRecord) -> s.TokenInfo:
 
 
 def _issued(token: str, claims: Claims) -> s.IssuedToken:
-    return s.IssuedToken(token=token, jti=claims.jti, kind=claims.kind.value, project=claims.project,
-                         subject=claims.sub, scope=" ".join(sorted(claims.scope)), audience=claims.aud,
+    return s.IssuedToken(token=token, jti=claims.jti, kind=claims.kind.value,
+                         project=claims.project, subject=claims.sub,
+                         scope=" ".join(sorted(claims.scope)), audience=claims.aud,
                          issued_at=s.utc(claims.iat), expires_at=s.utc(claims.exp),
                          expires_in=claims.exp - claims.iat)
 
@@ -200,10 +203,11 @@ def _next_not_before(body: s.ProjectUpdate, current: Project, now: float) -> flo
     wanted = float(math.ceil(body.not_before.timestamp()))
     if wanted > now + 60:
         raise InvalidRequest("not_before may not lie in the future",
-                         errors=[{"field": "not_before", "message": "more than 60 s ahead"}])
+                             errors=[{"field": "not_before", "message": "more than 60 s ahead"}])
     if current.not_before is not None and wanted < current.not_before:
         raise InvalidRequest("not_before may only move forward",
-                         errors=[{"field": "not_before", "message": "earlier than the current one"}])
+                             errors=[{"field": "not_before",
+                                      "message": "earlier than the current one"}])
     return wanted
 
 
@@ -226,9 +230,8 @@ def _check_not_before(project: Project, now: float) -> None:
 
 
 async def _check_token_quota(services: Services, project: Project, now: float) -> None:
-    limit = project.quotas.get(TOKEN_QUOTA, services.policies.current.quota(project.name, TOKEN_QUOTA))
-    if limit is None:
-        return
+    default = services.policies.current.quota(project.name, TOKEN_QUOTA)
+    limit = project.quotas.get(TOKEN_QUOTA, default)
     if await token_repo.count_live_tokens(services.store, project.name, now) >= limit:
         raise Conflict(f"project {project.name!r} has reached its quota of {limit} live tokens")
 
@@ -284,13 +287,15 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 def _exchange_terms(services: Services, parent: Claims, body: s.TokenExchange,
                     now: float) -> tuple[TokenKind, str, frozenset[str], int]:
-    """Kind, audience, scope and ttl of the new token: never wider or longer-lived than the parent."""
+    """Kind, audience, scope and ttl of the new token: never wider or longer-lived than the
+    parent."""
     kind = TokenKind(body.kind)
     default_audience = (services.settings.gateway_audience if kind is TokenKind.SESSION
                         else services.settings.api_audience)
     audience = body.audience or default_audience
     if audience not in (services.settings.api_audience, services.settings.gateway_audience):
-        raise InvalidRequest("unknown audience", errors=[{"field": "audience", "message": "not served here"}])
+        raise InvalidRequest("unknown audience",
+                             errors=[{"field": "audience", "message": "not served here"}])
     allowed = parent.scope & services.policies.current.scopes_for(kind)
     scope = allowed if body.scope is None else frozenset(body.scope.split(" "))
     if not scope or not scope <= allowed:

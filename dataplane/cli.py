@@ -94,8 +94,9 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="Show a progress bar (default: only on a terminal).")
 def stream(controlplane_url: str | None, project_token_file: Path | None, project: str | None,
            template: str, param_pairs: tuple[str, ...], ttl: int | None, end_session: bool,
-           transport: Transport, endpoint: str | None, server_key: Path | None, client_key: Path | None,
-           scan: int | None, spool_file: Path | None, scan_shape: tuple[int, int], seed: int,
+           transport: Transport, endpoint: str | None, server_key: Path | None,
+           client_key: Path | None, scan: int | None, spool_file: Path | None,
+           scan_shape: tuple[int, int], seed: int,
            loss: float, duplicates: float, reorder: int, header: HeaderMode, electrons: int,
            dark: bool, timeout: float, progress: bool | None) -> None:
     """Stream a synthetic 4D Camera scan into a session, one producer per sector, or replay a

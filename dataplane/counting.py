@@ -229,7 +229,8 @@ def _checked_dark(dark: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _subtract_dark(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     # uint16 array arithmetic wraps, exactly as stempy's in-place subtraction does.
-    return np.subtract(values, offsets, dtype=np.uint16)
+    wrapped: np.ndarray = np.subtract(values, offsets, dtype=np.uint16)
+    return wrapped
 
 
 def _integer_window(thresholds: Thresholds) -> tuple[int, int]:
@@ -264,7 +265,7 @@ def _local_maxima(values: np.ndarray, lowest: int, ceiling: int) -> np.ndarray:
     neighbours = flat.take(neighbour_rows * width + neighbour_cols, mode="clip").astype(np.int32)
     # A neighbour beats the centre only if it survives thresholding (0 otherwise) and is >= the
     # centre; since the centre passed, that means centre <= neighbour < ceiling.
-    beaten = (neighbours < centre[:, None]) | (neighbours >= ceiling) | ~exists
+    beaten: np.ndarray = (neighbours < centre[:, None]) | (neighbours >= ceiling) | ~exists
     return candidates[beaten.all(axis=1)].astype(np.uint32)
 
 
@@ -323,7 +324,8 @@ def _fit_gaussian(
     heights = counts[first:last].astype(np.float64)
 
     def residuals(p: np.ndarray) -> np.ndarray:
-        return p[0] * np.exp(-((bins - p[1]) ** 2) / (2 * p[2] ** 2)) - heights
+        residual: np.ndarray = p[0] * np.exp(-((bins - p[1]) ** 2) / (2 * p[2] ** 2)) - heights
+        return residual
 
     def jacobian(p: np.ndarray) -> np.ndarray:
         offset = bins - p[1]

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, Self, cast
+from typing import Any, Literal, NamedTuple, Never, Self, cast
 
 import msgspec
 import numpy as np
@@ -41,6 +41,7 @@ import zmq
 from tqdm import tqdm
 from zmq.utils.monitor import recv_monitor_message
 
+from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_secret_keypair
 from common.protocol import (
     VERSION,
@@ -58,7 +59,6 @@ from dataplane.errors import DataPlaneError
 from dataplane.sessions import (
     DEFAULT_TEMPLATE,
     OpenedSession,
-    PlainCredentials,
     Transport,
     end_session,
     open_session,
@@ -88,7 +88,7 @@ class Producer:
 
     def __init__(self, endpoint: str, server_public: bytes | None, client: KeyPair | None, *,
                  hwm: int = 256, send_timeout_s: float = 30.0, header: HeaderMode = "native",
-                 context: zmq.Context | None = None,
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None,
                  plain: PlainCredentials | None = None) -> None:
         if header not in ("native", "ncem"):
             raise ProducerError(f"header must be 'native' or 'ncem', got {header!r}")
@@ -201,7 +201,8 @@ class Producer:
         """Whether the connection to the gateway broke since the last call."""
         broke = False
         # EVENTS is cheaper than a poll, and this runs before every message.
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        # pyzmq types every option's value as int | bytes; EVENTS is always an int.
+        while cast(int, self._monitor.get(zmq.EVENTS)) & zmq.POLLIN:
             recv_monitor_message(self._monitor)
             broke = True
         return broke
@@ -320,7 +321,8 @@ class _StreamRun:
         self.stop = threading.Event()
         self.errors: list[Exception] = []
 
-    def produce(self, producer: int, context: zmq.Context, bar: tqdm) -> None:
+    def produce(self, producer: int, context: zmq.Context[zmq.Socket[bytes]],
+                bar: tqdm[Never]) -> None:
         spec = self.camera.spec
         try:
             with Producer(self.endpoint, self.server_public, self.client, hwm=self.hwm,
@@ -381,10 +383,12 @@ def replay_spool(path: Path, endpoint: str, server_public: bytes | None, client:
                        duplicated=0)
 
 
-def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape, bar: tqdm) -> None:
+def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape,
+                    bar: tqdm[Never]) -> None:
     for msg, payload in reader.records():
         # Each payload is its own bytes object, so the zero-copy send may keep it until it leaves.
-        sock.send(msg.frame, msg.sector, np.frombuffer(payload, _SECTOR_DTYPE).reshape(sector_shape))
+        sock.send(msg.frame, msg.sector,
+                  np.frombuffer(payload, _SECTOR_DTYPE).reshape(sector_shape))
         bar.update(1)
 
 

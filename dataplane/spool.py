@@ -159,7 +159,8 @@ class SpoolWriter:
         self.bytes += len(payload)
 
     def finish(self, manifest: SpoolManifest) -> Path:
-        """Write the trailer, make the file durable and give it its final name, which is returned."""
+        """Write the trailer, make the file durable and give it its final name, which is
+        returned."""
         body = _encoder.encode(manifest)
         self._write(TRAILER + _COUNTS.pack(self.records, self.bytes, len(body)))
         self._write(body)
@@ -215,6 +216,7 @@ class _Cursor:
         return chunk
 
     def unpack(self, layout: struct.Struct, what: str) -> tuple[int, ...]:
+        """The fields of ``layout``, which must all be integers."""
         return layout.unpack(self.read(layout.size, what))
 
     def length(self, layout: struct.Struct, low: int, high: int, what: str) -> int:
@@ -225,8 +227,14 @@ class _Cursor:
         return int(size)
 
 
+def _read_prefix(cur: _Cursor) -> tuple[bytes, int, int]:
+    """The file header's fixed part: magic, format version, session id length."""
+    magic, version, sid_len = _PREFIX.unpack(cur.read(_PREFIX.size, "file header"))
+    return magic, version, sid_len
+
+
 def _read_file_header(cur: _Cursor) -> tuple[str, int, ScanBegin]:
-    magic, version, sid_len = cur.unpack(_PREFIX, "file header")
+    magic, version, sid_len = _read_prefix(cur)
     if magic != MAGIC:
         raise SpoolError(0, f"not a spool file (magic {magic!r})")
     if version != FORMAT_VERSION:
@@ -239,7 +247,8 @@ def _read_file_header(cur: _Cursor) -> tuple[str, int, ScanBegin]:
         raise SpoolError(at, f"invalid session id {session!r}")
     scan, begin_len = cur.unpack(_SCAN_BEGIN, "scan")
     if not 1 <= begin_len <= MAX_HEADER_BYTES:
-        raise SpoolError(cur.offset - 2, f"scan_begin length {begin_len} outside 1..{MAX_HEADER_BYTES}")
+        raise SpoolError(cur.offset - 2,
+                         f"scan_begin length {begin_len} outside 1..{MAX_HEADER_BYTES}")
     at = cur.offset
     begin = _decode(cur.read(begin_len, "scan_begin header"), at)
     if not isinstance(begin, ScanBegin) or begin.scan != scan:
@@ -319,7 +328,8 @@ def verify_spool(stream: BinaryIO) -> SpoolInfo:
         try:
             next(walk)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            info: SpoolInfo = done.value  # untyped in StopIteration; _walk returns a SpoolInfo
+            return info
 
 
 class SpoolReader:

@@ -20,8 +20,9 @@ x-ray               2000 .. 4000 one pixel in ``xray_rate`` of the frames, far a
 Electrons sit at Chebyshev distance >= 2 from each other, so each is a strict local maximum, and
 every frame has one in a corner and one on each edge. The x-ray pixel is never adjacent to an
 electron. Electrons are rare (at most one pixel in 64), so they barely move the sample mean and
-sigma, and frames are at least 32 x 32, so x-rays stay far above the x-ray threshold. With ``dark``, integer per-pixel offsets are added to every pixel and
-``dark_reference`` returns them, so dark subtraction recovers the values above exactly.
+sigma, and frames are at least 32 x 32, so x-rays stay far above the x-ray threshold. With
+``dark``, integer per-pixel offsets are added to every pixel and ``dark_reference`` returns them,
+so dark subtraction recovers the values above exactly.
 
 Generation is fast: background comes from a noise pool drawn once per camera, read at a seeded
 offset per frame, and only the planted pixels are drawn per frame.
@@ -154,7 +155,8 @@ class SyntheticCamera:
         return self._render(self._layout(self._checked(index)), k * h, (k + 1) * h)
 
     def planted(self, index: int) -> np.ndarray:
-        """Sorted uint32 flat pixel indices (row * cols + col) of the electrons of frame ``index``."""
+        """Sorted uint32 flat pixel indices (row * cols + col) of the electrons of frame
+        ``index``."""
         return self._layout(self._checked(index)).electrons.copy()
 
     def dark_reference(self) -> np.ndarray | None:
@@ -255,7 +257,7 @@ def _place_electrons(rng: np.random.Generator, shape: tuple[int, int], n: int,
         # At one electron per 64 pixels at most, most random candidates are free.
         rows = rng.integers(0, shape[0], size=2 * (n - len(placed)))
         cols = rng.integers(0, shape[1], size=len(rows))
-        for point in zip(rows.tolist(), cols.tolist()):
+        for point in zip(rows.tolist(), cols.tolist(), strict=True):
             if len(placed) < n and _accept(point, blocked):
                 placed.append(point)
     return placed
@@ -276,13 +278,15 @@ def _shared_neighbours(rng: np.random.Generator, electrons: np.ndarray, shape: t
     A shared pixel stays in its electron's sector: if that sector is lost and zero-filled, the
     shared pixel goes with it instead of being left behind as a lone local maximum.
     """
-    steps = np.array(_NEIGHBOURS, dtype=np.int64)[rng.integers(len(_NEIGHBOURS), size=len(electrons))]
+    picks = rng.integers(len(_NEIGHBOURS), size=len(electrons))
+    steps = np.array(_NEIGHBOURS, dtype=np.int64)[picks]
     sharing = rng.random(len(electrons)) < SHARE_PROBABILITY
     target = electrons + steps
     keep = (sharing & (target[:, 0] >= 0) & (target[:, 0] < shape[0])
             & (target[:, 1] >= 0) & (target[:, 1] < shape[1])
             & (target[:, 0] // sector_rows == electrons[:, 0] // sector_rows))
-    return (target[keep, 0] * shape[1] + target[keep, 1]).astype(np.uint32)
+    shared: np.ndarray = target[keep, 0] * shape[1] + target[keep, 1]
+    return shared.astype(np.uint32)
 
 
 @dataclass(frozen=True)

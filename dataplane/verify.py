@@ -1,9 +1,9 @@
 """Check a scan's HDF5 file against the synthetic camera that produced it.
 
-The ground truth of a synthetic scan is exact: the events of a frame are its planted electrons in the
-sectors that arrived (lost sectors are zero-filled and hold none), and they must also equal what
-stempy's own ``electron_count_frame`` finds with the thresholds recorded in the file. The stream
-counters recorded in ``/metadata/stream`` must match the stream plan exactly.
+The ground truth of a synthetic scan is exact: the events of a frame are its planted electrons in
+the sectors that arrived (lost sectors are zero-filled and hold none), and they must also equal
+what stempy's own ``electron_count_frame`` finds with the thresholds recorded in the file. The
+stream counters recorded in ``/metadata/stream`` must match the stream plan exactly.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def verify_scan_file(path: Path, camera: SyntheticCamera, plan: StreamPlan) -> S
         if not np.array_equal(events, truth):
             check.problems.append(f"frame {frame}: {len(events)} events, {len(truth)} planted")
         if not np.array_equal(events, np.sort(oracle)):
-            check.problems.append(f"frame {frame}: events differ from stempy's electron_count_frame")
+            check.problems.append(
+                f"frame {frame}: events differ from stempy's electron_count_frame")
         check.frames += 1
         check.events += len(events)
     return check
@@ -96,14 +97,17 @@ def _check_counters(check: ScanCheck, stream: h5py.Group, camera: SyntheticCamer
     }
     for name, value in expected.items():
         if int(stream.attrs[name]) != value:
-            check.problems.append(f"/metadata/stream {name} = {stream.attrs[name]}, expected {value}")
+            check.problems.append(
+                f"/metadata/stream {name} = {stream.attrs[name]}, expected {value}")
     incomplete = {frame for frame, _ in plan.lost}
     flagged = set(np.asarray(stream["incomplete_frames"]).tolist())
     if flagged != incomplete:
-        check.problems.append(f"incomplete frames flagged {sorted(flagged)}, expected {sorted(incomplete)}")
+        check.problems.append(f"incomplete frames flagged {sorted(flagged)}, "
+                              f"expected {sorted(incomplete)}")
     manifest = {(int(f), int(s)) for f, s in np.asarray(stream["loss_manifest/frame_sector"])}
     if manifest != set(plan.lost):
-        check.problems.append(f"loss manifest lists {len(manifest)} sectors, {len(plan.lost)} were lost")
+        check.problems.append(f"loss manifest lists {len(manifest)} sectors, "
+                              f"{len(plan.lost)} were lost")
     want_status = "partial" if plan.lost else "complete"
     status = stream.attrs["status"]
     if (status.decode() if isinstance(status, bytes) else str(status)) != want_status:

@@ -99,7 +99,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
     try:
         admin_token = asyncio.run(initialize(state_dir))
     except ControlPlaneError as exc:
-        raise DemoError(f"cannot initialise the control plane in {state_dir}: {exc.detail}") from None
+        raise DemoError(
+            f"cannot initialise the control plane in {state_dir}: {exc.detail}") from None
     settings = Settings(state_dir=state_dir)
     net = Loopback.free()
     camera = SyntheticCamera(CameraSpec(scan_shape=options.scan_shape, seed=options.seed))
@@ -175,7 +176,8 @@ def _run_session(group: ProcessGroup, gateway: Child, options: DemoOptions, sett
     _await_consumers(group, net, job, options.ranks)
     rows, cols = options.scan_shape
     say(f"[5/7] streaming a {rows}x{cols} scan from {plan.producers} producers "
-        f"(loss {options.loss:g}, duplicates {options.duplicates:g}, reorder window {options.reorder})")
+        f"(loss {options.loss:g}, duplicates {options.duplicates:g}, "
+        f"reorder window {options.reorder})")
     stream = producer.stream_synthetic(camera, plan)
     say(f"[6/7] waiting for job {job.id} and its result")
     _await_job(group, job, options.timeout_s)
@@ -285,7 +287,8 @@ def _poll(group: ProcessGroup, failure: str, probe: Callable[[], T | None], time
 
 def format_summary(summary: DemoSummary) -> str:
     check, stream, result = summary.check, summary.stream, summary.result
-    manifest = f" ({stream.lost} lost sectors listed in the file's loss manifest)" if stream.lost else ""
+    manifest = (f" ({stream.lost} lost sectors listed in the file's loss manifest)"
+                if stream.lost else "")
     return "\n".join([
         "DSN demo: OK",
         f"  session           {summary.session} (project {PROJECT!r})",
@@ -297,6 +300,7 @@ def format_summary(summary: DemoSummary) -> str:
          "messages/s (producers -> gateway -> consumers)"),
         f"  status            {result['status']}{manifest}",
         (f"  result            scan {result['scan']} of session {result['session']}: "
-         f"{result['frames']} frames, {result['events']} events (GET /api/v1/scans?project={PROJECT})"),
+         f"{result['frames']} frames, {result['events']} events "
+         f"(GET /api/v1/scans?project={PROJECT})"),
         f"  output            {result['path']}",
     ])

@@ -39,7 +39,8 @@ class ProcessGroup:
     stop_timeout_s: float = 10.0
     children: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Child:
+    def start(self, name: str, argv: Sequence[str], log: Path,
+              env: dict[str, str] | None = None) -> Child:
         with log.open("wb") as out:
             process = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -72,7 +73,8 @@ class ProcessGroup:
         deadline = time.monotonic() + timeout_s
         while marker not in log_tail(child.log, lines=50):
             if child.process.poll() is not None:
-                raise child.failure(f"exited with status {child.process.returncode} before it was ready")
+                raise child.failure(f"exited with status {child.process.returncode} "
+                                    "before it was ready")
             if time.monotonic() > deadline:
                 raise child.failure(f"was not ready within {timeout_s:.0f} s")
             time.sleep(0.05)

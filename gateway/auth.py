@@ -117,7 +117,7 @@ class ZapHandler:
     against whichever table was current when it arrived.
     """
 
-    def __init__(self, context: zmq.Context, table: SessionTable, *,
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], table: SessionTable, *,
                  clock: Callable[[], float] = time.time, poll_ms: int = 100) -> None:
         self.table = table
         self.decisions: dict[tuple[str, str], int] = {}
@@ -158,7 +158,7 @@ class ZapHandler:
         finally:
             socket.close()
 
-    def _answer(self, socket: zmq.Socket) -> None:
+    def _answer(self, socket: zmq.Socket[bytes]) -> None:
         frames = socket.recv_multipart()
         try:
             request = zap.parse(frames)
@@ -168,7 +168,7 @@ class ZapHandler:
         admission = decide_request(self.table, request, self._clock())
         self._reply(socket, request.request_id, request.address, admission)
 
-    def _reply(self, socket: zmq.Socket, request_id: bytes, address: str,
+    def _reply(self, socket: zmq.Socket[bytes], request_id: bytes, address: str,
                admission: Admission) -> None:
         label = (admission.label, admission.reason)
         self.decisions[label] = self.decisions.get(label, 0) + 1
@@ -181,7 +181,8 @@ class ZapHandler:
 
 HANDSHAKE_EVENTS: Final = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 # Connections that never speak ZMTP (a port scanner, garbage) produce only these two.
-CONNECTION_EVENTS: Final = {zmq.EVENT_ACCEPTED: "accepted", zmq.EVENT_DISCONNECTED: "disconnected"}
+CONNECTION_EVENTS: Final[dict[int, str]] = {zmq.EVENT_ACCEPTED: "accepted",
+                                            zmq.EVENT_DISCONNECTED: "disconnected"}
 _PROTOCOL_REASONS: Final[dict[int, str]] = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "handshake_mechanism",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "handshake_cryptographic",
@@ -203,7 +204,7 @@ class HandshakeMonitor:
     accepted and closed, so connections that never got as far as a handshake show too.
     """
 
-    def __init__(self, ingress: zmq.Socket, *, poll_ms: int = 100) -> None:
+    def __init__(self, ingress: zmq.Socket[bytes], *, poll_ms: int = 100) -> None:
         self.failures: dict[str, int] = {}
         self.connections: dict[str, int] = {}
         self._ingress = ingress

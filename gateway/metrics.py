@@ -51,7 +51,8 @@ class GatewayCollector(Collector):
 
     def _auth(self) -> Metric:
         family = CounterMetricFamily("dsn_gateway_auth_decisions",
-                                     "Ingress connection decisions (ZAP and handshake)", labels=["decision", "reason"])
+                                     "Ingress connection decisions (ZAP and handshake)",
+                                     labels=["decision", "reason"])
         for (decision, reason), count in self._gateway.auth_decisions().items():
             family.add_metric([decision, reason], count)
         return family

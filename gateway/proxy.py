@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, Literal, cast
 
@@ -63,11 +63,13 @@ _control_ids = itertools.count()
 log = logging.getLogger("dsn.gateway")
 
 ReportSink = Callable[[InterruptedScan], None]
+# An outgoing message: received frames passed on zero-copy, or headers the router wrote.
+Parts = Sequence[zmq.Frame | bytes]
 
 
-def open_ingress(context: zmq.Context, settings: GatewaySettings, table: SessionTable,
-                 keypair: KeyPair, *, rcvhwm: int = INGRESS_HWM,
-                 max_sector_bytes: int = 0) -> zmq.Socket:
+def open_ingress(context: zmq.Context[zmq.Socket[bytes]], settings: GatewaySettings,
+                 table: SessionTable, keypair: KeyPair, *, rcvhwm: int = INGRESS_HWM,
+                 max_sector_bytes: int = 0) -> zmq.Socket[bytes]:
     """Bind the CURVE + ZAP ingress; libzmq enforces the size limit before allocation.
 
     The limit is fixed at bind time: ``max_sector_bytes`` raises it for sessions that arrive later
@@ -81,8 +83,9 @@ def open_ingress(context: zmq.Context, settings: GatewaySettings, table: Session
     return socket
 
 
-def open_plain_ingress(context: zmq.Context, endpoint: str, table: SessionTable, *,
-                       rcvhwm: int = INGRESS_HWM, max_sector_bytes: int = 0) -> zmq.Socket:
+def open_plain_ingress(context: zmq.Context[zmq.Socket[bytes]], endpoint: str,
+                       table: SessionTable, *, rcvhwm: int = INGRESS_HWM,
+                       max_sector_bytes: int = 0) -> zmq.Socket[bytes]:
     """Bind the PLAIN + ZAP ingress (no encryption; ZAP checks the session's password)."""
     socket = _ingress_socket(context, PLAIN_ZAP_DOMAIN, table, rcvhwm, max_sector_bytes)
     socket.plain_server = True
@@ -90,8 +93,8 @@ def open_plain_ingress(context: zmq.Context, endpoint: str, table: SessionTable,
     return socket
 
 
-def _ingress_socket(context: zmq.Context, domain: bytes, table: SessionTable, rcvhwm: int,
-                    max_sector_bytes: int) -> zmq.Socket:
+def _ingress_socket(context: zmq.Context[zmq.Socket[bytes]], domain: bytes, table: SessionTable,
+                    rcvhwm: int, max_sector_bytes: int) -> zmq.Socket[bytes]:
     socket = context.socket(zmq.PULL)
     socket.linger = 0
     socket.zap_domain = domain
@@ -102,7 +105,7 @@ def _ingress_socket(context: zmq.Context, domain: bytes, table: SessionTable, rc
     return socket
 
 
-def _bind(socket: zmq.Socket, endpoint: str, setting: str) -> None:
+def _bind(socket: zmq.Socket[bytes], endpoint: str, setting: str) -> None:
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -110,7 +113,8 @@ def _bind(socket: zmq.Socket, endpoint: str, setting: str) -> None:
         raise SocketSetupError(f"{setting}: cannot bind {endpoint}: {exc}") from None
 
 
-def open_egress(context: zmq.Context, endpoints: list[str], hwm: int) -> zmq.Socket:
+def open_egress(context: zmq.Context[zmq.Socket[bytes]], endpoints: list[str],
+                hwm: int) -> zmq.Socket[bytes]:
     """A PUSH socket connected to ``endpoints`` (round-robin among them when several)."""
     socket = context.socket(zmq.PUSH)
     socket.sndhwm = hwm
@@ -136,10 +140,10 @@ class L7Proxy:
     """The inspecting loop: recv, ask the router, send. Owns its egress sockets, one per router
     slot (None while that consumer is not in the table)."""
 
-    def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable,
-                 *, clock: Callable[[], float] = time.time, spools: Spools | None = None,
-                 on_report: ReportSink | None = None,
-                 plain_ingress: zmq.Socket | None = None) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], ingress: zmq.Socket[bytes],
+                 table: SessionTable, *, clock: Callable[[], float] = time.time,
+                 spools: Spools | None = None, on_report: ReportSink | None = None,
+                 plain_ingress: zmq.Socket[bytes] | None = None) -> None:
         self.router = Router(table, clock=clock, spooling=spools is not None)
         self.spools = spools
         self.on_report = on_report
@@ -149,7 +153,7 @@ class L7Proxy:
         # session -> (sends that waited for a consumer, seconds waited): ZeroMQ shows no queue
         # lengths, so time spent blocked is how backpressure becomes visible.
         self.backpressure: dict[str, tuple[int, float]] = {}
-        self._egress: list[zmq.Socket | None] = []
+        self._egress: list[zmq.Socket[bytes] | None] = []
         self._pending: SessionTable | None = None
         self._stop = threading.Event()
         self._sync_egress(table)
@@ -214,7 +218,7 @@ class L7Proxy:
         if self._plain_ingress is None:
             def receive() -> list[zmq.Frame] | None:
                 try:
-                    return recv(copy=False)  # type: ignore[no-any-return]
+                    return recv(copy=False)
                 except zmq.Again:
                     return None
             return receive
@@ -228,7 +232,7 @@ class L7Proxy:
             # Alternate which ingress is read first, so neither can starve the other.
             for socket in next(turn):
                 try:
-                    return socket.recv_multipart(zmq.NOBLOCK, copy=False)  # type: ignore[no-any-return]
+                    return socket.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     continue
             poller.poll(POLL_MS)
@@ -256,7 +260,7 @@ class L7Proxy:
             session = _user_id(head)
             decision = route(session, head.bytes, parts, len(frames[1]) if parts == 2 else 0)
             if decision.slot >= 0:
-                out = frames if decision.header is None else [decision.header, frames[1]]
+                out: Parts = frames if decision.header is None else [decision.header, frames[1]]
                 self._send(decision.slot, out, session)
             if decision.control or decision.spool is not None or decision.report is not None:
                 self._finish(decision, frames, session)
@@ -299,7 +303,7 @@ class L7Proxy:
         if self.on_report is not None:
             self.on_report(report)
 
-    def _send(self, slot: int, parts: list, session: str | None) -> None:  # type: ignore[type-arg]
+    def _send(self, slot: int, parts: Parts, session: str | None) -> None:
         socket = self._egress[slot]
         if socket is None:
             return  # the consumer left; the router accounted for this message
@@ -308,7 +312,7 @@ class L7Proxy:
         except zmq.Again:
             self._send_when_ready(slot, socket, parts, session)
 
-    def _send_when_ready(self, slot: int, socket: zmq.Socket, parts: list,  # type: ignore[type-arg]
+    def _send_when_ready(self, slot: int, socket: zmq.Socket[bytes], parts: Parts,
                          session: str | None) -> None:
         # Backpressure: wait for the consumer as long as it takes, but notice a stop request,
         # and a new table: the consumer may have left (its lease ended), closing its socket.
@@ -334,7 +338,8 @@ class L7Proxy:
 class L4Proxy:
     """Plain forwarding with zmq.proxy: no inspection, no accounting."""
 
-    def __init__(self, context: zmq.Context, ingress: zmq.Socket, table: SessionTable) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], ingress: zmq.Socket[bytes],
+                 table: SessionTable) -> None:
         entries = list(table)
         if len(entries) != 1:
             raise ModeError(f"--mode l4 forwards one session; the configuration has {len(entries)}")
@@ -390,7 +395,7 @@ class Gateway:
         self.zap = ZapHandler(self.context, self.table, clock=clock)
         self._clock = clock
         self._proxy: L7Proxy | L4Proxy | None = None
-        self._ingresses: list[zmq.Socket] = []
+        self._ingresses: list[zmq.Socket[bytes]] = []
         self._handshakes: list[HandshakeMonitor] = []
         self._stopping = threading.Event()
         self.stuck = False
@@ -422,13 +427,13 @@ class Gateway:
             self.close()
             raise
 
-    def _watch(self, ingress: zmq.Socket) -> None:
+    def _watch(self, ingress: zmq.Socket[bytes]) -> None:
         self._ingresses.append(ingress)
         monitor = HandshakeMonitor(ingress)
         self._handshakes.append(monitor)
         monitor.start()
 
-    def _l7_proxy(self, ingress: zmq.Socket, plain: zmq.Socket | None) -> L7Proxy:
+    def _l7_proxy(self, ingress: zmq.Socket[bytes], plain: zmq.Socket[bytes] | None) -> L7Proxy:
         directory = prepare_spool_dir(self.config.gateway.spool_dir)
         spools = Spools(directory) if directory is not None else None
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,

@@ -8,9 +8,9 @@ message carries ``drop``.
 
 Spooling: with ``spooling`` on, a scan that begins while its session has no consumer is spooled
 instead of refused: its scan_begin yields SpoolOpen, each accepted data message SpoolWrite, and the
-last scan_end SpoolClose with the scan's loss manifest (dataplane.spool). A scan stays spooled to its
-end even if consumers appear meanwhile (the member list is fixed per scan). With ``spooling`` off
-(no usable spool directory) such a scan is refused as "no_consumers".
+last scan_end SpoolClose with the scan's loss manifest (dataplane.spool). A scan stays spooled to
+its end even if consumers appear meanwhile (the member list is fixed per scan). With ``spooling``
+off (no usable spool directory) such a scan is refused as "no_consumers".
 
 Consumers gone mid-scan: when a new table no longer lists a member of an open scan (its lease
 expired or it left), the scan is interrupted. The members form one job that cannot finish the scan

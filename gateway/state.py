@@ -67,8 +67,8 @@ class CloneSessionSource:
         self._version = 0
         self._next_expiry = float("inf")
         self._context = zmq.Context()
-        self._sub: zmq.Socket | None = None
-        self._dealer: zmq.Socket | None = None
+        self._sub: zmq.Socket[bytes] | None = None
+        self._dealer: zmq.Socket[bytes] | None = None
         self._asked = 0.0
         self._heard = 0.0
         self._resend_s = resend_s
@@ -124,7 +124,7 @@ class CloneSessionSource:
                 if sock is not None:
                     sock.close(linger=0)
 
-    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket[bytes]:
         sock = self._context.socket(kind)
         sock.linger = 0
         sock.curve_serverkey = self._server_key
@@ -206,7 +206,7 @@ class CloneSessionSource:
         self._flush_reports(now)
         self._refresh(now)
 
-    def _drain(self, sock: zmq.Socket, *, snapshot: bool) -> bool:
+    def _drain(self, sock: zmq.Socket[bytes], *, snapshot: bool) -> bool:
         """Apply every queued message; True if one of them asks for a new snapshot."""
         resync = False
         while not resync and sock.poll(0):

@@ -327,7 +327,8 @@ def policiesshow(client: AdminClient) -> None:
 @policies.command("reload")
 @_with_client
 def policies_reload(client: AdminClient) -> None:
-    """Make the service re-read its policy file; an invalid file is refused and the old set stays."""
+    """Make the service re-read its policy file; an invalid file is refused and the old set
+    stays."""
     result = client.call("POST", "/api/v1/policies/reload")
     if not result.get("ok"):
         for problem in result.get("problems") or []:

@@ -78,7 +78,8 @@ def bind_ephemeral(context: zmq.Context[zmq.Socket[bytes]], host: str,
 
 
 class LeaseKeeper:
-    """Renews a consumer's lease from a daemon thread until ``stop``; ``lease`` is the current one."""
+    """Renews a consumer's lease from a daemon thread until ``stop``; ``lease`` is the current
+    one."""
 
     def __init__(self, client: ControlPlaneClient, session: str, me: Registration, lease: Lease,
                  log: logging.Logger) -> None:

@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Never
 
 import numpy as np
 import zmq
@@ -123,7 +124,7 @@ class RankLoop:
         self._scans: dict[int, ScanWork] = {}
         self._ended: list[int] = []
         self._stray: Counter[str] = Counter()
-        self._bars: dict[int, tqdm] = {}
+        self._bars: dict[int, tqdm[Never]] = {}
         self.finished = 0
 
     def run(self, stop: threading.Event) -> int:
@@ -306,7 +307,8 @@ def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReport
     context = zmq.Context()
     socket = open_socket(context, settings.session, world.Get_rank())
     log.info("listening", extra=fields(endpoint=settings.session.consumers[world.Get_rank()],
-                                       session=settings.session.id, hwm=settings.session.limits.hwm))
+                                       session=settings.session.id,
+                                       hwm=settings.session.limits.hwm))
     try:
         return RankLoop(settings, world, socket, reporter, log).run(stop)
     finally:
