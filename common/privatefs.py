@@ -48,16 +48,23 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def create_private_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Create ``path`` holding ``data``, with ``mode`` from the first instant; never overwrite."""
+def open_private_file(path: Path, *, mode: int = 0o600) -> int:
+    """A new file at ``path`` with ``mode`` from the first instant, opened for writing; returns
+    its descriptor (the caller closes it). Never overwrites, never follows a link."""
     try:
         fd = os.open(path, _CREATE, mode)
     except FileExistsError:
         raise PrivateFileExists(f"{path} exists; refusing to overwrite it") from None
     except OSError as exc:
         raise PrivatePathError(f"cannot create {path}: {exc.strerror}") from None
+    os.fchmod(fd, mode)  # the umask may have cleared bits the caller needs (a script's x bit)
+    return fd
+
+
+def create_private_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Create ``path`` holding ``data``, with ``mode`` from the first instant; never overwrite."""
+    fd = open_private_file(path, mode=mode)
     try:
-        os.fchmod(fd, mode)  # the umask may have cleared bits the caller needs (a script's x bit)
         with os.fdopen(fd, "wb", closefd=False) as out:
             out.write(data)
             out.flush()

@@ -35,6 +35,7 @@ from common.privatefs import (
     PrivateFileExists,
     PrivatePathError,
     create_private_file,
+    open_private_file,
     private_dir,
 )
 from common.processes import signal_group
@@ -181,6 +182,13 @@ def write_job_files(spec: JobSpec) -> tuple[Path, Path]:
     return script_path, token_path
 
 
+def _open_log(path: Path) -> int:
+    try:
+        return open_private_file(path)
+    except PrivatePathError as exc:
+        raise LauncherError(f"job log: {exc}") from None
+
+
 def _job_environment(spec: JobSpec, token_path: Path) -> dict[str, str]:
     env = mpi_environment({**os.environ, **spec.env})
     env[TOKEN_FILE_ENV] = str(token_path)
@@ -234,9 +242,7 @@ class LocalLauncher:
     async def submit(self, spec: JobSpec) -> JobHandle:
         bash = _require_tool("bash", "the local launcher runs job scripts with bash")
         script, token = await asyncio.to_thread(write_job_files, spec)
-        log_fd = os.open(spec.workdir / LOG_NAME,
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
+        log_fd = await asyncio.to_thread(_open_log, spec.workdir / LOG_NAME)
         try:
             process = await asyncio.create_subprocess_exec(
                 bash, str(script), cwd=spec.workdir, env=_job_environment(spec, token),

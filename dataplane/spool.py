@@ -47,6 +47,7 @@ from typing import BinaryIO, Final, Self
 
 import msgspec
 
+from common.privatefs import open_private_file
 from common.protocol import (
     MAX_CONTROL_BYTES,
     MAX_HEADER_BYTES,
@@ -138,8 +139,7 @@ class SpoolWriter:
         self.directory = directory
         self.name = spool_name(session, scan)
         self.partial = directory / f"{self.name}.{os.getpid()}-{id(self):x}{PARTIAL_SUFFIX}"
-        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._file = os.fdopen(open_private_file(self.partial), "wb", buffering=WRITE_BUFFER)
         self._crc = 0
         self.records = 0
         self.bytes = 0

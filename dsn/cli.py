@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,8 +27,8 @@ SUBCOMMANDS = {
 class LazyGroup(ReportingGroup):
     """A group whose subcommands named in ``commands`` are imported when first needed."""
 
-    def __init__(self, *args: object, commands: dict[str, str], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, commands: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._lazy = commands
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -1,18 +1,18 @@
 """The gateway's spool directory: open, fill and publish the spool files the router asks for.
 
 The file format is ``dataplane.spool`` (producers read it to replay). This module holds the
-gateway side: preparing ``gateway.spool_dir`` (created 0700; refused if others may read it), and
-the open writers of spooled scans, used only by the forwarding thread. An I/O error is reported to
-the caller (which counts the loss); it never stops the gateway.
+gateway side: preparing ``gateway.spool_dir`` (a private directory: 0700, this user's, not a
+link), and the open writers of spooled scans, used only by the forwarding thread. An I/O error is
+reported to the caller (which counts the loss); it never stops the gateway.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 from pathlib import Path
 
+from common.privatefs import PrivatePathError, private_dir
 from dataplane.spool import SpoolManifest, SpoolWriter
 from gateway.router import ScanKey
 
@@ -32,16 +32,11 @@ def prepare_spool_dir(directory: Path | None) -> Path | None:
 
 
 def _spool_dir_problem(directory: Path) -> str | None:
+    # Spools hold a session's detector data: the directory is this user's alone.
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = directory.stat().st_mode
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    if not stat.S_ISDIR(mode):
-        return "not a directory"
-    if stat.S_IMODE(mode) & 0o077:
-        # Spools hold a session's detector data; other users must not read them.
-        return f"mode {stat.S_IMODE(mode):04o}; it must be 0700"
+        private_dir(directory)
+    except PrivatePathError as exc:
+        return str(exc)
     if not os.access(directory, os.W_OK | os.X_OK):
         return "not writable"
     return None
@@ -58,7 +53,7 @@ class Spools:
     def open(self, key: ScanKey, begin: bytes) -> bool:
         try:
             self._open[key] = SpoolWriter(self.directory, key.session, key.scan, begin)
-        except OSError as exc:
+        except (OSError, PrivatePathError) as exc:
             return self._failed("open", key, exc)
         return True
 
@@ -101,8 +96,8 @@ class Spools:
         except OSError:
             return writer.partial
 
-    def _failed(self, action: str, key: ScanKey, exc: OSError) -> bool:
+    def _failed(self, action: str, key: ScanKey, exc: OSError | PrivatePathError) -> bool:
+        error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         log.error("spool failed", extra={"fields": {
-            "action": action, "session": key.session, "scan": key.scan,
-            "error": exc.strerror or str(exc)}})
+            "action": action, "session": key.session, "scan": key.scan, "error": error}})
         return False

@@ -169,13 +169,16 @@ def test_spool_dir_resolves_beside_the_config_and_null_turns_spooling_off(
     assert load_config(path).gateway.spool_dir is None
 
 
-def test_spool_dir_is_created_0700_and_a_readable_one_is_refused(tmp_path: Path) -> None:
+def test_spool_dir_is_private_and_a_link_or_file_in_its_place_is_refused(tmp_path: Path) -> None:
     created = prepare_spool_dir(tmp_path / "a" / "spool")
     assert created is not None and stat.S_IMODE(created.stat().st_mode) == 0o700
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
-    assert prepare_spool_dir(shared) is None
+    assert prepare_spool_dir(shared) == shared  # tightened: others may no longer read it
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o700
+    (tmp_path / "link").symlink_to(shared)
+    assert prepare_spool_dir(tmp_path / "link") is None
     (tmp_path / "file").write_text("")
     assert prepare_spool_dir(tmp_path / "file") is None
     assert prepare_spool_dir(None) is None

@@ -47,13 +47,13 @@ def _client_options(func: F) -> F:
                         help="Control plane base URL (env DSN_CONTROLPLANE_URL).")(func)
 
 
-def _with_client(func: F) -> F:
+def _with_client(func: Callable[..., None]) -> Callable[..., None]:
     """The client options, turned into an authenticated ``client`` argument."""
     @_client_options
     @functools.wraps(func)
-    def wrapper(url: str, state_dir: Path, token_file: Path | None, **kwargs: Any) -> Any:
-        return func(AdminClient(url, admin_token(token_file, state_dir)), **kwargs)
-    return wrapper  # type: ignore[return-value]
+    def wrapper(url: str, state_dir: Path, token_file: Path | None, **kwargs: Any) -> None:
+        func(AdminClient(url, admin_token(token_file, state_dir)), **kwargs)
+    return wrapper
 
 
 def _json_option(func: F) -> F:

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import astuple, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.config import ConfigError, Session, parse_config
 from controlplane.errors import Conflict, NotFound
@@ -25,9 +25,12 @@ from controlplane.sessions.core import (
 from controlplane.store.engine import Conn, Store
 from controlplane.store.tokens import TokenRecord
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
 
-R = TypeVar("R")
+R = TypeVar("R", bound="DataclassInstance")
 
 _JSON_COLUMNS = frozenset({"params", "config", "lost_by_reason", "loss_manifest"})
 # A scan result names its session ``session`` (common.results); its column is the ``session_id``
@@ -40,7 +43,7 @@ def _column(field_name: str) -> str:
 
 
 def _record(cls: type[R], row: sqlite3.Row) -> R:
-    values = {f.name: row[_column(f.name)] for f in fields(cls)}  # type: ignore[arg-type]
+    values = {f.name: row[_column(f.name)] for f in fields(cls)}
     for name in _JSON_COLUMNS & values.keys():
         values[name] = json.loads(values[name])
     return cls(**values)
