@@ -97,6 +97,9 @@ class GatewayCollector(Collector):
                                             "Payload bytes written to spool files",
                                             labels=["session"])
         scans = GaugeMetricFamily("dsn_gateway_scans_open", "Open scans", labels=["session"])
+        connected = GaugeMetricFamily("dsn_gateway_consumers_connected",
+                                      "Consumers whose connection is up (new scans are spooled "
+                                      "while one that was up is down)", labels=["session"])
         interrupted = CounterMetricFamily("dsn_gateway_scans_interrupted",
                                           "Scans a consumer left mid-scan (rest spooled, reported)",
                                           labels=["session"])
@@ -109,13 +112,15 @@ class GatewayCollector(Collector):
             spooled.add_metric([stats.session], stats.spooled)
             spooled_bytes.add_metric([stats.session], stats.spooled_bytes)
             scans.add_metric([stats.session], stats.open_scans)
+            connected.add_metric([stats.session], stats.connected)
             interrupted.add_metric([stats.session], stats.interrupted)
             idle.add_metric([stats.session], stats.idle_closed)
         drops = CounterMetricFamily("dsn_gateway_drops", "Messages dropped, by reason",
                                     labels=["session", "reason"])
         for (session, reason), count in router.drops.copy().items():
             drops.add_metric([session, reason], count)
-        yield from (messages, volume, spooled, spooled_bytes, scans, interrupted, idle, drops)
+        yield from (messages, volume, spooled, spooled_bytes, scans, connected, interrupted, idle,
+                    drops)
 
     def _spool_files(self) -> Metric:
         family = CounterMetricFamily("dsn_gateway_spool_files",

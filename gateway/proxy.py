@@ -11,6 +11,12 @@ block: a slow consumer slows everyone down, nothing is dropped to make room. A c
 session table no longer lists (its lease ended) has its socket closed: a send waiting for it gives
 up, and the router accounts for what it was sent (its open scans are interrupted: the members get a
 scan_abort, the rest is spooled, and the scan's report goes to ``on_report`` when it ends).
+A socket monitor on each egress socket tells the loop when a consumer's connection breaks (a killed
+rank), in static and control-plane mode alike: its open scans are interrupted the same way, its
+socket is replaced by a fresh one (what the old one still queued belongs to those scans, all
+listed lost), and its session's new scans are spooled until it connects again. The loop reads
+those events whenever a send waits, whenever the ingress is quiet and every
+``EGRESS_CHECK_EVERY`` messages.
 
 ``l7``: every message goes through the Router (session, protocol, scan checks, routing); payload
 frames are forwarded zero-copy; a scan the router spools (its session has no consumer) is written
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Final, Literal, cast
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from common.clone import InterruptedScan
 from common.config import DSNConfig, GatewaySettings
@@ -59,6 +66,11 @@ INGRESS_HWM: Final = 64
 # libzmq delivers nothing to a CURVE/PLAIN + ZAP socket whose RCVHWM is 1 (measured with pyzmq
 # 27): a session's hwm of 1 still gets an ingress queue of 2.
 MIN_INGRESS_HWM: Final = 2
+# Connection events of the egress sockets the loop acts on.
+EGRESS_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# Messages routed between two looks at those events: bounds how long a broken consumer goes
+# unnoticed while the ingress is busy, at the cost of one poll per this many messages.
+EGRESS_CHECK_EVERY: Final = 256
 _control_ids = itertools.count()
 log = logging.getLogger("dsn.gateway")
 
@@ -154,6 +166,11 @@ class L7Proxy:
         # lengths, so time spent blocked is how backpressure becomes visible.
         self.backpressure: dict[str, tuple[int, float]] = {}
         self._egress: list[zmq.Socket[bytes] | None] = []
+        # The monitor of each slot's egress socket (and back), and the HWM it was opened with.
+        self._monitors: dict[int, zmq.Socket[bytes]] = {}
+        self._monitor_slots: dict[zmq.Socket[bytes], int] = {}
+        self._monitored = zmq.Poller()
+        self._hwm: dict[int, int] = {}
         self._pending: SessionTable | None = None
         self._stop = threading.Event()
         self._sync_egress(table)
@@ -166,8 +183,9 @@ class L7Proxy:
         self._stop.set()
 
     def close(self) -> None:
-        for socket in self._egress:
+        for slot, socket in enumerate(self._egress):
             if socket is not None:
+                self._unmonitor(slot, socket)
                 socket.close()
         if self.spools is not None:
             self.spools.abandon_all()
@@ -182,10 +200,65 @@ class L7Proxy:
         for slot, endpoint in enumerate(self.router.endpoints):
             socket = self._egress[slot]
             if slot in live and socket is None:
-                self._egress[slot] = open_egress(self._context, [endpoint], hwm[endpoint])
+                self._open_slot(slot, hwm[endpoint])
             elif slot not in live and socket is not None:
-                socket.close(linger=0)
-                self._egress[slot] = None
+                self._close_slot(slot, socket)
+
+    def _open_slot(self, slot: int, hwm: int) -> None:
+        socket = open_egress(self._context, [self.router.endpoints[slot]], hwm)
+        monitor = socket.get_monitor_socket(EGRESS_EVENTS)
+        self._monitors[slot] = monitor
+        self._monitor_slots[monitor] = slot
+        self._monitored.register(monitor, zmq.POLLIN)
+        self._hwm[slot] = hwm
+        self._egress[slot] = socket
+
+    def _close_slot(self, slot: int, socket: zmq.Socket[bytes]) -> None:
+        """Close a slot's socket at once: what it still queues is accounted for by the router."""
+        self._unmonitor(slot, socket)
+        socket.close(linger=0)
+        self._egress[slot] = None
+
+    def _unmonitor(self, slot: int, socket: zmq.Socket[bytes]) -> None:
+        monitor = self._monitors.pop(slot)
+        del self._monitor_slots[monitor]
+        self._monitored.unregister(monitor)
+        socket.disable_monitor()
+        monitor.close(linger=0)
+
+    def _check_egress(self) -> None:
+        """Act on the egress connections' events: a consumer connected, or its connection
+        broke."""
+        for monitor, _ in self._monitored.poll(0):
+            slot = self._monitor_slots[monitor]
+            while True:
+                try:
+                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._consumer_lost(slot)
+                    break  # the slot may have a new socket and monitor now
+                self.router.consumer_back(slot)
+                log.info("consumer connected", extra={"fields": {
+                    "endpoint": self.router.endpoints[slot]}})
+
+    def _consumer_lost(self, slot: int) -> None:
+        interruptions = self.router.consumer_lost(slot)
+        log.warning("consumer connection lost", extra={"fields": {
+            "endpoint": self.router.endpoints[slot],
+            "scans_interrupted": [i.key.scan for i in interruptions]}})
+        if not interruptions:
+            return
+        # A fresh socket for the slot: a consumer restarted there must not be handed what the
+        # old connection still queued for scans that are now interrupted.
+        socket = self._egress[slot]
+        if socket is not None:
+            self._close_slot(slot, socket)
+        for interruption in interruptions:
+            self._interrupt(interruption)
+        if socket is not None:
+            self._open_slot(slot, self._hwm[slot])
 
     def _adopt(self) -> None:
         table, self._pending = self._pending, None
@@ -244,12 +317,17 @@ class L7Proxy:
         receive = self._receiver()
         route = self.router.route
         stopping = self._stop.is_set
+        countdown = EGRESS_CHECK_EVERY
         while not stopping():
             frames = receive()
             # Checked after recv, so a message received after use_table() returned is judged by
             # the new table.
             if self._pending is not None:
                 self._adopt()
+            countdown -= 1
+            if frames is None or not countdown:
+                countdown = EGRESS_CHECK_EVERY
+                self._check_egress()
             if frames is None:
                 # Quiet ingress: the moment to close scans whose producers went silent.
                 for decision in self.router.expire_idle():
@@ -315,14 +393,16 @@ class L7Proxy:
     def _send_when_ready(self, slot: int, socket: zmq.Socket[bytes], parts: Parts,
                          session: str | None) -> None:
         # Backpressure: wait for the consumer as long as it takes, but notice a stop request,
-        # and a new table: the consumer may have left (its lease ended), closing its socket.
+        # a new table (the consumer may have left: its lease ended) and a broken connection
+        # (the consumer died): either closes the socket waited on.
         started = time.monotonic()
         try:
             while not self._stop.is_set():
                 if self._pending is not None:
                     self._adopt()
-                    if self._egress[slot] is not socket:
-                        return
+                self._check_egress()
+                if self._egress[slot] is not socket:
+                    return
                 if socket.poll(POLL_MS, zmq.POLLOUT):
                     try:
                         socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)

@@ -13,11 +13,15 @@ its end even if consumers appear meanwhile (the member list is fixed per scan). 
 off (no usable spool directory) such a scan is refused as "no_consumers".
 
 Consumers gone mid-scan: when a new table no longer lists a member of an open scan (its lease
-expired or it left), the scan is interrupted. The members form one job that cannot finish the scan
+expired or it left), or the socket loop sees its connection break (``consumer_lost``: a killed
+rank, in either mode), the scan is interrupted. The members form one job that cannot finish the scan
 without the one that left, so every member gets a scan_abort, every sector already forwarded is
 listed as lost ("consumer_gone": the gateway cannot know whether it was counted), and the rest of
 the scan is spooled (or, with spooling off, dropped as "consumer_gone"). When the scan ends, the
 decision carries an InterruptedScan report for the control plane beside the spool's SpoolClose.
+A scan that begins while a member of its session is known to be gone (its connection broke and
+has not come back) is spooled as if the session had no consumer: the job it would go to cannot
+gather it.
 
 Idle scans: a scan that has seen no message for its session's ``limits.scan_idle_s`` (a producer
 died before its scan_end) is closed by ``expire_idle`` exactly as its last scan_end would have
@@ -150,6 +154,7 @@ class SessionStats:
     bytes: int
     open_scans: int
     consumers: int
+    connected: int  # consumers whose connection is up
     spooled: int
     spooled_bytes: int
     interrupted: int  # scans a consumer left mid-scan
@@ -313,6 +318,8 @@ class Router:
         self.spooling = spooling
         self.drops: dict[tuple[str, str], int] = {}
         self._slots: dict[str, int] = {}
+        self._lost: set[int] = set()  # slots whose connection broke and has not come back
+        self._connected: set[int] = set()  # slots whose consumer completed a handshake
         self._sessions: dict[str, _SessionState] = {}
         self._clock = clock
         self.use_table(table)
@@ -365,6 +372,20 @@ class Router:
         scan.spool = SpoolWrite(key)
         scan.to_spool = Decision(spool=scan.spool)
         return Interruption(key, notices, SpoolOpen(key, encode(scan.begin)))
+
+    def consumer_lost(self, slot: int) -> list[Interruption]:
+        """The connection to the consumer in ``slot`` broke: interrupt every open scan it is a
+        member of, and spool new scans of its session until it is back."""
+        self._lost.add(slot)
+        self._connected.discard(slot)
+        return [self._interrupt(state, scan) for state in self._sessions.values()
+                for scan in state.scans.values()
+                if slot in scan.members and not scan.interrupted]
+
+    def consumer_back(self, slot: int) -> None:
+        """The consumer in ``slot`` is connected (again): its session's next scans go to it."""
+        self._lost.discard(slot)
+        self._connected.add(slot)
 
     def _slot(self, endpoint: str) -> int:
         slot = self._slots.get(endpoint)
@@ -510,7 +531,7 @@ class Router:
             return self._count(sid, DropReason.SCAN_CLOSED.value)
         if len(state.scans) >= limits.max_open_scans:
             return self._count(sid, DropReason.TOO_MANY_SCANS.value)
-        if not state.members:
+        if not state.members or not self._lost.isdisjoint(state.members):
             return self._begin_spooled(state, msg, now)
         scan = state.scans[msg.scan] = _Scan(msg, state.members, now)
         return Decision(control=scan.routed_begins(sid))
@@ -557,8 +578,9 @@ class Router:
     def stats(self) -> Iterator[SessionStats]:
         """Counters per session; safe to call from another thread while routing goes on."""
         for state in list(self._sessions.values()):
+            connected = len(self._connected.intersection(state.members))
             yield SessionStats(state.entry.id, state.messages, state.bytes, len(state.scans),
-                               len(state.members), state.spooled, state.spooled_bytes,
+                               len(state.members), connected, state.spooled, state.spooled_bytes,
                                state.interrupted, state.idle_closed)
 
     @property

@@ -507,3 +507,30 @@ def test_a_report_names_its_published_spool_or_counts_an_unpublished_one_as_lost
     unpublished = with_spool(report, None)
     assert (unpublished.spooled, unpublished.lost, unpublished.spool) == (0, report.lost + 1, "")
     assert unpublished.dropped == {**report.dropped, "spool_failed": 1}
+
+
+def test_a_broken_consumer_connection_interrupts_its_open_scans_as_a_table_change_would() -> None:
+    router = _spooling(_session(consumers=2))
+    router.route("s1", begin(producers=2), 1, 0)
+    for frame, sector in FORWARDED:
+        send_data(router, data(frame=frame, sector=sector))
+    abort = encode(RoutedScanAbort(v=1, scan=1, reason="consumer_gone"))
+    assert router.consumer_lost(1) == [
+        Interruption(KEY, (Outgoing(0, abort), Outgoing(1, abort)),
+                     SpoolOpen(KEY, begin(producers=2)))]
+    assert router.consumer_lost(0) == []  # already interrupted: once only
+    assert send_data(router, data(frame=4)) == Decision(spool=SpoolWrite(KEY))
+    assert router.drops == {("s1", "consumer_gone"): len(FORWARDED)}
+
+
+def test_while_a_consumer_is_lost_new_scans_are_spooled_until_it_is_back() -> None:
+    router = _spooling(_session(consumers=2))
+    router.consumer_back(0)
+    router.consumer_back(1)
+    assert next(router.stats()).connected == 2
+    assert router.consumer_lost(1) == []  # between scans: nothing to interrupt
+    assert next(router.stats()).connected == 1
+    assert router.route("s1", begin(scan=2), 1, 0) == Decision(
+        spool=SpoolOpen(ScanKey("s1", 2), begin(scan=2)))
+    router.consumer_back(1)
+    assert control(router.route("s1", begin(scan=3), 1, 0))  # routed to the members again
