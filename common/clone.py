@@ -18,7 +18,8 @@ Every message is three frames, like the zguide's kvmsg (a ROUTER adds the peer i
 Messages:
     ICANHAZ?        gateway -> ROUTER  header: the gateway's epoch and last seq; body empty
     REPORT          gateway -> ROUTER  header: epoch "" and seq = the gateway's report id;
-                                       body = MessagePack InterruptedScan (a scan a member left)
+                                       body = MessagePack GatewayReport (common.receipts) of a
+                                       scan a consumer will not report: spooled or interrupted
     ACK             ROUTER -> gateway  header: the server's epoch and seq = that report id;
                                        body = MessagePack map {outcome: recorded | duplicate |
                                        refused}; without an ACK the gateway sends it again
@@ -59,13 +60,12 @@ from pydantic import ValidationError
 
 from common.config import Session
 from common.errors import DsnError
-from common.protocol import MAX_MANIFEST, U32, U63, ReasonLabel, SectorIndex, SessionId
+from common.receipts import GatewayReport
 
 MAX_KEY_BYTES: Final = 72
 MAX_HEADER_BYTES: Final = 128
 # A report with a full loss manifest (MAX_MANIFEST entries) is the largest body.
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
-MAX_SPOOL_PATH: Final = 4096
 # As many sessions as a DSN configuration may hold: bounds snapshots and buffered updates.
 MAX_SESSIONS: Final = 10_000
 MAX_PENDING: Final = 10_000
@@ -109,33 +109,10 @@ class _AckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outcome: AckOutcome
 
 
-class InterruptedScan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A scan the gateway interrupted because a member left mid-scan (``reason``).
-
-    ``sent``: the producers' total; ``accepted``: data messages the gateway accepted (forwarded
-    before the interruption, then spooled); ``spooled``: those in the spool file ``spool`` ("" if
-    none was written); ``lost``: sectors listed as lost, ``dropped`` by reason and ``drops``
-    one by one ([frame, sector, reason], at most MAX_MANIFEST; ``drops_truncated`` if more).
-    """
-
-    session: SessionId
-    scan: U32
-    reason: ReasonLabel
-    sent: U63
-    accepted: U63
-    spooled: U63
-    lost: U63
-    dropped: dict[ReasonLabel, U63]
-    drops: Annotated[list[tuple[U32, SectorIndex, ReasonLabel]],
-                     msgspec.Meta(max_length=MAX_MANIFEST)]
-    drops_truncated: bool
-    spool: Annotated[str, msgspec.Meta(max_length=MAX_SPOOL_PATH)]
-
-
 _HEADER = msgspec.msgpack.Decoder(_Header)
 _SNAPSHOT_END = msgspec.msgpack.Decoder(_SnapshotEnd)
 _ACK_BODY = msgspec.msgpack.Decoder(_AckBody)
-_REPORT_BODY = msgspec.msgpack.Decoder(InterruptedScan)
+_REPORT_BODY = msgspec.msgpack.Decoder(GatewayReport)
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -173,7 +150,7 @@ class Report:
     """A gateway's report, named by ``report_id`` in its ACK."""
 
     report_id: int
-    scan: InterruptedScan
+    scan: GatewayReport
 
 
 @dataclass(frozen=True, slots=True)

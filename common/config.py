@@ -85,6 +85,14 @@ def parse_endpoint(value: str, *, allow_wildcard: bool = False) -> tuple[str, in
     return host, port
 
 
+def next_port(endpoint: str) -> str:
+    """``endpoint`` with the port after its own: where a gateway serves receipts by default."""
+    host, port = parse_endpoint(endpoint, allow_wildcard=True)
+    if port == 65_535:
+        raise ValueError(f"{endpoint} has no next port; set the receipts endpoint explicitly")
+    return endpoint.rsplit(":", 1)[0] + f":{port + 1}"
+
+
 def _connect_endpoint(value: str) -> str:
     parse_endpoint(value)
     return value
@@ -190,6 +198,19 @@ class GatewaySettings(_Model):
     # A second ingress for sessions allowed unencrypted transport (PLAIN, token as password);
     # null (the default): there is none, and PLAIN connections have nowhere to go.
     plain_ingress: BindEndpoint | None = None
+    # Where producers ask what became of their scans (common.receipts); default: the port after
+    # the ingress's.
+    receipts: BindEndpoint | None = None
+
+    @model_validator(mode="after")
+    def _receipts_beside_the_ingress(self) -> GatewaySettings:
+        if self.receipts is None:
+            next_port(self.ingress)  # refuses an ingress on the last port with no receipts set
+        return self
+
+    @property
+    def receipts_endpoint(self) -> str:
+        return self.receipts or next_port(self.ingress)
 
 
 class DSNConfig(_Model):

@@ -16,11 +16,17 @@ from typing import Final, Literal, Protocol
 
 from common.errors import DsnError
 
-ScanStatus = Literal["complete", "partial", "failed"]
+# What a consumer job reports of a scan.
+ConsumerStatus = Literal["complete", "partial", "failed"]
+# What a scan's record may say: a consumer's status, or ``spooled``, which only a gateway reports.
+ScanStatus = Literal["complete", "partial", "failed", "spooled"]
 COMPLETE: Final = "complete"
 PARTIAL: Final = "partial"
 # The scan's data arrived but its file could not be written (the disk filled up, say).
 FAILED: Final = "failed"
+# No consumer could take the scan: the gateway spooled it whole, to be replayed (only the
+# gateway reports it; no consumer result is ever ``spooled``).
+SPOOLED: Final = "spooled"
 
 
 class ResultError(DsnError, ValueError):

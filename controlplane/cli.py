@@ -43,13 +43,17 @@ def controlplane() -> None:
 @click.option("--gateway-endpoint", metavar="tcp://IP:PORT", default=None,
               help="The gateway ingress handed to producers when sessions open.  "
                    "[default: tcp://127.0.0.1:5555]")
+@click.option("--gateway-receipts-endpoint", metavar="tcp://IP:PORT", default=None,
+              help="The gateway's receipts endpoint (its gateway.receipts), handed to producers so "
+                   "they can confirm delivery.  [default: the port after --gateway-endpoint's]")
 @click.option("--gateway-plain-endpoint", metavar="tcp://IP:PORT", default=None,
               help="The gateway's plaintext ingress (its --plain-ingress), handed to producers "
                    "of sessions opened with transport 'plain'; only where the policy sets "
                    "allow_plaintext.  [default: none]")
 def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
           state_snapshots: str | None, state_updates: str | None,
-          gateway_endpoint: str | None, gateway_plain_endpoint: str | None) -> None:
+          gateway_endpoint: str | None, gateway_receipts_endpoint: str | None,
+          gateway_plain_endpoint: str | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -64,6 +68,7 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
                                state_updates or DEFAULT_STATE_ENDPOINTS.updates)
     settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
                          state_endpoints=endpoints, gateway_endpoint=gateway_endpoint,
+                         gateway_receipts_endpoint=gateway_receipts_endpoint,
                          gateway_plain_endpoint=gateway_plain_endpoint)
     asyncio.run(require_initialised(settings))
     app = create_app(settings)

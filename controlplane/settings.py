@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from common.clone import StateEndpoints
-from common.config import parse_endpoint
+from common.config import next_port, parse_endpoint
 from controlplane.errors import ConfigurationError
 
 DEFAULT_STATE_DIR: Final = Path(".dsn")
@@ -50,6 +50,8 @@ class Settings:
     Sessions: ``gateway_endpoint`` is where producers connect (and the gateway binds);
     ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one (sessions opened with
     transport ``plain``, where the policy allows unencrypted transport);
+    ``gateway_receipts_endpoint`` where the gateway answers producers what became of their scans
+    (default: the port after ``gateway_endpoint``'s, as the gateway's own default);
     ``gateway_key_file`` is the gateway's CURVE public key certificate (default
     ``STATE_DIR/keys/server.key``, as ``dsn gateway keygen --out STATE_DIR/keys`` writes it; the
     secret sits beside it as ``server.key_secret``);
@@ -77,6 +79,7 @@ class Settings:
     gateway_endpoint: str = DEFAULT_GATEWAY_ENDPOINT
     gateway_key_file: Path | None = None
     gateway_plain_endpoint: str | None = None
+    gateway_receipts_endpoint: str | None = None
     launcher: str = "local"
     lease_s: int = 30
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
@@ -90,7 +93,7 @@ class Settings:
         _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
         _require(bool(self.issuer.strip()), "issuer", self.issuer)
         _require(1 <= self.lease_s <= 3600, "lease_s", self.lease_s)
-        for name in ("gateway_endpoint", "gateway_plain_endpoint"):
+        for name in ("gateway_endpoint", "gateway_plain_endpoint", "gateway_receipts_endpoint"):
             value = getattr(self, name)
             try:
                 if value is not None:
@@ -103,6 +106,11 @@ class Settings:
             except ValueError:
                 _require(False, "state_endpoints", endpoint)
         _require(0 < self.reconcile_s <= 3600, "reconcile_s", self.reconcile_s)
+
+    @property
+    def gateway_receipts(self) -> str:
+        """Where the gateway answers receipts: as set, else the port after its ingress's."""
+        return self.gateway_receipts_endpoint or next_port(self.gateway_endpoint)
 
     @property
     def database(self) -> Path:

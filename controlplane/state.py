@@ -13,9 +13,9 @@ The app calls ``publish`` after each committed change; ``reconcile`` (run every
 with what was published and publishes the difference, so changes nobody announced (a consumer
 lease or a session that expired, a revocation) still reach the gateways.
 
-The ROUTER also takes the gateways' reports of interrupted scans: ``on_report`` records one and
-says how (recorded, duplicate, refused); the service acknowledges it only then, so a report the
-store could not take is sent again by the gateway.
+The ROUTER also takes the gateways' reports of spooled and interrupted scans: ``on_report``
+records one and says how (recorded, duplicate, refused); the service acknowledges it only then, so
+a report the store could not take is sent again by the gateway.
 
 Both sockets are CURVE servers with the state service's key pair. Gateways authenticate with their
 own CURVE client keys: a ZAP handler on the service's context admits only allow-listed keys, and
@@ -44,6 +44,7 @@ import zmq.asyncio
 from common import clone, zap
 from common.config import Session, parse_endpoint
 from common.keys import KeyPair
+from common.receipts import GatewayReport
 from controlplane.settings import DEFAULT_STATE_ENDPOINTS
 
 ZAP_DOMAIN: Final = b"dsn-state"
@@ -52,7 +53,7 @@ _REFUSED: Final = "not an allowed gateway"
 log = logging.getLogger("dsn.controlplane.state")
 
 SnapshotSource = Callable[[], Awaitable[Iterable[Session]]]
-ReportSink = Callable[[clone.InterruptedScan], Awaitable[clone.AckOutcome]]
+ReportSink = Callable[[GatewayReport], Awaitable[clone.AckOutcome]]
 
 
 @dataclass(frozen=True, slots=True)

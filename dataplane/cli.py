@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from common.clitypes import scan_shape_option, template_params
+from common.config import next_port
 from common.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
+from common.receipts import GatewayReport
 from common.restclient import RestError
 from common.tokenfile import TokenFileError, read_token
 from dataplane.producer import (
@@ -21,7 +24,9 @@ from dataplane.producer import (
     replay_spool,
     stream_synthetic,
 )
+from dataplane.receipts import DEFAULT_WAIT_S, ReceiptClient, await_report, check_not_closed
 from dataplane.sessions import DEFAULT_TEMPLATE, Transport
+from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera, SyntheticError
 
 
@@ -64,6 +69,14 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
                    "session was opened.")
 @click.option("--server-key", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Without --controlplane: the gateway's public CURVE key file (NAME.key).")
+@click.option("--receipts", "receipts_endpoint", default=None, metavar="tcp://HOST:PORT",
+              help="Without --controlplane: the gateway's receipts endpoint (its "
+                   "gateway.receipts) [default: the port after --endpoint's].")
+@click.option("--receipt-timeout", type=click.FloatRange(0, min_open=True),
+              default=DEFAULT_WAIT_S, show_default=True,
+              help="Seconds to wait, after the stream, for the gateway's report of the scan.")
+@click.option("--no-receipt", is_flag=True,
+              help="Do not ask the gateway what became of the scan: delivery goes unconfirmed.")
 @click.option("--client-key", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="This producer's CURVE key pair (NAME.key_secret, mode 0600). Without "
                    "--controlplane it must already be registered with the session; with it, it "
@@ -95,6 +108,7 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 def stream(controlplane_url: str | None, project_token_file: Path | None, project: str | None,
            template: str, param_pairs: tuple[str, ...], ttl: int | None, end_session: bool,
            transport: Transport, endpoint: str | None, server_key: Path | None,
+           receipts_endpoint: str | None, receipt_timeout: float, no_receipt: bool,
            client_key: Path | None, scan: int | None, spool_file: Path | None,
            scan_shape: tuple[int, int], seed: int,
            loss: float, duplicates: float, reorder: int, header: HeaderMode, electrons: int,
@@ -105,6 +119,11 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
     Two modes: with --controlplane, open the session there with a project token (registering
     this producer's CURVE key) and stream into the gateway it names; without it, stream into a
     session opened elsewhere, given its --endpoint, --server-key and a registered --client-key.
+
+    Before streaming, the gateway is asked whether the scan number is free in the session; after
+    it, what became of the scan: how many messages it forwarded, spooled (and to which file) or
+    dropped, and why. The command exits non-zero when anything sent was not delivered, or when
+    the gateway's report does not come (--no-receipt skips both questions).
     """
     ctx = click.get_current_context()
     if spool_file is not None:
@@ -113,9 +132,11 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
     else:
         work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
                                reorder, header, electrons, dark, progress, timeout)
+    wait_s = None if no_receipt else receipt_timeout
     if controlplane_url is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
-        _report(*_run(work, _direct_target(endpoint, server_key, client_key)))
+        target = _direct_target(endpoint, server_key, client_key, receipts_endpoint)
+        _guarded(lambda: _deliver(work, target, wait_s))
         return
     _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
                                           "control plane names it")
@@ -126,24 +147,36 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
         template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
         client=None if client_key is None else _load_key(client_key, "--client-key", secret=True),
         transport=transport)
-    _stream_in_session(session, work)
+    _guarded(lambda: _stream_in_session(session, work, wait_s))
 
 
-# What a stream does once it knows where to go: (label for the report, the statistics).
-Work = Callable[[GatewayTarget], tuple[str, StreamStats]]
+@dataclass(frozen=True)
+class Work:
+    """What a stream does once it knows where to go: ``run`` streams scan ``scan``."""
+
+    label: str
+    scan: int
+    run: Callable[[GatewayTarget], StreamStats]
+
 
 _CONTROLPLANE_OPTIONS = ("project_token_file", "project", "template", "param_pairs", "ttl",
                          "end_session", "transport")
-_DIRECT_OPTIONS = ("endpoint", "server_key")
+_DIRECT_OPTIONS = ("endpoint", "server_key", "receipts_endpoint")
 
 
 def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
                 timeout: float) -> Work:
-    def work(target: GatewayTarget) -> tuple[str, StreamStats]:
-        return f"spool {spool_file.name}", replay_spool(
-            spool_file, target.endpoint, target.server_public, target.client, scan=scan,
-            progress=progress, send_timeout_s=timeout, plain=target.plain)
-    return work
+    try:
+        with SpoolReader(spool_file) as spool:
+            spooled = spool.info.scan
+    except SpoolError as exc:
+        raise click.BadParameter(str(exc), param_hint="--spool") from None
+
+    def run(target: GatewayTarget) -> StreamStats:
+        return replay_spool(spool_file, target.endpoint, target.server_public, target.client,
+                            scan=scan, progress=progress, send_timeout_s=timeout,
+                            plain=target.plain)
+    return Work(f"spool {spool_file.name}", spooled if scan is None else scan, run)
 
 
 def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: float,
@@ -158,22 +191,52 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
 
-    def work(target: GatewayTarget) -> tuple[str, StreamStats]:
-        return f"scan {scan}", stream_synthetic(
+    def run(target: GatewayTarget) -> StreamStats:
+        return stream_synthetic(
             target.endpoint, target.server_public, target.client, SyntheticCamera(spec), plan,
             scan, header=header, progress=progress, send_timeout_s=timeout, plain=target.plain)
-    return work
+    return Work(f"scan {scan}", scan, run)
 
 
-def _run(work: Work, target: GatewayTarget) -> tuple[str, StreamStats]:
+def _guarded(action: Callable[[], None]) -> None:
+    """Run ``action``; a producer or control-plane failure is one error line, exit status 1."""
     try:
-        return work(target)
-    except ProducerError as exc:
+        action()
+    except (ProducerError, RestError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _direct_target(endpoint: str | None, server_key: Path | None,
-                   client_key: Path | None) -> GatewayTarget:
+def _deliver(work: Work, target: GatewayTarget, wait_s: float | None) -> None:
+    """Stream ``work`` to ``target`` and, unless ``wait_s`` is None, confirm its delivery."""
+    if wait_s is None or target.receipts is None:
+        _report(work.label, work.run(target))
+        click.echo(f"scan {work.scan}: delivery not confirmed (no receipt asked for)")
+        return
+    with ReceiptClient(target.receipts, target.server_public, target.client) as receipts:
+        check_not_closed(receipts, work.scan)
+        _report(work.label, work.run(target))
+        report = await_report(receipts, work.scan, timeout_s=wait_s)
+    _confirm(report)
+
+
+def _confirm(report: GatewayReport) -> None:
+    """Print the gateway's report; ProducerError if anything sent was not delivered."""
+    delivered = (f"{report.accepted} of {report.sent} messages accepted: {report.forwarded} "
+                 f"forwarded, {report.spooled} spooled")
+    click.echo(f"gateway: scan {report.scan} {report.outcome}"
+               f"{f' ({report.reason})' if report.reason else ''}: {delivered}, "
+               f"{report.lost} lost")
+    if report.spool:
+        click.echo(f"gateway: spooled to {report.spool}; replay it into a session with "
+                   f"'dsn producer stream --spool {report.spool} --scan NEW_NUMBER ...'")
+    if report.lost:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(report.dropped.items()))
+        raise ProducerError(f"the gateway did not deliver {report.lost} of the {report.sent} "
+                            f"messages of scan {report.scan} ({reasons})")
+
+
+def _direct_target(endpoint: str | None, server_key: Path | None, client_key: Path | None,
+                   receipts: str | None) -> GatewayTarget:
     missing = [option for option, value in (("--endpoint", endpoint), ("--server-key", server_key),
                                             ("--client-key", client_key)) if value is None]
     if missing:
@@ -181,8 +244,12 @@ def _direct_target(endpoint: str | None, server_key: Path | None,
                                f"{'is' if len(missing) == 1 else 'are'} required")
     assert endpoint is not None and server_key is not None and client_key is not None
     server = _load_key(server_key, "--server-key", secret=False)
+    try:
+        receipts = receipts or next_port(endpoint)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--endpoint") from None
     return GatewayTarget(endpoint, server.public,
-                         _load_key(client_key, "--client-key", secret=True))
+                         _load_key(client_key, "--client-key", secret=True), receipts=receipts)
 
 
 def _read_project_token(path: Path) -> str:
@@ -192,17 +259,19 @@ def _read_project_token(path: Path) -> str:
         raise click.BadParameter(str(exc), param_hint="--project-token-file") from None
 
 
-def _stream_in_session(session: ProducerSession, work: Work) -> None:
-    try:
-        with session:
-            opened = session.session
-            target = session.gateway()
-            click.echo(f"session {opened.id} (expires {opened.expires_at.isoformat()}), "
-                       f"gateway {target.endpoint}"
-                       f"{' (plain, unencrypted)' if target.plain is not None else ''}")
-            _report(*_run(work, target))
-    except (RestError, ProducerError) as exc:
-        raise click.ClickException(str(exc)) from None
+def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | None) -> None:
+    # The session ends (with --end-session) only once the gateway has reported the scan: ending
+    # it earlier would have the gateway drop what it had not read yet.
+    with session:
+        opened = session.session
+        target = session.gateway()
+        click.echo(f"session {opened.id} (expires {opened.expires_at.isoformat()}), "
+                   f"gateway {target.endpoint}"
+                   f"{' (plain, unencrypted)' if target.plain is not None else ''}")
+        if not opened.consumers:
+            click.echo(f"session {opened.id} has no consumer yet: the gateway spools its scans "
+                       "until a consumer job registers")
+        _deliver(work, target, wait_s)
     if session.end_on_exit:
         click.echo(f"session {opened.id} ended")
 

@@ -393,12 +393,14 @@ def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape,
 
 
 class GatewayTarget(NamedTuple):
-    """A gateway ingress and the credentials for it (``plain`` set: PLAIN, else CURVE)."""
+    """A gateway ingress and the credentials for it (``plain`` set: PLAIN, else CURVE), and the
+    gateway's receipts endpoint (None: unknown, delivery cannot be confirmed)."""
 
     endpoint: str
     server_public: bytes
     client: KeyPair
     plain: PlainCredentials | None = None
+    receipts: str | None = None
 
 
 class ProducerSession:
@@ -450,12 +452,14 @@ class ProducerSession:
     def gateway(self) -> GatewayTarget:
         """Where this session's streams go, and how they authenticate."""
         session = self.session
+        receipts = session.gateway_receipts_endpoint
         if self.transport == "curve":
-            return GatewayTarget(session.gateway_endpoint, session.gateway_server_key, self.client)
+            return GatewayTarget(session.gateway_endpoint, session.gateway_server_key, self.client,
+                                 receipts=receipts)
         if session.gateway_plain_endpoint is None:
             raise ProducerError("the control plane names no plaintext ingress for this session")
         return GatewayTarget(session.gateway_plain_endpoint, session.gateway_server_key,
-                             self.client, session.plain_credentials)
+                             self.client, session.plain_credentials, receipts)
 
     def producer(self, **options: Any) -> Producer:
         """A ``Producer`` connected to the session's gateway; ``options`` as for ``Producer``."""

@@ -31,7 +31,8 @@ class OpenedSession:
 
     ``gateway_server_key`` is the gateway's Z85 CURVE public key; ``session_token`` is the session
     token the control plane returned once (audience: the gateway), kept out of ``repr``;
-    ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one.
+    ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one;
+    ``gateway_receipts_endpoint`` where it answers what became of a scan.
     """
 
     id: str
@@ -41,10 +42,17 @@ class OpenedSession:
     session_token: str = field(repr=False)
     config: dict[str, Any] = field(repr=False, default_factory=dict)
     gateway_plain_endpoint: str | None = None
+    gateway_receipts_endpoint: str | None = None
 
     @property
     def plain_credentials(self) -> PlainCredentials:
         return PlainCredentials.of(self.id, self.session_token)
+
+    @property
+    def consumers(self) -> list[str]:
+        """The consumer endpoints the session had when it opened (none before a job joins)."""
+        return [endpoint for session in self.config.get("sessions", [])
+                for endpoint in session.get("consumers", [])]
 
     @classmethod
     def from_answer(cls, answer: dict[str, Any]) -> OpenedSession:
@@ -53,12 +61,13 @@ class OpenedSession:
             server_key = str(gateway["server_key"]).encode("ascii")
             if len(server_key) != 40:
                 raise ValueError("the gateway's server key is not a 40-character Z85 key")
-            plain = gateway.get("plain_endpoint")
+            plain, receipts = gateway.get("plain_endpoint"), gateway.get("receipts_endpoint")
             return cls(id=str(answer["id"]),
                        expires_at=datetime.fromisoformat(answer["expires_at"]),
                        gateway_endpoint=str(gateway["endpoint"]), gateway_server_key=server_key,
                        session_token=str(answer["token"]), config=dict(answer["config"]),
-                       gateway_plain_endpoint=None if plain is None else str(plain))
+                       gateway_plain_endpoint=None if plain is None else str(plain),
+                       gateway_receipts_endpoint=None if receipts is None else str(receipts))
         except (KeyError, TypeError, ValueError, UnicodeEncodeError) as exc:
             # The answer holds a token: name only the problem, never the answer itself.
             raise RestError(f"the control plane's session record is malformed: "

@@ -80,13 +80,15 @@ class Loopback:
     snapshots: str
     updates: str
     ingress: str
+    receipts: str
     metrics: str
 
     @classmethod
     def free(cls) -> Loopback:
-        ports = free_ports(5)
+        ports = free_ports(6)
         return cls(ports[0], f"tcp://127.0.0.1:{ports[1]}", f"tcp://127.0.0.1:{ports[2]}",
-                   f"tcp://127.0.0.1:{ports[3]}", f"127.0.0.1:{ports[4]}")
+                   f"tcp://127.0.0.1:{ports[3]}", f"tcp://127.0.0.1:{ports[4]}",
+                   f"127.0.0.1:{ports[5]}")
 
     @property
     def url(self) -> str:
@@ -136,7 +138,8 @@ def _start_controlplane(group: ProcessGroup, workdir: Path, state_dir: Path, net
     child = group.start("control plane", dsn_command(
         "controlplane", "serve", "--state-dir", str(state_dir), "--port", str(net.http_port),
         "--state-snapshots", net.snapshots, "--state-updates", net.updates,
-        "--gateway-endpoint", net.ingress), workdir / "controlplane.log", env=mpi_environment())
+        "--gateway-endpoint", net.ingress, "--gateway-receipts-endpoint", net.receipts),
+        workdir / "controlplane.log", env=mpi_environment())
     _poll(group, "the control plane was not ready", lambda: _ready(net.url), READY_TIMEOUT_S)
     return child
 
@@ -156,6 +159,7 @@ def _start_gateway(group: ProcessGroup, workdir: Path, settings: Settings, net: 
         "gateway", "run", "--controlplane-state", f"{net.snapshots},{net.updates}",
         "--state-key", str(settings.state_public_key_file),
         "--key", str(settings.gateway_secret_key_file), "--ingress", net.ingress,
+        "--receipts", net.receipts,
         "--spool-dir", str(workdir / "spool"), "--metrics", net.metrics), workdir / "gateway.log")
     group.wait_for_log(gateway, '"event": "start"', READY_TIMEOUT_S)
     return gateway

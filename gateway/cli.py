@@ -69,6 +69,9 @@ def gateway() -> None:
                    "STATE_DIR/gateways/ must hold the public .key).")
 @click.option("--ingress", metavar="tcp://IP:PORT", help="Where producers connect "
               "(control-plane mode; default gateway.ingress or tcp://127.0.0.1:5555).")
+@click.option("--receipts", metavar="tcp://IP:PORT",
+              help="Where producers ask what became of their scans (control-plane mode; default "
+                   "gateway.receipts, or the port after the ingress's).")
 @click.option("--plain-ingress", metavar="tcp://IP:PORT",
               help="A second ingress for sessions whose policy allows unencrypted transport "
                    "(PLAIN, session id and token signature; control-plane mode; default "
@@ -83,21 +86,21 @@ def gateway() -> None:
               help="Seconds to wait for the first snapshot of the sessions before giving up.")
 def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         state_endpoints: str | None, state_key_file: Path | None, key_file: Path | None,
-        ingress: str | None, plain_ingress: str | None, spool_dir: Path | None,
-        max_sector_bytes: int | None, sync_timeout: float) -> None:
+        ingress: str | None, receipts: str | None, plain_ingress: str | None,
+        spool_dir: Path | None, max_sector_bytes: int | None, sync_timeout: float) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
     configure_logging("dsn")
     source: CloneSessionSource | None = None
     try:
         if state_endpoints is None:
-            _static_only(state_key_file, key_file, ingress, plain_ingress, spool_dir,
+            _static_only(state_key_file, key_file, ingress, receipts, plain_ingress, spool_dir,
                          max_sector_bytes)
             if config_path is None:
                 raise ConfigError("give --config, or --controlplane-state with --state-key")
             gw = _static_gateway(config_path, mode)
         else:
-            config = _gateway_only_config(config_path, key_file, ingress, plain_ingress,
-                                          spool_dir)
+            config = _gateway_only_config(config_path, key_file, ingress, receipts,
+                                          plain_ingress, spool_dir)
             gw, source = _live_gateway(config, mode, state_endpoints, state_key_file,
                                        max_sector_bytes, sync_timeout)
     except (ConfigError, KeyFileError, GatewayError) as exc:
@@ -111,8 +114,9 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
 
 def _static_only(*live_options: object) -> None:
     if any(option is not None for option in live_options):
-        raise ConfigError("--state-key, --key, --ingress, --plain-ingress, --spool-dir and "
-                          "--max-sector-bytes apply only with --controlplane-state")
+        raise ConfigError("--state-key, --key, --ingress, --receipts, --plain-ingress, "
+                          "--spool-dir and --max-sector-bytes apply only with "
+                          "--controlplane-state")
 
 
 def _static_gateway(config_path: Path, mode: Mode) -> Gateway:
@@ -122,7 +126,8 @@ def _static_gateway(config_path: Path, mode: Mode) -> Gateway:
 
 
 def _gateway_only_config(config_path: Path | None, key_file: Path | None, ingress: str | None,
-                         plain_ingress: str | None, spool_dir: Path | None) -> DSNConfig:
+                         receipts: str | None, plain_ingress: str | None,
+                         spool_dir: Path | None) -> DSNConfig:
     """The gateway's own settings: the configuration file's, overridden by the flags given."""
     settings: dict[str, Any] = {}
     if config_path is not None:
@@ -133,7 +138,7 @@ def _gateway_only_config(config_path: Path | None, key_file: Path | None, ingres
         settings = config.gateway.model_dump(mode="json")
     elif key_file is None:
         raise ConfigError("--controlplane-state needs --key (or --config naming the key)")
-    flags = {"server_secret_key_file": key_file, "ingress": ingress,
+    flags = {"server_secret_key_file": key_file, "ingress": ingress, "receipts": receipts,
              "plain_ingress": plain_ingress, "spool_dir": spool_dir}
     settings.update({name: str(value) for name, value in flags.items() if value is not None})
     return parse_config({"version": 1, "gateway": settings, "sessions": []})

@@ -21,6 +21,8 @@ those events whenever a send waits, whenever the ingress is quiet and every
 ``l7``: every message goes through the Router (session, protocol, scan checks, routing); payload
 frames are forwarded zero-copy; a scan the router spools (its session has no consumer) is written
 to a file in ``gateway.spool_dir`` by this same thread (buffered, so one write call per sector).
+Each closed scan's report is filed for the receipts socket (``gateway.receipts``), logged, and, for
+a scan no consumer will report (spooled or interrupted), handed to ``on_report``.
 ``l4``: no inspection; every message goes to one PUSH socket
 connected to all consumers of the single session (the comparison baseline).
 """
@@ -39,11 +41,12 @@ from typing import Final, Literal, cast
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.clone import InterruptedScan
 from common.config import DSNConfig, GatewaySettings
 from common.keys import KeyPair, load_secret_keypair
+from common.receipts import GatewayReport
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
+from gateway.receipts import ReceiptBook, ReceiptServer
 from gateway.router import (
     Decision,
     Interruption,
@@ -74,7 +77,7 @@ EGRESS_CHECK_EVERY: Final = 256
 _control_ids = itertools.count()
 log = logging.getLogger("dsn.gateway")
 
-ReportSink = Callable[[InterruptedScan], None]
+ReportSink = Callable[[GatewayReport], None]
 # An outgoing message: received frames passed on zero-copy, or headers the router wrote.
 Parts = Sequence[zmq.Frame | bytes]
 
@@ -159,6 +162,7 @@ class L7Proxy:
         self.router = Router(table, clock=clock, spooling=spools is not None)
         self.spools = spools
         self.on_report = on_report
+        self.receipts = ReceiptBook()
         self._context = context
         self._ingress = ingress
         self._plain_ingress = plain_ingress
@@ -372,13 +376,17 @@ class L7Proxy:
             self.router.spool_failed(action.key, 0)
         return path
 
-    def _report(self, report: InterruptedScan, spool: Path | None) -> None:
+    def _report(self, report: GatewayReport, spool: Path | None) -> None:
         report = with_spool(report, None if spool is None else str(spool))
-        log.warning("interrupted scan ended", extra={"fields": {
-            "session": report.session, "scan": report.scan, "sent": report.sent,
-            "accepted": report.accepted, "spooled": report.spooled, "lost": report.lost,
-            "spool": report.spool}})
-        if self.on_report is not None:
+        self.receipts.record(report)
+        forwarded = report.outcome == "forwarded"
+        log.log(logging.INFO if forwarded and not report.lost else logging.WARNING,
+                "scan closed", extra={"fields": {
+                    "session": report.session, "scan": report.scan, "outcome": report.outcome,
+                    "reason": report.reason, "closed_by": report.closed_by, "sent": report.sent,
+                    "forwarded": report.forwarded, "spooled": report.spooled,
+                    "lost": report.lost, "dropped": report.dropped, "spool": report.spool}})
+        if not forwarded and self.on_report is not None:
             self.on_report(report)
 
     def _send(self, slot: int, parts: Parts, session: str | None) -> None:
@@ -475,6 +483,7 @@ class Gateway:
         self.zap = ZapHandler(self.context, self.table, clock=clock)
         self._clock = clock
         self._proxy: L7Proxy | L4Proxy | None = None
+        self._receipts: ReceiptServer | None = None
         self._ingresses: list[zmq.Socket[bytes]] = []
         self._handshakes: list[HandshakeMonitor] = []
         self._stopping = threading.Event()
@@ -501,8 +510,13 @@ class Gateway:
                 plain = open_plain_ingress(self.context, settings.plain_ingress, self.table,
                                            **limits)
                 self._watch(plain)
-            self._proxy = (self._l7_proxy(ingress, plain) if self.mode == "l7"
-                           else L4Proxy(self.context, ingress, self.table))
+            if self.mode == "l7":
+                proxy = self._proxy = self._l7_proxy(ingress, plain)
+                self._receipts = ReceiptServer(self.context, settings.receipts_endpoint, keypair,
+                                               proxy.receipts, proxy.router)
+                self._receipts.start()
+            else:
+                self._proxy = L4Proxy(self.context, ingress, self.table)
         except BaseException:
             self.close()
             raise
@@ -554,6 +568,8 @@ class Gateway:
             # terminating the context would hang. Process exit releases them.
             self.zap.stop()
             return
+        if self._receipts is not None:
+            self._receipts.stop()
         if self._proxy is not None:
             self._proxy.close()
         for monitor in self._handshakes:

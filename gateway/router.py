@@ -17,8 +17,7 @@ expired or it left), or the socket loop sees its connection break (``consumer_lo
 rank, in either mode), the scan is interrupted. The members form one job that cannot finish the scan
 without the one that left, so every member gets a scan_abort, every sector already forwarded is
 listed as lost ("consumer_gone": the gateway cannot know whether it was counted), and the rest of
-the scan is spooled (or, with spooling off, dropped as "consumer_gone"). When the scan ends, the
-decision carries an InterruptedScan report for the control plane beside the spool's SpoolClose.
+the scan is spooled (or, with spooling off, dropped as "consumer_gone").
 A scan that begins while a member of its session is known to be gone (its connection broke and
 has not come back) is spooled as if the session had no consumer: the job it would go to cannot
 gather it.
@@ -26,6 +25,10 @@ gather it.
 Idle scans: a scan that has seen no message for its session's ``limits.scan_idle_s`` (a producer
 died before its scan_end) is closed by ``expire_idle`` exactly as its last scan_end would have
 closed it; consumers list whatever never arrived.
+
+Reports: the decision that closes a scan, however it closes, carries its GatewayReport
+(``common.receipts``): forwarded, spooled or interrupted, with its totals and loss manifest. The
+socket loop completes it with the spool's path (``with_spool``) once the spool is published.
 
 Accounting: every data message is either forwarded, spooled, or counted as a drop under
 (session, reason). A drop that belongs to an open scan (a valid data header) is also counted in that
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, NamedTuple
@@ -46,7 +49,6 @@ from typing import Final, NamedTuple
 import msgspec
 import numpy as np
 
-from common.clone import InterruptedScan
 from common.protocol import (
     MAX_MANIFEST,
     VERSION,
@@ -63,6 +65,7 @@ from common.protocol import (
     encode,
     is_native_header,
 )
+from common.receipts import ClosedBy, GatewayReport, Outcome
 from dataplane.spool import SpoolManifest
 from gateway.sessions import SessionEntry, SessionTable
 
@@ -70,6 +73,8 @@ log = logging.getLogger("dsn.gateway.router")
 
 # Scan ids a session closed recently, kept to tell a late message ("scan_closed") from a stray one.
 CLOSED_SCANS_KEPT: Final = 1024
+# Refused scan_begins remembered for the receipts of their producers.
+REFUSALS_KEPT: Final = 4096
 
 
 class Outgoing(NamedTuple):
@@ -114,15 +119,15 @@ SpoolAction = SpoolOpen | SpoolWrite | SpoolClose
 class Decision:
     """What to do with one message. ``slot`` >= 0: forward it there (``header`` replaces part 1
     when set); ``control``: send these; ``spool``: act on a spool; ``drop``: the reason it was
-    refused; ``report``: an interrupted scan ended, report it (after the spool action, which
-    gives its spool file)."""
+    refused; ``report``: a scan closed, this is its report (after the spool action, which gives
+    its spool file)."""
 
     slot: int = -1
     header: bytes | None = None
     control: tuple[Outgoing, ...] = ()
     drop: str | None = None
     spool: SpoolAction | None = None
-    report: InterruptedScan | None = None
+    report: GatewayReport | None = None
 
 
 class TableChange(NamedTuple):
@@ -180,13 +185,14 @@ class _Scan:
         "sent",
         "spool",
         "spool_failed",
+        "spool_reason",
         "spooled",
         "to_spool",
         "truncated",
     )
 
     def __init__(self, begin: ScanBegin, members: tuple[int, ...], now: float,
-                 spool: SpoolWrite | None = None) -> None:
+                 spool: SpoolWrite | None = None, spool_reason: str = "") -> None:
         self.begin = begin
         self.seen = now
         self.geometry = begin.geometry
@@ -196,6 +202,7 @@ class _Scan:
         self.spool = spool
         self.to_spool = Decision(spool=spool)
         self.spool_failed = False
+        self.spool_reason = spool_reason
         self.spooled = 0
         self.interrupted = False
         self.sectors = begin.sectors  # read for every forwarded message: one lookup, not two
@@ -253,16 +260,26 @@ class _Scan:
         return SpoolManifest(sent=self.sent, dropped=dict(self.dropped), drops=drops,
                              drops_truncated=truncated)
 
-    def report(self, session: str) -> InterruptedScan:
+    def outcome(self) -> tuple[Outcome, str]:
+        """What became of the scan, and why."""
+        if self.interrupted:
+            return "interrupted", DropReason.CONSUMER_GONE.value
+        if self.spool is not None:
+            return "spooled", self.spool_reason
+        return "forwarded", ""
+
+    def report(self, session: str, closed_by: ClosedBy) -> GatewayReport:
         drops, truncated = self.all_drops()
-        return InterruptedScan(
-            session=session, scan=self.begin.scan, reason=DropReason.CONSUMER_GONE.value,
-            sent=self.sent, accepted=sum(self.expected) + self.spooled, spooled=self.spooled,
-            lost=sum(self.dropped.values()), dropped=dict(self.dropped), drops=drops,
-            drops_truncated=truncated, spool="")
+        outcome, reason = self.outcome()
+        forwarded = sum(self.expected)
+        return GatewayReport(
+            session=session, scan=self.begin.scan, outcome=outcome, reason=reason,
+            closed_by=closed_by, sent=self.sent, accepted=forwarded + self.spooled,
+            forwarded=forwarded, spooled=self.spooled, lost=sum(self.dropped.values()),
+            dropped=dict(self.dropped), drops=drops, drops_truncated=truncated, spool="")
 
 
-def with_spool(report: InterruptedScan, spool: str | None) -> InterruptedScan:
+def with_spool(report: GatewayReport, spool: str | None) -> GatewayReport:
     """An interrupted scan's report once its spool was closed: the published file, or (``None``:
     it could not be published) what it held counted as lost to ``spool_failed``."""
     if spool is not None:
@@ -317,6 +334,8 @@ class Router:
         self.live_slots: frozenset[int] = frozenset()
         self.spooling = spooling
         self.drops: dict[tuple[str, str], int] = {}
+        # Why the latest scan_begin of a (session, scan) was refused, newest last.
+        self.refusals: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._slots: dict[str, int] = {}
         self._lost: set[int] = set()  # slots whose connection broke and has not come back
         self._connected: set[int] = set()  # slots whose consumer completed a handshake
@@ -342,7 +361,7 @@ class Router:
                 interruptions.extend(self._interrupt_scans_without(state, frozenset(members)))
             state.entry, state.members = entry, members
             sessions[entry.id] = state
-        closed = [self._close(state, scan)
+        closed = [self._close(state, scan, "session_end")
                   for sid, state in self._sessions.items() if sid not in sessions
                   for scan in list(state.scans.values())]
         self._sessions = sessions
@@ -426,7 +445,7 @@ class Router:
                             "ended it", idle_s, scan.ends, scan.begin.producers,
                             extra={"fields": {"session": state.entry.id, "scan": scan.begin.scan}})
                 state.idle_closed += 1
-                closed.append(self._close(state, scan))
+                closed.append(self._close(state, scan, "idle"))
         return closed
 
     def undelivered(self, session_id: str | None) -> None:
@@ -519,30 +538,41 @@ class Router:
         sid, detector, limits = session.id, session.detector, session.limits
         if (tuple(msg.frame_shape), msg.sectors, msg.dtype) != (
                 tuple(detector.frame_shape), detector.sectors, detector.dtype):
-            return self._count(sid, DropReason.GEOMETRY_MISMATCH.value)
+            return self._refuse(sid, msg, DropReason.GEOMETRY_MISMATCH.value)
         if msg.scan_shape[0] * msg.scan_shape[1] > limits.max_scan_positions:
-            return self._count(sid, DropReason.SCAN_TOO_LARGE.value)
+            return self._refuse(sid, msg, DropReason.SCAN_TOO_LARGE.value)
         if msg.producers > limits.max_producers:
-            return self._count(sid, DropReason.TOO_MANY_PRODUCERS.value)
+            return self._refuse(sid, msg, DropReason.TOO_MANY_PRODUCERS.value)
         scan = state.scans.get(msg.scan)
         if scan is not None:
             return self._join_scan(sid, scan, msg, now)
         if msg.scan in state.closed:
-            return self._count(sid, DropReason.SCAN_CLOSED.value)
+            return self._refuse(sid, msg, DropReason.SCAN_CLOSED.value)
         if len(state.scans) >= limits.max_open_scans:
-            return self._count(sid, DropReason.TOO_MANY_SCANS.value)
-        if not state.members or not self._lost.isdisjoint(state.members):
-            return self._begin_spooled(state, msg, now)
+            return self._refuse(sid, msg, DropReason.TOO_MANY_SCANS.value)
+        if not state.members:
+            return self._begin_spooled(state, msg, now, DropReason.NO_CONSUMERS.value)
+        if not self._lost.isdisjoint(state.members):
+            return self._begin_spooled(state, msg, now, DropReason.CONSUMER_GONE.value)
         scan = state.scans[msg.scan] = _Scan(msg, state.members, now)
         return Decision(control=scan.routed_begins(sid))
 
-    def _begin_spooled(self, state: _SessionState, msg: ScanBegin, now: float) -> Decision:
+    def _begin_spooled(self, state: _SessionState, msg: ScanBegin, now: float,
+                       reason: str) -> Decision:
         if not self.spooling:
-            return self._count(state.entry.id, DropReason.NO_CONSUMERS.value)
+            return self._refuse(state.entry.id, msg, reason)
         key = ScanKey(state.entry.id, msg.scan)
-        state.scans[msg.scan] = _Scan(msg, (), now, SpoolWrite(key))
+        state.scans[msg.scan] = _Scan(msg, (), now, SpoolWrite(key), reason)
         # The spool records the canonical encoding: what a replaying producer would send.
         return Decision(spool=SpoolOpen(key, encode(msg)))
+
+    def _refuse(self, sid: str, msg: ScanBegin, reason: str) -> Decision:
+        """Refuse a scan_begin, remembering why for the scan's producers (receipts)."""
+        self.refusals[(sid, msg.scan)] = reason
+        self.refusals.move_to_end((sid, msg.scan))
+        if len(self.refusals) > REFUSALS_KEPT:
+            self.refusals.popitem(last=False)
+        return self._count(sid, reason)
 
     def _join_scan(self, sid: str, scan: _Scan, msg: ScanBegin, now: float) -> Decision:
         if msg != scan.begin:
@@ -562,18 +592,27 @@ class Router:
         scan.seen = now
         if scan.ends < scan.begin.producers:
             return _ACCEPTED
-        return self._close(state, scan)
+        return self._close(state, scan, "scan_end")
 
-    def _close(self, state: _SessionState, scan: _Scan) -> Decision:
-        """Close an open scan: routed scan_ends to its members, or its spool and report."""
+    def _close(self, state: _SessionState, scan: _Scan, closed_by: ClosedBy) -> Decision:
+        """Close an open scan: routed scan_ends to its members, or its spool; and its report."""
         del state.scans[scan.begin.scan]
         state.closed.append(scan.begin.scan)
+        report = scan.report(state.entry.id, closed_by)
         if not scan.interrupted and scan.spool is None:
-            return Decision(control=scan.routed_ends())
-        report = scan.report(state.entry.id) if scan.interrupted else None
+            return Decision(control=scan.routed_ends(), report=report)
         if scan.spool is None or scan.spool_failed:
-            return Decision(report=report) if report is not None else _ACCEPTED
+            return Decision(report=report)
         return Decision(spool=SpoolClose(scan.spool.key, scan.manifest()), report=report)
+
+    def scan_open(self, session: str, scan: int) -> bool:
+        """Whether ``scan`` of ``session`` is open; safe to call from another thread."""
+        state = self._sessions.get(session)
+        return state is not None and scan in state.scans
+
+    def refused(self, session: str, scan: int) -> str:
+        """Why the latest scan_begin of ``scan`` was refused ("" if none); thread-safe too."""
+        return self.refusals.get((session, scan), "")
 
     def stats(self) -> Iterator[SessionStats]:
         """Counters per session; safe to call from another thread while routing goes on."""

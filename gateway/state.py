@@ -6,11 +6,11 @@ request can never be mistaken for the current one); ``CloneState`` buffers the u
 meanwhile and applies those newer than the snapshot. A gap, a new server epoch, a heartbeat ahead of
 the state, or a snapshot that does not arrive in time starts a new snapshot.
 
-The same thread carries the gateway's reports of interrupted scans (``report``, callable from any
-thread) to the service on the snapshot socket, and sends each again every ``resend_s`` and on every
-new socket until the service acknowledges it (the service records a report once, so a repeat is
-harmless). Reports not yet acknowledged when the gateway stops are lost with it; the spool file's
-trailer holds the same loss manifest.
+The same thread carries the gateway's reports of spooled and interrupted scans (``report``,
+callable from any thread) to the service on the snapshot socket, and sends each again every
+``resend_s`` and on every new socket until the service acknowledges it (the service records a
+report once, so a repeat is harmless). Reports not yet acknowledged when the gateway stops are
+lost with it; the spool file's trailer holds the same loss manifest.
 
 When the service goes silent (no heartbeat for ``missed_heartbeats`` intervals) the gateway keeps
 serving its last good table — never an empty one — and keeps reconnecting and asking; ZAP and the
@@ -38,6 +38,7 @@ import zmq
 from common import clone
 from common.config import ConfigError
 from common.keys import KeyPair
+from common.receipts import GatewayReport
 from gateway.sessions import SessionTable
 
 log = logging.getLogger("dsn.gateway.state")
@@ -72,9 +73,9 @@ class CloneSessionSource:
         self._asked = 0.0
         self._heard = 0.0
         self._resend_s = resend_s
-        self._outbox: queue.SimpleQueue[clone.InterruptedScan] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[GatewayReport] = queue.SimpleQueue()
         self._report_ids = itertools.count(1)
-        self._unacked: dict[int, clone.InterruptedScan] = {}
+        self._unacked: dict[int, GatewayReport] = {}
         self._sent_reports = 0.0
         self.acknowledged: dict[str, int] = {}
         self._synced = threading.Event()
@@ -88,7 +89,7 @@ class CloneSessionSource:
     def start(self) -> None:
         self._thread.start()
 
-    def report(self, scan: clone.InterruptedScan) -> None:
+    def report(self, scan: GatewayReport) -> None:
         """Queue a report for the service (thread-safe; sent by this source's thread)."""
         self._outbox.put(scan)
 

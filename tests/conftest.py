@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
+from cp_helpers import gateway_process, served_on, start_control_plane
 
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.ports import free_port as dataplane_free_port
@@ -41,3 +43,17 @@ def server_key_files(tmp_path: Path) -> tuple[KeyPair, Path]:
     """A server key pair written as certificate files: (the pair, the 0600 secret file)."""
     _public_file, secret_file = create_keypair(tmp_path / "keys", "server")
     return load_keypair(secret_file), secret_file
+
+
+@pytest.fixture
+async def served(tmp_path: Path, free_port: Callable[[], int]) -> Any:
+    """A control plane on a real port (jobs reach it at its base URL) and a live gateway."""
+    port = free_port()
+    async with served_on(port) as serve:
+        cp = await start_control_plane(
+            serve, tmp_path / "state", port=port, reconcile_s=0.2,
+            gateway_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            gateway_receipts_endpoint=f"tcp://127.0.0.1:{free_port()}")
+        metrics = f"127.0.0.1:{free_port()}"
+        with gateway_process(cp, tmp_path / "spool", metrics):
+            yield cp, metrics, tmp_path / "spool"

@@ -5,9 +5,14 @@ and a running control plane (real app, real SQLite) built on a state directory t
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,9 @@ from controlplane.admin.bootstrap import initialize
 from controlplane.app import create_app
 from controlplane.middlewares import SERVICES, Services
 from controlplane.settings import Settings
+
+# The dsn console script beside this Python, as a user runs it.
+DSN = str(Path(sys.executable).parent / "dsn")
 
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 CLIENT_SCOPE = "token:exchange projects:read tokens:read sessions:read sessions:write"
@@ -183,3 +191,38 @@ async def served_on(port: int) -> AsyncIterator[ClientFactory]:
     finally:
         for client in clients:
             await client.close()
+
+
+@contextlib.contextmanager
+def gateway_process(cp: ControlPlane, spool_dir: Path, metrics: str) -> Iterator[None]:
+    """A gateway serving the control plane's sessions; stopped with SIGTERM, must exit 0."""
+    keys = cp.settings.state_dir / "keys"
+    process = subprocess.Popen(
+        [DSN, "gateway", "run", "--controlplane-state", ",".join(cp.settings.state_endpoints),
+         "--state-key", str(keys / "state.key"), "--key", str(keys / "server.key_secret"),
+         "--ingress", cp.settings.gateway_endpoint, "--receipts", cp.settings.gateway_receipts,
+         "--spool-dir", str(spool_dir),
+         "--metrics", metrics, "--sync-timeout", "20"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+
+
+def metrics_text(address: str) -> str:
+    """The gateway's metrics page ("" while it is not serving)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
+
+
+def metric(address: str, name: str, session: str) -> float:
+    """One per-session sample of the gateway's metrics (0 when absent)."""
+    found = re.search(rf'^{name}{{session="{session}"}} (\S+)$', metrics_text(address),
+                      re.MULTILINE)
+    return float(found.group(1)) if found else 0.0

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from common import clone
 from common.clone import CloneState, Entry, Heartbeat, Outcome, SnapshotEnd, SnapshotRequest
+from common.receipts import GatewayReport
 
 EPOCH = "a" * 32
 OTHER_EPOCH = "b" * 32
@@ -32,8 +33,9 @@ def session(index: int, *, consumers: int = 0, expires: datetime | None = None) 
     Entry(EPOCH, 4, "s1", None),
     SnapshotEnd(EPOCH, 9, 2),
     Heartbeat(EPOCH, 9),
-    clone.Report(3, clone.InterruptedScan(
-        session="s1", scan=4, reason="consumer_gone", sent=10, accepted=9, spooled=5, lost=5,
+    clone.Report(3, GatewayReport(
+        session="s1", scan=4, outcome="interrupted", reason="consumer_gone", closed_by="scan_end",
+        sent=10, accepted=9, forwarded=4, spooled=5, lost=5,
         dropped={"consumer_gone": 4, "out_of_range": 1},
         drops=[(0, 0, "consumer_gone"), (0, 1, "consumer_gone")], drops_truncated=False,
         spool="/var/spool/dsn/s1_scan000004.spool")),

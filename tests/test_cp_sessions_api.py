@@ -171,7 +171,8 @@ async def test_open_session_renders_the_config_and_returns_the_token_once(
     assert session["consumers"] == [] and body["state"] == "open"
     assert body["gateway"] == {"endpoint": "tcp://127.0.0.1:5555", "server_key":
                                load_keypair(tmp_path / "keys" / "gateway.key").public.decode(),
-                               "plain_endpoint": None}
+                               "plain_endpoint": None,
+                               "receipts_endpoint": "tcp://127.0.0.1:5556"}
     assert session["plain_password_sha256"] is None  # encrypted transport only, by default
     assert body["config"]["gateway"]["server_secret_key_file"] == str(
         (tmp_path / "keys" / "gateway.key_secret").resolve())

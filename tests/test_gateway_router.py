@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gateway.router as router_module
-from common.clone import InterruptedScan
 from common.config import Detector, Limits, Session
 from common.protocol import (
     Data,
@@ -26,6 +25,7 @@ from common.protocol import (
     encode,
     encode_ncem,
 )
+from common.receipts import GatewayReport
 from dataplane.spool import SpoolManifest
 from gateway.router import (
     Decision,
@@ -259,8 +259,12 @@ def test_the_spool_of_a_session_that_ends_mid_scan_is_published_with_what_it_hol
     router.route("s1", begin(), 1, 0)
     send_data(router, data(frame=0))
     change = router.use_table(SessionTable())
-    assert change == TableChange([], [Decision(spool=SpoolClose(KEY, SpoolManifest(
-        sent=0, dropped={}, drops=[], drops_truncated=False)))])
+    [closed] = change.closed
+    assert closed.spool == SpoolClose(KEY, SpoolManifest(sent=0, dropped={}, drops=[],
+                                                         drops_truncated=False))
+    assert closed.report is not None
+    assert (closed.report.outcome, closed.report.closed_by, closed.report.spooled) == (
+        "spooled", "session_end", 1)
 
 
 def test_forwarded_messages_and_bytes_are_counted_per_session() -> None:
@@ -347,9 +351,15 @@ def test_drops_of_a_spooled_scan_go_to_the_manifest_closed_at_the_last_scan_end(
     send_data(router, data(frame=2), size=SECTOR - 2)    # wrong_payload_size
     assert router.route("s1", end(sent=2), 1, 0) == Decision()
     closed = router.route("s1", end(sent=1), 1, 0)
-    assert closed == Decision(spool=SpoolClose(KEY, SpoolManifest(
-        sent=3, dropped={"out_of_range": 1, "wrong_payload_size": 1},
-        drops=[(99, 0, "out_of_range"), (2, 0, "wrong_payload_size")], drops_truncated=False)))
+    dropped = {"out_of_range": 1, "wrong_payload_size": 1}
+    drops = [(99, 0, "out_of_range"), (2, 0, "wrong_payload_size")]
+    assert closed == Decision(
+        spool=SpoolClose(KEY, SpoolManifest(sent=3, dropped=dropped, drops=drops,
+                                            drops_truncated=False)),
+        report=GatewayReport(session="s1", scan=1, outcome="spooled", reason="no_consumers",
+                             closed_by="scan_end", sent=3, accepted=1, forwarded=0, spooled=1,
+                             lost=2, dropped=dropped, drops=drops, drops_truncated=False,
+                             spool=""))
     assert router.drops == {("s1", "out_of_range"): 1, ("s1", "wrong_payload_size"): 1}
     assert send_data(router, data(frame=0)).drop == "scan_closed"
 
@@ -372,7 +382,10 @@ def test_a_failed_spool_loses_the_rest_of_its_scan_counted() -> None:
     send_data(router, data(frame=1))
     router.spool_failed(KEY, SECTOR)
     assert send_data(router, data(frame=2)).drop == "spool_failed"
-    assert router.route("s1", end(sent=3), 1, 0) == Decision()
+    closed = router.route("s1", end(sent=3), 1, 0)
+    # No spool to publish: what it was to hold is lost (``with_spool`` counts it so).
+    assert closed.spool is None and closed.report is not None
+    assert (closed.report.spooled, closed.report.lost) == (2, 1)
     (stats,) = router.stats()
     assert (stats.spooled, stats.spooled_bytes) == (1, SECTOR)
     assert router.drops == {("s1", "spool_failed"): 2}
@@ -428,9 +441,10 @@ def test_a_member_leaving_mid_scan_interrupts_it_every_member_is_told_and_the_re
     assert closed == Decision(
         spool=SpoolClose(KEY, SpoolManifest(sent=11, dropped=dropped, drops=lost,
                                             drops_truncated=False)),
-        report=InterruptedScan(session="s1", scan=1, reason="consumer_gone", sent=11,
-                               accepted=10, spooled=2, lost=9, dropped=dropped, drops=lost,
-                               drops_truncated=False, spool=""))
+        report=GatewayReport(session="s1", scan=1, outcome="interrupted", reason="consumer_gone",
+                             closed_by="scan_end", sent=11, accepted=10, forwarded=8, spooled=2,
+                             lost=9, dropped=dropped, drops=lost, drops_truncated=False,
+                             spool=""))
     assert router.drops == {("s1", "out_of_range"): 1, ("s1", "consumer_gone"): 8}
     assert next(router.stats()).interrupted == 1
 

@@ -13,16 +13,11 @@ CURVE producers streaming a synthetic 4D camera.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +25,7 @@ import numpy as np
 import pytest
 import stempy.io
 import zmq
-from cp_helpers import ControlPlane, served_on, start_control_plane
+from cp_helpers import ControlPlane, metric, metrics_text
 from test_cp_sessions_api import WORKER_SCOPE
 from waiting import eventually_async
 
@@ -41,47 +36,12 @@ from dataplane.synthetic import CameraSpec, SyntheticCamera
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(180)]
 
-DSN = str(Path(sys.executable).parent / "dsn")
 RANKS = 2
 SECTORS = 4
 CAMERA = SyntheticCamera(CameraSpec(scan_shape=(6, 6), seed=5))
 EVERY_SECTOR = {(f, s) for f in range(CAMERA.spec.positions) for s in range(SECTORS)}
 WAIT_S = 60  # process start-up and MPI jobs, with room for a loaded machine
 POLL_S = 0.1  # each check is an HTTP request
-
-
-@contextlib.contextmanager
-def gateway_process(cp: ControlPlane, spool_dir: Path, metrics: str) -> Iterator[None]:
-    """A gateway serving the control plane's sessions; stopped with SIGTERM, must exit 0."""
-    keys = cp.settings.state_dir / "keys"
-    process = subprocess.Popen(
-        [DSN, "gateway", "run", "--controlplane-state", ",".join(cp.settings.state_endpoints),
-         "--state-key", str(keys / "state.key"), "--key", str(keys / "server.key_secret"),
-         "--ingress", cp.settings.gateway_endpoint, "--spool-dir", str(spool_dir),
-         "--metrics", metrics, "--sync-timeout", "20"],
-        stderr=subprocess.PIPE, text=True)
-    try:
-        yield
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 0, stderr
-
-
-def metrics_text(address: str) -> str:
-    """The gateway's metrics page ("" while it is not serving)."""
-    try:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as response:
-            return str(response.read().decode())
-    except OSError:
-        return ""
-
-
-def metric(address: str, name: str, session: str) -> float:
-    """One per-session sample of the gateway's metrics (0 when absent)."""
-    found = re.search(rf'^{name}{{session="{session}"}} (\S+)$', metrics_text(address),
-                      re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 class Session:
@@ -157,18 +117,6 @@ def rank_pid(job_log: Path, rank: int) -> int:
     raise AssertionError(f"rank {rank} is not listening yet:\n{job_log.read_text()[-2000:]}")
 
 
-@pytest.fixture
-async def served(tmp_path: Path, free_port: Callable[[], int]) -> Any:
-    """A control plane on a real port (jobs reach it at its base URL) and a live gateway."""
-    port = free_port()
-    async with served_on(port) as serve:
-        cp = await start_control_plane(serve, tmp_path / "state", port=port, reconcile_s=0.2,
-                                       gateway_endpoint=f"tcp://127.0.0.1:{free_port()}")
-        metrics = f"127.0.0.1:{free_port()}"
-        with gateway_process(cp, tmp_path / "spool", metrics):
-            yield cp, metrics, tmp_path / "spool"
-
-
 async def open_session(cp: ControlPlane) -> Session:
     await cp.create_project("alpha")
     token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
@@ -241,4 +189,9 @@ async def test_a_spooled_scan_replayed_counts_the_same_events_and_a_killed_rank_
     listed = await (await cp.call("GET", f"/api/v1/scans?session={session.id}",
                                   session.token)).json()
     assert sorted((r["scan"], r["source"], r["status"]) for r in listed["items"]) == [
-        (2, "consumer", "complete"), (3, "consumer", "complete"), (4, "gateway", "partial")]
+        (1, "gateway", "spooled"), (2, "consumer", "complete"), (3, "consumer", "complete"),
+        (4, "gateway", "partial")]
+    # The spooled scan is listed with its file, so that its replay can be found.
+    [spooled] = [r for r in listed["items"] if r["scan"] == 1]
+    assert (spooled["path"], spooled["spooled_sectors"], spooled["lost_sectors"]) == (
+        str(spool_file), len(EVERY_SECTOR), 0)

@@ -7,6 +7,7 @@ in a spool file, or listed lost with a reason; and no damaged scan is reported `
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -21,14 +22,17 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
-import zmq
+from cp_helpers import DSN, ControlPlane, metrics_text
 from test_consumer_mpi import SESSION as CONSUMER_SESSION
+from test_cp_sessions_api import WORKER_SCOPE
 from test_faults_gateway import GatewayProcess
-from waiting import eventually
+from waiting import eventually, eventually_async
 
-from common.keys import KeyPair, create_keypair, load_keypair
+from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
-from dataplane.producer import Producer, replay_spool, stream_synthetic
+from common.privatefs import create_private_file
+from dataplane.producer import Producer, ProducerError, replay_spool, stream_synthetic
+from dataplane.receipts import ReceiptClient, await_report
 from dataplane.spool import SpoolReader, spool_name
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 
@@ -59,6 +63,19 @@ class StaticSite:
     def stream(self, scan: int) -> object:
         return stream_synthetic(self.endpoint, self.server, self.client, CAMERA, PLAN, scan,
                                 progress=False, send_timeout_s=60)
+
+    @property
+    def receipts(self) -> str:
+        return str(yaml.safe_load(self.config.read_text())["gateway"]["receipts"])
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``dsn producer stream`` into this site's session, as a user would run it."""
+        keys = self.directory / "keys"
+        return subprocess.run(
+            [DSN, "producer", "stream", "--endpoint", self.endpoint, "--receipts", self.receipts,
+             "--server-key", str(keys / "gateway.key"),
+             "--client-key", str(keys / "producer.key_secret"), "--no-progress", *args],
+            capture_output=True, text=True, timeout=120, check=False)
 
     def producer(self) -> Producer:
         return Producer(self.endpoint, self.server, self.client, send_timeout_s=60)
@@ -114,12 +131,13 @@ class ConsumerJob:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[StaticSite]:
-    public, secret = zmq.curve_keypair()
+    create_keypair(tmp_path / "keys", "producer")
+    public, secret = load_secret_keypair(tmp_path / "keys" / "producer.key_secret")
     create_keypair(tmp_path / "keys", "gateway")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "version": 1,
-        "gateway": {"ingress": endpoint,
+        "gateway": {"ingress": endpoint, "receipts": f"tcp://127.0.0.1:{free_port()}",
                     "server_secret_key_file": str(tmp_path / "keys" / "gateway.key_secret"),
                     "metrics": f"127.0.0.1:{free_port()}", "spool_dir": str(tmp_path / "spool")},
         "sessions": [{"id": SESSION, "client_keys": [public.decode()],
@@ -203,3 +221,63 @@ def metric(site: StaticSite, name: str) -> float | None:
         text = answer.read().decode()
     found = re.search(rf'^{name}{{session="{SESSION}"}} (\S+)$', text, re.MULTILINE)
     return float(found.group(1)) if found else None
+
+
+def test_the_producer_confirms_delivery_and_a_used_scan_number_is_refused_up_front(
+        site: StaticSite) -> None:
+    gateway = GatewayProcess(site.config, _metrics(site))
+    try:
+        job = site.job("job", "--scans", "1")
+        streamed = site.cli("--scan", "1", "--scan-shape", "24x24")
+        assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+        assert (f"gateway: scan 1 forwarded: {len(EVERY_SECTOR)} of {len(EVERY_SECTOR)} messages "
+                f"accepted: {len(EVERY_SECTOR)} forwarded, 0 spooled, 0 lost") in streamed.stdout
+        assert job.wait() == 0, job.log.read_text()[-3000:]
+        [result] = job.result_lines()
+        assert (result["scan"], result["status"]) == (1, "complete")
+
+        # The same scan number again: refused before anything is sent.
+        again = site.cli("--scan", "1", "--scan-shape", "24x24")
+        assert again.returncode == 1
+        assert "scan 1 of this session is closed already at the gateway" in again.stderr
+        assert metric(site, "dsn_gateway_messages_total") == len(EVERY_SECTOR)
+        # A producer that does not ask first learns it from the receipt: refused, and why.
+        stream_synthetic(site.endpoint, site.server, site.client, CAMERA, PLAN, 1,
+                         progress=False, send_timeout_s=60)
+        with ReceiptClient(site.receipts, site.server, site.client) as receipts:
+            with pytest.raises(ProducerError, match=r"refused scan 1 \(scan_closed\)"):
+                await_report(receipts, 1, timeout_s=10)
+    finally:
+        gateway.stop()
+
+
+async def test_a_session_without_consumers_is_ended_only_once_the_gateway_has_spooled_its_scan(
+        served: tuple[ControlPlane, str, Path], tmp_path: Path) -> None:
+    cp, metrics, spool_dir = served
+    await cp.create_project("alpha")
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    create_private_file(tmp_path / "project.token", token.encode())
+    await eventually_async(lambda: "dsn_gateway_consumers" in metrics_text(metrics),
+                           timeout_s=60, what="the gateway to serve")
+    streamed = await asyncio.to_thread(subprocess.run, [
+        DSN, "producer", "stream", "--controlplane", cp.settings.base_url, "--project", "alpha",
+        "--project-token-file", str(tmp_path / "project.token"), "--scan-shape", "8x8",
+        "--end-session", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    session = streamed.stdout.split()[1]
+    spool = spool_dir / spool_name(session, 0)
+    assert f"session {session} has no consumer yet" in streamed.stdout
+    assert ("gateway: scan 0 spooled (no_consumers): 256 of 256 messages accepted: 0 forwarded, "
+            "256 spooled, 0 lost") in streamed.stdout
+    assert f"spooled to {spool}" in streamed.stdout
+    assert streamed.stdout.rstrip().endswith(f"session {session} ended")
+    # Ended after the gateway had read everything: nothing dropped for want of a session.
+    assert 'reason="unauthenticated"' not in metrics_text(metrics)
+    with SpoolReader(spool) as reader:
+        assert reader.info.records == 256
+    # The control plane lists the spooled scan with its file, where a replay can find it.
+    listed = await (await cp.call("GET", f"/api/v1/scans?session={session}", token)).json()
+    [record] = await eventually_async(lambda: listed["items"] or None, timeout_s=1,
+                                      what="the spooled scan listed")
+    assert (record["source"], record["status"], record["path"], record["spooled_sectors"],
+            record["lost_sectors"]) == ("gateway", "spooled", str(spool), 256, 0)

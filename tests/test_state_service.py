@@ -13,9 +13,10 @@ from waiting import eventually_async
 from zmq.utils import z85
 
 from common import zap
-from common.clone import AckOutcome, InterruptedScan, StateEndpoints
+from common.clone import AckOutcome, StateEndpoints
 from common.config import Session
 from common.keys import KeyPair
+from common.receipts import GatewayReport
 from controlplane.state import StateService, StateSettings, diff, zap_reply
 from gateway.sessions import SessionTable
 from gateway.state import CloneSessionSource
@@ -206,18 +207,19 @@ def test_diff_names_new_changed_and_gone_sessions() -> None:
     assert diff(published, [a, c]) == [("c", c), ("b", None)]
 
 
-REPORT = InterruptedScan(session="a", scan=2, reason="consumer_gone", sent=8, accepted=8,
-                         spooled=6, lost=2, dropped={"consumer_gone": 2},
-                         drops=[(0, 0, "consumer_gone"), (0, 1, "consumer_gone")],
-                         drops_truncated=False, spool="/spool/a_scan000002.spool")
+REPORT = GatewayReport(session="a", scan=2, outcome="interrupted", reason="consumer_gone",
+                       closed_by="scan_end", sent=8, accepted=8, forwarded=2, spooled=6, lost=2,
+                       dropped={"consumer_gone": 2},
+                       drops=[(0, 0, "consumer_gone"), (0, 1, "consumer_gone")],
+                       drops_truncated=False, spool="/spool/a_scan000002.spool")
 
 
 async def test_a_report_is_sent_until_the_service_has_recorded_it(
         endpoints: StateEndpoints) -> None:
-    received: list[InterruptedScan] = []
+    received: list[GatewayReport] = []
     failures = [RuntimeError("the store is locked")]  # the first attempt is not recorded
 
-    async def sink(report: InterruptedScan) -> AckOutcome:
+    async def sink(report: GatewayReport) -> AckOutcome:
         received.append(report)
         if failures:
             raise failures.pop()
@@ -239,9 +241,9 @@ async def test_a_report_is_sent_until_the_service_has_recorded_it(
 
 
 async def test_a_gateway_that_is_not_allowed_cannot_report(endpoints: StateEndpoints) -> None:
-    received: list[InterruptedScan] = []
+    received: list[GatewayReport] = []
 
-    async def sink(report: InterruptedScan) -> AckOutcome:
+    async def sink(report: GatewayReport) -> AckOutcome:
         received.append(report)
         return "recorded"
 

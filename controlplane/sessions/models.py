@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from common.config import ConnectEndpoint, CurveKey
-from common.results import ScanResult, ScanStatus, check
+from common.results import ConsumerStatus, ScanResult, ScanStatus, check
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, ScanSource, SessionState
 from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
@@ -86,7 +86,7 @@ class ScanReport(RequestBody, ScanCounts):
 
     path: ResultPath
     sha256: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
-    status: ScanStatus
+    status: ConsumerStatus
     reason: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
     @model_validator(mode="after")
@@ -113,6 +113,7 @@ class GatewayInfo(ResponseBody):
     endpoint: str
     server_key: str
     plain_endpoint: str | None = None  # the plaintext ingress, for sessions with transport plain
+    receipts_endpoint: str  # where producers ask what became of their scans (common.receipts)
 
 
 class ConsumerOut(ResponseBody):

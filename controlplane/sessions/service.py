@@ -14,11 +14,12 @@ from typing import Any
 import zmq
 
 from common import strictyaml
-from common.clone import AckOutcome, InterruptedScan
+from common.clone import AckOutcome
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
 from common.privatefs import create_private_file, private_dir
-from common.results import PARTIAL
+from common.receipts import GatewayReport
+from common.results import PARTIAL, SPOOLED
 from controlplane.errors import (
     ConfigurationError,
     Conflict,
@@ -118,9 +119,10 @@ async def gateway_info(services: Services) -> GatewayInfo:
         pair = await asyncio.to_thread(load_keypair, path)
     except KeyFileError as exc:
         raise ConfigurationError(f"the gateway's server key is unavailable: {exc}") from None
-    return GatewayInfo(endpoint=services.settings.gateway_endpoint,
-                       server_key=pair.public.decode(),
-                       plain_endpoint=services.settings.gateway_plain_endpoint)
+    settings = services.settings
+    return GatewayInfo(endpoint=settings.gateway_endpoint, server_key=pair.public.decode(),
+                       plain_endpoint=settings.gateway_plain_endpoint,
+                       receipts_endpoint=settings.gateway_receipts)
 
 
 def _prepare_job_dir(jobs_dir: Path, job_id: str, config: dict[str, Any]) -> Path:
@@ -376,16 +378,17 @@ async def cancel_jobs(services: Services, session_id: str) -> None:
                         exc.detail)
 
 
-async def record_gateway_report(services: Services, report: InterruptedScan) -> AckOutcome:
-    """Record a gateway's report of a scan it interrupted, as the scan's ``gateway`` result:
-    always partial, nothing counted, the rest in its spool file, every loss listed. Audited as
-    the gateway's own action (its CURVE key was admitted by the state service)."""
+async def record_gateway_report(services: Services, report: GatewayReport) -> AckOutcome:
+    """Record a gateway's report of a scan no consumer will report, as the scan's ``gateway``
+    result: ``spooled`` (the whole scan is in its spool file) or ``partial`` (interrupted: what
+    was forwarded is listed lost, the rest spooled); nothing counted, every loss listed. Audited
+    as the gateway's own action (its CURVE key was admitted by the state service)."""
     outcome = await _record_report(services, report)
     services.metrics.gateway_reports.labels(outcome).inc()
     return outcome
 
 
-async def _record_report(services: Services, report: InterruptedScan) -> AckOutcome:
+async def _record_report(services: Services, report: GatewayReport) -> AckOutcome:
     session = await get_session(services.store, report.session)
     if session is None:
         log.warning("gateway report for unknown session %s refused", report.session)
@@ -393,7 +396,8 @@ async def _record_report(services: Services, report: InterruptedScan) -> AckOutc
     record = ScanRecord(
         session=session.id, scan=report.scan, project=session.project, path=report.spool,
         sha256="", frames=0, events=0, expected_sectors=report.accepted, received_sectors=0,
-        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status=PARTIAL,
+        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0,
+        status=SPOOLED if report.outcome == "spooled" else PARTIAL,
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
         loss_manifest=[list(entry) for entry in report.drops],
