@@ -6,21 +6,28 @@ the same fields and stores the record with who reported it and when.
 
 ``status`` is ``complete`` only when nothing is missing, ``partial`` otherwise, and ``failed`` when
 the scan's file could not be written: ``path`` is then where it should have been, ``sha256`` is
-empty and ``reason`` says why, while the counters still say what arrived. ``check`` is that rule.
+empty and ``reason`` says why, while the counters still say what arrived. The loss manifest lists
+every lost sector, or the first ``MAX_MANIFEST`` of them and says it was cut short; the scan's file
+holds the whole list. ``check`` is that rule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 from common.errors import DsnError
+from common.protocol import MAX_MANIFEST
 
 ScanStatus = Literal["complete", "partial", "failed"]
 COMPLETE: Final = "complete"
 PARTIAL: Final = "partial"
 # The scan's data arrived but its file could not be written (the disk filled up, say).
 FAILED: Final = "failed"
+
+# One lost sector: (frame, sector, reason), the reason a drop reason or ``not_received``.
+LossEntry = tuple[int, int, str]
 
 
 class ResultError(DsnError, ValueError):
@@ -36,7 +43,8 @@ class ScanResult:
 
     ``expected_sectors``: data messages the gateway forwarded, duplicates included;
     ``received_sectors``: distinct sectors stored; ``lost_sectors``: sectors not in the file;
-    ``incomplete_frames``: frames counted with a zero-filled sector.
+    ``incomplete_frames``: frames counted with a zero-filled sector; ``loss_manifest``: the lost
+    sectors in (frame, sector) order, all of them unless ``manifest_truncated``.
     """
 
     session: str
@@ -51,6 +59,8 @@ class ScanResult:
     lost_sectors: int
     incomplete_frames: int
     status: ScanStatus
+    loss_manifest: tuple[LossEntry, ...]
+    manifest_truncated: bool
     reason: str | None = None  # why a failed scan has no file; None otherwise
 
 
@@ -72,13 +82,25 @@ class Outcome(Protocol):
     @property
     def incomplete_frames(self) -> int: ...
 
+    @property
+    def loss_manifest(self) -> Sequence[LossEntry]: ...
+
+    @property
+    def manifest_truncated(self) -> bool: ...
+
 
 def check(result: Outcome) -> None:
-    """Raise ResultError unless a ``complete`` result misses nothing, and only a ``failed`` one
-    has no sha256 and a reason."""
+    """Raise ResultError unless a ``complete`` result misses nothing, only a ``failed`` one has no
+    sha256 and a reason, and the loss manifest lists every lost sector or says it was cut short."""
     if result.status == COMPLETE and (result.lost_sectors or result.incomplete_frames):
         raise ResultError("a scan with lost sectors or incomplete frames is not complete")
     failed = result.status == FAILED
     if failed != (result.sha256 == "") or failed != (result.reason is not None):
         raise ResultError("a failed scan has no sha256 and a reason; any other has a sha256 "
                           "and no reason")
+    listed = len(result.loss_manifest)
+    cut_short = listed < result.lost_sectors
+    if listed > min(result.lost_sectors, MAX_MANIFEST) or result.manifest_truncated != cut_short:
+        raise ResultError(f"the loss manifest lists {listed} of {result.lost_sectors} lost "
+                          f"sectors: it lists all of them, or up to {MAX_MANIFEST} with "
+                          "manifest_truncated")

@@ -396,7 +396,7 @@ async def _record_report(services: Services, report: InterruptedScan) -> AckOutc
         duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status=PARTIAL,
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
-        loss_manifest=[list(entry) for entry in report.drops],
+        loss_manifest=tuple(report.drops),
         manifest_truncated=report.drops_truncated, reason=report.reason)
     resource = Resource(kind="scan", project=session.project, name=f"{session.id}/{report.scan}")
     # Audited first, like every request: a report that cannot be audited is not recorded.

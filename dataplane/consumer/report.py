@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from common.logs import fields
+from common.protocol import MAX_MANIFEST
 from common.restclient import RestError, with_retries
-from common.results import FAILED, ScanResult, check
+from common.results import FAILED, LossEntry, ScanResult, check
 from dataplane.consumer.controlplane import ControlPlaneClient
 from dataplane.consumer.outcome import ScanOutcome
 from dataplane.consumer.writer import WrittenScan
@@ -40,10 +41,18 @@ def _result(outcome: ScanOutcome, **result: Any) -> ScanResult:
         expected_sectors=int(totals["expected_sectors"]),
         received_sectors=int(totals["received_sectors"]),
         duplicate_sectors=int(totals["duplicate_sectors"]), lost_sectors=len(outcome.lost),
-        incomplete_frames=len(outcome.incomplete_frames), **result)
+        incomplete_frames=len(outcome.incomplete_frames), loss_manifest=loss_manifest(outcome),
+        manifest_truncated=len(outcome.lost) > MAX_MANIFEST, **result)
     # The control plane refuses a result that breaks the rule: a bug shows here, where it is made.
     check(built)
     return built
+
+
+def loss_manifest(outcome: ScanOutcome) -> tuple[LossEntry, ...]:
+    """The first MAX_MANIFEST lost sectors, in (frame, sector) order; the file lists them all."""
+    listed = zip(outcome.lost[:MAX_MANIFEST].tolist(), outcome.lost_reasons[:MAX_MANIFEST],
+                 strict=True)
+    return tuple((frame, sector, reason) for (frame, sector), reason in listed)
 
 
 def json_record(result: ScanResult) -> dict[str, Any]:
