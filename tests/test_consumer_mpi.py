@@ -48,13 +48,14 @@ def _write_config(tmp_path: Path, endpoints: list[str]) -> Path:
     return path
 
 
-def _start(ranks: int, config: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _start(ranks: int, config: Path, out: Path, *extra: str,
+           cwd: Path | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     argv = [str(MPIEXEC), "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
             "dataplane.consumer", "run", "--config", str(config), "--session", SESSION,
             "--output-dir", str(out), *extra]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
 
 
 @dataclass
@@ -229,6 +230,26 @@ def test_two_rank_job_counts_overlapping_scans_exactly_and_accounts_for_every_se
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert {entry["rank"] for entry in logs} == {0, 1}
     assert any(e["event"] == "scan written" and e["scan"] == 7 for e in logs)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_a_relative_output_dir_gives_results_with_absolute_paths(
+        job: Job, pushers: list[zmq.Socket], tmp_path: Path) -> None:
+    proc = _start(RANKS, job.config, Path("out"), "--scans", "1", "--result-file",
+                  str(job.result_file), cwd=tmp_path)
+    plan = ScanPlan(scan=4, camera=SyntheticCamera(CameraSpec(scan_shape=(2, 2), seed=4)),
+                    lost=set(), gateway_drops={}, duplicated=[])
+    _stream(pushers, [plan], seed=4)
+    code, err = _finish(proc, timeout=45)
+    assert code == 0, err[-3000:]
+    [result] = [json.loads(line) for line in job.result_file.read_text().splitlines()]
+    # Useful to whoever reads the result, wherever the job ran.
+    path = Path(result["path"])
+    assert path.is_absolute() and path.is_file()
+    assert path == (tmp_path / "out" / f"{SESSION}_scan000004.h5").resolve()
+    written = [json.loads(line) for line in err.splitlines() if '"scan written"' in line]
+    assert [entry["path"] for entry in written] == [result["path"]]
 
 
 @pytest.mark.mpi
