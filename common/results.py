@@ -6,9 +6,11 @@ the same fields and stores the record with who reported it and when.
 
 ``status`` is ``complete`` only when nothing is missing, ``partial`` otherwise, and ``failed`` when
 the scan's file could not be written: ``path`` is then where it should have been, ``sha256`` is
-empty and ``reason`` says why, while the counters still say what arrived. The loss manifest lists
-every lost sector, or the first ``MAX_MANIFEST`` of them and says it was cut short; the scan's file
-holds the whole list. ``check`` is that rule.
+empty and ``reason`` says why, while the counters still say what arrived. A scan with a
+conflicting duplicate (a sector that came again with other content) is never ``complete``. The
+loss manifest lists every lost sector and every conflicting duplicate, or the first
+``MAX_MANIFEST`` of them and says it was cut short; the scan's file holds the whole list. ``check``
+is that rule.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ PARTIAL: Final = "partial"
 # The scan's data arrived but its file could not be written (the disk filled up, say).
 FAILED: Final = "failed"
 
-# One lost sector: (frame, sector, reason), the reason a drop reason or ``not_received``.
+# One lost sector, (frame, sector, reason), the reason a drop reason or ``not_received``; or one
+# conflicting duplicate, (frame, sector, "conflicting_duplicate").
 LossEntry = tuple[int, int, str]
 
 
@@ -42,9 +45,11 @@ class ScanResult:
     """One scan's result: its file (``path``, ``sha256``) and how complete it is.
 
     ``expected_sectors``: data messages the gateway forwarded, duplicates included;
-    ``received_sectors``: distinct sectors stored; ``lost_sectors``: sectors not in the file;
-    ``incomplete_frames``: frames counted with a zero-filled sector; ``loss_manifest``: the lost
-    sectors in (frame, sector) order, all of them unless ``manifest_truncated``.
+    ``received_sectors``: distinct sectors stored; ``duplicate_sectors``: copies dropped because
+    their sector was stored before, of which ``conflicting_duplicates`` differed from it;
+    ``lost_sectors``: sectors not in the file; ``incomplete_frames``: frames counted with a
+    zero-filled sector; ``loss_manifest``: the lost sectors and the conflicting duplicates in
+    (frame, sector) order, all of them unless ``manifest_truncated``.
     """
 
     session: str
@@ -56,6 +61,7 @@ class ScanResult:
     expected_sectors: int
     received_sectors: int
     duplicate_sectors: int
+    conflicting_duplicates: int
     lost_sectors: int
     incomplete_frames: int
     status: ScanStatus
@@ -77,6 +83,9 @@ class Outcome(Protocol):
     def reason(self) -> str | None: ...
 
     @property
+    def conflicting_duplicates(self) -> int: ...
+
+    @property
     def lost_sectors(self) -> int: ...
 
     @property
@@ -90,17 +99,19 @@ class Outcome(Protocol):
 
 
 def check(result: Outcome) -> None:
-    """Raise ResultError unless a ``complete`` result misses nothing, only a ``failed`` one has no
-    sha256 and a reason, and the loss manifest lists every lost sector or says it was cut short."""
-    if result.status == COMPLETE and (result.lost_sectors or result.incomplete_frames):
-        raise ResultError("a scan with lost sectors or incomplete frames is not complete")
+    """Raise ResultError unless a ``complete`` result misses and doubts nothing, only a ``failed``
+    one has no sha256 and a reason, and the loss manifest lists every lost sector and conflicting
+    duplicate or says it was cut short."""
+    if result.status == COMPLETE and (result.lost_sectors or result.incomplete_frames
+                                      or result.conflicting_duplicates):
+        raise ResultError("a scan with lost sectors, incomplete frames or conflicting duplicates "
+                          "is not complete")
     failed = result.status == FAILED
     if failed != (result.sha256 == "") or failed != (result.reason is not None):
         raise ResultError("a failed scan has no sha256 and a reason; any other has a sha256 "
                           "and no reason")
-    listed = len(result.loss_manifest)
-    cut_short = listed < result.lost_sectors
-    if listed > min(result.lost_sectors, MAX_MANIFEST) or result.manifest_truncated != cut_short:
-        raise ResultError(f"the loss manifest lists {listed} of {result.lost_sectors} lost "
-                          f"sectors: it lists all of them, or up to {MAX_MANIFEST} with "
-                          "manifest_truncated")
+    listed, due = len(result.loss_manifest), result.lost_sectors + result.conflicting_duplicates
+    if listed > min(due, MAX_MANIFEST) or result.manifest_truncated != (listed < due):
+        raise ResultError(f"the loss manifest lists {listed} of {due} lost sectors and "
+                          f"conflicting duplicates: it lists all of them, or up to {MAX_MANIFEST} "
+                          "with manifest_truncated")

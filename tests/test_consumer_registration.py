@@ -40,8 +40,9 @@ from dataplane.consumer.report import HttpResultReporter, report_body
 
 SCAN_RESULT = ScanResult(
     session="", scan=7, path="/data/out/scan-7.h5", sha256=SHA, frames=16, events=120,
-    expected_sectors=64, received_sectors=64, duplicate_sectors=0, lost_sectors=0,
-    incomplete_frames=0, status="complete", loss_manifest=(), manifest_truncated=False)
+    expected_sectors=64, received_sectors=64, duplicate_sectors=0, conflicting_duplicates=0,
+    lost_sectors=0, incomplete_frames=0, status="complete", loss_manifest=(),
+    manifest_truncated=False)
 
 
 @pytest.fixture

@@ -46,8 +46,8 @@ WORKER_SCOPE = CLIENT_SCOPE + " scans:read consumers:register scans:report"
 SHA = hashlib.sha256(b"scan").hexdigest()
 RESULT = {"path": "/data/out/scan-7.h5", "sha256": SHA, "frames": 16, "events": 120,
           "expected_sectors": 64, "received_sectors": 64, "duplicate_sectors": 0,
-          "lost_sectors": 0, "incomplete_frames": 0, "status": "complete", "loss_manifest": [],
-          "manifest_truncated": False}
+          "conflicting_duplicates": 0, "lost_sectors": 0, "incomplete_frames": 0,
+          "status": "complete", "loss_manifest": [], "manifest_truncated": False}
 TINY_JOB = """\
 name: tiny-job
 kind: job

@@ -19,10 +19,12 @@ from controlplane.sessions.models import ScanDetail, ScanOut, ScanReport
 SHA = hashlib.sha256(b"scan").hexdigest()
 COMPLETE = ScanResult(
     session="beam-1", scan=7, path="/data/out/scan-7.h5", sha256=SHA, frames=16, events=120,
-    expected_sectors=64, received_sectors=64, duplicate_sectors=0, lost_sectors=0,
-    incomplete_frames=0, status="complete", loss_manifest=(), manifest_truncated=False)
+    expected_sectors=64, received_sectors=64, duplicate_sectors=0, conflicting_duplicates=0,
+    lost_sectors=0, incomplete_frames=0, status="complete", loss_manifest=(),
+    manifest_truncated=False)
 LOST = ((3, 0, "not_received"), (3, 1, "not_received"), (3, 2, "invalid_header"),
         (3, 3, "not_received"))
+CONFLICT = (5, 0, "conflicting_duplicate")
 PARTIAL = replace(COMPLETE, status="partial", received_sectors=60, lost_sectors=4,
                   incomplete_frames=1, loss_manifest=LOST)
 FAILED = replace(COMPLETE, status="failed", sha256="", reason="No space left on device")
@@ -31,7 +33,8 @@ FAILED = replace(COMPLETE, status="failed", sha256="", reason="No space left on 
 @pytest.mark.parametrize("result", [
     COMPLETE, PARTIAL, FAILED, replace(PARTIAL, lost_sectors=0, loss_manifest=()),
     replace(PARTIAL, lost_sectors=MAX_MANIFEST + 1,
-            loss_manifest=((0, 0, "not_received"),) * MAX_MANIFEST, manifest_truncated=True)])
+            loss_manifest=((0, 0, "not_received"),) * MAX_MANIFEST, manifest_truncated=True),
+    replace(PARTIAL, conflicting_duplicates=1, loss_manifest=LOST + (CONFLICT,))])
 def test_results_that_keep_the_rule_pass(result: ScanResult) -> None:
     check(result)
 
@@ -43,11 +46,13 @@ def test_results_that_keep_the_rule_pass(result: ScanResult) -> None:
     (replace(FAILED, reason=None), "a failed scan has no sha256 and a reason"),
     (replace(PARTIAL, sha256=""), "any other has a sha256 and no reason"),
     (replace(COMPLETE, reason="why"), "any other has a sha256 and no reason"),
+    (replace(COMPLETE, conflicting_duplicates=1, loss_manifest=(CONFLICT,)), "not complete"),
     # A count of lost sectors with no list of them: the manifest is where the count is.
     (replace(PARTIAL, loss_manifest=()), "lists 0 of 4 lost sectors"),
     (replace(PARTIAL, loss_manifest=LOST[:3]), "lists 3 of 4 lost sectors"),
     (replace(PARTIAL, loss_manifest=LOST * 2), "lists 8 of 4 lost sectors"),
     (replace(PARTIAL, manifest_truncated=True), "lists 4 of 4 lost sectors"),
+    (replace(PARTIAL, conflicting_duplicates=1), "lists 4 of 5 lost sectors"),
     (replace(PARTIAL, lost_sectors=MAX_MANIFEST + 2, manifest_truncated=True,
              loss_manifest=LOST * (MAX_MANIFEST // 4) + LOST[:1]), "up to 65536"),
 ])

@@ -82,6 +82,7 @@ class ScanCounts(BaseModel):
     expected_sectors: Count
     received_sectors: Count
     duplicate_sectors: Count
+    conflicting_duplicates: Count
     lost_sectors: Count
     incomplete_frames: Count
 
@@ -90,10 +91,10 @@ class ScanCounts(BaseModel):
 # model is still written out because the OpenAPI document is built from it.
 class ScanReport(RequestBody, ScanCounts):
     """Rank 0's result for one scan: the HDF5 file, its SHA-256, the completeness counters and
-    the loss manifest ([frame, sector, reason] per lost sector, in (frame, sector) order; the
-    first 65,536 and ``manifest_truncated`` if there are more). A ``failed`` scan has no file (a
-    full disk, say): ``path`` is where it should have been, ``sha256`` is empty and ``reason``
-    says why; other scans have a SHA-256 and no reason."""
+    the loss manifest ([frame, sector, reason] per lost sector and per conflicting duplicate, in
+    (frame, sector) order; the first 65,536 and ``manifest_truncated`` if there are more). A
+    ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
+    ``sha256`` is empty and ``reason`` says why; other scans have a SHA-256 and no reason."""
 
     path: ResultPath
     sha256: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
@@ -173,9 +174,9 @@ class ScanList(ResponseBody):
 
 
 class ScanDetail(ScanOut):
-    """A result with its loss manifest: [frame, sector, reason] per lost sector, the first 65,536
-    and ``manifest_truncated`` if there are more (a consumer's file, under /metadata/stream, and
-    a gateway's spool file list them all)."""
+    """A result with its loss manifest: [frame, sector, reason] per lost sector and per
+    conflicting duplicate, the first 65,536 and ``manifest_truncated`` if there are more (a
+    consumer's file, under /metadata/stream, and a gateway's spool file list them all)."""
 
     loss_manifest: list[tuple[int, int, str]]
     manifest_truncated: bool

@@ -393,7 +393,8 @@ async def _record_report(services: Services, report: InterruptedScan) -> AckOutc
     record = ScanRecord(
         session=session.id, scan=report.scan, project=session.project, path=report.spool,
         sha256="", frames=0, events=0, expected_sectors=report.accepted, received_sectors=0,
-        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0, status=PARTIAL,
+        duplicate_sectors=0, conflicting_duplicates=0, lost_sectors=report.lost,
+        incomplete_frames=0, status=PARTIAL,
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
         loss_manifest=tuple(report.drops),

@@ -40,18 +40,20 @@ def _result(outcome: ScanOutcome, **result: Any) -> ScanResult:
         frames=int(outcome.frame_events.shape[0]), events=outcome.events,
         expected_sectors=int(totals["expected_sectors"]),
         received_sectors=int(totals["received_sectors"]),
-        duplicate_sectors=int(totals["duplicate_sectors"]), lost_sectors=len(outcome.lost),
-        incomplete_frames=len(outcome.incomplete_frames), loss_manifest=loss_manifest(outcome),
-        manifest_truncated=len(outcome.lost) > MAX_MANIFEST, **result)
+        duplicate_sectors=int(totals["duplicate_sectors"]),
+        conflicting_duplicates=int(totals["conflicting_duplicates"]),
+        lost_sectors=len(outcome.lost), incomplete_frames=len(outcome.incomplete_frames),
+        loss_manifest=loss_manifest(outcome),
+        manifest_truncated=len(outcome.lost) + len(outcome.conflicts) > MAX_MANIFEST, **result)
     # The control plane refuses a result that breaks the rule: a bug shows here, where it is made.
     check(built)
     return built
 
 
 def loss_manifest(outcome: ScanOutcome) -> tuple[LossEntry, ...]:
-    """The first MAX_MANIFEST lost sectors, in (frame, sector) order; the file lists them all."""
-    listed = zip(outcome.lost[:MAX_MANIFEST].tolist(), outcome.lost_reasons[:MAX_MANIFEST],
-                 strict=True)
+    """The first MAX_MANIFEST entries of the scan's loss manifest; the file lists them all."""
+    frame_sector, reasons = outcome.manifest()
+    listed = zip(frame_sector[:MAX_MANIFEST].tolist(), reasons[:MAX_MANIFEST], strict=True)
     return tuple((frame, sector, reason) for (frame, sector), reason in listed)
 
 

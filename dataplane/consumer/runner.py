@@ -280,7 +280,8 @@ def write_result(output_dir: Path, outcome: ScanOutcome, log: logging.Logger) ->
     result = written_result(outcome, written)
     log.info("scan written", extra=fields(
         scan=result.scan, path=result.path, frames=result.frames, events=result.events,
-        status=result.status, incomplete_frames=result.incomplete_frames))
+        status=result.status, incomplete_frames=result.incomplete_frames,
+        conflicting_duplicates=result.conflicting_duplicates))
     return result
 
 
