@@ -44,8 +44,9 @@ class Settings:
     ``issuer`` is the ``iss`` of every token this service signs and accepts. ``policy_path`` is the
     policy file or directory (``policies/*.yaml``) loaded at start and on reload. ``leeway_s``
     forgives clock skew on ``exp``/``iat``/``nbf``. ``client_max_size`` bounds every request body
-    (bytes). ``jwks_max_age_s`` is the JWKS cache lifetime: verifiers refetch at least this often,
-    so a key must be published this long before it signs (rotation keeps the old keys published).
+    (bytes) but a scan result's, which may carry a long loss manifest (``MAX_REPORT_BYTES``).
+    ``jwks_max_age_s`` is the JWKS cache lifetime: verifiers refetch at least this often, so a key
+    must be published this long before it signs (rotation keeps the old keys published).
 
     Sessions: ``gateway_endpoint`` is where producers connect (and the gateway binds);
     ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one (sessions opened with

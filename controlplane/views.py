@@ -61,10 +61,13 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
             for error in exc.errors(include_input=False, include_url=False)]
 
 
-async def parse_body(request: web.Request, model: type[M]) -> M:
+async def parse_body(request: web.Request, model: type[M], *, max_bytes: int | None = None) -> M:
+    """The body as ``model``; it may be as long as the app's client_max_size, or ``max_bytes``
+    where a route needs another bound (413 beyond it)."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
-    raw = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+    reader = request if max_bytes is None else request.clone(client_max_size=max_bytes)
+    raw = await reader.read()
     try:
         json_without_repeats(raw or b"null")
     except RepeatedName as repeated:

@@ -27,6 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common import zap
+from common.logs import fields
 from gateway.sessions import SessionEntry, SessionTable
 
 ZAP_DOMAIN: Final = b"dsn"
@@ -196,8 +197,23 @@ def handshake_failure_reason(event: int, value: int) -> str:
     return "handshake_failed"
 
 
+def _log_handshake_refusal(reason: str, endpoint: bytes, count: int) -> None:
+    """Log the ``count``-th refusal for ``reason`` if ``count`` is a power of two.
+
+    Powers of two rather than a token bucket: a flood of a million refusals costs twenty lines,
+    and each line carries the running count, so the log still tells how big the flood was.
+    ``endpoint`` is what libzmq's monitor event names: for a listening socket that is the socket's
+    own endpoint, never the peer (the peer's address reaches only ZAP, which logs it).
+    """
+    if count & (count - 1):
+        return
+    log.info("connection refused", extra=fields(
+        reason=reason, endpoint=endpoint.decode("utf-8", "replace"), count=count))
+
+
 class HandshakeMonitor:
-    """Counts ingress handshakes that failed before reaching ZAP, from a socket-monitor thread.
+    """Counts and logs ingress handshakes that failed before reaching ZAP, from a socket-monitor
+    thread.
 
     A client speaking NULL or PLAIN to the CURVE ingress, or holding the wrong server key, is
     refused by libzmq itself; only the monitor sees it. ``connections`` counts every TCP connection
@@ -235,4 +251,6 @@ class HandshakeMonitor:
                     self.connections[connection] = self.connections.get(connection, 0) + 1
                     continue
                 reason = handshake_failure_reason(event["event"], event["value"])
-                self.failures[reason] = self.failures.get(reason, 0) + 1
+                count = self.failures.get(reason, 0) + 1
+                self.failures[reason] = count
+                _log_handshake_refusal(reason, event["endpoint"], count)

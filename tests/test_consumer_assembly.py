@@ -1,4 +1,5 @@
-"""Frame assembly on one rank: any order, duplicates, misrouted and malformed sectors, scan_end."""
+"""Frame assembly on one rank: any order, duplicates (identical or conflicting), misrouted and
+malformed sectors, scan_end."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 
 from common.protocol import Data, RoutedScanBegin, RoutedScanEnd
-from dataplane.consumer.assembly import MISROUTED, NOT_RECEIVED, MissingSector, ScanAssembly
+from dataplane.consumer.assembly import (
+    MISROUTED,
+    NOT_RECEIVED,
+    MissingSector,
+    ScanAssembly,
+)
 
 SCAN_SHAPE = (2, 4)  # 8 positions
 FRAME_SHAPE = (8, 6)  # 4 sectors of 2 rows
@@ -70,6 +76,85 @@ def test_duplicates_are_dropped_and_counted_before_and_after_completion() -> Non
     assert list(done) == [1]
     counters = assembly.counters
     assert (counters.received, counters.stored, counters.duplicates) == (8, 5, 3)
+
+
+def _changed(payload: bytes, how: str) -> bytes:
+    """The sector with other content: as a retransmission gone wrong might have it."""
+    pixels = np.frombuffer(payload, dtype="<u2").copy()
+    words = pixels.reshape(-1, 4)  # 8-byte words, 4 pixels each
+    if how == "one pixel":
+        pixels[5] += 1
+    elif how == "one bit of the last pixel":
+        pixels[-1] ^= 0x0100
+    elif how == "two words swapped":
+        words[[0, 1]] = words[[1, 0]]
+    elif how == "changes that keep the sum":
+        pixels[0] += 1
+        pixels[4] -= 1
+    elif how == "zeros":
+        pixels[:] = 0
+    return pixels.tobytes()
+
+
+CHANGES = ["one pixel", "one bit of the last pixel", "two words swapped",
+           "changes that keep the sum", "zeros"]
+
+
+def test_identical_duplicates_are_no_conflict_before_or_after_completion() -> None:
+    assembly = ScanAssembly(_begin())
+    _feed(assembly, [(1, 0), (1, 0), (1, 1), (1, 2), (1, 3), (1, 2), (3, 0), (3, 0)])
+    counters = assembly.counters
+    assert (counters.duplicates, counters.conflicting) == (3, 0)
+    assert assembly.close(_end(expected=8)).conflicts == []
+
+
+@pytest.mark.parametrize("how", CHANGES)
+def test_a_differing_copy_of_an_incomplete_frames_sector_conflicts_and_the_first_is_kept(
+        how: str) -> None:
+    assembly = ScanAssembly(_begin())
+    assert assembly.add(_data(1, 2), _sector(1, 2)) is None
+    assert assembly.add(_data(1, 2), _changed(_sector(1, 2), how)) is None
+    done = _feed(assembly, [(1, 0), (1, 1), (1, 3)])
+    np.testing.assert_array_equal(done[1], _frame(1))
+    assert (assembly.counters.duplicates, assembly.counters.conflicting) == (1, 1)
+    assert assembly.close(_end(expected=5)).conflicts == [(1, 2)]
+
+
+@pytest.mark.parametrize("how", CHANGES)
+def test_a_differing_copy_of_a_complete_frames_sector_conflicts(how: str) -> None:
+    assembly = ScanAssembly(_begin())
+    _feed(assembly, [(3, s) for s in range(SECTORS)])
+    assert assembly.add(_data(3, 1), _sector(3, 1)) is None  # the same again: no conflict
+    assert assembly.add(_data(3, 1), _changed(_sector(3, 1), how)) is None
+    assert (assembly.counters.duplicates, assembly.counters.conflicting) == (2, 1)
+    assert assembly.close(_end(expected=6)).conflicts == [(3, 1)]
+
+
+def test_every_conflicting_copy_is_listed_in_frame_and_sector_order() -> None:
+    assembly = ScanAssembly(_begin())
+    _feed(assembly, [(5, s) for s in range(SECTORS)] + [(1, 3)])
+    for frame, sector, how in [(5, 2, "zeros"), (1, 3, "one pixel"), (5, 0, "one pixel"),
+                               (5, 2, "one pixel")]:
+        assembly.add(_data(frame, sector), _changed(_sector(frame, sector), how))
+    closure = assembly.close(_end(expected=9))
+    assert closure.conflicts == [(1, 3), (5, 0), (5, 2), (5, 2)]
+    assert assembly.counters.conflicting == 4
+    # A conflicting sector is in the frame, as first received; only missing ones are lost.
+    assert [(m.frame, m.sector) for m in closure.missing if m.frame == 1] == [(1, 0), (1, 1),
+                                                                             (1, 2)]
+
+
+def test_a_sector_of_no_whole_number_of_8_byte_words_is_compared_to_the_last_pixel(
+        ) -> None:
+    begin = RoutedScanBegin(v=1, session="s1", scan=9, scan_shape=(1, 1), frame_shape=(2, 3),
+                            sectors=2, dtype="uint16", members=1, index=0)
+    assembly = ScanAssembly(begin)  # sectors of 3 pixels: 6 bytes
+    first = np.arange(3, dtype="<u2").tobytes()
+    assembly.add(_data(0, 0), first)
+    assert assembly.add(_data(0, 1), first) is not None
+    assembly.add(_data(0, 0), first)
+    assembly.add(_data(0, 0), np.array([0, 1, 3], dtype="<u2").tobytes())
+    assert (assembly.counters.duplicates, assembly.counters.conflicting) == (2, 1)
 
 
 def test_misrouted_and_malformed_sectors_are_rejected_by_reason() -> None:

@@ -3,6 +3,7 @@
 Two overlapping scans are pushed to the ranks' endpoints with lost, gateway-dropped and duplicated
 sectors in shuffled order; the files are then read back with stempy and checked against stempy's own
 ``electron_count_frame`` on the same zero-filled frames, the planted electrons and exact counters.
+Duplicates whose content differs from the first copy are counted, listed and leave a scan partial.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ def _write_config(tmp_path: Path, endpoints: list[str]) -> Path:
     return path
 
 
-def _start(ranks: int, config: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _start(ranks: int, config: Path, out: Path, *extra: str,
+           cwd: Path | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     argv = [str(MPIEXEC), "--oversubscribe", "-n", str(ranks), sys.executable, "-m",
             "dataplane.consumer", "run", "--config", str(config), "--session", SESSION,
             "--output-dir", str(out), *extra]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
 
 
 @dataclass
@@ -229,6 +231,85 @@ def test_two_rank_job_counts_overlapping_scans_exactly_and_accounts_for_every_se
     logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert {entry["rank"] for entry in logs} == {0, 1}
     assert any(e["event"] == "scan written" and e["scan"] == 7 for e in logs)
+
+
+def _other(pixels: np.ndarray) -> np.ndarray:
+    """The same sector with one pixel changed: a copy that contradicts the first."""
+    changed = pixels.copy()
+    changed[7, 11] += 1
+    return changed
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_a_conflicting_duplicate_is_counted_listed_and_leaves_the_scan_partial(
+        job: Job, pushers: list[zmq.Socket]) -> None:
+    camera = SyntheticCamera(CameraSpec(scan_shape=(4, 4), seed=13))
+    # Frame 6 (rank 0) gets sector 1 again, changed, once complete; frame 9 (rank 1) gets sector
+    # 0 again, changed, before it is; frame 3 gets an identical copy of sector 2.
+    plan = ScanPlan(scan=11, camera=camera, lost=set(), gateway_drops={},
+                    duplicated=[(6, 1), (9, 0), (3, 2)])
+    proc = _start(RANKS, job.config, job.out, "--scans", "1", "--result-file", str(job.result_file))
+    messages: list[tuple[int, int, np.ndarray]] = []
+    for frame in range(plan.positions):
+        for sector in range(4):
+            messages.append((frame, sector, camera.sector(frame, sector)))
+            if (frame, sector) == (9, 0):
+                messages.append((9, 0, _other(camera.sector(9, 0))))
+        if frame == 6:
+            messages.append((6, 1, _other(camera.sector(6, 1))))
+        if frame == 3:
+            messages.append((3, 2, camera.sector(3, 2)))
+    for index, push in enumerate(pushers):
+        push.send(_begin(plan, index))
+    expected = [0] * RANKS
+    for seq, (frame, sector, pixels) in enumerate(messages):
+        header = encode(Data(v=1, scan=plan.scan, frame=frame, sector=sector, seq=seq))
+        pushers[frame % RANKS].send_multipart([header, pixels])
+        expected[frame % RANKS] += 1
+    for index, push in enumerate(pushers):
+        push.send(_end(plan, index, expected[index]))
+    code, err = _finish(proc, timeout=45)
+    assert code == 0, err[-3000:]
+
+    [result] = [json.loads(line) for line in job.result_file.read_text().splitlines()]
+    conflicts = [[6, 1, "conflicting_duplicate"], [9, 0, "conflicting_duplicate"]]
+    assert (result["status"], result["duplicate_sectors"], result["conflicting_duplicates"],
+            result["lost_sectors"], result["incomplete_frames"]) == ("partial", 3, 2, 0, 0)
+    assert (result["loss_manifest"], result["manifest_truncated"]) == (conflicts, False)
+    with h5py.File(result["path"], "r") as f:
+        stream = f["metadata/stream"]
+        assert {k: _attr(stream, k) for k in ("status", "conflicting_duplicates",
+                                              "duplicate_sectors", "lost_sectors")} == {
+            "status": "partial", "conflicting_duplicates": 2, "duplicate_sectors": 3,
+            "lost_sectors": 0}
+        assert np.asarray(stream["loss_manifest/frame_sector"]).tolist() == [[6, 1], [9, 0]]
+        assert [r.decode() for r in stream["loss_manifest/reason"][()]] == [
+            "conflicting_duplicate"] * 2
+    counted = stempy.io.load_electron_counts(result["path"])
+    for frame in range(plan.positions):  # the first copies, counted
+        events = np.sort(np.asarray(counted.data[frame][0], dtype=np.uint32))
+        np.testing.assert_array_equal(events, camera.planted(frame), err_msg=f"frame {frame}")
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_a_relative_output_dir_gives_results_with_absolute_paths(
+        job: Job, pushers: list[zmq.Socket], tmp_path: Path) -> None:
+    proc = _start(RANKS, job.config, Path("out"), "--scans", "1", "--result-file",
+                  str(job.result_file), cwd=tmp_path)
+    plan = ScanPlan(scan=4, camera=SyntheticCamera(CameraSpec(scan_shape=(2, 2), seed=4)),
+                    lost=set(), gateway_drops={}, duplicated=[])
+    _stream(pushers, [plan], seed=4)
+    code, err = _finish(proc, timeout=45)
+    assert code == 0, err[-3000:]
+    [result] = [json.loads(line) for line in job.result_file.read_text().splitlines()]
+    # Useful to whoever reads the result, wherever the job ran.
+    path = Path(result["path"])
+    assert path.is_absolute() and path.is_file()
+    assert path == (tmp_path / "out" / f"{SESSION}_scan000004.h5").resolve()
+    written = [json.loads(line) for line in err.splitlines() if '"scan written"' in line]
+    assert [entry["path"] for entry in written] == [result["path"]]
 
 
 @pytest.mark.mpi

@@ -40,8 +40,9 @@ from dataplane.consumer.report import HttpResultReporter, report_body
 
 SCAN_RESULT = ScanResult(
     session="", scan=7, path="/data/out/scan-7.h5", sha256=SHA, frames=16, events=120,
-    expected_sectors=64, received_sectors=64, duplicate_sectors=0, lost_sectors=0,
-    incomplete_frames=0, status="complete")
+    expected_sectors=64, received_sectors=64, duplicate_sectors=0, conflicting_duplicates=0,
+    lost_sectors=0, incomplete_frames=0, status="complete", loss_manifest=(),
+    manifest_truncated=False)
 
 
 @pytest.fixture
@@ -220,7 +221,8 @@ async def test_results_are_posted_and_listed(cp: ControlPlane) -> None:
     assert [(r["session"], r["scan"], r["sha256"], r["status"]) for r in listed["items"]] == [
         (session, 7, RESULT["sha256"], "complete")]
     assert [r["event"] for r in records(stream)] == ["scan result recorded"]
-    assert report_body(SCAN_RESULT) == RESULT  # the session and scan travel in the URL
+    # As sent, in JSON: the session and scan travel in the URL.
+    assert json.loads(json.dumps(report_body(SCAN_RESULT))) == RESULT
 
 
 async def test_a_refused_result_is_logged_and_not_retried(cp: ControlPlane) -> None:

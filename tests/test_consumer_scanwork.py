@@ -19,6 +19,7 @@ from dataplane import counting
 from dataplane.consumer.agreement import decode_decision, encode_decision
 from dataplane.consumer.errors import WriteError
 from dataplane.consumer.outcome import RankParts, merge
+from dataplane.consumer.report import written_result
 from dataplane.consumer.scanwork import CountingOptions, ScanWork, decide_thresholds
 from dataplane.consumer.writer import scan_file_name, write_scan
 from dataplane.synthetic import CameraSpec, SyntheticCamera
@@ -61,7 +62,9 @@ def _parts(work: ScanWork) -> RankParts:
         incomplete_frames=closure.incomplete_frames, missing_frames=closure.missing_frames,
         lost=np.array([(m.frame, m.sector) for m in closure.missing],
                       dtype=np.uint32).reshape(-1, 2),
-        lost_reasons=[m.reason for m in closure.missing], counters=[result.counters])
+        lost_reasons=[m.reason for m in closure.missing],
+        conflicts=np.array(closure.conflicts, dtype=np.uint32).reshape(-1, 2),
+        counters=[result.counters])
 
 
 def test_frames_wait_for_thresholds_then_all_frames_are_counted_exactly() -> None:
@@ -136,6 +139,37 @@ def test_written_file_is_stempy_readable_with_equal_length_frames_and_no_tempora
     with h5py.File(written.path, "r") as f:
         assert f["metadata/stream"].attrs["status"] == "complete"
         assert f["metadata/stream/loss_manifest/frame_sector"].shape == (0, 2)
+
+
+def test_a_conflicting_duplicate_is_in_the_files_manifest_and_result_and_the_scan_partial(
+        tmp_path: Path) -> None:
+    camera = SyntheticCamera(SPEC)
+    work = ScanWork(_begin(camera), OPTIONS, ranks=1)
+    pairs = [(f, s) for f in range(SPEC.positions) for s in range(4)]
+    _feed(work, camera, pairs)
+    other = camera.sector(5, 2).copy()
+    other[0, 0] += 1
+    work.add(Data(v=1, scan=4, frame=5, sector=2, seq=0), other.tobytes())
+    _feed(work, camera, [(6, 0)])  # the same again: a duplicate, not a conflict
+    _agree(work)
+    work.close(_end(len(pairs) + 2))
+    outcome = merge(work.begin, _end(len(pairs) + 2), work.decision, _parts(work))
+    assert outcome.status == "partial"
+    result = written_result(outcome, write_scan(tmp_path, outcome))
+    assert (result.status, result.duplicate_sectors, result.conflicting_duplicates) == (
+        "partial", 2, 1)
+    assert (result.lost_sectors, result.loss_manifest, result.manifest_truncated) == (
+        0, ((5, 2, "conflicting_duplicate"),), False)
+    with h5py.File(result.path, "r") as f:
+        stream = f["metadata/stream"]
+        assert (stream.attrs["status"], stream.attrs["conflicting_duplicates"],
+                stream.attrs["duplicate_sectors"], stream.attrs["lost_sectors"]) == (
+            "partial", 1, 2, 0)
+        assert stream["loss_manifest/frame_sector"][()].tolist() == [[5, 2]]
+        assert stream["loss_manifest/reason"].asstr()[()].tolist() == ["conflicting_duplicate"]
+    # The first copy is the one counted.
+    loaded = stempy.io.load_electron_counts(result.path)
+    np.testing.assert_array_equal(np.sort(loaded.data[5][0]), camera.planted(5))
 
 
 def test_a_failed_write_leaves_no_file_behind(tmp_path: Path) -> None:

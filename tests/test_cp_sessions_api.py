@@ -8,6 +8,8 @@ expiry, consumer jobs through the real local launcher and a fake Slurm, and scan
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from waiting import eventually_async
 
 from common.config import load_config
 from common.keys import create_keypair, load_keypair
+from common.protocol import MAX_MANIFEST
 from controlplane.admin.bootstrap import initialize
 from controlplane.app import create_app
 from controlplane.errors import ConfigurationError
@@ -35,6 +38,7 @@ from controlplane.sessions.core import (
     lease_until,
     session_state,
 )
+from controlplane.sessions.models import MAX_REPORT_BYTES
 from controlplane.settings import Settings
 from controlplane.tokens import Surface, TokenKind
 
@@ -42,7 +46,8 @@ WORKER_SCOPE = CLIENT_SCOPE + " scans:read consumers:register scans:report"
 SHA = hashlib.sha256(b"scan").hexdigest()
 RESULT = {"path": "/data/out/scan-7.h5", "sha256": SHA, "frames": 16, "events": 120,
           "expected_sectors": 64, "received_sectors": 64, "duplicate_sectors": 0,
-          "lost_sectors": 0, "incomplete_frames": 0, "status": "complete"}
+          "conflicting_duplicates": 0, "lost_sectors": 0, "incomplete_frames": 0,
+          "status": "complete", "loss_manifest": [], "manifest_truncated": False}
 TINY_JOB = """\
 name: tiny-job
 kind: job
@@ -488,7 +493,40 @@ async def test_a_scan_whose_file_could_not_be_written_is_recorded_failed_with_it
         "failed", "", "No space left on device")
 
 
+def _streamed(body: dict[str, Any], pad_to: int = 0) -> dict[str, Any]:
+    """Request arguments sending ``body`` as JSON from a stream (aiohttp's client warns about
+    bodies over 1 MiB given as bytes), padded with spaces to ``pad_to`` bytes."""
+    data = json.dumps(body).encode()
+    return {"data": io.BytesIO(data.ljust(pad_to)),
+            "headers": {"Content-Type": "application/json"}}
+
+
+async def test_a_results_loss_manifest_is_in_the_scans_detail_however_long(
+        cp: ControlPlane) -> None:
+    token, session = await opened(cp)
+    worker = await consumer_token(cp, token)
+    base = f"/api/v1/sessions/{session['id']}/scans"
+    lost = [[frame, sector, "not_received"] for frame in range(MAX_MANIFEST // 4 + 1)
+            for sector in range(4)]
+    report = {**RESULT, "status": "partial", "received_sectors": 0, "lost_sectors": len(lost),
+              "incomplete_frames": len(lost) // 4, "loss_manifest": lost[:MAX_MANIFEST],
+              "manifest_truncated": True}
+    response = await cp.call("POST", f"{base}/4/result", worker, **_streamed(report))  # 1.6 MB
+    assert response.status == 200, await response.text()
+    [detail] = (await (await cp.call("GET", f"{base}/4", token)).json())["items"]
+    assert (detail["loss_manifest"], detail["manifest_truncated"]) == (lost[:MAX_MANIFEST], True)
+    # Stored as reported: the same report again is the same result, not a conflict.
+    again = await cp.call("POST", f"{base}/4/result", worker, **_streamed(report))
+    assert again.status == 200, await again.text()
+    # The report's body is bounded all the same.
+    padded = _streamed(report, pad_to=MAX_REPORT_BYTES + 1)
+    assert (await cp.call("POST", f"{base}/5/result", worker, **padded)).status == 413
+
+
 @pytest.mark.parametrize("change", [
+    {"status": "partial", "lost_sectors": 1, "incomplete_frames": 1},
+    {"status": "partial", "lost_sectors": 1, "incomplete_frames": 1,
+     "loss_manifest": [[0, 64, "not_received"]]},
     {"sha256": "ABC"}, {"status": "complete", "lost_sectors": 3}, {"path": "relative.h5"},
     {"frames": -1}, {"sha256": ""}, {"status": "failed"}, {"status": "failed", "sha256": ""},
     {"reason": "why not"}, {"status": "failed", "sha256": "", "reason": ""}])

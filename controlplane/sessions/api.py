@@ -24,6 +24,7 @@ from controlplane.sessions.core import (
     config_with_consumers,
 )
 from controlplane.sessions.models import (
+    MAX_REPORT_BYTES,
     MAX_SCAN,
     ConsumerOut,
     ConsumerRegister,
@@ -236,8 +237,11 @@ async def get_job_view(request: web.Request) -> web.Response:
 
 
 async def report_result_view(request: web.Request) -> web.Response:
-    body = await parse_body(request, ScanReport)
     services = _services(request)
+    # A loss manifest makes a report far longer than any other body; the route admits consumer
+    # tokens only, checked before the body is read.
+    limit = max(MAX_REPORT_BYTES, services.settings.client_max_size)
+    body = await parse_body(request, ScanReport, max_bytes=limit)
     session = await existing_session(services, request.match_info["session"])
     record = scan_record(session, scan_number(request), body, services.now())
     return reply(scan_out(await record_result(services.store, record)))

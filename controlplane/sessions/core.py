@@ -105,8 +105,8 @@ class ScanRecord(ScanResult):
 
     ``source`` ``consumer`` is rank 0's result. ``gateway`` is a scan the gateway interrupted when
     a member left: always partial, with no file of its own (``path`` is the spool file and there
-    is no sha256), ``reason`` says what interrupted it, and the sectors spooled, the losses by
-    reason and the loss manifest itself come with it.
+    is no sha256), ``reason`` says what interrupted it, and the sectors spooled and the losses by
+    reason come with it.
     """
 
     project: str
@@ -114,8 +114,6 @@ class ScanRecord(ScanResult):
     source: ScanSource = "consumer"
     spooled_sectors: int = 0
     lost_by_reason: dict[str, int] = field(default_factory=dict)
-    loss_manifest: list[list[int | str]] = field(default_factory=list)
-    manifest_truncated: bool = False
 
     @classmethod
     def of(cls, result: ScanResult, *, project: str, reported_at: float) -> ScanRecord:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from common.config import ConnectEndpoint, CurveKey
+from common.protocol import MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, ScanSource, SessionState
@@ -28,6 +29,14 @@ Host = Annotated[str, StringConstraints(min_length=1, max_length=253,
                                         pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:_-]*[A-Za-z0-9])?$")]
 ResultPath = Annotated[str, StringConstraints(min_length=2, max_length=4096,
                                               pattern=r"^/[^\x00-\x1f\x7f]*$")]
+# A loss manifest entry, [frame, sector, reason], in the wire protocol's bounds (frames are u32,
+# at most 64 sectors, reasons are common.protocol.ReasonLabel).
+ManifestEntry = tuple[Annotated[int, Field(ge=0, lt=2**32)], Annotated[int, Field(ge=0, lt=64)],
+                      Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,40}$")]]
+LossManifest = Annotated[tuple[ManifestEntry, ...], Field(max_length=MAX_MANIFEST)]
+# A report's body: a manifest entry takes at most 62 bytes of JSON ([4294967295, 63, "<40
+# letters>"], ), and the rest of the report fits in 64 KiB.
+MAX_REPORT_BYTES = MAX_MANIFEST * 64 + 64 * 1024
 
 
 class SessionOpen(RequestBody):
@@ -73,6 +82,7 @@ class ScanCounts(BaseModel):
     expected_sectors: Count
     received_sectors: Count
     duplicate_sectors: Count
+    conflicting_duplicates: Count
     lost_sectors: Count
     incomplete_frames: Count
 
@@ -80,13 +90,17 @@ class ScanCounts(BaseModel):
 # The fields of common.results.ScanResult but the session and scan, which the URL names; the
 # model is still written out because the OpenAPI document is built from it.
 class ScanReport(RequestBody, ScanCounts):
-    """Rank 0's result for one scan: the HDF5 file, its SHA-256 and the completeness counters.
-    A ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
+    """Rank 0's result for one scan: the HDF5 file, its SHA-256, the completeness counters and
+    the loss manifest ([frame, sector, reason] per lost sector and per conflicting duplicate, in
+    (frame, sector) order; the first 65,536 and ``manifest_truncated`` if there are more). A
+    ``failed`` scan has no file (a full disk, say): ``path`` is where it should have been,
     ``sha256`` is empty and ``reason`` says why; other scans have a SHA-256 and no reason."""
 
     path: ResultPath
     sha256: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
     status: ConsumerStatus
+    loss_manifest: LossManifest
+    manifest_truncated: bool
     reason: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
     @model_validator(mode="after")
@@ -161,8 +175,9 @@ class ScanList(ResponseBody):
 
 
 class ScanDetail(ScanOut):
-    """A result with its loss manifest: [frame, sector, reason] per lost sector (a gateway's
-    report; a consumer's manifest is in its HDF5 file, under /metadata/stream)."""
+    """A result with its loss manifest: [frame, sector, reason] per lost sector and per
+    conflicting duplicate, the first 65,536 and ``manifest_truncated`` if there are more (a
+    consumer's file, under /metadata/stream, and a gateway's spool file list them all)."""
 
     loss_manifest: list[tuple[int, int, str]]
     manifest_truncated: bool

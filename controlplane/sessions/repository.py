@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound="DataclassInstance")
 
 _JSON_COLUMNS = frozenset({"params", "config", "lost_by_reason", "loss_manifest"})
+# JSON has no tuples; a loss manifest is a tuple of entry tuples, as a reported result makes it.
+_TUPLES_OF_TUPLES = frozenset({"loss_manifest"})
 # A scan result names its session ``session`` (common.results); its column is the ``session_id``
 # of every other table.
 _COLUMNS = {"session": "session_id"}
@@ -46,6 +48,8 @@ def _record(cls: type[R], row: sqlite3.Row) -> R:
     values = {f.name: row[_column(f.name)] for f in fields(cls)}
     for name in _JSON_COLUMNS & values.keys():
         values[name] = json.loads(values[name])
+    for name in _TUPLES_OF_TUPLES & values.keys():
+        values[name] = tuple(map(tuple, values[name]))
     return cls(**values)
 
 

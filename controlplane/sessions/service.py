@@ -396,11 +396,11 @@ async def _record_report(services: Services, report: GatewayReport) -> AckOutcom
     record = ScanRecord(
         session=session.id, scan=report.scan, project=session.project, path=report.spool,
         sha256="", frames=0, events=0, expected_sectors=report.accepted, received_sectors=0,
-        duplicate_sectors=0, lost_sectors=report.lost, incomplete_frames=0,
-        status=SPOOLED if report.outcome == "spooled" else PARTIAL,
+        duplicate_sectors=0, conflicting_duplicates=0, lost_sectors=report.lost,
+        incomplete_frames=0, status=SPOOLED if report.outcome == "spooled" else PARTIAL,
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
-        loss_manifest=[list(entry) for entry in report.drops],
+        loss_manifest=tuple(report.drops),
         manifest_truncated=report.drops_truncated, reason=report.reason)
     resource = Resource(kind="scan", project=session.project, name=f"{session.id}/{report.scan}")
     # Audited first, like every request: a report that cannot be audited is not recorded.

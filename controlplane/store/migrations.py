@@ -160,5 +160,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE scan_results_v5 RENAME TO scan_results",
         "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
     ),
+    # 5 -> 6: a consumer counts the duplicate sectors whose content differed from the first copy
+    # (none in the results stored before).
+    (
+        "ALTER TABLE scan_results ADD COLUMN conflicting_duplicates INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -19,7 +19,8 @@ def consumer() -> None:
               help="DSN configuration file (YAML).")
 @click.option("--session", required=True, help="Session id in the configuration.")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for the per-scan HDF5 files (written by rank 0).")
+              help="Directory for the per-scan HDF5 files (written by rank 0); results name "
+                   "them by absolute path.")
 @click.option("--scans", type=click.IntRange(min=1), default=None,
               help="Exit after this many scans [default: run until SIGTERM/SIGINT].")
 @click.option("--dark", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

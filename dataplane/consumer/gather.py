@@ -33,6 +33,7 @@ def gather_scan(comm: MPI.Comm, local: RankScanResult, root: int = 0) -> RankPar
         "missing_frames": local.closure.missing_frames.astype(np.uint32),
         "lost": lost.reshape(-1),
         "lost_codes": lost_codes,
+        "conflicts": np.array(local.closure.conflicts, dtype=np.uint32).reshape(-1),
     }
     small = dict(local.counters, reasons=reasons,
                  lengths={name: len(array) for name, array in arrays.items()})
@@ -45,7 +46,8 @@ def gather_scan(comm: MPI.Comm, local: RankScanResult, root: int = 0) -> RankPar
         frame_ids=gathered["frame_ids"], event_counts=gathered["event_counts"],
         events=gathered["events"], incomplete_frames=gathered["incomplete_frames"],
         missing_frames=gathered["missing_frames"], lost=gathered["lost"].reshape(-1, 2),
-        lost_reasons=lost_reasons, counters=counters)
+        lost_reasons=lost_reasons, conflicts=gathered["conflicts"].reshape(-1, 2),
+        counters=counters)
 
 
 def _gatherv(comm: MPI.Comm, array: np.ndarray, counters: list[dict[str, Any]] | None,

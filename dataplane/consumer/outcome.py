@@ -9,6 +9,7 @@ import numpy as np
 
 from common.protocol import RoutedScanBegin, RoutedScanEnd
 from common.results import COMPLETE, PARTIAL, ScanStatus
+from dataplane.consumer.assembly import CONFLICTING_DUPLICATE
 from dataplane.consumer.scanwork import ThresholdDecision
 
 
@@ -23,6 +24,7 @@ class RankParts:
     missing_frames: np.ndarray  # uint32
     lost: np.ndarray  # uint32 (n, 2): frame, sector
     lost_reasons: list[str]
+    conflicts: np.ndarray  # uint32 (n, 2): frame, sector of each conflicting duplicate
     counters: list[dict[str, Any]]  # one per rank
 
 
@@ -38,6 +40,7 @@ class ScanOutcome:
     missing_frames: np.ndarray
     lost: np.ndarray
     lost_reasons: list[str]
+    conflicts: np.ndarray
     totals: dict[str, Any]
 
     @property
@@ -46,12 +49,22 @@ class ScanOutcome:
 
     @property
     def status(self) -> ScanStatus:
-        """``complete`` only when every sector arrived and every frame could be counted."""
+        """``complete`` only when every sector arrived, no second copy contradicted the first and
+        every frame could be counted."""
         nothing_missing = not len(self.lost) and not len(self.incomplete_frames)
+        nothing_doubtful = not len(self.conflicts)
         everything_arrived = self.totals["unaccounted_sectors"] == 0
-        if nothing_missing and everything_arrived and self.decision.counted:
+        if nothing_missing and nothing_doubtful and everything_arrived and self.decision.counted:
             return COMPLETE
         return PARTIAL
+
+    def manifest(self) -> tuple[np.ndarray, list[str]]:
+        """The loss manifest, in (frame, sector) order: each lost sector with why, and each
+        conflicting duplicate (its sector is in the file, as first received)."""
+        rows = np.concatenate([self.lost, self.conflicts]).astype(np.uint32).reshape(-1, 2)
+        reasons = self.lost_reasons + [CONFLICTING_DUPLICATE] * len(self.conflicts)
+        order = np.lexsort((rows[:, 1], rows[:, 0]))
+        return rows[order], [reasons[i] for i in order.tolist()]
 
     def stream_metadata(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """``/metadata/stream``: (attributes and attribute groups, datasets)."""
@@ -75,11 +88,12 @@ class ScanOutcome:
         }
         attrs.update({k: v for k, v in self.totals.items() if k != "rejected_by_reason"})
         attrs["rejected_by_reason"] = dict(self.totals["rejected_by_reason"])
+        frame_sector, reasons = self.manifest()
         datasets = {
             "incomplete_frames": self.incomplete_frames,
             "missing_frames": self.missing_frames,
-            "loss_manifest/frame_sector": self.lost.reshape(-1, 2),
-            "loss_manifest/reason": np.array(self.lost_reasons, dtype=object),
+            "loss_manifest/frame_sector": frame_sector,
+            "loss_manifest/reason": np.array(reasons, dtype=object),
         }
         return attrs, datasets
 
@@ -90,13 +104,14 @@ def merge(begin: RoutedScanBegin, end: RoutedScanEnd, decision: ThresholdDecisio
     positions = begin.scan_shape[0] * begin.scan_shape[1]
     frame_events = _events_by_position(positions, parts)
     order = np.lexsort((parts.lost[:, 1], parts.lost[:, 0]))
+    conflicts = parts.conflicts[np.lexsort((parts.conflicts[:, 1], parts.conflicts[:, 0]))]
     return ScanOutcome(
         begin=begin, end=end, decision=decision, frame_events=frame_events,
         incomplete_frames=np.sort(parts.incomplete_frames).astype(np.uint32),
         missing_frames=np.sort(parts.missing_frames).astype(np.uint32),
         lost=parts.lost[order].astype(np.uint32).reshape(-1, 2),
         lost_reasons=[parts.lost_reasons[i] for i in order.tolist()],
-        totals=_totals(parts.counters))
+        conflicts=conflicts.astype(np.uint32).reshape(-1, 2), totals=_totals(parts.counters))
 
 
 def _events_by_position(positions: int, parts: RankParts) -> np.ndarray:
@@ -120,6 +135,7 @@ def _totals(counters: list[dict[str, Any]]) -> dict[str, Any]:
         "received_messages": sum(c["received"] for c in counters),
         "received_sectors": sum(c["stored"] for c in counters),
         "duplicate_sectors": sum(c["duplicates"] for c in counters),
+        "conflicting_duplicates": sum(c["conflicting"] for c in counters),
         "rejected_sectors": sum(rejected.values()),
         "unaccounted_sectors": sum(c["unaccounted"] for c in counters),
         "drops_truncated": any(c["drops_truncated"] for c in counters),

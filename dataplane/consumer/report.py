@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from common.logs import fields
+from common.protocol import MAX_MANIFEST
 from common.restclient import RestError, with_retries
-from common.results import FAILED, ScanResult, check
+from common.results import FAILED, LossEntry, ScanResult, check
 from dataplane.consumer.controlplane import ControlPlaneClient
 from dataplane.consumer.outcome import ScanOutcome
 from dataplane.consumer.writer import WrittenScan
@@ -39,11 +40,21 @@ def _result(outcome: ScanOutcome, **result: Any) -> ScanResult:
         frames=int(outcome.frame_events.shape[0]), events=outcome.events,
         expected_sectors=int(totals["expected_sectors"]),
         received_sectors=int(totals["received_sectors"]),
-        duplicate_sectors=int(totals["duplicate_sectors"]), lost_sectors=len(outcome.lost),
-        incomplete_frames=len(outcome.incomplete_frames), **result)
+        duplicate_sectors=int(totals["duplicate_sectors"]),
+        conflicting_duplicates=int(totals["conflicting_duplicates"]),
+        lost_sectors=len(outcome.lost), incomplete_frames=len(outcome.incomplete_frames),
+        loss_manifest=loss_manifest(outcome),
+        manifest_truncated=len(outcome.lost) + len(outcome.conflicts) > MAX_MANIFEST, **result)
     # The control plane refuses a result that breaks the rule: a bug shows here, where it is made.
     check(built)
     return built
+
+
+def loss_manifest(outcome: ScanOutcome) -> tuple[LossEntry, ...]:
+    """The first MAX_MANIFEST entries of the scan's loss manifest; the file lists them all."""
+    frame_sector, reasons = outcome.manifest()
+    listed = zip(frame_sector[:MAX_MANIFEST].tolist(), reasons[:MAX_MANIFEST], strict=True)
+    return tuple((frame, sector, reason) for (frame, sector), reason in listed)
 
 
 def json_record(result: ScanResult) -> dict[str, Any]:

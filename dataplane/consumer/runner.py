@@ -77,7 +77,7 @@ IDLE_POLL_MS = 200
 @dataclass(frozen=True)
 class ConsumerSettings:
     session: Session
-    output_dir: Path
+    output_dir: Path  # absolute
     options: CountingOptions
     scans: int | None = None  # exit after this many scans; None: until stopped
 
@@ -280,7 +280,8 @@ def write_result(output_dir: Path, outcome: ScanOutcome, log: logging.Logger) ->
     result = written_result(outcome, written)
     log.info("scan written", extra=fields(
         scan=result.scan, path=result.path, frames=result.frames, events=result.events,
-        status=result.status, incomplete_frames=result.incomplete_frames))
+        status=result.status, incomplete_frames=result.incomplete_frames,
+        conflicting_duplicates=result.conflicting_duplicates))
     return result
 
 
@@ -373,8 +374,10 @@ def settings_from(args: JobArguments) -> ConsumerSettings:
     options = CountingOptions(kernel=kernel, dark=dark, samples=args.samples,
                               background_n_sigma=args.background_sigma,
                               xray_n_sigma=args.xray_sigma)
-    return ConsumerSettings(session=session, output_dir=args.output_dir, options=options,
-                            scans=args.scans)
+    # Resolved once, here: every result names its file by an absolute path, useful to whoever
+    # reads it, wherever the job ran.
+    return ConsumerSettings(session=session, output_dir=args.output_dir.resolve(),
+                            options=options, scans=args.scans)
 
 
 def run_job(args: JobArguments) -> int:

@@ -184,7 +184,7 @@ class ScanWork:
             closure=self.closure,
             counters={"expected": self.closure.expected, "received": counters.received,
                       "stored": counters.stored, "duplicates": counters.duplicates,
-                      "rejected": dict(counters.rejected),
+                      "conflicting": counters.conflicting, "rejected": dict(counters.rejected),
                       "unaccounted": self.closure.unaccounted,
                       "drops_truncated": self.end.drops_truncated})
 
