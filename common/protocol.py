@@ -18,6 +18,13 @@ Producer -> gateway
                                    row_in_scan, thread_id, module], module = sector; translated to
                                   the native header (frame = row_in_scan * positions_per_row +
                                   x_in_row, seq = frame_number) before it is forwarded.
+                                  ``frame_number`` is that same flat position (the NCEM
+                                  aggregators route by it): a header where the two disagree is
+                                  dropped. NCEM producers send no scan_begin or scan_end: their
+                                  first message opens the scan (its number and shape from the
+                                  header, the rest from the session's detector), which closes
+                                  when every sector of every frame has arrived, or when it goes
+                                  idle.
     scan_end    [header]          {v, type: "scan_end", scan, sent}  one per producer,
                                   ``sent`` = data messages that producer sent for the scan.
 
@@ -93,6 +100,7 @@ class DropReason(enum.StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     SESSION_EXPIRED = "session_expired"
     GEOMETRY_MISMATCH = "geometry_mismatch"
+    POSITION_MISMATCH = "position_mismatch"  # an NCEM frame_number that is not its x, y
     SCAN_TOO_LARGE = "scan_too_large"
     SCAN_MISMATCH = "scan_mismatch"
     TOO_MANY_PRODUCERS = "too_many_producers"
@@ -294,6 +302,8 @@ def decode_producer_header(buf: bytes | memoryview) -> ScanBegin | Data | ScanEn
 
 
 def decode_ncem_header(buf: bytes | memoryview) -> NcemHeader:
+    if len(buf) > MAX_HEADER_BYTES:
+        raise ProtocolError(DropReason.OVERSIZED_HEADER, f"{len(buf)} bytes > {MAX_HEADER_BYTES}")
     try:
         return _ncem_decoder.decode(buf)
     except msgspec.ValidationError as exc:

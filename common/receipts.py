@@ -37,9 +37,10 @@ MAX_RECEIPT_BYTES: Final = 4 * 1024 * 1024
 # session had no consumer able to take it, or interrupted (a consumer left mid-scan: what it was
 # forwarded is listed lost, the rest spooled).
 Outcome = Literal["forwarded", "spooled", "interrupted"]
-# Why the scan closed: its producers' scan_ends, ``limits.scan_idle_s`` without a message (a
-# producer went silent), or its session leaving the gateway (ended, expired, revoked).
-ClosedBy = Literal["scan_end", "idle", "session_end"]
+# Why the scan closed: its producers' scan_ends, every sector of every frame arrived (a scan opened
+# by NCEM headers, which have no scan_end), ``limits.scan_idle_s`` without a message (a producer
+# went silent), or its session leaving the gateway (ended, expired, revoked).
+ClosedBy = Literal["scan_end", "complete", "idle", "session_end"]
 ReceiptState = Literal["open", "closed", "unknown"]
 
 

@@ -222,8 +222,8 @@ class Producer:
             return encode(Data(v=VERSION, scan=scan.scan, frame=frame, sector=sector, seq=scan.seq))
         rows, cols = scan.geometry.scan_shape
         row, col = divmod(frame, cols)
-        # The gateway reads frame_number as seq, so it counts this producer's messages.
-        return encode_ncem(NcemHeader(scan_number=scan.scan, frame_number=scan.seq,
+        # As the 4D Camera's own: frame_number is the flat position x and y name.
+        return encode_ncem(NcemHeader(scan_number=scan.scan, frame_number=frame,
                                       positions_per_row=cols, rows=rows, x_in_row=col,
                                       row_in_scan=row, thread_id=sector, module=sector))
 

@@ -341,11 +341,15 @@ class L7Proxy:
             parts = len(frames)
             session = _user_id(head)
             decision = route(session, head.bytes, parts, len(frames[1]) if parts == 2 else 0)
+            if decision.opening is not None:  # the scan this message opened: its scan_begins
+                self._finish(decision.opening, [], session)
             if decision.slot >= 0:
                 out: Parts = frames if decision.header is None else [decision.header, frames[1]]
                 self._send(decision.slot, out, session)
             if decision.control or decision.spool is not None or decision.report is not None:
                 self._finish(decision, frames, session)
+            if decision.closing is not None:  # the scan this message completed
+                self._finish(decision.closing, [], session)
 
     def _finish(self, decision: Decision, frames: list[zmq.Frame], session: str | None) -> None:
         """A decision's control messages, spool action and report."""

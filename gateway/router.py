@@ -22,6 +22,11 @@ A scan that begins while a member of its session is known to be gone (its connec
 has not come back) is spooled as if the session had no consumer: the job it would go to cannot
 gather it.
 
+NCEM producers send only data: the first NCEM data message of an unknown scan opens it (number
+and shape from its header, the rest from the session's detector), as a scan_begin would; the scan
+closes when every sector of every frame has arrived (``closing`` on that message's decision), or
+idle. Each NCEM header's frame_number must be the position its x and y name.
+
 Idle scans: a scan that has seen no message for its session's ``limits.scan_idle_s`` (a producer
 died before its scan_end) is closed by ``expire_idle`` exactly as its last scan_end would have
 closed it; consumers list whatever never arrived.
@@ -43,7 +48,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, NamedTuple
 
 import msgspec
@@ -54,6 +59,7 @@ from common.protocol import (
     VERSION,
     Data,
     DropReason,
+    NcemHeader,
     ProtocolError,
     RoutedScanAbort,
     RoutedScanBegin,
@@ -120,7 +126,8 @@ class Decision:
     """What to do with one message. ``slot`` >= 0: forward it there (``header`` replaces part 1
     when set); ``control``: send these; ``spool``: act on a spool; ``drop``: the reason it was
     refused; ``report``: a scan closed, this is its report (after the spool action, which gives
-    its spool file)."""
+    its spool file). ``opening`` is carried out before all that (the scan this message opened),
+    ``closing`` after it (the scan it completed)."""
 
     slot: int = -1
     header: bytes | None = None
@@ -128,6 +135,8 @@ class Decision:
     drop: str | None = None
     spool: SpoolAction | None = None
     report: GatewayReport | None = None
+    opening: Decision | None = None
+    closing: Decision | None = None
 
 
 class TableChange(NamedTuple):
@@ -179,10 +188,12 @@ class _Scan:
         "forwarded",
         "geometry",
         "interrupted",
+        "missing",
         "members",
         "sectors",
         "seen",
         "sent",
+        "arrived",
         "spool",
         "spool_failed",
         "spool_reason",
@@ -203,6 +214,9 @@ class _Scan:
         self.to_spool = Decision(spool=spool)
         self.spool_failed = False
         self.spool_reason = spool_reason
+        # Opened by NCEM headers: the sectors still to come, one bit each in ``arrived``.
+        self.missing = 0
+        self.arrived = bytearray()
         self.spooled = 0
         self.interrupted = False
         self.sectors = begin.sectors  # read for every forwarded message: one lookup, not two
@@ -224,6 +238,22 @@ class _Scan:
             self.drops[owner].append((frame, sector, reason))
         else:
             self.truncated[owner] = True
+
+    def expect_every_sector(self) -> None:
+        """A scan with no scan_end (opened by NCEM headers): it is done when every sector of
+        every frame has arrived."""
+        self.missing = self.geometry.positions * self.sectors
+        self.arrived = bytearray((self.missing + 7) // 8)
+
+    def arrive(self, msg: Data) -> bool:
+        """Note an accepted sector of a scan that expects every sector; True once all are in."""
+        if not self.missing:
+            return False
+        bit = msg.frame * self.sectors + msg.sector
+        if not self.arrived[bit >> 3] & (1 << (bit & 7)):
+            self.arrived[bit >> 3] |= 1 << (bit & 7)
+            self.missing -= 1
+        return not self.missing
 
     def take_forwarded(self) -> Iterator[tuple[int, int]]:
         """Every (frame, sector) forwarded so far, in order; forgets them."""
@@ -473,6 +503,8 @@ class Router:
 
     def _data(self, state: _SessionState, header: bytes | memoryview, payload_bytes: int,
               now: float) -> Decision:
+        if not is_native_header(header):
+            return self._ncem_data(state, header, payload_bytes, now)
         msg = _decode(header)
         if type(msg) is str:
             return self._count(state.entry.id, msg)
@@ -480,12 +512,58 @@ class Router:
             return self._count(state.entry.id, DropReason.WRONG_PART_COUNT.value)
         scan = state.scans.get(msg.scan)
         if scan is None:
-            reason = DropReason.SCAN_CLOSED if msg.scan in state.closed else DropReason.UNKNOWN_SCAN
-            return self._count(state.entry.id, reason.value)
+            return self._no_scan(state, msg.scan)
         scan.seen = now
-        native = is_native_header(header)
-        if not native and not self._ncem_fits(header, scan):
-            return self._data_drop(state, msg, DropReason.GEOMETRY_MISMATCH.value, scan)
+        return self._accept(state, scan, msg, payload_bytes, native=True)
+
+    def _no_scan(self, state: _SessionState, scan: int) -> Decision:
+        reason = DropReason.SCAN_CLOSED if scan in state.closed else DropReason.UNKNOWN_SCAN
+        return self._count(state.entry.id, reason.value)
+
+    def _ncem_data(self, state: _SessionState, header: bytes | memoryview, payload_bytes: int,
+                   now: float) -> Decision:
+        """An NCEM data message: decoded once, its scan opened by it if need be, its position
+        checked, and its scan closed once every sector of it has arrived."""
+        try:
+            ncem = decode_ncem_header(header)
+        except ProtocolError as exc:
+            return self._count(state.entry.id, exc.reason.value)
+        msg = ncem.to_data()
+        scan, opening = state.scans.get(msg.scan), None
+        if scan is None and msg.scan not in state.closed:
+            opening = self._scan_begin(state, self._ncem_begin(state, ncem), now)
+            scan = state.scans.get(msg.scan)
+            if scan is None:
+                return opening  # refused, and counted, as its scan_begin would have been
+            scan.expect_every_sector()
+        if scan is None:
+            return self._no_scan(state, msg.scan)
+        scan.seen = now
+        if (ncem.rows, ncem.positions_per_row) != tuple(scan.begin.scan_shape):
+            # A frame number computed from another shape would land on the wrong position.
+            decision = self._data_drop(state, msg, DropReason.GEOMETRY_MISMATCH.value, scan)
+        elif ncem.frame_number != msg.frame:
+            decision = self._data_drop(state, msg, DropReason.POSITION_MISMATCH.value, scan)
+        else:
+            decision = self._accept(state, scan, msg, payload_bytes, native=False)
+        closing = (self._close(state, scan, "complete")
+                   if decision.drop is None and scan.arrive(msg) else None)
+        if opening is None and closing is None:
+            return decision
+        return replace(decision, opening=opening, closing=closing)
+
+    @staticmethod
+    def _ncem_begin(state: _SessionState, ncem: NcemHeader) -> ScanBegin:
+        detector = state.entry.session.detector
+        return ScanBegin(v=VERSION, scan=ncem.scan_number,
+                         scan_shape=(ncem.rows, ncem.positions_per_row),
+                         frame_shape=detector.frame_shape, sectors=detector.sectors, producers=1,
+                         dtype=detector.dtype)
+
+    def _accept(self, state: _SessionState, scan: _Scan, msg: Data, payload_bytes: int,
+                native: bool) -> Decision:
+        """A data message of an open scan: checked against its geometry, then forwarded,
+        spooled or dropped."""
         try:
             scan.geometry.check(msg, payload_bytes)
         except ProtocolError as exc:
@@ -518,13 +596,6 @@ class Router:
         if native:
             return scan.to_spool
         return Decision(header=encode(msg), spool=spool)
-
-    @staticmethod
-    def _ncem_fits(header: bytes | memoryview, scan: _Scan) -> bool:
-        # The NCEM header carries its own scan shape; a frame number computed from a different
-        # shape would land on the wrong position.
-        ncem = decode_ncem_header(header)
-        return (ncem.rows, ncem.positions_per_row) == tuple(scan.begin.scan_shape)
 
     def _data_drop(self, state: _SessionState, msg: Data, reason: str,
                    scan: _Scan | None = None) -> Decision:

@@ -45,8 +45,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> bytes:
 
 
 def _ncem(**fields: int) -> bytes:
-    values = {"scan_number": 1, "frame_number": 0, "positions_per_row": SCAN_SHAPE[1],
-              "rows": SCAN_SHAPE[0], "x_in_row": 1, "row_in_scan": 1, "thread_id": 0, "module": 0}
+    values = {"scan_number": 1, "frame_number": SCAN_SHAPE[1] + 1,
+              "positions_per_row": SCAN_SHAPE[1], "rows": SCAN_SHAPE[0], "x_in_row": 1,
+              "row_in_scan": 1, "thread_id": 0, "module": 0}
     return encode_ncem(NcemHeader(**(values | fields)))
 
 
@@ -84,6 +85,8 @@ CASES: list[tuple[str, list[bytes], str, bool]] = [
     ("non-UTF-8 key", [NON_UTF8_KEY, PAYLOAD], "malformed_header", False),
     ("sector == sectors", [_header(sector=4), PAYLOAD], "out_of_range", True),
     ("NCEM module == sectors", [_ncem(module=4), PAYLOAD], "out_of_range", True),
+    ("NCEM frame_number that is not its x, y", [_ncem(frame_number=0), PAYLOAD],
+     "position_mismatch", True),
     ("NCEM header of another scan shape", [_ncem(positions_per_row=SCAN_SHAPE[1] + 1), PAYLOAD],
      "geometry_mismatch", True),
     ("NCEM header with a non-UTF-8 string", [b"\x98\xa2\xff\xfe" + b"\x00" * 7, PAYLOAD],

@@ -192,11 +192,11 @@ def test_ncem_headers_are_translated_to_native_headers(rig: Callable[..., Rig]) 
     r = rig(consumers=1)
     producer = r.producer()
     producer.send_multipart(begin(scan=5, shape=(3, 4)))
-    ncem = NcemHeader(scan_number=5, frame_number=77, positions_per_row=4, rows=3, x_in_row=3,
+    ncem = NcemHeader(scan_number=5, frame_number=7, positions_per_row=4, rows=3, x_in_row=3,
                       row_in_scan=1, thread_id=2, module=1)
     producer.send_multipart([encode_ncem(ncem), _sector(7)])
     _, (header, payload) = receive(r.consumers[0], 2)
-    assert decode_consumer_message(header) == Data(v=1, scan=5, frame=7, sector=1, seq=77)
+    assert decode_consumer_message(header) == Data(v=1, scan=5, frame=7, sector=1, seq=7)
     assert payload == _sector(7)
 
 

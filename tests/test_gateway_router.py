@@ -145,11 +145,57 @@ def test_manifest_is_truncated_and_says_so(monkeypatch: pytest.MonkeyPatch) -> N
 def test_ncem_header_is_translated_to_the_native_header() -> None:
     router = _router()
     router.route("s1", begin(scan=7, shape=(3, 4)), 1, 0)
-    ncem = encode_ncem(NcemHeader(scan_number=7, frame_number=42, positions_per_row=4, rows=3,
+    ncem = encode_ncem(NcemHeader(scan_number=7, frame_number=9, positions_per_row=4, rows=3,
                                   x_in_row=1, row_in_scan=2, thread_id=0, module=1))
     decision = send_data(router, ncem)
     assert decision.slot == 9 % 2
-    assert decision.header == encode(Data(v=1, scan=7, frame=9, sector=1, seq=42))
+    assert decision.header == encode(Data(v=1, scan=7, frame=9, sector=1, seq=9))
+
+
+def ncem(frame: int, sector: int = 0, scan: int = 7, shape: tuple[int, int] = (3, 4),
+         frame_number: int | None = None) -> bytes:
+    row, col = divmod(frame, shape[1])
+    return encode_ncem(NcemHeader(
+        scan_number=scan, frame_number=frame if frame_number is None else frame_number,
+        positions_per_row=shape[1], rows=shape[0], x_in_row=col, row_in_scan=row, thread_id=0,
+        module=sector))
+
+
+def test_an_ncem_frame_number_that_is_not_its_position_is_dropped_and_listed() -> None:
+    router = _router()
+    router.route("s1", begin(scan=7, shape=(3, 4)), 1, 0)
+    assert send_data(router, ncem(9, sector=1, frame_number=5)).drop == "position_mismatch"
+    [(_, closed)] = control(router.route("s1", end(scan=7, sent=1), 1, 0))[1:]
+    assert isinstance(closed, RoutedScanEnd) and closed.drops == [(9, 1, "position_mismatch")]
+
+
+def test_ncem_data_opens_its_scan_and_closes_it_when_every_sector_arrived() -> None:
+    router = _router()  # the session's detector: 2 sectors; the scan 3 x 4 positions
+    first = send_data(router, ncem(0))
+    assert first.opening is not None and first.slot == 0
+    assert [(slot, msg.scan, msg.scan_shape, msg.index) for slot, msg in control(first.opening)] \
+        == [(0, 7, (3, 4), 0), (1, 7, (3, 4), 1)]
+    # Every other sector, and frame 0's first sector again (a duplicate is forwarded, once more).
+    sectors = [(0, 0)] + [(f, s) for f in range(12) for s in range(2)][1:]
+    decisions = [send_data(router, ncem(f, s)) for f, s in sectors]
+    assert all(d.closing is None and d.slot == f % 2 for d, (f, _) in zip(decisions[:-1],
+                                                                         sectors, strict=False))
+    closing = decisions[-1].closing
+    assert closing is not None and closing.report is not None
+    assert (closing.report.closed_by, closing.report.forwarded, closing.report.lost) == (
+        "complete", 25, 0)
+    ends = [msg for _, msg in control(closing)]
+    assert [e.expected for e in ends] == [13, 12]
+    assert send_data(router, ncem(3)).drop == "scan_closed"
+
+
+def test_ncem_data_of_a_session_without_consumers_opens_a_spooled_scan() -> None:
+    router = _spooling()
+    first = send_data(router, ncem(4, scan=1))
+    assert first.opening == Decision(spool=SpoolOpen(KEY, encode(ScanBegin(
+        v=1, scan=1, scan_shape=(3, 4), frame_shape=(8, 4), sectors=2, producers=1,
+        dtype="uint16"))))
+    assert first.spool == SpoolWrite(KEY)
 
 
 def test_ncem_header_with_another_scan_shape_is_refused() -> None:
@@ -333,10 +379,10 @@ def test_a_scan_without_consumers_is_spooled_and_counted_not_dropped() -> None:
     assert router.route("s1", begin(producers=2), 1, 0) == Decision()
     written = Decision(spool=SpoolWrite(KEY))
     assert [send_data(router, data(frame=f)) for f in (0, 5)] == [written, written]
-    ncem = encode_ncem(NcemHeader(scan_number=1, frame_number=4, positions_per_row=4, rows=3,
-                                  x_in_row=1, row_in_scan=2, thread_id=0, module=1))
-    assert send_data(router, ncem) == Decision(
-        header=encode(Data(v=1, scan=1, frame=9, sector=1, seq=4)), spool=SpoolWrite(KEY))
+    header = encode_ncem(NcemHeader(scan_number=1, frame_number=9, positions_per_row=4, rows=3,
+                                    x_in_row=1, row_in_scan=2, thread_id=0, module=1))
+    assert send_data(router, header) == Decision(
+        header=encode(Data(v=1, scan=1, frame=9, sector=1, seq=9)), spool=SpoolWrite(KEY))
     (stats,) = router.stats()
     assert (stats.spooled, stats.spooled_bytes, stats.messages, stats.open_scans) == (
         3, 3 * SECTOR, 0, 1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
+import zmq
 from cp_helpers import DSN, ControlPlane, metrics_text
 from test_consumer_mpi import SESSION as CONSUMER_SESSION
 from test_cp_sessions_api import WORKER_SCOPE
@@ -31,6 +32,7 @@ from waiting import eventually, eventually_async
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
 from common.privatefs import create_private_file
+from common.protocol import NcemHeader, encode_ncem
 from dataplane.producer import Producer, ProducerError, replay_spool, stream_synthetic
 from dataplane.receipts import ReceiptClient, await_report
 from dataplane.spool import SpoolReader, spool_name
@@ -44,6 +46,7 @@ RANKS = 2
 CAMERA = SyntheticCamera(CameraSpec(scan_shape=(24, 24), seed=7))
 PLAN = StreamPlan(CAMERA.spec, producers=4, seed=7)
 EVERY_SECTOR = {(f, s) for f in range(CAMERA.spec.positions) for s in range(CAMERA.spec.sectors)}
+IDLE_S = 2
 
 
 @dataclass
@@ -143,8 +146,9 @@ def site(tmp_path: Path) -> Iterator[StaticSite]:
         "sessions": [{"id": SESSION, "client_keys": [public.decode()],
                       "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
                       "consumers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(RANKS)],
-                      # Small queues: the kill lands while most of the scan is still to come.
-                      "limits": {"hwm": 16}}],
+                      # Small queues: the kill lands while most of the scan is still to come;
+                      # a scan without a scan_end (NCEM producers send none) ends when idle.
+                      "limits": {"hwm": 16, "scan_idle_s": IDLE_S}}],
     }
     path = tmp_path / "dsn.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -281,3 +285,46 @@ async def test_a_session_without_consumers_is_ended_only_once_the_gateway_has_sp
                                       what="the spooled scan listed")
     assert (record["source"], record["status"], record["path"], record["spooled_sectors"],
             record["lost_sectors"]) == ("gateway", "spooled", str(spool), 256, 0)
+
+
+def ncem_message(scan: int, frame: int, sector: int,
+                 frame_number: int | None = None) -> list[bytes]:
+    """A 4D Camera message as the NCEM producers send it: an 8-integer header and the sector."""
+    rows, cols = CAMERA.spec.scan_shape
+    row, col = divmod(frame, cols)
+    header = NcemHeader(scan_number=scan, frame_number=frame if frame_number is None
+                        else frame_number, positions_per_row=cols, rows=rows, x_in_row=col,
+                        row_in_scan=row, thread_id=sector, module=sector)
+    return [encode_ncem(header), CAMERA.sector(frame, sector).tobytes()]
+
+
+def test_ncem_producers_stream_unchanged_and_a_frame_number_off_its_position_is_listed(
+        site: StaticSite) -> None:
+    gateway = GatewayProcess(site.config, _metrics(site))
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    try:
+        job = site.job("job", "--scans", "2")
+        push.curve_secretkey, push.curve_publickey = site.client.secret, site.client.public
+        push.curve_serverkey = site.server
+        push.connect(site.endpoint)
+        # Scan 1 whole: it opens with its first message and closes with its last.
+        for frame, sector in sorted(EVERY_SECTOR):
+            push.send_multipart(ncem_message(1, frame, sector))
+        # Scan 2 with one header whose frame_number is not its x, y: dropped, listed, and the
+        # scan, short of that sector, ends when idle.
+        bad = (100, 2)
+        for frame, sector in sorted(EVERY_SECTOR):
+            push.send_multipart(ncem_message(2, frame, sector, 7 if (frame, sector) == bad
+                                             else None))
+        assert job.wait(timeout_s=60 + IDLE_S) == 0, job.log.read_text()[-3000:]
+    finally:
+        push.close(linger=0)
+        context.term()
+        gateway.stop()
+    whole, short = job.result_lines()
+    assert (whole["scan"], whole["status"], whole["lost_sectors"]) == (1, "complete", 0)
+    assert _counted(Path(str(whole["path"]))) == EVERY_SECTOR
+    assert (short["scan"], short["status"], short["lost_sectors"]) == (2, "partial", 1)
+    assert short["loss_manifest"] == [[*bad, "position_mismatch"]]
+    assert _counted(Path(str(short["path"]))) == EVERY_SECTOR - {bad}
