@@ -35,13 +35,16 @@ Gateway -> consumer
                                   receives exactly the frames with frame % members == index.
     data        [header, sector]  the native data header and the sector, unchanged.
     scan_end    [header]          {v, type: "scan_end", scan, expected, sent, accepted, dropped,
-                                   drops, drops_truncated}
+                                   drops, drops_truncated, resumed}
                                   ``expected`` = data messages forwarded to this consumer,
                                   ``sent`` = sum of the producers' ``sent``, ``accepted`` = data
                                   messages the gateway accepted for the whole scan, ``dropped`` =
                                   {reason: count} for the scan, ``drops`` = [[frame, sector,
                                   reason], ...] for this consumer's frames (at most MAX_MANIFEST
-                                  entries; ``drops_truncated`` says whether some were left out).
+                                  entries; ``drops_truncated`` says whether some were left out);
+                                  ``resumed`` (optional, default false): the gateway restarted
+                                  mid-scan, so ``expected`` and ``accepted`` count only what it
+                                  saw since, and the consumer's expected sectors are ``sent``.
     scan_abort  [header]          {v, type: "scan_abort", scan, reason}
                                   a member of the scan left mid-scan ("consumer_gone"): the gateway
                                   sends no more of it to any member (it spools the rest and reports
@@ -208,6 +211,8 @@ class RoutedScanEnd(_Header, tag="scan_end", frozen=True):
     dropped: dict[ReasonLabel, U63]
     drops: list[tuple[U32, SectorIndex, ReasonLabel]]
     drops_truncated: bool
+    # The gateway restarted mid-scan: ``expected`` counts only what it forwarded since.
+    resumed: bool = False
 
 
 class RoutedScanAbort(_Header, tag="scan_abort", frozen=True):

@@ -73,6 +73,8 @@ class GatewayReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                      msgspec.Meta(max_length=MAX_MANIFEST)]
     drops_truncated: bool
     spool: Annotated[str, msgspec.Meta(max_length=MAX_SPOOL_PATH)]
+    # The gateway restarted mid-scan: its counts start at the restart, ``sent`` does not.
+    resumed: bool = False
 
 
 class ReceiptRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True,

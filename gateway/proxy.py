@@ -46,14 +46,17 @@ from common.keys import KeyPair, load_secret_keypair
 from common.receipts import GatewayReport
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
+from gateway.journal import ScanJournal
 from gateway.receipts import ReceiptBook, ReceiptServer
 from gateway.router import (
+    CLOSED_SCANS_KEPT,
     Decision,
     Interruption,
     Router,
     SpoolAction,
     SpoolOpen,
     SpoolWrite,
+    TableChange,
     with_spool,
 )
 from gateway.sessions import SessionTable, table_from_config
@@ -158,9 +161,11 @@ class L7Proxy:
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], ingress: zmq.Socket[bytes],
                  table: SessionTable, *, clock: Callable[[], float] = time.time,
                  spools: Spools | None = None, on_report: ReportSink | None = None,
-                 plain_ingress: zmq.Socket[bytes] | None = None) -> None:
-        self.router = Router(table, clock=clock, spooling=spools is not None)
+                 plain_ingress: zmq.Socket[bytes] | None = None,
+                 journal: ScanJournal | None = None) -> None:
+        self.router = Router(table, clock=clock, spooling=spools is not None, journal=journal)
         self.spools = spools
+        self.journal = journal
         self.on_report = on_report
         self.receipts = ReceiptBook()
         self._context = context
@@ -178,6 +183,8 @@ class L7Proxy:
         self._pending: SessionTable | None = None
         self._stop = threading.Event()
         self._sync_egress(table)
+        if journal is not None:  # scans a previous gateway left open
+            self._carry_out(self.router.restore(journal.recovered), table)
 
     def use_table(self, table: SessionTable) -> None:
         """Hand a new table to the loop, which adopts it before its next message (thread-safe)."""
@@ -193,6 +200,8 @@ class L7Proxy:
                 socket.close()
         if self.spools is not None:
             self.spools.abandon_all()
+        if self.journal is not None:
+            self.journal.close()
 
     def _sync_egress(self, table: SessionTable) -> None:
         """Connect to consumers that (re)appeared, close the sockets of those that left: what
@@ -268,8 +277,14 @@ class L7Proxy:
         table, self._pending = self._pending, None
         if table is None:
             return
-        change = self.router.use_table(table)
+        self._carry_out(self.router.use_table(table), table)
+
+    def _carry_out(self, change: TableChange, table: SessionTable) -> None:
+        """What the router asks of a new table (or of scans it restored): connect to the
+        consumers, resume scans, interrupt those a consumer left, close those of gone sessions."""
         self._sync_egress(table)
+        for decision in change.resumed:
+            self._finish(decision, [], None)
         for interruption in change.interruptions:
             self._interrupt(interruption)
         for decision in change.closed:
@@ -533,9 +548,11 @@ class Gateway:
 
     def _l7_proxy(self, ingress: zmq.Socket[bytes], plain: zmq.Socket[bytes] | None) -> L7Proxy:
         directory = prepare_spool_dir(self.config.gateway.spool_dir)
-        spools = Spools(directory) if directory is not None else None
+        spools = journal = None
+        if directory is not None:
+            spools, journal = Spools(directory), ScanJournal(directory, CLOSED_SCANS_KEPT)
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
-                       on_report=self.on_report, plain_ingress=plain)
+                       on_report=self.on_report, plain_ingress=plain, journal=journal)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""

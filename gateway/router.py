@@ -31,6 +31,12 @@ Idle scans: a scan that has seen no message for its session's ``limits.scan_idle
 died before its scan_end) is closed by ``expire_idle`` exactly as its last scan_end would have
 closed it; consumers list whatever never arrived.
 
+Restarts: with a journal (``gateway.journal``), every scan opened or closed is recorded as it
+happens; a restarted gateway's router is handed what was still open (``restore``) and carries
+each such scan to its end: its members get their routed scan_begin again (a consumer that has it
+already ignores it), its data is routed, and its scan_end says ``resumed`` (the counts start at
+the restart; what was in flight when the gateway died is missing at the consumers, which list it).
+
 Reports: the decision that closes a scan, however it closes, carries its GatewayReport
 (``common.receipts``): forwarded, spooled or interrupted, with its totals and loss manifest. The
 socket loop completes it with the spool's path (``with_spool``) once the spool is published.
@@ -49,7 +55,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 import numpy as np
@@ -73,6 +79,7 @@ from common.protocol import (
 )
 from common.receipts import ClosedBy, GatewayReport, Outcome
 from dataplane.spool import SpoolManifest
+from gateway.journal import Opened, Recovered
 from gateway.sessions import SessionEntry, SessionTable
 
 log = logging.getLogger("dsn.gateway.router")
@@ -81,6 +88,14 @@ log = logging.getLogger("dsn.gateway.router")
 CLOSED_SCANS_KEPT: Final = 1024
 # Refused scan_begins remembered for the receipts of their producers.
 REFUSALS_KEPT: Final = 4096
+
+
+class Journal(Protocol):
+    """Where the router records the scans it opens and closes (``gateway.journal``)."""
+
+    def opened(self, record: Opened) -> None: ...
+
+    def closed(self, session: str, scan: int) -> None: ...
 
 
 class Outgoing(NamedTuple):
@@ -145,6 +160,7 @@ class TableChange(NamedTuple):
 
     interruptions: list[Interruption]
     closed: list[Decision]
+    resumed: list[Decision] = []  # scans restored after a restart: their scan_begins or spools
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +205,7 @@ class _Scan:
         "geometry",
         "interrupted",
         "missing",
+        "resumed",
         "members",
         "sectors",
         "seen",
@@ -217,6 +234,7 @@ class _Scan:
         # Opened by NCEM headers: the sectors still to come, one bit each in ``arrived``.
         self.missing = 0
         self.arrived = bytearray()
+        self.resumed = False  # restored after a gateway restart
         self.spooled = 0
         self.interrupted = False
         self.sectors = begin.sectors  # read for every forwarded message: one lookup, not two
@@ -276,7 +294,7 @@ class _Scan:
             Outgoing(slot, encode(RoutedScanEnd(
                 v=VERSION, scan=self.begin.scan, expected=self.expected[i], sent=self.sent,
                 accepted=accepted, dropped=dict(self.dropped), drops=self.drops[i],
-                drops_truncated=self.truncated[i])))
+                drops_truncated=self.truncated[i], resumed=self.resumed)))
             for i, slot in enumerate(self.members))
 
     def all_drops(self) -> tuple[list[tuple[int, int, str]], bool]:
@@ -306,7 +324,8 @@ class _Scan:
             session=session, scan=self.begin.scan, outcome=outcome, reason=reason,
             closed_by=closed_by, sent=self.sent, accepted=forwarded + self.spooled,
             forwarded=forwarded, spooled=self.spooled, lost=sum(self.dropped.values()),
-            dropped=dict(self.dropped), drops=drops, drops_truncated=truncated, spool="")
+            dropped=dict(self.dropped), drops=drops, drops_truncated=truncated, spool="",
+            resumed=self.resumed)
 
 
 def with_spool(report: GatewayReport, spool: str | None) -> GatewayReport:
@@ -359,7 +378,7 @@ class Router:
     """Per-session scans, routing and accounting for the L7 gateway."""
 
     def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time,
-                 spooling: bool = False) -> None:
+                 spooling: bool = False, journal: Journal | None = None) -> None:
         self.endpoints: list[str] = []
         self.live_slots: frozenset[int] = frozenset()
         self.spooling = spooling
@@ -371,6 +390,8 @@ class Router:
         self._connected: set[int] = set()  # slots whose consumer completed a handshake
         self._sessions: dict[str, _SessionState] = {}
         self._clock = clock
+        self._journal = journal
+        self._to_restore = Recovered([], {})
         self.use_table(table)
 
     def use_table(self, table: SessionTable) -> TableChange:
@@ -382,13 +403,14 @@ class Router:
         ``endpoints``; ``live_slots`` are the slots of the consumers the table lists."""
         sessions: dict[str, _SessionState] = {}
         interruptions: list[Interruption] = []
+        resumed: list[Decision] = []
         for entry in table:
             members = tuple(self._slot(endpoint) for endpoint in entry.session.consumers)
             state = self._sessions.get(entry.id)
             if state is None:
                 state = _SessionState(entry, members)
-            else:
-                interruptions.extend(self._interrupt_scans_without(state, frozenset(members)))
+                resumed.extend(self._restore_into(state))
+            interruptions.extend(self._interrupt_scans_without(state, frozenset(members)))
             state.entry, state.members = entry, members
             sessions[entry.id] = state
         closed = [self._close(state, scan, "session_end")
@@ -396,7 +418,40 @@ class Router:
                   for scan in list(state.scans.values())]
         self._sessions = sessions
         self.live_slots = frozenset(slot for state in sessions.values() for slot in state.members)
-        return TableChange(interruptions, closed)
+        return TableChange(interruptions, closed, resumed)
+
+    def restore(self, recovered: Recovered) -> TableChange:
+        """Carry on the scans a previous gateway left open (its journal): those of sessions in
+        the table now, and of each session that appears later, at its first table."""
+        self._to_restore = recovered
+        resumed = [d for state in self._sessions.values() for d in self._restore_into(state)]
+        interruptions = [i for state in self._sessions.values()
+                         for i in self._interrupt_scans_without(state, frozenset(state.members))]
+        return TableChange(interruptions, [], resumed)
+
+    def _restore_into(self, state: _SessionState) -> list[Decision]:
+        sid, now = state.entry.id, self._clock()
+        state.closed.extend(self._to_restore.closed.pop(sid, []))
+        mine = [o for o in self._to_restore.open if o.session == sid]
+        self._to_restore.open[:] = [o for o in self._to_restore.open if o.session != sid]
+        return [self._resume(state, opened, now) for opened in mine]
+
+    def _resume(self, state: _SessionState, opened: Opened, now: float) -> Decision:
+        begin = decode_producer_header(opened.begin)
+        assert isinstance(begin, ScanBegin)  # the journal holds what the router encoded
+        key = ScanKey(state.entry.id, begin.scan)
+        members = tuple(self._slot(endpoint) for endpoint in opened.members)
+        spool = None if members else SpoolWrite(key)
+        scan = _Scan(begin, members, now, spool, opened.spool_reason)
+        scan.resumed = True
+        if opened.every_sector:
+            scan.expect_every_sector()
+        state.scans[begin.scan] = scan
+        log.warning("scan resumed after a restart", extra={"fields": {
+            "session": key.session, "scan": key.scan, "members": list(opened.members)}})
+        if spool is not None:
+            return Decision(spool=SpoolOpen(key, opened.begin))
+        return Decision(control=scan.routed_begins(state.entry.id))
 
     def _interrupt_scans_without(self, state: _SessionState,
                                  live: frozenset[int]) -> Iterable[Interruption]:
@@ -531,11 +586,11 @@ class Router:
         msg = ncem.to_data()
         scan, opening = state.scans.get(msg.scan), None
         if scan is None and msg.scan not in state.closed:
-            opening = self._scan_begin(state, self._ncem_begin(state, ncem), now)
+            opening = self._scan_begin(state, self._ncem_begin(state, ncem), now,
+                                       every_sector=True)
             scan = state.scans.get(msg.scan)
             if scan is None:
                 return opening  # refused, and counted, as its scan_begin would have been
-            scan.expect_every_sector()
         if scan is None:
             return self._no_scan(state, msg.scan)
         scan.seen = now
@@ -604,7 +659,8 @@ class Router:
             scan.record_drop(msg.frame, msg.sector, reason)
         return self._count(state.entry.id, reason)
 
-    def _scan_begin(self, state: _SessionState, msg: ScanBegin, now: float) -> Decision:
+    def _scan_begin(self, state: _SessionState, msg: ScanBegin, now: float,
+                    every_sector: bool = False) -> Decision:
         session = state.entry.session
         sid, detector, limits = session.id, session.detector, session.limits
         if (tuple(msg.frame_shape), msg.sectors, msg.dtype) != (
@@ -622,20 +678,34 @@ class Router:
         if len(state.scans) >= limits.max_open_scans:
             return self._refuse(sid, msg, DropReason.TOO_MANY_SCANS.value)
         if not state.members:
-            return self._begin_spooled(state, msg, now, DropReason.NO_CONSUMERS.value)
+            return self._begin_spooled(state, msg, now, DropReason.NO_CONSUMERS.value,
+                                       every_sector)
         if not self._lost.isdisjoint(state.members):
-            return self._begin_spooled(state, msg, now, DropReason.CONSUMER_GONE.value)
-        scan = state.scans[msg.scan] = _Scan(msg, state.members, now)
+            return self._begin_spooled(state, msg, now, DropReason.CONSUMER_GONE.value,
+                                       every_sector)
+        scan = self._open(state, _Scan(msg, state.members, now), every_sector)
         return Decision(control=scan.routed_begins(sid))
 
     def _begin_spooled(self, state: _SessionState, msg: ScanBegin, now: float,
-                       reason: str) -> Decision:
+                       reason: str, every_sector: bool) -> Decision:
         if not self.spooling:
             return self._refuse(state.entry.id, msg, reason)
         key = ScanKey(state.entry.id, msg.scan)
-        state.scans[msg.scan] = _Scan(msg, (), now, SpoolWrite(key), reason)
+        self._open(state, _Scan(msg, (), now, SpoolWrite(key), reason), every_sector)
         # The spool records the canonical encoding: what a replaying producer would send.
         return Decision(spool=SpoolOpen(key, encode(msg)))
+
+    def _open(self, state: _SessionState, scan: _Scan, every_sector: bool) -> _Scan:
+        """Register a new scan, and journal it before any decision about it takes effect."""
+        if every_sector:
+            scan.expect_every_sector()
+        state.scans[scan.begin.scan] = scan
+        if self._journal is not None:
+            self._journal.opened(Opened(
+                session=state.entry.id, scan=scan.begin.scan, begin=encode(scan.begin),
+                members=[self.endpoints[slot] for slot in scan.members],
+                spool_reason=scan.spool_reason, every_sector=every_sector))
+        return scan
 
     def _refuse(self, sid: str, msg: ScanBegin, reason: str) -> Decision:
         """Refuse a scan_begin, remembering why for the scan's producers (receipts)."""
@@ -669,6 +739,8 @@ class Router:
         """Close an open scan: routed scan_ends to its members, or its spool; and its report."""
         del state.scans[scan.begin.scan]
         state.closed.append(scan.begin.scan)
+        if self._journal is not None:
+            self._journal.closed(state.entry.id, scan.begin.scan)
         report = scan.report(state.entry.id, closed_by)
         if not scan.interrupted and scan.spool is None:
             return Decision(control=scan.routed_ends(), report=report)

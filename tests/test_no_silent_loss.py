@@ -32,7 +32,7 @@ from waiting import eventually, eventually_async
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
 from common.privatefs import create_private_file
-from common.protocol import NcemHeader, encode_ncem
+from common.protocol import Data, NcemHeader, ScanBegin, ScanEnd, encode, encode_ncem
 from dataplane.producer import Producer, ProducerError, replay_spool, stream_synthetic
 from dataplane.receipts import ReceiptClient, await_report
 from dataplane.spool import SpoolReader, spool_name
@@ -328,3 +328,54 @@ def test_ncem_producers_stream_unchanged_and_a_frame_number_off_its_position_is_
     assert (short["scan"], short["status"], short["lost_sectors"]) == (2, "partial", 1)
     assert short["loss_manifest"] == [[*bad, "position_mismatch"]]
     assert _counted(Path(str(short["path"]))) == EVERY_SECTOR - {bad}
+
+
+def test_a_gateway_restarted_mid_scan_carries_on_a_scan_whose_producer_never_announces_it_again(
+        site: StaticSite) -> None:
+    """The producer here follows only the contract: one scan_begin, data, one scan_end, and no
+    scan_begin again after the gateway it streams to was killed and restarted."""
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.curve_secretkey, push.curve_publickey = site.client.secret, site.client.public
+    push.curve_serverkey = site.server
+    first = GatewayProcess(site.config, _metrics(site))
+    second = None
+    try:
+        job = site.job("job", "--scans", "1")
+        push.connect(site.endpoint)
+        rows, cols = CAMERA.spec.scan_shape
+        push.send(encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols), frame_shape=(576, 576),
+                                   sectors=4, producers=1, dtype="uint16")))
+        order = sorted(EVERY_SECTOR)
+        cut = len(order) * 3 // 10
+
+        def send(sectors: list[tuple[int, int]], seq: int) -> None:
+            for offset, (frame, sector) in enumerate(sectors):
+                push.send_multipart([encode(Data(v=1, scan=1, frame=frame, sector=sector,
+                                                 seq=seq + offset)),
+                                     CAMERA.sector(frame, sector).tobytes()])
+
+        send(order[:cut], 0)
+        eventually(lambda: first.forwarded() >= cut, timeout_s=60, what="30% forwarded")
+        first.kill()
+        second = GatewayProcess(site.config, _metrics(site))
+        send(order[cut:], cut)
+        push.send(encode(ScanEnd(v=1, scan=1, sent=len(order))))
+        assert job.wait() == 0, job.log.read_text()[-3000:]
+        counters = second.stop()
+    finally:
+        push.close(linger=0)
+        context.term()
+        if second is None:
+            first.stop()
+    [result] = job.result_lines()
+    counted = _counted(Path(str(result["path"])))
+    # What the first gateway held when it died is missing, and listed; the rest is counted.
+    assert result["received_sectors"] == len(counted)
+    assert result["received_sectors"] + result["lost_sectors"] == len(EVERY_SECTOR)
+    assert result["expected_sectors"] == len(EVERY_SECTOR)  # the whole scan, as its producer sent
+    assert result["status"] == ("complete" if counted == EVERY_SECTOR else "partial")
+    drops = counters["drops"]  # type: ignore[index]
+    assert not [key for key in drops if key.endswith("/unknown_scan")], drops
+    print(f"gateway restarted mid-scan, contract-only producer: {len(EVERY_SECTOR)} sectors = "
+          f"{result['received_sectors']} counted + {result['lost_sectors']} listed lost")

@@ -40,6 +40,7 @@ from dataplane.spool import (
     encode_file_header,
 )
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
+from gateway import journal
 from gateway.metrics import GatewayCollector
 from gateway.proxy import Gateway
 from gateway.spool import prepare_spool_dir
@@ -263,6 +264,11 @@ def _planned() -> Counter[Key]:
 
 
 @pytest.mark.timeout(30)
+def spools_in(directory: Path) -> list[str]:
+    """The directory's files but the gateway's journal of open scans."""
+    return sorted(name for name in os.listdir(directory) if name != journal.NAME)
+
+
 def test_a_spooled_file_appears_only_under_its_final_name_after_scan_end(
         tmp_path: Path, gateways: Gateways, server_key_files: tuple[KeyPair, Path]) -> None:
     client, _ = _client(tmp_path / "keys", "producer")
@@ -278,12 +284,12 @@ def test_a_spooled_file_appears_only_under_its_final_name_after_scan_end(
         assert router is not None
         eventually(lambda: next(router.stats()).spooled >= 3, timeout_s=10,
                    what="the gateway to spool the 3 messages")
-        (partial,) = os.listdir(spool_dir)
+        (partial,) = spools_in(spool_dir)
         assert partial.startswith("lab_scan000012.spool.") and partial.endswith(".partial")
         producer.end_scan()
     final = spool_dir / "lab_scan000012.spool"
     eventually(final.exists, timeout_s=10, what=f"{final.name} to appear")
-    assert os.listdir(spool_dir) == [final.name]
+    assert spools_in(spool_dir) == [final.name]
     assert [(m.frame, m.sector, m.seq) for m, _ in _read(final)] == [(0, 2, 0), (1, 2, 1),
                                                                       (2, 2, 2)]
     (stats,) = router.stats()

@@ -111,7 +111,7 @@ def merge(begin: RoutedScanBegin, end: RoutedScanEnd, decision: ThresholdDecisio
         missing_frames=np.sort(parts.missing_frames).astype(np.uint32),
         lost=parts.lost[order].astype(np.uint32).reshape(-1, 2),
         lost_reasons=[parts.lost_reasons[i] for i in order.tolist()],
-        conflicts=conflicts.astype(np.uint32).reshape(-1, 2), totals=_totals(parts.counters))
+        conflicts=conflicts.astype(np.uint32).reshape(-1, 2), totals=_totals(parts.counters, end))
 
 
 def _events_by_position(positions: int, parts: RankParts) -> np.ndarray:
@@ -125,13 +125,15 @@ def _events_by_position(positions: int, parts: RankParts) -> np.ndarray:
     return frame_events
 
 
-def _totals(counters: list[dict[str, Any]]) -> dict[str, Any]:
+def _totals(counters: list[dict[str, Any]], end: RoutedScanEnd) -> dict[str, Any]:
     rejected: dict[str, int] = {}
     for rank in counters:
         for reason, count in rank["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + count
     return {
-        "expected_sectors": sum(c["expected"] for c in counters),
+        # After a gateway restart mid-scan the ranks' counts start at the restart; the
+        # producers' own total is the whole scan's.
+        "expected_sectors": end.sent if end.resumed else sum(c["expected"] for c in counters),
         "received_messages": sum(c["received"] for c in counters),
         "received_sectors": sum(c["stored"] for c in counters),
         "duplicate_sectors": sum(c["duplicates"] for c in counters),
