@@ -30,7 +30,7 @@ class _Observed(Protocol):
 
     def connections(self) -> dict[str, int]: ...
 
-    def backpressure(self) -> dict[str, tuple[int, float]]: ...
+    def backpressure(self) -> dict[str, tuple[int, float, float]]: ...
 
 
 class GatewayCollector(Collector):
@@ -73,10 +73,14 @@ class GatewayCollector(Collector):
         seconds = CounterMetricFamily("dsn_gateway_backpressure_seconds",
                                       "Seconds the forwarding loop waited for consumers",
                                       labels=["session"])
-        for session, (count, waited) in self._gateway.backpressure().items():
+        now = GaugeMetricFamily("dsn_gateway_backpressure_waiting_seconds",
+                                "How long the send waiting for a consumer now has waited (0: "
+                                "none is)", labels=["session"])
+        for session, (count, waited, waiting) in self._gateway.backpressure().items():
             waits.add_metric([session], count)
             seconds.add_metric([session], waited)
-        yield from (waits, seconds)
+            now.add_metric([session], waiting)
+        yield from (waits, seconds, now)
 
     def _consumers(self) -> Metric:
         family = GaugeMetricFamily("dsn_gateway_consumers", "Consumer endpoints per session",
@@ -111,10 +115,11 @@ class GatewayCollector(Collector):
             volume.add_metric([stats.session], stats.bytes)
             spooled.add_metric([stats.session], stats.spooled)
             spooled_bytes.add_metric([stats.session], stats.spooled_bytes)
-            scans.add_metric([stats.session], stats.open_scans)
-            connected.add_metric([stats.session], stats.connected)
             interrupted.add_metric([stats.session], stats.interrupted)
             idle.add_metric([stats.session], stats.idle_closed)
+            if stats.live:  # an ended session's totals stay; its gauges go with it
+                scans.add_metric([stats.session], stats.open_scans)
+                connected.add_metric([stats.session], stats.connected)
         drops = CounterMetricFamily("dsn_gateway_drops", "Messages dropped, by reason",
                                     labels=["session", "reason"])
         for (session, reason), count in router.drops.copy().items():

@@ -50,6 +50,7 @@ from gateway.journal import ScanJournal
 from gateway.receipts import ReceiptBook, ReceiptServer
 from gateway.router import (
     CLOSED_SCANS_KEPT,
+    ENDED,
     Decision,
     Interruption,
     Router,
@@ -171,9 +172,11 @@ class L7Proxy:
         self._context = context
         self._ingress = ingress
         self._plain_ingress = plain_ingress
-        # session -> (sends that waited for a consumer, seconds waited): ZeroMQ shows no queue
-        # lengths, so time spent blocked is how backpressure becomes visible.
+        # session -> (sends that waited for a consumer, seconds waited), and the send waiting now
+        # (session, since): ZeroMQ shows no queue lengths, so time spent blocked is how
+        # backpressure becomes visible, while it lasts too (a consumer that never takes again).
         self.backpressure: dict[str, tuple[int, float]] = {}
+        self.waiting: tuple[str, float] | None = None
         self._egress: list[zmq.Socket[bytes] | None] = []
         # The monitor of each slot's egress socket (and back), and the HWM it was opened with.
         self._monitors: dict[int, zmq.Socket[bytes]] = {}
@@ -278,6 +281,15 @@ class L7Proxy:
         if table is None:
             return
         self._carry_out(self.router.use_table(table), table)
+        self._fold_backpressure()
+
+    def _fold_backpressure(self) -> None:
+        """Sessions whose totals the router folded into ENDED: their waits too."""
+        kept = {stats.session for stats in self.router.stats()}
+        for session in [s for s in self.backpressure if s not in kept and s not in ("", ENDED)]:
+            waits, seconds = self.backpressure.pop(session)
+            total = self.backpressure.get(ENDED, (0, 0.0))
+            self.backpressure[ENDED] = (total[0] + waits, total[1] + seconds)
 
     def _carry_out(self, change: TableChange, table: SessionTable) -> None:
         """What the router asks of a new table (or of scans it restored): connect to the
@@ -422,7 +434,10 @@ class L7Proxy:
         # Backpressure: wait for the consumer as long as it takes, but notice a stop request,
         # a new table (the consumer may have left: its lease ended) and a broken connection
         # (the consumer died): either closes the socket waited on.
-        started = time.monotonic()
+        key, started = session or "", time.monotonic()
+        waits, seconds = self.backpressure.get(key, (0, 0.0))
+        self.backpressure[key] = (waits + 1, seconds)  # the wait shows as soon as it begins
+        self.waiting = (key, started)
         try:
             while not self._stop.is_set():
                 if self._pending is not None:
@@ -438,8 +453,9 @@ class L7Proxy:
                         continue
             self.router.undelivered(session)
         finally:
-            waits, seconds = self.backpressure.get(session or "", (0, 0.0))
-            self.backpressure[session or ""] = (waits + 1, seconds + time.monotonic() - started)
+            self.waiting = None
+            waits, seconds = self.backpressure.get(key, (0, 0.0))
+            self.backpressure[key] = (waits, seconds + time.monotonic() - started)
 
 
 class L4Proxy:
@@ -618,10 +634,19 @@ class Gateway:
         """Ingress TCP connections accepted and closed (every ingress)."""
         return dict(sum((Counter(m.connections.copy()) for m in self._handshakes), Counter()))
 
-    def backpressure(self) -> dict[str, tuple[int, float]]:
-        """Per session: sends that had to wait for a consumer, and the seconds spent waiting."""
+    def backpressure(self) -> dict[str, tuple[int, float, float]]:
+        """Per session: sends that had to wait for a consumer, the seconds spent waiting, and
+        how long the send waiting now has waited (0 when none is)."""
         proxy = self._proxy
-        return proxy.backpressure.copy() if isinstance(proxy, L7Proxy) else {}
+        if not isinstance(proxy, L7Proxy):
+            return {}
+        waiting, now = proxy.waiting, time.monotonic()
+        found = {session: (waits, seconds, 0.0)
+                 for session, (waits, seconds) in proxy.backpressure.copy().items()}
+        if waiting is not None and waiting[0] in found:
+            waits, seconds, _ = found[waiting[0]]
+            found[waiting[0]] = (waits, seconds + now - waiting[1], now - waiting[1])
+        return found
 
     def counters(self) -> dict[str, object]:
         """Final or current counters, for logs (no key material)."""

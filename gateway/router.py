@@ -88,6 +88,11 @@ log = logging.getLogger("dsn.gateway.router")
 CLOSED_SCANS_KEPT: Final = 1024
 # Refused scan_begins remembered for the receipts of their producers.
 REFUSALS_KEPT: Final = 4096
+# Sessions that ended keep their own totals this long (newest first); older ones are folded into
+# one ENDED total, so a gateway serving sessions for months exports a bounded set of series whose
+# totals never go down.
+ENDED_SESSIONS_KEPT: Final = 64
+ENDED: Final = "(ended)"
 
 
 class Journal(Protocol):
@@ -189,6 +194,18 @@ class SessionStats:
     spooled_bytes: int
     interrupted: int  # scans a consumer left mid-scan
     idle_closed: int  # scans closed after scan_idle_s without a message
+    live: bool = True  # False: the session ended (or ENDED: the sessions folded together)
+
+    def plus(self, other: SessionStats) -> SessionStats:
+        """These totals and ``other``'s, as one ended session."""
+        return SessionStats(
+            self.session, self.messages + other.messages, self.bytes + other.bytes, 0, 0, 0,
+            self.spooled + other.spooled, self.spooled_bytes + other.spooled_bytes,
+            self.interrupted + other.interrupted, self.idle_closed + other.idle_closed,
+            live=False)
+
+
+_NOTHING_ENDED: Final = SessionStats(ENDED, 0, 0, 0, 0, 0, 0, 0, 0, 0, live=False)
 
 
 class _Scan:
@@ -388,6 +405,9 @@ class Router:
         self._slots: dict[str, int] = {}
         self._lost: set[int] = set()  # slots whose connection broke and has not come back
         self._connected: set[int] = set()  # slots whose consumer completed a handshake
+        # Totals of ended sessions, newest last, and of those folded together (ENDED).
+        self.ended: OrderedDict[str, SessionStats] = OrderedDict()
+        self.ended_total: SessionStats | None = None
         self._sessions: dict[str, _SessionState] = {}
         self._clock = clock
         self._journal = journal
@@ -409,13 +429,17 @@ class Router:
             state = self._sessions.get(entry.id)
             if state is None:
                 state = _SessionState(entry, members)
+                log.info("session added", extra={"fields": {
+                    "session": entry.id, "consumers": list(entry.session.consumers)}})
                 resumed.extend(self._restore_into(state))
             interruptions.extend(self._interrupt_scans_without(state, frozenset(members)))
             state.entry, state.members = entry, members
             sessions[entry.id] = state
+        gone = [state for sid, state in self._sessions.items() if sid not in sessions]
         closed = [self._close(state, scan, "session_end")
-                  for sid, state in self._sessions.items() if sid not in sessions
-                  for scan in list(state.scans.values())]
+                  for state in gone for scan in list(state.scans.values())]
+        for state in gone:
+            self._retire(state)
         self._sessions = sessions
         self.live_slots = frozenset(slot for state in sessions.values() for slot in state.members)
         return TableChange(interruptions, closed, resumed)
@@ -700,6 +724,10 @@ class Router:
         if every_sector:
             scan.expect_every_sector()
         state.scans[scan.begin.scan] = scan
+        log.info("scan opened", extra={"fields": {
+            "session": state.entry.id, "scan": scan.begin.scan,
+            "scan_shape": list(scan.begin.scan_shape), "members": len(scan.members),
+            "spooled": scan.spool_reason or None}})
         if self._journal is not None:
             self._journal.opened(Opened(
                 session=state.entry.id, scan=scan.begin.scan, begin=encode(scan.begin),
@@ -758,12 +786,33 @@ class Router:
         return self.refusals.get((session, scan), "")
 
     def stats(self) -> Iterator[SessionStats]:
-        """Counters per session; safe to call from another thread while routing goes on."""
+        """Counters per session, live and ended; safe to call from another thread while routing
+        goes on."""
         for state in list(self._sessions.values()):
-            connected = len(self._connected.intersection(state.members))
-            yield SessionStats(state.entry.id, state.messages, state.bytes, len(state.scans),
-                               len(state.members), connected, state.spooled, state.spooled_bytes,
-                               state.interrupted, state.idle_closed)
+            yield self._stats(state)
+        yield from list(self.ended.values())
+        if self.ended_total is not None:
+            yield self.ended_total
+
+    def _stats(self, state: _SessionState) -> SessionStats:
+        connected = len(self._connected.intersection(state.members))
+        return SessionStats(state.entry.id, state.messages, state.bytes, len(state.scans),
+                            len(state.members), connected, state.spooled, state.spooled_bytes,
+                            state.interrupted, state.idle_closed)
+
+    def _retire(self, state: _SessionState) -> None:
+        """Keep an ended session's totals; fold the oldest kept ones into ENDED."""
+        sid = state.entry.id
+        log.info("session left", extra={"fields": {"session": sid}})
+        self.ended[sid] = replace(self._stats(state), open_scans=0, consumers=0, connected=0,
+                                  live=False)
+        if len(self.ended) <= ENDED_SESSIONS_KEPT:
+            return
+        oldest, folded = self.ended.popitem(last=False)
+        self.ended_total = (self.ended_total or _NOTHING_ENDED).plus(folded)
+        for key in [key for key in self.drops if key[0] == oldest]:
+            total = (ENDED, key[1])
+            self.drops[total] = self.drops.get(total, 0) + self.drops.pop(key)
 
     @property
     def open_scans(self) -> int:

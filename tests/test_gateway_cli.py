@@ -98,8 +98,12 @@ def test_run_serves_metrics_logs_json_and_stops_on_sigterm(
         _, stderr = process.communicate(timeout=20)
     assert process.returncode == 0, stderr
     events = [json.loads(line) for line in stderr.splitlines()]
-    start, stop = events[0], events[-1]
-    assert (start["event"], start["mode"], start["sessions"]) == ("start", "l7", 1)
+    [start], stop = [e for e in events if e["event"] == "start"], events[-1]
+    assert (start["mode"], start["sessions"]) == ("l7", 1)
+    # Sessions and scans come and go in the log, with what became of each scan.
+    said = [(e["event"], e.get("session"), e.get("scan")) for e in events]
+    assert ("session added", "cli", None) in said and ("scan opened", "cli", 1) in said
+    assert ("scan interrupted: a consumer left mid-scan", "cli", 1) in said
     assert stop["event"] == "stop"
     assert stop["counters"]["sessions"]["cli"]["messages"] == 1
     # The consumer went away (closed) while scan 1 was open: what it had been forwarded is listed.

@@ -297,7 +297,26 @@ def test_a_session_removed_from_the_table_is_forgotten_at_once() -> None:
     # Its open scan ends as its last scan_end would have ended it.
     assert [(slot, m.scan, m.expected) for slot, m in control(closed)] == [(0, 1, 0), (1, 1, 1)]
     assert send_data(router, data()).drop == "unauthenticated"
-    assert [s.session for s in router.stats()] == ["s2"]
+    # Its totals stay (a counter never goes down), not as a live session.
+    assert [(s.session, s.live, s.messages) for s in router.stats()] == [("s2", True, 0),
+                                                                         ("s1", False, 1)]
+
+
+def test_ended_sessions_keep_their_totals_until_folded_together_and_series_stay_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_module, "ENDED_SESSIONS_KEPT", 2)
+    sessions = [_session(f"s{i}") for i in range(1, 5)]
+    router = _router(*sessions)
+    for session in sessions:
+        router.route(session.id, begin(), 1, 0)
+        router.route(session.id, data(frame=99), 2, SECTOR)  # out_of_range: a drop each
+    for ended in range(1, 5):
+        router.use_table(SessionTable(sessions[ended:]))
+    stats = {s.session: s for s in router.stats()}
+    assert list(stats) == ["s3", "s4", "(ended)"]
+    assert not any(s.live for s in stats.values())
+    assert router.drops == {("s3", "out_of_range"): 1, ("s4", "out_of_range"): 1,
+                            ("(ended)", "out_of_range"): 2}
 
 
 def test_the_spool_of_a_session_that_ends_mid_scan_is_published_with_what_it_holds() -> None:
