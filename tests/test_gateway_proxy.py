@@ -337,6 +337,11 @@ def test_a_consumer_that_does_not_read_blocks_the_producer_and_loses_nothing(
                 continue
         break
     assert 0 < sent < 400, f"the producer was never blocked ({sent} messages queued)"
+    # While the gateway waits for the consumer, the wait shows: counted, and growing.
+    eventually(lambda: r.gateway.backpressure().get("s1", (0, 0.0, 0.0))[2] > 0.2,
+               timeout_s=10, what="the ongoing wait in the backpressure metrics")
+    waits_during, _, _ = r.gateway.backpressure()["s1"]
+    assert waits_during >= 1
     messages = receive(r.consumers[0], 1 + sent, timeout_ms=15_000)
     frames = [decode_consumer_message(m[0]).frame for m in messages[1:]]  # type: ignore[union-attr]
     assert frames == list(range(sent))
