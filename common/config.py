@@ -275,4 +275,5 @@ def load_config(path: Path) -> DSNConfig:
         data = strictyaml.load(raw)
     except strictyaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return parse_config(data, base_dir=path.parent)
+    # Absolute: paths derived from it (spool files) are reported to other hosts and processes.
+    return parse_config(data, base_dir=path.resolve().parent)

@@ -221,11 +221,9 @@ def _deliver(work: Work, target: GatewayTarget, wait_s: float | None) -> None:
 
 def _confirm(report: GatewayReport) -> None:
     """Print the gateway's report; ProducerError if anything sent was not delivered."""
-    delivered = (f"{report.accepted} of {report.sent} messages accepted: {report.forwarded} "
-                 f"forwarded, {report.spooled} spooled")
     click.echo(f"gateway: scan {report.scan} {report.outcome}"
-               f"{f' ({report.reason})' if report.reason else ''}: {delivered}, "
-               f"{report.lost} lost")
+               f"{f' ({report.reason})' if report.reason else ''}: {report.sent} sent, "
+               f"{report.forwarded} forwarded, {report.spooled} spooled, {report.lost} lost")
     if report.spool:
         click.echo(f"gateway: spooled to {report.spool}; replay it into a session with "
                    f"'dsn producer stream --spool {report.spool} --scan NEW_NUMBER ...'")
@@ -233,6 +231,11 @@ def _confirm(report: GatewayReport) -> None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(report.dropped.items()))
         raise ProducerError(f"the gateway did not deliver {report.lost} of the {report.sent} "
                             f"messages of scan {report.scan} ({reasons})")
+    if report.accepted < report.sent:
+        # Dropped before they could be told apart as this scan's (a malformed header, say), or
+        # in flight when the gateway restarted: its metrics count them by reason.
+        raise ProducerError(f"the gateway accounts for {report.accepted} of the {report.sent} "
+                            f"messages of scan {report.scan}")
 
 
 def _direct_target(endpoint: str | None, server_key: Path | None, client_key: Path | None,

@@ -234,8 +234,8 @@ def test_the_producer_confirms_delivery_and_a_used_scan_number_is_refused_up_fro
         job = site.job("job", "--scans", "1")
         streamed = site.cli("--scan", "1", "--scan-shape", "24x24")
         assert streamed.returncode == 0, streamed.stdout + streamed.stderr
-        assert (f"gateway: scan 1 forwarded: {len(EVERY_SECTOR)} of {len(EVERY_SECTOR)} messages "
-                f"accepted: {len(EVERY_SECTOR)} forwarded, 0 spooled, 0 lost") in streamed.stdout
+        assert (f"gateway: scan 1 forwarded: {len(EVERY_SECTOR)} sent, {len(EVERY_SECTOR)} "
+                "forwarded, 0 spooled, 0 lost") in streamed.stdout
         assert job.wait() == 0, job.log.read_text()[-3000:]
         [result] = job.result_lines()
         assert (result["scan"], result["status"]) == (1, "complete")
@@ -271,8 +271,8 @@ async def test_a_session_without_consumers_is_ended_only_once_the_gateway_has_sp
     session = streamed.stdout.split()[1]
     spool = spool_dir / spool_name(session, 0)
     assert f"session {session} has no consumer yet" in streamed.stdout
-    assert ("gateway: scan 0 spooled (no_consumers): 256 of 256 messages accepted: 0 forwarded, "
-            "256 spooled, 0 lost") in streamed.stdout
+    assert ("gateway: scan 0 spooled (no_consumers): 256 sent, 0 forwarded, 256 spooled, "
+            "0 lost") in streamed.stdout
     assert f"spooled to {spool}" in streamed.stdout
     assert streamed.stdout.rstrip().endswith(f"session {session} ended")
     # Ended after the gateway had read everything: nothing dropped for want of a session.
