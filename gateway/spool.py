@@ -25,7 +25,8 @@ def prepare_spool_dir(directory: Path | None) -> Path | None:
         return None
     problem = _spool_dir_problem(directory)
     if problem is None:
-        return directory
+        # Absolute: spool paths are reported to producers and the control plane.
+        return directory.resolve()
     log.warning("spool_dir unusable; scans without consumers will be refused",
                 extra={"fields": {"spool_dir": str(directory), "reason": problem}})
     return None
