@@ -29,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from common import zap
 from common.logs import fields
 from gateway.sessions import SessionEntry, SessionTable
+from gateway.threads import POLL_MS, SocketThread
 
 ZAP_DOMAIN: Final = b"dsn"
 PLAIN_ZAP_DOMAIN: Final = b"dsn-plain"
@@ -211,7 +212,7 @@ def _log_handshake_refusal(reason: str, endpoint: bytes, count: int) -> None:
         reason=reason, endpoint=endpoint.decode("utf-8", "replace"), count=count))
 
 
-class HandshakeMonitor:
+class HandshakeMonitor(SocketThread):
     """Counts and logs ingress handshakes that failed before reaching ZAP, from a socket-monitor
     thread.
 
@@ -220,37 +221,26 @@ class HandshakeMonitor:
     accepted and closed, so connections that never got as far as a handshake show too.
     """
 
-    def __init__(self, ingress: zmq.Socket[bytes], *, poll_ms: int = 100) -> None:
+    def __init__(self, ingress: zmq.Socket[bytes], *, poll_ms: int = POLL_MS) -> None:
         self.failures: dict[str, int] = {}
         self.connections: dict[str, int] = {}
         self._ingress = ingress
         mask = HANDSHAKE_EVENTS
         for event in CONNECTION_EVENTS:
             mask |= event
-        self._monitor = ingress.get_monitor_socket(mask)
-        self._poll_ms = poll_ms
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="dsn-handshakes", daemon=True)
+        super().__init__(ingress.get_monitor_socket(mask), "dsn-handshakes", poll_ms=poll_ms)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+    def _close(self) -> None:
         self._ingress.disable_monitor()
-        self._monitor.close()
+        super()._close()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            if self._monitor.poll(self._poll_ms):
-                event = recv_monitor_message(self._monitor)
-                connection = CONNECTION_EVENTS.get(event["event"])
-                if connection is not None:
-                    self.connections[connection] = self.connections.get(connection, 0) + 1
-                    continue
-                reason = handshake_failure_reason(event["event"], event["value"])
-                count = self.failures.get(reason, 0) + 1
-                self.failures[reason] = count
-                _log_handshake_refusal(reason, event["endpoint"], count)
+    def _handle(self) -> None:
+        event = recv_monitor_message(self._socket)
+        connection = CONNECTION_EVENTS.get(event["event"])
+        if connection is not None:
+            self.connections[connection] = self.connections.get(connection, 0) + 1
+            return
+        reason = handshake_failure_reason(event["event"], event["value"])
+        count = self.failures.get(reason, 0) + 1
+        self.failures[reason] = count
+        _log_handshake_refusal(reason, event["endpoint"], count)

@@ -24,9 +24,9 @@ from common.receipts import (
 )
 from gateway.auth import ZAP_DOMAIN
 from gateway.errors import SocketSetupError
+from gateway.threads import SocketThread
 
 MAX_RECEIPTS: Final = 4096
-POLL_MS: Final = 100
 log = logging.getLogger("dsn.gateway.receipts")
 
 
@@ -70,7 +70,7 @@ def receipt(book: ReceiptBook, scans: ScanStates, session: str, scan: int) -> Re
     return Receipt(v=1, scan=scan, state="closed", report=report, refused=refused)
 
 
-class ReceiptServer:
+class ReceiptServer(SocketThread):
     """A thread answering receipt requests on a ROUTER bound at ``endpoint``.
 
     The socket is a CURVE server with the gateway's key in the ingress's ZAP domain: the ZAP
@@ -82,38 +82,24 @@ class ReceiptServer:
                  book: ReceiptBook, scans: ScanStates) -> None:
         self._book = book
         self._scans = scans
-        self._socket = context.socket(zmq.ROUTER)
-        self._socket.linger = 0
+        socket = context.socket(zmq.ROUTER)
+        socket.linger = 0
         # Room for the CURVE handshake's INITIATE command; a request itself is far smaller.
-        self._socket.maxmsgsize = 4096
-        self._socket.curve_server = True
-        self._socket.curve_publickey = keypair.public
-        self._socket.curve_secretkey = keypair.secret
-        self._socket.zap_domain = ZAP_DOMAIN
-        self._socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        socket.maxmsgsize = 4096
+        socket.curve_server = True
+        socket.curve_publickey = keypair.public
+        socket.curve_secretkey = keypair.secret
+        socket.zap_domain = ZAP_DOMAIN
+        socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         try:
-            self._socket.bind(endpoint)
+            socket.bind(endpoint)
         except zmq.ZMQError as exc:
-            self._socket.close()
+            socket.close()
             raise SocketSetupError(f"gateway.receipts: cannot bind {endpoint}: {exc}") from None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="dsn-receipts", daemon=True)
+        super().__init__(socket, "dsn-receipts")
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._socket.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            if self._socket.poll(POLL_MS):
-                self._answer(self._socket.recv_multipart(copy=False))
-
-    def _answer(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self) -> None:
+        frames = self._socket.recv_multipart(copy=False)
         if len(frames) != 2:
             return  # not a DEALER's one-frame request: nothing to answer
         identity, request = frames
