@@ -196,10 +196,11 @@ def problem_response(request: web.Request, *, status: int, title: str, detail: s
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
-    # aiohttp's own refusals: unknown path (404), method (405, keeps Allow), body too large (413).
+    # aiohttp's own refusals: unknown path (404), method (405, keeps Allow), a body too slow
+    # (408) or too large (413), whose texts say by how much.
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     slug = re.sub(r"[^a-z0-9]+", "-", exc.reason.lower()).strip("-")
-    detail = exc.text if exc.status == 413 and exc.text else exc.reason
+    detail = exc.text if exc.status in (408, 413) and exc.text else exc.reason
     return problem_response(request, status=exc.status, title=exc.reason, detail=detail, slug=slug,
                             headers=headers)
 
@@ -230,6 +231,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 # --- authorize -----------------------------------------------------------------------------------
 
 def _bearer(request: web.Request) -> str:
+    if len(request.headers.getall("Authorization", [])) > 1:
+        # Which one would count differs between proxies and servers: take none.
+        raise MalformedToken("the request carries more than one Authorization header")
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:

@@ -63,11 +63,21 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
 
 async def parse_body(request: web.Request, model: type[M], *, max_bytes: int | None = None) -> M:
     """The body as ``model``; it may be as long as the app's client_max_size, or ``max_bytes``
-    where a route needs another bound (413 beyond it)."""
+    where a route needs another bound (413 beyond it, from the announced length before anything
+    is read), and must arrive within ``body_timeout_s`` (408 after)."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
+    settings = request.app[SERVICES].settings
+    limit = settings.client_max_size if max_bytes is None else max_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     reader = request if max_bytes is None else request.clone(client_max_size=max_bytes)
-    raw = await reader.read()
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            raw: bytes = await reader.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
     try:
         json_without_repeats(raw or b"null")
     except RepeatedName as repeated:

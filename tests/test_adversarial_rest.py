@@ -316,3 +316,38 @@ async def test_a_body_that_is_not_json_is_415(cp: ControlPlane, content_type: st
     assert (await cp.admin("POST", "/api/v1/projects", data=b'{"name": "gamma"}',
                            headers={"Content-Type": "application/json; charset=utf-8"})
             ).status == 201  # the same body as JSON is fine
+
+
+async def _announce(cp: ControlPlane, length: int, body: bytes) -> tuple[int, float]:
+    """A POST announcing ``length`` bytes of body and sending ``body``, then nothing; the status
+    the service answers with and how long it took."""
+    server = cp.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    head = ["POST /api/v1/projects HTTP/1.1", f"Host: {server.host}", f"Content-Length: {length}",
+            "Content-Type: application/json", f"Authorization: Bearer {cp.admin_token}"]
+    started = time.monotonic()
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+    status_line = await asyncio.wait_for(reader.readline(), 20)
+    writer.close()
+    return int(status_line.split()[1]), time.monotonic() - started
+
+
+async def test_a_body_announced_too_large_is_413_at_once_from_the_header(cp: ControlPlane) -> None:
+    status, elapsed = await _announce(cp, 100 * MIB, b'{"name": "x"}')
+    assert (status, elapsed < 2) == (413, True), elapsed
+    await assert_up(cp)
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(aiohttp_client: ClientFactory,
+                                                          tmp_path: Path) -> None:
+    slow = await start_control_plane(aiohttp_client, tmp_path, body_timeout_s=1.0)
+    status, elapsed = await _announce(slow, 100, b'{"name": ')
+    assert status == 408 and 1.0 <= elapsed < 5, (status, elapsed)
+    await assert_up(slow)
+
+
+async def test_two_authorization_headers_are_refused(cp: ControlPlane) -> None:
+    response = await cp.client.get("/api/v1/projects", headers=[
+        ("Authorization", f"Bearer {cp.admin_token}"), ("Authorization", "Bearer x.y.z")])
+    problem = await assert_problem(response, 401)
+    assert "more than one Authorization header" in problem["detail"]

@@ -285,9 +285,11 @@ async def test_another_projects_session_is_403_everywhere(cp: ControlPlane, meth
 
 
 async def test_listing_another_projects_sessions_or_scans_is_403(cp: ControlPlane) -> None:
+    _, session = await opened(cp, "alpha")
     beta = await project_token(cp, "beta")
-    for path in ("/api/v1/sessions?project=alpha", "/api/v1/scans?project=alpha"):
-        assert (await cp.call("GET", path, beta)).status == 403
+    for path in ("/api/v1/sessions?project=alpha", "/api/v1/scans?project=alpha",
+                 f"/api/v1/scans?session={session['id']}"):
+        assert (await cp.call("GET", path, beta)).status == 403, path
         assert cp.audit_rows()[-1][4:6] == ("deny", "cross-project")
 
 

@@ -306,14 +306,26 @@ async def _scan(request: web.Request, claims: Claims | None) -> Resource:
                     name=f"{request.match_info['session']}/{request.match_info['scan']}")
 
 
+async def _scans_listed(request: web.Request, claims: Claims | None) -> Resource:
+    """A listing filtered to one session names that session's project: another project's session
+    is refused by the policy (403), as on every other route, not answered with an empty list."""
+    session = request.query.get("session")
+    if session is None or claims is None:
+        return _listed("scan", request, claims)
+    project = (await existing_session(_services(request), session)).project
+    return Resource(kind="scan", project=project, name=None)
+
+
+def _listed(kind: str, request: web.Request, claims: Claims | None) -> Resource:
+    # A project-bound token lists its own project unless it names another (then the policy
+    # refuses: cross-project); an admin lists one project or all.
+    named = request.query.get("project")
+    own = claims.project if claims is not None else None
+    return Resource(kind=kind, project=named or own, name=None)
+
+
 def _listing(kind: str) -> ResourceOf:
-    def resource(request: web.Request, claims: Claims | None) -> Resource:
-        # A project-bound token lists its own project unless it names another (then the policy
-        # refuses: cross-project); an admin lists one project or all.
-        named = request.query.get("project")
-        own = claims.project if claims is not None else None
-        return Resource(kind=kind, project=named or own, name=None)
-    return resource
+    return lambda request, claims: _listed(kind, request, claims)
 
 
 SESSIONS_PATH = "/api/v1/sessions"
@@ -354,5 +366,5 @@ ROUTES: tuple[RouteSpec, ...] = (
               "with their loss manifests", ScanDetails, 200, "scans:read", ADMIN_OR_PROJECT, _scan,
               tag="scans"),
     RouteSpec("GET", "/api/v1/scans", list_results_view, "List scan results", ScanList, 200,
-              "scans:read", ADMIN_OR_PROJECT, _listing("scan"), query=ScanQuery, tag="scans"),
+              "scans:read", ADMIN_OR_PROJECT, _scans_listed, query=ScanQuery, tag="scans"),
 )
