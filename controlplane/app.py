@@ -134,6 +134,11 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics,
         launchers={settings.launcher: get_launcher(settings.launcher)})
 
 
+async def _plain_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp names itself and Python with their versions: nothing a client needs.
+    response.headers["Server"] = "dsn-controlplane"
+
+
 def create_app(settings: Settings) -> web.Application:
     _check_routes(ROUTES)
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.client_max_size)
@@ -145,5 +150,6 @@ def create_app(settings: Settings) -> web.Application:
         specs[app.router.add_route(spec.method, spec.path, spec.handler)] = spec
     app[ROUTE_SPECS] = specs
     app.cleanup_ctx.append(_services_ctx(settings))
+    app.on_response_prepare.append(_plain_server_header)
     app.on_startup.append(templates_api.seed_shipped_templates)  # runs once the services are open
     return app

@@ -631,7 +631,8 @@ def _load(path: Path) -> tuple[PolicySet | None, list[str]]:
     problems += _cross_checks(merge)
     if problems or document is None:
         return None, problems
-    return PolicySet(document, tuple(str(p) for p in paths)), []
+    # File names only: where the service's files live is no caller's business.
+    return PolicySet(document, tuple(p.name for p in paths)), []
 
 
 def lint(path: Path) -> list[str]:

@@ -44,7 +44,8 @@ class Settings:
     ``issuer`` is the ``iss`` of every token this service signs and accepts. ``policy_path`` is the
     policy file or directory (``policies/*.yaml``) loaded at start and on reload. ``leeway_s``
     forgives clock skew on ``exp``/``iat``/``nbf``. ``body_timeout_s`` bounds how long a request
-    body may take to arrive. ``client_max_size`` bounds every request body
+    body may take to arrive. ``min_free_bytes``: below this much free space on the state directory's
+    disk the service is not ready. ``client_max_size`` bounds every request body
     (bytes) but a scan result's, which may carry a long loss manifest (``MAX_REPORT_BYTES``).
     ``jwks_max_age_s`` is the JWKS cache lifetime: verifiers refetch at least this often, so a key
     must be published this long before it signs (rotation keeps the old keys published).
@@ -75,6 +76,7 @@ class Settings:
     leeway_s: int = 30
     client_max_size: int = 64 * 1024
     body_timeout_s: float = 30.0
+    min_free_bytes: int = 64 * 1024 * 1024
     jwks_max_age_s: int = 300
     api_audience: str = API_AUDIENCE
     gateway_audience: str = GATEWAY_AUDIENCE
@@ -94,6 +96,7 @@ class Settings:
         _require(1024 <= self.client_max_size <= 16 * 1024 * 1024, "client_max_size",
                  self.client_max_size)
         _require(0 < self.body_timeout_s <= 600, "body_timeout_s", self.body_timeout_s)
+        _require(self.min_free_bytes >= 0, "min_free_bytes", self.min_free_bytes)
         _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
         _require(bool(self.issuer.strip()), "issuer", self.issuer)
         _require(1 <= self.lease_s <= 3600, "lease_s", self.lease_s)

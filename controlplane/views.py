@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import math
+import shutil
 from typing import TypeVar
 
 from aiohttp import web
@@ -164,6 +165,11 @@ async def readyz(request: web.Request) -> web.Response:
     # Every API request writes its audit record: a store that cannot take writes (locked by
     # another process) is not ready, even while reads still work.
     await services.store.write(_nothing)
+    free = (await asyncio.to_thread(shutil.disk_usage, services.settings.state_dir)).free
+    if free < services.settings.min_free_bytes:
+        # Every request appends to the audit log: a full disk would refuse them all.
+        raise Unavailable(f"the state directory's disk has {free} bytes free, fewer than "
+                          f"{services.settings.min_free_bytes}")
     try:
         services.keyring.signing_key()
     except ControlPlaneError:

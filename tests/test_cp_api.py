@@ -559,9 +559,11 @@ async def test_policy_reload_keeps_the_last_good_set(aiohttp_client: ClientFacto
     assert active["policy"]["rate_limits"]["per_token"] == "1000/minute"
     write_policy(tmp_path / "policy", per_token="999/minute")
     accepted = await (await cp.admin("POST", "/api/v1/policies/reload")).json()
-    assert accepted == {"ok": True, "problems": [], "sources": [str(policy)]}
+    # The files by name: where the service keeps them is nobody's business.
+    assert accepted == {"ok": True, "problems": [], "sources": [policy.name]}
     active = await (await cp.admin("GET", "/api/v1/policies")).json()
     assert active["policy"]["rate_limits"]["per_token"] == "999/minute"
+    assert active["sources"] == [policy.name]
 
 
 # --- HTTP hygiene --------------------------------------------------------------------------------
@@ -606,6 +608,19 @@ async def test_unknown_path_and_method_are_problems(cp: ControlPlane) -> None:
     response = await cp.client.put("/api/v1/projects")
     await assert_problem(response, 405)
     assert "GET" in response.headers["Allow"]
+
+
+async def test_the_server_header_names_no_software_version(cp: ControlPlane) -> None:
+    for response in (await cp.client.get("/healthz"), await cp.client.get("/api/v1/nothing-here"),
+                     await cp.admin("GET", "/api/v1/projects")):
+        assert response.headers["Server"] == "dsn-controlplane"
+
+
+async def test_a_disk_short_of_space_is_not_ready(aiohttp_client: ClientFactory,
+                                                 tmp_path: Path) -> None:
+    cp = await start_control_plane(aiohttp_client, tmp_path, min_free_bytes=2**62)
+    problem = await assert_problem(await cp.client.get("/readyz"), 503)
+    assert "bytes free, fewer than" in problem["detail"]
 
 
 async def test_health_ready_and_metrics(cp: ControlPlane) -> None:

@@ -76,6 +76,33 @@ def test_serve_refuses_an_uninitialised_state_dir_and_creates_nothing(tmp_path: 
     assert not (state / DATABASE_NAME).exists() and not (state / "admin.token").exists()
 
 
+def test_serve_on_a_read_only_state_dir_left_by_a_crash_is_one_line(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only bind of the state directory")
+    source, state = tmp_path / "source", tmp_path / "read-only"
+    assert dsn("admin", "init", "--state-dir", str(source)).exit_code == 0
+    port = free_port()
+    served = subprocess.Popen([DSN, "controlplane", "serve", "--state-dir", str(source),
+                               "--port", str(port)], stderr=subprocess.PIPE)
+    eventually(lambda: _healthy(port), timeout_s=20, what="the control plane to serve")
+    served.kill()  # a crash: the write-ahead log is left behind
+    served.communicate(timeout=10)
+    state.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(state)], check=False).returncode:
+        pytest.skip("mount refused here (no CAP_SYS_ADMIN): cannot make a read-only state dir")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(state)], check=True)
+        result = dsn("controlplane", "serve", "--state-dir", str(state), "--port", str(port))
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
+    assert_one_line_error(result, "cannot be written", "Read-only file system")
+
+
+def _healthy(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+        return bool(answer.status == 200)
+
+
 def test_policies_check_passes_a_good_file_and_lists_every_problem_of_a_broken_one(
         tmp_path: Path) -> None:
     good = dsn("admin", "policies", "check", str(SHIPPED_POLICY))

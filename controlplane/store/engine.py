@@ -110,7 +110,11 @@ async def _prepare_writer(conn: Conn, path: Path, busy_timeout_s: float) -> None
             f"({SCHEMA_VERSION}); upgrade dsn-gateway or use another state directory")
     for target in range(version + 1, SCHEMA_VERSION + 1):
         await _migrate(conn, target, busy_timeout_s)
-    os.chmod(path, 0o600)
+    try:
+        os.chmod(path, 0o600)
+    except OSError as exc:  # a read-only file system, say: the service could record nothing
+        raise ConfigurationError(f"the state database {path} cannot be written: "
+                                 f"{exc.strerror}") from None
 
 
 async def _prepare_reader(conn: Conn, path: Path) -> None:
