@@ -1,9 +1,11 @@
-"""The request pipeline: every request passes ``observe`` -> ``problems`` -> ``authorize`` -> view.
+"""The request pipeline: ``observe`` -> ``problems`` -> ``paths`` -> ``authorize`` -> view.
 
 - ``observe`` gives the request its id (a sane incoming ``X-Request-ID`` or a fresh one), echoes it
   on the response and counts the request by route template and status.
 - ``problems`` turns every failure into an RFC 9457 ``application/problem+json`` body carrying the
   request id; an unexpected exception is logged here and answered with a bare 500, never a trace.
+- ``paths`` answers 404 for a path parameter outside its bounds (``controlplane.paths``), before
+  anything looks it up: a token pasted into a URL goes no further.
 - ``authorize`` runs the route's declared checks (``RouteSpec``): bearer token for the route's
   surface, rate limits per token and project, the policy decision for the route's action. Each
   decision, allow or deny (an unauthenticated request included), writes exactly one audit record
@@ -39,6 +41,7 @@ from controlplane.errors import (
 )
 from controlplane.launchers import Launcher
 from controlplane.metrics import Metrics
+from controlplane.paths import valid
 from controlplane.policy import Decision, PolicyHolder, Principal, Resource
 from controlplane.problems import PROBLEM_TYPE_PREFIX, field_errors, problem_headers, problem_type
 from controlplane.ratelimit import RateLimiter
@@ -53,6 +56,10 @@ log = logging.getLogger("dsn.controlplane.http")
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+# What a pasted token looks like: a JWS (three long base64url segments), or any segment longer
+# than every name the API uses (64 characters at most), which could be some other secret.
+_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}|.{65,}")
+REDACTED: Final = "(redacted)"
 ANONYMOUS: Final = "anonymous"
 
 # A resource named by stored state (a session's project) or by the body is awaited: looked up or
@@ -141,7 +148,7 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         request_id = request.get(REQUEST_ID, "") if isinstance(request, web.Request) else ""
         self.logger.info("request", extra={"fields": {
-            "method": request.method, "path": request.path, "status": response.status,
+            "method": request.method, "path": redact(request.path), "status": response.status,
             "bytes": response.body_length, "duration_ms": round(time * 1000, 3),
             "request_id": request_id, "peer": request.remote}})
 
@@ -250,9 +257,16 @@ def principal_label(claims: Claims) -> str:
     return f"{claims.kind.value}:{claims.sub}{project}#{claims.jti}"
 
 
+def redact(path: str) -> str:
+    """``path`` with every token-shaped segment replaced: a token pasted into a URL is never
+    written to a log line or an audit record."""
+    return "/".join(REDACTED if _TOKEN_SHAPED.fullmatch(segment) else segment
+                    for segment in path.split("/"))
+
+
 def resource_label(resource: Resource) -> str:
     parts = [resource.kind] + [part for part in (resource.project, resource.name) if part]
-    return "/".join(parts)
+    return redact("/".join(parts))
 
 
 class Gate:
@@ -327,6 +341,14 @@ def route_spec(request: web.Request) -> RouteSpec | None:
 
 
 @web.middleware
+async def paths(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse, as a path no route serves, a path parameter outside its bounds."""
+    if not all(valid(name, value) for name, value in request.match_info.items()):
+        raise web.HTTPNotFound()
+    return await handler(request)
+
+
+@web.middleware
 async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     spec = route_spec(request)
     if spec is not None and not spec.public:
@@ -334,4 +356,4 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-MIDDLEWARES: Final[tuple[Middleware, ...]] = (observe, problems, authorize)
+MIDDLEWARES: Final[tuple[Middleware, ...]] = (observe, problems, paths, authorize)

@@ -14,24 +14,14 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from controlplane.schemas import NAME_PATTERN, Problem
-from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
+from controlplane.paths import PATH_PARAMETERS
+from controlplane.schemas import Problem
 
 if TYPE_CHECKING:
     from controlplane.middlewares import RouteSpec
 
 OPENAPI: Final = web.AppKey("openapi", dict[str, Any])
 _REF: Final = "#/components/schemas/{model}"
-_PATH_PARAMETERS: Final[dict[str, dict[str, Any]]] = {
-    "project": {"type": "string", "pattern": NAME_PATTERN},
-    "jti": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,256}$"},
-    "name": {"type": "string", "pattern": TEMPLATE_NAME_PATTERN},
-    "version": {"type": "integer", "minimum": 1, "maximum": 10**18 - 1},
-    "session": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-    "consumer": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
-    "job": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"},
-    "scan": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-}
 _PROBLEMS: Final[dict[int, str]] = {
     400: "Invalid input (field errors in `errors`)",
     401: "Missing, invalid, expired or revoked token",
@@ -66,10 +56,10 @@ def _problem_response(description: str, ref: dict[str, Any]) -> dict[str, Any]:
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:
     names = re.findall(r"{(\w+)}", path)
-    unknown = [name for name in names if name not in _PATH_PARAMETERS]
+    unknown = [name for name in names if name not in PATH_PARAMETERS]
     if unknown:
         raise ValueError(f"path parameter {unknown[0]!r} of {path} has no declared schema")
-    return [{"name": name, "in": "path", "required": True, "schema": _PATH_PARAMETERS[name]}
+    return [{"name": name, "in": "path", "required": True, "schema": PATH_PARAMETERS[name]}
             for name in names]
 
 

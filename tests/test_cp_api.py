@@ -29,8 +29,8 @@ from cp_helpers import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane import errors
-from controlplane.middlewares import ROUTE_SPECS
+from controlplane import errors, paths
+from controlplane.middlewares import ROUTE_SPECS, redact
 from controlplane.problems import problem_headers, problem_type
 from controlplane.store import projects as project_repo
 from controlplane.store.engine import Store
@@ -649,3 +649,22 @@ def test_every_error_class_answers_with_the_status_of_its_nearest_listed_class()
     assert len({cls.reason for cls in tokens}) == len(tokens)
     assert problem_type(errors.UnsupportedMediaType("x")).status == 415  # nearer than 400
     assert problem_headers(errors.Conflict("x", retry_after_s=3)) == {"Retry-After": "3"}
+
+
+@pytest.mark.parametrize(("name", "value", "valid"), [
+    ("jti", "0123456789abcdef0123456789abcdef", True), ("jti", "a.b.c", False),
+    ("jti", "x" * 65, False), ("project", "alpha", True), ("project", "Alpha", False),
+    ("session", "s-2026.11.22", True), ("scan", "0", True), ("scan", "-1", False),
+    ("scan", "9" * 20, False), ("version", "0", False), ("nothing", "x", False),
+])
+def test_path_parameters_are_checked_against_their_declared_bounds(name: str, value: str,
+                                                                    valid: bool) -> None:
+    assert paths.valid(name, value) is valid
+
+
+def test_a_token_shaped_path_segment_is_never_written() -> None:
+    token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlc2lnbmF0dXJl"
+    assert redact(f"/api/v1/tokens/{token}") == "/api/v1/tokens/(redacted)"
+    plain = "/api/v1/sessions/s-2026.11.22/scans/3"
+    assert redact(plain) == plain
+    assert redact("/" + "k" * 65) == "/(redacted)"

@@ -305,7 +305,7 @@ def test_directory_merges_rules_and_roles_and_refuses_redefined_sections(tmp_pat
     write(directory / "10-site.yaml", {"version": 1, "rules": [
         {"id": "site-deny", "effect": "deny", "principals": ["*"], "actions": ["scans:read"]}]})
     policy = load_policies(directory)
-    assert policy.sources == (str(directory / "00-default.yaml"), str(directory / "10-site.yaml"))
+    assert policy.sources == ("00-default.yaml", "10-site.yaml")
     assert policy.decide(admin(policy), "scans:read", Resource("scan", None, None)).rule == \
         "site-deny"
     write(directory / "20-clash.yaml", {"version": 1, "allow_plaintext": True,

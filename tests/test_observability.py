@@ -261,6 +261,12 @@ async def test_no_token_reaches_any_log_line_audit_record_or_stored_row(
     # A header too long to parse: the HTTP layer refuses it and logs no byte of it.
     bomb = {"Authorization": f"Bearer {flow.tokens[1]}{'x' * 9000}"}
     assert await http_layer_refusal(cp.call("GET", "/api/v1/projects/obs", headers=bomb))
+    # A token pasted into the path: in a revocation, a project name, a path no route serves. It
+    # is no token id or project name: 404 before anything looks it up or audits it.
+    pasted = flow.tokens[2]
+    assert (await cp.admin("DELETE", f"/api/v1/tokens/{pasted}")).status == 404
+    assert (await cp.admin("GET", f"/api/v1/projects/{pasted}")).status == 404
+    assert (await cp.call("GET", f"/{pasted}")).status == 404
     audit = await (await cp.admin("GET", "/api/v1/audit")).text()
     lines = all_logs()
     assert flow.refused == 6 and len(flow.tokens) == 5
@@ -268,6 +274,7 @@ async def test_no_token_reaches_any_log_line_audit_record_or_stored_row(
     assert {"aiohttp.access", "controlplane.store"} <= loggers, "the capture is not working"
     access = [entry for entry in map(json.loads, lines) if entry["logger"] == "aiohttp.access"]
     assert sum(entry["status"] == 401 for entry in access) == flow.refused + 1  # all logged
+    assert sum(entry["path"].endswith("(redacted)") for entry in access) == 3
     assert "/api/v1/projects/obs" in {entry["path"] for entry in access}
     assert len(cp.audit_rows()) > 10 and "token:" in audit  # denials are audited by reason
     haystacks = {"log": "\n".join(lines), "audit API": audit,
