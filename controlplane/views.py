@@ -50,7 +50,7 @@ M = TypeVar("M", bound=BaseModel)
 ADMIN = frozenset({TokenKind.ADMIN})
 ADMIN_OR_PROJECT = frozenset({TokenKind.ADMIN, TokenKind.PROJECT})
 PROJECT_ONLY = frozenset({TokenKind.PROJECT})
-TOKEN_QUOTA = "tokens"  # live project tokens a project may hold
+TOKEN_QUOTA = "tokens"  # live tokens a project may hold, exchanged ones included
 
 
 # --- parsing and serialising ---------------------------------------------------------------------
@@ -248,18 +248,18 @@ def _check_not_before(project: Project, now: float) -> None:
                        retry_after_s=1)
 
 
-async def _check_token_quota(services: Services, project: Project, now: float) -> None:
-    default = services.policies.current.quota(project.name, TOKEN_QUOTA)
-    limit = project.quotas.get(TOKEN_QUOTA, default)
-    if await token_repo.count_live_tokens(services.store, project.name, now) >= limit:
-        raise Conflict(f"project {project.name!r} has reached its quota of {limit} live tokens")
+def _token_quota(services: Services, project: Project) -> int:
+    return project.quotas.get(TOKEN_QUOTA, services.policies.current.quota(project.name,
+                                                                           TOKEN_QUOTA))
 
 
-async def _remember(services: Services, claims: Claims, parent_jti: str | None) -> None:
+async def _remember(services: Services, claims: Claims, parent_jti: str | None,
+                    project: Project) -> None:
+    """Record an issued token, within its project's token quota."""
     await token_repo.add_token(services.store, TokenRecord(
         jti=claims.jti, project=claims.project, kind=claims.kind.value, subject=claims.sub,
         scope=" ".join(sorted(claims.scope)), issued_at=claims.iat, expires_at=claims.exp,
-        revoked_at=None, parent_jti=parent_jti))
+        revoked_at=None, parent_jti=parent_jti), limit=_token_quota(services, project))
     services.metrics.tokens_issued.labels(claims.kind.value).inc()
 
 
@@ -275,7 +275,6 @@ async def issue_project_token(request: web.Request) -> web.Response:
     services, now = _services(request), _services(request).now()
     project = await _existing_project(services, request.match_info["project"])
     _check_not_before(project, now)
-    await _check_token_quota(services, project, now)
     policy = services.policies.current
     scope = body.scope or " ".join(sorted(policy.scopes_for(TokenKind.PROJECT)))
     _check_scope(services, TokenKind.PROJECT, scope)
@@ -283,7 +282,7 @@ async def issue_project_token(request: web.Request) -> web.Response:
         kind=TokenKind.PROJECT, subject=body.subject, project=project.name,
         scope=scope.split(" "), ttl_s=body.ttl or policy.lifetime_cap(TokenKind.PROJECT),
         audience=services.settings.api_audience)
-    await _remember(services, claims, None)
+    await _remember(services, claims, None, project)
     return reply(_issued(token, claims), 201, {"Cache-Control": "no-store"})
 
 
@@ -335,10 +334,11 @@ async def exchange_token(request: web.Request) -> web.Response:
     kind, audience, scope, ttl = _exchange_terms(services, parent, body, now)
     if parent.project is None:  # verification guarantees it for project tokens; never guess
         raise InvalidClaim("a project token must name its project")
-    _check_not_before(await _existing_project(services, parent.project), now)
+    project = await _existing_project(services, parent.project)
+    _check_not_before(project, now)
     token, claims = services.tokens.issue(kind=kind, subject=parent.sub, project=parent.project,
                                           scope=scope, ttl_s=ttl, audience=audience)
-    await _remember(services, claims, parent.jti)
+    await _remember(services, claims, parent.jti, project)
     return reply(_issued(token, claims), 200, {"Cache-Control": "no-store"})
 
 

@@ -354,6 +354,16 @@ async def test_token_quota(cp: ControlPlane) -> None:
     await assert_problem(response, 409)
 
 
+async def test_exchanged_tokens_count_against_the_projects_token_quota(cp: ControlPlane) -> None:
+    await cp.create_project("alpha", quotas={"tokens": 3})
+    parent = await cp.project_token("alpha")
+    await cp.exchange(parent["token"], kind="consumer")
+    await cp.exchange(parent["token"], kind="session")
+    response = await cp.call("POST", "/api/v1/token", parent["token"], json={"kind": "consumer"})
+    body = await assert_problem(response, 409)
+    assert "quota of 3 live tokens" in body["detail"]
+
+
 async def test_exchange_narrows_scope_and_caps_lifetime(cp: ControlPlane) -> None:
     await cp.create_project("alpha")
     parent = await cp.project_token("alpha", ttl=7 * DAY)

@@ -34,7 +34,6 @@ from controlplane.store.signing_keys import (
 from controlplane.store.tokens import (
     TokenRecord,
     add_token,
-    count_live_tokens,
     get_token,
     is_revoked,
     list_tokens,
@@ -173,7 +172,7 @@ async def test_parent_jti_must_name_a_stored_token(store: Store) -> None:
     assert (await get_token(store, "child")).parent_jti == "parent"  # type: ignore[union-attr]
 
 
-async def test_list_and_count_live_tokens(store: Store) -> None:
+async def test_a_projects_token_quota_counts_its_live_tokens_only(store: Store) -> None:
     await create_project(store, Project("alpha"))
     await create_project(store, Project("other"))
     await add_token(store, _token("live", issued_at=100.0, expires_at=1000.0))
@@ -182,11 +181,12 @@ async def test_list_and_count_live_tokens(store: Store) -> None:
     await add_token(store, _token("elsewhere", project="other"))
     await revoke_token(store, "revoked", 200.0)
     assert [t.jti for t in await list_tokens(store, "alpha")] == ["expired", "live", "revoked"]
-    assert await count_live_tokens(store, "alpha", now=500.0) == 1
-
-    await add_token(store, _token("newer", issued_at=300.0))
+    # At 500 only "live" counts: a quota of 2 takes one more, then refuses.
+    await add_token(store, _token("second", issued_at=500.0, expires_at=1000.0), limit=2)
+    with pytest.raises(Conflict, match="quota of 2 live tokens"):
+        await add_token(store, _token("third", issued_at=500.0, expires_at=1000.0), limit=2)
     await update_project(store, "alpha", not_before=250.0)  # kills "live" (issued at 100)
-    assert await count_live_tokens(store, "alpha", now=500.0) == 1
+    await add_token(store, _token("third", issued_at=500.0, expires_at=1000.0), limit=2)
 
 
 async def test_signing_keys_listing_and_retirement(store: Store) -> None:

@@ -34,9 +34,24 @@ def _token(row: sqlite3.Row) -> TokenRecord:
                        revoked_at=time_or_none(row["revoked_at"]), parent_jti=row["parent_jti"])
 
 
-async def add_token(store: Store, rec: TokenRecord) -> None:
-    """Remember an issued token; Conflict on a reused jti, NotFound for an unknown parent."""
+# Tokens of a project, of any kind, that are unexpired, unrevoked and not older than its
+# not_before: what its ``tokens`` quota counts.
+_LIVE_TOKENS = ("SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.project "
+                "WHERE t.project = ? AND t.revoked_at IS NULL AND t.expires_at > ? "
+                "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)")
+
+
+async def add_token(store: Store, rec: TokenRecord, *, limit: int | None = None) -> None:
+    """Remember an issued token; Conflict on a reused jti, or when its project already holds
+    ``limit`` live tokens (checked in the same transaction, so concurrent issues cannot both
+    pass); NotFound for an unknown parent."""
     async def body(conn: Conn) -> None:
+        if limit is not None and rec.project is not None:
+            async with conn.execute(_LIVE_TOKENS, (rec.project, rec.issued_at)) as cursor:
+                row = await cursor.fetchone()
+            if row is not None and row[0] >= limit:
+                raise Conflict(f"project {rec.project!r} has reached its quota of {limit} live "
+                               "tokens (exchanged ones included)")
         if rec.parent_jti is not None:
             async with conn.execute("SELECT 1 FROM tokens WHERE jti = ?",
                                     (rec.parent_jti,)) as found:
@@ -60,15 +75,6 @@ async def list_tokens(store: Store, project: str) -> list[TokenRecord]:
     rows = await store.read(
         "SELECT * FROM tokens WHERE project = ? ORDER BY issued_at, jti", (project,))
     return [_token(row) for row in rows]
-
-
-async def count_live_tokens(store: Store, project: str, now: float) -> int:
-    """Tokens of ``project`` that are unexpired, unrevoked and not older than its not_before."""
-    rows = await store.read(
-        "SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.project "
-        "WHERE t.project = ? AND t.revoked_at IS NULL AND t.expires_at > ? "
-        "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)", (project, now))
-    return int(rows[0][0])
 
 
 async def revoke_token(store: Store, jti: str, at: float) -> TokenRecord:
