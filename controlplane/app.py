@@ -4,12 +4,16 @@
 checks), the middlewares and the OpenAPI document. The services (store, key ring, policies, token
 service, rate limiter, audit log, state service) open in a ``cleanup_ctx`` when the app starts and
 close with it, so a test can build the app twice on one state directory to check what survives a
-restart. The state service publishes the live sessions to the gateways (``controlplane.state``):
-the session views publish each change they commit, and its reconcile loop publishes expiries.
+restart. The audit upkeep runs beside them: it writes the summaries of repeated denials and the
+signed checkpoints of the audit chain, and refuses to start on a chain its checkpoints disown.
+The state service publishes the live sessions to the gateways (``controlplane.state``): the session
+views publish each change they commit, and its reconcile loop publishes expiries.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import importlib.metadata
 import logging
@@ -21,8 +25,9 @@ from aiohttp import web
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
 from controlplane import views
+from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
-from controlplane.errors import ConfigurationError
+from controlplane.errors import ConfigurationError, ControlPlaneError
 from controlplane.launchers import get_launcher
 from controlplane.metrics import Metrics
 from controlplane.middlewares import (
@@ -72,8 +77,10 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                 app[SERVICES] = services = await _build_services(settings, store, app[METRICS],
                                                                  state)
                 state.on_report = functools.partial(record_gateway_report, services)
+                await _check_checkpoints(services.checkpoints)
                 await _start_state(state, settings)
-                yield
+                async with _audit_upkeep(services):
+                    yield
             finally:
                 await state.close()
             await services.limiter.aclose()
@@ -82,6 +89,58 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
         finally:
             await store.close()
     return open_services
+
+
+async def _check_checkpoints(checkpoints: Checkpoints) -> None:
+    """Fail closed: never extend a chain that its signed checkpoints say was cut or rewritten."""
+    problem = await checkpoints.behind()
+    if problem is not None:
+        raise ConfigurationError(f"{problem}; 'dsn admin audit verify --offline' says more. To "
+                                 "serve a database restored on purpose, move the checkpoint "
+                                 f"file {checkpoints.path} aside first")
+
+
+async def _audit_step(services: Services, *, final: bool) -> None:
+    """Write due denial summaries (all of them if ``final``), then a checkpoint if the chain grew.
+    A failure is logged and counted; the next step tries again."""
+    try:
+        await services.audit.flush_denials(everything=final)
+    except ControlPlaneError as exc:
+        log.error("audit: denial summaries not written: %s", exc.detail)
+    try:
+        anchor = await services.checkpoints.write()
+    except (OSError, ControlPlaneError) as exc:
+        services.metrics.audit_checkpoint_failures.inc()
+        log.error("audit: checkpoint not written to %s: %s", services.checkpoints.path, exc)
+        return
+    if anchor is not None:
+        services.metrics.audit_checkpoint.set(anchor.seq)
+
+
+@contextlib.asynccontextmanager
+async def _audit_upkeep(services: Services) -> AsyncIterator[None]:
+    """Summaries every second, a checkpoint every ``audit_checkpoint_s``; both once more at exit."""
+    interval = services.settings.audit_checkpoint_s
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
+        while True:
+            if loop.time() >= due:
+                await _audit_step(services, final=False)
+                due = loop.time() + interval
+            else:
+                await services.audit.flush_denials()
+            await asyncio.sleep(min(1.0, interval))
+
+    task = asyncio.create_task(run(), name="audit-upkeep")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _audit_step(services, final=True)
 
 
 async def _start_state(state: StateService, settings: Settings) -> None:
@@ -126,10 +185,13 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics,
     policies = PolicyHolder(load_policies(settings.policy_path))
     tokens = TokenService(settings.issuer, keyring, clock=clock, leeway_s=settings.leeway_s,
                           lifetime_caps=policies.lifetime_caps)
+    audit = AuditLog(store, clock=clock, denial_window_s=settings.audit_denial_window_s)
+    checkpoints = Checkpoints(settings.audit_checkpoints, store, issuer=settings.issuer,
+                              signer=keyring.signing_key, clock=clock)
     return Services(
         settings=settings, store=store, keyring=keyring, tokens=tokens,
         authenticator=Authenticator(tokens, Revocations(store), clock), policies=policies,
-        limiter=RateLimiter(policies), audit=AuditLog(store, clock=clock),
+        limiter=RateLimiter(policies), audit=audit, checkpoints=checkpoints,
         metrics=metrics, state=state,
         launchers={settings.launcher: get_launcher(settings.launcher)})
 

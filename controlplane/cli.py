@@ -50,10 +50,15 @@ def controlplane() -> None:
               help="The gateway's plaintext ingress (its --plain-ingress), handed to producers "
                    "of sessions opened with transport 'plain'; only where the policy sets "
                    "allow_plaintext.  [default: none]")
+@click.option("--audit-checkpoints", "audit_checkpoint_file", metavar="PATH",
+              type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File the signed checkpoints of the audit chain are appended to; keep it out "
+                   "of reach of whoever could rewrite the database (chattr +a, another disk or "
+                   "host).  [default: STATE_DIR/audit-checkpoints.jsonl]")
 def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
           state_snapshots: str | None, state_updates: str | None,
           gateway_endpoint: str | None, gateway_receipts_endpoint: str | None,
-          gateway_plain_endpoint: str | None) -> None:
+          gateway_plain_endpoint: str | None, audit_checkpoint_file: Path | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -69,7 +74,8 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
     settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
                          state_endpoints=endpoints, gateway_endpoint=gateway_endpoint,
                          gateway_receipts_endpoint=gateway_receipts_endpoint,
-                         gateway_plain_endpoint=gateway_plain_endpoint)
+                         gateway_plain_endpoint=gateway_plain_endpoint,
+                         audit_checkpoint_file=audit_checkpoint_file)
     asyncio.run(require_initialised(settings))
     app = create_app(settings)
 

@@ -26,6 +26,8 @@ class Metrics:
     live_sessions: Gauge = field(init=False)
     live_consumers: Gauge = field(init=False)
     gateway_reports: Counter = field(init=False)
+    audit_checkpoint: Gauge = field(init=False)
+    audit_checkpoint_failures: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -49,6 +51,12 @@ class Metrics:
         set_("gateway_reports", Counter("dsn_cp_gateway_scan_reports",
                                         "Interrupted-scan reports from gateways, by outcome",
                                         ["outcome"], registry=self.registry))
+        set_("audit_checkpoint", Gauge("dsn_cp_audit_checkpoint_seq",
+                                       "The audit record the last signed checkpoint covers",
+                                       registry=self.registry))
+        set_("audit_checkpoint_failures", Counter("dsn_cp_audit_checkpoint_failures",
+                                                  "Audit checkpoints that could not be written",
+                                                  registry=self.registry))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

@@ -7,9 +7,11 @@
 - ``paths`` answers 404 for a path parameter outside its bounds (``controlplane.paths``), before
   anything looks it up: a token pasted into a URL goes no further.
 - ``authorize`` runs the route's declared checks (``RouteSpec``): bearer token for the route's
-  surface, rate limits per token and project, the policy decision for the route's action. Each
-  decision, allow or deny (an unauthenticated request included), writes exactly one audit record
-  first; if that write fails the request is refused with 503, never served unaudited.
+  surface, rate limits per token and project (per client address for requests that fail
+  authentication), the policy decision for the route's action. Each policy decision, allow or
+  deny, writes exactly one audit record first; if that write fails the request is refused with
+  503, never served unaudited. Refusals that come in floods (no or a bad token, a spent rate
+  limit) are audited per principal and window: the first as it happens, the rest as one count.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import AbstractRoute, SystemRoute
 from pydantic import BaseModel
 
+from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
 from controlplane.errors import (
     ControlPlaneError,
@@ -108,6 +111,7 @@ class Services:
     policies: PolicyHolder
     limiter: RateLimiter
     audit: AuditLog
+    checkpoints: Checkpoints  # signed checkpoints of the audit chain, outside the database
     metrics: Metrics
     state: StateService  # publishes the live sessions to the gateways
     surfaces: dict[frozenset[TokenKind], Surface] = field(default_factory=dict)
@@ -296,6 +300,16 @@ class Gate:
         await self._services.audit.record(
             principal=principal, action=self._action, resource=resource_label(resource),
             decision=decision, rule=rule, request_id=self._request[REQUEST_ID])
+        self._count(decision, rule)
+
+    async def _audit_refusal(self, principal: str, resource: Resource, rule: str) -> None:
+        """A refusal a flood could repeat: summarised per principal and window in the log."""
+        await self._services.audit.record_denial(
+            principal=principal, action=self._action, resource=resource_label(resource),
+            rule=rule, request_id=self._request[REQUEST_ID])
+        self._count("deny", rule)
+
+    def _count(self, decision: str, rule: str) -> None:
         # Rules, token failure reasons included, form a small fixed set: a safe label.
         self._services.metrics.decisions.labels(self._action, decision, rule).inc()
 
@@ -306,16 +320,22 @@ class Gate:
             return await services.authenticator.authenticate(
                 token, services.surface(self._spec.kinds))
         except TokenError as exc:
-            await self._audit(ANONYMOUS, await self._resource(None), False,
-                              f"token:{exc.reason}")
+            source = self._request.remote or "unknown"
+            principal, resource = f"{ANONYMOUS}@{source}", await self._resource(None)
+            try:
+                await services.limiter.check_unauthenticated(source)
+            except RateLimited:
+                await self._audit_refusal(principal, resource, "rate-limit")
+                raise
+            await self._audit_refusal(principal, resource, f"token:{exc.reason}")
             raise
 
     async def _rate_limit(self, claims: Claims) -> None:
         try:
             await self._services.limiter.check(claims.jti, claims.project)
         except RateLimited:
-            await self._audit(principal_label(claims), await self._resource(claims), False,
-                              "rate-limit")
+            await self._audit_refusal(principal_label(claims), await self._resource(claims),
+                                      "rate-limit")
             raise
 
     async def _decide(self, claims: Claims) -> None:

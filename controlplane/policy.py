@@ -231,8 +231,10 @@ class Networks(_Strict):
 class RateLimits(_Strict):
     per_token: str
     per_project: str
+    # Requests that fail authentication (no token, a bad one), counted per client address.
+    unauthenticated_per_source: str = "10/second;100/minute"
 
-    @field_validator("per_token", "per_project")
+    @field_validator("per_token", "per_project", "unauthenticated_per_source")
     @classmethod
     def _rate(cls, value: str) -> str:
         try:
@@ -316,6 +318,8 @@ class PolicySet:
             parse_many(document.rate_limits.per_token))
         self.per_project_limits: tuple[RateLimitItem, ...] = tuple(
             parse_many(document.rate_limits.per_project))
+        self.unauthenticated_limits: tuple[RateLimitItem, ...] = tuple(
+            parse_many(document.rate_limits.unauthenticated_per_source))
         canonical = json.dumps(self.describe(), sort_keys=True).encode()
         self.digest = hashlib.sha256(canonical).hexdigest()
 

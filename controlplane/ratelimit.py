@@ -1,6 +1,6 @@
-"""REST rate limits per token and per project: the ``limits`` library's async moving-window limiter
-over in-process memory, with the limits read from the active policy set on every call (a policy
-reload applies at once).
+"""REST rate limits per token, per project, and per client address for requests that fail
+authentication: the ``limits`` library's async moving-window limiter over in-process memory, with
+the limits read from the active policy set on every call (a policy reload applies at once).
 
 Each limiter process counts on its own; several control-plane replicas would need a shared storage
 (``limits`` offers Redis), which this class would take as an argument.
@@ -36,6 +36,12 @@ class RateLimiter:
         if project is not None:
             await self._hit(current.per_project_limits, "project", project,
                             f"project {project!r}")
+
+    async def check_unauthenticated(self, source: str) -> None:
+        """Counts one request from ``source`` that failed authentication; RateLimited once the
+        source has spent its allowance (a flood of forged tokens is answered 429, cheaply)."""
+        await self._hit(self._policies.current.unauthenticated_limits, "source", source,
+                        f"requests without a valid token from {source}")
 
     async def _hit(self, items: Sequence[RateLimitItem], namespace: str, key: str,
                    who: str) -> None:

@@ -218,6 +218,7 @@ class AuditRecordOut(ResponseBody):
     request_id: str
     prev_hash: str
     hash: str
+    count: int  # decisions it stands for: more than 1 for a summary of repeated denials
 
 
 class AuditList(ResponseBody):
@@ -230,6 +231,7 @@ class AuditVerification(ResponseBody):
     records: int
     first_bad_seq: int | None
     problem: str | None
+    checkpoints: int  # signed checkpoints the chain was checked against
 
 
 class Health(ResponseBody):

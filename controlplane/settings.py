@@ -21,6 +21,7 @@ DEFAULT_STATE_DIR: Final = Path(".dsn")
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8750
 DATABASE_NAME: Final = "controlplane.sqlite3"
+CHECKPOINTS_NAME: Final = "audit-checkpoints.jsonl"
 # Stable names, not URLs: tokens stay valid when the service moves to another host or port.
 ISSUER: Final = "dsn-controlplane"
 API_AUDIENCE: Final = "dsn-api"
@@ -50,6 +51,12 @@ class Settings:
     ``jwks_max_age_s`` is the JWKS cache lifetime: verifiers refetch at least this often, so a key
     must be published this long before it signs (rotation keeps the old keys published).
 
+    Audit: ``audit_checkpoint_file`` is where signed checkpoints of the audit chain are appended
+    (default ``STATE_DIR/audit-checkpoints.jsonl``; put it where whoever could rewrite the database
+    cannot rewrite it), every ``audit_checkpoint_s`` in which the chain grew.
+    ``audit_denial_window_s``: repeated refusals of one principal (no or a bad token, a spent rate
+    limit) are recorded once per window plus one record counting the rest; 0 records each one.
+
     Sessions: ``gateway_endpoint`` is where producers connect (and the gateway binds);
     ``gateway_plain_endpoint`` the gateway's plaintext ingress, if it has one (sessions opened with
     transport ``plain``, where the policy allows unencrypted transport);
@@ -78,6 +85,9 @@ class Settings:
     body_timeout_s: float = 30.0
     min_free_bytes: int = 64 * 1024 * 1024
     jwks_max_age_s: int = 300
+    audit_checkpoint_file: Path | None = None
+    audit_checkpoint_s: float = 10.0
+    audit_denial_window_s: float = 60.0
     api_audience: str = API_AUDIENCE
     gateway_audience: str = GATEWAY_AUDIENCE
     clock: Callable[[], float] = time.time
@@ -98,6 +108,10 @@ class Settings:
         _require(0 < self.body_timeout_s <= 600, "body_timeout_s", self.body_timeout_s)
         _require(self.min_free_bytes >= 0, "min_free_bytes", self.min_free_bytes)
         _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
+        _require(0 < self.audit_checkpoint_s <= 3600, "audit_checkpoint_s",
+                 self.audit_checkpoint_s)
+        _require(0 <= self.audit_denial_window_s <= 3600, "audit_denial_window_s",
+                 self.audit_denial_window_s)
         _require(bool(self.issuer.strip()), "issuer", self.issuer)
         _require(1 <= self.lease_s <= 3600, "lease_s", self.lease_s)
         for name in ("gateway_endpoint", "gateway_plain_endpoint", "gateway_receipts_endpoint"):
@@ -122,6 +136,10 @@ class Settings:
     @property
     def database(self) -> Path:
         return self.state_dir / DATABASE_NAME
+
+    @property
+    def audit_checkpoints(self) -> Path:
+        return self.audit_checkpoint_file or self.state_dir / CHECKPOINTS_NAME
 
     @property
     def base_url(self) -> str:

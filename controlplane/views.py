@@ -381,10 +381,12 @@ async def list_audit(request: web.Request) -> web.Response:
 
 
 async def verify_audit(request: web.Request) -> web.Response:
-    result = await _services(request).audit.verify()
+    services = _services(request)
+    result = await services.checkpoints.verify(services.audit)
     return reply(s.AuditVerification(ok=result.ok, records=result.records,
                                      first_bad_seq=result.first_bad_seq,
-                                     problem=result.problem or None))
+                                     problem=result.problem or None,
+                                     checkpoints=result.checkpoints))
 
 
 # --- resources named by each action --------------------------------------------------------------

@@ -53,7 +53,8 @@ class ManualClock:
 
 
 def write_policy(directory: Path, **rate_limits: str) -> Path:
-    """The shipped policy with other rate limits (``per_token``, ``per_project``), as a new file."""
+    """The shipped policy with other rate limits (``per_token``, ``per_project``,
+    ``unauthenticated_per_source``), as a new file."""
     document = yaml.safe_load(SHIPPED_POLICY.read_text())
     document["rate_limits"].update(rate_limits)
     directory.mkdir(parents=True, exist_ok=True)

@@ -295,8 +295,12 @@ async def _dead_project_tokens(cp: ControlPlane) -> dict[str, str]:
 
 @pytest.fixture
 async def target(aiohttp_client: ClientFactory, tmp_path: Path) -> Target:
-    policy = write_policy(tmp_path / "policy", per_token="10000/minute", per_project="10000/minute")
-    cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy)
+    policy = write_policy(tmp_path / "policy", per_token="10000/minute", per_project="10000/minute",
+                          unauthenticated_per_source="10000/minute")
+    # Every refusal its own record, so each forgery's can be told apart (floods are summed up
+    # otherwise: test_cp_api.py covers that).
+    cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy,
+                                   audit_denial_window_s=0)
     await cp.create_project("alpha")
     alpha = (await cp.project_token("alpha"))["token"]
     orphan_parent = await cp.project_token("alpha", subject="leaver")

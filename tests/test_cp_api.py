@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,7 +205,8 @@ async def test_token_attack_is_refused_and_audited(cp: ControlPlane, attack: str
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert token not in json.dumps(body)
     last = cp.audit_rows()[-1]
-    assert last[1:] == ("anonymous", "projects:" + ("read" if path.endswith("alpha") else "list"),
+    assert last[1:] == ("anonymous@127.0.0.1",
+                        "projects:" + ("read" if path.endswith("alpha") else "list"),
                         "project/alpha/alpha" if path.endswith("alpha") else "project", "deny",
                         f"token:{reason}", body["request_id"])
 
@@ -216,9 +218,14 @@ async def test_forged_claims_helper_makes_a_valid_token(cp: ControlPlane) -> Non
 
 async def test_missing_or_malformed_authorization(cp: ControlPlane) -> None:
     await assert_problem(await cp.client.get("/api/v1/projects"), 401)
+    assert cp.audit_rows()[-1][5] == "token:missing"
     await assert_problem(await cp.client.get(
         "/api/v1/projects", headers={"Authorization": f"Basic {cp.admin_token}"}), 401)
-    assert [row[5] for row in cp.audit_rows()[-2:]] == ["token:missing", "token:malformed"]
+    # The same source's next refusal in the window is summed up when the window ends.
+    cp.clock.advance(cp.settings.audit_denial_window_s)
+    assert await cp.services.audit.flush_denials() == 1
+    assert sql(cp.database, "SELECT principal, rule, count FROM audit ORDER BY seq DESC "
+                            "LIMIT 1") == [("anonymous@127.0.0.1", "token:malformed", 1)]
 
 
 @pytest.mark.parametrize(("leeway", "status"), [(30, 200), (0, 401)])
@@ -434,6 +441,44 @@ async def test_rate_limits_per_token_and_per_project(aiohttp_client: ClientFacto
     assert (await cp.call("GET", "/api/v1/projects/alpha", cp.sign(cp.claims()))).status == 200
 
 
+async def test_a_flood_of_bad_tokens_is_rate_limited_per_source_and_audited_in_sum(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "policy", unauthenticated_per_source="5/minute")
+    cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy)
+    before = len(cp.audit_rows())
+    statuses: Counter[int] = Counter()
+    for _ in range(200):
+        response = await cp.call("GET", "/api/v1/projects", "x.y.z")
+        statuses[response.status] += 1
+    assert statuses == {401: 5, 429: 195}
+    limited = await cp.call("GET", "/api/v1/projects", "x.y.z")
+    assert int(limited.headers["Retry-After"]) >= 1
+    # The source's first refusal is on record; the rest wait for the end of the window.
+    assert [row[1] for row in cp.audit_rows()[before:]] == ["anonymous@127.0.0.1"]
+    # A valid token from the same address is not held back by its neighbours' failures.
+    assert (await cp.admin("GET", "/api/v1/projects")).status == 200
+    cp.clock.advance(cp.settings.audit_denial_window_s)
+    await cp.services.audit.flush_denials()
+    summary = sql(cp.database, "SELECT principal, action, decision, rule, count FROM audit "
+                               "WHERE count > 1")
+    assert summary == [("anonymous@127.0.0.1", "projects:list", "deny", "*", 200)]
+    assert (await (await cp.admin("GET", "/api/v1/audit/verify")).json())["ok"] is True
+
+
+async def test_refusals_of_a_token_beyond_its_rate_limit_are_audited_in_sum(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "policy", per_token="2/minute")
+    cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy)
+    token = cp.sign(cp.claims(sub="flooder"))
+    for _ in range(50):
+        await cp.call("GET", "/api/v1/projects", token)
+    rules = [row[5] for row in cp.audit_rows() if "flooder" in row[1]]
+    assert rules == ["admins-administer", "admins-administer", "rate-limit"]
+    await cp.client.close()  # the service sums up what is pending as it stops
+    assert sql(cp.database, "SELECT rule, count FROM audit WHERE principal LIKE '%flooder%' "
+                            "AND count > 1") == [("rate-limit", 47)]
+
+
 # --- audit ---------------------------------------------------------------------------------------
 
 async def test_each_decision_writes_exactly_one_record(cp: ControlPlane) -> None:
@@ -447,7 +492,8 @@ async def test_each_decision_writes_exactly_one_record(cp: ControlPlane) -> None
     assert len(rows) == 2
     assert rows[0][1].startswith("admin:admin#") and rows[0][2:] == (
         "projects:list", "project", "allow", "admins-administer", "req-allow-1")
-    assert rows[1][1:] == ("anonymous", "projects:list", "project", "deny", "token:missing",
+    assert rows[1][1:] == ("anonymous@127.0.0.1", "projects:list", "project", "deny",
+                           "token:missing",
                            "req-deny-1")
 
 

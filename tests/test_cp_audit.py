@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.audit import GENESIS_HASH, AuditLog, AuditRecord, AuditVerification, chain_hash
+from controlplane.audit import (
+    GENESIS_HASH,
+    AuditLog,
+    AuditRecord,
+    AuditVerification,
+    DenialDigest,
+    DenialSummary,
+    chain_hash,
+)
 from controlplane.errors import Unavailable
 from controlplane.store.engine import MAX_BATCH, Store
 
@@ -335,3 +343,77 @@ async def test_close_while_the_database_is_locked_fails_the_pending_records(
     assert all(isinstance(r, Unavailable) for r in results)
     with sqlite3.connect(db_path) as check:
         assert check.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 0
+
+
+# --- repeated denials ----------------------------------------------------------------------------
+
+def _deny(digest: DenialDigest, principal: str, now: float, *, rule: str = "token:malformed",
+          request_id: str = "q") -> bool:
+    return digest.admit(principal, "projects:list", "project", rule, request_id, now)
+
+
+def test_a_principals_first_denial_is_recorded_and_the_rest_of_its_window_summed_up() -> None:
+    digest = DenialDigest(60.0)
+    assert _deny(digest, "anonymous@10.0.0.1", 0.0)
+    assert not _deny(digest, "anonymous@10.0.0.1", 1.0, rule="token:expired")
+    assert not _deny(digest, "anonymous@10.0.0.1", 2.0, rule="token:expired", request_id="last")
+    assert _deny(digest, "anonymous@10.0.0.2", 3.0)  # another source has its own window
+    assert digest.due(59.0) == []
+    assert digest.due(60.0) == [DenialSummary("anonymous@10.0.0.1", "projects:list", "project",
+                                              "token:expired", 2, "last")]
+    assert digest.due(120.0) == []  # each summary once; the quiet source needs none
+    assert _deny(digest, "anonymous@10.0.0.1", 121.0)  # a new window opens with a record
+
+
+def test_where_summed_up_denials_differ_the_summary_says_star() -> None:
+    digest = DenialDigest(60.0)
+    _deny(digest, "p", 0.0)
+    _deny(digest, "p", 1.0, rule="token:malformed")
+    _deny(digest, "p", 2.0, rule="rate-limit")
+    assert [(s.rule, s.count) for s in digest.drain()] == [("*", 2)]
+
+
+def test_a_window_reopened_before_due_keeps_the_old_summary() -> None:
+    digest = DenialDigest(10.0)
+    _deny(digest, "p", 0.0)
+    _deny(digest, "p", 1.0)
+    assert _deny(digest, "p", 11.0)  # due() did not run in between
+    assert [s.count for s in digest.due(11.0)] == [1]
+
+
+def test_past_its_bound_new_principals_share_one_window() -> None:
+    digest = DenialDigest(60.0, max_principals=2)
+    for n in range(5):
+        _deny(digest, f"anonymous@10.0.0.{n}", 0.0)
+        _deny(digest, f"anonymous@10.0.0.{n}", 1.0)
+    counts = {s.principal: s.count for s in digest.drain()}
+    assert counts == {"anonymous@10.0.0.0": 1, "anonymous@10.0.0.1": 1,
+                      DenialDigest.OVERFLOW: 5}
+
+
+def test_a_zero_window_records_every_denial() -> None:
+    digest = DenialDigest(0.0)
+    assert all(_deny(digest, "p", float(n)) for n in range(3)) and digest.drain() == []
+
+
+async def test_a_summary_record_carries_its_count_in_the_chain(db_path: Path) -> None:
+    store = await Store.open(db_path)
+    clock = StepClock()
+    try:
+        audit = AuditLog(store, clock=clock, denial_window_s=3600)
+        for n in range(4):
+            await audit.record_denial(principal="anonymous@10.0.0.9", action="a", resource="r",
+                                      rule="token:missing", request_id=f"q{n}")
+        assert [r.count for r in await audit.list()] == [1]
+        assert await audit.flush_denials(everything=True) == 1
+        summary = (await audit.list())[-1]
+        assert (summary.count, summary.request_id) == (3, "q3")
+        assert summary.hash != chain_hash(  # the count is hashed: it cannot be edited unseen
+            seq=summary.seq, ts=summary.ts, principal=summary.principal, action="a",
+            resource="r", decision="deny", rule="token:missing", request_id="q3",
+            prev_hash=summary.prev_hash)
+        assert (await audit.verify()).ok
+        _tamper(db_path, "UPDATE audit SET count = 1 WHERE seq = 2")
+        assert (await audit.verify()).first_bad_seq == 2
+    finally:
+        await store.close()

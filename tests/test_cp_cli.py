@@ -3,6 +3,7 @@ against a real ``dsn controlplane serve`` process on a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -141,6 +142,36 @@ def test_offline_audit_verify_detects_an_edited_and_a_deleted_record(tmp_path: P
                           "audit chain broken")
 
 
+@pytest.mark.timeout(60)
+def test_signed_checkpoints_catch_a_cut_audit_log_offline_and_at_start(tmp_path: Path) -> None:
+    state, checkpoints = tmp_path / "state", tmp_path / "elsewhere" / "checkpoints.jsonl"
+    checkpoints.parent.mkdir()
+    assert dsn("admin", "init", "--state-dir", str(state)).exit_code == 0
+    with serving(state, tmp_path / "serve.log", "--audit-checkpoints", str(checkpoints)) as cp:
+        for _ in range(3):
+            assert cp.admin("projects", "list").exit_code == 0
+    # Stopping signed the head into the file given, not into the state directory.
+    assert not (state / "audit-checkpoints.jsonl").exists()
+    verify = ("admin", "audit", "verify", "--offline", "--state-dir", str(state),
+              "--checkpoints", str(checkpoints))
+    ok = dsn(*verify)
+    assert ok.exit_code == 0 and ok.stdout.strip() == (
+        "audit chain ok: 4 records, 1 signed checkpoints hold"), ok.output
+    unanchored = dsn("admin", "audit", "verify", "--offline", "--state-dir", str(state))
+    assert "no signed checkpoint to check it against" in unanchored.stdout
+
+    with sqlite3.connect(state / DATABASE_NAME) as db:
+        db.execute("DELETE FROM audit WHERE seq > 2")
+        db.execute("UPDATE audit_head SET seq = 2, hash = (SELECT hash FROM audit WHERE seq = 2)")
+    assert_one_line_error(dsn(*verify), "broken at record 3", "records 3..4 were removed")
+    refused = subprocess.run(_serve_command(state, free_port(), "--audit-checkpoints",
+                                            str(checkpoints)),
+                             capture_output=True, text=True, timeout=30, check=False)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+    assert "does not hold record 4" in lines[0] and "move the checkpoint file" in lines[0]
+
+
 def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     token_file = tmp_path / "admin.token"
     token_file.write_text("x.y.z\n")
@@ -189,18 +220,19 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout
     assert outcome == "up", f"serve exited: {log.read_text()}"
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    root = tmp_path_factory.mktemp("cp")
-    state, log = root / "state", root / "serve.log"
-    assert dsn("admin", "init", "--state-dir", str(state)).exit_code == 0
+def _serve_command(state: Path, port: int, *options: str) -> list[str]:
+    return [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
+            "--state-snapshots", f"tcp://127.0.0.1:{free_port()}",
+            "--state-updates", f"tcp://127.0.0.1:{free_port()}", *options]
+
+
+@contextlib.contextmanager
+def serving(state: Path, log: Path, *options: str) -> Iterator[Service]:
+    """``dsn controlplane serve`` on ``state`` until the block ends, then SIGTERM (exit 0)."""
     port = free_port()
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
-             "--state-snapshots", f"tcp://127.0.0.1:{free_port()}",
-             "--state-updates", f"tcp://127.0.0.1:{free_port()}"],
-            stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(_serve_command(state, port, *options),
+                                   stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log, timeout_s=20)
@@ -212,6 +244,15 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         finally:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("cp")
+    state = root / "state"
+    assert dsn("admin", "init", "--state-dir", str(state)).exit_code == 0
+    with serving(state, root / "serve.log") as running:
+        yield running
 
 
 def _json(result: Result) -> object:

@@ -105,7 +105,8 @@ class Service:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     policy = write_policy(tmp_path / "policy", per_token="100000/minute",
-                          per_project="100000/minute")
+                          per_project="100000/minute",
+                          unauthenticated_per_source="100000/minute")
     result = CliRunner().invoke(main, ["admin", "init", "--state-dir", str(tmp_path / "state"),
                                        "--policy", str(policy)])
     assert result.exit_code == 0, result.output

@@ -18,6 +18,7 @@ from typing import Any
 
 from common.keys import create_keypair
 from common.privatefs import create_private_file, private_dir
+from controlplane.anchor import anchored_verification
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
 from controlplane.policy import PolicySet, load_policies
@@ -113,13 +114,16 @@ async def require_initialised(settings: Settings) -> None:
                                  "and rename it to state.key / state.key_secret")
 
 
-async def verify_offline(state_dir: Path) -> dict[str, Any]:
-    database = Settings(state_dir=state_dir).database
-    if not database.is_file():
-        raise ConfigurationError(f"no control plane database at {database}")
-    store = await Store.open(database)
+async def verify_offline(state_dir: Path, checkpoints: Path | None = None) -> dict[str, Any]:
+    """The audit chain in ``state_dir``'s database, checked against the signed checkpoints in
+    ``checkpoints`` (default: the service's default checkpoint file)."""
+    settings = Settings(state_dir=state_dir, audit_checkpoint_file=checkpoints)
+    if not settings.database.is_file():
+        raise ConfigurationError(f"no control plane database at {settings.database}")
+    store = await Store.open(settings.database)
     try:
-        result = await AuditLog(store).verify()
+        result = await anchored_verification(AuditLog(store), store, settings.audit_checkpoints,
+                                             issuer=settings.issuer)
     finally:
         await store.close()
     return dataclasses.asdict(result)

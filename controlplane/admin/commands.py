@@ -346,7 +346,7 @@ def audit() -> None:
 
 _AUDIT_COLUMNS = [("seq", "SEQ"), ("ts", "TIME"), ("principal", "PRINCIPAL"),
                   ("action", "ACTION"), ("resource", "RESOURCE"), ("decision", "DECISION"),
-                  ("rule", "RULE/REASON"), ("request_id", "REQUEST")]
+                  ("rule", "RULE/REASON"), ("count", "COUNT"), ("request_id", "REQUEST")]
 
 
 @audit.command("show")
@@ -366,18 +366,29 @@ def auditshow(client: AdminClient, after_seq: int, limit: int, as_json: bool) ->
 @audit.command("verify")
 @click.option("--offline", is_flag=True,
               help="Check STATE_DIR's database directly, without the service or a token.")
+@click.option("--checkpoints", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --offline: the signed checkpoint file to check the chain against (the "
+                   "service's --audit-checkpoints).  [default: STATE_DIR/audit-checkpoints.jsonl]")
 @_client_options
-def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bool) -> None:
-    """Check the hash chain: any edited, inserted or deleted record makes this exit 1."""
+def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bool,
+                 checkpoints: Path | None) -> None:
+    """Check the hash chain and the signed checkpoints kept outside the database: an edited,
+    inserted or deleted record, or a tail cut off up to the last checkpoint, makes this exit 1."""
+    if checkpoints is not None and not offline:
+        raise click.UsageError("--checkpoints goes with --offline (the service reads its own)")
     if offline:
-        result = asyncio.run(verify_offline(state_dir))
+        result = asyncio.run(verify_offline(state_dir, checkpoints))
     else:
         result = AdminClient(url, admin_token(token_file, state_dir)).call(
             "GET", "/api/v1/audit/verify")
     if not result.get("ok"):
-        raise OneLineError(f"audit chain broken at record {cell(result.get('first_bad_seq'))}: "
-                         f"{cell(result.get('problem'))}")
-    click.echo(f"audit chain ok: {result.get('records')} records")
+        where = result.get("first_bad_seq")
+        at = f" at record {where}" if where is not None else ""
+        raise OneLineError(f"audit chain broken{at}: {cell(result.get('problem'))}")
+    signed = result.get("checkpoints") or 0
+    anchored = (f", {signed} signed checkpoints hold" if signed
+                else "; no signed checkpoint to check it against")
+    click.echo(f"audit chain ok: {result.get('records')} records{anchored}")
 
 
 # templates

@@ -28,7 +28,7 @@ from controlplane.store.tokens import TokenRecord
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dsn.controlplane.sessions")
 
 R = TypeVar("R", bound="DataclassInstance")
 

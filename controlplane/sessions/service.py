@@ -76,7 +76,7 @@ from controlplane.templates.loader import Template, parse_template_cached
 from controlplane.templates.render import render_values
 from controlplane.tokens import Claims, TokenKind
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dsn.controlplane.sessions")
 
 SESSION_QUOTA = "sessions"  # open sessions a project may hold at once
 CONSUMER_QUOTA = "consumers"  # live consumer ranks per session (and ranks per job)

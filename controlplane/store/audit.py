@@ -29,6 +29,7 @@ class AuditRecord:
     request_id: str
     prev_hash: str
     hash: str
+    count: int = 1  # decisions the record stands for (a summary of repeated denials: more)
 
 
 # Builds the record to append from the next seq and the head's hash (None for the first record).
@@ -39,7 +40,7 @@ def _audit(row: sqlite3.Row) -> AuditRecord:
     return AuditRecord(seq=int(row["seq"]), ts=float(row["ts"]), principal=row["principal"],
                        action=row["action"], resource=row["resource"], decision=row["decision"],
                        rule=row["rule"], request_id=row["request_id"], prev_hash=row["prev_hash"],
-                       hash=row["hash"])
+                       hash=row["hash"], count=int(row["count"]))
 
 
 async def append_audit(store: Store, build: AuditBuilder) -> AuditRecord:
@@ -65,7 +66,7 @@ async def _append_chain(builds: Sequence[AuditBuilder], conn: Conn) -> list[Audi
         records.append(record)
         seq, prev = record.seq, record.hash
     # AuditRecord's fields are declared in the table's column order.
-    await conn.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    await conn.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            [astuple(record) for record in records])
     await conn.execute("INSERT INTO audit_head VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE "
                        "SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
@@ -81,3 +82,8 @@ async def list_audit(store: Store, after_seq: int = 0, limit: int = 100) -> list
     rows = await store.read("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
                             (after_seq, limit))
     return [_audit(row) for row in rows]
+
+
+async def get_audit_record(store: Store, seq: int) -> AuditRecord | None:
+    rows = await store.read("SELECT * FROM audit WHERE seq = ?", (seq,))
+    return _audit(rows[0]) if rows else None

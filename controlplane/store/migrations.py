@@ -165,5 +165,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE scan_results ADD COLUMN conflicting_duplicates INTEGER NOT NULL DEFAULT 0",
     ),
+    # 6 -> 7: an audit record may sum up repeated denials; those before each stand for one.
+    (
+        "ALTER TABLE audit ADD COLUMN count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
