@@ -165,5 +165,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE scan_results ADD COLUMN conflicting_duplicates INTEGER NOT NULL DEFAULT 0",
     ),
+    # 6 -> 7: admins are named principals (an admin token's ``sub`` names one); removing one sets
+    # ``removed_at``. Every subject that held an admin token before becomes an active admin, so
+    # an upgraded state directory keeps its admins (the first one was called ``admin``).
+    (
+        """CREATE TABLE admins (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL,
+            removed_at REAL)""",
+        """INSERT INTO admins SELECT subject, MIN(issued_at), 'upgrade', NULL FROM tokens
+            WHERE kind = 'admin' GROUP BY subject""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
