@@ -193,6 +193,13 @@ async def test_offline_recovery_enables_an_admin_with_a_new_token_and_is_audited
     bob = await cp.add_admin("bob")
     assert (await cp.call("DELETE", "/api/v1/admins/admin", bob["token"])).status == 200
     assert (await cp.admin("GET", "/api/v1/projects")).status == 401
+    spare = tmp_path / "spare.token"  # bob's tokens are lost: one is recovered, the rest revoked
+    await recover(cp.settings.state_dir, name="bob", out=spare, now=cp.clock())
+    assert await status(cp, "GET", "/api/v1/projects", bob["token"]) == 200
+    await recover(cp.settings.state_dir, name="bob", out=tmp_path / "bob.token", now=cp.clock(),
+                  revoke_others=True)
+    for lost in (bob["token"], spare.read_text().strip()):
+        await assert_problem(await cp.call("GET", "/api/v1/projects", lost), 401)
     out = tmp_path / "recovered.token"
     claims = await recover(cp.settings.state_dir, name="admin", out=out, ttl_s=DAY,
                            now=cp.clock())

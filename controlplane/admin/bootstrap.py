@@ -69,11 +69,14 @@ async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: P
 
 
 async def recover(state_dir: Path, *, name: str, out: Path, ttl_s: int | None = None,
-                  policy_path: Path | None = None, now: float | None = None) -> Claims:
+                  revoke_others: bool = False, policy_path: Path | None = None,
+                  now: float | None = None) -> Claims:
     """Without the service: make ``name`` an active admin again (or a new one) and write a fresh
-    token of it to ``out`` (0600, a new file), recording an audited ``admin.recover`` by the OS
-    user. Whoever can write the state directory holds the signing keys already: this grants no
-    power they lack, it only does properly what they could do by hand."""
+    token of it to ``out`` (0600, a new file), revoking its other tokens if ``revoke_others`` (lost
+    ones may have been stolen), recorded as an audited ``admin.recover`` by the OS user.
+
+    Whoever can write the state directory holds the signing keys already: this grants no power
+    they lack, it only does properly what they could do by hand."""
     _check_name(name)
     settings = Settings(state_dir=state_dir)
     await require_initialised(settings)
@@ -85,7 +88,7 @@ async def recover(state_dir: Path, *, name: str, out: Path, ttl_s: int | None = 
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         grant = _Grant(settings, policy, store, keyring, clock)
         _, claims = await grant.admin_token(name, ttl_s or cap, out, action="admin.recover",
-                                            rule="offline-recovery")
+                                            rule="offline-recovery", revoke_others=revoke_others)
         return claims
     finally:
         await store.close()
@@ -116,8 +119,8 @@ class _Grant:
     keyring: KeyRing
     clock: Callable[[], float]
 
-    async def admin_token(self, name: str, ttl_s: int, path: Path, *, action: str,
-                          rule: str) -> tuple[str, Claims]:
+    async def admin_token(self, name: str, ttl_s: int, path: Path, *, action: str, rule: str,
+                          revoke_others: bool = False) -> tuple[str, Claims]:
         """Enable admin ``name`` with a new token in the new 0600 file ``path``, audited first as
         ``action`` by ``offline:<OS user>``. The file is written before anything is stored (a
         path that cannot take it changes nothing) and removed if storing fails."""
@@ -137,7 +140,8 @@ class _Grant:
             await enable_admin(self.store, TokenRecord(
                 jti=claims.jti, project=None, kind=kind.value, subject=claims.sub,
                 scope=" ".join(sorted(claims.scope)), issued_at=float(claims.iat),
-                expires_at=float(claims.exp)), by=by, at=self.clock(), exists_ok=True)
+                expires_at=float(claims.exp)), by=by, at=self.clock(), exists_ok=True,
+                revoke_others=revoke_others)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -146,8 +146,11 @@ def init(state_dir: Path, name: str, policy_path: Path | None) -> None:
               help="New file (0600) to write the token to.")
 @click.option("--ttl", metavar="DURATION",
               help="Lifetime: seconds or 90m, 12h, 30d, 2w. Default and maximum: the policy's cap.")
+@click.option("--revoke-others", is_flag=True,
+              help="Revoke every other token of NAME too: do so if a lost token may have been "
+                   "stolen. Without it they stay valid until they expire or are revoked.")
 @_policy_option
-def recover(state_dir: Path, name: str, out_file: Path, ttl: str | None,
+def recover(state_dir: Path, name: str, out_file: Path, ttl: str | None, revoke_others: bool,
             policy_path: Path | None) -> None:
     """Offline recovery, for when every admin token is lost or expired: make admin NAME active
     again (or add it) and write a fresh token of it to --out.
@@ -158,7 +161,7 @@ def recover(state_dir: Path, name: str, out_file: Path, ttl: str | None,
     """
     claims = asyncio.run(recover_admin(state_dir, name=name, out=out_file,
                                        ttl_s=None if ttl is None else parse_duration(ttl),
-                                       policy_path=policy_path))
+                                       revoke_others=revoke_others, policy_path=policy_path))
     click.echo(f"admin {name!r} is active; token written to {out_file} (0600): jti={claims.jti} "
                f"expires_at={datetime.fromtimestamp(claims.exp, UTC):%Y-%m-%dT%H:%M:%SZ}")
 

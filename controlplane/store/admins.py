@@ -86,15 +86,18 @@ async def _insert(conn: Conn, token: TokenRecord) -> None:
 
 
 async def enable_admin(store: Store, token: TokenRecord, *, by: str, at: float,
-                       exists_ok: bool) -> None:
+                       exists_ok: bool, revoke_others: bool = False) -> None:
     """Make ``token.subject`` an active admin (new, or removed before) and remember ``token`` in
-    the same transaction. Conflict if it is active already, unless ``exists_ok`` (recovery)."""
+    the same transaction, revoking every other token of it first if ``revoke_others``. Conflict
+    if it is active already, unless ``exists_ok`` (recovery)."""
     async def body(conn: Conn) -> None:
         if await _state(conn, token.subject) == "active" and not exists_ok:
             raise Conflict(f"admin {token.subject!r} already exists")
         await conn.execute(
             "INSERT INTO admins VALUES (?, ?, ?, NULL) "
             "ON CONFLICT(name) DO UPDATE SET removed_at = NULL", (token.subject, at, by))
+        if revoke_others:
+            await _revoke_tokens_of(conn, token.subject, at)
         await _insert(conn, token)
     await store.write(body)
 
