@@ -24,7 +24,7 @@ from aiohttp import web
 
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
-from controlplane import views
+from controlplane import admins, views
 from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError, ControlPlaneError
@@ -55,7 +55,8 @@ from controlplane.tokens import Authenticator, TokenService
 log = logging.getLogger("dsn.controlplane")
 
 # Every served route, each declared once; feature modules contribute their own route tables.
-ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *templates_api.ROUTES, *sessions_api.ROUTES)
+ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *admins.ROUTES, *templates_api.ROUTES,
+                                 *sessions_api.ROUTES)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:

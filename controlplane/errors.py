@@ -111,6 +111,12 @@ class UnknownProject(TokenError):
     reason = "unknown_project"
 
 
+class UnknownAdmin(TokenError):
+    """An admin token whose ``sub`` names no active admin (removed, or never added)."""
+
+    reason = "unknown_admin"
+
+
 class PermissionDenied(ControlPlaneError):
     """Authenticated, but the policy denies the action; ``rule`` names the deciding rule."""
 

@@ -16,6 +16,7 @@ from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 _ID: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 PATH_PARAMETERS: Final[dict[str, dict[str, Any]]] = {
     "project": {"type": "string", "pattern": NAME_PATTERN},
+    "admin": {"type": "string", "pattern": NAME_PATTERN},
     # Token ids are 32 hex digits; older stores hold 22 or 43 base64url characters.
     "jti": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
     "name": {"type": "string", "pattern": TEMPLATE_NAME_PATTERN},

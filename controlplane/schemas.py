@@ -103,6 +103,22 @@ class TokenExchange(RequestBody):
     ttl: Ttl | None = None
 
 
+class AdminCreate(RequestBody):
+    """A new admin (or a removed one enabled again) and its first token; ``ttl`` defaults to,
+    and is capped by, the policy's lifetime for admin tokens."""
+
+    name: Name
+    ttl: Ttl | None = None
+
+
+class AdminTokenIssue(RequestBody):
+    """A new token for an active admin. ``revoke_others`` revokes every other token of the admin
+    in the same transaction (a rotation)."""
+
+    ttl: Ttl | None = None
+    revoke_others: bool = False
+
+
 class AuditQuery(QueryParams):
     after: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # SQLite INTEGER range
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
@@ -168,6 +184,35 @@ class IssuedToken(ResponseBody):
     subject: str
     scope: str
     audience: str
+    issued_at: datetime
+    expires_at: datetime
+    expires_in: int
+
+
+class AdminOut(ResponseBody):
+    """An admin; ``live_tokens`` and ``last_expiry`` (when its last live token expires) say when
+    it would be locked out without a new token."""
+
+    name: str
+    active: bool
+    created_at: datetime
+    created_by: str
+    removed_at: datetime | None
+    live_tokens: int
+    last_expiry: datetime | None
+
+
+class AdminList(ResponseBody):
+    items: list[AdminOut]
+
+
+class Whoami(ResponseBody):
+    """The caller's own token as the service accepted it: who, which token, until when."""
+
+    kind: str
+    subject: str
+    jti: str
+    scope: str
     issued_at: datetime
     expires_at: datetime
     expires_in: int

@@ -12,7 +12,7 @@ the key ring does not know (unknown_key), a bad signature (signature), a payload
 object (malformed) or repeats a claim (invalid_claim), a missing claim (missing_claim), an unknown
 or wrongly typed claim (invalid_claim), then the values: issuer, audience, kind, lifetime, expired,
 immature. ``Authenticator`` adds the store-backed
-checks: revoked jti, project not_before, project still existing.
+checks: revoked jti, project not_before, project still existing, admin still active.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from controlplane.errors import (
     MissingClaim,
     RevokedToken,
     TokenError,
+    UnknownAdmin,
     UnknownKey,
     UnknownProject,
     WrongKind,
@@ -328,6 +329,8 @@ class RevocationStore(Protocol):
 
     async def get_token(self, jti: str) -> Any: ...
 
+    async def is_active_admin(self, name: str) -> bool: ...
+
 
 class Authenticator:
     """verify() plus the store-backed checks; store failures propagate as Unavailable (fail
@@ -346,6 +349,9 @@ class Authenticator:
             await self._check_parent(claims.jti)
         if claims.project is not None:
             await self._check_project(claims.project, claims.iat)
+        if claims.kind is TokenKind.ADMIN and not await self._store.is_active_admin(claims.sub):
+            # Removal revokes the admin's tokens too; this also holds for one issued meanwhile.
+            raise UnknownAdmin("the token's admin has been removed or does not exist")
         return claims
 
     async def _check_parent(self, jti: str) -> None:

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from common.clone import StateEndpoints
 from common.ports import free_ports
-from controlplane.admin.bootstrap import initialize
+from controlplane.admin.bootstrap import FIRST_ADMIN, initialize
 from controlplane.app import create_app
 from controlplane.middlewares import SERVICES, Services
 from controlplane.settings import Settings
@@ -113,6 +113,15 @@ class ControlPlane:
         assert response.status == 201, await response.text()
         return dict(await response.json())
 
+    async def add_admin(self, name: str, *, by: str | None = None,
+                        **body: Any) -> dict[str, Any]:
+        """Admin ``name`` added (by the admin holding token ``by``, else the first admin); the
+        answer carries its first token."""
+        response = await self.call("POST", "/api/v1/admins", by or self.admin_token,
+                                   json={"name": name, **body})
+        assert response.status == 201, await response.text()
+        return dict(await response.json())
+
     async def exchange(self, token: str, **body: Any) -> dict[str, Any]:
         response = await self.call("POST", "/api/v1/token", token, json=body)
         assert response.status == 200, await response.text()
@@ -124,10 +133,11 @@ class ControlPlane:
         return jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": kid, **header})
 
     def claims(self, **overrides: Any) -> dict[str, Any]:
-        """A well-formed admin claim set at the current time, with ``overrides`` applied."""
+        """A well-formed admin claim set of the first admin at the current time, with
+        ``overrides`` applied."""
         now = int(self.clock())
         payload: dict[str, Any] = {
-            "iss": self.settings.issuer, "aud": self.settings.api_audience, "sub": "mallory",
+            "iss": self.settings.issuer, "aud": self.settings.api_audience, "sub": FIRST_ADMIN,
             "iat": now, "exp": now + 600, "jti": f"forged-{now}", "token_use": "admin",
             "project": None, "scope": "projects:read projects:write audit:read",
         }

@@ -63,6 +63,7 @@ def state(cp: ControlPlane) -> list[list[tuple[Any, ...]]]:
     """Everything an admin function could change (the audit log aside)."""
     return [sql(cp.database, statement) for statement in (
         "SELECT * FROM projects ORDER BY name", "SELECT jti, revoked_at FROM tokens ORDER BY jti",
+        "SELECT * FROM admins ORDER BY name",
         "SELECT kid, retired_at FROM signing_keys ORDER BY kid",
         "SELECT name, version FROM template_versions ORDER BY name, version",
         "SELECT id, ended_at FROM sessions ORDER BY id")]
@@ -84,7 +85,7 @@ def admin_functions(cp: ControlPlane) -> list[tuple[str, str]]:
 
 
 def concrete(path: str, jti: str) -> str:
-    return path.format(project="alpha", jti=jti, name="4dstem", version=1)
+    return path.format(project="alpha", jti=jti, name="4dstem", version=1, admin="admin")
 
 
 async def test_project_and_consumer_tokens_reach_no_admin_function(cp: ControlPlane) -> None:
@@ -92,7 +93,7 @@ async def test_project_and_consumer_tokens_reach_no_admin_function(cp: ControlPl
     victim = (await cp.project_token("alpha", subject="victim"))["jti"]
     worker = await consumer_token(cp, token)
     functions = admin_functions(cp)
-    assert len(functions) >= 17  # projects, tokens, keys, policies, audit, templates
+    assert len(functions) >= 23  # admins, projects, tokens, keys, policies, audit, templates
     before, audit_before = state(cp), len(cp.audit_rows())
     answers = []
     for method, path in functions:

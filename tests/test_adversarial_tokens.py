@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_cp_api import assert_problem, b64
 
 from controlplane.signing import public_jwk
-from controlplane.store.tokens import TokenRecord, add_token
+from controlplane.store.admins import enable_admin
+from controlplane.store.tokens import TokenRecord
 
 API = "/api/v1/projects"
 ALPHA = "/api/v1/projects/alpha"
@@ -273,11 +274,13 @@ CORPUS: list[Forgery] = [
 
 
 async def _revoked_admin(cp: ControlPlane) -> str:
-    """An admin token the store knows (as ``dsn admin init`` records it), then revoked."""
+    """An admin token the store knows, of an admin of its own (as ``dsn admin init`` records
+    them), then revoked."""
     claims = cp.claims(jti="admin-to-revoke", sub="former-admin")
-    await add_token(cp.services.store, TokenRecord(
+    await enable_admin(cp.services.store, TokenRecord(
         jti=claims["jti"], project=None, kind="admin", subject=claims["sub"],
-        scope=claims["scope"], issued_at=claims["iat"], expires_at=claims["exp"]))
+        scope=claims["scope"], issued_at=claims["iat"], expires_at=claims["exp"]),
+        by="test", at=cp.clock(), exists_ok=False)
     token = cp.sign(claims)
     assert (await cp.call("GET", API, token)).status == 200  # genuine until revoked
     assert (await cp.admin("DELETE", "/api/v1/tokens/admin-to-revoke")).status == 200

@@ -469,13 +469,13 @@ async def test_refusals_of_a_token_beyond_its_rate_limit_are_audited_in_sum(
         aiohttp_client: ClientFactory, tmp_path: Path) -> None:
     policy = write_policy(tmp_path / "policy", per_token="2/minute")
     cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy)
-    token = cp.sign(cp.claims(sub="flooder"))
+    token = (await cp.add_admin("flooder"))["token"]
     for _ in range(50):
         await cp.call("GET", "/api/v1/projects", token)
-    rules = [row[5] for row in cp.audit_rows() if "flooder" in row[1]]
+    rules = [row[5] for row in cp.audit_rows() if row[1].startswith("admin:flooder#")]
     assert rules == ["admins-administer", "admins-administer", "rate-limit"]
     await cp.client.close()  # the service sums up what is pending as it stops
-    assert sql(cp.database, "SELECT rule, count FROM audit WHERE principal LIKE '%flooder%' "
+    assert sql(cp.database, "SELECT rule, count FROM audit WHERE principal LIKE 'admin:flooder#%' "
                             "AND count > 1") == [("rate-limit", 47)]
 
 

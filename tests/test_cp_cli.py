@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import re
 import signal
 import sqlite3
 import subprocess
@@ -26,6 +28,7 @@ from controlplane.settings import DATABASE_NAME
 from dsn.cli import main
 
 DSN = str(Path(sys.executable).parent / "dsn")
+OS_USER = pwd.getpwuid(os.geteuid()).pw_name
 SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 
 
@@ -68,6 +71,36 @@ def test_init_writes_a_0600_token_shown_once_and_refuses_a_second_init(tmp_path:
     again = dsn("admin", "init", "--state-dir", str(state))
     assert_one_line_error(again, "already initialised")
     assert token_file.read_text().strip() == token
+
+
+def test_init_names_the_first_admin_and_records_who_ran_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    bad = dsn("admin", "init", "--state-dir", str(state), "--name", "Alice Smith")
+    assert_one_line_error(bad, "admin name 'Alice Smith'")
+    assert not state.exists()
+    assert dsn("admin", "init", "--state-dir", str(state), "--name", "alice").exit_code == 0
+    with sqlite3.connect(state / DATABASE_NAME) as db:
+        assert db.execute("SELECT name, created_by, removed_at FROM admins").fetchall() == [
+            ("alice", f"offline:{OS_USER}", None)]
+        (principal, action, resource), = db.execute(
+            "SELECT principal, action, resource FROM audit").fetchall()
+        subject, = db.execute("SELECT subject FROM tokens WHERE kind = 'admin'").fetchone()
+    assert (principal, action, resource.split("#")[0]) == (
+        f"offline:{OS_USER}", "admin.init", "admin/alice")
+    assert subject == "alice"
+
+
+def test_a_token_file_and_the_environment_variable_together_are_one_error(
+        tmp_path: Path) -> None:
+    token_file = tmp_path / "mine.token"
+    token_file.write_text("x.y.z\n")
+    token_file.chmod(0o600)
+    result = dsn("admin", "projects", "list", "--token-file", str(token_file),
+                 "--url", "http://127.0.0.1:1", env={"DSN_ADMIN_TOKEN": "a.b.c"})
+    line = assert_one_line_error(result, f"--token-file {token_file}", "$DSN_ADMIN_TOKEN")
+    assert "x.y.z" not in line and "a.b.c" not in line  # and no request was tried
+    help_text = dsn("admin", "projects", "list", "--help").stdout
+    assert "not both: that is an error" in " ".join(help_text.split())
 
 
 def test_serve_refuses_an_uninitialised_state_dir_and_creates_nothing(tmp_path: Path) -> None:
@@ -188,7 +221,8 @@ def test_an_unreachable_service_is_one_line(tmp_path: Path) -> None:
 
 
 def test_no_command_takes_a_token_on_argv() -> None:
-    for args in (["tokens", "issue"], ["tokens", "list"], ["audit", "verify"], ["keys", "rotate"]):
+    for args in (["tokens", "issue"], ["tokens", "list"], ["audit", "verify"], ["keys", "rotate"],
+                 ["admins", "add"], ["admins", "token"], ["admins", "remove"], ["whoami"]):
         help_text = dsn("admin", *args, "--help").stdout
         assert "--token-file" in help_text and "--token " not in help_text
 
@@ -377,3 +411,81 @@ def test_the_real_console_script_runs_an_admin_command(service: Service) -> None
                             env=env)
     assert broken.returncode == 1 and broken.stdout == ""
     assert len(broken.stderr.strip().splitlines()) == 1 and "404" in broken.stderr
+
+
+def _as(service: Service, token_file: Path, *args: str) -> Result:
+    """An admin command run with the admin token in ``token_file``."""
+    group, *rest = args
+    return dsn("admin", group, *rest, "--url", service.url, "--state-dir", str(service.state),
+               "--token-file", str(token_file))
+
+
+def _jti(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    return next(part.split("=", 1)[1] for part in result.stdout.split()
+                if part.startswith("jti="))
+
+
+@pytest.mark.timeout(60)
+def test_admins_add_whoami_rotate_and_remove_over_the_cli(service: Service,
+                                                          tmp_path: Path) -> None:
+    first, second = tmp_path / "bob.token", tmp_path / "bob-2.token"
+    added = service.admin("admins", "add", "cli-bob", "--out", str(first), "--ttl", "2d")
+    first_jti = _jti(added)
+    assert mode(first) == 0o600 and first.read_text().strip() not in added.output
+    me = _as(service, first, "whoami")
+    assert me.exit_code == 0, me.output
+    assert me.stdout.startswith(f"admin cli-bob, token {first_jti} expires ")
+    assert re.search(r" \(in (2d 0h|1d 23h)\); ", me.stdout), me.stdout
+    assert me.stdout.rstrip().endswith(f"; token from --token-file {first}")
+    assert _json(_as(service, first, "whoami", "--json"))["subject"] == "cli-bob"
+
+    rotated = _as(service, first, "admins", "token", "cli-bob", "--out", str(second),
+                  "--revoke-others")
+    second_jti = _jti(rotated)
+    assert_one_line_error(_as(service, first, "whoami"), "401", "revoked")
+    assert f"token {second_jti}" in _as(service, second, "whoami").stdout
+    shown = _json(service.admin("admins", "show", "cli-bob", "--json"))
+    assert {t["jti"]: t["revoked_at"] is None for t in shown} == {first_jti: False,
+                                                                   second_jti: True}
+    assert_one_line_error(service.admin("admins", "token", "cli-bob", "--out", str(second)),
+                          "exists")
+
+    removed = service.admin("admins", "remove", "cli-bob")
+    assert removed.exit_code == 0 and removed.stdout.strip() == (
+        "removed admin cli-bob; its tokens are revoked")
+    assert_one_line_error(_as(service, second, "projects", "list"), "401")
+    table = service.admin("admins", "list").stdout.splitlines()
+    assert table[0].split()[:2] == ["NAME", "ACTIVE"]
+    assert any(line.split()[:3] == ["cli-bob", "no", "0"] for line in table[1:])
+    rows = _json(service.admin("audit", "show", "--limit", "1000", "--json"))
+    actors = {row["principal"].split("#")[0] for row in rows
+              if row["action"] in ("admins:whoami", "admins:issue", "admins:remove")}
+    assert {"admin:admin", "admin:cli-bob"} <= actors
+
+
+@pytest.mark.timeout(60)
+def test_offline_recovery_while_the_service_runs_is_audited(service: Service,
+                                                            tmp_path: Path) -> None:
+    lost = tmp_path / "lost.token"
+    assert service.admin("admins", "add", "cli-carol", "--out", str(lost)).exit_code == 0
+    assert service.admin("admins", "remove", "cli-carol").exit_code == 0
+    out = tmp_path / "carol.token"
+    done = subprocess.run([DSN, "admin", "recover", "--state-dir", str(service.state),
+                           "--name", "cli-carol", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert mode(out) == 0o600 and out.read_text().strip() not in done.stdout + done.stderr
+    jti = next(part.split("=", 1)[1] for part in done.stdout.split() if part.startswith("jti="))
+    assert f"admin cli-carol, token {jti}" in _as(service, out, "whoami").stdout
+    assert_one_line_error(_as(service, lost, "whoami"), "401")  # the old token stays revoked
+    rows = _json(service.admin("audit", "show", "--limit", "1000", "--json"))
+    recovery, = (row for row in rows if row["action"] == "admin.recover")
+    assert (recovery["principal"], recovery["resource"], recovery["rule"]) == (
+        f"offline:{OS_USER}", f"admin/cli-carol#{jti}", "offline-recovery")
+    assert "audit chain ok" in service.admin("audit", "verify").stdout
+    again = subprocess.run([DSN, "admin", "recover", "--state-dir", str(service.state),
+                            "--name", "cli-carol", "--out", str(out)],
+                           check=False, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and again.stderr.strip() == f"error: {out} exists; refusing to " \
+                                                            "overwrite it"

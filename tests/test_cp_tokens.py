@@ -19,9 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import InvalidRequest, TokenError
+from controlplane.store.admins import enable_admin
 from controlplane.store.engine import Store
 from controlplane.store.projects import Project, create_project, update_project
-from controlplane.store.tokens import Revocations, TokenRecord, add_token, revoke_token
+from controlplane.store.tokens import (
+    Revocations,
+    TokenRecord,
+    add_token,
+    is_revoked,
+    revoke_token,
+)
 from controlplane.tokens import (
     MAX_TOKEN_BYTES,
     Authenticator,
@@ -428,9 +435,20 @@ async def test_token_of_a_deleted_project_refused(service: TokenService, store: 
     assert caught.value.reason == "unknown_project"
 
 
-async def test_admin_token_needs_no_project(service: TokenService, store: Store,
-                                            clock: Clock) -> None:
+async def test_admin_token_needs_no_project_but_an_active_admin(service: TokenService,
+                                                                store: Store, clock: Clock) -> None:
     auth = Authenticator(service, Revocations(store), clock)
     token, claims = service.issue(kind=TokenKind.ADMIN, subject="root", project=None,
                                   scope={"projects:write"}, ttl_s=600, audience="dsn-api")
+    with pytest.raises(TokenError) as caught:  # signed by the real key, but "root" is no admin
+        await auth.authenticate(token, API)
+    assert caught.value.reason == "unknown_admin"
+    await enable_admin(store, record(claims), by="test", at=NOW, exists_ok=False)
     assert await auth.authenticate(token, API) == claims
+    # Removed while a token of it is on record unrevoked (an issue racing the removal):
+    await store.write(lambda conn: conn.execute(
+        "UPDATE admins SET removed_at = ? WHERE name = 'root'", (NOW,)))
+    assert not await is_revoked(store, claims.jti)
+    with pytest.raises(TokenError) as caught:
+        await auth.authenticate(token, API)
+    assert caught.value.reason == "unknown_admin"

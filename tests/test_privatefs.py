@@ -158,15 +158,39 @@ def test_a_missing_token_file_is_named(tmp_path: Path) -> None:
         read_token(tmp_path / "nope")
 
 
-def test_a_token_comes_from_the_file_then_the_environment_then_the_default(
+def test_a_token_comes_from_the_file_or_the_environment_else_the_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     given, default = tmp_path / "given", tmp_path / "default"
     create_private_file(given, b"from-file")
     create_private_file(default, b"from-default")
-    monkeypatch.setenv("DSN_TEST_TOKEN", "from-env")
-    assert token_from(given, env="DSN_TEST_TOKEN", default=default) == "from-file"
-    assert token_from(None, env="DSN_TEST_TOKEN", default=default) == "from-env"
+    monkeypatch.delenv("DSN_TEST_TOKEN", raising=False)
+    found = token_from(given, env="DSN_TEST_TOKEN", default=default)
+    assert (found.token, found.source) == ("from-file", f"--token-file {given}")
+    assert "from-file" not in repr(found)
+    assert token_from(None, env="DSN_TEST_TOKEN", default=default).token == "from-default"
+    monkeypatch.setenv("DSN_TEST_TOKEN", " from-env\n")
+    found = token_from(None, env="DSN_TEST_TOKEN", default=default)
+    assert (found.token, found.source) == ("from-env", "$DSN_TEST_TOKEN")
     monkeypatch.delenv("DSN_TEST_TOKEN")
-    assert token_from(None, env="DSN_TEST_TOKEN", default=default) == "from-default"
     with pytest.raises(TokenFileError, match="does not exist .*set DSN_TEST_TOKEN"):
         token_from(None, env="DSN_TEST_TOKEN", default=tmp_path / "absent")
+
+
+def test_a_token_file_and_the_environment_together_are_refused_naming_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    given = tmp_path / "given"
+    create_private_file(given, b"from-file")
+    monkeypatch.setenv("DSN_TEST_TOKEN", "from-env")
+    with pytest.raises(TokenFileError) as refused:
+        token_from(given, env="DSN_TEST_TOKEN", default=tmp_path / "default")
+    assert str(refused.value) == (f"two tokens given: --token-file {given} and $DSN_TEST_TOKEN; "
+                                  "give one (unset DSN_TEST_TOKEN, or drop --token-file)")
+    assert "from-" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["two tokens", "x" * (MAX_TOKEN_BYTES + 1), "a\x07b"])
+def test_an_environment_variable_not_holding_one_token_is_refused(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("DSN_TEST_TOKEN", value)
+    with pytest.raises(TokenFileError, match=r"^\$DSN_TEST_TOKEN (does not hold one|holds more)"):
+        token_from(None, env="DSN_TEST_TOKEN")

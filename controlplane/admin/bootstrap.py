@@ -1,14 +1,18 @@
-"""A state directory from nothing (``dsn admin init``), the checks before it is served, and the
-audit chain verified from its database without the service.
+"""A state directory from nothing (``dsn admin init``), the checks before it is served, and what
+works on it without the service: the audit chain verified from its database, and an admin
+recovered when every admin token is lost or expired (``dsn admin recover``).
 
-The first admin token is written to ``STATE_DIR/admin.token`` (0600) and nowhere else; the store
-keeps its metadata only.
+The first admin's token is written to ``STATE_DIR/admin.token`` (0600), a recovered one to the
+file named; nowhere else: the store keeps their metadata only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import pwd
+import re
 import shutil
 import time
 import uuid
@@ -22,23 +26,28 @@ from controlplane.anchor import anchored_verification
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
 from controlplane.policy import PolicySet, load_policies
+from controlplane.schemas import NAME_PATTERN
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
+from controlplane.store.admins import enable_admin
 from controlplane.store.engine import Store
 from controlplane.store.signing_keys import list_signing_keys
-from controlplane.store.tokens import TokenRecord, add_token
-from controlplane.tokens import TokenKind, TokenService
+from controlplane.store.tokens import TokenRecord
+from controlplane.tokens import Claims, TokenKind, TokenService
 
 ADMIN_TOKEN_FILE = "admin.token"
+FIRST_ADMIN = "admin"  # the first admin's name unless ``dsn admin init --name`` says otherwise
 
 
-async def initialize(state_dir: Path, *, policy_path: Path | None = None,
+async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: Path | None = None,
                      now: float | None = None) -> str:
-    """Create the state directory, store, first signing key and first admin token; return the token.
+    """Create the state directory, store, first signing key and first admin, ``name``, with its
+    first token; return the token.
 
     The token is written to ``state_dir/admin.token`` (0600) and nowhere else; the store keeps its
     metadata only. ConfigurationError if the directory is already initialised.
     """
+    _check_name(name)
     settings = Settings(state_dir=state_dir)
     token_path = state_dir / ADMIN_TOKEN_FILE
     if token_path.exists() or settings.database.exists():
@@ -52,9 +61,92 @@ async def initialize(state_dir: Path, *, policy_path: Path | None = None,
         await keyring.create()
         await asyncio.to_thread(_gateway_keys, settings)
         await asyncio.to_thread(_state_keys, settings)
-        return await _first_admin_token(settings, policy, store, keyring, clock, token_path)
+        grant = _Grant(settings, policy, store, keyring, clock)
+        token, _ = await grant.admin_token(name, policy.lifetime_cap(TokenKind.ADMIN), token_path,
+                                           action="admin.init", rule="bootstrap")
+        return token
     finally:
         await store.close()
+
+
+async def recover(state_dir: Path, *, name: str, out: Path, ttl_s: int | None = None,
+                  revoke_others: bool = False, policy_path: Path | None = None,
+                  now: float | None = None) -> Claims:
+    """Without the service: make ``name`` an active admin again (or a new one) and write a fresh
+    token of it to ``out`` (0600, a new file), revoking its other tokens if ``revoke_others`` (lost
+    ones may have been stolen), recorded as an audited ``admin.recover`` by the OS user.
+
+    Whoever can write the state directory holds the signing keys already: this grants no power
+    they lack, it only does properly what they could do by hand."""
+    _check_name(name)
+    settings = Settings(state_dir=state_dir)
+    await require_initialised(settings)
+    policy = load_policies(policy_path or settings.policy_path)
+    cap = policy.lifetime_cap(TokenKind.ADMIN)
+    clock: Callable[[], float] = time.time if now is None else (lambda: now)
+    store = await Store.open(settings.database)
+    try:
+        keyring = await KeyRing.load(state_dir, store, clock=clock)
+        grant = _Grant(settings, policy, store, keyring, clock)
+        _, claims = await grant.admin_token(name, ttl_s or cap, out, action="admin.recover",
+                                            rule="offline-recovery", revoke_others=revoke_others)
+        return claims
+    finally:
+        await store.close()
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigurationError(f"admin name {name!r} is not 1 to 63 lower-case letters, digits, "
+                                 "'-' and '_', starting with a letter or digit")
+
+
+def _os_user() -> str:
+    """Who runs this process, by its effective uid (not by environment variables)."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid-{uid}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grant:
+    """Admin tokens issued on the state directory, without the service (init and recovery)."""
+
+    settings: Settings
+    policy: PolicySet
+    store: Store
+    keyring: KeyRing
+    clock: Callable[[], float]
+
+    async def admin_token(self, name: str, ttl_s: int, path: Path, *, action: str, rule: str,
+                          revoke_others: bool = False) -> tuple[str, Claims]:
+        """Enable admin ``name`` with a new token in the new 0600 file ``path``, audited first as
+        ``action`` by ``offline:<OS user>``. The file is written before anything is stored (a
+        path that cannot take it changes nothing) and removed if storing fails."""
+        kind = TokenKind.ADMIN
+        service = TokenService(self.settings.issuer, self.keyring, clock=self.clock,
+                               leeway_s=self.settings.leeway_s,
+                               lifetime_caps={kind: self.policy.lifetime_cap(kind)})
+        token, claims = service.issue(kind=kind, subject=name, project=None,
+                                      scope=self.policy.admin_scopes(), ttl_s=ttl_s,
+                                      audience=self.settings.api_audience)
+        await asyncio.to_thread(create_private_file, path, f"{token}\n".encode())
+        try:
+            by = f"offline:{_os_user()}"
+            await AuditLog(self.store, clock=self.clock).record(
+                principal=by, action=action, resource=f"admin/{name}#{claims.jti}",
+                decision="allow", rule=rule, request_id=f"{action}-{uuid.uuid4()}")
+            await enable_admin(self.store, TokenRecord(
+                jti=claims.jti, project=None, kind=kind.value, subject=claims.sub,
+                scope=" ".join(sorted(claims.scope)), issued_at=float(claims.iat),
+                expires_at=float(claims.exp)), by=by, at=self.clock(), exists_ok=True,
+                revoke_others=revoke_others)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return token, claims
 
 
 def _gateway_keys(settings: Settings) -> None:
@@ -75,25 +167,6 @@ def _state_keys(settings: Settings) -> None:
     local = settings.gateways_dir / "local.key"
     if not local.exists():
         shutil.copyfile(settings.gateway_public_key_file, local)
-
-
-async def _first_admin_token(settings: Settings, policy: PolicySet, store: Store, keyring: KeyRing,
-                             clock: Callable[[], float], token_path: Path) -> str:
-    kind = TokenKind.ADMIN
-    service = TokenService(settings.issuer, keyring, clock=clock, leeway_s=settings.leeway_s,
-                           lifetime_caps={kind: policy.lifetime_cap(kind)})
-    token, claims = service.issue(kind=kind, subject="admin", project=None,
-                                  scope=policy.admin_scopes(), ttl_s=policy.lifetime_cap(kind),
-                                  audience=settings.api_audience)
-    await add_token(store, TokenRecord(
-        jti=claims.jti, project=None, kind=kind.value, subject=claims.sub,
-        scope=" ".join(sorted(claims.scope)), issued_at=float(claims.iat),
-        expires_at=float(claims.exp)))
-    await AuditLog(store, clock=clock).record(
-        principal="admin-cli", action="admin.init", resource=f"token:{claims.jti}",
-        decision="allow", rule="bootstrap", request_id=f"init-{uuid.uuid4()}")
-    await asyncio.to_thread(create_private_file, token_path, f"{token}\n".encode())
-    return token
 
 
 async def require_initialised(settings: Settings) -> None:

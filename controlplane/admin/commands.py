@@ -21,8 +21,14 @@ import click
 from common.clitypes import OneLineError, template_params
 from common.privatefs import create_private_file
 from common.restclient import quote
-from controlplane.admin.bootstrap import ADMIN_TOKEN_FILE, initialize, verify_offline
-from controlplane.admin.client import ADMIN_TOKEN_ENV, AdminClient, admin_token, template_path
+from controlplane.admin.bootstrap import (
+    ADMIN_TOKEN_FILE,
+    FIRST_ADMIN,
+    initialize,
+    verify_offline,
+)
+from controlplane.admin.bootstrap import recover as recover_admin
+from controlplane.admin.client import ADMIN_TOKEN_ENV, AdminClient, template_path
 from controlplane.admin.output import cell, echo_json, show, summary
 from controlplane.policy import lint
 from controlplane.settings import DEFAULT_STATE_DIR
@@ -37,8 +43,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _client_options(func: F) -> F:
     """Add --url, --state-dir and --token-file: where the service is and where the token is."""
     func = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
-                        help=f"File with the admin token (0600). Default: ${ADMIN_TOKEN_ENV}, "
-                             "else STATE_DIR/admin.token.")(func)
+                        help=f"File with your admin token (0600). Or set ${ADMIN_TOKEN_ENV} "
+                             "instead (not both: that is an error); neither: "
+                             "STATE_DIR/admin.token.")(func)
     func = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
                         default=DEFAULT_STATE_DIR, show_default=True,
                         help="State directory holding admin.token.")(func)
@@ -52,7 +59,7 @@ def _with_client(func: Callable[..., None]) -> Callable[..., None]:
     @_client_options
     @functools.wraps(func)
     def wrapper(url: str, state_dir: Path, token_file: Path | None, **kwargs: Any) -> None:
-        func(AdminClient(url, admin_token(token_file, state_dir)), **kwargs)
+        func(AdminClient.found(url, token_file, state_dir), **kwargs)
     return wrapper
 
 
@@ -83,36 +90,200 @@ def parse_instant(text: str) -> str:
 
 @click.group()
 def admin() -> None:
-    """Administer the control plane: init, projects, tokens, keys, policies, audit.
+    """Administer the control plane: init, admins, projects, tokens, keys, policies, audit.
 
-    Apart from 'init', 'policies check' and 'audit verify --offline', commands talk to the running
-    service (--url, default http://127.0.0.1:8750) with the admin token from --token-file,
-    $DSN_ADMIN_TOKEN or STATE_DIR/admin.token. Tokens are never accepted on the command line.
+    Apart from 'init', 'recover', 'policies check' and 'audit verify --offline', commands talk to
+    the running service (--url, default http://127.0.0.1:8750) with your admin token from
+    --token-file or $DSN_ADMIN_TOKEN (one of them, not both), else STATE_DIR/admin.token. Tokens
+    are never accepted on the command line.
     """
+
+
+def _policy_option(func: F) -> F:
+    return click.option("--policy", "policy_path", type=click.Path(exists=True, path_type=Path),
+                        help="Policy file or directory giving admin tokens their scopes and "
+                             "longest lifetime (the service's). Default: the shipped "
+                             "policies/.")(func)
+
+
+def _admin_name_option(help_text: str, default: str | None = None) -> Callable[[F], F]:
+    return click.option("--name", default=default, required=default is None, metavar="NAME",
+                        show_default=default is not None, help=help_text)
 
 
 @admin.command()
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_STATE_DIR, show_default=True,
               help="State directory to create (0700): database, signing keys, admin.token.")
-@click.option("--policy", "policy_path", type=click.Path(exists=True, path_type=Path),
-              help="Policy file or directory giving the admin token's scopes and lifetime. "
-                   "Default: the shipped policies/.")
-def init(state_dir: Path, policy_path: Path | None) -> None:
+@_admin_name_option("The first admin's name (lower-case letters, digits, '-', '_'): the 'sub' "
+                    "of its tokens, named in every audit record of what it does.",
+                    default=FIRST_ADMIN)
+@_policy_option
+def init(state_dir: Path, name: str, policy_path: Path | None) -> None:
     """Create the state directory, the first signing key, the gateway's and the state service's
-    CURVE key pairs (the local gateway allowed to subscribe) and the first admin token.
+    CURVE key pairs (the local gateway allowed to subscribe) and the first admin with its token.
 
     The token is written to STATE_DIR/admin.token (0600) and printed once; it is not stored
     anywhere else (the database keeps only its id). Refuses an already initialised directory.
     """
-    token = asyncio.run(initialize(state_dir, policy_path=policy_path))
+    token = asyncio.run(initialize(state_dir, name=name, policy_path=policy_path))
     click.echo(f"gateway CURVE keys in {state_dir / 'keys'} (server.key, server.key_secret)",
                err=True)
     click.echo(f"state service CURVE keys in {state_dir / 'keys'} (state.key, state.key_secret); "
                f"gateways allowed to subscribe: {state_dir / 'gateways'}/*.key", err=True)
-    click.echo(f"admin token written to {state_dir / ADMIN_TOKEN_FILE} (0600); "
+    click.echo(f"token of admin {name!r} written to {state_dir / ADMIN_TOKEN_FILE} (0600); "
                "it is shown only this once:", err=True)
     click.echo(token)
+
+
+@admin.command()
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEFAULT_STATE_DIR, show_default=True,
+              help="The service's state directory (you need write access to it).")
+@_admin_name_option("The admin to enable again (or to add) with a fresh token.")
+@click.option("--out", "out_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="New file (0600) to write the token to.")
+@click.option("--ttl", metavar="DURATION",
+              help="Lifetime: seconds or 90m, 12h, 30d, 2w. Default and maximum: the policy's cap.")
+@click.option("--revoke-others", is_flag=True,
+              help="Revoke every other token of NAME too: do so if a lost token may have been "
+                   "stolen. Without it they stay valid until they expire or are revoked.")
+@_policy_option
+def recover(state_dir: Path, name: str, out_file: Path, ttl: str | None, revoke_others: bool,
+            policy_path: Path | None) -> None:
+    """Offline recovery, for when every admin token is lost or expired: make admin NAME active
+    again (or add it) and write a fresh token of it to --out.
+
+    Works on STATE_DIR directly, whether the service runs or not, and needs no token: only write
+    access to the state directory, which holds the signing keys anyway. The audit log records it
+    as 'admin.recover' by 'offline:<your OS user>'.
+    """
+    claims = asyncio.run(recover_admin(state_dir, name=name, out=out_file,
+                                       ttl_s=None if ttl is None else parse_duration(ttl),
+                                       revoke_others=revoke_others, policy_path=policy_path))
+    click.echo(f"admin {name!r} is active; token written to {out_file} (0600): jti={claims.jti} "
+               f"expires_at={datetime.fromtimestamp(claims.exp, UTC):%Y-%m-%dT%H:%M:%SZ}")
+
+
+@admin.command()
+@_with_client
+@_json_option
+def whoami(client: AdminClient, as_json: bool) -> None:
+    """Which admin your token belongs to, its id, when it expires, and where it was read from."""
+    me = client.call("GET", "/api/v1/whoami")
+    if as_json:
+        echo_json({**me, "token_source": client.token_source})
+        return
+    click.echo(f"{cell(me.get('kind'))} {cell(me.get('subject'))}, token {cell(me.get('jti'))} "
+               f"expires {cell(me.get('expires_at'))} (in {_span(me.get('expires_in'))}); "
+               f"token from {client.token_source}")
+
+
+def _span(seconds: object) -> str:
+    """A duration for people: 29d 23h, 5h 12m, 40s."""
+    if not isinstance(seconds, int):
+        return "?"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    if days:
+        return f"{days}d {hours}h"
+    return f"{hours}h {rest // 60}m" if hours else (f"{rest // 60}m" if rest >= 60 else f"{rest}s")
+
+
+# admins
+
+@admin.group()
+def admins() -> None:
+    """Add, list, show and remove admins, and issue or rotate their tokens.
+
+    Admins are peers: any admin may add one, issue any admin a token and remove any admin but the
+    last active one. Renew your own token before it expires ('admins token YOUR-NAME'); if every
+    admin token is lost or expired, see 'dsn admin recover'.
+    """
+
+
+_ADMIN_COLUMNS = [("name", "NAME"), ("active", "ACTIVE"), ("live_tokens", "LIVE TOKENS"),
+                  ("last_expiry", "LAST EXPIRY"), ("created_at", "CREATED"),
+                  ("created_by", "CREATED BY"), ("removed_at", "REMOVED")]
+
+
+def _out_option(func: F) -> F:
+    return click.option("--out", "out_file", required=True,
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="New file (0600) to write the token to; it is not shown.")(func)
+
+
+def _ttl_option(func: F) -> F:
+    return click.option("--ttl", metavar="DURATION",
+                        help="Lifetime: seconds or 90m, 12h, 30d, 2w. Default and maximum: the "
+                             "policy's cap.")(func)
+
+
+@admins.command("add")
+@click.argument("name")
+@_out_option
+@_ttl_option
+@_with_client
+def admins_add(client: AdminClient, name: str, out_file: Path, ttl: str | None) -> None:
+    """Add admin NAME (or enable a removed one again) with its first token, written to --out.
+
+    Hand the file to NAME; the token is shown nowhere else and the service keeps only its id.
+    """
+    body: dict[str, object] = {"name": name}
+    if ttl is not None:
+        body["ttl"] = parse_duration(ttl)
+    _refuse_existing(out_file)
+    _deliver(client.call("POST", "/api/v1/admins", body), out_file)
+
+
+@admins.command("list")
+@_with_client
+@_json_option
+def admins_list(client: AdminClient, as_json: bool) -> None:
+    """List admins: active or removed, live tokens and when the last of them expires."""
+    show(client.items("/api/v1/admins"), _ADMIN_COLUMNS, as_json=as_json)
+
+
+@admins.command("show")
+@click.argument("name")
+@_with_client
+@_json_option
+def admins_show(client: AdminClient, name: str, as_json: bool) -> None:
+    """List admin NAME's tokens: ids and metadata only (PARENT: the admin token that issued it)."""
+    rows = client.items(f"/api/v1/admins/{quote(name)}/tokens")
+    show(rows, [*_TOKEN_COLUMNS, ("parent_jti", "PARENT")], as_json=as_json)
+
+
+@admins.command("token")
+@click.argument("name")
+@_out_option
+@_ttl_option
+@click.option("--revoke-others", is_flag=True,
+              help="Revoke every other token of NAME at the same time (a rotation). Without it "
+                   "they stay valid until they expire or are revoked.")
+@_with_client
+def admins_token(client: AdminClient, name: str, out_file: Path, ttl: str | None,
+                 revoke_others: bool) -> None:
+    """Issue admin NAME a new token, written to --out: renew yours before it expires, or rotate.
+
+    With --revoke-others on your own name, the token you are using stops working: switch to the
+    new file at once.
+    """
+    body: dict[str, object] = {"revoke_others": revoke_others}
+    if ttl is not None:
+        body["ttl"] = parse_duration(ttl)
+    _refuse_existing(out_file)
+    _deliver(client.call("POST", f"/api/v1/admins/{quote(name)}/tokens", body), out_file)
+
+
+@admins.command("remove")
+@click.argument("name")
+@_with_client
+def admins_remove(client: AdminClient, name: str) -> None:
+    """Remove admin NAME and revoke all its tokens at once (the last active admin stays)."""
+    client.call("DELETE", f"/api/v1/admins/{quote(name)}")
+    click.echo(f"removed admin {name}; its tokens are revoked")
 
 
 # projects
@@ -244,13 +415,25 @@ def tokens_issue(client: AdminClient, project: str, subject: str, scopes: tuple[
         body["scope"] = " ".join(scopes)
     if ttl is not None:
         body["ttl"] = parse_duration(ttl)
-    if out_file is not None and out_file.exists():
+    if out_file is not None:
+        _refuse_existing(out_file)
+    _deliver(client.call("POST", f"/api/v1/projects/{quote(project)}/tokens", body), out_file)
+
+
+def _refuse_existing(out_file: Path) -> None:
+    """Before asking for a token: a file that would refuse it must not cost a live token."""
+    if out_file.exists() or out_file.is_symlink():
         raise OneLineError(f"{out_file} exists; refusing to overwrite it")
-    issued = client.call("POST", f"/api/v1/projects/{quote(project)}/tokens", body)
+    if not out_file.parent.is_dir():
+        raise OneLineError(f"{out_file.parent} is not a directory")
+
+
+def _deliver(issued: dict[str, Any], out_file: Path | None) -> None:
+    """An issued token to its new 0600 file (or stdout), what it is to stderr."""
     token = issued.get("token")
     if not token:
         raise OneLineError("the control plane returned no token")
-    about = summary(issued, ("jti", "project", "subject", "scope", "expires_at"))
+    about = summary(issued, ("jti", "kind", "project", "subject", "scope", "expires_at"))
     if out_file is not None:
         create_private_file(out_file, f"{token}\n".encode())
         click.echo(f"token written to {out_file} (0600): {about}")
@@ -379,8 +562,7 @@ def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bo
     if offline:
         result = asyncio.run(verify_offline(state_dir, checkpoints))
     else:
-        result = AdminClient(url, admin_token(token_file, state_dir)).call(
-            "GET", "/api/v1/audit/verify")
+        result = AdminClient.found(url, token_file, state_dir).call("GET", "/api/v1/audit/verify")
     if not result.get("ok"):
         where = result.get("first_bad_seq")
         at = f" at record {where}" if where is not None else ""

@@ -2,6 +2,7 @@
 
 ``engine`` opens it, migrates it (the steps are in ``migrations``) and runs every read and
 group-committed write; each feature's SQL is a repository of plain async functions over the
-engine's ``Store``: ``projects``, ``tokens``, ``signing_keys`` and ``audit`` here, templates and
-sessions beside their features (``controlplane.templates.repository``, ``controlplane.sessions``).
+engine's ``Store``: ``projects``, ``tokens``, ``admins``, ``signing_keys`` and ``audit`` here,
+templates and sessions beside their features (``controlplane.templates.repository``,
+``controlplane.sessions``).
 """

@@ -169,5 +169,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE audit ADD COLUMN count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1)",
     ),
+    # 7 -> 8: admins are named principals (an admin token's ``sub`` names one); removing one sets
+    # ``removed_at``. Every subject that held an admin token before becomes an active admin, so
+    # an upgraded state directory keeps its admins (the first one was called ``admin``).
+    (
+        """CREATE TABLE admins (
+            name TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL,
+            removed_at REAL)""",
+        """INSERT INTO admins SELECT subject, MIN(issued_at), 'upgrade', NULL FROM tokens
+            WHERE kind = 'admin' GROUP BY subject""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -57,13 +57,18 @@ async def add_token(store: Store, rec: TokenRecord, *, limit: int | None = None)
                                     (rec.parent_jti,)) as found:
                 if await found.fetchone() is None:
                     raise NotFound(f"parent token {rec.parent_jti!r} does not exist")
-        cursor = await conn.execute(
-            "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(jti) DO NOTHING",
-            (rec.jti, rec.project, rec.kind, rec.subject, rec.scope, rec.issued_at,
-             rec.expires_at, rec.revoked_at, rec.parent_jti))
-        if cursor.rowcount == 0:
-            raise Conflict(f"token id {rec.jti!r} already exists")
+        await insert_token(conn, rec)
     await store.write(body)
+
+
+async def insert_token(conn: Conn, rec: TokenRecord) -> None:
+    """Remember ``rec`` inside the caller's transaction; Conflict on a reused jti."""
+    cursor = await conn.execute(
+        "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(jti) DO NOTHING",
+        (rec.jti, rec.project, rec.kind, rec.subject, rec.scope, rec.issued_at,
+         rec.expires_at, rec.revoked_at, rec.parent_jti))
+    if cursor.rowcount == 0:
+        raise Conflict(f"token id {rec.jti!r} already exists")
 
 
 async def get_token(store: Store, jti: str) -> TokenRecord | None:
@@ -74,6 +79,12 @@ async def get_token(store: Store, jti: str) -> TokenRecord | None:
 async def list_tokens(store: Store, project: str) -> list[TokenRecord]:
     rows = await store.read(
         "SELECT * FROM tokens WHERE project = ? ORDER BY issued_at, jti", (project,))
+    return [_token(row) for row in rows]
+
+
+async def list_admin_tokens(store: Store, admin: str) -> list[TokenRecord]:
+    rows = await store.read("SELECT * FROM tokens WHERE kind = 'admin' AND subject = ? "
+                            "ORDER BY issued_at, jti", (admin,))
     return [_token(row) for row in rows]
 
 
@@ -99,7 +110,7 @@ async def is_revoked(store: Store, jti: str) -> bool:
 @dataclass(frozen=True)
 class Revocations:
     """The store as the Authenticator reads it (``controlplane.tokens.RevocationStore``):
-    revocations, the parents of exchanged tokens, projects."""
+    revocations, the parents of exchanged tokens, projects, admins."""
 
     store: Store
 
@@ -111,3 +122,7 @@ class Revocations:
 
     async def get_project(self, name: str) -> Project | None:
         return await get_project(self.store, name)
+
+    async def is_active_admin(self, name: str) -> bool:
+        return bool(await self.store.read(
+            "SELECT 1 FROM admins WHERE name = ? AND removed_at IS NULL", (name,)))
