@@ -20,7 +20,7 @@ from aiohttp import web
 
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
-from controlplane import views
+from controlplane import oauth, views
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
 from controlplane.launchers import get_launcher
@@ -50,7 +50,8 @@ from controlplane.tokens import Authenticator, TokenService
 log = logging.getLogger("dsn.controlplane")
 
 # Every served route, each declared once; feature modules contribute their own route tables.
-ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *templates_api.ROUTES, *sessions_api.ROUTES)
+ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *oauth.ROUTES, *templates_api.ROUTES,
+                                 *sessions_api.ROUTES)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:
@@ -144,7 +145,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.client_max_size)
     app[METRICS] = Metrics()
     app[OPENAPI] = build_document(ROUTES, version=importlib.metadata.version("dsn-gateway"),
-                                  server_url=settings.base_url)
+                                  server_url=settings.public_base_url,
+                                  max_body=settings.client_max_size)
     specs = {}
     for spec in ROUTES:
         specs[app.router.add_route(spec.method, spec.path, spec.handler)] = spec

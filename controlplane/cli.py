@@ -50,10 +50,13 @@ def controlplane() -> None:
               help="The gateway's plaintext ingress (its --plain-ingress), handed to producers "
                    "of sessions opened with transport 'plain'; only where the policy sets "
                    "allow_plaintext.  [default: none]")
+@click.option("--public-url", metavar="URL", default=None,
+              help="Where clients reach this service (https://HOST behind a proxy): the issuer "
+                   "and endpoint URLs of its OAuth metadata.  [default: http://HOST:PORT]")
 def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
           state_snapshots: str | None, state_updates: str | None,
           gateway_endpoint: str | None, gateway_receipts_endpoint: str | None,
-          gateway_plain_endpoint: str | None) -> None:
+          gateway_plain_endpoint: str | None, public_url: str | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -69,7 +72,7 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
     settings = _settings(state_dir, host=host, port=port, policy_path=policy_path,
                          state_endpoints=endpoints, gateway_endpoint=gateway_endpoint,
                          gateway_receipts_endpoint=gateway_receipts_endpoint,
-                         gateway_plain_endpoint=gateway_plain_endpoint)
+                         gateway_plain_endpoint=gateway_plain_endpoint, public_url=public_url)
     asyncio.run(require_initialised(settings))
     app = create_app(settings)
 
