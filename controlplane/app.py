@@ -23,6 +23,7 @@ from common.keys import KeyFileError, load_keypair, load_secret_keypair
 from controlplane import oauth, views
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError
+from controlplane.federation import federation_ctx
 from controlplane.launchers import get_launcher
 from controlplane.metrics import Metrics
 from controlplane.middlewares import (
@@ -152,6 +153,7 @@ def create_app(settings: Settings) -> web.Application:
         specs[app.router.add_route(spec.method, spec.path, spec.handler)] = spec
     app[ROUTE_SPECS] = specs
     app.cleanup_ctx.append(_services_ctx(settings))
+    app.cleanup_ctx.append(federation_ctx(settings.clock))
     app.on_response_prepare.append(_plain_server_header)
     app.on_startup.append(templates_api.seed_shipped_templates)  # runs once the services are open
     return app

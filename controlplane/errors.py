@@ -107,6 +107,12 @@ class LifetimeTooLong(TokenError):
     reason = "lifetime"
 
 
+class KeysUnavailable(TokenError):
+    """An outside issuer's keys cannot be had (never fetched, or too long unreachable)."""
+
+    reason = "issuer_keys"
+
+
 class ExpiredToken(TokenError):
     reason = "expired"
 
@@ -135,9 +141,10 @@ class UnmappedIdentity(PermissionDenied):
     """A verified outside identity that no rule of the federation maps to a project; ``principal``
     names it for the audit record."""
 
-    def __init__(self, detail: str, *, principal: str, rule: str) -> None:
+    def __init__(self, detail: str, *, principal: str, rule: str, action: str) -> None:
         super().__init__(detail, rule=rule)
         self.principal = principal
+        self.action = action
 
 
 class NotFound(ControlPlaneError):

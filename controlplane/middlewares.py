@@ -86,6 +86,7 @@ class Caller:
     label: str  # the audit record's principal; never a token
     rate_key: str  # what the per-token rate limit counts
     claims: Claims | None = None
+    action: str | None = None  # the action this caller asks for, where not the route's
 
 
 # Where a route finds and verifies its caller's credential, instead of the Authorization header.
@@ -341,6 +342,7 @@ class Gate:
 
     async def admit(self) -> Caller:
         caller = await self._authenticate()
+        self._action = caller.action or self._action
         await self._rate_limit(caller)
         await self._decide(caller)
         return caller
@@ -373,6 +375,7 @@ class Gate:
                               f"token:{exc.reason}")
             raise
         except UnmappedIdentity as exc:  # verified, so named; but nothing lets it in
+            self._action = exc.action
             await self._audit(exc.principal, await self._resource(None), False, exc.rule)
             raise
         except InvalidRequest:  # a credential-bearing body refused before anyone is known

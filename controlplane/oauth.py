@@ -8,6 +8,13 @@
   ``error_description``, ``Cache-Control: no-store``).
 - **JSON** (``{"kind": ...}`` with the project token as Bearer), kept for existing clients.
 
+The RFC 8693 form also takes an outside identity token (``id_token`` or ``jwt`` subject token type)
+of an issuer the policy's ``federation`` section trusts: verified by ``controlplane.federation``,
+mapped by the admin's rules to a project and scopes, and answered with a project token (subject
+``ISSUER-NAME:SUB``), so a facility user needs no admin to obtain one. Its decision is the action
+``token:federate`` for the principal kind ``federated``; an identity no rule maps is refused and
+audited under its name with rule ``federation:no-matching-rule``.
+
 Both go through the same route declaration: the credential is found and verified by
 ``exchange_credentials`` inside the authorization middleware, so rate limits, the policy decision
 and its audit record are the same whichever form a client speaks. The new token is never wider or
@@ -33,8 +40,10 @@ from controlplane.errors import (
     InvalidRequest,
     InvalidScope,
     InvalidTarget,
+    UnmappedIdentity,
     UnsupportedGrantType,
 )
+from controlplane.federation import FEDERATION, Mapped, map_identity
 from controlplane.middlewares import (
     CALLER,
     OAUTH_ERRORS,
@@ -45,7 +54,7 @@ from controlplane.middlewares import (
     bearer_token,
     token_caller,
 )
-from controlplane.policy import SCOPES, Resource
+from controlplane.policy import FEDERATED, SCOPES, Principal, Resource
 from controlplane.tokens import Claims, Surface, TokenKind
 from controlplane.views import (
     PROJECT_ONLY,
@@ -68,6 +77,10 @@ PROJECT_TOKEN: Final = DSN_TOKEN_TYPE + "project"
 SESSION_TOKEN: Final = DSN_TOKEN_TYPE + "session"
 CONSUMER_TOKEN: Final = DSN_TOKEN_TYPE + "consumer"
 DSN_SUBJECT_TYPES: Final = (ACCESS_TOKEN, PROJECT_TOKEN)
+ID_TOKEN: Final = "urn:ietf:params:oauth:token-type:id_token"
+JWT: Final = "urn:ietf:params:oauth:token-type:jwt"
+FEDERATED_SUBJECT_TYPES: Final = (ID_TOKEN, JWT)
+NO_MATCHING_RULE: Final = "federation:no-matching-rule"
 REQUESTED_TYPES: Final = {SESSION_TOKEN: TokenKind.SESSION, CONSUMER_TOKEN: TokenKind.CONSUMER}
 
 
@@ -81,6 +94,7 @@ class Exchange:
     audience: str | None
     ttl: int | None
     oauth: bool  # the RFC 8693 form: answer with TokenResponse
+    federated: Mapped | None = None  # an outside identity and the rule that let it in
 
 
 EXCHANGE: Final = web.RequestKey("exchange", Exchange)
@@ -149,14 +163,53 @@ async def _form_caller(request: web.Request, services: Services, surface: Surfac
                              "Authorization header with it")
     body = _parsed_form(await read_form(request))
     _checked_form(body)
+    if body.subject_token_type in FEDERATED_SUBJECT_TYPES:
+        return await _federated_caller(request, services, body)
     if body.subject_token_type not in DSN_SUBJECT_TYPES:
+        accepted = DSN_SUBJECT_TYPES + FEDERATED_SUBJECT_TYPES
         raise InvalidRequest(
-            f"subject_token_type must be one of {', '.join(DSN_SUBJECT_TYPES)}",
+            f"subject_token_type must be one of {', '.join(accepted)}",
             errors=[{"field": "subject_token_type", "message": "not accepted here"}])
+    if body.project is not None:
+        raise InvalidRequest("project is for identity tokens: a project token names its own",
+                             errors=[{"field": "project", "message": "not with a project token"}])
     kind = _requested_kind(body)
     claims = await services.authenticator.authenticate(body.subject_token, surface)
     request[EXCHANGE] = Exchange(kind, body.scope, body.audience, None, oauth=True)
     return token_caller(claims)
+
+
+async def _federated_caller(request: web.Request, services: Services,
+                            body: s.TokenExchangeForm) -> Caller:
+    """An outside identity, verified and mapped to one project by the federation's rules."""
+    if (body.requested_token_type or PROJECT_TOKEN) != PROJECT_TOKEN:
+        raise InvalidRequest(f"an identity token is exchanged for a project token "
+                             f"(requested_token_type {PROJECT_TOKEN})",
+                             errors=[{"field": "requested_token_type", "message": "not issued "
+                                      "for an identity token"}])
+    if body.audience not in (None, services.settings.api_audience):
+        raise InvalidTarget("a project token's audience is this API")
+    identity = await request.app[FEDERATION].verify(body.subject_token,
+                                                    services.policies.current.federation)
+    rules = map_identity(identity, body.project)
+    who = f"{FEDERATED}:{identity.label}"
+    if not rules:
+        wanted = f" to project {body.project!r}" if body.project else ""
+        raise UnmappedIdentity(f"no rule of issuer {identity.issuer.name!r} maps this "
+                               f"identity{wanted}", principal=who, rule=NO_MATCHING_RULE,
+                               action="token:federate")
+    projects = sorted({rule.project for rule in rules})
+    if len(projects) > 1:
+        raise InvalidRequest(f"the identity maps to several projects ({', '.join(projects)}): "
+                             "name one with project",
+                             errors=[{"field": "project", "message": "required"}])
+    mapped = Mapped(identity, rules[0])
+    request[EXCHANGE] = Exchange(TokenKind.PROJECT, body.scope, None, None, oauth=True,
+                                 federated=mapped)
+    principal = Principal(kind=FEDERATED, subject=identity.label, project=mapped.rule.project,
+                          scopes=frozenset())
+    return Caller(principal, f"{who}@{mapped.rule.project}#rule:{mapped.rule.id}", who,
+                  action="token:federate")
 
 
 async def exchange_credentials(request: web.Request, services: Services,
@@ -171,7 +224,10 @@ async def exchange_credentials(request: web.Request, services: Services,
 
 
 def exchange_resource(request: web.Request, claims: Claims | None) -> Resource:
-    return Resource(kind="token", project=claims.project if claims else None, name=None)
+    if claims is not None:
+        return Resource(kind="token", project=claims.project, name=None)
+    mapped = request[EXCHANGE].federated if EXCHANGE in request else None
+    return Resource(kind="token", project=mapped.rule.project if mapped else None, name=None)
 
 
 # --- issuing -------------------------------------------------------------------------------------
@@ -220,9 +276,36 @@ def _issued(token: str, claims: Claims, wanted: Exchange) -> s.TokenResponse | s
                          expires_in=claims.exp - claims.iat)
 
 
+async def _issue_federated(services: Services, mapped: Mapped,
+                           wanted: Exchange) -> tuple[str, Claims]:
+    """A project token for an outside identity: the rule's scopes (or fewer), the federation's
+    lifetime cap (and the project kind's), counted against the project's token quota."""
+    policy = services.policies.current
+    allowed = frozenset(mapped.rule.scopes) & policy.scopes_for(TokenKind.PROJECT)
+    scope = allowed if wanted.scope is None else frozenset(wanted.scope.split(" "))
+    if not scope or not scope <= allowed:
+        raise InvalidScope("the scope must be a non-empty subset of the scopes the federation's "
+                           f"rule {mapped.rule.id!r} grants",
+                           errors=[{"field": "scope", "message": "empty or too wide"}])
+    project = await existing_project(services, mapped.rule.project)
+    check_not_before(project, services.now())
+    federation = policy.federation
+    cap = policy.lifetime_cap(TokenKind.PROJECT)
+    ttl = min(cap, federation.max_ttl) if federation is not None else cap
+    token, claims = services.tokens.issue(
+        kind=TokenKind.PROJECT, subject=mapped.identity.label, project=project.name, scope=scope,
+        ttl_s=ttl, audience=services.settings.api_audience)
+    await remember_token(services, claims, None, project)
+    return token, claims
+
+
 async def exchange_token(request: web.Request) -> web.Response:
     services, parent = request.app[SERVICES], request[CALLER].claims
     wanted = await _wanted(request)
+    if wanted.federated is not None:
+        token, claims = await _issue_federated(services, wanted.federated, wanted)
+        return reply(_issued(token, claims, wanted), 200,
+                     {"Cache-Control": "no-store", "Pragma": "no-cache"})
     if parent is None or parent.project is None:  # verification guarantees both; never guess
         raise InvalidClaim("a project token must name its project")
     now = services.now()
@@ -248,8 +331,8 @@ def server_metadata(services: Services) -> s.ServerMetadata:
         token_endpoint_auth_methods_supported=["none"],
         scopes_supported=sorted(SCOPES), response_types_supported=[],
         dsn_token_issuer=services.settings.issuer,
-        dsn_subject_token_types_supported=list(DSN_SUBJECT_TYPES),
-        dsn_requested_token_types_supported=list(REQUESTED_TYPES),
+        dsn_subject_token_types_supported=list(DSN_SUBJECT_TYPES + FEDERATED_SUBJECT_TYPES),
+        dsn_requested_token_types_supported=[*REQUESTED_TYPES, PROJECT_TOKEN],
         service_documentation=base + "/openapi.json")
 
 

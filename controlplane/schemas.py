@@ -109,9 +109,11 @@ FormText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 class TokenExchangeForm(RequestBody):
     """RFC 8693 token exchange, form-encoded. ``subject_token`` is the credential: a DSN project
     token (``subject_token_type`` ``urn:ietf:params:oauth:token-type:access_token`` or
-    ``urn:dsn:params:token-type:project``). ``requested_token_type`` is
-    ``urn:dsn:params:token-type:session`` (default) or ``...:consumer``; ``scope`` and
-    ``audience`` narrow the new token as in the JSON form."""
+    ``urn:dsn:params:token-type:project``), exchanged for ``urn:dsn:params:token-type:session``
+    (default) or ``...:consumer``; or an outside identity token
+    (``urn:ietf:params:oauth:token-type:id_token`` or ``...:jwt``) of a trusted issuer, exchanged
+    for ``urn:dsn:params:token-type:project``. ``scope`` and ``audience`` narrow the new token;
+    ``project`` (an extension) picks the project where an identity maps to several."""
 
     grant_type: FormText
     subject_token: Annotated[str, StringConstraints(min_length=1, max_length=16 * 1024)]
@@ -122,6 +124,7 @@ class TokenExchangeForm(RequestBody):
     resource: FormText | None = None
     actor_token: Annotated[str, StringConstraints(max_length=16 * 1024)] | None = None
     actor_token_type: FormText | None = None
+    project: Name | None = None
 
 
 class AuditQuery(QueryParams):
