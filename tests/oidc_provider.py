@@ -101,7 +101,11 @@ class Glewlwyd:
         self.process = subprocess.Popen(["glewlwyd", f"--config-file={config}"], stdout=log,
                                         stderr=subprocess.STDOUT)
         log.close()
-        eventually(self._serving, timeout_s=20, what="glewlwyd serving")
+        try:
+            eventually(self._serving, timeout_s=20, what="glewlwyd serving")
+        except AssertionError:
+            self.stop()
+            raise
         self._opener = urllib.request.build_opener(
             urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         self._call("POST", "/auth/", {"username": "admin", "password": ADMIN_PASSWORD})
@@ -109,6 +113,10 @@ class Glewlwyd:
             self._provision()
 
     def _serving(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:  # never wait on another server holding the port
+            log = (self.directory / "glewlwyd.log").read_text(errors="replace")[-500:]
+            raise RuntimeError(f"glewlwyd exited: {log}")
         try:
             with urllib.request.urlopen(f"{self.api}/auth/scheme/", timeout=1):
                 return True
