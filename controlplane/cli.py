@@ -55,10 +55,14 @@ def controlplane() -> None:
               help="File the signed checkpoints of the audit chain are appended to; keep it out "
                    "of reach of whoever could rewrite the database (chattr +a, another disk or "
                    "host).  [default: STATE_DIR/audit-checkpoints.jsonl]")
+@click.option("--public-url", metavar="URL", default=None,
+              help="Where clients reach this service (https://HOST behind a proxy): the issuer "
+                   "and endpoint URLs of its OAuth metadata.  [default: http://HOST:PORT]")
 def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
           state_snapshots: str | None, state_updates: str | None,
           gateway_endpoint: str | None, gateway_receipts_endpoint: str | None,
-          gateway_plain_endpoint: str | None, audit_checkpoint_file: Path | None) -> None:
+          gateway_plain_endpoint: str | None, audit_checkpoint_file: Path | None,
+          public_url: str | None) -> None:
     """Serve the REST API until SIGINT or SIGTERM.
 
     Refuses to start on a state directory that 'dsn admin init' has not initialised: the service
@@ -75,7 +79,7 @@ def serve(state_dir: Path, host: str, port: int, policy_path: Path | None,
                          state_endpoints=endpoints, gateway_endpoint=gateway_endpoint,
                          gateway_receipts_endpoint=gateway_receipts_endpoint,
                          gateway_plain_endpoint=gateway_plain_endpoint,
-                         audit_checkpoint_file=audit_checkpoint_file)
+                         audit_checkpoint_file=audit_checkpoint_file, public_url=public_url)
     asyncio.run(require_initialised(settings))
     app = create_app(settings)
 

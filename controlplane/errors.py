@@ -40,6 +40,18 @@ class UnsupportedMediaType(InvalidRequest):
     """A request body that is not JSON."""
 
 
+class InvalidScope(InvalidRequest):
+    """A requested scope beyond what the caller may be granted (OAuth ``invalid_scope``)."""
+
+
+class InvalidTarget(InvalidRequest):
+    """An audience or resource this service issues no tokens for (OAuth ``invalid_target``)."""
+
+
+class UnsupportedGrantType(InvalidRequest):
+    """A token request naming a grant this service does not handle."""
+
+
 class TokenError(ControlPlaneError):
     """No usable credentials. Each subclass is one way a token fails, with ``reason``, a stable
     label for the audit log and the metrics."""
@@ -95,6 +107,12 @@ class LifetimeTooLong(TokenError):
     reason = "lifetime"
 
 
+class KeysUnavailable(TokenError):
+    """An outside issuer's keys cannot be had (never fetched, or too long unreachable)."""
+
+    reason = "issuer_keys"
+
+
 class ExpiredToken(TokenError):
     reason = "expired"
 
@@ -123,6 +141,16 @@ class PermissionDenied(ControlPlaneError):
     def __init__(self, detail: str, *, rule: str = "") -> None:
         super().__init__(detail)
         self.rule = rule
+
+
+class UnmappedIdentity(PermissionDenied):
+    """A verified outside identity that no rule of the federation maps to a project; ``principal``
+    names it for the audit record."""
+
+    def __init__(self, detail: str, *, principal: str, rule: str, action: str) -> None:
+        super().__init__(detail, rule=rule)
+        self.principal = principal
+        self.action = action
 
 
 class NotFound(ControlPlaneError):

@@ -7,11 +7,13 @@
 - ``paths`` answers 404 for a path parameter outside its bounds (``controlplane.paths``), before
   anything looks it up: a token pasted into a URL goes no further.
 - ``authorize`` runs the route's declared checks (``RouteSpec``): bearer token for the route's
-  surface, rate limits per token and project (per client address for requests that fail
-  authentication), the policy decision for the route's action. Each policy decision, allow or
-  deny, writes exactly one audit record first; if that write fails the request is refused with
-  503, never served unaudited. Refusals that come in floods (no or a bad token, a spent rate
-  limit) are audited per principal and window: the first as it happens, the rest as one count.
+  surface (or the route's own ``credentials``: the token endpoint's OAuth form carries its
+  credential in the body), rate limits per token and project (per client address for requests
+  that fail authentication), the policy decision for the route's action. Each policy decision,
+  allow or deny, writes exactly one audit record first; if that write fails the request is
+  refused with 503, never served unaudited. Refusals that come in floods (no or a bad token, a
+  spent rate limit) are audited per principal and window: the first as it happens, the rest as
+  one count.
 """
 
 from __future__ import annotations
@@ -36,17 +38,25 @@ from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
 from controlplane.errors import (
     ControlPlaneError,
+    InvalidRequest,
     MalformedToken,
     MissingToken,
     PermissionDenied,
     RateLimited,
     TokenError,
+    UnmappedIdentity,
 )
 from controlplane.launchers import Launcher
 from controlplane.metrics import Metrics
 from controlplane.paths import valid
 from controlplane.policy import Decision, PolicyHolder, Principal, Resource
-from controlplane.problems import PROBLEM_TYPE_PREFIX, field_errors, problem_headers, problem_type
+from controlplane.problems import (
+    PROBLEM_TYPE_PREFIX,
+    field_errors,
+    oauth_error,
+    problem_headers,
+    problem_type,
+)
 from controlplane.ratelimit import RateLimiter
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
@@ -71,12 +81,32 @@ ResourceOf = Callable[[web.Request, Claims | None], Resource | Awaitable[Resourc
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who a request acts as, as the policy, the rate limiter and the audit log see it: a verified
+    DSN token (``claims``) or another verified identity (a federated one at the token endpoint)."""
+
+    principal: Principal
+    label: str  # the audit record's principal; never a token
+    rate_key: str  # what the per-token rate limit counts
+    claims: Claims | None = None
+    action: str | None = None  # the action this caller asks for, where not the route's
+
+
+# Where a route finds and verifies its caller's credential, instead of the Authorization header.
+Credentials = Callable[[web.Request, "Services", Surface], Awaitable[Caller]]
+
+
+@dataclass(frozen=True)
 class RouteSpec:
     """One served route, declared once: the handler, its models and its authorization.
 
     ``kinds`` are the token kinds accepted on the route (its surface, with the API audience);
     an empty set makes the route public (no token, no policy action, nothing audited).
     ``resource`` names what the action touches, for the policy and the audit record.
+    ``credentials`` replaces the bearer header as the source of the caller (None: the header).
+    ``form``/``form_response`` are the OAuth (form-encoded) alternative to ``body``/``response``;
+    ``request_headers``/``response_headers`` name the headers the route reads and sets (for the
+    OpenAPI document); ``max_body`` is the route's body bound where it is not ``client_max_size``.
     """
 
     method: str
@@ -93,6 +123,12 @@ class RouteSpec:
     tag: str = "service"
     response_content_type: str = "application/json"
     extra_responses: tuple[int, ...] = ()
+    credentials: Credentials | None = None
+    form: type[BaseModel] | None = None
+    form_response: type[BaseModel] | None = None
+    request_headers: tuple[str, ...] = ()
+    response_headers: tuple[str, ...] = ()
+    max_body: int | None = None
 
     @property
     def public(self) -> bool:
@@ -131,6 +167,9 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 ROUTE_SPECS: Final = web.AppKey("route_specs", dict[AbstractRoute, RouteSpec])
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 CLAIMS: Final = web.RequestKey("claims", Claims)
+CALLER: Final = web.RequestKey("caller", Caller)
+# Set once a request is known to be an OAuth token request: its errors are RFC 6749 §5.2 JSON.
+OAUTH_ERRORS: Final = web.RequestKey("oauth_errors", bool)
 
 
 # --- observe -------------------------------------------------------------------------------------
@@ -206,12 +245,22 @@ def problem_response(request: web.Request, *, status: int, title: str, detail: s
                              content_type=PROBLEM_CONTENT_TYPE)
 
 
+def oauth_error_response(request: web.Request, status: int, error: str, description: str,
+                         headers: dict[str, str] | None = None) -> web.Response:
+    """An RFC 6749 §5.2 error (``error``, ``error_description``), never cached."""
+    return web.json_response({"error": error, "error_description": description}, status=status,
+                             headers={**(headers or {}), "Cache-Control": "no-store",
+                                      "Pragma": "no-cache"})
+
+
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
     # aiohttp's own refusals: unknown path (404), method (405, keeps Allow), a body too slow
     # (408) or too large (413), whose texts say by how much.
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     slug = re.sub(r"[^a-z0-9]+", "-", exc.reason.lower()).strip("-")
     detail = exc.text if exc.status in (408, 413) and exc.text else exc.reason
+    if request.get(OAUTH_ERRORS):
+        return oauth_error_response(request, exc.status, "invalid_request", detail, headers)
     return problem_response(request, status=exc.status, title=exc.reason, detail=detail, slug=slug,
                             headers=headers)
 
@@ -221,6 +270,13 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except ControlPlaneError as exc:
+        if request.get(OAUTH_ERRORS):
+            status, error = oauth_error(exc)
+            # No errors member in RFC 6749's shape: the fields at fault go into the description.
+            named = "; ".join(f"{e['field']}: {e['message']}" for e in field_errors(exc))
+            return oauth_error_response(request, status, error,
+                                        f"{exc.detail} ({named})" if named else exc.detail,
+                                        problem_headers(exc, bearer=False))
         kind = problem_type(exc)
         if kind.status >= 500:
             log.warning("refused: %s", exc.detail,
@@ -241,7 +297,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 
 # --- authorize -----------------------------------------------------------------------------------
 
-def _bearer(request: web.Request) -> str:
+def bearer_token(request: web.Request) -> str:
     if len(request.headers.getall("Authorization", [])) > 1:
         # Which one would count differs between proxies and servers: take none.
         raise MalformedToken("the request carries more than one Authorization header")
@@ -252,6 +308,12 @@ def _bearer(request: web.Request) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise MalformedToken("the Authorization header must be 'Bearer <token>'")
     return token.strip()
+
+
+def token_caller(claims: Claims) -> Caller:
+    principal = Principal(kind=claims.kind.value, subject=claims.sub, project=claims.project,
+                          scopes=claims.scope)
+    return Caller(principal, principal_label(claims), claims.jti, claims)
 
 
 def principal_label(claims: Claims) -> str:
@@ -282,11 +344,12 @@ class Gate:
         self._spec = spec
         self._action = spec.action or ""
 
-    async def admit(self) -> Claims:
-        claims = await self._authenticate()
-        await self._rate_limit(claims)
-        await self._decide(claims)
-        return claims
+    async def admit(self) -> Caller:
+        caller = await self._authenticate()
+        self._action = caller.action or self._action
+        await self._rate_limit(caller)
+        await self._decide(caller)
+        return caller
 
     async def _resource(self, claims: Claims | None) -> Resource:
         if self._spec.resource is None:  # create_app refuses such routes; fail closed anyway
@@ -313,38 +376,52 @@ class Gate:
         # Rules, token failure reasons included, form a small fixed set: a safe label.
         self._services.metrics.decisions.labels(self._action, decision, rule).inc()
 
-    async def _authenticate(self) -> Claims:
+    async def _authenticate(self) -> Caller:
         services = self._services
+        surface = services.surface(self._spec.kinds)
         try:
-            token = _bearer(self._request)
-            return await services.authenticator.authenticate(
-                token, services.surface(self._spec.kinds))
+            if self._spec.credentials is not None:
+                return await self._spec.credentials(self._request, services, surface)
+            token = bearer_token(self._request)
+            return token_caller(await services.authenticator.authenticate(token, surface))
         except TokenError as exc:
-            source = self._request.remote or "unknown"
-            principal, resource = f"{ANONYMOUS}@{source}", await self._resource(None)
-            try:
-                await services.limiter.check_unauthenticated(source)
-            except RateLimited:
-                await self._audit_refusal(principal, resource, "rate-limit")
-                raise
-            await self._audit_refusal(principal, resource, f"token:{exc.reason}")
+            await self._refuse_unauthenticated(self._anonymous(), f"token:{exc.reason}")
+            raise
+        except UnmappedIdentity as exc:  # verified, so named; but nothing lets it in
+            self._action = exc.action
+            await self._refuse_unauthenticated(exc.principal, exc.rule)
+            raise
+        except InvalidRequest:  # a credential-bearing body refused before anyone is known
+            await self._refuse_unauthenticated(self._anonymous(), "request:invalid")
             raise
 
-    async def _rate_limit(self, claims: Claims) -> None:
+    def _anonymous(self) -> str:
+        return f"{ANONYMOUS}@{self._request.remote or 'unknown'}"
+
+    async def _refuse_unauthenticated(self, principal: str, rule: str) -> None:
+        """Audit a request refused before it was admitted, counting it against its client
+        address's allowance (RateLimited once that is spent)."""
+        resource = await self._resource(None)
         try:
-            await self._services.limiter.check(claims.jti, claims.project)
+            await self._services.limiter.check_unauthenticated(self._request.remote or "unknown")
         except RateLimited:
-            await self._audit_refusal(principal_label(claims), await self._resource(claims),
+            await self._audit_refusal(principal, resource, "rate-limit")
+            raise
+        await self._audit_refusal(principal, resource, rule)
+
+    async def _rate_limit(self, caller: Caller) -> None:
+        try:
+            await self._services.limiter.check(caller.rate_key, caller.principal.project)
+        except RateLimited:
+            await self._audit_refusal(caller.label, await self._resource(caller.claims),
                                       "rate-limit")
             raise
 
-    async def _decide(self, claims: Claims) -> None:
-        resource = await self._resource(claims)
-        principal = Principal(kind=claims.kind.value, subject=claims.sub, project=claims.project,
-                              scopes=claims.scope)
-        decision: Decision = self._services.policies.current.decide(principal, self._action,
-                                                                    resource)
-        await self._audit(principal_label(claims), resource, decision.allowed, decision.rule)
+    async def _decide(self, caller: Caller) -> None:
+        resource = await self._resource(caller.claims)
+        decision: Decision = self._services.policies.current.decide(caller.principal,
+                                                                    self._action, resource)
+        await self._audit(caller.label, resource, decision.allowed, decision.rule)
         if not decision.allowed:
             raise PermissionDenied(decision.reason or "the policy denies this action",
                                    rule=decision.rule)
@@ -372,7 +449,10 @@ async def paths(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     spec = route_spec(request)
     if spec is not None and not spec.public:
-        request[CLAIMS] = await Gate(request.app[SERVICES], request, spec).admit()
+        caller = await Gate(request.app[SERVICES], request, spec).admit()
+        request[CALLER] = caller
+        if caller.claims is not None:
+            request[CLAIMS] = caller.claims
     return await handler(request)
 
 

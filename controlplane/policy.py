@@ -33,10 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common import strictyaml
 from controlplane.errors import ConfigurationError
+from controlplane.federation import FederationPolicy
 from controlplane.tokens import TokenKind
 
 ANONYMOUS = "anonymous"
-PRINCIPAL_KINDS = frozenset(kind.value for kind in TokenKind) | {ANONYMOUS}
+FEDERATED = "federated"  # an outside identity at the token endpoint (controlplane.federation)
+PRINCIPAL_KINDS = frozenset(kind.value for kind in TokenKind) | {ANONYMOUS, FEDERATED}
 ProjectUse = Literal["required", "optional", "none"]
 
 
@@ -68,6 +70,8 @@ ACTIONS: Mapping[str, ActionSpec] = {
     "admins:issue": ActionSpec("admins:write", "admin", "none"),
     "admins:remove": ActionSpec("admins:write", "admin", "none"),
     "admins:whoami": ActionSpec("admins:read", "admin", "none"),
+    # An outside identity holds no scope: the federation's rules decided what it may have.
+    "token:federate": ActionSpec(None, "token", "required"),
     "keys:rotate": ActionSpec("keys:write", "key", "none"),
     "jwks:read": ActionSpec(None, "key", "none"),
     "policies:read": ActionSpec("policies:read", "policy", "none"),
@@ -260,6 +264,7 @@ class PolicyDocument(_Strict):
     templates: Templates = Templates()
     networks: Networks = Networks()
     allow_plaintext: bool = False
+    federation: FederationPolicy | None = None
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -403,6 +408,10 @@ class PolicySet:
     @property
     def allow_plaintext(self) -> bool:
         return self._doc.allow_plaintext
+
+    @property
+    def federation(self) -> FederationPolicy | None:
+        return self._doc.federation
 
     def may_use_template(self, project: str, template: str) -> bool:
         patterns = self._doc.templates.projects.get(project, self._doc.templates.defaults)
@@ -639,10 +648,20 @@ def _load(path: Path) -> tuple[PolicySet | None, list[str]]:
     except ValidationError as error:
         problems += _validation_problems(merge, error)
     problems += _cross_checks(merge)
+    if document is not None and document.federation is not None:
+        where = merge.origin.get("federation", merge.name)
+        problems += [f"{where}: {problem}" for problem in
+                     document.federation.problems(_project_scopes(document))]
     if problems or document is None:
         return None, problems
     # File names only: where the service's files live is no caller's business.
     return PolicySet(document, tuple(p.name for p in paths)), []
+
+
+def _project_scopes(document: PolicyDocument) -> frozenset[str]:
+    spec = document.tokens.get(TokenKind.PROJECT)
+    roles = spec.roles if spec is not None else []
+    return frozenset().union(*(document.roles.get(role, []) for role in roles))
 
 
 def lint(path: Path) -> list[str]:

@@ -119,6 +119,30 @@ class AdminTokenIssue(RequestBody):
     revoke_others: bool = False
 
 
+FormText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class TokenExchangeForm(RequestBody):
+    """RFC 8693 token exchange, form-encoded. ``subject_token`` is the credential: a DSN project
+    token (``subject_token_type`` ``urn:ietf:params:oauth:token-type:access_token`` or
+    ``urn:dsn:params:token-type:project``), exchanged for ``urn:dsn:params:token-type:session``
+    (default) or ``...:consumer``; or an outside identity token
+    (``urn:ietf:params:oauth:token-type:id_token`` or ``...:jwt``) of a trusted issuer, exchanged
+    for ``urn:dsn:params:token-type:project``. ``scope`` and ``audience`` narrow the new token;
+    ``project`` (an extension) picks the project where an identity maps to several."""
+
+    grant_type: FormText
+    subject_token: Annotated[str, StringConstraints(min_length=1, max_length=16 * 1024)]
+    subject_token_type: FormText
+    requested_token_type: FormText | None = None
+    scope: Scope | None = None
+    audience: FormText | None = None
+    resource: FormText | None = None
+    actor_token: Annotated[str, StringConstraints(max_length=16 * 1024)] | None = None
+    actor_token_type: FormText | None = None
+    project: Name | None = None
+
+
 class AuditQuery(QueryParams):
     after: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # SQLite INTEGER range
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
@@ -216,6 +240,46 @@ class Whoami(ResponseBody):
     issued_at: datetime
     expires_at: datetime
     expires_in: int
+
+
+class TokenResponse(ResponseBody):
+    """RFC 8693 §2.2.1: the answer to a form-encoded token exchange; ``jti`` and ``project`` name
+    the new token for revocation and listing."""
+
+    access_token: str
+    issued_token_type: str
+    token_type: Literal["Bearer"] = "Bearer"
+    expires_in: int
+    scope: str
+    jti: str
+    project: str
+
+
+class OAuthError(ResponseBody):
+    """RFC 6749 §5.2: how the OAuth form of the token endpoint refuses."""
+
+    error: Literal["invalid_request", "invalid_scope", "invalid_target", "unsupported_grant_type",
+                   "temporarily_unavailable", "server_error"]
+    error_description: str
+
+
+class ServerMetadata(ResponseBody):
+    """RFC 8414 authorization server metadata. ``issuer`` is the service's public URL;
+    ``dsn_token_issuer`` is the ``iss`` its tokens carry (a stable name, not the URL)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    issuer: str
+    token_endpoint: str
+    jwks_uri: str
+    grant_types_supported: list[str]
+    token_endpoint_auth_methods_supported: list[str]
+    scopes_supported: list[str]
+    response_types_supported: list[str]
+    dsn_token_issuer: str
+    dsn_subject_token_types_supported: list[str]
+    dsn_requested_token_types_supported: list[str]
+    service_documentation: str | None = None
 
 
 class Jwk(ResponseBody):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 from common.clone import StateEndpoints
 from common.config import next_port, parse_endpoint
@@ -68,6 +69,10 @@ class Settings:
     ``launcher`` names the consumer-job launcher (``local`` or ``slurm``); ``lease_s`` is how long
     a consumer stays live without a heartbeat.
 
+    ``public_url`` is the URL clients reach the service at (behind a TLS proxy); it is the
+    ``issuer`` of the RFC 8414 metadata and the base of its endpoint URLs (default ``base_url``).
+    Tokens keep ``issuer`` as their ``iss``: a name, so they survive a move.
+
     State service: ``state_endpoints`` are where gateways fetch snapshots (ROUTER) and subscribe to
     updates (PUB); ``reconcile_s`` is how often the published sessions are compared with the store,
     which is how expiries (sessions, leases) reach the gateways. Its CURVE key pair is
@@ -99,6 +104,7 @@ class Settings:
     lease_s: int = 30
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
     reconcile_s: float = 1.0
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "port", self.port)
@@ -127,6 +133,8 @@ class Settings:
             except ValueError:
                 _require(False, "state_endpoints", endpoint)
         _require(0 < self.reconcile_s <= 3600, "reconcile_s", self.reconcile_s)
+        _require(self.public_url is None or _is_base_url(self.public_url), "public_url",
+                 self.public_url)
 
     @property
     def gateway_receipts(self) -> str:
@@ -144,6 +152,12 @@ class Settings:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def public_base_url(self) -> str:
+        """Where clients reach the service (``public_url`` behind a proxy, else ``base_url``):
+        the issuer identifier of its RFC 8414 metadata."""
+        return (self.public_url or self.base_url).rstrip("/")
 
     @property
     def gateway_public_key_file(self) -> Path:
@@ -171,6 +185,13 @@ class Settings:
     @property
     def jobs_dir(self) -> Path:
         return self.state_dir.resolve() / "jobs"
+
+
+def _is_base_url(url: str) -> bool:
+    # RFC 8414 §2: an https URL with no query or fragment (http for loopback and tests).
+    parts = urlsplit(url)
+    return parts.scheme in ("https", "http") and bool(parts.netloc) and not parts.query \
+        and not parts.fragment
 
 
 def _require(ok: bool, key: str, value: object) -> None:

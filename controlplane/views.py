@@ -27,14 +27,12 @@ from controlplane import schemas as s
 from controlplane.errors import (
     Conflict,
     ControlPlaneError,
-    ExpiredToken,
-    InvalidClaim,
     InvalidRequest,
     NotFound,
     Unavailable,
     UnsupportedMediaType,
 )
-from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
+from controlplane.middlewares import SERVICES, ResourceOf, RouteSpec, Services
 from controlplane.openapi import OPENAPI
 from controlplane.policy import Resource
 from controlplane.schemas import RepeatedName, json_without_repeats
@@ -55,7 +53,7 @@ TOKEN_QUOTA = "tokens"  # live tokens a project may hold, exchanged ones include
 
 # --- parsing and serialising ---------------------------------------------------------------------
 
-def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     # Only the location and pydantic's message: the offending input is never echoed back.
     return [{"field": ".".join(str(part) for part in error["loc"]) or "body",
              "message": error["msg"]}
@@ -89,7 +87,7 @@ async def parse_body(request: web.Request, model: type[M], *, max_bytes: int | N
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
-        raise InvalidRequest("the request body is invalid", errors=_field_errors(exc)) from None
+        raise InvalidRequest("the request body is invalid", errors=validation_errors(exc)) from None
 
 
 def parse_query(request: web.Request, model: type[M]) -> M:
@@ -98,7 +96,7 @@ def parse_query(request: web.Request, model: type[M]) -> M:
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
-        raise InvalidRequest("the query string is invalid", errors=_field_errors(exc)) from None
+        raise InvalidRequest("the query string is invalid", errors=validation_errors(exc)) from None
 
 
 def reply(model: BaseModel, status: int = 200,
@@ -132,7 +130,7 @@ def _issued(token: str, claims: Claims) -> s.IssuedToken:
                          expires_in=claims.exp - claims.iat)
 
 
-async def _existing_project(services: Services, name: str) -> Project:
+async def existing_project(services: Services, name: str) -> Project:
     project = await project_repo.get_project(services.store, name)
     if project is None:
         raise NotFound(f"project {name!r} does not exist")
@@ -209,7 +207,7 @@ async def list_projects(request: web.Request) -> web.Response:
 
 
 async def get_project(request: web.Request) -> web.Response:
-    project = await _existing_project(_services(request), request.match_info["project"])
+    project = await existing_project(_services(request), request.match_info["project"])
     return reply(_project_out(project))
 
 
@@ -233,7 +231,7 @@ def _next_not_before(body: s.ProjectUpdate, current: Project, now: float) -> flo
 async def update_project(request: web.Request) -> web.Response:
     body = await parse_body(request, s.ProjectUpdate)
     services = _services(request)
-    current = await _existing_project(services, request.match_info["project"])
+    current = await existing_project(services, request.match_info["project"])
     project = await project_repo.update_project(
         services.store, current.name, allowed_templates=body.allowed_templates, quotas=body.quotas,
         not_before=_next_not_before(body, current, services.now()))
@@ -242,7 +240,7 @@ async def update_project(request: web.Request) -> web.Response:
 
 # --- tokens --------------------------------------------------------------------------------------
 
-def _check_not_before(project: Project, now: float) -> None:
+def check_not_before(project: Project, now: float) -> None:
     if project.not_before is not None and int(now) < project.not_before:
         raise Conflict("the project's not_before cut-off is this second; retry in a moment",
                        retry_after_s=1)
@@ -253,7 +251,7 @@ def _token_quota(services: Services, project: Project) -> int:
                                                                            TOKEN_QUOTA))
 
 
-async def _remember(services: Services, claims: Claims, parent_jti: str | None,
+async def remember_token(services: Services, claims: Claims, parent_jti: str | None,
                     project: Project) -> None:
     """Record an issued token, within its project's token quota."""
     await token_repo.add_token(services.store, TokenRecord(
@@ -273,8 +271,8 @@ def _check_scope(services: Services, kind: TokenKind, scope: str) -> None:
 async def issue_project_token(request: web.Request) -> web.Response:
     body = await parse_body(request, s.TokenIssue)
     services, now = _services(request), _services(request).now()
-    project = await _existing_project(services, request.match_info["project"])
-    _check_not_before(project, now)
+    project = await existing_project(services, request.match_info["project"])
+    check_not_before(project, now)
     policy = services.policies.current
     scope = body.scope or " ".join(sorted(policy.scopes_for(TokenKind.PROJECT)))
     _check_scope(services, TokenKind.PROJECT, scope)
@@ -282,13 +280,13 @@ async def issue_project_token(request: web.Request) -> web.Response:
         kind=TokenKind.PROJECT, subject=body.subject, project=project.name,
         scope=scope.split(" "), ttl_s=body.ttl or policy.lifetime_cap(TokenKind.PROJECT),
         audience=services.settings.api_audience)
-    await _remember(services, claims, None, project)
+    await remember_token(services, claims, None, project)
     return reply(_issued(token, claims), 201, {"Cache-Control": "no-store"})
 
 
 async def list_project_tokens(request: web.Request) -> web.Response:
     services = _services(request)
-    project = await _existing_project(services, request.match_info["project"])
+    project = await existing_project(services, request.match_info["project"])
     records = await token_repo.list_tokens(services.store, project.name)
     return reply(s.TokenList(items=[_token_info(r) for r in records]))
 
@@ -301,45 +299,6 @@ async def revoke_token(request: web.Request) -> web.Response:
         # A session whose token is revoked ends at the gateways now, not at the next reconcile.
         await services.state.reconcile()
     return reply(_token_info(record))
-
-
-def _exchange_terms(services: Services, parent: Claims, body: s.TokenExchange,
-                    now: float) -> tuple[TokenKind, str, frozenset[str], int]:
-    """Kind, audience, scope and ttl of the new token: never wider or longer-lived than the
-    parent."""
-    kind = TokenKind(body.kind)
-    default_audience = (services.settings.gateway_audience if kind is TokenKind.SESSION
-                        else services.settings.api_audience)
-    audience = body.audience or default_audience
-    if audience not in (services.settings.api_audience, services.settings.gateway_audience):
-        raise InvalidRequest("unknown audience",
-                             errors=[{"field": "audience", "message": "not served here"}])
-    allowed = parent.scope & services.policies.current.scopes_for(kind)
-    scope = allowed if body.scope is None else frozenset(body.scope.split(" "))
-    if not scope or not scope <= allowed:
-        raise InvalidRequest("invalid_scope: the scope must be a non-empty subset of the project "
-                         f"token's scopes that {kind.value} tokens may carry",
-                         errors=[{"field": "scope", "message": "empty or too wide"}])
-    remaining = int(parent.exp - now)
-    if remaining < 1:
-        raise ExpiredToken("the project token has expired")
-    cap = services.policies.current.lifetime_cap(kind.value)
-    return kind, audience, scope, min(body.ttl or cap, cap, remaining)
-
-
-async def exchange_token(request: web.Request) -> web.Response:
-    body = await parse_body(request, s.TokenExchange)
-    services, parent = _services(request), request[CLAIMS]
-    now = services.now()
-    kind, audience, scope, ttl = _exchange_terms(services, parent, body, now)
-    if parent.project is None:  # verification guarantees it for project tokens; never guess
-        raise InvalidClaim("a project token must name its project")
-    project = await _existing_project(services, parent.project)
-    _check_not_before(project, now)
-    token, claims = services.tokens.issue(kind=kind, subject=parent.sub, project=parent.project,
-                                          scope=scope, ttl_s=ttl, audience=audience)
-    await _remember(services, claims, parent.jti, project)
-    return reply(_issued(token, claims), 200, {"Cache-Control": "no-store"})
 
 
 # --- keys, policies, audit -----------------------------------------------------------------------
@@ -408,10 +367,6 @@ def _token(request: web.Request, claims: Claims | None) -> Resource:
     return Resource(kind="token", project=None, name=request.match_info["jti"])
 
 
-def _own_project_tokens(request: web.Request, claims: Claims | None) -> Resource:
-    return Resource(kind="token", project=claims.project if claims else None, name=None)
-
-
 def _singleton(kind: str) -> ResourceOf:
     def resource(request: web.Request, claims: Claims | None) -> Resource:
         return Resource(kind=kind, project=None, name=None)
@@ -422,14 +377,16 @@ PROJECT_PATH = "/api/v1/projects/{project}"
 
 ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", "/.well-known/jwks.json", jwks, "Public token verification keys (JWK Set)",
-              s.Jwks, tag="keys", extra_responses=(304,)),
+              s.Jwks, tag="keys", extra_responses=(304,), request_headers=("If-None-Match",),
+              response_headers=("ETag", "Cache-Control")),
     RouteSpec("GET", "/healthz", healthz, "Liveness", s.Health),
     RouteSpec("GET", "/readyz", readyz, "Readiness: store reachable, signing key loaded", s.Health),
     RouteSpec("GET", "/metrics", metrics, "Prometheus metrics", None,
               response_content_type="text/plain"),
     RouteSpec("GET", "/openapi.json", openapi, "This OpenAPI document", None),
     RouteSpec("POST", "/api/v1/projects", create_project, "Create a project", s.ProjectOut, 201,
-              "projects:create", ADMIN, _projects, s.ProjectCreate, tag="projects"),
+              "projects:create", ADMIN, _projects, s.ProjectCreate, tag="projects",
+              response_headers=("Location",)),
     RouteSpec("GET", "/api/v1/projects", list_projects, "List projects", s.ProjectList, 200,
               "projects:list", ADMIN, _projects, tag="projects"),
     RouteSpec("GET", PROJECT_PATH, get_project, "Show a project", s.ProjectOut, 200,
@@ -439,17 +396,13 @@ ROUTES: tuple[RouteSpec, ...] = (
               s.ProjectUpdate, tag="projects"),
     RouteSpec("POST", PROJECT_PATH + "/tokens", issue_project_token,
               "Issue a project token (returned once)", s.IssuedToken, 201, "tokens:issue",
-              ADMIN_OR_PROJECT,
-              _project_tokens, s.TokenIssue, tag="tokens"),
+              ADMIN_OR_PROJECT, _project_tokens, s.TokenIssue, tag="tokens",
+              response_headers=("Cache-Control",)),
     RouteSpec("GET", PROJECT_PATH + "/tokens", list_project_tokens,
               "List a project's tokens (metadata only)", s.TokenList, 200, "tokens:list",
               ADMIN_OR_PROJECT, _project_tokens, tag="tokens"),
     RouteSpec("DELETE", "/api/v1/tokens/{jti}", revoke_token, "Revoke a token (idempotent)",
               s.TokenInfo, 200, "tokens:revoke", ADMIN, _token, tag="tokens"),
-    RouteSpec("POST", "/api/v1/token", exchange_token,
-              "Exchange the caller's project token for a session or consumer token",
-              s.IssuedToken, 200, "token:exchange", PROJECT_ONLY, _own_project_tokens,
-              s.TokenExchange, tag="tokens"),
     RouteSpec("POST", "/api/v1/keys/rotate", rotate_keys, "Rotate the signing key",
               s.KeyRotation, 200, "keys:rotate", ADMIN, _singleton("key"), tag="keys"),
     RouteSpec("GET", "/api/v1/policies", get_policies, "The active policy set", s.PolicySummary,

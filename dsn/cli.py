@@ -56,6 +56,44 @@ def main() -> None:
     """
 
 
+@main.command("login")
+@click.option("--controlplane", "controlplane_url", required=True, metavar="URL",
+              help="The control plane (http(s)://HOST:PORT).")
+@click.option("--id-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File (mode 0600) holding the ID token from the facility's login service. "
+                   "[default: the DSN_ID_TOKEN environment variable]")
+@click.option("--project", default=None,
+              help="The project to log in to, where the federation maps the identity to "
+                   "several. [default: the one it maps to]")
+@click.option("--scope", default=None,
+              help="Fewer scopes than the federation's rule grants, space-separated. "
+                   "[default: all it grants]")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="New file (created 0600, never overwritten) for the project token, as "
+                   "'dsn producer stream --project-token-file' reads it.")
+def login_command(controlplane_url: str, id_token_file: Path | None, project: str | None,
+                  scope: str | None, out_file: Path) -> None:
+    """Log in with a facility identity: exchange its ID token for a project token.
+
+    The control plane verifies the ID token against the facility issuer's published keys and
+    maps it, by the administrator's federation rules, to a project and scopes; no administrator
+    is involved. The ID token is read from a file or the environment, never from the command
+    line.
+    """
+    from common.clitypes import OneLineError
+    from common.privatefs import create_private_file
+    from common.tokenfile import token_from
+    from dsn.login import login
+
+    if out_file.exists():
+        raise OneLineError(f"{out_file} exists; refusing to overwrite it")
+    id_token = token_from(id_token_file, env="DSN_ID_TOKEN", option="--id-token-file").token
+    issued = login(controlplane_url, id_token, project=project, scope=scope)
+    create_private_file(out_file, f"{issued.token}\n".encode())
+    click.echo(f"project token written to {out_file} (0600): project={issued.project} "
+               f"jti={issued.jti} expires_in={issued.expires_in}s scope={issued.scope}")
+
+
 @main.command()
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".dsn"),
               show_default=True, help="Where the control plane's state, logs and output files go.")

@@ -24,6 +24,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -67,9 +68,60 @@ async def test_protected_operations_document_their_security(aiohttp_client: Clie
     for path, item in paths.items():
         for method, operation in item.items():
             protected = path.startswith("/api/")
-            assert (operation["security"] == [{"bearer": []}]) is protected, (method, path)
+            # The token endpoint's RFC 8693 form carries its credential as subject_token.
+            bearer = [{"bearer": []}, {}] if path == "/api/v1/token" else [{"bearer": []}]
+            assert (operation["security"] == bearer) is protected, (method, path)
             if protected:
                 assert {"401", "403", "429", "503"} <= set(operation["responses"]), (method, path)
+
+
+async def test_openapi_declares_conditional_requests_headers_and_body_limits(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    cp = await start_control_plane(aiohttp_client, tmp_path / "state", client_max_size=32768)
+    paths = (await _served_document(cp))["paths"]
+    put = paths["/api/v1/templates/{name}"]["put"]
+    assert {p["name"] for p in put["parameters"] if p["in"] == "header"} == {
+        "If-Match", "If-None-Match"}
+    for status in ("412", "428"):
+        assert "application/problem+json" in put["responses"][status]["content"]
+    assert put["responses"]["200"]["headers"]["ETag"]["required"] is True
+    rollback = paths["/api/v1/templates/{name}/rollback"]["post"]
+    assert {"412", "428"} <= set(rollback["responses"])
+    assert "ETag" in paths["/api/v1/templates/{name}"]["get"]["responses"]["200"]["headers"]
+    jwks = paths["/.well-known/jwks.json"]["get"]["responses"]
+    assert {"ETag", "Cache-Control"} <= set(jwks["200"]["headers"]) and "ETag" in jwks["304"][
+        "headers"]
+    created = paths["/api/v1/projects"]["post"]["responses"]["201"]
+    assert "Location" in created["headers"]
+    for path, item in paths.items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            for status in ("429", "503"):
+                if status in responses:
+                    assert "Retry-After" in responses[status]["headers"], (method, path, status)
+            if "requestBody" in operation:
+                limit = operation["requestBody"]["x-dsn-max-body-bytes"]
+                assert str(limit) in responses["413"]["description"], (method, path)
+    report = paths["/api/v1/sessions/{session}/scans/{scan}/result"]["post"]
+    assert report["requestBody"]["x-dsn-max-body-bytes"] > 32768
+    assert paths["/api/v1/projects"]["post"]["requestBody"]["x-dsn-max-body-bytes"] == 32768
+
+
+async def test_openapi_declares_the_rfc_8693_form_of_the_token_endpoint(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    cp = await start_control_plane(aiohttp_client, tmp_path / "state")
+    document = await _served_document(cp)
+    operation = document["paths"]["/api/v1/token"]["post"]
+    assert set(operation["requestBody"]["content"]) == {
+        "application/json", "application/x-www-form-urlencoded"}
+    success = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert {ref["$ref"].rsplit("/", 1)[-1] for ref in success["anyOf"]} == {
+        "IssuedToken", "TokenResponse"}
+    assert operation["responses"]["200"]["headers"]["Cache-Control"]["required"] is True
+    refusal = operation["responses"]["400"]["content"]
+    assert refusal["application/json"]["schema"]["$ref"].endswith("/OAuthError")
+    metadata = document["paths"]["/.well-known/oauth-authorization-server"]["get"]
+    assert metadata["security"] == []
 
 
 def _fuzz(document: dict[str, Any], base_url: str, token: str) -> tuple[list[str], int]:
@@ -77,15 +129,17 @@ def _fuzz(document: dict[str, Any], base_url: str, token: str) -> tuple[list[str
     count the cases sent."""
     schema = schemathesis.openapi.from_dict(document)
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
-              response_schema_conformance]
+              response_schema_conformance, response_headers_conformance]
     failures: list[str] = []
     calls: list[int] = []
     for result in schema.get_all_operations():
         operation = result.ok()
         declared = document["paths"][operation.path][operation.method.lower()]
-        # Valid inputs, then (where there are inputs to break) inputs the schema forbids.
-        modes = list(GenerationMode) if {"parameters", "requestBody"} & set(declared) else [
-            GenerationMode.POSITIVE]
+        # Valid inputs, then (where there are inputs to break) inputs the schema forbids; a
+        # header declared as any string has no invalid value to send.
+        breakable = "requestBody" in declared or any(
+            parameter["in"] != "header" for parameter in declared.get("parameters", []))
+        modes = list(GenerationMode) if breakable else [GenerationMode.POSITIVE]
         for mode in modes:
             _run_operation(operation.as_strategy(mode), base_url, token, checks, failures, calls)
     return failures, len(calls)

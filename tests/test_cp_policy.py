@@ -184,7 +184,9 @@ def test_per_project_quota_overrides(tmp_path: Path) -> None:
 
 def test_every_action_needs_a_known_scope_or_is_public() -> None:
     public = {name for name, spec in ACTIONS.items() if spec.scope is None}
-    assert public == {"jwks:read"}
+    # token:federate needs no scope because an outside identity holds none: the federation's
+    # rules decided, and the policy's rules admit only the federated kind to it.
+    assert public == {"jwks:read", "token:federate"}
     assert all(spec.scope in SCOPES for spec in ACTIONS.values() if spec.scope is not None)
 
 
@@ -348,3 +350,29 @@ def test_lifetime_caps_follow_reloads(tmp_path: Path) -> None:
     assert holder.reload(path)[0]
     assert caps[TokenKind.SESSION] == 300
     assert dict(caps)[TokenKind.ADMIN] == 30 * 86400
+
+
+def test_only_federated_identities_may_federate(policy: PolicySet) -> None:
+    resource = Resource("token", "p1", None)
+    for kind in ("anonymous", "project", "session", "consumer", "gateway"):
+        who = Principal(kind=kind, subject="x", project="p1", scopes=frozenset({"token:exchange"}))
+        assert not policy.decide(who, "token:federate", resource).allowed, kind
+    federated = Principal(kind="federated", subject="facility:abc", project="p1",
+                          scopes=frozenset())
+    decision = policy.decide(federated, "token:federate", resource)
+    assert decision.allowed and decision.rule == "federated-identities-sign-in"
+    assert not policy.decide(federated, "token:exchange", resource).allowed
+
+
+def test_federation_rules_match_on_verified_email_and_claims() -> None:
+    from controlplane.federation import MappingRule
+
+    rule = MappingRule.model_validate({
+        "id": "ncem", "project": "p1", "scopes": ["sessions:read"], "email": "*@ncem.example",
+        "claims": [{"name": "groups", "contains": "ncem-staff"}]})
+    staff = {"email": "Alice@NCEM.example", "groups": ["users", "ncem-staff"]}
+    assert rule.matches(staff)
+    assert not rule.matches({**staff, "email_verified": False})
+    assert not rule.matches({**staff, "groups": ["users"]})
+    assert not rule.matches({**staff, "groups": "ncem-staff"})  # a string is not a list
+    assert not rule.matches({**staff, "email": "alice@ncem.example.evil"})
