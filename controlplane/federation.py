@@ -41,13 +41,13 @@ from controlplane.errors import (
     InvalidClaim,
     InvalidHeader,
     InvalidIssuer,
-    InvalidSignature,
     KeysUnavailable,
     MalformedToken,
     MissingClaim,
     UnknownKey,
 )
-from controlplane.schemas import RepeatedName, json_without_repeats
+from controlplane.schemas import json_without_repeats
+from controlplane.tokens import unverified_object, verified_payload
 
 MAX_TOKEN_BYTES: Final = 16 * 1024
 MAX_JWKS_BYTES: Final = 256 * 1024
@@ -304,18 +304,6 @@ class Mapped:
     rule: MappingRule
 
 
-def _segment(segment: str) -> Any:
-    import base64
-    import binascii
-
-    try:
-        return json_without_repeats(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except RepeatedName as repeated:
-        raise InvalidHeader(f"'{repeated}' is repeated") from None
-    except (ValueError, binascii.Error):
-        raise MalformedToken("the token is not three base64url-encoded JSON segments") from None
-
-
 def _int_claim(claims: dict[str, Any], name: str, required: bool) -> int | None:
     value = claims.get(name)
     if value is None and not required:
@@ -346,9 +334,8 @@ class Federation:
         if len(token) > MAX_TOKEN_BYTES or not _JWS_SHAPE.match(token):
             raise MalformedToken(f"an identity token is a JWS of at most {MAX_TOKEN_BYTES} bytes")
         header_segment, payload_segment, _ = token.split(".")
-        header, unverified = _segment(header_segment), _segment(payload_segment)
-        if not isinstance(header, dict) or not isinstance(unverified, dict):
-            raise MalformedToken("the token's header and payload must be JSON objects")
+        header = unverified_object(header_segment, "header")
+        unverified = unverified_object(payload_segment, "payload")
         trusted = self._trusted(unverified.get("iss"), policy)
         alg, kid = self._checked_header(header, trusted)
         key = await self._cache(trusted).key(kid)
@@ -380,21 +367,7 @@ class Federation:
     def _signed_claims(token: str, key: jwt.PyJWK, alg: str) -> dict[str, Any]:
         if key.algorithm_name != alg and not (alg.startswith("PS") and key.key_type == "RSA"):
             raise InvalidAlgorithm("the token's algorithm does not fit the key it names")
-        try:
-            signed = jwt.PyJWS().decode_complete(token, key.key, algorithms=[alg])
-        except jwt.InvalidSignatureError:
-            raise InvalidSignature("the token signature does not verify") from None
-        except jwt.InvalidTokenError:
-            raise MalformedToken("the token is not a signed JWS") from None
-        try:
-            claims = json_without_repeats(signed["payload"])
-        except RepeatedName as repeated:
-            raise InvalidClaim(f"claim '{repeated}' is repeated") from None
-        except ValueError:
-            claims = None
-        if not isinstance(claims, dict):
-            raise MalformedToken("the token payload is not a JSON object")
-        return claims
+        return verified_payload(token, key.key, alg)
 
     def _checked_claims(self, claims: dict[str, Any], trusted: TrustedIssuer) -> str:
         if claims.get("iss") != trusted.issuer:

@@ -24,7 +24,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -187,23 +187,46 @@ def _segment_json(segment: str) -> Any:
     return json_without_repeats(data)
 
 
-def _unverified_header(token: str) -> dict[str, Any]:
-    # Parsed here rather than by pyjwt, which would reject some headers (crit, a non-string kid)
-    # under a generic error before we can name the reason.
+def unverified_object(segment: str, what: Literal["header", "payload"]) -> dict[str, Any]:
+    """A token's header or payload segment, read before any signature check. Parsed here rather
+    than by pyjwt, which would reject some headers (crit, a non-string kid) under a generic error
+    before we can name the reason."""
     try:
-        header = _segment_json(token.split(".", 1)[0])
+        value = _segment_json(segment)
     except RepeatedName as repeated:
-        raise InvalidHeader(f"header parameter '{repeated}' is repeated") from None
+        repeats = InvalidHeader if what == "header" else InvalidClaim
+        raise repeats(f"{what} member '{repeated}' is repeated") from None
     except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise MalformedToken("the token header is not a base64url-encoded JSON object")
-    return header
+        value = None
+    if not isinstance(value, dict):
+        raise MalformedToken(f"the token {what} is not a base64url-encoded JSON object")
+    return value
+
+
+def verified_payload(token: str, key: Any, algorithm: str) -> dict[str, Any]:
+    """The payload of a token whose signature verifies under ``key`` with ``algorithm``, parsed
+    once; a repeated claim name is refused (pyjwt would keep the last, another verifier the
+    first)."""
+    try:
+        signed = _JWS.decode_complete(token, key, algorithms=[algorithm])
+    except jwt.InvalidSignatureError:
+        raise InvalidSignature("the token signature does not verify") from None
+    except jwt.InvalidTokenError:
+        raise MalformedToken("the token is not a signed JWS") from None
+    try:
+        payload = json_without_repeats(signed["payload"])
+    except RepeatedName as repeated:
+        raise InvalidClaim(f"claim '{repeated}' is repeated") from None
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise MalformedToken("the token payload is not a JSON object")
+    return payload
 
 
 def _checked_header(token: str) -> str:
     """Validates the unverified header and returns its kid."""
-    header = _unverified_header(token)
+    header = unverified_object(token.split(".", 1)[0], "header")
     if header.get("alg") != ALGORITHM:
         raise InvalidAlgorithm(f"only {ALGORITHM} tokens are accepted")
     extra = sorted(set(header) - ALLOWED_HEADERS)
@@ -275,29 +298,9 @@ class TokenService:
         key = self._keyring.public_key(kid)
         if key is None:
             raise UnknownKey("the token's key id is not published")
-        claims = _typed_claims(self._signed_payload(token, key))
+        claims = _typed_claims(verified_payload(token, key, ALGORITHM))
         self._check_values(claims, surface)
         return claims
-
-    @staticmethod
-    def _signed_payload(token: str, key: Ed25519PublicKey) -> dict[str, Any]:
-        """The payload of a token whose signature verifies, parsed once; a repeated claim name is
-        refused (pyjwt would keep the last, another verifier the first)."""
-        try:
-            signed = _JWS.decode_complete(token, key, algorithms=[ALGORITHM])
-        except jwt.InvalidSignatureError:
-            raise InvalidSignature("the token signature does not verify") from None
-        except jwt.InvalidTokenError:
-            raise MalformedToken("the token is not a signed JWS") from None
-        try:
-            payload = json_without_repeats(signed["payload"])
-        except RepeatedName as repeated:
-            raise InvalidClaim(f"claim '{repeated}' is repeated") from None
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise MalformedToken("the token payload is not a JSON object")
-        return payload
 
     def _check_values(self, claims: Claims, surface: Surface) -> None:
         if claims.iss != self.issuer:
