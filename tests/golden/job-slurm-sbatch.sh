@@ -19,7 +19,7 @@ export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750
 export DSN_CONSUMER_TOKEN_FILE=/var/lib/dsn/sessions/s-20261122-0001/consumer.token
 # exec: the batch shell becomes the launcher, so the drain signal (--signal=B:TERM) reaches it
 # and it forwards it to every rank.
-exec srun --cpu-bind=cores -n 4 \
+exec srun --mpi=pmix -n 4 \
   /opt/dsn/venv/bin/python -m dataplane.consumer run \
   --config /var/lib/dsn/sessions/s-20261122-0001/dsn.yaml \
   --session s-20261122-0001 \
