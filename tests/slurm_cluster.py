@@ -34,8 +34,10 @@ def missing() -> str | None:
         return "a test Slurm cluster runs its daemons as root; these tests need root"
     absent = [name for name in (*DAEMONS, *CLIENTS, "mungekey")
               if shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None]
+    if not [*Path("/usr/lib").glob("libpmix.so"), *Path("/usr/lib").glob("*/libpmix.so")]:
+        absent.append("libpmix.so, which Slurm's PMIx plugin loads")
     if absent:
-        return (f"Slurm or munge is not installed ({', '.join(absent)} missing); "
+        return (f"Slurm, munge or PMIx is not installed ({', '.join(absent)} missing); "
                 "scripts/install-test-deps.sh installs them as root with apt-get")
     return None
 
