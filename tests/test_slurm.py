@@ -4,9 +4,11 @@
   file; ``squeue``/``scontrol`` states map to pending, running, succeeded, failed and cancelled;
   ``scancel`` cancels, and cancelling a finished job is no error.
 - A session end to end: the shipped ``slurm-sbatch`` template (its site values set by the admin
-  for this machine) submits a job whose MPI ranks start inside the allocation, register, count a
-  scan streamed through a real gateway and report it; ending the session cancels the job with
-  ``scancel``, and the ranks stop on the signal, leaving the scan they were receiving unfinished.
+  for this machine) submits a job whose MPI ranks start inside the allocation (``srun
+  --mpi=pmix``), register, count a scan streamed through a real gateway and report it. Slurm's
+  drain signal stops the ranks mid-scan: they leave, the job succeeds and the gateway reports the
+  scan they left ``partial``. Ending the session cancels the next job with ``scancel``, and its
+  ranks stop on the signal too.
 - Job states across a real restart of the control plane on the same state directory.
 """
 
@@ -140,33 +142,57 @@ def rank_events(job_log: Path, event: str) -> list[dict[str, Any]]:
     return entries
 
 
-@pytest.mark.mpi
-async def test_a_slurm_job_counts_a_streamed_scan_and_drains_when_the_session_ends(
-        slurm_served: tuple[ControlPlane, str]) -> None:
-    cp, metrics = slurm_served
-    await use_site_template(cp)
-    session = await open_session(cp)
+async def launch_job(cp: ControlPlane, session: Session) -> tuple[str, str, Path]:
+    """Launch a consumer job through the Slurm template; once its ranks are live and listening:
+    its path, its Slurm job id and its log."""
     response = await cp.call("POST", f"{session.base}/jobs", session.token, json={
         "ranks": RANKS, "params": {"account": "lcls:xpp12345", "constraint": "cpu",
                                    "time": "00:10:00", "drain_s": 30}})
     assert response.status == 202, await response.text()
-    job_path, job = response.headers["Location"], await response.json()
+    job = await response.json()
     assert (job["template"], job["launcher"]) == ("slurm-sbatch", "slurm")
     job_log = cp.settings.jobs_dir / job["id"] / "job.log"
 
     async def ranks_live() -> bool:
         detail = await (await cp.call("GET", session.base, session.token)).json()
-        return bool(detail["counters"]["live_consumers"] == RANKS)
+        live = [c for c in detail["consumers"] if c["state"] == "live"]
+        return sorted(c["rank"] for c in live if c["job_id"] == job["id"]) == list(range(RANKS))
     await eventually_async(ranks_live, timeout_s=WAIT_S, interval_s=POLL_S,
                            what="the Slurm job's ranks to register")
+    await eventually_async(
+        lambda: sorted(entry["rank"] for entry in rank_events(job_log, "listening")) == [0, 1],
+        timeout_s=WAIT_S, what="both ranks to log that they listen", interval_s=POLL_S)
+    return response.headers["Location"], _native(cp, response.headers["Location"]), job_log
+
+
+async def begin_scan(session: Session, scan: int, job_log: Path) -> Any:
+    """A producer that began ``scan`` and sent a few frames, once every rank has it under way."""
+    producer = await asyncio.to_thread(stream, session, scan, range(4), end=False)
+    await eventually_async(
+        lambda: sum(entry["scan"] == scan for entry in rank_events(job_log, "scan begins"))
+        == RANKS, timeout_s=WAIT_S, what=f"the ranks to begin scan {scan}", interval_s=POLL_S)
+    return producer
+
+
+async def ranks_stopped(job_log: Path) -> list[dict[str, Any]]:
+    def stopped() -> list[dict[str, Any]] | None:
+        entries = rank_events(job_log, "consumer stopped")
+        return entries if len(entries) == RANKS else None
+    return await eventually_async(stopped, timeout_s=WAIT_S, interval_s=POLL_S,
+                                  what="every rank to log that it stopped")
+
+
+@pytest.mark.mpi
+async def test_a_slurm_job_counts_a_streamed_scan_and_drains_on_slurms_signals(
+        slurm_served: tuple[ControlPlane, str], slurm_cluster: Cluster) -> None:
+    cp, metrics = slurm_served
+    await use_site_template(cp)
+    session = await open_session(cp)
+    job_path, slurm_id, job_log = await launch_job(cp, session)
     await eventually_async(lambda: "dsn_gateway_consumers" in metrics_text(metrics),
                            timeout_s=WAIT_S, what="the gateway to serve", interval_s=POLL_S)
     polled = await (await cp.call("GET", job_path, session.token)).json()
     assert (polled["state"], polled["detail"]) == ("running", "Slurm state RUNNING")
-    listening = await eventually_async(
-        lambda: sorted(entry["rank"] for entry in rank_events(job_log, "listening")) == [0, 1],
-        timeout_s=WAIT_S, what="both ranks to log that they listen", interval_s=POLL_S)
-    assert listening
 
     # A whole scan streamed through the gateway is counted and reported by the job's root rank.
     await asyncio.to_thread(stream, session, 1, range(CAMERA.spec.positions))
@@ -177,26 +203,31 @@ async def test_a_slurm_job_counts_a_streamed_scan_and_drains_when_the_session_en
     listed = await (await cp.call("GET", "/api/v1/scans?project=alpha", session.token)).json()
     assert [(r["session"], r["scan"]) for r in listed["items"]] == [(session.id, 1)]
 
-    # Scan 2 is under way when the session ends: scancel signals the ranks, which stop.
-    producer = await asyncio.to_thread(stream, session, 2, range(4), end=False)
-    try:
-        await eventually_async(lambda: len(rank_events(job_log, "scan begins")) == 2 * RANKS,
-                               timeout_s=WAIT_S, what="the ranks to begin scan 2",
-                               interval_s=POLL_S)
-        ended = await cp.call("DELETE", session.base, session.token)
-        assert ended.status == 200, await ended.text()
-        final = await _job_ended(cp, session, job_path)
-    finally:
-        producer.close(linger_s=0)
+    # Scan 2 is under way when the drain signal comes, as --signal=TERM@DRAIN_S sends it before
+    # the time limit: to every task of the job's steps, so to every rank srun started. They stop,
+    # leave the session and exit 0; the gateway spools the rest of the scan and reports it.
+    producer = await begin_scan(session, 2, job_log)
+    signalled = slurm_cluster.client("scancel", "--signal=TERM", slurm_id)
+    assert signalled.returncode == 0, signalled.stderr
+    drained = await _job_ended(cp, session, job_path)
+    await asyncio.to_thread(stream, session, 2, range(4, CAMERA.spec.positions), begin=False,
+                            producer=producer)
+    [interrupted] = await _results(session, 2)
     log = job_log.read_text(errors="replace")
-    assert final["state"] == "cancelled", log[-3000:]
-    assert final["detail"].startswith("Slurm state CANCELLED")
-    stopped = await eventually_async(
-        lambda: rank_events(job_log, "consumer stopped") if len(
-            rank_events(job_log, "consumer stopped")) == RANKS else None,
-        timeout_s=WAIT_S, what="every rank to log that it stopped", interval_s=POLL_S)
-    assert all(entry["signalled"] and entry["scans"] == 1 for entry in stopped), stopped
+    assert (drained["state"], drained["exit_code"]) == ("succeeded", 0), log[-3000:]
+    assert all(e["signalled"] and e["scans"] == 1 for e in await ranks_stopped(job_log))
     assert len(rank_events(job_log, "stopping with scans unfinished")) == RANKS, log[-3000:]
+    assert len(rank_events(job_log, "left the session")) == RANKS, log[-3000:]
+    assert (interrupted["source"], interrupted["status"]) == ("gateway", "partial")
+
+    # Ending the session cancels the next job with scancel; its ranks stop on Slurm's SIGTERM.
+    job_path, _, job_log = await launch_job(cp, session)
+    ended = await cp.call("DELETE", session.base, session.token)
+    assert ended.status == 200, await ended.text()
+    cancelled = await _job_ended(cp, session, job_path)
+    assert cancelled["state"] == "cancelled", job_log.read_text(errors="replace")[-3000:]
+    assert cancelled["detail"].startswith("Slurm state CANCELLED")
+    assert all(e["signalled"] and e["scans"] == 0 for e in await ranks_stopped(job_log))
 
 
 async def _results(session: Session, scan: int) -> list[dict[str, Any]]:

@@ -11,14 +11,14 @@
 #SBATCH --gpus-per-node=4
 #SBATCH --mem=64G
 #SBATCH --time=01:00:00
-#SBATCH --signal=B:TERM@120
+#SBATCH --signal=TERM@120
 #SBATCH --exclusive
 # Consumer job for DSN session s-20261122-0001 (rendered by the control plane).
 set -euo pipefail
 export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750
 export DSN_CONSUMER_TOKEN_FILE=/var/lib/dsn/sessions/s-20261122-0001/consumer.token
-# exec: the batch shell becomes the launcher, so the drain signal (--signal=B:TERM) reaches it
-# and it forwards it to every rank.
+# Slurm sends the drain signal (--signal=TERM@DRAIN_S) to every rank of the job step that srun
+# starts; ranks that mpiexec starts belong to the batch step, which it does not signal.
 exec srun --mpi=pmix -n 4 \
   /opt/dsn/venv/bin/python -m dataplane.consumer run \
   --config /var/lib/dsn/sessions/s-20261122-0001/dsn.yaml \
