@@ -339,7 +339,8 @@ def parse_sbatch_id(output: str) -> tuple[str, str | None]:
 
 
 def slurm_state(raw: str, exit_code: str = "") -> JobStatus:
-    """Map a Slurm state (``squeue %T`` or ``sacct State``) and ``sacct``'s ``EXIT:SIGNAL``."""
+    """Map a Slurm state (``squeue %T``, ``scontrol`` ``JobState`` or ``sacct State``) and an
+    ``EXIT:SIGNAL`` exit code (``scontrol``'s or ``sacct``'s)."""
     word = raw.split()[0].rstrip("+") if raw.split() else ""  # "CANCELLED by 1000", "CANCELLED+"
     state = _SLURM_STATES.get(word)
     if state is None:
@@ -431,7 +432,8 @@ class SlurmLauncher:
                               f"sacct: {accounted.error()}", retry_after_s=5)
         lines = [line for line in accounted.stdout.splitlines() if line.strip()]
         if not lines:
-            return JobStatus("pending", None, f"job {job} is not (yet) listed by squeue or sacct")
+            return JobStatus("pending", None,
+                             f"job {job} is not (yet) listed by squeue, scontrol or sacct")
         raw_state, _, exit_code = lines[0].partition("|")
         return slurm_state(raw_state, exit_code)
 
