@@ -25,6 +25,7 @@ from common.ports import free_port
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
 NODE = "localhost"
+PARTITION = "debug"
 CPUS = 8
 
 
@@ -103,7 +104,7 @@ def _slurm_conf(root: Path, munge_socket: Path) -> str:
         "SlurmctldTimeout=30",
         "SlurmdTimeout=30",
         f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={CPUS} Feature=cpu State=UNKNOWN",
-        f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP "
+        f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP "
         "OverSubscribe=NO",
         "",
     ])
@@ -164,4 +165,12 @@ def running_cluster(root: Path) -> Iterator[Cluster]:
                               root / "slurmd.out.log"))
         eventually(lambda: _node_idle(cluster, daemons), timeout_s=60,
                    what="the Slurm node to be idle")
+        # Last out, before the daemons stop: job steps outlive slurmd, so no job may be left.
+        stack.callback(_cancel_every_job, cluster)
         yield cluster
+
+
+def _cancel_every_job(cluster: Cluster) -> None:
+    cluster.client("scancel", f"--partition={PARTITION}")
+    eventually(lambda: not cluster.client("squeue", "-h", "-t", "PD,R,CG,S").stdout.strip(),
+               timeout_s=60, what="every job of the test cluster to end")
