@@ -3,11 +3,13 @@ by key, under the options given and over the defaults; the shipped example for a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,20 +218,26 @@ state_endpoints:
   snapshot: tcp://127.0.0.1:{snapshot}
   updates: tcp://127.0.0.1:{updates}
 """)
-    log = tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        process = subprocess.Popen([DSN, "controlplane", "serve", "--config", str(config)],
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        _wait_healthy(url, process, log, timeout_s=20)
+    with serving_config(config, tmp_path / "serve.log", f"http://127.0.0.1:{port}") as log:
         assert "reached at http://dsn.facility.example:8443" in log.read_text()
-        job = _run_tiny_job(tmp_path, url, state)
+        job = _run_tiny_job(tmp_path, f"http://127.0.0.1:{port}", state)
         workdir = site / "jobs" / job["id"]
         assert job["state"] == "succeeded", (workdir / "job.log").read_text()
         # The job was told the public URL, not the address the service listens on.
         assert (workdir / "output" / "marker").read_text() == \
             "http://dsn.facility.example:8443\n"
+
+
+@contextlib.contextmanager
+def serving_config(config: Path, log: Path, url: str) -> Iterator[Path]:
+    """``dsn controlplane serve --config CONFIG``, started elsewhere than the file's directory,
+    until the block ends, then SIGTERM (exit 0); yields its log."""
+    with log.open("wb") as out:
+        process = subprocess.Popen([DSN, "controlplane", "serve", "--config", str(config)],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
+    try:
+        _wait_healthy(url, process, log, timeout_s=20)
+        yield log
     finally:
         process.send_signal(signal.SIGTERM)
         try:
