@@ -220,7 +220,8 @@ def _flatten(model: BaseModel, keys: Mapping[str, str], base_dir: Path) -> dict[
                 break
             node = getattr(node, part)
         else:
-            values[name] = base_dir / node if isinstance(node, Path) else node
+            relative = isinstance(node, Path) and not node.is_absolute()
+            values[name] = (base_dir / node).resolve() if relative else node
     return values
 
 

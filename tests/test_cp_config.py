@@ -89,7 +89,7 @@ def test_a_good_file_sets_every_kind_of_setting_with_paths_read_from_its_directo
     assert settings.gateway_receipts == "tcp://198.51.100.10:6556"
     assert settings.gateway_public_key_file == etc / "keys" / "gateway.key"
     assert settings.state_endpoints == ("tcp://10.0.0.5:8761", "tcp://10.0.0.5:8762")
-    assert settings.audit_checkpoints == etc / ".." / "audit" / "checkpoints.jsonl"
+    assert settings.audit_checkpoints == tmp_path.resolve() / "audit" / "checkpoints.jsonl"
     assert settings.audit_checkpoint_s == 2.5
 
 
