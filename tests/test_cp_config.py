@@ -188,6 +188,12 @@ def test_the_shipped_example_for_a_site_loads() -> None:
             assert f"{key.rpartition('.')[2]}:" in written, key
 
 
+def test_every_key_of_the_file_is_documented() -> None:
+    documented = (REPO / "docs" / "configuration.md").read_text()
+    for key in FILE_LAYOUT.keys(Settings).values():
+        assert f"`{key}" in documented, key
+
+
 # --- a real service from a file ------------------------------------------------------------------
 
 def _http(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> Any:
