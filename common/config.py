@@ -287,14 +287,8 @@ def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
 def load_config(path: Path) -> DSNConfig:
     """Read and validate a DSN configuration file (strict safe YAML, at most 1 MiB)."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
-    try:
-        data = strictyaml.load(raw)
-    except strictyaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        data = strictyaml.load_file(path, MAX_CONFIG_BYTES)
+    except strictyaml.FileError as exc:
+        raise ConfigError(str(exc)) from None
     # Absolute: paths derived from it (spool files) are reported to other hosts and processes.
     return parse_config(data, base_dir=path.resolve().parent)

@@ -126,7 +126,10 @@ def _origin(ctx: click.Context, param: click.Parameter, source: ParameterSource)
 def read_settings(path: Path, cls: type, layout: Layout) -> Given:
     """The settings ``path`` gives for dataclass ``cls``: only the keys it holds, typed, relative
     paths resolved against its directory. An empty file gives nothing."""
-    data = _read_yaml(path)
+    try:
+        data = strictyaml.load_file(path, MAX_FILE_BYTES)
+    except strictyaml.FileError as exc:
+        raise SettingsError(str(exc)) from None
     if data is None:
         return Given()
     if not isinstance(data, dict):
@@ -146,22 +149,6 @@ def read_settings(path: Path, cls: type, layout: Layout) -> Given:
 
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SettingsError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise SettingsError(f"{path} is {len(raw)} bytes; the limit is {MAX_FILE_BYTES}")
-    try:
-        return strictyaml.load(raw)
-    except strictyaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise SettingsError(f"{path} is not valid YAML: {problem}{where}") from None
 
 
 def _first_not_plain(data: Any, key: str = "") -> tuple[str, object] | None:

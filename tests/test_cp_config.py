@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 from click.testing import Result
-from test_cp_cli import DSN, _wait_healthy, assert_one_line_error, dsn
+from test_cp_cli import DSN, assert_one_line_error, dsn, running
 from test_cp_sessions_api import TINY_JOB
 from waiting import eventually
 
@@ -238,19 +236,8 @@ state_endpoints:
 def serving_config(config: Path, log: Path, url: str) -> Iterator[Path]:
     """``dsn controlplane serve --config CONFIG``, started elsewhere than the file's directory,
     until the block ends, then SIGTERM (exit 0); yields its log."""
-    with log.open("wb") as out:
-        process = subprocess.Popen([DSN, "controlplane", "serve", "--config", str(config)],
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
-    try:
-        _wait_healthy(url, process, log, timeout_s=20)
+    with running([DSN, "controlplane", "serve", "--config", str(config)], log, url):
         yield log
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=10) == 0, log.read_text()
-        finally:
-            process.kill()
-            process.wait()
 
 
 def _run_tiny_job(tmp_path: Path, url: str, state: Path) -> Any:
