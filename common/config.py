@@ -290,5 +290,8 @@ def load_config(path: Path) -> DSNConfig:
         data = strictyaml.load_file(path, MAX_CONFIG_BYTES)
     except strictyaml.FileError as exc:
         raise ConfigError(str(exc)) from None
-    # Absolute: paths derived from it (spool files) are reported to other hosts and processes.
-    return parse_config(data, base_dir=path.resolve().parent)
+    try:
+        # Absolute: paths derived from it (spool files) are reported to other hosts and processes.
+        return parse_config(data, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -83,35 +83,25 @@ class Given:
         """Where field ``name`` was given (``FILE: dotted.key``, ``--option``), else its name."""
         return self.origins.get(name, name)
 
-    def build(self, cls: Callable[..., T], layout: Layout) -> T:
-        """``cls`` from these values; a value it refuses is named as it was given. A required
-        field not given is named as its option (``--NAME``, options named after the fields) and
-        its key."""
-        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                   if f.name not in self.values and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise SettingsError("; ".join(
-                f"{name} is required: {_option(name)}, or {layout.key(name)} in the --config file"
-                for name in missing))
+    def build(self, cls: Callable[..., T]) -> T:
+        """``cls`` from these values; a value it refuses is named as it was given."""
         try:
             return cls(**self.values)
         except InvalidSetting as exc:
             raise SettingsError(exc.named(self.where(exc.key))) from None
 
 
-def options_given(ctx: click.Context, names: Mapping[str, str]) -> Given:
-    """The options (parameter name -> field name) given on the command line or in the
+def options_given(ctx: click.Context, fields: Collection[str]) -> Given:
+    """The options named after ``fields`` that were given on the command line or in the
     environment, which override a file; an option left at its default does not."""
     values, origins = {}, {}
     for param in ctx.command.params:
-        option = param.name or ""
-        source = ctx.get_parameter_source(option)
-        if option not in names or source not in (ParameterSource.COMMANDLINE,
-                                                 ParameterSource.ENVIRONMENT):
-            continue
-        values[names[option]] = ctx.params[option]
-        origins[names[option]] = _origin(ctx, param, source)
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        if name in fields and source in (ParameterSource.COMMANDLINE,
+                                         ParameterSource.ENVIRONMENT):
+            values[name] = ctx.params[name]
+            origins[name] = _origin(ctx, param, source)
     return Given(values, origins)
 
 
@@ -145,10 +135,6 @@ def read_settings(path: Path, cls: type, layout: Layout) -> Given:
         raise SettingsError(f"{path}: {_describe(exc)}") from None
     values = _flatten(model, layout.keys(cls), path.resolve().parent)
     return Given(values, {name: f"{path}: {layout.key(name)}" for name in values})
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _first_not_plain(data: Any, key: str = "") -> tuple[str, object] | None:

@@ -26,10 +26,10 @@ def controlplane() -> None:
 
 
 # Options named after the Settings field they set; given, they override the --config file.
-SETTING_OPTIONS = {name: name for name in (
+SETTING_OPTIONS = frozenset({
     "state_dir", "host", "port", "policy_path", "gateway_endpoint", "gateway_receipts_endpoint",
     "gateway_plain_endpoint", "gateway_key_file", "audit_checkpoint_file", "public_url",
-    "launcher", "lease_s", "jobs_dir")}
+    "launcher", "lease_s", "jobs_dir"})
 STATE_HALVES = {"state_snapshots": "snapshot", "state_updates": "updates"}
 
 
@@ -39,7 +39,7 @@ def load_settings(ctx: click.Context, config_path: Path | None) -> Settings:
     from_file = read_settings(config_path, Settings, FILE_LAYOUT) if config_path else Given()
     given = options_given(ctx, SETTING_OPTIONS).over(_state_endpoints(ctx, from_file)).over(
         from_file).over(Given({"state_dir": DEFAULT_STATE_DIR}))
-    return given.build(Settings, FILE_LAYOUT)
+    return given.build(Settings)
 
 
 def _state_endpoints(ctx: click.Context, from_file: Given) -> Given:
@@ -124,6 +124,9 @@ def serve(ctx: click.Context, /, config_path: Path | None, **_options: object) -
 
     settings = load_settings(ctx, config_path)
     asyncio.run(require_initialised(settings))
+    if not settings.audit_checkpoints.parent.is_dir():
+        raise OneLineError(f"audit checkpoint file {settings.audit_checkpoints}: its directory "
+                           "does not exist (audit.checkpoint_file, --audit-checkpoints)")
     app = create_app(settings)
 
     def announce(_message: str) -> None:  # called once the socket is bound

@@ -174,6 +174,13 @@ def test_listening_on_every_address_without_a_public_url_is_refused(tmp_path: Pa
     assert allowed.public_base_url == "https://dsn.example"
 
 
+def test_an_audit_checkpoint_file_in_a_missing_directory_stops_the_start(tmp_path: Path) -> None:
+    assert dsn("admin", "init", "--state-dir", str(tmp_path / "state")).exit_code == 0
+    config = write(tmp_path, "state_dir: state\naudit:\n  checkpoint_file: gone/cp.jsonl\n")
+    assert_one_line_error(serve_with(config), f"audit checkpoint file {tmp_path.resolve()}/gone/"
+                          "cp.jsonl: its directory does not exist (audit.checkpoint_file")
+
+
 def test_the_shipped_example_for_a_site_loads() -> None:
     settings = settings_from("--config", str(EXAMPLE))
     assert settings.launcher == "slurm" and settings.launcher_options["sbatch_args"]

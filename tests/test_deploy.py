@@ -152,4 +152,5 @@ sessions:
     result = subprocess.run([DSN, "gateway", "run", "--config", str(config)],
                             capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2
+    assert f"error: {config}: " in result.stderr
     assert "sessions come from the control plane; leave sessions empty" in result.stderr
