@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import click
@@ -25,11 +26,8 @@ def controlplane() -> None:
     """Run the control plane: the REST service for projects, tokens, policies and audit."""
 
 
-# Options named after the Settings field they set; given, they override the --config file.
-SETTING_OPTIONS = frozenset({
-    "state_dir", "host", "port", "policy_path", "gateway_endpoint", "gateway_receipts_endpoint",
-    "gateway_plain_endpoint", "gateway_key_file", "audit_checkpoint_file", "public_url",
-    "launcher", "lease_s", "jobs_dir"})
+# serve's options are named after the Settings field they set (a given one overrides the file),
+# but for these two, which each set one half of ``state_endpoints``.
 STATE_HALVES = {"state_snapshots": "snapshot", "state_updates": "updates"}
 
 
@@ -37,7 +35,8 @@ def load_settings(ctx: click.Context, config_path: Path | None) -> Settings:
     """Settings from the options given, over the --config file, over the defaults; a bad value
     is named as it was given (``FILE: launcher.name``, ``--lease-s``)."""
     from_file = read_settings(config_path, Settings, FILE_LAYOUT) if config_path else Given()
-    given = options_given(ctx, SETTING_OPTIONS).over(_state_endpoints(ctx, from_file)).over(
+    fields = {field.name for field in dataclasses.fields(Settings)}
+    given = options_given(ctx, fields).over(_state_endpoints(ctx, from_file)).over(
         from_file).over(Given({"state_dir": DEFAULT_STATE_DIR}))
     return given.build(Settings)
 
