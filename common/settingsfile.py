@@ -1,15 +1,16 @@
 """Service configuration files: YAML whose keys are the fields of a frozen settings dataclass.
 
-``dsn controlplane serve --config FILE`` and ``dsn gateway run --config FILE`` read their settings
-here. Nothing is declared twice: the keys a file may hold and their types come from the dataclass's
-own fields and annotations, so a field added to the dataclass is a key of the file from then on.
+``dsn controlplane serve --config FILE`` reads its settings here (the gateway's file is a DSN
+configuration, ``common.config``). Nothing is declared twice: the keys a file may hold and their
+types come from the dataclass's own fields and annotations, so a field added to the dataclass is a
+key of the file from then on.
 A ``Layout`` says how the fields are written:
 
 - a field ``GROUP_REST`` whose prefix is one of the layout's ``groups`` is written inside a mapping
   ``GROUP: {REST: ...}`` (the control plane's ``audit_checkpoint_s`` is ``audit.checkpoint_s``);
 - ``renamed`` gives a field another dotted key, as deep as it likes (the control plane's
   ``launcher`` is ``launcher.name``, and ``slurm_timeout_s`` is ``launcher.slurm.timeout_s``);
-- ``internal`` fields are never read from a file (an injected clock);
+- ``internal`` fields are never read from a file (an injected clock, the names tokens carry);
 - every other field is a top-level key of its own name.
 
 Values are checked by type, strictly (``"30"`` is not ``30``, ``yes`` is not a string; a float
@@ -43,8 +44,8 @@ T = TypeVar("T")
 
 class SettingsError(DsnError):
     """Settings that cannot be used: a file that cannot be read, a key it should not hold, a value
-    of the wrong kind or out of bounds, a required setting not given. The message names the file
-    and key, or the option, at fault."""
+    of the wrong kind or out of bounds. The message names the file and key, or the option, at
+    fault."""
 
 
 @dataclass(frozen=True)
