@@ -164,6 +164,14 @@ def test_a_bad_option_is_named_as_the_option_over_a_good_file(tmp_path: Path) ->
     assert_one_line_error(serve_with(config, "--lease-s", "0"), "error: --lease-s: 0: must be")
 
 
+def test_an_option_set_in_the_environment_overrides_the_file_and_is_named_so(
+        tmp_path: Path) -> None:
+    config = write(tmp_path, "lease_s: 12\n")
+    result = dsn("controlplane", "serve", "--config", str(config),
+                 env={"DSN_CONTROLPLANE_SERVE_LEASE_S": "0"})
+    assert_one_line_error(result, "error: $DSN_CONTROLPLANE_SERVE_LEASE_S: 0: must be at least 1")
+
+
 def test_listening_on_every_address_without_a_public_url_is_refused(tmp_path: Path) -> None:
     config = write(tmp_path, "host: 0.0.0.0\n")
     line = assert_one_line_error(serve_with(config), f"{config}: host: '0.0.0.0'")
