@@ -95,7 +95,8 @@ def _state_endpoints(ctx: click.Context, from_file: Given) -> Given:
 @click.option("--launcher", default=None,
               help="How consumer jobs are started: local (mpiexec on this host) or slurm "
                    "(sbatch).  [default: local]")
-@click.option("--jobs-dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--jobs-dir", "jobs_root", metavar="DIR",
+              type=click.Path(file_okay=False, path_type=Path),
               default=None,
               help="Where each consumer job gets its directory (script, token file, output); "
                    "with slurm, a directory the compute nodes share.  [default: STATE_DIR/jobs]")
@@ -131,7 +132,7 @@ def serve(ctx: click.Context, /, config_path: Path | None, **_options: object) -
     def announce(_message: str) -> None:  # called once the socket is bound
         click.echo(f"control plane on {settings.base_url}, reached at "
                    f"{settings.public_base_url} (state {settings.state_dir}, jobs "
-                   f"{settings.jobs_directory})", err=True)
+                   f"{settings.jobs_dir})", err=True)
 
     # JSON lines on stderr. Tokens travel only in the Authorization header, which is not logged;
     # the access log names the path without its query string, where a client might put one.

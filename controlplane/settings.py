@@ -75,9 +75,10 @@ class Settings:
     ``local_grace_s``, how long a cancelled local job has between SIGTERM and SIGKILL (10);
     ``slurm_timeout_s``, how long an ``sbatch``/``squeue``/``sacct``/``scancel`` call may take (30);
     ``slurm_sbatch_args``, options added to every ``sbatch`` (``--partition=...``).
-    ``lease_s`` is how long a consumer stays live without a heartbeat; ``jobs_dir`` is where each
-    job gets its directory (default ``STATE_DIR/jobs``; with Slurm, a directory the compute nodes
-    share, which the state directory with its SQLite database should not be on).
+    ``lease_s`` is how long a consumer stays live without a heartbeat; ``jobs_root`` (the file's
+    ``jobs_dir``, ``--jobs-dir``) is where each job gets its directory (default ``STATE_DIR/jobs``,
+    see ``jobs_dir``; with Slurm, a directory the compute nodes share, which the state directory
+    with its SQLite database should not be on).
 
     ``public_url`` is the URL clients reach the service at (behind a TLS proxy); it is the
     ``issuer`` of the RFC 8414 metadata, the base of its endpoint URLs, and the control plane URL
@@ -118,7 +119,7 @@ class Settings:
     slurm_timeout_s: float | None = None
     slurm_sbatch_args: tuple[str, ...] = ()
     lease_s: int = 30
-    jobs_dir: Path | None = None
+    jobs_root: Path | None = None
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
     reconcile_s: float = 1.0
     public_url: str | None = None
@@ -216,9 +217,9 @@ class Settings:
         return self.state_dir / "gateways"
 
     @property
-    def jobs_directory(self) -> Path:
+    def jobs_dir(self) -> Path:
         """Where job directories are made (absolute: job scripts on other hosts name it)."""
-        return (self.jobs_dir or self.state_dir / "jobs").resolve()
+        return (self.jobs_root or self.state_dir / "jobs").resolve()
 
 
 # How ``dsn controlplane serve --config FILE`` writes the fields: ``gateway_endpoint`` as
@@ -229,7 +230,8 @@ FILE_LAYOUT: Final = Layout(groups=frozenset({"gateway", "audit"}),
                             renamed={"launcher": "launcher.name",
                                      "local_grace_s": "launcher.local.grace_s",
                                      "slurm_timeout_s": "launcher.slurm.timeout_s",
-                                     "slurm_sbatch_args": "launcher.slurm.sbatch_args"},
+                                     "slurm_sbatch_args": "launcher.slurm.sbatch_args",
+                                     "jobs_root": "jobs_dir"},
                             # Names every token carries: not for a site to change.
                             internal=frozenset({"clock", "issuer", "api_audience",
                                                 "gateway_audience"}))

@@ -176,7 +176,7 @@ def _run_session(group: ProcessGroup, gateway: Child, options: DemoOptions, sett
     say(f"[4/7] session {session}: consumer job ({JOB_TEMPLATE}, {options.ranks} ranks); "
         "waiting for its ranks to register")
     job = Job(net.url, token, session, _launch_job(net.url, token, session, options.ranks),
-              settings.jobs_directory)
+              settings.jobs_dir)
     _await_consumers(group, net, job, options.ranks)
     rows, cols = options.scan_shape
     say(f"[5/7] streaming a {rows}x{cols} scan from {plan.producers} producers "

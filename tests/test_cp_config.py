@@ -81,7 +81,7 @@ def test_a_good_file_sets_every_kind_of_setting_with_paths_read_from_its_directo
     assert settings.launcher_options == {"timeout_s": 45, "sbatch_args": ("--partition=dsn",
                                                                            "--qos=high")}
     assert settings.local_grace_s == 3
-    assert settings.jobs_directory == Path("/shared/dsn/jobs")
+    assert settings.jobs_dir == Path("/shared/dsn/jobs")
     assert settings.lease_s == 12
     assert settings.gateway_endpoint == "tcp://198.51.100.10:6555"
     assert settings.gateway_receipts == "tcp://198.51.100.10:6556"
@@ -95,13 +95,13 @@ def test_options_override_the_file_and_the_file_overrides_the_defaults(tmp_path:
     config = write(tmp_path, GOOD)
     defaults = settings_from()
     assert (defaults.port, defaults.launcher, defaults.lease_s) == (DEFAULT_PORT, "local", 30)
-    assert defaults.jobs_directory == (Path(".dsn") / "jobs").resolve()
+    assert defaults.jobs_dir == (Path(".dsn") / "jobs").resolve()
 
     given = settings_from("--config", str(config), "--port", "9100", "--launcher", "local",
                           "--lease-s", "5", "--jobs-dir", "elsewhere", "--state-updates",
                           "tcp://10.0.0.5:9999", "--gateway-key-file", "/keys/gw.key")
     assert (given.port, given.launcher, given.lease_s) == (9100, "local", 5)
-    assert given.jobs_directory == Path("elsewhere").resolve()  # an option's path: from the cwd
+    assert given.jobs_dir == Path("elsewhere").resolve()  # an option's path: from the cwd
     assert given.gateway_public_key_file == Path("/keys/gw.key")
     # One half of the state endpoints from an option, the other still from the file.
     assert given.state_endpoints == ("tcp://10.0.0.5:8761", "tcp://10.0.0.5:9999")
@@ -193,7 +193,7 @@ def test_the_shipped_example_for_a_site_loads() -> None:
     settings = settings_from("--config", str(EXAMPLE))
     assert settings.launcher == "slurm" and settings.launcher_options["sbatch_args"]
     assert settings.public_url and settings.state_dir.is_absolute()
-    assert settings.jobs_directory != settings.state_dir / "jobs"  # on the shared filesystem
+    assert settings.jobs_dir != settings.state_dir / "jobs"  # on the shared filesystem
     written = EXAMPLE.read_text()
     for key in FILE_LAYOUT.keys(Settings).values():  # every setting a site sets is shown
         if key not in ("leeway_s", "client_max_size", "body_timeout_s", "min_free_bytes",

@@ -402,7 +402,7 @@ async def test_a_local_job_runs_with_a_private_token_file_and_succeeds(cp: Contr
                              json={"template": "tiny-job", "params": {"marker": "hello"}})
     assert response.status == 202, await response.text()
     job = await poll_job(cp, token, response.headers["Location"])
-    workdir = cp.settings.jobs_directory / job["id"]
+    workdir = cp.settings.jobs_dir / job["id"]
     assert job["state"] == "succeeded", (workdir / "job.log").read_text()
     assert (job["launcher"], job["template"], job["exit_code"]) == ("local", "tiny-job", 0)
     assert (workdir / "output" / "marker").read_text() == "hello\n"
@@ -424,7 +424,7 @@ async def test_job_parameters_are_checked_before_anything_runs(cp: ControlPlane)
                              json={"template": "tiny-job", "params": {"marker": "NO\nPE"}})
     assert response.status == 400
     assert (await response.json())["errors"][0]["field"] == "params.marker"
-    assert not cp.settings.jobs_directory.exists() or not any(cp.settings.jobs_directory.iterdir())
+    assert not cp.settings.jobs_dir.exists() or not any(cp.settings.jobs_dir.iterdir())
 
 
 @pytest.fixture
@@ -456,8 +456,8 @@ async def test_a_slurm_job_is_submitted_with_sbatch_and_polled(
 
 
 def test_an_unknown_launcher_is_an_invalid_setting(tmp_path: Path) -> None:
-    with pytest.raises(InvalidSetting, match="launcher: 'nope': unknown launcher; known: "
-                                                 "local, slurm"):
+    with pytest.raises(InvalidSetting,
+                       match="launcher: 'nope': unknown launcher; known: local, slurm"):
         Settings(state_dir=tmp_path / "state", launcher="nope")
 
 

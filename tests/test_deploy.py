@@ -66,10 +66,10 @@ def test_the_units_run_a_dedicated_user_in_a_sandbox_from_their_config_file(
     assert service["ExecStart"].endswith(f"--config /etc/dsn/{config}")
 
 
-def test_the_control_plane_unit_may_write_the_jobs_directory_of_the_example() -> None:
+def test_the_control_plane_unit_may_write_the_jobs_dir_of_the_example() -> None:
     settings = settings_from("--config", str(REPO / "deploy" / "controlplane.yaml"))
     service = _unit("dsn-controlplane.service")["Service"]
-    assert str(settings.jobs_directory) in service["ReadWritePaths"].split()
+    assert str(settings.jobs_dir) in service["ReadWritePaths"].split()
     assert settings.state_dir == Path("/var/lib") / service["StateDirectory"]
 
 

@@ -64,7 +64,7 @@ class Session:
         job = await response.json()
         await eventually_async(self._live_consumers(RANKS), timeout_s=WAIT_S,
                                what="the job's ranks to register", interval_s=POLL_S)
-        return response.headers["Location"], self.cp.settings.jobs_directory / job["id"] / "job.log"
+        return response.headers["Location"], self.cp.settings.jobs_dir / job["id"] / "job.log"
 
     def _live_consumers(self, count: int) -> Callable[[], Any]:
         async def check() -> bool:

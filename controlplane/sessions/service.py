@@ -331,9 +331,9 @@ async def submit_job(services: Services, parent: Claims, session: SessionRecord,
 async def _prepare_job(services: Services, session: SessionRecord, body: JobSubmit, job_id: str,
                        token: str) -> tuple[JobSpec, int]:
     """Render the script (parameters are checked first), then lay out the job directory."""
-    workdir = services.settings.jobs_directory / job_id
+    workdir = services.settings.jobs_dir / job_id
     script, version = await _render_job(services, session, body, workdir)
-    await asyncio.to_thread(_prepare_job_dir, services.settings.jobs_directory, job_id,
+    await asyncio.to_thread(_prepare_job_dir, services.settings.jobs_dir, job_id,
                             await _job_config(services, session))
     return JobSpec(job_id=job_id, session_id=session.id, script=script, workdir=workdir,
                    token=token), version
