@@ -26,11 +26,9 @@ from test_cp_launchers import FakeSlurm
 from waiting import eventually_async
 
 from common.config import load_config
+from common.errors import InvalidSetting
 from common.keys import create_keypair, load_keypair
 from common.protocol import MAX_MANIFEST
-from controlplane.admin.bootstrap import initialize
-from controlplane.app import create_app
-from controlplane.errors import ConfigurationError
 from controlplane.sessions.core import (
     ConsumerRecord,
     admission_problem,
@@ -457,12 +455,10 @@ async def test_a_slurm_job_is_submitted_with_sbatch_and_polled(
     assert (job["template"], polled["state"]) == ("slurm-sbatch", "running")
 
 
-async def test_an_unknown_launcher_is_a_configuration_error(tmp_path: Path) -> None:
-    await initialize(tmp_path / "state", policy_path=SHIPPED_POLICY)
-    app = create_app(Settings(state_dir=tmp_path / "state", launcher="nope"))
-    app.freeze()
-    with pytest.raises(ConfigurationError, match="unknown launcher 'nope'; known: local, slurm"):
-        await app.startup()
+def test_an_unknown_launcher_is_an_invalid_setting(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSetting,
+                       match="launcher: 'nope': unknown launcher; known: local, slurm"):
+        Settings(state_dir=tmp_path / "state", launcher="nope")
 
 
 # --- results -------------------------------------------------------------------------------------
