@@ -156,6 +156,10 @@ class JobOut(ResponseBody):
     submitted_at: datetime
 
 
+class JobList(ResponseBody):
+    items: list[JobOut]
+
+
 class ScanOut(ResponseBody, ScanCounts):
     session: str
     scan: int

@@ -365,6 +365,19 @@ async def job_status(services: Services, job: JobRecord) -> JobStatus | None:
         return None
 
 
+async def cancel_job(services: Services, job: JobRecord) -> JobStatus | None:
+    """Stop one job (idempotent) and return its status. Its consumer token is revoked first, so a
+    job the launcher cannot stop can no longer register or report; None when the launcher no
+    longer knows the job (it is ``lost``: nothing is left to stop)."""
+    await revoke_token(services.store, job.token_jti, services.now())
+    try:
+        await _launcher(services, job.launcher).cancel(job.handle())
+    except NotFound:
+        return None
+    log.info("job %s of session %s cancelled", job.id, job.session_id)
+    return await job_status(services, job)
+
+
 async def cancel_jobs(services: Services, session_id: str) -> None:
     """Stop the jobs of an ended session; their tokens are already revoked, so a job that cannot
     be stopped can no longer act, and a failure is logged rather than undoing the end."""
