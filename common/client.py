@@ -40,6 +40,7 @@ from typing import Any, Final, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.answers import ScanCounts, SessionCounters
 from common.credentials import PlainCredentials
 from common.restclient import (
     MAX_RETRY_AFTER_S,
@@ -164,17 +165,7 @@ class Consumer(_Answer):
     left_at: datetime | None
 
 
-class Counters(_Answer):
-    live_consumers: int
-    consumers: int
-    jobs: int
-    scans: int
-    complete_scans: int
-    frames: int
-    events: int
-
-
-class Scan(_Answer):
+class Scan(_Answer, ScanCounts):
     """A scan's recorded result: the HDF5 file (``path``) and its ``sha256``, the counters, and
     ``status``: ``complete`` (nothing missing), ``partial`` (sectors lost: ``loss_manifest`` lists
     them when the result comes from ``Client.scan``), ``failed`` (no file: ``reason`` says why) or
@@ -188,14 +179,6 @@ class Scan(_Answer):
     status: str
     path: str
     sha256: str
-    frames: int
-    events: int
-    expected_sectors: int
-    received_sectors: int
-    duplicate_sectors: int
-    conflicting_duplicates: int
-    lost_sectors: int
-    incomplete_frames: int
     spooled_sectors: int
     lost_by_reason: dict[str, int]
     reason: str | None
@@ -213,7 +196,7 @@ class SessionDetail(Session):
 
     consumers: list[Consumer]
     scans: list[Scan]
-    counters: Counters
+    counters: SessionCounters
 
 
 class Job(_Answer):
@@ -530,9 +513,9 @@ def token_project(token: str) -> str | None:
 # The answers, the client, and the whole error tree in one import.
 __all__ = [
     "DEFAULT_TEMPLATE", "DEFAULT_URL", "MAX_RETRY_AFTER_S", "TOKEN_ENV", "URL_ENV",
-    "BadRequest", "Client", "ClientError", "Conflict", "Consumer", "Counters", "Forbidden",
+    "BadRequest", "Client", "ClientError", "Conflict", "Consumer", "Forbidden",
     "Gateway", "InvalidArgument", "Job", "MalformedAnswer", "NotFound", "OpenedSession",
     "RateLimited", "RestError", "Scan", "ServiceError", "ServiceUnavailable", "Session",
-    "SessionDetail", "Transport", "Unauthorized", "Unreachable", "WaitError", "WaitTimeout",
-    "token_claims", "token_project",
+    "SessionCounters", "SessionDetail", "Transport", "Unauthorized", "Unreachable", "WaitError",
+    "WaitTimeout", "token_claims", "token_project",
 ]

@@ -51,10 +51,6 @@ async def project_token(cp: ControlPlane) -> str:
     return str((await cp.project_token("alpha"))["token"])
 
 
-def base_url(cp: ControlPlane) -> str:
-    return str(cp.client.make_url("")).rstrip("/")
-
-
 def token_file(tmp_path: Path, token: str, mode: int = 0o600) -> Path:
     path = tmp_path / "project.token"
     path.write_text(token + "\n")
@@ -104,7 +100,7 @@ def kinds(headers: list[ProducerMessage]) -> dict[str, int]:
 async def test_an_opened_session_names_the_gateway_and_registers_the_client_key(
         cp: ControlPlane) -> None:
     token = await project_token(cp)
-    client = Client(base_url(cp), token)
+    client = Client(cp.url, token)
     client_public = zmq.curve_keypair()[0]
     opened = await asyncio.to_thread(client.open_session, "4dstem", {"hwm": 64},
                                      client_key=client_public, ttl=600)
@@ -124,7 +120,7 @@ async def test_an_opened_session_names_the_gateway_and_registers_the_client_key(
 
 
 async def test_bad_parameters_are_refused_with_their_fields(cp: ControlPlane) -> None:
-    client = Client(base_url(cp), await project_token(cp))
+    client = Client(cp.url, await project_token(cp))
     with pytest.raises(RestError, match=r"^POST /api/v1/sessions: 400 .*params\.hwm: ") as bad:
         await asyncio.to_thread(client.open_session, "4dstem", {"hwm": 0, "nope": 1},
                                 client_key=zmq.curve_keypair()[0])
@@ -138,7 +134,7 @@ async def test_bad_parameters_are_refused_with_their_fields(cp: ControlPlane) ->
 async def test_a_bad_token_is_401_and_never_echoed(cp: ControlPlane) -> None:
     forged = "eyJhbGciOiJFZERTQSJ9.bm90LWEtdG9rZW4.c2lnbmF0dXJl"
     slept: list[float] = []
-    client = Client(base_url(cp), forged, sleep=slept.append)
+    client = Client(cp.url, forged, sleep=slept.append)
     with pytest.raises(RestError, match=r"^POST /api/v1/sessions: 401 ") as refused:
         await asyncio.to_thread(client.open_session, client_key=zmq.curve_keypair()[0],
                                 project="alpha")
@@ -163,7 +159,7 @@ async def test_a_producer_session_streams_into_its_gateway_and_ends(
     spec = CameraSpec(scan_shape=(2, 2), seed=3)
     plan = StreamPlan(spec, producers=spec.sectors, seed=3)
     token = await project_token(cp)
-    session = ProducerSession(Client(base_url(cp), token), client=secret_file, end_on_exit=True)
+    session = ProducerSession(Client(cp.url, token), client=secret_file, end_on_exit=True)
     assert token not in repr(session) and token not in repr(session.controlplane)
 
     def run() -> str:
@@ -189,7 +185,7 @@ def invoke(args: list[str]) -> Result:
 async def test_the_cli_opens_a_session_and_streams_the_scan_into_it(
         cp: ControlPlane, gateway: StandInGateway, tmp_path: Path) -> None:
     token = await project_token(cp)
-    args = ["--controlplane", base_url(cp), "--project-token-file",
+    args = ["--controlplane", cp.url, "--project-token-file",
             str(token_file(tmp_path, token)), "--project", "alpha", "--param", "hwm=32",
             "--param", 'sources=["127.0.0.0/8"]', "--scan-shape", SCAN_SHAPE, "--scan", "9",
             "--no-progress", "--timeout", "10", "--end-session",
@@ -211,7 +207,7 @@ async def test_the_cli_opens_a_session_and_streams_the_scan_into_it(
 async def test_the_cli_takes_the_token_from_the_environment_and_the_project_from_the_token(
         cp: ControlPlane, gateway: StandInGateway) -> None:
     token = await project_token(cp)
-    args = ["--controlplane", base_url(cp), "--scan-shape", SCAN_SHAPE, "--no-progress",
+    args = ["--controlplane", cp.url, "--scan-shape", SCAN_SHAPE, "--no-progress",
             "--timeout", "10", "--no-receipt"]
     result, headers = await asyncio.gather(
         asyncio.to_thread(lambda: CliRunner().invoke(producer, ["stream", *args],
@@ -235,7 +231,7 @@ def test_a_token_file_and_the_environment_variable_together_are_refused(tmp_path
 async def test_the_cli_reports_a_refused_session_without_the_token(cp: ControlPlane,
                                                                     tmp_path: Path) -> None:
     token = await project_token(cp)
-    args = ["--controlplane", base_url(cp), "--project-token-file",
+    args = ["--controlplane", cp.url, "--project-token-file",
             str(token_file(tmp_path, token)), "--project", "alpha", "--param", "hwm=0"]
     result = await asyncio.to_thread(invoke, args)
     assert result.exit_code == 1

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common.answers import SessionCounters
 from controlplane.errors import InvalidRequest, NotFound
 from controlplane.launchers import JobStatus
 from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
@@ -38,7 +39,6 @@ from controlplane.sessions.models import (
     ScanOut,
     ScanQuery,
     ScanReport,
-    SessionCounters,
     SessionDetail,
     SessionList,
     SessionOpen,

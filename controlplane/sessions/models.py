@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
+from common.answers import MAX_COUNT, ScanCounts, SessionCounters
 from common.config import ConnectEndpoint, CurveKey
 from common.protocol import MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
@@ -16,7 +17,7 @@ from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-MAX_SCAN = 2**63 - 1  # SQLite INTEGER range
+MAX_SCAN = MAX_COUNT
 
 # A job the launcher no longer knows (a local job after a control-plane restart) is "lost".
 JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lost"]
@@ -24,7 +25,6 @@ JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lo
 TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 SessionIdText = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
-Count = Annotated[int, Field(ge=0, le=MAX_SCAN)]
 Host = Annotated[str, StringConstraints(min_length=1, max_length=253,
                                         pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:_-]*[A-Za-z0-9])?$")]
 ResultPath = Annotated[str, StringConstraints(min_length=2, max_length=4096,
@@ -72,19 +72,6 @@ class JobSubmit(RequestBody):
     template: TemplateName | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     ranks: Annotated[int, Field(ge=1, le=4096)] = 1
-
-
-class ScanCounts(BaseModel):
-    """A scan result's counters, as reported and as listed."""
-
-    frames: Count
-    events: Count
-    expected_sectors: Count
-    received_sectors: Count
-    duplicate_sectors: Count
-    conflicting_duplicates: Count
-    lost_sectors: Count
-    incomplete_frames: Count
 
 
 # The fields of common.results.ScanResult but the session and scan, which the URL names; the
@@ -189,16 +176,6 @@ class ScanDetail(ScanOut):
 
 class ScanDetails(ResponseBody):
     items: list[ScanDetail]
-
-
-class SessionCounters(ResponseBody):
-    live_consumers: int
-    consumers: int
-    jobs: int
-    scans: int
-    complete_scans: int
-    frames: int
-    events: int
 
 
 class SessionOut(ResponseBody):
