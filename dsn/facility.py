@@ -203,22 +203,20 @@ def list_jobs(client: Client, as_json: bool, session: str) -> None:
     show([_dump(job) for job in client.jobs(session)], JOB_COLUMNS, as_json=as_json)
 
 
-@jobs.command("show")
-@_with_client
-@click.argument("session")
-@click.argument("job")
-def show_job(client: Client, as_json: bool, session: str, job: str) -> None:
-    """Show one job: state (pending, running, succeeded, failed, cancelled, lost), exit code."""
-    show([_dump(client.job(session, job))], JOB_COLUMNS, as_json=as_json, single=True)
+def _job_command(name: str, doc: str, call: Callable[[Client, str, str], Job]) -> None:
+    """``dsn jobs NAME SESSION JOB``: print what ``call`` answers for that job."""
+    @jobs.command(name, help=doc)
+    @_with_client
+    @click.argument("session")
+    @click.argument("job")
+    def command(client: Client, as_json: bool, session: str, job: str) -> None:
+        show([_dump(call(client, session, job))], JOB_COLUMNS, as_json=as_json, single=True)
 
 
-@jobs.command("cancel")
-@_with_client
-@click.argument("session")
-@click.argument("job")
-def cancel(client: Client, as_json: bool, session: str, job: str) -> None:
-    """Cancel a job (cancelling a finished one is no error); the session stays open."""
-    show([_dump(client.cancel_job(session, job))], JOB_COLUMNS, as_json=as_json, single=True)
+_job_command("show", "Show one job: state (pending, running, succeeded, failed, cancelled, "
+                     "lost), exit code.", Client.job)
+_job_command("cancel", "Cancel a job (cancelling a finished one is no error); the session stays "
+                       "open.", Client.cancel_job)
 
 
 @jobs.command("wait")

@@ -17,15 +17,8 @@ from typing import Any
 
 import pytest
 from cp_helpers import ClientFactory, ControlPlane
-from test_cp_sessions_api import (
-    RESULT,
-    SLEEPY_JOB,
-    TINY_JOB,
-    consumer_token,
-    project_token,
-    save_template,
-    start_control_plane,
-)
+from test_cp_sessions_api import RESULT, consumer_token, project_token
+from test_facility_client import facility_control_plane
 
 from common.keys import create_keypair
 
@@ -34,15 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 async def cp(aiohttp_client: ClientFactory, tmp_path: Path) -> ControlPlane:
-    control_plane = await start_control_plane(aiohttp_client, tmp_path)
-    await control_plane.create_project("alpha")
-    await save_template(control_plane, TINY_JOB)
-    await save_template(control_plane, SLEEPY_JOB)
-    return control_plane
-
-
-def base_url(cp: ControlPlane) -> str:
-    return str(cp.client.make_url("")).rstrip("/")
+    return await facility_control_plane(aiohttp_client, tmp_path)
 
 
 class Dsn:
@@ -85,7 +70,7 @@ class Dsn:
 
 @pytest.fixture
 async def dsn(cp: ControlPlane, tmp_path: Path) -> Dsn:
-    return Dsn(base_url(cp), await project_token(cp), tmp_path)
+    return Dsn(cp.url, await project_token(cp), tmp_path)
 
 
 def producer_key(tmp_path: Path) -> Path:
@@ -227,14 +212,14 @@ async def test_an_unknown_job_is_one_line(dsn: Dsn) -> None:
 async def test_a_revoked_token_is_one_line(cp: ControlPlane, tmp_path: Path) -> None:
     issued = await cp.project_token("alpha")
     assert (await cp.admin("DELETE", f"/api/v1/tokens/{issued['jti']}")).status in (200, 204)
-    line = await Dsn(base_url(cp), issued["token"], tmp_path).fails("sessions", "list")
+    line = await Dsn(cp.url, issued["token"], tmp_path).fails("sessions", "list")
     assert line.startswith("error: GET /api/v1/sessions: 401 ") and "revoked" in line, line
 
 
 async def test_an_expired_token_is_one_line(cp: ControlPlane, tmp_path: Path) -> None:
     issued = await cp.project_token("alpha", ttl=60)
     cp.clock.advance(120)
-    line = await Dsn(base_url(cp), issued["token"], tmp_path).fails("scans", "list")
+    line = await Dsn(cp.url, issued["token"], tmp_path).fails("scans", "list")
     assert line.startswith("error: GET /api/v1/scans") and ": 401 " in line, line
     assert "expired" in line, line
 
@@ -244,10 +229,10 @@ async def test_a_token_of_another_kind_is_named(cp: ControlPlane, dsn: Dsn,
     token_out = tmp_path / "session.token"
     await opened(dsn, "--token-out", str(token_out))
     session_token = token_out.read_text().strip()
-    line = await Dsn(base_url(cp), session_token, tmp_path).fails("sessions", "list")
+    line = await Dsn(cp.url, session_token, tmp_path).fails("sessions", "list")
     assert line == "error: the token from $DSN_PROJECT_TOKEN is a session token; the client " \
                    "takes a project token"
-    admin = Dsn(base_url(cp), None, tmp_path)
+    admin = Dsn(cp.url, None, tmp_path)
     line = await admin.fails("jobs", "list", "s1", "--project-token-file",
                              str(cp.settings.state_dir / "admin.token"))
     assert line.endswith("is an admin token; the client takes a project token")
@@ -260,7 +245,7 @@ async def test_two_tokens_or_none_are_refused(cp: ControlPlane, dsn: Dsn, tmp_pa
     token_file.chmod(0o600)
     line = await dsn.fails("sessions", "list", "--project-token-file", str(token_file))
     assert line.startswith("error: two tokens given: --project-token-file")
-    line = await Dsn(base_url(cp), None, tmp_path).fails("sessions", "list")
+    line = await Dsn(cp.url, None, tmp_path).fails("sessions", "list")
     assert line == "error: no token: give --project-token-file or set DSN_PROJECT_TOKEN"
 
 

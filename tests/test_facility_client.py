@@ -40,8 +40,9 @@ from common.client import (
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-async def cp(aiohttp_client: ClientFactory, tmp_path: Path) -> ControlPlane:
+async def facility_control_plane(aiohttp_client: ClientFactory, tmp_path: Path) -> ControlPlane:
+    """A control plane with projects alpha and beta, and a job that ends at once (tiny-job) and
+    one that runs until it is stopped (sleepy-job)."""
     control_plane = await start_control_plane(aiohttp_client, tmp_path)
     for project in ("alpha", "beta"):
         await control_plane.create_project(project)
@@ -50,12 +51,13 @@ async def cp(aiohttp_client: ClientFactory, tmp_path: Path) -> ControlPlane:
     return control_plane
 
 
-def base_url(cp: ControlPlane) -> str:
-    return str(cp.client.make_url("")).rstrip("/")
+@pytest.fixture
+async def cp(aiohttp_client: ClientFactory, tmp_path: Path) -> ControlPlane:
+    return await facility_control_plane(aiohttp_client, tmp_path)
 
 
 async def client_of(cp: ControlPlane, project: str = "alpha", **options: Any) -> Client:
-    return Client(base_url(cp), await project_token(cp, project), poll_s=0.05, **options)
+    return Client(cp.url, await project_token(cp, project), poll_s=0.05, **options)
 
 
 def producer_key() -> bytes:
@@ -166,7 +168,7 @@ async def test_each_refusal_is_the_error_its_status_names_without_the_token(
         await asyncio.to_thread(beta.session, session)
     issued = await cp.project_token("alpha")
     await cp.admin("DELETE", f"/api/v1/tokens/{issued['jti']}")
-    revoked = Client(base_url(cp), issued["token"])
+    revoked = Client(cp.url, issued["token"])
     with pytest.raises(Unauthorized, match="revoked") as refused:
         await asyncio.to_thread(revoked.sessions)
     assert issued["token"] not in str(refused.value) + repr(refused.value.args)
@@ -175,7 +177,7 @@ async def test_each_refusal_is_the_error_its_status_names_without_the_token(
 async def test_a_token_of_another_kind_or_a_bad_url_is_refused_before_asking(
         cp: ControlPlane) -> None:
     with pytest.raises(InvalidArgument, match="is an admin token; the client takes a project"):
-        Client(base_url(cp), cp.admin_token)
+        Client(cp.url, cp.admin_token)
     with pytest.raises(InvalidArgument, match=r"http\(s\)://HOST:PORT"):
         Client("file:///etc/passwd", await project_token(cp))
 
