@@ -7,19 +7,27 @@ client), waits for the scan's result and reads its file path and SHA-256::
     from common.client import Client
 
     client = Client.from_token_file("http://127.0.0.1:8750", "project.token")
-    for session in client.sessions():
-        print(session.id, session.state)
+    with client:  # leaving the block ends the sessions it opened
+        session = client.open_session("4dstem", client_key=producer_public_key)
+        job = client.launch_job(session.id, "local-mpiexec", {"scans": 1}, ranks=2)
+        client.wait_registered(session.id, job.id, timeout_s=120)
+        ...  # stream scan 0 (dataplane.producer.ProducerSession does it for this client)
+        result = client.wait_result(session.id, 0, timeout_s=300, job=job.id)
+    print(result.status, result.path, result.sha256)
+
+docs/client.md has the whole worked example.
 
 Every answer is a typed, validated, immutable object (``Session``, ``SessionDetail``,
-``OpenedSession``, ``Job``, ``Scan``); fields the service adds later are ignored, so an older
-client keeps working. Every failure is a ``ClientError`` (``common.restclient`` documents the
-tree: ``NotFound``, ``Forbidden``, ``Conflict``, ... carrying the status, title, detail, field
-errors and request id of the service's problem+json answer); a wait that does not reach its end is
-a ``WaitError`` (``WaitTimeout`` when time ran out). Calls are bounded by ``timeout_s``; an answer
-of no connection, 429 or 5xx is asked again up to ``attempts`` times with backoff, never sooner
-than a ``Retry-After`` says (and not at all when that is beyond ``MAX_RETRY_AFTER_S``); requests
-that create something are retried only when the service cannot have acted on them (no answer, 429,
-503). The token goes only into the ``Authorization`` header: no message, ``repr`` or log shows it.
+``OpenedSession``, ``Job``, ``Scan``); fields the service adds later are ignored and states are read
+as plain strings (the service's own models pin them), so an older client keeps working when a newer
+service adds a field or a state. Every failure is a ``ClientError`` (``common.restclient`` documents
+the tree: ``NotFound``, ``Forbidden``, ``Conflict``, ... carrying the status, title, detail, field
+errors and request id of the service's problem+json answer); a wait that does not reach its end is a
+``WaitError`` (``WaitTimeout`` when time ran out). Calls are bounded by ``timeout_s``; an answer of
+no connection, 429 or 5xx is asked again up to ``attempts`` times with backoff, never sooner than a
+``Retry-After`` says (and not at all when that is beyond ``MAX_RETRY_AFTER_S``); requests that
+create something are retried only when the service cannot have acted on them (no answer, 429, 503).
+The token goes only into the ``Authorization`` header: no message, ``repr`` or log shows it.
 
 It needs nothing of the control plane's server, the gateway or the data plane: importing it loads
 the standard library, pydantic and this package.
