@@ -250,7 +250,8 @@ def wait(client: Client, as_json: bool, session: str, job: str, registered: bool
         raise OneLineError(str(exc)) from None
     _print_job(seen, as_json)
     if not registered and seen.state != "succeeded":
-        raise OneLineError(f"job {job} {seen.state}: {seen.detail}")
+        raise OneLineError(f"job {job} {seen.state}"
+                           + ("" if seen.detail == seen.state else f": {seen.detail}"))
 
 
 def _print_job(job: object, as_json: bool) -> None:

@@ -156,7 +156,7 @@ async def test_waiting_reflects_a_cancelled_job_and_a_timeout_in_its_exit_status
     assert (await dsn.json("jobs", "cancel", session, job))["state"] == "cancelled"
     assert (await dsn.json("jobs", "cancel", session, job))["state"] == "cancelled"
     line = await dsn.fails("jobs", "wait", session, job)
-    assert line.startswith(f"error: job {job} cancelled")
+    assert line == f"error: job {job} cancelled"
     assert (await dsn.json("sessions", "show", session))["state"] == "open"
 
 
