@@ -25,6 +25,7 @@ from common.client import (
     URL_ENV,
     Client,
     Job,
+    SessionDetail,
     WaitError,
     WaitTimeout,
 )
@@ -81,8 +82,16 @@ def _param_option(what: str) -> Callable[[F], F]:
                              "where it parses (numbers, lists), else as a string.")
 
 
-def _dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json")
+M = TypeVar("M", bound=BaseModel)
+
+
+def _print(answers: list[M], columns: Columns, as_json: bool, *, single: bool = False,
+           cells: Callable[[M], dict[str, Any]] | None = None) -> None:
+    """The answers as the API gave them (``--json``), or as table rows, where ``cells`` adds the
+    columns a table shows that the answer nests or leaves to be counted."""
+    rows = [a.model_dump(mode="json") | (cells(a) if cells and not as_json else {})
+            for a in answers]
+    show(rows, columns, as_json=as_json, single=single)
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -129,9 +138,8 @@ def open_command(client: Client, as_json: bool, client_key: Path, template: str,
                                  project=project)
     if token_out is not None:
         create_private_file(token_out, f"{opened.token}\n".encode())
-    row = {**_dump(opened), "gateway": opened.gateway.endpoint,
-           "server_key": opened.gateway.server_key}
-    show([row], OPENED_COLUMNS, as_json=as_json, single=True)
+    _print([opened], OPENED_COLUMNS, as_json, single=True,
+           cells=lambda s: {"gateway": s.gateway.endpoint, "server_key": s.gateway.server_key})
 
 
 @sessions.command("list")
@@ -141,8 +149,8 @@ def open_command(client: Client, as_json: bool, client_key: Path, template: str,
 def list_sessions(client: Client, as_json: bool, project: str | None, only_open: bool) -> None:
     """List the project's sessions, oldest first, with their states and live consumers."""
     listed = [s for s in client.sessions(project) if not only_open or s.state == "open"]
-    show([{**_dump(s), "live_consumers": len(s.consumer_endpoints)} for s in listed],
-         SESSION_COLUMNS, as_json=as_json)
+    _print(listed, SESSION_COLUMNS, as_json,
+           cells=lambda s: {"live_consumers": len(s.consumer_endpoints)})
 
 
 @sessions.command("show")
@@ -150,9 +158,7 @@ def list_sessions(client: Client, as_json: bool, project: str | None, only_open:
 @click.argument("session")
 def show_session(client: Client, as_json: bool, session: str) -> None:
     """Show one session: state, expiry, gateway, counters (--json: its consumers and scans too)."""
-    detail = client.session(session)
-    show([_detail_row(detail) if not as_json else _dump(detail)], DETAIL_COLUMNS,
-         as_json=as_json, single=True)
+    _print([client.session(session)], DETAIL_COLUMNS, as_json, single=True, cells=_detail_cells)
 
 
 @sessions.command("end")
@@ -161,14 +167,13 @@ def show_session(client: Client, as_json: bool, session: str) -> None:
 def end_session(client: Client, as_json: bool, session: str) -> None:
     """End a session (ending an ended one is no error): its tokens are revoked, its consumer
     jobs cancelled, and the gateway stops admitting its producer at once."""
-    detail = client.end_session(session)
-    show([_detail_row(detail) if not as_json else _dump(detail)], DETAIL_COLUMNS,
-         as_json=as_json, single=True)
+    _print([client.end_session(session)], DETAIL_COLUMNS, as_json, single=True,
+           cells=_detail_cells)
 
 
-def _detail_row(detail: Any) -> dict[str, Any]:
+def _detail_cells(detail: SessionDetail) -> dict[str, Any]:
     counters = detail.counters
-    return {**_dump(detail), "live_consumers": counters.live_consumers, "jobs": counters.jobs,
+    return {"live_consumers": counters.live_consumers, "jobs": counters.jobs,
             "scans": counters.scans, "gateway": detail.gateway.endpoint}
 
 
@@ -192,7 +197,7 @@ def launch(client: Client, as_json: bool, session: str, template: str | None,
            param_pairs: tuple[str, ...], ranks: int) -> None:
     """Submit a consumer job for SESSION; its ranks register with the session as they start."""
     job = client.launch_job(session, template, template_params(param_pairs), ranks=ranks)
-    show([_dump(job)], JOB_COLUMNS, as_json=as_json, single=True)
+    _print([job], JOB_COLUMNS, as_json, single=True)
 
 
 @jobs.command("list")
@@ -200,7 +205,7 @@ def launch(client: Client, as_json: bool, session: str, template: str | None,
 @click.argument("session")
 def list_jobs(client: Client, as_json: bool, session: str) -> None:
     """List SESSION's consumer jobs, oldest first, with their launcher states."""
-    show([_dump(job) for job in client.jobs(session)], JOB_COLUMNS, as_json=as_json)
+    _print(client.jobs(session), JOB_COLUMNS, as_json)
 
 
 def _job_command(name: str, doc: str, call: Callable[[Client, str, str], Job]) -> None:
@@ -210,7 +215,7 @@ def _job_command(name: str, doc: str, call: Callable[[Client, str, str], Job]) -
     @click.argument("session")
     @click.argument("job")
     def command(client: Client, as_json: bool, session: str, job: str) -> None:
-        show([_dump(call(client, session, job))], JOB_COLUMNS, as_json=as_json, single=True)
+        _print([call(client, session, job)], JOB_COLUMNS, as_json, single=True)
 
 
 _job_command("show", "Show one job: state (pending, running, succeeded, failed, cancelled, "
@@ -256,7 +261,7 @@ def wait(client: Client, as_json: bool, session: str, job: str, registered: bool
 
 def _print_job(job: object, as_json: bool) -> None:
     if isinstance(job, Job):
-        show([_dump(job)], JOB_COLUMNS, as_json=as_json, single=True)
+        _print([job], JOB_COLUMNS, as_json, single=True)
 
 
 # --- scans ---------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def list_scans(client: Client, as_json: bool, project: str | None, session: str 
                limit: int) -> None:
     """List recorded scan results, oldest first: the project's, or one session's."""
     found = client.scans(project, session=session, limit=limit)
-    show([_dump(scan) for scan in found], SCAN_COLUMNS, as_json=as_json)
+    _print(found, SCAN_COLUMNS, as_json)
 
 
 @scans.command("show")
@@ -287,11 +292,8 @@ def show_scan(client: Client, as_json: bool, session: str, scan: int) -> None:
     """Show every result of one scan: the consumer job's and, if it spooled or interrupted the
     scan, the gateway's; with the output file, its SHA-256 and the sectors lost (--json: the
     loss manifest itself)."""
-    results = client.scan_results(session, scan)
-    rows = [_dump(r) if as_json else {**_dump(r), "manifest": _manifest(r.loss_manifest,
-                                                                        r.manifest_truncated)}
-            for r in results]
-    show(rows, SCAN_DETAIL_COLUMNS, as_json=as_json)
+    _print(client.scan_results(session, scan), SCAN_DETAIL_COLUMNS, as_json,
+           cells=lambda r: {"manifest": _manifest(r.loss_manifest, r.manifest_truncated)})
 
 
 def _manifest(entries: tuple[tuple[int, int, str], ...], truncated: bool) -> str:
