@@ -31,6 +31,8 @@ from common.client import (
     MalformedAnswer,
     NotFound,
     RateLimited,
+    ServiceError,
+    ServiceUnavailable,
     Unauthorized,
     Unreachable,
     WaitError,
@@ -219,3 +221,33 @@ async def test_an_answer_unlike_the_api_names_the_fields_not_their_values(
     with pytest.raises(MalformedAnswer, match=r"a listed item\) is malformed: project: ") as bad:
         await asyncio.to_thread(client.sessions)
     assert "secret-value" not in str(bad.value)
+
+
+async def test_a_failing_service_is_asked_again_only_where_that_cannot_do_a_thing_twice(
+        aiohttp_client: ClientFactory) -> None:
+    """A stand-in service (the real one fails so only under faults): 503 with Retry-After on
+    reads, 500 on opening a session."""
+    asked: list[str] = []
+
+    async def unavailable(request: web.Request) -> web.Response:
+        asked.append(request.method)
+        if request.method == "GET":
+            return web.json_response({"title": "Store unavailable"}, status=503,
+                                     headers={"Retry-After": "2"})
+        return web.json_response({"title": "Internal error"}, status=500)
+
+    app = web.Application()
+    app.router.add_route("*", "/api/v1/sessions", unavailable)
+    server = await aiohttp_client(app)
+    slept: list[float] = []
+    client = Client(str(server.make_url("")).rstrip("/"), "t", project="alpha",
+                    sleep=slept.append)
+    with pytest.raises(ServiceUnavailable, match="503 Store unavailable") as read:
+        await asyncio.to_thread(client.sessions)
+    assert (read.value.retry_after_s, slept, asked) == (2.0, [2.0, 2.0, 2.0], ["GET"] * 4)
+    slept.clear()
+    asked.clear()
+    # The first open may have taken effect before the 500: a second would open another session.
+    with pytest.raises(ServiceError, match="500 Internal error"):
+        await asyncio.to_thread(client.open_session, client_key=producer_key())
+    assert (slept, asked) == ([], ["POST"])
