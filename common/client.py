@@ -48,7 +48,14 @@ from typing import Any, Final, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.answers import ScanCounts, SessionCounters
+from common.answers import (
+    ConsumerBody,
+    GatewayInfo,
+    JobBody,
+    ScanBody,
+    SessionBody,
+    SessionCounters,
+)
 from common.credentials import PlainCredentials
 from common.restclient import (
     MAX_RETRY_AFTER_S,
@@ -111,32 +118,10 @@ class _Answer(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
-class Gateway(_Answer):
-    """Where a session's producers stream: ``endpoint`` (CURVE), its Z85 ``server_key``, the
-    plaintext ingress if the service has one, and the receipts endpoint."""
-
-    endpoint: str
-    server_key: str = Field(min_length=40, max_length=40, pattern=r"^[\x21-\x7e]{40}$")
-    plain_endpoint: str | None = None
-    receipts_endpoint: str | None = None
-
-
-class Session(_Answer):
+class Session(_Answer, SessionBody):
     """A session as listed. ``state``: ``open``, ``ended`` or ``expired``; ``config`` is its DSN
-    configuration with the consumers live at the time of asking."""
-
-    id: str
-    project: str
-    template: str
-    template_version: int
-    params: dict[str, Any]
-    client_key: str
-    state: str
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
-    config: dict[str, Any]
-    gateway: Gateway
+    configuration with the consumers live at the time of asking; ``gateway`` where its producers
+    stream."""
 
     @property
     def consumer_endpoints(self) -> list[str]:
@@ -158,39 +143,17 @@ class OpenedSession(Session):
         return PlainCredentials.of(self.id, self.token)
 
 
-class Consumer(_Answer):
+class Consumer(_Answer, ConsumerBody):
     """One registered consumer rank; ``state``: ``live``, ``expired`` or ``left``."""
 
-    id: str
-    session: str
-    job_id: str
-    rank: int
-    endpoint: str
-    host: str
-    state: str
-    registered_at: datetime
-    lease_expires_at: datetime
-    left_at: datetime | None
 
-
-class Scan(_Answer, ScanCounts):
+class Scan(_Answer, ScanBody):
     """A scan's recorded result: the HDF5 file (``path``) and its ``sha256``, the counters, and
     ``status``: ``complete`` (nothing missing), ``partial`` (sectors lost: ``loss_manifest`` lists
     them when the result comes from ``Client.scan``), ``failed`` (no file: ``reason`` says why) or
     ``spooled`` (``source`` ``gateway``: no consumer took the scan; ``path`` is the spool file to
     replay)."""
 
-    session: str
-    scan: int
-    project: str
-    source: str
-    status: str
-    path: str
-    sha256: str
-    spooled_sectors: int
-    lost_by_reason: dict[str, int]
-    reason: str | None
-    reported_at: datetime
     loss_manifest: tuple[tuple[int, int, str], ...] = ()
     manifest_truncated: bool = False
 
@@ -207,20 +170,9 @@ class SessionDetail(Session):
     counters: SessionCounters
 
 
-class Job(_Answer):
+class Job(_Answer, JobBody):
     """A consumer job; ``state`` as its launcher sees it: ``pending``, ``running``, ``succeeded``,
     ``failed``, ``cancelled``, or ``lost`` (the launcher no longer knows it)."""
-
-    id: str
-    session: str
-    template: str
-    template_version: int
-    launcher: str
-    ranks: int
-    state: str
-    exit_code: int | None
-    detail: str
-    submitted_at: datetime
 
     @property
     def finished(self) -> bool:
@@ -522,7 +474,7 @@ def token_project(token: str) -> str | None:
 __all__ = [
     "DEFAULT_TEMPLATE", "DEFAULT_URL", "MAX_RETRY_AFTER_S", "TOKEN_ENV", "URL_ENV",
     "BadRequest", "Client", "ClientError", "Conflict", "Consumer", "Forbidden",
-    "Gateway", "InvalidArgument", "Job", "MalformedAnswer", "NotFound", "OpenedSession",
+    "GatewayInfo", "InvalidArgument", "Job", "MalformedAnswer", "NotFound", "OpenedSession",
     "RateLimited", "RestError", "Scan", "ServiceError", "ServiceUnavailable", "Session",
     "SessionCounters", "SessionDetail", "Transport", "Unauthorized", "Unreachable", "WaitError",
     "WaitTimeout", "token_claims", "token_project",

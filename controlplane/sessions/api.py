@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from common.answers import SessionCounters
+from common.answers import GatewayInfo, SessionCounters
 from controlplane.errors import InvalidRequest, NotFound
 from controlplane.launchers import JobStatus
 from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
@@ -29,7 +29,6 @@ from controlplane.sessions.models import (
     MAX_SCAN,
     ConsumerOut,
     ConsumerRegister,
-    GatewayInfo,
     JobList,
     JobOut,
     JobSubmit,

@@ -7,7 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from common.answers import MAX_COUNT, ScanCounts, SessionCounters
+from common.answers import (
+    MAX_COUNT,
+    ConsumerBody,
+    JobBody,
+    ScanBody,
+    ScanCounts,
+    SessionBody,
+    SessionCounters,
+)
 from common.config import ConnectEndpoint, CurveKey
 from common.protocol import MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
@@ -110,55 +118,21 @@ class ScanQuery(QueryParams):
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
-class GatewayInfo(ResponseBody):
-    endpoint: str
-    server_key: str
-    plain_endpoint: str | None = None  # the plaintext ingress, for sessions with transport plain
-    receipts_endpoint: str  # where producers ask what became of their scans (common.receipts)
-
-
-class ConsumerOut(ResponseBody):
-    id: str
-    session: str
-    job_id: str
-    rank: int
-    endpoint: str
-    host: str
+class ConsumerOut(ResponseBody, ConsumerBody):
     state: LeaseState
-    registered_at: datetime
-    lease_expires_at: datetime
-    left_at: datetime | None
 
 
-class JobOut(ResponseBody):
-    id: str
-    session: str
-    template: str
-    template_version: int
-    launcher: str
-    ranks: int
+class JobOut(ResponseBody, JobBody):
     state: JobState
-    exit_code: int | None
-    detail: str
-    submitted_at: datetime
 
 
 class JobList(ResponseBody):
     items: list[JobOut]
 
 
-class ScanOut(ResponseBody, ScanCounts):
-    session: str
-    scan: int
-    project: str
-    path: str
-    sha256: str
+class ScanOut(ResponseBody, ScanBody):
     status: ScanStatus
-    reported_at: datetime
     source: ScanSource
-    reason: str | None
-    spooled_sectors: int
-    lost_by_reason: dict[str, int]
 
 
 class ScanList(ResponseBody):
@@ -178,21 +152,10 @@ class ScanDetails(ResponseBody):
     items: list[ScanDetail]
 
 
-class SessionOut(ResponseBody):
+class SessionOut(ResponseBody, SessionBody):
     """A session; ``config`` is its DSN configuration with the currently live consumers."""
 
-    id: str
-    project: str
-    template: str
-    template_version: int
-    params: dict[str, Any]
-    client_key: str
     state: SessionState
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
-    config: dict[str, Any]
-    gateway: GatewayInfo
 
 
 class SessionList(ResponseBody):

@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from common import strictyaml
+from common.answers import GatewayInfo
 from common.clone import AckOutcome
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
@@ -52,7 +53,6 @@ from controlplane.sessions.core import (
 )
 from controlplane.sessions.models import (
     ConsumerRegister,
-    GatewayInfo,
     JobSubmit,
     ScanReport,
     SessionOpen,
