@@ -262,7 +262,7 @@ async def test_sessions_are_listed_per_project_and_all_for_admins(cp: ControlPla
 # --- cross-project access: 403 on every route ----------------------------------------------------
 
 CROSS = [("GET", "", None), ("DELETE", "", None), ("POST", "/jobs", {"template": "tiny-job"}),
-         ("GET", "/jobs/j1", None)]
+         ("GET", "/jobs", None), ("GET", "/jobs/j1", None), ("DELETE", "/jobs/j1", None)]
 CROSS_CONSUMER = [("POST", "/consumers", {"endpoint": "tcp://127.0.0.1:6001", "rank": 0,
                                           "job_id": "j", "host": "h"}),
                   ("PUT", "/consumers/c1", None), ("DELETE", "/consumers/c1", None),
@@ -415,6 +415,42 @@ async def test_a_local_job_runs_with_a_private_token_file_and_succeeds(cp: Contr
                                                        frozenset({TokenKind.CONSUMER})))
     assert (claims.project, claims.sub) == ("alpha", f"job:{job['id']}")
     assert "consumers:register" in claims.scope
+
+
+SLEEPY_JOB = """\
+name: sleepy-job
+kind: job
+description: A test job that runs until it is stopped.
+parameters: {}
+body: |
+  #!/bin/bash
+  exec sleep 600
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_a_sessions_jobs_are_listed_and_one_is_cancelled(cp: ControlPlane) -> None:
+    await save_template(cp, SLEEPY_JOB)
+    token, session = await opened(cp)
+    jobs = f"/api/v1/sessions/{session['id']}/jobs"
+    first, second = [await (await cp.call("POST", jobs, token, json={"template": "sleepy-job"})
+                            ).json() for _ in range(2)]
+    listed = await (await cp.call("GET", jobs, token)).json()
+    assert [(j["id"], j["state"]) for j in listed["items"]] == [
+        (first["id"], "running"), (second["id"], "running")]
+
+    cancelled = await cp.call("DELETE", f"{jobs}/{first['id']}", token)
+    assert cancelled.status == 200 and (await cancelled.json())["state"] == "cancelled"
+    again = await cp.call("DELETE", f"{jobs}/{first['id']}", token)  # idempotent
+    assert (await again.json())["state"] == "cancelled"
+    job_token = (cp.settings.jobs_dir / first["id"] / "token").read_text()
+    refused = await cp.call("POST", f"/api/v1/sessions/{session['id']}/consumers", job_token,
+                            json={"endpoint": "tcp://127.0.0.1:6001", "rank": 0,
+                                  "job_id": first["id"], "host": "h"})
+    assert refused.status == 401
+    listed = await (await cp.call("GET", jobs, token)).json()
+    assert [j["state"] for j in listed["items"]] == ["cancelled", "running"]
+    assert (await cp.call("DELETE", f"{jobs}/j-none", token)).status == 404
 
 
 async def test_job_parameters_are_checked_before_anything_runs(cp: ControlPlane) -> None:

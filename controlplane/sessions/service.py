@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from common import strictyaml
+from common.answers import GatewayInfo
 from common.clone import AckOutcome
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
@@ -52,7 +53,6 @@ from controlplane.sessions.core import (
 )
 from controlplane.sessions.models import (
     ConsumerRegister,
-    GatewayInfo,
     JobSubmit,
     ScanReport,
     SessionOpen,
@@ -363,6 +363,19 @@ async def job_status(services: Services, job: JobRecord) -> JobStatus | None:
         return await _launcher(services, job.launcher).status(job.handle())
     except NotFound:
         return None
+
+
+async def cancel_job(services: Services, job: JobRecord) -> JobStatus | None:
+    """Stop one job (idempotent) and return its status. Its consumer token is revoked first, so a
+    job the launcher cannot stop can no longer register or report; None when the launcher no
+    longer knows the job (it is ``lost``: nothing is left to stop)."""
+    await revoke_token(services.store, job.token_jti, services.now())
+    try:
+        await _launcher(services, job.launcher).cancel(job.handle())
+    except NotFound:
+        return None
+    log.info("job %s of session %s cancelled", job.id, job.session_id)
+    return await job_status(services, job)
 
 
 async def cancel_jobs(services: Services, session_id: str) -> None:
