@@ -187,6 +187,18 @@ class Session(_Model):
         return any(ip in ipaddress.ip_network(net) for net in self.allowed_networks)
 
 
+class ControlPlaneLink(_Model):
+    """Where a gateway in control-plane mode follows the sessions: the control plane's state
+    service (``dsn gateway run --controlplane-state``, ``--state-key``, ``--max-sector-bytes``)."""
+
+    state_snapshots: ConnectEndpoint
+    state_updates: ConnectEndpoint
+    # The state service's CURVE public key (the control plane's STATE_DIR/keys/state.key).
+    state_key_file: Path
+    # Largest data message a session may carry (the ingress limit is fixed when it binds).
+    max_sector_bytes: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] | None = None
+
+
 class GatewaySettings(_Model):
     ingress: BindEndpoint = "tcp://127.0.0.1:5555"
     server_secret_key_file: Path
@@ -201,6 +213,8 @@ class GatewaySettings(_Model):
     # Where producers ask what became of their scans (common.receipts); default: the port after
     # the ingress's.
     receipts: BindEndpoint | None = None
+    # Set: the gateway serves the sessions the control plane publishes, not the file's.
+    controlplane: ControlPlaneLink | None = None
 
     @model_validator(mode="after")
     def _receipts_beside_the_ingress(self) -> GatewaySettings:
@@ -223,6 +237,9 @@ class DSNConfig(_Model):
         ids = [s.id for s in self.sessions]
         if len(set(ids)) != len(ids):
             raise ValueError("two sessions share an id")
+        if self.gateway.controlplane is not None and self.sessions:
+            raise ValueError("gateway.controlplane is set: sessions come from the control plane;"
+                             " leave sessions empty")
         keys = [k for s in self.sessions for k in s.client_keys]
         if len(set(keys)) != len(keys):
             raise ValueError("a client key belongs to more than one session")
@@ -255,8 +272,12 @@ def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
         return config
     paths = {"server_secret_key_file": config.gateway.server_secret_key_file,
              "spool_dir": config.gateway.spool_dir}
-    relative = {key: base_dir / path for key, path in paths.items()
-                if path is not None and not path.is_absolute()}
+    relative: dict[str, object] = {key: base_dir / path for key, path in paths.items()
+                                   if path is not None and not path.is_absolute()}
+    link = config.gateway.controlplane
+    if link is not None and not link.state_key_file.is_absolute():
+        relative["controlplane"] = link.model_copy(
+            update={"state_key_file": base_dir / link.state_key_file})
     if relative:
         gateway = config.gateway.model_copy(update=relative)
         config = config.model_copy(update={"gateway": gateway})
@@ -266,14 +287,11 @@ def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
 def load_config(path: Path) -> DSNConfig:
     """Read and validate a DSN configuration file (strict safe YAML, at most 1 MiB)."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
+        data = strictyaml.load_file(path, MAX_CONFIG_BYTES)
+    except strictyaml.FileError as exc:
+        raise ConfigError(str(exc)) from None
     try:
-        data = strictyaml.load(raw)
-    except strictyaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    # Absolute: paths derived from it (spool files) are reported to other hosts and processes.
-    return parse_config(data, base_dir=path.resolve().parent)
+        # Absolute: paths derived from it (spool files) are reported to other hosts and processes.
+        return parse_config(data, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

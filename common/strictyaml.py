@@ -8,11 +8,16 @@ silently, so a reviewer could read one value while another applies).
 from __future__ import annotations
 
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 YAMLError = yaml.YAMLError
+
+
+class FileError(Exception):
+    """A YAML file that cannot be read or parsed; the message names the file and the problem."""
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -49,3 +54,21 @@ def dump(data: Any) -> str:
 def load(text: str | bytes) -> Any:
     """Parse one YAML document strictly; raises ``YAMLError`` with the position of the problem."""
     return yaml.load(text, Loader=StrictLoader)
+
+
+def load_file(path: Path, max_bytes: int) -> Any:
+    """The one document of file ``path``, of at most ``max_bytes``; FileError says what is wrong
+    in one line (where in the file, for a syntax error)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise FileError(f"{path} is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        return load(raw)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise FileError(f"{path} is not valid YAML: {problem}{where}") from None

@@ -196,7 +196,7 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics,
         authenticator=Authenticator(tokens, Revocations(store), clock), policies=policies,
         limiter=RateLimiter(policies), audit=audit, checkpoints=checkpoints,
         metrics=metrics, state=state,
-        launchers={settings.launcher: get_launcher(settings.launcher)})
+        launchers={settings.launcher: get_launcher(settings.launcher, **settings.launcher_options)})
 
 
 async def _plain_server_header(_request: web.Request, response: web.StreamResponse) -> None:

@@ -1,11 +1,13 @@
 """The control plane service's configuration: one frozen object, read once at start-up.
 
-``dsn controlplane serve`` builds it from flags and ``DSN_*`` variables; tests build it directly and
+``dsn controlplane serve`` builds it from flags, ``DSN_*`` variables and a ``--config`` file
+(``FILE_LAYOUT`` says how a file writes each field); tests build it directly and
 inject a clock, so token lifetimes, rate-limit windows and key retirement move without sleeping.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import sysconfig
 import time
 from collections.abc import Callable
@@ -16,7 +18,9 @@ from urllib.parse import urlsplit
 
 from common.clone import StateEndpoints
 from common.config import next_port, parse_endpoint
-from controlplane.errors import ConfigurationError
+from common.errors import InvalidSetting
+from common.settingsfile import Layout
+from controlplane.launchers import LAUNCHERS
 
 DEFAULT_STATE_DIR: Final = Path(".dsn")
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -66,12 +70,22 @@ class Settings:
     ``gateway_key_file`` is the gateway's CURVE public key certificate (default
     ``STATE_DIR/keys/server.key``, as ``dsn gateway keygen --out STATE_DIR/keys`` writes it; the
     secret sits beside it as ``server.key_secret``);
-    ``launcher`` names the consumer-job launcher (``local`` or ``slurm``); ``lease_s`` is how long
-    a consumer stays live without a heartbeat.
+    ``launcher`` names the consumer-job launcher (``local`` or ``slurm``), and each launcher has its
+    own settings, handed to it only when it is the one named (None: the launcher's default):
+    ``local_grace_s``, how long a cancelled local job has between SIGTERM and SIGKILL (10);
+    ``slurm_timeout_s``, how long an ``sbatch``/``squeue``/``sacct``/``scancel`` call may take (30);
+    ``slurm_sbatch_args``, options added to every ``sbatch`` (``--partition=...``).
+    ``lease_s`` is how long a consumer stays live without a heartbeat; ``jobs_root`` (the file's
+    ``jobs_dir``, ``--jobs-dir``) is where each job gets its directory (default ``STATE_DIR/jobs``,
+    see ``jobs_dir``; with Slurm, a directory the compute nodes share, which the state directory
+    with its SQLite database should not be on).
 
     ``public_url`` is the URL clients reach the service at (behind a TLS proxy); it is the
-    ``issuer`` of the RFC 8414 metadata and the base of its endpoint URLs (default ``base_url``).
-    Tokens keep ``issuer`` as their ``iss``: a name, so they survive a move.
+    ``issuer`` of the RFC 8414 metadata, the base of its endpoint URLs, and the control plane URL
+    consumer jobs are given (default ``base_url``). A service listening on every address (``host``
+    ``0.0.0.0`` or ``::``) has no address to hand out, so it needs ``public_url``. Tokens keep
+    ``issuer`` as their ``iss``: a name, so they survive a move. No address handed to others (the
+    public URL, the gateway endpoints producers are given) may be a wildcard.
 
     State service: ``state_endpoints`` are where gateways fetch snapshots (ROUTER) and subscribe to
     updates (PUB); ``reconcile_s`` is how often the published sessions are compared with the store,
@@ -101,45 +115,65 @@ class Settings:
     gateway_plain_endpoint: str | None = None
     gateway_receipts_endpoint: str | None = None
     launcher: str = "local"
+    local_grace_s: float | None = None
+    slurm_timeout_s: float | None = None
+    slurm_sbatch_args: tuple[str, ...] = ()
     lease_s: int = 30
+    jobs_root: Path | None = None
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
     reconcile_s: float = 1.0
     public_url: str | None = None
 
     def __post_init__(self) -> None:
-        _require(0 < self.port < 65536, "port", self.port)
-        _require(0 <= self.leeway_s <= 300, "leeway_s", self.leeway_s)
-        _require(1024 <= self.client_max_size <= 16 * 1024 * 1024, "client_max_size",
-                 self.client_max_size)
-        _require(0 < self.body_timeout_s <= 600, "body_timeout_s", self.body_timeout_s)
-        _require(self.min_free_bytes >= 0, "min_free_bytes", self.min_free_bytes)
-        _require(0 <= self.jwks_max_age_s <= 86400, "jwks_max_age_s", self.jwks_max_age_s)
-        _require(0 < self.audit_checkpoint_s <= 3600, "audit_checkpoint_s",
-                 self.audit_checkpoint_s)
-        _require(0 <= self.audit_denial_window_s <= 3600, "audit_denial_window_s",
-                 self.audit_denial_window_s)
-        _require(bool(self.issuer.strip()), "issuer", self.issuer)
-        _require(1 <= self.lease_s <= 3600, "lease_s", self.lease_s)
+        _within("port", self.port, 1, 65535)
+        _within("leeway_s", self.leeway_s, 0, 300)
+        _within("client_max_size", self.client_max_size, 1024, 16 * 1024 * 1024)
+        _within("body_timeout_s", self.body_timeout_s, 0, 600, above=True)
+        _within("min_free_bytes", self.min_free_bytes, 0, None)
+        _within("jwks_max_age_s", self.jwks_max_age_s, 0, 86400)
+        _within("audit_checkpoint_s", self.audit_checkpoint_s, 0, 3600, above=True)
+        _within("audit_denial_window_s", self.audit_denial_window_s, 0, 3600)
+        _require(bool(self.issuer.strip()), "issuer", self.issuer, "must not be empty")
+        _within("lease_s", self.lease_s, 1, 3600)
+        _require(self.launcher in LAUNCHERS, "launcher", self.launcher,
+                 f"unknown launcher; known: {', '.join(sorted(LAUNCHERS))}")
+        for name in ("local_grace_s", "slurm_timeout_s"):
+            if (seconds := getattr(self, name)) is not None:
+                _within(name, seconds, 0, 3600, above=True)
+        for arg in self.slurm_sbatch_args:
+            # Handed to sbatch as separate arguments, never through a shell: one option each,
+            # so a space means two options were run together.
+            _require(arg.startswith("-") and not any(c.isspace() for c in arg),
+                     "slurm_sbatch_args", arg, "each is one sbatch option, such as "
+                     "--partition=debug, with no spaces")
         for name in ("gateway_endpoint", "gateway_plain_endpoint", "gateway_receipts_endpoint"):
-            value = getattr(self, name)
-            try:
-                if value is not None:
-                    parse_endpoint(value)
-            except ValueError:
-                _require(False, name, value)
+            if (value := getattr(self, name)) is not None:
+                _check_handed_endpoint(name, value)
         for endpoint in self.state_endpoints:
             try:
                 parse_endpoint(endpoint, allow_wildcard=True)
-            except ValueError:
-                _require(False, "state_endpoints", endpoint)
-        _require(0 < self.reconcile_s <= 3600, "reconcile_s", self.reconcile_s)
+            except ValueError as exc:
+                raise InvalidSetting("state_endpoints", endpoint, str(exc)) from None
+        _within("reconcile_s", self.reconcile_s, 0, 3600, above=True)
         _require(self.public_url is None or _is_base_url(self.public_url), "public_url",
-                 self.public_url)
+                 self.public_url, "must be an http(s) URL whose host is not a wildcard "
+                 "address, with no query or fragment")
+        _require(self.public_url is not None or not _is_wildcard(self.host), "host", self.host,
+                 "listens on every address, which is no address to hand to jobs and gateways: "
+                 "set public_url (--public-url), the URL they reach this service at")
 
     @property
     def gateway_receipts(self) -> str:
         """Where the gateway answers receipts: as set, else the port after its ingress's."""
         return self.gateway_receipts_endpoint or next_port(self.gateway_endpoint)
+
+    @property
+    def launcher_options(self) -> dict[str, object]:
+        """The named launcher's own settings, those set (the launcher defaults the rest)."""
+        options: dict[str, object | None] = (
+            {"grace_s": self.local_grace_s} if self.launcher == "local" else
+            {"timeout_s": self.slurm_timeout_s, "sbatch_args": self.slurm_sbatch_args or None})
+        return {name: value for name, value in options.items() if value is not None}
 
     @property
     def database(self) -> Path:
@@ -184,16 +218,58 @@ class Settings:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.state_dir.resolve() / "jobs"
+        """Where job directories are made (absolute: job scripts on other hosts name it)."""
+        return (self.jobs_root or self.state_dir / "jobs").resolve()
+
+
+# How ``dsn controlplane serve --config FILE`` writes the fields: ``gateway_endpoint`` as
+# ``gateway: {endpoint: ...}``, ``audit_checkpoint_s`` as ``audit: {checkpoint_s: ...}``, each
+# launcher's own settings under ``launcher.NAME`` beside ``launcher.name``; every other field
+# under its own name.
+FILE_LAYOUT: Final = Layout(groups=frozenset({"gateway", "audit"}),
+                            renamed={"launcher": "launcher.name",
+                                     "local_grace_s": "launcher.local.grace_s",
+                                     "slurm_timeout_s": "launcher.slurm.timeout_s",
+                                     "slurm_sbatch_args": "launcher.slurm.sbatch_args",
+                                     "jobs_root": "jobs_dir"},
+                            # Names every token carries: not for a site to change.
+                            internal=frozenset({"clock", "issuer", "api_audience",
+                                                "gateway_audience"}))
 
 
 def _is_base_url(url: str) -> bool:
     # RFC 8414 §2: an https URL with no query or fragment (http for loopback and tests).
     parts = urlsplit(url)
-    return parts.scheme in ("https", "http") and bool(parts.netloc) and not parts.query \
-        and not parts.fragment
+    return parts.scheme in ("https", "http") and bool(parts.hostname) and not parts.query \
+        and not parts.fragment and not _is_wildcard(parts.hostname or "")
 
 
-def _require(ok: bool, key: str, value: object) -> None:
+def _is_wildcard(host: str) -> bool:
+    """Every local address (``0.0.0.0``, ``::``, ``*``, or empty as aiohttp reads it)."""
+    try:
+        return host in ("", "*") or ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False  # a host name
+
+
+def _check_handed_endpoint(name: str, value: str) -> None:
+    try:
+        host, _port = parse_endpoint(value)
+    except ValueError as exc:
+        raise InvalidSetting(name, value, str(exc)) from None
+    _require(not _is_wildcard(host), name, value, "producers are handed this address: name the "
+             "one they reach the gateway at, not a wildcard")
+
+
+def _within(key: str, value: float, low: float, high: float | None, *,
+            above: bool = False) -> None:
+    """``low <= value <= high`` (``low < value`` if ``above``; no upper bound if ``high`` is
+    None)."""
+    ok = (value > low if above else value >= low) and (high is None or value <= high)
+    lower = f"more than {low}" if above else f"at least {low}"
+    _require(ok, key, value, f"must be {lower}" + (f" and at most {high}" if high else ""))
+
+
+def _require(ok: bool, key: str, value: object, reason: str) -> None:
     if not ok:
-        raise ConfigurationError(f"invalid setting {key}={value!r}")
+        raise InvalidSetting(key, value, reason)

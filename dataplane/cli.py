@@ -9,12 +9,13 @@ from pathlib import Path
 
 import click
 
+from common.client import DEFAULT_TEMPLATE, TOKEN_ENV, TOKEN_FILE_OPTION, Client, Transport
 from common.clitypes import scan_shape_option, template_params
 from common.config import next_port
 from common.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.receipts import GatewayReport
-from common.restclient import RestError
-from common.tokenfile import TokenFileError, read_token
+from common.restclient import ClientError
+from common.tokenfile import TokenFileError, token_from
 from dataplane.producer import (
     GatewayTarget,
     HeaderMode,
@@ -25,7 +26,6 @@ from dataplane.producer import (
     stream_synthetic,
 )
 from dataplane.receipts import DEFAULT_WAIT_S, ReceiptClient, await_report, check_not_closed
-from dataplane.sessions import DEFAULT_TEMPLATE, Transport
 from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera, SyntheticError
 
@@ -45,11 +45,14 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 @producer.command("stream")
 @click.option("--controlplane", "controlplane_url", default=None, metavar="URL",
               help="Open the session at this control plane (http(s)://HOST:PORT) and stream into "
-                   "the gateway it names. Needs --project-token-file and --project.")
+                   "the gateway it names, with the project token of --project-token-file or "
+                   f"${TOKEN_ENV}.")
 @click.option("--project-token-file", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
-              help="With --controlplane: file holding the project token, mode 0600.")
-@click.option("--project", default=None, help="With --controlplane: the session's project.")
+              help="With --controlplane: file holding the project token, mode 0600. Or set "
+                   f"${TOKEN_ENV} instead (not both: that is an error).")
+@click.option("--project", default=None,
+              help="With --controlplane: the session's project [default: the token's].")
 @click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
               help="With --controlplane: the DSN template the session is rendered from.")
 @click.option("--param", "param_pairs", multiple=True, metavar="NAME=VALUE",
@@ -140,10 +143,8 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
         return
     _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
                                           "control plane names it")
-    if project_token_file is None or project is None:
-        raise click.UsageError("--controlplane needs --project-token-file and --project")
     session = ProducerSession(
-        controlplane_url, _read_project_token(project_token_file), project=project,
+        _client(controlplane_url, project_token_file), project=project,
         template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
         client=None if client_key is None else _load_key(client_key, "--client-key", secret=True),
         transport=transport)
@@ -202,7 +203,7 @@ def _guarded(action: Callable[[], None]) -> None:
     """Run ``action``; a producer or control-plane failure is one error line, exit status 1."""
     try:
         action()
-    except (ProducerError, RestError) as exc:
+    except (ProducerError, ClientError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -255,11 +256,15 @@ def _direct_target(endpoint: str | None, server_key: Path | None, client_key: Pa
                          _load_key(client_key, "--client-key", secret=True), receipts=receipts)
 
 
-def _read_project_token(path: Path) -> str:
+def _client(url: str, token_file: Path | None) -> Client:
     try:
-        return read_token(path)
+        token = token_from(token_file, env=TOKEN_ENV, option=TOKEN_FILE_OPTION)
     except TokenFileError as exc:
-        raise click.BadParameter(str(exc), param_hint="--project-token-file") from None
+        raise click.BadParameter(str(exc), param_hint=TOKEN_FILE_OPTION) from None
+    try:
+        return Client(url, token.token, token_source=token.source)
+    except ClientError as exc:
+        raise click.BadParameter(str(exc), param_hint="--controlplane") from None
 
 
 def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | None) -> None:
@@ -271,7 +276,7 @@ def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | Non
         click.echo(f"session {opened.id} (expires {opened.expires_at.isoformat()}), "
                    f"gateway {target.endpoint}"
                    f"{' (plain, unencrypted)' if target.plain is not None else ''}")
-        if not opened.consumers:
+        if not opened.consumer_endpoints:
             click.echo(f"session {opened.id} has no consumer yet: the gateway spools its scans "
                        "until a consumer job registers")
         _deliver(work, target, wait_s)

@@ -19,11 +19,11 @@ Messages that were in flight when the connection broke are lost; the consumer li
 sector.
 
 ``ProducerSession`` opens the session itself over the control plane's REST API with a project
-token, registering the producer's CURVE public key, and streams to the gateway endpoint and server
-key the control plane returned. With ``transport="plain"`` (only where the policy allows
-unencrypted transport) it streams to the gateway's plaintext ingress instead, authenticated by
-``PlainCredentials`` (session id, session token signature); every function that connects takes
-``plain=`` for that.
+token (through ``common.client.Client``), registering the producer's CURVE public key, and streams
+to the gateway endpoint and server key the control plane returned. With ``transport="plain"``
+(only where the policy allows unencrypted transport) it streams to the gateway's plaintext
+ingress instead, authenticated by ``PlainCredentials`` (session id, session token signature);
+every function that connects takes ``plain=`` for that.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import zmq
 from tqdm import tqdm
 from zmq.utils.monitor import recv_monitor_message
 
+from common.client import DEFAULT_TEMPLATE, Client, OpenedSession, Transport
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_secret_keypair
 from common.protocol import (
@@ -56,13 +57,6 @@ from common.protocol import (
     encode_ncem,
 )
 from dataplane.errors import DataPlaneError
-from dataplane.sessions import (
-    DEFAULT_TEMPLATE,
-    OpenedSession,
-    Transport,
-    end_session,
-    open_session,
-)
 from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import StreamPlan, SyntheticCamera
 
@@ -406,21 +400,21 @@ class GatewayTarget(NamedTuple):
 class ProducerSession:
     """A session this producer opens over REST, and streams into; a context manager.
 
-    ``client`` is the producer's CURVE key pair, a ``.key_secret`` file to load it from, or None
-    for a fresh in-memory pair; its public key is registered when the session opens (on entering
-    the ``with`` block, or ``open()``). With ``end_on_exit`` the session is ended on leaving the
-    block, so the gateway stops admitting the key at once rather than at expiry. With
+    ``controlplane`` is the facility client holding the project token; ``project`` defaults to
+    the token's. ``client`` is the producer's CURVE key pair, a ``.key_secret`` file to load it
+    from, or None for a fresh in-memory pair; its public key is registered when the session opens
+    (on entering the ``with`` block, or ``open()``). With ``end_on_exit`` the session is ended on
+    leaving the block, so the gateway stops admitting the key at once rather than at expiry. With
     ``transport="plain"`` the session is opened for unencrypted transport (refused unless the
     policy allows it) and every stream goes to the gateway's plaintext ingress. Control-plane
-    failures raise ``common.restclient.RestError``. The project token is never in a ``repr``.
+    failures raise ``common.client.ClientError``.
     """
 
-    def __init__(self, controlplane_url: str, project_token: str, *, project: str,
+    def __init__(self, controlplane: Client, *, project: str | None = None,
                  template: str = DEFAULT_TEMPLATE, params: dict[str, Any] | None = None,
                  client: KeyPair | Path | None = None, ttl: int | None = None,
                  end_on_exit: bool = False, transport: Transport = "curve") -> None:
-        self.controlplane_url = controlplane_url
-        self._token = project_token
+        self.controlplane = controlplane
         self.project = project
         self.template = template
         self.params = dict(params or {})
@@ -439,27 +433,26 @@ class ProducerSession:
     def open(self) -> OpenedSession:
         """Open the session (once) and return it."""
         if self._session is None:
-            self._session = open_session(
-                self.controlplane_url, self._token, project=self.project,
-                template=self.template, params=self.params,
-                client_public_key=self.client.public, ttl=self.ttl, transport=self.transport)
+            self._session = self.controlplane.open_session(
+                self.template, self.params, client_key=self.client.public, ttl=self.ttl,
+                transport=self.transport, project=self.project)
         return self._session
 
     def end(self) -> None:
         """End the session at the control plane (idempotent)."""
-        end_session(self.controlplane_url, self._token, self.session.id)
+        self.controlplane.end_session(self.session.id)
 
     def gateway(self) -> GatewayTarget:
         """Where this session's streams go, and how they authenticate."""
         session = self.session
-        receipts = session.gateway_receipts_endpoint
+        gateway, server_key = session.gateway, session.gateway.server_key.encode("ascii")
         if self.transport == "curve":
-            return GatewayTarget(session.gateway_endpoint, session.gateway_server_key, self.client,
-                                 receipts=receipts)
-        if session.gateway_plain_endpoint is None:
+            return GatewayTarget(gateway.endpoint, server_key, self.client,
+                                 receipts=gateway.receipts_endpoint)
+        if gateway.plain_endpoint is None:
             raise ProducerError("the control plane names no plaintext ingress for this session")
-        return GatewayTarget(session.gateway_plain_endpoint, session.gateway_server_key,
-                             self.client, session.plain_credentials, receipts)
+        return GatewayTarget(gateway.plain_endpoint, server_key, self.client,
+                             session.plain_credentials, gateway.receipts_endpoint)
 
     def producer(self, **options: Any) -> Producer:
         """A ``Producer`` connected to the session's gateway; ``options`` as for ``Producer``."""

@@ -20,7 +20,10 @@ SUBCOMMANDS = {
     "consumer": "dataplane.consumer.cli:consumer",
     "controlplane": "controlplane.cli:controlplane",
     "gateway": "gateway.cli:gateway",
+    "jobs": "dsn.facility:jobs",
     "producer": "dataplane.cli:producer",
+    "scans": "dsn.facility:scans",
+    "sessions": "dsn.facility:sessions",
 }
 
 

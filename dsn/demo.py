@@ -18,13 +18,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from common.client import Client, Scan
 from common.ports import free_ports
-from common.restclient import RestError, call_json, quote
+from common.restclient import ClientError, call_json
 from controlplane.admin.bootstrap import initialize
 from controlplane.errors import ControlPlaneError
 from controlplane.launchers import mpi_environment
@@ -69,7 +70,7 @@ class DemoSummary:
     session: str
     stream: StreamStats
     check: ScanCheck
-    result: dict[str, Any]
+    result: Scan
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoSummary:
         try:
             return _run_session(group, gateway, options, settings, net, admin_token, camera, plan,
                                 say)
-        except RestError as exc:
+        except ClientError as exc:
             raise controlplane.failure(f"refused or failed a request: {exc}") from None
         except ProducerError as exc:
             raise gateway.failure(f"did not take the scan: {exc}") from None
@@ -170,13 +171,13 @@ def _run_session(group: ProcessGroup, gateway: Child, options: DemoOptions, sett
                  say: Callable[[str], None]) -> DemoSummary:
     say(f"[3/7] project {PROJECT!r}, a project token and a session from template "
         f"{SESSION_TEMPLATE!r} with a fresh producer key")
-    token = _project_token(net.url, admin_token)
-    producer = ProducerSession(net.url, token, project=PROJECT, template=SESSION_TEMPLATE)
+    api = Client(net.url, _project_token(net.url, admin_token))
+    producer = ProducerSession(api, template=SESSION_TEMPLATE)
     session = producer.open().id
     say(f"[4/7] session {session}: consumer job ({JOB_TEMPLATE}, {options.ranks} ranks); "
         "waiting for its ranks to register")
-    job = Job(net.url, token, session, _launch_job(net.url, token, session, options.ranks),
-              settings.jobs_dir)
+    launched = api.launch_job(session, JOB_TEMPLATE, {"scans": 1}, ranks=options.ranks)
+    job = Job(api, session, launched.id, settings.jobs_dir)
     _await_consumers(group, net, job, options.ranks)
     rows, cols = options.scan_shape
     say(f"[5/7] streaming a {rows}x{cols} scan from {plan.producers} producers "
@@ -185,14 +186,14 @@ def _run_session(group: ProcessGroup, gateway: Child, options: DemoOptions, sett
     stream = producer.stream_synthetic(camera, plan)
     say(f"[6/7] waiting for job {job.id} and its result")
     _await_job(group, job, options.timeout_s)
-    result = _listed_result(net.url, token, session)
-    say(f"[7/7] stopping the gateway, ending the session, verifying {result['path']} against "
+    result = _listed_result(api, session)
+    say(f"[7/7] stopping the gateway, ending the session, verifying {result.path} against "
         "the planted electrons")
     # Stopped while the session is open, the gateway's stop line still holds its counters.
     if (code := group.stop(gateway)) != 0:
         raise gateway.failure(f"stopped with status {code}")
     producer.end()
-    check = verify_scan_file(Path(str(result["path"])), camera, plan)
+    check = verify_scan_file(Path(result.path), camera, plan)
     if not check.ok:
         raise DemoError("the output file does not match the synthetic ground truth:\n  "
                         + "\n  ".join(check.problems))
@@ -206,25 +207,17 @@ def _project_token(url: str, admin_token: str) -> str:
     return str(answer["token"])
 
 
-def _launch_job(url: str, token: str, session: str, ranks: int) -> str:
-    answer = call_json(url, token, "POST", f"/api/v1/sessions/{quote(session)}/jobs",
-                       {"template": JOB_TEMPLATE, "ranks": ranks, "params": {"scans": 1}})
-    return str(answer["id"])
-
-
 @dataclass(frozen=True)
 class Job:
     """The session's consumer job, as its project token sees it."""
 
-    url: str
-    token: str = field(repr=False)
+    api: Client
     session: str
     id: str
     jobs_dir: Path
 
     def state(self) -> str:
-        path = f"/api/v1/sessions/{quote(self.session)}/jobs/{quote(self.id)}"
-        return str(call_json(self.url, self.token, "GET", path, None)["state"])
+        return self.api.job(self.session, self.id).state
 
     def failure(self, what: str) -> DemoError:
         log = self.jobs_dir / self.id / "job.log"
@@ -234,13 +227,10 @@ class Job:
 def _await_consumers(group: ProcessGroup, net: Loopback, job: Job, ranks: int) -> None:
     """Until every rank is registered and the gateway routes to all of them: a scan is split
     among the members the gateway knows when it begins."""
-    path = f"/api/v1/sessions/{quote(job.session)}"
-
     def registered() -> bool | None:
         if (state := job.state()) not in RUNNING:
             raise job.failure(f"{state} before its ranks registered")
-        answer = call_json(net.url, job.token, "GET", path, None)
-        return answer["counters"]["live_consumers"] == ranks or None
+        return job.api.session(job.session).counters.live_consumers == ranks or None
 
     _poll(group, f"did not register its {ranks} ranks", registered, READY_TIMEOUT_S,
           job)
@@ -265,12 +255,11 @@ def _await_job(group: ProcessGroup, job: Job, timeout_s: float) -> None:
         raise job.failure(state)
 
 
-def _listed_result(url: str, token: str, session: str) -> dict[str, Any]:
-    items = call_json(url, token, "GET", f"/api/v1/scans?project={quote(PROJECT)}", None)["items"]
-    results = [item for item in items if item.get("session") == session]
+def _listed_result(api: Client, session: str) -> Scan:
+    results = [scan for scan in api.scans(PROJECT) if scan.session == session]
     if len(results) != 1:
         raise DemoError(f"expected one listed result for session {session}, found {len(results)}")
-    return dict(results[0])
+    return results[0]
 
 
 def _poll(group: ProcessGroup, failure: str, probe: Callable[[], T | None], timeout_s: float,
@@ -302,9 +291,9 @@ def format_summary(summary: DemoSummary) -> str:
          f"{stream.duplicated} duplicated"),
         (f"  throughput        {stream.gbytes_per_s:.2f} GB/s, {stream.messages_per_s:,.0f} "
          "messages/s (producers -> gateway -> consumers)"),
-        f"  status            {result['status']}{manifest}",
-        (f"  result            scan {result['scan']} of session {result['session']}: "
-         f"{result['frames']} frames, {result['events']} events "
+        f"  status            {result.status}{manifest}",
+        (f"  result            scan {result.scan} of session {result.session}: "
+         f"{result.frames} frames, {result.events} events "
          f"(GET /api/v1/scans?project={PROJECT})"),
-        f"  output            {result['path']}",
+        f"  output            {result.path}",
     ])

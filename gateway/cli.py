@@ -1,9 +1,9 @@
 """``dsn gateway``: run a DSN gateway, create its CURVE server key pair.
 
 Two ways to run: ``--config`` serves the sessions of a static DSN configuration;
-``--controlplane-state`` serves the sessions the control plane's state service publishes (opened,
-ended and expired over REST), with the gateway's own settings from flags or a gateway-only
-configuration (``sessions: []``).
+``--controlplane-state`` (or ``gateway.controlplane`` in the file) serves the sessions the control
+plane's state service publishes (opened, ended and expired over REST), with the gateway's own
+settings from flags or a gateway-only configuration (``sessions: []``); flags override the file.
 """
 
 from __future__ import annotations
@@ -52,17 +52,20 @@ def gateway() -> None:
 
 @gateway.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="DSN configuration (YAML). With --controlplane-state: the gateway section only "
-                   "(sessions: []).")
+              help="DSN configuration (YAML). In control-plane mode (--controlplane-state, or "
+                   "gateway.controlplane in the file): the gateway section only (sessions: []); "
+                   "the options given override it.")
 @click.option("--mode", type=click.Choice(["l7", "l4"]), default="l7", show_default=True,
               help="l7 inspects and routes every message; l4 forwards blindly (comparison).")
 @click.option("--metrics", "metrics_address", metavar="HOST:PORT",
               help="Serve Prometheus metrics here (overrides gateway.metrics).")
 @click.option("--controlplane-state", "state_endpoints", metavar="SNAPSHOT,UPDATES",
               help="Serve the sessions of the control plane's state service, e.g. "
-                   "tcp://10.0.0.5:8751,tcp://10.0.0.5:8752.")
+                   "tcp://10.0.0.5:8751,tcp://10.0.0.5:8752 (default: gateway.controlplane."
+                   "state_snapshots,state_updates of --config).")
 @click.option("--state-key", "state_key_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="The state service's CURVE public key (its STATE_DIR/keys/state.key).")
+              help="The state service's CURVE public key (its STATE_DIR/keys/state.key; default "
+                   "gateway.controlplane.state_key_file).")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
               help="This gateway's CURVE key pair (.key_secret): the ingress server key producers "
                    "are given, and its identity to the state service (the control plane's "
@@ -80,8 +83,8 @@ def gateway() -> None:
               help="Spool directory (control-plane mode; default gateway.spool_dir or ./spool).")
 @click.option("--max-sector-bytes", type=click.IntRange(1, 2**31 - 1),
               help="Largest data message a session may carry (control-plane mode; the ingress "
-                   f"limit is fixed when it binds). Default {Detector().sector_bytes}, the 4D "
-                   "Camera's.")
+                   "limit is fixed when it binds). Default gateway.controlplane.max_sector_bytes, "
+                   f"else {Detector().sector_bytes}, the 4D Camera's.")
 @click.option("--sync-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
               help="Seconds to wait for the first snapshot of the sessions before giving up.")
 def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
@@ -92,14 +95,16 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
     configure_logging("dsn")
     source: CloneSessionSource | None = None
     try:
-        if state_endpoints is None:
+        loaded = load_config(config_path) if config_path is not None else None
+        if state_endpoints is None and (loaded is None or loaded.gateway.controlplane is None):
             _static_only(state_key_file, key_file, ingress, receipts, plain_ingress, spool_dir,
                          max_sector_bytes)
-            if config_path is None:
+            if loaded is None:
                 raise ConfigError("give --config, or --controlplane-state with --state-key")
-            gw = _static_gateway(config_path, mode)
+            gw = Gateway(loaded, mode=mode)
+            gw.start()
         else:
-            config = _gateway_only_config(config_path, key_file, ingress, receipts,
+            config = _gateway_only_config(loaded, config_path, key_file, ingress, receipts,
                                           plain_ingress, spool_dir)
             gw, source = _live_gateway(config, mode, state_endpoints, state_key_file,
                                        max_sector_bytes, sync_timeout)
@@ -115,27 +120,20 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
 def _static_only(*live_options: object) -> None:
     if any(option is not None for option in live_options):
         raise ConfigError("--state-key, --key, --ingress, --receipts, --plain-ingress, "
-                          "--spool-dir and --max-sector-bytes apply only with "
-                          "--controlplane-state")
+                          "--spool-dir and --max-sector-bytes apply only in control-plane mode "
+                          "(--controlplane-state, or gateway.controlplane in the --config file)")
 
 
-def _static_gateway(config_path: Path, mode: Mode) -> Gateway:
-    gw = Gateway(load_config(config_path), mode=mode)
-    gw.start()
-    return gw
-
-
-def _gateway_only_config(config_path: Path | None, key_file: Path | None, ingress: str | None,
-                         receipts: str | None, plain_ingress: str | None,
-                         spool_dir: Path | None) -> DSNConfig:
+def _gateway_only_config(loaded: DSNConfig | None, config_path: Path | None,
+                         key_file: Path | None, ingress: str | None, receipts: str | None,
+                         plain_ingress: str | None, spool_dir: Path | None) -> DSNConfig:
     """The gateway's own settings: the configuration file's, overridden by the flags given."""
     settings: dict[str, Any] = {}
-    if config_path is not None:
-        config = load_config(config_path)
-        if config.sessions:
+    if loaded is not None:
+        if loaded.sessions:
             raise ConfigError(f"{config_path}: sessions come from the control plane; "
                               "leave sessions empty")
-        settings = config.gateway.model_dump(mode="json")
+        settings = loaded.gateway.model_dump(mode="json")
     elif key_file is None:
         raise ConfigError("--controlplane-state needs --key (or --config naming the key)")
     flags = {"server_secret_key_file": key_file, "ingress": ingress, "receipts": receipts,
@@ -156,15 +154,24 @@ def _state_endpoints(text: str) -> StateEndpoints:
     return StateEndpoints(*parts)
 
 
-def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str, state_key_file: Path | None,
-                  max_sector_bytes: int | None, sync_timeout: float
+def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str | None,
+                  state_key_file: Path | None, max_sector_bytes: int | None, sync_timeout: float
                   ) -> tuple[Gateway, CloneSessionSource]:
-    """A started gateway serving the state service's sessions, once their first snapshot is in."""
+    """A started gateway serving the state service's sessions, once their first snapshot is in.
+    The options given override the file's ``gateway.controlplane``."""
     if mode != "l7":
         raise ConfigError("--mode l4 forwards one fixed session; use --config for it")
+    link = config.gateway.controlplane
+    if endpoints_text is not None:
+        endpoints = _state_endpoints(endpoints_text)
+    elif link is not None:
+        endpoints = StateEndpoints(link.state_snapshots, link.state_updates)
+    else:
+        raise ConfigError("give --controlplane-state, or gateway.controlplane in --config")
+    state_key_file = state_key_file or (link.state_key_file if link else None)
+    max_sector_bytes = max_sector_bytes or (link.max_sector_bytes if link else None)
     if state_key_file is None:
         raise ConfigError("--controlplane-state needs --state-key (the state service's public key)")
-    endpoints = _state_endpoints(endpoints_text)
     server_key = load_keypair(state_key_file).public
     keypair = load_secret_keypair(config.gateway.server_secret_key_file)
     gw = Gateway(config, mode=mode,
@@ -175,7 +182,8 @@ def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str, state_key_
     try:
         if not source.wait_synced(sync_timeout):
             raise GatewayError(
-                f"no sessions from the state service at {endpoints_text} within {sync_timeout:g} s:"
+                f"no sessions from the state service at {','.join(endpoints)} within "
+                f"{sync_timeout:g} s:"
                 " is the control plane running, is --state-key its state.key, and is this "
                 "gateway's public key in its STATE_DIR/gateways/?")
         gw.start()

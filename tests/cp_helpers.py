@@ -92,6 +92,11 @@ class ControlPlane:
     def database(self) -> Path:
         return self.settings.database
 
+    @property
+    def url(self) -> str:
+        """The loopback URL the app is served at, as an HTTP client outside the test names it."""
+        return str(self.client.make_url("")).rstrip("/")
+
     async def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
         headers = dict(kwargs.pop("headers", {}))
         if token is not None:

@@ -264,13 +264,20 @@ def _serve_command(state: Path, port: int, *options: str) -> list[str]:
 def serving(state: Path, log: Path, *options: str) -> Iterator[Service]:
     """``dsn controlplane serve`` on ``state`` until the block ends, then SIGTERM (exit 0)."""
     port = free_port()
-    with log.open("wb") as out:
-        process = subprocess.Popen(_serve_command(state, port, *options),
-                                   stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    with running(_serve_command(state, port, *options), log, url):
+        yield Service(url, state)
+
+
+@contextlib.contextmanager
+def running(command: list[str], log: Path, url: str) -> Iterator[None]:
+    """``command``, a control plane serving ``url``, logging to ``log`` and run from its
+    directory, until the block ends; then SIGTERM, which it must end on with status 0."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     try:
         _wait_healthy(url, process, log, timeout_s=20)
-        yield Service(url, state)
+        yield
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -197,8 +197,8 @@ async def test_metadata_defaults_to_the_listening_url(cp: ControlPlane) -> None:
 @pytest.mark.parametrize("url", ["dsn.example", "ftp://dsn.example", "https://dsn.example/?a=1",
                                  "https://dsn.example/#top"])
 def test_a_public_url_that_cannot_be_an_issuer_is_refused(tmp_path: Path, url: str) -> None:
-    from controlplane.errors import ConfigurationError
+    from common.errors import InvalidSetting
     from controlplane.settings import Settings
 
-    with pytest.raises(ConfigurationError, match="public_url"):
+    with pytest.raises(InvalidSetting, match="public_url"):
         Settings(state_dir=tmp_path, public_url=url)

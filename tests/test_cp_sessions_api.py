@@ -23,11 +23,9 @@ from cp_helpers import start_control_plane as start
 from waiting import eventually_async
 
 from common.config import load_config
+from common.errors import InvalidSetting
 from common.keys import create_keypair, load_keypair
 from common.protocol import MAX_MANIFEST
-from controlplane.admin.bootstrap import initialize
-from controlplane.app import create_app
-from controlplane.errors import ConfigurationError
 from controlplane.sessions.core import (
     ConsumerRecord,
     admission_problem,
@@ -261,7 +259,7 @@ async def test_sessions_are_listed_per_project_and_all_for_admins(cp: ControlPla
 # --- cross-project access: 403 on every route ----------------------------------------------------
 
 CROSS = [("GET", "", None), ("DELETE", "", None), ("POST", "/jobs", {"template": "tiny-job"}),
-         ("GET", "/jobs/j1", None)]
+         ("GET", "/jobs", None), ("GET", "/jobs/j1", None), ("DELETE", "/jobs/j1", None)]
 CROSS_CONSUMER = [("POST", "/consumers", {"endpoint": "tcp://127.0.0.1:6001", "rank": 0,
                                           "job_id": "j", "host": "h"}),
                   ("PUT", "/consumers/c1", None), ("DELETE", "/consumers/c1", None),
@@ -416,6 +414,42 @@ async def test_a_local_job_runs_with_a_private_token_file_and_succeeds(cp: Contr
     assert "consumers:register" in claims.scope
 
 
+SLEEPY_JOB = """\
+name: sleepy-job
+kind: job
+description: A test job that runs until it is stopped.
+parameters: {}
+body: |
+  #!/bin/bash
+  exec sleep 600
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_a_sessions_jobs_are_listed_and_one_is_cancelled(cp: ControlPlane) -> None:
+    await save_template(cp, SLEEPY_JOB)
+    token, session = await opened(cp)
+    jobs = f"/api/v1/sessions/{session['id']}/jobs"
+    first, second = [await (await cp.call("POST", jobs, token, json={"template": "sleepy-job"})
+                            ).json() for _ in range(2)]
+    listed = await (await cp.call("GET", jobs, token)).json()
+    assert [(j["id"], j["state"]) for j in listed["items"]] == [
+        (first["id"], "running"), (second["id"], "running")]
+
+    cancelled = await cp.call("DELETE", f"{jobs}/{first['id']}", token)
+    assert cancelled.status == 200 and (await cancelled.json())["state"] == "cancelled"
+    again = await cp.call("DELETE", f"{jobs}/{first['id']}", token)  # idempotent
+    assert (await again.json())["state"] == "cancelled"
+    job_token = (cp.settings.jobs_dir / first["id"] / "token").read_text()
+    refused = await cp.call("POST", f"/api/v1/sessions/{session['id']}/consumers", job_token,
+                            json={"endpoint": "tcp://127.0.0.1:6001", "rank": 0,
+                                  "job_id": first["id"], "host": "h"})
+    assert refused.status == 401
+    listed = await (await cp.call("GET", jobs, token)).json()
+    assert [j["state"] for j in listed["items"]] == ["cancelled", "running"]
+    assert (await cp.call("DELETE", f"{jobs}/j-none", token)).status == 404
+
+
 async def test_job_parameters_are_checked_before_anything_runs(cp: ControlPlane) -> None:
     await save_template(cp, TINY_JOB)
     token, session = await opened(cp)
@@ -424,17 +458,6 @@ async def test_job_parameters_are_checked_before_anything_runs(cp: ControlPlane)
     assert response.status == 400
     assert (await response.json())["errors"][0]["field"] == "params.marker"
     assert not cp.settings.jobs_dir.exists() or not any(cp.settings.jobs_dir.iterdir())
-
-
-SLEEPY_JOB = """\
-name: sleepy-job
-kind: job
-description: A test job that runs until it is stopped.
-body: |
-  #!/bin/bash
-  echo {{ system.job_id | shquote }} started
-  exec sleep 600
-"""
 
 
 @pytest.mark.timeout(60)
@@ -462,12 +485,10 @@ async def test_job_states_survive_a_restart_and_a_local_job_cut_short_is_lost(
         ("succeeded",), ("lost",)]
 
 
-async def test_an_unknown_launcher_is_a_configuration_error(tmp_path: Path) -> None:
-    await initialize(tmp_path / "state", policy_path=SHIPPED_POLICY)
-    app = create_app(Settings(state_dir=tmp_path / "state", launcher="nope"))
-    app.freeze()
-    with pytest.raises(ConfigurationError, match="unknown launcher 'nope'; known: local, slurm"):
-        await app.startup()
+def test_an_unknown_launcher_is_an_invalid_setting(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSetting,
+                       match="launcher: 'nope': unknown launcher; known: local, slurm"):
+        Settings(state_dir=tmp_path / "state", launcher="nope")
 
 
 # --- results -------------------------------------------------------------------------------------

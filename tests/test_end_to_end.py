@@ -34,17 +34,17 @@ def test_scan_streams_through_gateway_into_mpi_job_with_exact_accounting(tmp_pat
     assert summary.check.frames == 32 * 32
     assert summary.check.incomplete_frames == len({frame for frame, _ in plan.lost})
 
-    path = Path(str(summary.result["path"]))
+    path = Path(summary.result.path)
     assert stempy.io.load_electron_counts(str(path)).scan_shape == (32, 32)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     with h5py.File(path) as f:
         stream = f["metadata/stream"].attrs
         assert stream["session"] == summary.session and int(stream["scan"]) == 0
         assert int(stream["unaccounted_sectors"]) == 0
-    assert (summary.result["session"], summary.result["scan"]) == (summary.session, 0)
-    assert summary.result["frames"] == 32 * 32 and summary.result["events"] == summary.check.events
-    assert summary.result["status"] == "partial"
-    assert summary.result["lost_sectors"] == len(plan.lost)
+    assert (summary.result.session, summary.result.scan) == (summary.session, 0)
+    assert summary.result.frames == 32 * 32 and summary.result.events == summary.check.events
+    assert summary.result.status == "partial"
+    assert summary.result.lost_sectors == len(plan.lost)
     assert summary.stream.messages == 32 * 32 * 4 - len(plan.lost) + len(plan.duplicated)
 
     gateway_stop = json.loads(

@@ -41,7 +41,7 @@ def test_a_bad_configuration_is_one_clear_line_and_exit_2(tmp_path: Path) -> Non
     result = CliRunner().invoke(gateway, ["run", "--config", str(path)])
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: gateway.ingress") and "udp://nowhere" in line
+    assert line.startswith(f"error: {path}: gateway.ingress") and "udp://nowhere" in line
 
 
 def _metrics(address: str) -> str:

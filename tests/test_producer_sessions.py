@@ -1,5 +1,5 @@
 """A producer opens its session over REST (registering its CURVE key) and streams into the gateway
-the control plane names: ``dataplane.sessions``, ``ProducerSession`` and ``dsn producer stream
+the control plane names: ``common.client.Client``, ``ProducerSession`` and ``dsn producer stream
 --controlplane``, against the real control plane app on a real loopback port. A small CURVE PULL
 server holding the gateway's secret key stands in for the gateway at the session's endpoint."""
 
@@ -18,13 +18,13 @@ import zmq
 from click.testing import CliRunner, Result
 from cp_helpers import ClientFactory, ControlPlane, start_control_plane, write_policy
 
+from common.client import Client
 from common.clone import StateEndpoints
 from common.keys import create_keypair, load_keypair
 from common.protocol import ProducerMessage, decode_producer_header
 from common.restclient import RestError
 from dataplane.cli import producer
 from dataplane.producer import ProducerSession
-from dataplane.sessions import end_session, open_session
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 
 # 2 x 2 positions, 4 sectors: 4 producers each send scan_begin, 4 sectors and scan_end.
@@ -49,10 +49,6 @@ async def cp(aiohttp_client: ClientFactory, tmp_path: Path,
 
 async def project_token(cp: ControlPlane) -> str:
     return str((await cp.project_token("alpha"))["token"])
-
-
-def base_url(cp: ControlPlane) -> str:
-    return str(cp.client.make_url("")).rstrip("/")
 
 
 def token_file(tmp_path: Path, token: str, mode: int = 0o600) -> Path:
@@ -99,35 +95,35 @@ def kinds(headers: list[ProducerMessage]) -> dict[str, int]:
     return dict(Counter(type(header).__name__ for header in headers))
 
 
-# --- open_session and end_session ----------------------------------------------------------------
+# --- opening and ending a session with the client ------------------------------------------------
 
 async def test_an_opened_session_names_the_gateway_and_registers_the_client_key(
         cp: ControlPlane) -> None:
     token = await project_token(cp)
+    client = Client(cp.url, token)
     client_public = zmq.curve_keypair()[0]
-    opened = await asyncio.to_thread(open_session, base_url(cp), token, project="alpha",
-                                     template="4dstem", params={"hwm": 64},
-                                     client_public_key=client_public, ttl=600)
+    opened = await asyncio.to_thread(client.open_session, "4dstem", {"hwm": 64},
+                                     client_key=client_public, ttl=600)
     server = load_keypair(cp.settings.state_dir / "keys" / "server.key")
-    assert (opened.gateway_endpoint, opened.gateway_server_key) == (
-        cp.settings.gateway_endpoint, server.public)
+    assert (opened.project, opened.gateway.endpoint, opened.gateway.server_key.encode()) == (
+        "alpha", cp.settings.gateway_endpoint, server.public)
     assert client_public.decode() in json.dumps(opened.config)
     assert opened.expires_at.timestamp() == pytest.approx(cp.clock() + 600, abs=1)
-    assert opened.session_token and opened.session_token not in repr(opened)
+    assert opened.token and opened.token not in repr(opened)
+    assert opened.token not in json.dumps(opened.model_dump(mode="json"))
     detail = await session_detail(cp, opened.id)
     assert (detail["state"], detail["client_key"]) == ("open", client_public.decode())
 
-    await asyncio.to_thread(end_session, base_url(cp), token, opened.id)
-    await asyncio.to_thread(end_session, base_url(cp), token, opened.id)  # idempotent
+    await asyncio.to_thread(client.end_session, opened.id)
+    await asyncio.to_thread(client.end_session, opened.id)  # idempotent
     assert (await session_detail(cp, opened.id))["state"] == "ended"
 
 
 async def test_bad_parameters_are_refused_with_their_fields(cp: ControlPlane) -> None:
-    token = await project_token(cp)
+    client = Client(cp.url, await project_token(cp))
     with pytest.raises(RestError, match=r"^POST /api/v1/sessions: 400 .*params\.hwm: ") as bad:
-        await asyncio.to_thread(open_session, base_url(cp), token, project="alpha",
-                                template="4dstem", params={"hwm": 0, "nope": 1},
-                                client_public_key=zmq.curve_keypair()[0])
+        await asyncio.to_thread(client.open_session, "4dstem", {"hwm": 0, "nope": 1},
+                                client_key=zmq.curve_keypair()[0])
     error = bad.value
     assert (error.status, error.retryable, bool(error.title), bool(error.request_id)) == (
         400, False, True, True)
@@ -138,10 +134,10 @@ async def test_bad_parameters_are_refused_with_their_fields(cp: ControlPlane) ->
 async def test_a_bad_token_is_401_and_never_echoed(cp: ControlPlane) -> None:
     forged = "eyJhbGciOiJFZERTQSJ9.bm90LWEtdG9rZW4.c2lnbmF0dXJl"
     slept: list[float] = []
+    client = Client(cp.url, forged, sleep=slept.append)
     with pytest.raises(RestError, match=r"^POST /api/v1/sessions: 401 ") as refused:
-        await asyncio.to_thread(open_session, base_url(cp), forged, project="alpha",
-                                template="4dstem", params={},
-                                client_public_key=zmq.curve_keypair()[0], sleep=slept.append)
+        await asyncio.to_thread(client.open_session, client_key=zmq.curve_keypair()[0],
+                                project="alpha")
     assert refused.value.status == 401 and slept == []  # a refusal is not retried
     assert forged not in str(refused.value) and forged not in repr(refused.value.args)
 
@@ -150,9 +146,8 @@ def test_an_absent_control_plane_is_retried_with_backoff(free_port: Callable[[],
     slept: list[float] = []
     with pytest.raises(RestError,
                        match="cannot reach the control plane at http://127.0.0.1:") as absent:
-        open_session(f"http://127.0.0.1:{free_port()}", "t", project="alpha", template="4dstem",
-                     params={}, client_public_key=zmq.curve_keypair()[0], timeout_s=2,
-                     sleep=slept.append)
+        Client(f"http://127.0.0.1:{free_port()}", "t", project="alpha", timeout_s=2,
+               sleep=slept.append).open_session(client_key=zmq.curve_keypair()[0])
     assert (absent.value.status, slept) == (None, [0.5, 1.0, 2.0])
 
 
@@ -163,9 +158,9 @@ async def test_a_producer_session_streams_into_its_gateway_and_ends(
     _, secret_file = create_keypair(tmp_path / "producer", "cam")
     spec = CameraSpec(scan_shape=(2, 2), seed=3)
     plan = StreamPlan(spec, producers=spec.sectors, seed=3)
-    session = ProducerSession(base_url(cp), await project_token(cp), project="alpha",
-                              client=secret_file, end_on_exit=True)
-    assert await project_token(cp) not in repr(session)
+    token = await project_token(cp)
+    session = ProducerSession(Client(cp.url, token), client=secret_file, end_on_exit=True)
+    assert token not in repr(session) and token not in repr(session.controlplane)
 
     def run() -> str:
         with session:
@@ -190,7 +185,7 @@ def invoke(args: list[str]) -> Result:
 async def test_the_cli_opens_a_session_and_streams_the_scan_into_it(
         cp: ControlPlane, gateway: StandInGateway, tmp_path: Path) -> None:
     token = await project_token(cp)
-    args = ["--controlplane", base_url(cp), "--project-token-file",
+    args = ["--controlplane", cp.url, "--project-token-file",
             str(token_file(tmp_path, token)), "--project", "alpha", "--param", "hwm=32",
             "--param", 'sources=["127.0.0.0/8"]', "--scan-shape", SCAN_SHAPE, "--scan", "9",
             "--no-progress", "--timeout", "10", "--end-session",
@@ -209,10 +204,34 @@ async def test_the_cli_opens_a_session_and_streams_the_scan_into_it(
                                                              "sources": ["127.0.0.0/8"]})
 
 
+async def test_the_cli_takes_the_token_from_the_environment_and_the_project_from_the_token(
+        cp: ControlPlane, gateway: StandInGateway) -> None:
+    token = await project_token(cp)
+    args = ["--controlplane", cp.url, "--scan-shape", SCAN_SHAPE, "--no-progress",
+            "--timeout", "10", "--no-receipt"]
+    result, headers = await asyncio.gather(
+        asyncio.to_thread(lambda: CliRunner().invoke(producer, ["stream", *args],
+                                                     env={"DSN_PROJECT_TOKEN": token})),
+        asyncio.to_thread(gateway.receive, SCAN_MESSAGES))
+    assert result.exit_code == 0, result.output
+    assert kinds(headers) == {"ScanBegin": 4, "Data": 16, "ScanEnd": 4}
+    detail = await session_detail(cp, result.output.split()[1])
+    assert detail["project"] == "alpha" and token not in result.output
+
+
+def test_a_token_file_and_the_environment_variable_together_are_refused(tmp_path: Path) -> None:
+    path = token_file(tmp_path, "abc.def.ghi")
+    result = CliRunner().invoke(producer, ["stream", "--controlplane", "http://127.0.0.1:1",
+                                           "--project-token-file", str(path)],
+                                env={"DSN_PROJECT_TOKEN": "jkl.mno.pqr"})
+    assert result.exit_code == 2 and "two tokens given" in result.output, result.output
+    assert "abc.def.ghi" not in result.output and "jkl.mno.pqr" not in result.output
+
+
 async def test_the_cli_reports_a_refused_session_without_the_token(cp: ControlPlane,
                                                                     tmp_path: Path) -> None:
     token = await project_token(cp)
-    args = ["--controlplane", base_url(cp), "--project-token-file",
+    args = ["--controlplane", cp.url, "--project-token-file",
             str(token_file(tmp_path, token)), "--project", "alpha", "--param", "hwm=0"]
     result = await asyncio.to_thread(invoke, args)
     assert result.exit_code == 1
@@ -224,7 +243,7 @@ async def test_the_cli_reports_a_refused_session_without_the_token(cp: ControlPl
     (["--controlplane", "http://127.0.0.1:1", "--endpoint", "tcp://127.0.0.1:2", "--project",
       "alpha", "--project-token-file", "t"], "--endpoint is the gateway's own"),
     (["--controlplane", "http://127.0.0.1:1", "--project", "alpha"],
-     "--controlplane needs --project-token-file and --project"),
+     "no token: give --project-token-file or set DSN_PROJECT_TOKEN"),
     (["--project", "alpha"], "--project needs --controlplane"),
     (["--end-session"], "--end-session needs --controlplane"),
     (["--endpoint", "tcp://127.0.0.1:2"], "--server-key, --client-key are required"),

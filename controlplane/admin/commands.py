@@ -19,6 +19,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from common.clitypes import OneLineError, template_params
+from common.output import cell, echo_json, show, summary
 from common.privatefs import create_private_file
 from common.restclient import quote
 from controlplane.admin.bootstrap import (
@@ -29,7 +30,6 @@ from controlplane.admin.bootstrap import (
 )
 from controlplane.admin.bootstrap import recover as recover_admin
 from controlplane.admin.client import ADMIN_TOKEN_ENV, AdminClient, template_path
-from controlplane.admin.output import cell, echo_json, show, summary
 from controlplane.policy import lint
 from controlplane.settings import DEFAULT_STATE_DIR
 

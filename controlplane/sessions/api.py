@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common.answers import GatewayInfo, SessionCounters
 from controlplane.errors import InvalidRequest, NotFound
 from controlplane.launchers import JobStatus
 from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
@@ -28,7 +29,7 @@ from controlplane.sessions.models import (
     MAX_SCAN,
     ConsumerOut,
     ConsumerRegister,
-    GatewayInfo,
+    JobList,
     JobOut,
     JobSubmit,
     ScanDetail,
@@ -37,7 +38,6 @@ from controlplane.sessions.models import (
     ScanOut,
     ScanQuery,
     ScanReport,
-    SessionCounters,
     SessionDetail,
     SessionList,
     SessionOpen,
@@ -51,6 +51,7 @@ from controlplane.sessions.repository import (
     get_job,
     leave,
     list_consumers,
+    list_jobs,
     list_results,
     list_sessions,
     record_result,
@@ -58,6 +59,7 @@ from controlplane.sessions.repository import (
 )
 from controlplane.sessions.service import (
     add_consumer,
+    cancel_job,
     cancel_jobs,
     existing_session,
     gateway_info,
@@ -224,13 +226,31 @@ async def submit_job_view(request: web.Request) -> web.Response:
                  {"Location": f"/api/v1/sessions/{session.id}/jobs/{job.id}"})
 
 
-async def get_job_view(request: web.Request) -> web.Response:
-    services = _services(request)
+async def _existing_job(services: Services, request: web.Request) -> JobRecord:
     session_id, job_id = request.match_info["session"], request.match_info["job"]
     job = await get_job(services.store, session_id, job_id)
     if job is None:
         raise NotFound(f"session {session_id} has no job {job_id!r}")
+    return job
+
+
+async def get_job_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    job = await _existing_job(services, request)
     return reply(job_out(job, await job_status(services, job)))
+
+
+async def list_jobs_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    jobs = await list_jobs(services.store, session.id)
+    return reply(JobList(items=[job_out(job, await job_status(services, job)) for job in jobs]))
+
+
+async def cancel_job_view(request: web.Request) -> web.Response:
+    services = _services(request)
+    job = await _existing_job(services, request)
+    return reply(job_out(job, await cancel_job(services, job)))
 
 
 async def report_result_view(request: web.Request) -> web.Response:
@@ -355,8 +375,14 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("POST", SESSION_PATH + "/jobs", submit_job_view,
               "Render a job template and submit the consumer job", JobOut, 202, "sessions:open",
               PROJECT_ONLY, _job_launch, JobSubmit, tag="jobs", response_headers=("Location",)),
+    RouteSpec("GET", SESSION_PATH + "/jobs", list_jobs_view,
+              "List the session's consumer jobs, oldest first, with their launcher states",
+              JobList, 200, "sessions:read", ADMIN_OR_PROJECT, _session, tag="jobs"),
     RouteSpec("GET", SESSION_PATH + "/jobs/{job}", get_job_view, "Poll a consumer job", JobOut,
               200, "sessions:read", ADMIN_OR_PROJECT, _session, tag="jobs"),
+    RouteSpec("DELETE", SESSION_PATH + "/jobs/{job}", cancel_job_view,
+              "Cancel a consumer job (idempotent): its consumer token is revoked, its processes "
+              "stopped", JobOut, 200, "sessions:end", ADMIN_OR_PROJECT, _session, tag="jobs"),
     RouteSpec("POST", SESSION_PATH + "/scans/{scan}/result", report_result_view,
               "Record a scan's result (idempotent for the same report)", ScanOut, 200,
               "scans:report", CONSUMER_ONLY, _scan, ScanReport, tag="scans",

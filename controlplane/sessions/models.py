@@ -5,8 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
+from common.answers import (
+    MAX_COUNT,
+    ConsumerBody,
+    JobBody,
+    ScanBody,
+    ScanCounts,
+    SessionBody,
+    SessionCounters,
+)
 from common.config import ConnectEndpoint, CurveKey
 from common.protocol import MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
@@ -17,13 +26,12 @@ from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-MAX_SCAN = 2**63 - 1  # SQLite INTEGER range
+MAX_SCAN = MAX_COUNT
 
 
 TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
 SessionIdText = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
-Count = Annotated[int, Field(ge=0, le=MAX_SCAN)]
 Host = Annotated[str, StringConstraints(min_length=1, max_length=253,
                                         pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:_-]*[A-Za-z0-9])?$")]
 ResultPath = Annotated[str, StringConstraints(min_length=2, max_length=4096,
@@ -73,19 +81,6 @@ class JobSubmit(RequestBody):
     ranks: Annotated[int, Field(ge=1, le=4096)] = 1
 
 
-class ScanCounts(BaseModel):
-    """A scan result's counters, as reported and as listed."""
-
-    frames: Count
-    events: Count
-    expected_sectors: Count
-    received_sectors: Count
-    duplicate_sectors: Count
-    conflicting_duplicates: Count
-    lost_sectors: Count
-    incomplete_frames: Count
-
-
 # The fields of common.results.ScanResult but the session and scan, which the URL names; the
 # model is still written out because the OpenAPI document is built from it.
 class ScanReport(RequestBody, ScanCounts):
@@ -122,51 +117,21 @@ class ScanQuery(QueryParams):
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
-class GatewayInfo(ResponseBody):
-    endpoint: str
-    server_key: str
-    plain_endpoint: str | None = None  # the plaintext ingress, for sessions with transport plain
-    receipts_endpoint: str  # where producers ask what became of their scans (common.receipts)
-
-
-class ConsumerOut(ResponseBody):
-    id: str
-    session: str
-    job_id: str
-    rank: int
-    endpoint: str
-    host: str
+class ConsumerOut(ResponseBody, ConsumerBody):
     state: LeaseState
-    registered_at: datetime
-    lease_expires_at: datetime
-    left_at: datetime | None
 
 
-class JobOut(ResponseBody):
-    id: str
-    session: str
-    template: str
-    template_version: int
-    launcher: str
-    ranks: int
+class JobOut(ResponseBody, JobBody):
     state: JobState
-    exit_code: int | None
-    detail: str
-    submitted_at: datetime
 
 
-class ScanOut(ResponseBody, ScanCounts):
-    session: str
-    scan: int
-    project: str
-    path: str
-    sha256: str
+class JobList(ResponseBody):
+    items: list[JobOut]
+
+
+class ScanOut(ResponseBody, ScanBody):
     status: ScanStatus
-    reported_at: datetime
     source: ScanSource
-    reason: str | None
-    spooled_sectors: int
-    lost_by_reason: dict[str, int]
 
 
 class ScanList(ResponseBody):
@@ -186,31 +151,10 @@ class ScanDetails(ResponseBody):
     items: list[ScanDetail]
 
 
-class SessionCounters(ResponseBody):
-    live_consumers: int
-    consumers: int
-    jobs: int
-    scans: int
-    complete_scans: int
-    frames: int
-    events: int
-
-
-class SessionOut(ResponseBody):
+class SessionOut(ResponseBody, SessionBody):
     """A session; ``config`` is its DSN configuration with the currently live consumers."""
 
-    id: str
-    project: str
-    template: str
-    template_version: int
-    params: dict[str, Any]
-    client_key: str
     state: SessionState
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
-    config: dict[str, Any]
-    gateway: GatewayInfo
 
 
 class SessionList(ResponseBody):

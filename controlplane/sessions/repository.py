@@ -203,7 +203,9 @@ async def get_job(store: Store, session_id: str, job_id: str) -> JobRecord | Non
 
 
 async def list_jobs(store: Store, session_id: str) -> list[JobRecord]:
-    rows = await store.read("SELECT * FROM jobs WHERE session_id = ?", (session_id,))
+    """The session's jobs in the order they were submitted."""
+    rows = await store.read("SELECT * FROM jobs WHERE session_id = ? ORDER BY submitted_at, rowid",
+                            (session_id,))
     return [_record(JobRecord, row) for row in rows]
 
 

@@ -5,6 +5,7 @@ and cancelling consumer jobs, publishing changes to the gateways. The HTTP layer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import Any
 import zmq
 
 from common import strictyaml
+from common.answers import GatewayInfo
 from common.clone import AckOutcome
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
@@ -52,7 +54,6 @@ from controlplane.sessions.core import (
 )
 from controlplane.sessions.models import (
     ConsumerRegister,
-    GatewayInfo,
     JobSubmit,
     ScanReport,
     SessionOpen,
@@ -278,7 +279,7 @@ async def _job_system(services: Services, session: SessionRecord, workdir: Path,
         "session_id": session.id, "job_id": workdir.name, "ranks": ranks,
         "config_path": str(workdir / CONFIG_NAME),
         "output_dir": str(workdir / OUTPUT_NAME), "token_file": str(workdir / TOKEN_NAME),
-        "controlplane_url": settings.base_url, "consumer_command": consumer_command()}
+        "controlplane_url": settings.public_base_url, "consumer_command": consumer_command()}
     if settings.launcher == "local":
         # mpiexec_command ends in "-n RANKS"; the template writes those itself.
         system["mpiexec"] = (await asyncio.to_thread(mpiexec_command, ranks, []))[:-2]
@@ -390,6 +391,18 @@ async def adopt_jobs(services: Services) -> None:
                         job.session_id, exc.detail)
             continue
         log.info("job %s of session %s adopted: %s", job.id, job.session_id, status.state)
+
+
+async def cancel_job(services: Services, job: JobRecord) -> JobStatus:
+    """Stop one job (idempotent) and return its status. Its consumer token is revoked first, so a
+    job the launcher cannot stop can no longer register or report. A job known to have finished,
+    or one its launcher no longer knows (``lost``), has nothing left to stop."""
+    await revoke_token(services.store, job.token_jti, services.now())
+    if not job.status().finished:
+        with contextlib.suppress(NotFound):  # job_status records it as lost
+            await _launcher(services, job.launcher).cancel(job.handle())
+            log.info("job %s of session %s cancelled", job.id, job.session_id)
+    return await job_status(services, job)
 
 
 async def cancel_jobs(services: Services, session_id: str) -> None:

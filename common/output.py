@@ -1,4 +1,4 @@
-"""How admin commands print answers: aligned tables for people, ``--json`` for scripts."""
+"""How commands print answers: aligned tables for people, ``--json`` for scripts."""
 
 from __future__ import annotations
 
