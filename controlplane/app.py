@@ -44,7 +44,7 @@ from controlplane.policy import ACTIONS, PolicyHolder, load_policies
 from controlplane.ratelimit import RateLimiter
 from controlplane.sessions import api as sessions_api
 from controlplane.sessions.repository import live_sessions
-from controlplane.sessions.service import record_gateway_report
+from controlplane.sessions.service import adopt_jobs, record_gateway_report
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService, StateSettings
@@ -80,6 +80,7 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                                                                  state)
                 state.on_report = functools.partial(record_gateway_report, services)
                 await _check_checkpoints(services.checkpoints)
+                await adopt_jobs(services)
                 await _start_state(state, settings)
                 async with _audit_upkeep(services):
                     yield

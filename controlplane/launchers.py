@@ -7,8 +7,9 @@ A job is a rendered bash script (opaque here) plus a consumer token. ``write_job
 the job directory; a launcher submits it and reports its state:
 
 - ``local``: ``bash job.sh`` as a child process in its own session, logging to ``job.log``;
-- ``slurm``: ``sbatch --parsable job.sh``, polled with ``squeue`` then ``sacct``, cancelled with
-  ``scancel``.
+- ``slurm``: ``sbatch --parsable job.sh``, polled with ``squeue``, ``scontrol show job`` then
+  ``sacct`` (a site without accounting still reports a finished job for ``MinJobAge`` seconds),
+  cancelled with ``scancel``.
 
 The token reaches the job only as a file (``token``, 0600 from the moment it exists) whose path is
 in ``DSN_CONSUMER_TOKEN_FILE``; it is never on a command line, in the script or in the environment.
@@ -52,7 +53,10 @@ SCRIPT_NAME = "job.sh"
 TOKEN_NAME = "token"
 LOG_NAME = "job.log"
 
-JobState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+# ``lost``: the control plane no longer knows the job's fate (a local job outlived by a restart);
+# no launcher reports it, and it never changes again.
+JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lost"]
+FINISHED_STATES: frozenset[JobState] = frozenset({"succeeded", "failed", "cancelled", "lost"})
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -159,7 +163,7 @@ class JobStatus:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
+        return self.state in FINISHED_STATES
 
 
 def write_job_files(spec: JobSpec) -> tuple[Path, Path]:
@@ -335,7 +339,8 @@ def parse_sbatch_id(output: str) -> tuple[str, str | None]:
 
 
 def slurm_state(raw: str, exit_code: str = "") -> JobStatus:
-    """Map a Slurm state (``squeue %T`` or ``sacct State``) and ``sacct``'s ``EXIT:SIGNAL``."""
+    """Map a Slurm state (``squeue %T``, ``scontrol`` ``JobState`` or ``sacct State``) and an
+    ``EXIT:SIGNAL`` exit code (``scontrol``'s or ``sacct``'s)."""
     word = raw.split()[0].rstrip("+") if raw.split() else ""  # "CANCELLED by 1000", "CANCELLED+"
     state = _SLURM_STATES.get(word)
     if state is None:
@@ -395,12 +400,31 @@ class SlurmLauncher:
         return JobHandle(self.name, spec.job_id, native, spec.workdir)
 
     async def status(self, handle: JobHandle) -> JobStatus:
+        """Ask ``squeue`` (every state), then ``scontrol show job`` (a finished job's exit code, for
+        ``MinJobAge`` seconds, without accounting), then ``sacct`` (the accounting database)."""
         job, cluster = self._native(handle)
-        queued = await self._run([self._tool("squeue"), *_cluster_flag(cluster), "-h", "-j", job,
-                                  "-o", "%T"])
-        if queued.returncode == 0 and queued.stdout.strip():
-            return slurm_state(queued.stdout.strip().splitlines()[0])
-        # Gone from the queue (or squeue cannot say): the accounting database has the outcome.
+        queued = await self._run([self._tool("squeue"), *_cluster_flag(cluster), "-h", "-t", "all",
+                                  "-j", job, "-o", "%T"])
+        listed = queued.stdout.strip().splitlines() if queued.returncode == 0 else []
+        if listed and not slurm_state(listed[0]).finished:
+            return slurm_state(listed[0])
+        shown = await self._scontrol(job, cluster)
+        if shown is not None:
+            return shown
+        if listed:  # finished, and no exit code to be had: the state alone is still true
+            return slurm_state(listed[0])
+        return await self._sacct(job, cluster, queued)
+
+    async def _scontrol(self, job: str, cluster: str | None) -> JobStatus | None:
+        shown = await self._run([self._tool("scontrol"), *_cluster_flag(cluster), "show", "job",
+                                 "-o", job])
+        fields = _scontrol_fields(shown.stdout) if shown.returncode == 0 else {}
+        if "JobState" not in fields:
+            return None
+        return slurm_state(fields["JobState"], fields.get("ExitCode", ""))
+
+    async def _sacct(self, job: str, cluster: str | None, queued: _Completed) -> JobStatus:
+        # Gone from the controller's memory: only the accounting database has the outcome.
         accounted = await self._run([self._tool("sacct"), *_cluster_flag(cluster), "-n", "-X",
                                      "-P", "-j", job, "-o", "State,ExitCode"])
         if accounted.returncode != 0:
@@ -408,7 +432,8 @@ class SlurmLauncher:
                               f"sacct: {accounted.error()}", retry_after_s=5)
         lines = [line for line in accounted.stdout.splitlines() if line.strip()]
         if not lines:
-            return JobStatus("pending", None, f"job {job} is not (yet) listed by squeue or sacct")
+            return JobStatus("pending", None,
+                             f"job {job} is not (yet) listed by squeue, scontrol or sacct")
         raw_state, _, exit_code = lines[0].partition("|")
         return slurm_state(raw_state, exit_code)
 
@@ -451,6 +476,12 @@ class SlurmLauncher:
                               "controller reachable?", retry_after_s=10) from None
         return _Completed(await process.wait(), out.decode(errors="replace"),
                           err.decode(errors="replace"))
+
+
+def _scontrol_fields(output: str) -> dict[str, str]:
+    """``scontrol show job -o``: one line of ``Key=Value`` words (only the first job's)."""
+    line = output.strip().splitlines()[0] if output.strip() else ""
+    return dict(word.split("=", 1) for word in line.split() if "=" in word)
 
 
 def _cluster_flag(cluster: str | None) -> list[str]:

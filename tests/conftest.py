@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import zmq
 from cp_helpers import gateway_process, served_on, start_control_plane
+from slurm_cluster import Cluster, missing, running_cluster
 
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.ports import free_port as dataplane_free_port
@@ -57,3 +58,14 @@ async def served(tmp_path: Path, free_port: Callable[[], int]) -> Any:
         metrics = f"127.0.0.1:{free_port()}"
         with gateway_process(cp, tmp_path / "spool", metrics):
             yield cp, metrics, tmp_path / "spool"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One real Slurm cluster (munged, slurmctld, slurmd on loopback) shared by the whole run;
+    skipped, saying why, where the packages are missing or the tests do not run as root."""
+    reason = missing()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

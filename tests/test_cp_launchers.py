@@ -1,6 +1,7 @@
 """Job launchers: the job directory and token file, a real local job (bash and ``mpiexec -n 2``),
-and Slurm through fake ``sbatch``/``squeue``/``sacct``/``scancel`` commands that record how they
-were called."""
+and the Slurm failures a real cluster cannot produce on demand (a refusing ``sbatch``, a scheduler
+that does not answer, a state no Slurm prints, a forgotten job only ``sacct`` knows) through fake
+commands that record how they were called. Slurm itself is tested in ``test_slurm.py``."""
 
 from __future__ import annotations
 
@@ -325,7 +326,7 @@ class FakeSlurm:
         self.state = root / "state"
         self.bin.mkdir(parents=True)
         self.state.mkdir()
-        for tool in ("sbatch", "squeue", "sacct", "scancel"):
+        for tool in ("sbatch", "squeue", "scontrol", "sacct", "scancel"):
             path = self.bin / tool
             path.write_text(FAKE_TOOL.format(python=sys.executable, state=str(self.state)))
             path.chmod(0o755)
@@ -354,45 +355,40 @@ srun dsn consumer run --config dsn.yaml --session s-1 --output-dir out
 
 
 @pytest.mark.timeout(30)
-async def test_sbatch_gets_the_exact_script_and_a_0600_token_file_path(tmp_path: Path,
-                                                                      slurm: FakeSlurm) -> None:
-    slurm.answer("sbatch", stdout="12345;perlmutter\n")
-    launcher = get_launcher("slurm", sbatch_args=["--account=m1234"])
-    spec = _spec(tmp_path, SLURM_SCRIPT)
-    handle = await launcher.submit(spec)
-
-    assert handle == JobHandle("slurm", "job-1", "12345;perlmutter", spec.workdir)
-    [call] = slurm.calls("sbatch")
-    argv = call["argv"]
-    assert isinstance(argv, list)
-    assert argv[0] == "--parsable" and "--account=m1234" in argv
-    assert f"--chdir={spec.workdir}" in argv and f"--output={spec.workdir / 'job.log'}" in argv
-    assert call["script_path"] == argv[-1] == str(spec.workdir / "job.sh")
-    assert call["script"] == SLURM_SCRIPT
-    assert call["token_file"] == str(spec.workdir / "token")
-    assert call["token_mode"] == 0o600
-    assert not any(TOKEN in str(arg) for arg in argv)
-    assert TOKEN not in (spec.workdir / "job.sh").read_text()
-
-
-@pytest.mark.timeout(30)
-async def test_slurm_status_asks_squeue_then_sacct(tmp_path: Path, slurm: FakeSlurm) -> None:
+async def test_a_job_slurm_forgot_is_read_from_sacct_on_its_cluster(tmp_path: Path,
+                                                                   slurm: FakeSlurm) -> None:
+    # Past MinJobAge only the accounting database knows a job (the test cluster keeps none).
     handle = JobHandle("slurm", "job-1", "777;perlmutter", tmp_path)
-    launcher = SlurmLauncher()
-    slurm.answer("squeue", stdout="RUNNING\n")
-    assert (await launcher.status(handle)).state == "running"
-    assert slurm.calls("squeue")[0]["argv"] == ["--clusters=perlmutter", "-h", "-j", "777",
-                                                "-o", "%T"]
-
     slurm.answer("squeue", stderr="slurm_load_jobs error: Invalid job id specified", exit=1)
+    slurm.answer("scontrol", stderr="slurm_load_jobs error: Invalid job id specified", exit=1)
     slurm.answer("sacct", stdout="FAILED|2:0\n")
-    assert await launcher.status(handle) == JobStatus("failed", 2, "Slurm state FAILED")
+    assert await SlurmLauncher().status(handle) == JobStatus("failed", 2, "Slurm state FAILED")
+    assert slurm.calls("squeue")[0]["argv"] == ["--clusters=perlmutter", "-h", "-t", "all", "-j",
+                                                "777", "-o", "%T"]
+    assert slurm.calls("scontrol")[0]["argv"] == ["--clusters=perlmutter", "show", "job", "-o",
+                                                  "777"]
     assert slurm.calls("sacct")[0]["argv"] == ["--clusters=perlmutter", "-n", "-X", "-P", "-j",
                                                "777", "-o", "State,ExitCode"]
 
-    slurm.answer("squeue")
-    slurm.answer("sacct", stdout="COMPLETED|0:0\n")
-    assert await launcher.status(handle) == JobStatus("succeeded", 0, "Slurm state COMPLETED")
+
+@pytest.mark.timeout(30)
+async def test_a_job_no_slurm_command_can_report_is_unavailable(tmp_path: Path,
+                                                               slurm: FakeSlurm) -> None:
+    slurm.answer("squeue", stderr="squeue: error: Unable to contact slurm controller", exit=1)
+    slurm.answer("scontrol", stderr="scontrol: error: Unable to contact slurm controller", exit=1)
+    slurm.answer("sacct", stderr="sacct: error: Slurm accounting storage is disabled", exit=1)
+    with pytest.raises(Unavailable, match="Slurm cannot report job 777: squeue: squeue: error: "
+                                          "Unable to contact .*accounting storage is disabled"):
+        await SlurmLauncher().status(JobHandle("slurm", "job-1", "777", tmp_path))
+
+
+@pytest.mark.timeout(30)
+async def test_an_unknown_slurm_state_keeps_the_job_pending(tmp_path: Path,
+                                                            slurm: FakeSlurm) -> None:
+    slurm.answer("squeue", stdout="TELEPORTED\n")
+    slurm.answer("scontrol", stdout="JobId=777 JobState=TELEPORTED ExitCode=0:0\n")
+    status = await SlurmLauncher().status(JobHandle("slurm", "job-1", "777", tmp_path))
+    assert status == JobStatus("pending", None, "Slurm state 'TELEPORTED' is not recognised")
 
 
 @pytest.mark.parametrize(("raw", "exit_code", "expected"), [
@@ -435,21 +431,13 @@ async def test_a_scheduler_that_does_not_answer_is_unavailable(tmp_path: Path,
 
 
 @pytest.mark.timeout(30)
-async def test_scancel_cancels_and_tolerates_a_job_that_already_ended(tmp_path: Path,
-                                                                      slurm: FakeSlurm) -> None:
-    handle = JobHandle("slurm", "job-1", "777", tmp_path)
-    launcher = SlurmLauncher()
-    await launcher.cancel(handle)
-    assert slurm.calls("scancel")[0]["argv"] == ["777"]
-
-    slurm.answer("scancel", stderr="scancel: error: Job/step already completing or completed",
-                 exit=1)
-    slurm.answer("sacct", stdout="COMPLETED|0:0\n")
-    await launcher.cancel(handle)
-
+async def test_scancel_refusing_a_running_job_is_a_clear_error(tmp_path: Path,
+                                                              slurm: FakeSlurm) -> None:
+    slurm.answer("scancel", stderr="scancel: error: Access/permission denied", exit=1)
     slurm.answer("squeue", stdout="RUNNING\n")
-    with pytest.raises(LaunchFailed, match="scancel could not cancel job 777"):
-        await launcher.cancel(handle)
+    with pytest.raises(LaunchFailed, match="scancel could not cancel job 777: .*denied"):
+        await SlurmLauncher().cancel(JobHandle("slurm", "job-1", "777", tmp_path))
+    assert slurm.calls("scancel")[0]["argv"] == ["777"]
 
 
 def test_missing_sbatch_is_a_configuration_error(tmp_path: Path,

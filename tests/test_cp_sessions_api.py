@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import stat
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ import yaml
 import zmq
 from cp_helpers import CLIENT_SCOPE, SHIPPED_POLICY, ClientFactory, ControlPlane, sql
 from cp_helpers import start_control_plane as start
-from test_cp_launchers import FakeSlurm
 from waiting import eventually_async
 
 from common.config import load_config
@@ -463,32 +460,29 @@ async def test_job_parameters_are_checked_before_anything_runs(cp: ControlPlane)
     assert not cp.settings.jobs_dir.exists() or not any(cp.settings.jobs_dir.iterdir())
 
 
-@pytest.fixture
-def slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSlurm]:
-    fake = FakeSlurm(tmp_path / "slurm")
-    monkeypatch.setenv("PATH", f"{fake.bin}{os.pathsep}{os.environ['PATH']}")
-    yield fake
-
-
 @pytest.mark.timeout(60)
-async def test_a_slurm_job_is_submitted_with_sbatch_and_polled(
-        aiohttp_client: ClientFactory, tmp_path: Path, slurm: FakeSlurm) -> None:
-    cp = await start_control_plane(aiohttp_client, tmp_path, launcher="slurm")
+async def test_job_states_survive_a_restart_and_a_local_job_cut_short_is_lost(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    cp = await start_control_plane(aiohttp_client, tmp_path)
     await cp.create_project("alpha")
+    await save_template(cp, TINY_JOB)
+    await save_template(cp, SLEEPY_JOB)
     token, session = await opened(cp)
-    slurm.answer("sbatch", stdout="4242\n")
-    response = await cp.call("POST", f"/api/v1/sessions/{session['id']}/jobs", token,
-                             json={"params": {"account": "m1234"}})
-    assert response.status == 202, await response.text()
-    job = await response.json()
-    [call] = slurm.calls("sbatch")
-    assert "#SBATCH --account=m1234" in str(call["script"])
-    assert call["token_mode"] == 0o600
-    secret = Path(str(call["token_file"])).read_text()
-    assert not any(secret in str(arg) for arg in call["argv"])  # type: ignore[union-attr]
-    slurm.answer("squeue", stdout="RUNNING\n")
-    polled = await (await cp.call("GET", response.headers["Location"], token)).json()
-    assert (job["template"], polled["state"]) == ("slurm-sbatch", "running")
+    jobs = f"/api/v1/sessions/{session['id']}/jobs"
+    done = (await cp.call("POST", jobs, token, json={"template": "tiny-job"})).headers["Location"]
+    assert (await poll_job(cp, token, done))["state"] == "succeeded"
+    running = await cp.call("POST", jobs, token, json={"template": "sleepy-job"})
+    assert (await running.json())["state"] == "running"
+
+    await cp.client.close()  # the control plane stops, and its local jobs with it
+    again = await start_control_plane(aiohttp_client, tmp_path, clock=cp.clock)
+    kept = await (await again.call("GET", done, token)).json()
+    assert (kept["state"], kept["exit_code"]) == ("succeeded", 0)
+    lost = await (await again.call("GET", running.headers["Location"], token)).json()
+    assert (lost["state"], lost["exit_code"]) == ("lost", None)
+    assert "the control plane restarted while this job ran" in lost["detail"]
+    assert sql(again.database, "SELECT state FROM jobs ORDER BY submitted_at") == [
+        ("succeeded",), ("lost",)]
 
 
 def test_an_unknown_launcher_is_an_invalid_setting(tmp_path: Path) -> None:

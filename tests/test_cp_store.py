@@ -15,6 +15,8 @@ import pytest
 from waiting import eventually_async
 
 from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
+from controlplane.launchers import JobStatus
+from controlplane.sessions.repository import unfinished_jobs, update_job_state
 from controlplane.store.audit import audit_head
 from controlplane.store.engine import Store
 from controlplane.store.migrations import MIGRATIONS, SCHEMA_VERSION
@@ -93,6 +95,28 @@ async def test_old_version_database_is_migrated_keeping_its_rows(db_path: Path) 
         assert _version(db_path) == SCHEMA_VERSION
         assert await get_project(opened, "old") == Project("old", (), {}, None, 5.0)
         assert await audit_head(opened) is None  # the audit tables of step 2 exist and work
+    finally:
+        await opened.close()
+
+
+async def test_jobs_stored_before_job_states_are_asked_about_again_and_final_states_stay(
+        db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as conn:
+        for statement in (statement for step in MIGRATIONS[:8] for statement in step):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 8")
+        conn.execute("INSERT INTO jobs VALUES ('j1', 's1', 'slurm-sbatch', 1, 'slurm', '42', "
+                     "'/jobs/j1', 2, 't1', 5.0)")
+    opened = await Store.open(db_path)
+    try:
+        [job] = await unfinished_jobs(opened)
+        assert (job.id, job.status()) == ("j1", JobStatus("pending", None, ""))
+        await update_job_state(opened, "j1", JobStatus("succeeded", 0, "Slurm state COMPLETED"))
+        await update_job_state(opened, "j1", JobStatus("running", None, "a late answer"))
+        assert await unfinished_jobs(opened) == []
+        [row] = await opened.read("SELECT state, exit_code, detail FROM jobs", ())
+        assert tuple(row) == ("succeeded", 0, "Slurm state COMPLETED")
     finally:
         await opened.close()
 

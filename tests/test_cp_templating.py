@@ -49,7 +49,9 @@ GOLDEN_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "4dstem": ({"sources": ["127.0.0.0/24", "::1/128"], "targets": ["127.0.0.0/8"], "hwm": 512},
                DSN_SYSTEM, "dsn-4dstem.yaml"),
     "local-mpiexec": ({"kernel": "stempy", "scans": 3}, JOB_SYSTEM, "job-local-mpiexec.sh"),
-    "slurm-sbatch": ({"account": "m4d5", "qos": "realtime", "nodes": 2, "time": "01:00:00",
+    "slurm-sbatch": ({"account": "lcls:xpp12345", "partition": "realtime", "reservation": "beam-42",
+                      "qos": "realtime", "constraint": "gpu", "nodes": 2, "cpus_per_task": 8,
+                      "gpus_per_node": 4, "mem": "64G", "time": "01:00:00", "drain_s": 120,
                       "exclusive": True, "kernel": "stempy"}, JOB_SYSTEM, "job-slurm-sbatch.sh"),
 }
 
@@ -329,9 +331,88 @@ def test_job_values_reach_the_command_as_one_word_each(text: str, tmp_path: Path
 def test_shipped_job_templates_refuse_shell_syntax_in_strings(shipped: dict[str, Template],
                                                               policy: PolicySet) -> None:
     with pytest.raises(InvalidRequest) as exc:
-        validate_params(shipped["slurm-sbatch"], {"account": "m1; rm -rf ~",
-                                                  "time": "1:00:00 --uid=0"}, policy)
-    assert set(fields(exc)) == {"params.account", "params.time"}
+        validate_params(shipped["slurm-sbatch"], {
+            "account": "m1; rm -rf ~", "time": "1:00:00 --uid=0", "partition": "a b",
+            "reservation": "$(id)", "mem": "64G --uid=0", "gpus_per_node": 9}, policy)
+    assert set(fields(exc)) == {"params.account", "params.time", "params.partition",
+                                "params.reservation", "params.mem", "params.gpus_per_node"}
+
+
+@pytest.mark.parametrize("account", ["m1234", "lcls:xpp12345", "nstaff_g", "a.b-c"])
+def test_the_slurm_account_takes_facility_names(account: str, shipped: dict[str, Template],
+                                                policy: PolicySet) -> None:
+    params = validate_params(shipped["slurm-sbatch"], {"account": account}, policy)
+    assert params["account"] == account
+
+
+# --- site values: set by the admin, typed and quoted like parameters ---------------------------
+
+SITE_JOB = ("#!/bin/sh\n{% for command in site.setup %}{{ command | shquote }}\n{% endfor %}"
+            "printf '%s\\n' {{ site.python | shquote }}\n")
+
+
+def make_site(site: dict[str, Any], body: str = SITE_JOB,
+              parameters: dict[str, Any] | None = None) -> Template:
+    return parse_template(yaml.safe_dump({"name": "site-test", "kind": "job",
+                                          "parameters": parameters or {}, "site": site,
+                                          "body": body}))
+
+
+@pytest.mark.parametrize("text", SHELL_ATTACKS[:-2])
+def test_site_values_reach_the_script_as_one_word_each(text: str, tmp_path: Path,
+                                                       policy: PolicySet) -> None:
+    template = make_site({
+        "setup": {"type": "command_list", "min_items": 0,
+                  "value": [["printf", "%s\\n", text], ["export", f"X={text}"]]},
+        "python": {"type": "command", "value": [f"x{text}", "second word"]}})
+    script = render_values(template, {}, JOB_SYSTEM, policy).text
+    run = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=10, check=True)
+    assert run.stdout == f"{text}\nx{text}\nsecond word\n"
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("site, field", [
+    ({"python": {"type": "command", "value": "/usr/bin/python3"}}, "site.python"),
+    ({"python": {"type": "command", "value": []}}, "site.python"),
+    ({"python": {"type": "command", "value": ["python\nrm -rf /"]}}, "site.python"),
+    ({"python": {"type": "command", "value": [""]}}, "site.python"),
+    ({"python": {"type": "command", "value": [3]}}, "site.python"),
+    ({"python": {"type": "command"}}, "site.python.value"),
+    ({"python": {"type": "command", "value": ["p"], "default": ["p"]}}, "site.python"),
+    ({"setup": {"type": "command_list", "value": [["module", "load"], "source x"]}},
+     "site.setup"),
+    ({"setup": {"type": "command_list", "min_items": 0, "value": [[]]}}, "site.setup"),
+    ({"launch": {"type": "enum", "choices": ["srun", "mpiexec"], "value": "aprun"}},
+     "site.launch"),
+    ({"Launch": {"type": "command", "value": ["srun"]}}, "site.Launch.[key]"),
+])
+def test_a_bad_site_value_is_refused_naming_it(site: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        make_site(site, "#!/bin/sh\n")
+    assert field in fields(exc), fields(exc)
+
+
+def test_a_command_is_never_a_user_parameter() -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        make_site({}, "#!/bin/sh\n", {"python": {"type": "command", "example": ["python3"]}})
+    assert "declare it under site" in fields(exc)["parameters"]
+
+
+def test_a_user_cannot_set_a_site_value(shipped: dict[str, Template],
+                                        policy: PolicySet) -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        validate_params(shipped["slurm-sbatch"], {"account": "m1", "python": ["/bin/sh"]}, policy)
+    assert "unknown parameter 'python'" in fields(exc)["params.python"]
+
+
+def test_site_values_outside_the_policy_are_refused_when_saved(policy: PolicySet) -> None:
+    source = yaml.safe_dump({
+        "name": "site-test", "kind": "job", "body": "#!/bin/sh\n",
+        "site": {"hosts": {"type": "host_list", "network": "targets", "value": ["8.8.8.8"]}}})
+    with pytest.raises(InvalidRequest) as exc:
+        check_template(source, policy)
+    assert "outside the targets networks" in fields(exc)["site.hosts"]
 
 
 def test_parameter_names_that_shadow_methods_read_the_value(policy: PolicySet) -> None:

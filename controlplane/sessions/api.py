@@ -97,13 +97,10 @@ def consumer_out(c: ConsumerRecord, now: float) -> ConsumerOut:
                        lease_expires_at=utc(c.lease_expires_at), left_at=_time(c.left_at))
 
 
-def job_out(job: JobRecord, status: JobStatus | None) -> JobOut:
-    lost = "the launcher no longer knows this job (the control plane restarted)"
+def job_out(job: JobRecord, status: JobStatus) -> JobOut:
     return JobOut(id=job.id, session=job.session_id, template=job.template,
                   template_version=job.template_version, launcher=job.launcher, ranks=job.ranks,
-                  state="lost" if status is None else status.state,
-                  exit_code=None if status is None else status.exit_code,
-                  detail=lost if status is None else status.detail,
+                  state=status.state, exit_code=status.exit_code, detail=status.detail,
                   submitted_at=utc(job.submitted_at))
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from common.config import parse_endpoint
 from common.results import ScanResult
 from controlplane.errors import Conflict
-from controlplane.launchers import JobHandle
+from controlplane.launchers import JobHandle, JobState, JobStatus
 from controlplane.policy import PolicySet
 
 SessionState = Literal["open", "ended", "expired"]
@@ -94,9 +94,16 @@ class JobRecord:
     ranks: int
     token_jti: str
     submitted_at: float
+    # The last state the launcher reported, kept so that it survives a control-plane restart.
+    state: JobState = "pending"
+    exit_code: int | None = None
+    detail: str = ""
 
     def handle(self) -> JobHandle:
         return JobHandle(self.launcher, self.id, self.native_id, Path(self.workdir))
+
+    def status(self) -> JobStatus:
+        return JobStatus(self.state, self.exit_code, self.detail)
 
 
 @dataclass(frozen=True, kw_only=True)

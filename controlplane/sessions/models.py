@@ -19,6 +19,7 @@ from common.answers import (
 from common.config import ConnectEndpoint, CurveKey
 from common.protocol import MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
+from controlplane.launchers import JobState
 from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
 from controlplane.sessions.core import LeaseState, ScanSource, SessionState
 from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
@@ -27,8 +28,6 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_SCAN = MAX_COUNT
 
-# A job the launcher no longer knows (a local job after a control-plane restart) is "lost".
-JobState = Literal["pending", "running", "succeeded", "failed", "cancelled", "lost"]
 
 TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
 JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.config import ConfigError, Session, parse_config
 from controlplane.errors import Conflict, NotFound
+from controlplane.launchers import JobStatus
 from controlplane.sessions.core import (
     ConsumerRecord,
     JobRecord,
@@ -206,6 +207,22 @@ async def list_jobs(store: Store, session_id: str) -> list[JobRecord]:
     rows = await store.read("SELECT * FROM jobs WHERE session_id = ? ORDER BY submitted_at, rowid",
                             (session_id,))
     return [_record(JobRecord, row) for row in rows]
+
+
+async def unfinished_jobs(store: Store) -> list[JobRecord]:
+    """Every job whose last stored state is not final, oldest first."""
+    rows = await store.read("SELECT * FROM jobs WHERE state IN ('pending', 'running') "
+                            "ORDER BY submitted_at, id", ())
+    return [_record(JobRecord, row) for row in rows]
+
+
+async def update_job_state(store: Store, job_id: str, status: JobStatus) -> None:
+    """Store the job's new state; a final state is never replaced."""
+    async def body(conn: Conn) -> None:
+        await conn.execute("UPDATE jobs SET state = ?, exit_code = ?, detail = ? WHERE id = ? "
+                           "AND state IN ('pending', 'running')",
+                           (status.state, status.exit_code, status.detail, job_id))
+    await store.write(body)
 
 
 async def count_jobs(store: Store, session_id: str) -> int:

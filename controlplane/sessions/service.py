@@ -5,6 +5,7 @@ and cancelling consumer jobs, publishing changes to the gateways. The HTTP layer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Mapping
@@ -66,6 +67,8 @@ from controlplane.sessions.repository import (
     live_sessions,
     record_result,
     register_consumer,
+    unfinished_jobs,
+    update_job_state,
 )
 from controlplane.store.engine import Store
 from controlplane.store.projects import get_project
@@ -325,7 +328,7 @@ async def submit_job(services: Services, parent: Claims, session: SessionRecord,
                     token_jti=claims.jti, submitted_at=services.now())
     await _remember_job(services.store, launcher, job)
     log.info("job %s of session %s submitted through %s", job_id, session.id, launcher.name)
-    return job, await launcher.status(handle)
+    return job, await job_status(services, job)
 
 
 async def _prepare_job(services: Services, session: SessionRecord, body: JobSubmit, job_id: str,
@@ -357,24 +360,48 @@ async def _remember_job(store: Store, launcher: Launcher, job: JobRecord) -> Non
         raise
 
 
-async def job_status(services: Services, job: JobRecord) -> JobStatus | None:
-    """The launcher's view of the job; None when the launcher no longer knows it."""
+LOST_DETAIL = ("the control plane restarted while this job ran; a local job is stopped with the "
+               "control plane that started it, and its outcome was not recorded")
+
+
+async def job_status(services: Services, job: JobRecord) -> JobStatus:
+    """The job's state: stored once final (a fact, never asked again), else the launcher's view,
+    stored when it changed. A job its launcher no longer knows is ``lost``."""
+    stored = job.status()
+    if stored.finished:
+        return stored
     try:
-        return await _launcher(services, job.launcher).status(job.handle())
+        status = await _launcher(services, job.launcher).status(job.handle())
     except NotFound:
-        return None
+        status = JobStatus("lost", None, LOST_DETAIL)
+    if status != stored:
+        await update_job_state(services.store, job.id, status)
+    return status
 
 
-async def cancel_job(services: Services, job: JobRecord) -> JobStatus | None:
+async def adopt_jobs(services: Services) -> None:
+    """At start-up, ask again about every job not known to have finished: a Slurm job that ended
+    while the control plane was down gets its true outcome, a local job from before is ``lost``.
+    A launcher that cannot answer now is asked again at the job's next poll."""
+    for job in await unfinished_jobs(services.store):
+        try:
+            status = await job_status(services, job)
+        except ControlPlaneError as exc:
+            log.warning("job %s of session %s: state unknown at start-up: %s", job.id,
+                        job.session_id, exc.detail)
+            continue
+        log.info("job %s of session %s adopted: %s", job.id, job.session_id, status.state)
+
+
+async def cancel_job(services: Services, job: JobRecord) -> JobStatus:
     """Stop one job (idempotent) and return its status. Its consumer token is revoked first, so a
-    job the launcher cannot stop can no longer register or report; None when the launcher no
-    longer knows the job (it is ``lost``: nothing is left to stop)."""
+    job the launcher cannot stop can no longer register or report. A job known to have finished,
+    or one its launcher no longer knows (``lost``), has nothing left to stop."""
     await revoke_token(services.store, job.token_jti, services.now())
-    try:
-        await _launcher(services, job.launcher).cancel(job.handle())
-    except NotFound:
-        return None
-    log.info("job %s of session %s cancelled", job.id, job.session_id)
+    if not job.status().finished:
+        with contextlib.suppress(NotFound):  # job_status records it as lost
+            await _launcher(services, job.launcher).cancel(job.handle())
+            log.info("job %s of session %s cancelled", job.id, job.session_id)
     return await job_status(services, job)
 
 
@@ -382,6 +409,8 @@ async def cancel_jobs(services: Services, session_id: str) -> None:
     """Stop the jobs of an ended session; their tokens are already revoked, so a job that cannot
     be stopped can no longer act, and a failure is logged rather than undoing the end."""
     for job in await list_jobs(services.store, session_id):
+        if job.status().finished:
+            continue
         launcher = services.launchers.get(job.launcher)
         try:
             if launcher is not None:

@@ -181,5 +181,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """INSERT INTO admins SELECT subject, MIN(issued_at), 'upgrade', NULL FROM tokens
             WHERE kind = 'admin' GROUP BY subject""",
     ),
+    # 8 -> 9: a job's last known state is stored, so that it survives a restart. Jobs stored before
+    # are not known to have finished ('pending'): the next start asks their launcher again.
+    (
+        """ALTER TABLE jobs ADD COLUMN state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN
+            ('pending', 'running', 'succeeded', 'failed', 'cancelled', 'lost'))""",
+        "ALTER TABLE jobs ADD COLUMN exit_code INTEGER",
+        "ALTER TABLE jobs ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -2,16 +2,18 @@
 ``templates/README.md``), versioned in the store and served over REST (SPEC §4).
 
 A template is a YAML document: ``name``, ``kind`` (``dsn`` or ``job``), ``description``, typed
-``parameters`` and a jinja2 ``body``. Users only ever choose parameter values; admins write bodies.
+``parameters``, typed ``site`` values and a jinja2 ``body``. Users only ever choose parameter
+values; admins write bodies and set site values (the site's Python, environment setup, MPI launch).
 
 Defences, outermost first:
 
 1. Parameter values are type-checked, bounded and checked against the policy before any rendering
-   (``render.validate_params``); system values the control plane supplies are validated the same
-   way (``system.validate_system``). No value may contain a newline or other control character.
+   (``render.validate_params``); site values and the system values the control plane supplies are
+   validated the same way (``render.validate_site``, ``system.validate_system``). No value may
+   contain a newline or other control character.
 2. Bodies are checked statically when a template is built (``grammar``): only output, ``if`` and
-   non-nested ``for`` over ``params``/``system`` are allowed, every interpolation must end in
-   ``| yaml`` (DSN) or ``| shquote`` (job), and no call, assignment, arithmetic, include, macro,
+   non-nested ``for`` over ``params``/``site``/``system`` are allowed, every interpolation must end
+   in ``| yaml`` (DSN) or ``| shquote`` (job), and no call, assignment, arithmetic, include, macro,
    unknown name, underscore or internal attribute may appear. A render bomb therefore cannot even
    be written.
 3. Rendering runs in an ``ImmutableSandboxedEnvironment`` with ``StrictUndefined`` whose attribute

@@ -36,7 +36,7 @@ from controlplane.templates.loader import (
     parse_template_cached,
     read_shipped,
 )
-from controlplane.templates.render import check_template, render, validate_params
+from controlplane.templates.render import check_template, render, validate_params, validate_site
 from controlplane.templates.repository import (
     NewVersion,
     Precondition,
@@ -155,6 +155,7 @@ def dry_run(template: Template, version: int, values: Mapping[str, Any],
             policy: PolicySet) -> RenderOut:
     """Validate ``values`` (errors under ``params.<name>``) and render with sample system values."""
     params = validate_params(template, values, policy)
+    validate_site(template, policy)
     system = validate_system(template.kind, sample_system(template.kind), policy)
     rendered = render(template, params, system)
     config = None if rendered.config is None else rendered.config.model_dump(mode="json")

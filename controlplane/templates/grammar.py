@@ -1,7 +1,7 @@
 """The grammar of template bodies: the small jinja2 subset an admin may write, checked statically
 on the parsed tree when a template is built.
 
-Only output, ``if`` and non-nested ``for`` over ``params``/``system`` are allowed, every
+Only output, ``if`` and non-nested ``for`` over ``params``/``site``/``system`` are allowed, every
 interpolation must end in ``| yaml`` (DSN) or ``| shquote`` (job), and no call, assignment,
 arithmetic, include, macro, unknown name, underscore or internal attribute may appear. A render
 bomb therefore cannot even be written. The sandbox (``sandbox``) enforces the same loop attributes
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
-_ROOTS = frozenset({"params", "system"})
+_ROOTS = frozenset({"params", "site", "system"})
 LOOP_ATTRS = frozenset({"index", "index0", "revindex", "revindex0", "first", "last", "length"})
 _OUTPUT_FILTER: dict[str, str] = {"dsn": "yaml", "job": "shquote"}
 TESTS = frozenset({"defined", "none", "true", "false"})
@@ -70,8 +70,8 @@ class _BodyChecker:
     def visit_Name(self, node: nodes.Name, depth: int) -> bool:
         allowed = _ROOTS | self.loop_names | ({"loop"} if self.loop_depth else set())
         if node.ctx == "load" and node.name not in allowed:
-            self.fail(node, f"{node.name!r} is not available; templates see only params, system "
-                            "and loop variables")
+            self.fail(node, f"{node.name!r} is not available; templates see only params, site, "
+                            "system and loop variables")
         return False
 
     def visit_Getattr(self, node: nodes.Getattr, depth: int) -> bool:
@@ -120,7 +120,7 @@ class _BodyChecker:
         if node.recursive:
             self.fail(node, "recursive loops are not allowed")
         if _root(node.iter) not in _ROOTS:
-            self.fail(node, "a loop may only iterate over params or system values")
+            self.fail(node, "a loop may only iterate over params, site or system values")
         targets = [node.target] if isinstance(node.target, nodes.Name) else \
             list(node.target.iter_child_nodes())
         for target in targets:

@@ -2,7 +2,8 @@
 the shipped directory (``templates/``) the store is seeded from.
 
 A template is a YAML document: ``name``, ``kind`` (``dsn`` or ``job``), ``description``, typed
-``parameters`` and a jinja2 ``body`` (format: ``templates/README.md``). Building a ``Template``
+``parameters`` a user sets, typed ``site`` values only the admin sets (``site.NAME`` in the body)
+and a jinja2 ``body`` (format: ``templates/README.md``). Building a ``Template``
 checks the declarations and the body's grammar; the dry render an admin's save also needs is
 ``render.check_template``.
 
@@ -23,7 +24,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from common import strictyaml
 from controlplane.errors import ConfigurationError, InvalidRequest, NotFound
 from controlplane.templates.base import Kind, Strict, field_errors, invalid, show
-from controlplane.templates.parameters import Parameter
+from controlplane.templates.parameters import COMMAND_TYPES, Parameter, SiteValue
 from controlplane.templates.sandbox import parse_body
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -41,7 +42,17 @@ class Template(Strict):
     kind: Kind
     description: str = Field(default="", max_length=2000)
     parameters: dict[ParamName, Parameter] = Field(default_factory=dict, max_length=64)
+    site: dict[ParamName, SiteValue] = Field(default_factory=dict, max_length=64)
     body: str = Field(min_length=1, max_length=MAX_BODY_CHARS)
+
+    @field_validator("parameters")
+    @classmethod
+    def _no_user_commands(cls, parameters: dict[str, Parameter]) -> dict[str, Parameter]:
+        commands = sorted(name for name, p in parameters.items() if p.type in COMMAND_TYPES)
+        if commands:
+            raise ValueError(f"{', '.join(commands)}: a command is code the job runs; declare it "
+                             "under site, where only an admin sets it")
+        return parameters
 
     @field_validator("body")
     @classmethod

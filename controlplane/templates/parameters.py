@@ -1,5 +1,6 @@
 """Typed template parameters: the ``Parameter`` declaration and one value checker per type, each
-returning the canonical value or a ValueError naming the value.
+returning the canonical value or a ValueError naming the value. A ``SiteValue`` is declared the
+same way but its value is fixed by the admin in the template (``site:``), never by a user.
 
 A declaration's own ``default`` and ``example`` are checked for form when it is built
 (``policy=None``); user values, and those defaults and examples at save time, are also checked
@@ -19,13 +20,16 @@ from controlplane.policy import PolicySet
 from controlplane.templates.base import Strict, show
 
 ParamType = Literal["cidr_list", "host_list", "endpoint_list", "port", "int", "enum", "bool",
-                    "string"]
+                    "string", "command", "command_list"]
+# A command (a list of words, each one shell word once quoted) is code the job runs: only an
+# admin sets one, as a site value, never a user as a parameter.
+COMMAND_TYPES = frozenset({"command", "command_list"})
 _LISTS = frozenset({"cidr_list", "host_list", "endpoint_list"})
 _APPLIES = {  # which declaration keys make sense for which parameter types
     "min": frozenset({"int", "port"}), "max": frozenset({"int", "port"}),
     "choices": frozenset({"enum"}), "pattern": frozenset({"string"}),
-    "max_length": frozenset({"string"}), "min_items": _LISTS, "max_items": _LISTS,
-    "network": _LISTS,
+    "max_length": frozenset({"string"}) | COMMAND_TYPES, "min_items": _LISTS | COMMAND_TYPES,
+    "max_items": _LISTS | COMMAND_TYPES, "network": _LISTS,
 }
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
@@ -70,6 +74,23 @@ class Parameter(Strict):
         return (lo if self.min is None else self.min, hi if self.max is None else self.max)
 
 
+class SiteValue(Parameter):
+    """An admin-set value (the site's Python, its environment setup, its MPI launch): typed and
+    checked like a parameter, with its ``value`` in the template instead of a default."""
+
+    value: Any
+
+    @model_validator(mode="after")
+    def _valued(self) -> SiteValue:
+        if self.default is not None or self.example is not None:
+            raise ValueError("a site value has a value, not a default or example")
+        try:
+            check_value(self, self.value, None)
+        except ValueError as exc:
+            raise ValueError(f"value: {exc}") from None
+        return self
+
+
 def _require_bounds(param: Parameter) -> None:
     if param.type == "int" and (param.min is None or param.max is None):
         raise ValueError("an int parameter needs both min and max")
@@ -97,17 +118,22 @@ def _require_pattern(param: Parameter) -> None:
         raise ValueError(f"pattern {param.pattern!r} is not a regular expression: {exc}") from None
 
 
-def _require_network(param: Parameter) -> None:
-    if param.network is None:
-        raise ValueError(f"a {param.type} parameter needs network: sources or targets (the "
-                         "policy list its values must lie in)")
+def _require_item_bounds(param: Parameter) -> None:
     if param.min_items > param.max_items:
         raise ValueError(f"min_items {param.min_items} is above max_items {param.max_items}")
 
 
+def _require_network(param: Parameter) -> None:
+    if param.network is None:
+        raise ValueError(f"a {param.type} parameter needs network: sources or targets (the "
+                         "policy list its values must lie in)")
+    _require_item_bounds(param)
+
+
 _REQUIRES = {"int": _require_bounds, "port": _require_bounds, "enum": _require_choices,
              "string": _require_pattern, "cidr_list": _require_network,
-             "host_list": _require_network, "endpoint_list": _require_network}
+             "host_list": _require_network, "endpoint_list": _require_network,
+             "command": _require_item_bounds, "command_list": _require_item_bounds}
 
 
 def _in_policy(param: Parameter, item: str, policy: PolicySet | None) -> None:
@@ -223,8 +249,42 @@ def _string(param: Parameter, value: Any, policy: PolicySet | None) -> str:
     return value
 
 
+def _word(param: Parameter, value: Any) -> str:
+    if type(value) is not str or not value:
+        raise ValueError(f"{show(value)} is not a word (a non-empty string)")
+    if len(value) > param.max_length:
+        raise ValueError(f"{show(value)} is {len(value)} characters long; at most "
+                         f"{param.max_length}")
+    if not value.isprintable():
+        raise ValueError(f"{show(value)} contains a newline or control character")
+    return value
+
+
+def _counted(param: Parameter, value: Any, what: str) -> list[Any]:
+    if type(value) is not list:
+        raise ValueError(f"must be a list of {what}, not {show(value)}")
+    if not param.min_items <= len(value) <= param.max_items:
+        raise ValueError(f"has {len(value)} {what}; {param.min_items}..{param.max_items} allowed")
+    return value
+
+
+def _command(param: Parameter, value: Any, policy: PolicySet | None) -> list[str]:
+    """A command as its words, e.g. ``[srun, --mpi=pmix]``: each becomes one quoted shell word,
+    so a command never brings shell syntax (expansion, pipes, redirection) with it."""
+    return [_word(param, word) for word in _counted(param, value, "words")]
+
+
+def _command_list(param: Parameter, value: Any, policy: PolicySet | None) -> list[list[str]]:
+    """Commands run one after the other (``module load``, ``source``): each a non-empty list of
+    words, at most ``max_length`` characters each."""
+    commands = _counted(param, value, "commands")
+    words = param.model_copy(update={"min_items": 1, "max_items": 64})
+    return [_command(words, command, policy) for command in commands]
+
+
 _CHECKS = {"cidr_list": _items, "host_list": _items, "endpoint_list": _items, "port": _integer,
-           "int": _integer, "enum": _enum, "bool": _boolean, "string": _string}
+           "int": _integer, "enum": _enum, "bool": _boolean, "string": _string,
+           "command": _command, "command_list": _command_list}
 
 
 def check_value(param: Parameter, value: Any, policy: PolicySet | None) -> Any:

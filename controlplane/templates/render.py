@@ -61,6 +61,19 @@ def validate_params(template: Template, values: Any, policy: PolicySet) -> dict[
     return result
 
 
+def validate_site(template: Template, policy: PolicySet) -> None:
+    """The admin's site values checked against the policy too (their form was checked when the
+    template was built); InvalidRequest names each bad one under ``site.<name>``."""
+    errors = []
+    for name, value in template.site.items():
+        try:
+            check_value(value, value.value, policy)
+        except ValueError as exc:
+            errors.append({"field": f"site.{name}", "message": str(exc)})
+    if errors:
+        raise invalid(f"invalid site values in template {template.name!r}", errors)
+
+
 class _RenderLimit(Exception):
     """The render ran out of time or output budget."""
 
@@ -153,6 +166,7 @@ def render(template: Template, params: Mapping[str, Any], system: System, *,
             {"field": "params", "message": "pass the result of validate_params"}])
     budget = _Budget(max_seconds, max_bytes)
     context = {"params": _metered(dict(params), budget),
+               "site": _metered({name: s.value for name, s in template.site.items()}, budget),
                "system": _metered(system.model_dump(mode="json"), budget)}
     try:
         text = _generate(compiled_body(template.kind, template.body), context, budget)
@@ -167,8 +181,10 @@ def render(template: Template, params: Mapping[str, Any], system: System, *,
 def render_values(template: Template, values: Any, system_values: Mapping[str, Any],
                   policy: PolicySet, *, max_seconds: float = DEFAULT_MAX_SECONDS,
                   max_bytes: int = DEFAULT_MAX_BYTES) -> Rendered:
-    """Validate user ``values`` and ``system_values`` against ``policy``, then ``render``."""
+    """Validate user ``values``, the site values and ``system_values`` against ``policy``, then
+    ``render``."""
     params = validate_params(template, values, policy)
+    validate_site(template, policy)
     system = validate_system(template.kind, system_values, policy)
     return render(template, params, system, max_seconds=max_seconds, max_bytes=max_bytes)
 
@@ -184,6 +200,7 @@ def check_template(source_text: str, policy: PolicySet) -> Template:
     """Parse, statically check and dry-render a template an admin wants to save, with its
     defaults and examples, so that every error shows at save time."""
     template = parse_template(source_text)
+    validate_site(template, policy)
     examples = {name: p.example for name, p in template.parameters.items() if p.example is not None}
     try:
         params = validate_params(template, examples, policy)
