@@ -205,9 +205,21 @@ def test_ranks_bind_an_ephemeral_port_and_name_it(zmq_context: zmq.Context) -> N
         assert endpoint.startswith("tcp://127.0.0.1:") and int(endpoint.rsplit(":", 1)[1]) > 0
     finally:
         socket.close(linger=0)
-    for host, message in (("0.0.0.0", "not every interface"), ("node-1", "not an IP address")):
+    for host, message in (("0.0.0.0", "not every interface"), ("node-1", "not an IP address"),
+                          ("route:no-such-host.invalid", "no route to 'no-such-host.invalid'")):
         with pytest.raises(SetupError, match=message):
             bind_ephemeral(zmq_context, host, hwm=8)
+
+
+def test_ranks_bind_the_address_their_node_reaches_a_named_peer_by(
+        zmq_context: zmq.Context) -> None:
+    # 127.0.0.2 is reached from 127.0.0.1, the loopback interface's own address: the source the
+    # kernel picks, not the peer's address, is what the gateway can connect back to.
+    socket, endpoint = bind_ephemeral(zmq_context, "route:127.0.0.2", hwm=8)
+    try:
+        assert endpoint.startswith("tcp://127.0.0.1:")
+    finally:
+        socket.close(linger=0)
 
 
 # --- result reports ------------------------------------------------------------------------------

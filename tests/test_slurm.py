@@ -109,6 +109,7 @@ def site_template(source: str) -> str:
     document["site"]["setup"]["value"] = [["source", str(VENV_BIN / "activate")]]
     document["site"]["python"]["value"] = [sys.executable]
     document["site"]["launch"]["value"] = ["srun", "--mpi=pmix"]
+    document["site"]["bind_host"]["value"] = "route:127.0.0.1"
     return str(yaml.safe_dump(document, sort_keys=False))
 
 

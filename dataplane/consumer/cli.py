@@ -45,8 +45,12 @@ def consumer() -> None:
               type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the consumer token, mode 0600 (env DSN_CONSUMER_TOKEN_FILE); "
                    "needed with --controlplane.")
-@click.option("--bind-host", default="127.0.0.1", show_default=True, metavar="IP",
-              help="With --controlplane: the address ranks listen on, as the gateway reaches it.")
+@click.option("--bind-host", envvar="DSN_CONSUMER_BIND_HOST", default="127.0.0.1",
+              show_default=True, metavar="IP|route:HOST",
+              help="With --controlplane: the address ranks listen on, as the gateway reaches it "
+                   "(env DSN_CONSUMER_BIND_HOST). route:HOST is the address each node reaches "
+                   "HOST by: name the gateway as compute nodes reach it, and every rank picks "
+                   "its own node's address on that network.")
 @click.option("--job-id", envvar=["DSN_JOB_ID", "SLURM_JOB_ID"], default=None,
               help="With --controlplane: the job id ranks register under (env DSN_JOB_ID or "
                    "SLURM_JOB_ID) [default: a new id shared by all ranks].")

@@ -54,13 +54,43 @@ def job_id_for(given: str | None, world: MPI.Comm) -> str:
     return job_id
 
 
+ROUTE_PREFIX = "route:"
+
+
+def bind_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address ``--bind-host`` names: an IP address, or ``route:PEER``, the address this node
+    reaches PEER by.
+
+    A compute node has several networks (management, high-speed) and a job script cannot know
+    which address the gateway can reach; the route the kernel picks toward the gateway's name on
+    the compute network answers that on every node alike. No packet is sent: connecting a UDP
+    socket only selects the route.
+    """
+    if host.startswith(ROUTE_PREFIX):
+        return _route_source(host.removeprefix(ROUTE_PREFIX))
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        raise SetupError(f"--bind-host {host!r} is not an IP address or route:HOST") from None
+
+
+def _route_source(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        family, kind, proto, _, target = sockets.getaddrinfo(
+            peer.strip("[]"), 9, type=sockets.SOCK_DGRAM)[0]
+        with sockets.socket(family, kind, proto) as probe:
+            probe.connect(target)
+            return ipaddress.ip_address(probe.getsockname()[0])
+    except (OSError, IndexError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SetupError(f"--bind-host route:{peer}: no route to {peer!r}: {reason}") from None
+
+
 def bind_ephemeral(context: zmq.Context[zmq.Socket[bytes]], host: str,
                    hwm: int) -> tuple[zmq.Socket[bytes], str]:
-    """A PULL socket on a free port of ``host`` (an IP address) and its connectable endpoint."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise SetupError(f"--bind-host {host!r} is not an IP address") from None
+    """A PULL socket on a free port of ``host`` (see ``bind_address``) and its connectable
+    endpoint."""
+    address = bind_address(host)
     if address.is_unspecified:
         raise SetupError(f"--bind-host {host}: bind the address the gateway connects to, not "
                          "every interface")

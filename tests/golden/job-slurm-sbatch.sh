@@ -24,6 +24,7 @@ exec srun --mpi=pmix -n 4 \
   --config /var/lib/dsn/sessions/s-20261122-0001/dsn.yaml \
   --session s-20261122-0001 \
   --job-id j-0001 \
+  --bind-host route:dsn-gateway \
   --output-dir /scratch/dsn/s-20261122-0001 \
   --kernel stempy \
   --samples 40
