@@ -188,8 +188,8 @@ def jobs() -> None:
 @_with_client
 @click.argument("session")
 @click.option("--template", default=None,
-              help="The job template to render. [default: the launcher's own (local-mpiexec or "
-                   "slurm)]")
+              help="The job template to render. [default: the control plane's launcher's own: "
+                   "local-mpiexec or slurm-sbatch]")
 @_param_option("job template")
 @click.option("--ranks", type=click.IntRange(1), default=1, show_default=True,
               help="MPI ranks of the consumer job: one consumer each.")
