@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import stat
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 import zmq
 from cp_helpers import CLIENT_SCOPE, SHIPPED_POLICY, ClientFactory, ControlPlane, sql
 from cp_helpers import start_control_plane as start
+from fake_slurm import FakeSlurm
 from waiting import eventually_async
 
 from common.config import load_config
@@ -563,3 +565,28 @@ async def test_a_bad_result_is_400(cp: ControlPlane, change: dict[str, Any]) -> 
     response = await cp.call("POST", f"/api/v1/sessions/{session['id']}/scans/1/result",
                              await consumer_token(cp, token), json={**RESULT, **change})
     assert response.status == 400
+
+
+@pytest.mark.timeout(60)
+async def test_a_scheduler_down_at_start_up_delays_it_by_one_timeout_not_one_per_job(
+        aiohttp_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slurm = FakeSlurm(tmp_path / "slurm")
+    monkeypatch.setenv("PATH", f"{slurm.bin}{os.pathsep}{os.environ['PATH']}")
+    cp = await start_control_plane(aiohttp_client, tmp_path, launcher="slurm",
+                                   slurm_timeout_s=0.5)
+    await cp.create_project("alpha")
+    token, session = await opened(cp)
+    slurm.answer("squeue", stdout="RUNNING\n")
+    for native in ("101", "102", "103"):
+        slurm.answer("sbatch", stdout=f"{native}\n")
+        response = await cp.call("POST", f"/api/v1/sessions/{session['id']}/jobs", token,
+                                 json={"params": {"account": "lcls:xpp12345"}})
+        assert response.status == 202, await response.text()
+    await cp.client.close()
+
+    slurm.answer("squeue", sleep=20)  # the controller is down: every call hangs
+    asked_before = len(slurm.calls("squeue"))
+    again = await start_control_plane(aiohttp_client, tmp_path, launcher="slurm",
+                                      slurm_timeout_s=0.5, clock=cp.clock)
+    assert len(slurm.calls("squeue")) - asked_before == 1
+    assert sql(again.database, "SELECT state FROM jobs") == [("running",)] * 3

@@ -29,6 +29,7 @@ from controlplane.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from controlplane.launchers import (
     TOKEN_NAME,
@@ -382,11 +383,20 @@ async def job_status(services: Services, job: JobRecord) -> JobStatus:
 async def adopt_jobs(services: Services) -> None:
     """At start-up, ask again about every job not known to have finished: a Slurm job that ended
     while the control plane was down gets its true outcome, a local job from before is ``lost``.
-    A launcher that cannot answer now is asked again at the job's next poll."""
+    A launcher that cannot answer now is asked again at each job's next poll; after its first
+    such answer its other jobs are not asked here, so a scheduler that is down delays the start
+    by one timeout, not one per job."""
+    silent: set[str] = set()
     for job in await unfinished_jobs(services.store):
+        if job.launcher in silent:
+            log.warning("job %s of session %s: state unknown at start-up: launcher %s did not "
+                        "answer", job.id, job.session_id, job.launcher)
+            continue
         try:
             status = await job_status(services, job)
         except ControlPlaneError as exc:
+            if isinstance(exc, Unavailable):
+                silent.add(job.launcher)
             log.warning("job %s of session %s: state unknown at start-up: %s", job.id,
                         job.session_id, exc.detail)
             continue
