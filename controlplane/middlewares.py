@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import logging
 import re
 import time
@@ -58,7 +59,7 @@ from controlplane.problems import (
     problem_type,
 )
 from controlplane.ratelimit import RateLimiter
-from controlplane.settings import Settings
+from controlplane.settings import IPNetwork, Settings
 from controlplane.signing import KeyRing
 from controlplane.state import StateService
 from controlplane.store.engine import Store
@@ -166,6 +167,7 @@ SERVICES: Final = web.AppKey("services", Services)
 METRICS: Final = web.AppKey("metrics", Metrics)
 ROUTE_SPECS: Final = web.AppKey("route_specs", dict[AbstractRoute, RouteSpec])
 REQUEST_ID: Final = web.RequestKey("request_id", str)
+CLIENT: Final = web.RequestKey("client", str)  # the client's address, through trusted proxies
 CLAIMS: Final = web.RequestKey("claims", Claims)
 CALLER: Final = web.RequestKey("caller", Caller)
 # Set once a request is known to be an OAuth token request: its errors are RFC 6749 §5.2 JSON.
@@ -193,7 +195,9 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info("request", extra={"fields": {
             "method": request.method, "path": redact(request.path), "status": response.status,
             "bytes": response.body_length, "duration_ms": round(time * 1000, 3),
-            "request_id": request_id, "peer": request.remote}})
+            "request_id": request_id, "peer": request.remote,
+            "client": request.get(CLIENT, request.remote) if isinstance(request, web.Request)
+            else request.remote}})
 
 
 def _without_request_bytes(record: logging.LogRecord) -> bool:
@@ -217,9 +221,38 @@ def quiet_protocol_errors() -> None:
         server.addFilter(_without_request_bytes)
 
 
+def client_address(peer: str | None, forwarded_for: list[str],
+                   proxies: tuple[IPNetwork, ...]) -> str:
+    """The address a request came from: its peer's, unless the peer is a trusted proxy; then the
+    right-most ``X-Forwarded-For`` hop that is not one (each proxy appends the address it was
+    reached from, so hops to the left of an untrusted one may be the client's own invention)."""
+    address = peer or "unknown"
+    if not _is_proxy(address, proxies):
+        return address
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    for hop in reversed(hops):
+        if not _is_proxy(hop, proxies):
+            return hop if _is_ip(hop) else address
+    return address
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_proxy(address: str, proxies: tuple[IPNetwork, ...]) -> bool:
+    return _is_ip(address) and any(ipaddress.ip_address(address) in net for net in proxies)
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = _request_id(request)
+    request[CLIENT] = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                                     request.app[SERVICES].settings.proxy_networks)
     metrics = request.app[METRICS]
     route = _route_label(request)
     started = time.perf_counter()
@@ -396,14 +429,14 @@ class Gate:
             raise
 
     def _anonymous(self) -> str:
-        return f"{ANONYMOUS}@{self._request.remote or 'unknown'}"
+        return f"{ANONYMOUS}@{self._request[CLIENT]}"
 
     async def _refuse_unauthenticated(self, principal: str, rule: str) -> None:
         """Audit a request refused before it was admitted, counting it against its client
         address's allowance (RateLimited once that is spent)."""
         resource = await self._resource(None)
         try:
-            await self._services.limiter.check_unauthenticated(self._request.remote or "unknown")
+            await self._services.limiter.check_unauthenticated(self._request[CLIENT])
         except RateLimited:
             await self._audit_refusal(principal, resource, "rate-limit")
             raise

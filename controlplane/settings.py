@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeAlias
 from urllib.parse import urlsplit
 
 from common.clone import StateEndpoints
@@ -22,6 +22,7 @@ from common.errors import InvalidSetting
 from common.settingsfile import Layout
 from controlplane.launchers import LAUNCHERS
 
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_STATE_DIR: Final = Path(".dsn")
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8750
@@ -86,6 +87,10 @@ class Settings:
     ``0.0.0.0`` or ``::``) has no address to hand out, so it needs ``public_url``. Tokens keep
     ``issuer`` as their ``iss``: a name, so they survive a move. No address handed to others (the
     public URL, the gateway endpoints producers are given) may be a wildcard.
+    ``trusted_proxies`` are the networks (CIDRs) of the reverse proxies in front of the service: a
+    request from one is attributed to the client its ``X-Forwarded-For`` names (the right-most
+    address not itself a trusted proxy), for the per-source rate limit, the audit and the access
+    log. From any other peer the header is ignored, so a client cannot choose its own address.
 
     State service: ``state_endpoints`` are where gateways fetch snapshots (ROUTER) and subscribe to
     updates (PUB); ``reconcile_s`` is how often the published sessions are compared with the store,
@@ -123,6 +128,7 @@ class Settings:
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
     reconcile_s: float = 1.0
     public_url: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _within("port", self.port, 1, 65535)
@@ -161,6 +167,16 @@ class Settings:
         _require(self.public_url is not None or not _is_wildcard(self.host), "host", self.host,
                  "listens on every address, which is no address to hand to jobs and gateways: "
                  "set public_url (--public-url), the URL they reach this service at")
+
+        for network in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError as exc:
+                raise InvalidSetting("trusted_proxies", network, str(exc)) from None
+
+    @property
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(network) for network in self.trusted_proxies)
 
     @property
     def gateway_receipts(self) -> str:

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -30,9 +31,11 @@ from cp_helpers import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.errors import InvalidSetting
 from controlplane import errors, paths
-from controlplane.middlewares import ROUTE_SPECS, redact
+from controlplane.middlewares import ROUTE_SPECS, client_address, redact
 from controlplane.problems import problem_headers, problem_type
+from controlplane.settings import Settings
 from controlplane.store import projects as project_repo
 from controlplane.store.engine import Store
 
@@ -463,6 +466,43 @@ async def test_a_flood_of_bad_tokens_is_rate_limited_per_source_and_audited_in_s
                                "WHERE count > 1")
     assert summary == [("anonymous@127.0.0.1", "projects:list", "deny", "*", 200)]
     assert (await (await cp.admin("GET", "/api/v1/audit/verify")).json())["ok"] is True
+
+
+@pytest.mark.parametrize("trusted", [(), ("127.0.0.0/8",)], ids=["direct", "behind-proxy"])
+async def test_clients_behind_a_trusted_proxy_are_told_apart_and_no_one_else_picks_an_address(
+        aiohttp_client: ClientFactory, tmp_path: Path, trusted: tuple[str, ...]) -> None:
+    policy = write_policy(tmp_path / "policy", unauthenticated_per_source="3/minute")
+    cp = await start_control_plane(aiohttp_client, tmp_path / "state", policy_path=policy,
+                                   trusted_proxies=trusted, audit_denial_window_s=0)
+    statuses: dict[str, list[int]] = {}
+    for client in ("203.0.113.7", "198.51.100.9"):
+        # The left-most hop is whatever the client wrote; the proxy appended the right-most.
+        headers = {"Authorization": "Bearer x.y.z", "X-Forwarded-For": f"10.9.9.9, {client}"}
+        statuses[client] = [(await cp.client.get("/api/v1/projects", headers=headers)).status
+                            for _ in range(4)]
+    principals = [row[1] for row in cp.audit_rows() if row[1].startswith("anonymous@")]
+    if trusted:  # each client has its own allowance, and is named in the audit
+        assert statuses == {"203.0.113.7": [401, 401, 401, 429],
+                            "198.51.100.9": [401, 401, 401, 429]}
+        assert set(principals) == {"anonymous@203.0.113.7", "anonymous@198.51.100.9"}
+    else:  # the header of a peer that is no trusted proxy is ignored: one address, one allowance
+        assert statuses == {"203.0.113.7": [401, 401, 401, 429], "198.51.100.9": [429] * 4}
+        assert set(principals) == {"anonymous@127.0.0.1"}
+
+
+def test_the_client_address_is_the_right_most_hop_no_trusted_proxy_added() -> None:
+    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address("10.0.0.5", ["1.2.3.4, 10.0.0.6"], proxies) == "1.2.3.4"
+    assert client_address("10.0.0.5", ["6.6.6.6", "1.2.3.4"], proxies) == "1.2.3.4"
+    assert client_address("10.0.0.5", ["not-an-address"], proxies) == "10.0.0.5"
+    assert client_address("10.0.0.5", [], proxies) == "10.0.0.5"
+    assert client_address("192.0.2.1", ["1.2.3.4"], proxies) == "192.0.2.1"
+    assert client_address(None, ["1.2.3.4"], proxies) == "unknown"
+
+
+def test_a_trusted_proxy_must_be_a_network() -> None:
+    with pytest.raises(InvalidSetting, match="trusted_proxies: '10.0.0.0/33'"):
+        Settings(state_dir=Path("s"), trusted_proxies=("10.0.0.0/33",))
 
 
 async def test_refusals_of_a_token_beyond_its_rate_limit_are_audited_in_sum(
