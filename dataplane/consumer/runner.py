@@ -77,6 +77,9 @@ RECEIVE_BATCH = 64
 # While an agreement is in flight, MPI needs frequent calls to make progress.
 BUSY_POLL_MS = 5
 IDLE_POLL_MS = 200
+# How long a stopping rank waits for the threshold agreements it started: the other ranks, stopping
+# too, complete theirs within milliseconds.
+SETTLE_S = 2.0
 # Batch systems and launchers ask a job to end with one of these; Open MPI's mpiexec ends its ranks
 # at once on SIGTERM or SIGINT but hands SIGUSR1 on to them, so a local job script relays a cancel
 # as SIGUSR1.
@@ -169,7 +172,12 @@ class RankLoop:
         """Receive and process until ``settings.scans`` scans are finished, or, once signalled,
         until drained or stopped."""
         self._shutdown = shutdown
+        announced = False
         while not self._done() and not self._leaving():
+            if shutdown.draining and not announced:
+                announced = True
+                self._log.info("draining", extra=fields(scans=sorted(self._scans),
+                                                        drain_s=shutdown.drain_s))
             timeout = BUSY_POLL_MS if self._agreement.pending else IDLE_POLL_MS
             if self._poller.poll(timeout):
                 self._receive_batch()
@@ -177,6 +185,8 @@ class RankLoop:
         if self._scans:
             self._log.warning("stopping with scans unfinished", extra=fields(
                 scans={s: w.assembly.counters.received for s, w in self._scans.items()}))
+        if not self._agreement.settle(SETTLE_S):
+            self._log.warning("threshold agreements still under way at exit")
         for bar in self._bars.values():
             bar.close()
         return self.finished
@@ -301,7 +311,7 @@ class RankLoop:
         bar = self._bars.pop(abort.scan, None)
         if bar is not None:
             bar.close()
-        self._log.warning("scan dropped: a rank of this job left the session", extra=fields(
+        self._log.warning("scan dropped", extra=fields(
             scan=abort.scan, reason=abort.reason, received=work.assembly.counters.received))
 
     def _advance(self) -> None:
