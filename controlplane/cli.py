@@ -103,6 +103,9 @@ def _state_endpoints(ctx: click.Context, from_file: Given) -> Given:
 @click.option("--lease-s", type=int, default=None,
               help="Seconds a consumer stays registered without a heartbeat (1-3600).  "
                    "[default: 30]")
+@click.option("--drain-s", type=int, default=None,
+              help="Seconds after a session ends during which its consumer jobs may still report "
+                   "the results of the scans they finish, and leave (0-3600).  [default: 60]")
 @click.option("--audit-checkpoints", "audit_checkpoint_file", metavar="PATH",
               type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File the signed checkpoints of the audit chain are appended to; keep it out "

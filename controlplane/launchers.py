@@ -18,6 +18,7 @@ in ``DSN_CONSUMER_TOKEN_FILE``; it is never on a command line, in the script or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -232,12 +233,16 @@ class _LocalJob:
 class LocalLauncher:
     """Runs ``bash job.sh`` in its own session; the job is a child of the control plane.
 
-    Jobs are stopped when the launcher closes: a job whose parent is gone could no longer be polled.
+    A cancel signals the job script, which hands it on as its launch needs (the local-mpiexec
+    template relays it to the ranks as SIGUSR1, on which they drain), and kills the script's
+    whole process group once the script has ended or after ``grace_s``; the default leaves the
+    consumer's default drain (20 s) the time it needs. Jobs are stopped when the launcher closes:
+    a job whose parent is gone could no longer be polled.
     """
 
     name = "local"
 
-    def __init__(self, grace_s: float = 10.0) -> None:
+    def __init__(self, grace_s: float = 30.0) -> None:
         if grace_s <= 0:
             raise ConfigurationError(f"launcher 'local': grace_s must be positive, not {grace_s}")
         self.grace_s = grace_s
@@ -284,8 +289,12 @@ class LocalLauncher:
         await asyncio.gather(*(self._stop(job.process) for job in running))
 
     async def _stop(self, process: asyncio.subprocess.Process) -> None:
-        """SIGTERM the job's process group, SIGKILL it after the grace period."""
-        signal_group(process.pid, signal.SIGTERM)
+        """SIGTERM the job script, SIGKILL its process group once it ended or after the grace
+        period."""
+        # The script alone: Open MPI's mpiexec in its group would end the ranks at once, before
+        # they could drain.
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), self.grace_s)
         except TimeoutError:

@@ -73,10 +73,12 @@ class Settings:
     secret sits beside it as ``server.key_secret``);
     ``launcher`` names the consumer-job launcher (``local`` or ``slurm``), and each launcher has its
     own settings, handed to it only when it is the one named (None: the launcher's default):
-    ``local_grace_s``, how long a cancelled local job has between SIGTERM and SIGKILL (10);
+    ``local_grace_s``, how long a cancelled local job has between SIGTERM and SIGKILL (30);
     ``slurm_timeout_s``, how long an ``sbatch``/``squeue``/``sacct``/``scancel`` call may take (30);
     ``slurm_sbatch_args``, options added to every ``sbatch`` (``--partition=...``).
-    ``lease_s`` is how long a consumer stays live without a heartbeat; ``jobs_root`` (the file's
+    ``lease_s`` is how long a consumer stays live without a heartbeat; ``drain_s`` how long after
+    a session ends its jobs' consumer tokens may still report results and leave, while the ranks
+    the end signalled drain; ``jobs_root`` (the file's
     ``jobs_dir``, ``--jobs-dir``) is where each job gets its directory (default ``STATE_DIR/jobs``,
     see ``jobs_dir``; with Slurm, a directory the compute nodes share, which the state directory
     with its SQLite database should not be on).
@@ -124,6 +126,7 @@ class Settings:
     slurm_timeout_s: float | None = None
     slurm_sbatch_args: tuple[str, ...] = ()
     lease_s: int = 30
+    drain_s: int = 60
     jobs_root: Path | None = None
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
     reconcile_s: float = 1.0
@@ -141,6 +144,7 @@ class Settings:
         _within("audit_denial_window_s", self.audit_denial_window_s, 0, 3600)
         _require(bool(self.issuer.strip()), "issuer", self.issuer, "must not be empty")
         _within("lease_s", self.lease_s, 1, 3600)
+        _within("drain_s", self.drain_s, 0, 3600)
         _require(self.launcher in LAUNCHERS, "launcher", self.launcher,
                  f"unknown launcher; known: {', '.join(sorted(LAUNCHERS))}")
         for name in ("local_grace_s", "slurm_timeout_s"):

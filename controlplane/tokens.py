@@ -326,7 +326,7 @@ EXCHANGED_KINDS = frozenset({TokenKind.SESSION, TokenKind.CONSUMER})
 class RevocationStore(Protocol):
     """What the Authenticator reads of the store (``controlplane.store.tokens.Revocations``)."""
 
-    async def is_revoked(self, jti: str) -> bool: ...
+    async def is_revoked(self, jti: str, now: float) -> bool: ...
 
     async def get_project(self, name: str) -> Any: ...
 
@@ -346,7 +346,7 @@ class Authenticator:
 
     async def authenticate(self, token: str, surface: Surface) -> Claims:
         claims = self._tokens.verify(token, surface)
-        if await self._store.is_revoked(claims.jti):
+        if await self._store.is_revoked(claims.jti, self._clock()):
             raise RevokedToken("the token has been revoked")
         if claims.kind in EXCHANGED_KINDS:
             await self._check_parent(claims.jti)
@@ -361,7 +361,7 @@ class Authenticator:
         # A token obtained by exchange dies with the project token it came from.
         record = await self._store.get_token(jti)
         parent = getattr(record, "parent_jti", None)
-        if parent is not None and await self._store.is_revoked(parent):
+        if parent is not None and await self._store.is_revoked(parent, self._clock()):
             raise RevokedToken("the token it was exchanged from has been revoked")
 
     async def _check_project(self, name: str, issued_at: int) -> None:

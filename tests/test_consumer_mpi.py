@@ -333,6 +333,85 @@ def test_job_stops_cleanly_on_sigterm(job: Job) -> None:
     assert sorted(e["rank"] for e in stopped) == [0, 1] and all(e["signalled"] for e in stopped)
 
 
+def _read_until(proc: subprocess.Popen[bytes], event: str, count: int) -> list[str]:
+    """The job's log lines up to the ``count``-th ``event`` (its ranks log JSON to stderr)."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while sum(f'"event": "{event}"' in line for line in lines) < count:
+        line = proc.stderr.readline().decode()
+        assert line, "consumer job exited early:\n" + "".join(lines)[-3000:]
+        lines.append(line)
+    return lines
+
+
+def _events(lines: list[str], event: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in lines if f'"event": "{event}"' in line]
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(90)
+def test_a_signalled_job_finishes_its_scan_takes_no_new_one_and_drops_an_aborted_one(
+        job: Job, pushers: list[zmq.Socket]) -> None:
+    proc = _start(RANKS, job.config, job.out, "--result-file", str(job.result_file))
+    kept, aborted, late = (ScanPlan(scan=n, camera=SyntheticCamera(CameraSpec((2, 2), seed=n)),
+                                    lost=set(), gateway_drops={}, duplicated=[]) for n in (5, 7, 9))
+    for index, push in enumerate(pushers):
+        push.send(_begin(kept, index))
+        push.send(_begin(aborted, index))
+    for seq, (frame, sector) in enumerate(kept.messages()):
+        header = encode(Data(v=1, scan=kept.scan, frame=frame, sector=sector, seq=seq))
+        pushers[frame % RANKS].send_multipart([header, kept.camera.sector(frame, sector)])
+    lines = _read_until(proc, "scan begins", 2 * RANKS)
+    # What a cancelled local job does: mpiexec hands SIGUSR1 on to every rank (it would end them
+    # at once on SIGTERM).
+    os.kill(proc.pid, signal.SIGUSR1)
+    lines += _read_until(proc, "draining", RANKS)
+    assert all(e["scans"] == [5, 7] for e in _events(lines, "draining"))
+
+    # Draining: a new scan is not taken, one a fellow rank left is dropped, and the scan ended
+    # meanwhile is finished, written and reported; then the ranks leave.
+    per_rank = kept.positions * 4 // RANKS
+    for index, push in enumerate(pushers):
+        push.send(_begin(late, index))
+        push.send(encode(RoutedScanAbort(v=1, scan=aborted.scan, reason="consumer_gone")))
+        push.send(_end(kept, index, per_rank))
+    code, err = _finish(proc, timeout=45)
+    lines += err.splitlines()
+    assert code == 0, "".join(lines)[-3000:]
+    [result] = [json.loads(line) for line in job.result_file.read_text().splitlines()]
+    assert (result["scan"], result["status"], result["frames"]) == (5, "complete", 4)
+    _check_file(Path(result["path"]), kept)
+    refused = [e for e in _events(lines, "message dropped")
+               if e["reason"] == "scan_begin_while_draining"]
+    assert sorted((e["rank"], e["scan"]) for e in refused) == [(0, 9), (1, 9)]
+    assert sorted((e["rank"], e["scan"]) for e in _events(lines, "scan dropped")) == [
+        (0, 7), (1, 7)]
+    assert sorted((e["rank"], e["scans"], e["signalled"])
+                  for e in _events(lines, "consumer stopped")) == [(0, 1, True), (1, 1, True)]
+    assert not _events(lines, "stopping with scans unfinished")
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_a_second_signal_stops_a_draining_job_at_once(job: Job,
+                                                      pushers: list[zmq.Socket]) -> None:
+    proc = _start(RANKS, job.config, job.out, "--drain-s", "3600", "--result-file",
+                  str(job.result_file))
+    plan = ScanPlan(scan=3, camera=SyntheticCamera(CameraSpec((2, 2), seed=3)), lost=set(),
+                    gateway_drops={}, duplicated=[])
+    for index, push in enumerate(pushers):
+        push.send(_begin(plan, index))
+    lines = _read_until(proc, "scan begins", RANKS)
+    os.kill(proc.pid, signal.SIGUSR1)
+    lines += _read_until(proc, "draining", RANKS)
+    os.kill(proc.pid, signal.SIGUSR1)  # the scan never ends: only the second signal ends the job
+    code, err = _finish(proc, timeout=30)
+    lines += err.splitlines()
+    assert code == 0, "".join(lines)[-3000:]
+    assert sorted(e["rank"] for e in _events(lines, "stopping with scans unfinished")) == [0, 1]
+    assert job.result_file.read_text() == ""
+
+
 @pytest.mark.mpi
 @pytest.mark.timeout(60)
 def test_rank_count_that_differs_from_the_endpoints_is_a_clear_error(job: Job) -> None:

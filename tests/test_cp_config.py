@@ -40,6 +40,7 @@ launcher:
     grace_s: 3
 jobs_dir: /shared/dsn/jobs
 lease_s: 12
+drain_s: 90
 gateway:
   endpoint: tcp://198.51.100.10:6555
   key_file: keys/gateway.key
@@ -82,7 +83,7 @@ def test_a_good_file_sets_every_kind_of_setting_with_paths_read_from_its_directo
                                                                            "--qos=high")}
     assert settings.local_grace_s == 3
     assert settings.jobs_dir == Path("/shared/dsn/jobs")
-    assert settings.lease_s == 12
+    assert (settings.lease_s, settings.drain_s) == (12, 90)
     assert settings.gateway_endpoint == "tcp://198.51.100.10:6555"
     assert settings.gateway_receipts == "tcp://198.51.100.10:6556"
     assert settings.gateway_public_key_file == etc / "keys" / "gateway.key"
@@ -94,13 +95,15 @@ def test_a_good_file_sets_every_kind_of_setting_with_paths_read_from_its_directo
 def test_options_override_the_file_and_the_file_overrides_the_defaults(tmp_path: Path) -> None:
     config = write(tmp_path, GOOD)
     defaults = settings_from()
-    assert (defaults.port, defaults.launcher, defaults.lease_s) == (DEFAULT_PORT, "local", 30)
+    assert (defaults.port, defaults.launcher, defaults.lease_s, defaults.drain_s) == (
+        DEFAULT_PORT, "local", 30, 60)
     assert defaults.jobs_dir == (Path(".dsn") / "jobs").resolve()
 
     given = settings_from("--config", str(config), "--port", "9100", "--launcher", "local",
-                          "--lease-s", "5", "--jobs-dir", "elsewhere", "--state-updates",
+                          "--lease-s", "5", "--drain-s", "0", "--jobs-dir", "elsewhere",
+                          "--state-updates",
                           "tcp://10.0.0.5:9999", "--gateway-key-file", "/keys/gw.key")
-    assert (given.port, given.launcher, given.lease_s) == (9100, "local", 5)
+    assert (given.port, given.launcher, given.lease_s, given.drain_s) == (9100, "local", 5, 0)
     assert given.jobs_dir == Path("elsewhere").resolve()  # an option's path: from the cwd
     assert given.gateway_public_key_file == Path("/keys/gw.key")
     # One half of the state endpoints from an option, the other still from the file.
@@ -130,6 +133,7 @@ def test_help_says_how_options_file_and_defaults_combine() -> None:
     ("launcher:\n  slurm:\n    sbatch_args: --partition=x\n",
      ["launcher.slurm.sbatch_args: Input should be a valid array"]),
     ("lease_s: 0\n", ["lease_s: 0: must be at least 1 and at most 3600"]),
+    ("drain_s: -1\n", ["drain_s: -1: must be at least 0 and at most 3600"]),
     ("port: 70000\n", ["port: 70000: must be at least 1 and at most 65535"]),
     ("launcher:\n  slurm:\n    timeout_s: -1\n", ["launcher.slurm.timeout_s: -1", "more than 0"]),
     ("launcher:\n  slurm:\n    sbatch_args: ['--partition=a --time=5']\n",

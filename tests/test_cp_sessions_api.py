@@ -452,6 +452,43 @@ async def test_a_sessions_jobs_are_listed_and_one_is_cancelled(cp: ControlPlane)
     assert (await cp.call("DELETE", f"{jobs}/j-none", token)).status == 404
 
 
+@pytest.mark.timeout(60)
+async def test_an_ended_sessions_jobs_report_and_leave_within_the_drain_window_only(
+        cp: ControlPlane) -> None:
+    await save_template(cp, SLEEPY_JOB)
+    token, session = await opened(cp)
+    base = f"/api/v1/sessions/{session['id']}"
+    job = await (await cp.call("POST", f"{base}/jobs", token,
+                               json={"template": "sleepy-job"})).json()
+    job_token = (cp.settings.jobs_dir / job["id"] / "token").read_text()
+    rank0 = await (await register(cp, job_token, session["id"], job_id=job["id"])).json()
+    assert (await cp.call("DELETE", base, token)).status == 200
+
+    # Within the window the job's ranks report what they finish and leave, and nothing more.
+    cp.clock.advance(cp.settings.drain_s - 1)
+    reported = await cp.call("POST", f"{base}/scans/7/result", job_token, json=RESULT)
+    assert reported.status == 200, await reported.text()
+    again = await register(cp, job_token, session["id"], rank=1,
+                           endpoint="tcp://127.0.0.1:6002", job_id=job["id"])
+    assert again.status == 409 and "has ended" in (await again.json())["detail"]
+    renewed = await cp.call("PUT", f"{base}/consumers/{rank0['id']}", job_token)
+    assert renewed.status == 409
+    left = await cp.call("DELETE", f"{base}/consumers/{rank0['id']}", job_token)
+    assert left.status == 200 and (await left.json())["state"] == "left"
+
+    # After it, the token is refused like any revoked one, and the refusal is audited.
+    cp.clock.advance(1)
+    late = await cp.call("POST", f"{base}/scans/8/result", job_token, json=RESULT)
+    assert late.status == 401
+    assert "revoked" in (await late.json())["detail"]
+    [stored] = (await (await cp.call("GET", f"{base}/scans/7", token)).json())["items"]
+    assert (stored["source"], stored["status"]) == ("consumer", "complete")
+    assert (await cp.call("GET", f"{base}/scans/8", token)).status == 404
+    assert sql(cp.database, "SELECT decision, rule FROM audit WHERE action = 'scans:report' "
+                            "ORDER BY seq") == [("allow", "consumers-join-and-report"),
+                                                ("deny", "token:revoked")]
+
+
 async def test_job_parameters_are_checked_before_anything_runs(cp: ControlPlane) -> None:
     await save_template(cp, TINY_JOB)
     token, session = await opened(cp)

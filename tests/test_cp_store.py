@@ -149,7 +149,7 @@ async def test_everything_persists_across_close_and_reopen(db_path: Path) -> Non
     try:
         assert await get_project(second, "alpha") == Project("alpha", ("default",),
                                                             {"sessions": 2}, None, 1.0)
-        assert await is_revoked(second, "j1")
+        assert await is_revoked(second, "j1", 50.0)
         assert await get_token(second, "j1") == replace(_token("j1"), revoked_at=50.0)
         assert await list_signing_keys(second) == [key]
     finally:
@@ -176,13 +176,25 @@ async def test_tokens_revocation_is_idempotent_and_unknown_jti_is_not_found(stor
     await add_token(store, _token("j1"))
     with pytest.raises(Conflict):
         await add_token(store, _token("j1"))
-    assert not await is_revoked(store, "j1")
+    assert not await is_revoked(store, "j1", 100.0)
     assert (await revoke_token(store, "j1", 10.0)).revoked_at == 10.0
     assert (await revoke_token(store, "j1", 20.0)).revoked_at == 10.0
-    assert await is_revoked(store, "j1")
-    assert not await is_revoked(store, "never-issued")
+    assert await is_revoked(store, "j1", 10.0)
+    assert not await is_revoked(store, "never-issued", 100.0)
     with pytest.raises(NotFound):
         await revoke_token(store, "never-issued", 1.0)
+
+
+async def test_a_token_revoked_from_a_later_time_is_refused_from_then_and_sooner_if_revoked_again(
+        store: Store) -> None:
+    await create_project(store, Project("alpha"))
+    await add_token(store, _token("j1"))
+    await revoke_token(store, "j1", 60.0)  # as a session's end does to its jobs' tokens
+    assert not await is_revoked(store, "j1", 59.9)
+    assert await is_revoked(store, "j1", 60.0)
+    assert (await revoke_token(store, "j1", 30.0)).revoked_at == 30.0  # an explicit revoke
+    assert (await revoke_token(store, "j1", 90.0)).revoked_at == 30.0
+    assert await is_revoked(store, "j1", 30.0)
 
 
 async def test_parent_jti_must_name_a_stored_token(store: Store) -> None:

@@ -448,7 +448,7 @@ async def test_admin_token_needs_no_project_but_an_active_admin(service: TokenSe
     # Removed while a token of it is on record unrevoked (an issue racing the removal):
     await store.write(lambda conn: conn.execute(
         "UPDATE admins SET removed_at = ? WHERE name = 'root'", (NOW,)))
-    assert not await is_revoked(store, claims.jti)
+    assert not await is_revoked(store, claims.jti, NOW)
     with pytest.raises(TokenError) as caught:
         await auth.authenticate(token, API)
     assert caught.value.reason == "unknown_admin"

@@ -57,9 +57,9 @@ class Session:
         return Producer(self.cp.settings.gateway_endpoint, self.server_key, self.client,
                         send_timeout_s=60)
 
-    async def launch(self, scans: int) -> tuple[str, Path]:
+    async def launch(self, scans: int, **params: Any) -> tuple[str, Path]:
         response = await self.cp.call("POST", f"{self.base}/jobs", self.token, json={
-            "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": scans}})
+            "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": scans, **params}})
         assert response.status == 202, await response.text()
         job = await response.json()
         await eventually_async(self._live_consumers(RANKS), timeout_s=WAIT_S,
@@ -115,6 +115,15 @@ def rank_pid(job_log: Path, rank: int) -> int:
             if entry["rank"] == rank:
                 return int(entry["pid"])
     raise AssertionError(f"rank {rank} is not listening yet:\n{job_log.read_text()[-2000:]}")
+
+
+def rank_events(job_log: Path, event: str) -> list[dict[str, Any]]:
+    """The ranks' JSON log lines for ``event`` (other lines are MPI's or the batch system's)."""
+    entries = []
+    for line in job_log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and f'"event": "{event}"' in line:
+            entries.append(json.loads(line))
+    return entries
 
 
 async def open_session(cp: ControlPlane) -> Session:

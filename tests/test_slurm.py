@@ -6,16 +6,16 @@
 - A session end to end: the shipped ``slurm-sbatch`` template (its site values set by the admin
   for this machine) submits a job whose MPI ranks start inside the allocation (``srun
   --mpi=pmix``), register, count a scan streamed through a real gateway and report it. Slurm's
-  drain signal stops the ranks mid-scan: they leave, the job succeeds and the gateway reports the
-  scan they left ``partial``. Ending the session cancels the next job with ``scancel``, and its
-  ranks stop on the signal too.
+  drain signal comes mid-scan: the ranks drain, leave at the drain deadline, the job succeeds and
+  the gateway reports the scan they left ``partial``. Ending the session cancels the next job with
+  ``scancel``; its ranks drain on the signal too, and report the scan that had ended before the
+  end but was still being counted.
 - Job states across a real restart of the control plane on the same state directory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +26,7 @@ import yaml
 from cp_helpers import ControlPlane, gateway_process, metrics_text, served_on, sql
 from cp_helpers import start_control_plane as start
 from slurm_cluster import Cluster
-from test_interrupted_scans import CAMERA, POLL_S, Session, open_session, stream
+from test_interrupted_scans import CAMERA, POLL_S, Session, open_session, rank_events, stream
 from waiting import eventually_async
 
 from controlplane.launchers import JobHandle, JobSpec, JobStatus, SlurmLauncher
@@ -36,6 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 TOKEN = "eyJhbGciOiJFZERTQSJ9.consumer-token-under-test.c2lnbmF0dXJl"
 WAIT_S = 60  # Slurm schedules every few seconds; MPI start-up under load takes more
 RANKS = 2
+# The consumers' drain: below the test cluster's KillWait (10 s), which ends it with SIGKILL.
+DRAIN_S = "5"
+SAMPLES = 10000  # more frames than a scan has: thresholds wait for the scan's end
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -134,21 +137,12 @@ async def slurm_served(tmp_path: Path, free_port: Any) -> AsyncIterator[tuple[Co
             yield cp, metrics
 
 
-def rank_events(job_log: Path, event: str) -> list[dict[str, Any]]:
-    """The ranks' JSON log lines for ``event`` (other lines are MPI's or Slurm's)."""
-    entries = []
-    for line in job_log.read_text(errors="replace").splitlines():
-        if line.startswith("{") and f'"event": "{event}"' in line:
-            entries.append(json.loads(line))
-    return entries
-
-
-async def launch_job(cp: ControlPlane, session: Session) -> tuple[str, str, Path]:
+async def launch_job(cp: ControlPlane, session: Session, **params: Any) -> tuple[str, str, Path]:
     """Launch a consumer job through the Slurm template; once its ranks are live and listening:
     its path, its Slurm job id and its log."""
     response = await cp.call("POST", f"{session.base}/jobs", session.token, json={
         "ranks": RANKS, "params": {"account": "lcls:xpp12345", "constraint": "cpu",
-                                   "time": "00:10:00", "drain_s": 30}})
+                                   "time": "00:10:00", "drain_s": 30, **params}})
     assert response.status == 202, await response.text()
     job = await response.json()
     assert (job["template"], job["launcher"]) == ("slurm-sbatch", "slurm")
@@ -169,10 +163,14 @@ async def launch_job(cp: ControlPlane, session: Session) -> tuple[str, str, Path
 async def begin_scan(session: Session, scan: int, job_log: Path) -> Any:
     """A producer that began ``scan`` and sent a few frames, once every rank has it under way."""
     producer = await asyncio.to_thread(stream, session, scan, range(4), end=False)
-    await eventually_async(
-        lambda: sum(entry["scan"] == scan for entry in rank_events(job_log, "scan begins"))
-        == RANKS, timeout_s=WAIT_S, what=f"the ranks to begin scan {scan}", interval_s=POLL_S)
+    await ranks_logged(job_log, "scan begins", scan)
     return producer
+
+
+async def ranks_logged(job_log: Path, event: str, scan: int) -> None:
+    await eventually_async(
+        lambda: sum(entry["scan"] == scan for entry in rank_events(job_log, event)) == RANKS,
+        timeout_s=WAIT_S, what=f"the ranks to log {event!r} for scan {scan}", interval_s=POLL_S)
 
 
 async def ranks_stopped(job_log: Path) -> list[dict[str, Any]]:
@@ -185,7 +183,9 @@ async def ranks_stopped(job_log: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.mpi
 async def test_a_slurm_job_counts_a_streamed_scan_and_drains_on_slurms_signals(
-        slurm_served: tuple[ControlPlane, str], slurm_cluster: Cluster) -> None:
+        slurm_served: tuple[ControlPlane, str], slurm_cluster: Cluster,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSN_CONSUMER_DRAIN_S", DRAIN_S)  # sbatch hands the job its environment
     cp, metrics = slurm_served
     await use_site_template(cp)
     session = await open_session(cp)
@@ -205,8 +205,9 @@ async def test_a_slurm_job_counts_a_streamed_scan_and_drains_on_slurms_signals(
     assert [(r["session"], r["scan"]) for r in listed["items"]] == [(session.id, 1)]
 
     # Scan 2 is under way when the drain signal comes, as --signal=TERM@DRAIN_S sends it before
-    # the time limit: to every task of the job's steps, so to every rank srun started. They stop,
-    # leave the session and exit 0; the gateway spools the rest of the scan and reports it.
+    # the time limit: to every task of the job's steps, so to every rank srun started. They drain
+    # until their deadline, as scan 2 does not end, then leave the session and exit 0; the gateway
+    # spools the rest of the scan and reports it.
     producer = await begin_scan(session, 2, job_log)
     signalled = slurm_cluster.client("scancel", "--signal=TERM", slurm_id)
     assert signalled.returncode == 0, signalled.stderr
@@ -221,14 +222,27 @@ async def test_a_slurm_job_counts_a_streamed_scan_and_drains_on_slurms_signals(
     assert len(rank_events(job_log, "left the session")) == RANKS, log[-3000:]
     assert (interrupted["source"], interrupted["status"]) == ("gateway", "partial")
 
-    # Ending the session cancels the next job with scancel; its ranks stop on Slurm's SIGTERM.
-    job_path, _, job_log = await launch_job(cp, session)
+    # Ending the session cancels the next job with scancel; its ranks drain on Slurm's SIGTERM.
+    # Scan 4 was streamed whole before the end but is still being counted: scan 3, begun before
+    # it and left open, holds its thresholds back (they are agreed in the order scans began, and
+    # with more samples than frames only at a scan's end). Draining, the ranks finish scan 4 and
+    # report it, with the job's token still good for the control plane's drain window.
+    job_path, _, job_log = await launch_job(cp, session, samples=SAMPLES)
+    held = await begin_scan(session, 3, job_log)
+    await asyncio.to_thread(stream, session, 4, range(CAMERA.spec.positions))
+    await ranks_logged(job_log, "scan ends", 4)
+    assert await session.results(4) == []
     ended = await cp.call("DELETE", session.base, session.token)
     assert ended.status == 200, await ended.text()
     cancelled = await _job_ended(cp, session, job_path)
     assert cancelled["state"] == "cancelled", job_log.read_text(errors="replace")[-3000:]
     assert cancelled["detail"].startswith("Slurm state CANCELLED")
-    assert all(e["signalled"] and e["scans"] == 0 for e in await ranks_stopped(job_log))
+    [last] = await _results(session, 4)
+    assert (last["source"], last["status"], last["frames"]) == (
+        "consumer", "complete", CAMERA.spec.positions)
+    assert Path(last["path"]).is_file()
+    assert all(e["signalled"] and e["scans"] == 1 for e in await ranks_stopped(job_log))
+    held.close(linger_s=0)  # scan 3 never ends: its session did
 
 
 async def _results(session: Session, scan: int) -> list[dict[str, Any]]:

@@ -7,8 +7,9 @@ under the project's session quota; the caller gets the session token once, with 
 endpoint and server key. HPC consumer ranks register their endpoints with a consumer token and
 hold a lease that heartbeats renew; ``POST .../jobs`` renders a job template and submits it
 through the configured launcher; rank 0 reports each scan's result. A session ends when deleted
-(its session token and its jobs' consumer tokens are revoked in the same transaction) or when it
-expires.
+(its session token is revoked at once and its jobs' consumer tokens at the end of the drain window,
+``drain_s``, in the same transaction; the jobs are cancelled, and their ranks finish and report the
+scans they hold meanwhile) or when it expires.
 
 Session state and lease state are pure functions of the stored record and the clock
 (``session_state``, ``lease_state``): nothing sweeps expired rows, and a moved clock expires them.

@@ -185,7 +185,8 @@ async def get_session_view(request: web.Request) -> web.Response:
 
 async def end_session_view(request: web.Request) -> web.Response:
     services = _services(request)
-    session = await end_session(services.store, request.match_info["session"], services.now())
+    session = await end_session(services.store, request.match_info["session"], services.now(),
+                                services.settings.drain_s)
     await publish_session(services, session.id)
     await cancel_jobs(services, session.id)
     return reply(await session_detail(services, session))
@@ -360,7 +361,8 @@ ROUTES: tuple[RouteSpec, ...] = (
               "Inspect a session: consumers, scans, counters", SessionDetail, 200,
               "sessions:read", ADMIN_OR_PROJECT, _session, tag="sessions"),
     RouteSpec("DELETE", SESSION_PATH, end_session_view,
-              "End a session (idempotent): its tokens are revoked, its jobs cancelled",
+              "End a session (idempotent): its session token is revoked, its jobs cancelled; "
+              "their consumer tokens may report results and leave for the drain window",
               SessionDetail, 200, "sessions:end", ADMIN_OR_PROJECT, _session, tag="sessions"),
     RouteSpec("POST", SESSION_PATH + "/consumers", register_consumer_view,
               "Register a consumer rank's endpoint and take a lease", ConsumerOut, 201,

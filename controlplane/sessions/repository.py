@@ -24,7 +24,7 @@ from controlplane.sessions.core import (
     lease_until,
 )
 from controlplane.store.engine import Conn, Store
-from controlplane.store.tokens import TokenRecord
+from controlplane.store.tokens import REVOKE_FROM, TokenRecord
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -105,18 +105,28 @@ async def list_sessions(store: Store, project: str | None) -> list[SessionRecord
     return [_record(SessionRecord, row) for row in rows]
 
 
-async def end_session(store: Store, session_id: str, now: float) -> SessionRecord:
-    """Mark the session ended (idempotent: the first time stays) and revoke its session token and
-    its jobs' consumer tokens in the same transaction, so it stops everywhere at once."""
+async def end_session(store: Store, session_id: str, now: float,
+                      drain_s: float) -> SessionRecord:
+    """Mark the session ended (idempotent: the first time stays), revoke its session token at
+    once, so that no producer gets in any more, and its jobs' consumer tokens ``drain_s`` after
+    the end, all in one transaction.
+
+    The jobs' tokens wait because the end signals the jobs, whose ranks then finish, write and
+    report the scans they hold and leave: those reports are the scans' only record. Meanwhile a
+    consumer token can do nothing else a session's end should stop: registering and renewing a
+    lease need an open session."""
     async def body(conn: Conn) -> SessionRecord:
         cursor = await conn.execute("UPDATE sessions SET ended_at = COALESCE(ended_at, ?) "
                                     "WHERE id = ? RETURNING *", (now, session_id))
         row = await cursor.fetchone()
         if row is None:
             raise NotFound(f"session {session_id!r} does not exist")
-        await conn.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE jti = ? "
-                           "OR jti IN (SELECT token_jti FROM jobs WHERE session_id = ?)",
-                           (now, row["token_jti"], session_id))
+        ended_at = float(row["ended_at"])
+        await conn.execute(f"UPDATE tokens SET {REVOKE_FROM} WHERE jti = ?2",
+                           (ended_at, row["token_jti"]))
+        await conn.execute(f"UPDATE tokens SET {REVOKE_FROM} WHERE jti IN "
+                           "(SELECT token_jti FROM jobs WHERE session_id = ?2)",
+                           (ended_at + drain_s, session_id))
         return _record(SessionRecord, row)
     return await store.write(body)
 

@@ -404,9 +404,13 @@ async def adopt_jobs(services: Services) -> None:
 
 
 async def cancel_job(services: Services, job: JobRecord) -> JobStatus:
-    """Stop one job (idempotent) and return its status. Its consumer token is revoked first, so a
-    job the launcher cannot stop can no longer register or report. A job known to have finished,
-    or one its launcher no longer knows (``lost``), has nothing left to stop."""
+    """Stop one job (idempotent) and return its status. Its consumer token is revoked first, at
+    once even within a session's drain window, so a job the launcher cannot stop can no longer
+    register or report: the session may be open, and a job cancelled because it misbehaves must
+    not join it again. The gateway reports the scans its ranks leave unfinished (partial); a scan
+    they still finish is written but not recorded (ending the session lets its jobs report). A job
+    known to have finished, or one its launcher no longer knows (``lost``), has nothing left to
+    stop."""
     await revoke_token(services.store, job.token_jti, services.now())
     if not job.status().finished:
         with contextlib.suppress(NotFound):  # job_status records it as lost
@@ -416,8 +420,9 @@ async def cancel_job(services: Services, job: JobRecord) -> JobStatus:
 
 
 async def cancel_jobs(services: Services, session_id: str) -> None:
-    """Stop the jobs of an ended session; their tokens are already revoked, so a job that cannot
-    be stopped can no longer act, and a failure is logged rather than undoing the end."""
+    """Stop the jobs of an ended session: their ranks drain, reporting the scans they finish
+    while their tokens last (``drain_s``); a job that cannot be stopped can no longer act once
+    they are revoked, and a failure is logged rather than undoing the end."""
     for job in await list_jobs(services.store, session_id):
         if job.status().finished:
             continue

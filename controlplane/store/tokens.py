@@ -1,6 +1,10 @@
 """Issued tokens' SQL: what the control plane remembers of a token (never the token itself), its
 revocation, and the live count a project's quota is judged by. ``Revocations`` is the
-Authenticator's view of it (``controlplane.tokens.RevocationStore``)."""
+Authenticator's view of it (``controlplane.tokens.RevocationStore``).
+
+A token's ``revoked_at`` is the time from which it is refused: usually the moment it was revoked,
+later for the consumer tokens of an ended session's jobs, which keep the right to report and leave
+for the control plane's drain window. Revoking again never moves that time later."""
 
 from __future__ import annotations
 
@@ -34,11 +38,14 @@ def _token(row: sqlite3.Row) -> TokenRecord:
                        revoked_at=time_or_none(row["revoked_at"]), parent_jti=row["parent_jti"])
 
 
-# Tokens of a project, of any kind, that are unexpired, unrevoked and not older than its
+# Tokens of a project, of any kind, that are unexpired, not (yet) revoked and not older than its
 # not_before: what its ``tokens`` quota counts.
 _LIVE_TOKENS = ("SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.project "
-                "WHERE t.project = ? AND t.revoked_at IS NULL AND t.expires_at > ? "
+                "WHERE t.project = ?1 AND (t.revoked_at IS NULL OR t.revoked_at > ?2) "
+                "AND t.expires_at > ?2 "
                 "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)")
+# Revoke from ``?1`` on, unless the token is refused earlier already.
+REVOKE_FROM = "revoked_at = MIN(COALESCE(revoked_at, ?1), ?1)"
 
 
 async def add_token(store: Store, rec: TokenRecord, *, limit: int | None = None) -> None:
@@ -89,11 +96,11 @@ async def list_admin_tokens(store: Store, admin: str) -> list[TokenRecord]:
 
 
 async def revoke_token(store: Store, jti: str, at: float) -> TokenRecord:
-    """Revoke ``jti``; idempotent (a second revoke keeps the first time); NotFound if unknown."""
+    """Revoke ``jti`` from ``at`` on; idempotent (an earlier revocation time stays); NotFound if
+    unknown."""
     async def body(conn: Conn) -> TokenRecord:
         cursor = await conn.execute(
-            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE jti = ? RETURNING *",
-            (at, jti))
+            f"UPDATE tokens SET {REVOKE_FROM} WHERE jti = ?2 RETURNING *", (at, jti))
         row = await cursor.fetchone()
         if row is None:
             raise NotFound(f"token {jti!r} does not exist")
@@ -101,9 +108,10 @@ async def revoke_token(store: Store, jti: str, at: float) -> TokenRecord:
     return await store.write(body)
 
 
-async def is_revoked(store: Store, jti: str) -> bool:
+async def is_revoked(store: Store, jti: str, now: float) -> bool:
+    """Whether ``jti`` is refused at ``now``."""
     rows = await store.read(
-        "SELECT 1 FROM tokens WHERE jti = ? AND revoked_at IS NOT NULL", (jti,))
+        "SELECT 1 FROM tokens WHERE jti = ? AND revoked_at <= ?", (jti, now))
     return bool(rows)
 
 
@@ -114,8 +122,8 @@ class Revocations:
 
     store: Store
 
-    async def is_revoked(self, jti: str) -> bool:
-        return await is_revoked(self.store, jti)
+    async def is_revoked(self, jti: str, now: float) -> bool:
+        return await is_revoked(self.store, jti, now)
 
     async def get_token(self, jti: str) -> TokenRecord | None:
         return await get_token(self.store, jti)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from dataplane.consumer.scanwork import ThresholdDecision
 # because the receivers must post it before they know the length.
 DECISION_BYTES = 16 * 1024
 _MAX_ERROR_CHARS = 2000
+SETTLE_POLL_S = 0.001
 
 
 class _Stage(enum.IntEnum):
@@ -116,6 +118,18 @@ class ThresholdAgreement:
                 decided.append((entry.scan, decode_decision(entry.decision_buffer)))
             predecessors_started = predecessors_started and entry.stage >= _Stage.BROADCASTING
         return decided
+
+    def settle(self, timeout_s: float) -> bool:
+        """Before the job exits: wait, at most ``timeout_s``, for the operations already started
+        to complete, starting no new one; False if some did not. A peer that took part in one may
+        still be reading or writing its buffers, which the interpreter frees on its way out
+        before MPI is finalized."""
+        deadline = time.monotonic() + timeout_s
+        while not all(_completed(e.request) for e in self._scans if e.request is not None):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(SETTLE_POLL_S)
+        return True
 
     def _entry(self, scan: int) -> _Scan:
         for entry in self._scans:

@@ -23,6 +23,13 @@ def consumer() -> None:
                    "them by absolute path.")
 @click.option("--scans", type=click.IntRange(min=1), default=None,
               help="Exit after this many scans [default: run until SIGTERM/SIGINT].")
+@click.option("--drain-s", type=click.FloatRange(min=0), envvar="DSN_CONSUMER_DRAIN_S",
+              default=20.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM, SIGINT or SIGUSR1, take no new scan but finish, write and report "
+                   "those already under way for at most this long, then leave (env "
+                   "DSN_CONSUMER_DRAIN_S); a second signal stops at once. Keep it below the time "
+                   "the batch system or launcher allows between its signal and SIGKILL (Slurm's "
+                   "KillWait, 30 s by default; the local launcher's grace_s, 30 s).")
 @click.option("--dark", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Dark reference: a frame-shaped float32 .npy file.")
 @click.option("--samples", type=click.IntRange(min=1), default=40, show_default=True,
@@ -55,6 +62,7 @@ def consumer() -> None:
               help="With --controlplane: the job id ranks register under (env DSN_JOB_ID or "
                    "SLURM_JOB_ID) [default: a new id shared by all ranks].")
 def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int | None,
+                 drain_s: float,
                  dark: Path | None, samples: int, background_sigma: float, xray_sigma: float,
                  kernel: str, result_file: Path | None, controlplane_url: str | None,
                  token_file: Path | None, bind_host: str, job_id: str | None) -> None:
@@ -73,5 +81,5 @@ def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int |
     code = run_job(JobArguments(
         config=config_path, session=session, output_dir=output_dir, scans=scans, dark=dark,
         samples=samples, background_sigma=background_sigma, xray_sigma=xray_sigma, kernel=kernel,
-        result_file=result_file, registration=registration))
+        result_file=result_file, registration=registration, drain_s=drain_s))
     sys.exit(code)

@@ -6,6 +6,10 @@ data may still arrive: threshold agreement is non-blocking (``agreement``), and 
 happens only for a scan whose routed ``scan_end`` every rank has already received (the gateway sends
 it to all members at once), so every rank reaches that gather without needing any more data.
 Scans finish in ``scan_end`` order, the same on every rank, which keeps the gathers matched.
+
+On a first SIGTERM, SIGINT or SIGUSR1 a rank drains (``Shutdown``): it takes no new scan but goes on
+until the scans it holds are finished, or the drain deadline passes; a second signal stops it at
+once.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Never
@@ -72,6 +77,37 @@ RECEIVE_BATCH = 64
 # While an agreement is in flight, MPI needs frequent calls to make progress.
 BUSY_POLL_MS = 5
 IDLE_POLL_MS = 200
+# How long a stopping rank waits for the threshold agreements it started: the other ranks, stopping
+# too, complete theirs within milliseconds.
+SETTLE_S = 2.0
+# Batch systems and launchers ask a job to end with one of these; Open MPI's mpiexec ends its ranks
+# at once on SIGTERM or SIGINT but hands SIGUSR1 on to them, so a local job script relays a cancel
+# as SIGUSR1.
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Shutdown:
+    """What the signals asked for: the first, to drain for at most ``drain_s``; the second, to stop
+    at once. Python runs signal handlers in the main thread, the receive loop's own."""
+
+    def __init__(self, drain_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.drain_s = drain_s
+        self._clock = clock
+        self.deadline: float | None = None
+        self.stopped = False
+
+    def request(self) -> None:
+        if self.deadline is None:
+            self.deadline = self._clock() + self.drain_s
+        else:
+            self.stopped = True
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def expired(self) -> bool:
+        return self.stopped or (self.deadline is not None and self._clock() >= self.deadline)
 
 
 @dataclass(frozen=True)
@@ -125,11 +161,23 @@ class RankLoop:
         self._ended: list[int] = []
         self._stray: Counter[str] = Counter()
         self._bars: dict[int, tqdm[Never]] = {}
+        self._shutdown: Shutdown | None = None
         self.finished = 0
 
-    def run(self, stop: threading.Event) -> int:
-        """Receive and process until stopped or ``settings.scans`` scans are finished."""
-        while not stop.is_set() and not self._done():
+    @property
+    def _draining(self) -> bool:
+        return self._shutdown is not None and self._shutdown.draining
+
+    def run(self, shutdown: Shutdown) -> int:
+        """Receive and process until ``settings.scans`` scans are finished, or, once signalled,
+        until drained or stopped."""
+        self._shutdown = shutdown
+        announced = False
+        while not self._done() and not self._leaving():
+            if shutdown.draining and not announced:
+                announced = True
+                self._log.info("draining", extra=fields(scans=sorted(self._scans),
+                                                        drain_s=shutdown.drain_s))
             timeout = BUSY_POLL_MS if self._agreement.pending else IDLE_POLL_MS
             if self._poller.poll(timeout):
                 self._receive_batch()
@@ -137,12 +185,31 @@ class RankLoop:
         if self._scans:
             self._log.warning("stopping with scans unfinished", extra=fields(
                 scans={s: w.assembly.counters.received for s, w in self._scans.items()}))
+        if not self._agreement.settle(SETTLE_S):
+            self._log.warning("threshold agreements still under way at exit")
         for bar in self._bars.values():
             bar.close()
         return self.finished
 
     def _done(self) -> bool:
         return self.settings.scans is not None and self.finished >= self.settings.scans
+
+    def _leaving(self) -> bool:
+        """Signalled, and drained or out of time.
+
+        Why leaving here cannot strand another rank in a collective: a scan's blocking gather
+        follows its threshold agreement, which completes only once every rank has contributed,
+        so any scan another rank may be gathering is one this rank holds too, and this rank
+        leaves only when it holds none, i.e. after it took part in every such gather. Scans begun
+        elsewhere after this rank stopped taking them never reach their agreement, let alone a
+        gather; the gateway aborts them to the others once this rank leaves. Only the deadline
+        breaks the rule: a rank out of time may leave a fellow rank blocked in a gather, which
+        the launcher's kill, later than the drain, then ends.
+        """
+        shutdown = self._shutdown
+        if shutdown is None or not shutdown.draining:
+            return False
+        return not self._scans or shutdown.expired()
 
     def _receive_batch(self) -> None:
         for _ in range(RECEIVE_BATCH):
@@ -174,6 +241,10 @@ class RankLoop:
                 f"{begin.members}, but this is rank {self.rank} of {self.ranks}")
         if begin.scan in self._scans:
             self._stray_message("scan_begin_repeated", begin.scan)
+            return
+        if self._draining:
+            # The gateway accounts for the scan when this rank leaves.
+            self._stray_message("scan_begin_while_draining", begin.scan)
             return
         dark = self.settings.options.dark
         if dark is not None and dark.shape != tuple(begin.frame_shape):
@@ -222,17 +293,36 @@ class RankLoop:
         if abort.scan not in self._scans:
             self._stray_message("unknown_scan_abort", abort.scan)
             return
+        if self._draining:
+            # A fellow rank drained and left first: nobody will gather this scan, and this rank
+            # is leaving too, so no later scan waits behind its agreement.
+            self._drop(abort)
+            return
         # A member of this job left the session mid-scan: the scan can never be gathered, and
         # the threshold agreement of every open scan may wait for that member forever.
         raise MembershipError(
             f"scan {abort.scan} aborted by the gateway ({abort.reason}): a rank of this job left "
             "the session; the gateway spools the rest of the scan and reports it")
 
+    def _drop(self, abort: RoutedScanAbort) -> None:
+        work = self._scans.pop(abort.scan)
+        if abort.scan in self._ended:
+            self._ended.remove(abort.scan)
+        bar = self._bars.pop(abort.scan, None)
+        if bar is not None:
+            bar.close()
+        self._log.warning("scan dropped", extra=fields(
+            scan=abort.scan, reason=abort.reason, received=work.assembly.counters.received))
+
     def _advance(self) -> None:
         for scan, work in self._scans.items():
-            if work.ready_to_contribute:
+            # Draining, an open scan contributes what it has: the agreements of the scans that
+            # ended after it began wait for its turn in the sequence.
+            if work.ready_to_contribute or (self._draining and not work.contributed):
                 self._agreement.contribute(scan, work.contribution())
         for scan, decision in self._agreement.progress():
+            if scan not in self._scans:  # dropped while draining
+                continue
             self._scans[scan].decide(decision)
             if self.rank == ROOT:
                 self._log.info("thresholds agreed",
@@ -300,7 +390,7 @@ def open_socket(context: zmq.Context[zmq.Socket[bytes]], session: Session,
 
 
 def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReporter | None,
-             stop: threading.Event, log: logging.Logger) -> int:
+             shutdown: Shutdown, log: logging.Logger) -> int:
     """Static mode: bind the session's endpoint for this rank, run the loop, close; returns the
     number of scans finished. Only the root reports."""
     check_layout(settings.session, world.Get_size())
@@ -311,7 +401,7 @@ def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReport
                                        session=settings.session.id,
                                        hwm=settings.session.limits.hwm))
     try:
-        return RankLoop(settings, world, socket, reporter, log).run(stop)
+        return RankLoop(settings, world, socket, reporter, log).run(shutdown)
     finally:
         socket.close(linger=0)
         context.term()
@@ -319,7 +409,7 @@ def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReport
 
 def run_registered_rank(settings: ConsumerSettings, world: MPI.Comm,
                         registration: RegistrationArguments, result_file: Path | None,
-                        stop: threading.Event, log: logging.Logger) -> int:
+                        shutdown: Shutdown, log: logging.Logger) -> int:
     """Registration mode: join the session (all ranks or none), run the loop, leave; returns the
     number of scans finished. Membership comes from each routed scan_begin, not the config."""
     session = settings.session
@@ -338,7 +428,7 @@ def run_registered_rank(settings: ConsumerSettings, world: MPI.Comm,
         try:
             if world.Get_rank() == ROOT:
                 reporter = _registered_reporter(client, session.id, result_file, log)
-            return RankLoop(settings, world, joined.socket, reporter, log).run(stop)
+            return RankLoop(settings, world, joined.socket, reporter, log).run(shutdown)
         finally:
             if reporter is not None:
                 reporter.close()
@@ -361,6 +451,7 @@ class JobArguments:
     xray_sigma: float
     kernel: str
     result_file: Path | None
+    drain_s: float  # after the first signal, at most this long to finish the scans under way
     registration: RegistrationArguments | None = None  # None: static mode
 
 
@@ -384,14 +475,14 @@ def run_job(args: JobArguments) -> int:
     """One rank of ``dsn consumer run``; returns the process exit code."""
     world = MPI.COMM_WORLD
     log = configure_logging("dsn.consumer", rank=world.Get_rank(), pid=os.getpid())
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    shutdown = Shutdown(args.drain_s)
+    for signum in DRAIN_SIGNALS:
+        signal.signal(signum, lambda *_: shutdown.request())
     # A file-size limit (a batch system's ulimit -f) must fail the write, not kill the rank: the
     # write then raises EFBIG and the scan is reported failed.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        finished = _run(args, world, stop, log)
+        finished = _run(args, world, shutdown, log)
     except JoinError as exc:
         log.error(str(exc), extra=fields(error=type(exc).__name__))
         return 2
@@ -401,18 +492,18 @@ def run_job(args: JobArguments) -> int:
             # The other ranks may be inside a collective this rank will never join.
             world.Abort(2)
         return 2
-    log.info("consumer stopped", extra=fields(scans=finished, signalled=stop.is_set()))
+    log.info("consumer stopped", extra=fields(scans=finished, signalled=shutdown.draining))
     return 0
 
 
-def _run(args: JobArguments, world: MPI.Comm, stop: threading.Event, log: logging.Logger) -> int:
+def _run(args: JobArguments, world: MPI.Comm, shutdown: Shutdown, log: logging.Logger) -> int:
     settings = settings_from(args)
     if args.registration is not None:
-        return run_registered_rank(settings, world, args.registration, args.result_file, stop,
-                                   log)
+        return run_registered_rank(settings, world, args.registration, args.result_file,
+                                   shutdown, log)
     reporter = _reporter(args.result_file) if world.Get_rank() == ROOT else None
     try:
-        return run_rank(settings, world, reporter, stop, log)
+        return run_rank(settings, world, reporter, shutdown, log)
     finally:
         if reporter is not None:
             reporter.close()
