@@ -8,9 +8,11 @@ refuses an oversized message before allocating it, and a bounded RCVHWM. With
 Egress: one PUSH socket per consumer endpoint, connected, SNDHWM = the session's ``limits.hwm``.
 A PUSH socket at its HWM blocks the loop, the loop stops reading its ingress, and the producers
 block: a slow consumer slows everyone down, nothing is dropped to make room. A consumer the
-session table no longer lists (its lease ended) has its socket closed: a send waiting for it gives
-up, and the router accounts for what it was sent (its open scans are interrupted: the members get a
-scan_abort, the rest is spooled, and the scan's report goes to ``on_report`` when it ends).
+session table no longer lists (its lease or its session ended) has its socket closed, delivering
+what it still queues for up to ``EGRESS_LINGER_MS`` (a draining rank finishes the scans forwarded
+before): a send waiting for it gives up, and the router accounts for what it was sent (its open
+scans are interrupted: the members get a scan_abort, the rest is spooled, and the scan's report
+goes to ``on_report`` when it ends).
 A socket monitor on each egress socket tells the loop when a consumer's connection breaks (a killed
 rank), in static and control-plane mode alike: its open scans are interrupted the same way, its
 socket is replaced by a fresh one (what the old one still queued belongs to those scans, all
@@ -207,8 +209,7 @@ class L7Proxy:
             self.journal.close()
 
     def _sync_egress(self, table: SessionTable) -> None:
-        """Connect to consumers that (re)appeared, close the sockets of those that left: what
-        those still queue belongs to scans the router has interrupted and accounted for."""
+        """Connect to consumers that (re)appeared, close the sockets of those that left."""
         hwm = {endpoint: entry.session.limits.hwm
                for entry in table for endpoint in entry.session.consumers}
         live = self.router.live_slots
@@ -218,7 +219,10 @@ class L7Proxy:
             if slot in live and socket is None:
                 self._open_slot(slot, hwm[endpoint])
             elif slot not in live and socket is not None:
-                self._close_slot(slot, socket)
+                # Its session ended or its lease did: what the socket still queues went out
+                # before that, for scans the router closed or accounted for; deliver it if the
+                # consumer is still there (a draining rank finishing its last scan).
+                self._close_slot(slot, socket, linger_ms=EGRESS_LINGER_MS)
 
     def _open_slot(self, slot: int, hwm: int) -> None:
         socket = open_egress(self._context, [self.router.endpoints[slot]], hwm)
@@ -229,10 +233,11 @@ class L7Proxy:
         self._hwm[slot] = hwm
         self._egress[slot] = socket
 
-    def _close_slot(self, slot: int, socket: zmq.Socket[bytes]) -> None:
-        """Close a slot's socket at once: what it still queues is accounted for by the router."""
+    def _close_slot(self, slot: int, socket: zmq.Socket[bytes], linger_ms: int = 0) -> None:
+        """Close a slot's socket (at once by default: what it still queues is accounted for by
+        the router)."""
         self._unmonitor(slot, socket)
-        socket.close(linger=0)
+        socket.close(linger=linger_ms)
         self._egress[slot] = None
 
     def _unmonitor(self, slot: int, socket: zmq.Socket[bytes]) -> None:

@@ -373,6 +373,34 @@ def test_a_new_table_without_the_session_refuses_it_at_once(rig: Callable[..., R
     assert_silent(r.consumers[0])
 
 
+@pytest.mark.timeout(30)
+def test_what_was_forwarded_before_a_session_ended_still_reaches_its_consumer(
+        rig: Callable[..., Rig]) -> None:
+    # The consumer takes nothing until the session has ended: the scan, forwarded whole, waits
+    # in the gateway's queue for it (more than loopback's socket buffers hold), as it does for a
+    # rank still counting when its producer ends the session.
+    r = rig(consumers=1, detector={}, limits={"hwm": 128}, rcvhwm=1)
+    sector = 576 // 4 * 576 * 2
+    count = 24
+    producer = r.producer()
+    producer.send_multipart(begin(shape=(64, 64), frame_shape=(576, 576), sectors=4))
+    receive(r.consumers[0], 1)  # the routed scan_begin: the path is up
+    for seq in range(count):
+        producer.send_multipart(data(1, seq, 0, seq=seq, size=sector))
+    producer.send_multipart(end(sent=count))
+    router = r.gateway.router
+    assert router is not None
+    eventually(lambda: any(s.session == "s1" and s.messages == count and not s.open_scans
+                           for s in router.stats()),
+               timeout_s=10, what="the gateway to forward the whole scan and close it")
+    r.gateway.use_table(SessionTable())
+    eventually(lambda: not any(s.session == "s1" and s.consumers for s in router.stats()),
+               timeout_s=5, what="the gateway to drop the ended session")
+    messages = receive(r.consumers[0], count + 1, timeout_ms=15_000)
+    routed_end = decode_consumer_message(messages[-1][0])
+    assert isinstance(routed_end, RoutedScanEnd) and routed_end.expected == count
+
+
 @pytest.mark.timeout(20)
 def test_l4_forwards_everything_uninspected_round_robin(rig: Callable[..., Rig]) -> None:
     r = rig(consumers=2, mode="l4")
