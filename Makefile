@@ -32,8 +32,12 @@ test: $(VENV)/.installed-test
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
+PEERS ?= ../shared/peers
+
 bench: $(VENV)/.installed-test
+	sh scripts/install-bench-deps.sh
 	$(BIN)/python bench/gateway_throughput.py
+	sh bench/peers.sh $(BIN)/python $(PEERS)
 	$(BIN)/python bench/gateway_flood.py
 	$(BIN)/python bench/counting.py
 	$(BIN)/python bench/controlplane_tokens.py

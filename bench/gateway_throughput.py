@@ -36,6 +36,7 @@ from common import zap
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.ports import free_port
 from common.protocol import Data, ScanBegin, ScanEnd, encode
+from common.tuning import keep_message_buffers
 
 SECTOR_BYTES = 144 * 576 * 2
 IDLE_S = 1.0
@@ -92,6 +93,7 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     from gateway.proxy import L4Proxy, L7Proxy
     from gateway.sessions import table_from_config
 
+    keep_message_buffers()  # as `dsn gateway run` does
     config = load_config(Path(config_path))
     table = table_from_config(config)
     session_id = next(iter(table)).id
@@ -177,7 +179,13 @@ def start_gateway(config: Path, *options: str) -> subprocess.Popen[str]:
     return gateway
 
 
-def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` so far, all its threads (libzmq's I/O threads too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float, float | None]:
     mpc = mp.get_context("spawn")
     rig = start_rig(mpc, workdir)
     results, consumers, ports = rig.results, rig.consumers, rig.ports
@@ -196,9 +204,14 @@ def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
             gateway = mpc.Process(target=plaintext_gateway, args=(str(config), mode, started))
             gateway.start()
             started.wait(30)
+    gateway_pid = None if gateway is None else gateway.pid
+    cpu_before = 0.0 if gateway_pid is None else cpu_seconds(gateway_pid)
     sender = mpc.Process(target=producer, args=(endpoints, messages, keys, results))
     sender.start()
     collected = [results.get(timeout=300) for _ in range(3)]
+    # Per message forwarded: the gateway's whole cost, decryption and routing.
+    cpu_us = None if gateway_pid is None else \
+        (cpu_seconds(gateway_pid) - cpu_before) / messages * 1e6
     start = next(r for r in collected if isinstance(r, float))
     received = [r for r in collected if isinstance(r, tuple)]
     for process in [sender, *consumers]:
@@ -216,7 +229,7 @@ def run_case(case: str, messages: int, workdir: Path) -> tuple[float, float]:
     if count != messages:
         print(f"  {case}: received {count} of {messages} messages", file=sys.stderr)
     seconds = max(r[2] for r in received) - start
-    return volume / seconds / 1e9, count / seconds
+    return volume / seconds / 1e9, count / seconds, cpu_us
 
 
 def main() -> None:
@@ -235,13 +248,15 @@ def main() -> None:
                    for case in cases}
     print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, 1 producer, 2 consumers, "
           f"tcp loopback, {os.cpu_count()} CPUs")
-    print(f"{'case':<12}{'GB/s':>8}{'msg/s':>10}{'vs direct':>11}{'vs L4':>8}")
-    for case, (gbps, rate) in figures.items():
+    print(f"{'case':<12}{'GB/s':>8}{'msg/s':>10}{'vs direct':>11}{'vs L4':>8}"
+          f"{'gateway CPU µs/msg':>20}")
+    for case, (gbps, rate, cpu_us) in figures.items():
         l4 = figures.get("l4+curve" if case.endswith("curve") else "l4+plain")
         direct = figures.get("direct")
         vs_l4 = f"{gbps / l4[0]:.2f}x" if l4 and case != "direct" else "-"
         vs_direct = f"{gbps / direct[0]:.2f}x" if direct else "-"
-        print(f"{case:<12}{gbps:>8.2f}{rate:>10,.0f}{vs_direct:>11}{vs_l4:>8}")
+        cpu = "-" if cpu_us is None else f"{cpu_us:.1f}"
+        print(f"{case:<12}{gbps:>8.2f}{rate:>10,.0f}{vs_direct:>11}{vs_l4:>8}{cpu:>20}")
     print("curve: CURVE encryption + ZAP on the gateway ingress (the real `dsn gateway run`);\n"
           "plain: the same proxy loops with a bench-only NULL ingress (the proxy's own cost).")
 

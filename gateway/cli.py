@@ -29,6 +29,7 @@ from common.config import (
 )
 from common.keys import KeyFileError, create_keypair, load_keypair, load_secret_keypair
 from common.logs import configure as configure_logging
+from common.tuning import keep_message_buffers
 from gateway.errors import GatewayError
 from gateway.metrics import serve_metrics
 from gateway.proxy import Gateway, Mode
@@ -93,6 +94,7 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         spool_dir: Path | None, max_sector_bytes: int | None, sync_timeout: float) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
     configure_logging("dsn")
+    keep_message_buffers()
     source: CloneSessionSource | None = None
     try:
         loaded = load_config(config_path) if config_path is not None else None

@@ -42,6 +42,7 @@ from common.protocol import (
     decode_consumer_message,
 )
 from common.results import ScanResult
+from common.tuning import keep_message_buffers
 from dataplane import counting
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.controlplane import ControlPlaneClient
@@ -475,6 +476,7 @@ def run_job(args: JobArguments) -> int:
     """One rank of ``dsn consumer run``; returns the process exit code."""
     world = MPI.COMM_WORLD
     log = configure_logging("dsn.consumer", rank=world.Get_rank(), pid=os.getpid())
+    keep_message_buffers()
     shutdown = Shutdown(args.drain_s)
     for signum in DRAIN_SIGNALS:
         signal.signal(signum, lambda *_: shutdown.request())
