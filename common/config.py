@@ -9,6 +9,7 @@ geometry and limits. Everything is validated on load; an error names the key and
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -108,6 +109,7 @@ Cidr = Annotated[StrictStr, AfterValidator(_network)]
 ConnectEndpoint = Annotated[StrictStr, AfterValidator(_connect_endpoint)]
 BindEndpoint = Annotated[StrictStr, AfterValidator(_bind_endpoint)]
 SessionId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+MAX_DEFAULT_IO_THREADS = 8
 FrameDim = Annotated[StrictInt, Field(ge=1, le=8192)]
 
 
@@ -215,6 +217,10 @@ class GatewaySettings(_Model):
     receipts: BindEndpoint | None = None
     # Set: the gateway serves the sessions the control plane publishes, not the file's.
     controlplane: ControlPlaneLink | None = None
+    # libzmq I/O threads. Each connection (its CURVE decryption, its socket work) is served by one
+    # of them, so a producer with several connections, such as a camera's sector streams, is
+    # decrypted on as many cores. Default: one per core, at most MAX_DEFAULT_IO_THREADS.
+    io_threads: Annotated[StrictInt, Field(ge=1, le=64)] | None = None
 
     @model_validator(mode="after")
     def _receipts_beside_the_ingress(self) -> GatewaySettings:
@@ -225,6 +231,10 @@ class GatewaySettings(_Model):
     @property
     def receipts_endpoint(self) -> str:
         return self.receipts or next_port(self.ingress)
+
+    @property
+    def io_thread_count(self) -> int:
+        return self.io_threads or min(os.cpu_count() or 1, MAX_DEFAULT_IO_THREADS)
 
 
 class DSNConfig(_Model):

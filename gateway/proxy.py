@@ -511,7 +511,7 @@ class L4Proxy:
 class Gateway:
     """A running gateway: context, ZAP handler, ingress, and the chosen forwarding loop."""
 
-    def __init__(self, config: DSNConfig, *, mode: Mode = "l7", io_threads: int = 1,
+    def __init__(self, config: DSNConfig, *, mode: Mode = "l7",
                  clock: Callable[[], float] = time.time, max_sector_bytes: int = 0,
                  on_report: ReportSink | None = None) -> None:
         self.config = config
@@ -519,7 +519,7 @@ class Gateway:
         self.on_report = on_report
         self.mode = mode
         self.table = table_from_config(config)
-        self.context = zmq.Context(io_threads=io_threads)
+        self.context = zmq.Context(io_threads=config.gateway.io_thread_count)
         self.zap = ZapHandler(self.context, self.table, clock=clock)
         self._clock = clock
         self._proxy: L7Proxy | L4Proxy | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 import zmq
 
-from common.config import ConfigError, load_config, parse_config
+from common.config import MAX_DEFAULT_IO_THREADS, ConfigError, load_config, parse_config
 
 CLIENT_KEY = zmq.curve_keypair()[0].decode()
 
@@ -132,3 +133,16 @@ def test_config_files_refuse_repeated_keys_and_aliases(tmp_path: Path, text: str
     path.write_text(text)
     with pytest.raises(ConfigError, match=expected):
         load_config(path)
+
+
+def test_the_gateway_decrypts_on_one_io_thread_per_core_unless_told(tmp_path: Path) -> None:
+    base = {"version": 1, "sessions": [],
+            "gateway": {"server_secret_key_file": str(tmp_path / "k")}}
+    default = parse_config(base).gateway
+    assert default.io_threads is None
+    assert default.io_thread_count == min(os.cpu_count() or 1, MAX_DEFAULT_IO_THREADS)
+    told = parse_config({**base, "gateway": {**base["gateway"], "io_threads": 3}}).gateway
+    assert told.io_thread_count == 3
+    for bad in (0, 65, "4"):
+        with pytest.raises(ConfigError, match="io_threads"):
+            parse_config({**base, "gateway": {**base["gateway"], "io_threads": bad}})

@@ -187,6 +187,11 @@ def test_l7_routes_frames_mod_n_between_routed_scan_begin_and_scan_end(
         assert routed_end.dropped == {} and routed_end.drops == []
 
 
+def test_the_gateway_runs_the_io_threads_its_configuration_names(rig: Callable[..., Rig]) -> None:
+    r = rig(consumers=1)
+    assert r.gateway.context.get(zmq.IO_THREADS) == r.gateway.config.gateway.io_thread_count
+
+
 @pytest.mark.timeout(20)
 def test_ncem_headers_are_translated_to_native_headers(rig: Callable[..., Rig]) -> None:
     r = rig(consumers=1)
