@@ -366,7 +366,8 @@ def report(spec: CameraSpec, figures: dict[str, Figure]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scan-shape", type=parse_shape, default=(64, 64), metavar="ROWSxCOLS")
+    parser.add_argument("--scan-shape", type=parse_shape, default=(64, 64), metavar="ROWSxCOLS",
+                        help="scan positions [default: 64x64, 2.7 GB]")
     parser.add_argument("--repeat", type=int, default=1, help="runs per path; the best is kept")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the raw files and HDF5 files go; on a disk, not a tmpfs "
