@@ -21,7 +21,7 @@ one frame; the ROUTER adds and strips the peer's identity):
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 
@@ -93,6 +93,7 @@ class Receipt(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="rece
 
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
+T = TypeVar("T")
 _REQUEST: Final = msgspec.msgpack.Decoder(ReceiptRequest)
 _RECEIPT: Final = msgspec.msgpack.Decoder(Receipt)
 
@@ -102,18 +103,17 @@ def encode(message: ReceiptRequest | Receipt) -> bytes:
 
 
 def decode_request(frame: bytes) -> ReceiptRequest:
-    if len(frame) > MAX_REQUEST_BYTES:
-        raise ReceiptError(f"a receipt request is at most {MAX_REQUEST_BYTES} bytes")
-    try:
-        return _REQUEST.decode(frame)
-    except msgspec.DecodeError as exc:
-        raise ReceiptError(f"not a receipt request: {exc}") from None
+    return _decode(frame, _REQUEST, MAX_REQUEST_BYTES, "a receipt request")
 
 
 def decode_receipt(frame: bytes) -> Receipt:
-    if len(frame) > MAX_RECEIPT_BYTES:
-        raise ReceiptError(f"a receipt is at most {MAX_RECEIPT_BYTES} bytes")
+    return _decode(frame, _RECEIPT, MAX_RECEIPT_BYTES, "a receipt")
+
+
+def _decode(frame: bytes, decoder: msgspec.msgpack.Decoder[T], limit: int, what: str) -> T:
+    if len(frame) > limit:
+        raise ReceiptError(f"{what} is at most {limit} bytes")
     try:
-        return _RECEIPT.decode(frame)
+        return decoder.decode(frame)
     except msgspec.DecodeError as exc:
-        raise ReceiptError(f"not a receipt: {exc}") from None
+        raise ReceiptError(f"not {what}: {exc}") from None

@@ -5,8 +5,8 @@
 # - Slurm (slurmctld, slurmd, the client commands) and munge, the one-node cluster the consumer-job
 #   tests run (tests/slurm_cluster.py); libpmix-dev gives Slurm's PMIx plugin the libpmix.so it
 #   loads, so that srun --mpi=pmix starts the Open MPI wheel's ranks.
-# Installs only what is missing, and only as root with apt-get; otherwise says so, and those tests
-# skip with the reason. Never fails the build.
+# Installs only what is missing (scripts/apt-install.sh: as root with apt-get, never failing the
+# build); otherwise says so, and those tests skip with the reason.
 set -u
 
 missing=""
@@ -19,23 +19,6 @@ for tool in slurmctld slurmd sbatch munged mungekey; do
     fi
 done
 ls /usr/lib/libpmix.so /usr/lib/*/libpmix.so >/dev/null 2>&1 || need libpmix-dev
-[ -z "$missing" ] && exit 0
-
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-test-deps: missing$missing and cannot install them here (needs root and" \
-         "apt-get): the federated-login or Slurm tests will skip" >&2
-    exit 0
-fi
-export DEBIAN_FRONTEND=noninteractive
-# A mirror out of reach is not a reason to stop the suite: those tests skip and say why. Each
-# package is tried on its own, so that one the mirror lacks does not keep the others out.
-if ! apt-get update -q >/dev/null; then
-    echo "install-test-deps: apt-get update failed; trying the packages already listed" >&2
-fi
-for package in $missing; do
-    if ! apt-get install -y -q --no-install-recommends "$package" >/dev/null; then
-        echo "install-test-deps: apt-get could not install $package: the tests that need it" \
-             "will skip" >&2
-    fi
-done
-exit 0
+# shellcheck disable=SC2086  # one word per package
+exec sh "$(dirname "$0")/apt-install.sh" install-test-deps \
+    "the federated-login or Slurm tests will skip" $missing

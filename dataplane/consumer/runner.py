@@ -145,8 +145,10 @@ class RankLoop:
     """One rank of a consumer job."""
 
     def __init__(self, settings: ConsumerSettings, world: MPI.Comm, socket: zmq.Socket[bytes],
-                 reporter: ResultReporter | None, log: logging.Logger) -> None:
+                 reporter: ResultReporter | None, shutdown: Shutdown,
+                 log: logging.Logger) -> None:
         self.settings = settings
+        self._shutdown = shutdown
         self.rank = world.Get_rank()
         self.ranks = world.Get_size()
         # Separate communicators keep the non-blocking agreement and the blocking gathers from
@@ -162,17 +164,16 @@ class RankLoop:
         self._ended: list[int] = []
         self._stray: Counter[str] = Counter()
         self._bars: dict[int, tqdm[Never]] = {}
-        self._shutdown: Shutdown | None = None
         self.finished = 0
 
     @property
     def _draining(self) -> bool:
-        return self._shutdown is not None and self._shutdown.draining
+        return self._shutdown.draining
 
-    def run(self, shutdown: Shutdown) -> int:
+    def run(self) -> int:
         """Receive and process until ``settings.scans`` scans are finished, or, once signalled,
         until drained or stopped."""
-        self._shutdown = shutdown
+        shutdown = self._shutdown
         announced = False
         while not self._done() and not self._leaving():
             if shutdown.draining and not announced:
@@ -208,9 +209,7 @@ class RankLoop:
         the launcher's kill, later than the drain, then ends.
         """
         shutdown = self._shutdown
-        if shutdown is None or not shutdown.draining:
-            return False
-        return not self._scans or shutdown.expired()
+        return shutdown.draining and (not self._scans or shutdown.expired())
 
     def _receive_batch(self) -> None:
         for _ in range(RECEIVE_BATCH):
@@ -402,7 +401,7 @@ def run_rank(settings: ConsumerSettings, world: MPI.Comm, reporter: ResultReport
                                        session=settings.session.id,
                                        hwm=settings.session.limits.hwm))
     try:
-        return RankLoop(settings, world, socket, reporter, log).run(shutdown)
+        return RankLoop(settings, world, socket, reporter, shutdown, log).run()
     finally:
         socket.close(linger=0)
         context.term()
@@ -429,7 +428,7 @@ def run_registered_rank(settings: ConsumerSettings, world: MPI.Comm,
         try:
             if world.Get_rank() == ROOT:
                 reporter = _registered_reporter(client, session.id, result_file, log)
-            return RankLoop(settings, world, joined.socket, reporter, log).run(shutdown)
+            return RankLoop(settings, world, joined.socket, reporter, shutdown, log).run()
         finally:
             if reporter is not None:
                 reporter.close()
