@@ -227,25 +227,26 @@ def client_address(peer: str | None, forwarded_for: list[str],
     right-most ``X-Forwarded-For`` hop that is not one (each proxy appends the address it was
     reached from, so hops to the left of an untrusted one may be the client's own invention)."""
     address = peer or "unknown"
-    if not _is_proxy(address, proxies):
+    if not proxies or not _is_proxy(_ip(address), proxies):
         return address
     hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
     for hop in reversed(hops):
-        if not _is_proxy(hop, proxies):
-            return hop if _is_ip(hop) else address
+        ip = _ip(hop)
+        if not _is_proxy(ip, proxies):
+            return hop if ip is not None else address
     return address
 
 
-def _is_ip(text: str) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return True
+        return None
 
 
-def _is_proxy(address: str, proxies: tuple[IPNetwork, ...]) -> bool:
-    return _is_ip(address) and any(ipaddress.ip_address(address) in net for net in proxies)
+def _is_proxy(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+              proxies: tuple[IPNetwork, ...]) -> bool:
+    return ip is not None and any(ip in net for net in proxies)
 
 
 @web.middleware

@@ -7,6 +7,7 @@ inject a clock, so token lifetimes, rate-limit windows and key retirement move w
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sysconfig
 import time
@@ -180,7 +181,7 @@ class Settings:
 
     @property
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
-        return tuple(ipaddress.ip_network(network) for network in self.trusted_proxies)
+        return _networks(self.trusted_proxies)
 
     @property
     def gateway_receipts(self) -> str:
@@ -255,6 +256,12 @@ FILE_LAYOUT: Final = Layout(groups=frozenset({"gateway", "audit"}),
                             # Names every token carries: not for a site to change.
                             internal=frozenset({"clock", "issuer", "api_audience",
                                                 "gateway_audience"}))
+
+
+@functools.cache
+def _networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    # Asked on every request: parsed once per setting.
+    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
 
 
 def _is_base_url(url: str) -> bool:
