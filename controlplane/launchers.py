@@ -415,13 +415,14 @@ class SlurmLauncher:
         queued = await self._run([self._tool("squeue"), *_cluster_flag(cluster), "-h", "-t", "all",
                                   "-j", job, "-o", "%T"])
         listed = queued.stdout.strip().splitlines() if queued.returncode == 0 else []
-        if listed and not slurm_state(listed[0]).finished:
-            return slurm_state(listed[0])
+        queue_state = slurm_state(listed[0]) if listed else None
+        if queue_state is not None and not queue_state.finished:
+            return queue_state
         shown = await self._scontrol(job, cluster)
         if shown is not None:
             return shown
-        if listed:  # finished, and no exit code to be had: the state alone is still true
-            return slurm_state(listed[0])
+        if queue_state is not None:  # finished, no exit code to be had: the state is still true
+            return queue_state
         return await self._sacct(job, cluster, queued)
 
     async def _scontrol(self, job: str, cluster: str | None) -> JobStatus | None:
