@@ -135,6 +135,12 @@ class UnknownAdmin(TokenError):
     reason = "unknown_admin"
 
 
+class SignedOut(TokenError):
+    """The console session a cookie names has ended, expired or never existed."""
+
+    reason = "console_session"
+
+
 class PermissionDenied(ControlPlaneError):
     """Authenticated, but the policy denies the action; ``rule`` names the deciding rule."""
 
@@ -151,6 +157,14 @@ class UnmappedIdentity(PermissionDenied):
         super().__init__(detail, rule=rule)
         self.principal = principal
         self.action = action
+
+
+class CsrfRefused(PermissionDenied):
+    """A state change from the console without the session's CSRF token, or from another
+    origin."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, rule="csrf")
 
 
 class NotFound(ControlPlaneError):

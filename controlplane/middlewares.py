@@ -7,9 +7,10 @@
 - ``paths`` answers 404 for a path parameter outside its bounds (``controlplane.paths``), before
   anything looks it up: a token pasted into a URL goes no further.
 - ``authorize`` runs the route's declared checks (``RouteSpec``): bearer token for the route's
-  surface (or the route's own ``credentials``: the token endpoint's OAuth form carries its
-  credential in the body), rate limits per token and project (per client address for requests
-  that fail authentication), the policy decision for the route's action. Each policy decision,
+  surface, or the web console's sign-in cookie standing for one (or the route's own
+  ``credentials``: the token endpoint's OAuth form carries its credential in the body), rate
+  limits per token and project (per client address for requests that fail authentication), the
+  policy decision for the route's action. Each policy decision,
   allow or deny, writes exactly one audit record first; if that write fails the request is
   refused with 503, never served unaudited. Refusals that come in floods (no or a bad token, a
   spent rate limit) are audited per principal and window: the first as it happens, the rest as
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import ipaddress
 import logging
@@ -37,8 +39,10 @@ from pydantic import BaseModel
 
 from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
+from controlplane.console import auth as console
 from controlplane.errors import (
     ControlPlaneError,
+    CsrfRefused,
     InvalidRequest,
     MalformedToken,
     MissingToken,
@@ -350,6 +354,25 @@ def token_caller(claims: Claims) -> Caller:
     return Caller(principal, principal_label(claims), claims.jti, claims)
 
 
+async def bearer_caller(request: web.Request, services: Services, surface: Surface) -> Caller:
+    """The caller the Authorization header's bearer token names."""
+    return token_caller(await services.authenticator.authenticate(bearer_token(request), surface))
+
+
+async def request_caller(request: web.Request, services: Services, surface: Surface) -> Caller:
+    """A route's usual caller: the bearer token, else the console session the cookie names
+    (``controlplane.console.auth``), which acts as the token it was signed in with."""
+    if "Authorization" in request.headers or not console.has_cookie(request):
+        return await bearer_caller(request, services, surface)
+    return await console_caller(request, services, surface)
+
+
+async def console_caller(request: web.Request, services: Services, surface: Surface) -> Caller:
+    """The console session the cookie names, acting as its token; the audit names it so."""
+    caller = token_caller(await console.cookie_claims(request, services, surface))
+    return dataclasses.replace(caller, label=f"{caller.label} via console")
+
+
 def principal_label(claims: Claims) -> str:
     """Who acted, for the audit record: kind, project, subject and the token id (never the
     token)."""
@@ -414,16 +437,17 @@ class Gate:
         services = self._services
         surface = services.surface(self._spec.kinds)
         try:
-            if self._spec.credentials is not None:
-                return await self._spec.credentials(self._request, services, surface)
-            token = bearer_token(self._request)
-            return token_caller(await services.authenticator.authenticate(token, surface))
+            credentials = self._spec.credentials or request_caller
+            return await credentials(self._request, services, surface)
         except TokenError as exc:
             await self._refuse_unauthenticated(self._anonymous(), f"token:{exc.reason}")
             raise
         except UnmappedIdentity as exc:  # verified, so named; but nothing lets it in
             self._action = exc.action
             await self._refuse_unauthenticated(exc.principal, exc.rule)
+            raise
+        except CsrfRefused:  # a cross-site request riding a console cookie
+            await self._refuse_unauthenticated(self._anonymous(), "csrf")
             raise
         except InvalidRequest:  # a credential-bearing body refused before anyone is known
             await self._refuse_unauthenticated(self._anonymous(), "request:invalid")

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from controlplane.console.auth import COOKIE
+from controlplane.middlewares import RouteSpec, console_caller
 from controlplane.paths import PATH_PARAMETERS
 from controlplane.schemas import OAuthError, Problem
-
-if TYPE_CHECKING:
-    from controlplane.middlewares import RouteSpec
 
 OPENAPI: Final = web.AppKey("openapi", dict[str, Any])
 _REF: Final = "#/components/schemas/{model}"
@@ -49,6 +48,8 @@ _HEADERS: Final[dict[str, dict[str, Any]]] = {
                       "schema": {"type": "string", "minLength": 1}},
     "Retry-After": {"description": "Seconds after which asking again may succeed",
                     "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "Set-Cookie": {"description": "The web console's session cookie (HttpOnly, SameSite=Strict)",
+                   "schema": {"type": "string", "minLength": 1}},
 }
 _REQUEST_HEADERS: Final[dict[str, str]] = {
     "If-Match": "The ETag the change is based on (a stale one is 412; a required one absent "
@@ -128,8 +129,8 @@ def _success(spec: RouteSpec, refs: Refs) -> dict[str, Any]:
     elif spec.response is not None:
         schema = refs[(spec.response, "serialization")]
         content = {"application/json": {"schema": schema}}
-    elif spec.response_content_type == "text/plain":
-        content = {"text/plain": {"schema": {"type": "string"}}}
+    elif spec.response_content_type.startswith("text/"):
+        content = {spec.response_content_type: {"schema": {"type": "string"}}}
     else:
         content = {"application/json": {"schema": {"type": "object"}}}
     success: dict[str, Any] = {"description": spec.summary, "content": content}
@@ -169,6 +170,10 @@ def _request_body(spec: RouteSpec, refs: Refs, max_body: int) -> dict[str, Any]:
 def _security(spec: RouteSpec) -> list[dict[str, list[str]]]:
     if spec.public:
         return []
+    if spec.credentials is None:  # the usual caller: a bearer token, or the console's cookie
+        return [{"bearer": []}, {"console": []}]
+    if spec.credentials is console_caller:
+        return [{"console": []}]
     # The OAuth form carries its credential in the body (subject_token), with no header.
     return [{"bearer": []}, {}] if spec.form is not None else [{"bearer": []}]
 
@@ -218,5 +223,8 @@ def build_document(specs: tuple[RouteSpec, ...], *, version: str, server_url: st
         "servers": [{"url": server_url}],
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "console": {"type": "apiKey", "in": "cookie", "name": COOKIE,
+                        "description": "A web-console sign-in (POST /ui/session), acting as its "
+                                       "token; a state change also needs its X-CSRF-Token"}}},
     }

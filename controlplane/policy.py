@@ -74,6 +74,10 @@ ACTIONS: Mapping[str, ActionSpec] = {
     "token:federate": ActionSpec(None, "token", "required"),
     "keys:rotate": ActionSpec("keys:write", "key", "none"),
     "jwks:read": ActionSpec(None, "key", "none"),
+    # The console's own sign-in: the token's other actions are judged by their own routes.
+    "console:sign_in": ActionSpec(None, "console", "optional"),
+    "console:session": ActionSpec(None, "console", "optional"),
+    "console:sign_out": ActionSpec(None, "console", "optional"),
     "policies:read": ActionSpec("policies:read", "policy", "none"),
     "policies:reload": ActionSpec("policies:write", "policy", "none"),
     "audit:read": ActionSpec("audit:read", "audit", "none"),

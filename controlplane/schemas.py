@@ -242,6 +242,18 @@ class Whoami(ResponseBody):
     expires_in: int
 
 
+class ConsoleSession(ResponseBody):
+    """A web-console sign-in: who it acts as, until when, and the CSRF token its page sends with
+    every state change."""
+
+    kind: str
+    subject: str
+    project: str | None
+    scope: str
+    expires_at: datetime
+    csrf_token: str
+
+
 class TokenResponse(ResponseBody):
     """RFC 8693 §2.2.1: the answer to a form-encoded token exchange; ``jti`` and ``project`` name
     the new token for revocation and listing."""

@@ -94,6 +94,8 @@ class Settings:
     request from one is attributed to the client its ``X-Forwarded-For`` names (the right-most
     address not itself a trusted proxy), for the per-source rate limit, the audit and the access
     log. From any other peer the header is ignored, so a client cannot choose its own address.
+    ``console_session_s`` is the longest a web-console sign-in lasts (never past its token's
+    expiry); its cookie is ``Secure`` when ``public_url`` is https or the request came over TLS.
 
     State service: ``state_endpoints`` are where gateways fetch snapshots (ROUTER) and subscribe to
     updates (PUB); ``reconcile_s`` is how often the published sessions are compared with the store,
@@ -133,6 +135,7 @@ class Settings:
     reconcile_s: float = 1.0
     public_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    console_session_s: int = 8 * 3600
 
     def __post_init__(self) -> None:
         _within("port", self.port, 1, 65535)
@@ -146,6 +149,7 @@ class Settings:
         _require(bool(self.issuer.strip()), "issuer", self.issuer, "must not be empty")
         _within("lease_s", self.lease_s, 1, 3600)
         _within("drain_s", self.drain_s, 0, 3600)
+        _within("console_session_s", self.console_session_s, 60, 7 * 86400)
         _require(self.launcher in LAUNCHERS, "launcher", self.launcher,
                  f"unknown launcher; known: {', '.join(sorted(LAUNCHERS))}")
         for name in ("local_grace_s", "slurm_timeout_s"):

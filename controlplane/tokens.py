@@ -155,7 +155,7 @@ def _validate_scope(value: Any) -> frozenset[str]:
     return frozenset(parts)
 
 
-def _typed_claims(payload: Mapping[str, Any]) -> Claims:
+def typed_claims(payload: Mapping[str, Any]) -> Claims:
     """The claim dispatcher: presence, no extras, then one validator per claim."""
     missing = [name for name in CLAIMS if name not in payload]
     if missing:
@@ -280,7 +280,7 @@ class TokenService:
             jti=secrets.token_hex(16), kind=kind, project=project, scope=scopes,
         )
         try:  # the issuer holds itself to the verifier's rules
-            _typed_claims(claims.to_payload())
+            typed_claims(claims.to_payload())
         except TokenError as error:
             raise InvalidRequest(error.detail) from None
         kid, key = self._keyring.signing_key()
@@ -298,11 +298,11 @@ class TokenService:
         key = self._keyring.public_key(kid)
         if key is None:
             raise UnknownKey("the token's key id is not published")
-        claims = _typed_claims(verified_payload(token, key, ALGORITHM))
-        self._check_values(claims, surface)
+        claims = typed_claims(verified_payload(token, key, ALGORITHM))
+        self.check_values(claims, surface)
         return claims
 
-    def _check_values(self, claims: Claims, surface: Surface) -> None:
+    def check_values(self, claims: Claims, surface: Surface) -> None:
         if claims.iss != self.issuer:
             raise InvalidIssuer("the token was issued by another issuer")
         if claims.aud != surface.audience:
@@ -346,6 +346,18 @@ class Authenticator:
 
     async def authenticate(self, token: str, surface: Surface) -> Claims:
         claims = self._tokens.verify(token, surface)
+        await self._check_store(claims)
+        return claims
+
+    async def recheck(self, claims: Claims, surface: Surface) -> Claims:
+        """Claims verified earlier (a console session holds those of its token), checked again as
+        if the token came with this request: surface, lifetime, clock, revocation, project,
+        admin."""
+        self._tokens.check_values(claims, surface)
+        await self._check_store(claims)
+        return claims
+
+    async def _check_store(self, claims: Claims) -> None:
         if await self._store.is_revoked(claims.jti, self._clock()):
             raise RevokedToken("the token has been revoked")
         if claims.kind in EXCHANGED_KINDS:
@@ -355,7 +367,6 @@ class Authenticator:
         if claims.kind is TokenKind.ADMIN and not await self._store.is_active_admin(claims.sub):
             # Removal revokes the admin's tokens too; this also holds for one issued meanwhile.
             raise UnknownAdmin("the token's admin has been removed or does not exist")
-        return claims
 
     async def _check_parent(self, jti: str) -> None:
         # A token obtained by exchange dies with the project token it came from.

@@ -4,7 +4,9 @@
 #   (tests/oidc_provider.py);
 # - Slurm (slurmctld, slurmd, the client commands) and munge, the one-node cluster the consumer-job
 #   tests run (tests/slurm_cluster.py); libpmix-dev gives Slurm's PMIx plugin the libpmix.so it
-#   loads, so that srun --mpi=pmix starts the Open MPI wheel's ranks.
+#   loads, so that srun --mpi=pmix starts the Open MPI wheel's ranks;
+# - Chromium and its WebDriver, the headless browser the web-console tests drive
+#   (tests/browser.py).
 # Installs only what is missing (scripts/apt-install.sh: as root with apt-get, never failing the
 # build); otherwise says so, and those tests skip with the reason.
 set -u
@@ -19,6 +21,8 @@ for tool in slurmctld slurmd sbatch munged mungekey; do
     fi
 done
 ls /usr/lib/libpmix.so /usr/lib/*/libpmix.so >/dev/null 2>&1 || need libpmix-dev
+command -v chromium >/dev/null 2>&1 || need chromium
+command -v chromedriver >/dev/null 2>&1 || need chromium-driver
 # shellcheck disable=SC2086  # one word per package
 exec sh "$(dirname "$0")/apt-install.sh" install-test-deps \
-    "the federated-login or Slurm tests will skip" $missing
+    "the federated-login, Slurm or browser tests will skip" $missing

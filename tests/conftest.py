@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import browser
 import pytest
 import zmq
 from cp_helpers import gateway_process, served_on, start_control_plane
@@ -69,3 +70,28 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         pytest.skip(reason)
     with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def console_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[browser.Site]:
+    """One control plane and gateway, served as a facility runs them, for the browser tests."""
+    reason = browser.missing()
+    if reason:
+        pytest.skip(f"browser tests: {reason}")
+    with browser.running_site(tmp_path_factory.mktemp("console")) as site:
+        yield site
+
+
+@pytest.fixture(scope="session")
+def chromium(console_site: browser.Site) -> Iterator[Any]:
+    """One headless Chromium for the whole run (starting one takes seconds)."""
+    driver = browser.start_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(chromium: Any, console_site: browser.Site) -> browser.Page:
+    """The browser on the console, signed out (no cookie left from another test)."""
+    chromium.delete_all_cookies()
+    return browser.Page(chromium, console_site)

@@ -67,10 +67,14 @@ async def test_protected_operations_document_their_security(aiohttp_client: Clie
     paths = (await _served_document(cp))["paths"]
     for path, item in paths.items():
         for method, operation in item.items():
-            protected = path.startswith("/api/")
-            # The token endpoint's RFC 8693 form carries its credential as subject_token.
-            bearer = [{"bearer": []}, {}] if path == "/api/v1/token" else [{"bearer": []}]
-            assert (operation["security"] == bearer) is protected, (method, path)
+            protected = path.startswith("/api/") or path == "/ui/session"
+            # The token endpoint's RFC 8693 form carries its credential as subject_token; the
+            # console signs in with a bearer token and then acts by its cookie alone.
+            expected = {"/api/v1/token": [{"bearer": []}, {}]}.get(
+                path, [{"bearer": []}, {"console": []}])
+            if path == "/ui/session":
+                expected = [{"bearer": []}] if method == "post" else [{"console": []}]
+            assert (operation["security"] == expected) is protected, (method, path)
             if protected:
                 assert {"401", "403", "429", "503"} <= set(operation["responses"]), (method, path)
 

@@ -189,5 +189,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE jobs ADD COLUMN exit_code INTEGER",
         "ALTER TABLE jobs ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
     ),
+    # 9 -> 10: the web console's sign-ins, each bound to the verified claims of the token it was
+    # opened with (never the token, never the cookie: ``id`` is the cookie secret's hash).
+    (
+        """CREATE TABLE console_sessions (
+            id TEXT PRIMARY KEY,
+            claims TEXT NOT NULL,
+            jti TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            ended_at REAL)""",
+        "CREATE INDEX console_sessions_by_expiry ON console_sessions(expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
