@@ -4,9 +4,11 @@
   all scan positions.
 - The **virtual bright-field image**: scan-shaped, for each scan position the number of events
   inside the bright-field disk: centred on the diffraction sum's centre of mass, of radius
-  ``radius`` detector pixels, by default ``DEFAULT_RADIUS_FRACTION`` of the frame's smaller side
-  (a fixed, predictable disk; a caller who knows the convergence angle and camera length passes
-  the radius).
+  ``radius`` detector pixels when the caller gives one (knowing the convergence angle and camera
+  length), otherwise estimated by ``estimate_radius``: where the sum's radial profile around the
+  centre falls below half of its level at the centre (the disk's edge: the bright-field disk is
+  far brighter than what lies outside it). A pattern whose profile never halves shows no disk;
+  then the radius is ``DEFAULT_RADIUS_FRACTION`` of the frame's smaller side.
 
 Three layers: ``compute`` works on the event arrays alone (no I/O); ``read_events`` and
 ``load_pictures`` read a file in stempy's electron-counted layout (version 3, as the consumer's
@@ -39,6 +41,11 @@ from controlplane.errors import PictureError
 
 LAYOUT_VERSION: Final = 3
 DEFAULT_RADIUS_FRACTION: Final = 0.125
+# The centre's level is the mean over this disk: a few dozen pixels, so one noisy pixel is not it.
+_CENTRE_RADIUS: Final = 3.0
+# With fewer, a ring's count is too noisy to compare: from this many, the 20-odd pixels of the
+# first ring compared hold about 250 counts at the centre's level, and half of that is 8 sigma off.
+_MIN_CENTRE_EVENTS: Final = 400
 # Frames are read this many at a time, so the event bound is enforced before all are in memory.
 _READ_CHUNK: Final = 4096
 
@@ -80,15 +87,31 @@ def compute(events: ScanEvents, *, radius: float | None = None) -> Pictures:
     flat, ends = _flatten(events.frames, frame_shape[0] * frame_shape[1])
     diffraction = np.bincount(flat, minlength=frame_shape[0] * frame_shape[1]).reshape(frame_shape)
     centre = centre_of_mass(diffraction)
-    radius = default_radius(frame_shape) if radius is None else _checked_radius(radius)
+    radius = estimate_radius(diffraction, centre) if radius is None else _checked_radius(radius)
     inside = disk(frame_shape, centre, radius).ravel()[flat]
     per_frame = _segment_sums(inside, ends)
     bright_field = per_frame.reshape(-1, per_position).sum(axis=1).reshape(scan_shape)
     return Pictures(diffraction.astype(np.int64), bright_field, centre, radius)
 
 
-def default_radius(frame_shape: tuple[int, int]) -> float:
-    return DEFAULT_RADIUS_FRACTION * min(frame_shape)
+def estimate_radius(diffraction: np.ndarray, centre: tuple[float, float]) -> float:
+    """The bright-field disk's radius: half a pixel inside the first one-pixel ring (by rounded
+    distance from ``centre``) beyond ``_CENTRE_RADIUS`` whose mean count is below half the mean
+    count within ``_CENTRE_RADIUS`` of the centre. The fallback fraction of the frame when no ring
+    is, or when the centre holds too few events for the comparison to be more than noise."""
+    rows, cols = np.ogrid[:diffraction.shape[0], :diffraction.shape[1]]
+    distance = np.hypot(rows - centre[0], cols - centre[1])
+    central = diffraction[distance <= _CENTRE_RADIUS]
+    rings = np.rint(distance).astype(np.intp).ravel()
+    pixels = np.bincount(rings)
+    counts = np.bincount(rings, weights=diffraction.ravel().astype(np.float64))
+    level = float(central.mean())
+    # A ring with no pixel (possible only beyond the nearest frame edge) says nothing.
+    below = np.flatnonzero((pixels > 0) & (counts < pixels * (level / 2)))
+    below = below[below > _CENTRE_RADIUS]
+    if central.sum() < _MIN_CENTRE_EVENTS or not len(below):
+        return float(DEFAULT_RADIUS_FRACTION * min(diffraction.shape))
+    return float(below[0]) - 0.5
 
 
 def centre_of_mass(diffraction: np.ndarray) -> tuple[float, float]:

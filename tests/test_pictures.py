@@ -167,6 +167,33 @@ def test_the_bright_field_is_the_disk_mask_applied_to_every_position(tmp_path: P
     assert pictures.bright_field.ravel().tolist() == expected
 
 
+def disk_frames(positions: int, centre: tuple[int, int], radius: int) -> list[np.ndarray]:
+    """Every pixel within ``radius`` of ``centre`` on every frame, and one far pixel per frame
+    that moves along the first row."""
+    rows, cols = np.indices(FRAME_SHAPE)
+    inside = np.flatnonzero((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2)
+    return [np.sort(np.append(inside, flat(0, p))).astype(np.uint32) for p in range(positions)]
+
+
+def test_the_default_radius_is_the_edge_of_the_bright_disk(tmp_path: Path) -> None:
+    positions = SCAN_SHAPE[0] * SCAN_SHAPE[1]
+    frames = disk_frames(positions, (30, 50), 10)
+    pictures = load_pictures(write_events(tmp_path, frames))
+    assert pictures.centre == pytest.approx((30, 50), abs=0.5)
+    assert 9.5 <= pictures.radius <= 10.5
+    # Every position counts (nearly all of) its disk, and not the far pixel; the outermost ring
+    # of the disk, half of whose area lies outside it, may fall on either side of the edge.
+    mask = disk(FRAME_SHAPE, pictures.centre, pictures.radius).ravel()
+    expected = [int(mask[f].sum()) for f in frames]
+    assert pictures.bright_field.ravel().tolist() == expected
+    assert 0.9 * (len(frames[0]) - 1) <= min(expected) <= max(expected) <= len(frames[0]) - 1
+
+
+def test_too_few_events_for_a_disk_give_the_fixed_radius() -> None:
+    pictures = compute(ScanEvents(disk_frames(1, (30, 50), 10), (1, 1), FRAME_SHAPE))
+    assert pictures.radius == DEFAULT_RADIUS_FRACTION * min(FRAME_SHAPE)
+
+
 def test_several_frames_per_position_add_up_in_row_major_order() -> None:
     frames = [np.array([flat(1, 1)], np.uint32), np.array([flat(1, 2)], np.uint32),
               np.array([], np.uint32), np.array([flat(60, 90)], np.uint32)]
