@@ -276,8 +276,13 @@ def test_the_cache_forgets_the_least_recently_used_file(tmp_path: Path) -> None:
 def test_a_file_beyond_the_limits_is_refused(tmp_path: Path) -> None:
     frames = [np.array([flat(1, 1), flat(2, 2)], np.uint32)] * (SCAN_SHAPE[0] * SCAN_SHAPE[1])
     path = write_events(tmp_path, frames)
-    with pytest.raises(PictureError, match="15 positions, more than the 14 allowed"):
+    with pytest.raises(PictureError, match="15 scan positions, more than the 14 allowed"):
         read_events(path, Limits(max_positions=14))
+    with h5py.File(path, "r+") as f:  # 15 frames on 5 positions: 3 frames each
+        f["electron_events/scan_positions"].attrs["Ny"] = 1
+    assert len(read_events(path, Limits(max_positions=15)).frames) == 15
+    with pytest.raises(PictureError, match="15 frames, more than the 5 allowed"):
+        read_events(path, Limits(max_positions=5))
     with pytest.raises(PictureError, match="more than the 29 events allowed"):
         read_events(path, Limits(max_events=29))
     assert sum(len(f) for f in read_events(path, Limits(max_positions=15,
