@@ -52,14 +52,17 @@ _READ_CHUNK: Final = 4096
 
 @dataclass(frozen=True)
 class Limits:
-    """How much one request may make the service read: a 1024 x 1024 scan (as many scan
-    positions, and as many frames), and about 256 MiB of events (4 bytes each) by default.
+    """How much one request may make the service read and allocate: by default a 1024 x 1024
+    scan (as many scan positions, and as many frames), frames of up to 2048 x 2048 pixels, and
+    about 256 MiB of events (4 bytes each).
 
     Frames are read ``_READ_CHUNK`` at a time and the events counted as they come, so a file
     beyond ``max_events`` is refused having read at most one chunk more than the bound."""
 
     max_positions: int = 1024 * 1024
     max_events: int = 64 * 1024 * 1024
+    # The diffraction sum and the disk masks are as large as a frame.
+    max_frame_pixels: int = 2048 * 2048
 
 
 @dataclass(frozen=True)
@@ -207,11 +210,12 @@ def _read(f: h5py.File, limits: Limits) -> ScanEvents:
                            "per frame")
     frame_shape = _checked_shape("frame_shape", _attrs(frames, "Nx", "Ny"))
     scan_shape = _checked_shape("scan_shape", _attrs(positions, "Ny", "Nx"))
-    for what, count in (("scan positions", scan_shape[0] * scan_shape[1]),
-                        ("frames", frames.shape[0])):
-        if count > limits.max_positions:
-            raise PictureError(f"the scan has {count} {what}, more than the "
-                               f"{limits.max_positions} allowed")
+    for what, count, bound in (
+            ("scan positions", scan_shape[0] * scan_shape[1], limits.max_positions),
+            ("frames", frames.shape[0], limits.max_positions),
+            ("pixels per frame", frame_shape[0] * frame_shape[1], limits.max_frame_pixels)):
+        if count > bound:
+            raise PictureError(f"the scan has {count} {what}, more than the {bound} allowed")
     return ScanEvents(_read_frames(frames, limits.max_events), scan_shape, frame_shape)
 
 

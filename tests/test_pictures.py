@@ -283,6 +283,8 @@ def test_a_file_beyond_the_limits_is_refused(tmp_path: Path) -> None:
     assert len(read_events(path, Limits(max_positions=15)).frames) == 15
     with pytest.raises(PictureError, match="15 frames, more than the 5 allowed"):
         read_events(path, Limits(max_positions=5))
+    with pytest.raises(PictureError, match="6144 pixels per frame, more than the 6143 allowed"):
+        read_events(path, Limits(max_frame_pixels=6143))
     with pytest.raises(PictureError, match="more than the 29 events allowed"):
         read_events(path, Limits(max_events=29))
     assert sum(len(f) for f in read_events(path, Limits(max_positions=15,
