@@ -40,6 +40,7 @@ bench: $(VENV)/.installed-test
 	sh bench/peers.sh $(BIN)/python $(PEERS)
 	$(BIN)/python bench/gateway_flood.py
 	$(BIN)/python bench/counting.py
+	$(BIN)/python bench/pictures.py
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/controlplane_tokens.py
 	$(BIN)/python bench/controlplane_load.py

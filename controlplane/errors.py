@@ -209,3 +209,8 @@ class ConfigurationError(ControlPlaneError):
 
 class LaunchFailed(ControlPlaneError):
     """The scheduler answered but refused the request (e.g. ``sbatch`` rejected the job)."""
+
+
+class PictureError(ControlPlaneError):
+    """A scan's file or events that cannot be made into pictures: not the electron-counted layout
+    the consumer writes, unreadable, inconsistent, or beyond the configured bounds."""
