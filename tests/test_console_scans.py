@@ -99,3 +99,60 @@ def test_another_projects_member_is_refused_the_scan_page(page: Page, console_si
     refusal = page.find("#scan .error")
     assert "another project may not act here" in refusal.text
     assert page.find_all("#scan-pictures") == []
+
+
+def test_a_refused_session_shows_its_field_and_line_errors_and_keeps_the_form(
+        page: Page, console_site: Site, tmp_path: Path) -> None:
+    page.sign_in(member(console_site, "scans-form-1", "gina"))
+    page.go("scans")
+    set_value(page, "#session-params", "hwm=64\nnot a pair")
+    set_value(page, "#session-client-key", "not-a-curve-key")
+    page.find("#open-session button[type=submit]").click()
+    assert "params, line 2: expected NAME=VALUE" in page.find("#session-status .error").text
+
+    set_value(page, "#session-params", "hwm=64")
+    page.find("#open-session button[type=submit]").click()
+    page.wait_text("#session-status .error", "client_key")
+    assert page.find_all("#session-opened") == []
+    values = [page.find(css).get_attribute("value")
+              for css in ("#session-template", "#session-params", "#session-client-key")]
+    assert values == ["4dstem", "hwm=64", "not-a-curve-key"]
+
+    # A secret key file is refused in the page: it is never sent.
+    _, secret = create_keypair(tmp_path / "keys", "camera")
+    set_value(page, "#session-client-key", " ")
+    page.find("#session-client-key-file").send_keys(str(secret))
+    page.find("#open-session button[type=submit]").click()
+    page.wait_text("#session-status .error", "secret key file")
+
+
+def test_an_admin_finds_a_projects_scan_with_the_filters_and_sees_its_pictures(
+        page: Page, console_site: Site, tmp_path: Path) -> None:
+    token = member(console_site, "scans-admin-1", "frank")
+    public, secret = create_keypair(tmp_path / "producer", "detector")
+    session = console_site.api("POST", "/api/v1/sessions", token, {
+        "project": "scans-admin-1", "template": "4dstem",
+        "client_key": load_keypair(public).public.decode()})["id"]
+    console_site.api("POST", f"/api/v1/sessions/{session}/jobs", token,
+                     {"template": "local-mpiexec", "ranks": 1, "params": {"scans": 1}})
+    eventually(lambda: live_consumers(console_site, token, session) == 1, timeout_s=30,
+               what="the consumer rank to register")
+    stream = console_site.dsn(
+        "producer", "stream", "--endpoint", console_site.gateway_endpoint, "--server-key",
+        str(console_site.server_key), "--receipts", console_site.receipts_endpoint,
+        "--client-key", str(secret), "--scan-shape", "4x6", "--no-progress", timeout_s=60)
+    assert stream.returncode == 0, stream.stderr
+    eventually(lambda: console_site.api("GET", f"/api/v1/sessions/{session}/scans/0", token),
+               timeout_s=30, what="the scan's result")
+
+    page.sign_in(console_site.admin_token)
+    page.go("scans")
+    assert page.find_all("#open-session") == []  # sessions are opened with a project token
+    set_value(page, "#filter-project", "scans-admin-1")
+    page.find("#scan-filters button[type=submit]").click()
+    page.wait_text("#scans-table", session)
+    projects = {row.text for row in page.find_all("#scans-table tbody td:nth-child(3)")}
+    assert projects == {"scans-admin-1"}
+    page.find("#scans-table .scan-link").click()
+    page.wait_text("#scan-status", "complete")
+    assert eventually(lambda: _loaded(page), timeout_s=20, what="both pictures")[0] == 6

@@ -249,8 +249,8 @@ async function clientKey(field, file) {
     text = await file.files[0].text();
   }
   if (/secret-key\s*=/.test(text)) {
-    throw new ApiError(400, { detail: "That is a secret key file: choose the public NAME.key " +
-      "(the secret one never leaves the producer's host)." });
+    throw new Error("That is a secret key file: choose the public NAME.key " +
+      "(the secret one never leaves the producer's host).");
   }
   const inFile = text.match(/public-key\s*=\s*"([^"]{40})"/);
   return inFile ? inFile[1] : text;
