@@ -214,3 +214,12 @@ class LaunchFailed(ControlPlaneError):
 class PictureError(ControlPlaneError):
     """A scan's file or events that cannot be made into pictures: not the electron-counted layout
     the consumer writes, unreadable, inconsistent, or beyond the configured bounds."""
+
+
+class NoScanFile(NotFound):
+    """A scan with no file this service may read: none reported, none there any more, or one
+    outside the jobs directory (refused before anything in it is read)."""
+
+
+class ScanFileChanged(Conflict):
+    """A scan's file whose contents are no longer those reported: its SHA-256 differs."""

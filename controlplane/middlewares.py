@@ -54,6 +54,7 @@ from controlplane.errors import (
 from controlplane.launchers import Launcher
 from controlplane.metrics import Metrics
 from controlplane.paths import valid
+from controlplane.pictures import PictureCache
 from controlplane.policy import Decision, PolicyHolder, Principal, Resource
 from controlplane.problems import (
     PROBLEM_TYPE_PREFIX,
@@ -157,6 +158,8 @@ class Services:
     state: StateService  # publishes the live sessions to the gateways
     surfaces: dict[frozenset[TokenKind], Surface] = field(default_factory=dict)
     launchers: Mapping[str, Launcher] = field(default_factory=dict)  # by name: the configured one
+    # Scans' rendered pictures: one bounded cache per app.
+    pictures: PictureCache = field(default_factory=PictureCache)
 
     def surface(self, kinds: frozenset[TokenKind]) -> Surface:
         if kinds not in self.surfaces:

@@ -33,6 +33,7 @@ _PROBLEMS: Final[dict[int, str]] = {
     412: "Precondition failed: the If-Match ETag is stale, or If-None-Match: * found the resource",
     413: "Request body too large",
     415: "The request body is not application/json",
+    422: "The resource's contents cannot be processed (the problem says why)",
     428: "Precondition required: send If-Match with the current ETag",
     429: "Rate limit reached; see Retry-After",
     503: "Store or audit log unavailable; nothing was done",
@@ -131,6 +132,9 @@ def _success(spec: RouteSpec, refs: Refs) -> dict[str, Any]:
         content = {"application/json": {"schema": schema}}
     elif spec.response_content_type.startswith("text/"):
         content = {spec.response_content_type: {"schema": {"type": "string"}}}
+    elif spec.response_content_type.startswith("image/"):
+        content = {spec.response_content_type: {"schema": {"type": "string",
+                                                           "format": "binary"}}}
     else:
         content = {"application/json": {"schema": {"type": "object"}}}
     success: dict[str, Any] = {"description": spec.summary, "content": content}
@@ -183,8 +187,11 @@ def _operation(spec: RouteSpec, refs: Refs, max_body: int) -> dict[str, Any]:
     limit = max(spec.max_body or 0, max_body)
     responses: dict[str, Any] = {str(spec.status): _success(spec, refs)}
     for status in spec.extra_responses:
-        responses[str(status)] = {"description": "Not modified (ETag matched If-None-Match)",
-                                  "headers": _headers(["ETag"])}
+        if status in _PROBLEMS:
+            responses[str(status)] = _problem_response(status, _PROBLEMS[status], refs, oauth)
+        else:
+            responses[str(status)] = {"description": "Not modified (ETag matched If-None-Match)",
+                                      "headers": _headers(["ETag"])}
     for status in _problem_statuses(spec):
         description = _PROBLEMS[status]
         if status == 413:

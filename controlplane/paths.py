@@ -25,6 +25,8 @@ PATH_PARAMETERS: Final[dict[str, dict[str, Any]]] = {
     "consumer": {"type": "string", "pattern": _ID},
     "job": {"type": "string", "pattern": _ID},
     "scan": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    # A scan's pictures (controlplane.pictures): any other name is no route's.
+    "picture": {"type": "string", "pattern": r"^(bright-field|diffraction)\.png$"},
     # The console's own files: lower-case names, no folders.
     "file": {"type": "string", "pattern": r"^[a-z0-9_-]{1,32}\.[a-z]{1,4}$"},
 }

@@ -24,11 +24,12 @@ Shapes follow stempy: a frame's flat pixel index is ``row * frame_cols + col`` w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -37,7 +38,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from controlplane.errors import PictureError
+from controlplane.errors import NoScanFile, PictureError, ScanFileChanged
 
 LAYOUT_VERSION: Final = 3
 DEFAULT_RADIUS_FRACTION: Final = 0.125
@@ -311,12 +312,37 @@ class PictureCache:
         self._lock = threading.Lock()
 
     def get(self, path: Path, sha256: str = "") -> RenderedPictures:
-        key = self._key(path, sha256)
+        return self._cached(self._key(path, sha256), lambda: self._render(path))
+
+    def get_within(self, root: Path, path: Path, sha256: str) -> RenderedPictures:
+        """The pictures of the file ``path`` resolves to (symlinks followed) if it lies under
+        ``root`` and holds what was reported, SHA-256 ``sha256``.
+
+        NoScanFile when it is not there or lies elsewhere: refused before it is opened.
+        ScanFileChanged when its contents are not the reported ones. The digest is computed only
+        when the cache misses: an entry's key holds the size and modification time it was
+        verified at."""
+        resolved = _within(root, path)
+        key = self._key(resolved, sha256)
+
+        def verified() -> RenderedPictures:
+            if file_sha256(resolved) != sha256:
+                raise ScanFileChanged(f"the file of this scan, {path}, is not the one reported: "
+                                      "its SHA-256 differs")
+            return self._render(resolved)
+
+        return self._cached(key, verified)
+
+    def _render(self, path: Path) -> RenderedPictures:
+        return render(load_pictures(path, self._limits, radius=self._radius))
+
+    def _cached(self, key: tuple[str, int, int, str],
+                make: Callable[[], RenderedPictures]) -> RenderedPictures:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        rendered = render(load_pictures(path, self._limits, radius=self._radius))
+        rendered = make()
         with self._lock:
             self._entries[key] = rendered
             self._entries.move_to_end(key)
@@ -336,3 +362,22 @@ class PictureCache:
             raise PictureError(f"cannot read the electron events of {path}: "
                                f"{exc.strerror}") from exc
         return (str(resolved), stat.st_size, stat.st_mtime_ns, sha256)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _within(root: Path, path: Path) -> Path:
+    """``path`` resolved, if it is a regular file under ``root`` (resolved too); NoScanFile
+    otherwise. Resolving reads directory entries and links only, never a file's contents."""
+    base = root.resolve()
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        raise NoScanFile(f"no file for this scan: {path} is not there") from None
+    if not path.is_absolute() or not resolved.is_relative_to(base) or not resolved.is_file():
+        raise NoScanFile(f"no file for this scan: {path} is not a file under the jobs "
+                         "directory") from None
+    return resolved

@@ -4,17 +4,20 @@ each action names for the policy, and ``ROUTES``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 from aiohttp import web
 
 from common.answers import GatewayInfo, SessionCounters
-from controlplane.errors import InvalidRequest, NotFound
+from controlplane.errors import InvalidRequest, NoScanFile, NotFound
 from controlplane.launchers import JobStatus
 from controlplane.middlewares import CLAIMS, SERVICES, ResourceOf, RouteSpec, Services
+from controlplane.pictures import RenderedPictures
 from controlplane.policy import Resource
 from controlplane.schemas import utc
 from controlplane.sessions.core import (
@@ -275,6 +278,34 @@ async def scan_results_view(request: web.Request) -> web.Response:
     return reply(ScanDetails(items=[scan_detail(r) for r in results]))
 
 
+PICTURES: Final[dict[str, str]] = {"bright-field.png": "bright_field_png",
+                                   "diffraction.png": "diffraction_png"}
+
+
+async def scan_picture_view(request: web.Request) -> web.Response:
+    """A picture of the file the consumer reported for the scan: only a file under the jobs
+    directory whose SHA-256 is the reported one (controlplane.pictures)."""
+    services = _services(request)
+    session = await existing_session(services, request.match_info["session"])
+    results = await list_results(services.store, project=None, session_id=session.id,
+                                 scan=scan_number(request), limit=2)
+    # A gateway's record of an interrupted scan names its spool file, not a scan file.
+    record = next((r for r in results if r.source == "consumer" and r.sha256), None)
+    if record is None:
+        raise NoScanFile(f"no file for scan {request.match_info['scan']} of session {session.id}")
+    picture = request.match_info["picture"]
+    # The answer is the same as long as the reported file is: revalidated at each use, so a
+    # revoked token stops seeing it.
+    headers = {"ETag": f'"{record.sha256}-{picture}"', "Cache-Control": "private, no-cache"}
+    if headers["ETag"] in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    rendered: RenderedPictures = await asyncio.to_thread(
+        services.pictures.get_within, services.settings.jobs_dir, Path(record.path),
+        record.sha256)
+    return web.Response(body=getattr(rendered, PICTURES[picture]), headers=headers,
+                        content_type="image/png")
+
+
 async def list_results_view(request: web.Request) -> web.Response:
     query = parse_query(request, ScanQuery)
     services, claims = _services(request), request[CLAIMS]
@@ -393,6 +424,14 @@ ROUTES: tuple[RouteSpec, ...] = (
               "A scan's results (the consumers' and, if it interrupted the scan, the gateway's) "
               "with their loss manifests", ScanDetails, 200, "scans:read", ADMIN_OR_PROJECT, _scan,
               tag="scans"),
+    RouteSpec("GET", SESSION_PATH + "/scans/{scan}/pictures/{picture}", scan_picture_view,
+              "A picture of the scan's file: its virtual bright-field image (bright-field.png) or "
+              "diffraction pattern sum (diffraction.png), as a grayscale PNG (ETag); 404 when the "
+              "scan has no file under the jobs directory, 409 when the file is not the one "
+              "reported, 422 when it holds no electron events to picture", None, 200,
+              "scans:read", ADMIN_OR_PROJECT, _scan, tag="scans", response_content_type="image/png",
+              extra_responses=(304, 409, 422), request_headers=("If-None-Match",),
+              response_headers=("ETag", "Cache-Control")),
     RouteSpec("GET", "/api/v1/scans", list_results_view, "List scan results", ScanList, 200,
               "scans:read", ADMIN_OR_PROJECT, _scans_listed, query=ScanQuery, tag="scans"),
 )
