@@ -186,7 +186,10 @@ def test_every_action_needs_a_known_scope_or_is_public() -> None:
     public = {name for name, spec in ACTIONS.items() if spec.scope is None}
     # token:federate needs no scope because an outside identity holds none: the federation's
     # rules decided, and the policy's rules admit only the federated kind to it.
-    assert public == {"jwks:read", "token:federate"}
+    # The console's own actions need none either: a console session only ever acts as the token
+    # it was opened with, each further action judged (scope included) by its own route.
+    assert public == {"jwks:read", "token:federate", "console:sign_in", "console:session",
+                      "console:sign_out"}
     assert all(spec.scope in SCOPES for spec in ACTIONS.values() if spec.scope is not None)
 
 

@@ -61,6 +61,7 @@ async function route() {
   try {
     // Each page starts by asking whether the sign-in still holds: a revoked token shows at once.
     session = await api("GET", "/ui/session");
+    setCsrf(session.csrf_token);  // another tab may have signed in anew since
     await found[2].render(main, name === found[0] ? args : [], context());
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
