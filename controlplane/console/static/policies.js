@@ -49,6 +49,11 @@ function activeSet(summary) {
     ["Templates they may use", ([, patterns]) => list(patterns)],
   ], [["every project (defaults)", policy.templates.defaults],
     ...Object.entries(policy.templates.projects)]);
+  const networks = table([
+    ["Networks", ([name]) => name],
+    ["Allowed", ([, values]) => list(values) || "none"],
+  ], [["producer sources", policy.networks.sources], ["consumer targets", policy.networks.targets],
+    ["consumer host names", policy.networks.target_hosts]]);
   return [
     h("p", { id: "policy-version" }, "Digest ", h("code", { id: "policy-digest" }, summary.digest),
       " · from ", list(summary.sources),
@@ -61,6 +66,9 @@ function activeSet(summary) {
     h("h3", {}, "Rate limits"), limits,
     h("h3", {}, "Quotas"), quotas,
     h("h3", {}, "Templates"), templates,
+    h("h3", {}, "Networks"), networks,
+    policy.federation ? h("p", {}, `Federated sign-in: ${policy.federation.issuers.length} ` +
+      "trusted issuer(s), see the JSON below.") : null,
     h("details", {}, h("summary", {}, "The whole set as JSON"),
       h("pre", {}, JSON.stringify(policy, null, 2))),
   ];
@@ -195,10 +203,35 @@ async function catalogue() {
   };
 }
 
+// Reloading makes the service read its configured policy file again (as `dsn admin policies
+// reload`); an invalid file is refused and the active set stays.
+function reloadControl(active) {
+  const status = h("div", { id: "policy-reload-status" });
+  const button = h("button", { id: "policy-reload", type: "button", class: "secondary",
+    onclick: async () => {
+      try {
+        const answer = await api("POST", "/api/v1/policies/reload");
+        if (answer.ok) {
+          replace(active, ...activeSet(await api("GET", "/api/v1/policies")));
+          replace(status, h("div", { class: "ok", role: "status" },
+            `Reloaded from ${list(answer.sources)}.`));
+        } else {
+          replace(status, h("div", { class: "error", role: "alert" },
+            "Reload refused; the active set stays.",
+            h("ul", {}, answer.problems.map((problem) => h("li", {}, problem)))));
+        }
+      } catch (error) {
+        replace(status, errorBox(error));
+      }
+    } }, "Reload the configured file");
+  return [h("p", {}, button), status];
+}
+
 export async function render(main) {
   const [summary, known] = await Promise.all([api("GET", "/api/v1/policies"), catalogue()]);
+  const active = h("div", { id: "policy-active" }, ...activeSet(summary));
   main.append(
-    ...section("Active policy set", ...activeSet(summary)),
+    ...section("Active policy set", ...reloadControl(active), active),
     ...section("Check a policy file", ...checkForm()),
     ...section("Try a decision", ...decideForm(known)),
   );

@@ -105,7 +105,7 @@ function editForm(project, defaults, onSaved) {
   h("fieldset", {}, h("legend", {}, "Quotas (empty: the policy's default)"),
     quotaNames.map((name) => h("label", { class: "field" }, h("span", {}, name), inputs[name]))),
   h("button", { type: "submit" }, "Save changes"));
-  return [h("h2", {}, "Change"), form, status];
+  return [h("h2", {}, "Change this project"), form, status];
 }
 
 function revokeCell(token, onRevoked) {
@@ -178,6 +178,7 @@ function issueForm(project, shown, onIssued) {
     try {
       const issued = await api("POST", `/api/v1/projects/${path(project.name)}/tokens`, { body });
       replace(status);
+      form.reset();
       showOnce(shown, issued);
       await onIssued();
     } catch (error) {
@@ -193,7 +194,7 @@ function issueForm(project, shown, onIssued) {
 
 // The token itself, once: only in this element, never kept anywhere else.
 function showOnce(shown, issued) {
-  const field = h("textarea", { id: "issued-token", class: "token-once", rows: 3, readonly: true,
+  const field = h("textarea", { id: "issued-token", class: "token-once", rows: 6, readonly: true,
     spellcheck: "false", autocomplete: "off" });
   field.value = issued.token;
   field.addEventListener("focus", () => field.select());
@@ -204,6 +205,18 @@ function showOnce(shown, issued) {
     field,
     h("button", { type: "button", class: "secondary", id: "issued-token-done",
       onclick: () => replace(shown) }, "Done, hide it")));
+}
+
+// The quotas the policy gives a project that sets none of its own.
+function policyQuotas(policy, name) {
+  const override = policy.quotas.projects[name] || {};
+  const values = { ...policy.quotas.defaults };
+  for (const [quota, value] of Object.entries(override)) {
+    if (value !== null) {
+      values[quota] = value;
+    }
+  }
+  return values;
 }
 
 async function renderProject(main, name, context) {
@@ -224,7 +237,7 @@ async function renderProject(main, name, context) {
     main.append(h("h2", {}, "Tokens"), tokens);
     return;
   }
-  const defaults = (await api("GET", "/api/v1/policies")).policy.quotas.defaults;
+  const defaults = policyQuotas((await api("GET", "/api/v1/policies")).policy, project.name);
   const shown = h("div", { id: "issued" });
   main.append(
     ...editForm(project, defaults, (saved) => replace(detail, details(saved))),
