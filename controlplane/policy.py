@@ -625,10 +625,10 @@ def _line(merge: _Merge, problem: PolicyProblem) -> int | None:
     """The line of the deepest part of ``problem.field`` that its file holds."""
     node: yaml.Node | None = merge.trees.get(problem.source)
     parts = _parts(problem.field)
-    if parts[:1] == ["rules"] and len(parts) > 1 and isinstance(parts[1], int):
+    if parts[:1] == ["rules"] and len(parts) > 1 and isinstance(parts[1], int) \
+            and problem.source in merge.rule_origin:
         # Rules merged from several files are numbered across them: count within this one.
-        parts[1] -= merge.rule_origin.index(problem.source) if problem.source in \
-            merge.rule_origin else 0
+        parts[1] -= merge.rule_origin.index(problem.source)
     line = None
     for part in parts:
         if isinstance(node, yaml.MappingNode):
