@@ -112,11 +112,13 @@ function checkForm() {
   });
   const form = h("form", { id: "policy-check", onsubmit: async (event) => {
     event.preventDefault();
-    const name = file.files[0] ? file.files[0].name : "pasted.yaml";
+    const chosen = file.files[0] ? file.files[0].name : "pasted.yaml";
+    // How messages name the text: the file's name where the API accepts it as one.
+    const name = /^[A-Za-z0-9][A-Za-z0-9_. -]{0,99}$/.test(chosen) ? chosen : "upload.yaml";
     replace(result, h("p", { class: "muted" }, "Checking…"));
     try {
       replace(result, checkResult(await api("POST", "/api/v1/policies/validate",
-        { body: { text: text.value, name: name.replace(/[^A-Za-z0-9_. -]/g, "_").slice(0, 100) } })));
+        { body: { text: text.value, name } })));
     } catch (error) {
       replace(result, errorBox(error));
     }
