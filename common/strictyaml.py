@@ -81,5 +81,8 @@ def load_with_nodes(text: str | bytes) -> tuple[Any, yaml.Node | None]:
     try:
         node = loader.get_single_node()
         return (None if node is None else loader.construct_document(node)), node
+    except RecursionError:
+        # The parser recurses per nesting level: a small text can nest deeper than the stack.
+        raise YAMLError("nested too deeply") from None
     finally:
         loader.dispose()

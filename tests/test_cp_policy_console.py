@@ -94,6 +94,11 @@ async def test_unparsable_yaml_names_its_line(cp: ControlPlane) -> None:
     assert error["line"] == 3
 
 
+async def test_a_deeply_nested_document_is_a_problem_not_a_failure(cp: ControlPlane) -> None:
+    body = await (await validate(cp, "a: " + "[" * 50_000)).json()
+    assert body["valid"] is False and "nested too deeply" in body["errors"][0]["message"]
+
+
 async def test_an_oversized_upload_is_refused_before_it_is_read(cp: ControlPlane) -> None:
     response = await validate(cp, "#" * (600 * 1024))
     assert response.status == 413
