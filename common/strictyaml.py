@@ -72,3 +72,17 @@ def load_file(path: Path, max_bytes: int) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise FileError(f"{path} is not valid YAML: {problem}{where}") from None
+
+
+def load_with_nodes(text: str | bytes) -> tuple[Any, yaml.Node | None]:
+    """``load``, also returning the document's node tree, whose nodes know their lines (for
+    messages naming where in the text a value is)."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
+    except RecursionError:
+        # The parser recurses per nesting level: a small text can nest deeper than the stack.
+        raise YAMLError("nested too deeply") from None
+    finally:
+        loader.dispose()

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
-from controlplane import admins, oauth, views
+from controlplane import admins, oauth, policy_api, views
 from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
 from controlplane.console import web as console
@@ -58,7 +58,8 @@ log = logging.getLogger("dsn.controlplane")
 
 # Every served route, each declared once; feature modules contribute their own route tables.
 ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *admins.ROUTES, *oauth.ROUTES,
-                                 *templates_api.ROUTES, *sessions_api.ROUTES, *console.ROUTES)
+                                 *templates_api.ROUTES, *sessions_api.ROUTES, *console.ROUTES,
+                                 *policy_api.ROUTES)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:

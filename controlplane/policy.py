@@ -24,10 +24,11 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from limits import RateLimitItem, parse_many
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -80,6 +81,9 @@ ACTIONS: Mapping[str, ActionSpec] = {
     "console:sign_out": ActionSpec(None, "console", "optional"),
     "policies:read": ActionSpec("policies:read", "policy", "none"),
     "policies:reload": ActionSpec("policies:write", "policy", "none"),
+    # Checking an uploaded document and asking for a sample decision change nothing.
+    "policies:check": ActionSpec("policies:read", "policy", "none"),
+    "policies:decide": ActionSpec("policies:read", "policy", "none"),
     "audit:read": ActionSpec("audit:read", "audit", "none"),
     "audit:verify": ActionSpec("audit:read", "audit", "none"),
     "templates:read": ActionSpec("templates:read", "template", "none"),
@@ -503,6 +507,20 @@ def _project_guard(principal: Principal, action: str, spec: ActionSpec,
 # --- loading and linting -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PolicyProblem:
+    """One reason a policy set does not load: the file (or upload) at fault, where in it
+    (``rules[2].effect``; empty for the file as a whole), and its line when one can be named."""
+
+    source: str
+    field: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.field + ': ' if self.field else ''}{self.message}"
+
+
 @dataclass
 class _Merge:
     """The files merged into one document, with where each part came from (for messages)."""
@@ -511,8 +529,9 @@ class _Merge:
     origin: dict[str, str]  # section -> file
     rule_origin: list[str]
     role_origin: dict[str, str]
-    problems: list[str]
+    problems: list[PolicyProblem]
     name: str  # what was loaded: named in messages about the set as a whole
+    trees: dict[str, yaml.Node]  # file -> its YAML nodes, which know their lines
     unreadable: bool = False
 
 
@@ -522,31 +541,36 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read(path: Path, problems: list[str]) -> dict[str, Any] | None:
+def _read(name: str, text: str, merge: _Merge) -> dict[str, Any] | None:
+    problems = merge.problems
     try:
-        data = strictyaml.load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        problems.append(f"{path}: cannot read: {error}")
-        return None
+        data, node = strictyaml.load_with_nodes(text)
     except strictyaml.YAMLError as error:
-        problems.append(f"{path}: not valid YAML: {' '.join(str(error).split())}")
+        mark = getattr(error, "problem_mark", None)
+        problems.append(PolicyProblem(name, "", f"not valid YAML: {' '.join(str(error).split())}",
+                                      None if mark is None else mark.line + 1))
         return None
-    if not isinstance(data, dict):
-        problems.append(f"{path}: must be a mapping of sections")
+    if not isinstance(data, dict) or node is None:
+        problems.append(PolicyProblem(name, "", "must be a mapping of sections"))
         return None
+    merge.trees[name] = node
     if type(data.get("version")) is not int or data["version"] != 1:
-        problems.append(f"{path}: version: must be 1")
+        problems.append(PolicyProblem(name, "version", "must be 1"))
     return data
 
 
-def _merge(name: str, paths: list[Path]) -> _Merge:
-    merge = _Merge({}, {}, [], {}, [], name)
-    for path in paths:
-        data = _read(path, merge.problems)
+def _merge(name: str, texts: list[tuple[str, str | OSError | UnicodeDecodeError]]) -> _Merge:
+    merge = _Merge({}, {}, [], {}, [], name, {})
+    for source, text in texts:
+        if isinstance(text, str):
+            data = _read(source, text, merge)
+        else:
+            merge.problems.append(PolicyProblem(source, "", f"cannot read: {text}"))
+            data = None
         merge.unreadable |= data is None
         for section, value in (data or {}).items():
             if section != "version":
-                _merge_section(merge, str(path), section, value)
+                _merge_section(merge, source, section, value)
     return merge
 
 
@@ -558,12 +582,13 @@ def _merge_section(merge: _Merge, name: str, section: Any, value: Any) -> None:
     elif section == "roles" and isinstance(value, dict) and isinstance(doc.get(section), dict):
         for role in value:
             if role in doc[section]:
-                merge.problems.append(f"{name}: {section}.{role}: already defined in "
-                                      f"{merge.role_origin[role]}")
+                merge.problems.append(PolicyProblem(
+                    name, f"{section}.{role}", f"already defined in {merge.role_origin[role]}"))
         doc[section] = {**value, **doc[section]}
         merge.role_origin.update({role: name for role in value if role not in merge.role_origin})
     elif section in doc:
-        merge.problems.append(f"{name}: {section}: already defined in {merge.origin[section]}")
+        merge.problems.append(PolicyProblem(name, str(section),
+                                            f"already defined in {merge.origin[section]}"))
     else:
         doc[section] = value
         merge.origin[section] = name
@@ -590,16 +615,47 @@ def _location(loc: tuple[Any, ...]) -> str:
     return text.lstrip(".")
 
 
-def _validation_problems(merge: _Merge, error: ValidationError) -> Iterator[str]:
+def _parts(location: str) -> list[str | int]:
+    """``rules[2].effect`` -> ["rules", 2, "effect"]: the inverse of ``_location``."""
+    return [int(part[1:-1]) if part.startswith("[") else part
+            for part in re.findall(r"\[[0-9]+\]|[^.\[\]]+", location)]
+
+
+def _line(merge: _Merge, problem: PolicyProblem) -> int | None:
+    """The line of the deepest part of ``problem.field`` that its file holds."""
+    node: yaml.Node | None = merge.trees.get(problem.source)
+    parts = _parts(problem.field)
+    if parts[:1] == ["rules"] and len(parts) > 1 and isinstance(parts[1], int) \
+            and problem.source in merge.rule_origin:
+        # Rules merged from several files are numbered across them: count within this one.
+        parts[1] -= merge.rule_origin.index(problem.source)
+    line = None
+    for part in parts:
+        if isinstance(node, yaml.MappingNode):
+            found = [(key, value) for key, value in node.value
+                     if isinstance(key, yaml.ScalarNode) and key.value == str(part)]
+            if not found:
+                break
+            line, node = found[0][0].start_mark.line + 1, found[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _validation_problems(merge: _Merge, error: ValidationError) -> Iterator[PolicyProblem]:
     for item in error.errors(include_url=False):
         loc = tuple(part for part in item["loc"] if not str(part).startswith("function-"))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        yield f"{_where(merge, loc)}: {_location(loc)}: {message}"
+        yield PolicyProblem(_where(merge, loc), _location(loc), message)
 
 
-def _cross_checks(merge: _Merge) -> Iterator[str]:
+def _cross_checks(merge: _Merge) -> Iterator[PolicyProblem]:
     """Checks across sections, run on the raw data so they report even when other parts are bad."""
     doc = merge.document
     raw_rules = doc.get("rules")
@@ -609,57 +665,84 @@ def _cross_checks(merge: _Merge) -> Iterator[str]:
         rule_id = rule.get("id") if isinstance(rule, dict) else None
         if not isinstance(rule_id, str):
             continue
-        where = f"{merge.rule_origin[index]}: rules[{index}].id"
+        source, where = merge.rule_origin[index], f"rules[{index}].id"
         if rule_id in seen:
-            yield f"{where}: duplicate rule id {rule_id!r} (first at rules[{seen[rule_id]}])"
+            yield PolicyProblem(source, where, f"duplicate rule id {rule_id!r} (first at "
+                                f"rules[{seen[rule_id]}])")
         elif rule_id in BUILTIN_RULES:
-            yield f"{where}: {rule_id!r} is a built-in rule name"
+            yield PolicyProblem(source, where, f"{rule_id!r} is a built-in rule name")
         seen.setdefault(rule_id, index)
     yield from _kind_checks(merge)
 
 
-def _kind_checks(merge: _Merge) -> Iterator[str]:
+def _kind_checks(merge: _Merge) -> Iterator[PolicyProblem]:
     tokens, roles = merge.document.get("tokens"), merge.document.get("roles")
     if not isinstance(tokens, dict):
         return
     where = merge.origin["tokens"]
     for kind in tokens:
         if kind not in TokenKind._value2member_map_:
-            yield (f"{where}: tokens.{kind}: unknown token kind; "
-                   f"known: {[known.value for known in TokenKind]}")
+            yield PolicyProblem(where, f"tokens.{kind}", "unknown token kind; "
+                                f"known: {[known.value for known in TokenKind]}")
     for kind in TokenKind:
         if kind.value not in tokens:
-            yield f"{where}: tokens: no entry for {kind.value} tokens (every kind needs max_ttl)"
+            yield PolicyProblem(where, "tokens", f"no entry for {kind.value} tokens (every kind "
+                                "needs max_ttl)")
     known_roles = set(roles) if isinstance(roles, dict) else set()
     for kind, spec in tokens.items():
         named = spec.get("roles") if isinstance(spec, dict) else None
         for role in named if isinstance(named, list) else []:
             if isinstance(role, str) and role not in known_roles:
-                yield f"{where}: tokens.{kind}.roles: unknown role {role!r}"
+                yield PolicyProblem(where, f"tokens.{kind}.roles", f"unknown role {role!r}")
 
 
-def _load(path: Path) -> tuple[PolicySet | None, list[str]]:
+def _federation_problems(merge: _Merge, document: PolicyDocument) -> Iterator[PolicyProblem]:
+    if document.federation is None:
+        return
+    where = merge.origin.get("federation", merge.name)
+    for problem in document.federation.problems(_project_scopes(document)):
+        field_, _, message = problem.partition(": ")
+        yield PolicyProblem(where, field_, message)
+
+
+def _check(name: str, texts: list[tuple[str, str | OSError | UnicodeDecodeError]],
+           sources: tuple[str, ...]) -> tuple[PolicySet | None, list[PolicyProblem]]:
+    """The one validation of a policy set, whether from the service's files or an upload."""
+    merge = _merge(name, texts)
+    problems = list(merge.problems)
+    if not merge.unreadable:  # what could be read is incomplete: checking it would only add noise
+        document: PolicyDocument | None = None
+        try:
+            document = PolicyDocument.model_validate(merge.document)
+        except ValidationError as error:
+            problems += _validation_problems(merge, error)
+        problems += _cross_checks(merge)
+        if document is not None:
+            problems += _federation_problems(merge, document)
+        if not problems and document is not None:
+            return PolicySet(document, sources), []
+    return None, [problem if problem.line is not None or not problem.field
+                  else replace(problem, line=_line(merge, problem)) for problem in problems]
+
+
+def _load(path: Path) -> tuple[PolicySet | None, list[PolicyProblem]]:
     paths = _files(path)
     if not paths:
-        return None, [f"{path}: no policy files (*.yaml)"]
-    merge = _merge(str(path), paths)
-    problems = list(merge.problems)
-    if merge.unreadable:  # what could be read is incomplete: checking it would only add noise
-        return None, problems
-    document: PolicyDocument | None = None
-    try:
-        document = PolicyDocument.model_validate(merge.document)
-    except ValidationError as error:
-        problems += _validation_problems(merge, error)
-    problems += _cross_checks(merge)
-    if document is not None and document.federation is not None:
-        where = merge.origin.get("federation", merge.name)
-        problems += [f"{where}: {problem}" for problem in
-                     document.federation.problems(_project_scopes(document))]
-    if problems or document is None:
-        return None, problems
+        return None, [PolicyProblem(str(path), "", "no policy files (*.yaml)")]
+    texts: list[tuple[str, str | OSError | UnicodeDecodeError]] = []
+    for file in paths:
+        try:
+            texts.append((str(file), file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as error:
+            texts.append((str(file), error))
     # File names only: where the service's files live is no caller's business.
-    return PolicySet(document, tuple(p.name for p in paths)), []
+    return _check(str(path), texts, tuple(p.name for p in paths))
+
+
+def check_text(text: str, name: str) -> tuple[PolicySet | None, list[PolicyProblem]]:
+    """Validate one policy document given as text (an upload called ``name``), exactly as a
+    policy file is validated at load and reload; nothing is activated."""
+    return _check(name, [(name, text)], (name,))
 
 
 def _project_scopes(document: PolicyDocument) -> frozenset[str]:
@@ -670,7 +753,7 @@ def _project_scopes(document: PolicyDocument) -> frozenset[str]:
 
 def lint(path: Path) -> list[str]:
     """Every problem in a policy file or directory; empty when it would load."""
-    return _load(Path(path))[1]
+    return [str(problem) for problem in _load(Path(path))[1]]
 
 
 def load_policies(path: Path) -> PolicySet:
@@ -701,7 +784,7 @@ class PolicyHolder:
     def reload(self, path: Path) -> tuple[bool, list[str]]:
         policy, problems = _load(Path(path))
         if policy is None:
-            return False, problems
+            return False, [str(problem) for problem in problems]
         self._current = policy
         return True, []
 

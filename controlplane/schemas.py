@@ -316,10 +316,12 @@ class KeyRotation(ResponseBody):
 
 
 class PolicySummary(ResponseBody):
-    """The active policy set as loaded (``source`` files and their parsed content)."""
+    """The active policy set as loaded (``source`` files and their parsed content); ``digest``
+    (SHA-256 of its canonical form) tells one version from another."""
 
     sources: list[str]
     policy: dict[str, Any]
+    digest: str
 
 
 class PolicyReload(ResponseBody):

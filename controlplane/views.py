@@ -315,7 +315,8 @@ async def rotate_keys(request: web.Request) -> web.Response:
 
 async def get_policies(request: web.Request) -> web.Response:
     current = _services(request).policies.current
-    return reply(s.PolicySummary(sources=list(current.sources), policy=current.describe()))
+    return reply(s.PolicySummary(sources=list(current.sources), policy=current.describe(),
+                                 digest=current.digest))
 
 
 async def reload_policies(request: web.Request) -> web.Response:
