@@ -355,5 +355,44 @@ class AuditVerification(ResponseBody):
     checkpoints: int  # signed checkpoints the chain was checked against
 
 
+class GatewaySessionOut(ResponseBody):
+    """One session's series on a gateway's metrics page (docs/observability.md, "Gateway
+    metrics"): totals since the gateway started, and gauges (``scans_open``, ``consumers``,
+    ``consumers_connected``, ``backpressure_waiting_seconds``) as of the scrape; an ended session
+    keeps its totals, its gauges read 0. ``project`` is None for a series the store knows no
+    session of (the folded ``(ended)`` one)."""
+
+    session: str
+    project: str | None
+    messages: float = 0
+    bytes: float = 0
+    spooled_messages: float = 0
+    spooled_bytes: float = 0
+    spool_files: float = 0
+    scans_open: float = 0
+    scans_interrupted: float = 0
+    scans_idle_closed: float = 0
+    consumers: float = 0
+    consumers_connected: float = 0
+    backpressure_waits: float = 0
+    backpressure_seconds: float = 0
+    backpressure_waiting_seconds: float = 0
+    drops: dict[str, float] = Field(default_factory=dict)
+
+
+class GatewayOut(ResponseBody):
+    """A configured gateway: ``up`` with its sessions' counters, or down with ``reason``."""
+
+    url: str
+    up: bool
+    reason: str | None
+    scraped_at: datetime
+    sessions: list[GatewaySessionOut]
+
+
+class GatewayList(ResponseBody):
+    items: list[GatewayOut]
+
+
 class Health(ResponseBody):
     status: Literal["ok"]
