@@ -143,9 +143,23 @@ class TokenExchangeForm(RequestBody):
     project: Name | None = None
 
 
+Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite INTEGER range
+
+
 class AuditQuery(QueryParams):
-    after: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # SQLite INTEGER range
+    """Records with ``after`` < seq < ``before``, a principal containing ``principal`` (any case;
+    "via console" finds the console's), exactly ``action`` and ``decision``, a time in [``since``,
+    ``until``); ``order`` ``desc`` lists the newest first (``before`` then pages back in time)."""
+
+    after: Seq = 0
+    before: Seq | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    principal: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    action: Annotated[str, StringConstraints(pattern=r"^[a-z*][a-z_:*]{0,63}$")] | None = None
+    decision: Literal["allow", "deny"] | None = None
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    order: Literal["asc", "desc"] = "asc"
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -343,8 +357,12 @@ class AuditRecordOut(ResponseBody):
 
 
 class AuditList(ResponseBody):
+    """``next_after``: the highest seq listed (``after`` if none), to ask for newer records;
+    ``next_before``: the lowest (``before`` if none), to ask for older ones."""
+
     items: list[AuditRecordOut]
     next_after: int
+    next_before: int | None
 
 
 class AuditVerification(ResponseBody):
