@@ -4,10 +4,23 @@ member."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import zmq
 from browser import Page, Site
+from cp_helpers import metric
+from waiting import eventually
+
+from common.keys import KeyPair, load_keypair
+from dataplane.producer import Producer
+
+# The shipped 4dstem template's detector: 576 x 576 uint16 frames in 4 sectors of 144 rows.
+FRAME, SECTORS = (576, 576), 4
+SECTOR = np.zeros((FRAME[0] // SECTORS, FRAME[1]), dtype=np.uint16)
 
 
 def project_with_token(site: Site, name: str) -> str:
@@ -17,10 +30,11 @@ def project_with_token(site: Site, name: str) -> str:
     return str(issued["token"])
 
 
-def open_session(site: Site, project: str, token: str) -> dict[str, Any]:
+def open_session(site: Site, project: str, token: str,
+                 client_key: bytes | None = None) -> dict[str, Any]:
     return dict(site.api("POST", "/api/v1/sessions", token, {
         "project": project, "template": "4dstem", "params": {},
-        "client_key": zmq.curve_keypair()[0].decode()}))
+        "client_key": (client_key or zmq.curve_keypair()[0]).decode()}))
 
 
 def mark(page: Page) -> None:
@@ -63,3 +77,83 @@ def test_a_project_member_sees_only_its_own_projects_sessions(page: Page,
     page.wait_text("#session-table tbody", own["id"])
     assert other["id"] not in page.find("main").text
     assert still_marked(page)
+
+
+@contextmanager
+def streaming(site: Site, client: KeyPair) -> Iterator[None]:
+    """A producer sending one scan's frames, a few a second, until the block ends."""
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        server = load_keypair(site.server_key).public
+        try:
+            with Producer(site.gateway_endpoint, server, client, send_timeout_s=5) as producer:
+                producer.begin_scan(1, (64, 64), producers=1, frame_shape=FRAME, sectors=SECTORS)
+                frame = 0
+                while not stop.wait(0.05):
+                    for sector in range(SECTORS):
+                        producer.send(frame, sector, SECTOR)
+                    frame += 1
+        except BaseException as exc:  # handed to the test's thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not failures, failures
+
+
+@contextmanager
+def draining(context: zmq.Context) -> Iterator[int]:
+    """A consumer rank's PULL socket, read until the block ends; its port."""
+    socket = context.socket(zmq.PULL)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            if socket.poll(100):
+                socket.recv_multipart()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        socket.close(linger=0)
+
+
+def test_a_streaming_scan_shows_with_its_rate_and_its_consumer(
+        page: Page, console_site: Site, zmq_context: zmq.Context) -> None:
+    token = project_with_token(console_site, "live-demo-4")
+    client = KeyPair(*zmq.curve_keypair())
+    session = open_session(console_site, "live-demo-4", token, client.public)
+    worker = console_site.api("POST", "/api/v1/token", token, {"kind": "consumer"})["token"]
+    with draining(zmq_context) as port:
+        console_site.api("POST", f"/api/v1/sessions/{session['id']}/consumers", worker, {
+            "endpoint": f"tcp://127.0.0.1:{port}", "rank": 0, "job_id": "job-1",
+            "host": "node-1"})
+        eventually(lambda: metric(console_site.metrics, "dsn_gateway_consumers_connected",
+                                  session["id"]) == 1, timeout_s=20,
+                   what="the gateway to connect to the consumer")
+        page.sign_in(token)
+        page.go("live")
+        with streaming(console_site, client):
+            row = page.wait_text("#scan-table tbody", session["id"])
+            assert "1 of 1" in row.text  # consumers connected
+            eventually(lambda: _forwarding(page), timeout_s=20, what="a rate above 0 MB/s")
+        consumers = page.find(f"#live-session-{session['id']} .consumer-table")
+        assert "node-1" in consumers.text and "s left" in consumers.text
+
+
+def _forwarding(page: Page) -> bool:
+    text = page.find("#scan-table tbody").text
+    assert "MB/s" in text and "0.00 MB/s" not in text, text
+    return True
