@@ -6,9 +6,11 @@ import { api, ApiError, path } from "./api.js";
 import { bytes, errorBox, h, replace, table, when } from "./dom.js";
 
 const POLL_MS = 2000;
-// At most this many open sessions are inspected (consumers, jobs) per poll: each costs two
-// requests, and the token's rate limit is shared with everything else it does.
-const MAX_DETAILED = 12;
+// Every request is rate-limited and audited: the sessions and the gateways' counters are asked
+// for at every poll, each session's consumers and jobs only every DETAIL_EVERY polls (or when the
+// open sessions change), and for at most MAX_DETAILED sessions.
+const DETAIL_EVERY = 5;
+const MAX_DETAILED = 8;
 
 export async function render(main, args, context) {
   const status = h("div", { id: "live-status", role: "status", class: "muted" }, "Loading…");
@@ -18,6 +20,7 @@ export async function render(main, args, context) {
   const details = h("section", { id: "live-details" });
   main.append(status, gateways, scans, sessions, details);
   const rates = new Rates();
+  const inspector = new Inspector();
   let busy = false;
   context.every(POLL_MS, async () => {
     if (busy) {
@@ -25,7 +28,7 @@ export async function render(main, args, context) {
     }
     busy = true;
     try {
-      const snapshot = await poll();
+      const snapshot = await poll(inspector);
       rates.sample(snapshot.gateways);
       show(snapshot, rates, { gateways, scans, sessions, details });
       replace(status, `Updated ${new Date().toLocaleTimeString()}, every ${POLL_MS / 1000} s.`);
@@ -41,18 +44,40 @@ export async function render(main, args, context) {
   });
 }
 
-async function poll() {
+async function poll(inspector) {
   const [listed, gateways] = await Promise.all([
     api("GET", "/api/v1/sessions"), api("GET", "/api/v1/gateways")]);
   const open = listed.items.filter((s) => s.state === "open")
     .sort((a, b) => b.created_at.localeCompare(a.created_at));
-  const inspected = await Promise.all(open.slice(0, MAX_DETAILED).map(async (session) => {
-    const id = path(session.id);
-    const [detail, jobs] = await Promise.all([
-      api("GET", `/api/v1/sessions/${id}`), api("GET", `/api/v1/sessions/${id}/jobs`)]);
-    return { ...detail, jobs: jobs.items };
-  }));
+  const inspected = await inspector.inspect(open.slice(0, MAX_DETAILED));
   return { open, inspected, gateways: gateways.items, more: open.length - inspected.length };
+}
+
+// Each open session's detail (consumers with their leases, counters) and jobs, asked for again
+// every DETAIL_EVERY polls, or at once when the sessions inspected change.
+class Inspector {
+  constructor() {
+    this.polls = 0;
+    this.ids = "";
+    this.last = [];
+  }
+
+  async inspect(sessions) {
+    const ids = sessions.map((s) => s.id).join(" ");
+    this.polls += 1;
+    if (ids === this.ids && this.polls < DETAIL_EVERY) {
+      return this.last;
+    }
+    this.last = await Promise.all(sessions.map(async (session) => {
+      const id = path(session.id);
+      const [detail, jobs] = await Promise.all([
+        api("GET", `/api/v1/sessions/${id}`), api("GET", `/api/v1/sessions/${id}/jobs`)]);
+      return { ...detail, jobs: jobs.items };
+    }));
+    this.ids = ids;
+    this.polls = 0;
+    return this.last;
+  }
 }
 
 // Per gateway and session: the last sample of its counters, and the rates between the last two.
