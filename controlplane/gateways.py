@@ -67,14 +67,17 @@ class Scraper:
                     raise Unavailable(f"the metrics page answered HTTP {response.status}")
                 if (response.content_length or 0) > MAX_METRICS_BYTES:
                     raise Unavailable(_too_large())
-                raw = await response.content.read(MAX_METRICS_BYTES + 1)
+                # Counted as it arrives (decompressed, chunked or not): never more is held.
+                raw = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    raw += chunk
+                    if len(raw) > MAX_METRICS_BYTES:
+                        raise Unavailable(_too_large())
         except TimeoutError:
             raise Unavailable(f"no answer within {SCRAPE_TIMEOUT_S:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"cannot be reached: {_reason(exc)}") from None
-        if len(raw) > MAX_METRICS_BYTES:
-            raise Unavailable(_too_large())
-        return raw
+        return bytes(raw)
 
 
 def _too_large() -> str:

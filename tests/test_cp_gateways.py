@@ -50,11 +50,27 @@ class Pages:
         self.pages: dict[str, str | int] = {}
         self.server: TestServer | None = None
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["name"] == "endless":
+            return await self.endless(request)
         page = self.pages.get(request.match_info["name"], 404)
         if isinstance(page, int):
             return web.Response(status=page)
         return web.Response(text=page, content_type="text/plain")
+
+    @staticmethod
+    async def endless(request: web.Request) -> web.StreamResponse:
+        """A page sent in chunks, announcing no length, twice as long as any page may be."""
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        line = b"# " + b"x" * 1022 + b"\n"
+        try:
+            for _ in range(2 * MAX_METRICS_BYTES // len(line)):
+                await response.write(line)
+        except ConnectionError:
+            pass  # the reader stopped at its bound
+        return response
 
     def url(self, name: str) -> str:
         assert self.server is not None
@@ -124,7 +140,7 @@ async def test_a_session_token_is_refused(aiohttp_client: ClientFactory, tmp_pat
 async def test_a_gateway_that_cannot_be_read_is_down_with_the_reason_and_the_rest_answer(
         aiohttp_client: ClientFactory, tmp_path: Path, pages: Pages) -> None:
     closed = f"http://127.0.0.1:{free_port()}/metrics"
-    names = ("edge1", "missing", "garbage", "binary", "huge")
+    names = ("edge1", "missing", "garbage", "binary", "huge", "endless")
     cp = await gateways_cp(aiohttp_client, tmp_path, (*(pages.url(n) for n in names), closed))
     _token, alpha = await opened(cp, "alpha")
     pages.pages.update({
@@ -137,11 +153,12 @@ async def test_a_gateway_that_cannot_be_read_is_down_with_the_reason_and_the_res
     listed = {g["url"].rsplit("/", 1)[-1]: g for g in await gateways(cp, cp.admin_token)}
     assert listed["edge1"]["up"] and listed["edge1"]["sessions"][0]["messages"] == 1
     down = {name: g["reason"] for name, g in listed.items() if not g["up"]}
-    assert set(down) == {"missing", "garbage", "binary", "huge", "metrics"}
+    assert set(down) == {"missing", "garbage", "binary", "huge", "endless", "metrics"}
     assert down["missing"] == "the metrics page answered HTTP 404"
     assert down["garbage"] == "the metrics page is not a Prometheus text exposition"
     assert down["binary"] == "the metrics page is not a Prometheus text exposition"
     assert down["huge"] == f"the metrics page is larger than {MAX_METRICS_BYTES} bytes"
+    assert down["endless"] == down["huge"]
     assert down["metrics"].startswith("cannot be reached")
     assert all(not g["sessions"] for g in listed.values() if not g["up"])
 
