@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from controlplane.errors import Unavailable
-from controlplane.store.audit import AuditRecord, append_audit, audit_head, list_audit
+from controlplane.store.audit import (
+    AuditFilter,
+    AuditRecord,
+    append_audit,
+    audit_head,
+    list_audit,
+    search_audit,
+)
 from controlplane.store.engine import Store
 
 __all__ = ["GENESIS_HASH", "Anchor", "AuditLog", "AuditRecord", "AuditVerification", "DenialDigest",
@@ -299,3 +306,8 @@ class AuditLog:
     async def list(self, after_seq: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
         """Up to ``limit`` records after ``after_seq``, oldest first."""
         return await list_audit(self._store, after_seq=after_seq, limit=limit)
+
+    async def search(self, where: AuditFilter, limit: int = 100, *,
+                     newest_first: bool = False) -> builtins.list[AuditRecord]:
+        """Up to ``limit`` of the records ``where`` selects, oldest (or newest) first."""
+        return await search_audit(self._store, where, limit, newest_first=newest_first)

@@ -92,6 +92,10 @@ def _state_endpoints(ctx: click.Context, from_file: Given) -> Given:
               type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The gateway's CURVE public key (the server.key 'dsn gateway keygen' wrote on "
                    "the gateway host), handed to producers.  [default: STATE_DIR/keys/server.key]")
+@click.option("--gateway-metrics", metavar="URL", multiple=True,
+              help="A gateway's metrics page (http://HOST:PORT/metrics, its --metrics address), "
+                   "read for the per-session counters of GET /api/v1/gateways and the console's "
+                   "live page; repeat for each gateway.  [default: none]")
 @click.option("--launcher", default=None,
               help="How consumer jobs are started: local (mpiexec on this host) or slurm "
                    "(sbatch).  [default: local]")

@@ -95,6 +95,8 @@ ACTIONS: Mapping[str, ActionSpec] = {
     "consumers:register": ActionSpec("consumers:register", "session", "required"),
     "scans:report": ActionSpec("scans:report", "scan", "required"),
     "scans:read": ActionSpec("scans:read", "scan", "optional"),
+    # The gateways' counters of the sessions the caller may read.
+    "gateways:read": ActionSpec("sessions:read", "gateway", "optional"),
 }
 SCOPES = frozenset(spec.scope for spec in ACTIONS.values() if spec.scope is not None)
 BUILTIN_RULES = frozenset({"unknown-action", "unknown-principal", "resource-mismatch",

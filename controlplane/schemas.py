@@ -143,9 +143,23 @@ class TokenExchangeForm(RequestBody):
     project: Name | None = None
 
 
+Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]  # SQLite INTEGER range
+
+
 class AuditQuery(QueryParams):
-    after: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # SQLite INTEGER range
+    """Records with ``after`` < seq < ``before``, a principal containing ``principal`` (any case;
+    "via console" finds the console's), exactly ``action`` and ``decision``, a time in [``since``,
+    ``until``); ``order`` ``desc`` lists the newest first (``before`` then pages back in time)."""
+
+    after: Seq = 0
+    before: Seq | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    principal: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    action: Annotated[str, StringConstraints(pattern=r"^[a-z*][a-z_:*]{0,63}$")] | None = None
+    decision: Literal["allow", "deny"] | None = None
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    order: Literal["asc", "desc"] = "asc"
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -345,8 +359,12 @@ class AuditRecordOut(ResponseBody):
 
 
 class AuditList(ResponseBody):
+    """``next_after``: the highest seq listed (``after`` if none), to ask for newer records;
+    ``next_before``: the lowest (``before`` if none), to ask for older ones."""
+
     items: list[AuditRecordOut]
     next_after: int
+    next_before: int | None
 
 
 class AuditVerification(ResponseBody):
@@ -355,6 +373,45 @@ class AuditVerification(ResponseBody):
     first_bad_seq: int | None
     problem: str | None
     checkpoints: int  # signed checkpoints the chain was checked against
+
+
+class GatewaySessionOut(ResponseBody):
+    """One session's series on a gateway's metrics page (docs/observability.md, "Gateway
+    metrics"): totals since the gateway started, and gauges (``scans_open``, ``consumers``,
+    ``consumers_connected``, ``backpressure_waiting_seconds``) as of the scrape; an ended session
+    keeps its totals, its gauges read 0. ``project`` is None for a series the store knows no
+    session of (the folded ``(ended)`` one)."""
+
+    session: str
+    project: str | None
+    messages: float = 0
+    bytes: float = 0
+    spooled_messages: float = 0
+    spooled_bytes: float = 0
+    spool_files: float = 0
+    scans_open: float = 0
+    scans_interrupted: float = 0
+    scans_idle_closed: float = 0
+    consumers: float = 0
+    consumers_connected: float = 0
+    backpressure_waits: float = 0
+    backpressure_seconds: float = 0
+    backpressure_waiting_seconds: float = 0
+    drops: dict[str, float] = Field(default_factory=dict)
+
+
+class GatewayOut(ResponseBody):
+    """A configured gateway: ``up`` with its sessions' counters, or down with ``reason``."""
+
+    url: str
+    up: bool
+    reason: str | None
+    scraped_at: datetime
+    sessions: list[GatewaySessionOut]
+
+
+class GatewayList(ResponseBody):
+    items: list[GatewayOut]
 
 
 class Health(ResponseBody):

@@ -94,6 +94,9 @@ class Settings:
     request from one is attributed to the client its ``X-Forwarded-For`` names (the right-most
     address not itself a trusted proxy), for the per-source rate limit, the audit and the access
     log. From any other peer the header is ignored, so a client cannot choose its own address.
+    ``gateway_metrics`` are the URLs of the gateways' metrics pages (each gateway's ``--metrics``
+    address as ``http://HOST:PORT/metrics``): ``GET /api/v1/gateways`` and the console's live
+    page read the per-session counters there.
     ``console_session_s`` is the longest a web-console sign-in lasts (never past its token's
     expiry); its cookie is ``Secure`` when ``public_url`` is https or the request came over TLS.
 
@@ -136,6 +139,7 @@ class Settings:
     public_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     console_session_s: int = 8 * 3600
+    gateway_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _within("port", self.port, 1, 65535)
@@ -177,6 +181,7 @@ class Settings:
                  "listens on every address, which is no address to hand to jobs and gateways: "
                  "set public_url (--public-url), the URL they reach this service at")
 
+        _check_metrics_urls(self.gateway_metrics)
         for network in self.trusted_proxies:
             try:
                 ipaddress.ip_network(network)
@@ -281,6 +286,28 @@ def _is_wildcard(host: str) -> bool:
         return host in ("", "*") or ipaddress.ip_address(host.strip("[]")).is_unspecified
     except ValueError:
         return False  # a host name
+
+
+MAX_GATEWAYS: Final = 64
+
+
+def _check_metrics_urls(urls: tuple[str, ...]) -> None:
+    _require(len(urls) <= MAX_GATEWAYS, "gateway_metrics", f"{len(urls)} URLs",
+             f"at most {MAX_GATEWAYS} gateways are scraped")
+    for url in urls:
+        # Scraped by the service on behalf of every caller: a plain http(s) URL of one host, with
+        # no credentials in it (they would show in the answer and the logs).
+        parts = urlsplit(url)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        _require(parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok
+                 and parts.username is None and parts.password is None and not parts.fragment
+                 and not any(c.isspace() for c in url), "gateway_metrics", url,
+                 "must be an http(s) URL of a gateway's metrics page, such as "
+                 "http://gateway-host:9100/metrics (no user, password or fragment)")
+        _require(urls.count(url) == 1, "gateway_metrics", url, "is listed twice")
 
 
 def _check_handed_endpoint(name: str, value: str) -> None:

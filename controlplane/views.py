@@ -38,7 +38,7 @@ from controlplane.policy import Resource
 from controlplane.schemas import RepeatedName, json_without_repeats
 from controlplane.store import projects as project_repo
 from controlplane.store import tokens as token_repo
-from controlplane.store.audit import AuditRecord, audit_head
+from controlplane.store.audit import AuditFilter, AuditRecord, audit_head
 from controlplane.store.engine import Conn
 from controlplane.store.projects import Project
 from controlplane.store.tokens import TokenRecord
@@ -335,9 +335,17 @@ def _audit_out(record: AuditRecord) -> s.AuditRecordOut:
 
 async def list_audit(request: web.Request) -> web.Response:
     query = parse_query(request, s.AuditQuery)
-    records = await _services(request).audit.list(after_seq=query.after, limit=query.limit)
-    next_after = records[-1].seq if records else query.after
-    return reply(s.AuditList(items=[_audit_out(r) for r in records], next_after=next_after))
+    where = AuditFilter(
+        after_seq=query.after, before_seq=query.before, principal=query.principal,
+        action=query.action, decision=query.decision,
+        since=None if query.since is None else query.since.timestamp(),
+        until=None if query.until is None else query.until.timestamp())
+    records = await _services(request).audit.search(where, query.limit,
+                                                    newest_first=query.order == "desc")
+    seqs = [r.seq for r in records]
+    return reply(s.AuditList(items=[_audit_out(r) for r in records],
+                             next_after=max(seqs, default=query.after),
+                             next_before=min(seqs) if seqs else query.before))
 
 
 async def verify_audit(request: web.Request) -> web.Response:

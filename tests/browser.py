@@ -120,7 +120,9 @@ def running_site(root: Path) -> Iterator[Site]:
                       str(port), "--state-snapshots", state[0], "--state-updates", state[1],
                       "--gateway-endpoint", site.gateway_endpoint,
                       "--gateway-receipts-endpoint", site.receipts_endpoint,
-                      "--jobs-dir", str(root / "jobs")], root / "controlplane.log")
+                      "--jobs-dir", str(root / "jobs"),
+                      "--gateway-metrics", f"http://{site.metrics}/metrics"],
+               root / "controlplane.log")
         stack.callback(_stop, site.processes[-1])
         eventually(lambda: _healthy(site.url), timeout_s=30, what="the control plane to serve")
         keys = site.state_dir / "keys"

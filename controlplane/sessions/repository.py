@@ -105,6 +105,18 @@ async def list_sessions(store: Store, project: str | None) -> list[SessionRecord
     return [_record(SessionRecord, row) for row in rows]
 
 
+async def session_projects(store: Store, session_ids: Sequence[str]) -> dict[str, str]:
+    """The project of each of ``session_ids`` the store knows (others are left out)."""
+    found: dict[str, str] = {}
+    unique = sorted(set(session_ids))
+    for start in range(0, len(unique), 500):  # within SQLite's bound on bound parameters
+        chunk = unique[start:start + 500]
+        rows = await store.read("SELECT id, project FROM sessions WHERE id IN "
+                                f"({', '.join('?' * len(chunk))})", tuple(chunk))
+        found.update((str(row["id"]), str(row["project"])) for row in rows)
+    return found
+
+
 async def end_session(store: Store, session_id: str, now: float,
                       drain_s: float) -> SessionRecord:
     """Mark the session ended (idempotent: the first time stays), revoke its session token at

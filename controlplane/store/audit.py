@@ -84,6 +84,40 @@ async def list_audit(store: Store, after_seq: int = 0, limit: int = 100) -> list
     return [_audit(row) for row in rows]
 
 
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which records a search returns: seq strictly between ``after_seq`` and ``before_seq``, a
+    principal containing ``principal`` (any case), exactly ``action`` and ``decision``, a time in
+    [``since``, ``until``); None matches anything."""
+
+    after_seq: int = 0
+    before_seq: int | None = None
+    principal: str | None = None
+    action: str | None = None
+    decision: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def where(self) -> tuple[str, tuple[object, ...]]:
+        tests = [("seq > ?", self.after_seq), ("seq < ?", self.before_seq),
+                 ("instr(lower(principal), lower(?)) > 0", self.principal),
+                 ("action = ?", self.action), ("decision = ?", self.decision),
+                 ("ts >= ?", self.since), ("ts < ?", self.until)]
+        given = [(test, value) for test, value in tests if value is not None]
+        return " AND ".join(test for test, _ in given), tuple(value for _, value in given)
+
+
+async def search_audit(store: Store, where: AuditFilter, limit: int = 100, *,
+                       newest_first: bool = False) -> list[AuditRecord]:
+    """Up to ``limit`` records ``where`` selects, oldest first (``newest_first``: newest first,
+    so a page of the most recent records, or of those just before ``before_seq``)."""
+    condition, values = where.where()
+    order = "DESC" if newest_first else "ASC"
+    rows = await store.read(f"SELECT * FROM audit WHERE {condition} ORDER BY seq {order} LIMIT ?",
+                            (*values, limit))
+    return [_audit(row) for row in rows]
+
+
 async def get_audit_record(store: Store, seq: int) -> AuditRecord | None:
     rows = await store.read("SELECT * FROM audit WHERE seq = ?", (seq,))
     return _audit(rows[0]) if rows else None

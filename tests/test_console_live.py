@@ -1,0 +1,159 @@
+"""The console's live page in headless Chromium: the gateway's row, and a session opened through
+the API appearing without a reload, for an admin and (its own project's only) for a project
+member."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import zmq
+from browser import Page, Site
+from cp_helpers import metric
+from waiting import eventually
+
+from common.keys import KeyPair, load_keypair
+from dataplane.producer import Producer
+
+# The shipped 4dstem template's detector: 576 x 576 uint16 frames in 4 sectors of 144 rows.
+FRAME, SECTORS = (576, 576), 4
+SECTOR = np.zeros((FRAME[0] // SECTORS, FRAME[1]), dtype=np.uint16)
+
+
+def project_with_token(site: Site, name: str) -> str:
+    site.api("POST", "/api/v1/projects", site.admin_token, {"name": name})
+    issued = site.api("POST", f"/api/v1/projects/{name}/tokens", site.admin_token,
+                      {"subject": "bob", "ttl": 3600})
+    return str(issued["token"])
+
+
+def open_session(site: Site, project: str, token: str,
+                 client_key: bytes | None = None) -> dict[str, Any]:
+    return dict(site.api("POST", "/api/v1/sessions", token, {
+        "project": project, "template": "4dstem", "params": {},
+        "client_key": (client_key or zmq.curve_keypair()[0]).decode()}))
+
+
+def mark(page: Page) -> None:
+    """A mark on the loaded document: it survives only while the page is not reloaded."""
+    page.driver.execute_script("window.liveMark = 'still here'")
+
+
+def still_marked(page: Page) -> bool:
+    return bool(page.driver.execute_script("return window.liveMark") == "still here")
+
+
+def test_a_session_opened_through_the_api_appears_without_a_reload(page: Page,
+                                                                  console_site: Site) -> None:
+    token = project_with_token(console_site, "live-demo-1")
+    page.sign_in(console_site.admin_token)
+    page.go("live")
+    gateway = page.wait_text("#gateway-table tbody", console_site.metrics)
+    assert "up" in gateway.text
+    mark(page)
+    session = open_session(console_site, "live-demo-1", token)
+    row = page.wait_text("#session-table tbody", session["id"])
+    assert "live-demo-1" in row.text and "4dstem" in row.text
+    assert "No consumer has registered" in page.find(f"#live-session-{session['id']}").text
+    # Once the gateway has the session (from the state service) its counters show, and two
+    # samples later the session's rate.
+    page.wait_text(f"tr.session-row[data-session='{session['id']}']", "MB/s")
+    assert still_marked(page)
+
+
+def test_a_project_member_sees_only_its_own_projects_sessions(page: Page,
+                                                             console_site: Site) -> None:
+    own_token = project_with_token(console_site, "live-demo-2")
+    other_token = project_with_token(console_site, "live-demo-3")
+    other = open_session(console_site, "live-demo-3", other_token)
+    page.sign_in(own_token)
+    page.go("live")
+    page.wait_text("#gateway-table tbody", "up")
+    mark(page)
+    own = open_session(console_site, "live-demo-2", own_token)
+    page.wait_text("#session-table tbody", own["id"])
+    assert other["id"] not in page.find("main").text
+    assert still_marked(page)
+
+
+@contextmanager
+def streaming(site: Site, client: KeyPair) -> Iterator[None]:
+    """A producer sending one scan's frames, a few a second, until the block ends."""
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        server = load_keypair(site.server_key).public
+        try:
+            with Producer(site.gateway_endpoint, server, client, send_timeout_s=5) as producer:
+                producer.begin_scan(1, (64, 64), producers=1, frame_shape=FRAME, sectors=SECTORS)
+                frame = 0
+                while not stop.wait(0.05):
+                    for sector in range(SECTORS):
+                        producer.send(frame, sector, SECTOR)
+                    frame += 1
+        except BaseException as exc:  # handed to the test's thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not failures, failures
+
+
+@contextmanager
+def draining(context: zmq.Context) -> Iterator[int]:
+    """A consumer rank's PULL socket, read until the block ends; its port."""
+    socket = context.socket(zmq.PULL)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            if socket.poll(100):
+                socket.recv_multipart()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        socket.close(linger=0)
+
+
+def test_a_streaming_scan_shows_with_its_rate_and_its_consumer(
+        page: Page, console_site: Site, zmq_context: zmq.Context) -> None:
+    token = project_with_token(console_site, "live-demo-4")
+    client = KeyPair(*zmq.curve_keypair())
+    session = open_session(console_site, "live-demo-4", token, client.public)
+    worker = console_site.api("POST", "/api/v1/token", token, {"kind": "consumer"})["token"]
+    with draining(zmq_context) as port:
+        console_site.api("POST", f"/api/v1/sessions/{session['id']}/consumers", worker, {
+            "endpoint": f"tcp://127.0.0.1:{port}", "rank": 0, "job_id": "job-1",
+            "host": "node-1"})
+        eventually(lambda: metric(console_site.metrics, "dsn_gateway_consumers_connected",
+                                  session["id"]) == 1, timeout_s=20,
+                   what="the gateway to connect to the consumer")
+        page.sign_in(token)
+        page.go("live")
+        with streaming(console_site, client):
+            row = page.wait_text("#scan-table tbody", session["id"])
+            assert "1 of 1" in row.text  # consumers connected
+            eventually(lambda: _forwarding(page), timeout_s=20, what="a rate above 0 MB/s")
+        consumers = page.find(f"#live-session-{session['id']} .consumer-table")
+        assert "node-1" in consumers.text and "s left" in consumers.text
+
+
+def _forwarding(page: Page) -> bool:
+    text = page.find("#scan-table tbody").text
+    assert "MB/s" in text and "0.00 MB/s" not in text, text
+    return True
