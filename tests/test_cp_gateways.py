@@ -128,8 +128,8 @@ async def test_an_admin_sees_every_sessions_counters_a_project_token_only_its_pr
     assert rows[1][5] == "project-members-watch-gateways"
 
 
-async def test_a_session_token_and_a_token_without_sessions_read_are_refused(aiohttp_client: ClientFactory, tmp_path: Path,
-                                          pages: Pages) -> None:
+async def test_a_session_token_and_a_token_without_sessions_read_are_refused(
+        aiohttp_client: ClientFactory, tmp_path: Path, pages: Pages) -> None:
     cp = await gateways_cp(aiohttp_client, tmp_path, (pages.url("edge1"),))
     _token, session = await opened(cp, "alpha")
     response = await cp.call("GET", "/api/v1/gateways", session["token"])
