@@ -37,18 +37,28 @@ _FRIENDLY = {"Call": "calling a function or method", "Assign": "{% set %}",
 _MAX_DEPTH = 64
 
 
+class BodyError(ValueError):
+    """Problems of a body, each with its line in the body (1 = the body's first line) when known;
+    the message lists them all, so callers that print only the message lose nothing."""
+
+    def __init__(self, problems: list[tuple[int | None, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(message if line is None else f"line {line}: {message}"
+                                   for line, message in problems))
+
+
 @dataclass
 class _BodyChecker:
     """Walks a parsed body and lists every construct outside the allowed subset."""
 
     kind: str
     filters: Collection[str]  # the names the kind's sandbox environment defines
-    problems: list[str]
+    problems: list[tuple[int | None, str]]
     loop_names: set[str]
     loop_depth: int = 0
 
     def fail(self, node: nodes.Node, message: str) -> None:
-        self.problems.append(f"line {node.lineno}: {message}")
+        self.problems.append((node.lineno, message))
 
     def visit(self, node: nodes.Node, depth: int = 0) -> None:
         if depth > _MAX_DEPTH:
@@ -146,9 +156,9 @@ def _root(node: nodes.Node) -> str | None:
 
 
 def check_body(tree: nodes.Template, kind: str, filters: Collection[str]) -> None:
-    """ValueError listing every construct of ``tree`` outside the allowed subset, by line;
+    """BodyError listing every construct of ``tree`` outside the allowed subset, by line;
     ``filters`` come from the sandbox, which defines them, so the grammar never imports it."""
     checker = _BodyChecker(kind, filters, [], set())
     checker.visit(tree)
     if checker.problems:
-        raise ValueError("; ".join(checker.problems))
+        raise BodyError(checker.problems)

@@ -22,7 +22,7 @@ from common.config import ConfigError, DSNConfig, parse_config
 from controlplane.errors import InvalidRequest
 from controlplane.policy import PolicySet
 from controlplane.templates.base import invalid, show
-from controlplane.templates.loader import Template, load_yaml, parse_template
+from controlplane.templates.loader import Template, load_yaml, located, parse_template
 from controlplane.templates.parameters import check_value
 from controlplane.templates.sandbox import compiled_body
 from controlplane.templates.system import SYSTEM_MODELS, System, sample_system, validate_system
@@ -198,14 +198,18 @@ def _saved_value_errors(exc: InvalidRequest) -> InvalidRequest:
 
 def check_template(source_text: str, policy: PolicySet) -> Template:
     """Parse, statically check and dry-render a template an admin wants to save, with its
-    defaults and examples, so that every error shows at save time."""
+    defaults and examples, so that every error shows at save time, at its line in the file."""
     template = parse_template(source_text)
-    validate_site(template, policy)
-    examples = {name: p.example for name, p in template.parameters.items() if p.example is not None}
     try:
-        params = validate_params(template, examples, policy)
+        validate_site(template, policy)
+        examples = {name: p.example for name, p in template.parameters.items()
+                    if p.example is not None}
+        try:
+            params = validate_params(template, examples, policy)
+        except InvalidRequest as exc:
+            raise _saved_value_errors(exc) from None
+        system = validate_system(template.kind, sample_system(template.kind), policy)
+        render(template, params, system)
     except InvalidRequest as exc:
-        raise _saved_value_errors(exc) from None
-    system = validate_system(template.kind, sample_system(template.kind), policy)
-    render(template, params, system)
+        raise InvalidRequest(exc.detail, errors=located(exc.errors, source_text)) from None
     return template
