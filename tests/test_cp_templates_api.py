@@ -282,10 +282,31 @@ async def test_every_save_error_names_its_line_in_the_template_file(cp: ControlP
     assert [(e["field"], e["line"]) for e in await rejected(cp, unknown)] == [
         ("parameters.sources.colour", line_of(unknown, "colour: red"))]
 
+    # The dry render a save makes fails at a line of the body: that line of the file.
+    undefined = edited(shipped_source(), "hwm: {{ params.hwm | yaml }}",
+                       "hwm: {{ params.nope | yaml }}")
+    assert [(e["field"], e["line"]) for e in await rejected(cp, undefined)] == [
+        ("body", line_of(undefined, "params.nope"))]
+
     # A YAML syntax error: the line the parser stopped at.
     broken = edited(shipped_source(), "  hwm:\n", "  hwm: [unclosed\n")
     [error] = await rejected(cp, broken)
     assert error["field"] == "(top level)" and error["line"] >= line_of(broken, "hwm: [unclosed")
+
+
+async def test_a_render_that_fails_names_the_line_of_the_stored_file(cp: ControlPlane) -> None:
+    # Only some values reach the faulty line, so the save-time dry render passes.
+    source = edited(shipped_source(), "        hwm: {{ params.hwm | yaml }}\n",
+                    "        {% if params.hwm == 7 %}\n        hwm: {{ site.nope | yaml }}\n"
+                    "        {% else %}\n        hwm: {{ params.hwm | yaml }}\n"
+                    "        {% endif %}\n")
+    saved = await put(cp, "4dstem", source, If_Match=await etag_of(cp, "4dstem"))
+    assert saved.status == 200, await saved.text()
+    path = f"{T}/4dstem/render"
+    assert (await cp.admin("POST", path, json={"params": {"hwm": 8}})).status == 200
+    status, problem = await status_json(await cp.admin("POST", path, json={"params": {"hwm": 7}}))
+    assert status == 400 and [(e["field"], e["line"]) for e in problem["errors"]] == [
+        ("body", line_of(source, "site.nope"))]
 
 
 # --- dry-run rendering ---------------------------------------------------------------------------

@@ -158,13 +158,18 @@ def checked_source(source: str, name: str, policy: PolicySet) -> Template:
     return template
 
 
-def dry_run(template: Template, version: int, values: Mapping[str, Any],
+def dry_run(found: TemplateVersion, template: Template, values: Mapping[str, Any],
             policy: PolicySet) -> RenderOut:
-    """Validate ``values`` (errors under ``params.<name>``) and render with sample system values."""
+    """Validate ``values`` (errors under ``params.<name>``) and render with sample system values;
+    a failed render names its line in ``found``'s source."""
     params = validate_params(template, values, policy)
     validate_site(template, policy)
     system = validate_system(template.kind, sample_system(template.kind), policy)
-    rendered = render(template, params, system)
+    try:
+        rendered = render(template, params, system)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.detail, errors=located(exc.errors, found.source)) from None
+    version = found.version
     config = None if rendered.config is None else rendered.config.model_dump(mode="json")
     return RenderOut(name=template.name, version=version, kind=template.kind, config=config,
                      script=rendered.text if template.kind == "job" else None, text=rendered.text)
@@ -303,8 +308,7 @@ async def render_template(request: web.Request) -> web.Response:
     services = _services(request)
     found = await current(services.store, _name(request))
     template = await _parsed(found.source)
-    out = await asyncio.to_thread(dry_run, template, found.version, body.params,
-                                  services.policies.current)
+    out = await asyncio.to_thread(dry_run, found, template, body.params, services.policies.current)
     return reply(out)
 
 

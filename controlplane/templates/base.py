@@ -10,12 +10,21 @@ from typing import Any, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from controlplane.errors import InvalidRequest
-from controlplane.templates.grammar import BodyError
 
 Kind = Literal["dsn", "job"]
 # {"field", "message"} and, once located in the template's text, "line" (1 = the file's first).
 # Until then a body problem carries "body_line", its line within the body.
 FieldErrors: TypeAlias = list[dict[str, Any]]
+
+
+class BodyError(ValueError):
+    """Problems of a body, each with its line in the body (1 = the body's first line) when known;
+    the message lists them all, so callers that print only the message lose nothing."""
+
+    def __init__(self, problems: list[tuple[int | None, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(message if line is None else f"line {line}: {message}"
+                                   for line, message in problems))
 
 
 class Strict(BaseModel):

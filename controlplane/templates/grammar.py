@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from controlplane.templates.base import BodyError
+
 _ROOTS = frozenset({"params", "site", "system"})
 LOOP_ATTRS = frozenset({"index", "index0", "revindex", "revindex0", "first", "last", "length"})
 _OUTPUT_FILTER: dict[str, str] = {"dsn": "yaml", "job": "shquote"}
@@ -35,16 +37,6 @@ _FRIENDLY = {"Call": "calling a function or method", "Assign": "{% set %}",
              "Extends": "{% extends %}", "Block": "{% block %}", "With": "{% with %}",
              "FilterBlock": "{% filter %}", "Slice": "slicing", "Keyword": "a keyword argument"}
 _MAX_DEPTH = 64
-
-
-class BodyError(ValueError):
-    """Problems of a body, each with its line in the body (1 = the body's first line) when known;
-    the message lists them all, so callers that print only the message lose nothing."""
-
-    def __init__(self, problems: list[tuple[int | None, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(message if line is None else f"line {line}: {message}"
-                                   for line, message in problems))
 
 
 @dataclass

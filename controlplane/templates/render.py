@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,14 @@ def _validated_script(text: str) -> str:
     return text
 
 
+def _body_line(exc: BaseException) -> int | None:
+    """The body line a render failed at: jinja2 rewrites its traceback so that the template's
+    own frames carry the template's line numbers."""
+    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__)
+             if frame.filename == "<template>"]
+    return lines[-1] if lines else None
+
+
 def render(template: Template, params: Mapping[str, Any], system: System, *,
            max_seconds: float = DEFAULT_MAX_SECONDS,
            max_bytes: int = DEFAULT_MAX_BYTES) -> Rendered:
@@ -171,8 +180,10 @@ def render(template: Template, params: Mapping[str, Any], system: System, *,
     try:
         text = _generate(compiled_body(template.kind, template.body), context, budget)
     except (TemplateError, _RenderLimit) as exc:
-        raise invalid(f"template {template.name!r} failed to render",
-                      [{"field": "body", "message": str(exc)}]) from None
+        line = _body_line(exc)
+        raise invalid(f"template {template.name!r} failed to render", [
+            {"field": "body", "message": str(exc), **({} if line is None else {"body_line": line})},
+        ]) from None
     if template.kind == "dsn":
         return Rendered(text, _validated_config(text))
     return Rendered(_validated_script(text), None)
@@ -186,7 +197,11 @@ def render_values(template: Template, values: Any, system_values: Mapping[str, A
     params = validate_params(template, values, policy)
     validate_site(template, policy)
     system = validate_system(template.kind, system_values, policy)
-    return render(template, params, system, max_seconds=max_seconds, max_bytes=max_bytes)
+    try:
+        return render(template, params, system, max_seconds=max_seconds, max_bytes=max_bytes)
+    except InvalidRequest as exc:  # its caller holds no source to place a body line in
+        raise InvalidRequest(exc.detail, errors=[
+            {k: v for k, v in e.items() if k != "body_line"} for e in exc.errors]) from None
 
 
 def _saved_value_errors(exc: InvalidRequest) -> InvalidRequest:

@@ -20,7 +20,8 @@ from jinja2 import Template as CompiledTemplate
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from controlplane.templates.grammar import LOOP_ATTRS, TESTS, BodyError, check_body
+from controlplane.templates.base import BodyError
+from controlplane.templates.grammar import LOOP_ATTRS, TESTS, check_body
 
 
 class _DataSandbox(ImmutableSandboxedEnvironment):

@@ -162,7 +162,7 @@ function showSourceErrors(state, error, source) {
   e.line ? h("button", { type: "button", class: "secondary tpl-goto",
     onclick: () => selectLine(state.textarea, e.line) }, `Show line ${e.line}`) : null));
   replace(state.status, h("div", { class: "error", role: "alert", id: "tpl-errors" },
-    `Not saved: ${error.problem.title || "rejected"}. Your text is unchanged in the editor.`,
+    "Not saved: the template has errors. Your text is unchanged in the editor.",
     h("ul", {}, items)));
   replace(state.lines, h("p", { class: "muted" }, "The text you tried to save, line by line:"),
     numberedSource(source, marks, "tpl-lines"));
