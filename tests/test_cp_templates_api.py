@@ -408,6 +408,12 @@ async def test_cli_edit_history_diff_rollback_render(cp: ControlPlane, tmp_path:
     assert (lost.exit_code == 1
             and lost.stderr.startswith("error: PUT /api/v1/templates/4dstem: 412 ")), lost.output
 
+    broken = edited(shipped_source(), "hwm: {{ params.hwm | yaml }}", "hwm: {{ params.hwm }}")
+    edit.write_text(broken)
+    refused = await admin_cli(cp, "templates", "edit", "4dstem", str(edit))
+    line = line_of(broken, "hwm: {{ params.hwm }}")
+    assert refused.exit_code == 1 and f"body (line {line}): " in refused.stderr, refused.output
+
     history = await admin_cli(cp, "templates", "history", "4dstem")
     assert [line.split()[0] for line in history.stdout.splitlines()] == ["VERSION", "1", "2"]
     diff = await admin_cli(cp, "templates", "diff", "4dstem", "1", "2")
