@@ -1,8 +1,9 @@
 """The templates page in headless Chromium: an admin edits and sees the new version in the history
-and a side-by-side diff; a rejected edit shows each error at its line of the template file and
-keeps the text; a save that lost a race says so, keeps the text and overwrites nothing; a rollback
-restores the earlier source, on record as the console user; a project member reads and dry-runs
-but has no edit controls, and a forced edit is refused by the API."""
+and a side-by-side diff, creates a template from a copy and deletes it; a rejected edit shows each
+error at its line of the template file and keeps the text; a save that lost a race says so, keeps
+the text and overwrites nothing; a rollback restores the earlier source, on record as the console
+user; a project member reads and dry-runs but has no edit controls, and a forced edit is refused by
+the API."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from browser import Page, Site
+from waiting import eventually
 
 from controlplane.templates.loader import shipped_templates_dir
 
@@ -211,3 +213,30 @@ def test_a_project_member_reads_and_renders_but_cannot_edit(page: Page,
     refused.value.close()
     assert refused.value.code == 403
     assert current(console_site, name)["version"] == 1
+
+
+def test_an_admin_creates_a_template_from_a_copy_and_deletes_it(page: Page,
+                                                               console_site: Site) -> None:
+    from selenium.webdriver.support.ui import Select  # the browser tests skip without selenium
+
+    name = "tpl-created-1"
+    page.sign_in(console_site.admin_token)
+    page.open("templates")
+    page.find("#tpl-new-name").send_keys(name)
+    Select(page.find("#tpl-new-from")).select_by_visible_text("4dstem")
+    page.find("#tpl-new-copy").click()
+    eventually(lambda: f"name: {name}\n" in str(page.driver.execute_script(
+        "return document.querySelector('#tpl-new-source').value")), timeout_s=10,
+        what="the copy in the editor")
+    page.find("#tpl-new-create").click()
+    page.wait_text("#tpl-flash", f"Created {name} as version 1")
+    assert current(console_site, name)["source"] == source_named(name)
+
+    page.find("#tpl-delete").click()
+    page.find("#tpl-delete-confirm").click()
+    page.wait_text("#tpl-flash", f"Deleted {name}")
+    assert name not in page.find("#tpl-list").text
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        current(console_site, name)
+    gone.value.close()
+    assert gone.value.code == 404

@@ -1,29 +1,37 @@
-// The templates page: the list (#/templates), and one template (#/templates/NAME) with its source,
-// the editor (admins), a dry-run render form, the history with any version, a side-by-side diff
-// and rollback (admins). Every write names the version the editor started from (If-Match), so a
+// The templates page: the list (#/templates) with a form for a new template (admins), and one
+// template (#/templates/NAME) with its source, the editor and delete (admins), a dry-run render
+// form, the history with any version, a side-by-side diff and rollback (admins). Every write names the version the editor started from (If-Match), so a
 // change made meanwhile by someone else is refused (412) and shown, never overwritten.
 
 import { api, ApiError, path } from "./api.js";
 import { errorBox, h, replace, table, when } from "./dom.js";
 
 const BASE = "/api/v1/templates";
+let flashNext = null;  // a message for the next view, after a change that navigates away
 
 export async function render(main, args, context) {
   const page = h("div", { id: "tpl-page" });
   main.append(page);
+  const flash = flashNext;
+  flashNext = null;
   if (args[0]) {
-    await showTemplate(page, args[0], context, null);
+    await showTemplate(page, args[0], context, flash);
   } else {
-    await showList(page, context);
+    await showList(page, context, flash);
   }
+}
+
+function flashBox(message) {
+  return message ? h("div", { class: "ok", id: "tpl-flash", role: "status" }, message) : null;
 }
 
 // --- the list --------------------------------------------------------------------------------
 
-async function showList(page, context) {
+async function showList(page, context, flash) {
   const { items } = await api("GET", BASE);
   const rows = items.filter((item) => !item.deleted);
   replace(page,
+    flashBox(flash),
     h("p", { class: "muted" }, context.admin
       ? "Admins edit templates here; every save is a new version, and any version can be restored."
       : "The templates your project may use: view them and try them with a dry-run render."),
@@ -34,7 +42,64 @@ async function showList(page, context) {
       ["Version", (t) => String(t.version)],
       ["Last changed by", (t) => t.author],
       ["When", (t) => when(t.created_at)],
-    ], rows, { id: "tpl-list" }) : h("p", { class: "muted", id: "tpl-list-empty" }, "No templates."));
+    ], rows, { id: "tpl-list" }) : h("p", { class: "muted", id: "tpl-list-empty" }, "No templates."),
+    context.admin ? createSection(context, rows) : null);
+}
+
+// A new template (admins): its text starts as a copy of an existing one, renamed.
+function createSection(context, rows) {
+  const name = h("input", { id: "tpl-new-name", autocomplete: "off", spellcheck: "false",
+    placeholder: "lower-case-name" });
+  const from = h("select", { id: "tpl-new-from", "aria-label": "Start from" },
+    rows.map((t) => h("option", { value: t.name }, t.name)));
+  const ui = {
+    textarea: h("textarea", { id: "tpl-new-source", class: "code", rows: 16, spellcheck: "false",
+      "aria-label": "New template source" }),
+    status: h("div", { id: "tpl-status", role: "status" }),
+    lines: h("div", { id: "tpl-lines-box" }),
+  };
+  const copy = async () => {
+    try {
+      const t = await api("GET", templatePath(from.value));
+      ui.textarea.value = t.source.replace(/^name:.*$/m, `name: ${name.value.trim() || "new-name"}`);
+    } catch (error) {
+      replace(ui.status, errorBox(error));
+    }
+  };
+  const create = async () => {
+    const source = ui.textarea.value;
+    if (!name.value.trim()) {
+      replace(ui.status, errorBox(new Error("Give the new template a name.")));
+      return;
+    }
+    replace(ui.status, h("p", { class: "muted" }, "Creating…"));
+    replace(ui.lines);
+    try {
+      const saved = await api("PUT", templatePath(name.value.trim()), {
+        body: { source }, headers: { "If-None-Match": "*" } });
+      flashNext = `Created ${saved.name} as version ${saved.version}.`;
+      context.navigate(`#/templates/${encodeURIComponent(saved.name)}`);
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 412) {
+        replace(ui.status, errorBox(new Error(`${name.value.trim()} exists already: ` +
+          "edit it instead (your text is kept here).")));
+      } else if (error instanceof ApiError && error.errors.length) {
+        showSourceErrors(ui, error, source);
+      } else {
+        replace(ui.status, errorBox(error));
+      }
+    }
+  };
+  return h("section", { id: "tpl-new" },
+    h("h2", {}, "New template"),
+    h("div", { class: "row" },
+      h("label", {}, "Name ", name),
+      h("label", {}, "start from a copy of ", from),
+      h("button", { type: "button", class: "secondary", id: "tpl-new-copy", onclick: copy },
+        "Copy")),
+    ui.textarea,
+    h("button", { type: "button", id: "tpl-new-create", onclick: create }, "Create"),
+    ui.status, ui.lines);
 }
 
 // --- one template ----------------------------------------------------------------------------
@@ -50,7 +115,7 @@ async function showTemplate(page, name, context, flash) {
   const editor = context.admin ? editorSection(state) : sourceSection(template);
   replace(page,
     h("p", {}, h("a", { href: "#/templates", id: "tpl-back" }, "← All templates")),
-    flash ? h("div", { class: "ok", id: "tpl-flash", role: "status" }, flash) : null,
+    flashBox(flash),
     metaSection(template),
     editor,
     renderSection(state),
@@ -109,9 +174,33 @@ function editorSection(state) {
     h("div", { class: "row" },
       h("button", { id: "tpl-save", type: "button", onclick: () => save(state) }, "Save as a new version"),
       h("button", { id: "tpl-discard", type: "button", class: "secondary",
-        onclick: () => reloadLatest(state) }, "Discard my changes")),
+        onclick: () => reloadLatest(state) }, "Discard my changes"),
+      deleteControl(state)),
     state.status,
     state.lines);
+}
+
+// Deleting asks once more, inline; the history stays (the API writes a tombstone version).
+function deleteControl(state) {
+  const box = h("span", { id: "tpl-delete-box" });
+  const confirmDelete = async () => {
+    try {
+      await api("DELETE", templatePath(state.name), { headers: { "If-Match": state.base.etag } });
+      flashNext = `Deleted ${state.name} (its history stays on record).`;
+      state.context.navigate("#/templates");
+    } catch (error) {
+      await refused(state, error, state.textarea.value, "deleted");
+    }
+  };
+  const ask = () => replace(box, `Delete ${state.name}? `,
+    h("button", { type: "button", id: "tpl-delete-confirm", class: "danger",
+      onclick: confirmDelete }, "Yes, delete it"), " ",
+    h("button", { type: "button", class: "secondary", onclick: () => replace(box, offer()) },
+      "Keep it"));
+  const offer = () => h("button", { type: "button", id: "tpl-delete", class: "secondary",
+    onclick: ask }, "Delete…");
+  replace(box, offer());
+  return box;
 }
 
 function showBase(state) {
@@ -137,10 +226,10 @@ async function save(state) {
   }
 }
 
-// A refused save: the text stays in the editor whatever happened.
-async function refused(state, error, source) {
+// A refused change (`what`: "saved", "deleted"): the text stays in the editor whatever happened.
+async function refused(state, error, source, what = "saved") {
   if (error instanceof ApiError && error.status === 412) {
-    await showConflict(state);
+    await showConflict(state, what);
   } else if (error instanceof ApiError && error.errors.length) {
     showSourceErrors(state, error, source);
   } else {
@@ -148,6 +237,8 @@ async function refused(state, error, source) {
   }
 }
 
+// Field errors of a refused source: listed with their file lines, the lines marked in a numbered
+// copy of the text, and the first one selected in the editor. `ui` = {textarea, status, lines}.
 function showSourceErrors(state, error, source) {
   const marks = new Map();
   for (const e of error.errors) {
@@ -187,12 +278,12 @@ function selectLine(textarea, number) {
   textarea.scrollTop = Math.max(0, (index - 3) * lineHeight);
 }
 
-async function showConflict(state) {
+async function showConflict(state, what) {
   const latest = await api("GET", templatePath(state.name));
   const from = state.base;
   const diffBox = h("div", { id: "tpl-conflict-diff-box" });
   replace(state.status, h("div", { class: "error tpl-conflict", role: "alert", id: "tpl-conflict" },
-    h("p", {}, h("strong", {}, "Not saved: this template was changed by someone else since you " +
+    h("p", {}, h("strong", {}, `Not ${what}: this template was changed by someone else since you ` +
       "opened it.")),
     h("p", {}, `You started from version ${from.version}; the latest is version ${latest.version}` +
       ` (${latest.author}, ${when(latest.created_at)}). Your text is still in the editor.`),
