@@ -8,9 +8,9 @@ Already proven elsewhere and not repeated here: cross-project access to
 project's sessions, jobs, consumers and results (test_cp_sessions_api::
 test_another_projects_session_is_403_everywhere and
 test_listing_another_projects_sessions_or_scans_is_403), template rendering outside a project's
-allowed templates
-(test_cp_templates_api::test_project_tokens_render_only_templates_the_policy_allows), unknown
-body fields on project creation, a text/plain body and a 64 KiB+ body
+allowed templates, template writes
+(test_cp_templates_api::test_project_tokens_read_and_render_allowed_templates_and_never_write),
+unknown body fields on project creation, a text/plain body and a 64 KiB+ body
 (test_cp_api::test_invalid_bodies_name_the_field, test_body_must_be_small_json).
 """
 

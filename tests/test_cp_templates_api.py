@@ -330,7 +330,7 @@ async def test_render_returns_the_config_or_field_errors(cp: ControlPlane) -> No
     assert status == 200 and job["config"] is None and job["script"].startswith("#!")
 
 
-async def test_project_tokens_render_only_templates_the_policy_allows(
+async def test_project_tokens_read_and_render_allowed_templates_and_never_write(
         aiohttp_client: ClientFactory, tmp_path: Path) -> None:
     document = yaml.safe_load(SHIPPED_POLICY.read_text())
     document["templates"]["projects"] = {"alpha": ["4d*"]}
