@@ -1,7 +1,8 @@
 // The templates page: the list (#/templates) with a form for a new template (admins), and one
 // template (#/templates/NAME) with its source, the editor and delete (admins), a dry-run render
-// form, the history with any version, a side-by-side diff and rollback (admins). Every write names the version the editor started from (If-Match), so a
-// change made meanwhile by someone else is refused (412) and shown, never overwritten.
+// form, the history with any version, a side-by-side diff and rollback (admins). Every write
+// names the version the editor started from (If-Match), so a change made meanwhile by someone
+// else is refused (412) and shown, never overwritten; a refused text stays in the editor.
 
 import { api, ApiError, path } from "./api.js";
 import { errorBox, h, replace, table, when } from "./dom.js";
@@ -42,7 +43,8 @@ async function showList(page, context, flash) {
       ["Version", (t) => String(t.version)],
       ["Last changed by", (t) => t.author],
       ["When", (t) => when(t.created_at)],
-    ], rows, { id: "tpl-list" }) : h("p", { class: "muted", id: "tpl-list-empty" }, "No templates."),
+    ], rows, { id: "tpl-list" })
+      : h("p", { class: "muted", id: "tpl-list-empty" }, "No templates."),
     context.admin ? createSection(context, rows) : null);
 }
 
@@ -61,7 +63,8 @@ function createSection(context, rows) {
   const copy = async () => {
     try {
       const t = await api("GET", templatePath(from.value));
-      ui.textarea.value = t.source.replace(/^name:.*$/m, `name: ${name.value.trim() || "new-name"}`);
+      const newName = name.value.trim() || "new-name";
+      ui.textarea.value = t.source.replace(/^name:.*$/m, `name: ${newName}`);
     } catch (error) {
       replace(ui.status, errorBox(error));
     }
@@ -129,7 +132,8 @@ function metaSection(t) {
     h("dl", { class: "tpl-facts" },
       h("dt", {}, "Version"), h("dd", { id: "tpl-version" }, String(t.version)),
       h("dt", {}, "ETag"), h("dd", {}, h("code", { id: "tpl-etag" }, t.etag)),
-      h("dt", {}, "Saved by"), h("dd", { id: "tpl-author" }, `${t.author}, ${when(t.created_at)}`)));
+      h("dt", {}, "Saved by"),
+      h("dd", { id: "tpl-author" }, `${t.author}, ${when(t.created_at)}`)));
 }
 
 function sourceSection(t) {
@@ -169,10 +173,12 @@ function editorSection(state) {
   return h("section", { id: "tpl-editor" },
     h("h2", {}, "Edit"),
     state.based,
-    h("label", { for: "tpl-source" }, "Source (YAML: name, kind, description, parameters, site, body)"),
+    h("label", { for: "tpl-source" },
+      "Source (YAML: name, kind, description, parameters, site, body)"),
     textarea,
     h("div", { class: "row" },
-      h("button", { id: "tpl-save", type: "button", onclick: () => save(state) }, "Save as a new version"),
+      h("button", { id: "tpl-save", type: "button", onclick: () => save(state) },
+        "Save as a new version"),
       h("button", { id: "tpl-discard", type: "button", class: "secondary",
         onclick: () => reloadLatest(state) }, "Discard my changes"),
       deleteControl(state)),
@@ -239,7 +245,7 @@ async function refused(state, error, source, what = "saved") {
 
 // Field errors of a refused source: listed with their file lines, the lines marked in a numbered
 // copy of the text, and the first one selected in the editor. `ui` = {textarea, status, lines}.
-function showSourceErrors(state, error, source) {
+function showSourceErrors(ui, error, source) {
   const marks = new Map();
   for (const e of error.errors) {
     if (e.line) {
@@ -251,19 +257,19 @@ function showSourceErrors(state, error, source) {
   h("strong", {}, e.field), e.line ? h("span", { class: "tpl-at" }, ` line ${e.line}`) : null,
   `: ${e.message} `,
   e.line ? h("button", { type: "button", class: "secondary tpl-goto",
-    onclick: () => selectLine(state.textarea, e.line) }, `Show line ${e.line}`) : null));
-  replace(state.status, h("div", { class: "error", role: "alert", id: "tpl-errors" },
+    onclick: () => selectLine(ui.textarea, e.line) }, `Show line ${e.line}`) : null));
+  replace(ui.status, h("div", { class: "error", role: "alert", id: "tpl-errors" },
     "Not saved: the template has errors. Your text is unchanged in the editor.",
     h("ul", {}, items)));
-  replace(state.lines, h("p", { class: "muted" }, "The text you tried to save, line by line:"),
+  replace(ui.lines, h("p", { class: "muted" }, "The text you tried to save, line by line:"),
     numberedSource(source, marks, "tpl-lines"));
-  const first = state.lines.querySelector("li.bad");
+  const first = ui.lines.querySelector("li.bad");
   if (first) {
     first.scrollIntoView({ block: "nearest" });
   }
   const firstLine = error.errors.find((e) => e.line);
   if (firstLine) {
-    selectLine(state.textarea, firstLine.line);
+    selectLine(ui.textarea, firstLine.line);
   }
 }
 
@@ -279,7 +285,15 @@ function selectLine(textarea, number) {
 }
 
 async function showConflict(state, what) {
-  const latest = await api("GET", templatePath(state.name));
+  let latest;
+  try {
+    latest = await api("GET", templatePath(state.name));
+  } catch (error) {  // deleted meanwhile, most likely
+    replace(state.status, h("div", { class: "error tpl-conflict", role: "alert",
+      id: "tpl-conflict" }, `Not ${what}: this template was changed by someone else since you ` +
+      `opened it, and cannot be read now (${error.message}). Your text is still in the editor.`));
+    return;
+  }
   const from = state.base;
   const diffBox = h("div", { id: "tpl-conflict-diff-box" });
   replace(state.status, h("div", { class: "error tpl-conflict", role: "alert", id: "tpl-conflict" },
@@ -328,7 +342,7 @@ function renderSection(state) {
       input, message,
       spec.description ? h("small", { class: "muted" }, spec.description) : null);
   });
-  // novalidate: the API checks the values (bounds included) and names each field at fault.
+  // The API checks the values (bounds included) and names each field at fault.
   const form = h("form", { id: "tpl-render", novalidate: true, onsubmit: (event) => {
     event.preventDefault();
     dryRun(state, fields, output);
@@ -353,9 +367,11 @@ function parameterInput(name, spec) {
       h("option", { value: "" }, `(${hint})`),
       choices.map((choice) => h("option", { value: JSON.stringify(choice) }, String(choice))));
   }
+  // Text, not type=number: a browser empties a number field it cannot parse, which would send the
+  // default instead of letting the API name the mistake.
   const numeric = spec.type === "int" || spec.type === "port";
-  return h("input", { id, name, type: numeric ? "number" : "text", placeholder: hint,
-    min: numeric ? spec.min : null, max: numeric ? spec.max : null, autocomplete: "off" });
+  return h("input", { id, name, type: "text", inputmode: numeric ? "numeric" : null,
+    placeholder: hint, autocomplete: "off", spellcheck: "false" });
 }
 
 // The typed value of one field, or undefined when empty (the parameter's default applies).
