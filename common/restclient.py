@@ -211,6 +211,13 @@ def _one_line(text: str, limit: int = 500) -> str:
     return " ".join(text.split())[:limit]
 
 
+def _field(error: dict[str, Any]) -> str:
+    """The field an error names, with the line of the file at fault when it gives one (a
+    template's errors do)."""
+    line = error.get("line")
+    return f"{error.get('field', '')}" + (f" (line {line})" if type(line) is int else "")
+
+
 def _problem_error(what: str, status: int, raw: bytes, headers: Message) -> RestError:
     """A RestError from a refusal, of the class its status names: the problem+json fields, or the
     body's text if it is not one."""
@@ -226,7 +233,7 @@ def _problem_error(what: str, status: int, raw: bytes, headers: Message) -> Rest
                    retry_after_s=retry_after)
     title, detail = _one_line(str(problem.get("title") or "")), _one_line(str(
         problem.get("detail") or ""))
-    errors = tuple((_one_line(str(e.get("field", "")), 100), _one_line(str(e.get("message", ""))))
+    errors = tuple((_one_line(_field(e), 100), _one_line(str(e.get("message", ""))))
                    for e in problem.get("errors") or [] if isinstance(e, dict))
     request_id = str(problem.get("request_id") or header_id or "") or None
     message = f"{what}: {status} {detail or title or '(no explanation)'}"

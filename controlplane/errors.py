@@ -10,7 +10,7 @@ a key or a stack trace.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from common.errors import DsnError
 
@@ -31,9 +31,9 @@ class ControlPlaneError(DsnError):
 class InvalidRequest(ControlPlaneError):
     """A request whose values break the rules; ``errors`` names the fields at fault."""
 
-    def __init__(self, detail: str, *, errors: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
         super().__init__(detail)
-        self.errors = errors or []  # [{"field": "params.port", "message": "..."}]
+        self.errors = errors or []  # [{"field": "params.port", "message": "...", "line"?: 3}]
 
 
 class UnsupportedMediaType(InvalidRequest):

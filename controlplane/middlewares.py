@@ -274,7 +274,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 # --- problems ------------------------------------------------------------------------------------
 
 def problem_response(request: web.Request, *, status: int, title: str, detail: str, slug: str,
-                     errors: list[dict[str, str]] | None = None,
+                     errors: list[dict[str, Any]] | None = None,
                      headers: dict[str, str] | None = None) -> web.Response:
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_PREFIX + slug, "title": title, "status": status, "detail": detail,

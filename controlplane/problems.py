@@ -8,7 +8,7 @@ new subclass answers like its parent until it is given an entry of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from controlplane.errors import (
     ConfigurationError,
@@ -102,5 +102,5 @@ def problem_headers(exc: ControlPlaneError, *, bearer: bool = True) -> dict[str,
     return {}
 
 
-def field_errors(exc: ControlPlaneError) -> list[dict[str, str]]:
+def field_errors(exc: ControlPlaneError) -> list[dict[str, Any]]:
     return exc.errors if isinstance(exc, InvalidRequest) else []

@@ -167,6 +167,7 @@ class AuditQuery(QueryParams):
 class FieldError(ResponseBody):
     field: str
     message: str
+    line: int | None = None  # a template's errors: the line of the template file at fault
 
 
 class Problem(ResponseBody):

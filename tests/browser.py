@@ -65,12 +65,13 @@ class Site:
     def server_key(self) -> Path:
         return self.state_dir / "keys" / "server.key"
 
-    def api(self, method: str, path: str, token: str, body: Any = None) -> Any:
+    def api(self, method: str, path: str, token: str, body: Any = None,
+            headers: dict[str, str] | None = None) -> Any:
         """One REST call with a bearer token, as a script would make it; the JSON answer."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             self.url + path, data=data, method=method,
-            headers={"Authorization": f"Bearer {token}",
+            headers={"Authorization": f"Bearer {token}", **(headers or {}),
                      **({"Content-Type": "application/json"} if data else {})})
         with urllib.request.urlopen(request, timeout=30) as answer:
             text = answer.read()

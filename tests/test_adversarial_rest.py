@@ -8,9 +8,9 @@ Already proven elsewhere and not repeated here: cross-project access to
 project's sessions, jobs, consumers and results (test_cp_sessions_api::
 test_another_projects_session_is_403_everywhere and
 test_listing_another_projects_sessions_or_scans_is_403), template rendering outside a project's
-allowed templates
-(test_cp_templates_api::test_project_tokens_render_only_templates_the_policy_allows), unknown
-body fields on project creation, a text/plain body and a 64 KiB+ body
+allowed templates, template writes
+(test_cp_templates_api::test_project_tokens_read_and_render_allowed_templates_and_never_write),
+unknown body fields on project creation, a text/plain body and a 64 KiB+ body
 (test_cp_api::test_invalid_bodies_name_the_field, test_body_must_be_small_json).
 """
 
@@ -71,9 +71,13 @@ def state(cp: ControlPlane) -> list[list[tuple[Any, ...]]]:
 
 # --- function level: admin functions with a project's tokens --------------------------------------
 
-# The admin-only actions on routes that also take project tokens (for their own project's reads).
+# The admin-only actions on routes that also take project tokens (for their own project's reads;
+# template writes share their routes with the reads a project's members make in the console).
 ADMIN_ACTIONS_ON_SHARED_ROUTES = [("PATCH", "/api/v1/projects/{project}"),
-                                  ("POST", "/api/v1/projects/{project}/tokens")]
+                                  ("POST", "/api/v1/projects/{project}/tokens"),
+                                  ("PUT", "/api/v1/templates/{name}"),
+                                  ("DELETE", "/api/v1/templates/{name}"),
+                                  ("POST", "/api/v1/templates/{name}/rollback")]
 
 
 def admin_functions(cp: ControlPlane) -> list[tuple[str, str]]:
@@ -93,7 +97,7 @@ async def test_project_and_consumer_tokens_reach_no_admin_function(cp: ControlPl
     victim = (await cp.project_token("alpha", subject="victim"))["jti"]
     worker = await consumer_token(cp, token)
     functions = admin_functions(cp)
-    assert len(functions) >= 23  # admins, projects, tokens, keys, policies, audit, templates
+    assert len(functions) >= 19  # admins, projects, tokens, keys, policies, audit, templates
     before, audit_before = state(cp), len(cp.audit_rows())
     answers = []
     for method, path in functions:

@@ -238,6 +238,77 @@ async def test_bad_parameter_declarations_and_yaml_are_field_errors(cp: ControlP
     assert wrong_type.status == 415
 
 
+def line_of(source: str, text: str, after: int = 0) -> int:
+    """The file line (1 = first) of the first line after line ``after`` containing ``text``."""
+    return next(n for n, line in enumerate(source.splitlines(), 1) if n > after and text in line)
+
+
+async def rejected(cp: ControlPlane, source: str, name: str = "4dstem") -> list[dict[str, Any]]:
+    response = await put(cp, name, source, If_Match=await etag_of(cp, name))
+    problem = await response.json()
+    assert response.status == 400, problem
+    assert all(isinstance(error["line"], int) for error in problem["errors"]), problem
+    return list(problem["errors"])
+
+
+async def test_every_save_error_names_its_line_in_the_template_file(cp: ControlPlane) -> None:
+    # Two problems in the body: each its own error at its own file line (not the body's line).
+    body = edited(shipped_source(), "hwm: {{ params.hwm | yaml }}", "hwm: {{ params.hwm }}")
+    body = edited(body, "max_producers: {{ params.max_producers | yaml }}",
+                  "max_producers: {{ secrets | yaml }}")
+    errors = await rejected(cp, body)
+    assert [(e["field"], e["line"]) for e in errors] == [
+        ("body", line_of(body, "hwm: {{ params.hwm }}")),
+        ("body", line_of(body, "max_producers: {{ secrets"))]
+    assert "| yaml" in errors[0]["message"] and "'secrets'" in errors[1]["message"]
+    assert not any("line" in e["message"] for e in errors)  # no second, body-relative number
+
+    unclosed = edited(shipped_source(), "      detector:",
+                      "      {% if params.hwm %}\n      detector:")
+    [error] = await rejected(cp, unclosed)
+    assert error["field"] == "body" and error["line"] > line_of(unclosed, "{% if params.hwm %}")
+
+    # Declarations, defaults and the declared name: the line of the key at fault.
+    unbounded = edited(shipped_source(), "    min: 1\n    max: 10000\n", "")
+    assert [(e["field"], e["line"]) for e in await rejected(cp, unbounded)] == [
+        ("parameters.hwm", line_of(unbounded, "  hwm:"))]
+    outside = edited(shipped_source(), "default: [127.0.0.0/8]", "default: [192.0.2.0/24]")
+    [error] = await rejected(cp, outside)
+    assert (error["field"], error["line"]) == ("parameters.sources",
+                                               line_of(outside, "  sources:"))
+    renamed = edited(shipped_source(), "name: 4dstem", "# the DSN template\nname: other")
+    assert [(e["field"], e["line"]) for e in await rejected(cp, renamed)] == [("name", 2)]
+    unknown = edited(shipped_source(), "    max_items: 16", "    max_items: 16\n    colour: red")
+    assert [(e["field"], e["line"]) for e in await rejected(cp, unknown)] == [
+        ("parameters.sources.colour", line_of(unknown, "colour: red"))]
+
+    # The dry render a save makes fails at a line of the body: that line of the file.
+    undefined = edited(shipped_source(), "hwm: {{ params.hwm | yaml }}",
+                       "hwm: {{ params.nope | yaml }}")
+    assert [(e["field"], e["line"]) for e in await rejected(cp, undefined)] == [
+        ("body", line_of(undefined, "params.nope"))]
+
+    # A YAML syntax error: the line the parser stopped at.
+    broken = edited(shipped_source(), "  hwm:\n", "  hwm: [unclosed\n")
+    [error] = await rejected(cp, broken)
+    assert error["field"] == "(top level)" and error["line"] >= line_of(broken, "hwm: [unclosed")
+
+
+async def test_a_render_that_fails_names_the_line_of_the_stored_file(cp: ControlPlane) -> None:
+    # Only some values reach the faulty line, so the save-time dry render passes.
+    source = edited(shipped_source(), "        hwm: {{ params.hwm | yaml }}\n",
+                    "        {% if params.hwm == 7 %}\n        hwm: {{ site.nope | yaml }}\n"
+                    "        {% else %}\n        hwm: {{ params.hwm | yaml }}\n"
+                    "        {% endif %}\n")
+    saved = await put(cp, "4dstem", source, If_Match=await etag_of(cp, "4dstem"))
+    assert saved.status == 200, await saved.text()
+    path = f"{T}/4dstem/render"
+    assert (await cp.admin("POST", path, json={"params": {"hwm": 8}})).status == 200
+    status, problem = await status_json(await cp.admin("POST", path, json={"params": {"hwm": 7}}))
+    assert status == 400 and [(e["field"], e["line"]) for e in problem["errors"]] == [
+        ("body", line_of(source, "site.nope"))]
+
+
 # --- dry-run rendering ---------------------------------------------------------------------------
 
 async def test_render_returns_the_config_or_field_errors(cp: ControlPlane) -> None:
@@ -259,7 +330,7 @@ async def test_render_returns_the_config_or_field_errors(cp: ControlPlane) -> No
     assert status == 200 and job["config"] is None and job["script"].startswith("#!")
 
 
-async def test_project_tokens_render_only_templates_the_policy_allows(
+async def test_project_tokens_read_and_render_allowed_templates_and_never_write(
         aiohttp_client: ClientFactory, tmp_path: Path) -> None:
     document = yaml.safe_load(SHIPPED_POLICY.read_text())
     document["templates"]["projects"] = {"alpha": ["4d*"]}
@@ -273,15 +344,35 @@ async def test_project_tokens_render_only_templates_the_policy_allows(
     assert allowed.status == 200, await allowed.text()
     denied = await cp.call("POST", f"{T}/local-mpiexec/render", token, json={"params": {}})
     assert denied.status == 403
-    # Reading and writing templates is for admins only.
-    assert (await cp.call("GET", f"{T}/4dstem", token)).status == 401
-    assert (await cp.call("PUT", f"{T}/4dstem", token, json={"source": "x"})).status == 401
+    # Reading needs its own scope, and then shows only the templates the project may use.
+    assert (await cp.call("GET", f"{T}/4dstem", token)).status == 403
+    reader = (await cp.project_token("alpha", scope=RENDER_SCOPE + " templates:read"))["token"]
+    status, listing = await status_json(await cp.call("GET", T, reader))
+    assert status == 200 and [item["name"] for item in listing["items"]] == ["4dstem"]
+    response = await cp.call("GET", f"{T}/4dstem", reader)
+    assert response.status == 200 and (await response.json())["source"] == shipped_source()
+    for path in (f"{T}/4dstem/versions", f"{T}/4dstem/versions/1", f"{T}/4dstem/diff?from=1&to=1"):
+        assert (await cp.call("GET", path, reader)).status == 200, path
+    for path in (f"{T}/local-mpiexec", f"{T}/local-mpiexec/versions"):
+        assert (await cp.call("GET", path, reader)).status == 404, path
+
+    # Writing is for admins only: the policy refuses a project token, whatever its ETag.
+    etag = await etag_of(cp, "4dstem")
+    for method, path, body in (("PUT", f"{T}/4dstem", {"source": shipped_source()}),
+                               ("POST", f"{T}/4dstem/rollback", {"version": 1}),
+                               ("DELETE", f"{T}/4dstem", None)):
+        refused = await cp.call(method, path, reader, json=body, headers={"If-Match": etag})
+        assert refused.status == 403, (method, path, await refused.text())
+    assert len((await (await cp.admin("GET", f"{T}/4dstem/versions")).json())["items"]) == 1
 
     rows = [row[2:6] for row in cp.audit_rows()]
     assert ("templates:render", "template/alpha/4dstem", "allow",
             "clients-work-in-their-project") in rows
     assert ("templates:render", "template/alpha/local-mpiexec", "deny",
             "template-not-allowed") in rows
+    # A project token cannot even carry the scope (its role lacks it); a rule denies it besides.
+    assert [r for r in rows if r[0] == "templates:write"] == [
+        ("templates:write", "template/4dstem", "deny", "missing-scope")] * 3
 
 
 async def test_writes_and_reads_are_audited(cp: ControlPlane) -> None:
@@ -316,6 +407,12 @@ async def test_cli_edit_history_diff_rollback_render(cp: ControlPlane, tmp_path:
     lost = await admin_cli(cp, "templates", "edit", "4dstem", str(edit), "--if-match", stale)
     assert (lost.exit_code == 1
             and lost.stderr.startswith("error: PUT /api/v1/templates/4dstem: 412 ")), lost.output
+
+    broken = edited(shipped_source(), "hwm: {{ params.hwm | yaml }}", "hwm: {{ params.hwm }}")
+    edit.write_text(broken)
+    refused = await admin_cli(cp, "templates", "edit", "4dstem", str(edit))
+    line = line_of(broken, "hwm: {{ params.hwm }}")
+    assert refused.exit_code == 1 and f"body (line {line}): " in refused.stderr, refused.output
 
     history = await admin_cli(cp, "templates", "history", "4dstem")
     assert [line.split()[0] for line in history.stdout.splitlines()] == ["VERSION", "1", "2"]

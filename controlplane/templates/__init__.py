@@ -24,10 +24,10 @@ Defences, outermost first:
    ``#!`` script free of control characters.
 
 Layout, each module importing only those before it: ``base`` (kinds, the strict model base,
-field errors), ``parameters`` (declarations and per-type value checks), ``grammar`` (the static
-body check), ``sandbox`` (the jinja2 environment and filters), ``loader`` (the ``Template`` model,
-parsing, the shipped directory), ``system`` (the control plane's values), ``render`` (validation,
-the budgeted render, the save-time dry run), ``repository`` (the ``template_versions`` SQL) and
-``api`` (the aiohttp handlers and ``ROUTES``). All but ``loader``, ``repository`` and ``api`` are
-pure.
+field and body errors), ``parameters`` (declarations and per-type value checks), ``grammar`` (the
+static body check), ``sandbox`` (the jinja2 environment and filters), ``loader`` (the ``Template``
+model, parsing, locating errors in the file, the shipped directory), ``system`` (the control
+plane's values), ``render`` (validation, the budgeted render, the save-time dry run),
+``repository`` (the ``template_versions`` SQL) and ``api`` (the aiohttp handlers and ``ROUTES``).
+All but ``loader``, ``repository`` and ``api`` are pure.
 """

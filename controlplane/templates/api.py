@@ -9,6 +9,11 @@ PUT bodies are JSON ``{"source": "<template YAML>"}`` (one content type for ever
 in the OpenAPI document); the source must pass ``render.check_template`` against the active policy,
 so a sandbox escape or a bad parameter declaration is a 400 with field errors at save time.
 
+Admin and project tokens reach every route, so the policy decides and audits each request: a
+project reads and renders the templates its project may use (any other is a 404 to it) and is
+refused writes (403). A rejected source's field errors each name the ``line`` of the template
+file at fault.
+
 The store starts empty: the shipped templates are seeded as version 1 (author ``shipped``) when the
 app starts on a store that holds no template version at all, never again after that.
 """
@@ -33,6 +38,7 @@ from controlplane.templates.loader import (
     MAX_SOURCE_BYTES,
     NAME_PATTERN,
     Template,
+    located,
     parse_template_cached,
     read_shipped,
 )
@@ -52,7 +58,7 @@ from controlplane.templates.repository import (
 )
 from controlplane.templates.system import sample_system, validate_system
 from controlplane.tokens import Claims, TokenKind
-from controlplane.views import ADMIN, ADMIN_OR_PROJECT, parse_body, parse_query, reply
+from controlplane.views import ADMIN_OR_PROJECT, parse_body, parse_query, reply
 
 TEMPLATES_PATH: Final = "/api/v1/templates"
 TEMPLATE_PATH: Final = TEMPLATES_PATH + "/{name}"
@@ -146,18 +152,24 @@ def checked_source(source: str, name: str, policy: PolicySet) -> Template:
     the declared name must be the URL's; CPU-bound, so callers run it off the event loop."""
     template = check_template(source, policy)
     if template.name != name:
-        raise InvalidRequest("the template's name differs from the URL's", errors=[
-            {"field": "name", "message": f"declares {template.name!r}; the URL names {name!r}"}])
+        raise InvalidRequest("the template's name differs from the URL's", errors=located(
+            [{"field": "name", "message": f"declares {template.name!r}; the URL names {name!r}"}],
+            source))
     return template
 
 
-def dry_run(template: Template, version: int, values: Mapping[str, Any],
+def dry_run(found: TemplateVersion, template: Template, values: Mapping[str, Any],
             policy: PolicySet) -> RenderOut:
-    """Validate ``values`` (errors under ``params.<name>``) and render with sample system values."""
+    """Validate ``values`` (errors under ``params.<name>``) and render with sample system values;
+    a failed render names its line in ``found``'s source."""
     params = validate_params(template, values, policy)
     validate_site(template, policy)
     system = validate_system(template.kind, sample_system(template.kind), policy)
-    rendered = render(template, params, system)
+    try:
+        rendered = render(template, params, system)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.detail, errors=located(exc.errors, found.source)) from None
+    version = found.version
     config = None if rendered.config is None else rendered.config.model_dump(mode="json")
     return RenderOut(name=template.name, version=version, kind=template.kind, config=config,
                      script=rendered.text if template.kind == "job" else None, text=rendered.text)
@@ -177,9 +189,16 @@ def _services(request: web.Request) -> Services:
 
 def _name(request: web.Request) -> str:
     name = request.match_info["name"]
-    if not _NAME.fullmatch(name):  # no template can have this name
+    if not _NAME.fullmatch(name) or not _visible(request, name):  # no template can have this name
         raise NotFound(f"template {name[:64]!r} does not exist")
     return name
+
+
+def _visible(request: web.Request, name: str) -> bool:
+    """A project token sees the templates its project may use (the policy's ``templates``)."""
+    claims = request[CLAIMS]
+    return claims.kind is not TokenKind.PROJECT or claims.project is None or \
+        _services(request).policies.current.may_use_template(claims.project, name)
 
 
 def _version(request: web.Request) -> int:
@@ -237,7 +256,7 @@ async def _save(request: web.Request, source: str) -> web.Response:
 
 async def list_templates(request: web.Request) -> web.Response:
     versions = await list_current(_services(request).store)
-    return reply(TemplateList(items=[_info(v) for v in versions]))
+    return reply(TemplateList(items=[_info(v) for v in versions if _visible(request, v.name)]))
 
 
 async def get_template(request: web.Request) -> web.Response:
@@ -289,8 +308,7 @@ async def render_template(request: web.Request) -> web.Response:
     services = _services(request)
     found = await current(services.store, _name(request))
     template = await _parsed(found.source)
-    out = await asyncio.to_thread(dry_run, template, found.version, body.params,
-                                  services.policies.current)
+    out = await asyncio.to_thread(dry_run, found, template, body.params, services.policies.current)
     return reply(out)
 
 
@@ -320,33 +338,33 @@ def _template_for_project(request: web.Request, claims: Claims | None) -> Resour
 
 ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", TEMPLATES_PATH, list_templates, "List the current templates (no sources)",
-              TemplateList, 200, "templates:read", ADMIN, _templates, tag="templates"),
+              TemplateList, 200, "templates:read", ADMIN_OR_PROJECT, _templates, tag="templates"),
     RouteSpec("GET", TEMPLATE_PATH, get_template,
               "The current version of a template, its source and declared parameters (ETag)",
-              TemplateOut, 200, "templates:read", ADMIN, _template, tag="templates",
+              TemplateOut, 200, "templates:read", ADMIN_OR_PROJECT, _template, tag="templates",
               response_headers=("ETag",)),
     RouteSpec("PUT", TEMPLATE_PATH, put_template,
               "Save a new version: If-Match: <ETag> to replace (428 without it, 412 if stale), "
               "If-None-Match: * to create; the source is checked against the policy",
-              TemplateOut, 200, "templates:write", ADMIN, _template, TemplateWrite,
+              TemplateOut, 200, "templates:write", ADMIN_OR_PROJECT, _template, TemplateWrite,
               tag="templates", request_headers=("If-Match", "If-None-Match"),
               response_headers=("ETag",)),
     RouteSpec("DELETE", TEMPLATE_PATH, delete_template,
               "Delete a template (If-Match required): a tombstone version, the history stays",
-              VersionInfo, 200, "templates:write", ADMIN, _template, tag="templates",
+              VersionInfo, 200, "templates:write", ADMIN_OR_PROJECT, _template, tag="templates",
               request_headers=("If-Match", "If-None-Match"), response_headers=("ETag",)),
     RouteSpec("GET", TEMPLATE_PATH + "/versions", list_versions,
               "Every version of a template, oldest first (metadata)", VersionList, 200,
-              "templates:read", ADMIN, _template, tag="templates"),
+              "templates:read", ADMIN_OR_PROJECT, _template, tag="templates"),
     RouteSpec("GET", TEMPLATE_PATH + "/versions/{version}", get_template_version,
               "One version of a template with its source", VersionSource, 200, "templates:read",
-              ADMIN, _template, tag="templates", response_headers=("ETag",)),
+              ADMIN_OR_PROJECT, _template, tag="templates", response_headers=("ETag",)),
     RouteSpec("GET", TEMPLATE_PATH + "/diff", diff_versions,
               "Unified diff between two versions of a template", TemplateDiff, 200,
-              "templates:read", ADMIN, _template, query=DiffQuery, tag="templates"),
+              "templates:read", ADMIN_OR_PROJECT, _template, query=DiffQuery, tag="templates"),
     RouteSpec("POST", TEMPLATE_PATH + "/rollback", rollback_template,
               "Save a new version carrying an earlier version's source (If-Match required)",
-              TemplateOut, 200, "templates:write", ADMIN, _template, TemplateRollback,
+              TemplateOut, 200, "templates:write", ADMIN_OR_PROJECT, _template, TemplateRollback,
               tag="templates", request_headers=("If-Match",), response_headers=("ETag",)),
     RouteSpec("POST", TEMPLATE_PATH + "/render", render_template,
               "Dry-run render with parameter values: the rendered config or script, or field "

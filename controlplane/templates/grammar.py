@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from controlplane.templates.base import BodyError
+
 _ROOTS = frozenset({"params", "site", "system"})
 LOOP_ATTRS = frozenset({"index", "index0", "revindex", "revindex0", "first", "last", "length"})
 _OUTPUT_FILTER: dict[str, str] = {"dsn": "yaml", "job": "shquote"}
@@ -43,12 +45,12 @@ class _BodyChecker:
 
     kind: str
     filters: Collection[str]  # the names the kind's sandbox environment defines
-    problems: list[str]
+    problems: list[tuple[int | None, str]]
     loop_names: set[str]
     loop_depth: int = 0
 
     def fail(self, node: nodes.Node, message: str) -> None:
-        self.problems.append(f"line {node.lineno}: {message}")
+        self.problems.append((node.lineno, message))
 
     def visit(self, node: nodes.Node, depth: int = 0) -> None:
         if depth > _MAX_DEPTH:
@@ -146,9 +148,9 @@ def _root(node: nodes.Node) -> str | None:
 
 
 def check_body(tree: nodes.Template, kind: str, filters: Collection[str]) -> None:
-    """ValueError listing every construct of ``tree`` outside the allowed subset, by line;
+    """BodyError listing every construct of ``tree`` outside the allowed subset, by line;
     ``filters`` come from the sandbox, which defines them, so the grammar never imports it."""
     checker = _BodyChecker(kind, filters, [], set())
     checker.visit(tree)
     if checker.problems:
-        raise ValueError("; ".join(checker.problems))
+        raise BodyError(checker.problems)

@@ -19,11 +19,12 @@ import sysconfig
 from pathlib import Path
 from typing import Annotated, Any
 
+import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from common import strictyaml
 from controlplane.errors import ConfigurationError, InvalidRequest, NotFound
-from controlplane.templates.base import Kind, Strict, field_errors, invalid, show
+from controlplane.templates.base import FieldErrors, Kind, Strict, field_errors, invalid, show
 from controlplane.templates.parameters import COMMAND_TYPES, Parameter, SiteValue
 from controlplane.templates.sandbox import parse_body
 
@@ -63,27 +64,82 @@ class Template(Strict):
         return body
 
 
+def _yaml_error(exc: yaml.YAMLError, field: str) -> dict[str, Any]:
+    return {"field": field, "message": " ".join(str(exc).split())}
+
+
 def load_yaml(text: str, field: str) -> Any:
     """YAML read by ``common.strictyaml`` (no aliases, no duplicate keys); InvalidRequest naming
     ``field`` otherwise."""
     try:
         return strictyaml.load(text)
     except strictyaml.YAMLError as exc:
-        message = " ".join(str(exc).split())
-        raise invalid("not valid YAML", [{"field": field, "message": message}]) from None
+        raise invalid("not valid YAML", [_yaml_error(exc, field)]) from None
+
+
+def _key_line(node: yaml.Node, field: str) -> tuple[int, yaml.Node | None]:
+    """The file line (1 = first) of the deepest key on ``field``'s dotted path that the document
+    has (parts it lacks, such as pydantic's union tags, are skipped), and that key's value."""
+    line, found = node.start_mark.line + 1, None
+    for part in field.split("."):
+        if isinstance(node, yaml.MappingNode):
+            match = next((value for key, value in node.value
+                          if isinstance(key, yaml.ScalarNode) and key.value == part), None)
+            if match is not None:
+                line = next(key.start_mark.line + 1 for key, value in node.value if value is match)
+                node = found = match
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = found = node.value[int(part)]
+            line = node.start_mark.line + 1
+    return line, found
+
+
+def _line(root: yaml.Node, error: dict[str, Any]) -> int:
+    if error["field"] == "config":  # the rendered output: its body made it
+        return _key_line(root, "body")[0]
+    line, node = _key_line(root, error["field"])
+    body_line = error.get("body_line")
+    # A literal block (body: |) keeps the file's lines: the body's line k is k lines below "|".
+    if body_line is not None and isinstance(node, yaml.ScalarNode) and node.style == "|":
+        return int(node.start_mark.line) + 1 + int(body_line)
+    return line
+
+
+def located(errors: FieldErrors, source_text: str) -> FieldErrors:
+    """``errors`` of the template ``source_text``, each with ``line``: where in the file its
+    field is (an admin edits the file, so a line within the body or a JSON request means
+    nothing to them)."""
+    try:
+        root = yaml.compose(source_text, Loader=strictyaml.StrictLoader)
+    except yaml.YAMLError:
+        root = None
+    out = []
+    for error in errors:
+        fixed = {key: value for key, value in error.items() if key != "body_line"}
+        if "line" not in fixed:
+            fixed["line"] = 1 if root is None else _line(root, error)
+        out.append(fixed)
+    return out
 
 
 def parse_template(source_text: str) -> Template:
-    """A template document (YAML) as a ``Template``; InvalidRequest lists every problem by field."""
+    """A template document (YAML) as a ``Template``; InvalidRequest lists every problem by field
+    and file line."""
     if not isinstance(source_text, str) or len(source_text.encode()) > MAX_SOURCE_BYTES:
         raise invalid("template rejected", [
             {"field": "(top level)", "message": f"must be YAML text of at most "
-                                                f"{MAX_SOURCE_BYTES} bytes"}])
-    data = load_yaml(source_text, "(top level)")
+                                                f"{MAX_SOURCE_BYTES} bytes", "line": 1}])
+    try:
+        data = strictyaml.load(source_text)
+    except strictyaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        error = {**_yaml_error(exc, "(top level)"), "line": mark.line + 1 if mark else 1}
+        raise invalid("template rejected: not valid YAML", [error]) from None
     try:
         return Template.model_validate(data)
     except ValidationError as exc:
-        raise invalid("template rejected", field_errors(exc, "")) from None
+        raise invalid("template rejected",
+                      located(field_errors(exc, ""), source_text)) from None
 
 
 # Checking a template costs milliseconds and every session open needs its template: a template's

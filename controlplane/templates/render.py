@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from common.config import ConfigError, DSNConfig, parse_config
 from controlplane.errors import InvalidRequest
 from controlplane.policy import PolicySet
 from controlplane.templates.base import invalid, show
-from controlplane.templates.loader import Template, load_yaml, parse_template
+from controlplane.templates.loader import Template, load_yaml, located, parse_template
 from controlplane.templates.parameters import check_value
 from controlplane.templates.sandbox import compiled_body
 from controlplane.templates.system import SYSTEM_MODELS, System, sample_system, validate_system
@@ -154,6 +155,14 @@ def _validated_script(text: str) -> str:
     return text
 
 
+def _body_line(exc: BaseException) -> int | None:
+    """The body line a render failed at: jinja2 rewrites its traceback so that the template's
+    own frames carry the template's line numbers."""
+    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__)
+             if frame.filename == "<template>"]
+    return lines[-1] if lines else None
+
+
 def render(template: Template, params: Mapping[str, Any], system: System, *,
            max_seconds: float = DEFAULT_MAX_SECONDS,
            max_bytes: int = DEFAULT_MAX_BYTES) -> Rendered:
@@ -171,8 +180,10 @@ def render(template: Template, params: Mapping[str, Any], system: System, *,
     try:
         text = _generate(compiled_body(template.kind, template.body), context, budget)
     except (TemplateError, _RenderLimit) as exc:
-        raise invalid(f"template {template.name!r} failed to render",
-                      [{"field": "body", "message": str(exc)}]) from None
+        line = _body_line(exc)
+        raise invalid(f"template {template.name!r} failed to render", [
+            {"field": "body", "message": str(exc), **({} if line is None else {"body_line": line})},
+        ]) from None
     if template.kind == "dsn":
         return Rendered(text, _validated_config(text))
     return Rendered(_validated_script(text), None)
@@ -186,7 +197,11 @@ def render_values(template: Template, values: Any, system_values: Mapping[str, A
     params = validate_params(template, values, policy)
     validate_site(template, policy)
     system = validate_system(template.kind, system_values, policy)
-    return render(template, params, system, max_seconds=max_seconds, max_bytes=max_bytes)
+    try:
+        return render(template, params, system, max_seconds=max_seconds, max_bytes=max_bytes)
+    except InvalidRequest as exc:  # its caller holds no source to place a body line in
+        raise InvalidRequest(exc.detail, errors=[
+            {k: v for k, v in e.items() if k != "body_line"} for e in exc.errors]) from None
 
 
 def _saved_value_errors(exc: InvalidRequest) -> InvalidRequest:
@@ -198,14 +213,18 @@ def _saved_value_errors(exc: InvalidRequest) -> InvalidRequest:
 
 def check_template(source_text: str, policy: PolicySet) -> Template:
     """Parse, statically check and dry-render a template an admin wants to save, with its
-    defaults and examples, so that every error shows at save time."""
+    defaults and examples, so that every error shows at save time, at its line in the file."""
     template = parse_template(source_text)
-    validate_site(template, policy)
-    examples = {name: p.example for name, p in template.parameters.items() if p.example is not None}
     try:
-        params = validate_params(template, examples, policy)
+        validate_site(template, policy)
+        examples = {name: p.example for name, p in template.parameters.items()
+                    if p.example is not None}
+        try:
+            params = validate_params(template, examples, policy)
+        except InvalidRequest as exc:
+            raise _saved_value_errors(exc) from None
+        system = validate_system(template.kind, sample_system(template.kind), policy)
+        render(template, params, system)
     except InvalidRequest as exc:
-        raise _saved_value_errors(exc) from None
-    system = validate_system(template.kind, sample_system(template.kind), policy)
-    render(template, params, system)
+        raise InvalidRequest(exc.detail, errors=located(exc.errors, source_text)) from None
     return template

@@ -20,6 +20,7 @@ from jinja2 import Template as CompiledTemplate
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from controlplane.templates.base import BodyError
 from controlplane.templates.grammar import LOOP_ATTRS, TESTS, check_body
 
 
@@ -110,13 +111,13 @@ _ENVIRONMENTS = {kind: _environment(kind) for kind in _FILTERS}
 
 
 def parse_body(kind: str, body: str) -> nodes.Template:
-    """The checked syntax tree of a body, or ValueError listing every problem."""
+    """The checked syntax tree of a body, or BodyError listing every problem by line."""
     try:
         tree = _ENVIRONMENTS[kind].parse(body)
     except TemplateError as exc:
-        raise ValueError(f"line {getattr(exc, 'lineno', '?')}: {exc}") from None
+        raise BodyError([(getattr(exc, "lineno", None), str(exc))]) from None
     except RecursionError:
-        raise ValueError("the body is nested too deeply") from None
+        raise BodyError([(None, "the body is nested too deeply")]) from None
     check_body(tree, kind, _FILTERS[kind])
     return tree
 
