@@ -27,6 +27,7 @@ from waiting import eventually
 from common.ports import free_port
 
 WAIT_S = 20.0
+WIDTH, HEIGHT = 1400, 1000
 
 
 def missing() -> str | None:
@@ -144,7 +145,7 @@ def start_chromium() -> Any:
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "chromium"
-    for argument in ("--headless=new", "--window-size=1400,1000", "--disable-dev-shm-usage",
+    for argument in ("--headless=new", f"--window-size={WIDTH},{HEIGHT}", "--disable-dev-shm-usage",
                      "--disable-gpu", "--no-first-run", "--disable-extensions"):
         options.add_argument(argument)
     if os.geteuid() == 0:
@@ -213,5 +214,11 @@ class Page:
             }));"""))
 
     def screenshot(self, path: Path) -> None:
+        """The whole page (up to 4,000 pixels high), as a PNG file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.driver.save_screenshot(str(path))
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(WIDTH, min(max(int(height), HEIGHT), 4000))
+        try:
+            self.driver.save_screenshot(str(path))
+        finally:
+            self.driver.set_window_size(WIDTH, HEIGHT)
