@@ -186,6 +186,11 @@ def test_a_value_out_of_bounds_is_shown_at_its_input_and_the_form_keeps_the_valu
                                          "#session-param-max_producers", "#session-client-key")
             ] == ["4dstem", "20000", "8", key]
 
+    # A number the browser cannot read is named at its input, in the page.
+    set_value(page, "#session-param-hwm", "e")
+    page.find("#open-session button[type=submit]").click()
+    page.wait_text("#session-param-hwm-error", "not a whole number")
+
     # Corrected, the same form opens the session, with the values typed as the template declares.
     set_value(page, "#session-param-hwm", "64")
     page.find("#open-session button[type=submit]").click()

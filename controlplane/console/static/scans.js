@@ -64,7 +64,8 @@ async function showSessions(box, jobSession, context) {
     const { items } = await api("GET", "/api/v1/sessions");
     const open = items.filter((s) => s.state === "open");
     const chosen = jobSession.value;
-    replace(jobSession, open.map((s) => h("option", { value: s.id }, `${s.id} (${s.template})`)));
+    replace(jobSession, open.length ? open.map((s) => h("option", { value: s.id },
+      `${s.id} (${s.template})`)) : h("option", { value: "" }, "(no open session: open one first)"));
     if (open.some((s) => s.id === chosen)) {
       jobSession.value = chosen;
     }
@@ -253,7 +254,6 @@ function templateChoice(catalogue, { id, kind, prefix, preferred, none }) {
     select, box, message: own.message,
     fields: () => [own, ...(shown ? shown.fields : [])],
     read: () => (shown ? shown.read() : { params: {}, errors: [] }),
-    ready: null,
   };
   async function showParameters() {
     const name = select.value;
@@ -274,7 +274,7 @@ function templateChoice(catalogue, { id, kind, prefix, preferred, none }) {
     }
   }
   select.addEventListener("change", showParameters);
-  choice.ready = (async () => {
+  (async () => {
     try {
       const names = await catalogue.ofKind(kind);
       replace(select, none ? h("option", { value: "" }, none.label) : null,
