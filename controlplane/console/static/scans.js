@@ -4,6 +4,7 @@
 
 import { api, ApiError, path } from "./api.js";
 import { errorBox, h, replace, table, when } from "./dom.js";
+import { field, parameterFields, showFieldErrors, typedValue } from "./params.js";
 
 const POLL_MS = 1000;
 const JOB_ENDED = ["succeeded", "failed", "cancelled", "lost"];
@@ -41,13 +42,17 @@ async function listPage(main, context) {
   const jobSession = h("select", { id: "job-session", required: true });
   main.append(h("h2", {}, "Sessions"));
   if (context.session.kind === "project") {
-    main.append(openSessionForm(context, async (opened) => {
+    const catalogue = templateCatalogue();
+    main.append(openSessionForm(catalogue, context, async (opened) => {
       await showSessions(sessionsBox, jobSession, context);
       jobSession.value = opened.id;
-    }), launchJobForm(jobSession, context));
+    }), launchJobForm(catalogue, jobSession, context));
   } else {
-    main.append(h("p", { class: "muted" }, "Sessions are opened and their consumer jobs " +
-      "launched by project members, signed in with their project token."));
+    // Opening a session needs a project token: the session is the project's, its producer key
+    // and quota too.
+    main.append(h("p", { id: "sessions-admin-note", class: "muted" }, "Sessions are opened, " +
+      "and their consumer jobs launched, by project members: sign in with a project token to " +
+      "open one. As an admin you see every project's sessions and scans."));
   }
   main.append(sessionsBox, h("h2", {}, "Scan results"), scanFilters(context, scansBox), scansBox);
   await showSessions(sessionsBox, jobSession, context);
@@ -59,7 +64,8 @@ async function showSessions(box, jobSession, context) {
     const { items } = await api("GET", "/api/v1/sessions");
     const open = items.filter((s) => s.state === "open");
     const chosen = jobSession.value;
-    replace(jobSession, open.map((s) => h("option", { value: s.id }, `${s.id} (${s.template})`)));
+    replace(jobSession, open.length ? open.map((s) => h("option", { value: s.id },
+      `${s.id} (${s.template})`)) : h("option", { value: "" }, "(no open session: open one first)"));
     if (open.some((s) => s.id === chosen)) {
       jobSession.value = chosen;
     }
@@ -217,29 +223,72 @@ async function explain(figure, source) {
 
 // --- opening a session and launching its consumer job ------------------------------------------
 
-// NAME=VALUE lines, VALUE read as JSON where it parses (numbers, lists), else as a string, like
-// the command line's --param.
-function parseParams(text) {
-  const params = {};
-  const errors = [];
-  text.split("\n").forEach((raw, index) => {
-    const line = raw.trim();
-    if (!line) {
+// The templates the caller may use (the API lists only those), fetched once per visit of the page,
+// and each one's declared parameters, fetched when it is chosen.
+function templateCatalogue() {
+  const listed = api("GET", "/api/v1/templates").then(({ items }) => items);
+  const details = new Map();
+  return {
+    ofKind: async (kind) => (await listed).filter((t) => t.kind === kind).map((t) => t.name),
+    parameters: (name) => {
+      if (!details.has(name)) {
+        details.set(name, api("GET", `/api/v1/templates/${path(name)}`)
+          .catch((error) => {
+            details.delete(name); // asked again when chosen again
+            throw error;
+          }));
+      }
+      return details.get(name).then((template) => template.parameters);
+    },
+  };
+}
+
+// A <select> of the templates of one kind and, below it, the chosen one's parameter inputs. An
+// option "" (when `none` names it) sends no template: the API's own choice, with its defaults.
+function templateChoice(catalogue, { id, kind, prefix, preferred, none }) {
+  const select = h("select", { id });
+  const box = h("div", { id: `${prefix}-params`, class: "param-box" });
+  const own = field("template", select);
+  let shown = null; // parameterFields of the chosen template, once loaded
+  const choice = {
+    select, box, message: own.message,
+    fields: () => [own, ...(shown ? shown.fields : [])],
+    read: () => (shown ? shown.read() : { params: {}, errors: [] }),
+  };
+  async function showParameters() {
+    const name = select.value;
+    shown = null;
+    if (!name) {
+      replace(box, h("p", { class: "muted" }, none ? none.explained : "No template to choose."));
       return;
     }
-    const cut = line.indexOf("=");
-    if (cut < 1) {
-      errors.push({ field: "params", line: index + 1, message: "expected NAME=VALUE" });
-      return;
-    }
-    const value = line.slice(cut + 1).trim();
+    replace(box, h("p", { class: "muted" }, "Loading the template's parameters…"));
     try {
-      params[line.slice(0, cut).trim()] = JSON.parse(value);
-    } catch {
-      params[line.slice(0, cut).trim()] = value;
+      const fields = parameterFields(prefix, await catalogue.parameters(name));
+      if (select.value === name) { // not chosen otherwise meanwhile
+        shown = fields;
+        replace(box, fields.element);
+      }
+    } catch (error) {
+      replace(box, errorBox(error));
     }
-  });
-  return { params, errors };
+  }
+  select.addEventListener("change", showParameters);
+  (async () => {
+    try {
+      const names = await catalogue.ofKind(kind);
+      replace(select, none ? h("option", { value: "" }, none.label) : null,
+        names.map((name) => h("option", { value: name }, name)));
+      if (!none && !names.length) {
+        replace(select, h("option", { value: "" }, `(no ${kind} template your project may use)`));
+      }
+      select.value = names.includes(preferred) ? preferred : select.options[0].value;
+      await showParameters();
+    } catch (error) {
+      replace(box, errorBox(error));
+    }
+  })();
+  return choice;
 }
 
 // The Z85 public key of a pasted key or of a chosen NAME.key file (ZeroMQ's certificate format).
@@ -256,58 +305,51 @@ async function clientKey(field, file) {
   return inFile ? inFile[1] : text;
 }
 
-function openSessionForm(context, opened) {
-  const template = h("input", { id: "session-template", value: "4dstem", required: true,
-    list: "session-templates" });
-  const params = h("textarea", { id: "session-params", rows: 3, class: "code",
-    placeholder: "NAME=VALUE, one a line (the template's defaults otherwise)" });
+// A refusal: each field error at its input, and the whole problem in the status box. The form
+// keeps every value.
+function refused(status, fields, error) {
+  showFieldErrors(fields, error.errors || []);
+  replace(status, errorBox(error));
+}
+
+function openSessionForm(catalogue, context, opened) {
+  const template = templateChoice(catalogue, { id: "session-template", kind: "dsn",
+    prefix: "session", preferred: "4dstem" });
   const key = h("textarea", { id: "session-client-key", rows: 2, class: "code",
     placeholder: "Z85 public key (40 characters), or choose the file below" });
   const keyFile = h("input", { id: "session-client-key-file", type: "file", accept: ".key" });
   const status = h("div", { id: "session-status", role: "status" });
-  const choices = h("datalist", { id: "session-templates" });
-  templateChoices(context, choices);
-  const form = h("form", { id: "open-session", onsubmit: async (event) => {
+  const keyField = field("client_key", key);
+  const fields = () => [...template.fields(), keyField];
+  // novalidate: the API checks bounds and types, and its errors name the input at fault.
+  const form = h("form", { id: "open-session", novalidate: true, onsubmit: async (event) => {
     event.preventDefault();
     replace(status);
-    const { params: values, errors } = parseParams(params.value);
+    const { params, errors } = template.read();
     if (errors.length) {
-      replace(status, errorBox({ message: "The parameters are not NAME=VALUE lines.", errors }));
+      refused(status, fields(), { message: "Some parameters are not numbers.", errors });
       return;
     }
     try {
       const session = await api("POST", "/api/v1/sessions", { body: {
-        project: context.session.project, template: template.value.trim(), params: values,
+        project: context.session.project, template: template.select.value, params,
         client_key: await clientKey(key, keyFile),
       } });
+      showFieldErrors(fields(), []);
       replace(status, openedBox(session));
       await opened(session);
     } catch (error) {
-      replace(status, errorBox(error)); // the form keeps what was typed
+      refused(status, fields(), error);
     }
   } },
   h("h3", {}, "Open a session"),
-  h("label", { for: "session-template" }, "DSN template"), template, choices,
-  h("label", { for: "session-params" }, "Parameters"), params,
+  h("label", { for: "session-template" }, "DSN template"), template.select,
+  template.message, template.box,
   h("label", { for: "session-client-key" }, "The producer's CURVE public key " +
-    "(dsn producer keygen)"), key,
+    "(dsn producer keygen)"), key, keyField.message,
   h("label", { for: "session-client-key-file" }, "or its NAME.key file"), keyFile,
   h("button", { type: "submit" }, "Open session"));
   return h("div", { class: "panel" }, form, status);
-}
-
-// The templates offered: those the project record names, else the shipped DSN template.
-async function templateChoices(context, list) {
-  let names = ["4dstem"];
-  try {
-    const project = await api("GET", `/api/v1/projects/${path(context.session.project)}`);
-    if (project.allowed_templates.length) {
-      names = project.allowed_templates;
-    }
-  } catch {
-    // Only suggestions: the policy decides when the session is opened.
-  }
-  replace(list, names.map((name) => h("option", { value: name })));
 }
 
 function openedBox(session) {
@@ -323,20 +365,29 @@ function openedBox(session) {
       h("dt", {}, "Expires"), h("dd", {}, when(session.expires_at))));
 }
 
-function launchJobForm(jobSession, context) {
-  const template = h("input", { id: "job-template", placeholder: "the launcher's own",
-    list: "job-templates" });
-  const ranks = h("input", { id: "job-ranks", type: "number", min: 1, max: 4096, value: 1 });
-  const params = h("textarea", { id: "job-params", rows: 2, class: "code",
-    placeholder: "NAME=VALUE, one a line, e.g. scans=1" });
+// The API's bound on ranks per job; the project's consumer quota may be lower (it names it).
+const MAX_RANKS = 4096;
+
+function launchJobForm(catalogue, jobSession, context) {
+  const template = templateChoice(catalogue, { id: "job-template", kind: "job", prefix: "job",
+    none: { label: "the launcher's own", explained: "The launcher's own job template, with its " +
+      "defaults. Choose a template by name to set its parameters." } });
+  const ranks = h("input", { id: "job-ranks", type: "number", step: 1, min: 1, max: MAX_RANKS,
+    value: 1, required: true });
+  const ranksField = field("ranks", ranks);
+  const fields = () => [...template.fields(), ranksField];
   const status = h("div", { id: "job-status", role: "status" });
   let polling = 0;
-  const form = h("form", { id: "launch-job", onsubmit: async (event) => {
+  const form = h("form", { id: "launch-job", novalidate: true, onsubmit: async (event) => {
     event.preventDefault();
     replace(status);
-    const { params: values, errors } = parseParams(params.value);
+    const { params, errors } = template.read();
+    const count = typedValue(ranks, "int");
+    if (count.error || count.value === undefined) {
+      errors.push({ field: "ranks", message: count.error || `1..${MAX_RANKS}` });
+    }
     if (errors.length) {
-      replace(status, errorBox({ message: "The parameters are not NAME=VALUE lines.", errors }));
+      refused(status, fields(), { message: "Some values are not numbers.", errors });
       return;
     }
     const session = jobSession.value;
@@ -346,8 +397,9 @@ function launchJobForm(jobSession, context) {
     }
     try {
       const job = await api("POST", `/api/v1/sessions/${path(session, "jobs")}`, { body: {
-        template: template.value.trim() || undefined, ranks: Number(ranks.value), params: values,
+        template: template.select.value || undefined, ranks: count.value, params,
       } });
+      showFieldErrors(fields(), []);
       const mine = ++polling;
       showJob(status, job);
       // Followed while the page is open, until it ends or another job is launched.
@@ -364,16 +416,16 @@ function launchJobForm(jobSession, context) {
         }
       });
     } catch (error) {
-      replace(status, errorBox(error));
+      refused(status, fields(), error);
     }
   } },
   h("h3", {}, "Launch a consumer job"),
   h("label", { for: "job-session" }, "For session"), jobSession,
-  h("label", { for: "job-template" }, "Job template"), template,
-  h("datalist", { id: "job-templates" }, ["local-mpiexec", "slurm-sbatch"].map((name) =>
-    h("option", { value: name }))),
-  h("label", { for: "job-ranks" }, "Ranks (consumer endpoints)"), ranks,
-  h("label", { for: "job-params" }, "Parameters"), params,
+  h("label", { for: "job-template" }, "Job template"), template.select, template.message,
+  h("label", { for: "job-ranks" }, "Ranks (consumer endpoints) ",
+    h("span", { class: "muted" }, `(1..${MAX_RANKS}, within your project's quota)`)),
+  ranks, ranksField.message,
+  h("div", {}, h("strong", {}, "Parameters"), template.box),
   h("button", { type: "submit" }, "Launch job"));
   return h("div", { class: "panel" }, form, status);
 }
