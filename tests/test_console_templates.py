@@ -187,9 +187,10 @@ def test_a_project_member_reads_and_renders_but_cannot_edit(page: Page,
 
     # A dry run: a bad value is shown at its field; a good one renders.
     hwm = page.find("#tpl-param-hwm")
+    hwm.clear()
     hwm.send_keys("0")
     page.find("#tpl-render-submit").click()
-    assert page.wait_text("#tpl-param-error-hwm", "1").text
+    assert page.wait_text("#tpl-param-hwm-error", "1").text
     assert "invalid" in (hwm.get_attribute("class") or "")
     hwm.clear()
     hwm.send_keys("64")

@@ -6,6 +6,7 @@
 
 import { api, ApiError, path } from "./api.js";
 import { errorBox, h, replace, table, when } from "./dom.js";
+import { parameterFields, showFieldErrors } from "./params.js";
 
 const BASE = "/api/v1/templates";
 let flashNext = null;  // a message for the next view, after a change that navigates away
@@ -330,77 +331,28 @@ function rebase(state, latest) {
 // --- dry-run render ----------------------------------------------------------------------------
 
 function renderSection(state) {
-  const parameters = Object.entries(state.base.parameters || {});
-  const fields = new Map();
+  const parameters = parameterFields("tpl", state.base.parameters);
   const output = h("div", { id: "tpl-render-output" });
-  const rows = parameters.map(([name, spec]) => {
-    const input = parameterInput(name, spec);
-    const message = h("span", { class: "field-error", id: `tpl-param-error-${name}` });
-    fields.set(name, { input, spec, message });
-    return h("div", { class: "tpl-param" },
-      h("label", { for: input.id }, `${name} `, h("span", { class: "muted" }, `(${spec.type})`)),
-      input, message,
-      spec.description ? h("small", { class: "muted" }, spec.description) : null);
-  });
   // The API checks the values (bounds included) and names each field at fault.
   const form = h("form", { id: "tpl-render", novalidate: true, onsubmit: (event) => {
     event.preventDefault();
-    dryRun(state, fields, output);
+    dryRun(state, parameters, output);
   } },
-  rows.length ? rows : h("p", { class: "muted" }, "This template takes no parameters."),
+  parameters.element,
   h("button", { type: "submit", id: "tpl-render-submit" }, "Render (dry run)"));
   return h("section", { id: "tpl-render-section" },
     h("h2", {}, "Dry-run render"),
-    h("p", { class: "muted" }, "Empty fields take their defaults; lists are comma-separated. " +
-      "Session values (keys, endpoints) are samples."),
+    h("p", { class: "muted" }, "Fields start at their defaults; an emptied one takes its " +
+      "default; lists are comma-separated. Session values (keys, endpoints) are samples."),
     form, output);
 }
 
-function parameterInput(name, spec) {
-  const id = `tpl-param-${name}`;
-  const shown = (value) => (Array.isArray(value) ? value.join(", ") : String(value));
-  const hint = spec.default !== undefined && spec.default !== null
-    ? `default: ${shown(spec.default)}` : "required";
-  if (spec.type === "enum" || spec.type === "bool") {
-    const choices = spec.type === "bool" ? [true, false] : spec.choices || [];
-    return h("select", { id, name },
-      h("option", { value: "" }, `(${hint})`),
-      choices.map((choice) => h("option", { value: JSON.stringify(choice) }, String(choice))));
-  }
-  // Text, not type=number: a browser empties a number field it cannot parse, which would send the
-  // default instead of letting the API name the mistake.
-  const numeric = spec.type === "int" || spec.type === "port";
-  return h("input", { id, name, type: "text", inputmode: numeric ? "numeric" : null,
-    placeholder: hint, autocomplete: "off", spellcheck: "false" });
-}
-
-// The typed value of one field, or undefined when empty (the parameter's default applies).
-function parameterValue(input, spec) {
-  const text = input.value.trim();
-  if (text === "") {
-    return undefined;
-  }
-  if (input.tagName === "SELECT") {
-    return JSON.parse(text);
-  }
-  if (spec.type === "int" || spec.type === "port") {
-    return /^-?\d+$/.test(text) ? Number(text) : text;  // the API names a non-number
-  }
-  if (spec.type.endsWith("_list")) {
-    return text.split(/[\s,]+/).filter(Boolean);
-  }
-  return input.value;
-}
-
-async function dryRun(state, fields, output) {
-  const params = {};
-  for (const [name, { input, spec, message }] of fields) {
-    replace(message);
-    input.classList.remove("invalid");
-    const value = parameterValue(input, spec);
-    if (value !== undefined) {
-      params[name] = value;
-    }
+async function dryRun(state, parameters, output) {
+  const { params, errors } = parameters.read();
+  showFieldErrors(parameters.fields, errors);
+  if (errors.length) {
+    replace(output);
+    return;
   }
   replace(output, h("p", { class: "muted" }, "Rendering…"));
   try {
@@ -408,13 +360,7 @@ async function dryRun(state, fields, output) {
     replace(output, h("p", { class: "ok" }, `Rendered version ${result.version}:`),
       h("pre", { id: "tpl-render-text" }, result.text));
   } catch (error) {
-    for (const e of (error instanceof ApiError ? error.errors : [])) {
-      const found = fields.get(e.field.replace(/^params\./, ""));
-      if (found) {
-        found.input.classList.add("invalid");
-        replace(found.message, e.message);
-      }
-    }
+    showFieldErrors(parameters.fields, error instanceof ApiError ? error.errors : []);
     replace(output, errorBox(error));
   }
 }
