@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Final
 
 from aiohttp import web
 
-from controlplane.errors import MissingToken, RateLimited, TokenError
+from controlplane.errors import ControlPlaneError, MissingToken, RateLimited, TokenError
 from controlplane.gateways import SCRAPER, Scraper, gateway_list
 from controlplane.middlewares import (
     CALLER,
@@ -52,6 +53,8 @@ from controlplane.sessions.models import (
 from controlplane.sessions.repository import list_sessions
 from controlplane.tokens import Claims
 from controlplane.views import ADMIN_OR_PROJECT, parse_query
+
+log = logging.getLogger("dsn.controlplane.live")
 
 LIVE_PATH: Final = "/api/v1/live"
 INTERVAL_S: Final = 2.0
@@ -215,8 +218,14 @@ async def live_view(request: web.Request) -> web.StreamResponse:
                                                "Cache-Control": "no-store",
                                                REQUEST_ID_HEADER: request[REQUEST_ID]})
         await response.prepare(request)
-        with contextlib.suppress(ConnectionError):  # the client went away: nothing to say
+        try:
             await _send(request, response, streams, query.once)
+        except ConnectionError:
+            pass  # the client went away: nothing to say
+        except ControlPlaneError as exc:
+            # The answer has begun: no problem document can follow. The stream ends and the
+            # browser reconnects, through the same checks as any request.
+            log.warning("live stream %s ended: %s", request[REQUEST_ID], exc.detail)
         return response
 
 

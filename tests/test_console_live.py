@@ -197,3 +197,17 @@ def test_an_open_live_page_is_audited_once_and_closes_its_stream_when_left(
     page.go("scans")
     eventually(lambda: page.driver.execute_script("return window.closedStreams") == 1,
                timeout_s=5, what="the live page's stream closed when it was left")
+
+
+def test_the_live_page_signs_out_by_itself_when_its_token_is_revoked(
+        page: Page, console_site: Site) -> None:
+    admin = console_site.admin_token
+    console_site.api("POST", "/api/v1/projects", admin, {"name": "live-demo-6"})
+    issued = console_site.api("POST", "/api/v1/projects/live-demo-6/tokens", admin,
+                              {"subject": "bob", "ttl": 3600})
+    page.sign_in(issued["token"])
+    page.wait_text("#live-status", "Updated")
+    console_site.api("DELETE", f"/api/v1/tokens/{issued['jti']}", admin)
+    # No navigation: the stream's next check says signed-out, and the shell shows the sign-in.
+    status = page.wait_text("#sign-in-status", "Signed out")
+    assert "revoked" in status.text

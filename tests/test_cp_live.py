@@ -20,6 +20,7 @@ from waiting import eventually_async
 
 from controlplane import live
 from controlplane.console.auth import CSRF_HEADER
+from controlplane.errors import Unavailable
 
 LIVE = "/api/v1/live"
 # A bound on how long a test waits for the next event, so a broken stream fails rather than hangs.
@@ -231,3 +232,18 @@ async def test_the_service_shuts_down_at_once_with_a_stream_open(
     async with asyncio.timeout(EVENT_WAIT_S):
         await cp.client.server.close()
     assert await next_event(response) is None
+
+
+async def test_a_failure_once_the_stream_has_begun_ends_it_cleanly(
+        aiohttp_client: ClientFactory, tmp_path: Path, pages: Pages, quick: None,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    cp = await live_cp(aiohttp_client, tmp_path, pages)
+    response = await cp.admin("GET", LIVE)
+    assert (await next_event(response) or ("",))[0] == "snapshot"
+
+    async def unavailable(*_args: Any) -> None:
+        raise Unavailable("the store cannot be read")
+    monkeypatch.setattr(live, "gateway_list", unavailable)
+    assert await next_event(response) is None  # the end, not a problem document mid-stream
+    assert "the store cannot be read" in caplog.text
+    assert (await cp.admin("GET", "/healthz")).status == 200
