@@ -247,3 +247,19 @@ async def test_a_failure_once_the_stream_has_begun_ends_it_cleanly(
     assert await next_event(response) is None  # the end, not a problem document mid-stream
     assert "the store cannot be read" in caplog.text
     assert (await cp.admin("GET", "/healthz")).status == 200
+
+
+def test_an_event_carries_each_line_of_its_data_as_a_data_field() -> None:
+    assert live.event("snapshot", '{"a": 1}') == b'event: snapshot\ndata: {"a": 1}\n\n'
+    assert live.event("x", "one\ntwo") == b"event: x\ndata: one\ndata: two\n\n"
+    assert live.retry(2000) == b"retry: 2000\n\n"
+
+
+def test_details_are_read_again_when_the_sessions_change_or_every_few_snapshots() -> None:
+    cadence = live.Cadence()
+    assert cadence.due(("a",))  # the first snapshot
+    assert [cadence.due(("a",)) for _ in range(live.DETAIL_EVERY)] == [False] * (
+        live.DETAIL_EVERY - 1) + [True]
+    assert cadence.due(("a", "b"))  # a session opened
+    assert not cadence.due(("a", "b"))
+    assert cadence.due(("b",))  # one ended
