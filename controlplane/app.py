@@ -24,7 +24,7 @@ from aiohttp import web
 
 from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
-from controlplane import admins, gateways, oauth, policy_api, views
+from controlplane import admins, gateways, live, oauth, policy_api, views
 from controlplane.anchor import Checkpoints
 from controlplane.audit import AuditLog
 from controlplane.console import web as console
@@ -59,7 +59,7 @@ log = logging.getLogger("dsn.controlplane")
 # Every served route, each declared once; feature modules contribute their own route tables.
 ROUTES: tuple[RouteSpec, ...] = (*views.ROUTES, *admins.ROUTES, *oauth.ROUTES,
                                  *templates_api.ROUTES, *sessions_api.ROUTES, *gateways.ROUTES,
-                                 *policy_api.ROUTES, *console.ROUTES)
+                                 *live.ROUTES, *policy_api.ROUTES, *console.ROUTES)
 
 
 def _check_routes(routes: tuple[RouteSpec, ...]) -> None:
@@ -220,6 +220,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_services_ctx(settings))
     app.cleanup_ctx.append(federation_ctx(settings.clock))
     app.cleanup_ctx.append(gateways.scraper_ctx())
+    app[live.STREAMS] = live.Streams()
+    app.on_shutdown.append(live.stop_streams)  # before the server waits for open requests
     app.on_response_prepare.append(_plain_server_header)
     app.on_response_prepare.append(console.security_headers)
     app.on_startup.append(templates_api.seed_shipped_templates)  # runs once the services are open

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import schemas as s
 from controlplane.errors import Unavailable
-from controlplane.middlewares import CLAIMS, SERVICES, RouteSpec
+from controlplane.middlewares import CLAIMS, SERVICES, RouteSpec, Services
 from controlplane.policy import Resource
 from controlplane.sessions.repository import session_projects
 from controlplane.tokens import Claims
@@ -139,16 +139,22 @@ def visible(sessions: dict[str, Values], projects: dict[str, str],
 SCRAPER: Final = web.AppKey("gateway_scraper", Scraper)
 
 
-async def list_gateways(request: web.Request) -> web.Response:
-    services, claims = request.app[SERVICES], request[CLAIMS]
+async def gateway_list(services: Services, scraper: Scraper,
+                       own_project: str | None) -> list[s.GatewayOut]:
+    """Every configured gateway, scraped now, with the series ``visible`` to the caller."""
     urls = services.settings.gateway_metrics
-    scraped = await asyncio.gather(*(scrape(request.app[SCRAPER], url) for url in urls))
+    scraped = await asyncio.gather(*(scrape(scraper, url) for url in urls))
     now = s.utc(services.now())
     ids: Iterable[str] = (session for sessions, _ in scraped for session in sessions)
     projects = await session_projects(services.store, list(ids))
-    items = [s.GatewayOut(url=url, up=reason is None, reason=reason, scraped_at=now,
-                          sessions=visible(sessions, projects, claims.project))
-             for url, (sessions, reason) in zip(urls, scraped, strict=True)]
+    return [s.GatewayOut(url=url, up=reason is None, reason=reason, scraped_at=now,
+                         sessions=visible(sessions, projects, own_project))
+            for url, (sessions, reason) in zip(urls, scraped, strict=True)]
+
+
+async def list_gateways(request: web.Request) -> web.Response:
+    items = await gateway_list(request.app[SERVICES], request.app[SCRAPER],
+                               request[CLAIMS].project)
     return reply(s.GatewayList(items=items))
 
 

@@ -109,6 +109,7 @@ class RouteSpec:
     ``kinds`` are the token kinds accepted on the route (its surface, with the API audience);
     an empty set makes the route public (no token, no policy action, nothing audited).
     ``resource`` names what the action touches, for the policy and the audit record.
+    ``response`` is the answer's model (for a ``text/event-stream`` answer: each event's data).
     ``credentials`` replaces the bearer header as the source of the caller (None: the header).
     ``form``/``form_response`` are the OAuth (form-encoded) alternative to ``body``/``response``;
     ``request_headers``/``response_headers`` name the headers the route reads and sets (for the

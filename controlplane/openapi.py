@@ -60,6 +60,7 @@ _REQUEST_HEADERS: Final[dict[str, str]] = {
 }
 _RETRY_STATUSES: Final = (429, 503)
 _FORM: Final = "application/x-www-form-urlencoded"
+_EVENTS: Final = "text/event-stream"
 
 
 Refs = dict[tuple[Any, Any], Any]  # (model, "validation" | "serialization") -> {"$ref": ...}
@@ -127,6 +128,8 @@ def _success(spec: RouteSpec, refs: Refs) -> dict[str, Any]:
         schema: dict[str, Any] = {"anyOf": [refs[(spec.response, "serialization")],
                                             refs[(spec.form_response, "serialization")]]}
         content = {"application/json": {"schema": schema}}
+    elif spec.response is not None and spec.response_content_type == _EVENTS:
+        content = {_EVENTS: {"schema": _event_schema(refs[(spec.response, "serialization")])}}
     elif spec.response is not None:
         schema = refs[(spec.response, "serialization")]
         content = {"application/json": {"schema": schema}}
@@ -141,6 +144,15 @@ def _success(spec: RouteSpec, refs: Refs) -> dict[str, Any]:
     if spec.response_headers:
         success["headers"] = _headers(spec.response_headers)
     return success
+
+
+def _event_schema(data: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event (before OpenAPI 3.2, ``schema`` describes each event): its name, its
+    ``data`` a JSON document of the route's response model, or a ``retry`` delay alone."""
+    return {"type": "object", "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        "retry": {"type": "integer", "minimum": 0}}}
 
 
 def _problem_statuses(spec: RouteSpec) -> list[int]:

@@ -97,6 +97,8 @@ ACTIONS: Mapping[str, ActionSpec] = {
     "scans:read": ActionSpec("scans:read", "scan", "optional"),
     # The gateways' counters of the sessions the caller may read.
     "gateways:read": ActionSpec("sessions:read", "gateway", "optional"),
+    # The live stream of the open sessions (and their gateways' counters) the caller may read.
+    "live:watch": ActionSpec("sessions:read", "session", "optional"),
 }
 SCOPES = frozenset(spec.scope for spec in ACTIONS.values() if spec.scope is not None)
 BUILTIN_RULES = frozenset({"unknown-action", "unknown-principal", "resource-mismatch",

@@ -157,3 +157,57 @@ def _forwarding(page: Page) -> bool:
     text = page.find("#scan-table tbody").text
     assert "MB/s" in text and "0.00 MB/s" not in text, text
     return True
+
+
+def live_watch_records(site: Site, project: str) -> int:
+    """The console's live:watch audit records of ``project``'s token."""
+    listed = site.api("GET", f"/api/v1/audit?action=live:watch&principal=%40{project}"
+                             "&limit=1000", site.admin_token)
+    return sum(item["principal"].endswith(" via console") for item in listed["items"])
+
+
+def count_closed_streams(page: Page) -> None:
+    """From now on, window.closedStreams counts the page's EventSources closed."""
+    page.driver.execute_script(
+        "window.closedStreams = 0; const close = EventSource.prototype.close;"
+        "EventSource.prototype.close = function () { window.closedStreams += 1;"
+        " return close.call(this); };")
+
+
+def test_an_open_live_page_is_audited_once_and_closes_its_stream_when_left(
+        page: Page, console_site: Site) -> None:
+    token = project_with_token(console_site, "live-demo-5")
+    open_session(console_site, "live-demo-5", token)
+    page.sign_in(token)
+    # The sign-in shows the live page first: its connection audited (before its first
+    # snapshot), leave it before counting.
+    page.wait_text("#live-status", "Updated")
+    page.go("scans")
+    page.find("#scan-list")
+    before = live_watch_records(console_site, "live-demo-5")
+    count_closed_streams(page)
+    page.go("live")
+    seen: set[str] = set()
+
+    def snapshots() -> bool:  # each snapshot stamps the status line with its time (seconds)
+        seen.add(page.find("#live-status").text)
+        return len({text for text in seen if text.startswith("Updated")}) >= 3
+    eventually(snapshots, timeout_s=20, what="three snapshots shown")
+    assert live_watch_records(console_site, "live-demo-5") == before + 1
+    page.go("scans")
+    eventually(lambda: page.driver.execute_script("return window.closedStreams") == 1,
+               timeout_s=5, what="the live page's stream closed when it was left")
+
+
+def test_the_live_page_signs_out_by_itself_when_its_token_is_revoked(
+        page: Page, console_site: Site) -> None:
+    admin = console_site.admin_token
+    console_site.api("POST", "/api/v1/projects", admin, {"name": "live-demo-6"})
+    issued = console_site.api("POST", "/api/v1/projects/live-demo-6/tokens", admin,
+                              {"subject": "bob", "ttl": 3600})
+    page.sign_in(issued["token"])
+    page.wait_text("#live-status", "Updated")
+    console_site.api("DELETE", f"/api/v1/tokens/{issued['jti']}", admin)
+    # No navigation: the stream's next check says signed-out, and the shell shows the sign-in.
+    status = page.wait_text("#sign-in-status", "Signed out")
+    assert "revoked" in status.text

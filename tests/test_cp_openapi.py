@@ -19,6 +19,7 @@ from cp_helpers import (
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.strategies import SearchStrategy
 from openapi_spec_validator import validate
+from pydantic import ValidationError
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.generation.modes import GenerationMode
@@ -29,7 +30,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from controlplane.live import LIVE_PATH
 from controlplane.middlewares import REQUEST_ID_HEADER
+from controlplane.sessions.models import LiveQuery
 
 EXAMPLES_PER_OPERATION = 40
 # The promise is "thousands of generated cases in CI": the run fails if it sent fewer.
@@ -155,6 +158,7 @@ def _run_operation(cases: SearchStrategy[Any], base_url: str, token: str,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=cases)
     def run(case: Any) -> None:
+        _one_snapshot(case)
         response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {token}"})
         calls.append(response.status_code)
         if REQUEST_ID_HEADER.lower() not in {name.lower() for name in response.headers}:
@@ -171,6 +175,22 @@ def _run_operation(cases: SearchStrategy[Any], base_url: str, token: str,
                             for failure in group.exceptions)
 
     run()
+
+
+def _one_snapshot(case: Any) -> None:
+    """A live stream answers for minutes: where the generated query would open one, it asks for
+    one snapshot instead (once=true; the rest of the query is kept), so the run never waits."""
+    if case.operation.path != LIVE_PATH:
+        return
+    query = dict(case.query or {})
+    as_sent = {name: str(value).lower() if isinstance(value, bool) else value
+               for name, value in query.items()}
+    try:
+        streams = not LiveQuery.model_validate(as_sent).once
+    except ValidationError:
+        return  # refused with 400 before anything is streamed
+    if streams:
+        case.query = {**query, "once": True}
 
 
 async def test_schemathesis_finds_no_server_error(aiohttp_client: ClientFactory,

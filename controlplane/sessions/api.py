@@ -244,11 +244,16 @@ async def get_job_view(request: web.Request) -> web.Response:
     return reply(job_out(job, await job_status(services, job)))
 
 
+async def session_jobs(services: Services, session_id: str) -> list[JobOut]:
+    """The session's consumer jobs, oldest first, each with its launcher's current state."""
+    return [job_out(job, await job_status(services, job))
+            for job in await list_jobs(services.store, session_id)]
+
+
 async def list_jobs_view(request: web.Request) -> web.Response:
     services = _services(request)
     session = await existing_session(services, request.match_info["session"])
-    jobs = await list_jobs(services.store, session.id)
-    return reply(JobList(items=[job_out(job, await job_status(services, job)) for job in jobs]))
+    return reply(JobList(items=await session_jobs(services, session.id)))
 
 
 async def cancel_job_view(request: web.Request) -> web.Response:

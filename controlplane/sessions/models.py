@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, RootModel, StringConstraints, model_validator
 
 from common.answers import (
     MAX_COUNT,
@@ -20,7 +20,14 @@ from common.config import ConnectEndpoint, CurveKey
 from common.protocol import MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
 from controlplane.launchers import JobState
-from controlplane.schemas import Name, QueryParams, RequestBody, ResponseBody, Ttl
+from controlplane.schemas import (
+    GatewayOut,
+    Name,
+    QueryParams,
+    RequestBody,
+    ResponseBody,
+    Ttl,
+)
 from controlplane.sessions.core import LeaseState, ScanSource, SessionState
 from controlplane.templates.loader import NAME_PATTERN as TEMPLATE_NAME_PATTERN
 
@@ -174,3 +181,34 @@ class SessionOpened(SessionOut):
     token_type: Literal["Bearer"] = "Bearer"
     token_expires_at: datetime
 
+
+
+class LiveQuery(QueryParams):
+    once: bool = False  # one snapshot, then the answer ends
+
+
+class LiveSession(SessionDetail):
+    """An open session as the live view shows it: its detail and its consumer jobs."""
+
+    jobs: list[JobOut]
+
+
+class LiveSnapshot(ResponseBody):
+    """What the live view shows now: the open sessions the caller may read, newest first, the
+    newest of them in detail, and the gateways' counters of those sessions."""
+
+    at: datetime
+    sessions: list[SessionOut]
+    inspected: list[LiveSession]
+    more: int  # open sessions not inspected
+    gateways: list[GatewayOut]
+
+
+class SignedOutEvent(ResponseBody):
+    """Why a live stream ended: its caller's token or console sign-in no longer holds."""
+
+    reason: str
+
+
+class LiveEvent(RootModel[LiveSnapshot | SignedOutEvent]):
+    """The data of one live event: a snapshot, or the reason the stream was signed out."""

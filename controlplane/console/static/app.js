@@ -25,10 +25,15 @@ const nav = document.getElementById("nav");
 const who = document.getElementById("who");
 let session = null;
 let timers = [];
+let leaving = [];
 
-function stopTimers() {
+// Leaving a page: its polls stop and its onLeave hooks run (closing what it holds open).
+function leavePage() {
   timers.forEach(clearInterval);
   timers = [];
+  const hooks = leaving;
+  leaving = [];
+  hooks.forEach((fn) => fn());
 }
 
 function pagesFor(current) {
@@ -42,12 +47,14 @@ function context() {
     navigate: (hash) => { location.hash = hash; },
     // Runs fn now and every ms until the page is left.
     every: (ms, fn) => { fn(); timers.push(setInterval(fn, ms)); },
+    // Runs fn when the page is left (another page, a re-render, or signing out).
+    onLeave: (fn) => { leaving.push(fn); },
     refresh: () => route(),
   };
 }
 
 async function route() {
-  stopTimers();
+  leavePage();
   if (!session) {
     return;
   }
@@ -90,7 +97,7 @@ async function signOut() {
 }
 
 function signedOut(message) {
-  stopTimers();
+  leavePage();
   session = null;
   setCsrf("");
   nav.hidden = true;

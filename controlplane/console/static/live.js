@@ -1,16 +1,12 @@
 // The live page: gateways, open sessions with their consumers (and leases) and jobs, and the scans
-// in progress with their rates and backpressure, polled every 2 s without reloading the page.
-// Rates come from two successive samples of the gateways' counters (GET /api/v1/gateways).
+// in progress with their rates and backpressure, as the service sends them (GET /api/v1/live, a
+// stream of server-sent snapshots every 2 s, authorized and audited once per connection).
+// Rates come from two successive samples of the gateways' counters.
 
-import { api, ApiError, path } from "./api.js";
+import { api, ApiError } from "./api.js";
 import { bytes, errorBox, h, replace, table, when } from "./dom.js";
 
-const POLL_MS = 2000;
-// Every request is rate-limited and audited: the sessions and the gateways' counters are asked
-// for at every poll, each session's consumers and jobs only every DETAIL_EVERY polls (or when the
-// open sessions change), and for at most MAX_DETAILED sessions.
-const DETAIL_EVERY = 5;
-const MAX_DETAILED = 8;
+const STREAM = "/api/v1/live";
 
 export async function render(main, args, context) {
   const status = h("div", { id: "live-status", role: "status", class: "muted" }, "Loading…");
@@ -20,63 +16,44 @@ export async function render(main, args, context) {
   const details = h("section", { id: "live-details" });
   main.append(status, gateways, scans, sessions, details);
   const rates = new Rates();
-  const inspector = new Inspector();
-  let busy = false;
-  context.every(POLL_MS, async () => {
-    if (busy) {
-      return;  // the previous poll is still waiting for an answer
-    }
-    busy = true;
-    try {
-      const snapshot = await poll(inspector);
-      rates.sample(snapshot.gateways);
-      show(snapshot, rates, { gateways, scans, sessions, details });
-      replace(status, `Updated ${new Date().toLocaleTimeString()}, every ${POLL_MS / 1000} s.`);
-    } catch (error) {
-      if (error instanceof ApiError && error.status === 401) {
-        context.refresh();  // the shell notices the sign-in has ended and says so
-        return;
-      }
-      replace(status, errorBox(error));
-    } finally {
-      busy = false;
+  // Same origin: the browser sends the sign-in cookie; a GET needs no CSRF token.
+  const source = new EventSource(STREAM);
+  context.onLeave(() => source.close());
+  source.addEventListener("snapshot", (message) => {
+    const snapshot = JSON.parse(message.data);
+    rates.sample(snapshot.gateways);
+    show(snapshot, rates, { gateways, scans, sessions, details });
+    replace(status, `Updated ${new Date().toLocaleTimeString()}, live.`);
+  });
+  source.addEventListener("signed-out", () => {
+    source.close();
+    context.refresh();  // the shell notices the sign-in has ended and says so
+  });
+  source.addEventListener("error", () => {
+    if (source.readyState === EventSource.CLOSED) {
+      refused(status, context);
+    } else {
+      // The stream ended (it lasts minutes) or the connection dropped: the browser reconnects.
+      replace(status, "Reconnecting…");
     }
   });
 }
 
-async function poll(inspector) {
-  const [listed, gateways] = await Promise.all([
-    api("GET", "/api/v1/sessions"), api("GET", "/api/v1/gateways")]);
-  const open = listed.items.filter((s) => s.state === "open")
-    .sort((a, b) => b.created_at.localeCompare(a.created_at));
-  const inspected = await inspector.inspect(open.slice(0, MAX_DETAILED));
-  return { open, inspected, gateways: gateways.items, more: open.length - inspected.length };
-}
-
-// Each open session's detail (consumers with their leases, counters) and jobs, asked for again
-// every DETAIL_EVERY polls, or at once when the sessions inspected change.
-class Inspector {
-  constructor() {
-    this.polls = 0;
-    this.ids = "";
-    this.last = [];
-  }
-
-  async inspect(sessions) {
-    const ids = sessions.map((s) => s.id).join(" ");
-    this.polls += 1;
-    if (ids === this.ids && this.polls < DETAIL_EVERY) {
-      return this.last;
+// The stream was refused, and EventSource does not say why: ask once for a single snapshot to
+// read the problem (401: the shell shows the sign-in).
+async function refused(status, context) {
+  const again = h("button", { type: "button", id: "live-reconnect",
+    onclick: () => context.refresh() }, "Reconnect");
+  try {
+    const response = await api("GET", `${STREAM}?once=true`, { raw: true });
+    await response.body.cancel();
+    replace(status, "The live stream was interrupted. ", again);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) {
+      context.refresh();
+      return;
     }
-    this.last = await Promise.all(sessions.map(async (session) => {
-      const id = path(session.id);
-      const [detail, jobs] = await Promise.all([
-        api("GET", `/api/v1/sessions/${id}`), api("GET", `/api/v1/sessions/${id}/jobs`)]);
-      return { ...detail, jobs: jobs.items };
-    }));
-    this.ids = ids;
-    this.polls = 0;
-    return this.last;
+    replace(status, errorBox(error), again);
   }
 }
 
@@ -116,7 +93,7 @@ function show(snapshot, rates, parts) {
   replace(parts.gateways, h("h2", {}, "Gateways"), gatewayTable(snapshot.gateways, rates));
   replace(parts.scans, h("h2", {}, "Scans in progress"), scanTable(snapshot.gateways, rates));
   replace(parts.sessions, h("h2", {}, "Open sessions"),
-    sessionTable(snapshot.open, snapshot.inspected, counters));
+    sessionTable(snapshot.sessions, snapshot.inspected, counters));
   replace(parts.details, snapshot.inspected.map(sessionDetail),
     snapshot.more > 0 ? h("p", { class: "muted" },
       `${snapshot.more} more open sessions are not inspected here; see the scans page.`) : null);
