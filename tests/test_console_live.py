@@ -141,7 +141,7 @@ def test_a_streaming_scan_shows_with_its_rate_and_its_consumer(
             "endpoint": f"tcp://127.0.0.1:{port}", "rank": 0, "job_id": "job-1",
             "host": "node-1"})
         eventually(lambda: metric(console_site.metrics, "dsn_gateway_consumers_connected",
-                                  session["id"]) == 1, timeout_s=20,
+                                  session["id"]) == 1, timeout_s=60,
                    what="the gateway to connect to the consumer")
         page.sign_in(token)
         page.go("live")
