@@ -9,6 +9,7 @@ subprocesses on free loopback ports. ``Page`` wraps the driver with the few move
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -214,11 +215,11 @@ class Page:
             }));"""))
 
     def screenshot(self, path: Path) -> None:
-        """The whole page (up to 4,000 pixels high), as a PNG file."""
+        """The whole page, below the window's fold too (up to 4,000 pixels), as a PNG file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        height = self.driver.execute_script("return document.documentElement.scrollHeight")
-        self.driver.set_window_size(WIDTH, min(max(int(height), HEIGHT), 4000))
-        try:
-            self.driver.save_screenshot(str(path))
-        finally:
-            self.driver.set_window_size(WIDTH, HEIGHT)
+        height = min(int(self.driver.execute_script(
+            "return document.documentElement.scrollHeight")), 4000)
+        shot = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": WIDTH, "height": max(height, HEIGHT), "scale": 1}})
+        path.write_bytes(base64.b64decode(shot["data"]))

@@ -30,7 +30,10 @@ def _photograph(page: Page, directory: Path, name: str) -> None:
     page.screenshot(path)
     with Image.open(path) as image:
         # A page drawn, not a blank window: more than a handful of colours.
-        assert image.getcolors(maxcolors=1 << 16) is None or len(image.getcolors(1 << 16)) > 16
+        colours = image.getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 16
+        small = image.convert("RGB").quantize(colors=128)
+    small.save(path, optimize=True)  # a fifth of the size, for the docs
 
 
 def _no_error(page: Page) -> None:
