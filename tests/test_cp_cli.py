@@ -116,17 +116,19 @@ def test_serve_on_a_read_only_state_dir_left_by_a_crash_is_one_line(tmp_path: Pa
     source, state = tmp_path / "source", tmp_path / "read-only"
     assert dsn("admin", "init", "--state-dir", str(source)).exit_code == 0
     port = free_port()
-    served = subprocess.Popen([DSN, "controlplane", "serve", "--state-dir", str(source),
-                               "--port", str(port)], stderr=subprocess.PIPE)
-    eventually(lambda: _healthy(port), timeout_s=20, what="the control plane to serve")
-    served.kill()  # a crash: the write-ahead log is left behind
-    served.communicate(timeout=10)
+    # Free state-service ports too: another control plane on this machine may hold the defaults.
+    served = subprocess.Popen(_serve_command(source, port), stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: _healthy(port), timeout_s=20, what="the control plane to serve")
+    finally:
+        served.kill()  # a crash: the write-ahead log is left behind
+        served.wait(timeout=10)
     state.mkdir()
     if subprocess.run(["mount", "--bind", str(source), str(state)], check=False).returncode:
         pytest.skip("mount refused here (no CAP_SYS_ADMIN): cannot make a read-only state dir")
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(state)], check=True)
-        result = dsn("controlplane", "serve", "--state-dir", str(state), "--port", str(port))
+        result = dsn(*_serve_command(state, port)[1:])
     finally:
         subprocess.run(["umount", str(state)], check=True)
     assert_one_line_error(result, "cannot be written", "Read-only file system")
