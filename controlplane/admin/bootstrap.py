@@ -40,22 +40,24 @@ FIRST_ADMIN = "admin"  # the first admin's name unless ``dsn admin init --name``
 
 
 async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: Path | None = None,
-                     now: float | None = None) -> str:
-    """Create the state directory, store, first signing key and first admin, ``name``, with its
-    first token; return the token.
+                     now: float | None = None, database_url: str | None = None) -> str:
+    """Create the state directory, store (the SQLite file in it, or the PostgreSQL database
+    ``database_url`` names), first signing key and first admin, ``name``, with its first token;
+    return the token.
 
     The token is written to ``state_dir/admin.token`` (0600) and nowhere else; the store keeps its
-    metadata only. ConfigurationError if the directory is already initialised.
+    metadata only. ConfigurationError if the directory is already initialised; Conflict if the
+    database already has a signing key.
     """
     _check_name(name)
-    settings = Settings(state_dir=state_dir)
+    settings = Settings(state_dir=state_dir, database_url=database_url)
     token_path = state_dir / ADMIN_TOKEN_FILE
-    if token_path.exists() or settings.database.exists():
+    if token_path.exists() or (database_url is None and settings.database.exists()):
         raise ConfigurationError(f"{state_dir} is already initialised")
     policy = load_policies(policy_path or settings.policy_path)
     clock: Callable[[], float] = time.time if now is None else (lambda: now)
     await asyncio.to_thread(private_dir, state_dir)
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         await keyring.create()
@@ -172,9 +174,9 @@ def _state_keys(settings: Settings) -> None:
 async def require_initialised(settings: Settings) -> None:
     """Fail closed: never serve (and so never mint an admin) from an uninitialised directory."""
     hint = f"run 'dsn admin init --state-dir {settings.state_dir}' first"
-    if not settings.database.is_file():
+    if settings.database_url is None and not settings.database.is_file():
         raise ConfigurationError(f"{settings.state_dir} is not initialised; {hint}")
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         if not await list_signing_keys(store):
             raise ConfigurationError(f"{settings.state_dir} has no signing key; {hint}")
