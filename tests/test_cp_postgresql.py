@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from cp_helpers import ClientFactory, start_control_plane
+from test_cp_cli import assert_one_line_error, dsn
 
 from common.errors import InvalidSetting
+from controlplane.admin.bootstrap import require_initialised
 from controlplane.audit import AuditLog, AuditVerification
+from controlplane.cli import load_settings, serve
 from controlplane.errors import ConfigurationError
 from controlplane.settings import Settings
 from controlplane.store.audit import AuditFilter, search_audit
@@ -144,3 +147,27 @@ def test_a_database_url_that_is_not_postgresql_naming_a_database_is_refused(
 def test_the_dialect_layer_translates_what_sqlite_writes_otherwise(sqlite: str,
                                                                    postgresql: str) -> None:
     assert to_postgresql(sqlite) == postgresql
+
+
+def test_admin_init_and_serve_take_the_database_url_from_the_environment(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    monkeypatch.setenv("DSN_DATABASE_URL", postgres_url)
+    result = dsn("admin", "init", "--state-dir", str(state))
+    assert result.exit_code == 0, result.output
+    assert not (state / "controlplane.sqlite3").exists()
+    ctx = serve.make_context("serve", ["--state-dir", str(state)])
+    settings = load_settings(ctx, None)
+    assert settings.database_url == postgres_url
+    asyncio.run(require_initialised(settings))  # the service would start on it
+    # The database has its signing key: a second state directory cannot initialise it again.
+    assert_one_line_error(dsn("admin", "init", "--state-dir", str(tmp_path / "other")),
+                          "is already initialised (it has signing keys)")
+
+
+def test_a_bad_database_url_option_is_one_error_without_its_password(tmp_path: Path) -> None:
+    result = dsn("controlplane", "serve", "--state-dir", str(tmp_path),
+                 "--database-url", "mysql://dsn:s3cret@db/dsn")
+    assert_one_line_error(result,
+                          "--database-url: 'mysql://dsn:***@db/dsn': must be a PostgreSQL")
+    assert "s3cret" not in result.output

@@ -30,6 +30,7 @@ from controlplane.schemas import NAME_PATTERN
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.store.admins import enable_admin
+from controlplane.store.base import redacted
 from controlplane.store.engine import Store
 from controlplane.store.signing_keys import list_signing_keys
 from controlplane.store.tokens import TokenRecord
@@ -59,6 +60,10 @@ async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: P
     await asyncio.to_thread(private_dir, state_dir)
     store = await Store.open(settings.store_location)
     try:
+        if database_url is not None and await list_signing_keys(store):
+            # Another state directory holds its private keys: this one could sign nothing.
+            raise ConfigurationError(f"the database at {redacted(database_url)} is already "
+                                     "initialised (it has signing keys)")
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         await keyring.create()
         await asyncio.to_thread(_gateway_keys, settings)

@@ -119,14 +119,22 @@ def _admin_name_option(help_text: str, default: str | None = None) -> Callable[[
                     "of its tokens, named in every audit record of what it does.",
                     default=FIRST_ADMIN)
 @_policy_option
-def init(state_dir: Path, name: str, policy_path: Path | None) -> None:
+@click.option("--database-url", metavar="URL", envvar="DSN_DATABASE_URL", default=None,
+              help="Initialise this PostgreSQL database (postgresql://USER@HOST/DB, existing and "
+                   "empty) instead of the SQLite file in the state directory: the one the "
+                   "service is then given (dsn controlplane serve --database-url). Best given as "
+                   "DSN_DATABASE_URL, its password in ~/.pgpass or PGPASSWORD.  "
+                   "[default: STATE_DIR/controlplane.sqlite3]")
+def init(state_dir: Path, name: str, policy_path: Path | None, database_url: str | None) -> None:
     """Create the state directory, the first signing key, the gateway's and the state service's
     CURVE key pairs (the local gateway allowed to subscribe) and the first admin with its token.
 
     The token is written to STATE_DIR/admin.token (0600) and printed once; it is not stored
-    anywhere else (the database keeps only its id). Refuses an already initialised directory.
+    anywhere else (the database keeps only its id). Refuses an already initialised directory, and
+    a database that has a signing key already.
     """
-    token = asyncio.run(initialize(state_dir, name=name, policy_path=policy_path))
+    token = asyncio.run(initialize(state_dir, name=name, policy_path=policy_path,
+                                   database_url=database_url))
     click.echo(f"gateway CURVE keys in {state_dir / 'keys'} (server.key, server.key_secret)",
                err=True)
     click.echo(f"state service CURVE keys in {state_dir / 'keys'} (state.key, state.key_secret); "
