@@ -246,6 +246,11 @@ async def test_signing_keys_listing_and_retirement(store: Store) -> None:
     with pytest.raises(Conflict):
         await add_signing_key(store, SigningKeyRecord("old", 1.0, None, jwk))
     assert [k.kid for k in await list_signing_keys(store)] == ["old", "new"]
+    await add_signing_key(store, SigningKeyRecord("b-same-time", 3.0, None, jwk))
+    await add_signing_key(store, SigningKeyRecord("a-same-time", 3.0, None, jwk))
+    await retire_signing_key(store, "b-same-time", 4.0)  # an update moves no row in the order
+    # One clock reading: in the order they were added (the newest signs).
+    assert [k.kid for k in await list_signing_keys(store)][2:] == ["b-same-time", "a-same-time"]
     assert (await retire_signing_key(store, "old", 5.0)).retired_at == 5.0
     assert (await retire_signing_key(store, "old", 6.0)).retired_at == 5.0
     with pytest.raises(NotFound):

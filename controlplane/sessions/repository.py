@@ -226,8 +226,7 @@ async def get_job(store: Store, session_id: str, job_id: str) -> JobRecord | Non
 
 async def list_jobs(store: Store, session_id: str) -> list[JobRecord]:
     """The session's jobs in the order they were submitted."""
-    # Ties (one clock reading) by id: PostgreSQL has no rowid to keep the insertion order.
-    rows = await store.read("SELECT * FROM jobs WHERE session_id = ? ORDER BY submitted_at, id",
+    rows = await store.read("SELECT * FROM jobs WHERE session_id = ? ORDER BY submitted_at, rowid",
                             (session_id,))
     return [_record(JobRecord, row) for row in rows]
 

@@ -11,7 +11,7 @@ that it is a hash chain, is this feature's business.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 
 from controlplane.store.engine import Conn, Row, Store
 
@@ -43,6 +43,11 @@ def _audit(row: Row) -> AuditRecord:
                        hash=row["hash"], count=int(row["count"]))
 
 
+# Its columns named: on PostgreSQL ``count``, added later, comes after the table's ``rowid``.
+_INSERT_RECORD = (f"INSERT INTO audit ({', '.join(f.name for f in fields(AuditRecord))}) "
+                  f"VALUES ({', '.join('?' * len(fields(AuditRecord)))})")
+
+
 async def append_audit(store: Store, build: AuditBuilder) -> AuditRecord:
     """Append ``build(next_seq, head_hash)`` and move the chain head; return once committed.
 
@@ -69,9 +74,7 @@ async def _append_chain(builds: Sequence[AuditBuilder], conn: Conn) -> list[Audi
         record = build(seq + 1, prev)
         records.append(record)
         seq, prev = record.seq, record.hash
-    # AuditRecord's fields are declared in the table's column order.
-    await conn.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [astuple(record) for record in records])
+    await conn.executemany(_INSERT_RECORD, [astuple(record) for record in records])
     await conn.execute("INSERT INTO audit_head VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE "
                        "SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
     return records

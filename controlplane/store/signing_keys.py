@@ -36,8 +36,7 @@ async def add_signing_key(store: Store, rec: SigningKeyRecord) -> None:
 
 async def list_signing_keys(store: Store) -> list[SigningKeyRecord]:
     """All keys, retired ones included, oldest first."""
-    # Ties (one clock reading) by kid: PostgreSQL has no rowid to keep the insertion order.
-    rows = await store.read("SELECT * FROM signing_keys ORDER BY created_at, kid")
+    rows = await store.read("SELECT * FROM signing_keys ORDER BY created_at, rowid")
     return [_signing_key(row) for row in rows]
 
 
