@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 from cp_helpers import ClientFactory, start_control_plane
 from test_cp_cli import assert_one_line_error, dsn
@@ -19,11 +20,13 @@ from common.errors import InvalidSetting
 from controlplane.admin.bootstrap import require_initialised
 from controlplane.audit import AuditLog, AuditVerification
 from controlplane.cli import load_settings, serve
-from controlplane.errors import ConfigurationError
+from controlplane.errors import ConfigurationError, Unavailable
 from controlplane.settings import Settings
 from controlplane.store.audit import AuditFilter, search_audit
 from controlplane.store.dialect import to_postgresql
 from controlplane.store.engine import Store
+from controlplane.store.migrations import SCHEMA_VERSION
+from controlplane.store.projects import Project, create_project, list_projects
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,6 +36,8 @@ APPENDER = """
 import asyncio, sys
 from controlplane.audit import AuditLog
 from controlplane.store.engine import Store
+from controlplane.store.migrations import SCHEMA_VERSION
+from controlplane.store.projects import Project, create_project, list_projects
 
 async def main(url, count):
     store = await Store.open(url)
@@ -75,6 +80,42 @@ async def test_two_processes_appending_at_once_keep_one_chain(postgres_url: str)
         ids = [record.request_id for record in await audit.list(limit=2 * count)]
         assert sorted(ids) == sorted([f"this-{n}" for n in range(count)]
                                      + [f"other-{n}" for n in range(count)])
+    finally:
+        await store.close()
+
+
+async def test_control_planes_starting_together_on_an_empty_database_migrate_it_once(
+        postgres_url: str) -> None:
+    stores = await asyncio.gather(*(Store.open(postgres_url) for _ in range(3)))
+    try:
+        await create_project(stores[0], Project("alpha"))
+        assert [[p.name for p in await list_projects(store)] for store in stores] == [["alpha"]] * 3
+        assert await stores[1].read("SELECT version FROM schema_version", ()) == [(SCHEMA_VERSION,)]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_after_the_server_drops_its_connections_the_store_connects_again(
+        postgres_url: str) -> None:
+    store = await Store.open(postgres_url)
+    try:
+        await create_project(store, Project("before"))
+        # The server ends the service's connections (a restart, a failover, an admin), and waits
+        # (up to 10 s) for them to be gone.
+        terminator = await asyncpg.connect(postgres_url)
+        try:
+            await terminator.execute("SELECT pg_terminate_backend(pid, 10000) "
+                                     "FROM pg_stat_activity "
+                                     "WHERE application_name = 'dsn-controlplane'")
+        finally:
+            await terminator.close()
+        try:  # Unavailable if sent before the loss is noticed: never a write lost unsaid
+            await create_project(store, Project("at-once"))
+        except Unavailable:
+            pass
+        await create_project(store, Project("after"))
+        assert {"before", "after"} <= {p.name for p in await list_projects(store)}
     finally:
         await store.close()
 
