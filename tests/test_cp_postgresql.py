@@ -192,7 +192,7 @@ def test_the_dialect_layer_translates_what_sqlite_writes_otherwise(sqlite: str,
     assert to_postgresql(sqlite) == postgresql
 
 
-def test_admin_init_and_serve_take_the_database_url_from_the_environment(
+def test_admin_commands_and_serve_take_the_database_url_from_the_environment(
         postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
     monkeypatch.setenv("DSN_DATABASE_URL", postgres_url)
@@ -203,6 +203,13 @@ def test_admin_init_and_serve_take_the_database_url_from_the_environment(
     settings = load_settings(ctx, None)
     assert settings.database_url == postgres_url
     asyncio.run(require_initialised(settings))  # the service would start on it
+    # What works on the state without the service works on the database too.
+    recovered = dsn("admin", "recover", "--state-dir", str(state), "--name", "admin",
+                    "--out", str(tmp_path / "recovered.token"))
+    assert recovered.exit_code == 0, recovered.output
+    verified = dsn("admin", "audit", "verify", "--offline", "--state-dir", str(state))
+    assert verified.exit_code == 0, verified.output
+    assert "audit chain ok: 2 records" in verified.output  # the init and the recovery
     # The database has its signing key: a second state directory cannot initialise it again.
     assert_one_line_error(dsn("admin", "init", "--state-dir", str(tmp_path / "other")),
                           "is already initialised (it has signing keys)")

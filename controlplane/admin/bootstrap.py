@@ -78,20 +78,21 @@ async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: P
 
 async def recover(state_dir: Path, *, name: str, out: Path, ttl_s: int | None = None,
                   revoke_others: bool = False, policy_path: Path | None = None,
-                  now: float | None = None) -> Claims:
+                  now: float | None = None, database_url: str | None = None) -> Claims:
     """Without the service: make ``name`` an active admin again (or a new one) and write a fresh
     token of it to ``out`` (0600, a new file), revoking its other tokens if ``revoke_others`` (lost
     ones may have been stolen), recorded as an audited ``admin.recover`` by the OS user.
 
     Whoever can write the state directory holds the signing keys already: this grants no power
-    they lack, it only does properly what they could do by hand."""
+    they lack, it only does properly what they could do by hand. ``database_url``: the service's
+    PostgreSQL database, if its state is there."""
     _check_name(name)
-    settings = Settings(state_dir=state_dir)
+    settings = Settings(state_dir=state_dir, database_url=database_url)
     await require_initialised(settings)
     policy = load_policies(policy_path or settings.policy_path)
     cap = policy.lifetime_cap(TokenKind.ADMIN)
     clock: Callable[[], float] = time.time if now is None else (lambda: now)
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         grant = _Grant(settings, policy, store, keyring, clock)
@@ -194,13 +195,16 @@ async def require_initialised(settings: Settings) -> None:
                                  "and rename it to state.key / state.key_secret")
 
 
-async def verify_offline(state_dir: Path, checkpoints: Path | None = None) -> dict[str, Any]:
-    """The audit chain in ``state_dir``'s database, checked against the signed checkpoints in
-    ``checkpoints`` (default: the service's default checkpoint file)."""
-    settings = Settings(state_dir=state_dir, audit_checkpoint_file=checkpoints)
-    if not settings.database.is_file():
+async def verify_offline(state_dir: Path, checkpoints: Path | None = None,
+                         database_url: str | None = None) -> dict[str, Any]:
+    """The audit chain in ``state_dir``'s database (or the PostgreSQL one ``database_url`` names),
+    checked against the signed checkpoints in ``checkpoints`` (default: the service's default
+    checkpoint file)."""
+    settings = Settings(state_dir=state_dir, audit_checkpoint_file=checkpoints,
+                        database_url=database_url)
+    if database_url is None and not settings.database.is_file():
         raise ConfigurationError(f"no control plane database at {settings.database}")
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         result = await anchored_verification(AuditLog(store), store, settings.audit_checkpoints,
                                              issuer=settings.issuer)
