@@ -23,6 +23,7 @@ from controlplane.cli import load_settings, serve
 from controlplane.errors import ConfigurationError, Unavailable
 from controlplane.settings import Settings
 from controlplane.store.audit import AuditFilter, search_audit
+from controlplane.store.base import redacted
 from controlplane.store.dialect import to_postgresql
 from controlplane.store.engine import Store
 from controlplane.store.migrations import SCHEMA_VERSION
@@ -156,6 +157,16 @@ async def test_the_password_of_an_unreachable_database_stays_out_of_errors_and_l
     assert "cannot connect to the database at postgresql://dsn:***@/dsn" in str(caught.value)
     assert "s3cret" not in str(caught.value) and "s3cret" not in caplog.text
     assert "s3cret" not in repr(Settings(state_dir=tmp_path, database_url=url))
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://dsn:pw@db-host/dsn", "postgresql://dsn:***@db-host/dsn"),
+    ("postgresql://dsn@/dsn?host=/run/postgresql&password=pw",
+     "postgresql://dsn@/dsn?host=/run/postgresql&password=***"),
+    ("postgresql://dsn@db-host:5433/dsn", "postgresql://dsn@db-host:5433/dsn"),
+])
+def test_a_database_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
 
 
 @pytest.mark.parametrize("url", ["mysql://dsn@db/dsn", "postgresql://dsn:pw@db-host/",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from controlplane.errors import Unavailable
 
@@ -89,10 +89,14 @@ def time_or_none(value: float | None) -> float | None:
 
 
 def redacted(url: str) -> str:
-    """``url`` with its password, if any, replaced: what may be logged or shown."""
+    """``url`` with its password, if any (in the user part or as a ``password`` parameter),
+    replaced: what may be logged or shown."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    query = urlencode([(key, "***" if key == "password" else value)
+                       for key, value in parse_qsl(parts.query, keep_blank_values=True)],
+                      safe="/*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
