@@ -22,7 +22,7 @@ from common.config import next_port, parse_endpoint
 from common.errors import InvalidSetting
 from common.settingsfile import Layout
 from controlplane.launchers import LAUNCHERS
-from controlplane.store.base import redacted
+from controlplane.store.base import DATABASE_URL_SCHEMES, redacted
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_STATE_DIR: Final = Path(".dsn")
@@ -329,7 +329,7 @@ def _check_metrics_urls(urls: tuple[str, ...]) -> None:
 def _check_database_url(url: str) -> None:
     parts = urlsplit(url)
     # Named by its redacted form: the error is shown and may be logged, the password must not be.
-    _require(parts.scheme in ("postgresql", "postgres") and len(parts.path) > 1
+    _require(parts.scheme in DATABASE_URL_SCHEMES and len(parts.path) > 1
              and not any(c.isspace() for c in url), "database_url", redacted(url),
              "must be a PostgreSQL URL naming its database, such as "
              "postgresql://dsn@db-host/dsn (the password from ~/.pgpass or PGPASSWORD)")

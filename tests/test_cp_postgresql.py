@@ -232,3 +232,9 @@ def test_a_bad_database_url_option_is_one_error_without_its_password(tmp_path: P
     assert_one_line_error(result,
                           "--database-url: 'mysql://dsn:***@db/dsn': must be a PostgreSQL")
     assert "s3cret" not in result.output
+
+
+async def test_a_store_location_given_as_text_must_be_a_postgresql_url() -> None:
+    with pytest.raises(ConfigurationError, match="'mysql://dsn:\\*\\*\\*@db/dsn' is not a "
+                                                 "PostgreSQL URL"):
+        await Store.open("mysql://dsn:pw@db/dsn")

@@ -17,6 +17,8 @@ from controlplane.errors import Unavailable
 
 T = TypeVar("T")
 
+DATABASE_URL_SCHEMES = ("postgresql", "postgres")  # as libpq and asyncpg accept them
+
 
 class Row(Protocol):
     def __getitem__(self, key: Any, /) -> Any: ...

@@ -31,12 +31,21 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from controlplane.errors import Unavailable
-from controlplane.store.base import Backend, Conn, Row, time_or_none, unavailable
+from controlplane.errors import ConfigurationError, Unavailable
+from controlplane.store.base import (
+    DATABASE_URL_SCHEMES,
+    Backend,
+    Conn,
+    Row,
+    redacted,
+    time_or_none,
+    unavailable,
+)
 from controlplane.store.sqlite import SqliteBackend
 
-__all__ = ["MAX_BATCH", "Conn", "Row", "Store", "is_database_url", "time_or_none"]
+__all__ = ["MAX_BATCH", "Conn", "Row", "Store", "time_or_none"]
 
 # The package's name, not this module's: log filters name the store, not how it is laid out.
 log = logging.getLogger("controlplane.store")
@@ -47,16 +56,10 @@ ItemT = TypeVar("ItemT")
 DEFAULT_BUSY_TIMEOUT_S = 2.0
 # Bounds one transaction, so a burst cannot grow the batch (and its latency) without limit.
 MAX_BATCH = 256
-DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
 
 # A grouped write's body: given the items queued for it in one batch (in queue order), it returns
 # one result per item.
 GroupBody = Callable[[list[Any], Conn], Awaitable[list[Any]]]
-
-
-def is_database_url(location: Path | str) -> bool:
-    """Whether ``location`` names a PostgreSQL database rather than a SQLite file."""
-    return isinstance(location, str) and location.startswith(DATABASE_URL_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -116,15 +119,18 @@ class Store:
     @classmethod
     async def open(cls, location: Path | str, *,
                    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Store:
-        """Open and migrate the database at ``location``: a SQLite file (created, with its 0700
-        directory, if needed) or a ``postgresql://`` URL of an existing database."""
+        """Open and migrate the database at ``location``: a SQLite file's path (created, with its
+        0700 directory, if needed) or the ``postgresql://`` URL of an existing database."""
         backend: Backend
-        if is_database_url(location):
+        if isinstance(location, Path):
+            backend = await SqliteBackend.open(location, busy_timeout_s)
+        elif urlsplit(location).scheme in DATABASE_URL_SCHEMES:
             # Imported here: a SQLite deployment never loads the PostgreSQL driver.
             from controlplane.store.postgresql import PostgresBackend
-            backend = await PostgresBackend.open(str(location), busy_timeout_s)
+            backend = await PostgresBackend.open(location, busy_timeout_s)
         else:
-            backend = await SqliteBackend.open(Path(location), busy_timeout_s)
+            raise ConfigurationError(f"{redacted(location)!r} is not a PostgreSQL URL "
+                                     "(postgresql://USER@HOST/DB)")
         store = cls(backend)
         store._writer = asyncio.create_task(store._run_writer(), name="controlplane-store-writer")
         return store
