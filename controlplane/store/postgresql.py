@@ -13,9 +13,13 @@ The writer is one connection, as with SQLite: the engine's group commit runs eac
 one ``BEGIN ... COMMIT`` (READ COMMITTED), each write under its savepoint. ``synchronous_commit``
 is forced on for it, so a COMMIT returns only once the batch is durable, whatever the server's
 default; ``lock_timeout`` is the busy timeout, so a lock another process holds too long is 503 with
-``Retry-After``, not a hang. If the server drops the connection, the batch fails (503) and the next
-one connects again. Reads go to a small pool of read-only connections (a write sent there by
-mistake fails), one autocommit statement each.
+``Retry-After``, not a hang. When the server has dropped the connection (a restart, a failover),
+the next batch connects again; one sent before the loss was noticed fails (503), never silently.
+Reads go to a small pool of read-only connections (a write sent there by mistake fails), one
+autocommit statement each.
+
+Deadlocks and serialisation failures between processes are 503 with ``Retry-After`` too: the
+server has rolled the batch back, so nothing of it was written.
 
 The schema version lives in a one-row ``schema_version`` table; each migration step takes an
 advisory lock first, so control planes starting together against one database migrate it once.
