@@ -18,8 +18,8 @@ the next batch connects again; one sent before the loss was noticed fails (503),
 Reads go to a small pool of read-only connections (a write sent there by mistake fails), one
 autocommit statement each.
 
-Deadlocks and serialisation failures between processes are 503 with ``Retry-After`` too: the
-server has rolled the batch back, so nothing of it was written.
+A deadlock or serialisation failure between processes is, like a lock timeout, 503 with
+``Retry-After`` for the write it hit (its savepoint undone), worth retrying.
 
 The schema version lives in a one-row ``schema_version`` table; each migration step takes an
 advisory lock first, so control planes starting together against one database migrate it once.
