@@ -74,7 +74,7 @@ def _check_routes(routes: tuple[RouteSpec, ...]) -> None:
 
 def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def open_services(app: web.Application) -> AsyncIterator[None]:
-        store = await Store.open(settings.database)
+        store = await Store.open(settings.store_location)
         try:
             state = _state_service(settings, store)
             try:

@@ -115,6 +115,12 @@ def _state_endpoints(ctx: click.Context, from_file: Given) -> Given:
               help="File the signed checkpoints of the audit chain are appended to; keep it out "
                    "of reach of whoever could rewrite the database (chattr +a, another disk or "
                    "host).  [default: STATE_DIR/audit-checkpoints.jsonl]")
+@click.option("--database-url", metavar="URL", envvar="DSN_DATABASE_URL", default=None,
+              help="Keep the state in this PostgreSQL database (postgresql://USER@HOST/DB), which "
+                   "several control planes may share, instead of the SQLite file in the state "
+                   "directory. Best given as DSN_DATABASE_URL or in the --config file, with the "
+                   "password in ~/.pgpass or PGPASSWORD, not on a command line.  "
+                   "[default: STATE_DIR/controlplane.sqlite3]")
 @click.pass_context
 def serve(ctx: click.Context, /, config_path: Path | None, **_options: object) -> None:
     """Serve the REST API until SIGINT or SIGTERM.

@@ -22,6 +22,7 @@ from common.config import next_port, parse_endpoint
 from common.errors import InvalidSetting
 from common.settingsfile import Layout
 from controlplane.launchers import LAUNCHERS
+from controlplane.store.base import DATABASE_URL_SCHEMES, redacted
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_STATE_DIR: Final = Path(".dsn")
@@ -100,6 +101,11 @@ class Settings:
     ``console_session_s`` is the longest a web-console sign-in lasts (never past its token's
     expiry); its cookie is ``Secure`` when ``public_url`` is https or the request came over TLS.
 
+    Store: ``database_url`` (``postgresql://user@host/db``) puts the state in that PostgreSQL
+    database, which several control planes may share; None (the default) keeps it in the SQLite
+    file ``STATE_DIR/controlplane.sqlite3``. Its password is best left out of it (``~/.pgpass`` or
+    ``PGPASSWORD``); it is never logged.
+
     State service: ``state_endpoints`` are where gateways fetch snapshots (ROUTER) and subscribe to
     updates (PUB); ``reconcile_s`` is how often the published sessions are compared with the store,
     which is how expiries (sessions, leases) reach the gateways. Its CURVE key pair is
@@ -140,6 +146,8 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     console_session_s: int = 8 * 3600
     gateway_metrics: tuple[str, ...] = ()
+    # Out of the repr: the URL may carry the database password.
+    database_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _within("port", self.port, 1, 65535)
@@ -182,6 +190,8 @@ class Settings:
                  "set public_url (--public-url), the URL they reach this service at")
 
         _check_metrics_urls(self.gateway_metrics)
+        if self.database_url is not None:
+            _check_database_url(self.database_url)
         for network in self.trusted_proxies:
             try:
                 ipaddress.ip_network(network)
@@ -207,7 +217,13 @@ class Settings:
 
     @property
     def database(self) -> Path:
+        """The SQLite database file (used unless ``database_url`` names a PostgreSQL one)."""
         return self.state_dir / DATABASE_NAME
+
+    @property
+    def store_location(self) -> Path | str:
+        """What ``Store.open`` is given: ``database_url`` if set, else the SQLite file."""
+        return self.database_url or self.database
 
     @property
     def audit_checkpoints(self) -> Path:
@@ -308,6 +324,15 @@ def _check_metrics_urls(urls: tuple[str, ...]) -> None:
                  "must be an http(s) URL of a gateway's metrics page, such as "
                  "http://gateway-host:9100/metrics (no user, password or fragment)")
         _require(urls.count(url) == 1, "gateway_metrics", url, "is listed twice")
+
+
+def _check_database_url(url: str) -> None:
+    parts = urlsplit(url)
+    # Named by its redacted form: the error is shown and may be logged, the password must not be.
+    _require(parts.scheme in DATABASE_URL_SCHEMES and len(parts.path) > 1
+             and not any(c.isspace() for c in url), "database_url", redacted(url),
+             "must be a PostgreSQL URL naming its database, such as "
+             "postgresql://dsn@db-host/dsn (the password from ~/.pgpass or PGPASSWORD)")
 
 
 def _check_handed_endpoint(name: str, value: str) -> None:

@@ -10,6 +10,9 @@ import browser
 import pytest
 import zmq
 from cp_helpers import gateway_process, served_on, start_control_plane
+from databases import Database, PostgresDatabase, SqliteDatabase
+from postgres_server import PostgresServer, running_server
+from postgres_server import missing as postgres_missing
 from slurm_cluster import Cluster, missing, running_cluster
 
 from common.keys import KeyPair, create_keypair, load_keypair
@@ -95,3 +98,32 @@ def page(chromium: Any, console_site: browser.Site) -> browser.Page:
     """The browser on the console, signed out (no cookie left from another test)."""
     chromium.delete_all_cookies()
     return browser.Page(chromium, console_site)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session (each test gets a database of its own)."""
+    if (reason := postgres_missing()) is not None:
+        pytest.skip(reason)
+    try:
+        with running_server() as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.skip(f"PostgreSQL would not start here: {exc}")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database, dropped after the test."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """The store's database on each engine: the SQLite file in a fresh state directory, or a
+    fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return SqliteDatabase(tmp_path / "state" / "controlplane.sqlite3")
+    return PostgresDatabase(request.getfixturevalue("postgres_url"))

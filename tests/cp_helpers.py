@@ -166,7 +166,8 @@ async def start_control_plane(aiohttp_client: ClientFactory, state_dir: Path, *,
     if token_file.exists():
         admin_token = token_file.read_text().strip()
     else:
-        admin_token = await initialize(state_dir, policy_path=policy_path, now=clock())
+        admin_token = await initialize(state_dir, policy_path=policy_path, now=clock(),
+                                       database_url=overrides.get("database_url"))
     overrides.setdefault("state_endpoints", free_state_endpoints())
     settings = Settings(state_dir=state_dir, clock=clock, policy_path=policy_path, **overrides)
     client = await aiohttp_client(create_app(settings))

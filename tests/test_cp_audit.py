@@ -1,15 +1,15 @@
-"""The audit chain on a real SQLite store: appends, tamper detection, sink failure, restarts."""
+"""The audit chain on a real store, on SQLite and on PostgreSQL: appends, tamper detection, sink
+failure, restarts, and several processes appending to one database."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable
 from functools import partial
-from pathlib import Path
 
 import pytest
+from databases import Database
 
 from controlplane.audit import (
     GENESIS_HASH,
@@ -36,13 +36,8 @@ class StepClock:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "controlplane.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
+async def store(database: Database) -> AsyncIterator[Store]:
+    opened = await Store.open(database.location)
     yield opened
     await opened.close()
 
@@ -59,11 +54,9 @@ async def _append(audit: AuditLog, count: int, *, first: int = 1) -> None:
                            rule=f"rule-{n}", request_id=f"req-{n}")
 
 
-def _tamper(db_path: Path, *statements: str) -> None:
-    # A second, independent connection: what an intruder with file access would do.
-    with sqlite3.connect(db_path) as conn:
-        for statement in statements:
-            conn.execute(statement)
+async def _tamper(database: Database, *statements: str) -> None:
+    # A second, independent connection: what an intruder with access to the database would do.
+    await database.sql(*statements)
 
 
 async def test_records_carry_every_field_and_chain_from_genesis(audit: AuditLog) -> None:
@@ -104,34 +97,34 @@ async def test_an_unknown_decision_is_refused(audit: AuditLog) -> None:
                            rule="x", request_id="q")
 
 
-async def test_an_edited_field_is_detected(audit: AuditLog, db_path: Path) -> None:
+async def test_an_edited_field_is_detected(audit: AuditLog, database: Database) -> None:
     await _append(audit, 5)
-    _tamper(db_path, "UPDATE audit SET decision = 'allow' WHERE seq = 4")
+    await _tamper(database, "UPDATE audit SET decision = 'allow' WHERE seq = 4")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq, result.records) == (False, 4, 3)
     assert "modified" in result.problem
 
 
-async def test_a_deleted_middle_record_is_detected(audit: AuditLog, db_path: Path) -> None:
+async def test_a_deleted_middle_record_is_detected(audit: AuditLog, database: Database) -> None:
     await _append(audit, 5)
-    _tamper(db_path, "DELETE FROM audit WHERE seq = 3")
+    await _tamper(database, "DELETE FROM audit WHERE seq = 3")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq) == (False, 3)
     assert "missing" in result.problem
 
 
 async def test_a_deleted_and_renumbered_record_is_detected(audit: AuditLog,
-                                                           db_path: Path) -> None:
+                                                           database: Database) -> None:
     await _append(audit, 5)
-    _tamper(db_path, "DELETE FROM audit WHERE seq = 3",
+    await _tamper(database, "DELETE FROM audit WHERE seq = 3",
             "UPDATE audit SET seq = seq - 1 WHERE seq > 3")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq) == (False, 3)
 
 
-async def test_reordered_records_are_detected(audit: AuditLog, db_path: Path) -> None:
+async def test_reordered_records_are_detected(audit: AuditLog, database: Database) -> None:
     await _append(audit, 5)
-    _tamper(db_path, "UPDATE audit SET seq = -2 WHERE seq = 2",
+    await _tamper(database, "UPDATE audit SET seq = -2 WHERE seq = 2",
             "UPDATE audit SET seq = 2 WHERE seq = 3",
             "UPDATE audit SET seq = 3 WHERE seq = -2")
     result = await audit.verify()
@@ -139,24 +132,24 @@ async def test_reordered_records_are_detected(audit: AuditLog, db_path: Path) ->
     assert "does not link" in result.problem
 
 
-async def test_a_deleted_tail_record_is_detected(audit: AuditLog, db_path: Path) -> None:
+async def test_a_deleted_tail_record_is_detected(audit: AuditLog, database: Database) -> None:
     await _append(audit, 5)
-    _tamper(db_path, "DELETE FROM audit WHERE seq = 5")
+    await _tamper(database, "DELETE FROM audit WHERE seq = 5")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq, result.records) == (False, 5, 4)
     assert "deleted from the end" in result.problem
 
 
-async def test_a_wholly_emptied_log_is_detected(audit: AuditLog, db_path: Path) -> None:
+async def test_a_wholly_emptied_log_is_detected(audit: AuditLog, database: Database) -> None:
     await _append(audit, 3)
-    _tamper(db_path, "DELETE FROM audit")
+    await _tamper(database, "DELETE FROM audit")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq) == (False, 1)
 
 
-async def test_a_rewritten_head_hash_is_detected(audit: AuditLog, db_path: Path) -> None:
+async def test_a_rewritten_head_hash_is_detected(audit: AuditLog, database: Database) -> None:
     await _append(audit, 3)
-    _tamper(db_path, f"UPDATE audit_head SET hash = '{'0' * 64}'")
+    await _tamper(database, f"UPDATE audit_head SET hash = '{'0' * 64}'")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq) == (False, 3)
 
@@ -172,9 +165,9 @@ async def test_concurrent_appends_form_one_chain(audit: AuditLog) -> None:
 
 
 async def test_two_logs_on_one_database_still_form_one_chain(audit: AuditLog,
-                                                             db_path: Path) -> None:
+                                                             database: Database) -> None:
     # As with an admin CLI writing while the server runs: separate connections, separate locks.
-    other_store = await Store.open(db_path)
+    other_store = await Store.open(database.location)
     try:
         other = AuditLog(other_store)
         await asyncio.gather(*(log.record(principal="p", action="a", resource="r",
@@ -186,17 +179,16 @@ async def test_two_logs_on_one_database_still_form_one_chain(audit: AuditLog,
 
 
 async def test_a_failing_sink_raises_unavailable_and_leaves_the_chain_valid(
-        audit: AuditLog, db_path: Path) -> None:
+        audit: AuditLog, database: Database) -> None:
     await _append(audit, 2)
-    _tamper(db_path, "CREATE TRIGGER audit_sink_down BEFORE INSERT ON audit "
-                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    await database.fail_writes("audit_sink_down", "BEFORE INSERT ON audit")
     with pytest.raises(Unavailable, match="audit log unavailable") as caught:
         await audit.record(principal="p", action="tokens.issue", resource="r", decision="allow",
                            rule="x", request_id="lost")
     assert caught.value.retry_after_s == 1
     assert await audit.verify() == AuditVerification(ok=True, records=2)
 
-    _tamper(db_path, "DROP TRIGGER audit_sink_down")
+    await database.allow_writes("audit_sink_down", "audit")
     after = await audit.record(principal="p", action="a", resource="r", decision="allow",
                                rule="x", request_id="back")
     assert after.seq == 3
@@ -204,36 +196,32 @@ async def test_a_failing_sink_raises_unavailable_and_leaves_the_chain_valid(
 
 
 async def test_a_failing_head_update_rolls_back_the_record_too(audit: AuditLog,
-                                                               db_path: Path) -> None:
+                                                               database: Database) -> None:
     await _append(audit, 1)
-    _tamper(db_path, "CREATE TRIGGER head_down BEFORE UPDATE ON audit_head "
-                     "BEGIN SELECT RAISE(ABORT, 'io error'); END")
+    await database.fail_writes("head_down", "BEFORE UPDATE ON audit_head")
     with pytest.raises(Unavailable):
         await _append(audit, 1, first=2)
     assert [r.seq for r in await audit.list()] == [1]
     assert await audit.verify() == AuditVerification(ok=True, records=1)
 
 
-async def test_a_locked_database_gives_unavailable(db_path: Path) -> None:
-    store = await Store.open(db_path, busy_timeout_s=0.1)
+async def test_a_locked_database_gives_unavailable(database: Database) -> None:
+    store = await Store.open(database.location, busy_timeout_s=0.1)
     audit = AuditLog(store)
-    other = sqlite3.connect(db_path, isolation_level=None)
     try:
-        other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(Unavailable, match="audit log unavailable"):
-            await _append(audit, 1)
-        other.execute("ROLLBACK")
+        async with database.write_locked(["audit", "audit_head"]):
+            with pytest.raises(Unavailable, match="audit log unavailable"):
+                await _append(audit, 1)
     finally:
-        other.close()
         await store.close()
 
 
-async def test_the_chain_continues_across_reopen(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_the_chain_continues_across_reopen(database: Database) -> None:
+    store = await Store.open(database.location)
     await _append(AuditLog(store, clock=StepClock()), 3)
     await store.close()
 
-    store = await Store.open(db_path)
+    store = await Store.open(database.location)
     try:
         audit = AuditLog(store, clock=StepClock(2_000_000_000.0))
         fourth = await audit.record(principal="p", action="a", resource="r", decision="allow",
@@ -245,10 +233,10 @@ async def test_the_chain_continues_across_reopen(db_path: Path) -> None:
         await store.close()
 
 
-async def test_verify_pages_through_a_long_log(audit: AuditLog, db_path: Path) -> None:
+async def test_verify_pages_through_a_long_log(audit: AuditLog, database: Database) -> None:
     await _append(audit, 2100)
     assert await audit.verify() == AuditVerification(ok=True, records=2100)
-    _tamper(db_path, "UPDATE audit SET rule = 'forged' WHERE seq = 2050")
+    await _tamper(database, "UPDATE audit SET rule = 'forged' WHERE seq = 2050")
     result = await audit.verify()
     assert (result.ok, result.first_bad_seq) == (False, 2050)
 
@@ -278,10 +266,9 @@ async def test_many_concurrent_records_form_one_chain_in_a_few_transactions(
 
 
 async def test_a_failing_batch_fails_every_waiter_and_leaves_the_chain_valid(
-        audit: AuditLog, db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        audit: AuditLog, database: Database, caplog: pytest.LogCaptureFixture) -> None:
     await _append(audit, 3)
-    _tamper(db_path, "CREATE TRIGGER head_down BEFORE UPDATE ON audit_head "
-                     "BEGIN SELECT RAISE(ABORT, 'io error'); END")
+    await database.fail_writes("head_down", "BEFORE UPDATE ON audit_head")
     with caplog.at_level(logging.DEBUG, logger="controlplane.store"):
         results = await asyncio.gather(*_concurrently(audit, 40), return_exceptions=True)
     assert _batch_sizes(caplog) == [40]  # one batch, and none of it written
@@ -289,28 +276,27 @@ async def test_a_failing_batch_fails_every_waiter_and_leaves_the_chain_valid(
     assert [r.seq for r in await audit.list()] == [1, 2, 3]
     assert await audit.verify() == AuditVerification(ok=True, records=3)
 
-    _tamper(db_path, "DROP TRIGGER head_down")
+    await database.allow_writes("head_down", "audit_head")
     assert (await asyncio.gather(*_concurrently(audit, 5)))[-1].seq == 8
     assert await audit.verify() == AuditVerification(ok=True, records=8)
 
 
-async def test_records_are_committed_when_record_returns(audit: AuditLog, db_path: Path) -> None:
+async def test_records_are_committed_when_record_returns(audit: AuditLog,
+                                                        database: Database) -> None:
     records = await asyncio.gather(*_concurrently(audit, 30))
     # Before any close: another connection (another process) already sees every record and head.
-    with sqlite3.connect(db_path) as other:
-        assert other.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 30
-        assert other.execute("SELECT seq, hash FROM audit_head").fetchone() == \
-            (30, records[-1].hash)
+    assert await database.sql("SELECT COUNT(*) FROM audit") == [(30,)]
+    assert await database.sql("SELECT seq, hash FROM audit_head") == [(30, records[-1].hash)]
 
-    reopened = await Store.open(db_path)
+    reopened = await Store.open(database.location)
     try:
         assert await AuditLog(reopened).verify() == AuditVerification(ok=True, records=30)
     finally:
         await reopened.close()
 
 
-async def test_close_writes_the_pending_records_and_refuses_later_ones(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_close_writes_the_pending_records_and_refuses_later_ones(database: Database) -> None:
+    store = await Store.open(database.location)
     audit = AuditLog(store, clock=StepClock())
     pending = [asyncio.ensure_future(record) for record in _concurrently(audit, 50)]
     await asyncio.sleep(0)  # every record is queued, none committed yet
@@ -319,7 +305,7 @@ async def test_close_writes_the_pending_records_and_refuses_later_ones(db_path: 
     with pytest.raises(Unavailable):
         await _append(audit, 1)
 
-    reopened = await Store.open(db_path)
+    reopened = await Store.open(database.location)
     try:
         assert await AuditLog(reopened).verify() == AuditVerification(ok=True, records=50)
     finally:
@@ -327,22 +313,16 @@ async def test_close_writes_the_pending_records_and_refuses_later_ones(db_path: 
 
 
 async def test_close_while_the_database_is_locked_fails_the_pending_records(
-        db_path: Path) -> None:
-    store = await Store.open(db_path, busy_timeout_s=0.2)
+        database: Database) -> None:
+    store = await Store.open(database.location, busy_timeout_s=0.2)
     audit = AuditLog(store, clock=StepClock())
-    other = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
+    async with database.write_locked(["audit", "audit_head"]):
         pending = [asyncio.ensure_future(record) for record in _concurrently(audit, 20)]
         await asyncio.sleep(0)  # every record is queued before the close
         await asyncio.wait_for(store.close(), timeout=5.0)
         results = await asyncio.gather(*pending, return_exceptions=True)
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
     assert all(isinstance(r, Unavailable) for r in results)
-    with sqlite3.connect(db_path) as check:
-        assert check.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 0
+    assert await database.sql("SELECT COUNT(*) FROM audit") == [(0,)]
 
 
 # --- repeated denials ----------------------------------------------------------------------------
@@ -396,8 +376,8 @@ def test_a_zero_window_records_every_denial() -> None:
     assert all(_deny(digest, "p", float(n)) for n in range(3)) and digest.drain() == []
 
 
-async def test_a_summary_record_carries_its_count_in_the_chain(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_a_summary_record_carries_its_count_in_the_chain(database: Database) -> None:
+    store = await Store.open(database.location)
     clock = StepClock()
     try:
         audit = AuditLog(store, clock=clock, denial_window_s=3600)
@@ -413,7 +393,7 @@ async def test_a_summary_record_carries_its_count_in_the_chain(db_path: Path) ->
             resource="r", decision="deny", rule="token:missing", request_id="q3",
             prev_hash=summary.prev_hash)
         assert (await audit.verify()).ok
-        _tamper(db_path, "UPDATE audit SET count = 1 WHERE seq = 2")
+        await _tamper(database, "UPDATE audit SET count = 1 WHERE seq = 2")
         assert (await audit.verify()).first_bad_seq == 2
     finally:
         await store.close()

@@ -1,4 +1,5 @@
-"""The control plane store against real SQLite files: schema, persistence, locking, semantics."""
+"""The control plane store against real databases, SQLite files and PostgreSQL (the tests taking
+``database`` run on both): schema, persistence, locking, semantics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from databases import Database
 from waiting import eventually_async
 
 from controlplane.errors import ConfigurationError, Conflict, NotFound, Unavailable
@@ -49,8 +51,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, busy_timeout_s=0.2)
+async def store(database: Database) -> AsyncIterator[Store]:
+    opened = await Store.open(database.location, busy_timeout_s=0.2)
     yield opened
     await opened.close()
 
@@ -61,18 +63,31 @@ def _token(jti: str, project: str | None = "alpha", *, issued_at: float = 100.0,
                        scope="sessions:write", issued_at=issued_at, expires_at=expires_at)
 
 
-def _version(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
-        return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-async def test_open_creates_private_state_dir_wal_and_current_schema(store: Store,
-                                                                     db_path: Path) -> None:
+async def test_open_creates_private_state_dir_wal_and_current_schema(db_path: Path) -> None:
+    opened = await Store.open(db_path)
+    await opened.close()
     assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
-    assert _version(db_path) == SCHEMA_VERSION
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_an_empty_database_is_brought_to_the_current_schema(store: Store,
+                                                                  database: Database) -> None:
+    assert await database.schema_version() == SCHEMA_VERSION
+    await create_project(store, Project("alpha"))  # the tables of every step exist and work
+    assert await audit_head(store) is None
+    assert await unfinished_jobs(store) == []
+
+
+async def test_a_second_open_finds_the_schema_current(store: Store, database: Database) -> None:
+    await create_project(store, Project("kept"))
+    again = await Store.open(database.location)  # migrates nothing, loses nothing
+    try:
+        assert [p.name for p in await list_projects(again)] == ["kept"]
+    finally:
+        await again.close()
+    assert await database.schema_version() == SCHEMA_VERSION
 
 
 async def test_existing_loose_state_dir_is_tightened(tmp_path: Path) -> None:
@@ -83,16 +98,13 @@ async def test_existing_loose_state_dir_is_tightened(tmp_path: Path) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
-async def test_old_version_database_is_migrated_keeping_its_rows(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    with sqlite3.connect(db_path) as conn:
-        for statement in MIGRATIONS[0]:
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 1")
-        conn.execute("INSERT INTO projects VALUES ('old', '[]', '{}', NULL, 5.0)")
-    opened = await Store.open(db_path)
+async def test_old_version_database_is_migrated_keeping_its_rows(database: Database) -> None:
+    await database.sql(*map(database.native, MIGRATIONS[0]),
+                       "INSERT INTO projects VALUES ('old', '[]', '{}', NULL, 5.0)")
+    await database.set_schema_version(1)
+    opened = await Store.open(database.location)
     try:
-        assert _version(db_path) == SCHEMA_VERSION
+        assert await database.schema_version() == SCHEMA_VERSION
         assert await get_project(opened, "old") == Project("old", (), {}, None, 5.0)
         assert await audit_head(opened) is None  # the audit tables of step 2 exist and work
     finally:
@@ -100,15 +112,18 @@ async def test_old_version_database_is_migrated_keeping_its_rows(db_path: Path) 
 
 
 async def test_jobs_stored_before_job_states_are_asked_about_again_and_final_states_stay(
-        db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    with sqlite3.connect(db_path) as conn:
-        for statement in (statement for step in MIGRATIONS[:8] for statement in step):
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 8")
-        conn.execute("INSERT INTO jobs VALUES ('j1', 's1', 'slurm-sbatch', 1, 'slurm', '42', "
-                     "'/jobs/j1', 2, 't1', 5.0)")
-    opened = await Store.open(db_path)
+        database: Database) -> None:
+    # With the job's session and token: PostgreSQL checks the foreign keys.
+    await database.sql(*(database.native(statement) for step in MIGRATIONS[:8]
+                         for statement in step),
+                       "INSERT INTO tokens VALUES ('t1', 'p', 'session', 'alice', 's', 1.0, 9.0, "
+                       "NULL, NULL)",
+                       "INSERT INTO sessions VALUES ('s1', 'p', 'slurm-sbatch', 1, '{}', 'k', "
+                       "'{}', 't1', 1.0, 9.0, NULL)",
+                       "INSERT INTO jobs VALUES ('j1', 's1', 'slurm-sbatch', 1, 'slurm', '42', "
+                       "'/jobs/j1', 2, 't1', 5.0)")
+    await database.set_schema_version(8)
+    opened = await Store.open(database.location)
     try:
         [job] = await unfinished_jobs(opened)
         assert (job.id, job.status()) == ("j1", JobStatus("pending", None, ""))
@@ -121,12 +136,11 @@ async def test_jobs_stored_before_job_states_are_asked_about_again_and_final_sta
         await opened.close()
 
 
-async def test_newer_version_database_is_refused(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(ConfigurationError, match="newer than this release"):
-        await Store.open(db_path)
+async def test_newer_version_database_is_refused(database: Database) -> None:
+    await database.set_schema_version(SCHEMA_VERSION + 1)
+    with pytest.raises(ConfigurationError, match=f"schema version {SCHEMA_VERSION + 1}, newer "
+                                                 "than this release supports"):
+        await Store.open(database.location)
 
 
 async def test_a_file_that_is_not_sqlite_is_a_configuration_error(db_path: Path) -> None:
@@ -136,8 +150,8 @@ async def test_a_file_that_is_not_sqlite_is_a_configuration_error(db_path: Path)
         await Store.open(db_path)
 
 
-async def test_everything_persists_across_close_and_reopen(db_path: Path) -> None:
-    first = await Store.open(db_path)
+async def test_everything_persists_across_close_and_reopen(database: Database) -> None:
+    first = await Store.open(database.location)
     await create_project(first, Project("alpha", ("default",), {"sessions": 2}, None, 1.0))
     await add_token(first, _token("j1"))
     await revoke_token(first, "j1", 50.0)
@@ -145,7 +159,7 @@ async def test_everything_persists_across_close_and_reopen(db_path: Path) -> Non
     await add_signing_key(first, key)
     await first.close()
 
-    second = await Store.open(db_path)
+    second = await Store.open(database.location)
     try:
         assert await get_project(second, "alpha") == Project("alpha", ("default",),
                                                             {"sessions": 2}, None, 1.0)
@@ -232,6 +246,11 @@ async def test_signing_keys_listing_and_retirement(store: Store) -> None:
     with pytest.raises(Conflict):
         await add_signing_key(store, SigningKeyRecord("old", 1.0, None, jwk))
     assert [k.kid for k in await list_signing_keys(store)] == ["old", "new"]
+    await add_signing_key(store, SigningKeyRecord("b-same-time", 3.0, None, jwk))
+    await add_signing_key(store, SigningKeyRecord("a-same-time", 3.0, None, jwk))
+    await retire_signing_key(store, "b-same-time", 4.0)  # an update moves no row in the order
+    # One clock reading: in the order they were added (the newest signs).
+    assert [k.kid for k in await list_signing_keys(store)][2:] == ["b-same-time", "a-same-time"]
     assert (await retire_signing_key(store, "old", 5.0)).retired_at == 5.0
     assert (await retire_signing_key(store, "old", 6.0)).retired_at == 5.0
     with pytest.raises(NotFound):
@@ -239,35 +258,27 @@ async def test_signing_keys_listing_and_retirement(store: Store) -> None:
 
 
 async def test_write_lock_held_by_another_process_gives_unavailable_not_a_hang(
-        store: Store, db_path: Path) -> None:
-    other = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
+        store: Store, database: Database) -> None:
+    async with database.write_locked(["projects"]):
         with pytest.raises(Unavailable, match="busy") as caught:
             await create_project(store, Project("alpha"))
         assert caught.value.retry_after_s == 1
-        assert await get_project(store, "alpha") is None  # WAL: reads go on while locked
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
+        assert await get_project(store, "alpha") is None  # reads go on while locked
     await create_project(store, Project("alpha"))  # the store recovers once the lock is gone
     assert await get_project(store, "alpha") is not None
 
 
-async def test_a_closed_store_fails_closed(db_path: Path) -> None:
-    opened = await Store.open(db_path)
+async def test_a_closed_store_fails_closed(database: Database) -> None:
+    opened = await Store.open(database.location)
     await opened.close()
     with pytest.raises(Unavailable):
         await get_project(opened, "alpha")
 
 
 async def test_writes_queued_together_share_a_transaction_but_fail_alone(
-        store: Store, db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # A write that SQLite refuses, and one that is a domain error, in one batch with good writes.
-    refuse_bad = ("CREATE TRIGGER refuse_bad BEFORE INSERT ON projects WHEN NEW.name = 'bad' "
-                       "BEGIN SELECT RAISE(ABORT, 'refused'); END")
-    with sqlite3.connect(db_path) as other:
-        other.execute(refuse_bad)
+        store: Store, database: Database, caplog: pytest.LogCaptureFixture) -> None:
+    # A write the database refuses, and one that is a domain error, in one batch with good writes.
+    await database.fail_writes("refuse_bad", "BEFORE INSERT ON projects", "NEW.name = 'bad'")
     with caplog.at_level(logging.DEBUG, logger="controlplane.store"):
         results = await asyncio.gather(
             create_project(store, Project("alpha")), create_project(store, Project("alpha")),
@@ -281,12 +292,12 @@ async def test_writes_queued_together_share_a_transaction_but_fail_alone(
     assert [p.name for p in await list_projects(store)] == ["alpha", "beta"]
 
 
-async def test_a_write_is_committed_when_it_returns(store: Store, db_path: Path) -> None:
+async def test_a_write_is_committed_when_it_returns(store: Store, database: Database) -> None:
     await asyncio.gather(*(add_token(store, _token(f"j{n}")) for n in range(20)))
     await revoke_token(store, "j7", 5.0)
-    with sqlite3.connect(db_path) as other:  # another process sees it at once: committed
-        assert other.execute("SELECT COUNT(*) FROM tokens").fetchone()[0] == 20
-        assert other.execute("SELECT revoked_at FROM tokens WHERE jti = 'j7'").fetchone()[0] == 5.0
+    # Another process sees it at once: committed.
+    assert await database.sql("SELECT COUNT(*) FROM tokens") == [(20,)]
+    assert await database.sql("SELECT revoked_at FROM tokens WHERE jti = 'j7'") == [(5.0,)]
 
 
 async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
@@ -298,7 +309,7 @@ async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
             began.set()
 
     # SQLite traces a statement as it starts to run, before BEGIN IMMEDIATE waits for the lock.
-    await opened._conn.set_trace_callback(traced)
+    await opened._backend._writer.set_trace_callback(traced)  # type: ignore[attr-defined]
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
@@ -315,8 +326,8 @@ async def test_reads_do_not_wait_behind_a_blocked_write(db_path: Path) -> None:
         await opened.close()
 
 
-async def test_close_commits_queued_writes_and_refuses_later_ones(db_path: Path) -> None:
-    opened = await Store.open(db_path)
+async def test_close_commits_queued_writes_and_refuses_later_ones(database: Database) -> None:
+    opened = await Store.open(database.location)
     queued = [asyncio.create_task(create_project(opened, Project(f"p{n}"))) for n in range(30)]
     await asyncio.sleep(0)  # every task has queued its write
     await asyncio.wait_for(opened.close(), timeout=5.0)
@@ -324,7 +335,7 @@ async def test_close_commits_queued_writes_and_refuses_later_ones(db_path: Path)
     with pytest.raises(Unavailable, match="closed"):
         await create_project(opened, Project("late"))
 
-    reopened = await Store.open(db_path)
+    reopened = await Store.open(database.location)
     try:
         assert len(await list_projects(reopened)) == 30
     finally:

@@ -30,6 +30,7 @@ from controlplane.schemas import NAME_PATTERN
 from controlplane.settings import Settings
 from controlplane.signing import KeyRing
 from controlplane.store.admins import enable_admin
+from controlplane.store.base import redacted
 from controlplane.store.engine import Store
 from controlplane.store.signing_keys import list_signing_keys
 from controlplane.store.tokens import TokenRecord
@@ -40,23 +41,29 @@ FIRST_ADMIN = "admin"  # the first admin's name unless ``dsn admin init --name``
 
 
 async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: Path | None = None,
-                     now: float | None = None) -> str:
-    """Create the state directory, store, first signing key and first admin, ``name``, with its
-    first token; return the token.
+                     now: float | None = None, database_url: str | None = None) -> str:
+    """Create the state directory, store (the SQLite file in it, or the PostgreSQL database
+    ``database_url`` names), first signing key and first admin, ``name``, with its first token;
+    return the token.
 
     The token is written to ``state_dir/admin.token`` (0600) and nowhere else; the store keeps its
-    metadata only. ConfigurationError if the directory is already initialised.
+    metadata only. ConfigurationError if the directory is already initialised; Conflict if the
+    database already has a signing key.
     """
     _check_name(name)
-    settings = Settings(state_dir=state_dir)
+    settings = Settings(state_dir=state_dir, database_url=database_url)
     token_path = state_dir / ADMIN_TOKEN_FILE
-    if token_path.exists() or settings.database.exists():
+    if token_path.exists() or (database_url is None and settings.database.exists()):
         raise ConfigurationError(f"{state_dir} is already initialised")
     policy = load_policies(policy_path or settings.policy_path)
     clock: Callable[[], float] = time.time if now is None else (lambda: now)
     await asyncio.to_thread(private_dir, state_dir)
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
+        if database_url is not None and await list_signing_keys(store):
+            # Another state directory holds its private keys: this one could sign nothing.
+            raise ConfigurationError(f"the database at {redacted(database_url)} is already "
+                                     "initialised (it has signing keys)")
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         await keyring.create()
         await asyncio.to_thread(_gateway_keys, settings)
@@ -71,20 +78,21 @@ async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: P
 
 async def recover(state_dir: Path, *, name: str, out: Path, ttl_s: int | None = None,
                   revoke_others: bool = False, policy_path: Path | None = None,
-                  now: float | None = None) -> Claims:
+                  now: float | None = None, database_url: str | None = None) -> Claims:
     """Without the service: make ``name`` an active admin again (or a new one) and write a fresh
     token of it to ``out`` (0600, a new file), revoking its other tokens if ``revoke_others`` (lost
     ones may have been stolen), recorded as an audited ``admin.recover`` by the OS user.
 
     Whoever can write the state directory holds the signing keys already: this grants no power
-    they lack, it only does properly what they could do by hand."""
+    they lack, it only does properly what they could do by hand. ``database_url``: the service's
+    PostgreSQL database, if its state is there."""
     _check_name(name)
-    settings = Settings(state_dir=state_dir)
+    settings = Settings(state_dir=state_dir, database_url=database_url)
     await require_initialised(settings)
     policy = load_policies(policy_path or settings.policy_path)
     cap = policy.lifetime_cap(TokenKind.ADMIN)
     clock: Callable[[], float] = time.time if now is None else (lambda: now)
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         grant = _Grant(settings, policy, store, keyring, clock)
@@ -172,9 +180,9 @@ def _state_keys(settings: Settings) -> None:
 async def require_initialised(settings: Settings) -> None:
     """Fail closed: never serve (and so never mint an admin) from an uninitialised directory."""
     hint = f"run 'dsn admin init --state-dir {settings.state_dir}' first"
-    if not settings.database.is_file():
+    if settings.database_url is None and not settings.database.is_file():
         raise ConfigurationError(f"{settings.state_dir} is not initialised; {hint}")
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         if not await list_signing_keys(store):
             raise ConfigurationError(f"{settings.state_dir} has no signing key; {hint}")
@@ -187,13 +195,16 @@ async def require_initialised(settings: Settings) -> None:
                                  "and rename it to state.key / state.key_secret")
 
 
-async def verify_offline(state_dir: Path, checkpoints: Path | None = None) -> dict[str, Any]:
-    """The audit chain in ``state_dir``'s database, checked against the signed checkpoints in
-    ``checkpoints`` (default: the service's default checkpoint file)."""
-    settings = Settings(state_dir=state_dir, audit_checkpoint_file=checkpoints)
-    if not settings.database.is_file():
+async def verify_offline(state_dir: Path, checkpoints: Path | None = None,
+                         database_url: str | None = None) -> dict[str, Any]:
+    """The audit chain in ``state_dir``'s database (or the PostgreSQL one ``database_url`` names),
+    checked against the signed checkpoints in ``checkpoints`` (default: the service's default
+    checkpoint file)."""
+    settings = Settings(state_dir=state_dir, audit_checkpoint_file=checkpoints,
+                        database_url=database_url)
+    if database_url is None and not settings.database.is_file():
         raise ConfigurationError(f"no control plane database at {settings.database}")
-    store = await Store.open(settings.database)
+    store = await Store.open(settings.store_location)
     try:
         result = await anchored_verification(AuditLog(store), store, settings.audit_checkpoints,
                                              issuer=settings.issuer)

@@ -106,6 +106,13 @@ def _policy_option(func: F) -> F:
                              "policies/.")(func)
 
 
+def _database_url_option(what: str) -> Callable[[F], F]:
+    return click.option("--database-url", metavar="URL", envvar="DSN_DATABASE_URL", default=None,
+                        help=f"{what} A PostgreSQL URL, postgresql://USER@HOST/DB; best given as "
+                             "DSN_DATABASE_URL, its password in ~/.pgpass or PGPASSWORD, never on "
+                             "a command line.  [default: STATE_DIR/controlplane.sqlite3]")
+
+
 def _admin_name_option(help_text: str, default: str | None = None) -> Callable[[F], F]:
     return click.option("--name", default=default, required=default is None, metavar="NAME",
                         show_default=default is not None, help=help_text)
@@ -119,14 +126,19 @@ def _admin_name_option(help_text: str, default: str | None = None) -> Callable[[
                     "of its tokens, named in every audit record of what it does.",
                     default=FIRST_ADMIN)
 @_policy_option
-def init(state_dir: Path, name: str, policy_path: Path | None) -> None:
+@_database_url_option("Initialise this PostgreSQL database (existing and empty) instead of the "
+                      "SQLite file in the state directory: the one the service is then given "
+                      "(dsn controlplane serve --database-url).")
+def init(state_dir: Path, name: str, policy_path: Path | None, database_url: str | None) -> None:
     """Create the state directory, the first signing key, the gateway's and the state service's
     CURVE key pairs (the local gateway allowed to subscribe) and the first admin with its token.
 
     The token is written to STATE_DIR/admin.token (0600) and printed once; it is not stored
-    anywhere else (the database keeps only its id). Refuses an already initialised directory.
+    anywhere else (the database keeps only its id). Refuses an already initialised directory, and
+    a database that has a signing key already.
     """
-    token = asyncio.run(initialize(state_dir, name=name, policy_path=policy_path))
+    token = asyncio.run(initialize(state_dir, name=name, policy_path=policy_path,
+                                   database_url=database_url))
     click.echo(f"gateway CURVE keys in {state_dir / 'keys'} (server.key, server.key_secret)",
                err=True)
     click.echo(f"state service CURVE keys in {state_dir / 'keys'} (state.key, state.key_secret); "
@@ -150,8 +162,9 @@ def init(state_dir: Path, name: str, policy_path: Path | None) -> None:
               help="Revoke every other token of NAME too: do so if a lost token may have been "
                    "stolen. Without it they stay valid until they expire or are revoked.")
 @_policy_option
+@_database_url_option("The service's database, if its state is in PostgreSQL.")
 def recover(state_dir: Path, name: str, out_file: Path, ttl: str | None, revoke_others: bool,
-            policy_path: Path | None) -> None:
+            policy_path: Path | None, database_url: str | None) -> None:
     """Offline recovery, for when every admin token is lost or expired: make admin NAME active
     again (or add it) and write a fresh token of it to --out.
 
@@ -161,7 +174,8 @@ def recover(state_dir: Path, name: str, out_file: Path, ttl: str | None, revoke_
     """
     claims = asyncio.run(recover_admin(state_dir, name=name, out=out_file,
                                        ttl_s=None if ttl is None else parse_duration(ttl),
-                                       revoke_others=revoke_others, policy_path=policy_path))
+                                       revoke_others=revoke_others, policy_path=policy_path,
+                                       database_url=database_url))
     click.echo(f"admin {name!r} is active; token written to {out_file} (0600): jti={claims.jti} "
                f"expires_at={datetime.fromtimestamp(claims.exp, UTC):%Y-%m-%dT%H:%M:%SZ}")
 
@@ -552,15 +566,16 @@ def auditshow(client: AdminClient, after_seq: int, limit: int, as_json: bool) ->
 @click.option("--checkpoints", type=click.Path(dir_okay=False, path_type=Path),
               help="With --offline: the signed checkpoint file to check the chain against (the "
                    "service's --audit-checkpoints).  [default: STATE_DIR/audit-checkpoints.jsonl]")
+@_database_url_option("With --offline: the service's database, if its state is in PostgreSQL.")
 @_client_options
 def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bool,
-                 checkpoints: Path | None) -> None:
+                 checkpoints: Path | None, database_url: str | None) -> None:
     """Check the hash chain and the signed checkpoints kept outside the database: an edited,
     inserted or deleted record, or a tail cut off up to the last checkpoint, makes this exit 1."""
     if checkpoints is not None and not offline:
         raise click.UsageError("--checkpoints goes with --offline (the service reads its own)")
     if offline:
-        result = asyncio.run(verify_offline(state_dir, checkpoints))
+        result = asyncio.run(verify_offline(state_dir, checkpoints, database_url))
     else:
         result = AdminClient.found(url, token_file, state_dir).call("GET", "/api/v1/audit/verify")
     if not result.get("ok"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import astuple, fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,7 +22,7 @@ from controlplane.sessions.core import (
     config_with_consumers,
     lease_until,
 )
-from controlplane.store.engine import Conn, Store
+from controlplane.store.engine import Conn, Row, Store
 from controlplane.store.tokens import REVOKE_FROM, TokenRecord
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ def _column(field_name: str) -> str:
     return _COLUMNS.get(field_name, field_name)
 
 
-def _record(cls: type[R], row: sqlite3.Row) -> R:
+def _record(cls: type[R], row: Row) -> R:
     values = {f.name: row[_column(f.name)] for f in fields(cls)}
     for name in _JSON_COLUMNS & values.keys():
         values[name] = json.loads(values[name])
@@ -63,13 +62,13 @@ async def _insert(conn: Conn, table: str, record: Any) -> None:
                        f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
 
 
-async def _one(conn: Conn, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+async def _one(conn: Conn, sql: str, params: Sequence[Any]) -> Row | None:
     async with conn.execute(sql, params) as cursor:
-        row: sqlite3.Row | None = await cursor.fetchone()
+        row: Row | None = await cursor.fetchone()
     return row
 
 
-async def _all(conn: Conn, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+async def _all(conn: Conn, sql: str, params: Sequence[Any]) -> list[Row]:
     async with conn.execute(sql, params) as cursor:
         return list(await cursor.fetchall())
 
@@ -100,8 +99,9 @@ async def get_session(store: Store, session_id: str) -> SessionRecord | None:
 
 
 async def list_sessions(store: Store, project: str | None) -> list[SessionRecord]:
-    rows = await store.read("SELECT * FROM sessions WHERE ?1 IS NULL OR project = ?1 "
-                            "ORDER BY created_at, id", (project,))
+    # A parameter only compared with NULL is CAST: PostgreSQL must know its type.
+    rows = await store.read("SELECT * FROM sessions WHERE CAST(?1 AS TEXT) IS NULL "
+                            "OR project = ?1 ORDER BY created_at, id", (project,))
     return [_record(SessionRecord, row) for row in rows]
 
 
@@ -273,8 +273,9 @@ async def record_result(store: Store, result: ScanRecord) -> ScanRecord:
 async def list_results(store: Store, *, project: str | None, session_id: str | None,
                        limit: int, scan: int | None = None) -> list[ScanRecord]:
     rows = await store.read(
-        "SELECT * FROM scan_results WHERE (?1 IS NULL OR project = ?1) "
-        "AND (?2 IS NULL OR session_id = ?2) AND (?3 IS NULL OR scan = ?3) "
+        "SELECT * FROM scan_results WHERE (CAST(?1 AS TEXT) IS NULL OR project = ?1) "
+        "AND (CAST(?2 AS TEXT) IS NULL OR session_id = ?2) "
+        "AND (CAST(?3 AS BIGINT) IS NULL OR scan = ?3) "
         "ORDER BY reported_at, session_id, scan, source LIMIT ?4",
         (project, session_id, scan, limit))
     return [_record(ScanRecord, row) for row in rows]
@@ -286,11 +287,13 @@ async def live_sessions(store: Store, now: float, session_id: str | None = None
     session token is not revoked, with its live consumers in rank order."""
     rows = await store.read(
         "SELECT s.* FROM sessions s JOIN tokens t ON t.jti = s.token_jti WHERE s.ended_at IS NULL "
-        "AND s.expires_at > ?1 AND t.revoked_at IS NULL AND (?2 IS NULL OR s.id = ?2) "
+        "AND s.expires_at > ?1 AND t.revoked_at IS NULL "
+        "AND (CAST(?2 AS TEXT) IS NULL OR s.id = ?2) "
         "ORDER BY s.created_at, s.id", (now, session_id))
     consumers = await store.read(
         "SELECT * FROM consumers WHERE left_at IS NULL AND lease_expires_at > ?1 "
-        "AND (?2 IS NULL OR session_id = ?2) ORDER BY rank, job_id", (now, session_id))
+        "AND (CAST(?2 AS TEXT) IS NULL OR session_id = ?2) ORDER BY rank, job_id",
+        (now, session_id))
     endpoints: dict[str, list[str]] = {}
     for row in consumers:
         endpoints.setdefault(row["session_id"], []).append(row["endpoint"])

@@ -10,12 +10,11 @@ cannot be removed: only an offline recovery on the state directory could then ac
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from dataclasses import dataclass
 from typing import Literal
 
 from controlplane.errors import Conflict, NotFound
-from controlplane.store.engine import Conn, Store, time_or_none
+from controlplane.store.engine import Conn, Row, Store, time_or_none
 from controlplane.store.tokens import TokenRecord, insert_token
 
 ADMIN_KIND = "admin"  # the tokens.kind of admin tokens
@@ -38,7 +37,7 @@ class Admin:
         return self.removed_at is None
 
 
-def _admin(row: sqlite3.Row) -> Admin:
+def _admin(row: Row) -> Admin:
     return Admin(name=row["name"], created_at=float(row["created_at"]),
                  created_by=row["created_by"], removed_at=time_or_none(row["removed_at"]),
                  live_tokens=int(row["live_tokens"]), last_expiry=time_or_none(row["last_expiry"]))

@@ -10,11 +10,10 @@ that it is a hash chain, is this feature's business.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 
-from controlplane.store.engine import Conn, Store
+from controlplane.store.engine import Conn, Row, Store
 
 
 @dataclass(frozen=True)
@@ -32,15 +31,21 @@ class AuditRecord:
     count: int = 1  # decisions the record stands for (a summary of repeated denials: more)
 
 
+CHAIN_LOCK = "audit chain"
 # Builds the record to append from the next seq and the head's hash (None for the first record).
 AuditBuilder = Callable[[int, str | None], AuditRecord]
 
 
-def _audit(row: sqlite3.Row) -> AuditRecord:
+def _audit(row: Row) -> AuditRecord:
     return AuditRecord(seq=int(row["seq"]), ts=float(row["ts"]), principal=row["principal"],
                        action=row["action"], resource=row["resource"], decision=row["decision"],
                        rule=row["rule"], request_id=row["request_id"], prev_hash=row["prev_hash"],
                        hash=row["hash"], count=int(row["count"]))
+
+
+# Its columns named: on PostgreSQL ``count``, added later, comes after the table's ``rowid``.
+_INSERT_RECORD = (f"INSERT INTO audit ({', '.join(f.name for f in fields(AuditRecord))}) "
+                  f"VALUES ({', '.join('?' * len(fields(AuditRecord)))})")
 
 
 async def append_audit(store: Store, build: AuditBuilder) -> AuditRecord:
@@ -56,7 +61,11 @@ async def append_audit(store: Store, build: AuditBuilder) -> AuditRecord:
 
 async def _append_chain(builds: Sequence[AuditBuilder], conn: Conn) -> list[AuditRecord]:
     """Chain ``builds`` in order onto the head, read inside the write transaction so appends from
-    other processes sharing the database still form a single chain; then move the head once."""
+    other processes sharing the database still form a single chain; then move the head once.
+
+    The lock, held to the commit, serialises appenders of every process: without it two of them
+    could read the same head and fork the chain."""
+    await conn.lock(CHAIN_LOCK)
     async with conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1") as cursor:
         head = await cursor.fetchone()
     seq, prev = (0, None) if head is None else (int(head["seq"]), str(head["hash"]))
@@ -65,9 +74,7 @@ async def _append_chain(builds: Sequence[AuditBuilder], conn: Conn) -> list[Audi
         record = build(seq + 1, prev)
         records.append(record)
         seq, prev = record.seq, record.hash
-    # AuditRecord's fields are declared in the table's column order.
-    await conn.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [astuple(record) for record in records])
+    await conn.executemany(_INSERT_RECORD, [astuple(record) for record in records])
     await conn.execute("INSERT INTO audit_head VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE "
                        "SET seq = excluded.seq, hash = excluded.hash", (seq, prev))
     return records

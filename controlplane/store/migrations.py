@@ -1,9 +1,11 @@
 """The store's schema, as ordered steps: ``MIGRATIONS[i]`` upgrades a database from version ``i``
-to ``i + 1`` (``PRAGMA user_version``).
+to ``i + 1`` (SQLite's ``PRAGMA user_version``, PostgreSQL's ``schema_version`` table).
 
-The runner stays in ``engine``, which runs every pending step when the store opens, each in its
-own transaction with its version, and refuses a database newer than ``SCHEMA_VERSION``: a step is
-a write like any other, under the engine's transactions and error mapping.
+One list for both engines, in SQLite's dialect; the PostgreSQL backend translates each statement
+(``dialect``: its types, ``INTEGER`` as ``BIGINT``, ``REAL`` as ``DOUBLE PRECISION``). The runners
+stay in the backends (``sqlite``, ``postgresql``), which run every pending step when the store
+opens, each in its own transaction with its version, and refuse a database newer than
+``SCHEMA_VERSION``.
 """
 
 from __future__ import annotations

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from controlplane.errors import Conflict, NotFound
-from controlplane.store.engine import Conn, Store, time_or_none
+from controlplane.store.engine import Conn, Row, Store, time_or_none
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,7 @@ class Project:
     created_at: float = 0.0
 
 
-def _project(row: sqlite3.Row) -> Project:
+def _project(row: Row) -> Project:
     return Project(name=row["name"], allowed_templates=tuple(json.loads(row["allowed_templates"])),
                    quotas=dict(json.loads(row["quotas"])),
                    not_before=time_or_none(row["not_before"]), created_at=float(row["created_at"]))

@@ -4,11 +4,10 @@ never reach the store (``controlplane.signing`` keeps them on disk)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 
 from controlplane.errors import Conflict, NotFound
-from controlplane.store.engine import Conn, Store, time_or_none
+from controlplane.store.engine import Conn, Row, Store, time_or_none
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class SigningKeyRecord:
     public_jwk: dict[str, str]
 
 
-def _signing_key(row: sqlite3.Row) -> SigningKeyRecord:
+def _signing_key(row: Row) -> SigningKeyRecord:
     return SigningKeyRecord(kid=row["kid"], created_at=float(row["created_at"]),
                             retired_at=time_or_none(row["retired_at"]),
                             public_jwk=json.loads(row["public_jwk"]))

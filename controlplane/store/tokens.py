@@ -8,11 +8,10 @@ for the control plane's drain window. Revoking again never moves that time later
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from controlplane.errors import Conflict, NotFound
-from controlplane.store.engine import Conn, Store, time_or_none
+from controlplane.store.engine import Conn, Row, Store, time_or_none
 from controlplane.store.projects import Project, get_project
 
 
@@ -31,7 +30,7 @@ class TokenRecord:
     parent_jti: str | None = None
 
 
-def _token(row: sqlite3.Row) -> TokenRecord:
+def _token(row: Row) -> TokenRecord:
     return TokenRecord(jti=row["jti"], project=row["project"], kind=row["kind"],
                        subject=row["subject"], scope=row["scope"],
                        issued_at=float(row["issued_at"]), expires_at=float(row["expires_at"]),
@@ -44,8 +43,8 @@ _LIVE_TOKENS = ("SELECT COUNT(*) FROM tokens t JOIN projects p ON p.name = t.pro
                 "WHERE t.project = ?1 AND (t.revoked_at IS NULL OR t.revoked_at > ?2) "
                 "AND t.expires_at > ?2 "
                 "AND (p.not_before IS NULL OR t.issued_at >= p.not_before)")
-# Revoke from ``?1`` on, unless the token is refused earlier already.
-REVOKE_FROM = "revoked_at = MIN(COALESCE(revoked_at, ?1), ?1)"
+# Revoke from ``?1`` on, unless the token is refused earlier already (a NULL compares false).
+REVOKE_FROM = "revoked_at = CASE WHEN revoked_at < ?1 THEN revoked_at ELSE ?1 END"
 
 
 async def add_token(store: Store, rec: TokenRecord, *, limit: int | None = None) -> None:

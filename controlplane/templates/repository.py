@@ -15,13 +15,12 @@ transaction, so two writers holding the same ETag cannot both win.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from controlplane.errors import Conflict, NotFound, PreconditionFailed, PreconditionRequired
-from controlplane.store.engine import Conn, Store
+from controlplane.store.engine import Conn, Row, Store
 
 SHIPPED_AUTHOR: Final = "shipped"
 
@@ -61,7 +60,7 @@ class NewVersion:
     deleted: bool = False
 
 
-def _row(row: sqlite3.Row) -> TemplateVersion:
+def _row(row: Row) -> TemplateVersion:
     return TemplateVersion(name=row["name"], version=int(row["version"]), kind=row["kind"],
                            source=row["source"], sha256=row["sha256"], author=row["author"],
                            created_at=float(row["created_at"]), deleted=bool(row["deleted"]))
