@@ -19,6 +19,7 @@ from controlplane.settings import (
     FILE_LAYOUT,
     Settings,
 )
+from controlplane.store.base import redacted
 
 
 @click.group()
@@ -143,8 +144,10 @@ def serve(ctx: click.Context, /, config_path: Path | None, **_options: object) -
     app = create_app(settings)
 
     def announce(_message: str) -> None:  # called once the socket is bound
+        store = (redacted(settings.database_url) if settings.database_url
+                 else str(settings.database))
         click.echo(f"control plane on {settings.base_url}, reached at "
-                   f"{settings.public_base_url} (state {settings.state_dir}, jobs "
+                   f"{settings.public_base_url} (state {settings.state_dir}, store {store}, jobs "
                    f"{settings.jobs_dir})", err=True)
 
     # JSON lines on stderr. Tokens travel only in the Authorization header, which is not logged;

@@ -243,6 +243,7 @@ state_endpoints:
 """)
     with serving_config(config, tmp_path / "serve.log", f"http://127.0.0.1:{port}") as log:
         assert "reached at http://dsn.facility.example:8443" in log.read_text()
+        assert f"store {state / 'controlplane.sqlite3'}" in log.read_text()
         job = _run_tiny_job(tmp_path, f"http://127.0.0.1:{port}", state)
         workdir = site / "jobs" / job["id"]
         assert job["state"] == "succeeded", (workdir / "job.log").read_text()
