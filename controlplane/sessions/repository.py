@@ -1,5 +1,6 @@
 """The sessions' SQL: records in and out of the store, each change in one ``Store.write``
-transaction with the checks that must not race it (quotas, client keys, admission).
+transaction with the checks that must not race it (quotas, client keys, admission), under a lock
+(``Conn.lock``) that also serialises those checks across the processes sharing the database.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ async def insert_session(store: Store, session: SessionRecord, token: TokenRecor
     """Store the session and its token's metadata, in one transaction with the quota and client
     key checks so that concurrent opens cannot both pass them."""
     async def body(conn: Conn) -> None:
+        # Replicas on one database: the counts below must see each other's opens.
+        await conn.lock(f"sessions of project {session.project}")
+        await conn.lock(f"sessions of client key {session.client_key}")
         open_sessions = await _one(conn, "SELECT COUNT(*) FROM sessions WHERE project = ? AND "
                                          "ended_at IS NULL AND expires_at > ?",
                                    (session.project, now))
@@ -162,6 +166,7 @@ async def _live_consumers_in(conn: Conn, session_id: str, now: float) -> list[Co
 async def register_consumer(store: Store, consumer: ConsumerRecord, limit: int,
                             now: float) -> None:
     async def body(conn: Conn) -> None:
+        await conn.lock(f"consumers of session {consumer.session_id}")
         await _open_session_in(conn, consumer.session_id, now)
         live = await _live_consumers_in(conn, consumer.session_id, now)
         problem = admission_problem(live, consumer, limit)

@@ -53,6 +53,8 @@ async def add_token(store: Store, rec: TokenRecord, *, limit: int | None = None)
     pass); NotFound for an unknown parent."""
     async def body(conn: Conn) -> None:
         if limit is not None and rec.project is not None:
+            # Replicas on one database: the count must see each other's issues.
+            await conn.lock(f"tokens of project {rec.project}")
             async with conn.execute(_LIVE_TOKENS, (rec.project, rec.issued_at)) as cursor:
                 row = await cursor.fetchone()
             if row is not None and row[0] >= limit:
