@@ -9,11 +9,12 @@ Several replicas on one database each hold the private half of their own key, ne
 ``dsn admin init --join`` publishes a new replica's key in the shared store. A replica signs with
 the newest key that has not stopped signing and whose private half is in its state directory, and
 verifies with every published key, which it re-reads from the store every ``REFRESH_S`` and when a
-token names a kid it does not know (at most once per ``UNKNOWN_KID_REFRESH_S``, so forged kids
-cannot cost a database read each): a token signed by any replica verifies at all of them, and each
-one's JWKS lists every live key. Sharing one private key through the database, encrypted under a
-key every state directory holds, was the alternative: it would put a copy of that wrapping key,
-and so of every signing key, on every host, and make a replica's loss a rotation for all.
+token names a kid it does not know (``lookup``: at most once per ``UNKNOWN_KID_REFRESH_S``, so
+that forged kids cannot cost a database read each). So a token signed by any replica verifies at
+all of them, and each one's JWKS lists every live key. Sharing one private key through the
+database, encrypted under a key every state directory holds, was the alternative: it would put a
+copy of that wrapping key, and so of every signing key, on every host, and make the loss of one
+replica's state directory a rotation for all.
 
 Rotation replaces the rotating replica's key only: its new key signs from then on, its old key
 stops signing (``stopped_at``) and its private half is deleted; the other replicas' keys are left
@@ -223,10 +224,14 @@ class KeyRing:
 
     async def lookup(self, kid: str) -> Ed25519PublicKey | None:
         """``public_key(kid)``, re-reading the store first if ``kid`` is unknown (another replica
-        may have just published it) and it was not re-read within ``lookup_every_s``."""
+        may have just published it). Lookups waiting together share one re-read, and re-reads
+        are at least ``lookup_every_s`` apart (a lookup waits for its turn): a flood of forged
+        kids costs one database read per interval, and a genuine new kid a wait of at most
+        that."""
+        arrived = time.monotonic()
         async with self._lookups:
-            if (self.public_key(kid) is None
-                    and time.monotonic() - self._refreshed >= self._lookup_every_s):
+            if self.public_key(kid) is None and self._refreshed < arrived:
+                await asyncio.sleep(self._refreshed + self._lookup_every_s - time.monotonic())
                 await self.refresh()
         return self.public_key(kid)
 

@@ -3,6 +3,7 @@ files, kids, JWKS, rotation, retirement."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -209,16 +210,23 @@ async def test_joining_a_database_without_keys_is_a_conflict(ring: KeyRing) -> N
         await ring.create(join=True)
 
 
-async def test_unknown_kids_read_the_store_at_most_once_per_interval(
-        state_dir: Path, tmp_path: Path, store: Store) -> None:
-    ring = await KeyRing.load(state_dir, store, lookup_every_s=3600)
+async def test_lookups_of_unknown_kids_waiting_together_share_one_read_of_the_store(
+        ring: KeyRing, tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     await ring.create()
-    assert await ring.lookup("no-such-kid") is None  # ring.create() read the store just now
-    other = await KeyRing.load(tmp_path / "replica-b", store)
-    joined = await other.create(join=True)
-    assert await ring.lookup(joined) is None  # within the interval: not read again
-    await ring.refresh()
-    assert ring.public_key(joined) is not None
+    joined = await (await KeyRing.load(tmp_path / "replica-b", store)).create(join=True)
+    reads = 0
+    refresh = ring.refresh
+
+    async def counted() -> None:
+        nonlocal reads
+        reads += 1
+        await refresh()
+
+    monkeypatch.setattr(ring, "refresh", counted)
+    found = await asyncio.gather(ring.lookup("forged-1"), ring.lookup(joined),
+                                 ring.lookup("forged-2"))
+    assert reads == 1
+    assert found[0] is None and found[1] is not None and found[2] is None
 
 
 async def test_rotation_by_one_replica_leaves_the_others_key_signing(
