@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import signal
@@ -22,14 +23,18 @@ import asyncpg
 import pytest
 import zmq
 from cp_helpers import write_policy
+from limits import parse
 from test_cp_cli import _serve_command, _wait_healthy, dsn
-from waiting import eventually
+from waiting import eventually, eventually_async
 
 from common.ports import free_port
 from controlplane.admin.bootstrap import ADMIN_TOKEN_FILE
 from controlplane.errors import Unavailable
+from controlplane.leader import Duty, LeaderLock, Leadership, SoleLock, leading
+from controlplane.metrics import Metrics
 from controlplane.sessions.core import SessionRecord
 from controlplane.sessions.repository import insert_session
+from controlplane.store.coordination import PostgresCounters, PostgresLeaderLock
 from controlplane.store.engine import Store
 from controlplane.store.postgresql import lock_key
 from controlplane.store.projects import Project, create_project
@@ -288,3 +293,87 @@ async def test_a_session_open_waits_for_the_quota_lock_another_process_holds(
     finally:
         await other.close()
         await store.close()
+
+
+# --- the pieces: counters, the leader lock, leadership -------------------------------------------
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_rate_counters_are_shared_and_slide_over_the_previous_window(
+        postgres_url: str) -> None:
+    await (await Store.open(postgres_url)).close()  # the schema, with its rate_counters table
+    clock = Clock(6000.0 + 59)  # the last second of a one-minute window
+    first = await PostgresCounters.open(postgres_url, clock=clock)
+    second = await PostgresCounters.open(postgres_url, clock=clock)  # another replica's
+    item = parse("10/minute")
+    try:
+        for counters in [first, second] * 5:
+            assert await counters.hit(item, "token", "t1") is None
+        assert await first.hit(item, "token", "t2") is None  # another key counts apart
+        assert await second.hit(item, "token", "t1") == pytest.approx(1.0)  # the 11th: refused
+        # 6 s into the next window, 90 % of the previous one (11 hits) still counts: 9.9 + 1.
+        clock.now = 6060.0 + 6
+        assert await first.hit(item, "token", "t1") is not None
+        clock.now = 6060.0 + 30  # half of it: 5.5 + the refused hit + this one
+        assert await second.hit(item, "token", "t1") is None
+        clock.now = 6060.0 + 180  # both windows are past reading
+        assert await first.expire() == 3
+        assert await first.expire() == 0
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_the_leader_lock_is_held_by_one_connection_until_it_is_gone(
+        postgres_url: str) -> None:
+    first, second = PostgresLeaderLock(postgres_url), PostgresLeaderLock(postgres_url)
+    try:
+        assert await first.acquire() and await first.held()
+        assert not await second.acquire()
+        admin = await asyncpg.connect(postgres_url)
+        try:  # the server ends the leader's session (a failover, an admin, a dead host)
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                                "WHERE locktype = 'advisory' AND granted")
+        finally:
+            await admin.close()
+        assert not await first.held()
+        assert await second.acquire()
+    finally:
+        await first.release()
+        await second.release()
+
+
+def _leadership(lock: LeaderLock, events: list[str], name: str) -> Leadership:
+    async def note(what: str) -> None:
+        events.append(f"{name} {what}")
+
+    return Leadership(lock, functools.partial(note, "elected"),
+                      [Duty("tick", 0.05, functools.partial(note, "duty"))],
+                      functools.partial(note, "exit"), Metrics().leader)
+
+
+async def test_a_sole_process_leads_from_the_start_to_the_end() -> None:
+    events: list[str] = []
+    async with leading(_leadership(SoleLock(), events, "one")) as leadership:
+        assert events == ["one elected"] and leadership.leading  # before anything is served
+        await eventually_async(lambda: "one duty" in events, timeout_s=10, what="a duty run")
+    assert events[-1] == "one exit" and not leadership.leading
+
+
+async def test_of_two_leaderships_one_runs_the_duties_and_the_other_takes_over_after_it(
+        postgres_url: str) -> None:
+    events: list[str] = []
+    async with leading(_leadership(PostgresLeaderLock(postgres_url), events, "a")) as a:
+        async with leading(_leadership(PostgresLeaderLock(postgres_url), events, "b")) as b:
+            assert a.leading and not b.leading
+            await eventually_async(lambda: "a duty" in events, timeout_s=10, what="a's duty")
+            await a.stop()
+            await eventually_async(lambda: b.leading, timeout_s=10, what="b leading")
+            await eventually_async(lambda: "b duty" in events, timeout_s=10, what="b's duty")
+    assert not any(e.startswith("b") for e in events[:events.index("a exit")])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Final
 
 import asyncpg
@@ -91,11 +92,14 @@ class PostgresLeaderLock:
 class PostgresCounters:
     """Rate-limit counters in ``url``'s database (``controlplane.ratelimit.Counters``)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float]) -> None:
         self._pool = pool
+        self._clock = clock
 
     @classmethod
-    async def open(cls, url: str) -> PostgresCounters:
+    async def open(cls, url: str, *, clock: Callable[[], float] = time.time) -> PostgresCounters:
+        """Counters on ``url``'s database, their windows placed by ``clock`` (wall-clock time,
+        the same on every replica's host)."""
         try:
             pool = await asyncpg.create_pool(
                 url, min_size=1, max_size=2, timeout=_CONNECT_TIMEOUT_S,
@@ -103,13 +107,13 @@ class PostgresCounters:
         except _FAILURES as exc:
             raise ConfigurationError(f"rate counters: cannot connect to the database at "
                                      f"{redacted(url)}: {exc or type(exc).__name__}") from None
-        return cls(pool)
+        return cls(pool, clock)
 
     async def hit(self, item: RateLimitItem, namespace: str, key: str) -> float | None:
         """Count one hit; None if it is within ``item``, else the seconds until the current
         window ends."""
         period = item.get_expiry()
-        now = time.time()
+        now = self._clock()
         start = math.floor(now / period) * period
         try:
             row = await self._pool.fetchrow(_HIT, item.key_for(namespace, key), start,
@@ -122,8 +126,11 @@ class PostgresCounters:
 
     async def expire(self) -> int:
         """Delete the windows no hit reads any more; returns how many."""
-        status = await self._pool.execute("DELETE FROM rate_counters WHERE expires_at < $1",
-                                          time.time())
+        try:
+            status = await self._pool.execute("DELETE FROM rate_counters WHERE expires_at < $1",
+                                              self._clock())
+        except _FAILURES as exc:
+            raise Unavailable("rate limit counters unavailable") from exc
         return int(status.rsplit(" ", 1)[-1])
 
     async def aclose(self) -> None:
