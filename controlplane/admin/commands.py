@@ -505,7 +505,10 @@ def keys() -> None:
 @_with_client
 @_json_option
 def keys_rotate(client: AdminClient, as_json: bool) -> None:
-    """Create a new signing key; it signs from now on, older published keys still verify."""
+    """Create a new signing key; it signs from now on, older published keys still verify.
+
+    With several replicas on one database, the new key replaces the key of the replica that
+    serves the request only; the others keep theirs (rotate through each to renew them all)."""
     result = client.call("POST", "/api/v1/keys/rotate")
     if as_json:
         echo_json(result)
