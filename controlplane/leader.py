@@ -124,6 +124,8 @@ class Leadership:
             await action()
         except (ControlPlaneError, OSError) as exc:
             log.error("leader duty %s failed (tried again later): %s", what, exc)
+        except Exception:  # noqa: BLE001 - a duty's bug must not stop the duties while the lock holds
+            log.exception("leader duty %s failed (tried again later)", what)
 
 
 @contextlib.asynccontextmanager

@@ -161,8 +161,18 @@ def test_joining_needs_a_database_url_and_an_initialised_database(tmp_path: Path
     from test_cp_cli import assert_one_line_error
     assert_one_line_error(dsn("admin", "init", "--join", "--state-dir", str(tmp_path / "b")),
                           "--join needs --database-url")
+    env = {"DSN_DATABASE_URL": postgres_url}
     assert_one_line_error(dsn("admin", "init", "--join", "--state-dir", str(tmp_path / "c"),
-                              env={"DSN_DATABASE_URL": postgres_url}), "nothing to join")
+                              env=env), "nothing to join")
+    assert dsn("admin", "init", "--state-dir", str(tmp_path / "a"), env=env).exit_code == 0
+    assert_one_line_error(dsn("admin", "init", "--state-dir", str(tmp_path / "b"), env=env),
+                          "already initialised", "--join")
+    joined = dsn("admin", "init", "--join", "--state-dir", str(tmp_path / "b"), env=env)
+    assert joined.exit_code == 0, joined.output
+    assert_one_line_error(dsn("admin", "init", "--join", "--state-dir", str(tmp_path / "b"),
+                              env=env), "already initialised")
+    assert_one_line_error(dsn("admin", "init", "--join", "--state-dir", str(tmp_path / "a"),
+                              env=env), "already initialised")
 
 
 async def test_tokens_signed_by_either_replica_verify_at_both(pair: Pair) -> None:
