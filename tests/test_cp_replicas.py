@@ -348,12 +348,16 @@ async def test_the_leader_lock_is_held_by_one_connection_until_it_is_gone(
         assert not await second.acquire()
         admin = await asyncpg.connect(postgres_url)
         try:  # the server ends the leader's session (a failover, an admin, a dead host)
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
-                                "WHERE locktype = 'advisory' AND granted")
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = "
+                "'advisory' AND granted AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())")
+            assert ended == 1
         finally:
             await admin.close()
         assert not await first.held()
-        assert await second.acquire()
+        # The server frees the lock as the ended session exits.
+        await eventually_async(second.acquire, timeout_s=10, what="the lock free again")
     finally:
         await first.release()
         await second.release()
