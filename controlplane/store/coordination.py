@@ -40,7 +40,9 @@ LEADER_LOCK: Final = "controlplane leader"
 _APPLICATION = {"application_name": "dsn-controlplane"}
 _KEEPALIVES: Final = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
                       "tcp_keepalives_count": "3"}
-_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: what asyncpg may raise on a connection the server has just ended.
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+             TimeoutError)
 _CONNECT_TIMEOUT_S: Final = 10.0
 
 _HIT: Final = """
