@@ -251,6 +251,23 @@ async def test_concurrent_session_opens_through_both_replicas_stay_within_the_qu
     assert len([s for s in sessions["items"] if s["state"] == "open"]) == SESSION_QUOTA
 
 
+async def test_concurrent_token_issues_through_both_replicas_stay_within_the_quota(
+        pair: Pair) -> None:
+    status, body = await pair.call(pair.a, "POST", "/api/v1/projects", pair.admin_token,
+                                   json={"name": "few", "quotas": {"tokens": 3}})
+    assert status == 201, body
+
+    async def issue(replica: Replica) -> int:
+        status, answer = await pair.call(
+            replica, "POST", "/api/v1/projects/few/tokens", pair.admin_token,
+            json={"subject": "alice", "scope": SCOPE, "ttl": 3600})
+        assert status in (201, 409), answer
+        return status
+
+    statuses = await asyncio.gather(*(issue(replica) for replica in [pair.a, pair.b] * 6))
+    assert statuses.count(201) == 3, statuses
+
+
 async def test_one_replica_leads_and_the_other_takes_over_when_it_is_killed(pair: Pair) -> None:
     def leader() -> Replica | None:
         alive = [replica for replica in (pair.a, pair.b) if replica.process.poll() is None]
