@@ -67,6 +67,9 @@ class Duty:
 
 @dataclass
 class Leadership:
+    """One replica's part: whether it leads (``leading``, also the ``gauge``), and what it runs
+    while it does."""
+
     lock: LeaderLock
     on_elected: Action
     duties: Sequence[Duty]

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 import zmq
 from cp_helpers import write_policy
 from limits import parse
-from test_cp_cli import _serve_command, _wait_healthy, dsn
+from test_cp_cli import _serve_command, _wait_healthy, assert_one_line_error, dsn
 from waiting import eventually, eventually_async
 
 from common.ports import free_port
@@ -64,7 +65,6 @@ class Replica:
         return self.checkpoints.read_text().splitlines() if self.checkpoints.exists() else []
 
     def leads(self) -> bool:
-        import urllib.request
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
             text = response.read().decode()
         (line,) = [line for line in text.splitlines() if line.startswith("dsn_cp_leader ")]
@@ -158,7 +158,6 @@ def _own_kid(replica: Replica) -> str:
 
 def test_joining_needs_a_database_url_and_an_initialised_database(tmp_path: Path,
                                                                  postgres_url: str) -> None:
-    from test_cp_cli import assert_one_line_error
     assert_one_line_error(dsn("admin", "init", "--join", "--state-dir", str(tmp_path / "b")),
                           "--join needs --database-url")
     env = {"DSN_DATABASE_URL": postgres_url}
