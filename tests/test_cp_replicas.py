@@ -35,6 +35,7 @@ from controlplane.leader import Duty, LeaderLock, Leadership, SoleLock, leading
 from controlplane.metrics import Metrics
 from controlplane.sessions.core import SessionRecord
 from controlplane.sessions.repository import insert_session
+from controlplane.store.base import QUOTA_LOCK
 from controlplane.store.coordination import PostgresCounters, PostgresLeaderLock
 from controlplane.store.engine import Store
 from controlplane.store.postgresql import lock_key
@@ -302,8 +303,8 @@ async def test_one_replica_leads_and_the_other_takes_over_when_it_is_killed(pair
 
 async def test_a_session_open_waits_for_the_quota_lock_another_process_holds(
         postgres_url: str) -> None:
-    # What keeps the race above within the quota, shown without a race: while another connection
-    # holds the project's session lock, an open waits (here past the busy timeout: 503).
+    # What keeps the races above within the quotas, shown without a race: while another connection
+    # holds the quota lock, an open waits (here past the busy timeout: 503).
     store = await Store.open(postgres_url, busy_timeout_s=0.5)
     other = await asyncpg.connect(postgres_url)
     try:
@@ -311,7 +312,7 @@ async def test_a_session_open_waits_for_the_quota_lock_another_process_holds(
         session = SessionRecord("s1", "racing", "4dstem", 1, {}, "key", {}, "j1", 10.0, 100.0,
                                 None)
         token = TokenRecord("j1", "racing", "session", "alice", "sessions:write", 10.0, 100.0)
-        await other.execute("SELECT pg_advisory_lock($1)", lock_key("sessions of project racing"))
+        await other.execute("SELECT pg_advisory_lock($1)", lock_key(QUOTA_LOCK))
         with pytest.raises(Unavailable, match="busy"):
             await insert_session(store, session, token, limit=SESSION_QUOTA, now=10.0)
         await other.execute("SELECT pg_advisory_unlock_all()")

@@ -23,6 +23,7 @@ from controlplane.sessions.core import (
     config_with_consumers,
     lease_until,
 )
+from controlplane.store.base import QUOTA_LOCK
 from controlplane.store.engine import Conn, Row, Store
 from controlplane.store.tokens import REVOKE_FROM, TokenRecord
 
@@ -79,9 +80,7 @@ async def insert_session(store: Store, session: SessionRecord, token: TokenRecor
     """Store the session and its token's metadata, in one transaction with the quota and client
     key checks so that concurrent opens cannot both pass them."""
     async def body(conn: Conn) -> None:
-        # Replicas on one database: the counts below must see each other's opens.
-        await conn.lock(f"sessions of project {session.project}")
-        await conn.lock(f"sessions of client key {session.client_key}")
+        await conn.lock(QUOTA_LOCK)  # replicas on one database: counts see each other's opens
         open_sessions = await _one(conn, "SELECT COUNT(*) FROM sessions WHERE project = ? AND "
                                          "ended_at IS NULL AND expires_at > ?",
                                    (session.project, now))
@@ -166,7 +165,7 @@ async def _live_consumers_in(conn: Conn, session_id: str, now: float) -> list[Co
 async def register_consumer(store: Store, consumer: ConsumerRecord, limit: int,
                             now: float) -> None:
     async def body(conn: Conn) -> None:
-        await conn.lock(f"consumers of session {consumer.session_id}")
+        await conn.lock(QUOTA_LOCK)
         await _open_session_in(conn, consumer.session_id, now)
         live = await _live_consumers_in(conn, consumer.session_id, now)
         problem = admission_problem(live, consumer, limit)
