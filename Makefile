@@ -44,6 +44,8 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/controlplane_tokens.py
 	$(BIN)/python bench/controlplane_load.py
+	sh scripts/install-test-deps.sh  # PostgreSQL, for the replicas
+	$(BIN)/python bench/controlplane_replicas.py
 
 clean:
 	rm -rf $(VENV) .dsn .pytest_cache .hypothesis

@@ -4,8 +4,10 @@
 checks), the middlewares and the OpenAPI document. The services (store, key ring, policies, token
 service, rate limiter, audit log, state service) open in a ``cleanup_ctx`` when the app starts and
 close with it, so a test can build the app twice on one state directory to check what survives a
-restart. The audit upkeep runs beside them: it writes the summaries of repeated denials and the
-signed checkpoints of the audit chain, and refuses to start on a chain its checkpoints disown.
+restart. Beside them, each replica writes the summaries of the denials it saw and re-reads the
+published signing keys; the duties that must run once whatever the number of replicas on one
+database (adopting jobs, the signed checkpoints of the audit chain, expiring rate counters) run in
+the leader (``controlplane.leader``). A start on a chain its checkpoints disown is refused.
 The state service publishes the live sessions to the gateways (``controlplane.state``): the session
 views publish each change they commit, and its reconcile loop publishes expiries.
 """
@@ -31,6 +33,7 @@ from controlplane.console import web as console
 from controlplane.errors import ConfigurationError, ControlPlaneError
 from controlplane.federation import federation_ctx
 from controlplane.launchers import get_launcher
+from controlplane.leader import Duty, LeaderLock, Leadership, SoleLock, leading
 from controlplane.metrics import Metrics
 from controlplane.middlewares import (
     METRICS,
@@ -42,12 +45,12 @@ from controlplane.middlewares import (
 )
 from controlplane.openapi import OPENAPI, build_document
 from controlplane.policy import ACTIONS, PolicyHolder, load_policies
-from controlplane.ratelimit import RateLimiter
+from controlplane.ratelimit import Counters, MemoryCounters, RateLimiter
 from controlplane.sessions import api as sessions_api
 from controlplane.sessions.repository import live_sessions
 from controlplane.sessions.service import adopt_jobs, record_gateway_report
 from controlplane.settings import Settings
-from controlplane.signing import KeyRing
+from controlplane.signing import REFRESH_S, KeyRing
 from controlplane.state import StateService, StateSettings
 from controlplane.store.engine import Store
 from controlplane.store.tokens import Revocations
@@ -81,14 +84,16 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                 app[SERVICES] = services = await _build_services(settings, store, app[METRICS],
                                                                  state)
                 state.on_report = functools.partial(record_gateway_report, services)
-                await _check_checkpoints(services.checkpoints)
-                await adopt_jobs(services)
-                await _start_state(state, settings)
-                async with _audit_upkeep(services):
-                    yield
+                try:
+                    await _check_checkpoints(services.checkpoints)
+                    async with leading(_leadership(services)):
+                        await _start_state(state, settings)
+                        async with _replica_upkeep(services):
+                            yield
+                finally:
+                    await services.limiter.aclose()
             finally:
                 await state.close()
-            await services.limiter.aclose()
             for launcher in services.launchers.values():
                 await launcher.close()  # a local job cannot outlive the parent that polls it
         finally:
@@ -105,13 +110,29 @@ async def _check_checkpoints(checkpoints: Checkpoints) -> None:
                                  f"file {checkpoints.path} aside first")
 
 
-async def _audit_step(services: Services, *, final: bool) -> None:
-    """Write due denial summaries (all of them if ``final``), then a checkpoint if the chain grew.
-    A failure is logged and counted; the next step tries again."""
-    try:
-        await services.audit.flush_denials(everything=final)
-    except ControlPlaneError as exc:
-        log.error("audit: denial summaries not written: %s", exc.detail)
+def _leadership(services: Services) -> Leadership:
+    """The run-once duties: jobs adopted when this replica takes the lead, a signed checkpoint of
+    the audit chain every ``audit_checkpoint_s`` in which it grew (and one when the leader stops),
+    and, with PostgreSQL, the rate counters no window reads any more deleted every minute.
+    Each replica's checkpoints go to its own checkpoint file, signed with its own key: while it
+    leads, it is the one that writes them."""
+    url = services.settings.database_url
+    lock: LeaderLock = SoleLock()
+    duties = [Duty("audit checkpoint", services.settings.audit_checkpoint_s,
+                   functools.partial(_write_checkpoint, services))]
+    if url is not None:
+        # Imported here: a SQLite deployment never loads the PostgreSQL driver.
+        from controlplane.store.coordination import PostgresLeaderLock
+        lock = PostgresLeaderLock(url)
+        duties.append(Duty("rate counter expiry", 60.0,
+                           functools.partial(_expire, services.limiter.counters)))
+    return Leadership(lock, functools.partial(adopt_jobs, services), duties,
+                      functools.partial(_write_checkpoint, services), services.metrics.leader)
+
+
+async def _write_checkpoint(services: Services) -> None:
+    """A checkpoint if the chain grew; a failure is logged and counted, the next one tries
+    again."""
     try:
         anchor = await services.checkpoints.write()
     except (OSError, ControlPlaneError) as exc:
@@ -122,30 +143,47 @@ async def _audit_step(services: Services, *, final: bool) -> None:
         services.metrics.audit_checkpoint.set(anchor.seq)
 
 
-@contextlib.asynccontextmanager
-async def _audit_upkeep(services: Services) -> AsyncIterator[None]:
-    """Summaries every second, a checkpoint every ``audit_checkpoint_s``; both once more at exit."""
-    interval = services.settings.audit_checkpoint_s
+async def _expire(counters: Counters) -> None:
+    log.debug("rate counters: %d expired windows deleted", await counters.expire())
 
+
+async def _flush_denials(services: Services, *, final: bool) -> None:
+    try:
+        await services.audit.flush_denials(everything=final)
+    except ControlPlaneError as exc:
+        log.error("audit: denial summaries not written: %s", exc.detail)
+
+
+async def _refresh_keys(services: Services) -> None:
+    try:
+        await services.keyring.refresh()
+    except ControlPlaneError as exc:
+        log.error("signing keys not re-read from the store (tried again later): %s", exc.detail)
+
+
+@contextlib.asynccontextmanager
+async def _replica_upkeep(services: Services) -> AsyncIterator[None]:
+    """What every replica does for itself: write the summaries of the denials it saw (every
+    second, all of them at exit: each replica tallies its own), and re-read the published signing
+    keys every ``REFRESH_S`` (the other replicas', rotated or retired ones)."""
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        due = loop.time() + interval
+        keys_due = loop.time() + REFRESH_S
         while True:
-            if loop.time() >= due:
-                await _audit_step(services, final=False)
-                due = loop.time() + interval
-            else:
-                await services.audit.flush_denials()
-            await asyncio.sleep(min(1.0, interval))
+            await _flush_denials(services, final=False)
+            if loop.time() >= keys_due:
+                await _refresh_keys(services)
+                keys_due = loop.time() + REFRESH_S
+            await asyncio.sleep(1.0)
 
-    task = asyncio.create_task(run(), name="audit-upkeep")
+    task = asyncio.create_task(run(), name="replica-upkeep")
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await _audit_step(services, final=True)
+        await _flush_denials(services, final=True)
 
 
 async def _start_state(state: StateService, settings: Settings) -> None:
@@ -187,6 +225,7 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics,
                           state: StateService) -> Services:
     clock = settings.clock
     keyring = await KeyRing.load(settings.state_dir, store, clock=clock)
+    keyring.signing_key()  # refuse to serve from a state directory that cannot sign
     policies = PolicyHolder(load_policies(settings.policy_path))
     tokens = TokenService(settings.issuer, keyring, clock=clock, leeway_s=settings.leeway_s,
                           lifetime_caps=policies.lifetime_caps)
@@ -196,9 +235,17 @@ async def _build_services(settings: Settings, store: Store, metrics: Metrics,
     return Services(
         settings=settings, store=store, keyring=keyring, tokens=tokens,
         authenticator=Authenticator(tokens, Revocations(store), clock), policies=policies,
-        limiter=RateLimiter(policies), audit=audit, checkpoints=checkpoints,
-        metrics=metrics, state=state,
+        limiter=RateLimiter(policies, await _counters(settings)), audit=audit,
+        checkpoints=checkpoints, metrics=metrics, state=state,
         launchers={settings.launcher: get_launcher(settings.launcher, **settings.launcher_options)})
+
+
+async def _counters(settings: Settings) -> Counters:
+    """Rate-limit hits counted in the shared database when there is one, else in memory."""
+    if settings.database_url is None:
+        return MemoryCounters()
+    from controlplane.store.coordination import PostgresCounters
+    return await PostgresCounters.open(settings.database_url)
 
 
 async def _plain_server_header(_request: web.Request, response: web.StreamResponse) -> None:

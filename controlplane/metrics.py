@@ -28,6 +28,7 @@ class Metrics:
     gateway_reports: Counter = field(init=False)
     audit_checkpoint: Gauge = field(init=False)
     audit_checkpoint_failures: Counter = field(init=False)
+    leader: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -57,6 +58,8 @@ class Metrics:
         set_("audit_checkpoint_failures", Counter("dsn_cp_audit_checkpoint_failures",
                                                   "Audit checkpoints that could not be written",
                                                   registry=self.registry))
+        set_("leader", Gauge("dsn_cp_leader", "1 while this replica runs the run-once duties",
+                             registry=self.registry))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

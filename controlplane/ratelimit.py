@@ -1,9 +1,11 @@
 """REST rate limits per token, per project, and per client address for requests that fail
-authentication: the ``limits`` library's async moving-window limiter over in-process memory, with
-the limits read from the active policy set on every call (a policy reload applies at once).
+authentication, with the limits read from the active policy set on every call (a policy reload
+applies at once).
 
-Each limiter process counts on its own; several control-plane replicas would need a shared storage
-(``limits`` offers Redis), which this class would take as an argument.
+Where the hits are counted is a ``Counters``: in this process's memory (``MemoryCounters``, the
+``limits`` library's moving window), the default with SQLite, where one process serves; or in the
+shared PostgreSQL database (``controlplane.store.coordination.PostgresCounters``, sliding-window
+counters), so that replicas on one database count every request once, whichever serves it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage
@@ -22,11 +25,47 @@ from controlplane.errors import RateLimited
 from controlplane.policy import PolicyHolder
 
 
-class RateLimiter:
-    def __init__(self, policies: PolicyHolder) -> None:
-        self._policies = policies
+class Counters(Protocol):
+    async def hit(self, item: RateLimitItem, namespace: str, key: str) -> float | None:
+        """Count one hit of ``key`` against ``item``; None if it is within the limit, else the
+        seconds until a retry may be allowed."""
+
+    async def expire(self) -> int:
+        """Forget the windows no hit reads any more; returns how many."""
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryCounters:
+    """This process's own counts: ``limits``' moving window in memory."""
+
+    def __init__(self) -> None:
         self._storage = MemoryStorage()
         self._limiter = MovingWindowRateLimiter(self._storage)
+
+    async def hit(self, item: RateLimitItem, namespace: str, key: str) -> float | None:
+        if await self._limiter.hit(item, namespace, key):
+            return None
+        stats = await self._limiter.get_window_stats(item, namespace, key)
+        # ``limits`` reads wall-clock time itself, so the wait is computed against the same clock.
+        return stats.reset_time - time.time()
+
+    async def expire(self) -> int:
+        return 0  # the memory storage expires its entries itself
+
+    async def aclose(self) -> None:
+        """Waits out the storage's background expiry task, for a clean shutdown."""
+        timer = self._storage.timer
+        if timer is not None and not timer.done():
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+
+
+class RateLimiter:
+    def __init__(self, policies: PolicyHolder, counters: Counters | None = None) -> None:
+        self._policies = policies
+        self.counters = counters or MemoryCounters()
 
     async def check(self, token_jti: str, project: str | None) -> None:
         """Counts one request against the token's and its project's limits; RateLimited (with
@@ -46,19 +85,10 @@ class RateLimiter:
     async def _hit(self, items: Sequence[RateLimitItem], namespace: str, key: str,
                    who: str) -> None:
         for item in items:
-            if not await self._limiter.hit(item, namespace, key):
+            wait = await self.counters.hit(item, namespace, key)
+            if wait is not None:
                 raise RateLimited(f"rate limit of {item} exceeded for {who}",
-                                      retry_after_s=await self._retry_after(item, namespace, key))
-
-    async def _retry_after(self, item: RateLimitItem, namespace: str, key: str) -> int:
-        stats = await self._limiter.get_window_stats(item, namespace, key)
-        # ``limits`` reads wall-clock time itself, so the wait is computed against the same clock.
-        return max(1, math.ceil(stats.reset_time - time.time()))
+                                  retry_after_s=max(1, math.ceil(wait)))
 
     async def aclose(self) -> None:
-        """Waits out the storage's background expiry task, for a clean shutdown."""
-        timer = self._storage.timer
-        if timer is not None and not timer.done():
-            timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await timer
+        await self.counters.aclose()

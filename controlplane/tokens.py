@@ -106,6 +106,9 @@ class KeySource(Protocol):
 
     def public_key(self, kid: str) -> Ed25519PublicKey | None: ...
 
+    async def lookup(self, kid: str) -> Ed25519PublicKey | None:
+        """``public_key``, after looking again for a kid not known yet (another replica's)."""
+
 
 Clock = Callable[[], float]
 
@@ -288,6 +291,11 @@ class TokenService:
                            headers={"kid": kid, "typ": "JWT"})
         return token, claims
 
+    async def found_key(self, token: str) -> bool:
+        """Whether the key ``token`` names, unknown to ``verify``, is published after all: the
+        key source looks again (rate-limited). Call only after ``verify`` raised UnknownKey."""
+        return await self._keyring.lookup(_checked_header(token)) is not None
+
     def verify(self, token: str, surface: Surface) -> Claims:
         """Pure verification; raises a TokenError subclass naming the reason."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
@@ -345,7 +353,13 @@ class Authenticator:
         self._clock = clock
 
     async def authenticate(self, token: str, surface: Surface) -> Claims:
-        claims = self._tokens.verify(token, surface)
+        try:
+            claims = self._tokens.verify(token, surface)
+        except UnknownKey:
+            # Another replica may have published the key since this one last read them.
+            if not await self._tokens.found_key(token):
+                raise
+            claims = self._tokens.verify(token, surface)
         await self._check_store(claims)
         return claims
 

@@ -3,6 +3,7 @@ files, kids, JWKS, rotation, retirement."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,7 +40,8 @@ async def store(state_dir: Path) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def ring(state_dir: Path, store: Store) -> KeyRing:
-    return await KeyRing.load(state_dir, store, clock=FakeClock())
+    # Looks again for every unknown kid: the one test of the rate limit makes its own ring.
+    return await KeyRing.load(state_dir, store, clock=FakeClock(), lookup_every_s=0)
 
 
 def _mode(path: Path) -> int:
@@ -179,12 +181,65 @@ async def test_a_garbled_private_key_is_refused(ring: KeyRing, state_dir: Path,
         await KeyRing.load(state_dir, store)
 
 
-async def test_a_missing_private_key_is_a_configuration_error(ring: KeyRing, state_dir: Path,
-                                                              store: Store) -> None:
+async def test_a_missing_private_key_leaves_the_directory_unable_to_sign(
+        ring: KeyRing, state_dir: Path, store: Store) -> None:
     kid = await ring.create()
     (state_dir / "keys" / f"{kid}.pem").unlink()
-    with pytest.raises(ConfigurationError, match="signing key .*: No such file"):
-        await KeyRing.load(state_dir, store)
+    again = await KeyRing.load(state_dir, store)
+    assert again.public_key(kid) is not None  # it still verifies what was signed
+    with pytest.raises(ConfigurationError, match="holds no private key .* --join"):
+        again.signing_key()
+
+
+async def test_a_joined_replica_signs_with_its_own_key_and_each_verifies_the_other(
+        ring: KeyRing, tmp_path: Path, store: Store) -> None:
+    first = await ring.create()
+    other = await KeyRing.load(tmp_path / "replica-b", store, clock=FakeClock(1500.0))
+    second = await other.create(join=True)
+    assert other.signing_key()[0] == second and ring.signing_key()[0] == first
+    assert sorted(p.name for p in (tmp_path / "replica-b" / "keys").iterdir()) == [f"{second}.pem"]
+    assert ring.public_key(second) is None  # not re-read yet
+    assert await ring.lookup(second) is not None  # an unknown kid makes it look again
+    assert [k["kid"] for k in ring.jwks()["keys"]] == [second, first]
+    with pytest.raises(Conflict, match="has a signing key already"):
+        await other.create(join=True)
+
+
+async def test_joining_a_database_without_keys_is_a_conflict(ring: KeyRing) -> None:
+    with pytest.raises(Conflict, match="nothing to join"):
+        await ring.create(join=True)
+
+
+async def test_lookups_of_unknown_kids_waiting_together_share_one_read_of_the_store(
+        ring: KeyRing, tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    await ring.create()
+    joined = await (await KeyRing.load(tmp_path / "replica-b", store)).create(join=True)
+    reads = 0
+    refresh = ring.refresh
+
+    async def counted() -> None:
+        nonlocal reads
+        reads += 1
+        await refresh()
+
+    monkeypatch.setattr(ring, "refresh", counted)
+    found = await asyncio.gather(ring.lookup("forged-1"), ring.lookup(joined),
+                                 ring.lookup("forged-2"))
+    assert reads == 1
+    assert found[0] is None and found[1] is not None and found[2] is None
+
+
+async def test_rotation_by_one_replica_leaves_the_others_key_signing(
+        ring: KeyRing, tmp_path: Path, store: Store) -> None:
+    first = await ring.create()  # replica A's, at 1000
+    other = await KeyRing.load(tmp_path / "replica-b", store, clock=FakeClock(1500.0))
+    b_key = await other.create(join=True)
+    a_new = await ring.rotate(2000.0)  # A's first key stops signing at 2000; B's is untouched
+    await other.refresh()
+    assert other.signing_key()[0] == b_key and ring.signing_key()[0] == a_new
+    assert await ring.retire_expired(10**9, max_token_lifetime_s=3600) == [first]
+    await other.refresh()
+    assert other.signing_key()[0] == b_key and other.public_key(b_key) is not None
 
 
 def test_generated_keys_have_distinct_kids() -> None:

@@ -136,6 +136,24 @@ async def test_jobs_stored_before_job_states_are_asked_about_again_and_final_sta
         await opened.close()
 
 
+async def test_keys_stored_before_replicas_stopped_signing_when_the_next_was_created(
+        database: Database) -> None:
+    replicas = next(number for number, step in enumerate(MIGRATIONS)
+                    if "ALTER TABLE signing_keys ADD COLUMN stopped_at REAL" in step)
+    jwk = '{"kty": "OKP", "crv": "Ed25519", "x": "x"}'
+    await database.sql(*(database.native(statement) for step in MIGRATIONS[:replicas]
+                         for statement in step),
+                       *(f"INSERT INTO signing_keys VALUES ('{kid}', {at}, NULL, '{jwk}')"
+                         for kid, at in (("k1", 1.0), ("k2", 2.0), ("k3", 3.0))))
+    await database.set_schema_version(replicas)
+    opened = await Store.open(database.location)
+    try:
+        assert [(k.kid, k.stopped_at) for k in await list_signing_keys(opened)] == [
+            ("k1", 2.0), ("k2", 3.0), ("k3", None)]
+    finally:
+        await opened.close()
+
+
 async def test_newer_version_database_is_refused(database: Database) -> None:
     await database.set_schema_version(SCHEMA_VERSION + 1)
     with pytest.raises(ConfigurationError, match=f"schema version {SCHEMA_VERSION + 1}, newer "

@@ -61,9 +61,10 @@ async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: P
     store = await Store.open(settings.store_location)
     try:
         if database_url is not None and await list_signing_keys(store):
-            # Another state directory holds its private keys: this one could sign nothing.
+            # Another state directory holds its private keys: this one joins, it does not init.
             raise ConfigurationError(f"the database at {redacted(database_url)} is already "
-                                     "initialised (it has signing keys)")
+                                     "initialised (it has signing keys); add another replica "
+                                     "with 'dsn admin init --join'")
         keyring = await KeyRing.load(state_dir, store, clock=clock)
         await keyring.create()
         await asyncio.to_thread(_gateway_keys, settings)
@@ -72,6 +73,35 @@ async def initialize(state_dir: Path, *, name: str = FIRST_ADMIN, policy_path: P
         token, _ = await grant.admin_token(name, policy.lifetime_cap(TokenKind.ADMIN), token_path,
                                            action="admin.init", rule="bootstrap")
         return token
+    finally:
+        await store.close()
+
+
+async def join(state_dir: Path, *, database_url: str, now: float | None = None) -> str:
+    """Make ``state_dir`` another replica's state directory on the shared PostgreSQL database
+    ``database_url``: its own signing key (its public half published there, audited as
+    ``replica.join`` by the OS user), gateway and state service key pairs. No admin, no admin
+    token: the database has its admins already. Returns the new key's kid.
+
+    ConfigurationError if the directory is initialised already; Conflict if the database has no
+    signing key yet (initialise it without joining)."""
+    settings = Settings(state_dir=state_dir, database_url=database_url)
+    keys_dir = state_dir / "keys"
+    if (state_dir / ADMIN_TOKEN_FILE).exists() or any(keys_dir.glob("*.pem")):
+        raise ConfigurationError(f"{state_dir} is already initialised")
+    clock: Callable[[], float] = time.time if now is None else (lambda: now)
+    await asyncio.to_thread(private_dir, state_dir)
+    store = await Store.open(settings.store_location)
+    try:
+        keyring = await KeyRing.load(state_dir, store, clock=clock)
+        kid = await keyring.create(join=True)
+        await AuditLog(store, clock=clock).record(
+            principal=f"offline:{_os_user()}", action="replica.join",
+            resource=f"signing-key/{kid}", decision="allow", rule="bootstrap",
+            request_id=f"replica.join-{uuid.uuid4()}")
+        await asyncio.to_thread(_gateway_keys, settings)
+        await asyncio.to_thread(_state_keys, settings)
+        return kid
     finally:
         await store.close()
 

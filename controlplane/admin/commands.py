@@ -28,6 +28,7 @@ from controlplane.admin.bootstrap import (
     initialize,
     verify_offline,
 )
+from controlplane.admin.bootstrap import join as join_database
 from controlplane.admin.bootstrap import recover as recover_admin
 from controlplane.admin.client import ADMIN_TOKEN_ENV, AdminClient, template_path
 from controlplane.policy import lint
@@ -129,14 +130,23 @@ def _admin_name_option(help_text: str, default: str | None = None) -> Callable[[
 @_database_url_option("Initialise this PostgreSQL database (existing and empty) instead of the "
                       "SQLite file in the state directory: the one the service is then given "
                       "(dsn controlplane serve --database-url).")
-def init(state_dir: Path, name: str, policy_path: Path | None, database_url: str | None) -> None:
+@click.option("--join", is_flag=True,
+              help="Make the state directory of another replica on the PostgreSQL database "
+                   "--database-url, which is initialised already: its own signing key, published "
+                   "there, and its own CURVE key pairs; no admin is added.")
+def init(state_dir: Path, name: str, policy_path: Path | None, database_url: str | None,
+         join: bool) -> None:
     """Create the state directory, the first signing key, the gateway's and the state service's
     CURVE key pairs (the local gateway allowed to subscribe) and the first admin with its token.
 
     The token is written to STATE_DIR/admin.token (0600) and printed once; it is not stored
     anywhere else (the database keeps only its id). Refuses an already initialised directory, and
-    a database that has a signing key already.
+    a database that has a signing key already, unless --join: then the database must have one,
+    and the new directory gets a signing key of its own (replicas never share private keys).
     """
+    if join:
+        _join(state_dir, database_url)
+        return
     token = asyncio.run(initialize(state_dir, name=name, policy_path=policy_path,
                                    database_url=database_url))
     click.echo(f"gateway CURVE keys in {state_dir / 'keys'} (server.key, server.key_secret)",
@@ -146,6 +156,15 @@ def init(state_dir: Path, name: str, policy_path: Path | None, database_url: str
     click.echo(f"token of admin {name!r} written to {state_dir / ADMIN_TOKEN_FILE} (0600); "
                "it is shown only this once:", err=True)
     click.echo(token)
+
+
+def _join(state_dir: Path, database_url: str | None) -> None:
+    if database_url is None:
+        raise OneLineError("--join needs --database-url (DSN_DATABASE_URL): replicas share a "
+                           "PostgreSQL database")
+    kid = asyncio.run(join_database(state_dir, database_url=database_url))
+    click.echo(f"signing key {kid} of {state_dir} published; gateway and state service CURVE "
+               f"keys in {state_dir / 'keys'}", err=True)
 
 
 @admin.command()
@@ -486,7 +505,10 @@ def keys() -> None:
 @_with_client
 @_json_option
 def keys_rotate(client: AdminClient, as_json: bool) -> None:
-    """Create a new signing key; it signs from now on, older published keys still verify."""
+    """Create a new signing key; it signs from now on, older published keys still verify.
+
+    With several replicas on one database, the new key replaces the key of the replica that
+    serves the request only; the others keep theirs (rotate through each to renew them all)."""
     result = client.call("POST", "/api/v1/keys/rotate")
     if as_json:
         echo_json(result)

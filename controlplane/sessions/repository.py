@@ -1,5 +1,6 @@
 """The sessions' SQL: records in and out of the store, each change in one ``Store.write``
-transaction with the checks that must not race it (quotas, client keys, admission).
+transaction with the checks that must not race it (quotas, client keys, admission), under a lock
+(``Conn.lock``) that also serialises those checks across the processes sharing the database.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from controlplane.sessions.core import (
     config_with_consumers,
     lease_until,
 )
+from controlplane.store.base import QUOTA_LOCK
 from controlplane.store.engine import Conn, Row, Store
 from controlplane.store.tokens import REVOKE_FROM, TokenRecord
 
@@ -78,6 +80,7 @@ async def insert_session(store: Store, session: SessionRecord, token: TokenRecor
     """Store the session and its token's metadata, in one transaction with the quota and client
     key checks so that concurrent opens cannot both pass them."""
     async def body(conn: Conn) -> None:
+        await conn.lock(QUOTA_LOCK)  # replicas on one database: counts see each other's opens
         open_sessions = await _one(conn, "SELECT COUNT(*) FROM sessions WHERE project = ? AND "
                                          "ended_at IS NULL AND expires_at > ?",
                                    (session.project, now))
@@ -162,6 +165,7 @@ async def _live_consumers_in(conn: Conn, session_id: str, now: float) -> list[Co
 async def register_consumer(store: Store, consumer: ConsumerRecord, limit: int,
                             now: float) -> None:
     async def body(conn: Conn) -> None:
+        await conn.lock(QUOTA_LOCK)
         await _open_session_in(conn, consumer.session_id, now)
         live = await _live_consumers_in(conn, consumer.session_id, now)
         problem = admission_problem(live, consumer, limit)

@@ -19,6 +19,13 @@ T = TypeVar("T")
 
 DATABASE_URL_SCHEMES = ("postgresql", "postgres")  # as libpq and asyncpg accept them
 
+# The ``Conn.lock`` every quota check takes before counting (live tokens, open sessions, live
+# consumers), so that processes sharing the database cannot both pass a check and exceed the quota.
+# One name for all of them: a group-committed batch holds its locks to its commit, so with a lock
+# per project two processes' batches could take two in opposite orders and deadlock; with one, a
+# batch takes at most this and then the audit chain's (its appends run last), always in that order.
+QUOTA_LOCK = "quota checks"
+
 
 class Row(Protocol):
     def __getitem__(self, key: Any, /) -> Any: ...

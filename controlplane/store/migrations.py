@@ -203,5 +203,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ended_at REAL)""",
         "CREATE INDEX console_sessions_by_expiry ON console_sessions(expires_at)",
     ),
+    # 10 -> 11: replicas on one database. Each signs with its own key, so when a key stopped
+    # signing is stored (its replica rotated it) instead of inferred from the next newer key; a
+    # key stored before stopped when the next one was created. Rate-limit hits are counted in
+    # the database (per limit and window) when replicas share it.
+    (
+        "ALTER TABLE signing_keys ADD COLUMN stopped_at REAL",
+        """UPDATE signing_keys SET stopped_at = (SELECT MIN(newer.created_at)
+            FROM signing_keys newer WHERE newer.created_at > signing_keys.created_at)""",
+        """CREATE TABLE rate_counters (
+            name TEXT NOT NULL,
+            window_start INTEGER NOT NULL,
+            hits INTEGER NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (name, window_start))""",
+        "CREATE INDEX rate_counters_by_expiry ON rate_counters(expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

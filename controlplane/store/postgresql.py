@@ -60,7 +60,7 @@ _BUSY = (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError,
          asyncpg.SerializationError)
 
 
-def _lock_key(name: str) -> int:
+def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory lock key for ``name``, the same in every process."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
@@ -118,7 +118,7 @@ class _PgConn:
         await self._conn.executemany(to_postgresql(sql), parameters)
 
     async def lock(self, name: str) -> None:
-        await self._conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
+        await self._conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(name))
 
 
 class PostgresBackend:
@@ -215,7 +215,7 @@ async def _migrate(conn: asyncpg.Connection, url: str) -> None:
     processes starting together run each step once; refuse a newer schema."""
     while True:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(_MIGRATION_LOCK))
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(_MIGRATION_LOCK))
             await conn.execute(to_postgresql(_SCHEMA_VERSION_TABLE))
             version = int(await conn.fetchval("SELECT version FROM schema_version") or 0)
             if version > SCHEMA_VERSION:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controlplane.errors import Conflict, NotFound
+from controlplane.store.base import QUOTA_LOCK
 from controlplane.store.engine import Conn, Row, Store, time_or_none
 from controlplane.store.projects import Project, get_project
 
@@ -53,6 +54,7 @@ async def add_token(store: Store, rec: TokenRecord, *, limit: int | None = None)
     pass); NotFound for an unknown parent."""
     async def body(conn: Conn) -> None:
         if limit is not None and rec.project is not None:
+            await conn.lock(QUOTA_LOCK)  # replicas on one database: see each other's issues
             async with conn.execute(_LIVE_TOKENS, (rec.project, rec.issued_at)) as cursor:
                 row = await cursor.fetchone()
             if row is not None and row[0] >= limit:
