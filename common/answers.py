@@ -48,14 +48,12 @@ class _Body(BaseModel):
 class GatewayInfo(_Body):
     """Where a session's producers stream: ``endpoint`` (CURVE), the gateway's Z85 CURVE
     ``server_key``, its plaintext ingress for sessions with transport ``plain``, and where producers
-    ask what became of their scans (``common.receipts``). ``name`` is the registered gateway the
-    session is placed on (None: the site's one configured gateway)."""
+    ask what became of their scans (``common.receipts``)."""
 
     endpoint: str
     server_key: str = Field(min_length=40, max_length=40, pattern=r"^[\x21-\x7e]{40}$")
     plain_endpoint: str | None = None
     receipts_endpoint: str
-    name: str | None = None
 
 
 # The bodies below read states as plain strings, so that a client keeps reading the answers of a
@@ -76,8 +74,10 @@ class SessionBody(_Body):
     ended_at: datetime | None
     config: dict[str, Any]
     gateway: GatewayInfo
-    # Set once the session was moved off a gateway whose heartbeats stopped: that gateway's name
-    # and when; its producers reconnect to ``gateway``.
+    # The registered gateway the session is placed on (None: the site's one configured gateway);
+    # once it was moved off a gateway whose heartbeats stopped, that gateway's name and when: its
+    # producers reconnect to ``gateway``.
+    gateway_name: str | None = None
     previous_gateway: str | None = None
     replaced_at: datetime | None = None
 

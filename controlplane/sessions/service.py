@@ -139,7 +139,7 @@ async def gateway_infos(services: Services, sessions: Iterable[SessionRecord]
             record = registered.get(name)
             if record is None:  # the table keeps every gateway that ever registered
                 raise ConfigurationError(f"gateway {name!r} is not registered")
-            infos[name] = GatewayInfo(name=name, endpoint=record.endpoint,
+            infos[name] = GatewayInfo(endpoint=record.endpoint,
                                       server_key=record.server_key,
                                       plain_endpoint=record.plain_endpoint,
                                       receipts_endpoint=record.receipts_endpoint)
