@@ -24,6 +24,7 @@ from cp_helpers import start_control_plane as start_cp
 from test_live_sessions import TINY
 from waiting import eventually_async
 
+from common.client import Client
 from common.clone import Registration
 from common.config import ConfigError, parse_config
 from common.keys import KeyPair, create_keypair, load_keypair
@@ -32,7 +33,7 @@ from controlplane import placement
 from controlplane.admin.bootstrap import initialize
 from controlplane.errors import Unavailable
 from controlplane.placement import GatewayRecord, Load, choose
-from dataplane.producer import Producer, ProducerError
+from dataplane.producer import Producer, ProducerError, ProducerSession
 from gateway.cli import Announced, _registration
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -255,9 +256,12 @@ async def test_a_killed_gateways_sessions_move_to_another_and_its_producer_strea
     site.start("west", capacity=4)
     await site.registered("east", "west")
     client = curve_keypair()
-    token, session = await _open(site.cp, client)
-    session_id = session["id"]
-    assert session["gateway_name"] == "east"  # a tie, by name
+    token = str((await site.cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    producing = ProducerSession(Client(site.cp.url, token), template="tiny", client=client)
+    session = await asyncio.to_thread(producing.open)
+    session_id = session.id
+    assert session.gateway_name == "east"  # a tie, by name
+    assert not await asyncio.to_thread(producing.follow_gateway)
     east, west = site.gateways["east"], site.gateways["west"]
     assert east.process is not None
     east.process.send_signal(signal.SIGKILL)
@@ -279,7 +283,7 @@ async def test_a_killed_gateways_sessions_move_to_another_and_its_producer_strea
     assert len(moves) == 1 and moves[0][3] == f"session/alpha/{session_id}"
     assert moves[0][5] == "gateway-silent:east->west"
 
-    # The producer, told where to go, streams through west to a consumer registered now.
+    # A consumer registers now; the producer streams through west to it.
     port = consumer.bind_to_random_port("tcp://127.0.0.1")
     worker = str((await site.cp.exchange(token, kind="consumer"))["token"])
     response = await site.cp.call("POST", f"/api/v1/sessions/{session_id}/consumers", worker,
@@ -287,8 +291,13 @@ async def test_a_killed_gateways_sessions_move_to_another_and_its_producer_strea
                                         "job_id": "job-1", "host": "node-1"})
     assert response.status == 201, await response.text()
 
+    # The producer asks where its session went, and streams there.
+    assert await asyncio.to_thread(producing.follow_gateway)
+    assert producing.gateway().endpoint == west.ingress
+    assert producing.session.previous_gateway == "east"
+
     def streamed() -> list[Any]:
-        with Producer(west.ingress, west.keys.public, client, send_timeout_s=2) as producer:
+        with producing.producer(send_timeout_s=2) as producer:
             producer.begin_scan(1, (1, 1), producers=1, frame_shape=FRAME, sectors=SECTORS)
             producer.send(0, 0, SECTOR)
         received: list[Any] = []
