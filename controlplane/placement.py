@@ -68,9 +68,13 @@ def registration_problem(registration: Registration, authenticated_key: str) -> 
     return None
 
 
-async def register(store: Store, name: str, registration: Registration, now: float) -> None:
-    """Store (or refresh) gateway ``name``'s announcement, seen at ``now``."""
-    async def body(conn: Conn) -> None:
+async def register(store: Store, name: str, registration: Registration, now: float) -> bool:
+    """Store (or refresh) gateway ``name``'s announcement, seen at ``now``; True if it is new or
+    says something new (a heartbeat repeats the last one)."""
+    async def body(conn: Conn) -> bool:
+        async with conn.execute("SELECT endpoint, receipts_endpoint, plain_endpoint, server_key, "
+                                "capacity FROM gateways WHERE name = ?", (name,)) as cursor:
+            before = await cursor.fetchone()
         await conn.execute(
             "INSERT INTO gateways (name, endpoint, receipts_endpoint, plain_endpoint, server_key, "
             "capacity, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
@@ -81,7 +85,10 @@ async def register(store: Store, name: str, registration: Registration, now: flo
             (name, registration.endpoint, registration.receipts_endpoint,
              registration.plain_endpoint, registration.server_key, registration.capacity, now,
              now))
-    await store.write(body)
+        announced = (registration.endpoint, registration.receipts_endpoint,
+                     registration.plain_endpoint, registration.server_key, registration.capacity)
+        return before is None or tuple(before) != announced
+    return await store.write(body)
 
 
 def _gateway(row: Any) -> GatewayRecord:

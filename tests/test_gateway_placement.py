@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from cp_helpers import CLIENT_SCOPE, SHIPPED_POLICY, ClientFactory, ControlPlane, ManualClock
+from cp_helpers import (
+    CLIENT_SCOPE,
+    SHIPPED_POLICY,
+    ClientFactory,
+    ControlPlane,
+    ManualClock,
+    free_state_endpoints,
+)
 from cp_helpers import start_control_plane as start_cp
 from test_live_sessions import TINY
 from waiting import eventually_async
@@ -33,6 +40,7 @@ from controlplane import placement
 from controlplane.admin.bootstrap import initialize
 from controlplane.errors import Unavailable
 from controlplane.placement import GatewayRecord, Load, choose
+from controlplane.sessions.service import replace_stranded
 from dataplane.producer import Producer, ProducerError, ProducerSession
 from gateway.cli import Announced, _registration
 
@@ -126,6 +134,7 @@ class Site:
     gateways: dict[str, GatewayProcess]
     spool: Path
     free_port: Callable[[], int]
+    cp_factory: ClientFactory
 
     def start(self, name: str, capacity: int) -> None:
         gateway = self.gateways[name]
@@ -181,7 +190,7 @@ async def site(aiohttp_client: ClientFactory, tmp_path: Path,
     response = await cp.admin("PUT", "/api/v1/templates/tiny", json={"source": TINY},
                               headers={"If-None-Match": "*"})
     assert response.status in (200, 201), await response.text()
-    running = Site(cp, gateways, tmp_path / "spool", free_port)
+    running = Site(cp, gateways, tmp_path / "spool", free_port, aiohttp_client)
     try:
         yield running
     finally:
@@ -319,3 +328,44 @@ async def test_with_no_live_gateway_a_site_without_fallback_refuses_to_open_sess
         "project": "alpha", "template": "tiny", "client_key": curve_keypair().public.decode()})
     assert response.status == 503, await response.text()
     assert "no gateway is live" in (await response.json())["detail"]
+
+
+def _announcement(keys: KeyPair, port: int, capacity: int = 4) -> Registration:
+    return Registration(endpoint=f"tcp://127.0.0.1:{port}",
+                        receipts_endpoint=f"tcp://127.0.0.1:{port + 1}",
+                        server_key=keys.public.decode(), capacity=capacity)
+
+
+async def test_a_restarted_control_plane_knows_the_gateways_and_moves_nothing_before_they_call(
+        site: Site, curve_keypair: Callable[[], KeyPair]) -> None:
+    cp, east, west = site.cp, site.gateways["east"], site.gateways["west"]
+    store = cp.services.store
+    assert await placement.register(store, "east", _announcement(east.keys, 7000), cp.clock())
+    # A heartbeat that repeats the announcement is not news; a new capacity is.
+    assert not await placement.register(store, "east", _announcement(east.keys, 7000), cp.clock())
+    assert await placement.register(store, "east", _announcement(east.keys, 7000, 5), cp.clock())
+    _, session = await _open(cp, curve_keypair())
+    assert session["gateway_name"] == "east"
+    assert session["gateway"]["endpoint"] == "tcp://127.0.0.1:7000"
+
+    await cp.client.close()
+    # Restarted: the registry is in the store. East has not called since, but the control plane
+    # gives it one timeout to do so before its sessions move; nowhere to move them to anyway.
+    restarted = await start_cp(site.cp_factory, cp.settings.state_dir, clock=cp.clock,
+                               reconcile_s=0.2, gateway_timeout_s=TIMEOUT_S,
+                               gateway_fallback=False,
+                               state_endpoints=free_state_endpoints())
+    services = restarted.services
+    started = cp.clock()
+    assert set(await placement.gateways(services.store)) == {"east"}
+    cp.clock.advance(TIMEOUT_S + 1)
+    assert await replace_stranded(services, started + 1) == 0  # within the grace after start
+    assert await replace_stranded(services, started) == 0  # east silent, but no other gateway
+    await placement.register(services.store, "west", _announcement(west.keys, 7100),
+                             cp.clock())
+    assert await replace_stranded(services, started) == 1
+    response = await restarted.admin("GET", f"/api/v1/sessions/{session['id']}")
+    body = await response.json()
+    assert (body["gateway_name"], body["previous_gateway"]) == ("west", "east")
+    assert body["gateway"]["endpoint"] == "tcp://127.0.0.1:7100"
+    assert services.state.placement(session["id"]) == "west"

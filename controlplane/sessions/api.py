@@ -125,7 +125,8 @@ def session_fields(s: SessionRecord, now: float, gateways: Mapping[str | None, G
             "client_key": s.client_key, "state": s.state(now), "created_at": utc(s.created_at),
             "expires_at": utc(s.expires_at), "ended_at": _time(s.ended_at),
             "config": config_with_consumers(s.config, live), "gateway": gateways[s.gateway],
-            "gateway_name": s.gateway, "previous_gateway": s.previous_gateway, "replaced_at": _time(s.replaced_at)}
+            "gateway_name": s.gateway, "previous_gateway": s.previous_gateway,
+            "replaced_at": _time(s.replaced_at)}
 
 
 def counters(consumers: Sequence[ConsumerRecord], jobs: int, scans: Sequence[ScanRecord],

@@ -487,8 +487,10 @@ async def register_gateway(services: Services, name: str, key: str,
                            registration: Registration) -> str | None:
     """Store gateway ``name``'s announcement (its heartbeat), or say why it is refused."""
     problem = placement.registration_problem(registration, key)
-    if problem is None:
-        await placement.register(services.store, name, registration, services.now())
+    if problem is None and await placement.register(services.store, name, registration,
+                                                    services.now()):
+        log.info("gateway %s registered: ingress %s, receipts %s, capacity %d", name,
+                 registration.endpoint, registration.receipts_endpoint, registration.capacity)
     return problem
 
 
