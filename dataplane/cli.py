@@ -279,9 +279,31 @@ def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | Non
         if not opened.consumer_endpoints:
             click.echo(f"session {opened.id} has no consumer yet: the gateway spools its scans "
                        "until a consumer job registers")
-        _deliver(work, target, wait_s)
+        try:
+            _deliver(work, target, wait_s)
+        except ProducerError as exc:
+            raise _moved(session, work, exc) from None
     if session.end_on_exit:
         click.echo(f"session {opened.id} ended")
+
+
+def _moved(session: ProducerSession, work: Work, failure: ProducerError) -> ProducerError:
+    """``failure``, saying where to stream again if the control plane has moved the session off
+    the gateway that failed (its heartbeats stopped): nothing sent there that no receipt confirmed
+    is known to have arrived."""
+    old = session.gateway().endpoint
+    try:
+        moved = session.follow_gateway()
+    except ClientError:
+        return failure  # the control plane cannot say either: the failure as it is
+    if not moved:
+        return failure
+    new = session.session
+    return ProducerError(
+        f"{failure}; the control plane moved session {new.id} from gateway "
+        f"{new.previous_gateway or old} to {new.gateway_name} ({session.gateway().endpoint}): "
+        f"every message of {work.label} sent to {old} is unconfirmed; stream the scan again "
+        "into the session there")
 
 
 _SYNTHETIC_OPTIONS = ("scan_shape", "seed", "loss", "duplicates", "reorder", "header", "electrons",

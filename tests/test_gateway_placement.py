@@ -35,6 +35,7 @@ from common.client import Client
 from common.clone import Registration
 from common.config import ConfigError, parse_config
 from common.keys import KeyPair, create_keypair, load_keypair
+from common.privatefs import create_private_file
 from common.protocol import Data, RoutedScanBegin, decode_consumer_message
 from controlplane import placement
 from controlplane.admin.bootstrap import initialize
@@ -369,3 +370,35 @@ async def test_a_restarted_control_plane_knows_the_gateways_and_moves_nothing_be
     assert (body["gateway_name"], body["previous_gateway"]) == ("west", "east")
     assert body["gateway"]["endpoint"] == "tcp://127.0.0.1:7100"
     assert services.state.placement(session["id"]) == "west"
+
+
+async def test_a_producer_whose_gateway_fails_is_told_where_its_session_went(
+        site: Site, tmp_path: Path) -> None:
+    cp, east, west = site.cp, site.gateways["east"], site.gateways["west"]
+    site.start("west", capacity=4)
+    await site.registered("west")
+    # East announced itself and died before anything connected: nothing listens at its address.
+    await placement.register(cp.services.store, "east",
+                             _announcement(east.keys, site.free_port()), cp.clock())
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    create_private_file(tmp_path / "project.token", token.encode())
+    producer = await asyncio.create_subprocess_exec(
+        DSN, "producer", "stream", "--controlplane", cp.url, "--project", "alpha",
+        "--project-token-file", str(tmp_path / "project.token"), "--scan-shape", "8x8",
+        "--timeout", "4", "--no-progress", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+
+    async def opened() -> str:
+        items = (await (await cp.admin("GET", "/api/v1/sessions")).json())["items"]
+        assert items, "no session yet"
+        return str(items[0]["id"])
+
+    session = await eventually_async(opened, timeout_s=30, what="the producer's session")
+    cp.clock.advance(TIMEOUT_S + 1)  # east's last announcement is now too old
+    stdout, stderr = await asyncio.wait_for(producer.communicate(), timeout=60)
+    assert producer.returncode == 1, stdout.decode() + stderr.decode()
+    assert f"session {session}" in stdout.decode()
+    error = stderr.decode()
+    assert (f"the control plane moved session {session} from gateway east to west "
+            f"({west.ingress}): every message of scan 0 sent to ") in error, error
+    assert "is unconfirmed; stream the scan again into the session there" in error
