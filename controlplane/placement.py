@@ -111,14 +111,20 @@ class Load:
         return Fraction(self.sessions, self.gateway.capacity)
 
 
+_LOADS = ("SELECT g.*, (SELECT COUNT(*) FROM sessions s WHERE s.gateway = g.name AND "
+          "s.ended_at IS NULL AND s.expires_at > ?) AS load FROM gateways g ORDER BY g.name")
+
+
 async def loads_in(conn: Conn, now: float) -> list[Load]:
-    """Every registered gateway with its open sessions."""
-    async with conn.execute(
-            "SELECT g.*, (SELECT COUNT(*) FROM sessions s WHERE s.gateway = g.name AND "
-            "s.ended_at IS NULL AND s.expires_at > ?) AS load FROM gateways g ORDER BY g.name",
-            (now,)) as cursor:
+    """Every registered gateway with its open sessions, inside the caller's transaction."""
+    async with conn.execute(_LOADS, (now,)) as cursor:
         rows = await cursor.fetchall()
     return [Load(_gateway(row), int(row["load"])) for row in rows]
+
+
+async def loads(store: Store, now: float) -> list[Load]:
+    """Every registered gateway with its open sessions, as committed."""
+    return [Load(_gateway(row), int(row["load"])) for row in await store.read(_LOADS, (now,))]
 
 
 def choose(loads: Sequence[Load], now: float, timeout_s: float, *, plain: bool,

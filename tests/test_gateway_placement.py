@@ -244,10 +244,17 @@ async def test_sessions_are_placed_least_loaded_and_each_gateway_admits_only_its
                                what=f"{mine.name} admitting its session's producer")
         # The other gateway never heard of the session: its producer is refused there.
         assert not await asyncio.to_thread(_admitted, other.ingress, other.keys.public, client)
+    # An admin sees the registry: both live, with the sessions placed on each.
+    listed = await (await site.cp.admin("GET", "/api/v1/gateways")).json()
+    assert [(g["name"], g["live"], g["sessions"], g["capacity"], g["endpoint"])
+            for g in listed["registered"]] == [("east", True, 1, 1, site.gateways["east"].ingress),
+                                               ("west", True, 2, 4, site.gateways["west"].ingress)]
+    token = str((await site.cp.project_token("alpha"))["token"])
+    listed = await (await site.cp.call("GET", "/api/v1/gateways", token)).json()
+    assert listed["registered"] == []  # loads count other projects' sessions: an admin's
     # East is full and west has room for two more: the site takes exactly two.
     for _ in range(2):
         await _open(site.cp, curve_keypair())
-    token = str((await site.cp.project_token("alpha"))["token"])
     response = await site.cp.call("POST", "/api/v1/sessions", token, json={
         "project": "alpha", "template": "tiny", "client_key": curve_keypair().public.decode()})
     assert response.status == 503, await response.text()
