@@ -60,7 +60,6 @@ _REFUSED: Final = "not an allowed gateway"
 log = logging.getLogger("dsn.controlplane.state")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Placed:
     """A published session and the gateway it is placed on (None: every gateway serves it)."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from common.config import ConfigError, parse_config
 from controlplane.errors import Conflict, NotFound
 from controlplane.launchers import JobStatus
-from controlplane.placement import GatewayRecord, choose, loads_in
+from controlplane.placement import loads_in
 from controlplane.sessions.core import (
     ConsumerRecord,
     JobRecord,
@@ -112,22 +112,22 @@ async def stranded_sessions(store: Store, now: float, live: Sequence[str]) -> li
             if record.gateway not in live]
 
 
-async def move_session(store: Store, session: SessionRecord, now: float, timeout_s: float
-                       ) -> tuple[SessionRecord, GatewayRecord] | None:
-    """Place the open ``session`` again, off its gateway, by the placement rule; None (nothing
-    changed) when no other gateway can take it now or it is no longer where it was."""
-    async def body(conn: Conn) -> tuple[SessionRecord, GatewayRecord] | None:
-        plain = bool(session.config["sessions"][0].get("plain_password_sha256"))
-        target = choose(await loads_in(conn, now), now, timeout_s, plain=plain,
-                        exclude=session.gateway)
-        if target is None:
+async def move_session(store: Store, session: SessionRecord, target: str, now: float,
+                       timeout_s: float) -> SessionRecord | None:
+    """Move the open ``session`` off its gateway to ``target``, if ``target`` can still take it
+    (live, below capacity) and the session is still where it was; None (nothing changed) else."""
+    async def body(conn: Conn) -> SessionRecord | None:
+        load = next((load for load in await loads_in(conn, now) if load.gateway.name == target),
+                    None)
+        if load is None or not load.gateway.live(now, timeout_s) \
+                or load.sessions >= load.gateway.capacity:
             return None
         cursor = await conn.execute(
             "UPDATE sessions SET gateway = ?, previous_gateway = gateway, replaced_at = ? "
             "WHERE id = ? AND gateway = ? AND ended_at IS NULL RETURNING *",
-            (target.name, now, session.id, session.gateway))
+            (target, now, session.id, session.gateway))
         row = await cursor.fetchone()
-        return (_record(SessionRecord, row), target) if row is not None else None
+        return _record(SessionRecord, row) if row is not None else None
     return await store.write(body)
 
 

@@ -507,24 +507,28 @@ async def replace_stranded(services: Services, since: float) -> int:
             if record.live(now, timeout_s)]
     moved = 0
     for session in await stranded_sessions(services.store, now, live):
+        plain = bool(session.config["sessions"][0].get("plain_password_sha256"))
         try:
-            outcome = await move_session(services.store, session, now, timeout_s)
+            target = placement.choose(await placement.loads(services.store, now), now,
+                                      timeout_s, plain=plain, exclude=session.gateway)
         except Unavailable as exc:  # every live gateway is full
             log.warning("session %s stays on silent gateway %s: %s", session.id, session.gateway,
                         exc.detail)
             continue
-        if outcome is None:
+        if target is None:
             continue
-        record, target = outcome
+        # Audited before it takes effect, like every decision.
         await services.audit.record(
             principal="controlplane", action="sessions:replace",
-            resource=resource_label(Resource(kind="session", project=record.project,
-                                             name=record.id)), decision="allow",
+            resource=resource_label(Resource(kind="session", project=session.project,
+                                             name=session.id)), decision="allow",
             rule=f"gateway-silent:{session.gateway}->{target.name}",
             request_id=f"replace-{secrets.token_hex(8)}")
-        log.warning("session %s moved from silent gateway %s to %s", record.id, session.gateway,
+        if await move_session(services.store, session, target.name, now, timeout_s) is None:
+            continue  # ended, moved or the target filled up meanwhile: the next round looks again
+        log.warning("session %s moved from silent gateway %s to %s", session.id, session.gateway,
                     target.name)
-        await publish_session(services, record.id)
+        await publish_session(services, session.id)
         moved += 1
     return moved
 
