@@ -139,6 +139,9 @@ class Site:
 
     def start(self, name: str, capacity: int) -> None:
         gateway = self.gateways[name]
+        if gateway.process is not None:  # started again after it was killed: read its pipe out
+            assert gateway.process.poll() is not None
+            gateway.process.communicate(timeout=20)
         settings = self.cp.settings
         key_dir = settings.state_dir.parent / name
         receipts = f"tcp://127.0.0.1:{self.free_port()}"
@@ -156,6 +159,13 @@ class Site:
             assert set(names) <= set(known), sorted(known)
             return True
         await eventually_async(all_in, timeout_s=30, what=f"gateways {names} registered")
+
+    async def live(self, name: str) -> None:
+        async def announced_lately() -> bool:
+            record = (await placement.gateways(self.cp.services.store)).get(name)
+            assert record is not None and record.live(self.cp.clock(), TIMEOUT_S), record
+            return True
+        await eventually_async(announced_lately, timeout_s=30, what=f"gateway {name} live")
 
     def stop(self) -> None:
         """Stop the gateways still running, each cleanly; read every one's pipe to its end."""
@@ -327,6 +337,21 @@ async def test_a_killed_gateways_sessions_move_to_another_and_its_producer_strea
                                          what="a scan streamed through west")
     assert isinstance(begin, RoutedScanBegin) and begin.session == session_id
     assert isinstance(data, Data) and (data.frame, data.sector) == (0, 0)
+
+    # East comes back: it serves the sessions placed on it from now on, never the moved one.
+    site.start("east", capacity=4)
+    await site.live("east")
+    newcomer = curve_keypair()
+    _, fresh = await _open(site.cp, newcomer)  # east 0/4 against west 1/4
+
+    async def east_admits_its_new_session() -> bool:
+        assert await asyncio.to_thread(_admitted, east.ingress, east.keys.public, newcomer)
+        return True
+
+    assert fresh["gateway_name"] == "east"
+    await eventually_async(east_admits_its_new_session, timeout_s=20,
+                           what="the restarted east serving its new session")
+    assert not await asyncio.to_thread(_admitted, east.ingress, east.keys.public, client)
 
 
 async def test_with_no_live_gateway_a_site_without_fallback_refuses_to_open_sessions(
