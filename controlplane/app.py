@@ -168,8 +168,8 @@ async def _placement_upkeep(services: Services) -> AsyncIterator[None]:
             await asyncio.sleep(interval)
             try:
                 await replace_stranded(services, started)
-            except ControlPlaneError as exc:
-                log.error("placement: sessions of silent gateways not moved: %s", exc.detail)
+            except Exception:  # a store outage must not stop the loop; the next round retries
+                log.exception("placement: sessions of silent gateways not moved")
 
     task = asyncio.create_task(run(), name="placement-upkeep")
     try:
