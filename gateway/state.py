@@ -175,12 +175,14 @@ class CloneSessionSource:
         self._registered_at = self._clock()
 
     def _answered(self, answer: clone.Registered) -> None:
-        if answer.accepted:
-            if self.registered is None or not self.registered.accepted:
+        # Every heartbeat is answered: say only what changed.
+        last = self.registered
+        if last is None or (last.accepted, last.reason) != (answer.accepted, answer.reason):
+            if answer.accepted:
                 log.info("registered with the control plane")
-        else:
-            log.error("the control plane refused this gateway's registration",
-                      extra={"fields": {"reason": answer.reason}})
+            else:
+                log.error("the control plane refused this gateway's registration",
+                          extra={"fields": {"reason": answer.reason}})
         self.registered = answer
 
     def _send_reports(self, ids: list[int]) -> None:

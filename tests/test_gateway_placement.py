@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,15 @@ class GatewayProcess:
     name: str
     ingress: str
     keys: KeyPair
+    metrics: str  # HOST:PORT of its metrics page
     process: subprocess.Popen[str] | None = None
+
+    def shows(self, line: str) -> bool:
+        """Whether its metrics page holds ``line``."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=2) as response:
+            page = response.read().decode()
+        assert line in page, f"{line!r} not on {self.name}'s metrics page"
+        return True
 
 
 @dataclass
@@ -150,7 +159,8 @@ class Site:
              "--state-key", str(settings.state_dir / "keys" / "state.key"),
              "--key", str(key_dir / "server.key_secret"), "--ingress", gateway.ingress,
              "--receipts", receipts, "--spool-dir", str(self.spool / name),
-             "--capacity", str(capacity), "--heartbeat", "0.2", "--sync-timeout", "20"],
+             "--capacity", str(capacity), "--heartbeat", "0.2", "--sync-timeout", "20",
+             "--metrics", gateway.metrics],
             stderr=subprocess.PIPE, text=True)
 
     async def registered(self, *names: str) -> None:
@@ -194,7 +204,8 @@ async def site(aiohttp_client: ClientFactory, tmp_path: Path,
         public, _ = create_keypair(tmp_path / name, "server")
         shutil.copyfile(public, state_dir / "gateways" / f"{name}.key")
         gateways[name] = GatewayProcess(name, f"tcp://127.0.0.1:{free_port()}",
-                                        load_keypair(tmp_path / name / "server.key_secret"))
+                                        load_keypair(tmp_path / name / "server.key_secret"),
+                                        f"127.0.0.1:{free_port()}")
     cp = await start_cp(aiohttp_client, state_dir, clock=clock, reconcile_s=0.2,
                         gateway_timeout_s=TIMEOUT_S, gateway_fallback=False)
     await cp.create_project("alpha", quotas={"sessions": 8})
@@ -323,18 +334,20 @@ async def test_a_killed_gateways_sessions_move_to_another_and_its_producer_strea
     assert producing.gateway().endpoint == west.ingress
     assert producing.session.previous_gateway == "east"
 
+    consumers = f'dsn_gateway_consumers{{session="{session_id}"}} 1.0'
+    await eventually_async(lambda: asyncio.to_thread(west.shows, consumers), timeout_s=20,
+                           what="west serving the moved session with its consumer")
+
     def streamed() -> list[Any]:
-        with producing.producer(send_timeout_s=2) as producer:
+        with producing.producer(send_timeout_s=10) as producer:
             producer.begin_scan(1, (1, 1), producers=1, frame_shape=FRAME, sectors=SECTORS)
             producer.send(0, 0, SECTOR)
         received: list[Any] = []
-        while consumer.poll(2000) and len(received) < 2:
+        while len(received) < 2 and consumer.poll(10_000):
             received.append(decode_consumer_message(consumer.recv_multipart()[0]))
-        assert len(received) == 2, received
         return received
 
-    begin, data = await eventually_async(lambda: asyncio.to_thread(streamed), timeout_s=20,
-                                         what="a scan streamed through west")
+    begin, data = await asyncio.to_thread(streamed)
     assert isinstance(begin, RoutedScanBegin) and begin.session == session_id
     assert isinstance(data, Data) and (data.frame, data.sector) == (0, 0)
 
@@ -418,7 +431,7 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
     producer = await asyncio.create_subprocess_exec(
         DSN, "producer", "stream", "--controlplane", cp.url, "--project", "alpha",
         "--project-token-file", str(tmp_path / "project.token"), "--scan-shape", "8x8",
-        "--timeout", "4", "--no-progress", stdout=asyncio.subprocess.PIPE,
+        "--timeout", "8", "--no-progress", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
 
     async def opened() -> dict[str, Any]:
