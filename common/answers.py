@@ -74,6 +74,12 @@ class SessionBody(_Body):
     ended_at: datetime | None
     config: dict[str, Any]
     gateway: GatewayInfo
+    # The registered gateway the session is placed on (None: the site's one configured gateway);
+    # once it was moved off a gateway whose heartbeats stopped, that gateway's name and when: its
+    # producers reconnect to ``gateway``.
+    gateway_name: str | None = None
+    previous_gateway: str | None = None
+    replaced_at: datetime | None = None
 
 
 class ConsumerBody(_Body):

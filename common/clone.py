@@ -4,8 +4,18 @@ The control plane's state service publishes the sessions every gateway must serv
 subscribes to updates first, then asks for a snapshot, so nothing published in between is lost.
 
 Sockets (both CURVE servers on the control plane; gateways are CURVE clients on an allow-list):
-    snapshot  ROUTER <- DEALER   a gateway asks, the server answers with the whole state
+    snapshot  ROUTER <- DEALER   a gateway asks, the server answers with the whole state; a
+                                 gateway registers there too
     updates   PUB    -> SUB      sequenced changes and heartbeats
+
+Each gateway is sent only its own sessions (those the control plane placed on it) and the
+sessions placed on no gateway (a single-gateway site's). A snapshot is filtered for the gateway
+that asks (the ROUTER knows which allow-listed key it is); an update goes out with a topic frame
+in front of the three frames below: ``ALL_TOPIC`` for what every gateway takes (heartbeats,
+unplaced sessions), else the Z85 public key of the gateway it is for. A session placed on one
+gateway goes to it and, as a tombstone, to every other (so all of them see every seq and a moved
+session leaves its old gateway). A gateway subscribes to ``ALL_TOPIC`` and its own key. The topic
+sorts messages; it is no secret boundary: every allow-listed gateway is trusted with sessions.
 
 Every message is three frames, like the zguide's kvmsg (a ROUTER adds the peer identity in front):
     [key, header, body]
@@ -23,6 +33,12 @@ Messages:
     ACK             ROUTER -> gateway  header: the server's epoch and seq = that report id;
                                        body = MessagePack map {outcome: recorded | duplicate |
                                        refused}; without an ACK the gateway sends it again
+    REGISTER        gateway -> ROUTER  header: epoch "" and seq 0; body = MessagePack
+                                       Registration (below): where producers reach the gateway
+                                       and how many sessions it takes. Sent at start and every
+                                       few seconds: it is also the gateway's heartbeat
+    REGISTERED      ROUTER -> gateway  header: the server's epoch and seq 0; body = MessagePack
+                                       map {accepted: bool, reason: str}
     session/<id>    ROUTER -> gateway  one snapshot entry; header seq = the snapshot's seq;
                                        body = the session's DSN document (below)
     KTHXBAI         ROUTER -> gateway  end of snapshot; header seq = the snapshot's seq;
@@ -36,6 +52,11 @@ A session's document is its full ``common.config.Session`` (client keys, allowed
 networks, allowed internal targets, live consumers, limits, expiry) as a MessagePack map of its
 JSON form; it is validated with the same schema as a configuration file, and its id must match
 the key. Updates carry whole documents, so applying one twice changes nothing.
+
+A registration's ``server_key`` is the gateway's CURVE public key, which is also its identity to
+the state service: the server refuses one that differs from the key that authenticated, so a
+gateway can only hand producers its own key. Its endpoints are ``tcp://IP:PORT``, never a
+wildcard (producers connect to them).
 
 Reports are idempotent (the control plane stores a scan's report once and answers ``duplicate``
 to the same report again), so a gateway resends every report until it is acknowledged.
@@ -75,6 +96,12 @@ KTHXBAI: Final = b"KTHXBAI"
 HUGZ: Final = b"HUGZ"
 REPORT: Final = b"REPORT"
 ACK: Final = b"ACK"
+REGISTER: Final = b"REGISTER"
+REGISTERED: Final = b"REGISTERED"
+# The topic every gateway subscribes to; "~" is outside Z85, so no gateway key starts with it.
+ALL_TOPIC: Final = b"~all"
+MAX_CAPACITY: Final = MAX_SESSIONS
+MAX_REASON_CHARS: Final = 200
 SESSION_PREFIX: Final = b"session/"
 
 Epoch = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?$")]
@@ -103,13 +130,34 @@ class _SnapshotEnd(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 AckOutcome = Literal["recorded", "duplicate", "refused"]
+_Endpoint = Annotated[str, msgspec.Meta(max_length=64)]
+_Key = Annotated[str, msgspec.Meta(min_length=40, max_length=40)]
+
+
+class Registration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a gateway announces: its ingress (CURVE), receipts and plaintext ingress as producers
+    reach them, its CURVE server key (Z85) and how many sessions it takes. Bounds only here; the
+    server checks the endpoints' syntax and the key."""
+
+    endpoint: _Endpoint
+    receipts_endpoint: _Endpoint
+    server_key: _Key
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=MAX_CAPACITY)]
+    plain_endpoint: _Endpoint | None = None
 
 
 class _AckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outcome: AckOutcome
 
 
+class _RegisteredBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    accepted: bool
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)]
+
+
 _HEADER = msgspec.msgpack.Decoder(_Header)
+_REGISTRATION = msgspec.msgpack.Decoder(Registration)
+_REGISTERED_BODY = msgspec.msgpack.Decoder(_RegisteredBody)
 _SNAPSHOT_END = msgspec.msgpack.Decoder(_SnapshotEnd)
 _ACK_BODY = msgspec.msgpack.Decoder(_AckBody)
 _REPORT_BODY = msgspec.msgpack.Decoder(GatewayReport)
@@ -160,7 +208,21 @@ class Ack:
     outcome: AckOutcome
 
 
-Message = SnapshotRequest | Entry | SnapshotEnd | Heartbeat | Report | Ack
+@dataclass(frozen=True, slots=True)
+class Register:
+    registration: Registration
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The server's answer to a registration: accepted, or refused and why."""
+
+    epoch: str
+    accepted: bool
+    reason: str = ""
+
+
+Message = SnapshotRequest | Entry | SnapshotEnd | Heartbeat | Report | Ack | Register | Registered
 
 
 def _header(epoch: str, seq: int) -> bytes:
@@ -174,6 +236,11 @@ def encode(message: Message) -> list[bytes]:
     if isinstance(message, Ack):
         return [ACK, _header(message.epoch, message.report_id),
                 _ENCODER.encode(_AckBody(message.outcome))]
+    if isinstance(message, Register):
+        return [REGISTER, _header("", 0), _ENCODER.encode(message.registration)]
+    if isinstance(message, Registered):
+        return [REGISTERED, _header(message.epoch, 0), _ENCODER.encode(
+            _RegisteredBody(message.accepted, message.reason[:MAX_REASON_CHARS]))]
     header = _header(message.epoch, message.seq)
     if isinstance(message, SnapshotRequest):
         return [ICANHAZ, header, b""]
@@ -231,6 +298,8 @@ def decode(frames: list[bytes]) -> Message:
         return SnapshotRequest(header.epoch, header.seq)
     if key == REPORT:
         return Report(header.seq, _body(_REPORT_BODY, key, body))
+    if key == REGISTER:
+        return Register(_body(_REGISTRATION, key, body))
     if not header.epoch:
         raise CloneError(f"{key!r} needs the server's epoch")
     if key == HUGZ:
@@ -241,10 +310,27 @@ def decode(frames: list[bytes]) -> Message:
         return SnapshotEnd(header.epoch, header.seq, _body(_SNAPSHOT_END, key, body).count)
     if key == ACK:
         return Ack(header.epoch, header.seq, _body(_ACK_BODY, key, body).outcome)
+    if key == REGISTERED:
+        answer = _body(_REGISTERED_BODY, key, body)
+        return Registered(header.epoch, answer.accepted, answer.reason)
     if key.startswith(SESSION_PREFIX):
         session_id, session = _session(key, body)
         return Entry(header.epoch, header.seq, session_id, session)
     raise CloneError(f"unknown key {key[:MAX_KEY_BYTES]!r}")
+
+
+def encode_update(topic: bytes, message: Message) -> list[bytes]:
+    """An update's frames on the PUB socket: ``topic`` (``ALL_TOPIC`` or a gateway's Z85 key),
+    then the message's three."""
+    return [topic, *encode(message)]
+
+
+def decode_update(frames: list[bytes]) -> Message:
+    """An update as a SUB socket receives it: the topic frame (which the subscription already
+    matched) dropped, the rest decoded."""
+    if len(frames) != 4:
+        raise CloneError(f"expected a topic and 3 frames, got {len(frames)} frames")
+    return decode(frames[1:])
 
 
 class Outcome(enum.Enum):

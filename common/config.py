@@ -13,7 +13,7 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -189,6 +189,10 @@ class Session(_Model):
         return any(ip in ipaddress.ip_network(net) for net in self.allowed_networks)
 
 
+DEFAULT_CAPACITY: Final = 64  # sessions a gateway takes unless it says otherwise
+DEFAULT_HEARTBEAT_S: Final = 2.0  # between a gateway's registrations
+
+
 class ControlPlaneLink(_Model):
     """Where a gateway in control-plane mode follows the sessions: the control plane's state
     service (``dsn gateway run --controlplane-state``, ``--state-key``, ``--max-sector-bytes``)."""
@@ -199,6 +203,15 @@ class ControlPlaneLink(_Model):
     state_key_file: Path
     # Largest data message a session may carry (the ingress limit is fixed when it binds).
     max_sector_bytes: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] | None = None
+    # Registration with the control plane (several gateways): where producers reach this gateway
+    # (default: the ingress, receipts and plaintext ingress, when they are not wildcards; else the
+    # advertised ingress's host with their ports), how many sessions it takes, and how often it
+    # announces itself (its heartbeat).
+    advertise: ConnectEndpoint | None = None
+    advertise_receipts: ConnectEndpoint | None = None
+    advertise_plain: ConnectEndpoint | None = None
+    capacity: Annotated[StrictInt, Field(ge=1, le=10_000)] = DEFAULT_CAPACITY
+    heartbeat_s: Annotated[float, Field(ge=0.1, le=60)] = DEFAULT_HEARTBEAT_S
 
 
 class GatewaySettings(_Model):

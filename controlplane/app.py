@@ -9,7 +9,9 @@ published signing keys; the duties that must run once whatever the number of rep
 database (adopting jobs, the signed checkpoints of the audit chain, expiring rate counters) run in
 the leader (``controlplane.leader``). A start on a chain its checkpoints disown is refused.
 The state service publishes the live sessions to the gateways (``controlplane.state``): the session
-views publish each change they commit, and its reconcile loop publishes expiries.
+views publish each change they commit, and its reconcile loop publishes expiries. It also stores
+the gateways' registrations, and a placement loop moves the sessions of a gateway whose
+registrations stopped (``controlplane.placement``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import functools
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import zmq
 from aiohttp import web
 
-from common.config import Session
 from common.keys import KeyFileError, load_keypair, load_secret_keypair
 from controlplane import admins, gateways, live, oauth, policy_api, views
 from controlplane.anchor import Checkpoints
@@ -48,10 +50,15 @@ from controlplane.policy import ACTIONS, PolicyHolder, load_policies
 from controlplane.ratelimit import Counters, MemoryCounters, RateLimiter
 from controlplane.sessions import api as sessions_api
 from controlplane.sessions.repository import live_sessions
-from controlplane.sessions.service import adopt_jobs, record_gateway_report
+from controlplane.sessions.service import (
+    adopt_jobs,
+    record_gateway_report,
+    register_gateway,
+    replace_stranded,
+)
 from controlplane.settings import Settings
 from controlplane.signing import REFRESH_S, KeyRing
-from controlplane.state import StateService, StateSettings
+from controlplane.state import Placed, StateService, StateSettings
 from controlplane.store.engine import Store
 from controlplane.store.tokens import Revocations
 from controlplane.templates import api as templates_api
@@ -84,11 +91,12 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                 app[SERVICES] = services = await _build_services(settings, store, app[METRICS],
                                                                  state)
                 state.on_report = functools.partial(record_gateway_report, services)
+                state.on_register = functools.partial(register_gateway, services)
                 try:
                     await _check_checkpoints(services.checkpoints)
                     async with leading(_leadership(services)):
                         await _start_state(state, settings)
-                        async with _replica_upkeep(services):
+                        async with _replica_upkeep(services), _placement_upkeep(services):
                             yield
                 finally:
                     await services.limiter.aclose()
@@ -186,6 +194,30 @@ async def _replica_upkeep(services: Services) -> AsyncIterator[None]:
         await _flush_denials(services, final=True)
 
 
+@contextlib.asynccontextmanager
+async def _placement_upkeep(services: Services) -> AsyncIterator[None]:
+    """Every third of ``gateway_timeout_s`` (at most a second), move the sessions of silent
+    gateways; a failure is logged and the next round tries again."""
+    interval = min(1.0, services.settings.gateway_timeout_s / 3)
+    started = services.now()
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await replace_stranded(services, started)
+            except Exception:  # a store outage must not stop the loop; the next round retries
+                log.exception("placement: sessions of silent gateways not moved")
+
+    task = asyncio.create_task(run(), name="placement-upkeep")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _start_state(state: StateService, settings: Settings) -> None:
     try:
         await state.start()
@@ -206,19 +238,24 @@ def _state_service(settings: Settings, store: Store) -> StateService:
                                  f"{settings.gateways_dir.name}/ "
                                  "in a new state directory") from None
 
-    async def source() -> list[Session]:
+    async def source() -> list[Placed]:
         return await live_sessions(store, settings.clock())
 
     return StateService(StateSettings(settings.state_endpoints, reconcile_s=settings.reconcile_s),
                         keypair, gateways, source)
 
 
-def _gateway_keys(settings: Settings) -> list[bytes]:
-    """The public keys of the gateways allowed to subscribe: ``STATE_DIR/gateways/*.key``."""
+def _gateway_keys(settings: Settings) -> dict[str, bytes]:
+    """The gateways allowed to subscribe, by name: ``STATE_DIR/gateways/NAME.key`` holds gateway
+    NAME's public key."""
     files = sorted(settings.gateways_dir.glob("*.key"))
     if not files:
         log.warning("no gateway keys in %s: no gateway can receive sessions", settings.gateways_dir)
-    return [load_keypair(path).public for path in files]
+    return {_gateway_name(path): load_keypair(path).public for path in files}
+
+
+def _gateway_name(path: Path) -> str:
+    return path.name.removesuffix(".key")
 
 
 async def _build_services(settings: Settings, store: Store, metrics: Metrics,

@@ -1,12 +1,13 @@
 """``GET /api/v1/gateways``: the gateways' per-session counters, read from their metrics pages.
 
-The control plane knows the gateways only by the metrics URLs its settings list
-(``gateway_metrics``). Each answer scrapes every one of them at once, each within
-``SCRAPE_TIMEOUT_S`` and ``MAX_METRICS_BYTES``; a gateway that cannot be read, or whose page is not
-a Prometheus text exposition, is listed down with the reason, never an error of the whole answer.
-A caller sees only the series of sessions it may see: an admin every one, a project token those of
-its project's sessions (looked up in the store; a series the store knows no session of is an
-admin's only).
+The counters come from the metrics URLs the settings list (``gateway_metrics``). Each answer scrapes
+every one of them at once, each within ``SCRAPE_TIMEOUT_S`` and ``MAX_METRICS_BYTES``; a gateway
+that cannot be read, or whose page is not a Prometheus text exposition, is listed down with the
+reason, never an error of the whole answer. A caller sees only the series of sessions it may see: an
+admin every one, a project token those of its project's sessions (looked up in the store; a series
+the store knows no session of is an admin's only). An admin's answer also lists the gateways that
+registered themselves (``controlplane.placement``) with the open sessions placed on each and whether
+it is live.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from controlplane import placement
 from controlplane import schemas as s
 from controlplane.errors import Unavailable
 from controlplane.middlewares import CLAIMS, SERVICES, RouteSpec, Services
@@ -152,10 +154,25 @@ async def gateway_list(services: Services, scraper: Scraper,
             for url, (sessions, reason) in zip(urls, scraped, strict=True)]
 
 
+async def registered_gateways(services: Services) -> list[s.RegisteredGatewayOut]:
+    """The registered gateways, their loads and whether they are live now."""
+    now, timeout_s = services.now(), services.settings.gateway_timeout_s
+    return [s.RegisteredGatewayOut(
+        name=load.gateway.name, endpoint=load.gateway.endpoint,
+        receipts_endpoint=load.gateway.receipts_endpoint,
+        plain_endpoint=load.gateway.plain_endpoint, server_key=load.gateway.server_key,
+        capacity=load.gateway.capacity, sessions=load.sessions,
+        live=load.gateway.live(now, timeout_s), registered_at=s.utc(load.gateway.registered_at),
+        last_seen=s.utc(load.gateway.last_seen))
+        for load in await placement.loads(services.store, now)]
+
+
 async def list_gateways(request: web.Request) -> web.Response:
-    items = await gateway_list(request.app[SERVICES], request.app[SCRAPER],
-                               request[CLAIMS].project)
-    return reply(s.GatewayList(items=items))
+    services, project = request.app[SERVICES], request[CLAIMS].project
+    items = await gateway_list(services, request.app[SCRAPER], project)
+    # Loads count every project's sessions: an admin's to see.
+    registered = await registered_gateways(services) if project is None else []
+    return reply(s.GatewayList(items=items, registered=registered))
 
 
 def scraper_ctx() -> Callable[[web.Application], AsyncIterator[None]]:
@@ -177,6 +194,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", "/api/v1/gateways", list_gateways,
               "The gateways' per-session counters, from their metrics pages (a gateway that "
               "cannot be read is listed down with the reason); a project token sees its own "
-              "project's sessions only", s.GatewayList, 200, "gateways:read", ADMIN_OR_PROJECT,
-              _gateways, tag="gateways"),
+              "project's sessions only. An admin also sees the registered gateways sessions are "
+              "placed on, their loads and whether they are live", s.GatewayList, 200,
+              "gateways:read", ADMIN_OR_PROJECT, _gateways, tag="gateways"),
 )

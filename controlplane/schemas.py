@@ -411,8 +411,29 @@ class GatewayOut(ResponseBody):
     sessions: list[GatewaySessionOut]
 
 
+class RegisteredGatewayOut(ResponseBody):
+    """A gateway that registered itself (``controlplane.placement``): where producers reach it, its
+    capacity, the open sessions placed on it, and whether it is ``live`` (its last registration
+    within ``gateway_timeout_s``)."""
+
+    name: str
+    endpoint: str
+    receipts_endpoint: str
+    plain_endpoint: str | None
+    server_key: str
+    capacity: int
+    sessions: int
+    live: bool
+    registered_at: datetime
+    last_seen: datetime
+
+
 class GatewayList(ResponseBody):
+    """The configured gateways' counters (``items``) and, for an admin, the registered gateways
+    sessions are placed on (``registered``; empty for a project token)."""
+
     items: list[GatewayOut]
+    registered: list[RegisteredGatewayOut] = Field(default_factory=list)
 
 
 class Health(ResponseBody):

@@ -111,6 +111,14 @@ class Settings:
     which is how expiries (sessions, leases) reach the gateways. Its CURVE key pair is
     ``STATE_DIR/keys/state.key(_secret)``; the gateways it admits are the public key files
     ``STATE_DIR/gateways/*.key``.
+
+    Several gateways: a gateway registers itself over the state service and repeats it as its
+    heartbeat; it is live while its last registration is younger than ``gateway_timeout_s`` (set
+    it to at least three of the gateways' ``--heartbeat`` intervals). Sessions are placed on live
+    registered gateways (``controlplane.placement``); the open sessions of a gateway silent for
+    longer are moved to another. With no live registered gateway a session goes to the configured
+    one above (``gateway_endpoint``, ``gateway_key_file``), as on a single-gateway site, unless
+    ``gateway_fallback`` is false: then opening a session is refused (503).
     """
 
     state_dir: Path
@@ -146,6 +154,8 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     console_session_s: int = 8 * 3600
     gateway_metrics: tuple[str, ...] = ()
+    gateway_timeout_s: float = 10.0
+    gateway_fallback: bool = True
     # Out of the repr: the URL may carry the database password.
     database_url: str | None = field(default=None, repr=False)
 
@@ -182,6 +192,7 @@ class Settings:
             except ValueError as exc:
                 raise InvalidSetting("state_endpoints", endpoint, str(exc)) from None
         _within("reconcile_s", self.reconcile_s, 0, 3600, above=True)
+        _within("gateway_timeout_s", self.gateway_timeout_s, 0, 3600, above=True)
         _require(self.public_url is None or _is_base_url(self.public_url), "public_url",
                  self.public_url, "must be an http(s) URL whose host is not a wildcard "
                  "address, with no query or fragment")

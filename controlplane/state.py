@@ -13,16 +13,23 @@ The app calls ``publish`` after each committed change; ``reconcile`` (run every
 with what was published and publishes the difference, so changes nobody announced (a consumer
 lease or a session that expired, a revocation) still reach the gateways.
 
-The ROUTER also takes the gateways' reports of spooled and interrupted scans: ``on_report``
-records one and says how (recorded, duplicate, refused); the service acknowledges it only then, so
-a report the store could not take is sent again by the gateway.
+Each published session carries its placement: the name of the gateway it is placed on, or None
+for a session every gateway serves (a single-gateway site's). A gateway's snapshot holds its own
+and the unplaced sessions; updates go out on per-gateway topics (``common.clone``), a placed
+session's to its gateway and, as tombstones, to the others, so a session moved to another gateway
+leaves the first. The allow-list names each gateway: ``NAME.key`` admits the key of gateway NAME.
+
+The ROUTER also takes the gateways' registrations (``on_register`` stores one, or says why it is
+refused; the answer goes back either way) and their reports of spooled and interrupted scans:
+``on_report`` records one and says how (recorded, duplicate, refused); the service acknowledges
+it only then, so a report the store could not take is sent again by the gateway.
 
 Both sockets are CURVE servers with the state service's key pair. Gateways authenticate with their
 own CURVE client keys: a ZAP handler on the service's context admits only allow-listed keys, and
 ``ZAP_ENFORCE_DOMAIN`` makes libzmq refuse every connection when no handler answers (fail closed).
 
 Wiring into an aiohttp app is one cleanup_ctx generator:
-    async with StateService(settings, keypair, gateway_keys, source) as service:
+    async with StateService(settings, keypair, {name: key}, source) as service:
         app[STATE] = service
         yield
 """
@@ -33,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -52,8 +59,19 @@ _REFUSED: Final = "not an allowed gateway"
 
 log = logging.getLogger("dsn.controlplane.state")
 
-SnapshotSource = Callable[[], Awaitable[Iterable[Session]]]
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A published session and the gateway it is placed on (None: every gateway serves it)."""
+
+    session: Session
+    gateway: str | None = None
+
+
+SnapshotSource = Callable[[], Awaitable[Iterable[Placed]]]
 ReportSink = Callable[[GatewayReport], Awaitable[clone.AckOutcome]]
+# (gateway name, its authenticated Z85 key, what it registers) -> None, or why it is refused.
+RegisterSink = Callable[[str, str, clone.Registration], Awaitable[str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +96,13 @@ def zap_reply(allowed: frozenset[bytes], request: zap.ZapRequest) -> list[bytes]
     return zap.deny(request.request_id, _REFUSED)
 
 
-def diff(published: dict[str, Session],
-         live: Iterable[Session]) -> list[tuple[str, Session | None]]:
-    """The changes that turn ``published`` into ``live``: new or changed sessions, then
+def diff(published: dict[str, Placed],
+         live: Iterable[Placed]) -> list[tuple[str, Placed | None]]:
+    """The changes that turn ``published`` into ``live``: new, changed or moved sessions, then
     tombstones."""
-    current = {s.id: s for s in live}
-    changes: list[tuple[str, Session | None]] = [
-        (sid, s) for sid, s in current.items() if published.get(sid) != s]
+    current = {p.session.id: p for p in live}
+    changes: list[tuple[str, Placed | None]] = [
+        (sid, p) for sid, p in current.items() if published.get(sid) != p]
     changes.extend((sid, None) for sid in published if sid not in current)
     return changes
 
@@ -92,18 +110,23 @@ def diff(published: dict[str, Session],
 class StateService:
     """The Clone-pattern server. Runs on the current asyncio loop; use ``async with``."""
 
-    def __init__(self, settings: StateSettings, keypair: KeyPair, gateway_keys: Iterable[bytes],
-                 snapshot_source: SnapshotSource, on_report: ReportSink | None = None) -> None:
+    def __init__(self, settings: StateSettings, keypair: KeyPair,
+                 gateway_keys: Mapping[str, bytes], snapshot_source: SnapshotSource,
+                 on_report: ReportSink | None = None,
+                 on_register: RegisterSink | None = None) -> None:
         if keypair.secret is None:
             raise ValueError("the state service needs its secret key")
         self.settings = settings
         self.epoch = secrets.token_hex(16)
         self.seq = 0
         self._keypair = keypair
-        self._allowed = frozenset(gateway_keys)
+        self._keys = dict(gateway_keys)  # name -> Z85 public key
+        self._names = {key.decode("ascii"): name for name, key in self._keys.items()}
+        self._allowed = frozenset(self._keys.values())
         self._source = snapshot_source
         self.on_report = on_report
-        self._published: dict[str, Session] = {}
+        self.on_register = on_register
+        self._published: dict[str, Placed] = {}
         self._context = zmq.asyncio.Context()
         self._zap: zmq.asyncio.Socket | None = None
         self._router: zmq.asyncio.Socket | None = None
@@ -121,7 +144,7 @@ class StateService:
     async def start(self) -> None:
         """Load the live sessions, start ZAP, bind both sockets and start serving."""
         try:
-            self._published = {s.id: s for s in await self._source()}
+            self._published = {p.session.id: p for p in await self._source()}
             self._zap = self._socket(zmq.REP, curve=False)
             self._zap.bind(zap.ENDPOINT)
             self._tasks.append(asyncio.create_task(self._serve_zap(), name="dsn-state-zap"))
@@ -165,34 +188,51 @@ class StateService:
 
     @property
     def sessions(self) -> dict[str, Session]:
-        return dict(self._published)
+        return {sid: placed.session for sid, placed in self._published.items()}
 
-    async def publish(self, session_id: str, session: Session | None) -> bool:
-        """Publish a session's new state (None: it ended); False if that changes nothing."""
-        if self._published.get(session_id) == session:
+    def placement(self, session_id: str) -> str | None:
+        """The gateway ``session_id`` was last published to (None: every one, or not live)."""
+        placed = self._published.get(session_id)
+        return placed.gateway if placed is not None else None
+
+    async def publish(self, session_id: str, session: Session | None,
+                      gateway: str | None = None) -> bool:
+        """Publish a session's new state (None: it ended) on ``gateway`` (None: on every
+        gateway); False if that changes nothing."""
+        placed = Placed(session, gateway) if session is not None else None
+        if self._published.get(session_id) == placed:
             return False
-        if session is None:
+        if placed is None:
             del self._published[session_id]
         else:
-            self._published[session_id] = session
+            self._published[session_id] = placed
         self.seq += 1
-        await self._send(clone.Entry(self.epoch, self.seq, session_id, session))
+        entry = clone.Entry(self.epoch, self.seq, session_id, session)
+        if placed is None or gateway is None:
+            await self._send(clone.ALL_TOPIC, entry)
+            return True
+        gone = clone.Entry(self.epoch, self.seq, session_id, None)
+        for name, key in self._keys.items():
+            await self._send(key, entry if name == gateway else gone)
         return True
 
     async def reconcile(self) -> int:
         """Publish whatever differs between the store's live sessions and the published ones."""
         changes = diff(self._published, await self._source())
-        for session_id, session in changes:
-            await self.publish(session_id, session)
+        for session_id, placed in changes:
+            if placed is None:
+                await self.publish(session_id, None)
+            else:
+                await self.publish(session_id, placed.session, placed.gateway)
         return len(changes)
 
-    async def _send(self, message: clone.Message) -> None:
+    async def _send(self, topic: bytes, message: clone.Message) -> None:
         assert self._pub is not None  # started
-        await self._pub.send_multipart(clone.encode(message))
+        await self._pub.send_multipart(clone.encode_update(topic, message))
 
     async def _beat(self) -> None:
         while True:
-            await self._send(clone.Heartbeat(self.epoch, self.seq))
+            await self._send(clone.ALL_TOPIC, clone.Heartbeat(self.epoch, self.seq))
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _reconcile_loop(self) -> None:
@@ -220,18 +260,48 @@ class StateService:
     async def _serve_snapshots(self) -> None:
         assert self._router is not None
         while True:
-            frames = await self._router.recv_multipart()
-            if len(frames) < 2:
+            received = await self._router.recv_multipart(copy=False)
+            if len(received) < 2:
                 continue
+            # ZAP admitted the peer as its Z85 key; libzmq attaches it to every message.
+            key = str(received[1].get("User-Id"))
+            name = self._names.get(key)
+            frames = [frame.bytes for frame in received]
+            if name is None:
+                continue  # unreachable while ZAP is enforced: no user id, no connection
             try:
                 request = clone.decode(frames[1:])
             except clone.CloneError as exc:
-                log.info("bad snapshot request", extra={"fields": {"error": str(exc)}})
+                log.info("bad request from a gateway", extra={"fields": {
+                    "gateway": name, "error": str(exc)}})
+                if frames[1] == clone.REGISTER:
+                    await self._registered(frames[0], name, str(exc))
                 continue
             if isinstance(request, clone.SnapshotRequest):
-                await self._answer(frames[0], self._snapshot())
+                await self._answer(frames[0], self._snapshot(name))
             elif isinstance(request, clone.Report):
                 await self._take_report(frames[0], request)
+            elif isinstance(request, clone.Register):
+                await self._take_registration(frames[0], name, key, request.registration)
+
+    async def _take_registration(self, identity: bytes, name: str, key: str,
+                                 registration: clone.Registration) -> None:
+        if self.on_register is None:
+            problem: str | None = "this state service takes no registrations"
+        else:
+            try:
+                problem = await self.on_register(name, key, registration)
+            except Exception:  # not stored: no answer, the gateway's next heartbeat retries
+                log.exception("gateway registration not stored")
+                return
+        await self._registered(identity, name, problem)
+
+    async def _registered(self, identity: bytes, name: str, problem: str | None) -> None:
+        if problem is not None:
+            log.warning("gateway registration refused", extra={"fields": {
+                "gateway": name, "reason": problem}})
+        await self._answer(identity, [clone.Registered(self.epoch, problem is None,
+                                                       problem or "")])
 
     async def _take_report(self, identity: bytes, report: clone.Report) -> None:
         if self.on_report is None:
@@ -244,10 +314,12 @@ class StateService:
                 return
         await self._answer(identity, [clone.Ack(self.epoch, report.report_id, outcome)])
 
-    def _snapshot(self) -> list[clone.Message]:
-        """The whole state at one seq, built before the first send so no publish can interleave."""
-        entries: list[clone.Message] = [clone.Entry(self.epoch, self.seq, sid, session)
-                                        for sid, session in self._published.items()]
+    def _snapshot(self, gateway: str) -> list[clone.Message]:
+        """``gateway``'s state at one seq (its own sessions and the unplaced ones), built before
+        the first send so no publish can interleave."""
+        entries: list[clone.Message] = [
+            clone.Entry(self.epoch, self.seq, sid, placed.session)
+            for sid, placed in self._published.items() if placed.gateway in (None, gateway)]
         entries.append(clone.SnapshotEnd(self.epoch, self.seq, len(entries)))
         return entries
 

@@ -279,9 +279,43 @@ def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | Non
         if not opened.consumer_endpoints:
             click.echo(f"session {opened.id} has no consumer yet: the gateway spools its scans "
                        "until a consumer job registers")
-        _deliver(work, target, wait_s)
+        _deliver_following(session, work, wait_s)
     if session.end_on_exit:
         click.echo(f"session {opened.id} ended")
+
+
+# How many times one stream follows its session to another gateway before giving up.
+MAX_MOVES = 3
+
+
+def _deliver_following(session: ProducerSession, work: Work, wait_s: float | None) -> None:
+    """``_deliver`` to the session's gateway; when that fails and the control plane has moved the
+    session to another gateway (the first one's heartbeats stopped), stream the whole scan again
+    there. Nothing sent to the failed gateway is known to have arrived unless a receipt said so,
+    so all of it is listed as unconfirmed and sent again: the new gateway's receipt accounts for
+    the scan, and consumers count what reached them twice as duplicates."""
+    for moves in range(MAX_MOVES + 1):
+        target = session.gateway()
+        try:
+            _deliver(work, target, wait_s)
+            return
+        except ProducerError as exc:
+            if moves == MAX_MOVES or not _moved(session):
+                raise
+            opened = session.session
+            click.echo(f"gateway {target.endpoint} failed: {exc}")
+            click.echo(f"session {opened.id} moved from gateway {opened.previous_gateway} to "
+                       f"{opened.gateway_name} ({session.gateway().endpoint}): every message of "
+                       f"{work.label} sent to {target.endpoint} is unconfirmed; streaming it "
+                       "again there")
+
+
+def _moved(session: ProducerSession) -> bool:
+    """Whether the control plane now names another gateway for the session."""
+    try:
+        return session.follow_gateway()
+    except ClientError:
+        return False  # it cannot say: the failure stands as it is
 
 
 _SYNTHETIC_OPTIONS = ("scan_shape", "seed", "loss", "duplicates", "reorder", "header", "electrons",

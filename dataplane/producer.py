@@ -454,6 +454,20 @@ class ProducerSession:
         return GatewayTarget(gateway.plain_endpoint, server_key, self.client,
                              session.plain_credentials, gateway.receipts_endpoint)
 
+    def follow_gateway(self) -> bool:
+        """Ask the control plane again where this session's streams go; True if that changed.
+
+        Where several gateways serve a site, the control plane moves the sessions of a gateway
+        whose heartbeats stopped to another: a producer whose connection failed (a send timeout,
+        no receipts) calls this and streams again through ``gateway()``. What it sent to the old
+        gateway that no receipt confirmed is not known to have arrived: the caller lists it."""
+        current = self.controlplane.session(self.session.id)
+        changed = current.gateway != self.session.gateway
+        self._session = self.session.model_copy(update={
+            "gateway": current.gateway, "gateway_name": current.gateway_name,
+            "previous_gateway": current.previous_gateway, "replaced_at": current.replaced_at})
+        return changed
+
     def producer(self, **options: Any) -> Producer:
         """A ``Producer`` connected to the session's gateway; ``options`` as for ``Producer``."""
         target = self.gateway()

@@ -4,6 +4,8 @@ Two ways to run: ``--config`` serves the sessions of a static DSN configuration;
 ``--controlplane-state`` (or ``gateway.controlplane`` in the file) serves the sessions the control
 plane's state service publishes (opened, ended and expired over REST), with the gateway's own
 settings from flags or a gateway-only configuration (``sessions: []``); flags override the file.
+In control-plane mode the gateway also registers with the control plane (``--advertise``,
+``--capacity``), so that sessions can be placed on it among several gateways.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import click
 
-from common.clone import StateEndpoints
+from common.clone import Registration, StateEndpoints
 from common.config import (
+    DEFAULT_CAPACITY,
+    DEFAULT_HEARTBEAT_S,
     ConfigError,
     Detector,
     DSNConfig,
     load_config,
+    next_port,
     parse_config,
     parse_endpoint,
 )
@@ -88,10 +93,30 @@ def gateway() -> None:
                    f"else {Detector().sector_bytes}, the 4D Camera's.")
 @click.option("--sync-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
               help="Seconds to wait for the first snapshot of the sessions before giving up.")
+@click.option("--advertise", metavar="tcp://IP:PORT",
+              help="Where producers reach the ingress, announced to the control plane (control-"
+                   "plane mode; default gateway.controlplane.advertise, else the ingress unless it "
+                   "binds a wildcard; with neither the gateway does not register).")
+@click.option("--advertise-receipts", metavar="tcp://IP:PORT",
+              help="Where producers reach the receipts endpoint (default gateway.controlplane."
+                   "advertise_receipts, else the receipts endpoint unless it is a wildcard, else "
+                   "the advertised host with its port).")
+@click.option("--advertise-plain", metavar="tcp://IP:PORT",
+              help="Where producers reach the plaintext ingress, if there is one (default as for "
+                   "--advertise-receipts).")
+@click.option("--capacity", type=click.IntRange(1, 10_000),
+              help="Open sessions the control plane may place on this gateway (default "
+                   "gateway.controlplane.capacity, 64).")
+@click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(0.1, 60),
+              help="Seconds between registrations, the gateway's heartbeat (default "
+                   "gateway.controlplane.heartbeat_s, 2); the control plane's gateway_timeout_s "
+                   "should be at least three of them.")
 def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         state_endpoints: str | None, state_key_file: Path | None, key_file: Path | None,
         ingress: str | None, receipts: str | None, plain_ingress: str | None,
-        spool_dir: Path | None, max_sector_bytes: int | None, sync_timeout: float) -> None:
+        spool_dir: Path | None, max_sector_bytes: int | None, sync_timeout: float,
+        advertise: str | None, advertise_receipts: str | None, advertise_plain: str | None,
+        capacity: int | None, heartbeat_s: float | None) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
     configure_logging("dsn")
     keep_message_buffers()
@@ -100,7 +125,8 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         loaded = load_config(config_path) if config_path is not None else None
         if state_endpoints is None and (loaded is None or loaded.gateway.controlplane is None):
             _static_only(state_key_file, key_file, ingress, receipts, plain_ingress, spool_dir,
-                         max_sector_bytes)
+                         max_sector_bytes, advertise, advertise_receipts, advertise_plain,
+                         capacity, heartbeat_s)
             if loaded is None:
                 raise ConfigError("give --config, or --controlplane-state with --state-key")
             gw = Gateway(loaded, mode=mode)
@@ -108,8 +134,10 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         else:
             config = _gateway_only_config(loaded, config_path, key_file, ingress, receipts,
                                           plain_ingress, spool_dir)
+            announced = Announced(advertise, advertise_receipts, advertise_plain, capacity,
+                                  heartbeat_s)
             gw, source = _live_gateway(config, mode, state_endpoints, state_key_file,
-                                       max_sector_bytes, sync_timeout)
+                                       max_sector_bytes, sync_timeout, announced)
     except (ConfigError, KeyFileError, GatewayError) as exc:
         _fail(str(exc))
     try:
@@ -122,7 +150,8 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
 def _static_only(*live_options: object) -> None:
     if any(option is not None for option in live_options):
         raise ConfigError("--state-key, --key, --ingress, --receipts, --plain-ingress, "
-                          "--spool-dir and --max-sector-bytes apply only in control-plane mode "
+                          "--spool-dir, --max-sector-bytes, --advertise*, --capacity and "
+                          "--heartbeat apply only in control-plane mode "
                           "(--controlplane-state, or gateway.controlplane in the --config file)")
 
 
@@ -156,9 +185,65 @@ def _state_endpoints(text: str) -> StateEndpoints:
     return StateEndpoints(*parts)
 
 
+class Announced(NamedTuple):
+    """The registration options given as flags (None: the file's, else the default)."""
+
+    advertise: str | None
+    receipts: str | None
+    plain: str | None
+    capacity: int | None
+    heartbeat_s: float | None
+
+
+def _reachable(name: str, explicit: str | None, bound: str | None,
+               advertised_host: str | None) -> str | None:
+    """Where producers reach an endpoint bound at ``bound``: ``explicit``, else ``bound`` unless
+    it is a wildcard, else ``advertised_host`` with its port."""
+    if explicit is not None:
+        try:
+            parse_endpoint(explicit)
+        except ValueError as exc:
+            raise ConfigError(f"--{name}: {explicit!r} {exc}") from None
+        return explicit
+    if bound is None:
+        return None
+    host, port = parse_endpoint(bound, allow_wildcard=True)
+    if host != "*":
+        return bound
+    if advertised_host is None:
+        return None
+    return f"tcp://{advertised_host}:{port}"
+
+
+def _registration(config: DSNConfig, flags: Announced, public_key: bytes
+                  ) -> Registration | None:
+    """What this gateway announces to the control plane; None when no address producers can reach
+    is known (a wildcard ingress and no --advertise): the control plane then hands producers the
+    gateway its own settings name, as on a single-gateway site."""
+    gateway, link = config.gateway, config.gateway.controlplane
+    if link is not None:
+        flags = Announced(flags.advertise or link.advertise, flags.receipts or
+                          link.advertise_receipts, flags.plain or link.advertise_plain,
+                          flags.capacity or link.capacity, flags.heartbeat_s)
+    endpoint = _reachable("advertise", flags.advertise, gateway.ingress, None)
+    if endpoint is None:
+        log.warning("not registering with the control plane: the ingress binds a wildcard; give "
+                    "--advertise to take part in session placement")
+        return None
+    host, _ = parse_endpoint(endpoint)
+    host = f"[{host}]" if ":" in host else host
+    receipts = _reachable("advertise-receipts", flags.receipts,
+                          gateway.receipts or next_port(gateway.ingress), host)
+    plain = _reachable("advertise-plain", flags.plain, gateway.plain_ingress, host)
+    assert receipts is not None  # bound, so reachable
+    return Registration(endpoint=endpoint, receipts_endpoint=receipts, plain_endpoint=plain,
+                        server_key=public_key.decode("ascii"),
+                        capacity=flags.capacity or DEFAULT_CAPACITY)
+
+
 def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str | None,
-                  state_key_file: Path | None, max_sector_bytes: int | None, sync_timeout: float
-                  ) -> tuple[Gateway, CloneSessionSource]:
+                  state_key_file: Path | None, max_sector_bytes: int | None, sync_timeout: float,
+                  announced: Announced) -> tuple[Gateway, CloneSessionSource]:
     """A started gateway serving the state service's sessions, once their first snapshot is in.
     The options given override the file's ``gateway.controlplane``."""
     if mode != "l7":
@@ -176,9 +261,13 @@ def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str | None,
         raise ConfigError("--controlplane-state needs --state-key (the state service's public key)")
     server_key = load_keypair(state_key_file).public
     keypair = load_secret_keypair(config.gateway.server_secret_key_file)
+    registration = _registration(config, announced, keypair.public)
     gw = Gateway(config, mode=mode,
                  max_sector_bytes=max_sector_bytes or Detector().sector_bytes)
-    source = CloneSessionSource(endpoints, server_key, keypair, gw.use_table)
+    source = CloneSessionSource(
+        endpoints, server_key, keypair, gw.use_table,
+        registration=registration,
+        register_s=announced.heartbeat_s or (link.heartbeat_s if link else DEFAULT_HEARTBEAT_S))
     gw.on_report = source.report
     source.start()
     try:

@@ -12,6 +12,11 @@ callable from any thread) to the service on the snapshot socket, and sends each 
 report once, so a repeat is harmless). Reports not yet acknowledged when the gateway stops are
 lost with it; the spool file's trailer holds the same loss manifest.
 
+With a ``registration`` the source also announces the gateway on the snapshot socket, at start,
+on every new socket and every ``register_s``: the control plane places sessions on the gateways
+whose announcements keep arriving, and hands their producers the endpoints and key announced. It
+subscribes to the updates for every gateway and to those for its own key only (``common.clone``).
+
 When the service goes silent (no heartbeat for ``missed_heartbeats`` intervals) the gateway keeps
 serving its last good table — never an empty one — and keeps reconnecting and asking; ZAP and the
 router still enforce each session's expiry, and this source also drops a session from the table
@@ -51,7 +56,8 @@ class CloneSessionSource:
                  client_keypair: KeyPair, on_table: Callable[[SessionTable], None], *,
                  heartbeat_s: float = 1.0, missed_heartbeats: int = 3,
                  clock: Callable[[], float] = time.time, poll_ms: int = 20,
-                 resend_s: float = 2.0) -> None:
+                 resend_s: float = 2.0, registration: clone.Registration | None = None,
+                 register_s: float = 2.0) -> None:
         if client_keypair.secret is None:
             raise ValueError("a gateway needs its secret key to authenticate")
         self.endpoints = endpoints
@@ -73,6 +79,11 @@ class CloneSessionSource:
         self._asked = 0.0
         self._heard = 0.0
         self._resend_s = resend_s
+        self._registration = registration
+        self._register_s = register_s
+        self._registered_at = 0.0
+        # The service's last answer to a registration: None until one arrives.
+        self.registered: clone.Registered | None = None
         self._outbox: queue.SimpleQueue[GatewayReport] = queue.SimpleQueue()
         self._report_ids = itertools.count(1)
         self._unacked: dict[int, GatewayReport] = {}
@@ -132,7 +143,8 @@ class CloneSessionSource:
         sock.curve_publickey = self._keypair.public
         sock.curve_secretkey = self._keypair.secret
         if kind == zmq.SUB:
-            sock.subscribe(b"")
+            sock.subscribe(clone.ALL_TOPIC)
+            sock.subscribe(self._keypair.public)
         sock.connect(endpoint)
         return sock
 
@@ -148,7 +160,30 @@ class CloneSessionSource:
         self._dealer = self._socket(zmq.DEALER, self.endpoints.snapshot)
         self._dealer.send_multipart(clone.encode(self._state.request()))
         self._asked = self._clock()
+        self._register()
         self._send_reports(list(self._unacked))
+
+    def _register(self) -> None:
+        assert self._dealer is not None
+        if self._registration is None:
+            return
+        try:
+            self._dealer.send_multipart(clone.encode(clone.Register(self._registration)),
+                                        flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # the service is away; the next heartbeat tries again
+        self._registered_at = self._clock()
+
+    def _answered(self, answer: clone.Registered) -> None:
+        # Every heartbeat is answered: say only what changed.
+        last = self.registered
+        if last is None or (last.accepted, last.reason) != (answer.accepted, answer.reason):
+            if answer.accepted:
+                log.info("registered with the control plane")
+            else:
+                log.error("the control plane refused this gateway's registration",
+                          extra={"fields": {"reason": answer.reason}})
+        self.registered = answer
 
     def _send_reports(self, ids: list[int]) -> None:
         assert self._dealer is not None
@@ -205,6 +240,8 @@ class CloneSessionSource:
             self.resyncs += 1
             self._resnapshot()
         self._flush_reports(now)
+        if now - self._registered_at >= self._register_s:
+            self._register()
         self._refresh(now)
 
     def _drain(self, sock: zmq.Socket[bytes], *, snapshot: bool) -> bool:
@@ -212,7 +249,8 @@ class CloneSessionSource:
         resync = False
         while not resync and sock.poll(0):
             try:
-                message = clone.decode(sock.recv_multipart())
+                frames = sock.recv_multipart()
+                message = clone.decode(frames) if snapshot else clone.decode_update(frames)
             except clone.CloneError as exc:
                 # A lost update shows up as a gap or a heartbeat ahead: nothing else to do here.
                 self.malformed += 1
@@ -222,6 +260,9 @@ class CloneSessionSource:
                 self._heard = self._clock()
             if isinstance(message, clone.Ack):
                 self._acked(message)
+                continue
+            if isinstance(message, clone.Registered):
+                self._answered(message)
                 continue
             outcome = (self._state.apply_snapshot_entry(message)
                        if snapshot and isinstance(message, clone.Entry)

@@ -175,6 +175,9 @@ async def test_open_session_renders_the_config_and_returns_the_token_once(
                                load_keypair(tmp_path / "keys" / "gateway.key").public.decode(),
                                "plain_endpoint": None,
                                "receipts_endpoint": "tcp://127.0.0.1:5556"}
+    # No gateway registered: the configured one, as on a single-gateway site.
+    assert (body["gateway_name"], body["previous_gateway"], body["replaced_at"]) == (
+        None, None, None)
     assert session["plain_password_sha256"] is None  # encrypted transport only, by default
     assert body["config"]["gateway"]["server_secret_key_file"] == str(
         (tmp_path / "keys" / "gateway.key_secret").resolve())

@@ -7,17 +7,19 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 import zmq
 from waiting import eventually_async
 from zmq.utils import z85
 
-from common import zap
+from common import clone, zap
 from common.clone import AckOutcome, StateEndpoints
 from common.config import Session
 from common.keys import KeyPair
 from common.receipts import GatewayReport
-from controlplane.state import StateService, StateSettings, diff, zap_reply
+from controlplane.placement import registration_problem
+from controlplane.state import Placed, StateService, StateSettings, diff, zap_reply
 from gateway.sessions import SessionTable
 from gateway.state import CloneSessionSource
 
@@ -52,15 +54,15 @@ class Store:
     def __init__(self, *sessions: Session) -> None:
         self.sessions = {s.id: s for s in sessions}
 
-    async def live(self) -> Iterable[Session]:
-        return list(self.sessions.values())
+    async def live(self) -> Iterable[Placed]:
+        return [Placed(s) for s in self.sessions.values()]
 
 
 @asynccontextmanager
 async def serving(endpoints: StateEndpoints, store: Store, *,
                   reconcile_s: float = 60.0) -> AsyncIterator[StateService]:
     settings = StateSettings(endpoints, heartbeat_s=BEAT_S, reconcile_s=reconcile_s)
-    async with StateService(settings, SERVER, [GATEWAY.public], store.live) as service:
+    async with StateService(settings, SERVER, {"gw": GATEWAY.public}, store.live) as service:
         yield service
 
 
@@ -87,7 +89,7 @@ class Tables:
 
 @contextmanager
 def client(endpoints: StateEndpoints, tables: Tables, keypair: KeyPair = GATEWAY,
-           **options: float) -> Iterator[CloneSessionSource]:
+           **options: object) -> Iterator[CloneSessionSource]:
     source = CloneSessionSource(endpoints, SERVER.public, keypair, tables,
                                 heartbeat_s=BEAT_S, **options)  # type: ignore[arg-type]
     source.start()
@@ -143,7 +145,7 @@ async def test_a_gap_triggers_a_resnapshot(endpoints: StateEndpoints) -> None:
         with client(endpoints, tables) as source:
             await tables.become("a")
             # An update the gateway never sees: the state changes and the seq moves on silently.
-            service._published["lost"] = session("lost")
+            service._published["lost"] = Placed(session("lost"))
             service.seq += 1
             await service.publish("b", session("b"))
             await tables.become("a", "b", "lost")
@@ -202,9 +204,12 @@ def test_zap_admits_only_listed_gateway_keys() -> None:
 def test_diff_names_new_changed_and_gone_sessions() -> None:
     a, b, c = session("a"), session("b"), session("c")
     b2 = b.model_copy(update={"consumers": ["tcp://127.0.0.1:7000"]})
-    published = {"a": a, "b": b}
-    assert diff(published, [a, b2, c]) == [("b", b2), ("c", c)]
-    assert diff(published, [a, c]) == [("c", c), ("b", None)]
+    published = {"a": Placed(a), "b": Placed(b)}
+    assert diff(published, [Placed(a), Placed(b2), Placed(c)]) == [("b", Placed(b2)),
+                                                                   ("c", Placed(c))]
+    assert diff(published, [Placed(a), Placed(c)]) == [("c", Placed(c)), ("b", None)]
+    # A session moved to another gateway is a change too.
+    assert diff(published, [Placed(a, "east"), Placed(b)]) == [("a", Placed(a, "east"))]
 
 
 REPORT = GatewayReport(session="a", scan=2, outcome="interrupted", reason="consumer_gone",
@@ -254,3 +259,120 @@ async def test_a_gateway_that_is_not_allowed_cannot_report(endpoints: StateEndpo
             # Nothing to wait for: the report is resent every 0.1 s, none may ever arrive.
             await asyncio.sleep(0.5)
             assert received == [] and source.unacknowledged == 1
+
+
+EAST, WEST = _pair(), _pair()
+
+
+@asynccontextmanager
+async def serving_two(endpoints: StateEndpoints, store: Store) -> AsyncIterator[StateService]:
+    """A service admitting gateways ``east`` and ``west``, serving ``store``'s placed sessions."""
+    settings = StateSettings(endpoints, heartbeat_s=BEAT_S, reconcile_s=60.0)
+    keys = {"east": EAST.public, "west": WEST.public}
+    async with StateService(settings, SERVER, keys, store.live) as service:
+        yield service
+
+
+class PlacedStore(Store):
+    """Sessions with their gateways."""
+
+    def __init__(self, *placed: Placed) -> None:
+        super().__init__()
+        self.placed = list(placed)
+
+    async def live(self) -> Iterable[Placed]:
+        return list(self.placed)
+
+
+async def test_each_gateway_gets_its_own_sessions_and_the_unplaced_ones(
+        endpoints: StateEndpoints) -> None:
+    store = PlacedStore(Placed(session("shared")), Placed(session("e1"), "east"),
+                        Placed(session("w1"), "west"))
+    east, west = Tables(), Tables()
+    async with serving_two(endpoints, store) as service:
+        with client(endpoints, east, EAST), client(endpoints, west, WEST):
+            await east.become("shared", "e1")
+            await west.become("shared", "w1")
+            # Updates follow the placement: a new session reaches its own gateway only.
+            await service.publish("e2", session("e2"), "east")
+            await east.become("shared", "e1", "e2")
+            # A session moved to the other gateway leaves the first and reaches the second.
+            await service.publish("e1", session("e1"), "west")
+            await east.become("shared", "e2")
+            await west.become("shared", "w1", "e1")
+            await service.publish("shared", None)
+            await east.become("e2")
+            await west.become("w1", "e1")
+            assert service.placement("e1") == "west"
+
+
+def _registration(keypair: KeyPair, **fields: object) -> clone.Registration:
+    values: dict[str, object] = {"endpoint": "tcp://127.0.0.1:5555",
+                                 "receipts_endpoint": "tcp://127.0.0.1:5556",
+                                 "server_key": keypair.public.decode(), "capacity": 4}
+    return clone.Registration(**{**values, **fields})  # type: ignore[arg-type]
+
+
+async def test_a_registration_names_the_gateway_by_its_allow_list_entry_and_is_answered(
+        endpoints: StateEndpoints) -> None:
+    seen: list[tuple[str, str, clone.Registration]] = []
+
+    async def sink(name: str, key: str, registration: clone.Registration) -> str | None:
+        seen.append((name, key, registration))
+        return registration_problem(registration, key)
+
+    good, stolen = _registration(EAST), _registration(EAST)
+    async with serving_two(endpoints, PlacedStore()) as service:
+        service.on_register = sink
+        with client(endpoints, Tables(), EAST, registration=good, register_s=0.1) as east, \
+                client(endpoints, Tables(), WEST, registration=stolen, register_s=0.1) as west:
+            def answered() -> bool:
+                assert east.registered is not None and west.registered is not None
+                return True
+
+            await eventually_async(answered, timeout_s=3, what="both registrations answered")
+            assert east.registered == clone.Registered(service.epoch, True, "")
+            # West announces east's key: producers would be handed a key it cannot serve.
+            assert west.registered is not None and not west.registered.accepted
+            assert "not the key this gateway authenticated with" in west.registered.reason
+            await eventually_async(lambda: len(seen) >= 4, timeout_s=3,
+                                   what="registrations repeated as heartbeats")
+    assert {(name, key) for name, key, _ in seen} == {("east", EAST.public.decode()),
+                                                       ("west", WEST.public.decode())}
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"capacity": 0}, "Expected `int` >= 1"),
+    ({"endpoint": "tcp://*:5555"}, "endpoint: a wildcard host"),
+    ({"receipts_endpoint": "tcp://gateway.example:5556"}, "receipts_endpoint: must look like"),
+    ({"plain_endpoint": "udp://127.0.0.1:1"}, "plain_endpoint: must look like tcp://IP:PORT"),
+    ({"server_key": "~" * 40}, "server_key: not a Z85 CURVE public key"),
+    ({"server_key": "short"}, "Expected `str` of length >= 40"),
+])
+async def test_a_malformed_registration_is_refused_with_its_reason(
+        endpoints: StateEndpoints, zmq_context: zmq.Context[zmq.Socket[bytes]],
+        fields: dict[str, object],
+        reason: str) -> None:
+    stored: list[str] = []
+
+    async def sink(name: str, key: str, registration: clone.Registration) -> str | None:
+        problem = registration_problem(registration, key)
+        if problem is None:
+            stored.append(name)
+        return problem
+
+    # Encoded by hand: the bounds a decoder enforces must hold against any sender.
+    body = msgspec.msgpack.encode({**msgspec.structs.asdict(_registration(EAST)), **fields})
+    frames = [clone.REGISTER, msgspec.msgpack.encode({"v": 1, "epoch": "", "seq": 0}), body]
+    async with serving_two(endpoints, PlacedStore()) as service:
+        service.on_register = sink
+        with zmq_context.socket(zmq.DEALER) as dealer:
+            dealer.curve_serverkey, dealer.curve_publickey = SERVER.public, EAST.public
+            dealer.curve_secretkey = EAST.secret
+            dealer.connect(endpoints.snapshot)
+            await asyncio.to_thread(dealer.send_multipart, frames)
+            assert await asyncio.to_thread(dealer.poll, 3000)
+            answer = clone.decode(dealer.recv_multipart())
+    assert isinstance(answer, clone.Registered) and not answer.accepted
+    assert reason in answer.reason, answer.reason
+    assert stored == []

@@ -5,7 +5,7 @@ each action names for the policy, and ``ROUTES``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
@@ -65,7 +65,7 @@ from controlplane.sessions.service import (
     cancel_job,
     cancel_jobs,
     existing_session,
-    gateway_info,
+    gateway_infos,
     job_status,
     job_template_name,
     open_session,
@@ -118,13 +118,15 @@ def scan_detail(r: ScanRecord) -> ScanDetail:
                                       "manifest_truncated": bool(r.manifest_truncated)})
 
 
-def session_fields(s: SessionRecord, now: float, gateway: GatewayInfo,
+def session_fields(s: SessionRecord, now: float, gateways: Mapping[str | None, GatewayInfo],
                    live: Sequence[str] = ()) -> dict[str, Any]:
     return {"id": s.id, "project": s.project, "template": s.template,
             "template_version": s.template_version, "params": s.params,
             "client_key": s.client_key, "state": s.state(now), "created_at": utc(s.created_at),
             "expires_at": utc(s.expires_at), "ended_at": _time(s.ended_at),
-            "config": config_with_consumers(s.config, live), "gateway": gateway}
+            "config": config_with_consumers(s.config, live), "gateway": gateways[s.gateway],
+            "gateway_name": s.gateway, "previous_gateway": s.previous_gateway,
+            "replaced_at": _time(s.replaced_at)}
 
 
 def counters(consumers: Sequence[ConsumerRecord], jobs: int, scans: Sequence[ScanRecord],
@@ -138,8 +140,8 @@ def counters(consumers: Sequence[ConsumerRecord], jobs: int, scans: Sequence[Sca
 async def summaries(services: Services, sessions: Sequence[SessionRecord]) -> list[SessionOut]:
     if not sessions:  # an empty list needs no gateway key
         return []
-    gateway, now = await gateway_info(services), services.now()
-    return [SessionOut(**session_fields(s, now, gateway)) for s in sessions]
+    gateways, now = await gateway_infos(services, sessions), services.now()
+    return [SessionOut(**session_fields(s, now, gateways)) for s in sessions]
 
 
 async def session_detail(services: Services, session: SessionRecord) -> SessionDetail:
@@ -150,7 +152,7 @@ async def session_detail(services: Services, session: SessionRecord) -> SessionD
     live = [c.endpoint for c in sorted(consumers, key=lambda c: (c.rank, c.job_id))
             if c.state(now) == "live"]
     return SessionDetail(
-        **session_fields(session, now, await gateway_info(services), live),
+        **session_fields(session, now, await gateway_infos(services, [session]), live),
         consumers=[consumer_out(c, now) for c in consumers], scans=[scan_out(r) for r in scans],
         counters=counters(consumers, await count_jobs(services.store, session.id), scans, now))
 
@@ -166,7 +168,8 @@ async def open_session_view(request: web.Request) -> web.Response:
     services = _services(request)
     session, token = await open_session(services, request[CLAIMS], body)
     await publish_session(services, session.id)
-    opened = SessionOpened(**session_fields(session, services.now(), await gateway_info(services)),
+    opened = SessionOpened(**session_fields(session, services.now(),
+                                            await gateway_infos(services, [session])),
                            token=token, token_expires_at=utc(session.expires_at))
     return reply(opened, 201, {"Location": f"/api/v1/sessions/{session.id}",
                                "Cache-Control": "no-store"})

@@ -61,6 +61,11 @@ class SessionRecord:
     created_at: float
     expires_at: float
     ended_at: float | None
+    # The registered gateway it is placed on (None: the configured single gateway), and the one
+    # it was moved from when that one's heartbeats stopped.
+    gateway: str | None = None
+    previous_gateway: str | None = None
+    replaced_at: float | None = None
 
     def state(self, now: float) -> SessionState:
         return session_state(self.ended_at, self.expires_at, now)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import astuple, fields
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import astuple, fields, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from common.config import ConfigError, Session, parse_config
+from common.config import ConfigError, parse_config
 from controlplane.errors import Conflict, NotFound
 from controlplane.launchers import JobStatus
+from controlplane.placement import loads_in
 from controlplane.sessions.core import (
     ConsumerRecord,
     JobRecord,
@@ -23,6 +24,7 @@ from controlplane.sessions.core import (
     config_with_consumers,
     lease_until,
 )
+from controlplane.state import Placed
 from controlplane.store.base import QUOTA_LOCK
 from controlplane.store.engine import Conn, Row, Store
 from controlplane.store.tokens import REVOKE_FROM, TokenRecord
@@ -75,11 +77,16 @@ async def _all(conn: Conn, sql: str, params: Sequence[Any]) -> list[Row]:
         return list(await cursor.fetchall())
 
 
+# Picks the gateway of a new session inside its transaction (None: the configured gateway).
+Chooser = Callable[[Conn], Awaitable[str | None]]
+
+
 async def insert_session(store: Store, session: SessionRecord, token: TokenRecord, limit: int,
-                         now: float) -> None:
-    """Store the session and its token's metadata, in one transaction with the quota and client
-    key checks so that concurrent opens cannot both pass them."""
-    async def body(conn: Conn) -> None:
+                         now: float, place: Chooser) -> SessionRecord:
+    """Store the session, placed on the gateway ``place`` picks, and its token's metadata, in one
+    transaction with the quota and client key checks and the gateways' loads, so that concurrent
+    opens cannot both pass them."""
+    async def body(conn: Conn) -> SessionRecord:
         await conn.lock(QUOTA_LOCK)  # replicas on one database: counts see each other's opens
         open_sessions = await _one(conn, "SELECT COUNT(*) FROM sessions WHERE project = ? AND "
                                          "ended_at IS NULL AND expires_at > ?",
@@ -91,9 +98,39 @@ async def insert_session(store: Store, session: SessionRecord, token: TokenRecor
         if await _one(conn, "SELECT 1 FROM sessions WHERE client_key = ? AND ended_at IS NULL "
                             "AND expires_at > ?", (session.client_key, now)):
             raise Conflict("this client key already belongs to an open session")
+        placed = replace(session, gateway=await place(conn))
         await conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(token))
-        await _insert(conn, "sessions", session)
-    await store.write(body)
+        await _insert(conn, "sessions", placed)
+        return placed
+    return await store.write(body)
+
+
+async def stranded_sessions(store: Store, now: float, live: Sequence[str]) -> list[SessionRecord]:
+    """The open sessions placed on a gateway that is not among ``live``, oldest first."""
+    rows = await store.read(
+        "SELECT * FROM sessions WHERE gateway IS NOT NULL AND ended_at IS NULL AND expires_at > ? "
+        "ORDER BY created_at, id", (now,))
+    return [record for record in map(lambda row: _record(SessionRecord, row), rows)
+            if record.gateway not in live]
+
+
+async def move_session(store: Store, session: SessionRecord, target: str, now: float,
+                       timeout_s: float) -> SessionRecord | None:
+    """Move the open ``session`` off its gateway to ``target``, if ``target`` can still take it
+    (live, below capacity) and the session is still where it was; None (nothing changed) else."""
+    async def body(conn: Conn) -> SessionRecord | None:
+        load = next((load for load in await loads_in(conn, now) if load.gateway.name == target),
+                    None)
+        if load is None or not load.gateway.live(now, timeout_s) \
+                or load.sessions >= load.gateway.capacity:
+            return None
+        cursor = await conn.execute(
+            "UPDATE sessions SET gateway = ?, previous_gateway = gateway, replaced_at = ? "
+            "WHERE id = ? AND gateway = ? AND ended_at IS NULL RETURNING *",
+            (target, now, session.id, session.gateway))
+        row = await cursor.fetchone()
+        return _record(SessionRecord, row) if row is not None else None
+    return await store.write(body)
 
 
 async def get_session(store: Store, session_id: str) -> SessionRecord | None:
@@ -286,9 +323,9 @@ async def list_results(store: Store, *, project: str | None, session_id: str | N
 
 
 async def live_sessions(store: Store, now: float, session_id: str | None = None
-                        ) -> list[Session]:
+                        ) -> list[Placed]:
     """What the gateways must serve now: every open session (or just ``session_id``) whose
-    session token is not revoked, with its live consumers in rank order."""
+    session token is not revoked, with its live consumers in rank order, and its gateway."""
     rows = await store.read(
         "SELECT s.* FROM sessions s JOIN tokens t ON t.jti = s.token_jti WHERE s.ended_at IS NULL "
         "AND s.expires_at > ?1 AND t.revoked_at IS NULL "
@@ -306,9 +343,10 @@ async def live_sessions(store: Store, now: float, session_id: str | None = None
     return [session for session in sessions if session is not None]
 
 
-def _gateway_session(record: SessionRecord, endpoints: Sequence[str]) -> Session | None:
+def _gateway_session(record: SessionRecord, endpoints: Sequence[str]) -> Placed | None:
     try:
-        return parse_config(config_with_consumers(record.config, endpoints)).session(record.id)
+        config = parse_config(config_with_consumers(record.config, endpoints))
+        return Placed(config.session(record.id), record.gateway)
     except ConfigError as exc:
         # Validated when rendered; a stored config that no longer validates is not served.
         log.error("session %s cannot be published: %s", record.id, exc)

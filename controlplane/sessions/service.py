@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,13 @@ import zmq
 
 from common import strictyaml
 from common.answers import GatewayInfo
-from common.clone import AckOutcome
+from common.clone import AckOutcome, Registration
 from common.credentials import PlainCredentials
 from common.keys import KeyFileError, load_keypair
 from common.privatefs import create_private_file, private_dir
 from common.receipts import GatewayReport
 from common.results import PARTIAL, SPOOLED
+from controlplane import placement
 from controlplane.errors import (
     ConfigurationError,
     Conflict,
@@ -60,18 +61,21 @@ from controlplane.sessions.models import (
     SessionOpen,
 )
 from controlplane.sessions.repository import (
+    Chooser,
     get_session,
     insert_job,
     insert_session,
     list_consumers,
     list_jobs,
     live_sessions,
+    move_session,
     record_result,
     register_consumer,
+    stranded_sessions,
     unfinished_jobs,
     update_job_state,
 )
-from controlplane.store.engine import Store
+from controlplane.store.engine import Conn, Store
 from controlplane.store.projects import get_project
 from controlplane.store.tokens import TokenRecord, add_token, revoke_token
 from controlplane.templates import repository as template_versions
@@ -95,7 +99,10 @@ async def publish_session(services: Services, session_id: str) -> None:
     state service's reconcile loop publishes the difference within ``reconcile_s``."""
     try:
         live = await live_sessions(services.store, services.now(), session_id)
-        await services.state.publish(session_id, live[0] if live else None)
+        if live:
+            await services.state.publish(session_id, live[0].session, live[0].gateway)
+        else:
+            await services.state.publish(session_id, None)
     except (ControlPlaneError, zmq.ZMQError) as exc:
         log.warning("publishing session %s failed (reconcile retries): %s", session_id, exc)
 
@@ -117,7 +124,30 @@ async def current_template(store: Store, name: str, kind: Kind) -> tuple[Templat
     return await asyncio.to_thread(parse_template_cached, found.source), found.version
 
 
-async def gateway_info(services: Services) -> GatewayInfo:
+async def gateway_infos(services: Services, sessions: Iterable[SessionRecord]
+                        ) -> dict[str | None, GatewayInfo]:
+    """Where the producers of each of ``sessions`` stream, by gateway name (None: the configured
+    gateway): a registered gateway's last announcement."""
+    names = {session.gateway for session in sessions}
+    infos: dict[str | None, GatewayInfo] = {}
+    if None in names:
+        infos[None] = await configured_gateway(services)
+    if names - {None}:
+        registered = await placement.gateways(services.store)
+        for name in names - {None}:
+            assert name is not None
+            record = registered.get(name)
+            if record is None:  # the table keeps every gateway that ever registered
+                raise ConfigurationError(f"gateway {name!r} is not registered")
+            infos[name] = GatewayInfo(endpoint=record.endpoint,
+                                      server_key=record.server_key,
+                                      plain_endpoint=record.plain_endpoint,
+                                      receipts_endpoint=record.receipts_endpoint)
+    return infos
+
+
+async def configured_gateway(services: Services) -> GatewayInfo:
+    """The gateway of the settings (a single-gateway site's; sessions placed on none)."""
     path = services.settings.gateway_public_key_file
     try:
         pair = await asyncio.to_thread(load_keypair, path)
@@ -183,13 +213,30 @@ async def _render_session(services: Services, body: SessionOpen, session_id: str
 
 
 def _check_plaintext(services: Services, body: SessionOpen) -> None:
-    if body.transport != "plain":
-        return
-    if not services.policies.current.allow_plaintext:
+    if body.transport == "plain" and not services.policies.current.allow_plaintext:
         raise PermissionDenied("the policy does not allow unencrypted transport (allow_plaintext)",
                         rule="plaintext-not-allowed")
-    if services.settings.gateway_plain_endpoint is None:
-        raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
+
+
+def _chooser(services: Services, plain: bool) -> Chooser:
+    """The placement of a new session (``controlplane.placement``), else the configured gateway
+    where the settings allow it."""
+    settings = services.settings
+
+    async def place(conn: Conn) -> str | None:
+        now = services.now()
+        chosen = placement.choose(await placement.loads_in(conn, now), now,
+                                  settings.gateway_timeout_s, plain=plain)
+        if chosen is not None:
+            return chosen.name
+        if not settings.gateway_fallback:
+            which = "with a plaintext ingress " if plain else ""
+            raise Unavailable(f"no gateway {which}is live: none has registered within the last "
+                              f"{settings.gateway_timeout_s:g} s")
+        if plain and settings.gateway_plain_endpoint is None:
+            raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
+        return None
+    return place
 
 
 def _with_plain_password(config: dict[str, Any], session_id: str,
@@ -214,7 +261,8 @@ async def open_session(services: Services, parent: Claims, body: SessionOpen
                             client_key=body.client_key, config=config, token_jti=claims.jti,
                             created_at=now, expires_at=float(claims.exp), ended_at=None)
     limit = await _session_limit(services, body.project)
-    await insert_session(services.store, session, _token_record(claims, parent.jti), limit, now)
+    session = await insert_session(services.store, session, _token_record(claims, parent.jti),
+                                   limit, now, _chooser(services, body.transport == "plain"))
     services.metrics.tokens_issued.labels(claims.kind.value).inc()
     return session, token
 
@@ -433,6 +481,56 @@ async def cancel_jobs(services: Services, session_id: str) -> None:
         except ControlPlaneError as exc:
             log.warning("could not cancel job %s of ended session %s: %s", job.id, session_id,
                         exc.detail)
+
+
+async def register_gateway(services: Services, name: str, key: str,
+                           registration: Registration) -> str | None:
+    """Store gateway ``name``'s announcement (its heartbeat), or say why it is refused."""
+    problem = placement.registration_problem(registration, key)
+    if problem is None and await placement.register(services.store, name, registration,
+                                                    services.now()):
+        log.info("gateway %s registered: ingress %s, receipts %s, capacity %d", name,
+                 registration.endpoint, registration.receipts_endpoint, registration.capacity)
+    return problem
+
+
+async def replace_stranded(services: Services, since: float) -> int:
+    """Move the open sessions of every gateway silent for longer than ``gateway_timeout_s`` to a
+    live one (the placement rule), audit each move and publish it: the new gateway admits the
+    session's producers, the old one drops it. Gateways are judged only once the service has run
+    ``gateway_timeout_s`` (``since``: its start), so a restart moves nothing before they announce
+    themselves again. A session nowhere else can take stays, and is tried again next time."""
+    now, timeout_s = services.now(), services.settings.gateway_timeout_s
+    if now - since < timeout_s:
+        return 0
+    live = [name for name, record in (await placement.gateways(services.store)).items()
+            if record.live(now, timeout_s)]
+    moved = 0
+    for session in await stranded_sessions(services.store, now, live):
+        plain = bool(session.config["sessions"][0].get("plain_password_sha256"))
+        try:
+            target = placement.choose(await placement.loads(services.store, now), now,
+                                      timeout_s, plain=plain, exclude=session.gateway)
+        except Unavailable as exc:  # every live gateway is full
+            log.warning("session %s stays on silent gateway %s: %s", session.id, session.gateway,
+                        exc.detail)
+            continue
+        if target is None:
+            continue
+        # Audited before it takes effect, like every decision.
+        await services.audit.record(
+            principal="controlplane", action="sessions:replace",
+            resource=resource_label(Resource(kind="session", project=session.project,
+                                             name=session.id)), decision="allow",
+            rule=f"gateway-silent:{session.gateway}->{target.name}",
+            request_id=f"replace-{secrets.token_hex(8)}")
+        if await move_session(services.store, session, target.name, now, timeout_s) is None:
+            continue  # ended, moved or the target filled up meanwhile: the next round looks again
+        log.warning("session %s moved from silent gateway %s to %s", session.id, session.gateway,
+                    target.name)
+        await publish_session(services, session.id)
+        moved += 1
+    return moved
 
 
 async def record_gateway_report(services: Services, report: GatewayReport) -> AckOutcome:

@@ -219,5 +219,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (name, window_start))""",
         "CREATE INDEX rate_counters_by_expiry ON rate_counters(expires_at)",
     ),
+    # 11 -> 12: gateways register themselves (``name`` is the allow-list file that admitted their
+    # key); a session is placed on one (``gateway``; NULL: the configured single gateway, as
+    # every session stored before), and moved off one whose heartbeats stopped
+    # (``previous_gateway``, ``replaced_at``).
+    (
+        """CREATE TABLE gateways (
+            name TEXT PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            receipts_endpoint TEXT NOT NULL,
+            plain_endpoint TEXT,
+            server_key TEXT NOT NULL,
+            capacity INTEGER NOT NULL CHECK (capacity >= 1),
+            registered_at REAL NOT NULL,
+            last_seen REAL NOT NULL)""",
+        "ALTER TABLE sessions ADD COLUMN gateway TEXT",
+        "ALTER TABLE sessions ADD COLUMN previous_gateway TEXT",
+        "ALTER TABLE sessions ADD COLUMN replaced_at REAL",
+        "CREATE INDEX sessions_by_gateway ON sessions(gateway, ended_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,143 @@
+"""Registered gateways and the placement of sessions on them.
+
+A gateway announces itself over the state service (``common.clone`` REGISTER): where producers
+reach it, its CURVE server key and how many sessions it takes. Its name is the allow-list file
+that admitted its key (``STATE_DIR/gateways/NAME.key``). Each announcement is stored (table
+``gateways``) with the time it arrived, so a restarted or second control plane knows the gateways
+at once and a gateway's heartbeat is the announcement itself: a gateway is live while its last one
+is younger than ``gateway_timeout_s``.
+
+Placement rule: among the live gateways that can take the session (a plaintext session needs a
+plaintext ingress; a gateway holding ``capacity`` open sessions takes no more), the least loaded,
+open sessions relative to capacity, ties broken by name. The choice runs inside the transaction
+that stores the session, so concurrent opens count each other.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from zmq.utils import z85
+
+from common.clone import Registration
+from common.config import parse_endpoint
+from controlplane.errors import Unavailable
+from controlplane.store.engine import Conn, Store
+
+
+@dataclass(frozen=True)
+class GatewayRecord:
+    name: str
+    endpoint: str
+    receipts_endpoint: str
+    plain_endpoint: str | None
+    server_key: str
+    capacity: int
+    registered_at: float
+    last_seen: float
+
+    def live(self, now: float, timeout_s: float) -> bool:
+        return self.last_seen > now - timeout_s
+
+
+def registration_problem(registration: Registration, authenticated_key: str) -> str | None:
+    """Why a registration is refused, or None. The key producers are handed must be the one the
+    gateway authenticated with: its identity and its ingress's server key are one key pair."""
+    endpoints = {"endpoint": registration.endpoint,
+                 "receipts_endpoint": registration.receipts_endpoint,
+                 "plain_endpoint": registration.plain_endpoint}
+    for field, endpoint in endpoints.items():
+        if endpoint is None:
+            continue
+        try:
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            return f"{field}: {exc}"
+    try:
+        valid_key = len(z85.decode(registration.server_key)) == 32
+    except (ValueError, KeyError, binascii.Error):
+        valid_key = False
+    if not valid_key:
+        return "server_key: not a Z85 CURVE public key"
+    if registration.server_key != authenticated_key:
+        return "server_key: not the key this gateway authenticated with"
+    return None
+
+
+async def register(store: Store, name: str, registration: Registration, now: float) -> bool:
+    """Store (or refresh) gateway ``name``'s announcement, seen at ``now``; True if it is new or
+    says something new (a heartbeat repeats the last one)."""
+    async def body(conn: Conn) -> bool:
+        async with conn.execute("SELECT endpoint, receipts_endpoint, plain_endpoint, server_key, "
+                                "capacity FROM gateways WHERE name = ?", (name,)) as cursor:
+            before = await cursor.fetchone()
+        await conn.execute(
+            "INSERT INTO gateways (name, endpoint, receipts_endpoint, plain_endpoint, server_key, "
+            "capacity, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET endpoint = excluded.endpoint, "
+            "receipts_endpoint = excluded.receipts_endpoint, "
+            "plain_endpoint = excluded.plain_endpoint, server_key = excluded.server_key, "
+            "capacity = excluded.capacity, last_seen = excluded.last_seen",
+            (name, registration.endpoint, registration.receipts_endpoint,
+             registration.plain_endpoint, registration.server_key, registration.capacity, now,
+             now))
+        announced = (registration.endpoint, registration.receipts_endpoint,
+                     registration.plain_endpoint, registration.server_key, registration.capacity)
+        return before is None or tuple(before) != announced
+    return await store.write(body)
+
+
+def _gateway(row: Any) -> GatewayRecord:
+    return GatewayRecord(**{name: row[name] for name in GatewayRecord.__dataclass_fields__})
+
+
+async def gateways(store: Store) -> dict[str, GatewayRecord]:
+    """Every gateway that ever registered, by name."""
+    rows = await store.read("SELECT * FROM gateways ORDER BY name", ())
+    return {row["name"]: _gateway(row) for row in rows}
+
+
+@dataclass(frozen=True)
+class Load:
+    gateway: GatewayRecord
+    sessions: int  # open sessions placed on it
+
+    @property
+    def share(self) -> Fraction:
+        return Fraction(self.sessions, self.gateway.capacity)
+
+
+_LOADS = ("SELECT g.*, (SELECT COUNT(*) FROM sessions s WHERE s.gateway = g.name AND "
+          "s.ended_at IS NULL AND s.expires_at > ?) AS load FROM gateways g ORDER BY g.name")
+
+
+async def loads_in(conn: Conn, now: float) -> list[Load]:
+    """Every registered gateway with its open sessions, inside the caller's transaction."""
+    async with conn.execute(_LOADS, (now,)) as cursor:
+        rows = await cursor.fetchall()
+    return [Load(_gateway(row), int(row["load"])) for row in rows]
+
+
+async def loads(store: Store, now: float) -> list[Load]:
+    """Every registered gateway with its open sessions, as committed."""
+    return [Load(_gateway(row), int(row["load"])) for row in await store.read(_LOADS, (now,))]
+
+
+def choose(loads: Sequence[Load], now: float, timeout_s: float, *, plain: bool,
+           exclude: str | None = None) -> GatewayRecord | None:
+    """The placement rule (module doc) over ``loads``; None when no gateway is live (or none
+    live has a plaintext ingress, for ``plain``). ``Unavailable`` when every live one is full."""
+    live = [load for load in loads if load.gateway.live(now, timeout_s)
+            and load.gateway.name != exclude and (not plain or load.gateway.plain_endpoint)]
+    if not live:
+        return None
+    room = [load for load in live if load.sessions < load.gateway.capacity]
+    if not room:
+        raise Unavailable(f"every live gateway is at its capacity ({len(live)} live: "
+                          f"{', '.join(load.gateway.name for load in live)}); "
+                          "end a session or add a gateway")
+    return min(room, key=lambda load: (load.share, load.gateway.name)).gateway
