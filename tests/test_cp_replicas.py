@@ -37,7 +37,7 @@ from controlplane.sessions.core import SessionRecord
 from controlplane.sessions.repository import insert_session
 from controlplane.store.base import QUOTA_LOCK
 from controlplane.store.coordination import PostgresCounters, PostgresLeaderLock
-from controlplane.store.engine import Store
+from controlplane.store.engine import Conn, Store
 from controlplane.store.postgresql import lock_key
 from controlplane.store.projects import Project, create_project
 from controlplane.store.tokens import TokenRecord
@@ -301,6 +301,11 @@ async def test_one_replica_leads_and_the_other_takes_over_when_it_is_killed(pair
         assert "signed checkpoints hold" in result.output
 
 
+async def configured_gateway(_conn: Conn) -> None:
+    """No placement: the session goes to the configured single gateway."""
+    return None
+
+
 async def test_a_session_open_waits_for_the_quota_lock_another_process_holds(
         postgres_url: str) -> None:
     # What keeps the races above within the quotas, shown without a race: while another connection
@@ -314,9 +319,11 @@ async def test_a_session_open_waits_for_the_quota_lock_another_process_holds(
         token = TokenRecord("j1", "racing", "session", "alice", "sessions:write", 10.0, 100.0)
         await other.execute("SELECT pg_advisory_lock($1)", lock_key(QUOTA_LOCK))
         with pytest.raises(Unavailable, match="busy"):
-            await insert_session(store, session, token, limit=SESSION_QUOTA, now=10.0)
+            await insert_session(store, session, token, limit=SESSION_QUOTA, now=10.0,
+                                 place=configured_gateway)
         await other.execute("SELECT pg_advisory_unlock_all()")
-        await insert_session(store, session, token, limit=SESSION_QUOTA, now=10.0)
+        await insert_session(store, session, token, limit=SESSION_QUOTA, now=10.0,
+                             place=configured_gateway)
     finally:
         await other.close()
         await store.close()
