@@ -226,7 +226,8 @@ def all_logs() -> Iterator[Callable[[], list[str]]]:
         logger.addHandler(collect)
         logger.setLevel(logging.DEBUG)
     formatter = JsonLines({})
-    yield lambda: [formatter.format(record) for record in collect.records.values()]
+    # A copy first (one step under the GIL): store and logging threads may still add records.
+    yield lambda: [formatter.format(record) for record in collect.records.copy().values()]
     for logger, level in zip(loggers, levels, strict=True):
         logger.removeHandler(collect)
         logger.setLevel(level)
