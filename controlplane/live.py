@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Final
 
@@ -137,21 +136,26 @@ class Streams:
     """The app's open streams, counted per token, and the signal that the app shuts down."""
 
     def __init__(self) -> None:
-        self.open: Counter[str] = Counter()
+        self.open: dict[str, dict[int, web.Request]] = {}  # by id(): requests are not hashable
         self.stopping = asyncio.Event()
 
     @contextlib.contextmanager
-    def held(self, key: str) -> Iterator[None]:
-        if self.open[key] >= MAX_STREAMS_PER_TOKEN:
+    def held(self, key: str, request: web.Request) -> Iterator[None]:
+        streams = self.open.setdefault(key, {})
+        # A stream whose client has left ends only at its next write: it no longer counts, or a
+        # page reloaded a few times in a row would be refused its own stream.
+        for gone in [ident for ident, stream in streams.items() if _gone(stream)]:
+            del streams[gone]
+        if len(streams) >= MAX_STREAMS_PER_TOKEN:
             raise RateLimited(f"this token has {MAX_STREAMS_PER_TOKEN} live streams open, the "
                               "most it may hold at once: close one first",
                               retry_after_s=int(INTERVAL_S))
-        self.open[key] += 1
+        streams[id(request)] = request
         try:
             yield
         finally:
-            self.open[key] -= 1
-            if not self.open[key]:
+            streams.pop(id(request), None)
+            if not streams and self.open.get(key) is streams:
                 del self.open[key]
 
     async def stopped_within(self, seconds: float) -> bool:
@@ -211,7 +215,7 @@ async def _send(request: web.Request, response: web.StreamResponse, streams: Str
 async def live_view(request: web.Request) -> web.StreamResponse:
     query = parse_query(request, LiveQuery)
     streams = request.app[STREAMS]
-    with streams.held(request[CALLER].rate_key):
+    with streams.held(request[CALLER].rate_key, request):
         # Sent before the handler returns, so the headers the middlewares add afterwards are
         # set here: the request id.
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
