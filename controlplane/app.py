@@ -21,7 +21,7 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import zmq
@@ -184,13 +184,10 @@ async def _replica_upkeep(services: Services) -> AsyncIterator[None]:
                 keys_due = loop.time() + REFRESH_S
             await asyncio.sleep(1.0)
 
-    task = asyncio.create_task(run(), name="replica-upkeep")
     try:
-        yield
+        async with _running(run, "replica-upkeep"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await _flush_denials(services, final=True)
 
 
@@ -209,7 +206,14 @@ async def _placement_upkeep(services: Services) -> AsyncIterator[None]:
             except Exception:  # a store outage must not stop the loop; the next round retries
                 log.exception("placement: sessions of silent gateways not moved")
 
-    task = asyncio.create_task(run(), name="placement-upkeep")
+    async with _running(run, "placement-upkeep"):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _running(body: Callable[[], Awaitable[None]], name: str) -> AsyncIterator[None]:
+    """``body`` as a task for the duration of the block, cancelled and awaited at its end."""
+    task = asyncio.create_task(body(), name=name)
     try:
         yield
     finally:
