@@ -21,8 +21,9 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import zmq
 from aiohttp import web
@@ -211,7 +212,7 @@ async def _placement_upkeep(services: Services) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _running(body: Callable[[], Awaitable[None]], name: str) -> AsyncIterator[None]:
+async def _running(body: Callable[[], Coroutine[Any, Any, None]], name: str) -> AsyncIterator[None]:
     """``body`` as a task for the duration of the block, cancelled and awaited at its end."""
     task = asyncio.create_task(body(), name=name)
     try:
