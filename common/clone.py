@@ -119,6 +119,13 @@ class StateEndpoints(NamedTuple):
     updates: str
 
 
+class StateServer(NamedTuple):
+    """One control-plane replica's state service: where it listens and its CURVE public key."""
+
+    endpoints: StateEndpoints
+    server_key: bytes
+
+
 class _Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     v: Literal[1]
     epoch: Epoch

@@ -193,6 +193,14 @@ DEFAULT_CAPACITY: Final = 64  # sessions a gateway takes unless it says otherwis
 DEFAULT_HEARTBEAT_S: Final = 2.0  # between a gateway's registrations
 
 
+class StateServiceLink(_Model):
+    """One more control-plane replica's state service, to follow when the others are silent."""
+
+    state_snapshots: ConnectEndpoint
+    state_updates: ConnectEndpoint
+    state_key_file: Path
+
+
 class ControlPlaneLink(_Model):
     """Where a gateway in control-plane mode follows the sessions: the control plane's state
     service (``dsn gateway run --controlplane-state``, ``--state-key``, ``--max-sector-bytes``)."""
@@ -201,6 +209,8 @@ class ControlPlaneLink(_Model):
     state_updates: ConnectEndpoint
     # The state service's CURVE public key (the control plane's STATE_DIR/keys/state.key).
     state_key_file: Path
+    # The other replicas' state services, followed in turn when the one followed goes silent.
+    replicas: Annotated[list[StateServiceLink], Field(max_length=16)] = []
     # Largest data message a session may carry (the ingress limit is fixed when it binds).
     max_sector_bytes: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] | None = None
     # Registration with the control plane (several gateways): where producers reach this gateway
@@ -298,9 +308,12 @@ def parse_config(data: Any, base_dir: Path | None = None) -> DSNConfig:
     relative: dict[str, object] = {key: base_dir / path for key, path in paths.items()
                                    if path is not None and not path.is_absolute()}
     link = config.gateway.controlplane
-    if link is not None and not link.state_key_file.is_absolute():
-        relative["controlplane"] = link.model_copy(
-            update={"state_key_file": base_dir / link.state_key_file})
+    if link is not None:
+        relative["controlplane"] = link.model_copy(update={
+            "state_key_file": base_dir / link.state_key_file,
+            "replicas": [replica.model_copy(
+                update={"state_key_file": base_dir / replica.state_key_file})
+                for replica in link.replicas]})
     if relative:
         gateway = config.gateway.model_copy(update=relative)
         config = config.model_copy(update={"gateway": gateway})

@@ -59,7 +59,7 @@ from controlplane.sessions.service import (
 )
 from controlplane.settings import Settings
 from controlplane.signing import REFRESH_S, KeyRing
-from controlplane.state import Placed, StateService, StateSettings
+from controlplane.state import Placed, ReplicaSignal, StateService, StateSettings
 from controlplane.store.engine import Store
 from controlplane.store.tokens import Revocations
 from controlplane.templates import api as templates_api
@@ -97,7 +97,7 @@ def _services_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                     await _check_checkpoints(services.checkpoints)
                     async with leading(_leadership(services)):
                         await _start_state(state, settings)
-                        async with _replica_upkeep(services), _placement_upkeep(services):
+                        async with _replica_upkeep(services):
                             yield
                 finally:
                     await services.limiter.aclose()
@@ -121,14 +121,18 @@ async def _check_checkpoints(checkpoints: Checkpoints) -> None:
 
 def _leadership(services: Services) -> Leadership:
     """The run-once duties: jobs adopted when this replica takes the lead, a signed checkpoint of
-    the audit chain every ``audit_checkpoint_s`` in which it grew (and one when the leader stops),
-    and, with PostgreSQL, the rate counters no window reads any more deleted every minute.
-    Each replica's checkpoints go to its own checkpoint file, signed with its own key: while it
-    leads, it is the one that writes them."""
+    the audit chain every ``audit_checkpoint_s`` in which it grew (and one when the leader
+    stops), the sessions of silent gateways moved every third of ``gateway_timeout_s`` (at most a
+    second; one replica deciding, so a move is decided and audited once), and, with PostgreSQL,
+    the rate counters no window reads any more deleted every minute. Each replica's checkpoints
+    go to its own checkpoint file, signed with its own key: while it leads, it is the one that
+    writes them."""
     url = services.settings.database_url
     lock: LeaderLock = SoleLock()
     duties = [Duty("audit checkpoint", services.settings.audit_checkpoint_s,
-                   functools.partial(_write_checkpoint, services))]
+                   functools.partial(_write_checkpoint, services)),
+              Duty("gateway placement", min(1.0, services.settings.gateway_timeout_s / 3),
+                   functools.partial(replace_stranded, services, services.now()))]
     if url is not None:
         # Imported here: a SQLite deployment never loads the PostgreSQL driver.
         from controlplane.store.coordination import PostgresLeaderLock
@@ -193,25 +197,6 @@ async def _replica_upkeep(services: Services) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _placement_upkeep(services: Services) -> AsyncIterator[None]:
-    """Every third of ``gateway_timeout_s`` (at most a second), move the sessions of silent
-    gateways; a failure is logged and the next round tries again."""
-    interval = min(1.0, services.settings.gateway_timeout_s / 3)
-    started = services.now()
-
-    async def run() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await replace_stranded(services, started)
-            except Exception:  # a store outage must not stop the loop; the next round retries
-                log.exception("placement: sessions of silent gateways not moved")
-
-    async with _running(run, "placement-upkeep"):
-        yield
-
-
-@contextlib.asynccontextmanager
 async def _running(body: Callable[[], Coroutine[Any, Any, None]], name: str) -> AsyncIterator[None]:
     """``body`` as a task for the duration of the block, cancelled and awaited at its end."""
     task = asyncio.create_task(body(), name=name)
@@ -246,8 +231,12 @@ def _state_service(settings: Settings, store: Store) -> StateService:
     async def source() -> list[Placed]:
         return await live_sessions(store, settings.clock())
 
+    replicas: ReplicaSignal | None = None
+    if settings.database_url is not None:
+        from controlplane.store.coordination import PostgresReplicaSignal
+        replicas = PostgresReplicaSignal(settings.database_url)
     return StateService(StateSettings(settings.state_endpoints, reconcile_s=settings.reconcile_s),
-                        keypair, gateways, source)
+                        keypair, gateways, source, replicas=replicas)
 
 
 def _gateway_keys(settings: Settings) -> dict[str, bytes]:

@@ -8,8 +8,9 @@ when it starts and, while another holds it, again every ``RETRY_S``; a leader wh
 
 What the leader does: ``on_elected`` once each time it becomes leader (adopting the jobs of the
 replicas that were serving before it), then each ``Duty`` every ``interval_s`` (audit checkpoints,
-expiring rate counters), and ``on_exit`` once when it stops while still leading (a last
-checkpoint). A duty that fails is logged and runs again at its next interval.
+expiring rate counters, moving the sessions of silent gateways), and ``on_exit`` once when it stops
+while still leading (a last checkpoint). A duty that fails is logged and runs again at its next
+interval.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ RETRY_S = 2.0  # how often a replica that does not lead tries to take the lock
 # duty's interval is shorter).
 TICK_S = 1.0
 
-Action = Callable[[], Awaitable[None]]
+Action = Callable[[], Awaitable[object]]  # what it returns is not used
 
 
 class LeaderLock(Protocol):

@@ -13,6 +13,12 @@ The app calls ``publish`` after each committed change; ``reconcile`` (run every
 with what was published and publishes the difference, so changes nobody announced (a consumer
 lease or a session that expired, a revocation) still reach the gateways.
 
+Replicas on one database each run a state service, and each publishes what the store holds, so a
+gateway may follow any of them. A change made through one replica reaches the others' gateways at
+their next reconcile, or at once with a ``ReplicaSignal``: a change published here is announced,
+and an announcement from another replica starts a reconcile now. Only changes made here are
+announced (not those a reconcile found), so announcements do not echo between replicas.
+
 Each published session carries its placement: the name of the gateway it is placed on, or None
 for a session every gateway serves (a single-gateway site's). A gateway's snapshot holds its own
 and the unplaced sessions; updates go out on per-gateway topics (``common.clone``), a placed
@@ -43,7 +49,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 import zmq
 import zmq.asyncio
@@ -72,6 +78,19 @@ SnapshotSource = Callable[[], Awaitable[Iterable[Placed]]]
 ReportSink = Callable[[GatewayReport], Awaitable[clone.AckOutcome]]
 # (gateway name, its authenticated Z85 key, what it registers) -> None, or why it is refused.
 RegisterSink = Callable[[str, str, clone.Registration], Awaitable[str | None]]
+
+
+class ReplicaSignal(Protocol):
+    """How replicas sharing one database tell each other that the sessions changed."""
+
+    async def notify(self) -> None:
+        """Tell the other replicas."""
+
+    async def listen(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` on every other replica's notice, and each time listening starts
+        (notices may have been missed before); until cancelled."""
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +132,8 @@ class StateService:
     def __init__(self, settings: StateSettings, keypair: KeyPair,
                  gateway_keys: Mapping[str, bytes], snapshot_source: SnapshotSource,
                  on_report: ReportSink | None = None,
-                 on_register: RegisterSink | None = None) -> None:
+                 on_register: RegisterSink | None = None,
+                 replicas: ReplicaSignal | None = None) -> None:
         if keypair.secret is None:
             raise ValueError("the state service needs its secret key")
         self.settings = settings
@@ -127,6 +147,8 @@ class StateService:
         self.on_report = on_report
         self.on_register = on_register
         self._published: dict[str, Placed] = {}
+        self._replicas = replicas
+        self._changed_elsewhere = asyncio.Event()
         self._context = zmq.asyncio.Context()
         self._zap: zmq.asyncio.Socket | None = None
         self._router: zmq.asyncio.Socket | None = None
@@ -156,8 +178,11 @@ class StateService:
             self._router.bind(self.settings.endpoints.snapshot)
             self._pub = self._socket(zmq.PUB)
             self._pub.bind(self.settings.endpoints.updates)
-            for coro, name in ((self._serve_snapshots(), "snapshots"),
-                               (self._beat(), "heartbeats"), (self._reconcile_loop(), "reconcile")):
+            loops = [(self._serve_snapshots(), "snapshots"), (self._beat(), "heartbeats"),
+                     (self._reconcile_loop(), "reconcile")]
+            if self._replicas is not None:
+                loops.append((self._replicas.listen(self._changed_elsewhere.set), "replicas"))
+            for coro, name in loops:
                 self._tasks.append(asyncio.create_task(coro, name=f"dsn-state-{name}"))
         except BaseException:
             await self.close()
@@ -170,6 +195,8 @@ class StateService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._replicas is not None:
+            await self._replicas.aclose()
         for sock in (self._pub, self._router, self._zap):
             if sock is not None:
                 sock.close(linger=0)
@@ -198,7 +225,22 @@ class StateService:
     async def publish(self, session_id: str, session: Session | None,
                       gateway: str | None = None) -> bool:
         """Publish a session's new state (None: it ended) on ``gateway`` (None: on every
-        gateway); False if that changes nothing."""
+        gateway), and tell the other replicas; False if that changes nothing."""
+        changed = await self._publish(session_id, session, gateway)
+        if changed:
+            await self._announce()
+        return changed
+
+    async def reconcile(self) -> int:
+        """Publish whatever differs between the store's live sessions and the published ones, and
+        tell the other replicas if anything did."""
+        changes = await self._reconcile()
+        if changes:
+            await self._announce()
+        return changes
+
+    async def _publish(self, session_id: str, session: Session | None,
+                       gateway: str | None) -> bool:
         placed = Placed(session, gateway) if session is not None else None
         if self._published.get(session_id) == placed:
             return False
@@ -216,15 +258,22 @@ class StateService:
             await self._send(key, entry if name == gateway else gone)
         return True
 
-    async def reconcile(self) -> int:
-        """Publish whatever differs between the store's live sessions and the published ones."""
+    async def _reconcile(self) -> int:
         changes = diff(self._published, await self._source())
         for session_id, placed in changes:
             if placed is None:
-                await self.publish(session_id, None)
+                await self._publish(session_id, None, None)
             else:
-                await self.publish(session_id, placed.session, placed.gateway)
+                await self._publish(session_id, placed.session, placed.gateway)
         return len(changes)
+
+    async def _announce(self) -> None:
+        if self._replicas is None:
+            return
+        try:
+            await self._replicas.notify()
+        except Exception:  # the other replicas' reconcile loops still catch up within reconcile_s
+            log.warning("the other replicas were not told of a session change", exc_info=True)
 
     async def _send(self, topic: bytes, message: clone.Message) -> None:
         assert self._pub is not None  # started
@@ -237,9 +286,11 @@ class StateService:
 
     async def _reconcile_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.reconcile_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed_elsewhere.wait(), self.settings.reconcile_s)
+            self._changed_elsewhere.clear()
             try:
-                await self.reconcile()
+                await self._reconcile()
             except Exception:  # a store outage must not stop the heartbeats; the next round retries
                 log.exception("state reconcile failed")
 

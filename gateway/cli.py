@@ -20,13 +20,15 @@ from typing import Any, NamedTuple, NoReturn
 
 import click
 
-from common.clone import Registration, StateEndpoints
+from common.clone import Registration, StateEndpoints, StateServer
 from common.config import (
     DEFAULT_CAPACITY,
     DEFAULT_HEARTBEAT_S,
     ConfigError,
+    ControlPlaneLink,
     Detector,
     DSNConfig,
+    StateServiceLink,
     load_config,
     next_port,
     parse_config,
@@ -66,12 +68,17 @@ def gateway() -> None:
 @click.option("--metrics", "metrics_address", metavar="HOST:PORT",
               help="Serve Prometheus metrics here (overrides gateway.metrics).")
 @click.option("--controlplane-state", "state_endpoints", metavar="SNAPSHOT,UPDATES",
+              multiple=True,
               help="Serve the sessions of the control plane's state service, e.g. "
                    "tcp://10.0.0.5:8751,tcp://10.0.0.5:8752 (default: gateway.controlplane."
-                   "state_snapshots,state_updates of --config).")
-@click.option("--state-key", "state_key_file", type=click.Path(dir_okay=False, path_type=Path),
+                   "state_snapshots,state_updates of --config). Repeat it for each control-plane "
+                   "replica: the gateway follows the first and moves to the next whenever the "
+                   "one it follows goes silent.")
+@click.option("--state-key", "state_key_files", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
               help="The state service's CURVE public key (its STATE_DIR/keys/state.key; default "
-                   "gateway.controlplane.state_key_file).")
+                   "gateway.controlplane.state_key_file). With several --controlplane-state: one "
+                   "per replica in the same order, or one for all.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
               help="This gateway's CURVE key pair (.key_secret): the ingress server key producers "
                    "are given, and its identity to the state service (the control plane's "
@@ -112,7 +119,8 @@ def gateway() -> None:
                    "gateway.controlplane.heartbeat_s, 2); the control plane's gateway_timeout_s "
                    "should be at least three of them.")
 def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
-        state_endpoints: str | None, state_key_file: Path | None, key_file: Path | None,
+        state_endpoints: tuple[str, ...], state_key_files: tuple[Path, ...],
+        key_file: Path | None,
         ingress: str | None, receipts: str | None, plain_ingress: str | None,
         spool_dir: Path | None, max_sector_bytes: int | None, sync_timeout: float,
         advertise: str | None, advertise_receipts: str | None, advertise_plain: str | None,
@@ -123,10 +131,10 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
     source: CloneSessionSource | None = None
     try:
         loaded = load_config(config_path) if config_path is not None else None
-        if state_endpoints is None and (loaded is None or loaded.gateway.controlplane is None):
-            _static_only(state_key_file, key_file, ingress, receipts, plain_ingress, spool_dir,
-                         max_sector_bytes, advertise, advertise_receipts, advertise_plain,
-                         capacity, heartbeat_s)
+        if not state_endpoints and (loaded is None or loaded.gateway.controlplane is None):
+            _static_only(state_key_files or None, key_file, ingress, receipts, plain_ingress,
+                         spool_dir, max_sector_bytes, advertise, advertise_receipts,
+                         advertise_plain, capacity, heartbeat_s)
             if loaded is None:
                 raise ConfigError("give --config, or --controlplane-state with --state-key")
             gw = Gateway(loaded, mode=mode)
@@ -136,7 +144,9 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
                                           plain_ingress, spool_dir)
             announced = Announced(advertise, advertise_receipts, advertise_plain, capacity,
                                   heartbeat_s)
-            gw, source = _live_gateway(config, mode, state_endpoints, state_key_file,
+            servers = _state_servers(config.gateway.controlplane, state_endpoints,
+                                     state_key_files)
+            gw, source = _live_gateway(config, mode, servers,
                                        max_sector_bytes, sync_timeout, announced)
     except (ConfigError, KeyFileError, GatewayError) as exc:
         _fail(str(exc))
@@ -171,6 +181,35 @@ def _gateway_only_config(loaded: DSNConfig | None, config_path: Path | None,
              "plain_ingress": plain_ingress, "spool_dir": spool_dir}
     settings.update({name: str(value) for name, value in flags.items() if value is not None})
     return parse_config({"version": 1, "gateway": settings, "sessions": []})
+
+
+def _state_servers(link: ControlPlaneLink | None, endpoints: tuple[str, ...],
+                   key_files: tuple[Path, ...]) -> list[StateServer]:
+    """The state services to follow, in order: the flags', else the file's (``link``)."""
+    if not endpoints:
+        if link is None:
+            raise ConfigError("give --controlplane-state, or gateway.controlplane in --config")
+        if key_files:
+            raise ConfigError("--state-key goes with --controlplane-state")
+        links: list[ControlPlaneLink | StateServiceLink] = [link, *link.replicas]
+        return [_state_server(StateEndpoints(one.state_snapshots, one.state_updates),
+                              one.state_key_file) for one in links]
+    if not key_files and link is not None and not link.replicas:
+        key_files = (link.state_key_file,)
+    if not key_files:
+        raise ConfigError("--controlplane-state needs --state-key (the state service's public key)")
+    if len(key_files) not in (1, len(endpoints)):
+        raise ConfigError(f"{len(endpoints)} --controlplane-state and {len(key_files)} "
+                          "--state-key: give one key per state service, or one for all")
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError("--controlplane-state: the same state service is named twice")
+    keys = key_files * len(endpoints) if len(key_files) == 1 else key_files
+    return [_state_server(_state_endpoints(text), key)
+            for text, key in zip(endpoints, keys, strict=True)]
+
+
+def _state_server(endpoints: StateEndpoints, key_file: Path) -> StateServer:
+    return StateServer(endpoints, load_keypair(key_file).public)
 
 
 def _state_endpoints(text: str) -> StateEndpoints:
@@ -241,31 +280,21 @@ def _registration(config: DSNConfig, flags: Announced, public_key: bytes
                         capacity=flags.capacity or DEFAULT_CAPACITY)
 
 
-def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str | None,
-                  state_key_file: Path | None, max_sector_bytes: int | None, sync_timeout: float,
+def _live_gateway(config: DSNConfig, mode: Mode, servers: list[StateServer],
+                  max_sector_bytes: int | None, sync_timeout: float,
                   announced: Announced) -> tuple[Gateway, CloneSessionSource]:
     """A started gateway serving the state service's sessions, once their first snapshot is in.
     The options given override the file's ``gateway.controlplane``."""
     if mode != "l7":
         raise ConfigError("--mode l4 forwards one fixed session; use --config for it")
     link = config.gateway.controlplane
-    if endpoints_text is not None:
-        endpoints = _state_endpoints(endpoints_text)
-    elif link is not None:
-        endpoints = StateEndpoints(link.state_snapshots, link.state_updates)
-    else:
-        raise ConfigError("give --controlplane-state, or gateway.controlplane in --config")
-    state_key_file = state_key_file or (link.state_key_file if link else None)
     max_sector_bytes = max_sector_bytes or (link.max_sector_bytes if link else None)
-    if state_key_file is None:
-        raise ConfigError("--controlplane-state needs --state-key (the state service's public key)")
-    server_key = load_keypair(state_key_file).public
     keypair = load_secret_keypair(config.gateway.server_secret_key_file)
     registration = _registration(config, announced, keypair.public)
     gw = Gateway(config, mode=mode,
                  max_sector_bytes=max_sector_bytes or Detector().sector_bytes)
     source = CloneSessionSource(
-        endpoints, server_key, keypair, gw.use_table,
+        servers, keypair, gw.use_table,
         registration=registration,
         register_s=announced.heartbeat_s or (link.heartbeat_s if link else DEFAULT_HEARTBEAT_S))
     gw.on_report = source.report
@@ -273,7 +302,8 @@ def _live_gateway(config: DSNConfig, mode: Mode, endpoints_text: str | None,
     try:
         if not source.wait_synced(sync_timeout):
             raise GatewayError(
-                f"no sessions from the state service at {','.join(endpoints)} within "
+                f"no sessions from the state service at "
+                f"{' or '.join(','.join(server.endpoints) for server in servers)} within "
                 f"{sync_timeout:g} s:"
                 " is the control plane running, is --state-key its state.key, and is this "
                 "gateway's public key in its STATE_DIR/gateways/?")

@@ -22,8 +22,16 @@ serving its last good table — never an empty one — and keeps reconnecting an
 router still enforce each session's expiry, and this source also drops a session from the table
 when its expiry time passes, with or without an update.
 
+Control-plane replicas each run a state service that publishes the same sessions (each reads them
+from the shared database). Given several, the source follows one at a time and moves on to the
+next, in order and round the list, whenever the one it follows goes silent; it stays with the one
+that answers. The new one's snapshot (a new epoch) replaces the table whole once complete, so a
+session ended while the source was between two replicas leaves the table then; the reports not
+yet acknowledged and the registration go to the new one at once.
+
 Wiring into a gateway:
-    source = CloneSessionSource(endpoints, server_key, gateway_keypair, gateway.use_table)
+    source = CloneSessionSource([StateServer(endpoints, server_key)], gateway_keypair,
+                                gateway.use_table)
     source.start()
     source.wait_synced(timeout)
 """
@@ -35,7 +43,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import zmq
@@ -52,7 +60,7 @@ log = logging.getLogger("dsn.gateway.state")
 class CloneSessionSource:
     """A SessionSource fed by the state service; ``on_table`` gets every new table (own thread)."""
 
-    def __init__(self, endpoints: clone.StateEndpoints, server_public_key: bytes,
+    def __init__(self, servers: Sequence[clone.StateServer],
                  client_keypair: KeyPair, on_table: Callable[[SessionTable], None], *,
                  heartbeat_s: float = 1.0, missed_heartbeats: int = 3,
                  clock: Callable[[], float] = time.time, poll_ms: int = 20,
@@ -60,10 +68,13 @@ class CloneSessionSource:
                  register_s: float = 2.0) -> None:
         if client_keypair.secret is None:
             raise ValueError("a gateway needs its secret key to authenticate")
-        self.endpoints = endpoints
+        if not servers:
+            raise ValueError("a gateway needs at least one state service to follow")
+        self.servers = tuple(servers)
+        self._following = 0  # index in servers
         self.resyncs = 0
+        self.failovers = 0
         self.malformed = 0
-        self._server_key = server_public_key
         self._keypair = client_keypair
         self._on_table = on_table
         self._timeout = heartbeat_s * missed_heartbeats
@@ -92,6 +103,11 @@ class CloneSessionSource:
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsn-state", daemon=True)
+
+    @property
+    def server(self) -> clone.StateServer:
+        """The state service followed now."""
+        return self.servers[self._following]
 
     def load(self) -> SessionTable:
         """The current table (the last good one while the service is away)."""
@@ -139,7 +155,7 @@ class CloneSessionSource:
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket[bytes]:
         sock = self._context.socket(kind)
         sock.linger = 0
-        sock.curve_serverkey = self._server_key
+        sock.curve_serverkey = self.server.server_key
         sock.curve_publickey = self._keypair.public
         sock.curve_secretkey = self._keypair.secret
         if kind == zmq.SUB:
@@ -151,13 +167,13 @@ class CloneSessionSource:
     def _subscribe(self) -> None:
         if self._sub is not None:
             self._sub.close(linger=0)
-        self._sub = self._socket(zmq.SUB, self.endpoints.updates)
+        self._sub = self._socket(zmq.SUB, self.server.endpoints.updates)
         self._heard = self._clock()
 
     def _resnapshot(self) -> None:
         if self._dealer is not None:
             self._dealer.close(linger=0)
-        self._dealer = self._socket(zmq.DEALER, self.endpoints.snapshot)
+        self._dealer = self._socket(zmq.DEALER, self.server.endpoints.snapshot)
         self._dealer.send_multipart(clone.encode(self._state.request()))
         self._asked = self._clock()
         self._register()
@@ -231,7 +247,7 @@ class CloneSessionSource:
         if now - self._heard > self._timeout:
             # Silence: the service or the path to it is gone. Start over on fresh sockets; the
             # table stays as it is until a new snapshot completes.
-            log.warning("state service silent; keeping the last good sessions")
+            self._fail_over()
             self._subscribe()
             resync = True
         elif not self._state.synced and now - self._asked > self._timeout:
@@ -243,6 +259,18 @@ class CloneSessionSource:
         if now - self._registered_at >= self._register_s:
             self._register()
         self._refresh(now)
+
+    def _fail_over(self) -> None:
+        silent = self.server.endpoints.updates
+        if len(self.servers) == 1:
+            log.warning("state service silent; keeping the last good sessions",
+                        extra={"fields": {"updates": silent}})
+            return
+        self._following = (self._following + 1) % len(self.servers)
+        self.failovers += 1
+        log.warning("state service silent; following the next replica, keeping the last good "
+                    "sessions meanwhile", extra={"fields": {
+                        "silent": silent, "following": self.server.endpoints.updates}})
 
     def _drain(self, sock: zmq.Socket[bytes], *, snapshot: bool) -> bool:
         """Apply every queued message; True if one of them asks for a new snapshot."""

@@ -11,6 +11,7 @@ import base64
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import urllib.request
@@ -25,9 +26,11 @@ import pytest
 import zmq
 from cp_helpers import write_policy
 from limits import parse
-from test_cp_cli import _serve_command, _wait_healthy, assert_one_line_error, dsn
+from test_cp_cli import DSN, _wait_healthy, assert_one_line_error, dsn
 from waiting import eventually, eventually_async
 
+from common.clone import StateEndpoints, StateServer
+from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
 from controlplane.admin.bootstrap import ADMIN_TOKEN_FILE
 from controlplane.errors import Unavailable
@@ -41,6 +44,8 @@ from controlplane.store.engine import Conn, Store
 from controlplane.store.postgresql import lock_key
 from controlplane.store.projects import Project, create_project
 from controlplane.store.tokens import TokenRecord
+from gateway.sessions import SessionTable
+from gateway.state import CloneSessionSource
 
 PROJECT_LIMIT = 40  # requests per project per hour: far from any window's end in a test
 SESSION_QUOTA = 4  # the shipped policy's default
@@ -48,6 +53,7 @@ SCOPE = "projects:read sessions:read sessions:write"
 # Killing the leader: the server frees its lock with the connection, the other replica tries
 # again within leader.RETRY_S (2 s); the rest is room for a loaded machine.
 TAKEOVER_BOUND_S = 20.0
+RECONCILE_S = 600
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Replica:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    state_service: StateServer
 
     @property
     def checkpoints(self) -> Path:
@@ -83,6 +90,7 @@ class Pair:
     b: Replica
     admin_token: str  # written by init on A's state directory, signed with A's key
     database_url: str
+    gateway: KeyPair  # allow-listed by both replicas' state services, as gateways/edge.key
 
     async def call(self, replica: Replica, method: str, path: str, token: str,
                    **kwargs: Any) -> tuple[int, Any]:
@@ -109,16 +117,21 @@ def _start(name: str, state: Path, root: Path, env: dict[str, str], *options: st
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = root / f"{name}.log"
+    endpoints = StateEndpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    command = [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
+               "--state-snapshots", endpoints.snapshot, "--state-updates", endpoints.updates,
+               *options]
     with log.open("wb") as out:
-        process = subprocess.Popen(_serve_command(state, port, *options), stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=root, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                   env=env)
     try:
         _wait_healthy(url, process, log, timeout_s=30)
     except BaseException:
         process.kill()
         process.wait()
         raise
-    return Replica(name, state, url, process, log)
+    key = load_keypair(state / "keys" / "state.key").public
+    return Replica(name, state, url, process, log, StateServer(endpoints, key))
 
 
 @pytest.fixture
@@ -130,14 +143,20 @@ def pair(postgres_url: str, tmp_path: Path) -> Iterator[Pair]:
     assert joined.exit_code == 0, joined.output
     policy = write_policy(tmp_path / "policy", per_project=f"{PROJECT_LIMIT}/hour")
     config = tmp_path / "controlplane.yaml"
-    config.write_text("audit:\n  checkpoint_s: 0.5\n")
+    # Reconciles far apart: a change made through one replica can reach the other replica's
+    # gateways in time only by the replicas telling each other.
+    config.write_text(f"audit:\n  checkpoint_s: 0.5\nreconcile_s: {RECONCILE_S}\n")
+    public, secret = create_keypair(tmp_path / "gateway", "edge")
+    for name in ("a", "b"):
+        shutil.copy(public, tmp_path / name / "gateways" / "edge.key")
     options = ("--policy", str(policy), "--config", str(config))
     replicas: list[Replica] = []
     try:
         for name in ("a", "b"):
             replicas.append(_start(name, tmp_path / name, tmp_path, env, *options))
         token = (tmp_path / "a" / ADMIN_TOKEN_FILE).read_text().strip()
-        yield Pair(*replicas, admin_token=token, database_url=postgres_url)
+        yield Pair(*replicas, admin_token=token, database_url=postgres_url,
+                   gateway=load_secret_keypair(secret))
     finally:
         for replica in replicas:
             try:
@@ -147,9 +166,12 @@ def pair(postgres_url: str, tmp_path: Path) -> Iterator[Pair]:
                 replica.process.wait()
 
 
+def _padded(part: str) -> str:
+    return part + "=" * (-len(part) % 4)
+
+
 def _kid(token: str) -> str:
-    header = token.split(".", 1)[0]
-    return str(json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"])
+    return str(json.loads(base64.urlsafe_b64decode(_padded(token.split(".", 1)[0])))["kid"])
 
 
 def _own_kid(replica: Replica) -> str:
@@ -415,3 +437,31 @@ async def test_of_two_leaderships_one_runs_the_duties_and_the_other_takes_over_a
             await eventually_async(lambda: b.leading, timeout_s=10, what="b leading")
             await eventually_async(lambda: "b duty" in events, timeout_s=10, what="b's duty")
     assert not any(e.startswith("b") for e in events[:events.index("a exit")])
+
+
+async def test_a_session_change_through_one_replica_reaches_the_other_replicas_gateways_at_once(
+        pair: Pair) -> None:
+    """A gateway following B serves a session opened through A, and drops it when its token is
+    revoked through A, long before B's next reconcile (RECONCILE_S): A tells B."""
+    await pair.create_project(pair.a, "told")
+    token = str((await pair.project_token(pair.a, "told"))["token"])
+    tables: list[SessionTable] = []
+    source = CloneSessionSource([pair.b.state_service], pair.gateway, tables.append)
+    source.start()
+    try:
+        assert await asyncio.to_thread(source.wait_synced, 10)
+        status, opened = await pair.call(pair.a, "POST", "/api/v1/sessions", token, json={
+            "project": "told", "template": "4dstem", "params": {},
+            "client_key": zmq.curve_keypair()[0].decode()})
+        assert status == 201, opened
+        session = opened["id"]
+        await eventually_async(lambda: source.load().by_id(session) is not None, timeout_s=10,
+                               what="the session at the gateway following the other replica")
+        jti = json.loads(base64.urlsafe_b64decode(_padded(opened["token"].split(".")[1])))["jti"]
+        status, revoked = await pair.call(pair.a, "DELETE", f"/api/v1/tokens/{jti}",
+                                          pair.admin_token)
+        assert status == 200, revoked
+        await eventually_async(lambda: source.load().by_id(session) is None, timeout_s=10,
+                               what="the revoked session gone from that gateway")
+    finally:
+        source.stop()

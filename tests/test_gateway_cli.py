@@ -16,9 +16,10 @@ import zmq
 from click.testing import CliRunner
 from waiting import eventually
 
-from common.keys import KeyPair, load_keypair
+from common.config import ConfigError, load_config
+from common.keys import KeyPair, create_keypair, load_keypair
 from common.protocol import Data, ScanBegin, encode
-from gateway.cli import gateway
+from gateway.cli import _state_servers, gateway
 
 DSN = str(Path(sys.executable).parent / "dsn")
 
@@ -109,3 +110,58 @@ def test_run_serves_metrics_logs_json_and_stops_on_sigterm(
     # The consumer went away (closed) while scan 1 was open: what it had been forwarded is listed.
     assert stop["counters"]["drops"] == {"cli/malformed_header": 1, "cli/consumer_gone": 1}
     assert server.secret.decode() not in stderr and client.secret.decode() not in stderr
+
+
+def _state_key(path: Path) -> Path:
+    """A state service's public key file, as a control plane writes it."""
+    public, _ = create_keypair(path.parent, path.stem)
+    return public
+
+
+def test_each_replica_state_service_is_paired_with_its_key(tmp_path: Path) -> None:
+    a, b = _state_key(tmp_path / "a.key"), _state_key(tmp_path / "b.key")
+    endpoints = ("tcp://10.0.0.5:8751,tcp://10.0.0.5:8752", "tcp://10.0.0.6:8751,tcp://10.0.0.6:8752")
+    servers = _state_servers(None, endpoints, (a, b))
+    assert [s.endpoints.updates for s in servers] == ["tcp://10.0.0.5:8752", "tcp://10.0.0.6:8752"]
+    assert [s.server_key for s in servers] == [load_keypair(a).public, load_keypair(b).public]
+    # One key for all: replicas that share one state key pair.
+    shared = _state_servers(None, endpoints, (a,))
+    assert {s.server_key for s in shared} == {load_keypair(a).public}
+
+
+def test_a_configuration_file_lists_replicas_with_keys_relative_to_it(tmp_path: Path) -> None:
+    _state_key(tmp_path / "a.key"), _state_key(tmp_path / "b.key")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "sessions": [], "gateway": {
+        "server_secret_key_file": "server.key_secret", "controlplane": {
+            "state_snapshots": "tcp://10.0.0.5:8751", "state_updates": "tcp://10.0.0.5:8752",
+            "state_key_file": "a.key", "replicas": [{
+                "state_snapshots": "tcp://10.0.0.6:8751", "state_updates": "tcp://10.0.0.6:8752",
+                "state_key_file": "b.key"}]}}}))
+    servers = _state_servers(load_config(path).gateway.controlplane, (), ())
+    assert [s.endpoints.snapshot for s in servers] == ["tcp://10.0.0.5:8751", "tcp://10.0.0.6:8751"]
+    assert servers[1].server_key == load_keypair(tmp_path / "b.key").public
+
+
+@pytest.mark.parametrize(("endpoints", "keys", "message"), [
+    (2, 3, "2 --controlplane-state and 3 --state-key: give one key per state service"),
+    (1, 0, "--controlplane-state needs --state-key"),
+])
+def test_state_services_and_keys_that_do_not_pair_are_one_clear_error(
+        tmp_path: Path, endpoints: int, keys: int, message: str) -> None:
+    args = ["run", "--key", str(tmp_path / "server.key_secret")]
+    for n in range(endpoints):
+        ports = (8751 + 2 * n, 8752 + 2 * n)
+        args += ["--controlplane-state", ",".join(f"tcp://127.0.0.1:{p}" for p in ports)]
+    for n in range(keys):
+        args += ["--state-key", str(_state_key(tmp_path / f"{n}.key"))]
+    result = CliRunner().invoke(gateway, args)
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def test_the_same_state_service_twice_is_refused(tmp_path: Path) -> None:
+    twice = "tcp://127.0.0.1:8751,tcp://127.0.0.1:8752"
+    with pytest.raises(ConfigError, match="the same state service is named twice"):
+        _state_servers(None, (twice, twice), (_state_key(tmp_path / "a.key"),))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -14,7 +14,7 @@ from waiting import eventually_async
 from zmq.utils import z85
 
 from common import clone, zap
-from common.clone import AckOutcome, StateEndpoints
+from common.clone import AckOutcome, StateEndpoints, StateServer
 from common.config import Session
 from common.keys import KeyPair
 from common.receipts import GatewayReport
@@ -59,10 +59,10 @@ class Store:
 
 
 @asynccontextmanager
-async def serving(endpoints: StateEndpoints, store: Store, *,
-                  reconcile_s: float = 60.0) -> AsyncIterator[StateService]:
+async def serving(endpoints: StateEndpoints, store: Store, *, reconcile_s: float = 60.0,
+                  keypair: KeyPair = SERVER) -> AsyncIterator[StateService]:
     settings = StateSettings(endpoints, heartbeat_s=BEAT_S, reconcile_s=reconcile_s)
-    async with StateService(settings, SERVER, {"gw": GATEWAY.public}, store.live) as service:
+    async with StateService(settings, keypair, {"gw": GATEWAY.public}, store.live) as service:
         yield service
 
 
@@ -88,9 +88,11 @@ class Tables:
 
 
 @contextmanager
-def client(endpoints: StateEndpoints, tables: Tables, keypair: KeyPair = GATEWAY,
-           **options: object) -> Iterator[CloneSessionSource]:
-    source = CloneSessionSource(endpoints, SERVER.public, keypair, tables,
+def client(endpoints: StateEndpoints | list[StateServer], tables: Tables,
+           keypair: KeyPair = GATEWAY, **options: object) -> Iterator[CloneSessionSource]:
+    servers = (endpoints if isinstance(endpoints, list)
+               else [StateServer(endpoints, SERVER.public)])
+    source = CloneSessionSource(servers, keypair, tables,
                                 heartbeat_s=BEAT_S, **options)  # type: ignore[arg-type]
     source.start()
     try:
@@ -167,6 +169,79 @@ async def test_a_restarted_server_is_resynchronised_and_the_last_table_kept_mean
             assert second.epoch != first.epoch
             await tables.become("b", timeout_s=3.0)
             assert all(len(t) > 0 for t in tables.received)
+
+
+REPLICA = _pair()
+
+
+@pytest.fixture
+def replicas(endpoints: StateEndpoints, free_port: Callable[[], int]) -> list[StateServer]:
+    """Two replicas' state services, each with its own key pair (SERVER, REPLICA)."""
+    other = StateEndpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    return [StateServer(endpoints, SERVER.public), StateServer(other, REPLICA.public)]
+
+
+async def test_a_gateway_fails_over_to_the_next_replica_when_the_one_it_follows_dies(
+        replicas: list[StateServer]) -> None:
+    first, second = replicas
+    # Both replicas read one database: the same sessions, each under its own epoch.
+    store, tables = Store(session("a")), Tables()
+    async with serving(second.endpoints, store, keypair=REPLICA, reconcile_s=BEAT_S):
+        with ExitStack() as following:
+            async with serving(first.endpoints, store, reconcile_s=BEAT_S):
+                source = following.enter_context(client(replicas, tables, missed_heartbeats=2))
+                await tables.become("a")
+                assert source.server == first and source.failovers == 0
+            # The first replica is gone; a session opened through the second meanwhile.
+            store.sessions["b"] = session("b")
+            await tables.become("a", "b", timeout_s=3.0)
+            assert source.server == second and source.failovers == 1
+            # Every table handed on kept the sessions: none went missing during the move.
+            assert all("a" in {e.id for e in table} for table in tables.received)
+            # It stays with the replica that answers.
+            store.sessions.pop("a")
+            await tables.become("b")
+            assert source.failovers == 1
+
+
+async def test_a_gateway_whose_first_replica_is_down_at_start_follows_the_next(
+        replicas: list[StateServer]) -> None:
+    tables = Tables()
+    async with serving(replicas[1].endpoints, Store(session("a")), keypair=REPLICA):
+        with client(replicas, tables, missed_heartbeats=2) as source:
+            await tables.become("a", timeout_s=3.0)
+            assert source.wait_synced(0) and source.server == replicas[1]
+
+
+async def test_reports_not_acknowledged_by_a_dead_replica_go_to_the_next(
+        replicas: list[StateServer]) -> None:
+    received: list[GatewayReport] = []
+
+    async def sink(report: GatewayReport) -> AckOutcome:
+        received.append(report)
+        return "recorded"
+
+    tables = Tables()
+    async with serving(replicas[1].endpoints, Store(session("a")), keypair=REPLICA) as second:
+        second.on_report = sink
+        with ExitStack() as following:
+            async with serving(replicas[0].endpoints, Store(session("a"))) as first:
+                source = following.enter_context(
+                    client(replicas, tables, missed_heartbeats=2, resend_s=60.0))
+                await tables.become("a")
+                # This replica's heartbeats go on, but it answers nothing any more.
+                first._router.close(linger=0)  # type: ignore[union-attr]
+                source.report(REPORT)
+                await asyncio.sleep(0.2)
+                assert source.unacknowledged == 1
+            await eventually_async(lambda: source.acknowledged == {"recorded": 1}, timeout_s=3,
+                                   what="the report acknowledged by the second replica")
+            assert received == [REPORT] and source.server == replicas[1]
+
+
+def test_a_gateway_needs_a_state_service() -> None:
+    with pytest.raises(ValueError, match="at least one state service"):
+        CloneSessionSource([], GATEWAY, Tables())
 
 
 async def test_an_unknown_gateway_key_gets_nothing(endpoints: StateEndpoints) -> None:

@@ -18,12 +18,19 @@ go through a small pool of their own with ``synchronous_commit`` off: a hit must
 durable (a server crash forgets at most the last few hits), and it must not wait for the store's
 group commit. The leader deletes windows that can no longer be read (``expire``).
 
+**Session changes** are announced with ``NOTIFY`` on one channel (``SESSIONS_CHANNEL``): each
+replica listens on a connection of its own and reconciles its state service at once when another
+replica announces a change, so a session opened, moved or revoked through one replica reaches the
+gateways that follow another within milliseconds rather than at its next reconcile.
+
 ``limits`` has no PostgreSQL storage, and Redis would be one more service to run and secure for
 what one statement per hit does on the database the replicas need anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +44,8 @@ from controlplane.store.base import redacted
 from controlplane.store.postgresql import lock_key
 
 LEADER_LOCK: Final = "controlplane leader"
+SESSIONS_CHANNEL: Final = "dsn_sessions"
+_RELISTEN_S: Final = 2.0
 _APPLICATION = {"application_name": "dsn-controlplane"}
 _KEEPALIVES: Final = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
                       "tcp_keepalives_count": "3"}
@@ -44,6 +53,8 @@ _KEEPALIVES: Final = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
              TimeoutError)
 _CONNECT_TIMEOUT_S: Final = 10.0
+
+log = logging.getLogger("dsn.controlplane.replicas")
 
 _HIT: Final = """
 INSERT INTO rate_counters AS c (name, window_start, hits, expires_at) VALUES ($1, $2, 1, $3)
@@ -137,3 +148,58 @@ class PostgresCounters:
 
     async def aclose(self) -> None:
         await self._pool.close()
+
+
+class PostgresReplicaSignal:
+    """Session changes told between replicas on ``url``'s database
+    (``controlplane.state.ReplicaSignal``): ``NOTIFY`` from one connection, ``LISTEN`` on
+    another; a notice this process sent itself is ignored."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._notifier: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self._url, timeout=_CONNECT_TIMEOUT_S,
+                                     server_settings={**_APPLICATION, **_KEEPALIVES})
+
+    async def notify(self) -> None:
+        async with self._lock:
+            try:
+                if self._notifier is None or self._notifier.is_closed():
+                    self._notifier = await self._connect()
+                await self._notifier.execute(f"NOTIFY {SESSIONS_CHANNEL}")
+            except _FAILURES:
+                await self.aclose()
+                raise
+
+    async def listen(self, changed: Callable[[], None]) -> None:
+        while True:
+            try:
+                await self._listen_once(changed)
+            except _FAILURES as exc:
+                log.warning("not listening for the other replicas' session changes (trying again "
+                            "in %g s; reconcile catches up meanwhile): %s", _RELISTEN_S,
+                            exc or type(exc).__name__)
+            await asyncio.sleep(_RELISTEN_S)
+
+    async def _listen_once(self, changed: Callable[[], None]) -> None:
+        conn = await self._connect()
+        try:
+            def notice(_conn: object, pid: int, _channel: str, _payload: object) -> None:
+                notifier = self._notifier
+                if notifier is None or notifier.is_closed() or pid != notifier.get_server_pid():
+                    changed()
+
+            await conn.add_listener(SESSIONS_CHANNEL, notice)
+            changed()  # whatever was announced while nobody listened
+            while not conn.is_closed():
+                await asyncio.sleep(1.0)
+        finally:
+            conn.terminate()
+
+    async def aclose(self) -> None:
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.terminate()
