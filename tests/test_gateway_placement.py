@@ -42,6 +42,7 @@ from controlplane import placement
 from controlplane.admin.bootstrap import initialize
 from controlplane.errors import Unavailable
 from controlplane.placement import GatewayRecord, Load, choose
+from controlplane.policy import GatewayAllowance
 from controlplane.sessions.service import replace_stranded
 from dataplane.producer import Producer, ProducerError, ProducerSession
 from gateway.cli import Announced, _registration
@@ -53,6 +54,7 @@ FRAME, SECTORS = (8, 4), 2
 TIMEOUT_S = 5.0  # the control plane's gateway_timeout_s (judged on its manual clock)
 WORKER_SCOPE = CLIENT_SCOPE + " consumers:register"
 SECTOR = np.zeros((FRAME[0] // SECTORS, FRAME[1]), dtype=np.uint16)
+EVERY = GatewayAllowance("alpha", ("*",))  # the shipped policy's gateways for every project
 
 
 # --- the rule ------------------------------------------------------------------------------------
@@ -70,7 +72,7 @@ def test_three_sessions_over_capacities_1_and_4_land_least_loaded_ties_by_name()
     order = []
     for _ in range(3):
         loads = [Load(record, placed[name]) for name, record in gateways.items()]
-        chosen = choose(loads, 101.0, TIMEOUT_S, plain=False)
+        chosen = choose(loads, 101.0, TIMEOUT_S, EVERY, plain=False)
         assert chosen is not None
         placed[chosen.name] += 1
         order.append(chosen.name)
@@ -80,14 +82,44 @@ def test_three_sessions_over_capacities_1_and_4_land_least_loaded_ties_by_name()
 
 def test_only_live_gateways_with_room_count_and_a_full_site_is_refused() -> None:
     silent, full = _record("a", 4, last_seen=90.0), _record("b", 1)
-    assert choose([Load(silent, 0)], 100.0, TIMEOUT_S, plain=False) is None
-    with pytest.raises(Unavailable, match="every live gateway is at its capacity"):
-        choose([Load(silent, 0), Load(full, 1)], 100.0, TIMEOUT_S, plain=False)
+    assert choose([Load(silent, 0)], 100.0, TIMEOUT_S, EVERY, plain=False) is None
+    with pytest.raises(Unavailable, match="every live gateway project 'alpha' may use is at its "
+                                          "capacity \\(1: b\\)"):
+        choose([Load(silent, 0), Load(full, 1)], 100.0, TIMEOUT_S, EVERY, plain=False)
     # A plaintext session needs a plaintext ingress; a moved session never goes back.
     plain = _record("c", 4, plain="tcp://127.0.0.1:3")
-    assert choose([Load(full, 0), Load(plain, 3)], 100.0, TIMEOUT_S, plain=True) == plain
-    assert choose([Load(full, 0), Load(plain, 0)], 100.0, TIMEOUT_S, plain=False,
+    assert choose([Load(full, 0), Load(plain, 3)], 100.0, TIMEOUT_S, EVERY, plain=True) == plain
+    assert choose([Load(full, 0), Load(plain, 0)], 100.0, TIMEOUT_S, EVERY, plain=False,
                   exclude="b") == plain
+    # Live gateways without a plaintext ingress refuse a plaintext session: no fallback.
+    with pytest.raises(Unavailable, match="no live gateway project 'alpha' may use has a "
+                                          "plaintext ingress"):
+        choose([Load(full, 0)], 100.0, TIMEOUT_S, EVERY, plain=True)
+
+
+def test_only_the_gateways_the_project_may_use_count_and_none_live_is_refused() -> None:
+    east, west = _record("east-1", 4), _record("west", 4)
+    eastern = GatewayAllowance("alpha", ("east*",))
+    # West is less loaded, but alpha may only use east*.
+    assert choose([Load(east, 3), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False) == east
+    with pytest.raises(Unavailable, match="every live gateway project 'alpha' may use is at its "
+                                          "capacity \\(1: east-1\\)"):
+        choose([Load(east, 4), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False)
+    # Its only gateway silent while west is live: refused, naming what the policy allows.
+    silent_east = _record("east-1", 4, last_seen=90.0)
+    with pytest.raises(Unavailable) as refused:
+        choose([Load(silent_east, 0), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False)
+    assert refused.value.detail == ("no gateway project 'alpha' may use is live: the policy "
+                                    "allows it gateways matching 'east*'")
+    # A gateway the session is moved off is no candidate either, whatever the policy says.
+    with pytest.raises(Unavailable, match="no gateway project 'alpha' may use is live"):
+        choose([Load(east, 0), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False,
+               exclude="east-1")
+    nothing = GatewayAllowance("beta", ())
+    with pytest.raises(Unavailable, match="the policy allows it none$"):
+        choose([Load(west, 0)], 100.0, TIMEOUT_S, nothing, plain=False)
+    # No gateway live at all is no refusal: the caller decides (the configured gateway).
+    assert choose([Load(silent_east, 0)], 100.0, TIMEOUT_S, nothing, plain=False) is None
 
 
 # --- what a gateway announces --------------------------------------------------------------------
@@ -279,7 +311,8 @@ async def test_sessions_are_placed_least_loaded_and_each_gateway_admits_only_its
     response = await site.cp.call("POST", "/api/v1/sessions", token, json={
         "project": "alpha", "template": "tiny", "client_key": curve_keypair().public.decode()})
     assert response.status == 503, await response.text()
-    assert "every live gateway is at its capacity" in (await response.json())["detail"]
+    assert "every live gateway project 'alpha' may use is at its capacity" in \
+        (await response.json())["detail"]
 
 
 @pytest.fixture
