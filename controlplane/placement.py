@@ -7,10 +7,18 @@ that admitted its key (``STATE_DIR/gateways/NAME.key``). Each announcement is st
 at once and a gateway's heartbeat is the announcement itself: a gateway is live while its last one
 is younger than ``gateway_timeout_s``.
 
-Placement rule: among the live gateways that can take the session (a plaintext session needs a
-plaintext ingress; a gateway holding ``capacity`` open sessions takes no more), the least loaded,
-open sessions relative to capacity, ties broken by name. The choice runs inside the transaction
-that stores the session, so concurrent opens count each other.
+Placement rule (``choose``), in order:
+
+1. the live gateways (other than the one a session is moved off); none: no placement (the caller
+   falls back to the configured gateway, or refuses);
+2. of these, the ones the policy lets the session's project use (section ``gateways``); none:
+   refused (``Unavailable``), never placed elsewhere;
+3. of these, for a plaintext session, the ones with a plaintext ingress; none: refused;
+4. of these, the ones below ``capacity`` open sessions; none: refused;
+5. the least loaded of these, open sessions relative to capacity, ties broken by name.
+
+The choice of a new session runs inside the transaction that stores it, so concurrent opens count
+each other.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from zmq.utils import z85
 from common.clone import Registration
 from common.config import parse_endpoint
 from controlplane.errors import Unavailable
+from controlplane.policy import GatewayAllowance
 from controlplane.store.engine import Conn, Store
 
 
@@ -127,17 +136,28 @@ async def loads(store: Store, now: float) -> list[Load]:
     return [Load(_gateway(row), int(row["load"])) for row in await store.read(_LOADS, (now,))]
 
 
-def choose(loads: Sequence[Load], now: float, timeout_s: float, *, plain: bool,
-           exclude: str | None = None) -> GatewayRecord | None:
-    """The placement rule (module doc) over ``loads``; None when no gateway is live (or none
-    live has a plaintext ingress, for ``plain``). ``Unavailable`` when every live one is full."""
-    live = [load for load in loads if load.gateway.live(now, timeout_s)
-            and load.gateway.name != exclude and (not plain or load.gateway.plain_endpoint)]
+def choose(loads: Sequence[Load], now: float, timeout_s: float, allowance: GatewayAllowance,
+           *, plain: bool, exclude: str | None = None) -> GatewayRecord | None:
+    """The placement rule (module doc) over ``loads`` for a session of ``allowance.project``:
+    None when no gateway (other than ``exclude``) is live, ``Unavailable`` when live ones are but
+    none can take the session."""
+    live = [load for load in loads
+            if load.gateway.live(now, timeout_s) and load.gateway.name != exclude]
     if not live:
         return None
-    room = [load for load in live if load.sessions < load.gateway.capacity]
+    project = allowance.project
+    allowed = [load for load in live if allowance.allows(load.gateway.name)]
+    if not allowed:
+        raise Unavailable(f"no gateway project {project!r} may use is live: the policy allows it "
+                          f"{allowance}")
+    if plain:
+        allowed = [load for load in allowed if load.gateway.plain_endpoint]
+        if not allowed:
+            raise Unavailable(f"no live gateway project {project!r} may use has a plaintext "
+                              "ingress")
+    room = [load for load in allowed if load.sessions < load.gateway.capacity]
     if not room:
-        raise Unavailable(f"every live gateway is at its capacity ({len(live)} live: "
-                          f"{', '.join(load.gateway.name for load in live)}); "
+        raise Unavailable(f"every live gateway project {project!r} may use is at its capacity "
+                          f"({len(allowed)}: {', '.join(load.gateway.name for load in allowed)}); "
                           "end a session or add a gateway")
     return min(room, key=lambda load: (load.share, load.gateway.name)).gateway

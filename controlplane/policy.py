@@ -14,6 +14,9 @@ Decision order (the first that applies names the rule):
 6. ``template-not-allowed`` a template-bound action names a template the project may not use
 7. the id of the first matching ``deny`` rule, else of the first matching ``allow`` rule
 8. ``default-deny``       nothing allowed it
+
+Which registered gateways a project's sessions may be placed on (section ``gateways``) is no
+request decision: placement (``controlplane.placement``) asks ``gateways_for``.
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from limits import RateLimitItem, parse_many
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from common import strictyaml
 from controlplane.errors import ConfigurationError
 from controlplane.federation import FederationPolicy
+from controlplane.schemas import NAME_PATTERN
 from controlplane.tokens import TokenKind
 
 ANONYMOUS = "anonymous"
@@ -107,6 +118,7 @@ BUILTIN_RULES = frozenset({"unknown-action", "unknown-principal", "resource-mism
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_PATTERN = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
+_GATEWAY_PATTERN = re.compile(r"^[\x21-\x7e]{1,100}$")
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -219,6 +231,48 @@ class Templates(_Strict):
     projects: dict[str, list[str]] = {}  # replaces the defaults for the named project
 
 
+def _gateway_pattern(value: str) -> str:
+    if not _GATEWAY_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a gateway name pattern (fnmatch, 1 to 100 printable "
+                         "characters, no spaces)")
+    return value
+
+
+def _project_name(value: str) -> str:
+    if not re.match(NAME_PATTERN, value):
+        raise ValueError(f"{value!r} is not a project name")
+    return value
+
+
+GatewayPattern = Annotated[str, AfterValidator(_gateway_pattern)]
+ProjectName = Annotated[str, AfterValidator(_project_name)]
+
+
+class Gateways(_Strict):
+    """Which registered gateways (by name) a project's sessions may be placed on. Left out, every
+    project may use every gateway, as on a site whose policy predates the section."""
+
+    defaults: list[GatewayPattern] = ["*"]  # fnmatch patterns over gateway names
+    projects: dict[ProjectName, list[GatewayPattern]] = {}  # replaces the defaults for one
+
+
+@dataclass(frozen=True)
+class GatewayAllowance:
+    """The gateways ``project``'s sessions may be placed on: those whose name matches one of
+    ``patterns`` (fnmatch, case-sensitive)."""
+
+    project: str
+    patterns: tuple[str, ...]
+
+    def allows(self, gateway: str) -> bool:
+        return any(fnmatch.fnmatchcase(gateway, pattern) for pattern in self.patterns)
+
+    def __str__(self) -> str:
+        if not self.patterns:
+            return "none"
+        return "gateways matching " + ", ".join(repr(pattern) for pattern in self.patterns)
+
+
 def _strict_cidrs(value: list[str]) -> list[str]:
     bad = []
     for text in value:
@@ -274,6 +328,7 @@ class PolicyDocument(_Strict):
     quotas: Quotas
     rate_limits: RateLimits
     templates: Templates = Templates()
+    gateways: Gateways = Gateways()
     networks: Networks = Networks()
     allow_plaintext: bool = False
     federation: FederationPolicy | None = None
@@ -428,6 +483,11 @@ class PolicySet:
     def may_use_template(self, project: str, template: str) -> bool:
         patterns = self._doc.templates.projects.get(project, self._doc.templates.defaults)
         return any(fnmatch.fnmatchcase(template, pattern) for pattern in patterns)
+
+    def gateways_for(self, project: str) -> GatewayAllowance:
+        """The registered gateways ``project``'s sessions may be placed on."""
+        patterns = self._doc.gateways.projects.get(project, self._doc.gateways.defaults)
+        return GatewayAllowance(project, tuple(patterns))
 
     def source_allowed(self, network: str) -> bool:
         """Whether a session may admit producers from ``network`` (an address or CIDR)."""
@@ -652,7 +712,9 @@ def _line(merge: _Merge, problem: PolicyProblem) -> int | None:
 
 def _validation_problems(merge: _Merge, error: ValidationError) -> Iterator[PolicyProblem]:
     for item in error.errors(include_url=False):
-        loc = tuple(part for part in item["loc"] if not str(part).startswith("function-"))
+        # A bad mapping key is named by its own place: pydantic adds a "[key]" part after it.
+        loc = tuple(part for part in item["loc"]
+                    if not str(part).startswith("function-") and part != "[key]")
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"

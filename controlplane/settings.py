@@ -115,9 +115,10 @@ class Settings:
     Several gateways: a gateway registers itself over the state service and repeats it as its
     heartbeat; it is live while its last registration is younger than ``gateway_timeout_s`` (set
     it to at least three of the gateways' ``--heartbeat`` intervals). Sessions are placed on live
-    registered gateways (``controlplane.placement``); the open sessions of a gateway silent for
-    longer are moved to another. With no live registered gateway a session goes to the configured
-    one above (``gateway_endpoint``, ``gateway_key_file``), as on a single-gateway site, unless
+    registered gateways its project may use (``controlplane.placement``, the policy's
+    ``gateways``); the open sessions of a gateway silent for longer are moved to another. With no
+    live registered gateway at all a session goes to the configured one above
+    (``gateway_endpoint``, ``gateway_key_file``), as on a single-gateway site, unless
     ``gateway_fallback`` is false: then opening a session is refused (503).
     """
 

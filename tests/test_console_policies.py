@@ -21,6 +21,7 @@ def test_the_active_set_shows_rules_roles_and_digest(page: Page, console_site: S
     assert "administration-is-for-admins" in page.find("#policy-rules").text
     assert "administrator" in page.find("#policy-roles").text
     assert "90d" in page.find("#policy-tokens").text
+    assert "every project (defaults) *" in page.find("#policy-gateways").text
     # Reloading the configured file (unchanged here) keeps the same set in force.
     page.find("#policy-reload").click()
     assert "default.yaml" in page.wait_text("#policy-reload-status .ok", "Reloaded").text

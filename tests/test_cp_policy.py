@@ -158,6 +158,50 @@ def test_template_permission_per_project(tmp_path: Path) -> None:
     assert policy.decide(client(), "sessions:open", Resource("session", "p1", "4dstem-a")).allowed
 
 
+def test_gateway_permission_per_project(tmp_path: Path, policy: PolicySet) -> None:
+    # Shipped: every project may use every registered gateway.
+    assert policy.gateways_for("p1").allows("east-1") and policy.gateways_for("p1").allows("x")
+    doc = default_doc()
+    doc["gateways"] = {"defaults": ["west*", "spare"], "projects": {"ncem": ["east*"],
+                                                                    "paused": []}}
+    narrowed = load_policies(write(tmp_path / "p.yaml", doc))
+    anyone, ncem = narrowed.gateways_for("p1"), narrowed.gateways_for("ncem")
+    assert anyone.allows("west-2") and anyone.allows("spare") and not anyone.allows("east-1")
+    # A project listed gets exactly its own list: not the defaults as well.
+    assert ncem.allows("east-1") and not ncem.allows("west-2") and not ncem.allows("spare")
+    assert not ncem.allows("EAST-1")  # names are matched case-sensitively
+    assert str(ncem) == "gateways matching 'east*'"
+    assert str(narrowed.gateways_for("paused")) == "none"
+    assert not narrowed.gateways_for("paused").allows("west-1")
+    # A policy without the section keeps every gateway open to every project.
+    del doc["gateways"]
+    assert load_policies(write(tmp_path / "p.yaml", doc)).gateways_for("ncem").allows("any")
+
+
+@pytest.mark.parametrize(("section", "fragment"), [
+    ({"default": ["*"]}, "gateways.default: unknown key"),
+    ({"defaults": "east*"}, "gateways.defaults: Input should be a valid list"),
+    ({"defaults": ["east*", 7]}, "gateways.defaults[1]: Input should be a valid string"),
+    ({"defaults": [""]}, "gateways.defaults[0]: '' is not a gateway name pattern"),
+    ({"defaults": ["east 1"]}, "gateways.defaults[0]: 'east 1' is not a gateway name pattern"),
+    ({"projects": {"ncem": "east*"}}, "gateways.projects.ncem: Input should be a valid list"),
+    ({"projects": {"ncem": None}}, "gateways.projects.ncem: Input should be a valid list"),
+    ({"projects": {"ncem": ["east*", ""]}},
+     "gateways.projects.ncem[1]: '' is not a gateway name pattern"),
+    ({"projects": {"NCEM team": ["east*"]}},
+     "gateways.projects.NCEM team: 'NCEM team' is not a project name"),
+    ({"projects": ["ncem"]}, "gateways.projects: Input should be a valid dictionary"),
+    ("everything", "gateways: Input should be a valid dictionary"),
+])
+def test_a_bad_gateways_section_is_named(tmp_path: Path, section: Any, fragment: str) -> None:
+    doc = default_doc()
+    doc["gateways"] = section
+    problems = lint(write(tmp_path / "p.yaml", doc))
+    assert any(fragment in problem for problem in problems), problems
+    with pytest.raises(ConfigurationError):
+        load_policies(tmp_path / "p.yaml")
+
+
 def test_settings_read_from_the_shipped_policy(policy: PolicySet) -> None:
     assert policy.lifetime_cap(TokenKind.SESSION) == policy.lifetime_cap("session") == 12 * 3600
     assert policy.quota("p1", "tokens") == 100

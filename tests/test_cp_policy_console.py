@@ -152,3 +152,26 @@ async def test_the_sample_decision_is_the_active_policy_s(cp: ControlPlane) -> N
     assert len(rows) == 3
     assert all(row[1].startswith("admin:") and row[4:6] == ("allow", "admins-administer")
                for row in rows)
+
+
+async def test_a_bad_gateways_section_is_named_with_its_line(cp: ControlPlane,
+                                                            tmp_path: Path) -> None:
+    shipped = SHIPPED.read_text()
+    section = "gateways:\n  defaults: [\"*\"]\n  projects: {}\n"
+    assert section in shipped
+    good = shipped.replace(section, "gateways:\n  defaults: [\"west*\"]\n"
+                                    "  projects: {alpha: [\"east*\"]}\n")
+    assert (await (await validate(cp, good)).json())["valid"] is True
+    bad = shipped.replace(section, "gateways:\n  defaults: [\"west*\"]\n  projects:\n"
+                                   "    alpha: [\"east*\", \"\"]\n    beta: east\n  spare: x\n")
+    body = await (await validate(cp, bad)).json()
+    assert body["valid"] is False
+    line = shipped.splitlines().index("gateways:") + 1
+    assert {(e["field"], e["line"]) for e in body["errors"]} == {
+        ("gateways.projects.alpha[1]", line + 3), ("gateways.projects.beta", line + 4),
+        ("gateways.spare", line + 5)}
+    messages = " | ".join(e["message"] for e in body["errors"])
+    assert "'' is not a gateway name pattern" in messages and "unknown key" in messages
+    file = tmp_path / "mine.yaml"
+    file.write_text(bad)
+    assert [f"{file}: {e['field']}: {e['message']}" for e in body["errors"]] == lint(file)

@@ -7,6 +7,7 @@ advertised addresses, and a site with no registered gateway (as before: the conf
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 import zmq
 from cp_helpers import (
     CLIENT_SCOPE,
@@ -42,6 +44,7 @@ from controlplane import placement
 from controlplane.admin.bootstrap import initialize
 from controlplane.errors import Unavailable
 from controlplane.placement import GatewayRecord, Load, choose
+from controlplane.policy import GatewayAllowance
 from controlplane.sessions.service import replace_stranded
 from dataplane.producer import Producer, ProducerError, ProducerSession
 from gateway.cli import Announced, _registration
@@ -53,6 +56,7 @@ FRAME, SECTORS = (8, 4), 2
 TIMEOUT_S = 5.0  # the control plane's gateway_timeout_s (judged on its manual clock)
 WORKER_SCOPE = CLIENT_SCOPE + " consumers:register"
 SECTOR = np.zeros((FRAME[0] // SECTORS, FRAME[1]), dtype=np.uint16)
+EVERY = GatewayAllowance("alpha", ("*",))  # the shipped policy's gateways for every project
 
 
 # --- the rule ------------------------------------------------------------------------------------
@@ -70,7 +74,7 @@ def test_three_sessions_over_capacities_1_and_4_land_least_loaded_ties_by_name()
     order = []
     for _ in range(3):
         loads = [Load(record, placed[name]) for name, record in gateways.items()]
-        chosen = choose(loads, 101.0, TIMEOUT_S, plain=False)
+        chosen = choose(loads, 101.0, TIMEOUT_S, EVERY, plain=False)
         assert chosen is not None
         placed[chosen.name] += 1
         order.append(chosen.name)
@@ -80,14 +84,44 @@ def test_three_sessions_over_capacities_1_and_4_land_least_loaded_ties_by_name()
 
 def test_only_live_gateways_with_room_count_and_a_full_site_is_refused() -> None:
     silent, full = _record("a", 4, last_seen=90.0), _record("b", 1)
-    assert choose([Load(silent, 0)], 100.0, TIMEOUT_S, plain=False) is None
-    with pytest.raises(Unavailable, match="every live gateway is at its capacity"):
-        choose([Load(silent, 0), Load(full, 1)], 100.0, TIMEOUT_S, plain=False)
+    assert choose([Load(silent, 0)], 100.0, TIMEOUT_S, EVERY, plain=False) is None
+    with pytest.raises(Unavailable, match="every live gateway project 'alpha' may use is at its "
+                                          "capacity \\(1: b\\)"):
+        choose([Load(silent, 0), Load(full, 1)], 100.0, TIMEOUT_S, EVERY, plain=False)
     # A plaintext session needs a plaintext ingress; a moved session never goes back.
     plain = _record("c", 4, plain="tcp://127.0.0.1:3")
-    assert choose([Load(full, 0), Load(plain, 3)], 100.0, TIMEOUT_S, plain=True) == plain
-    assert choose([Load(full, 0), Load(plain, 0)], 100.0, TIMEOUT_S, plain=False,
+    assert choose([Load(full, 0), Load(plain, 3)], 100.0, TIMEOUT_S, EVERY, plain=True) == plain
+    assert choose([Load(full, 0), Load(plain, 0)], 100.0, TIMEOUT_S, EVERY, plain=False,
                   exclude="b") == plain
+    # Live gateways without a plaintext ingress refuse a plaintext session: no fallback.
+    with pytest.raises(Unavailable, match="no live gateway project 'alpha' may use has a "
+                                          "plaintext ingress"):
+        choose([Load(full, 0)], 100.0, TIMEOUT_S, EVERY, plain=True)
+
+
+def test_only_the_gateways_the_project_may_use_count_and_none_live_is_refused() -> None:
+    east, west = _record("east-1", 4), _record("west", 4)
+    eastern = GatewayAllowance("alpha", ("east*",))
+    # West is less loaded, but alpha may only use east*.
+    assert choose([Load(east, 3), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False) == east
+    with pytest.raises(Unavailable, match="every live gateway project 'alpha' may use is at its "
+                                          "capacity \\(1: east-1\\)"):
+        choose([Load(east, 4), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False)
+    # Its only gateway silent while west is live: refused, naming what the policy allows.
+    silent_east = _record("east-1", 4, last_seen=90.0)
+    with pytest.raises(Unavailable) as refused:
+        choose([Load(silent_east, 0), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False)
+    assert refused.value.detail == ("no gateway project 'alpha' may use is live: the policy "
+                                    "allows it gateways matching 'east*'")
+    # A gateway the session is moved off is no candidate either, whatever the policy says.
+    with pytest.raises(Unavailable, match="no gateway project 'alpha' may use is live"):
+        choose([Load(east, 0), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False,
+               exclude="east-1")
+    nothing = GatewayAllowance("beta", ())
+    with pytest.raises(Unavailable, match="the policy allows it none$"):
+        choose([Load(west, 0)], 100.0, TIMEOUT_S, nothing, plain=False)
+    # No gateway live at all is no refusal: the caller decides (the configured gateway).
+    assert choose([Load(silent_east, 0)], 100.0, TIMEOUT_S, nothing, plain=False) is None
 
 
 # --- what a gateway announces --------------------------------------------------------------------
@@ -219,12 +253,17 @@ async def site(aiohttp_client: ClientFactory, tmp_path: Path,
         running.stop()
 
 
-async def _open(cp: ControlPlane, client: KeyPair) -> tuple[str, dict[str, Any]]:
-    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
-    response = await cp.call("POST", "/api/v1/sessions", token, json={
-        "project": "alpha", "template": "tiny", "client_key": client.public.decode()})
+async def _open(cp: ControlPlane, client: KeyPair, project: str = "alpha"
+                ) -> tuple[str, dict[str, Any]]:
+    token, response = await _try_open(cp, client, project)
     assert response.status == 201, await response.text()
     return token, dict(await response.json())
+
+
+async def _try_open(cp: ControlPlane, client: KeyPair, project: str) -> tuple[str, Any]:
+    token = str((await cp.project_token(project, scope=WORKER_SCOPE))["token"])
+    return token, await cp.call("POST", "/api/v1/sessions", token, json={
+        "project": project, "template": "tiny", "client_key": client.public.decode()})
 
 
 def _admitted(endpoint: str, server_key: bytes, client: KeyPair) -> bool:
@@ -279,7 +318,8 @@ async def test_sessions_are_placed_least_loaded_and_each_gateway_admits_only_its
     response = await site.cp.call("POST", "/api/v1/sessions", token, json={
         "project": "alpha", "template": "tiny", "client_key": curve_keypair().public.decode()})
     assert response.status == 503, await response.text()
-    assert "every live gateway is at its capacity" in (await response.json())["detail"]
+    assert "every live gateway project 'alpha' may use is at its capacity" in \
+        (await response.json())["detail"]
 
 
 @pytest.fixture
@@ -452,3 +492,118 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
     # West has no consumer for the session: it spools the whole scan, and its receipt says so.
     assert ("gateway: scan 0 spooled (no_consumers): 256 sent, 0 forwarded, 256 spooled, "
             "0 lost") in out
+
+
+# --- the policy's gateways -----------------------------------------------------------------------
+
+GATEWAYS = ("east-1", "east-2", "north", "west")
+
+
+@dataclass
+class PolicedSite:
+    """A control plane whose policy lets project alpha use gateways ``east*`` only, gamma
+    ``north`` only, and beta (the defaults) any; with the fallback to the configured gateway on.
+    The gateways register through its store, as the state service stores their announcements."""
+
+    cp: ControlPlane
+    keys: dict[str, KeyPair]
+
+    async def announce(self, *names: str, at: float | None = None) -> None:
+        for index, name in enumerate(GATEWAYS):
+            if name in names:
+                await placement.register(self.cp.services.store, name, _announcement(
+                    self.keys[name], 7200 + 2 * index), self.cp.clock() if at is None else at)
+
+    async def silence(self, *names: str) -> None:
+        """Time passes beyond the timeout: the other gateways have announced themselves in it
+        (beforehand, so the upkeep never sees them silent), ``names`` have not."""
+        later = self.cp.clock() + TIMEOUT_S + 1
+        await self.announce(*(name for name in GATEWAYS if name not in names), at=later)
+        self.cp.clock.advance(TIMEOUT_S + 1)
+
+    async def placed(self, session_id: str) -> dict[str, Any]:
+        return dict(await (await self.cp.admin("GET", f"/api/v1/sessions/{session_id}")).json())
+
+
+@pytest.fixture
+async def policed(aiohttp_client: ClientFactory, tmp_path: Path,
+                  curve_keypair: Callable[[], KeyPair]) -> PolicedSite:
+    document = yaml.safe_load(SHIPPED_POLICY.read_text())
+    document["gateways"] = {"defaults": ["*"], "projects": {"alpha": ["east*"],
+                                                             "gamma": ["north"]}}
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(document))
+    cp = await start_cp(aiohttp_client, tmp_path / "state", clock=ManualClock(),
+                        policy_path=policy, reconcile_s=0.2, gateway_timeout_s=TIMEOUT_S)
+    for project in ("alpha", "beta", "gamma"):
+        await cp.create_project(project, quotas={"sessions": 8})
+    response = await cp.admin("PUT", "/api/v1/templates/tiny", json={"source": TINY},
+                              headers={"If-None-Match": "*"})
+    assert response.status in (200, 201), await response.text()
+    site = PolicedSite(cp, {name: curve_keypair() for name in GATEWAYS})
+    await site.announce(*GATEWAYS)
+    return site
+
+
+async def test_each_project_is_placed_on_the_least_loaded_gateway_its_policy_allows(
+        policed: PolicedSite, curve_keypair: Callable[[], KeyPair],
+        caplog: pytest.LogCaptureFixture) -> None:
+    cp = policed.cp
+    opened = []
+    for project in ("beta", "beta", "beta", "alpha", "beta", "gamma"):
+        _, session = await _open(cp, curve_keypair(), project)
+        opened.append(session["gateway_name"])
+    # Beta, with the defaults, fills the gateways least loaded first (ties by name); alpha goes
+    # to east-1 (1 of 4) while west is empty; gamma to north, the most loaded, its only one.
+    assert opened == ["east-1", "east-2", "north", "east-1", "west", "north"]
+
+    # North falls silent while the others are live: gamma is refused, not placed elsewhere nor
+    # on the configured gateway; the refusal names the policy's answer and is logged.
+    await policed.silence("north")
+    with caplog.at_level(logging.WARNING, logger="dsn.controlplane.http"):
+        _, refused = await _try_open(cp, curve_keypair(), "gamma")
+    assert refused.status == 503, await refused.text()
+    detail = ("no gateway project 'gamma' may use is live: the policy allows it gateways "
+              "matching 'north'")
+    assert (await refused.json())["detail"] == detail
+    assert f"refused: {detail}" in caplog.messages
+    _, session = await _open(cp, curve_keypair(), "beta")
+    assert session["gateway_name"] != "north"
+
+    # No gateway live at all: the configured gateway, as on a site without registration.
+    policed.cp.clock.advance(TIMEOUT_S + 1)
+    _, session = await _open(cp, curve_keypair(), "gamma")
+    assert session["gateway_name"] is None
+    assert session["gateway"]["endpoint"] == cp.settings.gateway_endpoint
+
+
+async def test_a_silent_gateways_sessions_move_only_where_their_projects_may_go(
+        policed: PolicedSite, curve_keypair: Callable[[], KeyPair],
+        caplog: pytest.LogCaptureFixture) -> None:
+    cp = policed.cp
+    sessions = {}
+    for name, project in (("alpha", "alpha"), ("beta-1", "beta"), ("beta-2", "beta"),
+                          ("gamma", "gamma")):
+        _, session = await _open(cp, curve_keypair(), project)
+        sessions[name] = session["id"]
+        assert session["gateway_name"] == {"alpha": "east-1", "beta-1": "east-2",
+                                           "beta-2": "north", "gamma": "north"}[name]
+    caplog.set_level(logging.WARNING, logger="dsn.controlplane.sessions")
+    await policed.silence("east-1", "north")
+
+    # Oldest first: alpha's goes to east-2 (1 of 4) though west is empty; beta's to west.
+    async def moved() -> bool:
+        where = {name: (await policed.placed(sessions[name]))["gateway_name"]
+                 for name in ("alpha", "beta-2")}
+        assert where == {"alpha": "east-2", "beta-2": "west"}, where
+        return True
+
+    await eventually_async(moved, timeout_s=20, what="alpha's and beta's sessions moved")
+    stays = (f"session {sessions['gamma']} stays on silent gateway north: no gateway project "
+             "'gamma' may use is live: the policy allows it gateways matching 'north'")
+    await eventually_async(lambda: stays in caplog.messages, timeout_s=20,
+                           what="the log saying gamma's session stays")
+    gamma = await policed.placed(sessions["gamma"])
+    assert (gamma["gateway_name"], gamma["previous_gateway"]) == ("north", None)
+    moves = sorted(row[5] for row in cp.audit_rows() if row[2] == "sessions:replace")
+    assert moves == ["gateway-silent:east-1->east-2", "gateway-silent:north->west"]

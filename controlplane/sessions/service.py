@@ -218,20 +218,21 @@ def _check_plaintext(services: Services, body: SessionOpen) -> None:
                         rule="plaintext-not-allowed")
 
 
-def _chooser(services: Services, plain: bool) -> Chooser:
-    """The placement of a new session (``controlplane.placement``), else the configured gateway
-    where the settings allow it."""
+def _chooser(services: Services, project: str, plain: bool) -> Chooser:
+    """The placement of a new session of ``project`` (``controlplane.placement``), else, when no
+    gateway at all is live, the configured gateway where the settings allow it. Live gateways
+    that cannot take the session refuse it: falling back then would pass over the policy."""
     settings = services.settings
 
     async def place(conn: Conn) -> str | None:
         now = services.now()
         chosen = placement.choose(await placement.loads_in(conn, now), now,
-                                  settings.gateway_timeout_s, plain=plain)
+                                  settings.gateway_timeout_s,
+                                  services.policies.current.gateways_for(project), plain=plain)
         if chosen is not None:
             return chosen.name
         if not settings.gateway_fallback:
-            which = "with a plaintext ingress " if plain else ""
-            raise Unavailable(f"no gateway {which}is live: none has registered within the last "
+            raise Unavailable("no gateway is live: none has registered within the last "
                               f"{settings.gateway_timeout_s:g} s")
         if plain and settings.gateway_plain_endpoint is None:
             raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
@@ -262,7 +263,8 @@ async def open_session(services: Services, parent: Claims, body: SessionOpen
                             created_at=now, expires_at=float(claims.exp), ended_at=None)
     limit = await _session_limit(services, body.project)
     session = await insert_session(services.store, session, _token_record(claims, parent.jti),
-                                   limit, now, _chooser(services, body.transport == "plain"))
+                                   limit, now,
+                                   _chooser(services, body.project, body.transport == "plain"))
     services.metrics.tokens_issued.labels(claims.kind.value).inc()
     return session, token
 
@@ -499,7 +501,8 @@ async def replace_stranded(services: Services, since: float) -> int:
     live one (the placement rule), audit each move and publish it: the new gateway admits the
     session's producers, the old one drops it. Gateways are judged only once the service has run
     ``gateway_timeout_s`` (``since``: its start), so a restart moves nothing before they announce
-    themselves again. A session nowhere else can take stays, and is tried again next time."""
+    themselves again. A session is only ever moved to a gateway its project may use (policy
+    section ``gateways``); one nowhere else can take stays, and is tried again next time."""
     now, timeout_s = services.now(), services.settings.gateway_timeout_s
     if now - since < timeout_s:
         return 0
@@ -508,10 +511,11 @@ async def replace_stranded(services: Services, since: float) -> int:
     moved = 0
     for session in await stranded_sessions(services.store, now, live):
         plain = bool(session.config["sessions"][0].get("plain_password_sha256"))
+        allowance = services.policies.current.gateways_for(session.project)
         try:
             target = placement.choose(await placement.loads(services.store, now), now,
-                                      timeout_s, plain=plain, exclude=session.gateway)
-        except Unavailable as exc:  # every live gateway is full
+                                      timeout_s, allowance, plain=plain, exclude=session.gateway)
+        except Unavailable as exc:  # none its project may use is live, or has room
             log.warning("session %s stays on silent gateway %s: %s", session.id, session.gateway,
                         exc.detail)
             continue

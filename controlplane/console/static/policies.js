@@ -49,6 +49,11 @@ function activeSet(summary) {
     ["Templates they may use", ([, patterns]) => list(patterns)],
   ], [["every project (defaults)", policy.templates.defaults],
     ...Object.entries(policy.templates.projects)]);
+  const gateways = table([
+    ["Projects", ([name]) => name],
+    ["Gateways their sessions may be placed on", ([, patterns]) => list(patterns) || "none"],
+  ], [["every project (defaults)", policy.gateways.defaults],
+    ...Object.entries(policy.gateways.projects)], { id: "policy-gateways" });
   const networks = table([
     ["Networks", ([name]) => name],
     ["Allowed", ([, values]) => list(values) || "none"],
@@ -66,6 +71,7 @@ function activeSet(summary) {
     h("h3", {}, "Rate limits"), limits,
     h("h3", {}, "Quotas"), quotas,
     h("h3", {}, "Templates"), templates,
+    h("h3", {}, "Gateways"), gateways,
     h("h3", {}, "Networks"), networks,
     policy.federation ? h("p", {}, `Federated sign-in: ${policy.federation.issuers.length} ` +
       "trusted issuer(s), see the JSON below.") : null,
