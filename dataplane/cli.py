@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from common.restclient import ClientError
 from common.tokenfile import TokenFileError, token_from
 from dataplane.producer import (
     GatewayTarget,
+    GatewayUnresponsive,
     HeaderMode,
     ProducerError,
     ProducerSession,
@@ -62,6 +64,15 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="With --controlplane: session lifetime in seconds [default: the policy's].")
 @click.option("--end-session", is_flag=True,
               help="With --controlplane: end the session when the stream is over (or failed).")
+@click.option("--session", "session_id", metavar="ID",
+              help="With --controlplane: stream into this open session of the project (opened "
+                   "in the console, say) instead of opening one; --client-key must be the key "
+                   "pair registered on it.")
+@click.option("--follow-wait", type=click.FloatRange(min=0), default=15.0, show_default=True,
+              help="With --controlplane: when the gateway stops taking the stream or answering, "
+                   "seconds to wait for the control plane to move the session to another "
+                   "gateway (it does once the gateway has been silent for its gateway.timeout_s) "
+                   "before failing; the scan is then streamed again there. 0: do not wait.")
 @click.option("--transport", type=click.Choice(["curve", "plain"]), default="curve",
               show_default=True,
               help="With --controlplane: 'plain' streams unencrypted to the gateway's plaintext "
@@ -110,6 +121,7 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="Show a progress bar (default: only on a terminal).")
 def stream(controlplane_url: str | None, project_token_file: Path | None, project: str | None,
            template: str, param_pairs: tuple[str, ...], ttl: int | None, end_session: bool,
+           session_id: str | None, follow_wait: float,
            transport: Transport, endpoint: str | None, server_key: Path | None,
            receipts_endpoint: str | None, receipt_timeout: float, no_receipt: bool,
            client_key: Path | None, scan: int | None, spool_file: Path | None,
@@ -143,12 +155,17 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
         return
     _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
                                           "control plane names it")
+    if session_id is not None:
+        _refuse_options(ctx, _OPENING_OPTIONS, "opens a session; --session streams into an "
+                                               "open one")
+        if client_key is None:
+            raise click.UsageError("--session needs --client-key, the key pair registered on it")
     session = ProducerSession(
         _client(controlplane_url, project_token_file), project=project,
         template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
         client=None if client_key is None else _load_key(client_key, "--client-key", secret=True),
-        transport=transport)
-    _guarded(lambda: _stream_in_session(session, work, wait_s))
+        transport=transport, session_id=session_id)
+    _guarded(lambda: _stream_in_session(session, work, wait_s, follow_wait))
 
 
 @dataclass(frozen=True)
@@ -160,8 +177,9 @@ class Work:
     run: Callable[[GatewayTarget], StreamStats]
 
 
-_CONTROLPLANE_OPTIONS = ("project_token_file", "project", "template", "param_pairs", "ttl",
-                         "end_session", "transport")
+_OPENING_OPTIONS = ("template", "param_pairs", "ttl", "transport")
+_CONTROLPLANE_OPTIONS = ("project_token_file", "project", *_OPENING_OPTIONS, "end_session",
+                         "session_id", "follow_wait")
 _DIRECT_OPTIONS = ("endpoint", "server_key", "receipts_endpoint")
 
 
@@ -267,7 +285,8 @@ def _client(url: str, token_file: Path | None) -> Client:
         raise click.BadParameter(str(exc), param_hint="--controlplane") from None
 
 
-def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | None) -> None:
+def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | None,
+                       follow_wait_s: float) -> None:
     # The session ends (with --end-session) only once the gateway has reported the scan: ending
     # it earlier would have the gateway drop what it had not read yet.
     with session:
@@ -279,28 +298,32 @@ def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | Non
         if not opened.consumer_endpoints:
             click.echo(f"session {opened.id} has no consumer yet: the gateway spools its scans "
                        "until a consumer job registers")
-        _deliver_following(session, work, wait_s)
+        _deliver_following(session, work, wait_s, follow_wait_s)
     if session.end_on_exit:
         click.echo(f"session {opened.id} ended")
 
 
 # How many times one stream follows its session to another gateway before giving up.
 MAX_MOVES = 3
+FOLLOW_POLL_S = 0.5
 
 
-def _deliver_following(session: ProducerSession, work: Work, wait_s: float | None) -> None:
+def _deliver_following(session: ProducerSession, work: Work, wait_s: float | None,
+                       follow_wait_s: float) -> None:
     """``_deliver`` to the session's gateway; when that fails and the control plane has moved the
     session to another gateway (the first one's heartbeats stopped), stream the whole scan again
-    there. Nothing sent to the failed gateway is known to have arrived unless a receipt said so,
-    so all of it is listed as unconfirmed and sent again: the new gateway's receipt accounts for
-    the scan, and consumers count what reached them twice as duplicates."""
+    there. A gateway that stopped answering is given ``follow_wait_s`` for the control plane to
+    notice and move the session. Nothing sent to the failed gateway is known to have arrived
+    unless a receipt said so, so all of it is listed as unconfirmed and sent again: the new
+    gateway's receipt accounts for the scan, and consumers count what reached them twice as
+    duplicates."""
     for moves in range(MAX_MOVES + 1):
         target = session.gateway()
         try:
             _deliver(work, target, wait_s)
             return
         except ProducerError as exc:
-            if moves == MAX_MOVES or not _moved(session):
+            if moves == MAX_MOVES or not _moved(session, target, exc, follow_wait_s):
                 raise
             opened = session.session
             click.echo(f"gateway {target.endpoint} failed: {exc}")
@@ -310,12 +333,28 @@ def _deliver_following(session: ProducerSession, work: Work, wait_s: float | Non
                        "again there")
 
 
-def _moved(session: ProducerSession) -> bool:
-    """Whether the control plane now names another gateway for the session."""
-    try:
-        return session.follow_gateway()
-    except ClientError:
-        return False  # it cannot say: the failure stands as it is
+def _moved(session: ProducerSession, target: GatewayTarget, failure: ProducerError,
+           wait_s: float) -> bool:
+    """Whether the control plane names another gateway for the session; for a gateway that
+    stopped answering, asked every ``FOLLOW_POLL_S`` for up to ``wait_s``."""
+    if not isinstance(failure, GatewayUnresponsive):
+        wait_s = 0.0
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        try:
+            if session.follow_gateway():
+                return True
+        except ClientError:
+            return False  # it cannot say: the failure stands as it is
+        if time.monotonic() >= deadline:
+            return False
+        if not announced:
+            click.echo(f"gateway {target.endpoint} is not answering; waiting up to {wait_s:g} s "
+                       f"for the control plane to move session {session.session.id} to another "
+                       "gateway")
+            announced = True
+        time.sleep(FOLLOW_POLL_S)
 
 
 _SYNTHETIC_OPTIONS = ("scan_shape", "seed", "loss", "duplicates", "reorder", "header", "electrons",

@@ -41,7 +41,7 @@ import zmq
 from tqdm import tqdm
 from zmq.utils.monitor import recv_monitor_message
 
-from common.client import DEFAULT_TEMPLATE, Client, OpenedSession, Transport
+from common.client import DEFAULT_TEMPLATE, Client, OpenedSession, Session, Transport
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_secret_keypair
 from common.protocol import (
@@ -67,6 +67,11 @@ _SECTOR_DTYPE = np.dtype("<u2")
 
 class ProducerError(DataPlaneError):
     """A producer that cannot send: bad input, or a gateway that is unreachable or stalled."""
+
+
+class GatewayUnresponsive(ProducerError):
+    """The gateway took no message or gave no answer in time: unreachable, stalled, gone, or it
+    refused this CURVE key."""
 
 
 @dataclass
@@ -225,7 +230,7 @@ class Producer:
         try:
             self._socket.send_multipart(parts, copy=False)
         except zmq.Again:
-            raise ProducerError(
+            raise GatewayUnresponsive(
                 f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: the "
                 "gateway is unreachable, refused this CURVE key, or is not reading") from None
         except zmq.ZMQError as exc:
@@ -408,12 +413,20 @@ class ProducerSession:
     ``transport="plain"`` the session is opened for unencrypted transport (refused unless the
     policy allows it) and every stream goes to the gateway's plaintext ingress. Control-plane
     failures raise ``common.client.ClientError``.
+
+    With ``session_id`` it opens nothing: it streams into that open session of the project (one
+    opened in the console, say), whose registered producer key ``client`` must be; only over
+    CURVE, since a session's token is shown once, to whoever opened it.
     """
 
     def __init__(self, controlplane: Client, *, project: str | None = None,
                  template: str = DEFAULT_TEMPLATE, params: dict[str, Any] | None = None,
                  client: KeyPair | Path | None = None, ttl: int | None = None,
-                 end_on_exit: bool = False, transport: Transport = "curve") -> None:
+                 end_on_exit: bool = False, transport: Transport = "curve",
+                 session_id: str | None = None) -> None:
+        if session_id is not None and (client is None or transport != "curve"):
+            raise ProducerError("streaming into an open session needs the producer key pair "
+                                "registered on it, and CURVE transport")
         self.controlplane = controlplane
         self.project = project
         self.template = template
@@ -422,21 +435,35 @@ class ProducerSession:
         self.ttl = ttl
         self.end_on_exit = end_on_exit
         self.transport = transport
-        self._session: OpenedSession | None = None
+        self.session_id = session_id
+        self._session: Session | None = None
 
     @property
-    def session(self) -> OpenedSession:
+    def session(self) -> Session:
         if self._session is None:
             raise ProducerError("the session is not open; call open() or use a with block")
         return self._session
 
-    def open(self) -> OpenedSession:
-        """Open the session (once) and return it."""
+    def open(self) -> Session:
+        """Open the session (once), or find the one ``session_id`` names, and return it."""
         if self._session is None:
-            self._session = self.controlplane.open_session(
-                self.template, self.params, client_key=self.client.public, ttl=self.ttl,
-                transport=self.transport, project=self.project)
+            self._session = (self._existing(self.session_id) if self.session_id is not None
+                             else self.controlplane.open_session(
+                                 self.template, self.params, client_key=self.client.public,
+                                 ttl=self.ttl, transport=self.transport, project=self.project))
         return self._session
+
+    def _existing(self, session_id: str) -> Session:
+        found = self.controlplane.session(session_id)
+        if found.state != "open":
+            raise ProducerError(f"session {session_id} is {found.state}")
+        keys = {key for entry in found.config.get("sessions", [])
+                for key in entry.get("client_keys", [])}
+        if self.client.public.decode("ascii") not in keys:
+            raise ProducerError(f"session {session_id} does not admit this producer's key "
+                                f"{self.client.public.decode('ascii')}: give the key pair "
+                                "registered when it was opened")
+        return found
 
     def end(self) -> None:
         """End the session at the control plane (idempotent)."""
@@ -451,6 +478,7 @@ class ProducerSession:
                                  receipts=gateway.receipts_endpoint)
         if gateway.plain_endpoint is None:
             raise ProducerError("the control plane names no plaintext ingress for this session")
+        assert isinstance(session, OpenedSession)  # a found session streams over CURVE only
         return GatewayTarget(gateway.plain_endpoint, server_key, self.client,
                              session.plain_credentials, gateway.receipts_endpoint)
 

@@ -25,7 +25,7 @@ from common.receipts import (
     decode_receipt,
     encode,
 )
-from dataplane.producer import ProducerError
+from dataplane.producer import GatewayUnresponsive, ProducerError
 
 # How long one request may go unanswered before it is sent again.
 ANSWER_TIMEOUT_S: Final = 2.0
@@ -101,7 +101,7 @@ def await_report(client: ReceiptClient, scan: int, *, timeout_s: float = DEFAULT
             if answer.report is not None:
                 return answer.report
         if clock() >= deadline:
-            raise ProducerError(_unconfirmed(client.endpoint, scan, last, timeout_s))
+            raise GatewayUnresponsive(_unconfirmed(client.endpoint, scan, last, timeout_s))
         sleep(POLL_S)
 
 

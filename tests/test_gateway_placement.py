@@ -471,7 +471,7 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
     producer = await asyncio.create_subprocess_exec(
         DSN, "producer", "stream", "--controlplane", cp.url, "--project", "alpha",
         "--project-token-file", str(tmp_path / "project.token"), "--scan-shape", "8x8",
-        "--timeout", "8", "--no-progress", stdout=asyncio.subprocess.PIPE,
+        "--timeout", "1", "--follow-wait", "60", "--no-progress", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
 
     async def opened() -> dict[str, Any]:
@@ -481,9 +481,20 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
 
     session = await eventually_async(opened, timeout_s=30, what="the producer's session")
     assert session["gateway_name"] == "east"  # a tie with west, by name
+    # The stream to east fails within its 1-s send timeout, long before the control plane moves
+    # the session: the producer waits for the move rather than giving up.
+    assert producer.stdout is not None
+    lines: list[str] = []
+    while not lines or "is not answering" not in lines[-1]:
+        line = await asyncio.wait_for(producer.stdout.readline(), timeout=30)
+        assert line, "".join(lines)
+        lines.append(line.decode())
+    assert lines[-1] == (f"gateway tcp://127.0.0.1:{dead} is not answering; waiting up to 60 s "
+                         f"for the control plane to move session {session['id']} to another "
+                         "gateway\n")
     cp.clock.advance(TIMEOUT_S + 1)  # east's last announcement is now too old
     stdout, stderr = await asyncio.wait_for(producer.communicate(), timeout=60)
-    out = stdout.decode()
+    out = "".join(lines) + stdout.decode()
     assert producer.returncode == 0, out + stderr.decode()
     assert f"gateway tcp://127.0.0.1:{dead} failed: scan_begin of scan 0 not accepted" in out
     assert (f"session {session['id']} moved from gateway east to west ({west.ingress}): every "

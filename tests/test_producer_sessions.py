@@ -219,6 +219,32 @@ async def test_the_cli_takes_the_token_from_the_environment_and_the_project_from
     assert detail["project"] == "alpha" and token not in result.output
 
 
+async def test_the_cli_streams_into_a_session_opened_elsewhere_with_its_registered_key(
+        cp: ControlPlane, gateway: StandInGateway, tmp_path: Path) -> None:
+    token = await project_token(cp)
+    public, secret = create_keypair(tmp_path / "keys", "microscope")
+    client = Client(cp.url, token)
+    opened = await asyncio.to_thread(client.open_session, "4dstem",
+                                     client_key=load_keypair(public).public)
+    tokens = str(token_file(tmp_path, token))
+    args = ["--controlplane", cp.url, "--project-token-file", tokens, "--session", opened.id,
+            "--client-key", str(secret), "--scan-shape", SCAN_SHAPE, "--no-progress",
+            "--timeout", "10", "--no-receipt"]
+    result, headers = await asyncio.gather(asyncio.to_thread(invoke, args), asyncio.to_thread(
+        gateway.receive, SCAN_MESSAGES))
+    assert result.exit_code == 0, result.output
+    assert kinds(headers) == {"ScanBegin": 4, "Data": 16, "ScanEnd": 4}
+    assert result.output.startswith(f"session {opened.id} ")
+    # Another key pair: refused before anything is sent, naming the key.
+    _, stranger = create_keypair(tmp_path / "keys", "stranger")
+    refused = await asyncio.to_thread(invoke, [*args[:6], "--client-key", str(stranger)])
+    assert refused.exit_code == 1
+    assert f"session {opened.id} does not admit this producer's key" in refused.output
+    await asyncio.to_thread(client.end_session, opened.id)
+    ended = await asyncio.to_thread(invoke, args)
+    assert ended.exit_code == 1 and f"session {opened.id} is ended" in ended.output
+
+
 def test_a_token_file_and_the_environment_variable_together_are_refused(tmp_path: Path) -> None:
     path = token_file(tmp_path, "abc.def.ghi")
     result = CliRunner().invoke(producer, ["stream", "--controlplane", "http://127.0.0.1:1",
@@ -248,6 +274,11 @@ async def test_the_cli_reports_a_refused_session_without_the_token(cp: ControlPl
     (["--end-session"], "--end-session needs --controlplane"),
     (["--endpoint", "tcp://127.0.0.1:2"], "--server-key, --client-key are required"),
     (["--spool", "SPOOL", "--seed", "3"], "--seed applies to synthetic scans"),
+    (["--session", "s1"], "--session needs --controlplane"),
+    (["--controlplane", "http://127.0.0.1:1", "--session", "s1", "--template", "tiny"],
+     "--template opens a session; --session streams into an open one"),
+    (["--controlplane", "http://127.0.0.1:1", "--session", "s1"],
+     "--session needs --client-key"),
 ])
 def test_the_two_modes_do_not_mix(tmp_path: Path, args: list[str], message: str) -> None:
     spool = tmp_path / "scan.spool"
