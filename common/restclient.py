@@ -168,13 +168,14 @@ def parse_base_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
         if not url:
             raise ValueError(f"control plane URL list {given!r} has an empty item")
         check_base_url(url)
-        if _same_place(url) in map(_same_place, parsed):
+        if base_url_key(url) in map(base_url_key, parsed):
             raise ValueError(f"control plane URL {url!r} is listed twice")
         parsed.append(url)
     return tuple(parsed)
 
 
-def _same_place(url: str) -> tuple[str, str, int | None, str]:
+def base_url_key(url: str) -> tuple[str, str, int | None, str]:
+    """What two spellings of one base URL share (``HTTP://Host:1/`` and ``http://host:1``)."""
     parts = urllib.parse.urlsplit(url)
     return parts.scheme, parts.hostname or "", parts.port, parts.path.rstrip("/")
 
