@@ -38,6 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.message import Message
 from typing import Any, Final, TypeVar
 
@@ -269,20 +270,44 @@ def call_json(base_url: str, token: str, method: str, path: str, body: dict[str,
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
+    answer = send(base_url, method, path, data, headers, timeout_s=timeout_s)
+    if not answer.ok:
+        raise _problem_error(f"{method} {path}", answer.status, answer.body, answer.headers)
+    return _json_object(answer.body)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer, whatever its status."""
+
+    status: int
+    body: bytes
+    headers: Message
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def send(base_url: str, method: str, path: str, data: bytes | None, headers: dict[str, str], *,
+         timeout_s: float = REQUEST_TIMEOUT_S) -> Answer:
+    """One request at the one control plane ``base_url``: its answer, a refusal included;
+    ``NotConnected`` when no connection could be made, ``Unreachable`` when one was and no
+    answer came. ``call_json`` is built on it, as is a caller whose answers have a form of their
+    own (``dsn login``'s OAuth ones), each at ``Replicas.call``."""
     request = urllib.request.Request(base_url.rstrip("/") + path, data=data, headers=headers,
                                      method=method)
-    what = f"{method} {path}"
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
-            return _json_object(response.read())
+            return Answer(response.status, response.read(), response.headers)
     except urllib.error.HTTPError as exc:
         with exc:
-            raise _problem_error(what, exc.code, exc.read(), exc.headers) from None
+            return Answer(exc.code, exc.read(), exc.headers)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         cls = NotConnected if isinstance(reason, _ConnectFailed) else Unreachable
-        raise cls(f"{what}: cannot reach the control plane at {base_url}: {reason}", None,
-                  detail=str(reason)) from None
+        raise cls(f"{method} {path}: cannot reach the control plane at {base_url}: {reason}",
+                  None, detail=str(reason)) from None
 
 
 class _ConnectFailed(OSError):

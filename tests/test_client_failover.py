@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from cp_helpers import ClientFactory, ControlPlane
+from cp_helpers import ClientFactory, ControlPlane, served_on, start_control_plane
 from test_cp_cli import assert_one_line_error, dsn
 from test_cp_sessions_api import RESULT, consumer_token, opened, project_token
 from test_facility_cli import Dsn
@@ -24,6 +24,7 @@ from test_facility_client import facility_control_plane, producer_key
 
 from common.client import Client, InvalidArgument, NotConnected, Unreachable
 from common.restclient import Replicas
+from controlplane.launchers import SCRIPT_NAME
 from dataplane.consumer.controlplane import ControlPlaneClient, Registration
 from dataplane.consumer.errors import SetupError
 
@@ -271,6 +272,35 @@ async def test_a_consumers_report_that_reached_a_hung_replica_is_not_sent_to_ano
     assert (len(hung.seen), live.seen) == (1, [])
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+async def test_a_job_whose_own_replica_is_gone_registers_through_another(
+        tmp_path: Path, free_port: Callable[[], int], dead: str) -> None:
+    # The replica that launches the job names a URL where nothing answers as its own (it is
+    # gone, as far as the job can tell) and the live one as another replica's.
+    port = free_port()
+    async with served_on(port) as serve:
+        cp = await start_control_plane(
+            serve, tmp_path / "state", port=port, public_url=dead,
+            replica_urls=(f"http://127.0.0.1:{port}",),
+            gateway_endpoint=f"tcp://127.0.0.1:{free_port()}")
+        await cp.create_project("alpha")
+        client = Client(cp.settings.base_url, await project_token(cp), poll_s=0.1)
+
+        def work() -> tuple[str, str]:
+            with client:
+                session = client.open_session(client_key=producer_key())
+                job = client.launch_job(session.id, "local-mpiexec", {"scans": 1}, ranks=2)
+                detail = client.wait_registered(session.id, job.id, timeout_s=180)
+                assert {c.rank for c in detail.consumers if c.job_id == job.id} == {0, 1}
+                return session.id, job.id
+
+        _session, job = await asyncio.to_thread(work)
+        script = (cp.settings.jobs_dir / job / SCRIPT_NAME).read_text()
+        assert f"export DSN_CONTROLPLANE_URL={dead},http://127.0.0.1:{port}\n" in script
+
+
 # --- the command lines ---------------------------------------------------------------------------
 
 async def test_dsn_commands_take_a_list_whose_first_replica_is_down(
@@ -312,6 +342,7 @@ def test_the_admin_cli_names_every_replica_down(dead: str, free_port: Callable[[
     (["admin", "projects", "list"], "--url"),
     (["sessions", "list"], "--controlplane"),
     (["producer", "stream", "--project", "alpha"], "--controlplane"),
+    (["login", "--out", "OUT"], "--controlplane"),
     (["consumer", "run", "--config", "CONFIG", "--session", "s", "--output-dir", "out"],
      "--controlplane"),
 ])
@@ -319,10 +350,12 @@ def test_a_bad_list_on_a_command_line_is_one_error_line(
         command: list[str], option: str, urls: str, fragment: str, tmp_path: Path) -> None:
     config = tmp_path / "dsn.yaml"
     config.write_text("version: 1\n")
-    args = [str(config) if arg == "CONFIG" else arg for arg in command]
+    files = {"CONFIG": str(config), "OUT": str(tmp_path / "project.token")}
+    args = [files.get(arg, arg) for arg in command]
     env = {"DSN_ADMIN_TOKEN": "a.b.c", "DSN_PROJECT_TOKEN": "a.b.c"}
     assert_one_line_error(dsn(*args, option, urls, env=env), f"error: {option}: ", fragment)
-    if command[0] != "producer":  # its --controlplane chooses its mode: no environment for it
+    # DSN_CONTROLPLANE_URL names the control plane of the commands that always have one.
+    if command[0] not in ("producer", "login"):
         assert_one_line_error(dsn(*args, env={**env, "DSN_CONTROLPLANE_URL": urls}), fragment)
 
 
@@ -330,6 +363,7 @@ def test_help_explains_the_list_form() -> None:
     for command, option in ((["admin", "projects", "list"], "--url"),
                             (["sessions", "list"], "--controlplane"),
                             (["producer", "stream"], "--controlplane"),
+                            (["login"], "--controlplane"),
                             (["consumer", "run"], "--controlplane")):
         text = " ".join(dsn(*command, "--help").stdout.split())
         assert f"{option} URL[,URL...]" in text, text
