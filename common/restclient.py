@@ -200,7 +200,7 @@ class Replicas:
 
     @property
     def url(self) -> str:
-        """The base URL of the replica in use: the one that answered last."""
+        """The base URL of the replica in use: the one a call reached last."""
         return self.urls[self._in_use]
 
     def __repr__(self) -> str:
