@@ -2,7 +2,8 @@
 made by ``dsn admin init`` and ``dsn admin init --join``: tokens signed by either verify at both,
 a revocation through one is refused by the other at once, rate limits and quotas are shared, and
 exactly one replica leads (runs the run-once duties) until it is killed, when the other takes
-over; the audit chain verifies throughout."""
+over; the audit chain verifies throughout. Clients given both replicas' URLs go on through the
+other when one is killed."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from limits import parse
 from test_cp_cli import _serve_command, _wait_healthy, assert_one_line_error, dsn
 from waiting import eventually, eventually_async
 
+from common.client import Client
 from common.ports import free_port
 from controlplane.admin.bootstrap import ADMIN_TOKEN_FILE
 from controlplane.errors import Unavailable
@@ -415,3 +417,17 @@ async def test_of_two_leaderships_one_runs_the_duties_and_the_other_takes_over_a
             await eventually_async(lambda: b.leading, timeout_s=10, what="b leading")
             await eventually_async(lambda: "b duty" in events, timeout_s=10, what="b's duty")
     assert not any(e.startswith("b") for e in events[:events.index("a exit")])
+
+
+async def test_clients_given_both_replicas_go_on_through_the_other_when_one_is_killed(
+        pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    await pair.create_project(a, "alpha")
+    client = Client(f"{a.url},{b.url}", (await pair.project_token(a, "alpha"))["token"])
+    assert await asyncio.to_thread(client.sessions) == [] and client.url == a.url
+    a.process.kill()
+    a.process.wait()
+    assert await asyncio.to_thread(client.sessions) == [] and client.url == b.url
+    listed = dsn("admin", "projects", "list", "--url", f"{a.url},{b.url}",
+                 env={"DSN_ADMIN_TOKEN": pair.admin_token})
+    assert listed.exit_code == 0 and "alpha" in listed.stdout, listed.output
