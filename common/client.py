@@ -7,6 +7,7 @@ client), waits for the scan's result and reads its file path and SHA-256::
     from common.client import Client
 
     client = Client.from_token_file("http://127.0.0.1:8750", "project.token")
+    # or, with the control plane's replicas: "https://cp1:8750,https://cp2:8750"
     with client:  # leaving the block ends the sessions it opened
         session = client.open_session("4dstem", client_key=producer_public_key)
         job = client.launch_job(session.id, "local-mpiexec", {"scans": 1}, ranks=2)
@@ -27,6 +28,9 @@ errors and request id of the service's problem+json answer); a wait that does no
 no connection, 429 or 5xx is asked again up to ``attempts`` times with backoff, never sooner than a
 ``Retry-After`` says (and not at all when that is beyond ``MAX_RETRY_AFTER_S``); requests that
 create something are retried only when the service cannot have acted on them (no answer, 429, 503).
+A control plane running as several replicas is given as all their URLs (a list, or one string
+``https://cp1:8750,https://cp2:8750``): a call that cannot connect to the replica in use goes to the
+next at once, and the one that answers stays in use (``common.restclient.Replicas``).
 The token goes only into the ``Authorization`` header: no message, ``repr`` or log shows it.
 
 It needs nothing of the control plane's server, the gateway or the data plane: importing it loads
@@ -40,7 +44,7 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -65,15 +69,15 @@ from common.restclient import (
     Conflict,
     Forbidden,
     MalformedAnswer,
+    NotConnected,
     NotFound,
     RateLimited,
+    Replicas,
     RestError,
     ServiceError,
     ServiceUnavailable,
     Unauthorized,
     Unreachable,
-    call_json,
-    check_base_url,
     is_retryable,
     quote,
     with_retries,
@@ -94,8 +98,8 @@ M = TypeVar("M", bound=BaseModel)
 
 class InvalidArgument(ClientError, ValueError):
     """An argument the client refuses before asking anything: a URL that is not
-    ``http(s)://HOST:PORT``, a token of another kind than a project token, or no project where
-    the token names none."""
+    ``http(s)://HOST:PORT`` (or a list of them with an empty item or a URL twice), a token of
+    another kind than a project token, or no project where the token names none."""
 
 
 class WaitError(ClientError):
@@ -188,17 +192,21 @@ class _Items(_Answer):
 class Client:
     """The control plane at ``url`` (``http(s)://HOST:PORT``), called with a project ``token``.
 
+    Where the control plane runs as several replicas, ``url`` names them all: a sequence of URLs
+    or one comma-separated string. ``urls`` are they all, in order; ``url`` is the one in use,
+    which changes when a replica cannot be connected to and the next one answers.
+
     ``project`` defaults to the one the token names. ``timeout_s`` bounds each HTTP call;
     ``attempts`` bounds the tries of one call; ``poll_s`` is how often a wait asks. ``sleep`` and
     ``clock`` are the waits' time sources.
     """
 
-    def __init__(self, url: str, token: str, *, project: str | None = None,
+    def __init__(self, url: str | Sequence[str], token: str, *, project: str | None = None,
                  timeout_s: float = REQUEST_TIMEOUT_S, attempts: int = 4,
                  poll_s: float = DEFAULT_POLL_S, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic, token_source: str = "") -> None:
         try:
-            check_base_url(url)
+            self.replicas = Replicas(url)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         if timeout_s <= 0 or attempts < 1 or poll_s <= 0:
@@ -209,7 +217,6 @@ class Client:
             raise InvalidArgument(f"the token{f' from {token_source}' if token_source else ''} "
                                   f"is a{'n' if str(kind)[:1] in 'aeiou' else ''} {kind} token; "
                                   "the client takes a project token")
-        self.url = url.rstrip("/")
         self._token = token
         self._project = project
         self.timeout_s = timeout_s
@@ -220,15 +227,26 @@ class Client:
         self._clock = clock
         self._opened: list[str] = []  # sessions opened here and not yet ended, for close()
 
+    @property
+    def url(self) -> str:
+        """The base URL of the replica in use."""
+        return self.replicas.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every replica's base URL, in the order they are tried."""
+        return self.replicas.urls
+
     @classmethod
-    def from_token_file(cls, url: str, path: Path | str, **options: Any) -> Client:
+    def from_token_file(cls, url: str | Sequence[str], path: Path | str, **options: Any) -> Client:
         """The token read from ``path`` (a regular file of yours, mode 0600)."""
         return cls(url, read_token(Path(path)), token_source=f"{path}", **options)
 
     @classmethod
-    def from_environment(cls, url: str | None = None, token_file: Path | None = None,
-                         **options: Any) -> Client:
-        """``url``, else ``$DSN_CONTROLPLANE_URL``, else ``DEFAULT_URL``; the token from
+    def from_environment(cls, url: str | Sequence[str] | None = None,
+                         token_file: Path | None = None, **options: Any) -> Client:
+        """``url``, else ``$DSN_CONTROLPLANE_URL`` (one URL or a comma-separated list), else
+        ``DEFAULT_URL``; the token from
         ``token_file`` or ``$DSN_PROJECT_TOKEN``, one of them (both is an error, never a silent
         choice; ``common.tokenfile.TokenFileError``)."""
         found = token_from(token_file, env=TOKEN_ENV, option=TOKEN_FILE_OPTION)
@@ -395,8 +413,8 @@ class Client:
         given = {name: value for name, value in (query or {}).items() if value is not None}
         target = f"{path}?{urllib.parse.urlencode(given)}" if given else path
         return with_retries(
-            lambda: call_json(self.url, self._token, method, target, body,
-                              timeout_s=self.timeout_s),
+            lambda: self.replicas.call_json(self._token, method, target, body,
+                                            timeout_s=self.timeout_s),
             attempts=self.attempts, sleep=self._sleep,
             retry_if=_not_acted_on if creates else is_retryable)
 
@@ -431,6 +449,9 @@ def _job_path(session: str, job: str) -> str:
 def _not_acted_on(exc: Exception) -> bool:
     # A second request that creates something after a first that did take effect would be
     # refused (409) or create it twice: ask again only when the first cannot have been acted on.
+    # No answer at all (status None) has counted as not acted on since before there were
+    # replicas; the second request goes to the same replica unless that one now refuses
+    # connections (Replicas never sends a POST that reached a replica on to another by itself).
     return isinstance(exc, RestError) and exc.status in (None, 429, 503)
 
 
@@ -474,7 +495,8 @@ def token_project(token: str) -> str | None:
 __all__ = [
     "DEFAULT_TEMPLATE", "DEFAULT_URL", "MAX_RETRY_AFTER_S", "TOKEN_ENV", "URL_ENV",
     "BadRequest", "Client", "ClientError", "Conflict", "Consumer", "Forbidden",
-    "GatewayInfo", "InvalidArgument", "Job", "MalformedAnswer", "NotFound", "OpenedSession",
+    "GatewayInfo", "InvalidArgument", "Job", "MalformedAnswer", "NotConnected", "NotFound",
+    "OpenedSession",
     "RateLimited", "RestError", "Scan", "ServiceError", "ServiceUnavailable", "Session",
     "SessionCounters", "SessionDetail", "Transport", "Unauthorized", "Unreachable", "WaitError",
     "WaitTimeout", "token_claims", "token_project",

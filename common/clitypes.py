@@ -10,6 +10,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from common.errors import DsnError
+from common.restclient import parse_base_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,6 +29,30 @@ class ShapeParam(click.ParamType[tuple[int, int]]):
             self.fail(f"{value!r} is not ROWSxCOLS with two positive integers, e.g. 32x32",
                       param, ctx)
         return int(match[1]), int(match[2])
+
+
+class ControlPlaneURLs(click.ParamType[tuple[str, ...]]):
+    """The control plane's URL, or its replicas' URLs comma-separated
+    (``https://cp1:8750,https://cp2:8750``): each ``http(s)://HOST:PORT``, none twice. A bad list
+    is one ``error: ...`` line naming the option, as any error the user can act on."""
+
+    name = "URL[,URL...]"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_base_urls(str(value))
+        except ValueError as exc:
+            option = param.opts[0] if param is not None and param.opts else "the control plane"
+            raise OneLineError(f"{option}: {exc}") from None
+
+
+# How every --controlplane (and `dsn admin --url`) help text describes the list form.
+CONTROLPLANE_URLS_HELP = ("The control plane, http(s)://HOST:PORT; where it runs as several "
+                          "replicas, all their URLs comma-separated: a call that cannot connect "
+                          "to one goes to the next.")
 
 
 def scan_shape_option(default: str) -> Callable[[F], F]:

@@ -6,12 +6,18 @@ the HTTP status and the control plane's own explanation (its problem+json ``titl
 field ``errors`` and ``request_id``), and its ``Retry-After``. The bearer token travels only in the
 ``Authorization`` header and is never part of a message, a ``repr`` or a log record.
 
+A control plane that runs as several replicas on one database is named by all their URLs
+(``Replicas``, parsed from ``http://a:8750,http://b:8750``): a call goes to the replica in use and,
+when no connection to it can be made, to the next one at once; the replica that answers is the one
+used from then on.
+
 The errors form one tree, so a caller catches as much or as little as it means to::
 
     ClientError                 anything a control-plane client raises on purpose
     └── RestError               a call failed: .status (None: no usable answer), .title, .detail,
         │                       .errors, .request_id, .retry_after_s
         ├── Unreachable         no answer (refused, timed out, reset)
+        │   └── NotConnected    no connection: nothing of the request reached the service
         ├── MalformedAnswer     an answer that is not what the API promises
         ├── BadRequest          400: the request's fields (.errors names them)
         ├── Unauthorized        401: a token that is missing, invalid, expired or revoked
@@ -31,7 +37,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.message import Message
 from typing import Any, Final, TypeVar
 
@@ -77,6 +84,11 @@ class RestError(ClientError):
 
 class Unreachable(RestError):
     """No answer: the control plane refused the connection, timed out or reset it."""
+
+
+class NotConnected(Unreachable):
+    """No connection could be made (refused, no such host, the connect timed out): nothing of
+    the request reached the control plane, so sending it to another replica cannot do it twice."""
 
 
 class MalformedAnswer(RestError):
@@ -128,9 +140,117 @@ def _error_class(status: int) -> type[RestError]:
 
 def check_base_url(url: str) -> None:
     """Refuse (ValueError) a control plane URL that is not ``http(s)://HOST:PORT``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if not _is_base_url(url):
         raise ValueError(f"control plane URL {url!r} is not http(s)://HOST:PORT")
+
+
+def _is_base_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number, a bracketed host that is not an address
+        return False
+    # No comma or space: a list of URLs given where one is expected is refused, not mangled.
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+            and not any(c.isspace() or c == "," for c in url))
+
+
+def parse_base_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """The control plane's base URLs from a comma-separated list (``http://a:8750,http://b:8750``)
+    or a sequence of URLs, each checked by ``check_base_url``; ValueError for an empty list or
+    item, or a URL given twice."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    given = ", ".join(items) if not isinstance(urls, str) else urls
+    if not given.strip():
+        raise ValueError("no control plane URL given")
+    parsed: list[str] = []
+    for item in items:
+        url = item.strip().rstrip("/")
+        if not url:
+            raise ValueError(f"control plane URL list {given!r} has an empty item")
+        check_base_url(url)
+        if base_url_key(url) in map(base_url_key, parsed):
+            raise ValueError(f"control plane URL {url!r} is listed twice")
+        parsed.append(url)
+    return tuple(parsed)
+
+
+def base_url_key(url: str) -> tuple[str, str, int | None, str]:
+    """What two spellings of one base URL share (``HTTP://Host:1/`` and ``http://host:1``)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port, parts.path.rstrip("/")
+
+
+class Replicas:
+    """The control plane's replicas, by base URL in the order they are tried; one is in use.
+
+    A call goes to the replica in use. When no connection to it can be made (``NotConnected``:
+    nothing of the request reached it) the call goes to the next replica at once, and so on
+    around the list; the replica that answers, with whatever status, is the one in use from then
+    on, so that a healthy replica is not probed again on every call. A call that reached a
+    replica and got no answer (timed out, reset) moves on only for an idempotent method (RFC
+    9110: GET, HEAD, OPTIONS, PUT, DELETE); a POST may have been acted on, and is raised as is
+    rather than replayed at another replica. Whether to ask again is ``with_retries``'s choice,
+    at the replica in use (see there). When every replica fails, the error names each.
+    """
+
+    def __init__(self, urls: str | Sequence[str]) -> None:
+        self.urls = parse_base_urls(urls)
+        self._in_use = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL of the replica in use: the one a call reached last."""
+        return self.urls[self._in_use]
+
+    def __repr__(self) -> str:
+        return f"Replicas({','.join(self.urls)!r}, in use: {self.url!r})"
+
+    def call(self, what: str, attempt: Callable[[str], T], *, idempotent: bool) -> T:
+        """``attempt(base_url)`` at the replica in use, then at the next while it fails as the
+        class says; ``what`` names the call in the error of every replica failing."""
+        failures: list[tuple[str, Unreachable]] = []
+        count = len(self.urls)
+        for index in [(self._in_use + step) % count for step in range(count)]:
+            try:
+                result = attempt(self.urls[index])
+            except NotConnected as exc:
+                failures.append((self.urls[index], exc))
+                continue
+            except Unreachable as exc:
+                self._in_use = index
+                if not idempotent:
+                    raise
+                failures.append((self.urls[index], exc))
+                continue
+            except RestError:
+                self._in_use = index
+                raise
+            self._in_use = index
+            return result
+        raise _all_failed(what, failures)
+
+    def call_json(self, token: str, method: str, path: str, body: dict[str, Any] | None, *,
+                  headers: dict[str, str] | None = None,
+                  timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """``call_json`` at the replicas, failing over as the class says."""
+        return self.call(
+            f"{method} {path}",
+            lambda url: call_json(url, token, method, path, body, headers=headers,
+                                  timeout_s=timeout_s),
+            idempotent=method.upper() in IDEMPOTENT_METHODS)
+
+
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def _all_failed(what: str, failures: list[tuple[str, Unreachable]]) -> Unreachable:
+    if len(failures) == 1:
+        return failures[0][1]
+    cls = NotConnected if all(isinstance(e, NotConnected) for _, e in failures) else Unreachable
+    reasons = "; ".join(f"{url} ({exc.detail})" for url, exc in failures)
+    return cls(f"{what}: cannot reach the control plane at any of its {len(failures)} replicas: "
+               f"{reasons}", None, detail=reasons)
 
 
 def quote(segment: str) -> str:
@@ -141,27 +261,90 @@ def quote(segment: str) -> str:
 def call_json(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None,
               *, headers: dict[str, str] | None = None,
               timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
-    """``method path`` with ``body`` as JSON and any extra ``headers`` (``If-Match`` ...); the
-    answer's JSON object (``{}`` for no body)."""
+    """``method path`` at the one control plane ``base_url``, with ``body`` as JSON and any extra
+    ``headers`` (``If-Match`` ...); the answer's JSON object (``{}`` for no body). ``Replicas``
+    calls it at each replica in turn."""
     headers = {**(headers or {}), "Authorization": f"Bearer {token}",
                "Accept": "application/json"}
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
+    answer = send(base_url, method, path, data, headers, timeout_s=timeout_s)
+    if not answer.ok:
+        raise _problem_error(f"{method} {path}", answer.status, answer.body, answer.headers)
+    return _json_object(answer.body)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer, whatever its status."""
+
+    status: int
+    body: bytes
+    headers: Message
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def send(base_url: str, method: str, path: str, data: bytes | None, headers: dict[str, str], *,
+         timeout_s: float = REQUEST_TIMEOUT_S) -> Answer:
+    """One request at the one control plane ``base_url``: its answer, a refusal included;
+    ``NotConnected`` when no connection could be made, ``Unreachable`` when one was and no
+    answer came. ``call_json`` is built on it, as is a caller whose answers have a form of their
+    own (``dsn login``'s OAuth ones), each at ``Replicas.call``."""
     request = urllib.request.Request(base_url.rstrip("/") + path, data=data, headers=headers,
                                      method=method)
-    what = f"{method} {path}"
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return _json_object(response.read())
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            return Answer(response.status, response.read(), response.headers)
     except urllib.error.HTTPError as exc:
         with exc:
-            raise _problem_error(what, exc.code, exc.read(), exc.headers) from None
+            return Answer(exc.code, exc.read(), exc.headers)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise Unreachable(f"{what}: cannot reach the control plane at {base_url}: {reason}",
-                          None) from None
+        cls = NotConnected if isinstance(reason, _ConnectFailed) else Unreachable
+        raise cls(f"{method} {path}: cannot reach the control plane at {base_url}: {reason}",
+                  None, detail=str(reason)) from None
+
+
+class _ConnectFailed(OSError):
+    """The connection could not be made: nothing of the request was sent."""
+
+
+def _connecting(connect: Callable[[], None]) -> None:
+    try:
+        connect()
+    except OSError as exc:
+        raise _ConnectFailed(str(exc)) from exc
+
+
+# urllib reports a failed connect and a failure after the request was sent alike (URLError);
+# connections that mark their own connect's failure tell them apart, which decides whether a
+# request may go to another replica.
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        _connecting(super().connect)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        _connecting(super().connect)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_HTTPSConnection, req)
+
+
+_OPENER: Final = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
 
 
 def is_retryable(exc: Exception) -> bool:
@@ -176,6 +359,12 @@ def with_retries(call: Callable[[], T], *, attempts: int = 4, first_delay_s: flo
 
     A refusal with ``Retry-After`` (429, 503) is asked again no sooner than it says; one asking
     for more than ``MAX_RETRY_AFTER_S`` is raised at once rather than waited out.
+
+    A call through ``Replicas`` is asked again at the replica in use: the one that failed to
+    answer, unless it now refuses connections. ``is_retryable`` counts a timeout or a reset as
+    worth another attempt whatever the method, as it did before there were replicas; a caller
+    for which a second POST is wrong passes a ``retry_if`` that refuses ``Unreachable`` but not
+    ``NotConnected``.
     """
     delay = first_delay_s
     for _ in range(attempts - 1):

@@ -72,6 +72,11 @@ def _state_endpoints(ctx: click.Context, from_file: Given) -> Given:
               help="Where clients, gateways and consumer jobs reach this service "
                    "(https://HOST behind a proxy): the control plane URL jobs are given and the "
                    "issuer of its OAuth metadata.  [default: http://HOST:PORT]")
+@click.option("--replica-url", "replica_urls", metavar="URL", multiple=True,
+              help="Where the control plane runs as several replicas: a replica's public URL "
+                   "(repeat for each; the same list at every replica). Consumer jobs are given "
+                   "this replica's URL first, then the others, and report to the next when one "
+                   "is gone.  [default: none: jobs get this replica's URL alone]")
 @click.option("--policy", "policy_path", type=click.Path(exists=True, path_type=Path),
               help="Policy file, or directory of *.yaml policy files; reloads re-read it. "
                    "Default: the shipped policies/.")

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from common.clone import StateEndpoints
 from common.config import next_port, parse_endpoint
 from common.errors import InvalidSetting
+from common.restclient import base_url_key, parse_base_urls
 from common.settingsfile import Layout
 from controlplane.launchers import LAUNCHERS
 from controlplane.store.base import DATABASE_URL_SCHEMES, redacted
@@ -87,7 +88,11 @@ class Settings:
 
     ``public_url`` is the URL clients reach the service at (behind a TLS proxy); it is the
     ``issuer`` of the RFC 8414 metadata, the base of its endpoint URLs, and the control plane URL
-    consumer jobs are given (default ``base_url``). A service listening on every address (``host``
+    consumer jobs are given (default ``base_url``). ``replica_urls``: where the control plane runs
+    as several replicas, every replica's public URL (the same list in each replica's settings);
+    consumer jobs are given this replica's URL first and then the others
+    (``job_controlplane_urls``), so that a job started by one replica reports to another when
+    that one is gone. A service listening on every address (``host``
     ``0.0.0.0`` or ``::``) has no address to hand out, so it needs ``public_url``. Tokens keep
     ``issuer`` as their ``iss``: a name, so they survive a move. No address handed to others (the
     public URL, the gateway endpoints producers are given) may be a wildcard.
@@ -152,6 +157,7 @@ class Settings:
     state_endpoints: StateEndpoints = DEFAULT_STATE_ENDPOINTS
     reconcile_s: float = 1.0
     public_url: str | None = None
+    replica_urls: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     console_session_s: int = 8 * 3600
     gateway_metrics: tuple[str, ...] = ()
@@ -201,6 +207,7 @@ class Settings:
                  "listens on every address, which is no address to hand to jobs and gateways: "
                  "set public_url (--public-url), the URL they reach this service at")
 
+        _check_replica_urls(self.replica_urls)
         _check_metrics_urls(self.gateway_metrics)
         if self.database_url is not None:
             _check_database_url(self.database_url)
@@ -250,6 +257,15 @@ class Settings:
         """Where clients reach the service (``public_url`` behind a proxy, else ``base_url``):
         the issuer identifier of its RFC 8414 metadata."""
         return (self.public_url or self.base_url).rstrip("/")
+
+    @property
+    def job_controlplane_urls(self) -> tuple[str, ...]:
+        """The control plane URLs consumer jobs are given, in the order they try them: this
+        replica's (``public_base_url``), then the other ``replica_urls``."""
+        own = self.public_base_url
+        others = (url.rstrip("/") for url in self.replica_urls
+                  if base_url_key(url) != base_url_key(own))
+        return (own, *others)
 
     @property
     def gateway_public_key_file(self) -> Path:
@@ -317,6 +333,21 @@ def _is_wildcard(host: str) -> bool:
 
 
 MAX_GATEWAYS: Final = 64
+MAX_REPLICAS: Final = 16
+
+
+def _check_replica_urls(urls: tuple[str, ...]) -> None:
+    _require(len(urls) <= MAX_REPLICAS, "replica_urls", f"{len(urls)} URLs",
+             f"at most {MAX_REPLICAS} replicas")
+    for url in urls:
+        # Handed to jobs on other hosts: as public_url, a URL they can reach.
+        _require(_is_base_url(url), "replica_urls", url, "must be an http(s) URL whose host is "
+                 "not a wildcard address, with no query or fragment")
+    if urls:
+        try:
+            parse_base_urls(urls)
+        except ValueError as exc:
+            raise InvalidSetting("replica_urls", ", ".join(urls), str(exc)) from None
 
 
 def _check_metrics_urls(urls: tuple[str, ...]) -> None:

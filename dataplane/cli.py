@@ -11,7 +11,12 @@ from pathlib import Path
 import click
 
 from common.client import DEFAULT_TEMPLATE, TOKEN_ENV, TOKEN_FILE_OPTION, Client, Transport
-from common.clitypes import scan_shape_option, template_params
+from common.clitypes import (
+    CONTROLPLANE_URLS_HELP,
+    ControlPlaneURLs,
+    scan_shape_option,
+    template_params,
+)
 from common.config import next_port
 from common.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.receipts import GatewayReport
@@ -45,10 +50,11 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 
 
 @producer.command("stream")
-@click.option("--controlplane", "controlplane_url", default=None, metavar="URL",
-              help="Open the session at this control plane (http(s)://HOST:PORT) and stream into "
-                   "the gateway it names, with the project token of --project-token-file or "
-                   f"${TOKEN_ENV}.")
+@click.option("--controlplane", "controlplane_urls", type=ControlPlaneURLs(), default=None,
+              metavar="URL[,URL...]",
+              help="Open the session at this control plane and stream into the gateway it "
+                   f"names, with the project token of --project-token-file or ${TOKEN_ENV}. "
+                   + CONTROLPLANE_URLS_HELP)
 @click.option("--project-token-file", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="With --controlplane: file holding the project token, mode 0600. Or set "
@@ -119,9 +125,9 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               show_default=True, help="Seconds a send may block before the stream fails.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: only on a terminal).")
-def stream(controlplane_url: str | None, project_token_file: Path | None, project: str | None,
-           template: str, param_pairs: tuple[str, ...], ttl: int | None, end_session: bool,
-           session_id: str | None, follow_wait: float,
+def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path | None,
+           project: str | None, template: str, param_pairs: tuple[str, ...], ttl: int | None,
+           end_session: bool, session_id: str | None, follow_wait: float,
            transport: Transport, endpoint: str | None, server_key: Path | None,
            receipts_endpoint: str | None, receipt_timeout: float, no_receipt: bool,
            client_key: Path | None, scan: int | None, spool_file: Path | None,
@@ -148,7 +154,7 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
         work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
                                reorder, header, electrons, dark, progress, timeout)
     wait_s = None if no_receipt else receipt_timeout
-    if controlplane_url is None:
+    if controlplane_urls is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
         target = _direct_target(endpoint, server_key, client_key, receipts_endpoint)
         _guarded(lambda: _deliver(work, target, wait_s))
@@ -161,7 +167,7 @@ def stream(controlplane_url: str | None, project_token_file: Path | None, projec
         if client_key is None:
             raise click.UsageError("--session needs --client-key, the key pair registered on it")
     session = ProducerSession(
-        _client(controlplane_url, project_token_file), project=project,
+        _client(controlplane_urls, project_token_file), project=project,
         template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
         client=None if client_key is None else _load_key(client_key, "--client-key", secret=True),
         transport=transport, session_id=session_id)
@@ -274,13 +280,13 @@ def _direct_target(endpoint: str | None, server_key: Path | None, client_key: Pa
                          _load_key(client_key, "--client-key", secret=True), receipts=receipts)
 
 
-def _client(url: str, token_file: Path | None) -> Client:
+def _client(urls: tuple[str, ...], token_file: Path | None) -> Client:
     try:
         token = token_from(token_file, env=TOKEN_ENV, option=TOKEN_FILE_OPTION)
     except TokenFileError as exc:
         raise click.BadParameter(str(exc), param_hint=TOKEN_FILE_OPTION) from None
     try:
-        return Client(url, token.token, token_source=token.source)
+        return Client(urls, token.token, token_source=token.source)
     except ClientError as exc:
         raise click.BadParameter(str(exc), param_hint="--controlplane") from None
 

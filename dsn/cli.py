@@ -12,7 +12,12 @@ from typing import Any
 
 import click
 
-from common.clitypes import ReportingGroup, scan_shape_option
+from common.clitypes import (
+    CONTROLPLANE_URLS_HELP,
+    ControlPlaneURLs,
+    ReportingGroup,
+    scan_shape_option,
+)
 
 # name -> "module:attribute" of the click group, imported on first use.
 SUBCOMMANDS = {
@@ -60,8 +65,8 @@ def main() -> None:
 
 
 @main.command("login")
-@click.option("--controlplane", "controlplane_url", required=True, metavar="URL",
-              help="The control plane (http(s)://HOST:PORT).")
+@click.option("--controlplane", "controlplane_urls", type=ControlPlaneURLs(), required=True,
+              metavar="URL[,URL...]", help=CONTROLPLANE_URLS_HELP)
 @click.option("--id-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File (mode 0600) holding the ID token from the facility's login service. "
                    "[default: the DSN_ID_TOKEN environment variable]")
@@ -74,8 +79,8 @@ def main() -> None:
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="New file (created 0600, never overwritten) for the project token, as "
                    "'dsn producer stream --project-token-file' reads it.")
-def login_command(controlplane_url: str, id_token_file: Path | None, project: str | None,
-                  scope: str | None, out_file: Path) -> None:
+def login_command(controlplane_urls: tuple[str, ...], id_token_file: Path | None,
+                  project: str | None, scope: str | None, out_file: Path) -> None:
     """Log in with a facility identity: exchange its ID token for a project token.
 
     The control plane verifies the ID token against the facility issuer's published keys and
@@ -91,7 +96,7 @@ def login_command(controlplane_url: str, id_token_file: Path | None, project: st
     if out_file.exists():
         raise OneLineError(f"{out_file} exists; refusing to overwrite it")
     id_token = token_from(id_token_file, env="DSN_ID_TOKEN", option="--id-token-file").token
-    issued = login(controlplane_url, id_token, project=project, scope=scope)
+    issued = login(controlplane_urls, id_token, project=project, scope=scope)
     create_private_file(out_file, f"{issued.token}\n".encode())
     click.echo(f"project token written to {out_file} (0600): project={issued.project} "
                f"jti={issued.jti} expires_in={issued.expires_in}s scope={issued.scope}")

@@ -1,7 +1,8 @@
 """``dsn sessions``, ``dsn jobs`` and ``dsn scans``: a facility user's commands, with a project
 token, over the control plane's REST API (``common.client.Client``).
 
-Every command takes ``--controlplane`` (or ``$DSN_CONTROLPLANE_URL``) and the project token from
+Every command takes ``--controlplane`` (or ``$DSN_CONTROLPLANE_URL``: one URL, or the replicas' URLs
+comma-separated) and the project token from
 ``--project-token-file`` or ``$DSN_PROJECT_TOKEN`` (one of them; never the command line). Answers
 print as aligned tables, or as JSON with ``--json``; a failure is one ``error: ...`` line and exit
 status 1 (``dsn.cli.main`` reports every ``DsnError`` so).
@@ -29,7 +30,12 @@ from common.client import (
     WaitError,
     WaitTimeout,
 )
-from common.clitypes import OneLineError, template_params
+from common.clitypes import (
+    CONTROLPLANE_URLS_HELP,
+    ControlPlaneURLs,
+    OneLineError,
+    template_params,
+)
 from common.keys import load_keypair
 from common.output import Columns, show
 from common.privatefs import create_private_file
@@ -61,9 +67,9 @@ SCAN_DETAIL_COLUMNS: Columns = [*SCAN_COLUMNS, ("sha256", "SHA256"), ("reason", 
 
 def _with_client(func: Callable[..., None]) -> Callable[..., None]:
     """--controlplane, --project-token-file and --json, turned into ``client`` and ``as_json``."""
-    @click.option("--controlplane", "url", default=DEFAULT_URL, show_default=True,
-                  envvar=URL_ENV, metavar="URL",
-                  help=f"The control plane (http(s)://HOST:PORT); or set ${URL_ENV}.")
+    @click.option("--controlplane", "urls", type=ControlPlaneURLs(), default=DEFAULT_URL,
+                  show_default=True, envvar=URL_ENV, metavar="URL[,URL...]",
+                  help=f"{CONTROLPLANE_URLS_HELP} Or set ${URL_ENV}.")
     @click.option(TOKEN_FILE_OPTION, "token_file", default=None,
                   type=click.Path(dir_okay=False, path_type=Path),
                   help=f"File (mode 0600) holding your project token. Or set ${TOKEN_ENV} "
@@ -71,8 +77,8 @@ def _with_client(func: Callable[..., None]) -> Callable[..., None]:
     @click.option("--json", "as_json", is_flag=True,
                   help="Print the answer as JSON, for scripts, instead of a table.")
     @functools.wraps(func)
-    def wrapper(url: str, token_file: Path | None, **kwargs: Any) -> None:
-        func(Client.from_environment(url, token_file), **kwargs)
+    def wrapper(urls: tuple[str, ...], token_file: Path | None, **kwargs: Any) -> None:
+        func(Client.from_environment(urls, token_file), **kwargs)
     return wrapper
 
 

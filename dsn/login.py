@@ -3,21 +3,21 @@
 RFC 8693 token exchange at ``POST /api/v1/token``: the identity token (an OpenID Connect ID token
 from the facility's login service) is the ``subject_token``; the control plane verifies it against
 the issuer's keys, maps it to a project by the admin's federation rules, and answers with a
-project token, which is written to a new 0600 file. Neither token is ever on the command line,
-in a message or in a log line.
+project token, which is written to a new 0600 file. Given the URLs of several control-plane
+replicas, the exchange goes to the next when no connection to one can be made. Neither token is
+ever on the command line, in a message or in a log line.
 """
 
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from common.errors import DsnError
-from common.restclient import REQUEST_TIMEOUT_S, check_base_url
+from common.restclient import REQUEST_TIMEOUT_S, Replicas, RestError, send
 
 TOKEN_PATH: Final = "/api/v1/token"
 GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -41,31 +41,28 @@ class ProjectToken:
         return f"ProjectToken(project={self.project!r}, jti={self.jti!r})"
 
 
-def login(controlplane_url: str, id_token: str, *, project: str | None = None,
+def login(controlplane_urls: str | Sequence[str], id_token: str, *, project: str | None = None,
           scope: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S) -> ProjectToken:
-    """Exchange ``id_token`` for a project token; LoginError names the control plane's reason."""
+    """Exchange ``id_token`` for a project token at the control plane (one URL, or its
+    replicas'); LoginError names the control plane's reason."""
     try:
-        check_base_url(controlplane_url)
+        replicas = Replicas(controlplane_urls)
     except ValueError as exc:
         raise LoginError(str(exc)) from None
     form = {"grant_type": GRANT, "subject_token": id_token, "subject_token_type": ID_TOKEN,
             "requested_token_type": PROJECT_TOKEN}
     form.update({name: value for name, value in (("project", project), ("scope", scope))
                  if value is not None})
-    request = urllib.request.Request(
-        controlplane_url.rstrip("/") + TOKEN_PATH, data=urllib.parse.urlencode(form).encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded",
-                 "Accept": "application/json"}, method="POST")
+    data = urllib.parse.urlencode(form).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return _answer(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            raise LoginError(f"login refused: {_refusal(exc.code, exc.read())}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise LoginError(f"cannot reach the control plane at {controlplane_url}: "
-                         f"{reason}") from None
+        answer = replicas.call(f"POST {TOKEN_PATH}", lambda url: send(
+            url, "POST", TOKEN_PATH, data, headers, timeout_s=timeout_s), idempotent=False)
+    except RestError as exc:
+        raise LoginError(str(exc)) from None
+    if not answer.ok:
+        raise LoginError(f"login refused: {_refusal(answer.status, answer.body)}")
+    return _answer(answer.body)
 
 
 def _answer(raw: bytes) -> ProjectToken:

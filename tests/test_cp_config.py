@@ -141,6 +141,13 @@ def test_help_says_how_options_file_and_defaults_combine() -> None:
     ("gateway:\n  endpoint: tcp://0.0.0.0:5555\n", ["gateway.endpoint", "not a wildcard"]),
     ("state_endpoints:\n  snapshot: tcp://10.0.0.5:8751\n", ["state_endpoints.updates"]),
     ("public_url: ftp://dsn.example\n", ["public_url: 'ftp://dsn.example': must be an http(s)"]),
+    ("replica_urls: [http://a.example:8750, 'http://A.example:8750/']\n",
+     ["replica_urls", "'http://A.example:8750' is listed twice"]),
+    ("replica_urls: [http://0.0.0.0:8750]\n", ["replica_urls: 'http://0.0.0.0:8750'",
+                                               "not a wildcard"]),
+    ("replica_urls: ['http://a.example:8750,http://b.example:8750']\n",
+     ["replica_urls", "is not http(s)://HOST:PORT"]),
+    ("replica_urls: http://a.example:8750\n", ["replica_urls: Input should be a valid array"]),
     ("- port: 1\n", ["must be a mapping of settings, not list"]),
     ("port: [1\n", ["is not valid YAML"]),
     ("clock: 1\nissuer: me\n", ["clock: unknown key", "issuer: unknown key"]),
@@ -252,6 +259,45 @@ state_endpoints:
             "http://dsn.facility.example:8443\n"
 
 
+@pytest.mark.timeout(90)
+def test_a_replica_hands_its_jobs_every_replicas_url_its_own_first(tmp_path: Path) -> None:
+    site = tmp_path / "etc"
+    state = tmp_path / "state"
+    assert dsn("admin", "init", "--state-dir", str(state)).exit_code == 0
+    port, snapshot, updates = free_ports(3)
+    config = write(site, f"""\
+state_dir: ../state
+port: {port}
+public_url: http://dsn2.facility.example:8443
+replica_urls: [http://dsn1.facility.example:8443, http://dsn2.facility.example:8443/,
+               https://dsn3.facility.example]
+jobs_dir: jobs
+state_endpoints:
+  snapshot: tcp://127.0.0.1:{snapshot}
+  updates: tcp://127.0.0.1:{updates}
+""")
+    url = f"http://127.0.0.1:{port}"
+    # Exported as the shipped job templates export it, and read back by the job itself.
+    exporting = TINY_JOB.replace("set -eu\n", "set -eu\n  export DSN_CONTROLPLANE_URL="
+                                 "{{ system.controlplane_urls | shquote }}\n").replace(
+        "{{ params.marker | shquote }}", '"$DSN_CONTROLPLANE_URL"')
+    with serving_config(config, tmp_path / "serve.log", url):
+        job = _run_tiny_job(tmp_path, url, state, exporting)
+    workdir = site / "jobs" / job["id"]
+    assert job["state"] == "succeeded", (workdir / "job.log").read_text()
+    assert (workdir / "output" / "marker").read_text() == (
+        "http://dsn2.facility.example:8443,http://dsn1.facility.example:8443,"
+        "https://dsn3.facility.example\n")
+
+
+def test_without_replica_urls_jobs_get_the_public_url_alone(tmp_path: Path) -> None:
+    settings = settings_from("--state-dir", str(tmp_path), "--public-url", "https://dsn.example")
+    assert settings.job_controlplane_urls == ("https://dsn.example",)
+    given = settings_from("--state-dir", str(tmp_path), "--port", "9000", "--replica-url",
+                          "http://127.0.0.1:9001", "--replica-url", "http://127.0.0.1:9000")
+    assert given.job_controlplane_urls == ("http://127.0.0.1:9000", "http://127.0.0.1:9001")
+
+
 @contextlib.contextmanager
 def serving_config(config: Path, log: Path, url: str) -> Iterator[Path]:
     """``dsn controlplane serve --config CONFIG``, started elsewhere than the file's directory,
@@ -260,16 +306,17 @@ def serving_config(config: Path, log: Path, url: str) -> Iterator[Path]:
         yield log
 
 
-def _run_tiny_job(tmp_path: Path, url: str, state: Path) -> Any:
-    """A job of a template that writes the control plane URL it was given; its final record."""
+def _run_tiny_job(tmp_path: Path, url: str, state: Path, job_template: str | None = None) -> Any:
+    """A job of ``job_template``, by default one that writes the control plane URL it was given;
+    its final record."""
     def admin(*args: str) -> Result:
         result = dsn("admin", *args, "--url", url, "--state-dir", str(state))
         assert result.exit_code == 0, result.output
         return result
 
-    template = write(tmp_path, TINY_JOB.replace("{{ params.marker | shquote }}",
-                                                "{{ system.controlplane_url | shquote }}"),
-                     "tiny-job.yaml")
+    template = write(tmp_path, job_template or TINY_JOB.replace(
+        "{{ params.marker | shquote }}", "{{ system.controlplane_url | shquote }}"),
+        "tiny-job.yaml")
     admin("templates", "edit", "tiny-job", str(template), "--create")
     admin("projects", "create", "alpha")
     admin("tokens", "issue", "alpha", "--subject", "alice", "--out", str(tmp_path / "token"))

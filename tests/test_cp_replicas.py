@@ -2,7 +2,8 @@
 made by ``dsn admin init`` and ``dsn admin init --join``: tokens signed by either verify at both,
 a revocation through one is refused by the other at once, rate limits and quotas are shared, and
 exactly one replica leads (runs the run-once duties) until it is killed, when the other takes
-over; the audit chain verifies throughout."""
+over; the audit chain verifies throughout. Clients given both replicas' URLs go on through the
+other when one is killed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from limits import parse
 from test_cp_cli import DSN, _wait_healthy, assert_one_line_error, dsn
 from waiting import eventually, eventually_async
 
+from common.client import Client
 from common.clone import StateEndpoints, StateServer
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
@@ -465,3 +467,17 @@ async def test_a_session_change_through_one_replica_reaches_the_other_replicas_g
                                what="the revoked session gone from that gateway")
     finally:
         source.stop()
+
+
+async def test_clients_given_both_replicas_go_on_through_the_other_when_one_is_killed(
+        pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    await pair.create_project(a, "alpha")
+    client = Client(f"{a.url},{b.url}", (await pair.project_token(a, "alpha"))["token"])
+    assert await asyncio.to_thread(client.sessions) == [] and client.url == a.url
+    a.process.kill()
+    a.process.wait()
+    assert await asyncio.to_thread(client.sessions) == [] and client.url == b.url
+    listed = dsn("admin", "projects", "list", "--url", f"{a.url},{b.url}",
+                 env={"DSN_ADMIN_TOKEN": pair.admin_token})
+    assert listed.exit_code == 0 and "alpha" in listed.stdout, listed.output

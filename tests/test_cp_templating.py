@@ -42,6 +42,7 @@ JOB_SYSTEM: dict[str, Any] = {
     "output_dir": "/scratch/dsn/s-20261122-0001",
     "token_file": "/var/lib/dsn/sessions/s-20261122-0001/consumer.token",
     "controlplane_url": "https://dsn.example.org:8750",
+    "controlplane_urls": "https://dsn.example.org:8750,https://dsn2.example.org:8750",
     "consumer_command": ["/opt/dsn/.venv/bin/python", "-m", "dataplane.consumer"],
     "mpiexec": ["/opt/dsn/.venv/bin/mpiexec", "--oversubscribe"],
 }
@@ -446,6 +447,9 @@ def test_system_values_are_validated_too(change: dict[str, Any], field: str,
     ({"token_file": "/t\n; curl evil"}, "system.token_file"),
     ({"consumer_command": []}, "system.consumer_command"),
     ({"controlplane_url": "http://x/$(id)"}, "system.controlplane_url"),
+    ({"controlplane_urls": "http://x:1,http://y/$(id)"}, "system.controlplane_urls"),
+    ({"controlplane_urls": "http://x:1,,http://y:2"}, "system.controlplane_urls"),
+    ({"controlplane_urls": "http://x:1 http://y:2"}, "system.controlplane_urls"),
 ])
 def test_job_system_values_are_validated(change: dict[str, Any], field: str,
                                          policy: PolicySet) -> None:

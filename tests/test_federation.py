@@ -250,10 +250,11 @@ async def test_dsn_login_writes_a_project_token_file(tmp_path: Path, idp: Glewlw
         out = tmp_path / "ncem.token"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("DSN_")}
         url = cp.settings.base_url
+        down = f"http://127.0.0.1:{free_port()}"  # a replica that is down, tried first
         # In a thread: this loop must go on serving the control plane the command calls.
         done = await asyncio.to_thread(
-            subprocess.run, [DSN, "login", "--controlplane", url, "--id-token-file", str(id_file),
-                             "--out", str(out)],
+            subprocess.run, [DSN, "login", "--controlplane", f"{down},{url}", "--id-token-file",
+                             str(id_file), "--out", str(out)],
             capture_output=True, text=True, env=environment, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "project=ncem-4d" in done.stdout and str(out) in done.stdout

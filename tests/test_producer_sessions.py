@@ -204,6 +204,22 @@ async def test_the_cli_opens_a_session_and_streams_the_scan_into_it(
                                                              "sources": ["127.0.0.0/8"]})
 
 
+async def test_the_cli_opens_the_session_at_the_replica_that_is_up(
+        cp: ControlPlane, gateway: StandInGateway, tmp_path: Path,
+        free_port: Callable[[], int]) -> None:
+    token = await project_token(cp)
+    down = f"http://127.0.0.1:{free_port()}"  # a replica that is down: nothing listens there
+    args = ["--controlplane", f"{down},{cp.url}", "--project-token-file",
+            str(token_file(tmp_path, token)), "--scan-shape", SCAN_SHAPE, "--no-progress",
+            "--timeout", "10", "--end-session", "--no-receipt"]
+    result, headers = await asyncio.gather(asyncio.to_thread(invoke, args), asyncio.to_thread(
+        gateway.receive, SCAN_MESSAGES))
+    assert result.exit_code == 0, result.output
+    assert kinds(headers) == {"ScanBegin": 4, "Data": 16, "ScanEnd": 4}
+    detail = await session_detail(cp, result.output.split()[1])
+    assert detail["state"] == "ended"  # --end-session reached the live replica too
+
+
 async def test_the_cli_takes_the_token_from_the_environment_and_the_project_from_the_token(
         cp: ControlPlane, gateway: StandInGateway) -> None:
     token = await project_token(cp)

@@ -246,8 +246,8 @@ async def test_a_site_loses_its_leading_replica_and_a_gateway_mid_scan_and_loses
         gw[name].awaits(rf'dsn_gateway_consumers{{session="{opened["id"]}"}} 1\.0',
                         "connected to its session's consumer")
 
-    producers = [_stream(site, [b], first["id"], keys[0], token_file),
-                 _stream(site, [b], second["id"], keys[1], token_file)]
+    producers = [_stream(site, [a, b], first["id"], keys[0], token_file),
+                 _stream(site, [a, b], second["id"], keys[1], token_file)]
     try:
         # Both scans in flight and held: each gateway waits on its consumer.
         for opened, name in ((first, "gw1"), (second, "gw2")):

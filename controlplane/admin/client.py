@@ -2,16 +2,18 @@
 
 The token comes from ``--token-file`` or ``$DSN_ADMIN_TOKEN`` (both at once is an error, never a
 silent choice), else ``STATE_DIR/admin.token``; never from the command line, so it cannot leak
-through ``ps`` or shell history.
+through ``ps`` or shell history. A control plane running as several replicas is named by all
+their URLs; a call that cannot connect to one goes to the next (``common.restclient.Replicas``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.restclient import call_json, quote
+from common.restclient import Replicas, quote
 from common.tokenfile import FoundToken, token_from
 from controlplane.admin.bootstrap import ADMIN_TOKEN_FILE
 
@@ -26,22 +28,29 @@ def admin_token(token_file: Path | None, state_dir: Path) -> FoundToken:
 
 @dataclass(frozen=True)
 class AdminClient:
-    """The control plane at ``url``, called with an admin token (found at ``token_source``): one
-    command, a request or two."""
+    """The control plane at ``replicas``, called with an admin token (found at
+    ``token_source``): one command, a request or two."""
 
-    url: str
+    replicas: Replicas
     token: str = field(repr=False)
     token_source: str = ""
 
     @classmethod
-    def found(cls, url: str, token_file: Path | None, state_dir: Path) -> AdminClient:
+    def found(cls, urls: str | Sequence[str], token_file: Path | None,
+              state_dir: Path) -> AdminClient:
+        """``urls`` (one, or the replicas' comma-separated; ValueError for a bad list)."""
         found = admin_token(token_file, state_dir)
-        return cls(url, found.token, found.source)
+        return cls(Replicas(urls), found.token, found.source)
+
+    @property
+    def url(self) -> str:
+        """The base URL of the replica in use."""
+        return self.replicas.url
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              headers: dict[str, str] | None = None) -> dict[str, Any]:
-        return call_json(self.url, self.token, method, path, body, headers=headers,
-                         timeout_s=HTTP_TIMEOUT_S)
+        return self.replicas.call_json(self.token, method, path, body, headers=headers,
+                                       timeout_s=HTTP_TIMEOUT_S)
 
     def items(self, path: str) -> list[dict[str, Any]]:
         """The ``items`` of a list answer."""

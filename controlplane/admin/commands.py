@@ -18,7 +18,12 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from common.clitypes import OneLineError, template_params
+from common.clitypes import (
+    CONTROLPLANE_URLS_HELP,
+    ControlPlaneURLs,
+    OneLineError,
+    template_params,
+)
 from common.output import cell, echo_json, show, summary
 from common.privatefs import create_private_file
 from common.restclient import quote
@@ -50,17 +55,18 @@ def _client_options(func: F) -> F:
     func = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
                         default=DEFAULT_STATE_DIR, show_default=True,
                         help="State directory holding admin.token.")(func)
-    return click.option("--url", default=DEFAULT_URL, show_default=True,
-                        envvar="DSN_CONTROLPLANE_URL",
-                        help="Control plane base URL (env DSN_CONTROLPLANE_URL).")(func)
+    return click.option("--url", "urls", type=ControlPlaneURLs(), default=DEFAULT_URL,
+                        show_default=True, envvar="DSN_CONTROLPLANE_URL", metavar="URL[,URL...]",
+                        help=f"{CONTROLPLANE_URLS_HELP} Or set DSN_CONTROLPLANE_URL.")(func)
 
 
 def _with_client(func: Callable[..., None]) -> Callable[..., None]:
     """The client options, turned into an authenticated ``client`` argument."""
     @_client_options
     @functools.wraps(func)
-    def wrapper(url: str, state_dir: Path, token_file: Path | None, **kwargs: Any) -> None:
-        func(AdminClient.found(url, token_file, state_dir), **kwargs)
+    def wrapper(urls: tuple[str, ...], state_dir: Path, token_file: Path | None,
+                **kwargs: Any) -> None:
+        func(AdminClient.found(urls, token_file, state_dir), **kwargs)
     return wrapper
 
 
@@ -94,7 +100,8 @@ def admin() -> None:
     """Administer the control plane: init, admins, projects, tokens, keys, policies, audit.
 
     Apart from 'init', 'recover', 'policies check' and 'audit verify --offline', commands talk to
-    the running service (--url, default http://127.0.0.1:8750) with your admin token from
+    the running service (--url, default http://127.0.0.1:8750; its replicas' URLs comma-separated
+    where it runs several) with your admin token from
     --token-file or $DSN_ADMIN_TOKEN (one of them, not both), else STATE_DIR/admin.token. Tokens
     are never accepted on the command line.
     """
@@ -590,7 +597,7 @@ def auditshow(client: AdminClient, after_seq: int, limit: int, as_json: bool) ->
                    "service's --audit-checkpoints).  [default: STATE_DIR/audit-checkpoints.jsonl]")
 @_database_url_option("With --offline: the service's database, if its state is in PostgreSQL.")
 @_client_options
-def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bool,
+def audit_verify(urls: tuple[str, ...], state_dir: Path, token_file: Path | None, offline: bool,
                  checkpoints: Path | None, database_url: str | None) -> None:
     """Check the hash chain and the signed checkpoints kept outside the database: an edited,
     inserted or deleted record, or a tail cut off up to the last checkpoint, makes this exit 1."""
@@ -599,7 +606,8 @@ def audit_verify(url: str, state_dir: Path, token_file: Path | None, offline: bo
     if offline:
         result = asyncio.run(verify_offline(state_dir, checkpoints, database_url))
     else:
-        result = AdminClient.found(url, token_file, state_dir).call("GET", "/api/v1/audit/verify")
+        result = AdminClient.found(urls, token_file, state_dir).call("GET",
+                                                                     "/api/v1/audit/verify")
     if not result.get("ok"):
         where = result.get("first_bad_seq")
         at = f" at record {where}" if where is not None else ""

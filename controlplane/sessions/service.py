@@ -330,7 +330,9 @@ async def _job_system(services: Services, session: SessionRecord, workdir: Path,
         "session_id": session.id, "job_id": workdir.name, "ranks": ranks,
         "config_path": str(workdir / CONFIG_NAME),
         "output_dir": str(workdir / OUTPUT_NAME), "token_file": str(workdir / TOKEN_NAME),
-        "controlplane_url": settings.public_base_url, "consumer_command": consumer_command()}
+        "controlplane_url": settings.public_base_url,
+        "controlplane_urls": ",".join(settings.job_controlplane_urls),
+        "consumer_command": consumer_command()}
     if settings.launcher == "local":
         # mpiexec_command ends in "-n RANKS"; the template writes those itself.
         system["mpiexec"] = (await asyncio.to_thread(mpiexec_command, ranks, []))[:-2]

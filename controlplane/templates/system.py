@@ -25,6 +25,10 @@ from controlplane.templates.base import Kind, Strict, field_errors, invalid, sho
 
 _URL = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$"
                   r"|^https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+_ONE_URL = (r"https?://(?:[A-Za-z0-9.\-]+|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?"
+            r"(?:/[A-Za-z0-9._~/-]*)?")
+# The replicas' URLs as DSN_CONTROLPLANE_URL and --controlplane take them: comma-separated.
+_URLS = re.compile(rf"^{_ONE_URL}(?:,{_ONE_URL})*$")
 
 
 def _printable(value: str) -> str:
@@ -64,6 +68,8 @@ class JobSystem(Strict):
     output_dir: AbsolutePath
     token_file: AbsolutePath
     controlplane_url: StrictStr = Field(pattern=_URL.pattern, max_length=1024)
+    # Every replica's URL, this one's first; the same as controlplane_url with one replica.
+    controlplane_urls: StrictStr = Field(pattern=_URLS.pattern, max_length=16 * 1024)
     consumer_command: list[Argument] = Field(min_length=1, max_length=16)
     mpiexec: list[Argument] = Field(default_factory=lambda: ["mpiexec"], min_length=1,
                                     max_length=16)
@@ -103,4 +109,5 @@ def sample_system(kind: Kind) -> dict[str, Any]:
             "config_path": "/var/lib/dsn/dry-run.yaml",
             "output_dir": "/var/lib/dsn/output", "token_file": "/var/lib/dsn/consumer.token",
             "controlplane_url": "http://127.0.0.1:8750",
+            "controlplane_urls": "http://127.0.0.1:8750",
             "consumer_command": ["/usr/bin/python3", "-m", "dataplane.consumer"]}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from common.clitypes import ControlPlaneURLs
+
 
 @click.group()
 def consumer() -> None:
@@ -43,11 +45,13 @@ def consumer() -> None:
 @click.option("--result-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append scan results as JSON lines here [default: stdout without a control "
                    "plane, none with one].")
-@click.option("--controlplane", "controlplane_url", envvar="DSN_CONTROLPLANE_URL", default=None,
-              metavar="URL",
+@click.option("--controlplane", "controlplane_urls", type=ControlPlaneURLs(),
+              envvar="DSN_CONTROLPLANE_URL", default=None, metavar="URL[,URL...]",
               help="Register with this control plane (env DSN_CONTROLPLANE_URL): each rank binds "
                    "an ephemeral port, registers it and reports results there. Without it, rank "
-                   "r binds the session's consumer endpoint r from --config.")
+                   "r binds the session's consumer endpoint r from --config. Where the control "
+                   "plane runs as several replicas, all their URLs comma-separated: a call that "
+                   "cannot connect to one goes to the next.")
 @click.option("--token-file", envvar="DSN_CONSUMER_TOKEN_FILE", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="File holding the consumer token, mode 0600 (env DSN_CONSUMER_TOKEN_FILE); "
@@ -64,7 +68,8 @@ def consumer() -> None:
 def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int | None,
                  drain_s: float,
                  dark: Path | None, samples: int, background_sigma: float, xray_sigma: float,
-                 kernel: str, result_file: Path | None, controlplane_url: str | None,
+                 kernel: str, result_file: Path | None,
+                 controlplane_urls: tuple[str, ...] | None,
                  token_file: Path | None, bind_host: str, job_id: str | None) -> None:
     """Receive, count and write a session's scans; one rank per consumer endpoint."""
     # Imported here so that other dsn commands never initialise MPI.
@@ -72,10 +77,10 @@ def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int |
     from dataplane.consumer.runner import JobArguments, run_job
 
     registration = None
-    if controlplane_url is not None:
+    if controlplane_urls is not None:
         if token_file is None:
             raise click.UsageError("--controlplane needs --token-file (or DSN_CONSUMER_TOKEN_FILE)")
-        registration = RegistrationArguments(controlplane_url=controlplane_url,
+        registration = RegistrationArguments(controlplane_urls=controlplane_urls,
                                              token_file=token_file, bind_host=bind_host,
                                              job_id=job_id)
     code = run_job(JobArguments(

@@ -2,18 +2,19 @@
 
 The calls go through the shared REST client: every failure is its ``RestError``, naming the call,
 the status and the control plane's own explanation, with ``retryable`` for the ones worth another
-attempt. The token travels only in the ``Authorization`` header and is never part of a message or
-a log record.
+attempt. A control plane running as several replicas is given as all their URLs: a call that
+cannot connect to one goes to the next (``common.restclient.Replicas``). The token travels only in
+the ``Authorization`` header and is never part of a message or a log record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from common import restclient
-from common.restclient import REQUEST_TIMEOUT_S, RestError, quote
+from common.restclient import REQUEST_TIMEOUT_S, Replicas, RestError, quote
 from dataplane.consumer.errors import SetupError
 
 
@@ -51,17 +52,25 @@ class Lease:
 
 @dataclass(frozen=True)
 class ControlPlaneClient:
-    """The control plane at ``base_url`` (``http://HOST:PORT``), called with a consumer token."""
+    """The control plane at ``urls`` (``http://HOST:PORT``, or its replicas' URLs: a sequence or
+    one comma-separated string), called with a consumer token."""
 
-    base_url: str
+    urls: str | Sequence[str]
     token: str = field(repr=False)
     timeout_s: float = REQUEST_TIMEOUT_S
+    replicas: Replicas = field(init=False)
 
     def __post_init__(self) -> None:
         try:
-            restclient.check_base_url(self.base_url)
+            # Frozen: the replicas (and the one in use) are set once, here.
+            object.__setattr__(self, "replicas", Replicas(self.urls))
         except ValueError as exc:
             raise SetupError(str(exc)) from None
+
+    @property
+    def base_url(self) -> str:
+        """The base URL of the replica in use."""
+        return self.replicas.url
 
     def register(self, session: str, me: Registration) -> Lease:
         answer = self._call("POST", f"{_session_path(session)}/consumers", {
@@ -79,8 +88,7 @@ class ControlPlaneClient:
         self._call("POST", f"{_session_path(session)}/scans/{scan}/result", result)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        return restclient.call_json(self.base_url, self.token, method, path, body,
-                                    timeout_s=self.timeout_s)
+        return self.replicas.call_json(self.token, method, path, body, timeout_s=self.timeout_s)
 
 
 def _session_path(session: str) -> str:

@@ -38,7 +38,7 @@ MIN_HEARTBEAT_S = 1.0
 class RegistrationArguments:
     """Where and how ranks register: ``dsn consumer run --controlplane ...``."""
 
-    controlplane_url: str
+    controlplane_urls: tuple[str, ...]  # the replicas', tried in order
     token_file: Path
     bind_host: str
     job_id: str | None
@@ -178,7 +178,7 @@ class Joined:
 def _join_one(args: RegistrationArguments, context: zmq.Context[zmq.Socket[bytes]],
               session: str, hwm: int, rank: int, job_id: str,
               log: logging.Logger) -> tuple[ControlPlaneClient, Joined]:
-    client = ControlPlaneClient(args.controlplane_url, read_token(args.token_file))
+    client = ControlPlaneClient(args.controlplane_urls, read_token(args.token_file))
     socket, endpoint = bind_ephemeral(context, args.bind_host, hwm)
     me = Registration(endpoint=endpoint, rank=rank, job_id=job_id, host=sockets.gethostname())
     try:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Consumer job for DSN session s-20261122-0001 (rendered by the control plane).
 set -eu
-export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750
+export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750,https://dsn2.example.org:8750
 export DSN_CONSUMER_TOKEN_FILE=/var/lib/dsn/sessions/s-20261122-0001/consumer.token
 /opt/dsn/.venv/bin/mpiexec --oversubscribe -n 4 \
   /opt/dsn/.venv/bin/python -m dataplane.consumer run \

@@ -15,7 +15,7 @@
 #SBATCH --exclusive
 # Consumer job for DSN session s-20261122-0001 (rendered by the control plane).
 set -euo pipefail
-export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750
+export DSN_CONTROLPLANE_URL=https://dsn.example.org:8750,https://dsn2.example.org:8750
 export DSN_CONSUMER_TOKEN_FILE=/var/lib/dsn/sessions/s-20261122-0001/consumer.token
 # Slurm sends the drain signal (--signal=TERM@DRAIN_S) to every rank of the job step that srun
 # starts; ranks that mpiexec starts belong to the batch step, which it does not signal.
