@@ -50,7 +50,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 GATEWAYS = ("gw1", "gw2", "gw3")
 SCOPE = CLIENT_SCOPE + " consumers:register templates:read templates:render scans:read"
-TIMEOUT_S = 2  # the control plane's gateway.timeout_s
+# The control plane's gateway.timeout_s: longer than a gateway takes to notice that the replica it
+# follows is gone and to announce itself to the next (three missed state heartbeats, 3 s), so a
+# gateway that changes replicas is never taken for dead.
+TIMEOUT_S = 6
 SCAN_SHAPE = (16, 16)
 SECTORS = 4
 SCAN_SECTORS = SCAN_SHAPE[0] * SCAN_SHAPE[1] * SECTORS
@@ -187,6 +190,15 @@ class Consumer:
                 self.ends += 1
 
 
+@pytest.fixture
+def consumers(zmq_context: zmq.Context) -> Iterator[list[Consumer]]:
+    """One consumer rank for each of the two sessions."""
+    made = [Consumer(zmq_context), Consumer(zmq_context)]
+    yield made
+    for consumer in made:
+        consumer.socket.close(linger=0)
+
+
 def _stream(site: Site, urls: list[Replica], session: str, key: Path, token: Path
             ) -> subprocess.Popen[str]:
     return subprocess.Popen(
@@ -198,7 +210,7 @@ def _stream(site: Site, urls: list[Replica], session: str, key: Path, token: Pat
 
 
 async def test_a_site_loses_its_leading_replica_and_a_gateway_mid_scan_and_loses_nothing(
-        site: Site, zmq_context: zmq.Context, tmp_path: Path) -> None:
+        site: Site, consumers: list[Consumer], tmp_path: Path) -> None:
     a, b, gw = site.a, site.b, site.gateways
 
     async def all_live() -> bool:
@@ -220,14 +232,13 @@ async def test_a_site_loses_its_leading_replica_and_a_gateway_mid_scan_and_loses
     await site.admin(a, "DELETE", f"/api/v1/tokens/{_claims(spare['token'])['jti']}")
 
     # Two sessions, opened through different replicas, each with its producer key and a consumer.
-    consumers, keys, sessions = [], [], []
-    for n, via in enumerate((a, b)):
+    keys, sessions = [], []
+    for n, (via, consumer) in enumerate(zip((a, b), consumers, strict=True)):
         public, secret = create_keypair(tmp_path / "producers", f"p{n}")
         status, opened = await site.call(via, "POST", "/api/v1/sessions", token, json={
             "project": "beam", "template": "4dstem", "params": {"hwm": 8},
             "client_key": load_keypair(public).public.decode()})
         assert status == 201, opened
-        consumer = Consumer(zmq_context)
         status, worker = await site.call(via, "POST", "/api/v1/token", token,
                                          json={"kind": "consumer"})
         assert status == 200, worker
@@ -236,7 +247,6 @@ async def test_a_site_loses_its_leading_replica_and_a_gateway_mid_scan_and_loses
             json={"endpoint": f"tcp://127.0.0.1:{consumer.port}", "rank": 0, "job_id": "job-1",
                   "host": "node-1"})
         assert status == 201, registered
-        consumers.append(consumer)
         keys.append(secret)
         sessions.append(opened)
     first, second = sessions
