@@ -448,11 +448,11 @@ def _job_path(session: str, job: str) -> str:
 
 def _not_acted_on(exc: Exception) -> bool:
     # A second request that creates something after a first that did take effect would be
-    # refused (409) or create it twice: ask again only when the first cannot have been acted on.
-    # No answer at all (status None) has counted as not acted on since before there were
-    # replicas; the second request goes to the same replica unless that one now refuses
-    # connections (Replicas never sends a POST that reached a replica on to another by itself).
-    return isinstance(exc, RestError) and exc.status in (None, 429, 503)
+    # refused (409) or create it twice: ask again only when the first cannot have been acted on,
+    # because it never reached a replica (no connection) or was refused before being acted on.
+    # A timeout or a reset once it was sent is raised: the caller looks before asking again.
+    return isinstance(exc, NotConnected) or (isinstance(exc, RestError)
+                                             and exc.status in (429, 503))
 
 
 def _primary(results: list[Scan]) -> Scan:
