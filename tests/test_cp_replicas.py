@@ -160,12 +160,17 @@ def pair(postgres_url: str, tmp_path: Path) -> Iterator[Pair]:
         yield Pair(*replicas, admin_token=token, database_url=postgres_url,
                    gateway=load_secret_keypair(secret))
     finally:
-        for replica in replicas:
-            try:
-                replica.stop()
-            finally:
-                replica.process.kill()
-                replica.process.wait()
+        stop_all(replicas)
+
+
+def stop_all(replicas: list[Replica]) -> None:
+    """Stop each replica cleanly (status 0), killing it if it will not."""
+    for replica in replicas:
+        try:
+            replica.stop()
+        finally:
+            replica.process.kill()
+            replica.process.wait()
 
 
 def _padded(part: str) -> str:

@@ -37,7 +37,7 @@ import pytest
 import zmq
 from cp_helpers import CLIENT_SCOPE, write_policy
 from test_cp_cli import DSN, dsn
-from test_cp_replicas import Replica, _padded, _start
+from test_cp_replicas import Replica, _padded, _start, stop_all
 from waiting import eventually, eventually_async
 
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
@@ -152,12 +152,7 @@ def site(postgres_url: str, tmp_path: Path) -> Iterator[Site]:
             if gateway.process.poll() is None:
                 gateway.process.send_signal(signal.SIGTERM)
             gateway.process.wait(timeout=20)
-        for replica in replicas:
-            try:
-                replica.stop()
-            finally:
-                replica.process.kill()
-                replica.process.wait()
+        stop_all(replicas)
 
 
 def _claims(token: str) -> dict[str, Any]:
