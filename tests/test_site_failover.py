@@ -53,7 +53,7 @@ SCOPE = CLIENT_SCOPE + " consumers:register templates:read templates:render scan
 # The control plane's gateway.timeout_s: longer than a gateway takes to notice that the replica it
 # follows is gone and to announce itself to the next (three missed state heartbeats, 3 s), so a
 # gateway that changes replicas is never taken for dead.
-TIMEOUT_S = 6
+TIMEOUT_S = 8
 SCAN_SHAPE = (16, 16)
 SECTORS = 4
 SCAN_SECTORS = SCAN_SHAPE[0] * SCAN_SHAPE[1] * SECTORS
