@@ -14,8 +14,8 @@ three missed ones to change replica), each following both replicas' state servic
 (the policy's ``gateways`` section pins each project to its gateways, so placement is known). A
 gateway "serves" a session once the session is in the table its ZAP handler admits producers
 from, which its metrics page shows as a ``dsn_gateway_consumers{session="ID"}`` series; the bench
-polls that page every 10 ms. Clocks are the bench's monotonic clock, except registrations, read
-as the registry's ``last_seen`` times (wall clock, same host).
+polls that page every 10 ms (the control plane's REST API every 50 ms). Times are the bench's
+monotonic clock, except registrations: the registry's ``last_seen`` (wall clock, same host).
 
 1. **Gateway changes replica** (``--rounds``): SIGKILL the replica gw-a follows, at once open a
    session of "change" through the other (the survivor), and time kill -> gw-a serves it (it can
@@ -79,9 +79,11 @@ from postgres_server import running_server
 
 from common.keys import create_keypair, load_keypair
 from common.ports import free_port
+from common.privatefs import create_private_file
 from controlplane.admin.bootstrap import initialize, join
 
-POLL_S = 0.01
+POLL_S = 0.01  # a gateway's metrics page
+REST_POLL_S = 0.05  # the control plane: each request is also counted in the database
 SCOPE = ("token:exchange projects:read sessions:read sessions:write consumers:register "
          "templates:read templates:render scans:read")
 UNBOUNDED = 1_000_000_000
@@ -106,14 +108,15 @@ def _request(url: str, method: str = "GET", token: str | None = None,
         return exc.code, exc.read().decode()
 
 
-def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``condition`` every POLL_S; the monotonic time it first held. TimeoutError naming
-    ``what`` if it does not within ``timeout_s``."""
+def _until(condition: Callable[[], bool], timeout_s: float, what: str,
+           every: float = POLL_S) -> float:
+    """Poll ``condition`` ``every`` seconds; the monotonic time it first held. TimeoutError
+    naming ``what`` if it does not within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s:g} s")
-        time.sleep(POLL_S)
+        time.sleep(every)
     return time.monotonic()
 
 
@@ -291,7 +294,8 @@ def running_site(database_url: str, root: Path, timeout_s: float) -> Iterator[Si
     asyncio.run(join(b.state, database_url=database_url))
     _allow_gateways(root, [a, b])
     config = root / "controlplane.yaml"
-    config.write_text(f"gateway:\n  timeout_s: {timeout_s:g}\n  fallback: false\n")
+    # lease_s: the bench's consumer rank registers once and never renews its lease.
+    config.write_text(f"gateway:\n  timeout_s: {timeout_s:g}\n  fallback: false\nlease_s: 600\n")
     options = ["--policy", str(policy), "--config", str(config)]
     replica_of = {"a": a, "b": b}
     gateways = {name: Gateway(name, root, [replica_of[r] for r in order])
@@ -302,7 +306,7 @@ def running_site(database_url: str, root: Path, timeout_s: float) -> Iterator[Si
             replica.start(options, env)
         for gateway in gateways.values():
             gateway.start()
-        _until(site.all_live, 60, "every gateway registered")
+        _until(site.all_live, 60, "every gateway registered", every=REST_POLL_S)
         _projects(site)
         yield site
     finally:
@@ -332,25 +336,26 @@ def change_round(site: Site, followed: Replica, survivor: Replica) -> ChangeRoun
     followed.kill()
     killed, killed_wall = time.monotonic(), time.time()
     session = site.open_session(survivor, "change", zmq.curve_keypair()[0].decode())["id"]
-    synced: float | None = None
-    after: float | None = None
-    deadline = killed + 60
-    while synced is None or after is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gw-a after {followed.name} was killed: synced {synced}, "
-                               f"registered {after}")
-        if synced is None and gateway.serves(session):
-            synced = time.monotonic()
-        if after is None:
-            seen = _last_seen(site, survivor, gateway.name)
-            # A registration sent to the killed replica just before the kill may show up late.
-            if seen <= killed_wall:
-                before = max(before, seen)
-            else:
-                after = seen
-        time.sleep(POLL_S)
+    synced = _until(lambda: gateway.serves(session), 60, f"gw-a serving {session}")
+    # It registers with the survivor as it moves, so the first registration after the kill is
+    # in by the time of the sync, and the next one a heartbeat (2 s) later.
+    seen: list[float] = []
+
+    def registered_again() -> bool:
+        seen.append(_last_seen(site, survivor, gateway.name))
+        return seen[-1] > killed_wall
+    _until(registered_again, 60, "gw-a registering with the survivor", every=REST_POLL_S)
     site.end_session(session)
-    return ChangeRound(followed.name, synced - killed, after - before)
+    return ChangeRound(followed.name, synced - killed, seen[-1] - before)
+
+
+def _registered_twice(site: Site, replica: Replica, gateway: str) -> None:
+    """Until two more of ``gateway``'s registrations have arrived: it heartbeats steadily to the
+    replica it follows now, so the next round starts from a settled site."""
+    for _ in range(2):
+        def newer(seen: float = _last_seen(site, replica, gateway)) -> bool:
+            return _last_seen(site, replica, gateway) > seen
+        _until(newer, 30, f"{gateway} registering", every=REST_POLL_S)
 
 
 def change_rounds(site: Site, rounds: int) -> list[ChangeRound]:
@@ -359,7 +364,7 @@ def change_rounds(site: Site, rounds: int) -> list[ChangeRound]:
     for _ in range(rounds):
         results.append(change_round(site, followed, survivor))
         followed.start(site.options, site.env)
-        _until(site.all_live, 60, "every gateway live again")
+        _registered_twice(site, survivor, "gw-a")
         followed, survivor = survivor, followed  # gw-a stays with the one it moved to
     return results
 
@@ -454,15 +459,28 @@ def _register_consumer(site: Site, session: dict[str, Any], consumer: Consumer) 
         raise RuntimeError(f"consumer registration: {status} {answer}")
 
 
-def _stream(site: Site, session: str, key: Path, args: argparse.Namespace) -> TimedOutput:
-    token_file = site.root / "lost.token"
-    if not token_file.exists():
-        token_file.write_text(site.tokens["lost"])
-        token_file.chmod(0o600)
+@dataclass(frozen=True)
+class ProducerFiles:
+    """The producer's key pair (registered with each session) and its project token file."""
+
+    public: Path
+    secret: Path
+    token: Path
+
+
+def _producer_files(site: Site) -> ProducerFiles:
+    public, secret = create_keypair(site.root / "producer", "p")
+    token = site.root / "producer" / "lost.token"
+    create_private_file(token, site.tokens["lost"].encode())
+    return ProducerFiles(public, secret, token)
+
+
+def _stream(site: Site, session: str, files: ProducerFiles,
+            args: argparse.Namespace) -> TimedOutput:
     process = subprocess.Popen(
         [DSN, "producer", "stream", "--controlplane", f"{site.a.url},{site.b.url}",
-         "--project-token-file", str(token_file), "--session", session,
-         "--client-key", str(key), "--scan-shape", args.scan_shape,
+         "--project-token-file", str(files.token), "--session", session,
+         "--client-key", str(files.secret), "--scan-shape", args.scan_shape,
          "--timeout", f"{args.send_timeout:g}", "--follow-wait", "60",
          "--receipt-timeout", "60", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -475,24 +493,24 @@ def _moved_from(site: Site, session: str, gateway: str) -> bool:
     return detail["gateway_name"] not in (None, gateway)
 
 
-def lost_round(site: Site, context: zmq.Context[zmq.Socket[bytes]], keys: tuple[Path, Path],
+def lost_round(site: Site, context: zmq.Context[zmq.Socket[bytes]], files: ProducerFiles,
                args: argparse.Namespace) -> LostRound:
-    public, key = keys
-    opened = site.open_session(site.a, "lost", load_keypair(public).public.decode())
+    opened = site.open_session(site.a, "lost", load_keypair(files.public).public.decode())
     session, gateway = opened["id"], site.gateways[opened["gateway_name"]]
     consumer = Consumer(context)
     try:
         _register_consumer(site, opened, consumer)
         _until(lambda: gateway.shows(rf'dsn_gateway_consumers{{session="{session}"}} 1\.0'), 30,
                f"{gateway.name} connected to the consumer")
-        output = _stream(site, session, key, args)
+        output = _stream(site, session, files, args)
         _until(lambda: gateway.shows(
             rf'dsn_gateway_backpressure_waits_total{{session="{session}"}} [1-9]'), 60,
             f"{gateway.name} held mid-scan")
         gateway.kill()
         killed = time.monotonic()
         consumer.release()
-        moved = _until(lambda: _moved_from(site, session, gateway.name), 120, "session moved")
+        moved = _until(lambda: _moved_from(site, session, gateway.name), 120, "session moved",
+                       every=REST_POLL_S)
         code = output.wait(timeout_s=180)
     finally:
         consumer.close()
@@ -512,7 +530,7 @@ def lost_round(site: Site, context: zmq.Context[zmq.Socket[bytes]], keys: tuple[
     restarted = time.time()
     gateway.start()
     _until(lambda: _last_seen(site, site.a, gateway.name) > restarted, 60,
-           f"{gateway.name} registered again")
+           f"{gateway.name} registered again", every=REST_POLL_S)
     return result
 
 
@@ -522,10 +540,10 @@ def _messages(scan_shape: str) -> int:
 
 
 def lost_rounds(site: Site, rounds: int, args: argparse.Namespace) -> list[LostRound]:
-    keys = create_keypair(site.root / "producer", "p")
+    files = _producer_files(site)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        return [lost_round(site, context, keys, args) for _ in range(rounds)]
+        return [lost_round(site, context, files, args) for _ in range(rounds)]
     finally:
         context.term()
 
