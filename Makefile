@@ -46,6 +46,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/controlplane_load.py
 	sh scripts/install-test-deps.sh  # PostgreSQL, for the replicas
 	$(BIN)/python bench/controlplane_replicas.py
+	$(BIN)/python bench/site_failover.py
 
 clean:
 	rm -rf $(VENV) .dsn .pytest_cache .hypothesis
