@@ -332,7 +332,6 @@ def _deliver_following(session: ProducerSession, work: Work, wait_s: float | Non
             if moves == MAX_MOVES or not _moved(session, target, exc, follow_wait_s):
                 raise
             opened = session.session
-            click.echo(f"gateway {target.endpoint} failed: {exc}")
             click.echo(f"session {opened.id} moved from gateway {opened.previous_gateway} to "
                        f"{opened.gateway_name} ({session.gateway().endpoint}): every message of "
                        f"{work.label} sent to {target.endpoint} is unconfirmed; streaming it "
@@ -342,24 +341,27 @@ def _deliver_following(session: ProducerSession, work: Work, wait_s: float | Non
 def _moved(session: ProducerSession, target: GatewayTarget, failure: ProducerError,
            wait_s: float) -> bool:
     """Whether the control plane names another gateway for the session; for a gateway that
-    stopped answering, asked every ``FOLLOW_POLL_S`` for up to ``wait_s``."""
+    stopped answering, asked every ``FOLLOW_POLL_S`` for up to ``wait_s``. The failure is said
+    before waiting, or once the session has moved (else the caller raises it)."""
     if not isinstance(failure, GatewayUnresponsive):
         wait_s = 0.0
     deadline = time.monotonic() + wait_s
-    announced = False
+    first = True
     while True:
         try:
-            if session.follow_gateway():
-                return True
+            moved = session.follow_gateway()
         except ClientError:
             return False  # it cannot say: the failure stands as it is
+        if first and (moved or wait_s):
+            click.echo(f"gateway {target.endpoint} failed: {failure}")
+        if moved:
+            return True
         if time.monotonic() >= deadline:
             return False
-        if not announced:
-            click.echo(f"gateway {target.endpoint} is not answering; waiting up to {wait_s:g} s "
-                       f"for the control plane to move session {session.session.id} to another "
-                       "gateway")
-            announced = True
+        if first:
+            click.echo(f"waiting up to {wait_s:g} s for the control plane to move session "
+                       f"{session.session.id} to another gateway")
+            first = False
         time.sleep(FOLLOW_POLL_S)
 
 
