@@ -414,11 +414,10 @@ class GatewayOut(ResponseBody):
 class RegisteredGatewayOut(ResponseBody):
     """A gateway that registered itself (``controlplane.placement``): where producers reach it, its
     capacity, the open sessions placed on it, and whether it is ``live`` (its last registration
-    within ``gateway_timeout_s``).
+    within ``gateway_timeout_s``)."""
 
-    Built from ``placement.GatewayRecord``'s fields (``gateways.registered_out``): extra fields are
-    refused, so a field added to the record and not here, or here and not there, fails at once."""
-
+    # Built from placement.GatewayRecord's fields (gateways.registered_out): a field added to the
+    # record and not here is refused, one added here and not there is missing; either fails at once.
     model_config = ConfigDict(extra="forbid")
 
     name: str
