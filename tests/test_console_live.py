@@ -43,6 +43,14 @@ def open_session(site: Site, project: str, token: str,
         "client_key": (client_key or zmq.curve_keypair()[0]).decode()}))
 
 
+def local_registered(site: Site) -> bool:
+    """Whether the site's own gateway has registered itself (under its key file's name, local)
+    and is live: sessions opened from now on are placed on it."""
+    listed = site.api("GET", "/api/v1/gateways", site.admin_token)["registered"]
+    assert [g["name"] for g in listed if g["live"]] == ["local"], listed
+    return True
+
+
 def mark(page: Page) -> None:
     """A mark on the loaded document: it survives only while the page is not reloaded."""
     page.driver.execute_script("window.liveMark = 'still here'")
@@ -78,6 +86,7 @@ def test_a_project_member_sees_only_its_own_projects_sessions(page: Page,
     page.sign_in(own_token)
     page.go("live")
     page.wait_text("#gateway-table tbody", "up")
+    eventually(lambda: local_registered(console_site), timeout_s=30, what="local registered")
     mark(page)
     own = open_session(console_site, "live-demo-2", own_token)
     row = page.wait_text("#session-table tbody", own["id"])
@@ -240,7 +249,7 @@ def test_registered_gateways_show_live_or_silent_and_each_session_its_gateway(
     token = project_with_token(console_site, "live-demo-7")
     page.sign_in(console_site.admin_token)
     page.go("live")
-    # The site's own gateway registered itself under its key file's name, local.
+    eventually(lambda: local_registered(console_site), timeout_s=30, what="local registered")
     local = page.wait_text("#registry-table tr.registry-row[data-gateway='local']", "live")
     assert console_site.gateway_endpoint in local.text and "s ago)" in local.text
     assert page.find("tr.registry-row[data-gateway='local'] .live-up").text == "live"
