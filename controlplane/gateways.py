@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import asdict
 from typing import Any, Final
 
 import aiohttp
@@ -154,25 +155,32 @@ async def gateway_list(services: Services, scraper: Scraper,
             for url, (sessions, reason) in zip(urls, scraped, strict=True)]
 
 
-async def registered_gateways(services: Services) -> list[s.RegisteredGatewayOut]:
-    """The registered gateways, their loads and whether they are live now."""
+def registered_out(load: placement.Load, now: float,
+                   timeout_s: float) -> s.RegisteredGatewayOut:
+    """A registered gateway as answered: its record, times as UTC, its load and liveness."""
+    gateway = load.gateway
+    return s.RegisteredGatewayOut.model_validate({
+        **asdict(gateway), "registered_at": s.utc(gateway.registered_at),
+        "last_seen": s.utc(gateway.last_seen), "sessions": load.sessions,
+        "live": gateway.live(now, timeout_s)})
+
+
+async def registered_gateways(services: Services,
+                              own_project: str | None) -> list[s.RegisteredGatewayOut]:
+    """The registered gateways, their loads and whether they are live now; for an admin
+    (``own_project`` None) only: the loads count every project's sessions."""
+    if own_project is not None:
+        return []
     now, timeout_s = services.now(), services.settings.gateway_timeout_s
-    return [s.RegisteredGatewayOut(
-        name=load.gateway.name, endpoint=load.gateway.endpoint,
-        receipts_endpoint=load.gateway.receipts_endpoint,
-        plain_endpoint=load.gateway.plain_endpoint, server_key=load.gateway.server_key,
-        capacity=load.gateway.capacity, sessions=load.sessions,
-        live=load.gateway.live(now, timeout_s), registered_at=s.utc(load.gateway.registered_at),
-        last_seen=s.utc(load.gateway.last_seen))
-        for load in await placement.loads(services.store, now)]
+    return [registered_out(load, now, timeout_s)
+            for load in await placement.loads(services.store, now)]
 
 
 async def list_gateways(request: web.Request) -> web.Response:
     services, project = request.app[SERVICES], request[CLAIMS].project
     items = await gateway_list(services, request.app[SCRAPER], project)
-    # Loads count every project's sessions: an admin's to see.
-    registered = await registered_gateways(services) if project is None else []
-    return reply(s.GatewayList(items=items, registered=registered))
+    return reply(s.GatewayList(items=items,
+                               registered=await registered_gateways(services, project)))
 
 
 def scraper_ctx() -> Callable[[web.Application], AsyncIterator[None]]:

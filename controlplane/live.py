@@ -4,8 +4,9 @@ A page that polled the REST routes every 2 s was authorized, rate-limited and au
 poll. This route is authorized and audited once per connection (``middlewares.authorize``), then
 sends an ``event: snapshot`` every ``INTERVAL_S``: one JSON ``LiveSnapshot`` of the open sessions
 the caller may read (an admin every one, a project token its own project's), the newest
-``MAX_INSPECTED`` of them with their consumers and jobs, and the gateways' counters of those
-sessions, each read with the same functions and models as the session, job and gateway routes.
+``MAX_INSPECTED`` of them with their consumers and jobs, the gateways' counters of those sessions
+and, for an admin, the registered gateways with their loads, each read with the same functions and
+models as the session, job and gateway routes.
 
 Before every later snapshot the caller's credential is checked again exactly as a new request
 would check it (revoked or expired token, ended console session): if it no longer holds, an
@@ -27,7 +28,7 @@ from typing import Final
 from aiohttp import web
 
 from controlplane.errors import ControlPlaneError, MissingToken, RateLimited, TokenError
-from controlplane.gateways import SCRAPER, Scraper, gateway_list
+from controlplane.gateways import SCRAPER, Scraper, gateway_list, registered_gateways
 from controlplane.middlewares import (
     CALLER,
     CLAIMS,
@@ -127,7 +128,8 @@ class Watch:
         gateways = await gateway_list(services, self._scraper, own_project)
         return LiveSnapshot(at=utc(now), sessions=await summaries(services, opened),
                             inspected=self._inspected, more=len(opened) - len(shown),
-                            gateways=gateways)
+                            gateways=gateways,
+                            registered=await registered_gateways(services, own_project))
 
 
 # --- the stream ----------------------------------------------------------------------------------
@@ -242,10 +244,11 @@ def _watched(request: web.Request, claims: Claims | None) -> Resource:
 ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", LIVE_PATH, live_view,
               "The open sessions the caller may read (newest first; the newest 8 with their "
-              "consumers and jobs) and the gateways' counters of them, as server-sent events: an "
-              "'event: snapshot' every 2 s whose data is one JSON document (sessions, inspected, "
-              "more, gateways, at); 'event: signed-out' with the reason, then the end, once the "
-              "token or console sign-in no longer holds. Authorized and audited once per "
+              "consumers and jobs), the gateways' counters of them and, for an admin, the "
+              "registered gateways sessions are placed on, as server-sent events: an 'event: "
+              "snapshot' every 2 s whose data is one JSON document (sessions, inspected, more, "
+              "gateways, registered, at); 'event: signed-out' with the reason, then the end, "
+              "once the token or console sign-in no longer holds. Authorized and audited once per "
               "connection; a stream ends after 10 minutes with 'retry:' (an EventSource "
               "reconnects); at most 4 streams per token (429 beyond); once=true sends one "
               "snapshot and ends", LiveEvent, 200, "live:watch", ADMIN_OR_PROJECT, _watched,

@@ -416,6 +416,10 @@ class RegisteredGatewayOut(ResponseBody):
     capacity, the open sessions placed on it, and whether it is ``live`` (its last registration
     within ``gateway_timeout_s``)."""
 
+    # Built from placement.GatewayRecord's fields (gateways.registered_out): a field added to the
+    # record and not here is refused, one added here and not there is missing; either fails at once.
+    model_config = ConfigDict(extra="forbid")
+
     name: str
     endpoint: str
     receipts_endpoint: str

@@ -1,10 +1,12 @@
 """The console's live page in headless Chromium: the gateway's row, and a session opened through
 the API appearing without a reload, for an admin and (its own project's only) for a project
-member."""
+member; the registered gateways, live or silent, and the gateway each session is placed on."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +17,11 @@ from browser import Page, Site
 from cp_helpers import metric
 from waiting import eventually
 
+from common.clone import Registration
 from common.keys import KeyPair, load_keypair
+from controlplane import placement
+from controlplane.settings import DATABASE_NAME
+from controlplane.store.engine import Store
 from dataplane.producer import Producer
 
 # The shipped 4dstem template's detector: 576 x 576 uint16 frames in 4 sectors of 144 rows.
@@ -35,6 +41,14 @@ def open_session(site: Site, project: str, token: str,
     return dict(site.api("POST", "/api/v1/sessions", token, {
         "project": project, "template": "4dstem", "params": {},
         "client_key": (client_key or zmq.curve_keypair()[0]).decode()}))
+
+
+def local_registered(site: Site) -> bool:
+    """Whether the site's own gateway has registered itself (under its key file's name, local)
+    and is live: sessions opened from now on are placed on it."""
+    listed = site.api("GET", "/api/v1/gateways", site.admin_token)["registered"]
+    assert [g["name"] for g in listed if g["live"]] == ["local"], listed
+    return True
 
 
 def mark(page: Page) -> None:
@@ -72,10 +86,13 @@ def test_a_project_member_sees_only_its_own_projects_sessions(page: Page,
     page.sign_in(own_token)
     page.go("live")
     page.wait_text("#gateway-table tbody", "up")
+    eventually(lambda: local_registered(console_site), timeout_s=30, what="local registered")
     mark(page)
     own = open_session(console_site, "live-demo-2", own_token)
-    page.wait_text("#session-table tbody", own["id"])
+    row = page.wait_text("#session-table tbody", own["id"])
+    assert "local" in row.text  # the site's gateway, registered: the session's placement
     assert other["id"] not in page.find("main").text
+    assert page.find_all("#live-registry") == []  # the registry's loads are an admin's to see
     assert still_marked(page)
 
 
@@ -211,3 +228,50 @@ def test_the_live_page_signs_out_by_itself_when_its_token_is_revoked(
     # No navigation: the stream's next check says signed-out, and the shell shows the sign-in.
     status = page.wait_text("#sign-in-status", "Signed out")
     assert "revoked" in status.text
+
+
+def announce(site: Site, name: str, at: float) -> None:
+    """Gateway ``name``'s announcement stored as seen at ``at``, as the state service stores one
+    (into the site's own database, beside the running control plane)."""
+    async def store_it() -> None:
+        store = await Store.open(site.state_dir / DATABASE_NAME)
+        try:
+            await placement.register(store, name, Registration(
+                endpoint="tcp://127.0.0.1:7300", receipts_endpoint="tcp://127.0.0.1:7301",
+                server_key=zmq.curve_keypair()[0].decode(), capacity=4), at)
+        finally:
+            await store.close()
+    asyncio.run(store_it())
+
+
+def test_registered_gateways_show_live_or_silent_and_each_session_its_gateway(
+        page: Page, console_site: Site) -> None:
+    token = project_with_token(console_site, "live-demo-7")
+    page.sign_in(console_site.admin_token)
+    page.go("live")
+    eventually(lambda: local_registered(console_site), timeout_s=30, what="local registered")
+    local = page.wait_text("#registry-table tr.registry-row[data-gateway='local']", "live")
+    assert console_site.gateway_endpoint in local.text and "s ago)" in local.text
+    assert page.find("tr.registry-row[data-gateway='local'] .live-up").text == "live"
+    mark(page)
+    # A second gateway, edge-gone, announced a minute ago and again now: live and empty, it is
+    # the least loaded (ties go by name), so the next session is placed on it.
+    now = time.time()
+    announce(console_site, "edge-gone", now - 60)
+    announce(console_site, "edge-gone", now)
+    session = open_session(console_site, "live-demo-7", token)
+    assert session["gateway_name"] == "edge-gone"
+    page.wait_text("tr.registry-row[data-gateway='edge-gone']", "1 of 4")
+    placed = page.wait_text(f"tr.session-row[data-session='{session['id']}']", "edge-gone")
+    assert "moved" not in placed.text
+    # Then it fell silent: its last announcement, 30 s ago, is older than the site's
+    # gateway.timeout_s (10 s). The control plane moves its session to local.
+    announce(console_site, "edge-gone", now - 30)
+    page.wait_text("tr.registry-row[data-gateway='edge-gone'] .live-silent", "silent since")
+    assert page.find_all("tr.registry-row[data-gateway='edge-gone'] .live-up") == []
+    gone = page.wait_text("tr.registry-row[data-gateway='edge-gone']", "0 of 4")
+    assert "s ago)" in gone.text  # its last heartbeat, half a minute ago
+    row = page.wait_text(f"tr.session-row[data-session='{session['id']}']",
+                         "moved from edge-gone")
+    assert "local, moved from edge-gone" in row.text
+    assert still_marked(page)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,12 @@ from test_cp_gateways import Pages, page_for
 from test_cp_sessions_api import opened, project_token
 from waiting import eventually_async
 
-from controlplane import live
+from common.clone import Registration
+from common.keys import KeyPair
+from controlplane import live, placement
 from controlplane.console.auth import CSRF_HEADER
 from controlplane.errors import Unavailable
+from controlplane.schemas import utc
 
 LIVE = "/api/v1/live"
 # A bound on how long a test waits for the next event, so a broken stream fails rather than hangs.
@@ -126,6 +130,44 @@ async def test_a_project_token_sees_only_its_projects_sessions_and_counters(
     assert [s["session"] for s in snapshot["gateways"][0]["sessions"]] == [alpha["id"]]
     (row,) = live_rows(cp)
     assert (row[3], row[4], row[5]) == ("session/alpha", "allow", "project-members-watch-live")
+
+
+async def test_an_admin_sees_the_registered_gateways_a_project_token_none(
+        aiohttp_client: ClientFactory, tmp_path: Path, pages: Pages,
+        curve_keypair: Callable[[], KeyPair]) -> None:
+    cp = await live_cp(aiohttp_client, tmp_path, pages)
+    store, now = cp.services.store, cp.clock()
+    timeout_s = cp.settings.gateway_timeout_s
+    # West's last announcement is older than the timeout: it is silent; east is live.
+    await placement.register(store, "west", announcement(curve_keypair(), 7100),
+                             now - timeout_s - 1)
+    await placement.register(store, "east", announcement(curve_keypair(), 7000, capacity=3), now)
+    alpha_token, alpha = await opened(cp, "alpha")
+    assert alpha["gateway_name"] == "east"
+
+    response = await cp.admin("GET", f"{LIVE}?once=true")
+    _name, snapshot = await next_event(response) or ("", None)
+    registered = snapshot["registered"]
+    assert [(g["name"], g["live"], g["sessions"], g["capacity"], g["endpoint"])
+            for g in registered] == [("east", True, 1, 3, "tcp://127.0.0.1:7000"),
+                                     ("west", False, 0, 4, "tcp://127.0.0.1:7100")]
+    assert datetime.fromisoformat(registered[1]["last_seen"]) == utc(now - timeout_s - 1)
+    assert [s["gateway_name"] for s in snapshot["sessions"]] == ["east"]
+    # The same records as the REST route's, read by the same function.
+    listed = await (await cp.admin("GET", "/api/v1/gateways")).json()
+    assert listed["registered"] == registered
+
+    # A project token: its own session's gateway, but no registry (loads count every project).
+    response = await cp.call("GET", f"{LIVE}?once=true", alpha_token)
+    _name, own = await next_event(response) or ("", None)
+    assert own["registered"] == []
+    assert [s["gateway_name"] for s in own["sessions"]] == ["east"]
+
+
+def announcement(keys: KeyPair, port: int, capacity: int = 4) -> Registration:
+    return Registration(endpoint=f"tcp://127.0.0.1:{port}",
+                        receipts_endpoint=f"tcp://127.0.0.1:{port + 1}",
+                        server_key=keys.public.decode(), capacity=capacity)
 
 
 async def test_refused_callers_and_a_bad_query(aiohttp_client: ClientFactory, tmp_path: Path,

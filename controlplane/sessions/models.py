@@ -24,6 +24,7 @@ from controlplane.schemas import (
     GatewayOut,
     Name,
     QueryParams,
+    RegisteredGatewayOut,
     RequestBody,
     ResponseBody,
     Ttl,
@@ -195,13 +196,16 @@ class LiveSession(SessionDetail):
 
 class LiveSnapshot(ResponseBody):
     """What the live view shows now: the open sessions the caller may read, newest first, the
-    newest of them in detail, and the gateways' counters of those sessions."""
+    newest of them in detail, the gateways' counters of those sessions and, for an admin, the
+    registered gateways sessions are placed on (``registered``, as ``GET /api/v1/gateways``
+    answers it; empty for a project token)."""
 
     at: datetime
     sessions: list[SessionOut]
     inspected: list[LiveSession]
     more: int  # open sessions not inspected
     gateways: list[GatewayOut]
+    registered: list[RegisteredGatewayOut]
 
 
 class SignedOutEvent(ResponseBody):

@@ -1,6 +1,7 @@
-// The live page: gateways, open sessions with their consumers (and leases) and jobs, and the scans
-// in progress with their rates and backpressure, as the service sends them (GET /api/v1/live, a
-// stream of server-sent snapshots every 2 s, authorized and audited once per connection).
+// The live page: gateways, (for an admin) the registered gateways sessions are placed on, open
+// sessions with their gateway, consumers (and leases) and jobs, and the scans in progress with
+// their rates and backpressure, as the service sends them (GET /api/v1/live, a stream of
+// server-sent snapshots every 2 s, authorized and audited once per connection).
 // Rates come from two successive samples of the gateways' counters.
 
 import { api, ApiError } from "./api.js";
@@ -11,10 +12,12 @@ const STREAM = "/api/v1/live";
 export async function render(main, args, context) {
   const status = h("div", { id: "live-status", role: "status", class: "muted" }, "Loading…");
   const gateways = h("section", { id: "live-gateways" });
+  // The registry's loads count every project's sessions: the service sends it to admins only.
+  const registry = context.admin ? h("section", { id: "live-registry" }) : null;
   const scans = h("section", { id: "live-scans" });
   const sessions = h("section", { id: "live-sessions" });
   const details = h("section", { id: "live-details" });
-  main.append(status, gateways, scans, sessions, details);
+  main.append(status, ...[gateways, registry, scans, sessions, details].filter(Boolean));
   const rates = new Rates();
   // Same origin: the browser sends the sign-in cookie; a GET needs no CSRF token.
   const source = new EventSource(STREAM);
@@ -22,7 +25,7 @@ export async function render(main, args, context) {
   source.addEventListener("snapshot", (message) => {
     const snapshot = JSON.parse(message.data);
     rates.sample(snapshot.gateways);
-    show(snapshot, rates, { gateways, scans, sessions, details });
+    show(snapshot, rates, { gateways, registry, scans, sessions, details });
     replace(status, `Updated ${new Date().toLocaleTimeString()}, live.`);
   });
   source.addEventListener("signed-out", () => {
@@ -91,6 +94,10 @@ class Rates {
 function show(snapshot, rates, parts) {
   const counters = countersBySession(snapshot.gateways, rates);
   replace(parts.gateways, h("h2", {}, "Gateways"), gatewayTable(snapshot.gateways, rates));
+  if (parts.registry) {
+    replace(parts.registry, h("h2", {}, "Registered gateways"),
+      registryTable(snapshot.registered, Date.parse(snapshot.at)));
+  }
   replace(parts.scans, h("h2", {}, "Scans in progress"), scanTable(snapshot.gateways, rates));
   replace(parts.sessions, h("h2", {}, "Open sessions"),
     sessionTable(snapshot.sessions, snapshot.inspected, counters));
@@ -149,6 +156,49 @@ function gatewayTable(gateways, rates) {
   ], gateways, { id: "gateway-table" });
 }
 
+// Seconds as the page says them: "12 s", "5 min", "3 h".
+function age(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 120) {
+    return `${s} s`;
+  }
+  return s < 7200 ? `${Math.round(s / 60)} min` : `${Math.round(s / 3600)} h`;
+}
+
+// Ages are taken from the snapshot's own time, so the browser's clock does not matter.
+function registryTable(registered, at) {
+  if (!registered.length) {
+    return h("p", { class: "muted", id: "live-no-registered" },
+      "No gateway has registered: sessions go to the configured gateway.");
+  }
+  const since = (iso) => age((at - Date.parse(iso)) / 1000);
+  const heartbeat = (g) => `${when(g.last_seen)} (${since(g.last_seen)} ago)`;
+  const rows = table([
+    ["Name", (g) => g.name],
+    ["Endpoint", (g) => g.endpoint],
+    ["State", (g) => (g.live ? h("span", { class: "live-up" }, "live")
+      : h("span", { class: "live-silent" }, `silent since ${when(g.last_seen)}`))],
+    ["Sessions placed", (g) => `${g.sessions} of ${g.capacity}`],
+    ["Last heartbeat", heartbeat],
+  ], registered, { id: "registry-table" });
+  rows.querySelectorAll("tbody tr").forEach((row, index) => {
+    row.classList.add("registry-row");
+    row.dataset.gateway = registered[index].name;
+  });
+  return rows;
+}
+
+// The registered gateway a session is placed on (none: the configured gateway), and the one it
+// was moved off when that one fell silent.
+function placedOn(session) {
+  const name = session.gateway_name || h("span", { class: "muted" }, "configured gateway");
+  if (!session.previous_gateway) {
+    return name;
+  }
+  return [name, h("span", { class: "live-moved", title: `moved ${when(session.replaced_at)}` },
+    `, moved from ${session.previous_gateway}`)];
+}
+
 function scanTable(gateways, rates) {
   const rows = gateways.flatMap((g) => g.sessions.filter((s) => s.scans_open > 0)
     .map((s) => ({ gateway: g, counters: s, rate: rates.of(g, s.session) })));
@@ -177,6 +227,7 @@ function sessionTable(open, inspected, counters) {
     ["Session", (s) => s.id],
     ["Project", (s) => s.project],
     ["Template", (s) => `${s.template} v${s.template_version}`],
+    ["Gateway", placedOn],
     ["Expires", (s) => when(s.expires_at)],
     ["Consumers", (s) => {
       const detail = details.get(s.id);
