@@ -8,18 +8,26 @@ killed (SIGKILL); once east counts as silent on the control plane's clock the se
 through west: the job ignores west's second routed ``scan_begin``, counts what it already had as
 duplicates, ends the scan at west's routed ``scan_end`` and reports it ``complete`` with the
 planted electrons, in its HDF5 file and at the control plane.
+
+If the producer gives the scan up instead, the job learns from its heartbeats that the session
+moved and, after ``--gateway-lost-s`` without a message of that scan, closes it ``partial``: every
+sector that never came is listed ``gateway_lost``, and a scan streamed through west meanwhile
+completes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import signal
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 import stempy.io
@@ -33,10 +41,11 @@ from waiting import eventually, eventually_async
 from common.client import Client
 from common.keys import KeyPair, create_keypair, load_keypair
 from controlplane.admin.bootstrap import initialize
+from dataplane.consumer.order import GatewayWatch
 from dataplane.producer import Producer, ProducerSession
 from dataplane.synthetic import CameraSpec, SyntheticCamera
 
-pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 RANKS = 2
 SECTORS = 4
@@ -49,6 +58,8 @@ POLL_S = 0.1
 # Longer than the control plane's clock is moved to make a gateway silent, so the job's leases
 # outlive that move; a third of it is how often the ranks heartbeat.
 LEASE_S = 12
+# The job's --gateway-lost-s: short, the producer here gives its scan up at once.
+GATEWAY_LOST_S = 3
 
 
 @pytest.fixture
@@ -185,6 +196,8 @@ async def placed_on_east(site: Site) -> Moving:
     return Moving(site, token, producing)
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 async def test_a_job_counts_a_scan_streamed_again_through_the_gateway_its_session_moved_to(
         site: Site) -> None:
     moving = await placed_on_east(site)
@@ -212,3 +225,80 @@ async def test_a_job_counts_a_scan_streamed_again_through_the_gateway_its_sessio
     assert sorted(repeated) == [(rank, SCAN) for rank in range(RANKS)]
     print(f"scan {SCAN}: {POSITIONS * SECTORS} sectors counted, {result['duplicate_sectors']} of "
           "them a second time through west (duplicates)")
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+async def test_a_scan_its_lost_gateway_left_open_is_reported_with_every_missing_sector(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSN_CONSUMER_GATEWAY_LOST_S", str(GATEWAY_LOST_S))  # the job inherits it
+    moving = await placed_on_east(site)
+    job = await moving.launch(scans=2)
+    await asyncio.to_thread(moving.half_through_east)
+    await moving.move()
+    # The producer gives the scan up and streams the next one through west at once, while the
+    # job still holds the first: the next one's thresholds wait behind it.
+    await asyncio.to_thread(moving.stream, SCAN + 1)
+    ended = await moving.job_ended(job)
+    assert ended["state"] == "succeeded", moving.job_log.read_text()[-3000:]
+
+    orphan = await moving.result(SCAN)
+    assert (orphan["source"], orphan["status"], orphan["frames"]) == (
+        "consumer", "partial", POSITIONS)
+    received = orphan["received_sectors"]
+    assert 0 < received <= HALF * SECTORS
+    assert orphan["expected_sectors"] == received  # as far as it arrived: no scan_end said more
+    assert orphan["lost_sectors"] == POSITIONS * SECTORS - received
+    listed = {(f, s) for f, s, _ in orphan["loss_manifest"]}
+    assert {reason for _, _, reason in orphan["loss_manifest"]} == {"gateway_lost"}
+    assert len(listed) == orphan["lost_sectors"] and not orphan["manifest_truncated"]
+    # Nothing of the second half was sent: all of it listed; of the first, what east lost.
+    assert listed >= {(f, s) for f in range(HALF, POSITIONS) for s in range(SECTORS)}
+    with h5py.File(orphan["path"], "r") as written:
+        stream = written["metadata/stream"]
+        in_file = {tuple(row) for row in stream["loss_manifest/frame_sector"][()].tolist()}
+        reasons = {r.decode() if isinstance(r, bytes) else r
+                   for r in stream["loss_manifest/reason"][()]}
+        assert (stream.attrs["status"], stream.attrs["gateway_sent"]) == ("partial", 0)
+    assert in_file == listed and reasons == {"gateway_lost"}
+    # Every frame that arrived whole is counted as planted; the others hold what arrived.
+    whole = [f for f in range(HALF) if not any((f, s) in listed for s in range(SECTORS))]
+    assert whole
+    counted = events_by_frame(Path(orphan["path"]))
+    assert [counted[f] for f in whole] == [PLANTED[f] for f in whole]
+
+    later = await moving.result(SCAN + 1)
+    assert (later["status"], later["lost_sectors"], later["duplicate_sectors"]) == (
+        "complete", 0, 0)
+    assert events_by_frame(Path(later["path"])) == PLANTED
+    moved = moving.rank_events("session moved to another gateway")
+    assert [(e["rank"], e["scans"]) for e in moved] == [(0, [SCAN])]
+    closed = moving.rank_events("scan closed: its gateway was lost")
+    assert sorted((e["rank"], e["scan"]) for e in closed) == [(r, SCAN) for r in range(RANKS)]
+    print(f"scan {SCAN}, its gateway lost: {received} sectors counted + "
+          f"{orphan['lost_sectors']} listed gateway_lost = {POSITIONS * SECTORS}; scan "
+          f"{SCAN + 1} through west complete")
+
+
+def test_the_scans_held_at_a_move_that_then_hear_nothing_for_the_grace_are_lost() -> None:
+    moved: list[datetime | None] = [datetime(2026, 1, 1, tzinfo=UTC)]  # before the job joined
+    clock = ManualClock(0.0)
+    watch = GatewayWatch(lambda: moved[0], grace_s=10, log=logging.getLogger("test"),
+                         clock=clock)
+    assert watch.lost([1, 2]) == []  # that move concerns no scan this job holds
+    clock.advance(100)
+    assert watch.lost([1, 2]) == []
+    moved[0] = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
+    assert watch.lost([1, 2, 3]) == []  # scans 1-3 suspect from now
+    clock.advance(9)
+    watch.heard(2)  # the new gateway began it again: served
+    assert watch.lost([1, 2, 3, 4]) == []  # 4 began after the move was heard of: not suspect
+    clock.advance(1)
+    assert watch.lost([1, 2, 3, 4]) == [1, 3]
+    clock.advance(100)
+    assert watch.lost([2, 4]) == []  # each lost once; the others never
+    # Another move: the scans held then are suspect anew, from then.
+    moved[0] = datetime(2026, 1, 1, 0, 9, tzinfo=UTC)
+    assert watch.lost([2, 4]) == []
+    clock.advance(10)
+    assert watch.lost([2, 4]) == [2, 4]
