@@ -98,9 +98,10 @@ class Moving:
         self.east, self.west = site.gateways["east"], site.gateways["west"]
         self.job_log = Path()
 
-    async def launch(self, scans: int) -> str:
+    async def launch(self, scans: int, samples: int = 40) -> str:
         response = await self.site.cp.call("POST", f"{self.base}/jobs", self.token, json={
-            "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": scans}})
+            "template": "local-mpiexec", "ranks": RANKS,
+            "params": {"scans": scans, "samples": samples}})
         assert response.status == 202, await response.text()
         self.job_log = self.site.cp.settings.jobs_dir / (await response.json())["id"] / "job.log"
         await self.connected(self.east)
@@ -198,10 +199,13 @@ async def placed_on_east(site: Site) -> Moving:
 
 @pytest.mark.slow
 @pytest.mark.mpi
+# 40 samples: the thresholds wait for the scan's end (18 frames a rank); 2: they are agreed on
+# the first frames through east, and the rest is counted as it arrives.
+@pytest.mark.parametrize("samples", [40, 2])
 async def test_a_job_counts_a_scan_streamed_again_through_the_gateway_its_session_moved_to(
-        site: Site) -> None:
+        site: Site, samples: int) -> None:
     moving = await placed_on_east(site)
-    job = await moving.launch(scans=1)
+    job = await moving.launch(scans=1, samples=samples)
     await asyncio.to_thread(moving.half_through_east)
     await moving.move()
     await asyncio.to_thread(moving.stream, SCAN)
