@@ -95,6 +95,9 @@ class ConsumerBody(_Body):
     registered_at: datetime
     lease_expires_at: datetime
     left_at: datetime | None
+    # When the session last moved to another gateway (null: never). A consumer job holding a scan
+    # begun before the move learns from its heartbeat that nothing may ever end that scan.
+    session_moved_at: datetime | None = None
 
 
 class JobBody(_Body):

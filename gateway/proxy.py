@@ -137,16 +137,27 @@ def _bind(socket: zmq.Socket[bytes], endpoint: str, setting: str) -> None:
 def open_egress(context: zmq.Context[zmq.Socket[bytes]], endpoints: list[str],
                 hwm: int) -> zmq.Socket[bytes]:
     """A PUSH socket connected to ``endpoints`` (round-robin among them when several)."""
+    socket = egress_socket(context, hwm)
+    connect_egress(socket, endpoints)
+    return socket
+
+
+def egress_socket(context: zmq.Context[zmq.Socket[bytes]], hwm: int) -> zmq.Socket[bytes]:
+    """A PUSH socket toward consumers, not connected yet."""
     socket = context.socket(zmq.PUSH)
     socket.sndhwm = hwm
     socket.linger = EGRESS_LINGER_MS
+    return socket
+
+
+def connect_egress(socket: zmq.Socket[bytes], endpoints: list[str]) -> None:
+    """Connect ``socket`` to ``endpoints``; on failure it is closed."""
     for endpoint in endpoints:
         try:
             socket.connect(endpoint)
         except zmq.ZMQError as exc:
             socket.close(linger=0)
             raise SocketSetupError(f"consumer {endpoint}: cannot connect: {exc}") from None
-    return socket
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -225,8 +236,15 @@ class L7Proxy:
                 self._close_slot(slot, socket, linger_ms=EGRESS_LINGER_MS)
 
     def _open_slot(self, slot: int, hwm: int) -> None:
-        socket = open_egress(self._context, [self.router.endpoints[slot]], hwm)
+        socket = egress_socket(self._context, hwm)
+        # Monitored before it connects: a handshake completed before the monitor was attached
+        # would never be reported, and the consumer never counted as connected.
         monitor = socket.get_monitor_socket(EGRESS_EVENTS)
+        try:
+            connect_egress(socket, [self.router.endpoints[slot]])
+        except SocketSetupError:
+            monitor.close(linger=0)
+            raise
         self._monitors[slot] = monitor
         self._monitor_slots[monitor] = slot
         self._monitored.register(monitor, zmq.POLLIN)

@@ -120,6 +120,31 @@ def test_a_scan_without_any_pixel_has_no_thresholds_and_no_events() -> None:
     assert outcome.missing_frames.tolist() == list(range(SPEC.positions))
 
 
+def test_a_scan_closed_for_its_lost_gateway_lists_what_never_came_and_expects_what_arrived(
+        ) -> None:
+    camera = SyntheticCamera(SPEC)
+    work = ScanWork(_begin(camera), OPTIONS, ranks=1)
+    arrived = [(f, s) for f in range(3) for s in range(SPEC.sectors)] + [(3, 0), (0, 1)]
+    _feed(work, camera, arrived)
+    closure = work.close_lost()
+    _agree(work)
+    assert work.end is not None and work.decision is not None
+    outcome = merge(work.begin, work.end, work.decision, _parts(work))
+    assert outcome.status == "partial"
+    stored = len(arrived) - 1  # (0, 1) came twice
+    assert outcome.totals["expected_sectors"] == closure.received == len(arrived)
+    assert outcome.totals["unaccounted_sectors"] == 0
+    assert (outcome.end.sent, outcome.end.accepted) == (0, 0)
+    lost = [(f, s) for f in range(SPEC.positions) for s in range(SPEC.sectors)
+            if (f, s) not in arrived]
+    assert len(lost) == SPEC.positions * SPEC.sectors - stored
+    assert outcome.lost.tolist() == [list(p) for p in lost]
+    assert set(outcome.lost_reasons) == {"gateway_lost"}
+    # The frames that arrived whole are counted as planted.
+    assert [sorted(e.tolist()) for e in outcome.frame_events[:3, 0]] == [
+        sorted(camera.planted(f).tolist()) for f in range(3)]
+
+
 def test_written_file_is_stempy_readable_with_equal_length_frames_and_no_temporary(
         tmp_path: Path) -> None:
     camera = SyntheticCamera(SPEC)  # every frame plants the same number of electrons

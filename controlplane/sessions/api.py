@@ -93,11 +93,12 @@ def _time(ts: float | None) -> datetime | None:
     return None if ts is None else utc(ts)
 
 
-def consumer_out(c: ConsumerRecord, now: float) -> ConsumerOut:
+def consumer_out(c: ConsumerRecord, session: SessionRecord, now: float) -> ConsumerOut:
     return ConsumerOut(id=c.id, session=c.session_id, job_id=c.job_id, rank=c.rank,
                        endpoint=c.endpoint, host=c.host, state=c.state(now),
                        registered_at=utc(c.registered_at),
-                       lease_expires_at=utc(c.lease_expires_at), left_at=_time(c.left_at))
+                       lease_expires_at=utc(c.lease_expires_at), left_at=_time(c.left_at),
+                       session_moved_at=_time(session.replaced_at))
 
 
 def job_out(job: JobRecord, status: JobStatus) -> JobOut:
@@ -153,7 +154,8 @@ async def session_detail(services: Services, session: SessionRecord) -> SessionD
             if c.state(now) == "live"]
     return SessionDetail(
         **session_fields(session, now, await gateway_infos(services, [session]), live),
-        consumers=[consumer_out(c, now) for c in consumers], scans=[scan_out(r) for r in scans],
+        consumers=[consumer_out(c, session, now) for c in consumers],
+        scans=[scan_out(r) for r in scans],
         counters=counters(consumers, await count_jobs(services.store, session.id), scans, now))
 
 
@@ -204,7 +206,7 @@ async def register_consumer_view(request: web.Request) -> web.Response:
     session = await existing_session(services, request.match_info["session"])
     consumer = await add_consumer(services, session, body)
     await publish_session(services, session.id)
-    return reply(consumer_out(consumer, services.now()), 201,
+    return reply(consumer_out(consumer, session, services.now()), 201,
                  {"Location": f"/api/v1/sessions/{session.id}/consumers/{consumer.id}"})
 
 
@@ -213,7 +215,10 @@ async def heartbeat_view(request: web.Request) -> web.Response:
     consumer = await renew_lease(services.store, request.match_info["session"],
                                  request.match_info["consumer"], services.settings.lease_s,
                                  services.now())
-    return reply(consumer_out(consumer, services.now()))
+    # Read after the renewal: the heartbeat answer tells the job of a move at the latest one
+    # lease period after it happened.
+    session = await existing_session(services, consumer.session_id)
+    return reply(consumer_out(consumer, session, services.now()))
 
 
 async def leave_view(request: web.Request) -> web.Response:
@@ -221,7 +226,8 @@ async def leave_view(request: web.Request) -> web.Response:
     consumer = await leave(services.store, request.match_info["session"],
                            request.match_info["consumer"], services.now())
     await publish_session(services, consumer.session_id)
-    return reply(consumer_out(consumer, services.now()))
+    session = await existing_session(services, consumer.session_id)
+    return reply(consumer_out(consumer, session, services.now()))
 
 
 async def submit_job_view(request: web.Request) -> web.Response:

@@ -31,6 +31,8 @@ import numpy as np
 from common.protocol import Data, ProtocolError, RoutedScanBegin, RoutedScanEnd
 
 NOT_RECEIVED = "not_received"
+# No routed scan_end will ever come: the scan's gateway was lost and nothing began it again.
+GATEWAY_LOST = "gateway_lost"
 MISROUTED = "misrouted"
 CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
@@ -175,8 +177,10 @@ class ScanAssembly:
                     given += 1
                     yield sector, partial.pixels[self._rows(sector)]
 
-    def close(self, end: RoutedScanEnd) -> ScanClosure:
-        """Account for every owned frame; call once, at the routed ``scan_end``."""
+    def close(self, end: RoutedScanEnd, missing_reason: str = NOT_RECEIVED) -> ScanClosure:
+        """Account for every owned frame; call once, at the routed ``scan_end`` (or what stands
+        for it). A missing sector the end's drops manifest does not list gets ``missing_reason``.
+        """
         if self._closure is not None:
             raise RuntimeError(f"scan {self.scan} is already closed")
         manifest = {(frame, sector): reason for frame, sector, reason in end.drops}
@@ -190,7 +194,7 @@ class ScanAssembly:
                 never_seen.append(frame)
             for sector in range(self.geometry.sectors):
                 if not present & (1 << sector):
-                    reason = manifest.get((frame, sector), NOT_RECEIVED)
+                    reason = manifest.get((frame, sector), missing_reason)
                     missing.append(MissingSector(frame, sector, reason))
         self._closure = ScanClosure(
             expected=end.expected, received=self.counters.received,

@@ -32,6 +32,14 @@ def consumer() -> None:
                    "DSN_CONSUMER_DRAIN_S); a second signal stops at once. Keep it below the time "
                    "the batch system or launcher allows between its signal and SIGKILL (Slurm's "
                    "KillWait, 30 s by default; the local launcher's grace_s, 30 s).")
+@click.option("--gateway-lost-s", type=click.FloatRange(min=0, min_open=True),
+              envvar="DSN_CONSUMER_GATEWAY_LOST_S", default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="With --controlplane: once a heartbeat says the session moved to another "
+                   "gateway, a scan begun before that receives nothing for this long is closed "
+                   "partial, every sector that never came listed gateway_lost (env "
+                   "DSN_CONSUMER_GATEWAY_LOST_S). A producer that streams the scan again through "
+                   "the new gateway keeps it open; give such producers the time to do so.")
 @click.option("--dark", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Dark reference: a frame-shaped float32 .npy file.")
 @click.option("--samples", type=click.IntRange(min=1), default=40, show_default=True,
@@ -66,7 +74,7 @@ def consumer() -> None:
               help="With --controlplane: the job id ranks register under (env DSN_JOB_ID or "
                    "SLURM_JOB_ID) [default: a new id shared by all ranks].")
 def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int | None,
-                 drain_s: float,
+                 drain_s: float, gateway_lost_s: float,
                  dark: Path | None, samples: int, background_sigma: float, xray_sigma: float,
                  kernel: str, result_file: Path | None,
                  controlplane_urls: tuple[str, ...] | None,
@@ -86,5 +94,6 @@ def consumer_run(config_path: Path, session: str, output_dir: Path, scans: int |
     code = run_job(JobArguments(
         config=config_path, session=session, output_dir=output_dir, scans=scans, dark=dark,
         samples=samples, background_sigma=background_sigma, xray_sigma=xray_sigma, kernel=kernel,
-        result_file=result_file, registration=registration, drain_s=drain_s))
+        result_file=result_file, registration=registration, drain_s=drain_s,
+        gateway_lost_s=gateway_lost_s))
     sys.exit(code)

@@ -30,11 +30,14 @@ class Registration:
 
 @dataclass(frozen=True)
 class Lease:
-    """A registered consumer and how long its lease lasts (both times from the control plane)."""
+    """A registered consumer and how long its lease lasts (both times from the control plane),
+    and when its session last moved to another gateway (None: never, or a control plane that
+    does not say)."""
 
     consumer_id: str
     registered_at: datetime
     expires_at: datetime
+    session_moved_at: datetime | None = None
 
     @property
     def seconds(self) -> float:
@@ -43,8 +46,10 @@ class Lease:
     @classmethod
     def from_answer(cls, answer: dict[str, Any]) -> Lease:
         try:
+            moved = answer.get("session_moved_at")
             return cls(str(answer["id"]), datetime.fromisoformat(answer["registered_at"]),
-                       datetime.fromisoformat(answer["lease_expires_at"]))
+                       datetime.fromisoformat(answer["lease_expires_at"]),
+                       None if moved is None else datetime.fromisoformat(moved))
         except (KeyError, TypeError, ValueError) as exc:
             raise RestError(f"the control plane's consumer record is malformed: {exc!r}",
                             None) from None

@@ -1,7 +1,7 @@
 """Gather one scan's per-rank results to the root: ``Gatherv`` for arrays, ``gather`` for counters.
 
-Called by every rank at the same point of its sequence of finished scans (scans finish in routed
-``scan_end`` order, which is the same on all ranks), on a communicator of its own.
+Called by every rank at the same point of its sequence of finished scans (scans finish in the
+order the root names, ``order``), on a communicator of its own.
 """
 
 from __future__ import annotations

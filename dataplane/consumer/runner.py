@@ -5,7 +5,8 @@ plane, on an ephemeral port that it registers (``registration``). The loop never
 data may still arrive: threshold agreement is non-blocking (``agreement``), and the blocking gather
 happens only for a scan whose routed ``scan_end`` every rank has already received (the gateway sends
 it to all members at once), so every rank reaches that gather without needing any more data.
-Scans finish in ``scan_end`` order, the same on every rank, which keeps the gathers matched.
+Scans finish in the root's ``scan_end`` order, which the root tells the others (``order``): that
+keeps the gathers matched, also for a scan the root closes because its gateway was lost.
 
 On a first SIGTERM, SIGINT or SIGUSR1 a rank drains (``Shutdown``): it takes no new scan but goes on
 until the scans it holds are finished, or the drain deadline passes; a second signal stops it at
@@ -19,9 +20,10 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Never
 
@@ -54,6 +56,7 @@ from dataplane.consumer.errors import (
     WriteError,
 )
 from dataplane.consumer.gather import gather_scan
+from dataplane.consumer.order import GatewayWatch, Kind, RootOrders, Word
 from dataplane.consumer.outcome import ScanOutcome, merge
 from dataplane.consumer.registration import RegistrationArguments, job_id_for, join_session
 from dataplane.consumer.report import (
@@ -117,6 +120,9 @@ class ConsumerSettings:
     output_dir: Path  # absolute
     options: CountingOptions
     scans: int | None = None  # exit after this many scans; None: until stopped
+    # Registered: after the session moved, how long a scan may go without a message before it
+    # is closed as lost with its gateway.
+    gateway_lost_s: float = 30.0
 
 
 def check_layout(session: Session, ranks: int) -> None:
@@ -146,7 +152,8 @@ class RankLoop:
 
     def __init__(self, settings: ConsumerSettings, world: MPI.Comm, socket: zmq.Socket[bytes],
                  reporter: ResultReporter | None, shutdown: Shutdown,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger,
+                 moved_at: Callable[[], datetime | None] | None = None) -> None:
         self.settings = settings
         self._shutdown = shutdown
         self.rank = world.Get_rank()
@@ -155,13 +162,18 @@ class RankLoop:
         # ever being matched against each other.
         self._agreement = ThresholdAgreement(world.Dup(), self._decide, root=ROOT)
         self._gather_comm = world.Dup()
+        self._orders = RootOrders(world.Dup(), root=ROOT)
+        # Only the root watches for a lost gateway: it decides, and tells the others.
+        self._watch = (GatewayWatch(moved_at, settings.gateway_lost_s, log)
+                       if moved_at is not None and self.rank == ROOT else None)
         self._socket = socket
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
         self._reporter = reporter
         self._log = log
         self._scans: dict[int, ScanWork] = {}
-        self._ended: list[int] = []
+        self._ended: list[int] = []  # in the order their ends came (or they were lost)
+        self._told: deque[int] = deque()  # not the root: the scans to finish, in the root's order
         self._stray: Counter[str] = Counter()
         self._bars: dict[int, tqdm[Never]] = {}
         self.finished = 0
@@ -189,6 +201,8 @@ class RankLoop:
                 scans={s: w.assembly.counters.received for s, w in self._scans.items()}))
         if not self._agreement.settle(SETTLE_S):
             self._log.warning("threshold agreements still under way at exit")
+        if not self._orders.settle(SETTLE_S):
+            self._log.warning("orders to the other ranks still being sent at exit")
         for bar in self._bars.values():
             bar.close()
         return self.finished
@@ -225,6 +239,8 @@ class RankLoop:
         except ProtocolError as exc:
             self._stray_message(exc.reason.value, None)
             return
+        if self._watch is not None:
+            self._watch.heard(msg.scan)
         if isinstance(msg, Data):
             self._on_data(msg, parts)
         elif isinstance(msg, RoutedScanBegin):
@@ -304,6 +320,17 @@ class RankLoop:
             f"scan {abort.scan} aborted by the gateway ({abort.reason}): a rank of this job left "
             "the session; the gateway spools the rest of the scan and reports it")
 
+    def _close_lost(self, scans: tuple[int, ...]) -> None:
+        """Close scans whose gateway was lost: no routed ``scan_end`` will ever come."""
+        for scan in scans:
+            work = self._scans.get(scan)
+            if work is None or work.closure is not None:
+                continue
+            closure = work.close_lost()
+            self._ended.append(scan)
+            self._log.warning("scan closed: its gateway was lost", extra=fields(
+                scan=scan, received=closure.received, missing_sectors=len(closure.missing)))
+
     def _drop(self, abort: RoutedScanAbort) -> None:
         work = self._scans.pop(abort.scan)
         if abort.scan in self._ended:
@@ -315,6 +342,7 @@ class RankLoop:
             scan=abort.scan, reason=abort.reason, received=work.assembly.counters.received))
 
     def _advance(self) -> None:
+        self._follow_the_root()
         for scan, work in self._scans.items():
             # Draining, an open scan contributes what it has: the agreements of the scans that
             # ended after it began wait for its turn in the sequence.
@@ -327,10 +355,46 @@ class RankLoop:
             if self.rank == ROOT:
                 self._log.info("thresholds agreed",
                                extra=fields(scan=scan, **decision.as_metadata()))
-        while self._ended and self._scans[self._ended[0]].finished and not self._done():
-            self._finish(self._ended.pop(0))
+        while (ready := self._next_to_finish()) is not None and not self._done():
+            if self.rank == ROOT:
+                self._orders.tell(Word(Kind.FINISH, (ready,)))
+            self._finish(ready)
+
+    def _follow_the_root(self) -> None:
+        """The root closes the scans its watch finds lost and tells the others; they do as told."""
+        if self._watch is not None:
+            open_scans = [scan for scan, work in self._scans.items() if work.closure is None]
+            lost = tuple(self._watch.lost(open_scans))
+            if lost:
+                self._orders.tell(Word(Kind.LOST, lost))
+                self._close_lost(lost)
+        if self.rank == ROOT:
+            return
+        for word in self._orders.hear():
+            if word.kind is Kind.LOST:
+                self._close_lost(word.scans)
+            else:
+                self._told.extend(word.scans)
+
+    def _next_to_finish(self) -> int | None:
+        """The scan to gather now: on the root, the first ended, once finished here; on the
+        others, the next the root named, once finished here."""
+        scan: int | None
+        if self.rank == ROOT:
+            scan = self._ended[0] if self._ended else None
+        else:
+            while self._told and self._told[0] not in self._scans:
+                # Dropped on the gateway's abort while draining: this rank gathers it no more.
+                self._log.warning("told to finish a scan this rank dropped",
+                                  extra=fields(scan=self._told.popleft()))
+            scan = self._told[0] if self._told else None
+        return scan if scan is not None and self._scans[scan].finished else None
 
     def _finish(self, scan: int) -> None:
+        if self._told and self._told[0] == scan:
+            self._told.popleft()
+        if scan in self._ended:
+            self._ended.remove(scan)
         work = self._scans.pop(scan)
         parts = gather_scan(self._gather_comm, work.result(), root=ROOT)
         bar = self._bars.pop(scan, None)
@@ -428,7 +492,8 @@ def run_registered_rank(settings: ConsumerSettings, world: MPI.Comm,
         try:
             if world.Get_rank() == ROOT:
                 reporter = _registered_reporter(client, session.id, result_file, log)
-            return RankLoop(settings, world, joined.socket, reporter, shutdown, log).run()
+            return RankLoop(settings, world, joined.socket, reporter, shutdown, log,
+                            moved_at=lambda: joined.keeper.lease.session_moved_at).run()
         finally:
             if reporter is not None:
                 reporter.close()
@@ -453,6 +518,7 @@ class JobArguments:
     result_file: Path | None
     drain_s: float  # after the first signal, at most this long to finish the scans under way
     registration: RegistrationArguments | None = None  # None: static mode
+    gateway_lost_s: float = 30.0
 
 
 def settings_from(args: JobArguments) -> ConsumerSettings:
@@ -468,7 +534,8 @@ def settings_from(args: JobArguments) -> ConsumerSettings:
     # Resolved once, here: every result names its file by an absolute path, useful to whoever
     # reads it, wherever the job ran.
     return ConsumerSettings(session=session, output_dir=args.output_dir.resolve(),
-                            options=options, scans=args.scans)
+                            options=options, scans=args.scans,
+                            gateway_lost_s=args.gateway_lost_s)
 
 
 def run_job(args: JobArguments) -> int:

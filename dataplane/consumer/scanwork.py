@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from common.protocol import Data, RoutedScanBegin, RoutedScanEnd
+from common.protocol import VERSION, Data, RoutedScanBegin, RoutedScanEnd
 from dataplane import counting
-from dataplane.consumer.assembly import ScanAssembly, ScanClosure
+from dataplane.consumer.assembly import GATEWAY_LOST, NOT_RECEIVED, ScanAssembly, ScanClosure
 
 HISTOGRAM_BINS = counting.PIXEL_VALUES
 
@@ -164,12 +164,21 @@ class ScanWork:
         if self.closure is not None:
             self._count_incomplete(decision)
 
-    def close(self, end: RoutedScanEnd) -> ScanClosure:
+    def close(self, end: RoutedScanEnd, missing_reason: str = NOT_RECEIVED) -> ScanClosure:
         self.end = end
-        self.closure = self.assembly.close(end)
+        self.closure = self.assembly.close(end, missing_reason)
         if self.decision is not None:
             self._count_incomplete(self.decision)
         return self.closure
+
+    def close_lost(self) -> ScanClosure:
+        """Close a scan whose gateway was lost, as its routed ``scan_end`` would have: what the
+        gateway forwarded is known only as far as it arrived, no producer's count reached it,
+        and every sector that never came is listed ``gateway_lost``."""
+        received = self.assembly.counters.received
+        return self.close(RoutedScanEnd(v=VERSION, scan=self.scan, expected=received, sent=0,
+                                        accepted=0, dropped={}, drops=[], drops_truncated=False),
+                          GATEWAY_LOST)
 
     def result(self) -> RankScanResult:
         if self.closure is None or self.end is None or self.decision is None:
