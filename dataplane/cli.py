@@ -23,9 +23,11 @@ from common.receipts import GatewayReport
 from common.restclient import ClientError
 from common.tokenfile import TokenFileError, token_from
 from dataplane.producer import (
+    Abandon,
     GatewayTarget,
     GatewayUnresponsive,
     HeaderMode,
+    MoveWatch,
     ProducerError,
     ProducerSession,
     StreamStats,
@@ -180,7 +182,7 @@ class Work:
 
     label: str
     scan: int
-    run: Callable[[GatewayTarget], StreamStats]
+    run: Callable[[GatewayTarget, Abandon | None], StreamStats]
 
 
 _OPENING_OPTIONS = ("template", "param_pairs", "ttl", "transport")
@@ -197,10 +199,10 @@ def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
     except SpoolError as exc:
         raise click.BadParameter(str(exc), param_hint="--spool") from None
 
-    def run(target: GatewayTarget) -> StreamStats:
+    def run(target: GatewayTarget, abandon: Abandon | None) -> StreamStats:
         return replay_spool(spool_file, target.endpoint, target.server_public, target.client,
                             scan=scan, progress=progress, send_timeout_s=timeout,
-                            plain=target.plain)
+                            plain=target.plain, abandon=abandon)
     return Work(f"spool {spool_file.name}", spooled if scan is None else scan, run)
 
 
@@ -216,10 +218,11 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
 
-    def run(target: GatewayTarget) -> StreamStats:
+    def run(target: GatewayTarget, abandon: Abandon | None) -> StreamStats:
         return stream_synthetic(
             target.endpoint, target.server_public, target.client, SyntheticCamera(spec), plan,
-            scan, header=header, progress=progress, send_timeout_s=timeout, plain=target.plain)
+            scan, header=header, progress=progress, send_timeout_s=timeout, plain=target.plain,
+            abandon=abandon)
     return Work(f"scan {scan}", scan, run)
 
 
@@ -231,16 +234,18 @@ def _guarded(action: Callable[[], None]) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _deliver(work: Work, target: GatewayTarget, wait_s: float | None) -> None:
-    """Stream ``work`` to ``target`` and, unless ``wait_s`` is None, confirm its delivery."""
+def _deliver(work: Work, target: GatewayTarget, wait_s: float | None,
+             abandon: Abandon | None = None) -> None:
+    """Stream ``work`` to ``target`` and, unless ``wait_s`` is None, confirm its delivery;
+    ``abandon`` may end a blocked send or the wait for the report early."""
     if wait_s is None or target.receipts is None:
-        _report(work.label, work.run(target))
+        _report(work.label, work.run(target, abandon))
         click.echo(f"scan {work.scan}: delivery not confirmed (no receipt asked for)")
         return
     with ReceiptClient(target.receipts, target.server_public, target.client) as receipts:
         check_not_closed(receipts, work.scan)
-        _report(work.label, work.run(target))
-        report = await_report(receipts, work.scan, timeout_s=wait_s)
+        _report(work.label, work.run(target, abandon))
+        report = await_report(receipts, work.scan, timeout_s=wait_s, abandon=abandon)
     _confirm(report)
 
 
@@ -318,15 +323,17 @@ def _deliver_following(session: ProducerSession, work: Work, wait_s: float | Non
                        follow_wait_s: float) -> None:
     """``_deliver`` to the session's gateway; when that fails and the control plane has moved the
     session to another gateway (the first one's heartbeats stopped), stream the whole scan again
-    there. A gateway that stopped answering is given ``follow_wait_s`` for the control plane to
-    notice and move the session. Nothing sent to the failed gateway is known to have arrived
-    unless a receipt said so, so all of it is listed as unconfirmed and sent again: the new
-    gateway's receipt accounts for the scan, and consumers count what reached them twice as
+    there. While a send or the wait for the receipt is blocked, the control plane is asked every
+    second whether the session has moved, and the stream is given up as soon as it has; a gateway
+    whose stream failed before that (its send timeout) is given ``follow_wait_s`` for the control
+    plane to notice and move the session. Nothing sent to the failed gateway is known to have
+    arrived unless a receipt said so, so all of it is listed as unconfirmed and sent again: the
+    new gateway's receipt accounts for the scan, and consumers count what reached them twice as
     duplicates."""
     for moves in range(MAX_MOVES + 1):
         target = session.gateway()
         try:
-            _deliver(work, target, wait_s)
+            _deliver(work, target, wait_s, MoveWatch(session))
             return
         except ProducerError as exc:
             if moves == MAX_MOVES or not _moved(session, target, exc, follow_wait_s):

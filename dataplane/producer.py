@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +57,7 @@ from common.protocol import (
     encode,
     encode_ncem,
 )
+from common.restclient import ClientError
 from dataplane.errors import DataPlaneError
 from dataplane.spool import SpoolError, SpoolReader
 from dataplane.synthetic import StreamPlan, SyntheticCamera
@@ -63,6 +65,12 @@ from dataplane.synthetic import StreamPlan, SyntheticCamera
 HeaderMode = Literal["native", "ncem"]
 Shape = tuple[int, int]
 _SECTOR_DTYPE = np.dtype("<u2")
+
+
+# Asked while a send is blocked: a reason to give the stream up now (the session has moved to
+# another gateway, say), or None to go on waiting.
+Abandon = Callable[[], str | None]
+ABANDON_CHECK_S = 1.0
 
 
 class ProducerError(DataPlaneError):
@@ -88,7 +96,7 @@ class Producer:
     def __init__(self, endpoint: str, server_public: bytes | None, client: KeyPair | None, *,
                  hwm: int = 256, send_timeout_s: float = 30.0, header: HeaderMode = "native",
                  context: zmq.Context[zmq.Socket[bytes]] | None = None,
-                 plain: PlainCredentials | None = None) -> None:
+                 plain: PlainCredentials | None = None, abandon: Abandon | None = None) -> None:
         if header not in ("native", "ncem"):
             raise ProducerError(f"header must be 'native' or 'ncem', got {header!r}")
         if plain is None and (server_public is None or client is None):
@@ -100,6 +108,7 @@ class Producer:
         self.endpoint = endpoint
         self._header = header
         self._timeout_s = send_timeout_s
+        self._abandon = abandon
         self._scan: _OpenScan | None = None
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
@@ -126,7 +135,9 @@ class Producer:
             sock.curve_publickey = client.public
             sock.curve_secretkey = client.secret
         sock.sndhwm = hwm
-        sock.sndtimeo = timeout_ms
+        # With ``abandon``, a blocked send wakes every ABANDON_CHECK_S to ask it.
+        sock.sndtimeo = (timeout_ms if self._abandon is None
+                         else min(timeout_ms, round(ABANDON_CHECK_S * 1000)))
         # Queue only to a connection whose CURVE handshake succeeded, so that an absent gateway or
         # a refused key blocks the sender instead of filling a queue nobody will read.
         sock.immediate = 1
@@ -227,14 +238,25 @@ class Producer:
                                       row_in_scan=row, thread_id=sector, module=sector))
 
     def _send(self, parts: list[bytes | memoryview], what: str) -> None:
-        try:
-            self._socket.send_multipart(parts, copy=False)
-        except zmq.Again:
-            raise GatewayUnresponsive(
-                f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: the "
-                "gateway is unreachable, refused this CURVE key, or is not reading") from None
-        except zmq.ZMQError as exc:
-            raise ProducerError(f"{what} to {self.endpoint} failed: {exc}") from None
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                # A message is queued whole or not at all, so a send that timed out may be
+                # tried again.
+                self._socket.send_multipart(parts, copy=False)
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise GatewayUnresponsive(
+                        f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: "
+                        "the gateway is unreachable, refused this CURVE key, or is not reading"
+                    ) from None
+                reason = self._abandon() if self._abandon is not None else None
+                if reason is not None:
+                    raise GatewayUnresponsive(f"{what} not accepted by {self.endpoint}, given up: "
+                                              f"{reason}") from None
+            except zmq.ZMQError as exc:
+                raise ProducerError(f"{what} to {self.endpoint} failed: {exc}") from None
 
 
 def _check_sector(geometry: ScanGeometry, frame: int, sector: int, data: np.ndarray) -> None:
@@ -270,16 +292,18 @@ def stream_synthetic(endpoint: str, server_public: bytes | None, client: KeyPair
                      camera: SyntheticCamera, plan: StreamPlan, scan: int = 0, *,
                      header: HeaderMode = "native", progress: bool | None = None,
                      hwm: int = 256, send_timeout_s: float = 30.0,
-                     plain: PlainCredentials | None = None) -> StreamStats:
+                     plain: PlainCredentials | None = None,
+                     abandon: Abandon | None = None) -> StreamStats:
     """Stream one synthetic scan with ``plan.producers`` producers, one thread and socket each.
 
     ``progress`` None shows a progress bar only when the output is a terminal. The first producer
-    error stops the others and is raised once every thread has finished.
+    error stops the others and is raised once every thread has finished. ``abandon`` is asked,
+    from any of the threads, while a send is blocked (``Producer``).
     """
     if plan.spec != camera.spec:
         raise ProducerError("the stream plan and the camera describe different scans")
     run = _StreamRun(endpoint, server_public, client, camera, plan, scan, header, hwm,
-                     send_timeout_s, plain)
+                     send_timeout_s, plain, abandon)
     context = zmq.Context(io_threads=2)
     bar = tqdm(total=plan.total_messages, unit="msg", desc=f"scan {scan}",
                disable=None if progress is None else not progress)
@@ -315,6 +339,7 @@ class _StreamRun:
     hwm: int
     send_timeout_s: float
     plain: PlainCredentials | None
+    abandon: Abandon | None
 
     def __post_init__(self) -> None:
         self.stop = threading.Event()
@@ -326,7 +351,7 @@ class _StreamRun:
         try:
             with Producer(self.endpoint, self.server_public, self.client, hwm=self.hwm,
                           send_timeout_s=self.send_timeout_s, header=self.header,
-                          context=context, plain=self.plain) as sock:
+                          context=context, plain=self.plain, abandon=self.abandon) as sock:
                 sock.begin_scan(self.scan, spec.scan_shape, self.plan.producers, spec.frame_shape,
                                 spec.sectors)
                 for frame, sector in self.plan.messages(producer):
@@ -344,8 +369,8 @@ class _StreamRun:
 
 def replay_spool(path: Path, endpoint: str, server_public: bytes | None, client: KeyPair | None,
                  *, scan: int | None = None, progress: bool | None = None,
-                 send_timeout_s: float = 30.0,
-                 plain: PlainCredentials | None = None) -> StreamStats:
+                 send_timeout_s: float = 30.0, plain: PlainCredentials | None = None,
+                 abandon: Abandon | None = None) -> StreamStats:
     """Replay a gateway spool file into a session as one producer.
 
     The whole file is validated before anything is sent. Then: scan_begin with ``producers=1``
@@ -369,7 +394,7 @@ def replay_spool(path: Path, endpoint: str, server_public: bytes | None, client:
         start = time.perf_counter()
         try:
             with Producer(endpoint, server_public, client, send_timeout_s=send_timeout_s,
-                          plain=plain) as sock:
+                          plain=plain, abandon=abandon) as sock:
                 sock.begin_scan(number, begin.scan_shape, 1, begin.frame_shape, begin.sectors)
                 _replay_records(sock, reader, begin.geometry.sector_shape, bar)
                 sock.end_scan()
@@ -523,6 +548,43 @@ class ProducerSession:
                  tb: TracebackType | None) -> None:
         if self.end_on_exit and self._session is not None:
             self.end()
+
+
+class MoveWatch:
+    """An ``Abandon`` for a stream into ``session``'s current gateway: the reason once the
+    control plane names another gateway for the session, so that a stream stuck on a lost gateway
+    ends as soon as its session has moved rather than at its send timeout. Asked from every
+    producer thread, it asks the control plane at most every ``every_s``; it changes nothing in
+    ``session`` (``follow_gateway`` does that)."""
+
+    def __init__(self, session: ProducerSession, every_s: float = ABANDON_CHECK_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._session = session
+        self._gateway = session.session.gateway
+        self._every_s = every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._asked = float("-inf")
+        self._moved_to: str | None = None
+
+    def __call__(self) -> str | None:
+        with self._lock:
+            now = self._clock()
+            if self._moved_to is None and now - self._asked >= self._every_s:
+                self._asked = now
+                self._moved_to = self._new_gateway()
+        if self._moved_to is None:
+            return None
+        return f"the control plane moved the session to gateway {self._moved_to}"
+
+    def _new_gateway(self) -> str | None:
+        try:
+            current = self._session.controlplane.session(self._session.session.id)
+        except ClientError:
+            return None  # it cannot say now: the stream goes on waiting
+        if current.gateway == self._gateway:
+            return None
+        return current.gateway_name or current.gateway.endpoint
 
 
 def _client_keypair(client: KeyPair | Path | None) -> KeyPair:

@@ -25,7 +25,7 @@ from common.receipts import (
     decode_receipt,
     encode,
 )
-from dataplane.producer import GatewayUnresponsive, ProducerError
+from dataplane.producer import Abandon, GatewayUnresponsive, ProducerError
 
 # How long one request may go unanswered before it is sent again.
 ANSWER_TIMEOUT_S: Final = 2.0
@@ -87,9 +87,11 @@ def check_not_closed(client: ReceiptClient, scan: int) -> None:
 
 def await_report(client: ReceiptClient, scan: int, *, timeout_s: float = DEFAULT_WAIT_S,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> GatewayReport:
+                 clock: Callable[[], float] = time.monotonic,
+                 abandon: Abandon | None = None) -> GatewayReport:
     """The gateway's report of ``scan`` once it has closed it (every producer's scan_end in).
-    ProducerError when the gateway refused the scan, or did not close it within ``timeout_s``."""
+    ProducerError when the gateway refused the scan, or did not close it within ``timeout_s``;
+    ``abandon``, asked while no report is in, may give up sooner (``producer.Abandon``)."""
     deadline = clock() + timeout_s
     last: Receipt | None = None
     while True:
@@ -102,6 +104,10 @@ def await_report(client: ReceiptClient, scan: int, *, timeout_s: float = DEFAULT
                 return answer.report
         if clock() >= deadline:
             raise GatewayUnresponsive(_unconfirmed(client.endpoint, scan, last, timeout_s))
+        reason = abandon() if abandon is not None else None
+        if reason is not None:
+            raise GatewayUnresponsive(f"delivery of scan {scan} is not confirmed by "
+                                      f"{client.endpoint}, given up: {reason}")
         sleep(POLL_S)
 
 

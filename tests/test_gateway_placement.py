@@ -457,12 +457,14 @@ async def test_a_restarted_control_plane_knows_the_gateways_and_moves_nothing_be
     assert services.state.placement(session["id"]) == "west"
 
 
-async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_the_scan_again(
-        site: Site, tmp_path: Path) -> None:
-    cp, east, west = site.cp, site.gateways["east"], site.gateways["west"]
+async def _stream_to_a_dead_gateway(site: Site, tmp_path: Path, *options: str
+                                    ) -> tuple[asyncio.subprocess.Process, int, dict[str, Any]]:
+    """``dsn producer stream --controlplane`` with ``options``, its session placed on east, which
+    announced itself and died before anything connected (nothing listens at its address); the
+    process, east's dead port and the session."""
+    cp, east = site.cp, site.gateways["east"]
     site.start("west", capacity=4)
     await site.registered("west")
-    # East announced itself and died before anything connected: nothing listens at its address.
     dead = site.free_port()
     await placement.register(cp.services.store, "east", _announcement(east.keys, dead),
                              cp.clock())
@@ -471,8 +473,7 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
     producer = await asyncio.create_subprocess_exec(
         DSN, "producer", "stream", "--controlplane", cp.url, "--project", "alpha",
         "--project-token-file", str(tmp_path / "project.token"), "--scan-shape", "8x8",
-        "--timeout", "1", "--follow-wait", "60", "--no-progress", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        *options, "--no-progress", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
     async def opened() -> dict[str, Any]:
         items = (await (await cp.admin("GET", "/api/v1/sessions")).json())["items"]
@@ -481,6 +482,23 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
 
     session = await eventually_async(opened, timeout_s=30, what="the producer's session")
     assert session["gateway_name"] == "east"  # a tie with west, by name
+    return producer, dead, session
+
+
+def _followed_to_west(site: Site, out: str, dead: int, session: dict[str, Any]) -> None:
+    """The producer said its session moved to west and streamed the whole scan again there."""
+    assert (f"session {session['id']} moved from gateway east to west "
+            f"({site.gateways['west'].ingress}): every message of scan 0 sent to "
+            f"tcp://127.0.0.1:{dead} is unconfirmed; streaming it again there") in out
+    # West has no consumer for the session: it spools the whole scan, and its receipt says so.
+    assert ("gateway: scan 0 spooled (no_consumers): 256 sent, 0 forwarded, 256 spooled, "
+            "0 lost") in out
+
+
+async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_the_scan_again(
+        site: Site, tmp_path: Path) -> None:
+    producer, dead, session = await _stream_to_a_dead_gateway(
+        site, tmp_path, "--timeout", "1", "--follow-wait", "60")
     # The stream to east fails within its 1-s send timeout, long before the control plane moves
     # the session: the producer waits for the move rather than giving up.
     assert producer.stdout is not None
@@ -493,17 +511,26 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
                          f"{session['id']} to another gateway\n")
     assert lines[-2].startswith(f"gateway tcp://127.0.0.1:{dead} failed: scan_begin of scan 0 "
                                 "not accepted")
-    cp.clock.advance(TIMEOUT_S + 1)  # east's last announcement is now too old
+    site.cp.clock.advance(TIMEOUT_S + 1)  # east's last announcement is now too old
     stdout, stderr = await asyncio.wait_for(producer.communicate(), timeout=60)
     out = "".join(lines) + stdout.decode()
     assert producer.returncode == 0, out + stderr.decode()
-    assert f"gateway tcp://127.0.0.1:{dead} failed: scan_begin of scan 0 not accepted" in out
-    assert (f"session {session['id']} moved from gateway east to west ({west.ingress}): every "
-            f"message of scan 0 sent to tcp://127.0.0.1:{dead} is unconfirmed; streaming it "
-            "again there") in out
-    # West has no consumer for the session: it spools the whole scan, and its receipt says so.
-    assert ("gateway: scan 0 spooled (no_consumers): 256 sent, 0 forwarded, 256 spooled, "
-            "0 lost") in out
+    _followed_to_west(site, out, dead, session)
+
+
+async def test_a_producer_blocked_on_a_lost_gateway_gives_it_up_once_its_session_has_moved(
+        site: Site, tmp_path: Path) -> None:
+    # A send timeout far beyond the test's own: only the move can end the blocked send.
+    producer, dead, session = await _stream_to_a_dead_gateway(site, tmp_path, "--timeout", "600")
+    site.cp.clock.advance(TIMEOUT_S + 1)  # east's last announcement is now too old
+    stdout, stderr = await asyncio.wait_for(producer.communicate(), timeout=60)
+    out = stdout.decode()
+    assert producer.returncode == 0, out + stderr.decode()
+    assert (f"gateway tcp://127.0.0.1:{dead} failed: scan_begin of scan 0 not accepted by "
+            f"tcp://127.0.0.1:{dead}, given up: the control plane moved the session to gateway "
+            "west") in out
+    assert "waiting up to" not in out
+    _followed_to_west(site, out, dead, session)
 
 
 # --- the policy's gateways -----------------------------------------------------------------------

@@ -20,7 +20,14 @@ from waiting import eventually, tcp_port_closed
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.protocol import Data, ScanBegin, ScanEnd, decode_producer_header, is_native_header
 from dataplane.cli import producer as producer_cli
-from dataplane.producer import HeaderMode, Producer, ProducerError, StreamStats, stream_synthetic
+from dataplane.producer import (
+    GatewayUnresponsive,
+    HeaderMode,
+    Producer,
+    ProducerError,
+    StreamStats,
+    stream_synthetic,
+)
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
 
 pytestmark = pytest.mark.timeout(30)
@@ -213,6 +220,40 @@ def test_absent_gateway_raises_within_the_timeout(context: zmq.Context, client: 
         with pytest.raises(ProducerError, match="within 0.3 s"):
             prod.begin_scan(0, (1, 1), producers=1)
         assert 0.25 < time.monotonic() - started < 3
+
+
+def test_a_blocked_send_is_given_up_as_soon_as_abandon_says_why(context: zmq.Context,
+                                                                client: KeyPair) -> None:
+    asked: list[int] = []
+
+    def moved_on_the_second_ask() -> str | None:
+        asked.append(1)
+        return "the session moved" if len(asked) == 2 else None
+
+    endpoint = _free_endpoint(context)
+    with Producer(endpoint, zmq.curve_keypair()[0], client, send_timeout_s=300,
+                  abandon=moved_on_the_second_ask) as prod:
+        with pytest.raises(GatewayUnresponsive,
+                           match="scan_begin of scan 0 not accepted by .*, given up: the session "
+                                 "moved"):
+            prod.begin_scan(0, (1, 1), producers=1)
+    assert len(asked) == 2
+
+
+def test_a_blocked_send_that_abandon_keeps_waiting_ends_at_its_timeout(
+        context: zmq.Context, client: KeyPair) -> None:
+    asked: list[int] = []
+
+    def keep_waiting() -> str | None:
+        asked.append(1)
+        return None
+
+    endpoint = _free_endpoint(context)
+    with Producer(endpoint, zmq.curve_keypair()[0], client, send_timeout_s=2.5,
+                  abandon=keep_waiting) as prod:
+        with pytest.raises(GatewayUnresponsive, match="within 2.5 s"):
+            prod.begin_scan(0, (1, 1), producers=1)
+    assert len(asked) >= 1  # asked while it waited, every ABANDON_CHECK_S
 
 
 def test_a_gateway_with_another_server_key_never_gets_data(gateway: Gateway,
