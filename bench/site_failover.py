@@ -152,14 +152,22 @@ class Replica:
                 "--state-key", str(self.state / "keys" / "state.key")]
 
     def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
+        _kill(self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=15)
+        _stop(self.process)
+
+
+def _kill(process: subprocess.Popen[bytes] | None) -> None:
+    assert process is not None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
 
 
 @dataclass
@@ -199,14 +207,10 @@ class Gateway:
         return re.search(pattern, self.page()) is not None
 
     def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
+        _kill(self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=20)
+        _stop(self.process)
 
 
 @dataclass
