@@ -195,7 +195,8 @@ class CloneSessionSource:
         last = self.registered
         if last is None or (last.accepted, last.reason) != (answer.accepted, answer.reason):
             if answer.accepted:
-                log.info("registered with the control plane")
+                log.info("registered with the control plane", extra={"fields": {
+                    "state_service": self.server.endpoints.snapshot}})
             else:
                 log.error("the control plane refused this gateway's registration",
                           extra={"fields": {"reason": answer.reason}})
