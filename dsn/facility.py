@@ -26,6 +26,7 @@ from common.client import (
     URL_ENV,
     Client,
     Job,
+    Session,
     SessionDetail,
     WaitError,
     WaitTimeout,
@@ -145,7 +146,7 @@ def open_command(client: Client, as_json: bool, client_key: Path, template: str,
     if token_out is not None:
         create_private_file(token_out, f"{opened.token}\n".encode())
     _print([opened], OPENED_COLUMNS, as_json, single=True,
-           cells=lambda s: {"gateway": s.gateway.endpoint, "server_key": s.gateway.server_key})
+           cells=lambda s: {"gateway": _gateway_cell(s), "server_key": s.gateway.server_key})
 
 
 @sessions.command("list")
@@ -180,7 +181,16 @@ def end_session(client: Client, as_json: bool, session: str) -> None:
 def _detail_cells(detail: SessionDetail) -> dict[str, Any]:
     counters = detail.counters
     return {"live_consumers": counters.live_consumers, "jobs": counters.jobs,
-            "scans": counters.scans, "gateway": detail.gateway.endpoint}
+            "scans": counters.scans, "gateway": _gateway_cell(detail)}
+
+
+def _gateway_cell(session: Session) -> str:
+    """Where the session's producers stream: the endpoint, and on a site of several gateways the
+    gateway's name and the one it was moved from."""
+    if session.gateway_name is None:
+        return session.gateway.endpoint
+    moved = f", moved from {session.previous_gateway}" if session.previous_gateway else ""
+    return f"{session.gateway.endpoint} ({session.gateway_name}{moved})"
 
 
 # --- jobs ----------------------------------------------------------------------------------------

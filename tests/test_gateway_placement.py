@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 import zmq
+from click.testing import CliRunner
 from cp_helpers import (
     CLIENT_SCOPE,
     SHIPPED_POLICY,
@@ -47,6 +48,7 @@ from controlplane.placement import GatewayRecord, Load, choose
 from controlplane.policy import GatewayAllowance
 from controlplane.sessions.service import replace_stranded
 from dataplane.producer import Producer, ProducerError, ProducerSession
+from dsn.facility import sessions
 from gateway.cli import Announced, _registration
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -360,6 +362,12 @@ async def test_a_killed_gateways_sessions_move_to_another_and_its_producer_strea
     moves = [row for row in site.cp.audit_rows() if row[2] == "sessions:replace"]
     assert len(moves) == 1 and moves[0][3] == f"session/alpha/{session_id}"
     assert moves[0][5] == "gateway-silent:east->west"
+    # What a user sees of it.
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, sessions, ["show", session_id, "--controlplane", site.cp.url],
+        env={"DSN_PROJECT_TOKEN": token})
+    assert shown.exit_code == 0, shown.output
+    assert f"{west.ingress} (west, moved from east)" in shown.output
 
     # A consumer registers now; the producer streams through west to it.
     port = consumer.bind_to_random_port("tcp://127.0.0.1")
