@@ -12,6 +12,7 @@ arrived.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -62,8 +63,16 @@ class GatewayProcess:
                           re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
+    def alive(self) -> bool:
+        """True while it runs; a gateway that exited fails the test with what it said."""
+        if self.process.poll() is not None:
+            _, stderr = self.process.communicate()
+            pytest.fail(f"the gateway exited ({self.process.returncode}): {stderr[-2000:]}")
+        return True
+
     def kill(self) -> None:
-        self.process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
         self.process.communicate(timeout=10)
 
     def stop(self) -> dict[str, object]:
@@ -112,19 +121,37 @@ def test_a_gateway_killed_mid_scan_and_restarted_loses_only_what_was_in_flight_a
     job = _start(RANKS, config, tmp_path / "out", "--scans", "1", "--result-file", str(results))
 
     first = GatewayProcess(config, metrics)
-    with ThreadPoolExecutor(1) as pool:
-        streaming = pool.submit(stream_synthetic, endpoint, server, client, CAMERA, PLAN, 1,
-                                progress=False, send_timeout_s=60)
-        # A fine interval: the kill must land mid-scan, and the scan takes seconds at most.
-        eventually(lambda: streaming.done() or first.forwarded() >= PLAN.total_messages // 4,
-                   timeout_s=60, what="a quarter of the scan forwarded", interval_s=0.01)
-        assert not streaming.done(), f"the stream ended early: {streaming.exception()!r}"
-        first.kill()  # mid-scan: the producers block until a gateway is back
-        assert not streaming.done(), "the scan ended before the gateway was killed"
-        second = GatewayProcess(config, metrics)
-        stats = streaming.result(timeout=60)
-    code, log = _finish(job, timeout=60)
-    counters = second.stop()
+    second: GatewayProcess | None = None
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            streaming = pool.submit(stream_synthetic, endpoint, server, client, CAMERA, PLAN, 1,
+                                    progress=False, send_timeout_s=60)
+
+            def a_quarter_forwarded() -> bool:
+                # The consumer job starting slowly holds the stream back; one that died fails.
+                if job.poll() is not None:
+                    pytest.fail(f"the consumer job exited: {_finish(job, 1)[1][-2000:]}")
+                return streaming.done() or (first.alive() and
+                                            first.forwarded() >= PLAN.total_messages // 4)
+
+            # A fine interval: the kill must land mid-scan, and the scan takes seconds at most.
+            eventually(a_quarter_forwarded, timeout_s=90, what="a quarter of the scan forwarded",
+                       interval_s=0.01)
+            assert not streaming.done(), f"the stream ended early: {streaming.exception()!r}"
+            first.kill()  # mid-scan: the producers block until a gateway is back
+            assert not streaming.done(), "the scan ended before the gateway was killed"
+            second = GatewayProcess(config, metrics)
+            stats = streaming.result(timeout=60)
+        code, log = _finish(job, timeout=60)
+        counters = second.stop()
+    finally:
+        # On failure: nothing of this test outlives it (processes, pipes).
+        for gateway in (first, second):
+            if gateway is not None and gateway.process.returncode is None:
+                gateway.kill()
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
     assert code == 0, log[-3000:]
 
     # The restarted gateway took the scan up where the producers were, and closed it.
