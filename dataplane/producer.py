@@ -67,8 +67,9 @@ Shape = tuple[int, int]
 _SECTOR_DTYPE = np.dtype("<u2")
 
 
-# Asked while a send is blocked: a reason to give the stream up now (the session has moved to
-# another gateway, say), or None to go on waiting.
+# Asked while a send is blocked with no connection to the gateway (a connected gateway that does
+# not read is backpressure, and is waited for): a reason to give the stream up now (the session
+# has moved to another gateway, say), or None to go on waiting.
 Abandon = Callable[[], str | None]
 ABANDON_CHECK_S = 1.0
 
@@ -114,9 +115,12 @@ class Producer:
         self._context = zmq.Context() if context is None else context
         self._socket = self._context.socket(zmq.PUSH)
         self.reannounced = 0
+        self._connected = False  # a handshake with the gateway succeeded, and holds
+        self._broke = False  # the connection broke since _connection_broke last said so
         try:
             self._configure(server_public, client, plain, hwm)
-            self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor = self._socket.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
             self.close(linger_s=0)
@@ -207,14 +211,28 @@ class Producer:
         # After a failure the scan is incomplete anyway; do not wait on a gateway that stalled.
         self.close(linger_s=0 if exc_type is not None else None)
 
-    def _connection_broke(self) -> bool:
-        """Whether the connection to the gateway broke since the last call."""
-        broke = False
+    def _watch_connection(self) -> None:
+        """Take the monitor's events: whether the connection is up, and whether it broke."""
         # EVENTS is cheaper than a poll, and this runs before every message.
         # pyzmq types every option's value as int | bytes; EVENTS is always an int.
         while cast(int, self._monitor.get(zmq.EVENTS)) & zmq.POLLIN:
-            recv_monitor_message(self._monitor)
-            broke = True
+            if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                self._connected, self._broke = False, True
+            else:
+                self._connected = True
+
+    def _abandon_reason(self) -> str | None:
+        """``abandon``'s answer while there is no connection to the gateway; a gateway that is
+        connected but not reading (backpressure) is waited for, and ``abandon`` not asked."""
+        self._watch_connection()
+        if self._abandon is None or self._connected:
+            return None
+        return self._abandon()
+
+    def _connection_broke(self) -> bool:
+        """Whether the connection to the gateway broke since the last call."""
+        self._watch_connection()
+        broke, self._broke = self._broke, False
         return broke
 
     def _announce_again_after_reconnect(self, scan: _OpenScan) -> None:
@@ -251,7 +269,7 @@ class Producer:
                         f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: "
                         "the gateway is unreachable, refused this CURVE key, or is not reading"
                     ) from None
-                reason = self._abandon() if self._abandon is not None else None
+                reason = self._abandon_reason()
                 if reason is not None:
                     raise GatewayUnresponsive(f"{what} not accepted by {self.endpoint}, given up: "
                                               f"{reason}") from None

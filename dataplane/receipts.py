@@ -91,7 +91,8 @@ def await_report(client: ReceiptClient, scan: int, *, timeout_s: float = DEFAULT
                  abandon: Abandon | None = None) -> GatewayReport:
     """The gateway's report of ``scan`` once it has closed it (every producer's scan_end in).
     ProducerError when the gateway refused the scan, or did not close it within ``timeout_s``;
-    ``abandon``, asked while no report is in, may give up sooner (``producer.Abandon``)."""
+    ``abandon``, asked while the gateway does not answer at all, may give up sooner
+    (``producer.Abandon``)."""
     deadline = clock() + timeout_s
     last: Receipt | None = None
     while True:
@@ -104,7 +105,8 @@ def await_report(client: ReceiptClient, scan: int, *, timeout_s: float = DEFAULT
                 return answer.report
         if clock() >= deadline:
             raise GatewayUnresponsive(_unconfirmed(client.endpoint, scan, last, timeout_s))
-        reason = abandon() if abandon is not None else None
+        # Asked only while the gateway gives no answer at all: a scan still open is waited for.
+        reason = abandon() if abandon is not None and answer is None else None
         if reason is not None:
             raise GatewayUnresponsive(f"delivery of scan {scan} is not confirmed by "
                                       f"{client.endpoint}, given up: {reason}")

@@ -256,6 +256,26 @@ def test_a_blocked_send_that_abandon_keeps_waiting_ends_at_its_timeout(
     assert len(asked) >= 1  # asked while it waited, every ABANDON_CHECK_S
 
 
+def test_a_connected_gateway_that_does_not_read_is_waited_for_without_asking_abandon(
+        make_gateway: MakeGateway, client: KeyPair) -> None:
+    stalled = make_gateway(rcvhwm=1)
+    asked: list[int] = []
+
+    def would_give_up() -> str | None:
+        asked.append(1)
+        return "the session moved"
+
+    sector = np.ones((144, 576), np.uint16)
+    with Producer(stalled.endpoint, stalled.public, client, hwm=1, send_timeout_s=2.5,
+                  abandon=would_give_up) as prod:
+        prod.begin_scan(0, (40, 40), producers=1)
+        with pytest.raises(GatewayUnresponsive, match="within 2.5 s"):
+            for frame in range(1600):
+                prod.send(frame, 0, sector)
+    assert asked == []  # backpressure, not a lost gateway
+    stalled.drain()
+
+
 def test_a_gateway_with_another_server_key_never_gets_data(gateway: Gateway,
                                                            client: KeyPair) -> None:
     wrong_server_key = zmq.curve_keypair()[0]
