@@ -140,8 +140,10 @@ class Producer:
             sock.curve_secretkey = client.secret
         sock.sndhwm = hwm
         # With ``abandon``, a blocked send wakes every ABANDON_CHECK_S to ask it.
-        sock.sndtimeo = (timeout_ms if self._abandon is None
-                         else min(timeout_ms, round(ABANDON_CHECK_S * 1000)))
+        slice_ms = (timeout_ms if self._abandon is None
+                    else min(timeout_ms, round(ABANDON_CHECK_S * 1000)))
+        sock.sndtimeo = slice_ms
+        self._slice_s = slice_ms / 1000
         # Queue only to a connection whose CURVE handshake succeeded, so that an absent gateway or
         # a refused key blocks the sender instead of filling a queue nobody will read.
         sock.immediate = 1
@@ -256,7 +258,7 @@ class Producer:
                                       row_in_scan=row, thread_id=sector, module=sector))
 
     def _send(self, parts: list[bytes | memoryview], what: str) -> None:
-        deadline = time.monotonic() + self._timeout_s
+        waited_s = 0.0  # counted in the socket's send timeouts: no clock read per message
         while True:
             try:
                 # A message is queued whole or not at all, so a send that timed out may be
@@ -264,7 +266,8 @@ class Producer:
                 self._socket.send_multipart(parts, copy=False)
                 return
             except zmq.Again:
-                if time.monotonic() >= deadline:
+                waited_s += self._slice_s
+                if waited_s >= self._timeout_s:
                     raise GatewayUnresponsive(
                         f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: "
                         "the gateway is unreachable, refused this CURVE key, or is not reading"
