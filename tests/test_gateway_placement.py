@@ -526,10 +526,13 @@ async def test_a_producer_whose_gateway_fails_follows_its_session_and_streams_th
     _followed_to_west(site, out, dead, session)
 
 
+@pytest.mark.parametrize("header", ["native", "ncem"])
 async def test_a_producer_blocked_on_a_lost_gateway_gives_it_up_once_its_session_has_moved(
-        site: Site, tmp_path: Path) -> None:
-    # A send timeout far beyond the test's own: only the move can end the blocked send.
-    producer, dead, session = await _stream_to_a_dead_gateway(site, tmp_path, "--timeout", "600")
+        site: Site, tmp_path: Path, header: str) -> None:
+    # A send timeout far beyond the test's own: only the move can end the blocked send. With the
+    # 4D Camera's own data headers (NCEM) the scan is streamed again just the same.
+    producer, dead, session = await _stream_to_a_dead_gateway(
+        site, tmp_path, "--timeout", "600", "--header", header)
     site.cp.clock.advance(TIMEOUT_S + 1)  # east's last announcement is now too old
     stdout, stderr = await asyncio.wait_for(producer.communicate(), timeout=60)
     out = stdout.decode()
