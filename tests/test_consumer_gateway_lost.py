@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -32,15 +31,14 @@ import numpy as np
 import pytest
 import stempy.io
 import zmq
-from cp_helpers import SHIPPED_POLICY, ManualClock, metric, served_on
+from cp_helpers import ManualClock, metric, served_on
 from cp_helpers import start_control_plane as start_cp
 from test_cp_sessions_api import WORKER_SCOPE
-from test_gateway_placement import TIMEOUT_S, GatewayProcess, Site
+from test_gateway_placement import TIMEOUT_S, GatewayProcess, Site, admitting_east_and_west
 from waiting import eventually, eventually_async
 
 from common.client import Client
-from common.keys import KeyPair, create_keypair, load_keypair
-from controlplane.admin.bootstrap import initialize
+from common.keys import KeyPair
 from dataplane.consumer.order import GatewayWatch
 from dataplane.producer import Producer, ProducerSession
 from dataplane.synthetic import CameraSpec, SyntheticCamera
@@ -67,14 +65,7 @@ async def site(tmp_path: Path, free_port: Callable[[], int]) -> AsyncIterator[Si
     """A control plane on a real port (jobs reach it there) admitting gateways ``east`` and
     ``west``, none started, with no configured gateway to fall back to."""
     state_dir, clock = tmp_path / "state", ManualClock()
-    await initialize(state_dir, policy_path=SHIPPED_POLICY, now=clock())
-    gateways = {}
-    for name in ("east", "west"):
-        public, _ = create_keypair(tmp_path / name, "server")
-        shutil.copyfile(public, state_dir / "gateways" / f"{name}.key")
-        gateways[name] = GatewayProcess(name, f"tcp://127.0.0.1:{free_port()}",
-                                        load_keypair(tmp_path / name / "server.key_secret"),
-                                        f"127.0.0.1:{free_port()}")
+    gateways = await admitting_east_and_west(state_dir, clock, free_port)
     port = free_port()
     async with served_on(port) as serve:
         cp = await start_cp(serve, state_dir, clock=clock, port=port, reconcile_s=0.2,

@@ -228,20 +228,28 @@ class Site:
         assert not failed, failed
 
 
+async def admitting_east_and_west(state_dir: Path, clock: ManualClock,
+                                  free_port: Callable[[], int]) -> dict[str, GatewayProcess]:
+    """A new state directory admitting gateways ``east`` and ``west``, whose key pairs are made
+    beside it; the two, not started."""
+    await initialize(state_dir, policy_path=SHIPPED_POLICY, now=clock())
+    gateways = {}
+    for name in ("east", "west"):
+        public, _ = create_keypair(state_dir.parent / name, "server")
+        shutil.copyfile(public, state_dir / "gateways" / f"{name}.key")
+        gateways[name] = GatewayProcess(name, f"tcp://127.0.0.1:{free_port()}",
+                                        load_keypair(state_dir.parent / name / "server.key_secret"),
+                                        f"127.0.0.1:{free_port()}")
+    return gateways
+
+
 @pytest.fixture
 async def site(aiohttp_client: ClientFactory, tmp_path: Path,
                free_port: Callable[[], int]) -> AsyncIterator[Site]:
     """A control plane admitting gateways ``east`` and ``west`` (none started), with no fallback
     to a configured gateway: every session is placed on a registered one."""
     state_dir, clock = tmp_path / "state", ManualClock()
-    await initialize(state_dir, policy_path=SHIPPED_POLICY, now=clock())
-    gateways = {}
-    for name in ("east", "west"):
-        public, _ = create_keypair(tmp_path / name, "server")
-        shutil.copyfile(public, state_dir / "gateways" / f"{name}.key")
-        gateways[name] = GatewayProcess(name, f"tcp://127.0.0.1:{free_port()}",
-                                        load_keypair(tmp_path / name / "server.key_secret"),
-                                        f"127.0.0.1:{free_port()}")
+    gateways = await admitting_east_and_west(state_dir, clock, free_port)
     cp = await start_cp(aiohttp_client, state_dir, clock=clock, reconcile_s=0.2,
                         gateway_timeout_s=TIMEOUT_S, gateway_fallback=False)
     await cp.create_project("alpha", quotas={"sessions": 8})
