@@ -185,12 +185,51 @@ def start_gateway(config: Path, *options: str) -> subprocess.Popen[str]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` so far, all its threads (libzmq's I/O threads too)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True)
+class GatewayCpu:
+    """CPU seconds of the gateway's libzmq I/O threads (TCP reads and writes, CURVE) and of its
+    other threads: the forwarding loop, which is serial, and side threads idle while streaming."""
+
+    io: float
+    loop: float
+
+    @classmethod
+    def now(cls, pid: int) -> GatewayCpu:
+        io = loop = 0.0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                seconds = _stat_cpu(task / "stat")
+            except OSError:
+                continue  # a thread that ended meanwhile
+            if name.startswith("ZMQbg/IO"):
+                io += seconds
+            else:
+                loop += seconds
+        return cls(io, loop)
+
+
+@dataclass(frozen=True)
+class Figures:
+    gbps: float
+    rate: float
+    cpu: GatewayCpu | None = None  # per message, µs
+
+    @property
+    def cpu_us(self) -> float | None:
+        return None if self.cpu is None else self.cpu.io + self.cpu.loop
+
+
 def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
-             io_threads: int | None = None) -> tuple[float, float, float | None]:
+             io_threads: int | None = None) -> Figures:
     mpc = mp.get_context("spawn")
     rig = start_rig(mpc, workdir, io_threads)
     results, consumers, ports = rig.results, rig.consumers, rig.ports
@@ -210,7 +249,7 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
             gateway.start()
             started.wait(30)
     gateway_pid = None if gateway is None else gateway.pid
-    cpu_before = 0.0 if gateway_pid is None else cpu_seconds(gateway_pid)
+    cpu_before = None if gateway_pid is None else GatewayCpu.now(gateway_pid)
     senders = [mpc.Process(target=producer,
                            args=(endpoints, messages, keys, results, index, producers))
                for index in range(producers)]
@@ -218,8 +257,11 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
         sender.start()
     collected = [results.get(timeout=300) for _ in range(producers + 2)]
     # Per message forwarded: the gateway's whole cost, decryption and routing.
-    cpu_us = None if gateway_pid is None else \
-        (cpu_seconds(gateway_pid) - cpu_before) / messages * 1e6
+    cpu = None
+    if gateway_pid is not None and cpu_before is not None:
+        after = GatewayCpu.now(gateway_pid)
+        cpu = GatewayCpu((after.io - cpu_before.io) / messages * 1e6,
+                         (after.loop - cpu_before.loop) / messages * 1e6)
     start = min(r for r in collected if isinstance(r, float))
     received = [r for r in collected if isinstance(r, tuple)]
     for process in [*senders, *consumers]:
@@ -237,44 +279,87 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
     if count != messages:
         print(f"  {case}: received {count} of {messages} messages", file=sys.stderr)
     seconds = max(r[2] for r in received) - start
-    return volume / seconds / 1e9, count / seconds, cpu_us
+    return Figures(volume / seconds / 1e9, count / seconds, cpu)
+
+
+def best_of(repeat: int, case: str, messages: int, workdir: Path, producers: int,
+            io_threads: int | None) -> Figures:
+    runs = [run_case(case, messages, workdir, producers, io_threads) for _ in range(repeat)]
+    return max(runs, key=lambda figures: figures.gbps)
+
+
+def print_cases(figures: dict[str, Figures]) -> None:
+    print(f"{'case':<12}{'GB/s':>8}{'msg/s':>10}{'vs direct':>11}{'vs L4':>8}"
+          f"{'gateway CPU µs/msg':>20}{'I/O threads':>13}{'loop':>7}")
+    for case, figure in figures.items():
+        l4 = figures.get("l4+curve" if case.endswith("curve") else "l4+plain")
+        direct = figures.get("direct")
+        vs_l4 = f"{figure.gbps / l4.gbps:.2f}x" if l4 and case != "direct" else "-"
+        vs_direct = f"{figure.gbps / direct.gbps:.2f}x" if direct else "-"
+        print(f"{case:<12}{figure.gbps:>8.2f}{figure.rate:>10,.0f}{vs_direct:>11}{vs_l4:>8}"
+              + cpu_columns(figure))
+
+
+def cpu_columns(figure: Figures) -> str:
+    if figure.cpu is None:
+        return f"{'-':>20}{'-':>13}{'-':>7}"
+    return f"{figure.cpu_us:>20.1f}{figure.cpu.io:>13.1f}{figure.cpu.loop:>7.1f}"
+
+
+def print_scaling(figures: dict[tuple[str, int, int | None], Figures]) -> None:
+    """One row per (case, producers, I/O threads), and what the serial part allows one process."""
+    print(f"{'case':<12}{'producers':>10}{'I/O thr':>8}{'GB/s':>7}{'msg/s':>9}"
+          f"{'gateway CPU µs/msg':>20}{'I/O threads':>13}{'loop':>7}{'loop-bound msg/s':>18}")
+    for (case, producers, io_threads), figure in figures.items():
+        ceiling = "-" if figure.cpu is None else f"{1e6 / figure.cpu.loop:,.0f}"
+        threads = "default" if io_threads is None else str(io_threads)
+        print(f"{case:<12}{producers:>10}{threads:>8}{figure.gbps:>7.2f}{figure.rate:>9,.0f}"
+              f"{cpu_columns(figure)}{ceiling:>18}")
+    print("loop-bound msg/s: one gateway process cannot forward more than its forwarding loop's\n"
+          "CPU per message allows (the loop is one thread; I/O threads serve connections in\n"
+          "parallel, each connection on one of them).")
+
+
+def int_list(text: str) -> list[int]:
+    return [int(item) for item in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=8000)
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best is kept")
-    parser.add_argument("--producers", type=int, default=1,
+    parser.add_argument("--producers", type=int_list, default=[1],
                         help="producer processes, each its own connection (a camera's sector "
-                             "streams); the gateway decrypts each on one of its I/O threads")
-    parser.add_argument("--io-threads", type=int, default=None,
-                        help="the gateway's gateway.io_threads [default: its own, one per core]")
+                             "streams); the gateway decrypts each on one of its I/O threads. "
+                             "A comma-separated list gives a scaling table")
+    parser.add_argument("--io-threads", type=int_list, default=None,
+                        help="the gateway's gateway.io_threads, or a comma-separated list "
+                             "[default: its own, one per core]")
     parser.add_argument("--cases", default="direct,l4+plain,l7+plain,l4+curve,l7+curve",
                         help="comma-separated subset; ratios need direct and the matching l4")
     args = parser.parse_args()
     cases = args.cases.split(",")
+    io_options: list[int | None] = args.io_threads or [None]
+    scaling = len(args.producers) > 1 or len(io_options) > 1
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         create_keypair(workdir, "server")
         create_keypair(workdir, "client")
-        figures = {case: max(run_case(case, args.messages, workdir, args.producers,
-                                      args.io_threads)
-                             for _ in range(args.repeat))
-                   for case in cases}
-    print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, {args.producers} producer(s), "
-          "2 consumers, "
+        figures = {(case, producers, io_threads): best_of(args.repeat, case, args.messages,
+                                                          workdir, producers, io_threads)
+                   for case in cases for producers in args.producers
+                   for io_threads in io_options}
+    print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, "
+          f"{','.join(map(str, args.producers))} producer(s), 2 consumers, "
           f"tcp loopback, {os.cpu_count()} CPUs")
-    print(f"{'case':<12}{'GB/s':>8}{'msg/s':>10}{'vs direct':>11}{'vs L4':>8}"
-          f"{'gateway CPU µs/msg':>20}")
-    for case, (gbps, rate, cpu_us) in figures.items():
-        l4 = figures.get("l4+curve" if case.endswith("curve") else "l4+plain")
-        direct = figures.get("direct")
-        vs_l4 = f"{gbps / l4[0]:.2f}x" if l4 and case != "direct" else "-"
-        vs_direct = f"{gbps / direct[0]:.2f}x" if direct else "-"
-        cpu = "-" if cpu_us is None else f"{cpu_us:.1f}"
-        print(f"{case:<12}{gbps:>8.2f}{rate:>10,.0f}{vs_direct:>11}{vs_l4:>8}{cpu:>20}")
+    if scaling:
+        print_scaling(figures)
+    else:
+        print_cases({case: figure for (case, _, _), figure in figures.items()})
     print("curve: CURVE encryption + ZAP on the gateway ingress (the real `dsn gateway run`);\n"
-          "plain: the same proxy loops with a bench-only NULL ingress (the proxy's own cost).")
+          "plain: the same proxy loops with a bench-only NULL ingress (the proxy's own cost).\n"
+          "CPU: the gateway process's user + system time per message (/proc), split into its\n"
+          "libzmq I/O threads and its other threads (the forwarding loop).")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ EGRESS_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 # Messages routed between two looks at those events: bounds how long a broken consumer goes
 # unnoticed while the ingress is busy, at the cost of one poll per this many messages.
 EGRESS_CHECK_EVERY: Final = 256
+_SEND_MORE: Final = zmq.SNDMORE | zmq.NOBLOCK
 _control_ids = itertools.count()
 log = logging.getLogger("dsn.gateway")
 
@@ -158,6 +159,25 @@ def connect_egress(socket: zmq.Socket[bytes], endpoints: list[str]) -> None:
         except zmq.ZMQError as exc:
             socket.close(linger=0)
             raise SocketSetupError(f"consumer {endpoint}: cannot connect: {exc}") from None
+
+
+def _read_message(socket: zmq.Socket[bytes], flags: int = 0) -> list[zmq.Frame]:
+    """One whole message, zero-copy: its first part (zmq.Again when there is none), then the rest,
+    which libzmq delivers with it. Half the Python calls of recv_multipart, which asks the socket
+    for RCVMORE after every part: the part itself knows."""
+    frames = [socket.recv(flags, copy=False)]
+    while frames[-1].more:
+        frames.append(socket.recv(flags, copy=False))
+    return frames
+
+
+def _send_message(socket: zmq.Socket[bytes], parts: Parts) -> None:
+    """send_multipart without its type check of every part on every call (these are frames or
+    bytes by construction); zmq.Again when the socket is at its HWM, nothing sent then."""
+    send = socket.send
+    for part in parts[:-1]:
+        send(part, _SEND_MORE, copy=False)
+    send(parts[-1], zmq.NOBLOCK, copy=False)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -341,11 +361,12 @@ class L7Proxy:
 
     def _receiver(self) -> Callable[[], list[zmq.Frame] | None]:
         """The next message from the ingress (or ingresses), or None after POLL_MS of quiet."""
-        recv = self._ingress.recv_multipart
         if self._plain_ingress is None:
+            ingress = self._ingress
+
             def receive() -> list[zmq.Frame] | None:
                 try:
-                    return recv(copy=False)
+                    return _read_message(ingress)
                 except zmq.Again:
                     return None
             return receive
@@ -359,7 +380,7 @@ class L7Proxy:
             # Alternate which ingress is read first, so neither can starve the other.
             for socket in next(turn):
                 try:
-                    return socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    return _read_message(socket, zmq.NOBLOCK)
                 except zmq.Again:
                     continue
             poller.poll(POLL_MS)
@@ -448,7 +469,7 @@ class L7Proxy:
         if socket is None:
             return  # the consumer left; the router accounted for this message
         try:
-            socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            _send_message(socket, parts)
         except zmq.Again:
             self._send_when_ready(slot, socket, parts, session)
 
@@ -470,7 +491,7 @@ class L7Proxy:
                     return
                 if socket.poll(POLL_MS, zmq.POLLOUT):
                     try:
-                        socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                        _send_message(socket, parts)
                         return
                     except zmq.Again:
                         continue
