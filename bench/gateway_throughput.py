@@ -14,6 +14,7 @@ cost without encryption; the gateway itself never accepts unencrypted producers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing as mp
 import os
 import signal
@@ -131,16 +132,25 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
 
 
 def write_config(workdir: Path, ports: list[int], client_public: str,
-                 io_threads: int | None) -> tuple[Path, str]:
-    ingress = f"tcp://127.0.0.1:{free_port()}"
-    path = workdir / f"dsn-{ingress.rsplit(':', 1)[1]}.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "gateway": {
+                 io_threads: int | None, plain_password: str | None = None) -> tuple[Path, str]:
+    """A static configuration with one session "bench"; the ingress its producers use: the CURVE
+    one, or with ``plain_password`` a plaintext ingress admitting the session with it."""
+    port = free_port()
+    ingress = f"tcp://127.0.0.1:{port}"
+    path = workdir / f"dsn-{port}.yaml"
+    # A spool directory (and so a scan journal) per gateway: every run streams scan 1 of session
+    # "bench", which a gateway that read an earlier run's journal refuses as closed.
+    gateway: dict[str, Any] = {
         "ingress": ingress, "server_secret_key_file": str(workdir / "server.key_secret"),
-        "io_threads": io_threads},
-        "sessions": [{"id": "bench", "client_keys": [client_public],
-                      "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
-                      "consumers": [f"tcp://127.0.0.1:{p}" for p in ports],
-                      "limits": {"hwm": 64}}]}))
+        "io_threads": io_threads, "spool_dir": str(workdir / f"spool-{port}")}
+    session: dict[str, Any] = {
+        "id": "bench", "client_keys": [client_public], "allowed_networks": ["127.0.0.0/8"],
+        "allowed_targets": ["127.0.0.0/8"], "consumers": [f"tcp://127.0.0.1:{p}" for p in ports],
+        "limits": {"hwm": 64}}
+    if plain_password is not None:
+        ingress = gateway["plain_ingress"] = f"tcp://127.0.0.1:{free_port()}"
+        session["plain_password_sha256"] = hashlib.sha256(plain_password.encode()).hexdigest()
+    path.write_text(yaml.safe_dump({"version": 1, "gateway": gateway, "sessions": [session]}))
     return path, ingress
 
 

@@ -28,6 +28,7 @@ every function that connects takes ``plain=`` for that.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -325,7 +326,8 @@ def stream_synthetic(endpoint: str, server_public: bytes | None, client: KeyPair
         raise ProducerError("the stream plan and the camera describe different scans")
     run = _StreamRun(endpoint, server_public, client, camera, plan, scan, header, hwm,
                      send_timeout_s, plain, abandon)
-    context = zmq.Context(io_threads=2)
+    # Each connection is encrypted on one libzmq I/O thread: one per producer, up to the cores.
+    context = zmq.Context(io_threads=max(1, min(plan.producers, os.cpu_count() or 1)))
     bar = tqdm(total=plan.total_messages, unit="msg", desc=f"scan {scan}",
                disable=None if progress is None else not progress)
     start = time.perf_counter()
