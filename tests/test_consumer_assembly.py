@@ -173,7 +173,13 @@ def test_misrouted_and_malformed_sectors_are_rejected_by_reason() -> None:
     assert assembly.counters.stored == 0 and assembly.counters.received == 3
 
 
-def test_scan_end_zero_fills_flags_and_explains_every_missing_sector() -> None:
+def test_scan_end_zero_fills_flags_and_explains_every_missing_sector(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A frame's buffer is not zeroed when it is allocated: here it starts with every bit set.
+    def dirty(shape: tuple[int, int], dtype: type[np.uint16]) -> np.ndarray:
+        return np.full(shape, 0xFFFF, dtype=dtype)
+
+    monkeypatch.setattr(np, "empty", dirty)
     assembly = ScanAssembly(_begin())
     # Frame 1 complete; frame 3 misses sector 2 (dropped by the gateway); frame 5 misses sectors
     # 0 and 3 (never reached the gateway); frame 7 never arrived at all.

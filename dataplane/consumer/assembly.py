@@ -79,8 +79,10 @@ class _PartialFrame:
     __slots__ = ("pixels", "present")
 
     def __init__(self, shape: tuple[int, int]) -> None:
-        # Zeros, so that sectors still missing at scan_end are already zero-filled.
-        self.pixels = np.zeros(shape, dtype=np.uint16)
+        # Not zeroed: every sector of a frame that completes is written, and an incomplete
+        # frame's missing sectors are zeroed when it is handed out (a memset of every frame was
+        # a tenth of a rank's time).
+        self.pixels = np.empty(shape, dtype=np.uint16)
         self.present = 0
 
 
@@ -210,8 +212,11 @@ class ScanAssembly:
             partial = self._partial.pop(frame, None)
             if partial is None:
                 yield frame, np.zeros(self.geometry.frame_shape, dtype=np.uint16)
-            else:
-                yield frame, partial.pixels
+                continue
+            for sector in range(self.geometry.sectors):
+                if not partial.present & (1 << sector):
+                    partial.pixels[self._rows(sector)] = 0
+            yield frame, partial.pixels
 
     def _incomplete_ids(self) -> np.ndarray:
         slots = np.flatnonzero(~self._complete)
