@@ -1,7 +1,8 @@
 #!/bin/sh
 # The peers a facility would pick instead of the gateway, timed in the same sitting by the shared
 # peer harness (run where it lives, never copied): HAProxy as SciStream configures it, stunnel
-# TLS 1.3, zmq.proxy with and without CURVE, and PUSH -> PULL with no hop. Each prints RESULT lines.
+# TLS 1.3, zmq.proxy with and without CURVE, PUSH -> PULL with no hop, and stempy's own electron
+# counting per core. Each prints RESULT lines.
 #   sh bench/peers.sh PYTHON [PEERS_DIR]
 set -u
 python=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
@@ -24,3 +25,4 @@ run stunnel bench_stunnel.py --variant tls13
 run "" bench_zmq_l4_proxy.py
 run "" bench_zmq_curve.py --mode raw,l4front
 run "" bench_zmq_raw.py --transport tcp --copy 0 --hwm 0
+run "" bench_stempy_count.py --method frame,reader_cxx
