@@ -36,10 +36,10 @@ PEERS ?= ../shared/peers
 
 bench: $(VENV)/.installed-test
 	sh scripts/install-bench-deps.sh
-	$(BIN)/python bench/gateway_throughput.py
-	sh bench/peers.sh $(BIN)/python $(PEERS)
+	$(BIN)/python bench/line_rate.py --peers $(PEERS)
+	$(BIN)/python bench/gateway_throughput.py --messages 16000 --producers 1,2,4 --io-threads 1,2 --cases l7+plain,l7+curve
 	$(BIN)/python bench/gateway_flood.py
-	$(BIN)/python bench/counting.py
+	$(BIN)/python bench/counting.py --peers $(PEERS)
 	$(BIN)/python bench/pictures.py
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/controlplane_tokens.py

@@ -3,15 +3,19 @@
 Frames are Gaussian noise with ~50 planted electrons each; thresholds come from the frames
 themselves by stempy's method. Every kernel is checked to give identical events before timing.
 
-    .venv/bin/python bench/counting.py [--frames 40] [--seconds 2] [--dark]
+    .venv/bin/python bench/counting.py [--frames 40] [--seconds 2] [--dark] [--peers DIR]
+
+With ``--peers``, stempy is also timed by the shared peer harness on its own frames.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
+from peers import Peer, run_peer
 
 from dataplane.counting import (
     DEFAULT_KERNEL,
@@ -24,6 +28,7 @@ from dataplane.counting import (
 
 FRAME_SHAPE = (576, 576)
 ELECTRONS_PER_FRAME = 50
+STEMPY = Peer("bench_stempy_count.py", ("--method", "frame,reader_cxx"))
 
 
 def synthetic_frames(count: int, seed: int) -> list[np.ndarray]:
@@ -58,6 +63,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=40, help="distinct frames to cycle through")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per kernel")
     parser.add_argument("--dark", action="store_true", help="subtract a float32 dark reference")
+    parser.add_argument("--peers", type=Path, default=None,
+                        help="also time stempy with the shared peer harness in DIR")
     args = parser.parse_args()
 
     frames = synthetic_frames(args.frames, seed=1)
@@ -84,6 +91,20 @@ def main() -> None:
     print(f"{'kernel':<12}{'frames/s':>12}{'ms/frame':>12}{'vs stempy':>12}")
     for name, rate in rates.items():
         print(f"{name:<12}{rate:>12.0f}{1e3 / rate:>12.3f}{rate / rates['stempy']:>11.1f}x")
+    if args.peers is not None:
+        print_harness_stempy(args.peers)
+
+
+def print_harness_stempy(directory: Path) -> None:
+    results = run_peer(directory, STEMPY)
+    if isinstance(results, str):
+        print(f"stempy by the peer harness: skipped, {results}")
+        return
+    for result in results:
+        if result["name"] == "stempy_count":
+            print(f"stempy by the peer harness, {result['method']} on its own frames "
+                  f"({float(result['events_per_frame']):.0f} events/frame): "
+                  f"{float(result['frames_per_s']):.0f} frames/s")
 
 
 if __name__ == "__main__":

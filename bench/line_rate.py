@@ -1,0 +1,148 @@
+"""Line rate: the gateway against the proxies a facility would pick instead, in one run.
+
+Runs the gateway's cases (``bench/gateway_throughput.py``: direct, L4 and L7, plaintext and CURVE)
+and then its peers through the shared harness where it lives (``bench/peers.py``): HAProxy in
+``mode tcp`` as SciStream configures it, an stunnel TLS 1.3 pair, ``zmq.proxy`` with and without
+CURVE in front, and PUSH -> PULL with no hop. Prints every path with its GB/s and the proxy's CPU
+per message, the L7 gateway's ratio to each, and the line-rate goals as ratios measured in this
+run. A peer that cannot run (harness absent, program not installed) is listed with the reason.
+
+    .venv/bin/python bench/line_rate.py [--messages 8000] [--repeat 3] [--peers DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway_throughput import SECTOR_BYTES, Figures, best_of  # noqa: E402
+from peers import DEFAULT_DIR, Peer, Result, run_peer  # noqa: E402
+
+from common.keys import create_keypair  # noqa: E402
+
+Against = Literal["plain", "curve"]
+GATEWAY_CASES: dict[str, tuple[str, Against | None]] = {
+    "direct": ("PUSH -> 2 x PULL, no hop (gateway bench)", "plain"),
+    "l4+plain": ("gateway L4 plain (zmq.proxy inside)", "plain"),
+    "l7+plain": ("gateway L7 plain (every check)", None),
+    "l4+curve": ("gateway L4 CURVE", "curve"),
+    "l7+curve": ("gateway L7 CURVE (every check)", None),
+}
+PEERS = {
+    "haproxy": Peer("bench_haproxy.py", ("--bufsize", "100000", "--consumers", "1,2"),
+                    ("haproxy",)),
+    "stunnel": Peer("bench_stunnel.py", ("--variant", "tls13"), ("stunnel4", "stunnel")),
+    "zmq.proxy": Peer("bench_zmq_l4_proxy.py"),
+    "zmq curve": Peer("bench_zmq_curve.py", ("--mode", "raw,l4front")),
+    "no hop": Peer("bench_zmq_raw.py", ("--transport", "tcp", "--copy", "0", "--hwm", "0")),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    gbps: float
+    cpu: str  # the proxy's CPU µs per message, as printed
+    against: Against | None  # which L7 case it is compared with (None: an L7 case itself)
+
+
+def gateway_rows(figures: dict[str, Figures]) -> list[Row]:
+    rows = []
+    for case, figure in figures.items():
+        label, against = GATEWAY_CASES[case]
+        cpu = "-" if figure.cpu is None else (f"{figure.cpu_us:.1f} ({figure.cpu.io:.1f} I/O "
+                                              f"+ {figure.cpu.loop:.1f} loop)")
+        rows.append(Row(label, figure.gbps, cpu, against))
+    return rows
+
+
+def peer_rows(name: str, results: list[Result]) -> list[Row]:
+    """The rows of one peer's results."""
+    rows = []
+    for result in results:
+        gbps, cpu = float(result["GBps"]), result.get("proxy_cpu_us", "-")
+        cpu = cpu if cpu == "-" else f"{float(cpu):.1f}"
+        if name == "haproxy":
+            count = int(result["consumers"])
+            rows.append(Row(f"HAProxy, SciStream's config, {count} consumer"
+                            f"{'s' if count > 1 else ''}", gbps, cpu, "plain"))
+        elif name == "stunnel":
+            rows.append(Row("stunnel TLS 1.3 pair", gbps, cpu, "curve"))
+        elif name == "zmq.proxy":
+            rows.append(Row("zmq.proxy, 2 consumers", gbps, cpu, "plain"))
+        elif name == "zmq curve":
+            label = ("CURVE PUSH -> PULL, no hop" if result["mode"] == "raw"
+                     else "zmq.proxy with CURVE in front")
+            rows.append(Row(label, gbps, cpu, "curve"))
+        else:
+            rows.append(Row("PUSH -> PULL, no hop (harness)", gbps, cpu, "plain"))
+    return rows
+
+
+def print_table(rows: list[Row], l7: dict[Against, float]) -> None:
+    print(f"{'path':<46}{'GB/s':>7}  {'proxy CPU µs/msg':<34}{'L7 vs it':>9}")
+    for row in rows:
+        ratio = "-" if row.against is None or row.against not in l7 else \
+            f"{l7[row.against] / row.gbps:.2f}x"
+        print(f"{row.label:<46}{row.gbps:>7.2f}  {row.cpu:<34}{ratio:>9}")
+
+
+def print_goals(rows: dict[str, Row], l7: dict[Against, float]) -> None:
+    goals = [("L7 plain >= 1.0x HAProxy (SciStream's config, 2 consumers)", "plain",
+              "HAProxy, SciStream's config, 2 consumers", 1.0),
+             ("L7 CURVE >= 1.5x stunnel TLS 1.3", "curve", "stunnel TLS 1.3 pair", 1.5),
+             ("L7 CURVE >= 1.0x L4 CURVE", "curve", "gateway L4 CURVE", 1.0),
+             ("(ceiling) CURVE with no hop vs stunnel TLS 1.3", None,
+              "stunnel TLS 1.3 pair", None)]
+    print("goals, as ratios in this run:")
+    for text, case, baseline, target in goals:
+        base = rows.get(baseline)
+        if base is None or (case is not None and case not in l7):
+            print(f"  {text}: not measured")
+            continue
+        value = (rows["CURVE PUSH -> PULL, no hop"].gbps if case is None else l7[case]) / base.gbps
+        verdict = "" if target is None else (" met" if value >= target else " not met")
+        print(f"  {text}: {value:.2f}x{verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=8000, help="per gateway case")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per gateway case, the best kept [the peers run 3 each]")
+    parser.add_argument("--peers", type=Path, default=DEFAULT_DIR,
+                        help="the shared peer harness [default: %(default)s]")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        create_keypair(workdir, "server")
+        create_keypair(workdir, "client")
+        figures = {case: best_of(args.repeat, case, args.messages, workdir, 1, None)
+                   for case in GATEWAY_CASES}
+    rows = gateway_rows(figures)
+    skipped = []
+    for name, peer in PEERS.items():
+        results = run_peer(args.peers, peer)
+        if isinstance(results, str):
+            skipped.append(f"{name}: {results}")
+        else:
+            rows.extend(peer_rows(name, results))
+    l7: dict[Against, float] = {"plain": figures["l7+plain"].gbps,
+                                "curve": figures["l7+curve"].gbps}
+    print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes per gateway case, best of "
+          f"{args.repeat}; peers best of 3 (shared harness, {args.peers})")
+    print_table(sorted(rows, key=lambda row: (row.against == "curve" or "CURVE" in row.label,
+                                              -row.gbps)), l7)
+    for reason in skipped:
+        print(f"skipped {reason}")
+    print_goals({row.label: row for row in rows}, l7)
+
+
+if __name__ == "__main__":
+    main()
