@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway_throughput import cpu_seconds, start_gateway, write_config  # noqa: E402
+from gateway_throughput import Tuning, cpu_seconds, start_gateway, write_config  # noqa: E402
 
 from common.credentials import PlainCredentials  # noqa: E402
 from common.keys import create_keypair, load_keypair  # noqa: E402
@@ -317,7 +317,7 @@ def stream_through_gateway(scan_shape: tuple[int, int], workdir: Path,
     ports = [free_port() for _ in range(RANKS)]
     client = load_keypair(workdir / "client.key_secret")
     server = load_keypair(workdir / "server.key_secret")
-    config, ingress = write_config(workdir, ports, client.public.decode(), None,
+    config, ingress = write_config(workdir, ports, client.public.decode(), Tuning(),
                                    None if plain is None else plain.password)
     result_file = workdir / "streaming.jsonl"
     consumer = subprocess.Popen(mpiexec_command(RANKS, [

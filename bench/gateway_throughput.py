@@ -118,8 +118,13 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     ingress.zap_domain = b"dsn"
     ingress.rcvhwm = 256
     ingress.rcvtimeo = 100
-    ingress.bind(config.gateway.ingress)
-    proxy = L7Proxy(context, ingress, table) if mode == "l7" else L4Proxy(context, ingress, table)
+    settings = config.gateway
+    if settings.ingress_buffer_bytes is not None:  # as the gateway's own ingress
+        ingress.rcvbuf = settings.ingress_buffer_bytes
+    ingress.bind(settings.ingress)
+    buffer = settings.egress_buffer_bytes
+    proxy = (L7Proxy(context, ingress, table, egress_buffer_bytes=buffer) if mode == "l7"
+             else L4Proxy(context, ingress, table, buffer))
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
     forward = threading.Thread(target=proxy.run)
     forward.start()
@@ -131,8 +136,16 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     context.term()
 
 
-def write_config(workdir: Path, ports: list[int], client_public: str,
-                 io_threads: int | None, plain_password: str | None = None) -> tuple[Path, str]:
+@dataclass(frozen=True)
+class Tuning:
+    """The gateway settings a run varies."""
+
+    io_threads: int | None = None  # gateway.io_threads (None: one per core)
+    socket_buffer: int | None = None  # gateway.ingress_ and egress_buffer_bytes (None: autotuned)
+
+
+def write_config(workdir: Path, ports: list[int], client_public: str, tuning: Tuning,
+                 plain_password: str | None = None) -> tuple[Path, str]:
     """A static configuration with one session "bench"; the ingress its producers use: the CURVE
     one, or with ``plain_password`` a plaintext ingress admitting the session with it."""
     port = free_port()
@@ -142,7 +155,9 @@ def write_config(workdir: Path, ports: list[int], client_public: str,
     # "bench", which a gateway that read an earlier run's journal refuses as closed.
     gateway: dict[str, Any] = {
         "ingress": ingress, "server_secret_key_file": str(workdir / "server.key_secret"),
-        "io_threads": io_threads, "spool_dir": str(workdir / f"spool-{port}")}
+        "io_threads": tuning.io_threads, "spool_dir": str(workdir / f"spool-{port}")}
+    if tuning.socket_buffer is not None:
+        gateway["ingress_buffer_bytes"] = gateway["egress_buffer_bytes"] = tuning.socket_buffer
     session: dict[str, Any] = {
         "id": "bench", "client_keys": [client_public], "allowed_networks": ["127.0.0.0/8"],
         "allowed_targets": ["127.0.0.0/8"], "consumers": [f"tcp://127.0.0.1:{p}" for p in ports],
@@ -167,7 +182,7 @@ class Rig:
     ingress: str
 
 
-def start_rig(mpc: Any, workdir: Path, io_threads: int | None) -> Rig:
+def start_rig(mpc: Any, workdir: Path, tuning: Tuning) -> Rig:
     results, ready = mpc.Queue(), [mpc.Event(), mpc.Event()]
     ports = [free_port(), free_port()]
     consumers = [mpc.Process(target=consumer, args=(p, r, results))
@@ -178,7 +193,7 @@ def start_rig(mpc: Any, workdir: Path, io_threads: int | None) -> Rig:
         event.wait(30)
     client = load_keypair(workdir / "client.key_secret")
     server = load_keypair(workdir / "server.key_secret")
-    config, ingress = write_config(workdir, ports, client.public.decode(), io_threads)
+    config, ingress = write_config(workdir, ports, client.public.decode(), tuning)
     return Rig(results, consumers, ports, client, server, config, ingress)
 
 
@@ -239,9 +254,9 @@ class Figures:
 
 
 def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
-             io_threads: int | None = None) -> Figures:
+             tuning: Tuning = Tuning()) -> Figures:
     mpc = mp.get_context("spawn")
-    rig = start_rig(mpc, workdir, io_threads)
+    rig = start_rig(mpc, workdir, tuning)
     results, consumers, ports = rig.results, rig.consumers, rig.ports
     client, server, config, ingress = rig.client, rig.server, rig.config, rig.ingress
     gateway: Any = None
@@ -293,8 +308,8 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
 
 
 def best_of(repeat: int, case: str, messages: int, workdir: Path, producers: int,
-            io_threads: int | None) -> Figures:
-    runs = [run_case(case, messages, workdir, producers, io_threads) for _ in range(repeat)]
+            tuning: Tuning) -> Figures:
+    runs = [run_case(case, messages, workdir, producers, tuning) for _ in range(repeat)]
     return max(runs, key=lambda figures: figures.gbps)
 
 
@@ -345,6 +360,9 @@ def main() -> None:
     parser.add_argument("--io-threads", type=int_list, default=None,
                         help="the gateway's gateway.io_threads, or a comma-separated list "
                              "[default: its own, one per core]")
+    parser.add_argument("--socket-buffer", type=int, default=None, metavar="BYTES",
+                        help="the gateway's gateway.ingress_buffer_bytes and egress_buffer_bytes "
+                             "[default: unset, the kernel's autotuning]")
     parser.add_argument("--cases", default="direct,l4+plain,l7+plain,l4+curve,l7+curve",
                         help="comma-separated subset; ratios need direct and the matching l4")
     args = parser.parse_args()
@@ -355,13 +373,15 @@ def main() -> None:
         workdir = Path(tmp)
         create_keypair(workdir, "server")
         create_keypair(workdir, "client")
-        figures = {(case, producers, io_threads): best_of(args.repeat, case, args.messages,
-                                                          workdir, producers, io_threads)
+        figures = {(case, producers, io_threads): best_of(
+                       args.repeat, case, args.messages, workdir, producers,
+                       Tuning(io_threads, args.socket_buffer))
                    for case in cases for producers in args.producers
                    for io_threads in io_options}
     print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, "
           f"{','.join(map(str, args.producers))} producer(s), 2 consumers, "
-          f"tcp loopback, {os.cpu_count()} CPUs")
+          f"tcp loopback, {os.cpu_count()} CPUs, gateway socket buffers "
+          f"{args.socket_buffer or 'autotuned'}")
     if scaling:
         print_scaling(figures)
     else:

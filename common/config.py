@@ -224,6 +224,9 @@ class ControlPlaneLink(_Model):
     heartbeat_s: Annotated[float, Field(ge=0.1, le=60)] = DEFAULT_HEARTBEAT_S
 
 
+SocketBuffer = Annotated[StrictInt, Field(ge=64 * 1024, le=1 << 30)]
+
+
 class GatewaySettings(_Model):
     ingress: BindEndpoint = "tcp://127.0.0.1:5555"
     server_secret_key_file: Path
@@ -244,6 +247,13 @@ class GatewaySettings(_Model):
     # of them, so a producer with several connections, such as a camera's sector streams, is
     # decrypted on as many cores. Default: one per core, at most MAX_DEFAULT_IO_THREADS.
     io_threads: Annotated[StrictInt, Field(ge=1, le=64)] | None = None
+    # Kernel socket buffers in bytes: SO_RCVBUF of the ingresses, SO_SNDBUF of the sockets toward
+    # consumers. null (the default): the kernel sizes them as the connection goes (TCP
+    # autotuning), which a long-distance hop needs. A fixed size turns autotuning off, so set one
+    # only for a hop whose bandwidth-delay product it covers (within a site); the kernel caps it
+    # at net.core.rmem_max / wmem_max.
+    ingress_buffer_bytes: SocketBuffer | None = None
+    egress_buffer_bytes: SocketBuffer | None = None
 
     @model_validator(mode="after")
     def _receipts_beside_the_ingress(self) -> GatewaySettings:

@@ -6,6 +6,8 @@ refuses an oversized message before allocating it, and a bounded RCVHWM. With
 ``gateway.plain_ingress`` set (L7 only), a second PULL socket there is a PLAIN server in ZAP domain
 "dsn-plain", for sessions whose policy allows unencrypted transport; the loop reads both.
 Egress: one PUSH socket per consumer endpoint, connected, SNDHWM = the session's ``limits.hwm``.
+The kernel sizes both sides' TCP buffers itself unless ``gateway.ingress_buffer_bytes`` /
+``egress_buffer_bytes`` fix them (a hop within a site, where autotuning costs CPU per message).
 A PUSH socket at its HWM blocks the loop, the loop stops reading its ingress, and the producers
 block: a slow consumer slows everyone down, nothing is dropped to make room. A consumer the
 session table no longer lists (its lease or its session ended) has its socket closed, delivering
@@ -97,7 +99,8 @@ def open_ingress(context: zmq.Context[zmq.Socket[bytes]], settings: GatewaySetti
     The limit is fixed at bind time: ``max_sector_bytes`` raises it for sessions that arrive later
     (control-plane mode); the router still checks each message against its own session.
     """
-    socket = _ingress_socket(context, ZAP_DOMAIN, table, rcvhwm, max_sector_bytes)
+    socket = _ingress_socket(context, ZAP_DOMAIN, table, rcvhwm, max_sector_bytes,
+                             settings.ingress_buffer_bytes)
     socket.curve_server = True
     socket.curve_publickey = keypair.public
     socket.curve_secretkey = keypair.secret
@@ -107,17 +110,22 @@ def open_ingress(context: zmq.Context[zmq.Socket[bytes]], settings: GatewaySetti
 
 def open_plain_ingress(context: zmq.Context[zmq.Socket[bytes]], endpoint: str,
                        table: SessionTable, *, rcvhwm: int = INGRESS_HWM,
-                       max_sector_bytes: int = 0) -> zmq.Socket[bytes]:
+                       max_sector_bytes: int = 0,
+                       buffer_bytes: int | None = None) -> zmq.Socket[bytes]:
     """Bind the PLAIN + ZAP ingress (no encryption; ZAP checks the session's password)."""
-    socket = _ingress_socket(context, PLAIN_ZAP_DOMAIN, table, rcvhwm, max_sector_bytes)
+    socket = _ingress_socket(context, PLAIN_ZAP_DOMAIN, table, rcvhwm, max_sector_bytes,
+                             buffer_bytes)
     socket.plain_server = True
     _bind(socket, endpoint, "gateway.plain_ingress")
     return socket
 
 
 def _ingress_socket(context: zmq.Context[zmq.Socket[bytes]], domain: bytes, table: SessionTable,
-                    rcvhwm: int, max_sector_bytes: int) -> zmq.Socket[bytes]:
+                    rcvhwm: int, max_sector_bytes: int,
+                    buffer_bytes: int | None) -> zmq.Socket[bytes]:
     socket = context.socket(zmq.PULL)
+    if buffer_bytes is not None:  # else the kernel's autotuning (gateway.ingress_buffer_bytes)
+        socket.rcvbuf = buffer_bytes
     socket.linger = 0
     socket.zap_domain = domain
     socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
@@ -136,16 +144,20 @@ def _bind(socket: zmq.Socket[bytes], endpoint: str, setting: str) -> None:
 
 
 def open_egress(context: zmq.Context[zmq.Socket[bytes]], endpoints: list[str],
-                hwm: int) -> zmq.Socket[bytes]:
+                hwm: int, buffer_bytes: int | None = None) -> zmq.Socket[bytes]:
     """A PUSH socket connected to ``endpoints`` (round-robin among them when several)."""
-    socket = egress_socket(context, hwm)
+    socket = egress_socket(context, hwm, buffer_bytes)
     connect_egress(socket, endpoints)
     return socket
 
 
-def egress_socket(context: zmq.Context[zmq.Socket[bytes]], hwm: int) -> zmq.Socket[bytes]:
-    """A PUSH socket toward consumers, not connected yet."""
+def egress_socket(context: zmq.Context[zmq.Socket[bytes]], hwm: int,
+                  buffer_bytes: int | None = None) -> zmq.Socket[bytes]:
+    """A PUSH socket toward consumers, not connected yet; ``buffer_bytes`` fixes its kernel send
+    buffer (gateway.egress_buffer_bytes; None: autotuning)."""
     socket = context.socket(zmq.PUSH)
+    if buffer_bytes is not None:
+        socket.sndbuf = buffer_bytes
     socket.sndhwm = hwm
     socket.linger = EGRESS_LINGER_MS
     return socket
@@ -196,7 +208,8 @@ class L7Proxy:
                  table: SessionTable, *, clock: Callable[[], float] = time.time,
                  spools: Spools | None = None, on_report: ReportSink | None = None,
                  plain_ingress: zmq.Socket[bytes] | None = None,
-                 journal: ScanJournal | None = None) -> None:
+                 journal: ScanJournal | None = None,
+                 egress_buffer_bytes: int | None = None) -> None:
         self.router = Router(table, clock=clock, spooling=spools is not None, journal=journal)
         self.spools = spools
         self.journal = journal
@@ -205,6 +218,7 @@ class L7Proxy:
         self._context = context
         self._ingress = ingress
         self._plain_ingress = plain_ingress
+        self._egress_buffer = egress_buffer_bytes
         # session -> (sends that waited for a consumer, seconds waited), and the send waiting now
         # (session, since): ZeroMQ shows no queue lengths, so time spent blocked is how
         # backpressure becomes visible, while it lasts too (a consumer that never takes again).
@@ -256,7 +270,7 @@ class L7Proxy:
                 self._close_slot(slot, socket, linger_ms=EGRESS_LINGER_MS)
 
     def _open_slot(self, slot: int, hwm: int) -> None:
-        socket = egress_socket(self._context, hwm)
+        socket = egress_socket(self._context, hwm, self._egress_buffer)
         # Monitored before it connects: a handshake completed before the monitor was attached
         # would never be reported, and the consumer never counted as connected.
         monitor = socket.get_monitor_socket(EGRESS_EVENTS)
@@ -506,7 +520,7 @@ class L4Proxy:
     """Plain forwarding with zmq.proxy: no inspection, no accounting."""
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], ingress: zmq.Socket[bytes],
-                 table: SessionTable) -> None:
+                 table: SessionTable, egress_buffer_bytes: int | None = None) -> None:
         entries = list(table)
         if len(entries) != 1:
             raise ModeError(f"--mode l4 forwards one session; the configuration has {len(entries)}")
@@ -516,7 +530,8 @@ class L4Proxy:
         self._ingress = ingress
         # The L7 loop's receive timeout would make zmq.proxy return EAGAIN whenever it is idle.
         ingress.rcvtimeo = -1
-        self._egress = open_egress(context, list(session.consumers), session.limits.hwm)
+        self._egress = open_egress(context, list(session.consumers), session.limits.hwm,
+                                   egress_buffer_bytes)
         self._control_endpoint = f"inproc://dsn-l4-control-{next(_control_ids)}"
         self._control = context.socket(zmq.PAIR)
         self._control.linger = 0
@@ -587,7 +602,7 @@ class Gateway:
             plain = None
             if settings.plain_ingress is not None:
                 plain = open_plain_ingress(self.context, settings.plain_ingress, self.table,
-                                           **limits)
+                                           buffer_bytes=settings.ingress_buffer_bytes, **limits)
                 self._watch(plain)
             if self.mode == "l7":
                 proxy = self._proxy = self._l7_proxy(ingress, plain)
@@ -595,7 +610,8 @@ class Gateway:
                                                proxy.receipts, proxy.router)
                 self._receipts.start()
             else:
-                self._proxy = L4Proxy(self.context, ingress, self.table)
+                self._proxy = L4Proxy(self.context, ingress, self.table,
+                                      settings.egress_buffer_bytes)
         except BaseException:
             self.close()
             raise
@@ -612,7 +628,8 @@ class Gateway:
         if directory is not None:
             spools, journal = Spools(directory), ScanJournal(directory, CLOSED_SCANS_KEPT)
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
-                       on_report=self.on_report, plain_ingress=plain, journal=journal)
+                       on_report=self.on_report, plain_ingress=plain, journal=journal,
+                       egress_buffer_bytes=self.config.gateway.egress_buffer_bytes)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""

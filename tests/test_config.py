@@ -146,3 +146,16 @@ def test_the_gateway_decrypts_on_one_io_thread_per_core_unless_told(tmp_path: Pa
     for bad in (0, 65, "4"):
         with pytest.raises(ConfigError, match="io_threads"):
             parse_config({**base, "gateway": {**base["gateway"], "io_threads": bad}})
+
+
+@pytest.mark.parametrize("setting", ["ingress_buffer_bytes", "egress_buffer_bytes"])
+def test_socket_buffers_are_the_kernels_unless_set_within_bounds(tmp_path: Path,
+                                                                 setting: str) -> None:
+    base = {"version": 1, "sessions": [],
+            "gateway": {"server_secret_key_file": str(tmp_path / "k")}}
+    assert getattr(parse_config(base).gateway, setting) is None
+    told = parse_config({**base, "gateway": {**base["gateway"], setting: 4 << 20}}).gateway
+    assert getattr(told, setting) == 4 << 20
+    for bad in (4096, (1 << 30) + 1, "4194304", 1.5):
+        with pytest.raises(ConfigError, match=setting):
+            parse_config({**base, "gateway": {**base["gateway"], setting: bad}})

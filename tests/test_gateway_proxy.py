@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
 import urllib.request
@@ -117,7 +119,8 @@ def rig(tmp_path: Path, zmq_context: zmq.Context, free_port: Callable[[], int],
     rigs: list[Rig] = []
 
     def make(consumers: int = 2, mode: str = "l7", detector: dict[str, Any] | None = None,
-             sessions: int = 1, rcvhwm: int = 1000, **session: Any) -> Rig:
+             sessions: int = 1, rcvhwm: int = 1000, settings: dict[str, Any] | None = None,
+             **session: Any) -> Rig:
         server, secret_file = server_key_files
         client = curve_keypair()
         pulls = [zmq_context.socket(zmq.PULL) for _ in range(consumers)]
@@ -134,7 +137,8 @@ def rig(tmp_path: Path, zmq_context: zmq.Context, free_port: Callable[[], int],
         path = tmp_path / f"dsn-{len(rigs)}.yaml"
         path.write_text(strictyaml.dump({
             "version": 1, "sessions": [spec, *extra],
-            "gateway": {"ingress": ingress, "server_secret_key_file": str(secret_file)}}))
+            "gateway": {"ingress": ingress, "server_secret_key_file": str(secret_file),
+                        **(settings or {})}}))
         clock = Clock()
         gateway = Gateway(load_config(path), mode=mode, clock=clock)  # type: ignore[arg-type]
         try:
@@ -190,6 +194,49 @@ def test_l7_routes_frames_mod_n_between_routed_scan_begin_and_scan_end(
 def test_the_gateway_runs_the_io_threads_its_configuration_names(rig: Callable[..., Rig]) -> None:
     r = rig(consumers=1)
     assert r.gateway.context.get(zmq.IO_THREADS) == r.gateway.config.gateway.io_thread_count
+
+
+def _tcp_buffers(option: int, *, local_port: int | None = None,
+                 peer_port: int | None = None) -> list[int]:
+    """``option`` (SO_RCVBUF or SO_SNDBUF) as the kernel holds it for each connected TCP socket
+    of this process (the gateway runs in it) with that local or peer port."""
+    found = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            if not os.readlink(entry).startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(entry.name)))
+        except OSError:
+            continue  # closed meanwhile
+        with sock:
+            if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+                continue
+            try:
+                local, peer = sock.getsockname()[1], sock.getpeername()[1]
+            except OSError:
+                continue  # a listening socket
+            if local_port in (None, local) and peer_port in (None, peer):
+                found.append(sock.getsockopt(socket.SOL_SOCKET, option))
+    return found
+
+
+@pytest.mark.timeout(20)
+def test_configured_socket_buffers_reach_the_kernel_on_both_sides(
+        rig: Callable[..., Rig]) -> None:
+    size = 256 * 1024
+    r = rig(consumers=1, settings={"ingress_buffer_bytes": size, "egress_buffer_bytes": size})
+    producer = r.producer()
+    producer.send_multipart(begin(shape=(1, 1)))
+    producer.send_multipart(data(1, 0, 0))
+    receive(r.consumers[0], 2)  # the producer's connection is up, and the consumer's
+    ingress_port = int(r.ingress.rsplit(":", 1)[1])
+    consumer_port = int(r.consumers[0].last_endpoint.decode().rsplit(":", 1)[1])
+
+    def doubled(limit: str) -> int:  # the kernel doubles what it is given, up to its cap
+        return 2 * min(size, int(Path(f"/proc/sys/net/core/{limit}").read_text()))
+
+    assert _tcp_buffers(socket.SO_RCVBUF, local_port=ingress_port) == [doubled("rmem_max")]
+    assert _tcp_buffers(socket.SO_SNDBUF, peer_port=consumer_port) == [doubled("wmem_max")]
 
 
 @pytest.mark.timeout(20)
