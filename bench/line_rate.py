@@ -126,7 +126,7 @@ def print_goals(rows: dict[str, Row]) -> None:
             continue
         values = [rows[labels[against]].gbps / base.gbps for labels in (L7, L7_TUNED)]
         print(f"  {text}: " + "; ".join(
-            f"{value:.2f}x {'met' if value >= target else 'not met'}" for value in values))
+            f"{value:.3f}x {'met' if value >= target else 'not met'}" for value in values))
     raw, stunnel = rows.get("CURVE PUSH -> PULL, no hop"), rows.get("stunnel TLS 1.3 pair")
     if raw is not None and stunnel is not None:
         print("  (the ceiling) CURVE with no hop vs stunnel TLS 1.3: "

@@ -161,8 +161,8 @@ def rig(tmp_path: Path, zmq_context: zmq.Context, free_port: Callable[[], int],
             thread.join(timeout=5)
             assert not thread.is_alive(), "gateway loop did not stop"
         made.gateway.close()
-        for socket in [*made.producers, *made.consumers]:
-            socket.close(linger=0)
+        for zmq_socket in [*made.producers, *made.consumers]:
+            zmq_socket.close(linger=0)
 
 
 @pytest.mark.timeout(20)
