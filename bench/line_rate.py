@@ -135,9 +135,11 @@ def print_goals(rows: dict[str, Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=8000, help="per gateway case")
+    parser.add_argument("--messages", type=int, default=8000,
+                        help="sectors per gateway case [default: %(default)s]")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per gateway case, the best kept [the peers run 3 each]")
+                        help="runs per gateway case, the best kept [default: %(default)s; the "
+                             "peers run 3 times each]")
     parser.add_argument("--peers", type=Path, default=DEFAULT_DIR,
                         help="the shared peer harness [default: %(default)s]")
     args = parser.parse_args()
