@@ -20,12 +20,13 @@ detector's receiving servers hold them. Both MPI jobs are started, and wait, bef
 clock starts. The streaming rows also
 gives the CPU seconds of the producers, the gateway and the ranks. Figures only, no assertions:
 
-    .venv/bin/python bench/end_to_end.py [--scan-shape 64x64] [--repeat 1]
+    .venv/bin/python bench/end_to_end.py [--scan-shape 64x64] [--repeat 1] [--socket-buffer BYTES]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -301,23 +302,23 @@ def await_lines(stream: IO[str], event: str, count: int) -> list[dict[str, objec
     return found
 
 
-def streaming(scan_shape: tuple[int, int], workdir: Path) -> Figure:
-    return stream_through_gateway(scan_shape, workdir, None)
+def streaming(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning) -> Figure:
+    return stream_through_gateway(scan_shape, workdir, tuning, None)
 
 
-def streaming_plaintext(scan_shape: tuple[int, int], workdir: Path) -> Figure:
+def streaming_plaintext(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning) -> Figure:
     # As a session whose policy allows unencrypted transport: the gateway's plaintext ingress,
     # every check but decryption (PLAIN + ZAP admit the session by its password).
-    return stream_through_gateway(scan_shape, workdir,
+    return stream_through_gateway(scan_shape, workdir, tuning,
                                   PlainCredentials(SESSION, secrets.token_urlsafe(32)))
 
 
-def stream_through_gateway(scan_shape: tuple[int, int], workdir: Path,
+def stream_through_gateway(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning,
                            plain: PlainCredentials | None) -> Figure:
     ports = [free_port() for _ in range(RANKS)]
     client = load_keypair(workdir / "client.key_secret")
     server = load_keypair(workdir / "server.key_secret")
-    config, ingress = write_config(workdir, ports, client.public.decode(), Tuning(),
+    config, ingress = write_config(workdir, ports, client.public.decode(), tuning,
                                    None if plain is None else plain.password)
     result_file = workdir / "streaming.jsonl"
     consumer = subprocess.Popen(mpiexec_command(RANKS, [
@@ -367,19 +368,26 @@ class StreamingCpu:
                 f"ranks {self.ranks:.1f}")
 
 
-PATHS = {"streaming": streaming, "streaming plain": streaming_plaintext, "file": file_workflow,
-         "counting only": counting_only}
+PathRun = Callable[[tuple[int, int], Path], Figure]
 STREAMING = ("streaming", "streaming plain")
 
 
-def best(path: str, scan_shape: tuple[int, int], workdir: Path, repeat: int) -> Figure:
+def paths(tuning: Tuning) -> dict[str, PathRun]:
+    """Every path, the streaming ones through a gateway tuned so."""
+    return {"streaming": functools.partial(streaming, tuning=tuning),
+            "streaming plain": functools.partial(streaming_plaintext, tuning=tuning),
+            "file": file_workflow, "counting only": counting_only}
+
+
+def best(name: str, run: PathRun, scan_shape: tuple[int, int], workdir: Path,
+         repeat: int) -> Figure:
     runs = []
     for attempt in range(repeat):
-        run_dir = workdir / f"{path.replace(' ', '-')}-{attempt}"
+        run_dir = workdir / f"{name.replace(' ', '-')}-{attempt}"
         run_dir.mkdir()
-        for name in ("client", "server"):
-            create_keypair(run_dir, name)
-        runs.append(PATHS[path](scan_shape, run_dir))
+        for key in ("client", "server"):
+            create_keypair(run_dir, key)
+        runs.append(run(scan_shape, run_dir))
     return min(runs, key=lambda figure: figure.seconds)
 
 
@@ -406,6 +414,9 @@ def main() -> None:
     parser.add_argument("--scan-shape", type=parse_shape, default=(64, 64), metavar="ROWSxCOLS",
                         help="scan positions [default: 64x64, 2.7 GB]")
     parser.add_argument("--repeat", type=int, default=1, help="runs per path; the best is kept")
+    parser.add_argument("--socket-buffer", type=int, default=None, metavar="BYTES",
+                        help="the gateway's gateway.ingress_buffer_bytes and egress_buffer_bytes "
+                             "[default: unset, the kernel's autotuning]")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the raw files and HDF5 files go; on a disk, not a tmpfs "
                              "[default: the system's temporary directory]")
@@ -420,7 +431,8 @@ def main() -> None:
         run_ranks(args.source, args.scan_shape, args.data_dir, args.go, args.output_dir)
         return
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-e2e-") as tmp:
-        figures = {path: best(path, args.scan_shape, Path(tmp), args.repeat) for path in PATHS}
+        figures = {name: best(name, run, args.scan_shape, Path(tmp), args.repeat)
+                   for name, run in paths(Tuning(socket_buffer=args.socket_buffer)).items()}
     report(camera_spec(args.scan_shape), figures)
 
 
