@@ -38,6 +38,7 @@ from common.keys import KeyPair, create_keypair, load_keypair
 from common.ports import free_port
 from common.protocol import Data, ScanBegin, ScanEnd, encode
 from common.tuning import keep_message_buffers
+from gateway.proxy import gateway_thread_cpu
 
 SECTOR_BYTES = 144 * 576 * 2
 IDLE_S = 1.0
@@ -93,7 +94,8 @@ def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, byte
 def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     """Bench only: the proxy loops behind a NULL-mechanism ingress."""
     from common.config import load_config
-    from gateway.proxy import L4Proxy, L7Proxy
+    from common.procstat import name_this_thread
+    from gateway.proxy import FORWARD_THREAD, L4Proxy, L7Proxy
     from gateway.sessions import table_from_config
 
     keep_message_buffers()  # as `dsn gateway run` does
@@ -126,7 +128,11 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     proxy = (L7Proxy(context, ingress, table, egress_buffer_bytes=buffer) if mode == "l7"
              else L4Proxy(context, ingress, table, buffer))
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
-    forward = threading.Thread(target=proxy.run)
+    def forward_loop() -> None:
+        name_this_thread(FORWARD_THREAD)  # as the gateway's, so its CPU is read apart
+        proxy.run()
+
+    forward = threading.Thread(target=forward_loop)
     forward.start()
     ready.set()
     while forward.is_alive():  # the main thread stays interruptible so SIGTERM is handled
@@ -210,36 +216,22 @@ def start_gateway(config: Path, *options: str) -> subprocess.Popen[str]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` so far, all its threads (libzmq's I/O threads too)."""
-    return _stat_cpu(Path(f"/proc/{pid}/stat"))
-
-
-def _stat_cpu(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
 class GatewayCpu:
     """CPU seconds of the gateway's libzmq I/O threads (TCP reads and writes, CURVE) and of its
-    other threads: the forwarding loop, which is serial, and side threads idle while streaming."""
+    forwarding loop (one thread, serial), read as its metrics read them."""
 
     io: float
     loop: float
 
     @classmethod
     def now(cls, pid: int) -> GatewayCpu:
-        io = loop = 0.0
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                name = (task / "comm").read_text().strip()
-                seconds = _stat_cpu(task / "stat")
-            except OSError:
-                continue  # a thread that ended meanwhile
-            if name.startswith("ZMQbg/IO"):
-                io += seconds
-            else:
-                loop += seconds
-        return cls(io, loop)
+        seconds = gateway_thread_cpu(pid)
+        return cls(seconds["io"], seconds["forwarding"])
 
 
 @dataclass(frozen=True)
@@ -388,8 +380,8 @@ def main() -> None:
         print_cases({case: figure for (case, _, _), figure in figures.items()})
     print("curve: CURVE encryption + ZAP on the gateway ingress (the real `dsn gateway run`);\n"
           "plain: the same proxy loops with a bench-only NULL ingress (the proxy's own cost).\n"
-          "CPU: the gateway process's user + system time per message (/proc), split into its\n"
-          "libzmq I/O threads and its other threads (the forwarding loop).")
+          "CPU: per message, the gateway's libzmq I/O threads and its forwarding loop (the\n"
+          "thread dsn-forward), from /proc as its dsn_gateway_thread_cpu_seconds metric.")
 
 
 if __name__ == "__main__":

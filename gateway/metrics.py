@@ -32,6 +32,8 @@ class _Observed(Protocol):
 
     def backpressure(self) -> dict[str, tuple[int, float, float]]: ...
 
+    def thread_cpu(self) -> dict[str, float]: ...
+
 
 class GatewayCollector(Collector):
     """dsn_gateway_* metrics for one gateway."""
@@ -43,6 +45,7 @@ class GatewayCollector(Collector):
         yield self._auth()
         yield self._connections()
         yield self._consumers()
+        yield self._thread_cpu()
         router = self._gateway.router
         if router is not None:
             yield from self._routing(router)
@@ -81,6 +84,14 @@ class GatewayCollector(Collector):
             seconds.add_metric([session], waited)
             now.add_metric([session], waiting)
         yield from (waits, seconds, now)
+
+    def _thread_cpu(self) -> Metric:
+        family = CounterMetricFamily("dsn_gateway_thread_cpu_seconds",
+                                     "CPU seconds of the forwarding loop (one thread) and of "
+                                     "libzmq's I/O threads", labels=["thread"])
+        for thread, seconds in self._gateway.thread_cpu().items():
+            family.add_metric([thread], seconds)
+        return family
 
     def _consumers(self) -> Metric:
         family = GaugeMetricFamily("dsn_gateway_consumers", "Consumer endpoints per session",

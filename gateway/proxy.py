@@ -47,6 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common.config import DSNConfig, GatewaySettings
 from common.keys import KeyPair, load_secret_keypair
+from common.procstat import name_this_thread, thread_cpu_seconds
 from common.receipts import GatewayReport
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
@@ -83,6 +84,9 @@ EGRESS_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 # unnoticed while the ingress is busy, at the cost of one poll per this many messages.
 EGRESS_CHECK_EVERY: Final = 256
 _SEND_MORE: Final = zmq.SNDMORE | zmq.NOBLOCK
+# Kernel thread names: the forwarding loop's, and the prefix libzmq gives its I/O threads.
+FORWARD_THREAD: Final = "dsn-forward"
+IO_THREADS: Final = "ZMQbg/IO/"
 _control_ids = itertools.count()
 log = logging.getLogger("dsn.gateway")
 
@@ -190,6 +194,15 @@ def _send_message(socket: zmq.Socket[bytes], parts: Parts) -> None:
     for part in parts[:-1]:
         send(part, _SEND_MORE, copy=False)
     send(parts[-1], zmq.NOBLOCK, copy=False)
+
+
+def gateway_thread_cpu(pid: int | None = None) -> dict[str, float]:
+    """CPU seconds so far of a gateway process's (this one's by default) forwarding loop (one
+    thread: at one second per second, the process forwards all it can) and of its libzmq I/O
+    threads (TCP and CURVE work, each connection on one of them)."""
+    seconds = thread_cpu_seconds(pid)
+    return {"forwarding": seconds.get(FORWARD_THREAD, 0.0),
+            "io": sum(s for name, s in seconds.items() if name.startswith(IO_THREADS))}
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -637,7 +650,14 @@ class Gateway:
             raise GatewayError("Gateway.run() called before start()")
         # The loop runs in its own thread: a signal may land in any thread, and Python runs its
         # handler only when the main thread executes bytecode, which zmq.proxy never returns to.
-        forward = threading.Thread(target=self._proxy.run, name="dsn-forward", daemon=True)
+        proxy = self._proxy
+
+        def forward_loop() -> None:
+            # Named in the kernel, so its CPU shows apart: top -H, thread_cpu().
+            name_this_thread(FORWARD_THREAD)
+            proxy.run()
+
+        forward = threading.Thread(target=forward_loop, name=FORWARD_THREAD, daemon=True)
         forward.start()
         while forward.is_alive() and not self._stopping.is_set():
             forward.join(POLL_MS / 1000)
@@ -694,6 +714,10 @@ class Gateway:
     def connections(self) -> dict[str, int]:
         """Ingress TCP connections accepted and closed (every ingress)."""
         return dict(sum((Counter(m.connections.copy()) for m in self._handshakes), Counter()))
+
+    @staticmethod
+    def thread_cpu() -> dict[str, float]:
+        return gateway_thread_cpu()
 
     def backpressure(self) -> dict[str, tuple[int, float, float]]:
         """Per session: sends that had to wait for a consumer, the seconds spent waiting, and

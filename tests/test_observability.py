@@ -137,6 +137,9 @@ def test_gateway_metrics_are_the_documented_families_and_follow_a_real_stream(
 
     families, during = parse(scrape())
     assert_matches_doc(families, "dsn_gateway_")
+    for thread in ("forwarding", "io"):  # the loop and the I/O threads did the work, apart
+        assert value(during, "dsn_gateway_thread_cpu_seconds_total", thread=thread) > value(
+            before, "dsn_gateway_thread_cpu_seconds_total", thread=thread)
     assert value(during, "dsn_gateway_messages_total", session="s1") == 24
     assert value(during, "dsn_gateway_bytes_total", session="s1") == 24 * SMALL_SECTOR
     assert value(during, "dsn_gateway_drops_total", session="s1",
