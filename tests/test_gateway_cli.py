@@ -19,7 +19,7 @@ from waiting import eventually
 from common.config import ConfigError, load_config
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.protocol import Data, ScanBegin, encode
-from gateway.cli import _state_servers, gateway
+from gateway.cli import _gateway_only_config, _state_servers, gateway
 
 DSN = str(Path(sys.executable).parent / "dsn")
 
@@ -165,3 +165,18 @@ def test_the_same_state_service_twice_is_refused(tmp_path: Path) -> None:
     twice = "tcp://127.0.0.1:8751,tcp://127.0.0.1:8752"
     with pytest.raises(ConfigError, match="the same state service is named twice"):
         _state_servers(None, (twice, twice), (_state_key(tmp_path / "a.key"),))
+
+
+def test_control_plane_mode_keeps_the_files_tuning_and_takes_the_flags(tmp_path: Path) -> None:
+    """The file's gateway settings (buffers, I/O threads) hold in control-plane mode too; the
+    flags given override only what they name."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "sessions": [], "gateway": {
+        "server_secret_key_file": "server.key_secret", "io_threads": 3,
+        "ingress_buffer_bytes": 1 << 20, "egress_buffer_bytes": 4 << 20}}))
+    settings = _gateway_only_config(load_config(path), path, None, "tcp://127.0.0.1:16000",
+                                     None, None, None).gateway
+    assert (settings.io_threads, settings.ingress_buffer_bytes,
+            settings.egress_buffer_bytes) == (3, 1 << 20, 4 << 20)
+    assert settings.ingress == "tcp://127.0.0.1:16000"
+

@@ -221,10 +221,15 @@ def _tcp_buffers(option: int, *, local_port: int | None = None,
 
 
 @pytest.mark.timeout(20)
-def test_configured_socket_buffers_reach_the_kernel_on_both_sides(
-        rig: Callable[..., Rig]) -> None:
+@pytest.mark.parametrize("mode", ["l7", "l4"])
+def test_configured_socket_buffers_reach_the_kernel_on_every_connection(
+        rig: Callable[..., Rig], free_port: Callable[[], int], mode: str) -> None:
     size = 256 * 1024
-    r = rig(consumers=1, settings={"ingress_buffer_bytes": size, "egress_buffer_bytes": size})
+    settings: dict[str, Any] = {"ingress_buffer_bytes": size, "egress_buffer_bytes": size}
+    plain_port = free_port()
+    if mode == "l7":  # and the plaintext ingress, which only L7 has
+        settings["plain_ingress"] = f"tcp://127.0.0.1:{plain_port}"
+    r = rig(consumers=1, mode=mode, settings=settings)
     producer = r.producer()
     producer.send_multipart(begin(shape=(1, 1)))
     producer.send_multipart(data(1, 0, 0))
@@ -237,6 +242,12 @@ def test_configured_socket_buffers_reach_the_kernel_on_both_sides(
 
     assert _tcp_buffers(socket.SO_RCVBUF, local_port=ingress_port) == [doubled("rmem_max")]
     assert _tcp_buffers(socket.SO_SNDBUF, peer_port=consumer_port) == [doubled("wmem_max")]
+    if mode == "l7":
+        with socket.create_connection(("127.0.0.1", plain_port)):
+            eventually(lambda: _tcp_buffers(socket.SO_RCVBUF, local_port=plain_port),
+                       timeout_s=5.0, what="the plaintext ingress accepting")
+            assert _tcp_buffers(socket.SO_RCVBUF, local_port=plain_port) == [
+                doubled("rmem_max")]
 
 
 @pytest.mark.timeout(20)

@@ -158,6 +158,22 @@ def test_gateway_metrics_are_the_documented_families_and_follow_a_real_stream(
     assert value(after, "dsn_gateway_messages_total", session="s1") == 24
 
 
+@pytest.mark.timeout(30)
+def test_l4_gateway_shows_its_forwarding_and_io_threads_cpu_too(
+        rig: Callable[..., Rig], gateway_metrics: Callable[[Rig], Callable[[], str]]) -> None:
+    r = rig(consumers=1, mode="l4")
+    scrape = gateway_metrics(r)
+    _, before = parse(scrape())
+    producer = r.producer()
+    for seq in range(24):
+        producer.send_multipart(data(1, seq // 2, seq % 2, seq=seq))
+    receive(r.consumers[0], 24)
+    _, after = parse(scrape())
+    for thread in ("forwarding", "io"):  # zmq.proxy runs in the named thread as L7's loop does
+        assert value(after, "dsn_gateway_thread_cpu_seconds_total", thread=thread) > value(
+            before, "dsn_gateway_thread_cpu_seconds_total", thread=thread)
+
+
 # --- control plane: one flow that issues, exchanges, uses, abuses and revokes tokens ------------
 
 FLOW_SCOPE = CLIENT_SCOPE + " consumers:register"
