@@ -224,11 +224,15 @@ values = st.recursive(
                                                                  max_size=3),
     max_leaves=12)
 LIMITS = ("hwm", "max_scan_positions", "max_producers", "max_open_scans")
+# As a session is opened: no consumer yet (each is checked against the targets when it
+# registers), so any targets the policy allows render.
+OPENING_SYSTEM = {**DSN_SYSTEM, "consumers": []}
 
 
 @EXAMPLES
 @example(params={"hwm": 5, "sources": ["127.0.0.1/32"]})  # a valid render
 @example(params={"hwm": "5", "sources": "127.0.0.0/8"})  # two refusals
+@example(params={"targets": ["::1/128"]})  # targets any consumer must register inside later
 @given(params=st.dictionaries(st.sampled_from(["sources", "targets", *LIMITS]), values,
                               max_size=6))
 def test_shipped_dsn_template_renders_exactly_the_validated_values_or_names_each_bad_one(
@@ -240,7 +244,7 @@ def test_shipped_dsn_template_renders_exactly_the_validated_values_or_names_each
         assert _refused_fields(exc) <= {f"params.{name}" for name in params}
         assert exc.errors
         return
-    rendered = render_values(dsn_template, params, DSN_SYSTEM, shipped_policy)
+    rendered = render_values(dsn_template, params, OPENING_SYSTEM, shipped_policy)
     assert rendered.config is not None
     session = rendered.config.sessions[0]
     assert session.allowed_networks == canonical["sources"]
