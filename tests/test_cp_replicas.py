@@ -25,13 +25,13 @@ import aiohttp
 import asyncpg
 import pytest
 import zmq
-from cp_helpers import write_policy
+from cp_helpers import free_state_endpoints, write_policy
 from limits import parse
 from test_cp_cli import DSN, _wait_healthy, assert_one_line_error, dsn
 from waiting import eventually, eventually_async
 
 from common.client import Client
-from common.clone import StateEndpoints, StateServer
+from common.clone import StateServer
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
 from controlplane.admin.bootstrap import ADMIN_TOKEN_FILE
@@ -119,7 +119,7 @@ def _start(name: str, state: Path, root: Path, env: dict[str, str], *options: st
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = root / f"{name}.log"
-    endpoints = StateEndpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    endpoints = free_state_endpoints()
     command = [DSN, "controlplane", "serve", "--state-dir", str(state), "--port", str(port),
                "--state-snapshots", endpoints.snapshot, "--state-updates", endpoints.updates,
                *options]

@@ -16,10 +16,15 @@ from typing import Any
 import pytest
 import zmq
 from click.testing import CliRunner, Result
-from cp_helpers import ClientFactory, ControlPlane, start_control_plane, write_policy
+from cp_helpers import (
+    ClientFactory,
+    ControlPlane,
+    free_state_endpoints,
+    start_control_plane,
+    write_policy,
+)
 
 from common.client import Client
-from common.clone import StateEndpoints
 from common.keys import create_keypair, load_keypair
 from common.protocol import ProducerMessage, decode_producer_header
 from common.restclient import RestError
@@ -41,8 +46,7 @@ async def cp(aiohttp_client: ClientFactory, tmp_path: Path,
     control_plane = await start_control_plane(
         aiohttp_client, tmp_path / "state", policy_path=policy,
         gateway_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        state_endpoints=StateEndpoints(f"tcp://127.0.0.1:{free_port()}",
-                                       f"tcp://127.0.0.1:{free_port()}"))
+        state_endpoints=free_state_endpoints())
     await control_plane.create_project("alpha")
     return control_plane
 

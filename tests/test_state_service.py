@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 import zmq
+from cp_helpers import free_state_endpoints
 from waiting import eventually_async
 from zmq.utils import z85
 
@@ -44,8 +45,8 @@ def session(name: str, *, consumers: int = 0, expires: datetime | None = None) -
 
 
 @pytest.fixture
-def endpoints(free_port: Callable[[], int]) -> StateEndpoints:
-    return StateEndpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+def endpoints() -> StateEndpoints:
+    return free_state_endpoints()
 
 
 class Store:
@@ -175,9 +176,9 @@ REPLICA = _pair()
 
 
 @pytest.fixture
-def replicas(endpoints: StateEndpoints, free_port: Callable[[], int]) -> list[StateServer]:
+def replicas(endpoints: StateEndpoints) -> list[StateServer]:
     """Two replicas' state services, each with its own key pair (SERVER, REPLICA)."""
-    other = StateEndpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    other = free_state_endpoints()
     return [StateServer(endpoints, SERVER.public), StateServer(other, REPLICA.public)]
 
 
