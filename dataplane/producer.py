@@ -14,7 +14,8 @@ queued. Closing waits up to ``send_timeout_s`` for queued messages to leave.
 Reconnects: ZeroMQ reconnects by itself when the gateway restarts. A restarted gateway knows
 nothing of the scan under way, so once the connection broke the producer sends its open scan's
 ``scan_begin`` again before its next message (``reannounced`` counts them; the send blocks until
-the new connection is up, so that announcement goes first) and the rest of the scan flows.
+the new connection is up, so that announcement goes first; a send already blocked when the
+connection broke waits for it too) and the rest of the scan flows.
 Messages that were in flight when the connection broke are lost; the consumer lists each missing
 sector.
 
@@ -73,6 +74,11 @@ _SECTOR_DTYPE = np.dtype("<u2")
 # has moved to another gateway, say), or None to go on waiting.
 Abandon = Callable[[], str | None]
 ABANDON_CHECK_S = 1.0
+# A blocked send wakes every SEND_SLICE_MS to look at the connection. It is shorter than the
+# reconnect interval, so a send cannot outlast a break and land on the new connection before the
+# open scan is announced there again.
+SEND_SLICE_MS = 50
+RECONNECT_IVL_MS = 100
 
 
 class ProducerError(DataPlaneError):
@@ -140,10 +146,9 @@ class Producer:
             sock.curve_publickey = client.public
             sock.curve_secretkey = client.secret
         sock.sndhwm = hwm
-        # With ``abandon``, a blocked send wakes every ABANDON_CHECK_S to ask it.
-        slice_ms = (timeout_ms if self._abandon is None
-                    else min(timeout_ms, round(ABANDON_CHECK_S * 1000)))
+        slice_ms = min(timeout_ms, SEND_SLICE_MS)
         sock.sndtimeo = slice_ms
+        sock.reconnect_ivl = RECONNECT_IVL_MS
         self._slice_s = slice_ms / 1000
         # Queue only to a connection whose CURVE handshake succeeded, so that an absent gateway or
         # a refused key blocks the sender instead of filling a queue nobody will read.
@@ -181,7 +186,7 @@ class Producer:
         _check_sector(scan.geometry, frame, sector, data)
         self._announce_again_after_reconnect(scan)
         self._send([self._data_header(scan, frame, sector), data.data],
-                   f"scan {scan.scan} frame {frame} sector {sector}")
+                   f"scan {scan.scan} frame {frame} sector {sector}", scan)
         scan.seq += 1
 
     def end_scan(self) -> int:
@@ -189,7 +194,7 @@ class Producer:
         scan = self._open_scan("end_scan")
         self._announce_again_after_reconnect(scan)
         self._send([encode(ScanEnd(v=VERSION, scan=scan.scan, sent=scan.seq))],
-                   f"scan_end of scan {scan.scan}")
+                   f"scan_end of scan {scan.scan}", scan)
         self._scan = None
         return scan.seq
 
@@ -258,8 +263,11 @@ class Producer:
                                       positions_per_row=cols, rows=rows, x_in_row=col,
                                       row_in_scan=row, thread_id=sector, module=sector))
 
-    def _send(self, parts: list[bytes | memoryview], what: str) -> None:
-        waited_s = 0.0  # counted in the socket's send timeouts: no clock read per message
+    def _send(self, parts: list[bytes | memoryview], what: str,
+              scan: _OpenScan | None = None) -> None:
+        """Send one message, blocking up to the send timeout; a connection that breaks while
+        it waits has ``scan`` announced on the next connection before the message goes."""
+        waited_s = asked_s = 0.0  # counted in the socket's send timeouts: no clock per message
         while True:
             try:
                 # A message is queued whole or not at all, so a send that timed out may be
@@ -273,10 +281,14 @@ class Producer:
                         f"{what} not accepted by {self.endpoint} within {self._timeout_s:g} s: "
                         "the gateway is unreachable, refused this CURVE key, or is not reading"
                     ) from None
-                reason = self._abandon_reason()
-                if reason is not None:
-                    raise GatewayUnresponsive(f"{what} not accepted by {self.endpoint}, given up: "
-                                              f"{reason}") from None
+                if waited_s - asked_s >= ABANDON_CHECK_S:
+                    asked_s = waited_s
+                    reason = self._abandon_reason()
+                    if reason is not None:
+                        raise GatewayUnresponsive(f"{what} not accepted by {self.endpoint}, "
+                                                  f"given up: {reason}") from None
+                if scan is not None:
+                    self._announce_again_after_reconnect(scan)
             except zmq.ZMQError as exc:
                 raise ProducerError(f"{what} to {self.endpoint} failed: {exc}") from None
 

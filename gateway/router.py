@@ -31,10 +31,11 @@ Idle scans: a scan that has seen no message for its session's ``limits.scan_idle
 died before its scan_end) is closed by ``expire_idle`` exactly as its last scan_end would have
 closed it; consumers list whatever never arrived.
 
-Restarts: with a journal (``gateway.journal``), every scan opened or closed is recorded as it
-happens; a restarted gateway's router is handed what was still open (``restore``) and carries
-each such scan to its end: its members get their routed scan_begin again (a consumer that has it
-already ignores it), its data is routed, and its scan_end says ``resumed`` (the counts start at
+Restarts: with a journal (``gateway.journal``), every scan opened, ended by one of its producers,
+or closed is recorded as it happens; a restarted gateway's router is handed what was still open
+(``restore``) and carries each such scan to its end: its members get their routed scan_begin
+again (a consumer that has it already ignores it), its data is routed, the scan_ends its producers
+sent before the restart still count, and its scan_end says ``resumed`` (the counts start at
 the restart; what was in flight when the gateway died is missing at the consumers, which list it).
 
 Reports: the decision that closes a scan, however it closes, carries its GatewayReport
@@ -96,9 +97,11 @@ ENDED: Final = "(ended)"
 
 
 class Journal(Protocol):
-    """Where the router records the scans it opens and closes (``gateway.journal``)."""
+    """Where the router records the scans it opens, ends and closes (``gateway.journal``)."""
 
     def opened(self, record: Opened) -> None: ...
+
+    def ended(self, session: str, scan: int, sent: int) -> None: ...
 
     def closed(self, session: str, scan: int) -> None: ...
 
@@ -468,6 +471,8 @@ class Router:
         spool = None if members else SpoolWrite(key)
         scan = _Scan(begin, members, now, spool, opened.spool_reason)
         scan.resumed = True
+        sent = self._to_restore.ends.pop((key.session, key.scan), [])
+        scan.ends, scan.sent = len(sent), sum(sent)
         if opened.every_sector:
             scan.expect_every_sector()
         state.scans[begin.scan] = scan
@@ -759,9 +764,11 @@ class Router:
         scan.ends += 1
         scan.sent += msg.sent
         scan.seen = now
-        if scan.ends < scan.begin.producers:
-            return _ACCEPTED
-        return self._close(state, scan, "scan_end")
+        if scan.ends >= scan.begin.producers:
+            return self._close(state, scan, "scan_end")
+        if self._journal is not None:
+            self._journal.ended(state.entry.id, msg.scan, msg.sent)
+        return _ACCEPTED
 
     def _close(self, state: _SessionState, scan: _Scan, closed_by: ClosedBy) -> Decision:
         """Close an open scan: routed scan_ends to its members, or its spool; and its report."""

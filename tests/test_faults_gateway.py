@@ -70,10 +70,12 @@ class GatewayProcess:
             pytest.fail(f"the gateway exited ({self.process.returncode}): {stderr[-2000:]}")
         return True
 
-    def kill(self) -> None:
+    def kill(self) -> str:
+        """SIGKILL; what it had logged."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.communicate(timeout=10)
+        _, stderr = self.process.communicate(timeout=10)
+        return stderr or ""
 
     def stop(self) -> dict[str, object]:
         """SIGTERM; the counters of its final log line."""
@@ -142,7 +144,10 @@ def test_a_gateway_killed_mid_scan_and_restarted_loses_only_what_was_in_flight_a
             assert not streaming.done(), "the scan ended before the gateway was killed"
             second = GatewayProcess(config, metrics)
             stats = streaming.result(timeout=60)
-        code, log = _finish(job, timeout=60)
+        try:
+            code, log = _finish(job, timeout=60)
+        except pytest.fail.Exception as failed:
+            pytest.fail(f"{failed.msg}\nthe restarted gateway logged:\n{second.kill()[-4000:]}")
         counters = second.stop()
     finally:
         # On failure: nothing of this test outlives it (processes, pipes).

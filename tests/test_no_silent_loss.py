@@ -37,6 +37,8 @@ from dataplane.producer import Producer, ProducerError, replay_spool, stream_syn
 from dataplane.receipts import ReceiptClient, await_report
 from dataplane.spool import SpoolReader, spool_name
 from dataplane.synthetic import CameraSpec, StreamPlan, SyntheticCamera
+from gateway.journal import NAME as JOURNAL
+from gateway.journal import read as read_journal
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(240)]
 
@@ -328,6 +330,75 @@ def test_ncem_producers_stream_unchanged_and_a_frame_number_off_its_position_is_
     assert (short["scan"], short["status"], short["lost_sectors"]) == (2, "partial", 1)
     assert short["loss_manifest"] == [[*bad, "position_mismatch"]]
     assert _counted(Path(str(short["path"]))) == EVERY_SECTOR - {bad}
+
+
+def _contract_producer(context: zmq.Context[zmq.Socket[bytes]], site: StaticSite,
+                       ) -> zmq.Socket[bytes]:
+    """A producer that follows only the contract: a bare CURVE PUSH socket, connected."""
+    push = context.socket(zmq.PUSH)
+    push.curve_secretkey, push.curve_publickey = site.client.secret, site.client.public
+    push.curve_serverkey = site.server
+    push.linger = 0
+    push.connect(site.endpoint)
+    return push
+
+
+def _send_sectors(push: zmq.Socket[bytes], sectors: list[tuple[int, int]]) -> None:
+    for seq, (frame, sector) in enumerate(sectors):
+        push.send_multipart([encode(Data(v=1, scan=1, frame=frame, sector=sector, seq=seq)),
+                             CAMERA.sector(frame, sector).tobytes()])
+    push.send(encode(ScanEnd(v=1, scan=1, sent=len(sectors))))
+
+
+def test_a_gateway_restarted_after_one_producer_ended_its_part_closes_the_scan_at_the_others_end(
+        site: StaticSite) -> None:
+    """Two contract-only producers; the first has streamed its half and ended the scan when the
+    gateway is killed. It sends nothing more, so the restarted gateway must still count its
+    scan_end (from the journal) to close the scan at the second producer's, not when idle."""
+    context = zmq.Context()
+    pushes: list[zmq.Socket[bytes]] = []
+    first = GatewayProcess(site.config, _metrics(site))
+    second = None
+    try:
+        job = site.job("job", "--scans", "1")
+        pushes += [_contract_producer(context, site) for _ in range(2)]
+        rows, cols = CAMERA.spec.scan_shape
+        for push in pushes:
+            push.send(encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols),
+                                       frame_shape=(576, 576), sectors=4, producers=2,
+                                       dtype="uint16")))
+        order = sorted(EVERY_SECTOR)
+        halves = order[0::2], order[1::2]
+        _send_sectors(pushes[0], halves[0])
+        journal = site.spool_dir / JOURNAL
+
+        def first_end_journaled() -> bool:
+            return read_journal(journal, closed_kept=8).ends.get((SESSION, 1)) == [len(halves[0])]
+
+        eventually(first_end_journaled, timeout_s=60, what="the first producer's scan_end taken")
+        first.kill()
+        second = GatewayProcess(site.config, _metrics(site))
+        _send_sectors(pushes[1], halves[1])
+        with ReceiptClient(site.receipts, site.server, site.client) as receipts:
+            report = await_report(receipts, 1, timeout_s=60)
+        assert job.wait() == 0, job.log.read_text()[-3000:]
+        second.stop()
+    finally:
+        for push in pushes:
+            push.close()
+        context.term()
+        if second is None:
+            first.stop()
+    assert (report.closed_by, report.sent, report.resumed) == ("scan_end", len(order), True)
+    [result] = job.result_lines()
+    counted = _counted(Path(str(result["path"])))
+    assert result["expected_sectors"] == len(EVERY_SECTOR)
+    assert result["received_sectors"] == len(counted)
+    assert result["received_sectors"] + result["lost_sectors"] == len(EVERY_SECTOR)
+    assert set(halves[1]) <= counted  # all sent after the restart, with nothing in flight
+    print(f"gateway restarted after one of two producers ended: {len(EVERY_SECTOR)} sectors = "
+          f"{result['received_sectors']} counted + {result['lost_sectors']} listed lost; the "
+          f"scan closed by the second producer's scan_end")
 
 
 def test_a_gateway_restarted_mid_scan_carries_on_a_scan_whose_producer_never_announces_it_again(

@@ -395,18 +395,33 @@ def test_keygen_writes_a_key_pair_and_prints_the_public_key(tmp_path: Path) -> N
     assert bad.exit_code == 2 and "--name" in bad.output
 
 
+def _restartable_ingress(context: zmq.Context, secret: bytes, endpoint: str | None = None,
+                         **options: int) -> tuple[zmq.Socket, str]:
+    """A CURVE PULL bound to ``endpoint`` (a free loopback port if None), with socket options."""
+    sock = context.socket(zmq.PULL)
+    sock.linger = 0
+    sock.curve_server, sock.curve_secretkey = True, secret
+    for name, value in options.items():
+        setattr(sock, name, value)
+    if endpoint is None:
+        return sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+    sock.bind(endpoint)
+    return sock, endpoint
+
+
+def _wait_for_the_producer_to_see_the_break(endpoint: str) -> None:
+    # Its end of the connection closes once it has.
+    port = int(endpoint.rsplit(":", 1)[1])
+    eventually(lambda: tcp_port_closed(port), timeout_s=5.0,
+               what="the producer to see the gateway's connection close")
+
+
 def test_after_a_gateway_restart_the_open_scan_is_announced_again_before_more_data(
         context: zmq.Context, client: KeyPair) -> None:
     public, secret = zmq.curve_keypair()
 
     def ingress(endpoint: str | None = None) -> tuple[zmq.Socket, str]:
-        sock = context.socket(zmq.PULL)
-        sock.linger = 0
-        sock.curve_server, sock.curve_secretkey = True, secret
-        if endpoint is None:
-            return sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
-        sock.bind(endpoint)
-        return sock, endpoint
+        return _restartable_ingress(context, secret, endpoint)
 
     sector = np.zeros((144, 576), np.uint16)
     first, endpoint = ingress()
@@ -416,11 +431,8 @@ def test_after_a_gateway_restart_the_open_scan_is_announced_again_before_more_da
         assert [type(decode_producer_header(first.recv_multipart()[0])).__name__
                 for _ in range(2)] == ["ScanBegin", "Data"]
         first.close(linger=0)  # the gateway dies
-        # The producer must see the break before it sends again: that is what makes it announce
-        # the scan again. Its end of the connection closes once it has.
-        port = int(endpoint.rsplit(":", 1)[1])
-        eventually(lambda: tcp_port_closed(port), timeout_s=5.0,
-                   what="the producer to see the gateway's connection close")
+        # Here the producer sees the break before it sends again (a blocked send: below).
+        _wait_for_the_producer_to_see_the_break(endpoint)
         second, _ = ingress(endpoint)  # a new gateway on the same endpoint
         prod.send(1, 0, sector)
         assert prod.end_scan() == 2
@@ -431,3 +443,51 @@ def test_after_a_gateway_restart_the_open_scan_is_announced_again_before_more_da
     assert isinstance(begin, ScanBegin) and begin.scan == 5
     assert isinstance(data, Data) and (data.frame, data.seq) == (1, 1)
     assert isinstance(end, ScanEnd) and end.sent == 2
+
+
+def test_a_send_blocked_when_the_gateway_dies_waits_for_the_scan_to_be_announced_again(
+        context: zmq.Context, client: KeyPair) -> None:
+    """The gateway stops reading, the producer blocks at its high-water mark, the gateway dies
+    and another binds the endpoint: the blocked sector must not reach it before the scan_begin,
+    or that gateway would drop it as of an unknown scan (and a blocked scan_end the same way,
+    leaving the scan open)."""
+    public, secret = zmq.curve_keypair()
+    first, endpoint = _restartable_ingress(context, secret, rcvhwm=1, rcvbuf=64 * 1024)
+    sector = np.zeros((144, 576), np.uint16)
+    frames = 256
+    sent = [0]
+    with Producer(endpoint, public, client, hwm=1, send_timeout_s=20) as prod, \
+            ThreadPoolExecutor(1) as pool:
+        prod.begin_scan(5, (16, 16), producers=1)
+        assert isinstance(decode_producer_header(first.recv_multipart()[0]), ScanBegin)
+
+        def stream() -> int:
+            for frame in range(frames):
+                prod.send(frame, 0, sector)
+                sent[0] += 1
+            return prod.end_scan()
+
+        streaming = pool.submit(stream)
+        last = [-1]
+
+        def blocked() -> bool:
+            stalled, last[0] = sent[0] == last[0], sent[0]
+            return stalled
+
+        # The queues hold a few sectors; the producer then blocks in a send.
+        eventually(blocked, timeout_s=10, what="the producer blocked", interval_s=0.5)
+        assert sent[0] < frames
+        first.close(linger=0)  # the gateway dies
+        _wait_for_the_producer_to_see_the_break(endpoint)
+        second, _ = _restartable_ingress(context, secret, endpoint)
+        try:
+            headers = [decode_producer_header(h) for h, _ in Gateway(second, endpoint, public)
+                       .receive(until_scan_ends=1)]
+        finally:
+            second.close(linger=0)
+        assert streaming.result(timeout=10) == frames
+    assert prod.reannounced == 1
+    assert isinstance(headers[0], ScanBegin) and headers[0].scan == 5
+    data = headers[1:-1]
+    assert data and all(isinstance(h, Data) and h.scan == 5 for h in data)
+    assert isinstance(headers[-1], ScanEnd) and headers[-1].sent == frames
