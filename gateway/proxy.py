@@ -49,6 +49,7 @@ from common.config import DSNConfig, GatewaySettings
 from common.keys import KeyPair, load_secret_keypair
 from common.procstat import name_this_thread, thread_cpu_seconds
 from common.receipts import GatewayReport
+from common.zmqparts import read_message
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
 from gateway.errors import GatewayError, ModeError, SocketSetupError
 from gateway.journal import ScanJournal
@@ -175,16 +176,6 @@ def connect_egress(socket: zmq.Socket[bytes], endpoints: list[str]) -> None:
         except zmq.ZMQError as exc:
             socket.close(linger=0)
             raise SocketSetupError(f"consumer {endpoint}: cannot connect: {exc}") from None
-
-
-def _read_message(socket: zmq.Socket[bytes], flags: int = 0) -> list[zmq.Frame]:
-    """One whole message, zero-copy: its first part (zmq.Again when there is none), then the rest,
-    which libzmq delivers with it. Half the Python calls of recv_multipart, which asks the socket
-    for RCVMORE after every part: the part itself knows."""
-    frames = [socket.recv(flags, copy=False)]
-    while frames[-1].more:
-        frames.append(socket.recv(flags, copy=False))
-    return frames
 
 
 def _send_message(socket: zmq.Socket[bytes], parts: Parts) -> None:
@@ -393,7 +384,7 @@ class L7Proxy:
 
             def receive() -> list[zmq.Frame] | None:
                 try:
-                    return _read_message(ingress)
+                    return read_message(ingress)
                 except zmq.Again:
                     return None
             return receive
@@ -407,7 +398,7 @@ class L7Proxy:
             # Alternate which ingress is read first, so neither can starve the other.
             for socket in next(turn):
                 try:
-                    return _read_message(socket, zmq.NOBLOCK)
+                    return read_message(socket, zmq.NOBLOCK)
                 except zmq.Again:
                     continue
             poller.poll(POLL_MS)

@@ -45,6 +45,7 @@ from common.protocol import (
 )
 from common.results import ScanResult
 from common.tuning import keep_message_buffers
+from common.zmqparts import read_message
 from dataplane import counting
 from dataplane.consumer.agreement import ThresholdAgreement
 from dataplane.consumer.controlplane import ControlPlaneClient
@@ -228,7 +229,7 @@ class RankLoop:
     def _receive_batch(self) -> None:
         for _ in range(RECEIVE_BATCH):
             try:
-                parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = read_message(self._socket, zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._handle(parts)
