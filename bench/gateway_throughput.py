@@ -63,31 +63,38 @@ def consumer(port: int, ready: Any, results: Any) -> None:
 
 
 def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, bytes] | None,
-             results: Any, index: int = 0, producers: int = 1) -> None:
-    """Producer ``index`` of ``producers``, each on its own connection, as a camera's sector
-    streams: it sends every ``producers``-th message of the scan."""
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    push.sndhwm = 64
-    if keys is not None:
-        push.curve_publickey, push.curve_secretkey, push.curve_serverkey = keys
-    for endpoint in endpoints:
-        push.connect(endpoint)
+             results: Any, index: int = 0, producers: int = 1, connections: int = 1) -> None:
+    """Producer process ``index`` of ``producers``: it sends every ``producers``-th message of the
+    scan, over ``connections`` sockets in turn, each its own connection to every endpoint and a
+    producer of the scan of its own (its scan_begin first, its scan_end last), as a camera's
+    sector streams; HAProxy's peer bench with two consumers connects its one producer twice."""
+    context = zmq.Context(io_threads=connections)
+    pushes = [context.socket(zmq.PUSH) for _ in range(connections)]
+    for push in pushes:
+        push.sndhwm = 64
+        if keys is not None:
+            push.curve_publickey, push.curve_secretkey, push.curve_serverkey = keys
+        for endpoint in endpoints:
+            push.connect(endpoint)
     frames_needed = messages // 4 + 1
     cols = 128
     rows = frames_needed // cols + 1
     payload = zmq.Frame(os.urandom(SECTOR_BYTES))
     headers = [encode(Data(v=1, scan=1, frame=i // 4, sector=i % 4, seq=i))
                for i in range(index, messages, producers)]
-    push.send(encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols), frame_shape=(576, 576),
-                               sectors=4, producers=producers, dtype="uint16")))
+    begin = encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols), frame_shape=(576, 576),
+                             sectors=4, producers=producers * connections, dtype="uint16"))
+    for push in pushes:
+        push.send(begin)
     time.sleep(0.3)  # let the connections settle so round-robin starts balanced
     start = time.perf_counter()
-    for header in headers:
-        push.send_multipart([header, payload], copy=False)
-    push.send(encode(ScanEnd(v=1, scan=1, sent=len(headers))))
+    for number, header in enumerate(headers):
+        pushes[number % connections].send_multipart([header, payload], copy=False)
+    for number, push in enumerate(pushes):
+        push.send(encode(ScanEnd(v=1, scan=1, sent=len(headers[number::connections]))))
     results.put(start)
-    push.close(linger=-1)
+    for push in pushes:
+        push.close(linger=-1)
     context.term()
 
 
@@ -246,7 +253,7 @@ class Figures:
 
 
 def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
-             tuning: Tuning = Tuning()) -> Figures:
+             tuning: Tuning = Tuning(), connections: int = 1) -> Figures:
     mpc = mp.get_context("spawn")
     rig = start_rig(mpc, workdir, tuning)
     results, consumers, ports = rig.results, rig.consumers, rig.ports
@@ -268,7 +275,8 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
     gateway_pid = None if gateway is None else gateway.pid
     cpu_before = None if gateway_pid is None else GatewayCpu.now(gateway_pid)
     senders = [mpc.Process(target=producer,
-                           args=(endpoints, messages, keys, results, index, producers))
+                           args=(endpoints, messages, keys, results, index, producers,
+                                 connections))
                for index in range(producers)]
     for sender in senders:
         sender.start()
@@ -300,8 +308,9 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
 
 
 def best_of(repeat: int, case: str, messages: int, workdir: Path, producers: int,
-            tuning: Tuning) -> Figures:
-    runs = [run_case(case, messages, workdir, producers, tuning) for _ in range(repeat)]
+            tuning: Tuning, connections: int = 1) -> Figures:
+    runs = [run_case(case, messages, workdir, producers, tuning, connections)
+            for _ in range(repeat)]
     return max(runs, key=lambda figures: figures.gbps)
 
 
@@ -355,6 +364,10 @@ def main() -> None:
     parser.add_argument("--socket-buffer", type=int, default=None, metavar="BYTES",
                         help="the gateway's gateway.ingress_buffer_bytes and egress_buffer_bytes "
                              "[default: unset, the kernel's autotuning]")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="sockets per producer process, each its own connection, sent to in "
+                             "turn (HAProxy's peer bench with two consumers connects its producer "
+                             "twice) [default: %(default)s]")
     parser.add_argument("--cases", default="direct,l4+plain,l7+plain,l4+curve,l7+curve",
                         help="comma-separated subset; ratios need direct and the matching l4")
     args = parser.parse_args()
@@ -367,11 +380,12 @@ def main() -> None:
         create_keypair(workdir, "client")
         figures = {(case, producers, io_threads): best_of(
                        args.repeat, case, args.messages, workdir, producers,
-                       Tuning(io_threads, args.socket_buffer))
+                       Tuning(io_threads, args.socket_buffer), args.connections)
                    for case in cases for producers in args.producers
                    for io_threads in io_options}
     print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, "
-          f"{','.join(map(str, args.producers))} producer(s), 2 consumers, "
+          f"{','.join(map(str, args.producers))} producer(s) x {args.connections} "
+          f"connection(s), 2 consumers, "
           f"tcp loopback, {os.cpu_count()} CPUs, gateway socket buffers "
           f"{args.socket_buffer or 'autotuned'}")
     if scaling:

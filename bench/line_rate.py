@@ -5,8 +5,9 @@ and then its peers through the shared harness where it lives (``bench/peers.py``
 ``mode tcp`` as SciStream configures it, an stunnel TLS 1.3 pair, ``zmq.proxy`` with and without
 CURVE in front, and PUSH -> PULL with no hop. Prints every path with its GB/s and the proxy's CPU
 per message, the L7 gateway's ratio to each, and the line-rate goals as ratios measured in this
-run, for the gateway as configured by default and with fixed 4 MiB socket buffers (as for a hop
-within a site). A peer that cannot run (harness absent, program not installed) is listed with the
+run, for the gateway as configured by default, with fixed 4 MiB socket buffers (as for a hop
+within a site), and with its producer connected twice (as HAProxy's producer is, with two
+consumers). A peer that cannot run (harness absent, program not installed) is listed with the
 reason.
 
     .venv/bin/python bench/line_rate.py [--messages 8000] [--repeat 3] [--peers DIR]
@@ -39,6 +40,7 @@ class Case:
     label: str
     against: Against | None  # the L7 case it is compared with (None: itself an L7 case)
     socket_buffer: int | None = None
+    connections: int = 1  # the producer's connections to the gateway
 
 
 GATEWAY_CASES = [
@@ -46,13 +48,22 @@ GATEWAY_CASES = [
     Case("l4+plain", "gateway L4 plain (zmq.proxy inside)", "plain"),
     Case("l7+plain", "gateway L7 plain (every check)", None),
     Case("l7+plain", "gateway L7 plain, 4 MiB socket buffers", None, SITE_BUFFER),
+    Case("l7+plain", "gateway L7 plain, 2 producer connections", None, connections=2),
     Case("l4+curve", "gateway L4 CURVE", "curve"),
     Case("l7+curve", "gateway L7 CURVE (every check)", None),
     Case("l7+curve", "gateway L7 CURVE, 4 MiB socket buffers", None, SITE_BUFFER),
+    Case("l4+curve", "gateway L4 CURVE, 2 producer connections", "curve", connections=2),
+    Case("l7+curve", "gateway L7 CURVE, 2 producer connections", None, connections=2),
 ]
 L7 = {"plain": "gateway L7 plain (every check)", "curve": "gateway L7 CURVE (every check)"}
 L7_TUNED = {"plain": "gateway L7 plain, 4 MiB socket buffers",
             "curve": "gateway L7 CURVE, 4 MiB socket buffers"}
+# The producer connected twice, as the HAProxy peer's producer is with two consumers.
+L7_TWO = {"plain": "gateway L7 plain, 2 producer connections",
+          "curve": "gateway L7 CURVE, 2 producer connections"}
+# Each L7 variant's goals, and the baseline each of its comparisons takes instead (like for like).
+VARIANTS = [(L7, {}), (L7_TUNED, {}),
+            (L7_TWO, {"gateway L4 CURVE": "gateway L4 CURVE, 2 producer connections"})]
 PEERS = {
     "haproxy": Peer("bench_haproxy.py", ("--bufsize", "100000", "--consumers", "1,2"),
                     ("haproxy",)),
@@ -118,13 +129,14 @@ GOALS = [("L7 plain >= 1.0x HAProxy (SciStream's config, 2 consumers)", "plain",
 
 
 def print_goals(rows: dict[str, Row]) -> None:
-    print("goals, as ratios in this run (L7 as by default; with 4 MiB socket buffers):")
+    print("goals, as ratios in this run (L7 as by default; with 4 MiB socket buffers; with two "
+          "producer connections):")
     for text, against, baseline, target in GOALS:
-        base = rows.get(baseline)
-        if base is None:
+        if baseline not in rows:
             print(f"  {text}: not measured")
             continue
-        values = [rows[labels[against]].gbps / base.gbps for labels in (L7, L7_TUNED)]
+        values = [rows[labels[against]].gbps / rows[like.get(baseline, baseline)].gbps
+                  for labels, like in VARIANTS]
         print(f"  {text}: " + "; ".join(
             f"{value:.3f}x {'met' if value >= target else 'not met'}" for value in values))
     raw, stunnel = rows.get("CURVE PUSH -> PULL, no hop"), rows.get("stunnel TLS 1.3 pair")
@@ -148,7 +160,7 @@ def main() -> None:
         create_keypair(workdir, "server")
         create_keypair(workdir, "client")
         figures = {case: best_of(args.repeat, case.case, args.messages, workdir, 1,
-                                 Tuning(socket_buffer=case.socket_buffer))
+                                 Tuning(socket_buffer=case.socket_buffer), case.connections)
                    for case in GATEWAY_CASES}
     rows = gateway_rows(figures)
     skipped = []
