@@ -101,7 +101,7 @@ def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, byte
 def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     """Bench only: the proxy loops behind a NULL-mechanism ingress."""
     from common.config import load_config
-    from common.procstat import name_this_thread
+    from common.procstat import named_thread
     from gateway.proxy import FORWARD_THREAD, L4Proxy, L7Proxy
     from gateway.sessions import table_from_config
 
@@ -135,11 +135,7 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     proxy = (L7Proxy(context, ingress, table, egress_buffer_bytes=buffer) if mode == "l7"
              else L4Proxy(context, ingress, table, buffer))
     signal.signal(signal.SIGTERM, lambda *_: proxy.stop())
-    def forward_loop() -> None:
-        name_this_thread(FORWARD_THREAD)  # as the gateway's, so its CPU is read apart
-        proxy.run()
-
-    forward = threading.Thread(target=forward_loop)
+    forward = named_thread(proxy.run, FORWARD_THREAD)  # as the gateway's: its CPU read apart
     forward.start()
     ready.set()
     while forward.is_alive():  # the main thread stays interruptible so SIGTERM is handled

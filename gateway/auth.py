@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common import zap
 from common.logs import fields
+from common.procstat import named_thread
 from gateway.sessions import SessionEntry, SessionTable
 from gateway.threads import POLL_MS, SocketThread
 
@@ -129,7 +130,7 @@ class ZapHandler:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, name="dsn-zap", daemon=True)
+        self._thread = named_thread(self._serve, "dsn-zap")
 
     def start(self) -> None:
         """Bind the handler and return once it is answering (raises if the bind failed)."""

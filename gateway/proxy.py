@@ -47,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common.config import DSNConfig, GatewaySettings
 from common.keys import KeyPair, load_secret_keypair
-from common.procstat import name_this_thread, thread_cpu_seconds
+from common.procstat import named_thread, thread_cpu_seconds
 from common.receipts import GatewayReport
 from common.zmqparts import read_message
 from gateway.auth import PLAIN_ZAP_DOMAIN, ZAP_DOMAIN, HandshakeMonitor, ZapHandler
@@ -641,14 +641,8 @@ class Gateway:
             raise GatewayError("Gateway.run() called before start()")
         # The loop runs in its own thread: a signal may land in any thread, and Python runs its
         # handler only when the main thread executes bytecode, which zmq.proxy never returns to.
-        proxy = self._proxy
-
-        def forward_loop() -> None:
-            # Named in the kernel, so its CPU shows apart: top -H, thread_cpu().
-            name_this_thread(FORWARD_THREAD)
-            proxy.run()
-
-        forward = threading.Thread(target=forward_loop, name=FORWARD_THREAD, daemon=True)
+        # Named in the kernel too, so its CPU shows apart: top -H, thread_cpu().
+        forward = named_thread(self._proxy.run, FORWARD_THREAD)
         forward.start()
         while forward.is_alive() and not self._stopping.is_set():
             forward.join(POLL_MS / 1000)

@@ -51,6 +51,7 @@ import zmq
 from common import clone
 from common.config import ConfigError
 from common.keys import KeyPair
+from common.procstat import named_thread
 from common.receipts import GatewayReport
 from gateway.sessions import SessionTable
 
@@ -102,7 +103,7 @@ class CloneSessionSource:
         self.acknowledged: dict[str, int] = {}
         self._synced = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dsn-state", daemon=True)
+        self._thread = named_thread(self._run, "dsn-state")
 
     @property
     def server(self) -> clone.StateServer:

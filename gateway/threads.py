@@ -9,6 +9,8 @@ from typing import Final
 
 import zmq
 
+from common.procstat import named_thread
+
 POLL_MS: Final = 100
 
 
@@ -20,7 +22,7 @@ class SocketThread(abc.ABC):
         self._socket = socket
         self._poll_ms = poll_ms
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread = named_thread(self._serve, name)
 
     def start(self) -> None:
         self._thread.start()

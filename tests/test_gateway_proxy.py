@@ -21,6 +21,7 @@ from waiting import eventually
 from common import strictyaml
 from common.config import load_config
 from common.keys import KeyPair
+from common.procstat import thread_cpu_seconds
 from common.protocol import (
     Data,
     NcemHeader,
@@ -163,6 +164,15 @@ def rig(tmp_path: Path, zmq_context: zmq.Context, free_port: Callable[[], int],
         made.gateway.close()
         for zmq_socket in [*made.producers, *made.consumers]:
             zmq_socket.close(linger=0)
+
+
+@pytest.mark.timeout(20)
+def test_each_of_the_gateway_s_threads_is_named_in_the_kernel(rig: Callable[..., Rig]) -> None:
+    """So that ``top -H`` and the thread CPU metric tell them apart."""
+    rig(consumers=1)
+    expected = {"dsn-forward", "dsn-zap", "dsn-handshakes", "dsn-receipts"}
+    eventually(lambda: expected <= set(thread_cpu_seconds()), timeout_s=5,
+               what=f"threads named {sorted(expected)}")
 
 
 @pytest.mark.timeout(20)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
-from common.procstat import name_this_thread, thread_cpu_seconds
+from waiting import eventually
+
+from common.procstat import name_this_thread, named_thread, thread_cpu_seconds
 
 
 def test_a_named_thread_s_cpu_time_is_read_back_under_its_name() -> None:
@@ -29,3 +32,22 @@ def test_a_named_thread_s_cpu_time_is_read_back_under_its_name() -> None:
 
 def test_a_process_that_is_gone_has_no_threads() -> None:
     assert thread_cpu_seconds(pid=2 ** 22 + 1) == {}
+
+
+def test_a_named_thread_carries_its_name_in_python_and_in_the_kernel() -> None:
+    release = threading.Event()
+    thread = named_thread(release.wait, "dsn-test-named")
+    thread.start()
+    try:
+        eventually(lambda: _kernel_name(thread) == "dsn-test-named", timeout_s=5,
+                   what="the kernel's name of the thread")
+    finally:
+        release.set()
+        thread.join()
+    assert (thread.name, thread.daemon) == ("dsn-test-named", True)
+
+
+def _kernel_name(thread: threading.Thread) -> str | None:
+    if thread.native_id is None:
+        return None
+    return Path(f"/proc/self/task/{thread.native_id}/comm").read_text().strip()
