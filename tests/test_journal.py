@@ -118,11 +118,15 @@ def test_a_restored_scan_is_announced_again_routed_and_ended_as_resumed() -> Non
 
 def test_a_scan_of_a_session_that_appears_later_is_restored_then() -> None:
     router = Router(SessionTable())
-    assert router.restore(recover([opened(4)], closed_kept=8)).resumed == []
+    # As in control-plane mode: the journal is read before the first table arrives.
+    records: list[Record] = [opened(4, producers=2), Ended(session="s1", scan=4, sent=3)]
+    assert router.restore(recover(records, closed_kept=8)).resumed == []
     session = _session(consumers=2).model_copy(update={"consumers": ENDPOINTS})
     change = router.use_table(SessionTable([session]))
     assert [d.control for d in change.resumed] and change.interruptions == []
     assert router.scan_open("s1", 4)
+    ends = [msg for _, msg in control(router.route("s1", end(scan=4, sent=5), 1, 0))]
+    assert len(ends) == 2 and all(isinstance(e, RoutedScanEnd) and e.sent == 8 for e in ends)
 
 
 def test_a_restored_scan_whose_member_is_gone_is_interrupted() -> None:
