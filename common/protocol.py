@@ -74,7 +74,8 @@ MAX_MANIFEST: Final = 65_536
 DTYPES: Final = {"uint16": 2}
 
 U32 = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
-U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+MAX_U63 = 2**63 - 1
+U63 = Annotated[int, msgspec.Meta(ge=0, le=MAX_U63)]
 SectorIndex = Annotated[int, msgspec.Meta(ge=0, lt=64)]
 ScanDim = Annotated[int, msgspec.Meta(ge=1, le=65_535)]
 FrameDim = Annotated[int, msgspec.Meta(ge=1, le=8_192)]

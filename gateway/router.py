@@ -63,6 +63,7 @@ import numpy as np
 
 from common.protocol import (
     MAX_MANIFEST,
+    MAX_U63,
     VERSION,
     Data,
     DropReason,
@@ -761,6 +762,10 @@ class Router:
         if scan is None:
             reason = DropReason.SCAN_CLOSED if msg.scan in state.closed else DropReason.UNKNOWN_SCAN
             return self._count(state.entry.id, reason.value)
+        if scan.sent + msg.sent > MAX_U63:
+            # Each claim fits the wire type; their sum, which the routed scan_end and the report
+            # carry, must too, or no consumer could decode the scan's end.
+            return self._count(state.entry.id, DropReason.INVALID_HEADER.value)
         scan.ends += 1
         scan.sent += msg.sent
         scan.seen = now

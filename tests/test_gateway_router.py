@@ -132,6 +132,19 @@ def test_scan_end_waits_for_every_producer_and_reports_exact_counts() -> None:
         assert msg.drops == expected_drops[slot] and not msg.drops_truncated
 
 
+def test_a_scan_end_that_would_take_the_scans_sent_past_the_wire_type_is_dropped() -> None:
+    router = _router()
+    router.route("s1", begin(producers=3), 1, 0)
+    assert router.route("s1", end(sent=2**62), 1, 0) == Decision()
+    assert router.route("s1", end(sent=2**62), 1, 0).drop == "invalid_header"
+    assert router.route("s1", end(sent=2**62 - 1), 1, 0) == Decision()  # the second end
+    closing = router.route("s1", end(sent=0), 1, 0)
+    # The consumers decode the routed scan_end (control() decodes it): its total fits.
+    ends = [msg for _, msg in control(closing)]
+    assert ends and all(isinstance(e, RoutedScanEnd) and e.sent == 2**63 - 1 for e in ends)
+    assert closing.report is not None and closing.report.sent == 2**63 - 1
+
+
 def test_manifest_is_truncated_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(router_module, "MAX_MANIFEST", 2)
     router = _router(_session(consumers=1))
