@@ -2,7 +2,9 @@
 
 A port that the kernel handed out with ``bind(0)`` lies in its ephemeral range, where any outgoing
 connection may take it again before the intended server binds it. Ports are therefore chosen below
-that range, and each is checked free by binding it.
+that range, and each is checked free by binding it. A gateway serves receipts on the port after
+its ingress unless told otherwise, so the port after each chosen one is free and not chosen too.
+Where the range below the ephemeral one is too small, the kernel chooses, without those checks.
 """
 
 from __future__ import annotations
@@ -31,19 +33,33 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     held: list[socket.socket] = []
     try:
         while len(chosen) < count:
-            port = random.randrange(_LOWEST, high)
-            probe = socket.socket()
-            try:
-                probe.bind((host, port))
-            except OSError:
-                probe.close()
+            port = random.randrange(_LOWEST, high - 1)
+            if {port - 1, port, port + 1} & set(chosen):
                 continue
-            held.append(probe)
-            chosen.append(port)
+            probes = _bound(host, (port, port + 1))
+            if probes:
+                held.extend(probes)
+                chosen.append(port)
     finally:
         for probe in held:
             probe.close()
     return chosen
+
+
+def _bound(host: str, ports: tuple[int, ...]) -> list[socket.socket]:
+    """Sockets bound to every one of ``ports``, or none if one of them is taken."""
+    probes: list[socket.socket] = []
+    for port in ports:
+        probe = socket.socket()
+        try:
+            probe.bind((host, port))
+        except OSError:
+            probe.close()
+            for other in probes:
+                other.close()
+            return []
+        probes.append(probe)
+    return probes
 
 
 def free_port(host: str = "127.0.0.1") -> int:
