@@ -332,6 +332,61 @@ def test_ncem_producers_stream_unchanged_and_a_frame_number_off_its_position_is_
     assert _counted(Path(str(short["path"]))) == EVERY_SECTOR - {bad}
 
 
+def test_an_ncem_scan_carried_across_a_gateway_restart_ends_when_idle_every_sector_accounted(
+        site: StaticSite) -> None:
+    """NCEM producers send no scan_end: a scan restored from the journal cannot tell which of its
+    sectors arrived before the restart, so it ends after ``scan_idle_s`` of quiet, not at its last
+    sector; and every sector is still counted or listed."""
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    first = GatewayProcess(site.config, _metrics(site))
+    second = None
+    try:
+        job = site.job("job", "--scans", "1")
+        push.curve_secretkey, push.curve_publickey = site.client.secret, site.client.public
+        push.curve_serverkey = site.server
+        push.connect(site.endpoint)
+        order = sorted(EVERY_SECTOR)
+        cut = len(order) * 3 // 10
+        for frame, sector in order[:cut]:
+            push.send_multipart(ncem_message(1, frame, sector))
+        eventually(lambda: first.forwarded() >= cut, timeout_s=60, what="30% forwarded")
+        _kill_and_see_the_break(first, push)
+        second = GatewayProcess(site.config, _metrics(site))
+        for frame, sector in order[cut:]:
+            push.send_multipart(ncem_message(1, frame, sector))
+        with ReceiptClient(site.receipts, site.server, site.client) as receipts:
+            report = await_report(receipts, 1, timeout_s=60)
+        assert job.wait(timeout_s=60) == 0, job.log.read_text()[-3000:]
+        second.stop()
+    finally:
+        push.close(linger=0)
+        context.term()
+        if second is None:
+            first.stop()
+    assert (report.closed_by, report.resumed) == ("idle", True)
+    [result] = job.result_lines()
+    counted = _counted(Path(str(result["path"])))
+    assert result["received_sectors"] == len(counted)
+    assert result["received_sectors"] + result["lost_sectors"] == len(EVERY_SECTOR)
+    assert set(order[cut:]) <= counted  # all sent after the restart
+    print(f"NCEM scan across a gateway restart: {len(EVERY_SECTOR)} sectors = "
+          f"{result['received_sectors']} counted + {result['lost_sectors']} listed lost; "
+          f"closed when idle")
+
+
+def _kill_and_see_the_break(gateway: GatewayProcess, push: zmq.Socket[bytes]) -> None:
+    """Kill the gateway and wait until ``push`` has seen its connection break: what it sends
+    after that waits in its queue for the next gateway, instead of going into the dead socket."""
+    monitor = push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        gateway.kill()
+        assert monitor.poll(10_000), "the producer never saw the gateway go"
+    finally:
+        push.disable_monitor()
+        monitor.close(linger=0)
+
+
 def _contract_producer(context: zmq.Context[zmq.Socket[bytes]], site: StaticSite,
                        ) -> zmq.Socket[bytes]:
     """A producer that follows only the contract: a bare CURVE PUSH socket, connected."""
@@ -376,7 +431,7 @@ def test_a_gateway_restarted_after_one_producer_ended_its_part_closes_the_scan_a
             return read_journal(journal, closed_kept=8).ends.get((SESSION, 1)) == [len(halves[0])]
 
         eventually(first_end_journaled, timeout_s=60, what="the first producer's scan_end taken")
-        first.kill()
+        _kill_and_see_the_break(first, pushes[1])
         second = GatewayProcess(site.config, _metrics(site))
         _send_sectors(pushes[1], halves[1])
         with ReceiptClient(site.receipts, site.server, site.client) as receipts:
