@@ -7,8 +7,13 @@ integers (never floats or booleans), and ``v`` is the protocol version, 1.
 
 Producer -> gateway
     scan_begin  [header]          {v, type: "scan_begin", scan, scan_shape: [rows, cols],
-                                   frame_shape: [576, 576], sectors: 4, producers, dtype: "uint16"}
+                                   frame_shape: [576, 576], sectors: 4, producers, dtype: "uint16",
+                                   lane, lanes}
                                   sent by every producer before its data; all must agree.
+                                  ``lane`` and ``lanes`` (optional, together, lane < lanes <= 64):
+                                  the scan is split over ``lanes`` gateways and this producer
+                                  sends through lane ``lane``; ``producers`` then counts the
+                                  producers of this lane. Absent: one lane.
     data        [header, sector]  {v, type: "data", scan, frame, sector, seq}
                                   ``frame`` = row * cols + col (flat scan position); sector k holds
                                   frame rows k*h .. k*h+h-1 with h = frame_rows / sectors;
@@ -30,12 +35,15 @@ Producer -> gateway
 
 Gateway -> consumer
     scan_begin  [header]          {v, type: "scan_begin", session, scan, scan_shape, frame_shape,
-                                   sectors, dtype, members, index}
+                                   sectors, dtype, members, index, lane, lanes}
                                   the consumer is member ``index`` of ``members`` for this scan and
-                                  receives exactly the frames with frame % members == index.
+                                  receives exactly the frames with frame % members == index;
+                                  ``lane``/``lanes`` as its producers said (absent: one lane).
+                                  A scan of several lanes reaches the consumer from each lane's
+                                  gateway: a scan_begin and a scan_end from each, to be merged.
     data        [header, sector]  the native data header and the sector, unchanged.
     scan_end    [header]          {v, type: "scan_end", scan, expected, sent, accepted, dropped,
-                                   drops, drops_truncated, resumed}
+                                   drops, drops_truncated, resumed, lane, lanes}
                                   ``expected`` = data messages forwarded to this consumer,
                                   ``sent`` = sum of the producers' ``sent``, ``accepted`` = data
                                   messages the gateway accepted for the whole scan, ``dropped`` =
@@ -45,6 +53,8 @@ Gateway -> consumer
                                   ``resumed`` (optional, default false): the gateway restarted
                                   mid-scan, so ``expected`` and ``accepted`` count only what it
                                   saw since, and the consumer's expected sectors are ``sent``.
+                                  With lanes, every count is the lane's: the scan ends at the
+                                  consumer once every lane's scan_end is in, counts summed.
     scan_abort  [header]          {v, type: "scan_abort", scan, reason}
                                   a member of the scan left mid-scan ("consumer_gone"): the gateway
                                   sends no more of it to any member (it spools the rest and reports
@@ -82,6 +92,9 @@ FrameDim = Annotated[int, msgspec.Meta(ge=1, le=8_192)]
 Sectors = Annotated[int, msgspec.Meta(ge=1, le=64)]
 Producers = Annotated[int, msgspec.Meta(ge=1, le=1_024)]
 Members = Annotated[int, msgspec.Meta(ge=1, le=65_535)]
+MAX_LANES: Final = 64
+Lane = Annotated[int, msgspec.Meta(ge=0, lt=MAX_LANES)]
+Lanes = Annotated[int, msgspec.Meta(ge=1, le=MAX_LANES)]
 SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 # A drop reason as manifests and reports carry it: checked for its shape only, never against
 # DropReason, so a label the reader does not know still decodes.
@@ -131,17 +144,28 @@ class _Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False,
     v: Literal[1]
 
 
-class ScanBegin(_Header, tag="scan_begin", frozen=True):
+def _check_lanes(lane: int | None, lanes: int | None) -> None:
+    if (lane is None) != (lanes is None):
+        raise ValueError("lane and lanes go together")
+    if lane is not None and lanes is not None and lane >= lanes:
+        raise ValueError("lane must be below lanes")
+
+
+class ScanBegin(_Header, tag="scan_begin", frozen=True, omit_defaults=True):
     scan: U32
     scan_shape: tuple[ScanDim, ScanDim]
     frame_shape: tuple[FrameDim, FrameDim]
     sectors: Sectors
     producers: Producers
     dtype: Literal["uint16"]
+    # Absent (None) for a scan of one lane: the header is then the one-lane contract's exactly.
+    lane: Lane | None = None
+    lanes: Lanes | None = None
 
     def __post_init__(self) -> None:
         if self.frame_shape[0] % self.sectors:
             raise ValueError("frame_shape[0] must be a multiple of sectors")
+        _check_lanes(self.lane, self.lanes)
 
     @property
     def geometry(self) -> ScanGeometry:
@@ -183,7 +207,7 @@ class NcemHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
                     seq=self.frame_number)
 
 
-class RoutedScanBegin(_Header, tag="scan_begin", frozen=True):
+class RoutedScanBegin(_Header, tag="scan_begin", frozen=True, omit_defaults=True):
     session: SessionId
     scan: U32
     scan_shape: tuple[ScanDim, ScanDim]
@@ -192,19 +216,22 @@ class RoutedScanBegin(_Header, tag="scan_begin", frozen=True):
     dtype: Literal["uint16"]
     members: Members
     index: Annotated[int, msgspec.Meta(ge=0, lt=65_535)]
+    lane: Lane | None = None
+    lanes: Lanes | None = None
 
     def __post_init__(self) -> None:
         if self.index >= self.members:
             raise ValueError("index must be below members")
         if self.frame_shape[0] % self.sectors:
             raise ValueError("frame_shape[0] must be a multiple of sectors")
+        _check_lanes(self.lane, self.lanes)
 
     @property
     def geometry(self) -> ScanGeometry:
         return ScanGeometry(self.scan_shape, self.frame_shape, self.sectors, self.dtype)
 
 
-class RoutedScanEnd(_Header, tag="scan_end", frozen=True):
+class RoutedScanEnd(_Header, tag="scan_end", frozen=True, omit_defaults=True):
     scan: U32
     expected: U63
     sent: U63
@@ -214,6 +241,11 @@ class RoutedScanEnd(_Header, tag="scan_end", frozen=True):
     drops_truncated: bool
     # The gateway restarted mid-scan: ``expected`` counts only what it forwarded since.
     resumed: bool = False
+    lane: Lane | None = None
+    lanes: Lanes | None = None
+
+    def __post_init__(self) -> None:
+        _check_lanes(self.lane, self.lanes)
 
 
 class RoutedScanAbort(_Header, tag="scan_abort", frozen=True):
@@ -261,8 +293,11 @@ _producer_decoder = msgspec.msgpack.Decoder(ProducerMessage)
 _ncem_decoder = msgspec.msgpack.Decoder(NcemHeader)
 _consumer_decoder = msgspec.msgpack.Decoder(ConsumerMessage)
 _encoder = msgspec.msgpack.Encoder()
-_FIELD_COUNT = {cls: len(cls.__struct_fields__) + 1 for cls in
+_FIELD_COUNT: dict[type[msgspec.Struct], int] = {cls: len(cls.__struct_fields__) + 1 for cls in
                 (ScanBegin, Data, ScanEnd, RoutedScanBegin, RoutedScanEnd, RoutedScanAbort)}
+# Optional keys that are absent when None (never sent as nil): each None one is a key fewer.
+_NONE_WHEN_ABSENT: dict[type[msgspec.Struct], tuple[str, ...]] = {
+    cls: ("lane", "lanes") for cls in (ScanBegin, RoutedScanBegin, RoutedScanEnd)}
 
 
 def _map_length(buf: bytes | memoryview) -> int:
@@ -289,11 +324,20 @@ def _decode(decoder: msgspec.msgpack.Decoder[_M], buf: bytes | memoryview) -> _M
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec reports a string that is not UTF-8 as UnicodeDecodeError, not as a DecodeError.
         raise ProtocolError(DropReason.MALFORMED_HEADER, str(exc)) from None
-    # Every field is required and unknown keys are refused, so a map with more entries than the
-    # message has fields can only hold a key twice (msgspec keeps the last one silently).
-    if _map_length(buf) > _FIELD_COUNT[type(msg)]:
-        raise ProtocolError(DropReason.DUPLICATE_KEY, "a header key appears twice")
+    # Unknown keys are refused, so a map with more entries than the message has fields present
+    # can only hold a key twice (msgspec keeps the last one silently).
+    if _map_length(buf) > _entries(msg):
+        raise ProtocolError(DropReason.DUPLICATE_KEY,
+                            "a header key appears twice (or an optional key is nil)")
     return msg
+
+
+def _entries(msg: msgspec.Struct) -> int:
+    cls = type(msg)
+    optional = _NONE_WHEN_ABSENT.get(cls)
+    if optional is None:
+        return _FIELD_COUNT[cls]
+    return _FIELD_COUNT[cls] - sum(getattr(msg, name) is None for name in optional)
 
 
 def decode_producer_header(buf: bytes | memoryview) -> ScanBegin | Data | ScanEnd:

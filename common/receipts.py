@@ -26,7 +26,16 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 
 from common.errors import DsnError
-from common.protocol import MAX_MANIFEST, U32, U63, ReasonLabel, SectorIndex, SessionId
+from common.protocol import (
+    MAX_MANIFEST,
+    U32,
+    U63,
+    Lane,
+    Lanes,
+    ReasonLabel,
+    SectorIndex,
+    SessionId,
+)
 
 MAX_SPOOL_PATH: Final = 4096
 MAX_REQUEST_BYTES: Final = 256
@@ -75,6 +84,10 @@ class GatewayReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     spool: Annotated[str, msgspec.Meta(max_length=MAX_SPOOL_PATH)]
     # The gateway restarted mid-scan: its counts start at the restart, ``sent`` does not.
     resumed: bool = False
+    # A scan split over several gateways: this report is lane ``lane`` of ``lanes``, its counts
+    # are that lane's (None: the scan has one lane, and this is all of it).
+    lane: Lane | None = None
+    lanes: Lanes | None = None
 
 
 class ReceiptRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True,

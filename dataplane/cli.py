@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import click
 
@@ -86,14 +88,17 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="With --controlplane: 'plain' streams unencrypted to the gateway's plaintext "
                    "ingress (PLAIN: session id and session token signature); refused unless the "
                    "policy allows unencrypted transport.")
-@click.option("--endpoint", default=None, metavar="tcp://HOST:PORT",
+@click.option("--endpoint", "endpoints", multiple=True, metavar="tcp://HOST:PORT",
               help="Without --controlplane: the gateway's producer ingress, as given when the "
-                   "session was opened.")
+                   "session was opened. Repeat it to split the scan over several gateways of the "
+                   "session (lanes, at most one per producer): producer k streams through the "
+                   "(k mod N)-th; they share --server-key.")
 @click.option("--server-key", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Without --controlplane: the gateway's public CURVE key file (NAME.key).")
-@click.option("--receipts", "receipts_endpoint", default=None, metavar="tcp://HOST:PORT",
+@click.option("--receipts", "receipts_endpoints", multiple=True, metavar="tcp://HOST:PORT",
               help="Without --controlplane: the gateway's receipts endpoint (its "
-                   "gateway.receipts) [default: the port after --endpoint's].")
+                   "gateway.receipts; with several --endpoint, one each, in the same order) "
+                   "[default: the port after --endpoint's].")
 @click.option("--receipt-timeout", type=click.FloatRange(0, min_open=True),
               default=DEFAULT_WAIT_S, show_default=True,
               help="Seconds to wait, after the stream, for the gateway's report of the scan.")
@@ -130,8 +135,8 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path | None,
            project: str | None, template: str, param_pairs: tuple[str, ...], ttl: int | None,
            end_session: bool, session_id: str | None, follow_wait: float,
-           transport: Transport, endpoint: str | None, server_key: Path | None,
-           receipts_endpoint: str | None, receipt_timeout: float, no_receipt: bool,
+           transport: Transport, endpoints: tuple[str, ...], server_key: Path | None,
+           receipts_endpoints: tuple[str, ...], receipt_timeout: float, no_receipt: bool,
            client_key: Path | None, scan: int | None, spool_file: Path | None,
            scan_shape: tuple[int, int], seed: int,
            loss: float, duplicates: float, reorder: int, header: HeaderMode, electrons: int,
@@ -151,6 +156,8 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
     ctx = click.get_current_context()
     if spool_file is not None:
         _refuse_options(ctx, _SYNTHETIC_OPTIONS, "applies to synthetic scans, not to --spool")
+        if len(endpoints) > 1:
+            raise click.UsageError("--spool replays through one gateway: give one --endpoint")
         work = _spool_work(spool_file, scan, progress, timeout)
     else:
         work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
@@ -158,8 +165,8 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
     wait_s = None if no_receipt else receipt_timeout
     if controlplane_urls is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
-        target = _direct_target(endpoint, server_key, client_key, receipts_endpoint)
-        _guarded(lambda: _deliver(work, target, wait_s))
+        targets = _direct_targets(endpoints, server_key, client_key, receipts_endpoints)
+        _guarded(lambda: _deliver(work, targets, wait_s))
         return
     _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
                                           "control plane names it")
@@ -178,17 +185,18 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
 
 @dataclass(frozen=True)
 class Work:
-    """What a stream does once it knows where to go: ``run`` streams scan ``scan``."""
+    """What a stream does once it knows where to go: ``run`` streams scan ``scan`` through the
+    gateways given, one per lane."""
 
     label: str
     scan: int
-    run: Callable[[GatewayTarget, Abandon | None], StreamStats]
+    run: Callable[[list[GatewayTarget], Abandon | None], StreamStats]
 
 
 _OPENING_OPTIONS = ("template", "param_pairs", "ttl", "transport")
 _CONTROLPLANE_OPTIONS = ("project_token_file", "project", *_OPENING_OPTIONS, "end_session",
                          "session_id", "follow_wait")
-_DIRECT_OPTIONS = ("endpoint", "server_key", "receipts_endpoint")
+_DIRECT_OPTIONS = ("endpoints", "server_key", "receipts_endpoints")
 
 
 def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
@@ -199,7 +207,8 @@ def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
     except SpoolError as exc:
         raise click.BadParameter(str(exc), param_hint="--spool") from None
 
-    def run(target: GatewayTarget, abandon: Abandon | None) -> StreamStats:
+    def run(targets: list[GatewayTarget], abandon: Abandon | None) -> StreamStats:
+        [target] = targets
         return replay_spool(spool_file, target.endpoint, target.server_public, target.client,
                             scan=scan, progress=progress, send_timeout_s=timeout,
                             plain=target.plain, abandon=abandon)
@@ -218,11 +227,13 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
 
-    def run(target: GatewayTarget, abandon: Abandon | None) -> StreamStats:
+    def run(targets: list[GatewayTarget], abandon: Abandon | None) -> StreamStats:
+        # Lanes share the first gateway's credentials (_direct_targets makes them so).
+        target = targets[0]
         return stream_synthetic(
-            target.endpoint, target.server_public, target.client, SyntheticCamera(spec), plan,
-            scan, header=header, progress=progress, send_timeout_s=timeout, plain=target.plain,
-            abandon=abandon)
+            [t.endpoint for t in targets], target.server_public, target.client,
+            SyntheticCamera(spec), plan, scan, header=header, progress=progress,
+            send_timeout_s=timeout, plain=target.plain, abandon=abandon)
     return Work(f"scan {scan}", scan, run)
 
 
@@ -234,24 +245,30 @@ def _guarded(action: Callable[[], None]) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _deliver(work: Work, target: GatewayTarget, wait_s: float | None,
+def _deliver(work: Work, targets: list[GatewayTarget], wait_s: float | None,
              abandon: Abandon | None = None) -> None:
-    """Stream ``work`` to ``target`` and, unless ``wait_s`` is None, confirm its delivery;
-    ``abandon`` may end a blocked send or the wait for the report early."""
-    if wait_s is None or target.receipts is None:
-        _report(work.label, work.run(target, abandon))
+    """Stream ``work`` through ``targets`` (one per lane) and, unless ``wait_s`` is None, confirm
+    its delivery by each; ``abandon`` may end a blocked send or the wait for a report early."""
+    if wait_s is None or any(t.receipts is None for t in targets):
+        _report(work.label, work.run(targets, abandon))
         click.echo(f"scan {work.scan}: delivery not confirmed (no receipt asked for)")
         return
-    with ReceiptClient(target.receipts, target.server_public, target.client) as receipts:
-        check_not_closed(receipts, work.scan)
-        _report(work.label, work.run(target, abandon))
-        report = await_report(receipts, work.scan, timeout_s=wait_s, abandon=abandon)
-    _confirm(report)
+    with ExitStack() as stack:
+        clients = [stack.enter_context(ReceiptClient(cast(str, t.receipts), t.server_public,
+                                                     t.client)) for t in targets]
+        for receipts in clients:
+            check_not_closed(receipts, work.scan)
+        _report(work.label, work.run(targets, abandon))
+        reports = [await_report(receipts, work.scan, timeout_s=wait_s, abandon=abandon)
+                   for receipts in clients]
+    for report in reports:
+        _confirm(report)
 
 
 def _confirm(report: GatewayReport) -> None:
     """Print the gateway's report; ProducerError if anything sent was not delivered."""
-    click.echo(f"gateway: scan {report.scan} {report.outcome}"
+    lane = "" if report.lanes is None else f" lane {report.lane} of {report.lanes}"
+    click.echo(f"gateway: scan {report.scan}{lane} {report.outcome}"
                f"{f' ({report.reason})' if report.reason else ''}: {report.sent} sent, "
                f"{report.forwarded} forwarded, {report.spooled} spooled, {report.lost} lost")
     if report.spool:
@@ -268,21 +285,29 @@ def _confirm(report: GatewayReport) -> None:
                             f"messages of scan {report.scan}")
 
 
-def _direct_target(endpoint: str | None, server_key: Path | None, client_key: Path | None,
-                   receipts: str | None) -> GatewayTarget:
-    missing = [option for option, value in (("--endpoint", endpoint), ("--server-key", server_key),
+def _direct_targets(endpoints: tuple[str, ...], server_key: Path | None,
+                    client_key: Path | None, receipts: tuple[str, ...]) -> list[GatewayTarget]:
+    """The gateways to stream through, one per --endpoint (a lane each)."""
+    missing = [option for option, value in (("--endpoint", endpoints or None),
+                                            ("--server-key", server_key),
                                             ("--client-key", client_key)) if value is None]
     if missing:
         raise click.UsageError(f"without --controlplane, {', '.join(missing)} "
                                f"{'is' if len(missing) == 1 else 'are'} required")
-    assert endpoint is not None and server_key is not None and client_key is not None
+    assert server_key is not None and client_key is not None
+    if receipts and len(receipts) != len(endpoints):
+        raise click.UsageError(f"{len(endpoints)} --endpoint but {len(receipts)} --receipts: "
+                               "give one --receipts per --endpoint, or none")
+    if len(set(endpoints)) != len(endpoints):
+        raise click.UsageError("an --endpoint is given twice: each lane is another gateway")
     server = _load_key(server_key, "--server-key", secret=False)
+    client = _load_key(client_key, "--client-key", secret=True)
     try:
-        receipts = receipts or next_port(endpoint)
+        answers = receipts or tuple(next_port(endpoint) for endpoint in endpoints)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--endpoint") from None
-    return GatewayTarget(endpoint, server.public,
-                         _load_key(client_key, "--client-key", secret=True), receipts=receipts)
+    return [GatewayTarget(endpoint, server.public, client, receipts=answer)
+            for endpoint, answer in zip(endpoints, answers, strict=True)]
 
 
 def _client(urls: tuple[str, ...], token_file: Path | None) -> Client:
@@ -333,7 +358,7 @@ def _deliver_following(session: ProducerSession, work: Work, wait_s: float | Non
     for moves in range(MAX_MOVES + 1):
         target = session.gateway()
         try:
-            _deliver(work, target, wait_s, MoveWatch(session))
+            _deliver(work, [target], wait_s, MoveWatch(session))
             return
         except ProducerError as exc:
             if moves == MAX_MOVES or not _moved(session, target, exc, follow_wait_s):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +48,7 @@ from common.client import DEFAULT_TEMPLATE, Client, OpenedSession, Session, Tran
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_secret_keypair
 from common.protocol import (
+    MAX_LANES,
     VERSION,
     Data,
     NcemHeader,
@@ -66,6 +67,7 @@ from dataplane.synthetic import StreamPlan, SyntheticCamera
 
 HeaderMode = Literal["native", "ncem"]
 Shape = tuple[int, int]
+LaneOf = tuple[int, int]  # (lane, lanes)
 _SECTOR_DTYPE = np.dtype("<u2")
 
 
@@ -156,22 +158,27 @@ class Producer:
         sock.linger = timeout_ms
 
     def begin_scan(self, scan: int, scan_shape: tuple[int, int], producers: int,
-                   frame_shape: tuple[int, int] = (576, 576), sectors: int = 4) -> None:
-        """Announce a scan; every data message until ``end_scan`` belongs to it."""
+                   frame_shape: tuple[int, int] = (576, 576), sectors: int = 4,
+                   lane: LaneOf | None = None) -> None:
+        """Announce a scan; every data message until ``end_scan`` belongs to it.
+
+        ``lane`` (index, count): the scan is split over that many gateways and this producer
+        streams lane ``index`` of it; ``producers`` then counts this lane's producers."""
         if self._scan is not None:
             raise ProducerError(f"scan {self._scan.scan} is still open; call end_scan first")
+        index, count = (None, None) if lane is None else lane
         try:
             # Decoding below checks that both shapes hold exactly two sizes.
             begin = ScanBegin(v=VERSION, scan=scan, scan_shape=cast(Shape, tuple(scan_shape)),
                               frame_shape=cast(Shape, tuple(frame_shape)), sectors=sectors,
-                              producers=producers, dtype="uint16")
+                              producers=producers, dtype="uint16", lane=index, lanes=count)
             header = encode(begin)
             # The protocol's bounds apply on decoding, so a bad scan fails here, not at the gateway.
             decode_producer_header(header)
         except (ProtocolError, ValueError, TypeError, msgspec.EncodeError) as exc:
             raise ProducerError(f"invalid scan {scan} (scan_shape={scan_shape}, frame_shape="
-                                f"{frame_shape}, sectors={sectors}, producers={producers}): "
-                                f"{exc}") from None
+                                f"{frame_shape}, sectors={sectors}, producers={producers}"
+                                f"{'' if lane is None else f', lane={lane}'}): {exc}") from None
         self._connection_broke()  # a break before this scan needs no second announcement
         self._send([header], f"scan_begin of scan {scan}")
         self._scan = _OpenScan(scan, begin.geometry, header)
@@ -322,21 +329,28 @@ class StreamStats:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-def stream_synthetic(endpoint: str, server_public: bytes | None, client: KeyPair | None,
-                     camera: SyntheticCamera, plan: StreamPlan, scan: int = 0, *,
-                     header: HeaderMode = "native", progress: bool | None = None,
-                     hwm: int = 256, send_timeout_s: float = 30.0,
+def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | None,
+                     client: KeyPair | None, camera: SyntheticCamera, plan: StreamPlan,
+                     scan: int = 0, *, header: HeaderMode = "native",
+                     progress: bool | None = None, hwm: int = 256, send_timeout_s: float = 30.0,
                      plain: PlainCredentials | None = None,
                      abandon: Abandon | None = None) -> StreamStats:
     """Stream one synthetic scan with ``plan.producers`` producers, one thread and socket each.
 
-    ``progress`` None shows a progress bar only when the output is a terminal. The first producer
-    error stops the others and is raised once every thread has finished. ``abandon`` is asked,
-    from any of the threads, while a send is blocked (``Producer``).
+    ``endpoint``: the gateway's ingress, or several (one per lane, each a gateway with the same
+    server key and session): producer p streams lane p mod lanes, so each lane carries whole
+    sector streams and needs one producer at least. ``progress`` None shows a progress bar only
+    when the output is a terminal. The first producer error stops the others and is raised once
+    every thread has finished. ``abandon`` is asked, from any of the threads, while a send is
+    blocked (``Producer``).
     """
     if plan.spec != camera.spec:
         raise ProducerError("the stream plan and the camera describe different scans")
-    run = _StreamRun(endpoint, server_public, client, camera, plan, scan, header, hwm,
+    lanes = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+    if not 1 <= len(lanes) <= min(plan.producers, MAX_LANES):
+        raise ProducerError(f"{len(lanes)} lanes for {plan.producers} producers: each lane needs "
+                            f"a producer, and there are at most {MAX_LANES}")
+    run = _StreamRun(lanes, server_public, client, camera, plan, scan, header, hwm,
                      send_timeout_s, plain, abandon)
     # Each connection is encrypted on one libzmq I/O thread: one per producer, up to the cores.
     context = zmq.Context(io_threads=max(1, min(plan.producers, os.cpu_count() or 1)))
@@ -364,7 +378,7 @@ def stream_synthetic(endpoint: str, server_public: bytes | None, client: KeyPair
 
 @dataclass
 class _StreamRun:
-    endpoint: str
+    lanes: list[str]  # an endpoint per lane
     server_public: bytes | None
     client: KeyPair | None
     camera: SyntheticCamera
@@ -383,12 +397,16 @@ class _StreamRun:
     def produce(self, producer: int, context: zmq.Context[zmq.Socket[bytes]],
                 bar: tqdm[Never]) -> None:
         spec = self.camera.spec
+        count = len(self.lanes)
+        lane = producer % count
+        # This lane's producers: those whose number is the lane's modulo the lane count.
+        producers = len(range(lane, self.plan.producers, count))
         try:
-            with Producer(self.endpoint, self.server_public, self.client, hwm=self.hwm,
+            with Producer(self.lanes[lane], self.server_public, self.client, hwm=self.hwm,
                           send_timeout_s=self.send_timeout_s, header=self.header,
                           context=context, plain=self.plain, abandon=self.abandon) as sock:
-                sock.begin_scan(self.scan, spec.scan_shape, self.plan.producers, spec.frame_shape,
-                                spec.sectors)
+                sock.begin_scan(self.scan, spec.scan_shape, producers, spec.frame_shape,
+                                spec.sectors, None if count == 1 else (lane, count))
                 for frame, sector in self.plan.messages(producer):
                     if self.stop.is_set():
                         sock.close(linger_s=0)

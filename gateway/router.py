@@ -306,7 +306,8 @@ class _Scan:
         return tuple(
             Outgoing(slot, encode(RoutedScanBegin(
                 v=VERSION, session=session, scan=b.scan, scan_shape=b.scan_shape,
-                frame_shape=b.frame_shape, sectors=b.sectors, dtype=b.dtype, members=n, index=i)))
+                frame_shape=b.frame_shape, sectors=b.sectors, dtype=b.dtype, members=n, index=i,
+                lane=b.lane, lanes=b.lanes)))
             for i, slot in enumerate(self.members))
 
     def routed_ends(self) -> tuple[Outgoing, ...]:
@@ -315,7 +316,8 @@ class _Scan:
             Outgoing(slot, encode(RoutedScanEnd(
                 v=VERSION, scan=self.begin.scan, expected=self.expected[i], sent=self.sent,
                 accepted=accepted, dropped=dict(self.dropped), drops=self.drops[i],
-                drops_truncated=self.truncated[i], resumed=self.resumed)))
+                drops_truncated=self.truncated[i], resumed=self.resumed, lane=self.begin.lane,
+                lanes=self.begin.lanes)))
             for i, slot in enumerate(self.members))
 
     def all_drops(self) -> tuple[list[tuple[int, int, str]], bool]:
@@ -346,7 +348,7 @@ class _Scan:
             closed_by=closed_by, sent=self.sent, accepted=forwarded + self.spooled,
             forwarded=forwarded, spooled=self.spooled, lost=sum(self.dropped.values()),
             dropped=dict(self.dropped), drops=drops, drops_truncated=truncated, spool="",
-            resumed=self.resumed)
+            resumed=self.resumed, lane=self.begin.lane, lanes=self.begin.lanes)
 
 
 def with_spool(report: GatewayReport, spool: str | None) -> GatewayReport:

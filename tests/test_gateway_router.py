@@ -132,6 +132,24 @@ def test_scan_end_waits_for_every_producer_and_reports_exact_counts() -> None:
         assert msg.drops == expected_drops[slot] and not msg.drops_truncated
 
 
+def test_a_lane_of_a_scan_is_routed_with_its_lane_and_counts_only_its_producers() -> None:
+    router = _router()
+    # Lane 1 of 2, with two producers on this lane: the scan ends here at their second scan_end.
+    routed = control(router.route("s1", begin(producers=2, lane=1, lanes=2), 1, 0))
+    assert {(msg.lane, msg.lanes) for _, msg in routed} == {(1, 2)}
+    # A producer of lane 0 belongs to another gateway: its scan_begin is not this scan's.
+    assert router.route("s1", begin(producers=2, lane=0, lanes=2), 1, 0).drop == "scan_mismatch"
+    assert router.route("s1", begin(producers=2), 1, 0).drop == "scan_mismatch"
+    send_data(router, data(frame=0))
+    assert router.route("s1", end(sent=1), 1, 0) == Decision()
+    decision = router.route("s1", end(sent=0), 1, 0)
+    ends = control(decision)
+    assert [(slot, msg.expected, msg.lane, msg.lanes) for slot, msg in ends] == [
+        (0, 1, 1, 2), (1, 0, 1, 2)]
+    assert decision.report is not None
+    assert (decision.report.lane, decision.report.lanes, decision.report.sent) == (1, 2, 1)
+
+
 def test_a_scan_end_that_would_take_the_scans_sent_past_the_wire_type_is_dropped() -> None:
     router = _router()
     router.route("s1", begin(producers=3), 1, 0)

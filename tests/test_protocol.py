@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,9 +16,13 @@ dims = st.tuples(st.integers(1, 65_535), st.integers(1, 65_535))
 data_headers = st.builds(p.Data, v=st.just(1), scan=u32, frame=u32, sector=st.integers(0, 63),
                          seq=st.integers(0, 2**63 - 1))
 scan_ends = st.builds(p.ScanEnd, v=st.just(1), scan=u32, sent=st.integers(0, 2**63 - 1))
-scan_begins = st.builds(p.ScanBegin, v=st.just(1), scan=u32, scan_shape=dims,
-                        frame_shape=st.just((576, 576)), sectors=st.sampled_from([1, 2, 4, 8]),
-                        producers=st.integers(1, 1024), dtype=st.just("uint16"))
+lane_pairs = st.one_of(st.just((None, None)),
+                       st.integers(1, 64).flatmap(lambda n: st.tuples(st.integers(0, n - 1),
+                                                                      st.just(n))))
+scan_begins = lane_pairs.flatmap(lambda lane: st.builds(
+    p.ScanBegin, v=st.just(1), scan=u32, scan_shape=dims, frame_shape=st.just((576, 576)),
+    sectors=st.sampled_from([1, 2, 4, 8]), producers=st.integers(1, 1024),
+    dtype=st.just("uint16"), lane=st.just(lane[0]), lanes=st.just(lane[1])))
 
 
 def _reason(buf: bytes) -> str:
@@ -33,9 +38,21 @@ def test_native_headers_round_trip(msg: p.ProducerMessage) -> None:
 
 @given(st.one_of(data_headers, scan_ends, scan_begins))
 def test_headers_from_plain_msgpack_producers_decode(msg: p.ProducerMessage) -> None:
+    # Such a producer leaves out the keys it does not use (a scan of one lane has no lane keys).
     as_dict = {"type": msg.__struct_config__.tag,
-               **{f: getattr(msg, f) for f in msg.__struct_fields__}}
+               **{f: getattr(msg, f) for f in msg.__struct_fields__
+                  if getattr(msg, f) is not None}}
     assert p.decode_producer_header(msgpack.packb(as_dict)) == msg
+
+
+def test_a_scan_of_one_lane_is_encoded_without_lane_keys() -> None:
+    begin = p.ScanBegin(v=1, scan=1, scan_shape=(2, 2), frame_shape=(576, 576), sectors=4,
+                        producers=1, dtype="uint16")
+    assert set(msgpack.unpackb(p.encode(begin))) == {
+        "type", "v", "scan", "scan_shape", "frame_shape", "sectors", "producers", "dtype"}
+    laned = p.ScanBegin(v=1, scan=1, scan_shape=(2, 2), frame_shape=(576, 576), sectors=4,
+                        producers=1, dtype="uint16", lane=1, lanes=2)
+    assert msgpack.unpackb(p.encode(laned))["lanes"] == 2
 
 
 @given(st.binary(max_size=600))
@@ -87,6 +104,15 @@ def test_duplicate_key_is_rejected_even_when_the_struct_would_decode() -> None:
             == p.Data(v=1, scan=1, frame=2, sector=3, seq=4))
 
 
+def test_duplicate_key_is_rejected_in_a_header_without_its_optional_keys() -> None:
+    # A scan_begin of one lane leaves room for two more keys: a repeated key must not fill it.
+    begin = {"type": "scan_begin", "v": 1, "scan": 1, "scan_shape": [4, 4],
+             "frame_shape": [576, 576], "sectors": 4, "producers": 4, "dtype": "uint16"}
+    body = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in begin.items())
+    twice = bytes([0x80 | 9]) + body + msgpack.packb("producers") + msgpack.packb(1)
+    assert _reason(twice) == "duplicate_key"
+
+
 @pytest.mark.parametrize("header, reason", [
     ({"type": "data", "v": 2, "scan": 1, "frame": 2, "sector": 3, "seq": 4}, "invalid_header"),
     ({"type": "data", "v": 1, "scan": 1, "frame": 2, "sector": 3}, "invalid_header"),
@@ -109,6 +135,14 @@ def test_duplicate_key_is_rejected_even_when_the_struct_would_decode() -> None:
     ({"type": "scan_begin", "v": 1, "scan": 1, "scan_shape": [4, 4, 4], "frame_shape": [576, 576],
       "sectors": 4, "producers": 4, "dtype": "uint16"}, "invalid_header"),
     ({"type": "scan_end", "v": 1, "scan": 1, "sent": -5}, "invalid_header"),
+    *[({"type": "scan_begin", "v": 1, "scan": 1, "scan_shape": [4, 4], "frame_shape": [576, 576],
+        "sectors": 4, "producers": 4, "dtype": "uint16", **lanes}, reason)
+      for lanes, reason in [({"lane": 0}, "invalid_header"),         # lane without lanes
+                            ({"lanes": 2}, "invalid_header"),        # lanes without lane
+                            ({"lane": 2, "lanes": 2}, "invalid_header"),
+                            ({"lane": 0, "lanes": 65}, "invalid_header"),
+                            ({"lane": -1, "lanes": 2}, "invalid_header"),
+                            ({"lane": None, "lanes": None}, "duplicate_key")]],
 ])
 def test_invalid_headers_name_their_reason(header: dict[str, object], reason: str) -> None:
     assert _reason(msgpack.packb(header)) == reason
@@ -160,6 +194,11 @@ def test_routed_messages_round_trip_and_validate_index() -> None:
                           drops_truncated=False)
     assert p.decode_consumer_message(p.encode(begin)) == begin
     assert p.decode_consumer_message(p.encode(end)) == end
+    for laned in (msgspec.structs.replace(begin, lane=1, lanes=3),
+                  msgspec.structs.replace(end, lane=2, lanes=3, resumed=True)):
+        assert p.decode_consumer_message(p.encode(laned)) == laned
+    with pytest.raises(ValueError, match="lane must be below lanes"):
+        msgspec.structs.replace(end, lane=3, lanes=3)
     bad = msgpack.packb({"type": "scan_begin", "v": 1, "session": "s1", "scan": 3,
                          "scan_shape": [4, 4], "frame_shape": [576, 576], "sectors": 4,
                          "dtype": "uint16", "members": 2, "index": 2})

@@ -57,6 +57,7 @@ from dataplane.consumer.errors import (
     WriteError,
 )
 from dataplane.consumer.gather import gather_scan
+from dataplane.consumer.lanes import Joined
 from dataplane.consumer.order import GatewayWatch, Kind, RootOrders, Word
 from dataplane.consumer.outcome import ScanOutcome, merge
 from dataplane.consumer.registration import RegistrationArguments, job_id_for, join_session
@@ -256,8 +257,9 @@ class RankLoop:
             raise MembershipError(
                 f"scan {begin.scan}: the gateway routes to member {begin.index} of "
                 f"{begin.members}, but this is rank {self.rank} of {self.ranks}")
-        if begin.scan in self._scans:
-            self._stray_message("scan_begin_repeated", begin.scan)
+        known = self._scans.get(begin.scan)
+        if known is not None:
+            self._join_lane(known, begin)
             return
         if self._draining:
             # The gateway accounts for the scan when this rank leaves.
@@ -278,6 +280,14 @@ class RankLoop:
                                           desc=f"scan {begin.scan}", unit="frame",
                                           file=sys.stderr, leave=False)
 
+    def _join_lane(self, work: ScanWork, begin: RoutedScanBegin) -> None:
+        joined = work.lanes.join(begin)
+        if joined is not Joined.JOINED:
+            self._stray_message(joined.value, begin.scan)
+            return
+        self._log.info("lane joins the scan", extra=fields(scan=begin.scan, lane=begin.lane,
+                                                          lanes=begin.lanes))
+
     def _on_data(self, msg: Data, parts: list[zmq.Frame]) -> None:
         work = self._scans.get(msg.scan)
         if work is None or work.closure is not None:
@@ -297,7 +307,15 @@ class RankLoop:
         if work is None or work.closure is not None:
             self._stray_message("unknown_scan_end", end.scan)
             return
-        closure = work.close(end)
+        merged = work.lanes.end(end)
+        if isinstance(merged, Joined):
+            self._stray_message(merged.value, end.scan)
+            return
+        if merged is None:
+            self._log.info("lane ends", extra=fields(scan=end.scan, lane=end.lane,
+                                                     waiting_for=work.lanes.waiting_for))
+            return
+        closure = work.close(merged)
         self._ended.append(end.scan)
         self._log.info("scan ends", extra=fields(
             scan=end.scan, expected=closure.expected, received=closure.received,

@@ -18,6 +18,7 @@ import numpy as np
 from common.protocol import VERSION, Data, RoutedScanBegin, RoutedScanEnd
 from dataplane import counting
 from dataplane.consumer.assembly import GATEWAY_LOST, NOT_RECEIVED, ScanAssembly, ScanClosure
+from dataplane.consumer.lanes import LaneMerge
 
 HISTOGRAM_BINS = counting.PIXEL_VALUES
 
@@ -108,6 +109,7 @@ class ScanWork:
         self.scan = begin.scan
         self.begin = begin
         self.assembly = ScanAssembly(begin)
+        self.lanes = LaneMerge(begin)
         self.options = options
         self.decision: ThresholdDecision | None = None
         self.closure: ScanClosure | None = None

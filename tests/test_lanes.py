@@ -1,0 +1,159 @@
+"""One scan split over two gateways (lanes), with real processes: two ``dsn gateway run --config``
+processes serving the same session, a real ``mpiexec`` consumer job, CURVE producers.
+
+Each gateway accounts for its lane alone; the consumer ranks merge the lanes and the output file
+counts every sector, as if one gateway had carried the scan.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+import zmq
+from cp_helpers import DSN
+from test_faults_gateway import GatewayProcess
+from test_no_silent_loss import CAMERA, EVERY_SECTOR, RANKS, SESSION, StaticSite, _counted
+from waiting import eventually
+
+from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
+from common.ports import free_port
+from common.protocol import Data, ScanBegin, ScanEnd, encode
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(240)]
+
+LANES = 2
+
+
+@dataclass
+class Lane:
+    config: Path
+    endpoint: str
+    receipts: str
+    metrics: str
+
+
+@dataclass
+class LanedSite:
+    """Two gateways of one session, and the static site of the first (for the consumer job)."""
+
+    site: StaticSite
+    lanes: list[Lane]
+    keys: Path
+
+
+def _lane_config(directory: Path, index: int, session: dict[str, object]) -> Lane:
+    lane = Lane(directory / f"lane{index}.yaml", f"tcp://127.0.0.1:{free_port()}",
+                f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    config = {"version": 1,
+              "gateway": {"ingress": lane.endpoint, "receipts": lane.receipts,
+                          "metrics": lane.metrics,
+                          "server_secret_key_file": str(directory / "keys" / "gateway.key_secret"),
+                          "spool_dir": str(directory / f"spool{index}")},
+              "sessions": [session]}
+    lane.config.write_text(yaml.safe_dump(config))
+    return lane
+
+
+@pytest.fixture
+def laned(tmp_path: Path) -> Iterator[LanedSite]:
+    keys = tmp_path / "keys"
+    create_keypair(keys, "producer")
+    public, secret = load_secret_keypair(keys / "producer.key_secret")
+    create_keypair(keys, "gateway")
+    session = {"id": SESSION, "client_keys": [public.decode()],
+               "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
+               "consumers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(RANKS)]}
+    lanes = [_lane_config(tmp_path, index, session) for index in range(LANES)]
+    site = StaticSite(tmp_path, lanes[0].config, lanes[0].endpoint,
+                      load_keypair(keys / "gateway.key").public, KeyPair(public, secret),
+                      tmp_path / "spool0")
+    yield LanedSite(site, lanes, keys)
+
+
+@pytest.fixture
+def gateways(laned: LanedSite) -> Iterator[list[GatewayProcess]]:
+    running = [GatewayProcess(lane.config, lane.metrics) for lane in laned.lanes]
+    try:
+        yield running
+    finally:
+        for gateway in running:
+            gateway.kill()
+
+
+def test_a_scan_streamed_through_two_gateways_is_counted_whole_and_each_reports_its_lane(
+        laned: LanedSite, gateways: list[GatewayProcess]) -> None:
+    job = laned.site.job("job", "--scans", "1")
+    lanes = [arg for lane in laned.lanes for arg in ("--endpoint", lane.endpoint)]
+    receipts = [arg for lane in laned.lanes for arg in ("--receipts", lane.receipts)]
+    streamed = subprocess.run(
+        [DSN, "producer", "stream", *lanes, *receipts, "--server-key",
+         str(laned.keys / "gateway.key"), "--client-key", str(laned.keys / "producer.key_secret"),
+         "--scan", "1", "--scan-shape", "24x24", "--no-progress"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    # Producers 0 and 2 (sectors 0 and 2) stream lane 0, producers 1 and 3 lane 1.
+    half = len(EVERY_SECTOR) // 2
+    for lane in range(LANES):
+        assert (f"gateway: scan 1 lane {lane} of 2 forwarded: {half} sent, {half} forwarded, "
+                "0 spooled, 0 lost") in streamed.stdout
+    assert job.wait() == 0, job.log.read_text()[-3000:]
+    [result] = job.result_lines()
+    assert (result["scan"], result["status"], result["frames"]) == (1, "complete", 24 * 24)
+    assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
+    assert [gateway.forwarded() for gateway in gateways] == [half, half]
+
+
+def _lane_producer(context: zmq.Context[zmq.Socket[bytes]], laned: LanedSite,
+                   lane: int) -> zmq.Socket[bytes]:
+    """A producer that follows only the contract, connected to lane ``lane``'s gateway."""
+    push = context.socket(zmq.PUSH)
+    push.curve_secretkey = laned.site.client.secret
+    push.curve_publickey = laned.site.client.public
+    push.curve_serverkey = laned.site.server
+    push.linger = 5000
+    push.connect(laned.lanes[lane].endpoint)
+    return push
+
+
+def _stream_lane(push: zmq.Socket[bytes], lane: int, sectors: list[int]) -> None:
+    rows, cols = CAMERA.spec.scan_shape
+    push.send(encode(ScanBegin(v=1, scan=3, scan_shape=(rows, cols), frame_shape=(576, 576),
+                               sectors=4, producers=1, dtype="uint16", lane=lane, lanes=LANES)))
+    seq = 0
+    for frame in range(rows * cols):
+        for sector in sectors:
+            push.send_multipart([encode(Data(v=1, scan=3, frame=frame, sector=sector, seq=seq)),
+                                 CAMERA.sector(frame, sector).tobytes()])
+            seq += 1
+    push.send(encode(ScanEnd(v=1, scan=3, sent=seq)))
+
+
+def test_a_scan_ends_at_the_consumer_only_once_every_lane_has_ended_it(
+        laned: LanedSite, gateways: list[GatewayProcess]) -> None:
+    job = laned.site.job("job", "--scans", "1")
+    context = zmq.Context()
+    try:
+        first, second = (_lane_producer(context, laned, lane) for lane in range(LANES))
+        _stream_lane(first, 0, [0, 1])
+
+        def lane_ended() -> dict[str, object] | None:
+            events = [json.loads(line) for line in job.log.read_text().splitlines()
+                      if '"event": "lane ends"' in line]
+            return events[-1] if len(events) == RANKS else None
+        ended = eventually(lane_ended, timeout_s=60, what="both ranks to see lane 0 end")
+        assert ended["waiting_for"] == [1]
+        assert job.process.poll() is None, "the scan ended with a lane missing"
+
+        _stream_lane(second, 1, [2, 3])
+        assert job.wait() == 0, job.log.read_text()[-3000:]
+    finally:
+        context.destroy(linger=0)
+    [result] = job.result_lines()
+    assert (result["scan"], result["status"]) == (3, "complete")
+    assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
