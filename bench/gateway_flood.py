@@ -117,9 +117,9 @@ def run(messages: int, workdir: Path, flood_rate: float) -> Run:
     mpc = mp.get_context("spawn")
     rig = start_rig(mpc, workdir)
     results, consumers, client, server, ingress = (rig.results, rig.consumers, rig.client,
-                                                   rig.server, rig.ingress)
+                                                   rig.server, rig.ingresses[0])
     metrics = f"127.0.0.1:{free_port()}"
-    gateway = start_gateway(rig.config, "--mode", "l7", "--metrics", metrics)
+    gateway = start_gateway(rig.configs[0], "--mode", "l7", "--metrics", metrics)
     stop, opened = mpc.Event(), mpc.Queue()
     flooder = None
     if flood_rate:

@@ -63,11 +63,14 @@ def consumer(port: int, ready: Any, results: Any) -> None:
 
 
 def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, bytes] | None,
-             results: Any, index: int = 0, producers: int = 1, connections: int = 1) -> None:
+             results: Any, index: int = 0, producers: int = 1, connections: int = 1,
+             lane: tuple[int, int] | None = None, lane_producers: int = 1) -> None:
     """Producer process ``index`` of ``producers``: it sends every ``producers``-th message of the
     scan, over ``connections`` sockets in turn, each its own connection to every endpoint and a
     producer of the scan of its own (its scan_begin first, its scan_end last), as a camera's
-    sector streams; HAProxy's peer bench with two consumers connects its one producer twice."""
+    sector streams; HAProxy's peer bench with two consumers connects its one producer twice.
+    ``lane`` (index, count): it streams that lane of the scan, with ``lane_producers`` producer
+    processes in the lane."""
     context = zmq.Context(io_threads=connections)
     pushes = [context.socket(zmq.PUSH) for _ in range(connections)]
     for push in pushes:
@@ -82,8 +85,11 @@ def producer(endpoints: list[str], messages: int, keys: tuple[bytes, bytes, byte
     payload = zmq.Frame(os.urandom(SECTOR_BYTES))
     headers = [encode(Data(v=1, scan=1, frame=i // 4, sector=i % 4, seq=i))
                for i in range(index, messages, producers)]
+    in_scan = (producers if lane is None else lane_producers) * connections
     begin = encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols), frame_shape=(576, 576),
-                             sectors=4, producers=producers * connections, dtype="uint16"))
+                             sectors=4, producers=in_scan, dtype="uint16",
+                             lane=None if lane is None else lane[0],
+                             lanes=None if lane is None else lane[1]))
     for push in pushes:
         push.send(begin)
     time.sleep(0.3)  # let the connections settle so round-robin starts balanced
@@ -180,18 +186,19 @@ def write_config(workdir: Path, ports: list[int], client_public: str, tuning: Tu
 
 @dataclass
 class Rig:
-    """Two consumer processes (ready), the keys, and a configuration naming them."""
+    """Two consumer processes (ready), the keys, and a configuration naming them per lane (one
+    gateway each)."""
 
     results: Any  # multiprocessing queue: the producer's start time, each consumer's tally
     consumers: list[Any]
     ports: list[int]
     client: KeyPair
     server: KeyPair
-    config: Path
-    ingress: str
+    configs: list[Path]
+    ingresses: list[str]
 
 
-def start_rig(mpc: Any, workdir: Path, tuning: Tuning) -> Rig:
+def start_rig(mpc: Any, workdir: Path, tuning: Tuning = Tuning(), lanes: int = 1) -> Rig:
     results, ready = mpc.Queue(), [mpc.Event(), mpc.Event()]
     ports = [free_port(), free_port()]
     consumers = [mpc.Process(target=consumer, args=(p, r, results))
@@ -202,8 +209,9 @@ def start_rig(mpc: Any, workdir: Path, tuning: Tuning) -> Rig:
         event.wait(30)
     client = load_keypair(workdir / "client.key_secret")
     server = load_keypair(workdir / "server.key_secret")
-    config, ingress = write_config(workdir, ports, client.public.decode(), tuning)
-    return Rig(results, consumers, ports, client, server, config, ingress)
+    written = [write_config(workdir, ports, client.public.decode(), tuning) for _ in range(lanes)]
+    return Rig(results, consumers, ports, client, server, [c for c, _ in written],
+               [i for _, i in written])
 
 
 def start_gateway(config: Path, *options: str) -> subprocess.Popen[str]:
@@ -248,53 +256,73 @@ class Figures:
         return None if self.cpu is None else self.cpu.io + self.cpu.loop
 
 
+def start_gateways(mpc: Any, case: str, configs: list[Path]) -> list[Any]:
+    """One gateway per configuration (lane): ``dsn gateway run`` for CURVE, else the bench's
+    plaintext process; each once it has bound and connected."""
+    mode, curve = case.split("+")
+    if curve == "curve":
+        return [start_gateway(config, "--mode", mode) for config in configs]
+    gateways = []
+    for config in configs:
+        started = mpc.Event()
+        gateway = mpc.Process(target=plaintext_gateway, args=(str(config), mode, started))
+        gateway.start()
+        started.wait(30)
+        gateways.append(gateway)
+    return gateways
+
+
+def stop_gateway(gateway: Any) -> None:
+    if isinstance(gateway, subprocess.Popen):
+        gateway.terminate()
+        gateway.wait(20)
+        return
+    gateway.terminate()
+    gateway.join(20)
+    if gateway.is_alive():
+        gateway.kill()
+
+
+def gateways_cpu(gateways: list[Any]) -> GatewayCpu:
+    """CPU seconds so far of all the gateways' I/O threads and forwarding loops, summed."""
+    each = [GatewayCpu.now(gateway.pid) for gateway in gateways]
+    return GatewayCpu(sum(c.io for c in each), sum(c.loop for c in each))
+
+
 def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
-             tuning: Tuning = Tuning(), connections: int = 1) -> Figures:
+             tuning: Tuning = Tuning(), connections: int = 1, lanes: int = 1) -> Figures:
+    """One run; with ``lanes`` > 1, that many gateways each carry a lane of the scan, producer
+    process p streaming lane p mod lanes."""
     mpc = mp.get_context("spawn")
-    rig = start_rig(mpc, workdir, tuning)
-    results, consumers, ports = rig.results, rig.consumers, rig.ports
-    client, server, config, ingress = rig.client, rig.server, rig.config, rig.ingress
-    gateway: Any = None
-    keys = None
-    endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
-    if case != "direct":
-        mode, curve = case.split("+")
-        endpoints = [ingress]
-        if curve == "curve":
-            keys = (client.public, client.secret, server.public)
-            gateway = start_gateway(config, "--mode", mode)
-        else:
-            started = mpc.Event()
-            gateway = mpc.Process(target=plaintext_gateway, args=(str(config), mode, started))
-            gateway.start()
-            started.wait(30)
-    gateway_pid = None if gateway is None else gateway.pid
-    cpu_before = None if gateway_pid is None else GatewayCpu.now(gateway_pid)
-    senders = [mpc.Process(target=producer,
-                           args=(endpoints, messages, keys, results, index, producers,
-                                 connections))
-               for index in range(producers)]
+    rig = start_rig(mpc, workdir, tuning, lanes)
+    results, consumers = rig.results, rig.consumers
+    direct = [f"tcp://127.0.0.1:{p}" for p in rig.ports]
+    keys = (rig.client.public, rig.client.secret, rig.server.public)
+    gateways = [] if case == "direct" else start_gateways(mpc, case, rig.configs)
+    cpu_before = gateways_cpu(gateways) if gateways else None
+    senders = []
+    for index in range(producers):
+        lane = index % lanes
+        endpoints = direct if case == "direct" else [rig.ingresses[lane]]
+        senders.append(mpc.Process(target=producer, args=(
+            endpoints, messages, keys if case.endswith("curve") else None, results, index,
+            producers, connections, None if lanes == 1 else (lane, lanes),
+            len(range(lane, producers, lanes)))))
     for sender in senders:
         sender.start()
     collected = [results.get(timeout=300) for _ in range(producers + 2)]
-    # Per message forwarded: the gateway's whole cost, decryption and routing.
+    # Per message forwarded: the gateways' whole cost, decryption and routing.
     cpu = None
-    if gateway_pid is not None and cpu_before is not None:
-        after = GatewayCpu.now(gateway_pid)
+    if cpu_before is not None:
+        after = gateways_cpu(gateways)
         cpu = GatewayCpu((after.io - cpu_before.io) / messages * 1e6,
                          (after.loop - cpu_before.loop) / messages * 1e6)
     start = min(r for r in collected if isinstance(r, float))
     received = [r for r in collected if isinstance(r, tuple)]
     for process in [*senders, *consumers]:
         process.join(30)
-    if isinstance(gateway, subprocess.Popen):
-        gateway.terminate()
-        gateway.wait(20)
-    elif gateway is not None:
-        gateway.terminate()
-        gateway.join(20)
-        if gateway.is_alive():
-            gateway.kill()
+    for gateway in gateways:
+        stop_gateway(gateway)
     count = sum(r[0] for r in received)
     volume = sum(r[1] for r in received)
     if count != messages:
@@ -304,8 +332,8 @@ def run_case(case: str, messages: int, workdir: Path, producers: int = 1,
 
 
 def best_of(repeat: int, case: str, messages: int, workdir: Path, producers: int,
-            tuning: Tuning, connections: int = 1) -> Figures:
-    runs = [run_case(case, messages, workdir, producers, tuning, connections)
+            tuning: Tuning, connections: int = 1, lanes: int = 1) -> Figures:
+    runs = [run_case(case, messages, workdir, producers, tuning, connections, lanes)
             for _ in range(repeat)]
     return max(runs, key=lambda figures: figures.gbps)
 
@@ -328,18 +356,22 @@ def cpu_columns(figure: Figures) -> str:
     return f"{figure.cpu_us:>20.1f}{figure.cpu.io:>13.1f}{figure.cpu.loop:>7.1f}"
 
 
-def print_scaling(figures: dict[tuple[str, int, int | None], Figures]) -> None:
-    """One row per (case, producers, I/O threads), and what the serial part allows one process."""
-    print(f"{'case':<12}{'producers':>10}{'I/O thr':>8}{'GB/s':>7}{'msg/s':>9}"
+Scaling = tuple[str, int, int | None, int]  # case, producers, I/O threads, lanes
+
+
+def print_scaling(figures: dict[Scaling, Figures]) -> None:
+    """One row per (case, producers, I/O threads, lanes), and what the serial part allows."""
+    print(f"{'case':<12}{'producers':>10}{'I/O thr':>8}{'lanes':>6}{'GB/s':>7}{'msg/s':>9}"
           f"{'gateway CPU µs/msg':>20}{'I/O threads':>13}{'loop':>7}{'loop-bound msg/s':>18}")
-    for (case, producers, io_threads), figure in figures.items():
-        ceiling = "-" if figure.cpu is None else f"{1e6 / figure.cpu.loop:,.0f}"
+    for (case, producers, io_threads, lanes), figure in figures.items():
+        ceiling = "-" if figure.cpu is None else f"{lanes * 1e6 / figure.cpu.loop:,.0f}"
         threads = "default" if io_threads is None else str(io_threads)
-        print(f"{case:<12}{producers:>10}{threads:>8}{figure.gbps:>7.2f}{figure.rate:>9,.0f}"
-              f"{cpu_columns(figure)}{ceiling:>18}")
-    print("loop-bound msg/s: one gateway process cannot forward more than its forwarding loop's\n"
+        print(f"{case:<12}{producers:>10}{threads:>8}{lanes:>6}{figure.gbps:>7.2f}"
+              f"{figure.rate:>9,.0f}{cpu_columns(figure)}{ceiling:>18}")
+    print("loop-bound msg/s: a gateway process cannot forward more than its forwarding loop's\n"
           "CPU per message allows (the loop is one thread; I/O threads serve connections in\n"
-          "parallel, each connection on one of them).")
+          "parallel, each connection on one of them); a scan split over N lanes has N loops,\n"
+          "one per gateway process, and N times the bound. CPU columns: all lanes' gateways.")
 
 
 def int_list(text: str) -> list[int]:
@@ -364,21 +396,30 @@ def main() -> None:
                         help="sockets per producer process, each its own connection, sent to in "
                              "turn (HAProxy's peer bench with two consumers connects its producer "
                              "twice) [default: %(default)s]")
+    parser.add_argument("--lanes", type=int_list, default=[1],
+                        help="gateways the scan is split over (lanes, each its own gateway "
+                             "process; producer p streams lane p mod lanes, so give at least as "
+                             "many --producers), or a comma-separated list for a scaling table; "
+                             "L7 cases only [default: 1]")
     parser.add_argument("--cases", default="direct,l4+plain,l7+plain,l4+curve,l7+curve",
                         help="comma-separated subset; ratios need direct and the matching l4")
     args = parser.parse_args()
     cases = args.cases.split(",")
     io_options: list[int | None] = args.io_threads or [None]
-    scaling = len(args.producers) > 1 or len(io_options) > 1
+    scaling = len(args.producers) > 1 or len(io_options) > 1 or args.lanes != [1]
+    if args.lanes != [1] and any(not case.startswith("l7") for case in cases):
+        parser.error("--lanes splits a scan over L7 gateways: give --cases l7+plain,l7+curve")
+    if max(args.lanes) > min(args.producers):
+        parser.error("each lane needs a producer: --lanes above --producers")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         create_keypair(workdir, "server")
         create_keypair(workdir, "client")
-        figures = {(case, producers, io_threads): best_of(
+        figures = {(case, producers, io_threads, lanes): best_of(
                        args.repeat, case, args.messages, workdir, producers,
-                       Tuning(io_threads, args.socket_buffer), args.connections)
+                       Tuning(io_threads, args.socket_buffer), args.connections, lanes)
                    for case in cases for producers in args.producers
-                   for io_threads in io_options}
+                   for io_threads in io_options for lanes in args.lanes}
     print(f"{args.messages} messages of {SECTOR_BYTES:,} bytes, "
           f"{','.join(map(str, args.producers))} producer(s) x {args.connections} "
           f"connection(s), 2 consumers, "
@@ -387,7 +428,7 @@ def main() -> None:
     if scaling:
         print_scaling(figures)
     else:
-        print_cases({case: figure for (case, _, _), figure in figures.items()})
+        print_cases({case: figure for (case, _, _, _), figure in figures.items()})
     print("curve: CURVE encryption + ZAP on the gateway ingress (the real `dsn gateway run`);\n"
           "plain: the same proxy loops with a bench-only NULL ingress (the proxy's own cost).\n"
           "CPU: per message, the gateway's libzmq I/O threads and its forwarding loop (the\n"
