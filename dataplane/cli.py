@@ -110,10 +110,11 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
                    "is registered when the session opens [default there: a fresh in-memory pair].")
 @click.option("--scan", type=click.IntRange(0, 2**32 - 1), default=None,
               help="Scan number [default: 0, or the spooled scan's number with --spool].")
-@click.option("--spool", "spool_file", default=None,
+@click.option("--spool", "spool_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Replay this gateway spool file (as one producer) instead of streaming a "
-                   "synthetic scan.")
+                   "synthetic scan. Repeat it for the spools of one scan's lanes (each lane's "
+                   "gateway spools its part): they are replayed as one scan.")
 @scan_shape_option(default="32x32")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the synthetic frames and of the loss, duplicates and reordering.")
@@ -137,7 +138,7 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
            end_session: bool, session_id: str | None, follow_wait: float,
            transport: Transport, endpoints: tuple[str, ...], server_key: Path | None,
            receipts_endpoints: tuple[str, ...], receipt_timeout: float, no_receipt: bool,
-           client_key: Path | None, scan: int | None, spool_file: Path | None,
+           client_key: Path | None, scan: int | None, spool_files: tuple[Path, ...],
            scan_shape: tuple[int, int], seed: int,
            loss: float, duplicates: float, reorder: int, header: HeaderMode, electrons: int,
            dark: bool, timeout: float, progress: bool | None) -> None:
@@ -154,11 +155,11 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
     the gateway's report does not come (--no-receipt skips both questions).
     """
     ctx = click.get_current_context()
-    if spool_file is not None:
+    if spool_files:
         _refuse_options(ctx, _SYNTHETIC_OPTIONS, "applies to synthetic scans, not to --spool")
         if len(endpoints) > 1:
             raise click.UsageError("--spool replays through one gateway: give one --endpoint")
-        work = _spool_work(spool_file, scan, progress, timeout)
+        work = _spool_work(list(spool_files), scan, progress, timeout)
     else:
         work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
                                reorder, header, electrons, dark, progress, timeout)
@@ -199,20 +200,21 @@ _CONTROLPLANE_OPTIONS = ("project_token_file", "project", *_OPENING_OPTIONS, "en
 _DIRECT_OPTIONS = ("endpoints", "server_key", "receipts_endpoints")
 
 
-def _spool_work(spool_file: Path, scan: int | None, progress: bool | None,
+def _spool_work(spool_files: list[Path], scan: int | None, progress: bool | None,
                 timeout: float) -> Work:
     try:
-        with SpoolReader(spool_file) as spool:
+        with SpoolReader(spool_files[0]) as spool:
             spooled = spool.info.scan
     except SpoolError as exc:
         raise click.BadParameter(str(exc), param_hint="--spool") from None
 
     def run(targets: list[GatewayTarget], abandon: Abandon | None) -> StreamStats:
         [target] = targets
-        return replay_spool(spool_file, target.endpoint, target.server_public, target.client,
+        return replay_spool(spool_files, target.endpoint, target.server_public, target.client,
                             scan=scan, progress=progress, send_timeout_s=timeout,
                             plain=target.plain, abandon=abandon)
-    return Work(f"spool {spool_file.name}", spooled if scan is None else scan, run)
+    label = "spool " + " + ".join(path.name for path in spool_files)
+    return Work(label, spooled if scan is None else scan, run)
 
 
 def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: float,

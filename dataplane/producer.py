@@ -33,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -62,7 +63,7 @@ from common.protocol import (
 )
 from common.restclient import ClientError
 from dataplane.errors import DataPlaneError
-from dataplane.spool import SpoolError, SpoolReader
+from dataplane.spool import SpoolError, SpoolInfo, SpoolReader
 from dataplane.synthetic import StreamPlan, SyntheticCamera
 
 HeaderMode = Literal["native", "ncem"]
@@ -420,44 +421,67 @@ class _StreamRun:
             self.stop.set()
 
 
-def replay_spool(path: Path, endpoint: str, server_public: bytes | None, client: KeyPair | None,
-                 *, scan: int | None = None, progress: bool | None = None,
-                 send_timeout_s: float = 30.0, plain: PlainCredentials | None = None,
+def replay_spool(path: Path | Sequence[Path], endpoint: str, server_public: bytes | None,
+                 client: KeyPair | None, *, scan: int | None = None,
+                 progress: bool | None = None, send_timeout_s: float = 30.0,
+                 plain: PlainCredentials | None = None,
                  abandon: Abandon | None = None) -> StreamStats:
-    """Replay a gateway spool file into a session as one producer.
+    """Replay a gateway spool file, or the spool files of one scan's lanes, into a session as
+    one producer.
 
-    The whole file is validated before anything is sent. Then: scan_begin with ``producers=1``
-    and the spooled geometry (scan number ``scan``, or the spooled one), every data record in
-    spooled order with its frame and sector and a fresh ``seq``, and scan_end. ``lost`` in the
-    result is the number of messages the spooling gateway listed in the spool's loss manifest;
-    a spool never holds duplicates it did not receive, so ``duplicated`` is 0.
+    Every file is validated before anything is sent; several must hold the same scan (number
+    and geometry: each lane's gateway spools its own part). Then: scan_begin with
+    ``producers=1``, one lane, and the spooled geometry (scan number ``scan``, or the spooled
+    one), every data record of each file in spooled order with its frame and sector and a fresh
+    ``seq``, and scan_end. ``lost`` in the result is the number of messages the spooling
+    gateways listed in the spools' loss manifests; a spool never holds duplicates it did not
+    receive, so ``duplicated`` is 0.
     """
+    paths = [path] if isinstance(path, Path) else list(path)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(_open_spool(p)) for p in paths]
+        info = _one_scan(paths, readers)
+        number = info.scan if scan is None else scan
+        begin = info.begin
+        records = sum(r.info.records for r in readers)
+        bar = stack.enter_context(tqdm(total=records, unit="msg", desc=f"scan {number}",
+                                       disable=None if progress is None else not progress))
+        start = time.perf_counter()
+        with Producer(endpoint, server_public, client, send_timeout_s=send_timeout_s,
+                      plain=plain, abandon=abandon) as sock:
+            sock.begin_scan(number, begin.scan_shape, 1, begin.frame_shape, begin.sectors)
+            for file, reader in zip(paths, readers, strict=True):
+                try:
+                    _replay_records(sock, reader, begin.geometry.sector_shape, bar)
+                except SpoolError as exc:
+                    raise ProducerError(f"{file}: {exc}") from None
+            sock.end_scan()
+    return StreamStats(messages=records, bytes=sum(r.info.bytes for r in readers),
+                       seconds=time.perf_counter() - start,
+                       lost=sum(len(r.info.manifest.drops) for r in readers), duplicated=0)
+
+
+def _open_spool(path: Path) -> SpoolReader:
     try:
-        reader = SpoolReader(path)
+        return SpoolReader(path)
     except OSError as exc:
         raise ProducerError(f"cannot read spool {path}: {exc.strerror}") from None
     except SpoolError as exc:
         raise ProducerError(f"{path}: {exc}") from None
-    with reader:
+
+
+def _one_scan(paths: list[Path], readers: list[SpoolReader]) -> SpoolInfo:
+    """The first spool's header, once every other spool is known to hold the same scan."""
+    first = readers[0].info
+    for path, reader in zip(paths[1:], readers[1:], strict=True):
         info = reader.info
-        number = info.scan if scan is None else scan
-        begin = info.begin
-        bar = tqdm(total=info.records, unit="msg", desc=f"scan {number}",
-                   disable=None if progress is None else not progress)
-        start = time.perf_counter()
-        try:
-            with Producer(endpoint, server_public, client, send_timeout_s=send_timeout_s,
-                          plain=plain, abandon=abandon) as sock:
-                sock.begin_scan(number, begin.scan_shape, 1, begin.frame_shape, begin.sectors)
-                _replay_records(sock, reader, begin.geometry.sector_shape, bar)
-                sock.end_scan()
-        except SpoolError as exc:
-            raise ProducerError(f"{path}: {exc}") from None
-        finally:
-            bar.close()
-    return StreamStats(messages=info.records, bytes=info.bytes,
-                       seconds=time.perf_counter() - start, lost=len(info.manifest.drops),
-                       duplicated=0)
+        if (info.session, info.scan, info.begin.geometry) != (
+                first.session, first.scan, first.begin.geometry):
+            raise ProducerError(f"{path} holds scan {info.scan} of session {info.session} "
+                                f"({info.begin.geometry}), {paths[0]} scan {first.scan} of "
+                                f"session {first.session} ({first.begin.geometry}): the spools "
+                                "of one replay must be the lanes of one scan")
+    return first
 
 
 def _replay_records(sock: Producer, reader: SpoolReader, sector_shape: Shape,

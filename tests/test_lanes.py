@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from waiting import eventually
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
 from common.protocol import Data, ScanBegin, ScanEnd, encode
+from dataplane.spool import spool_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(240)]
 
@@ -60,42 +62,56 @@ def _lane_config(directory: Path, index: int, session: dict[str, object]) -> Lan
     return lane
 
 
-@pytest.fixture
-def laned(tmp_path: Path) -> Iterator[LanedSite]:
-    keys = tmp_path / "keys"
+def laned_site(directory: Path, consumers: int = RANKS) -> LanedSite:
+    """Keys, and a configuration per lane: one session, the same ``consumers`` for each."""
+    keys = directory / "keys"
     create_keypair(keys, "producer")
     public, secret = load_secret_keypair(keys / "producer.key_secret")
     create_keypair(keys, "gateway")
     session = {"id": SESSION, "client_keys": [public.decode()],
                "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
-               "consumers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(RANKS)]}
-    lanes = [_lane_config(tmp_path, index, session) for index in range(LANES)]
-    site = StaticSite(tmp_path, lanes[0].config, lanes[0].endpoint,
+               "consumers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(consumers)]}
+    lanes = [_lane_config(directory, index, session) for index in range(LANES)]
+    site = StaticSite(directory, lanes[0].config, lanes[0].endpoint,
                       load_keypair(keys / "gateway.key").public, KeyPair(public, secret),
-                      tmp_path / "spool0")
-    yield LanedSite(site, lanes, keys)
+                      directory / "spool0")
+    return LanedSite(site, lanes, keys)
+
+
+@pytest.fixture
+def laned(tmp_path: Path) -> LanedSite:
+    return laned_site(tmp_path)
+
+
+@contextmanager
+def running(laned: LanedSite) -> Iterator[list[GatewayProcess]]:
+    """A gateway process per lane."""
+    gateways = [GatewayProcess(lane.config, lane.metrics) for lane in laned.lanes]
+    try:
+        yield gateways
+    finally:
+        for gateway in gateways:
+            gateway.kill()
 
 
 @pytest.fixture
 def gateways(laned: LanedSite) -> Iterator[list[GatewayProcess]]:
-    running = [GatewayProcess(lane.config, lane.metrics) for lane in laned.lanes]
-    try:
-        yield running
-    finally:
-        for gateway in running:
-            gateway.kill()
+    with running(laned) as started:
+        yield started
+
+
+def stream_cli(laned: LanedSite, *args: str) -> subprocess.CompletedProcess[str]:
+    """``dsn producer stream`` with this site's keys, as a user would run it."""
+    return subprocess.run(
+        [DSN, "producer", "stream", "--server-key", str(laned.keys / "gateway.key"),
+         "--client-key", str(laned.keys / "producer.key_secret"), "--no-progress", *args],
+        capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_a_scan_streamed_through_two_gateways_is_counted_whole_and_each_reports_its_lane(
         laned: LanedSite, gateways: list[GatewayProcess]) -> None:
     job = laned.site.job("job", "--scans", "1")
-    lanes = [arg for lane in laned.lanes for arg in ("--endpoint", lane.endpoint)]
-    receipts = [arg for lane in laned.lanes for arg in ("--receipts", lane.receipts)]
-    streamed = subprocess.run(
-        [DSN, "producer", "stream", *lanes, *receipts, "--server-key",
-         str(laned.keys / "gateway.key"), "--client-key", str(laned.keys / "producer.key_secret"),
-         "--scan", "1", "--scan-shape", "24x24", "--no-progress"],
-        capture_output=True, text=True, timeout=120, check=False)
+    streamed = stream_cli(laned, *_lane_options(laned), "--scan", "1", "--scan-shape", "24x24")
     assert streamed.returncode == 0, streamed.stdout + streamed.stderr
     # Producers 0 and 2 (sectors 0 and 2) stream lane 0, producers 1 and 3 lane 1.
     half = len(EVERY_SECTOR) // 2
@@ -107,6 +123,56 @@ def test_a_scan_streamed_through_two_gateways_is_counted_whole_and_each_reports_
     assert (result["scan"], result["status"], result["frames"]) == (1, "complete", 24 * 24)
     assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
     assert [gateway.forwarded() for gateway in gateways] == [half, half]
+
+
+def _lane_options(laned: LanedSite) -> list[str]:
+    return [arg for lane in laned.lanes
+            for arg in ("--endpoint", lane.endpoint, "--receipts", lane.receipts)]
+
+
+def test_the_lanes_of_a_scan_without_consumers_spool_apart_and_replay_as_one_scan(
+        laned: LanedSite, gateways: list[GatewayProcess], tmp_path: Path) -> None:
+    unconsumed = laned_site(tmp_path / "unconsumed", consumers=0)
+    with running(unconsumed):
+        streamed = stream_cli(unconsumed, *_lane_options(unconsumed), "--scan", "2",
+                              "--scan-shape", "24x24")
+    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    half = len(EVERY_SECTOR) // 2
+    spools = [unconsumed.site.directory / f"spool{lane}" / spool_name(SESSION, 2)
+              for lane in range(LANES)]
+    for lane, spool in enumerate(spools):
+        assert (f"gateway: scan 2 lane {lane} of 2 spooled (no_consumers): {half} sent, "
+                f"0 forwarded, {half} spooled, 0 lost") in streamed.stdout
+        assert f"spooled to {spool}" in streamed.stdout
+
+    # One spool alone would be half a scan; both, replayed through one gateway, are all of it.
+    job = laned.site.job("job", "--scans", "1")
+    replayed = stream_cli(laned, "--endpoint", laned.lanes[0].endpoint, "--receipts",
+                          laned.lanes[0].receipts, *(f"--spool={spool}" for spool in spools))
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert (f"gateway: scan 2 forwarded: {2 * half} sent, {2 * half} forwarded, 0 spooled, "
+            "0 lost") in replayed.stdout
+    assert job.wait() == 0, job.log.read_text()[-3000:]
+    [result] = job.result_lines()
+    assert (result["scan"], result["status"]) == (2, "complete")
+    assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
+
+
+def test_spools_of_different_scans_are_not_replayed_as_one(laned: LanedSite,
+                                                          tmp_path: Path) -> None:
+    unconsumed = laned_site(tmp_path / "unconsumed", consumers=0)
+    with running(unconsumed):
+        for scan in (4, 5):
+            streamed = stream_cli(unconsumed, *_lane_options(unconsumed), "--scan", str(scan),
+                                  "--scan-shape", "8x8")
+            assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    mixed = [unconsumed.site.directory / "spool0" / spool_name(SESSION, 4),
+             unconsumed.site.directory / "spool1" / spool_name(SESSION, 5)]
+    refused = stream_cli(laned, "--endpoint", laned.lanes[0].endpoint,
+                         *(f"--spool={spool}" for spool in mixed))
+    assert refused.returncode == 1
+    assert "the spools of one replay must be the lanes of one scan" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def _lane_producer(context: zmq.Context[zmq.Socket[bytes]], laned: LanedSite,
