@@ -30,6 +30,7 @@ from zmq.utils import z85
 
 from common import strictyaml
 from common.errors import DsnError
+from common.protocol import MAX_LANES
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
@@ -227,6 +228,19 @@ class ControlPlaneLink(_Model):
 SocketBuffer = Annotated[StrictInt, Field(ge=64 * 1024, le=1 << 30)]
 
 
+class NcemLane(_Model):
+    """The lane of NCEM scans a gateway carries: NCEM producers send no scan_begin to say it."""
+
+    lane: Annotated[StrictInt, Field(ge=0, lt=MAX_LANES)]
+    lanes: Annotated[StrictInt, Field(ge=2, le=MAX_LANES)]
+
+    @model_validator(mode="after")
+    def _lane_below_lanes(self) -> NcemLane:
+        if self.lane >= self.lanes:
+            raise ValueError(f"lane {self.lane} of {self.lanes}: lanes count from 0")
+        return self
+
+
 class GatewaySettings(_Model):
     ingress: BindEndpoint = "tcp://127.0.0.1:5555"
     server_secret_key_file: Path
@@ -254,6 +268,12 @@ class GatewaySettings(_Model):
     # at net.core.rmem_max / wmem_max.
     ingress_buffer_bytes: SocketBuffer | None = None
     egress_buffer_bytes: SocketBuffer | None = None
+    # This gateway carries one lane of the session's NCEM scans (several gateways share them, a
+    # camera module's stream each): it takes the modules whose number modulo ``lanes`` is
+    # ``lane`` (others are dropped as wrong_lane), closes a scan once all of those arrived, and
+    # consumers merge the lanes. null (the default): NCEM scans have one lane. Producers of the
+    # native protocol name their lane themselves.
+    ncem_lane: NcemLane | None = None
 
     @model_validator(mode="after")
     def _receipts_beside_the_ingress(self) -> GatewaySettings:

@@ -128,6 +128,7 @@ class DropReason(enum.StrEnum):
     SPOOL_FAILED = "spool_failed"
     UNDELIVERED = "undelivered"
     CONSUMER_GONE = "consumer_gone"
+    WRONG_LANE = "wrong_lane"  # an NCEM sector of a module another gateway's lane carries
 
 
 class ProtocolError(DsnError, ValueError):

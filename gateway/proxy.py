@@ -213,8 +213,10 @@ class L7Proxy:
                  spools: Spools | None = None, on_report: ReportSink | None = None,
                  plain_ingress: zmq.Socket[bytes] | None = None,
                  journal: ScanJournal | None = None,
-                 egress_buffer_bytes: int | None = None) -> None:
-        self.router = Router(table, clock=clock, spooling=spools is not None, journal=journal)
+                 egress_buffer_bytes: int | None = None,
+                 ncem_lane: tuple[int, int] | None = None) -> None:
+        self.router = Router(table, clock=clock, spooling=spools is not None, journal=journal,
+                             ncem_lane=ncem_lane)
         self.spools = spools
         self.journal = journal
         self.on_report = on_report
@@ -631,9 +633,12 @@ class Gateway:
         spools = journal = None
         if directory is not None:
             spools, journal = Spools(directory), ScanJournal(directory, CLOSED_SCANS_KEPT)
+        settings = self.config.gateway
+        lane = settings.ncem_lane
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
                        on_report=self.on_report, plain_ingress=plain, journal=journal,
-                       egress_buffer_bytes=self.config.gateway.egress_buffer_bytes)
+                       egress_buffer_bytes=settings.egress_buffer_bytes,
+                       ncem_lane=None if lane is None else (lane.lane, lane.lanes))
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""

@@ -280,9 +280,10 @@ class _Scan:
 
     def expect_every_sector(self) -> None:
         """A scan with no scan_end (opened by NCEM headers): it is done when every sector of
-        every frame has arrived."""
-        self.missing = self.geometry.positions * self.sectors
-        self.arrived = bytearray((self.missing + 7) // 8)
+        every frame has arrived, every sector of its lane's modules in a lane of several."""
+        lane, lanes = self.begin.lane or 0, self.begin.lanes or 1
+        self.missing = self.geometry.positions * len(range(lane, self.sectors, lanes))
+        self.arrived = bytearray((self.geometry.positions * self.sectors + 7) // 8)
 
     def arrive(self, msg: Data) -> bool:
         """Note an accepted sector of a scan that expects every sector; True once all are in."""
@@ -401,8 +402,11 @@ class Router:
     """Per-session scans, routing and accounting for the L7 gateway."""
 
     def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time,
-                 spooling: bool = False, journal: Journal | None = None) -> None:
+                 spooling: bool = False, journal: Journal | None = None,
+                 ncem_lane: tuple[int, int] | None = None) -> None:
         self.endpoints: list[str] = []
+        # (lane, lanes) this gateway carries of the NCEM scans, whose producers cannot say.
+        self._ncem_lane = ncem_lane
         self.live_slots: frozenset[int] = frozenset()
         self.spooling = spooling
         self.drops: dict[tuple[str, str], int] = {}
@@ -626,7 +630,12 @@ class Router:
         if scan is None:
             return self._no_scan(state, msg.scan)
         scan.seen = now
-        if (ncem.rows, ncem.positions_per_row) != tuple(scan.begin.scan_shape):
+        lanes = scan.begin.lanes
+        if lanes is not None and msg.sector % lanes != scan.begin.lane:
+            # Its module's stream belongs to another lane's gateway; counted here, it would
+            # close this lane before its own modules are in.
+            decision = self._data_drop(state, msg, DropReason.WRONG_LANE.value, scan)
+        elif (ncem.rows, ncem.positions_per_row) != tuple(scan.begin.scan_shape):
             # A frame number computed from another shape would land on the wrong position.
             decision = self._data_drop(state, msg, DropReason.GEOMETRY_MISMATCH.value, scan)
         elif ncem.frame_number != msg.frame:
@@ -639,13 +648,13 @@ class Router:
             return decision
         return replace(decision, opening=opening, closing=closing)
 
-    @staticmethod
-    def _ncem_begin(state: _SessionState, ncem: NcemHeader) -> ScanBegin:
+    def _ncem_begin(self, state: _SessionState, ncem: NcemHeader) -> ScanBegin:
         detector = state.entry.session.detector
+        lane, lanes = (None, None) if self._ncem_lane is None else self._ncem_lane
         return ScanBegin(v=VERSION, scan=ncem.scan_number,
                          scan_shape=(ncem.rows, ncem.positions_per_row),
                          frame_shape=detector.frame_shape, sectors=detector.sectors, producers=1,
-                         dtype=detector.dtype)
+                         dtype=detector.dtype, lane=lane, lanes=lanes)
 
     def _accept(self, state: _SessionState, scan: _Scan, msg: Data, payload_bytes: int,
                 native: bool) -> Decision:

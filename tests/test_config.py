@@ -159,3 +159,19 @@ def test_socket_buffers_are_the_kernels_unless_set_within_bounds(tmp_path: Path,
     for bad in (4096, (1 << 30) + 1, "4194304", 1.5):
         with pytest.raises(ConfigError, match=setting):
             parse_config({**base, "gateway": {**base["gateway"], setting: bad}})
+
+
+def test_a_gateways_lane_of_ncem_scans_is_none_unless_a_lane_below_its_count(
+        tmp_path: Path) -> None:
+    base = {"version": 1, "sessions": [],
+            "gateway": {"server_secret_key_file": str(tmp_path / "k")}}
+    assert parse_config(base).gateway.ncem_lane is None
+    lane = parse_config({**base, "gateway": {**base["gateway"],
+                                             "ncem_lane": {"lane": 1, "lanes": 4}}}).gateway
+    assert lane.ncem_lane is not None and (lane.ncem_lane.lane, lane.ncem_lane.lanes) == (1, 4)
+    for bad, says in (({"lane": 2, "lanes": 2}, "lanes count from 0"),
+                      ({"lane": 0, "lanes": 1}, "lanes"), ({"lane": 0, "lanes": 65}, "lanes"),
+                      ({"lane": -1, "lanes": 2}, "lane"), ({"lane": 0}, "lanes"),
+                      ({"lane": 0, "lanes": 2, "modules": [0]}, "modules")):
+        with pytest.raises(ConfigError, match=says):
+            parse_config({**base, "gateway": {**base["gateway"], "ncem_lane": bad}})

@@ -220,6 +220,23 @@ def test_ncem_data_opens_its_scan_and_closes_it_when_every_sector_arrived() -> N
     assert send_data(router, ncem(3)).drop == "scan_closed"
 
 
+def test_a_gateway_carrying_one_lane_of_ncem_scans_takes_its_modules_and_closes_when_they_are_in(
+        ) -> None:
+    router = Router(SessionTable([_session()]), clock=Clock(), ncem_lane=(1, 2))
+    first = send_data(router, ncem(0, sector=1))
+    assert first.opening is not None
+    assert {(msg.lane, msg.lanes) for _, msg in control(first.opening)} == {(1, 2)}
+    # Module 0 is lane 0's: dropped and listed, and it does not count toward this lane's close.
+    assert send_data(router, ncem(5, sector=0)).drop == "wrong_lane"
+    decisions = [send_data(router, ncem(f, sector=1)) for f in range(1, 12)]
+    assert all(d.closing is None for d in decisions[:-1])
+    closing = decisions[-1].closing
+    assert closing is not None and closing.report is not None
+    assert (closing.report.closed_by, closing.report.forwarded, closing.report.dropped,
+            closing.report.lane, closing.report.lanes) == ("complete", 12, {"wrong_lane": 1}, 1, 2)
+    assert {(msg.lane, msg.lanes) for _, msg in control(closing)} == {(1, 2)}
+
+
 def test_ncem_data_of_a_session_without_consumers_opens_a_spooled_scan() -> None:
     router = _spooling()
     first = send_data(router, ncem(4, scan=1))

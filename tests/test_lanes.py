@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ import yaml
 import zmq
 from cp_helpers import DSN
 from test_faults_gateway import GatewayProcess
-from test_no_silent_loss import CAMERA, EVERY_SECTOR, RANKS, SESSION, StaticSite, _counted
+from test_no_silent_loss import (
+    CAMERA,
+    EVERY_SECTOR,
+    RANKS,
+    SESSION,
+    StaticSite,
+    _counted,
+    ncem_message,
+)
 from waiting import eventually
 
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
@@ -56,7 +65,9 @@ def _lane_config(directory: Path, index: int, session: dict[str, object]) -> Lan
               "gateway": {"ingress": lane.endpoint, "receipts": lane.receipts,
                           "metrics": lane.metrics,
                           "server_secret_key_file": str(directory / "keys" / "gateway.key_secret"),
-                          "spool_dir": str(directory / f"spool{index}")},
+                          "spool_dir": str(directory / f"spool{index}"),
+                          # NCEM producers cannot name their lane: each gateway says its own.
+                          "ncem_lane": {"lane": index, "lanes": LANES}},
               "sessions": [session]}
     lane.config.write_text(yaml.safe_dump(config))
     return lane
@@ -223,3 +234,38 @@ def test_a_scan_ends_at_the_consumer_only_once_every_lane_has_ended_it(
     [result] = job.result_lines()
     assert (result["scan"], result["status"]) == (3, "complete")
     assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
+
+
+def test_ncem_producers_each_streaming_to_its_modules_lane_are_counted_whole(
+        laned: LanedSite, gateways: list[GatewayProcess]) -> None:
+    """The 4D Camera's receiving servers, a module each, as the NCEM aggregator's threads take
+    them: module m streams to lane m mod 2. Each gateway closes its lane once its modules are in
+    (the session's scan_idle_s is its default, 300 s: a lane closed by silence would outlast
+    the job's wait)."""
+    job = laned.site.job("job", "--scans", "1")
+    context = zmq.Context()
+    try:
+        modules = [_lane_producer(context, laned, module % LANES)
+                   for module in range(CAMERA.spec.sectors)]
+        for frame in range(CAMERA.spec.positions):
+            for module, push in enumerate(modules):
+                push.send_multipart(ncem_message(6, frame, module))
+        assert job.wait() == 0, job.log.read_text()[-3000:]
+        # A module's sector sent to the other lane's gateway is not that lane's to count.
+        modules[0].close()
+        strays = _lane_producer(context, laned, 1)
+        strays.send_multipart(ncem_message(8, 0, 0))
+        eventually(lambda: "wrong_lane" in _metrics_text(laned.lanes[1]), timeout_s=30,
+                   what="lane 1 to drop module 0's sector")
+    finally:
+        context.destroy(linger=0)
+    [result] = job.result_lines()
+    assert (result["scan"], result["status"]) == (6, "complete")
+    assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
+    half = len(EVERY_SECTOR) // 2
+    assert [gateway.forwarded() for gateway in gateways] == [half, half]
+
+
+def _metrics_text(lane: Lane) -> str:
+    with urllib.request.urlopen(f"http://{lane.metrics}/metrics", timeout=5) as answer:
+        return str(answer.read().decode())
