@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -112,6 +113,8 @@ def plaintext_gateway(config_path: str, mode: str, ready: Any) -> None:
     from gateway.sessions import table_from_config
 
     keep_message_buffers()  # as `dsn gateway run` does
+    # A consumer that exits after its tally is a lost connection to the loop: not news here.
+    logging.getLogger("dsn").setLevel(logging.ERROR)
     config = load_config(Path(config_path))
     table = table_from_config(config)
     session_id = next(iter(table)).id

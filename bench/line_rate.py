@@ -6,9 +6,10 @@ and then its peers through the shared harness where it lives (``bench/peers.py``
 CURVE in front, and PUSH -> PULL with no hop. Prints every path with its GB/s and the proxy's CPU
 per message, the L7 gateway's ratio to each, and the line-rate goals as ratios measured in this
 run, for the gateway as configured by default, with fixed 4 MiB socket buffers (as for a hop
-within a site), and with its producer connected twice (as HAProxy's producer is, with two
-consumers). A peer that cannot run (harness absent, program not installed) is listed with the
-reason.
+within a site), with its producer connected twice (as HAProxy's producer is, with two
+consumers), and with the scan split over two gateway processes (lanes, a producer process each;
+against L4 with two producer processes). A peer that cannot run (harness absent, program not
+installed) is listed with the reason.
 
     .venv/bin/python bench/line_rate.py [--messages 8000] [--repeat 3] [--peers DIR]
 """
@@ -41,6 +42,8 @@ class Case:
     against: Against | None  # the L7 case it is compared with (None: itself an L7 case)
     socket_buffer: int | None = None
     connections: int = 1  # the producer's connections to the gateway
+    producers: int = 1  # producer processes
+    lanes: int = 1  # gateway processes the scan is split over
 
 
 GATEWAY_CASES = [
@@ -54,6 +57,10 @@ GATEWAY_CASES = [
     Case("l7+curve", "gateway L7 CURVE, 4 MiB socket buffers", None, SITE_BUFFER),
     Case("l4+curve", "gateway L4 CURVE, 2 producer connections", "curve", connections=2),
     Case("l7+curve", "gateway L7 CURVE, 2 producer connections", None, connections=2),
+    Case("l4+plain", "gateway L4 plain, 2 producers", "plain", producers=2),
+    Case("l7+plain", "gateway L7 plain, 2 lanes (2 processes)", None, producers=2, lanes=2),
+    Case("l4+curve", "gateway L4 CURVE, 2 producers", "curve", producers=2),
+    Case("l7+curve", "gateway L7 CURVE, 2 lanes (2 processes)", None, producers=2, lanes=2),
 ]
 L7 = {"plain": "gateway L7 plain (every check)", "curve": "gateway L7 CURVE (every check)"}
 L7_TUNED = {"plain": "gateway L7 plain, 4 MiB socket buffers",
@@ -61,9 +68,13 @@ L7_TUNED = {"plain": "gateway L7 plain, 4 MiB socket buffers",
 # The producer connected twice, as the HAProxy peer's producer is with two consumers.
 L7_TWO = {"plain": "gateway L7 plain, 2 producer connections",
           "curve": "gateway L7 CURVE, 2 producer connections"}
+# The scan split over two gateway processes (lanes), a producer process each.
+L7_LANES = {"plain": "gateway L7 plain, 2 lanes (2 processes)",
+            "curve": "gateway L7 CURVE, 2 lanes (2 processes)"}
 # Each L7 variant's goals, and the baseline each of its comparisons takes instead (like for like).
 VARIANTS = [(L7, {}), (L7_TUNED, {}),
-            (L7_TWO, {"gateway L4 CURVE": "gateway L4 CURVE, 2 producer connections"})]
+            (L7_TWO, {"gateway L4 CURVE": "gateway L4 CURVE, 2 producer connections"}),
+            (L7_LANES, {"gateway L4 CURVE": "gateway L4 CURVE, 2 producers"})]
 PEERS = {
     "haproxy": Peer("bench_haproxy.py", ("--bufsize", "100000", "--consumers", "1,2"),
                     ("haproxy",)),
@@ -130,7 +141,7 @@ GOALS = [("L7 plain >= 1.0x HAProxy (SciStream's config, 2 consumers)", "plain",
 
 def print_goals(rows: dict[str, Row]) -> None:
     print("goals, as ratios in this run (L7 as by default; with 4 MiB socket buffers; with two "
-          "producer connections):")
+          "producer connections; split over two lanes):")
     for text, against, baseline, target in GOALS:
         if baseline not in rows:
             print(f"  {text}: not measured")
@@ -159,8 +170,9 @@ def main() -> None:
         workdir = Path(tmp)
         create_keypair(workdir, "server")
         create_keypair(workdir, "client")
-        figures = {case: best_of(args.repeat, case.case, args.messages, workdir, 1,
-                                 Tuning(socket_buffer=case.socket_buffer), case.connections)
+        figures = {case: best_of(args.repeat, case.case, args.messages, workdir, case.producers,
+                                 Tuning(socket_buffer=case.socket_buffer), case.connections,
+                                 case.lanes)
                    for case in GATEWAY_CASES}
     rows = gateway_rows(figures)
     skipped = []

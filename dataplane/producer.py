@@ -2,7 +2,9 @@
 
 A ``Producer`` owns one PUSH socket, a CURVE client of the gateway's ingress. It speaks the wire
 protocol of ``common.protocol``: ``scan_begin``, then one ``data`` message per sector, then
-``scan_end {sent}``. ``replay_spool`` sends a gateway spool file (``dataplane.spool``) the same way.
+``scan_end {sent}``. ``replay_spool`` sends a gateway spool file (``dataplane.spool``) the same way,
+or the spool files of one scan's lanes as one scan. ``stream_synthetic`` given several endpoints
+splits the scan over that many gateways (lanes: ``begin_scan(lane=...)``, docs/architecture.md).
 In "ncem" header mode, data messages carry the NCEM 4D Camera header instead of
 the native one (the scan messages stay native), as existing 4D Camera receivers do.
 
