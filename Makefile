@@ -38,6 +38,7 @@ bench: $(VENV)/.installed-test
 	sh scripts/install-bench-deps.sh
 	$(BIN)/python bench/line_rate.py --peers $(PEERS)
 	$(BIN)/python bench/gateway_throughput.py --messages 16000 --producers 1,2,4 --io-threads 1,2 --cases l7+plain,l7+curve
+	$(BIN)/python bench/gateway_throughput.py --producers 4 --lanes 1,2,4 --repeat 2 --cases l7+plain,l7+curve
 	$(BIN)/python bench/gateway_flood.py
 	$(BIN)/python bench/counting.py --peers $(PEERS)
 	$(BIN)/python bench/pictures.py

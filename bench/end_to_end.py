@@ -21,6 +21,7 @@ clock starts. The streaming rows also
 gives the CPU seconds of the producers, the gateway and the ranks. Figures only, no assertions:
 
     .venv/bin/python bench/end_to_end.py [--scan-shape 64x64] [--repeat 1] [--socket-buffer BYTES]
+        [--lanes N]
 """
 
 from __future__ import annotations
@@ -302,24 +303,27 @@ def await_lines(stream: IO[str], event: str, count: int) -> list[dict[str, objec
     return found
 
 
-def streaming(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning) -> Figure:
-    return stream_through_gateway(scan_shape, workdir, tuning, None)
+def streaming(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning, lanes: int) -> Figure:
+    return stream_through_gateway(scan_shape, workdir, tuning, None, lanes)
 
 
-def streaming_plaintext(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning) -> Figure:
+def streaming_plaintext(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning,
+                        lanes: int) -> Figure:
     # As a session whose policy allows unencrypted transport: the gateway's plaintext ingress,
     # every check but decryption (PLAIN + ZAP admit the session by its password).
     return stream_through_gateway(scan_shape, workdir, tuning,
-                                  PlainCredentials(SESSION, secrets.token_urlsafe(32)))
+                                  PlainCredentials(SESSION, secrets.token_urlsafe(32)), lanes)
 
 
 def stream_through_gateway(scan_shape: tuple[int, int], workdir: Path, tuning: Tuning,
-                           plain: PlainCredentials | None) -> Figure:
+                           plain: PlainCredentials | None, lanes: int) -> Figure:
+    """The scan through ``lanes`` gateways (one process each, producer k on lane k mod lanes)."""
     ports = [free_port() for _ in range(RANKS)]
     client = load_keypair(workdir / "client.key_secret")
     server = load_keypair(workdir / "server.key_secret")
-    config, ingress = write_config(workdir, ports, client.public.decode(), tuning,
-                                   None if plain is None else plain.password)
+    written = [write_config(workdir, ports, client.public.decode(), tuning,
+                            None if plain is None else plain.password) for _ in range(lanes)]
+    config = written[0][0]
     result_file = workdir / "streaming.jsonl"
     consumer = subprocess.Popen(mpiexec_command(RANKS, [
         sys.executable, "-m", "dataplane.consumer", "run", "--config", str(config),
@@ -328,21 +332,23 @@ def stream_through_gateway(scan_shape: tuple[int, int], workdir: Path, tuning: T
         text=True)
     assert consumer.stderr is not None
     ranks = [int(str(line["pid"])) for line in await_lines(consumer.stderr, "listening", RANKS)]
-    gateway = start_gateway(config)
+    gateways = [start_gateway(path) for path, _ in written]
+    pids = [gateway.pid for gateway in gateways]
     try:
         spec = camera_spec(scan_shape)
         camera = HeldCamera(spec)
-        cpu = StreamingCpu.now(gateway.pid, ranks)
+        cpu = StreamingCpu.now(pids, ranks)
         start = time.time()
-        stream_synthetic(ingress, server.public, client, camera, StreamPlan(spec), SCAN,
-                         progress=False, plain=plain)
+        stream_synthetic([ingress for _, ingress in written], server.public, client, camera,
+                         StreamPlan(spec), SCAN, progress=False, plain=plain)
         await_lines(consumer.stderr, "scan written", 1)
         seconds = time.time() - start
-        cpu = StreamingCpu.now(gateway.pid, ranks) - cpu
+        cpu = StreamingCpu.now(pids, ranks) - cpu
         consumer.communicate(timeout=60)
     finally:
-        gateway.terminate()
-        gateway.wait(20)
+        for gateway in gateways:
+            gateway.terminate()
+            gateway.wait(20)
     events = json.loads(result_file.read_text().splitlines()[-1])["events"]
     return Figure(seconds, events, f"CPU s: {cpu} (of {os.cpu_count()} x {seconds:.1f} s)")
 
@@ -352,12 +358,13 @@ class StreamingCpu:
     """User + system CPU seconds of each party to the streaming path (all threads)."""
 
     producers: float  # this process: the producer threads generate, encrypt and send
-    gateway: float
+    gateway: float  # every lane's gateway
     ranks: float
 
     @classmethod
-    def now(cls, gateway: int, ranks: list[int]) -> StreamingCpu:
-        return cls(time.process_time(), cpu_seconds(gateway), sum(map(cpu_seconds, ranks)))
+    def now(cls, gateways: list[int], ranks: list[int]) -> StreamingCpu:
+        return cls(time.process_time(), sum(map(cpu_seconds, gateways)),
+                   sum(map(cpu_seconds, ranks)))
 
     def __sub__(self, other: StreamingCpu) -> StreamingCpu:
         return StreamingCpu(self.producers - other.producers, self.gateway - other.gateway,
@@ -372,10 +379,10 @@ PathRun = Callable[[tuple[int, int], Path], Figure]
 STREAMING = ("streaming", "streaming plain")
 
 
-def paths(tuning: Tuning) -> dict[str, PathRun]:
-    """Every path, the streaming ones through a gateway tuned so."""
-    return {"streaming": functools.partial(streaming, tuning=tuning),
-            "streaming plain": functools.partial(streaming_plaintext, tuning=tuning),
+def paths(tuning: Tuning, lanes: int) -> dict[str, PathRun]:
+    """Every path, the streaming ones through ``lanes`` gateways tuned so."""
+    return {"streaming": functools.partial(streaming, tuning=tuning, lanes=lanes),
+            "streaming plain": functools.partial(streaming_plaintext, tuning=tuning, lanes=lanes),
             "file": file_workflow, "counting only": counting_only}
 
 
@@ -391,12 +398,12 @@ def best(name: str, run: PathRun, scan_shape: tuple[int, int], workdir: Path,
     return min(runs, key=lambda figure: figure.seconds)
 
 
-def report(spec: CameraSpec, figures: dict[str, Figure]) -> None:
+def report(spec: CameraSpec, figures: dict[str, Figure], lanes: int) -> None:
     frames = spec.positions
     gbytes = frames * spec.sectors * sector_bytes(spec) / 1e9
     print(f"{spec.scan_shape[0]}x{spec.scan_shape[1]} scan: {frames} frames of "
           f"{spec.frame_shape[0]}x{spec.frame_shape[1]}, {gbytes:.2f} GB, {RANKS} ranks, "
-          f"{os.cpu_count()} CPUs")
+          f"{lanes} gateway lane{'s' if lanes > 1 else ''}, {os.cpu_count()} CPUs")
     print(f"{'path':<17}{'seconds':>9}{'frames/s':>10}{'GB/s':>7}{'events':>10}  note")
     for path, figure in figures.items():
         print(f"{path:<17}{figure.seconds:>9.2f}{frames / figure.seconds:>10,.0f}"
@@ -417,6 +424,9 @@ def main() -> None:
     parser.add_argument("--socket-buffer", type=int, default=None, metavar="BYTES",
                         help="the gateway's gateway.ingress_buffer_bytes and egress_buffer_bytes "
                              "[default: unset, the kernel's autotuning]")
+    parser.add_argument("--lanes", type=int, choices=range(1, 5), default=1,
+                        help="gateways the streamed scan is split over, a process each "
+                             "[default: 1]")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the raw files and HDF5 files go; on a disk, not a tmpfs "
                              "[default: the system's temporary directory]")
@@ -432,8 +442,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-e2e-") as tmp:
         figures = {name: best(name, run, args.scan_shape, Path(tmp), args.repeat)
-                   for name, run in paths(Tuning(socket_buffer=args.socket_buffer)).items()}
-    report(camera_spec(args.scan_shape), figures)
+                   for name, run in paths(Tuning(socket_buffer=args.socket_buffer),
+                                          args.lanes).items()}
+    report(camera_spec(args.scan_shape), figures, args.lanes)
 
 
 if __name__ == "__main__":
