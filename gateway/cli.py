@@ -28,6 +28,7 @@ from common.config import (
     ControlPlaneLink,
     Detector,
     DSNConfig,
+    GatewaySettings,
     StateServiceLink,
     load_config,
     next_port,
@@ -84,16 +85,20 @@ def gateway() -> None:
                    "are given, and its identity to the state service (the control plane's "
                    "STATE_DIR/gateways/ must hold the public .key).")
 @click.option("--ingress", metavar="tcp://IP:PORT", help="Where producers connect "
-              "(control-plane mode; default gateway.ingress or tcp://127.0.0.1:5555).")
+              "(default gateway.ingress or tcp://127.0.0.1:5555).")
 @click.option("--receipts", metavar="tcp://IP:PORT",
-              help="Where producers ask what became of their scans (control-plane mode; default "
-                   "gateway.receipts, or the port after the ingress's).")
+              help="Where producers ask what became of their scans (default gateway.receipts, "
+                   "or the port after the ingress's).")
 @click.option("--plain-ingress", metavar="tcp://IP:PORT",
               help="A second ingress for sessions whose policy allows unencrypted transport "
-                   "(PLAIN, session id and token signature; control-plane mode; default "
-                   "gateway.plain_ingress, none).")
+                   "(PLAIN, session id and token signature; default gateway.plain_ingress, none).")
 @click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Spool directory (control-plane mode; default gateway.spool_dir or ./spool).")
+              help="Spool directory, also holding the scan journal (default gateway.spool_dir "
+                   "or ./spool).")
+@click.option("--ncem-lane", metavar="LANE/LANES",
+              help="Carry lane LANE of LANES of the NCEM scans (gateway.ncem_lane): the camera "
+                   "modules m with m mod LANES == LANE. With --ingress, --receipts, --metrics "
+                   "and --spool-dir, one configuration file serves every lane's gateway.")
 @click.option("--max-sector-bytes", type=click.IntRange(1, 2**31 - 1),
               help="Largest data message a session may carry (control-plane mode; the ingress "
                    "limit is fixed when it binds). Default gateway.controlplane.max_sector_bytes, "
@@ -122,7 +127,8 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
         state_endpoints: tuple[str, ...], state_key_files: tuple[Path, ...],
         key_file: Path | None,
         ingress: str | None, receipts: str | None, plain_ingress: str | None,
-        spool_dir: Path | None, max_sector_bytes: int | None, sync_timeout: float,
+        spool_dir: Path | None, ncem_lane: str | None, max_sector_bytes: int | None,
+        sync_timeout: float,
         advertise: str | None, advertise_receipts: str | None, advertise_plain: str | None,
         capacity: int | None, heartbeat_s: float | None) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
@@ -131,17 +137,17 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
     source: CloneSessionSource | None = None
     try:
         loaded = load_config(config_path) if config_path is not None else None
+        flags = Overrides(ingress, receipts, plain_ingress, spool_dir, ncem_lane)
         if not state_endpoints and (loaded is None or loaded.gateway.controlplane is None):
-            _static_only(state_key_files or None, key_file, ingress, receipts, plain_ingress,
-                         spool_dir, max_sector_bytes, advertise, advertise_receipts,
-                         advertise_plain, capacity, heartbeat_s)
+            _static_only(state_key_files or None, key_file, max_sector_bytes, advertise,
+                         advertise_receipts, advertise_plain, capacity, heartbeat_s)
             if loaded is None:
                 raise ConfigError("give --config, or --controlplane-state with --state-key")
-            gw = Gateway(loaded, mode=mode)
+            gateway_settings = _gateway_settings(loaded.gateway.model_dump(mode="json"), flags)
+            gw = Gateway(loaded.model_copy(update={"gateway": gateway_settings}), mode=mode)
             gw.start()
         else:
-            config = _gateway_only_config(loaded, config_path, key_file, ingress, receipts,
-                                          plain_ingress, spool_dir)
+            config = _gateway_only_config(loaded, config_path, key_file, flags)
             announced = Announced(advertise, advertise_receipts, advertise_plain, capacity,
                                   heartbeat_s)
             servers = _state_servers(config.gateway.controlplane, state_endpoints,
@@ -159,15 +165,41 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
 
 def _static_only(*live_options: object) -> None:
     if any(option is not None for option in live_options):
-        raise ConfigError("--state-key, --key, --ingress, --receipts, --plain-ingress, "
-                          "--spool-dir, --max-sector-bytes, --advertise*, --capacity and "
+        raise ConfigError("--state-key, --key, --max-sector-bytes, --advertise*, --capacity and "
                           "--heartbeat apply only in control-plane mode "
                           "(--controlplane-state, or gateway.controlplane in the --config file)")
 
 
+class Overrides(NamedTuple):
+    """Gateway settings given as flags, in either mode (None: the file's, else the default)."""
+
+    ingress: str | None
+    receipts: str | None
+    plain_ingress: str | None
+    spool_dir: Path | None
+    ncem_lane: str | None  # LANE/LANES
+
+
+def _gateway_settings(settings: dict[str, Any], flags: Overrides) -> GatewaySettings:
+    """``settings`` (a file's gateway section, as JSON values) overridden by the flags given,
+    validated as the file's would be."""
+    named = {"ingress": flags.ingress, "receipts": flags.receipts,
+             "plain_ingress": flags.plain_ingress,
+             "spool_dir": None if flags.spool_dir is None else str(flags.spool_dir),
+             "ncem_lane": None if flags.ncem_lane is None else _lane(flags.ncem_lane)}
+    given = {name: value for name, value in named.items() if value is not None}
+    return parse_config({"version": 1, "gateway": {**settings, **given}, "sessions": []}).gateway
+
+
+def _lane(text: str) -> dict[str, int]:
+    lane, slash, lanes = text.partition("/")
+    if not (slash and lane.isdigit() and lanes.isdigit()):
+        raise ConfigError(f"--ncem-lane: expected LANE/LANES such as 0/2, got {text!r}")
+    return {"lane": int(lane), "lanes": int(lanes)}
+
+
 def _gateway_only_config(loaded: DSNConfig | None, config_path: Path | None,
-                         key_file: Path | None, ingress: str | None, receipts: str | None,
-                         plain_ingress: str | None, spool_dir: Path | None) -> DSNConfig:
+                         key_file: Path | None, flags: Overrides) -> DSNConfig:
     """The gateway's own settings: the configuration file's, overridden by the flags given."""
     settings: dict[str, Any] = {}
     if loaded is not None:
@@ -177,10 +209,9 @@ def _gateway_only_config(loaded: DSNConfig | None, config_path: Path | None,
         settings = loaded.gateway.model_dump(mode="json")
     elif key_file is None:
         raise ConfigError("--controlplane-state needs --key (or --config naming the key)")
-    flags = {"server_secret_key_file": key_file, "ingress": ingress, "receipts": receipts,
-             "plain_ingress": plain_ingress, "spool_dir": spool_dir}
-    settings.update({name: str(value) for name, value in flags.items() if value is not None})
-    return parse_config({"version": 1, "gateway": settings, "sessions": []})
+    if key_file is not None:
+        settings["server_secret_key_file"] = str(key_file)
+    return DSNConfig(version=1, gateway=_gateway_settings(settings, flags), sessions=[])
 
 
 def _state_servers(link: ControlPlaneLink | None, endpoints: tuple[str, ...],

@@ -48,10 +48,10 @@ SECTORS = CAMERA.spec.sectors
 class GatewayProcess:
     """``dsn gateway run --config`` as a child process, with its metrics address."""
 
-    def __init__(self, config: Path, metrics: str) -> None:
+    def __init__(self, config: Path, metrics: str, *options: str) -> None:
         self.metrics = metrics
-        self.process = subprocess.Popen([DSN, "gateway", "run", "--config", str(config)],
-                                        stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([DSN, "gateway", "run", "--config", str(config),
+                                         *options], stderr=subprocess.PIPE, text=True)
 
     def forwarded(self) -> float:
         try:

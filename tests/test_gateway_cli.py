@@ -19,7 +19,7 @@ from waiting import eventually
 from common.config import ConfigError, load_config
 from common.keys import KeyPair, create_keypair, load_keypair
 from common.protocol import Data, ScanBegin, encode
-from gateway.cli import _gateway_only_config, _state_servers, gateway
+from gateway.cli import Overrides, _gateway_only_config, _gateway_settings, _state_servers, gateway
 
 DSN = str(Path(sys.executable).parent / "dsn")
 
@@ -174,9 +174,52 @@ def test_control_plane_mode_keeps_the_files_tuning_and_takes_the_flags(tmp_path:
     path.write_text(yaml.safe_dump({"version": 1, "sessions": [], "gateway": {
         "server_secret_key_file": "server.key_secret", "io_threads": 3,
         "ingress_buffer_bytes": 1 << 20, "egress_buffer_bytes": 4 << 20}}))
-    settings = _gateway_only_config(load_config(path), path, None, "tcp://127.0.0.1:16000",
-                                     None, None, None).gateway
+    settings = _gateway_only_config(load_config(path), path, None, Overrides(
+        "tcp://127.0.0.1:16000", None, None, None, None)).gateway
     assert (settings.io_threads, settings.ingress_buffer_bytes,
             settings.egress_buffer_bytes) == (3, 1 << 20, 4 << 20)
     assert settings.ingress == "tcp://127.0.0.1:16000"
 
+
+
+def test_a_static_configurations_gateway_settings_take_the_flags_given(tmp_path: Path) -> None:
+    """One file serves several gateways of a session (its lanes): each takes its own ingress,
+    receipts, spool directory and NCEM lane as flags, the rest from the file."""
+    path = tmp_path / "dsn.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "sessions": [], "gateway": {
+        "server_secret_key_file": "server.key_secret", "io_threads": 3,
+        "ingress": "tcp://127.0.0.1:16000", "receipts": "tcp://127.0.0.1:16001"}}))
+    file = load_config(path).gateway.model_dump(mode="json")
+    settings = _gateway_settings(file, Overrides("tcp://127.0.0.1:16010", "tcp://127.0.0.1:16011",
+                                                 None, tmp_path / "spool1", "1/2"))
+    assert (settings.ingress, settings.receipts, settings.spool_dir, settings.io_threads) == (
+        "tcp://127.0.0.1:16010", "tcp://127.0.0.1:16011", tmp_path / "spool1", 3)
+    assert settings.ncem_lane is not None
+    assert (settings.ncem_lane.lane, settings.ncem_lane.lanes) == (1, 2)
+    assert _gateway_settings(file, Overrides(None, None, None, None, None)).ncem_lane is None
+
+
+@pytest.mark.parametrize("lane, says", [
+    ("1", "--ncem-lane: expected LANE/LANES such as 0/2, got '1'"),
+    ("-1/2", "--ncem-lane: expected LANE/LANES"),
+    ("2/2", "lanes count from 0"),
+    ("0/1", "ncem_lane.lanes"),
+])
+def test_a_bad_ncem_lane_flag_is_one_clear_line_and_exit_2(tmp_path: Path, lane: str,
+                                                           says: str) -> None:
+    path = tmp_path / "dsn.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "sessions": [],
+                                    "gateway": {"server_secret_key_file": "x"}}))
+    result = CliRunner().invoke(gateway, ["run", "--config", str(path), "--ncem-lane", lane])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and says in line
+
+
+def test_control_plane_flags_are_refused_in_static_mode(tmp_path: Path) -> None:
+    path = tmp_path / "dsn.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "sessions": [],
+                                    "gateway": {"server_secret_key_file": "x"}}))
+    result = CliRunner().invoke(gateway, ["run", "--config", str(path), "--capacity", "3"])
+    assert result.exit_code == 2
+    assert "apply only in control-plane mode" in result.output

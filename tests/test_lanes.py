@@ -48,6 +48,10 @@ class Lane:
     endpoint: str
     receipts: str
     metrics: str
+    options: list[str]  # `dsn gateway run` flags that make the shared file's gateway this lane's
+
+    def start(self) -> GatewayProcess:
+        return GatewayProcess(self.config, self.metrics, *self.options)
 
 
 @dataclass
@@ -59,19 +63,29 @@ class LanedSite:
     keys: Path
 
 
-def _lane_config(directory: Path, index: int, session: dict[str, object]) -> Lane:
-    lane = Lane(directory / f"lane{index}.yaml", f"tcp://127.0.0.1:{free_port()}",
-                f"tcp://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+def _lanes(directory: Path, session: dict[str, object]) -> list[Lane]:
+    """One configuration file, lane 0's; lane 1's gateway takes the same file with the flags that
+    give it its own endpoints, spool directory and NCEM lane, as an operator would start it."""
+    path = directory / "dsn.yaml"
+    lanes = []
+    for index in range(LANES):
+        endpoint, receipts = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        metrics, spool = f"127.0.0.1:{free_port()}", directory / f"spool{index}"
+        options = [] if index == 0 else [
+            "--ingress", endpoint, "--receipts", receipts, "--metrics", metrics,
+            "--spool-dir", str(spool), "--ncem-lane", f"{index}/{LANES}"]
+        lanes.append(Lane(path, endpoint, receipts, metrics, options))
+    first = lanes[0]
     config = {"version": 1,
-              "gateway": {"ingress": lane.endpoint, "receipts": lane.receipts,
-                          "metrics": lane.metrics,
+              "gateway": {"ingress": first.endpoint, "receipts": first.receipts,
+                          "metrics": first.metrics,
                           "server_secret_key_file": str(directory / "keys" / "gateway.key_secret"),
-                          "spool_dir": str(directory / f"spool{index}"),
+                          "spool_dir": str(directory / "spool0"),
                           # NCEM producers cannot name their lane: each gateway says its own.
-                          "ncem_lane": {"lane": index, "lanes": LANES}},
+                          "ncem_lane": {"lane": 0, "lanes": LANES}},
               "sessions": [session]}
-    lane.config.write_text(yaml.safe_dump(config))
-    return lane
+    path.write_text(yaml.safe_dump(config))
+    return lanes
 
 
 def laned_site(directory: Path, consumers: int = RANKS) -> LanedSite:
@@ -83,7 +97,7 @@ def laned_site(directory: Path, consumers: int = RANKS) -> LanedSite:
     session = {"id": SESSION, "client_keys": [public.decode()],
                "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
                "consumers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(consumers)]}
-    lanes = [_lane_config(directory, index, session) for index in range(LANES)]
+    lanes = _lanes(directory, session)
     site = StaticSite(directory, lanes[0].config, lanes[0].endpoint,
                       load_keypair(keys / "gateway.key").public, KeyPair(public, secret),
                       directory / "spool0")
@@ -98,7 +112,7 @@ def laned(tmp_path: Path) -> LanedSite:
 @contextmanager
 def running(laned: LanedSite) -> Iterator[list[GatewayProcess]]:
     """A gateway process per lane."""
-    gateways = [GatewayProcess(lane.config, lane.metrics) for lane in laned.lanes]
+    gateways = [lane.start() for lane in laned.lanes]
     try:
         yield gateways
     finally:
@@ -292,7 +306,7 @@ def test_a_lane_whose_gateway_restarted_mid_scan_still_ends_the_scan_every_secto
         _send_sectors(first, lane0[:cut], 0)
         eventually(lambda: gateways[0].forwarded() >= cut, timeout_s=60, what="30% of lane 0")
         _kill_and_see_the_break(gateways[0], first)
-        restarted = GatewayProcess(laned.lanes[0].config, laned.lanes[0].metrics)
+        restarted = laned.lanes[0].start()
         _send_sectors(first, lane0[cut:], cut)
         first.send(encode(ScanEnd(v=1, scan=7, sent=len(lane0))))
         _send_sectors(second, lane1, 0)
