@@ -631,9 +631,10 @@ class Router:
             return self._no_scan(state, msg.scan)
         scan.seen = now
         lanes = scan.begin.lanes
-        if lanes is not None and msg.sector % lanes != scan.begin.lane:
-            # Its module's stream belongs to another lane's gateway; counted here, it would
-            # close this lane before its own modules are in.
+        if lanes is not None and scan.arrived and msg.sector % lanes != scan.begin.lane:
+            # A scan NCEM headers opened (it expects every sector of its lane's modules): this
+            # module's stream belongs to another lane's gateway, and counted here it would close
+            # this lane before its own modules are in. A native scan's lanes are its producers'.
             decision = self._data_drop(state, msg, DropReason.WRONG_LANE.value, scan)
         elif (ncem.rows, ncem.positions_per_row) != tuple(scan.begin.scan_shape):
             # A frame number computed from another shape would land on the wrong position.

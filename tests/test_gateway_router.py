@@ -237,6 +237,14 @@ def test_a_gateway_carrying_one_lane_of_ncem_scans_takes_its_modules_and_closes_
     assert {(msg.lane, msg.lanes) for _, msg in control(closing)} == {(1, 2)}
 
 
+def test_a_native_scans_lane_takes_ncem_data_of_any_module() -> None:
+    """A producer that announces its lane itself and sends NCEM data headers chose its lane's
+    sectors; only the gateway's own NCEM lane ties modules to lanes."""
+    router = Router(SessionTable([_session()]), clock=Clock(), ncem_lane=(1, 2))
+    router.route("s1", begin(scan=7, shape=(3, 4), lane=1, lanes=2), 1, 0)
+    assert send_data(router, ncem(5, sector=0)).drop is None
+
+
 def test_ncem_data_of_a_session_without_consumers_opens_a_spooled_scan() -> None:
     router = _spooling()
     first = send_data(router, ncem(4, scan=1))
