@@ -162,7 +162,8 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
         work = _spool_work(list(spool_files), scan, progress, timeout)
     else:
         work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
-                               reorder, header, electrons, dark, progress, timeout)
+                               reorder, header, electrons, dark, progress, timeout,
+                               max(1, len(endpoints)))
     wait_s = None if no_receipt else receipt_timeout
     if controlplane_urls is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
@@ -219,7 +220,7 @@ def _spool_work(spool_files: list[Path], scan: int | None, progress: bool | None
 
 def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: float,
                     duplicates: float, reorder: int, header: HeaderMode, electrons: int,
-                    dark: bool, progress: bool | None, timeout: float) -> Work:
+                    dark: bool, progress: bool | None, timeout: float, lanes: int) -> Work:
     # The scan is checked here, before any session is opened for it.
     try:
         spec = CameraSpec(scan_shape=scan_shape, seed=seed, electrons_per_frame=electrons,
@@ -228,6 +229,9 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
                           duplicate_rate=duplicates, reorder_window=reorder, seed=seed)
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
+    if lanes > plan.producers:
+        raise click.UsageError(f"{lanes} --endpoint for {plan.producers} producers (one per "
+                               "sector): each lane needs a producer")
 
     def run(targets: list[GatewayTarget], abandon: Abandon | None) -> StreamStats:
         # Lanes share the first gateway's credentials (_direct_targets makes them so).

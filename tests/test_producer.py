@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -349,6 +350,28 @@ def test_stream_command_rejects_a_bad_scan_shape(tmp_path: Path, shape: str) -> 
         "--client-key", str(client_sec), "--scan-shape", shape])
     assert result.exit_code == 2
     assert "--scan-shape" in result.output and "ROWSxCOLS" in result.output
+
+
+@pytest.mark.parametrize("lanes, says", [
+    (["--endpoint", "tcp://127.0.0.1:1", "--endpoint", "tcp://127.0.0.1:1"],
+     "an --endpoint is given twice: each lane is another gateway"),
+    (["--endpoint", "tcp://127.0.0.1:1", "--endpoint", "tcp://127.0.0.1:3",
+      "--receipts", "tcp://127.0.0.1:2"],
+     "2 --endpoint but 1 --receipts: give one --receipts per --endpoint, or none"),
+    ([arg for port in range(1, 11, 2) for arg in ("--endpoint", f"tcp://127.0.0.1:{port}")],
+     "5 --endpoint for 4 producers (one per sector): each lane needs a producer"),
+    (["--endpoint", "tcp://127.0.0.1:1", "--endpoint", "tcp://127.0.0.1:3", "--spool", "x"],
+     "--spool replays through one gateway: give one --endpoint"),
+])
+def test_stream_command_refuses_lanes_it_cannot_stream(tmp_path: Path, lanes: list[str],
+                                                       says: str) -> None:
+    server_pub, _, _, client_sec = _keys(tmp_path)
+    (tmp_path / "x").write_bytes(b"")
+    with contextlib.chdir(tmp_path):
+        result = CliRunner().invoke(producer_cli, [
+            "stream", *lanes, "--server-key", str(server_pub), "--client-key", str(client_sec)])
+    assert result.exit_code == 2, result.output
+    assert says in result.output
 
 
 def test_stream_command_rejects_unusable_keys(tmp_path: Path) -> None:
