@@ -368,10 +368,13 @@ def _serve(gw: Gateway, mode: Mode, metrics_address: str | None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     started = time.monotonic()
+    settings = gw.config.gateway
+    lane = settings.ncem_lane
     log.info("start", extra={"fields": {
-        "mode": mode, "ingress": gw.config.gateway.ingress, "sessions": len(gw.table),
-        "consumers": sum(len(e.session.consumers) for e in gw.table),
-        "metrics": metrics_address}})
+        "mode": mode, "ingress": settings.ingress, "receipts": settings.receipts_endpoint,
+        "sessions": len(gw.table), "consumers": sum(len(e.session.consumers) for e in gw.table),
+        "metrics": metrics_address,
+        "ncem_lane": None if lane is None else f"{lane.lane}/{lane.lanes}"}})
     try:
         gw.run()
     finally:

@@ -100,7 +100,8 @@ def test_run_serves_metrics_logs_json_and_stops_on_sigterm(
     assert process.returncode == 0, stderr
     events = [json.loads(line) for line in stderr.splitlines()]
     [start], stop = [e for e in events if e["event"] == "start"], events[-1]
-    assert (start["mode"], start["sessions"]) == ("l7", 1)
+    assert (start["mode"], start["sessions"], start["ncem_lane"]) == ("l7", 1, None)
+    assert start["receipts"].startswith("tcp://127.0.0.1:")
     # Sessions and scans come and go in the log, with what became of each scan.
     said = [(e["event"], e.get("session"), e.get("scan")) for e in events]
     assert ("session added", "cli", None) in said and ("scan opened", "cli", 1) in said
