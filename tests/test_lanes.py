@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 import zmq
@@ -148,6 +149,8 @@ def test_a_scan_streamed_through_two_gateways_is_counted_whole_and_each_reports_
     [result] = job.result_lines()
     assert (result["scan"], result["status"], result["frames"]) == (1, "complete", 24 * 24)
     assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
+    with h5py.File(Path(str(result["path"]))) as f:
+        assert int(f["metadata/stream"].attrs["lanes"]) == LANES
     assert [gateway.forwarded() for gateway in gateways] == [half, half]
 
 

@@ -75,6 +75,7 @@ class ScanOutcome:
             "frame_shape": np.asarray(self.begin.frame_shape, dtype=np.int64),
             "sectors": self.begin.sectors,
             "members": self.begin.members,
+            "lanes": self.begin.lanes or 1,
             "status": self.status,
             "frames": self.frame_events.shape[0],
             "events": self.events,
