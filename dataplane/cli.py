@@ -92,9 +92,11 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="Without --controlplane: the gateway's producer ingress, as given when the "
                    "session was opened. Repeat it to split the scan over several gateways of the "
                    "session (lanes, at most one per producer): producer k streams through the "
-                   "(k mod N)-th; they share --server-key.")
-@click.option("--server-key", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="Without --controlplane: the gateway's public CURVE key file (NAME.key).")
+                   "(k mod N)-th.")
+@click.option("--server-key", "server_keys", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Without --controlplane: the gateway's public CURVE key file (NAME.key); with "
+                   "several --endpoint, one for all or one each, in the same order.")
 @click.option("--receipts", "receipts_endpoints", multiple=True, metavar="tcp://HOST:PORT",
               help="Without --controlplane: the gateway's receipts endpoint (its "
                    "gateway.receipts; with several --endpoint, one each, in the same order) "
@@ -136,7 +138,7 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
 def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path | None,
            project: str | None, template: str, param_pairs: tuple[str, ...], ttl: int | None,
            end_session: bool, session_id: str | None, follow_wait: float,
-           transport: Transport, endpoints: tuple[str, ...], server_key: Path | None,
+           transport: Transport, endpoints: tuple[str, ...], server_keys: tuple[Path, ...],
            receipts_endpoints: tuple[str, ...], receipt_timeout: float, no_receipt: bool,
            client_key: Path | None, scan: int | None, spool_files: tuple[Path, ...],
            scan_shape: tuple[int, int], seed: int,
@@ -167,7 +169,7 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
     wait_s = None if no_receipt else receipt_timeout
     if controlplane_urls is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
-        targets = _direct_targets(endpoints, server_key, client_key, receipts_endpoints)
+        targets = _direct_targets(endpoints, server_keys, client_key, receipts_endpoints)
         _guarded(lambda: _deliver(work, targets, wait_s))
         return
     _refuse_options(ctx, _DIRECT_OPTIONS, "is the gateway's own; with --controlplane the "
@@ -198,7 +200,7 @@ class Work:
 _OPENING_OPTIONS = ("template", "param_pairs", "ttl", "transport")
 _CONTROLPLANE_OPTIONS = ("project_token_file", "project", *_OPENING_OPTIONS, "end_session",
                          "session_id", "follow_wait")
-_DIRECT_OPTIONS = ("endpoints", "server_key", "receipts_endpoints")
+_DIRECT_OPTIONS = ("endpoints", "server_keys", "receipts_endpoints")
 
 
 def _spool_work(spool_files: list[Path], scan: int | None, progress: bool | None,
@@ -234,10 +236,10 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
                                "sector): each lane needs a producer")
 
     def run(targets: list[GatewayTarget], abandon: Abandon | None) -> StreamStats:
-        # Lanes share the first gateway's credentials (_direct_targets makes them so).
+        # Lanes share the producer's credentials (_direct_targets makes them so).
         target = targets[0]
         return stream_synthetic(
-            [t.endpoint for t in targets], target.server_public, target.client,
+            [t.endpoint for t in targets], [t.server_public for t in targets], target.client,
             SyntheticCamera(spec), plan, scan, header=header, progress=progress,
             send_timeout_s=timeout, plain=target.plain, abandon=abandon)
     return Work(f"scan {scan}", scan, run)
@@ -291,29 +293,33 @@ def _confirm(report: GatewayReport) -> None:
                             f"messages of scan {report.scan}")
 
 
-def _direct_targets(endpoints: tuple[str, ...], server_key: Path | None,
+def _direct_targets(endpoints: tuple[str, ...], server_keys: tuple[Path, ...],
                     client_key: Path | None, receipts: tuple[str, ...]) -> list[GatewayTarget]:
     """The gateways to stream through, one per --endpoint (a lane each)."""
     missing = [option for option, value in (("--endpoint", endpoints or None),
-                                            ("--server-key", server_key),
+                                            ("--server-key", server_keys or None),
                                             ("--client-key", client_key)) if value is None]
     if missing:
         raise click.UsageError(f"without --controlplane, {', '.join(missing)} "
                                f"{'is' if len(missing) == 1 else 'are'} required")
-    assert server_key is not None and client_key is not None
-    if receipts and len(receipts) != len(endpoints):
+    assert client_key is not None
+    if len(receipts) not in (0, len(endpoints)):
         raise click.UsageError(f"{len(endpoints)} --endpoint but {len(receipts)} --receipts: "
                                "give one --receipts per --endpoint, or none")
+    if len(server_keys) not in (1, len(endpoints)):
+        raise click.UsageError(f"{len(endpoints)} --endpoint but {len(server_keys)} --server-key: "
+                               "give one --server-key for all, or one per --endpoint")
     if len(set(endpoints)) != len(endpoints):
         raise click.UsageError("an --endpoint is given twice: each lane is another gateway")
-    server = _load_key(server_key, "--server-key", secret=False)
+    servers = [_load_key(path, "--server-key", secret=False).public for path in server_keys]
     client = _load_key(client_key, "--client-key", secret=True)
     try:
         answers = receipts or tuple(next_port(endpoint) for endpoint in endpoints)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--endpoint") from None
-    return [GatewayTarget(endpoint, server.public, client, receipts=answer)
-            for endpoint, answer in zip(endpoints, answers, strict=True)]
+    keys = servers * len(endpoints) if len(servers) == 1 else servers
+    return [GatewayTarget(endpoint, server, client, receipts=answer)
+            for endpoint, server, answer in zip(endpoints, keys, answers, strict=True)]
 
 
 def _client(urls: tuple[str, ...], token_file: Path | None) -> Client:

@@ -332,7 +332,7 @@ class StreamStats:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | None,
+def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | Sequence[bytes] | None,
                      client: KeyPair | None, camera: SyntheticCamera, plan: StreamPlan,
                      scan: int = 0, *, header: HeaderMode = "native",
                      progress: bool | None = None, hwm: int = 256, send_timeout_s: float = 30.0,
@@ -340,9 +340,10 @@ def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | None,
                      abandon: Abandon | None = None) -> StreamStats:
     """Stream one synthetic scan with ``plan.producers`` producers, one thread and socket each.
 
-    ``endpoint``: the gateway's ingress, or several (one per lane, each a gateway with the same
-    server key and session): producer p streams lane p mod lanes, so each lane carries whole
-    sector streams and needs one producer at least. ``progress`` None shows a progress bar only
+    ``endpoint``: the gateway's ingress, or several (one per lane, each a gateway serving the
+    session; ``server_public`` one key for all, or one per lane): producer p streams lane
+    p mod lanes, so each lane carries whole sector streams and needs one producer at least.
+    ``progress`` None shows a progress bar only
     when the output is a terminal. The first producer error stops the others and is raised once
     every thread has finished. ``abandon`` is asked, from any of the threads, while a send is
     blocked (``Producer``).
@@ -353,8 +354,8 @@ def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | None,
     if not 1 <= len(lanes) <= min(plan.producers, MAX_LANES):
         raise ProducerError(f"{len(lanes)} lanes for {plan.producers} producers: each lane needs "
                             f"a producer, and there are at most {MAX_LANES}")
-    run = _StreamRun(lanes, server_public, client, camera, plan, scan, header, hwm,
-                     send_timeout_s, plain, abandon)
+    run = _StreamRun(lanes, _per_lane(server_public, len(lanes)), client, camera, plan, scan,
+                     header, hwm, send_timeout_s, plain, abandon)
     # Each connection is encrypted on one libzmq I/O thread: one per producer, up to the cores.
     context = zmq.Context(io_threads=max(1, min(plan.producers, os.cpu_count() or 1)))
     bar = tqdm(total=plan.total_messages, unit="msg", desc=f"scan {scan}",
@@ -379,10 +380,21 @@ def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | None,
                        seconds=seconds, lost=len(plan.lost), duplicated=len(plan.duplicated))
 
 
+def _per_lane(keys: bytes | Sequence[bytes] | None, lanes: int) -> list[bytes | None]:
+    """The gateway's server key for each lane: one for all, or one each."""
+    if keys is None or isinstance(keys, bytes):
+        return [keys] * lanes
+    each: list[bytes | None] = list(keys)
+    if len(each) != lanes:
+        raise ProducerError(f"{len(each)} server keys for {lanes} lanes: give one for all, or one "
+                            "per lane")
+    return each
+
+
 @dataclass
 class _StreamRun:
     lanes: list[str]  # an endpoint per lane
-    server_public: bytes | None
+    server_public: list[bytes | None]  # the server key of each lane's gateway
     client: KeyPair | None
     camera: SyntheticCamera
     plan: StreamPlan
@@ -405,7 +417,7 @@ class _StreamRun:
         # This lane's producers: those whose number is the lane's modulo the lane count.
         producers = len(range(lane, self.plan.producers, count))
         try:
-            with Producer(self.lanes[lane], self.server_public, self.client, hwm=self.hwm,
+            with Producer(self.lanes[lane], self.server_public[lane], self.client, hwm=self.hwm,
                           send_timeout_s=self.send_timeout_s, header=self.header,
                           context=context, plain=self.plain, abandon=self.abandon) as sock:
                 sock.begin_scan(self.scan, spec.scan_shape, producers, spec.frame_shape,

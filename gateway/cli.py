@@ -81,8 +81,9 @@ def gateway() -> None:
                    "gateway.controlplane.state_key_file). With several --controlplane-state: one "
                    "per replica in the same order, or one for all.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="This gateway's CURVE key pair (.key_secret): the ingress server key producers "
-                   "are given, and its identity to the state service (the control plane's "
+              help="This gateway's CURVE key pair (.key_secret; default gateway."
+                   "server_secret_key_file): the ingress server key producers are given, and in "
+                   "control-plane mode its identity to the state service (the control plane's "
                    "STATE_DIR/gateways/ must hold the public .key).")
 @click.option("--ingress", metavar="tcp://IP:PORT", help="Where producers connect "
               "(default gateway.ingress or tcp://127.0.0.1:5555).")
@@ -137,9 +138,9 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
     source: CloneSessionSource | None = None
     try:
         loaded = load_config(config_path) if config_path is not None else None
-        flags = Overrides(ingress, receipts, plain_ingress, spool_dir, ncem_lane)
+        flags = Overrides(key_file, ingress, receipts, plain_ingress, spool_dir, ncem_lane)
         if not state_endpoints and (loaded is None or loaded.gateway.controlplane is None):
-            _static_only(state_key_files or None, key_file, max_sector_bytes, advertise,
+            _static_only(state_key_files or None, max_sector_bytes, advertise,
                          advertise_receipts, advertise_plain, capacity, heartbeat_s)
             if loaded is None:
                 raise ConfigError("give --config, or --controlplane-state with --state-key")
@@ -147,7 +148,7 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
             gw = Gateway(loaded.model_copy(update={"gateway": gateway_settings}), mode=mode)
             gw.start()
         else:
-            config = _gateway_only_config(loaded, config_path, key_file, flags)
+            config = _gateway_only_config(loaded, config_path, flags)
             announced = Announced(advertise, advertise_receipts, advertise_plain, capacity,
                                   heartbeat_s)
             servers = _state_servers(config.gateway.controlplane, state_endpoints,
@@ -165,7 +166,7 @@ def run(config_path: Path | None, mode: Mode, metrics_address: str | None,
 
 def _static_only(*live_options: object) -> None:
     if any(option is not None for option in live_options):
-        raise ConfigError("--state-key, --key, --max-sector-bytes, --advertise*, --capacity and "
+        raise ConfigError("--state-key, --max-sector-bytes, --advertise*, --capacity and "
                           "--heartbeat apply only in control-plane mode "
                           "(--controlplane-state, or gateway.controlplane in the --config file)")
 
@@ -173,6 +174,7 @@ def _static_only(*live_options: object) -> None:
 class Overrides(NamedTuple):
     """Gateway settings given as flags, in either mode (None: the file's, else the default)."""
 
+    key_file: Path | None
     ingress: str | None
     receipts: str | None
     plain_ingress: str | None
@@ -183,7 +185,8 @@ class Overrides(NamedTuple):
 def _gateway_settings(settings: dict[str, Any], flags: Overrides) -> GatewaySettings:
     """``settings`` (a file's gateway section, as JSON values) overridden by the flags given,
     validated as the file's would be."""
-    named = {"ingress": flags.ingress, "receipts": flags.receipts,
+    named = {"server_secret_key_file": None if flags.key_file is None else str(flags.key_file),
+             "ingress": flags.ingress, "receipts": flags.receipts,
              "plain_ingress": flags.plain_ingress,
              "spool_dir": None if flags.spool_dir is None else str(flags.spool_dir),
              "ncem_lane": None if flags.ncem_lane is None else _lane(flags.ncem_lane)}
@@ -199,7 +202,7 @@ def _lane(text: str) -> dict[str, int]:
 
 
 def _gateway_only_config(loaded: DSNConfig | None, config_path: Path | None,
-                         key_file: Path | None, flags: Overrides) -> DSNConfig:
+                         flags: Overrides) -> DSNConfig:
     """The gateway's own settings: the configuration file's, overridden by the flags given."""
     settings: dict[str, Any] = {}
     if loaded is not None:
@@ -207,10 +210,8 @@ def _gateway_only_config(loaded: DSNConfig | None, config_path: Path | None,
             raise ConfigError(f"{config_path}: sessions come from the control plane; "
                               "leave sessions empty")
         settings = loaded.gateway.model_dump(mode="json")
-    elif key_file is None:
+    elif flags.key_file is None:
         raise ConfigError("--controlplane-state needs --key (or --config naming the key)")
-    if key_file is not None:
-        settings["server_secret_key_file"] = str(key_file)
     return DSNConfig(version=1, gateway=_gateway_settings(settings, flags), sessions=[])
 
 

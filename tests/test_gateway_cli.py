@@ -175,8 +175,8 @@ def test_control_plane_mode_keeps_the_files_tuning_and_takes_the_flags(tmp_path:
     path.write_text(yaml.safe_dump({"version": 1, "sessions": [], "gateway": {
         "server_secret_key_file": "server.key_secret", "io_threads": 3,
         "ingress_buffer_bytes": 1 << 20, "egress_buffer_bytes": 4 << 20}}))
-    settings = _gateway_only_config(load_config(path), path, None, Overrides(
-        "tcp://127.0.0.1:16000", None, None, None, None)).gateway
+    settings = _gateway_only_config(load_config(path), path, Overrides(
+        None, "tcp://127.0.0.1:16000", None, None, None, None)).gateway
     assert (settings.io_threads, settings.ingress_buffer_bytes,
             settings.egress_buffer_bytes) == (3, 1 << 20, 4 << 20)
     assert settings.ingress == "tcp://127.0.0.1:16000"
@@ -184,20 +184,24 @@ def test_control_plane_mode_keeps_the_files_tuning_and_takes_the_flags(tmp_path:
 
 
 def test_a_static_configurations_gateway_settings_take_the_flags_given(tmp_path: Path) -> None:
-    """One file serves several gateways of a session (its lanes): each takes its own ingress,
-    receipts, spool directory and NCEM lane as flags, the rest from the file."""
+    """One file serves several gateways of a session (its lanes): each takes its own key,
+    ingress, receipts, spool directory and NCEM lane as flags, the rest from the file."""
     path = tmp_path / "dsn.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "sessions": [], "gateway": {
         "server_secret_key_file": "server.key_secret", "io_threads": 3,
         "ingress": "tcp://127.0.0.1:16000", "receipts": "tcp://127.0.0.1:16001"}}))
     file = load_config(path).gateway.model_dump(mode="json")
-    settings = _gateway_settings(file, Overrides("tcp://127.0.0.1:16010", "tcp://127.0.0.1:16011",
+    settings = _gateway_settings(file, Overrides(tmp_path / "lane1.key_secret",
+                                                 "tcp://127.0.0.1:16010", "tcp://127.0.0.1:16011",
                                                  None, tmp_path / "spool1", "1/2"))
     assert (settings.ingress, settings.receipts, settings.spool_dir, settings.io_threads) == (
         "tcp://127.0.0.1:16010", "tcp://127.0.0.1:16011", tmp_path / "spool1", 3)
+    assert settings.server_secret_key_file == tmp_path / "lane1.key_secret"
     assert settings.ncem_lane is not None
     assert (settings.ncem_lane.lane, settings.ncem_lane.lanes) == (1, 2)
-    assert _gateway_settings(file, Overrides(None, None, None, None, None)).ncem_lane is None
+    untouched = _gateway_settings(file, Overrides(None, None, None, None, None, None))
+    assert untouched.ncem_lane is None
+    assert untouched.server_secret_key_file == tmp_path / "server.key_secret"
 
 
 @pytest.mark.parametrize("lane, says", [

@@ -49,7 +49,12 @@ class Lane:
     endpoint: str
     receipts: str
     metrics: str
+    key: Path  # the lane's gateway's public key file: each lane's gateway has its own key pair
     options: list[str]  # `dsn gateway run` flags that make the shared file's gateway this lane's
+
+    @property
+    def server(self) -> bytes:
+        return load_keypair(self.key).public
 
     def start(self) -> GatewayProcess:
         return GatewayProcess(self.config, self.metrics, *self.options)
@@ -66,21 +71,26 @@ class LanedSite:
 
 def _lanes(directory: Path, session: dict[str, object]) -> list[Lane]:
     """One configuration file, lane 0's; lane 1's gateway takes the same file with the flags that
-    give it its own endpoints, spool directory and NCEM lane, as an operator would start it."""
+    give it its own key, endpoints, spool directory and NCEM lane, as an operator would start
+    it."""
     path = directory / "dsn.yaml"
+    keys = directory / "keys"
     lanes = []
     for index in range(LANES):
         endpoint, receipts = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
         metrics, spool = f"127.0.0.1:{free_port()}", directory / f"spool{index}"
+        create_keypair(keys, f"gateway{index}")
         options = [] if index == 0 else [
-            "--ingress", endpoint, "--receipts", receipts, "--metrics", metrics,
-            "--spool-dir", str(spool), "--ncem-lane", f"{index}/{LANES}"]
-        lanes.append(Lane(path, endpoint, receipts, metrics, options))
+            "--key", str(keys / f"gateway{index}.key_secret"), "--ingress", endpoint,
+            "--receipts", receipts, "--metrics", metrics, "--spool-dir", str(spool),
+            "--ncem-lane", f"{index}/{LANES}"]
+        lanes.append(Lane(path, endpoint, receipts, metrics, keys / f"gateway{index}.key",
+                          options))
     first = lanes[0]
     config = {"version": 1,
               "gateway": {"ingress": first.endpoint, "receipts": first.receipts,
                           "metrics": first.metrics,
-                          "server_secret_key_file": str(directory / "keys" / "gateway.key_secret"),
+                          "server_secret_key_file": str(keys / "gateway0.key_secret"),
                           "spool_dir": str(directory / "spool0"),
                           # NCEM producers cannot name their lane: each gateway says its own.
                           "ncem_lane": {"lane": 0, "lanes": LANES}},
@@ -94,14 +104,12 @@ def laned_site(directory: Path, consumers: int = RANKS) -> LanedSite:
     keys = directory / "keys"
     create_keypair(keys, "producer")
     public, secret = load_secret_keypair(keys / "producer.key_secret")
-    create_keypair(keys, "gateway")
     session = {"id": SESSION, "client_keys": [public.decode()],
                "allowed_networks": ["127.0.0.0/8"], "allowed_targets": ["127.0.0.0/8"],
                "consumers": [f"tcp://127.0.0.1:{free_port()}" for _ in range(consumers)]}
     lanes = _lanes(directory, session)
-    site = StaticSite(directory, lanes[0].config, lanes[0].endpoint,
-                      load_keypair(keys / "gateway.key").public, KeyPair(public, secret),
-                      directory / "spool0")
+    site = StaticSite(directory, lanes[0].config, lanes[0].endpoint, lanes[0].server,
+                      KeyPair(public, secret), directory / "spool0")
     return LanedSite(site, lanes, keys)
 
 
@@ -128,10 +136,10 @@ def gateways(laned: LanedSite) -> Iterator[list[GatewayProcess]]:
 
 
 def stream_cli(laned: LanedSite, *args: str) -> subprocess.CompletedProcess[str]:
-    """``dsn producer stream`` with this site's keys, as a user would run it."""
+    """``dsn producer stream`` with this site's producer key, as a user would run it."""
     return subprocess.run(
-        [DSN, "producer", "stream", "--server-key", str(laned.keys / "gateway.key"),
-         "--client-key", str(laned.keys / "producer.key_secret"), "--no-progress", *args],
+        [DSN, "producer", "stream", "--client-key", str(laned.keys / "producer.key_secret"),
+         "--no-progress", *args],
         capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -155,8 +163,8 @@ def test_a_scan_streamed_through_two_gateways_is_counted_whole_and_each_reports_
 
 
 def _lane_options(laned: LanedSite) -> list[str]:
-    return [arg for lane in laned.lanes
-            for arg in ("--endpoint", lane.endpoint, "--receipts", lane.receipts)]
+    return [arg for lane in laned.lanes for arg in (
+        "--endpoint", lane.endpoint, "--receipts", lane.receipts, "--server-key", str(lane.key))]
 
 
 def test_the_lanes_of_a_scan_without_consumers_spool_apart_and_replay_as_one_scan(
@@ -177,7 +185,8 @@ def test_the_lanes_of_a_scan_without_consumers_spool_apart_and_replay_as_one_sca
     # One spool alone would be half a scan; both, replayed through one gateway, are all of it.
     job = laned.site.job("job", "--scans", "1")
     replayed = stream_cli(laned, "--endpoint", laned.lanes[0].endpoint, "--receipts",
-                          laned.lanes[0].receipts, *(f"--spool={spool}" for spool in spools))
+                          laned.lanes[0].receipts, "--server-key", str(laned.lanes[0].key),
+                          *(f"--spool={spool}" for spool in spools))
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert (f"gateway: scan 2 forwarded: {2 * half} sent, {2 * half} forwarded, 0 spooled, "
             "0 lost") in replayed.stdout
@@ -197,8 +206,8 @@ def test_spools_of_different_scans_are_not_replayed_as_one(laned: LanedSite,
             assert streamed.returncode == 0, streamed.stdout + streamed.stderr
     mixed = [unconsumed.site.directory / "spool0" / spool_name(SESSION, 4),
              unconsumed.site.directory / "spool1" / spool_name(SESSION, 5)]
-    refused = stream_cli(laned, "--endpoint", laned.lanes[0].endpoint,
-                         *(f"--spool={spool}" for spool in mixed))
+    refused = stream_cli(laned, "--endpoint", laned.lanes[0].endpoint, "--server-key",
+                         str(laned.lanes[0].key), *(f"--spool={spool}" for spool in mixed))
     assert refused.returncode == 1
     assert "the spools of one replay must be the lanes of one scan" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -210,7 +219,7 @@ def _lane_producer(context: zmq.Context[zmq.Socket[bytes]], laned: LanedSite,
     push = context.socket(zmq.PUSH)
     push.curve_secretkey = laned.site.client.secret
     push.curve_publickey = laned.site.client.public
-    push.curve_serverkey = laned.site.server
+    push.curve_serverkey = laned.lanes[lane].server
     push.linger = 5000
     push.connect(laned.lanes[lane].endpoint)
     return push

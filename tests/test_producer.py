@@ -374,6 +374,17 @@ def test_stream_command_refuses_lanes_it_cannot_stream(tmp_path: Path, lanes: li
     assert says in result.output
 
 
+def test_stream_command_takes_one_server_key_for_all_lanes_or_one_each(tmp_path: Path) -> None:
+    server_pub, _, _, client_sec = _keys(tmp_path)
+    lanes = [arg for port in (1, 3, 5) for arg in ("--endpoint", f"tcp://127.0.0.1:{port}")]
+    result = CliRunner().invoke(producer_cli, [
+        "stream", *lanes, "--server-key", str(server_pub), "--server-key", str(server_pub),
+        "--client-key", str(client_sec)])
+    assert result.exit_code == 2
+    assert ("3 --endpoint but 2 --server-key: give one --server-key for all, or one per "
+            "--endpoint") in result.output
+
+
 def test_stream_command_rejects_unusable_keys(tmp_path: Path) -> None:
     server_pub, _, client_pub, client_sec = _keys(tmp_path)
     runner = CliRunner()
