@@ -240,8 +240,9 @@ class RoutedScanEnd(_Header, tag="scan_end", frozen=True, omit_defaults=True):
     dropped: dict[ReasonLabel, U63]
     drops: list[tuple[U32, SectorIndex, ReasonLabel]]
     drops_truncated: bool
-    # The gateway restarted mid-scan: ``expected`` counts only what it forwarded since.
-    resumed: bool = False
+    # The gateway restarted mid-scan: ``expected`` counts only what it forwarded since. Optional
+    # (absent: false); a gateway sends it always.
+    resumed: bool | None = None
     lane: Lane | None = None
     lanes: Lanes | None = None
 
@@ -298,7 +299,8 @@ _FIELD_COUNT: dict[type[msgspec.Struct], int] = {cls: len(cls.__struct_fields__)
                 (ScanBegin, Data, ScanEnd, RoutedScanBegin, RoutedScanEnd, RoutedScanAbort)}
 # Optional keys that are absent when None (never sent as nil): each None one is a key fewer.
 _NONE_WHEN_ABSENT: dict[type[msgspec.Struct], tuple[str, ...]] = {
-    cls: ("lane", "lanes") for cls in (ScanBegin, RoutedScanBegin, RoutedScanEnd)}
+    ScanBegin: ("lane", "lanes"), RoutedScanBegin: ("lane", "lanes"),
+    RoutedScanEnd: ("resumed", "lane", "lanes")}
 
 
 def _map_length(buf: bytes | memoryview) -> int:

@@ -204,3 +204,16 @@ def test_routed_messages_round_trip_and_validate_index() -> None:
                          "dtype": "uint16", "members": 2, "index": 2})
     with pytest.raises(p.ProtocolError):
         p.decode_consumer_message(bad)
+
+
+def test_a_routed_scan_end_that_repeats_a_key_in_place_of_its_optional_ones_is_refused() -> None:
+    end = {"type": "scan_end", "v": 1, "scan": 3, "expected": 1, "sent": 1, "accepted": 1,
+           "dropped": {}, "drops": [], "drops_truncated": False}
+    body = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in end.items())
+    assert p.decode_consumer_message(bytes([0x80 | 9]) + body).resumed is None
+    resumed = body + msgpack.packb("resumed") + msgpack.packb(False)
+    assert p.decode_consumer_message(bytes([0x80 | 10]) + resumed).resumed is False
+    twice = bytes([0x80 | 10]) + body + msgpack.packb("expected") + msgpack.packb(5)
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_consumer_message(twice)
+    assert info.value.reason.value == "duplicate_key"
