@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any, TypeVar
 
 import click
@@ -13,6 +13,15 @@ from common.errors import DsnError
 from common.restclient import parse_base_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+def one_for_each(values: Sequence[T], count: int) -> list[T] | None:
+    """``values`` for ``count`` places (keys for endpoints, say): given once for all of them, or
+    once each in order; None when neither, for the caller to say so in its own terms."""
+    if len(values) == 1:
+        return list(values) * count
+    return list(values) if len(values) == count else None
 
 
 class ShapeParam(click.ParamType[tuple[int, int]]):

@@ -16,6 +16,7 @@ from common.client import DEFAULT_TEMPLATE, TOKEN_ENV, TOKEN_FILE_OPTION, Client
 from common.clitypes import (
     CONTROLPLANE_URLS_HELP,
     ControlPlaneURLs,
+    one_for_each,
     scan_shape_option,
     template_params,
 )
@@ -306,18 +307,18 @@ def _direct_targets(endpoints: tuple[str, ...], server_keys: tuple[Path, ...],
     if len(receipts) not in (0, len(endpoints)):
         raise click.UsageError(f"{len(endpoints)} --endpoint but {len(receipts)} --receipts: "
                                "give one --receipts per --endpoint, or none")
-    if len(server_keys) not in (1, len(endpoints)):
+    key_files = one_for_each(server_keys, len(endpoints))
+    if key_files is None:
         raise click.UsageError(f"{len(endpoints)} --endpoint but {len(server_keys)} --server-key: "
                                "give one --server-key for all, or one per --endpoint")
     if len(set(endpoints)) != len(endpoints):
         raise click.UsageError("an --endpoint is given twice: each lane is another gateway")
-    servers = [_load_key(path, "--server-key", secret=False).public for path in server_keys]
+    keys = [_load_key(path, "--server-key", secret=False).public for path in key_files]
     client = _load_key(client_key, "--client-key", secret=True)
     try:
         answers = receipts or tuple(next_port(endpoint) for endpoint in endpoints)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--endpoint") from None
-    keys = servers * len(endpoints) if len(servers) == 1 else servers
     return [GatewayTarget(endpoint, server, client, receipts=answer)
             for endpoint, server, answer in zip(endpoints, keys, answers, strict=True)]
 

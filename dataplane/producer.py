@@ -48,6 +48,7 @@ from tqdm import tqdm
 from zmq.utils.monitor import recv_monitor_message
 
 from common.client import DEFAULT_TEMPLATE, Client, OpenedSession, Session, Transport
+from common.clitypes import one_for_each
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_secret_keypair
 from common.protocol import (
@@ -384,11 +385,11 @@ def _per_lane(keys: bytes | Sequence[bytes] | None, lanes: int) -> list[bytes | 
     """The gateway's server key for each lane: one for all, or one each."""
     if keys is None or isinstance(keys, bytes):
         return [keys] * lanes
-    each: list[bytes | None] = list(keys)
-    if len(each) != lanes:
-        raise ProducerError(f"{len(each)} server keys for {lanes} lanes: give one for all, or one "
+    each = one_for_each(keys, lanes)
+    if each is None:
+        raise ProducerError(f"{len(keys)} server keys for {lanes} lanes: give one for all, or one "
                             "per lane")
-    return each
+    return list(each)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import click
 
+from common.clitypes import one_for_each
 from common.clone import Registration, StateEndpoints, StateServer
 from common.config import (
     DEFAULT_CAPACITY,
@@ -230,12 +231,12 @@ def _state_servers(link: ControlPlaneLink | None, endpoints: tuple[str, ...],
         key_files = (link.state_key_file,)
     if not key_files:
         raise ConfigError("--controlplane-state needs --state-key (the state service's public key)")
-    if len(key_files) not in (1, len(endpoints)):
+    keys = one_for_each(key_files, len(endpoints))
+    if keys is None:
         raise ConfigError(f"{len(endpoints)} --controlplane-state and {len(key_files)} "
                           "--state-key: give one key per state service, or one for all")
     if len(set(endpoints)) != len(endpoints):
         raise ConfigError("--controlplane-state: the same state service is named twice")
-    keys = key_files * len(endpoints) if len(key_files) == 1 else key_files
     return [_state_server(_state_endpoints(text), key)
             for text, key in zip(endpoints, keys, strict=True)]
 
