@@ -29,13 +29,15 @@ from test_no_silent_loss import (
     StaticSite,
     _counted,
     _kill_and_see_the_break,
+    contract_producer,
     ncem_message,
+    send_sectors,
 )
 from waiting import eventually
 
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
-from common.protocol import Data, ScanBegin, ScanEnd, encode
+from common.protocol import ScanBegin, ScanEnd, encode
 from dataplane.spool import spool_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(240)]
@@ -216,26 +218,27 @@ def test_spools_of_different_scans_are_not_replayed_as_one(laned: LanedSite,
 def _lane_producer(context: zmq.Context[zmq.Socket[bytes]], laned: LanedSite,
                    lane: int) -> zmq.Socket[bytes]:
     """A producer that follows only the contract, connected to lane ``lane``'s gateway."""
-    push = context.socket(zmq.PUSH)
-    push.curve_secretkey = laned.site.client.secret
-    push.curve_publickey = laned.site.client.public
-    push.curve_serverkey = laned.lanes[lane].server
-    push.linger = 5000
-    push.connect(laned.lanes[lane].endpoint)
-    return push
+    chosen = laned.lanes[lane]
+    return contract_producer(context, laned.site.client, chosen.server, chosen.endpoint,
+                             linger_ms=5000)
 
 
-def _stream_lane(push: zmq.Socket[bytes], lane: int, sectors: list[int]) -> None:
-    rows, cols = CAMERA.spec.scan_shape
-    push.send(encode(ScanBegin(v=1, scan=3, scan_shape=(rows, cols), frame_shape=(576, 576),
-                               sectors=4, producers=1, dtype="uint16", lane=lane, lanes=LANES)))
-    seq = 0
-    for frame in range(rows * cols):
-        for sector in sectors:
-            push.send_multipart([encode(Data(v=1, scan=3, frame=frame, sector=sector, seq=seq)),
-                                 CAMERA.sector(frame, sector).tobytes()])
-            seq += 1
-    push.send(encode(ScanEnd(v=1, scan=3, sent=seq)))
+def _begin_lane(push: zmq.Socket[bytes], scan: int, lane: int) -> None:
+    push.send(encode(ScanBegin(v=1, scan=scan, scan_shape=CAMERA.spec.scan_shape,
+                               frame_shape=(576, 576), sectors=4, producers=1, dtype="uint16",
+                               lane=lane, lanes=LANES)))
+
+
+def _lane_sectors(sectors: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [(frame, sector) for frame in range(CAMERA.spec.positions) for sector in sectors]
+
+
+def _stream_lane(push: zmq.Socket[bytes], lane: int, sectors: tuple[int, ...]) -> None:
+    """Lane ``lane`` of scan 3, whole: its scan_begin, the ``sectors`` of every frame, its end."""
+    _begin_lane(push, 3, lane)
+    part = _lane_sectors(sectors)
+    send_sectors(push, 3, part)
+    push.send(encode(ScanEnd(v=1, scan=3, sent=len(part))))
 
 
 def test_a_scan_ends_at_the_consumer_only_once_every_lane_has_ended_it(
@@ -244,7 +247,7 @@ def test_a_scan_ends_at_the_consumer_only_once_every_lane_has_ended_it(
     context = zmq.Context()
     try:
         first, second = (_lane_producer(context, laned, lane) for lane in range(LANES))
-        _stream_lane(first, 0, [0, 1])
+        _stream_lane(first, 0, (0, 1))
 
         def lane_ended() -> dict[str, object] | None:
             events = [json.loads(line) for line in job.log.read_text().splitlines()
@@ -254,7 +257,7 @@ def test_a_scan_ends_at_the_consumer_only_once_every_lane_has_ended_it(
         assert ended["waiting_for"] == [1]
         assert job.process.poll() is None, "the scan ended with a lane missing"
 
-        _stream_lane(second, 1, [2, 3])
+        _stream_lane(second, 1, (2, 3))
         assert job.wait() == 0, job.log.read_text()[-3000:]
     finally:
         context.destroy(linger=0)
@@ -307,21 +310,17 @@ def test_a_lane_whose_gateway_restarted_mid_scan_still_ends_the_scan_every_secto
     restarted = None
     try:
         first, second = (_lane_producer(context, laned, lane) for lane in range(LANES))
-        rows, cols = CAMERA.spec.scan_shape
         for lane, push in enumerate((first, second)):
-            push.send(encode(ScanBegin(v=1, scan=7, scan_shape=(rows, cols),
-                                       frame_shape=(576, 576), sectors=4, producers=1,
-                                       dtype="uint16", lane=lane, lanes=LANES)))
-        lane0 = [(frame, sector) for frame in range(rows * cols) for sector in (0, 1)]
-        lane1 = [(frame, sector) for frame in range(rows * cols) for sector in (2, 3)]
+            _begin_lane(push, 7, lane)
+        lane0, lane1 = _lane_sectors((0, 1)), _lane_sectors((2, 3))
         cut = len(lane0) * 3 // 10
-        _send_sectors(first, lane0[:cut], 0)
+        send_sectors(first, 7, lane0[:cut])
         eventually(lambda: gateways[0].forwarded() >= cut, timeout_s=60, what="30% of lane 0")
         _kill_and_see_the_break(gateways[0], first)
         restarted = laned.lanes[0].start()
-        _send_sectors(first, lane0[cut:], cut)
+        send_sectors(first, 7, lane0[cut:], cut)
         first.send(encode(ScanEnd(v=1, scan=7, sent=len(lane0))))
-        _send_sectors(second, lane1, 0)
+        send_sectors(second, 7, lane1)
         second.send(encode(ScanEnd(v=1, scan=7, sent=len(lane1))))
         assert job.wait() == 0, job.log.read_text()[-3000:]
     finally:
@@ -336,10 +335,3 @@ def test_a_lane_whose_gateway_restarted_mid_scan_still_ends_the_scan_every_secto
     assert result["received_sectors"] + result["lost_sectors"] == len(EVERY_SECTOR)
     assert result["expected_sectors"] == len(EVERY_SECTOR)
     assert result["status"] == ("complete" if counted == EVERY_SECTOR else "partial")
-
-
-def _send_sectors(push: zmq.Socket[bytes], sectors: list[tuple[int, int]], seq: int) -> None:
-    for offset, (frame, sector) in enumerate(sectors):
-        push.send_multipart([encode(Data(v=1, scan=7, frame=frame, sector=sector,
-                                         seq=seq + offset)),
-                             CAMERA.sector(frame, sector).tobytes()])

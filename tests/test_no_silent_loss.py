@@ -387,21 +387,28 @@ def _kill_and_see_the_break(gateway: GatewayProcess, push: zmq.Socket[bytes]) ->
         monitor.close(linger=0)
 
 
-def _contract_producer(context: zmq.Context[zmq.Socket[bytes]], site: StaticSite,
-                       ) -> zmq.Socket[bytes]:
+def contract_producer(context: zmq.Context[zmq.Socket[bytes]], client: KeyPair, server: bytes,
+                      endpoint: str, linger_ms: int = 0) -> zmq.Socket[bytes]:
     """A producer that follows only the contract: a bare CURVE PUSH socket, connected."""
     push = context.socket(zmq.PUSH)
-    push.curve_secretkey, push.curve_publickey = site.client.secret, site.client.public
-    push.curve_serverkey = site.server
-    push.linger = 0
-    push.connect(site.endpoint)
+    push.curve_secretkey, push.curve_publickey = client.secret, client.public
+    push.curve_serverkey = server
+    push.linger = linger_ms
+    push.connect(endpoint)
     return push
 
 
-def _send_sectors(push: zmq.Socket[bytes], sectors: list[tuple[int, int]]) -> None:
-    for seq, (frame, sector) in enumerate(sectors):
-        push.send_multipart([encode(Data(v=1, scan=1, frame=frame, sector=sector, seq=seq)),
+def send_sectors(push: zmq.Socket[bytes], scan: int, sectors: list[tuple[int, int]],
+                 first_seq: int = 0) -> None:
+    """Data messages of ``scan``, one per (frame, sector), numbered from ``first_seq``."""
+    for seq, (frame, sector) in enumerate(sectors, first_seq):
+        push.send_multipart([encode(Data(v=1, scan=scan, frame=frame, sector=sector, seq=seq)),
                              CAMERA.sector(frame, sector).tobytes()])
+
+
+def _send_part(push: zmq.Socket[bytes], sectors: list[tuple[int, int]]) -> None:
+    """One producer's part of scan 1, and its scan_end."""
+    send_sectors(push, 1, sectors)
     push.send(encode(ScanEnd(v=1, scan=1, sent=len(sectors))))
 
 
@@ -416,7 +423,8 @@ def test_a_gateway_restarted_after_one_producer_ended_its_part_closes_the_scan_a
     second = None
     try:
         job = site.job("job", "--scans", "1")
-        pushes += [_contract_producer(context, site) for _ in range(2)]
+        pushes += [contract_producer(context, site.client, site.server, site.endpoint)
+                   for _ in range(2)]
         rows, cols = CAMERA.spec.scan_shape
         for push in pushes:
             push.send(encode(ScanBegin(v=1, scan=1, scan_shape=(rows, cols),
@@ -424,7 +432,7 @@ def test_a_gateway_restarted_after_one_producer_ended_its_part_closes_the_scan_a
                                        dtype="uint16")))
         order = sorted(EVERY_SECTOR)
         halves = order[0::2], order[1::2]
-        _send_sectors(pushes[0], halves[0])
+        _send_part(pushes[0], halves[0])
         journal = site.spool_dir / JOURNAL
 
         def first_end_journaled() -> bool:
@@ -433,7 +441,7 @@ def test_a_gateway_restarted_after_one_producer_ended_its_part_closes_the_scan_a
         eventually(first_end_journaled, timeout_s=60, what="the first producer's scan_end taken")
         _kill_and_see_the_break(first, pushes[1])
         second = GatewayProcess(site.config, _metrics(site))
-        _send_sectors(pushes[1], halves[1])
+        _send_part(pushes[1], halves[1])
         with ReceiptClient(site.receipts, site.server, site.client) as receipts:
             report = await_report(receipts, 1, timeout_s=60)
         assert job.wait() == 0, job.log.read_text()[-3000:]
