@@ -285,6 +285,11 @@ class _Scan:
         self.missing = self.geometry.positions * len(range(lane, self.sectors, lanes))
         self.arrived = bytearray((self.geometry.positions * self.sectors + 7) // 8)
 
+    @property
+    def every_sector(self) -> bool:
+        """Opened by NCEM headers: it waits for every sector (of its lane's modules)."""
+        return bool(self.arrived)
+
     def arrive(self, msg: Data) -> bool:
         """Note an accepted sector of a scan that expects every sector; True once all are in."""
         if not self.missing:
@@ -631,7 +636,7 @@ class Router:
             return self._no_scan(state, msg.scan)
         scan.seen = now
         lanes = scan.begin.lanes
-        if lanes is not None and scan.arrived and msg.sector % lanes != scan.begin.lane:
+        if lanes is not None and scan.every_sector and msg.sector % lanes != scan.begin.lane:
             # A scan NCEM headers opened (it expects every sector of its lane's modules): this
             # module's stream belongs to another lane's gateway, and counted here it would close
             # this lane before its own modules are in. A native scan's lanes are its producers'.
