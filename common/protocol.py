@@ -129,6 +129,7 @@ class DropReason(enum.StrEnum):
     UNDELIVERED = "undelivered"
     CONSUMER_GONE = "consumer_gone"
     WRONG_LANE = "wrong_lane"  # an NCEM sector of a module another gateway's lane carries
+    NO_LANES = "no_lanes"  # a scan_begin naming lanes where its session has one gateway
 
 
 class ProtocolError(DsnError, ValueError):

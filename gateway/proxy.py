@@ -214,9 +214,9 @@ class L7Proxy:
                  plain_ingress: zmq.Socket[bytes] | None = None,
                  journal: ScanJournal | None = None,
                  egress_buffer_bytes: int | None = None,
-                 ncem_lane: tuple[int, int] | None = None) -> None:
+                 ncem_lane: tuple[int, int] | None = None, lanes: bool = True) -> None:
         self.router = Router(table, clock=clock, spooling=spools is not None, journal=journal,
-                             ncem_lane=ncem_lane)
+                             ncem_lane=ncem_lane, lanes=lanes)
         self.spools = spools
         self.journal = journal
         self.on_report = on_report
@@ -573,8 +573,10 @@ class Gateway:
 
     def __init__(self, config: DSNConfig, *, mode: Mode = "l7",
                  clock: Callable[[], float] = time.time, max_sector_bytes: int = 0,
-                 on_report: ReportSink | None = None) -> None:
+                 on_report: ReportSink | None = None, lanes: bool = True) -> None:
         self.config = config
+        # False: every session has this one gateway, and a scan naming lanes is refused.
+        self.lanes = lanes
         self.max_sector_bytes = max_sector_bytes
         self.on_report = on_report
         self.mode = mode
@@ -638,7 +640,8 @@ class Gateway:
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
                        on_report=self.on_report, plain_ingress=plain, journal=journal,
                        egress_buffer_bytes=settings.egress_buffer_bytes,
-                       ncem_lane=None if lane is None else (lane.lane, lane.lanes))
+                       ncem_lane=None if lane is None else (lane.lane, lane.lanes),
+                       lanes=self.lanes)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""

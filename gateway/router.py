@@ -408,10 +408,13 @@ class Router:
 
     def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time,
                  spooling: bool = False, journal: Journal | None = None,
-                 ncem_lane: tuple[int, int] | None = None) -> None:
+                 ncem_lane: tuple[int, int] | None = None, lanes: bool = True) -> None:
         self.endpoints: list[str] = []
         # (lane, lanes) this gateway carries of the NCEM scans, whose producers cannot say.
         self._ncem_lane = ncem_lane
+        # Whether a scan may be split over gateways: not where the control plane places each
+        # session on one, and its ranks would wait for lanes no gateway carries.
+        self._lanes = lanes
         self.live_slots: frozenset[int] = frozenset()
         self.spooling = spooling
         self.drops: dict[tuple[str, str], int] = {}
@@ -717,6 +720,8 @@ class Router:
             return self._refuse(sid, msg, DropReason.SCAN_TOO_LARGE.value)
         if msg.producers > limits.max_producers:
             return self._refuse(sid, msg, DropReason.TOO_MANY_PRODUCERS.value)
+        if msg.lanes is not None and not self._lanes:
+            return self._refuse(sid, msg, DropReason.NO_LANES.value)
         scan = state.scans.get(msg.scan)
         if scan is not None:
             return self._join_scan(sid, scan, msg, now)

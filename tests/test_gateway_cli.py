@@ -228,3 +228,13 @@ def test_control_plane_flags_are_refused_in_static_mode(tmp_path: Path) -> None:
     result = CliRunner().invoke(gateway, ["run", "--config", str(path), "--capacity", "3"])
     assert result.exit_code == 2
     assert "apply only in control-plane mode" in result.output
+
+
+def test_an_ncem_lane_is_refused_in_control_plane_mode(tmp_path: Path) -> None:
+    _, secret = create_keypair(tmp_path, "gateway")
+    result = CliRunner().invoke(gateway, [
+        "run", "--controlplane-state", "tcp://127.0.0.1:1,tcp://127.0.0.1:2", "--state-key",
+        str(_state_key(tmp_path / "state.key")), "--key", str(secret), "--ncem-lane", "1/2"])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: gateway.ncem_lane (--ncem-lane): the control plane places")

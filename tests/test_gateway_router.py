@@ -237,6 +237,13 @@ def test_a_gateway_carrying_one_lane_of_ncem_scans_takes_its_modules_and_closes_
     assert {(msg.lane, msg.lanes) for _, msg in control(closing)} == {(1, 2)}
 
 
+def test_a_gateway_without_lanes_refuses_a_scan_naming_them_and_says_why() -> None:
+    router = Router(SessionTable([_session()]), clock=Clock(), lanes=False)
+    assert router.route("s1", begin(scan=4, lane=0, lanes=2), 1, 0).drop == "no_lanes"
+    assert router.refused("s1", 4) == "no_lanes"
+    assert router.route("s1", begin(scan=5), 1, 0).control  # a scan of one lane opens
+
+
 def test_a_native_scans_lane_takes_ncem_data_of_any_module() -> None:
     """A producer that announces its lane itself and sends NCEM data headers chose its lane's
     sectors; only the gateway's own NCEM lane ties modules to lanes."""

@@ -7,6 +7,7 @@ counts every sector, as if one gateway had carried the scan.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import urllib.request
@@ -19,7 +20,8 @@ import h5py
 import pytest
 import yaml
 import zmq
-from cp_helpers import DSN
+from cp_helpers import DSN, ControlPlane, metrics_text
+from test_cp_sessions_api import WORKER_SCOPE
 from test_faults_gateway import GatewayProcess
 from test_no_silent_loss import (
     CAMERA,
@@ -33,11 +35,14 @@ from test_no_silent_loss import (
     ncem_message,
     send_sectors,
 )
-from waiting import eventually
+from waiting import eventually, eventually_async
 
+from common.client import Client
 from common.keys import KeyPair, create_keypair, load_keypair, load_secret_keypair
 from common.ports import free_port
 from common.protocol import ScanBegin, ScanEnd, encode
+from dataplane.producer import ProducerError, ProducerSession
+from dataplane.receipts import ReceiptClient, await_report
 from dataplane.spool import spool_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.timeout(240)]
@@ -335,3 +340,28 @@ def test_a_lane_whose_gateway_restarted_mid_scan_still_ends_the_scan_every_secto
     assert result["received_sectors"] + result["lost_sectors"] == len(EVERY_SECTOR)
     assert result["expected_sectors"] == len(EVERY_SECTOR)
     assert result["status"] == ("complete" if counted == EVERY_SECTOR else "partial")
+
+
+async def test_a_scan_naming_lanes_is_refused_in_a_session_the_control_plane_opened(
+        served: tuple[ControlPlane, str, Path], tmp_path: Path) -> None:
+    """The control plane places a session on one gateway: a scan there naming lanes would leave
+    the ranks waiting for lanes nothing carries, so its gateway refuses it, and says why."""
+    cp, metrics, _ = served
+    await cp.create_project("alpha")
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    await eventually_async(lambda: "dsn_gateway_consumers" in metrics_text(metrics),
+                           timeout_s=60, what="the gateway to serve")
+    _, secret_file = create_keypair(tmp_path / "producer", "cam")
+
+    def stream() -> None:
+        with ProducerSession(Client(cp.settings.base_url, token), client=secret_file,
+                             end_on_exit=True) as session:
+            target = session.gateway()
+            assert target.receipts is not None
+            with session.producer(send_timeout_s=30) as producer:
+                producer.begin_scan(1, (2, 2), 1, lane=(0, 2))
+                producer.end_scan()
+            with ReceiptClient(target.receipts, target.server_public, target.client) as receipts:
+                with pytest.raises(ProducerError, match=r"refused scan 1 \(no_lanes\)"):
+                    await_report(receipts, 1, timeout_s=30)
+    await asyncio.to_thread(stream)
