@@ -48,8 +48,10 @@ class _Body(BaseModel):
 class GatewayInfo(_Body):
     """Where a session's producers stream: ``endpoint`` (CURVE), the gateway's Z85 CURVE
     ``server_key``, its plaintext ingress for sessions with transport ``plain``, and where producers
-    ask what became of their scans (``common.receipts``)."""
+    ask what became of their scans (``common.receipts``); ``name``: the registered gateway's
+    (None: the site's one configured gateway)."""
 
+    name: str | None = None
     endpoint: str
     server_key: str = Field(min_length=40, max_length=40, pattern=r"^[\x21-\x7e]{40}$")
     plain_endpoint: str | None = None
@@ -80,6 +82,9 @@ class SessionBody(_Body):
     gateway_name: str | None = None
     previous_gateway: str | None = None
     replaced_at: datetime | None = None
+    # A session whose scans are split over several gateways: each lane's, lane by lane (``gateway``
+    # is lane 0's); empty for a session of one lane. Lane k's producers stream to ``lanes[k]``.
+    lanes: list[GatewayInfo] = []
 
 
 class ConsumerBody(_Body):
@@ -129,3 +134,5 @@ class ScanBody(_Body, ScanCounts):
     reason: str | None
     spooled_sectors: int
     lost_by_reason: dict[str, int]
+    # The lane a gateway's report covers, of a scan split over several gateways; 0 otherwise.
+    lane: int = 0

@@ -282,16 +282,18 @@ class Client:
 
     def open_session(self, template: str = DEFAULT_TEMPLATE, params: dict[str, Any] | None = None,
                      *, client_key: bytes | str, ttl: int | None = None,
-                     transport: Transport = "curve", project: str | None = None) -> OpenedSession:
+                     transport: Transport = "curve", project: str | None = None,
+                     lanes: int = 1) -> OpenedSession:
         """Open a session of ``project`` (default: the client's) from DSN template ``template``;
         the gateway will admit the producer holding the secret of ``client_key`` (its Z85 CURVE
         public key), and with ``transport`` ``plain`` (where the policy allows it) the
         ``plain_credentials`` on its plaintext ingress too. ``ttl`` in seconds, default and
-        maximum: the policy's."""
+        maximum: the policy's. ``lanes`` above 1 splits each scan over that many gateways, one
+        per lane (the session's ``lanes`` names them)."""
         key = client_key.decode("ascii") if isinstance(client_key, bytes) else client_key
         body: dict[str, Any] = {"project": project or self.project, "template": template,
                                 "params": dict(params or {}), "client_key": key,
-                                "transport": transport}
+                                "transport": transport, "lanes": lanes}
         if ttl is not None:
             body["ttl"] = ttl
         answer = self._call("POST", _SESSIONS, body, creates=True)

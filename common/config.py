@@ -150,6 +150,19 @@ class Limits(_Model):
 Sha256Hex = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class Lane(_Model):
+    """One lane of a scan split over several gateways: lane ``lane`` of ``lanes``, from 0."""
+
+    lane: Annotated[StrictInt, Field(ge=0, lt=MAX_LANES)]
+    lanes: Annotated[StrictInt, Field(ge=2, le=MAX_LANES)]
+
+    @model_validator(mode="after")
+    def _lane_below_lanes(self) -> Lane:
+        if self.lane >= self.lanes:
+            raise ValueError(f"lane {self.lane} of {self.lanes}: lanes count from 0")
+        return self
+
+
 class Session(_Model):
     id: SessionId
     client_keys: Annotated[list[CurveKey], Field(min_length=1, max_length=1024)]
@@ -164,6 +177,10 @@ class Session(_Model):
     expires_at: AwareDatetime | None = None
     detector: Detector = Detector()
     limits: Limits = Limits()
+    # Set where the control plane splits the session's scans over several gateways: this gateway
+    # carries this lane. Its producers' scan_begins must name it (others are refused as
+    # wrong_lane), and the NCEM scans it opens carry it, as gateway.ncem_lane would.
+    lane: Lane | None = None
 
     @model_validator(mode="after")
     def _consumers_inside_targets(self) -> Session:
@@ -228,19 +245,6 @@ class ControlPlaneLink(_Model):
 SocketBuffer = Annotated[StrictInt, Field(ge=64 * 1024, le=1 << 30)]
 
 
-class NcemLane(_Model):
-    """The lane of NCEM scans a gateway carries: NCEM producers send no scan_begin to say it."""
-
-    lane: Annotated[StrictInt, Field(ge=0, lt=MAX_LANES)]
-    lanes: Annotated[StrictInt, Field(ge=2, le=MAX_LANES)]
-
-    @model_validator(mode="after")
-    def _lane_below_lanes(self) -> NcemLane:
-        if self.lane >= self.lanes:
-            raise ValueError(f"lane {self.lane} of {self.lanes}: lanes count from 0")
-        return self
-
-
 class GatewaySettings(_Model):
     ingress: BindEndpoint = "tcp://127.0.0.1:5555"
     server_secret_key_file: Path
@@ -273,7 +277,7 @@ class GatewaySettings(_Model):
     # ``lane`` (others are dropped as wrong_lane), closes a scan once all of those arrived, and
     # consumers merge the lanes. null (the default): NCEM scans have one lane. Producers of the
     # native protocol name their lane themselves.
-    ncem_lane: NcemLane | None = None
+    ncem_lane: Lane | None = None
 
     @model_validator(mode="after")
     def _receipts_beside_the_ingress(self) -> GatewaySettings:

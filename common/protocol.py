@@ -128,7 +128,9 @@ class DropReason(enum.StrEnum):
     SPOOL_FAILED = "spool_failed"
     UNDELIVERED = "undelivered"
     CONSUMER_GONE = "consumer_gone"
-    WRONG_LANE = "wrong_lane"  # an NCEM sector of a module another gateway's lane carries
+    # An NCEM sector of a module another gateway's lane carries, or a scan_begin naming another
+    # lane than the one the control plane placed on this gateway.
+    WRONG_LANE = "wrong_lane"
     NO_LANES = "no_lanes"  # a scan_begin naming lanes where its session has one gateway
 
 

@@ -17,6 +17,10 @@ Placement rule (``choose``), in order:
 4. of these, the ones below ``capacity`` open sessions; none: refused;
 5. the least loaded of these, open sessions relative to capacity, ties broken by name.
 
+A session whose scans are split over several gateways (``lanes``) takes one gateway per lane,
+all different, each chosen by this rule among the gateways not chosen yet (``choose_lanes``); a
+lane counts as a session on its gateway. Fewer gateways that can take it than lanes: refused.
+
 The choice of a new session runs inside the transaction that stores it, so concurrent opens count
 each other.
 """
@@ -24,7 +28,9 @@ each other.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Sequence
+import json
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -113,36 +119,48 @@ async def gateways(store: Store) -> dict[str, GatewayRecord]:
 @dataclass(frozen=True)
 class Load:
     gateway: GatewayRecord
-    sessions: int  # open sessions placed on it
+    sessions: int  # lanes of open sessions placed on it
 
     @property
     def share(self) -> Fraction:
         return Fraction(self.sessions, self.gateway.capacity)
 
 
-_LOADS = ("SELECT g.*, (SELECT COUNT(*) FROM sessions s WHERE s.gateway = g.name AND "
-          "s.ended_at IS NULL AND s.expires_at > ?) AS load FROM gateways g ORDER BY g.name")
+_GATEWAYS = "SELECT * FROM gateways ORDER BY name"
+_PLACED = ("SELECT gateway, lane_gateways FROM sessions WHERE gateway IS NOT NULL AND "
+           "ended_at IS NULL AND expires_at > ?")
+
+
+def _loads(gateways: Iterable[Any], placed: Iterable[Any]) -> list[Load]:
+    # A lane is a session to the gateway that carries it: it serves the session's producers
+    # and connects to its consumers.
+    counts = Counter(name for row in placed
+                     for name in (row["gateway"], *json.loads(row["lane_gateways"])))
+    return [Load(record, counts[record.name]) for record in map(_gateway, gateways)]
 
 
 async def loads_in(conn: Conn, now: float) -> list[Load]:
-    """Every registered gateway with its open sessions, inside the caller's transaction."""
-    async with conn.execute(_LOADS, (now,)) as cursor:
-        rows = await cursor.fetchall()
-    return [Load(_gateway(row), int(row["load"])) for row in rows]
+    """Every registered gateway with its open sessions' lanes, inside the caller's
+    transaction."""
+    async with conn.execute(_GATEWAYS, ()) as cursor:
+        gateways = await cursor.fetchall()
+    async with conn.execute(_PLACED, (now,)) as cursor:
+        placed = await cursor.fetchall()
+    return _loads(gateways, placed)
 
 
 async def loads(store: Store, now: float) -> list[Load]:
-    """Every registered gateway with its open sessions, as committed."""
-    return [Load(_gateway(row), int(row["load"])) for row in await store.read(_LOADS, (now,))]
+    """Every registered gateway with its open sessions' lanes, as committed."""
+    return _loads(await store.read(_GATEWAYS, ()), await store.read(_PLACED, (now,)))
 
 
 def choose(loads: Sequence[Load], now: float, timeout_s: float, allowance: GatewayAllowance,
-           *, plain: bool, exclude: str | None = None) -> GatewayRecord | None:
+           *, plain: bool, exclude: Collection[str] = ()) -> GatewayRecord | None:
     """The placement rule (module doc) over ``loads`` for a session of ``allowance.project``:
-    None when no gateway (other than ``exclude``) is live, ``Unavailable`` when live ones are but
-    none can take the session."""
+    None when no gateway (other than those of ``exclude``) is live, ``Unavailable`` when live ones
+    are but none can take the session."""
     live = [load for load in loads
-            if load.gateway.live(now, timeout_s) and load.gateway.name != exclude]
+            if load.gateway.live(now, timeout_s) and load.gateway.name not in exclude]
     if not live:
         return None
     project = allowance.project
@@ -161,3 +179,29 @@ def choose(loads: Sequence[Load], now: float, timeout_s: float, allowance: Gatew
                           f"({len(allowed)}: {', '.join(load.gateway.name for load in allowed)}); "
                           "end a session or add a gateway")
     return min(room, key=lambda load: (load.share, load.gateway.name)).gateway
+
+
+def choose_lanes(loads: Sequence[Load], now: float, timeout_s: float,
+                 allowance: GatewayAllowance, *, plain: bool,
+                 lanes: int) -> list[GatewayRecord] | None:
+    """``lanes`` different gateways for a session's lanes, lane by lane (``choose``, each among
+    those not chosen yet): None when no gateway is live, ``Unavailable`` when fewer than
+    ``lanes`` can take the session."""
+    chosen: list[GatewayRecord] = []
+    for _ in range(lanes):
+        try:
+            record = choose(loads, now, timeout_s, allowance, plain=plain,
+                            exclude={gateway.name for gateway in chosen})
+        except Unavailable:
+            if not chosen:
+                raise
+            record = None
+        if record is None and chosen:
+            raise Unavailable(
+                f"a session of {lanes} lanes needs {lanes} gateways project "
+                f"{allowance.project!r} may use, live and with room; {len(chosen)} can take it "
+                f"({', '.join(gateway.name for gateway in chosen)})")
+        if record is None:
+            return None
+        chosen.append(record)
+    return chosen

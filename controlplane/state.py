@@ -19,11 +19,13 @@ their next reconcile, or at once with a ``ReplicaSignal``: a change published he
 and an announcement from another replica starts a reconcile now. Only changes made here are
 announced (not those a reconcile found), so announcements do not echo between replicas.
 
-Each published session carries its placement: the name of the gateway it is placed on, or None
-for a session every gateway serves (a single-gateway site's). A gateway's snapshot holds its own
-and the unplaced sessions; updates go out on per-gateway topics (``common.clone``), a placed
-session's to its gateway and, as tombstones, to the others, so a session moved to another gateway
-leaves the first. The allow-list names each gateway: ``NAME.key`` admits the key of gateway NAME.
+Each published session carries its placement: the names of the gateways of its lanes, lane by
+lane (one for a session whose scans pass one gateway), or none for a session every gateway serves
+(a single-gateway site's). A gateway's snapshot holds its own and the unplaced sessions; updates
+go out on per-gateway topics (``common.clone``), a placed session's to its gateways, each told
+which lane it carries (``Session.lane``), and as tombstones to the others, so a session (or a
+lane) moved to another gateway leaves the first. The allow-list names each gateway: ``NAME.key``
+admits the key of gateway NAME.
 
 The ROUTER also takes the gateways' registrations (``on_register`` stores one, or says why it is
 refused; the answer goes back either way) and their reports of spooled and interrupted scans:
@@ -55,7 +57,7 @@ import zmq
 import zmq.asyncio
 
 from common import clone, zap
-from common.config import Session, parse_endpoint
+from common.config import Lane, Session, parse_endpoint
 from common.keys import KeyPair
 from common.receipts import GatewayReport
 from controlplane.settings import DEFAULT_STATE_ENDPOINTS
@@ -68,10 +70,21 @@ log = logging.getLogger("dsn.controlplane.state")
 
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """A published session and the gateway it is placed on (None: every gateway serves it)."""
+    """A published session and the gateways of its lanes, lane by lane (none: every gateway serves
+    it, whole)."""
 
     session: Session
-    gateway: str | None = None
+    gateways: tuple[str, ...] = ()
+
+    def on(self, gateway: str) -> Session | None:
+        """The session as ``gateway`` serves it, told its lane if it has several; None if
+        ``gateway`` does not serve it."""
+        if self.gateways and gateway not in self.gateways:
+            return None
+        lanes = len(self.gateways)
+        # Set here, whatever the stored configuration says: the lane is the placement's.
+        lane = Lane(lane=self.gateways.index(gateway), lanes=lanes) if lanes > 1 else None
+        return self.session.model_copy(update={"lane": lane})
 
 
 SnapshotSource = Callable[[], Awaitable[Iterable[Placed]]]
@@ -217,16 +230,16 @@ class StateService:
     def sessions(self) -> dict[str, Session]:
         return {sid: placed.session for sid, placed in self._published.items()}
 
-    def placement(self, session_id: str) -> str | None:
-        """The gateway ``session_id`` was last published to (None: every one, or not live)."""
+    def placement(self, session_id: str) -> tuple[str, ...]:
+        """The gateways of ``session_id``'s lanes as last published (none: every one, or not
+        live)."""
         placed = self._published.get(session_id)
-        return placed.gateway if placed is not None else None
+        return placed.gateways if placed is not None else ()
 
-    async def publish(self, session_id: str, session: Session | None,
-                      gateway: str | None = None) -> bool:
-        """Publish a session's new state (None: it ended) on ``gateway`` (None: on every
-        gateway), and tell the other replicas; False if that changes nothing."""
-        changed = await self._publish(session_id, session, gateway)
+    async def publish(self, session_id: str, placed: Placed | None) -> bool:
+        """Publish a session's new state (None: it ended), and tell the other replicas; False if
+        that changes nothing."""
+        changed = await self._publish(session_id, placed)
         if changed:
             await self._announce()
         return changed
@@ -239,9 +252,7 @@ class StateService:
             await self._announce()
         return changes
 
-    async def _publish(self, session_id: str, session: Session | None,
-                       gateway: str | None) -> bool:
-        placed = Placed(session, gateway) if session is not None else None
+    async def _publish(self, session_id: str, placed: Placed | None) -> bool:
         if self._published.get(session_id) == placed:
             return False
         if placed is None:
@@ -249,22 +260,19 @@ class StateService:
         else:
             self._published[session_id] = placed
         self.seq += 1
-        entry = clone.Entry(self.epoch, self.seq, session_id, session)
-        if placed is None or gateway is None:
-            await self._send(clone.ALL_TOPIC, entry)
+        if placed is None or not placed.gateways:
+            session = None if placed is None else placed.session.model_copy(update={"lane": None})
+            await self._send(clone.ALL_TOPIC, clone.Entry(self.epoch, self.seq, session_id,
+                                                          session))
             return True
-        gone = clone.Entry(self.epoch, self.seq, session_id, None)
         for name, key in self._keys.items():
-            await self._send(key, entry if name == gateway else gone)
+            await self._send(key, clone.Entry(self.epoch, self.seq, session_id, placed.on(name)))
         return True
 
     async def _reconcile(self) -> int:
         changes = diff(self._published, await self._source())
         for session_id, placed in changes:
-            if placed is None:
-                await self._publish(session_id, None, None)
-            else:
-                await self._publish(session_id, placed.session, placed.gateway)
+            await self._publish(session_id, placed)
         return len(changes)
 
     async def _announce(self) -> None:
@@ -368,9 +376,9 @@ class StateService:
     def _snapshot(self, gateway: str) -> list[clone.Message]:
         """``gateway``'s state at one seq (its own sessions and the unplaced ones), built before
         the first send so no publish can interleave."""
-        entries: list[clone.Message] = [
-            clone.Entry(self.epoch, self.seq, sid, placed.session)
-            for sid, placed in self._published.items() if placed.gateway in (None, gateway)]
+        served = ((sid, placed.on(gateway)) for sid, placed in self._published.items())
+        entries: list[clone.Message] = [clone.Entry(self.epoch, self.seq, sid, session)
+                                        for sid, session in served if session is not None]
         entries.append(clone.SnapshotEnd(self.epoch, self.seq, len(entries)))
         return entries
 

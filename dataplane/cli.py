@@ -22,6 +22,7 @@ from common.clitypes import (
 )
 from common.config import next_port
 from common.keys import KeyFileError, KeyPair, create_keypair, load_keypair, load_secret_keypair
+from common.protocol import MAX_LANES
 from common.receipts import GatewayReport
 from common.restclient import ClientError
 from common.tokenfile import TokenFileError, token_from
@@ -84,6 +85,12 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
                    "seconds to wait for the control plane to move the session to another "
                    "gateway (it does once the gateway has been silent for its gateway.timeout_s) "
                    "before failing; the scan is then streamed again there. 0: do not wait.")
+@click.option("--lanes", type=click.IntRange(1, MAX_LANES), default=1, show_default=True,
+              help="With --controlplane: open a session whose scans are split over this many "
+                   "registered gateways (lanes, at most one per producer): producer k streams "
+                   "through lane k mod N's gateway, and the consumer ranks merge the lanes. A "
+                   "stream into a session of several lanes is not streamed again elsewhere when "
+                   "a lane's gateway fails: stream the scan again under a new --scan.")
 @click.option("--transport", type=click.Choice(["curve", "plain"]), default="curve",
               show_default=True,
               help="With --controlplane: 'plain' streams unencrypted to the gateway's plaintext "
@@ -138,7 +145,7 @@ def _load_key(path: Path, option: str, secret: bool) -> KeyPair:
               help="Show a progress bar (default: only on a terminal).")
 def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path | None,
            project: str | None, template: str, param_pairs: tuple[str, ...], ttl: int | None,
-           end_session: bool, session_id: str | None, follow_wait: float,
+           end_session: bool, session_id: str | None, follow_wait: float, lanes: int,
            transport: Transport, endpoints: tuple[str, ...], server_keys: tuple[Path, ...],
            receipts_endpoints: tuple[str, ...], receipt_timeout: float, no_receipt: bool,
            client_key: Path | None, scan: int | None, spool_files: tuple[Path, ...],
@@ -166,7 +173,7 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
     else:
         work = _synthetic_work(0 if scan is None else scan, scan_shape, seed, loss, duplicates,
                                reorder, header, electrons, dark, progress, timeout,
-                               max(1, len(endpoints)))
+                               max(len(endpoints), lanes))
     wait_s = None if no_receipt else receipt_timeout
     if controlplane_urls is None:
         _refuse_options(ctx, _CONTROLPLANE_OPTIONS, "needs --controlplane")
@@ -184,7 +191,7 @@ def stream(controlplane_urls: tuple[str, ...] | None, project_token_file: Path |
         _client(controlplane_urls, project_token_file), project=project,
         template=template, params=template_params(param_pairs), ttl=ttl, end_on_exit=end_session,
         client=None if client_key is None else _load_key(client_key, "--client-key", secret=True),
-        transport=transport, session_id=session_id)
+        transport=transport, session_id=session_id, lanes=lanes)
     _guarded(lambda: _stream_in_session(session, work, wait_s, follow_wait))
 
 
@@ -196,9 +203,10 @@ class Work:
     label: str
     scan: int
     run: Callable[[list[GatewayTarget], Abandon | None], StreamStats]
+    one_lane: bool = False  # a spool replay: its scan_begin names no lane
 
 
-_OPENING_OPTIONS = ("template", "param_pairs", "ttl", "transport")
+_OPENING_OPTIONS = ("template", "param_pairs", "ttl", "transport", "lanes")
 _CONTROLPLANE_OPTIONS = ("project_token_file", "project", *_OPENING_OPTIONS, "end_session",
                          "session_id", "follow_wait")
 _DIRECT_OPTIONS = ("endpoints", "server_keys", "receipts_endpoints")
@@ -218,7 +226,7 @@ def _spool_work(spool_files: list[Path], scan: int | None, progress: bool | None
                             scan=scan, progress=progress, send_timeout_s=timeout,
                             plain=target.plain, abandon=abandon)
     label = "spool " + " + ".join(path.name for path in spool_files)
-    return Work(label, spooled if scan is None else scan, run)
+    return Work(label, spooled if scan is None else scan, run, one_lane=True)
 
 
 def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: float,
@@ -233,7 +241,7 @@ def _synthetic_work(scan: int, scan_shape: tuple[int, int], seed: int, loss: flo
     except SyntheticError as exc:
         raise click.UsageError(str(exc)) from None
     if lanes > plan.producers:
-        raise click.UsageError(f"{lanes} --endpoint for {plan.producers} producers (one per "
+        raise click.UsageError(f"{lanes} lanes for {plan.producers} producers (one per "
                                "sector): each lane needs a producer")
 
     def run(targets: list[GatewayTarget], abandon: Abandon | None) -> StreamStats:
@@ -258,6 +266,9 @@ def _deliver(work: Work, targets: list[GatewayTarget], wait_s: float | None,
              abandon: Abandon | None = None) -> None:
     """Stream ``work`` through ``targets`` (one per lane) and, unless ``wait_s`` is None, confirm
     its delivery by each; ``abandon`` may end a blocked send or the wait for a report early."""
+    if work.one_lane and len(targets) > 1:
+        raise ProducerError(f"the session has {len(targets)} lanes; a spool is replayed as one "
+                            "lane: replay it into a session of one lane")
     if wait_s is None or any(t.receipts is None for t in targets):
         _report(work.label, work.run(targets, abandon))
         click.echo(f"scan {work.scan}: delivery not confirmed (no receipt asked for)")
@@ -340,10 +351,11 @@ def _stream_in_session(session: ProducerSession, work: Work, wait_s: float | Non
     # it earlier would have the gateway drop what it had not read yet.
     with session:
         opened = session.session
-        target = session.gateway()
+        targets = session.gateways()
         click.echo(f"session {opened.id} (expires {opened.expires_at.isoformat()}), "
-                   f"gateway {target.endpoint}"
-                   f"{' (plain, unencrypted)' if target.plain is not None else ''}")
+                   f"{'gateway' if len(targets) == 1 else f'{len(targets)} lanes: gateways'} "
+                   f"{', '.join(target.endpoint for target in targets)}"
+                   f"{' (plain, unencrypted)' if targets[0].plain is not None else ''}")
         if not opened.consumer_endpoints:
             click.echo(f"session {opened.id} has no consumer yet: the gateway spools its scans "
                        "until a consumer job registers")
@@ -367,7 +379,13 @@ def _deliver_following(session: ProducerSession, work: Work, wait_s: float | Non
     plane to notice and move the session. Nothing sent to the failed gateway is known to have
     arrived unless a receipt said so, so all of it is listed as unconfirmed and sent again: the
     new gateway's receipt accounts for the scan, and consumers count what reached them twice as
-    duplicates."""
+    duplicates.
+
+    A session of several lanes is streamed once: its other lanes' gateways hold their part of
+    the scan, so the stream ends, saying why, as soon as a lane's gateway fails or moves."""
+    if len(session.gateways()) > 1:
+        _deliver(work, session.gateways(), wait_s, MoveWatch(session))
+        return
     for moves in range(MAX_MOVES + 1):
         target = session.gateway()
         try:

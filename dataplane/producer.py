@@ -47,7 +47,14 @@ import zmq
 from tqdm import tqdm
 from zmq.utils.monitor import recv_monitor_message
 
-from common.client import DEFAULT_TEMPLATE, Client, OpenedSession, Session, Transport
+from common.client import (
+    DEFAULT_TEMPLATE,
+    Client,
+    GatewayInfo,
+    OpenedSession,
+    Session,
+    Transport,
+)
 from common.clitypes import one_for_each
 from common.credentials import PlainCredentials
 from common.keys import KeyPair, load_secret_keypair
@@ -534,13 +541,17 @@ class ProducerSession:
     With ``session_id`` it opens nothing: it streams into that open session of the project (one
     opened in the console, say), whose registered producer key ``client`` must be; only over
     CURVE, since a session's token is shown once, to whoever opened it.
+
+    ``lanes`` above 1 opens a session whose scans are split over that many gateways (the control
+    plane places one lane on each): ``stream_synthetic`` then streams producer p to lane
+    p mod lanes, and ``gateways()`` lists where each lane goes.
     """
 
     def __init__(self, controlplane: Client, *, project: str | None = None,
                  template: str = DEFAULT_TEMPLATE, params: dict[str, Any] | None = None,
                  client: KeyPair | Path | None = None, ttl: int | None = None,
                  end_on_exit: bool = False, transport: Transport = "curve",
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None, lanes: int = 1) -> None:
         if session_id is not None and (client is None or transport != "curve"):
             raise ProducerError("streaming into an open session needs the producer key pair "
                                 "registered on it, and CURVE transport")
@@ -553,6 +564,7 @@ class ProducerSession:
         self.end_on_exit = end_on_exit
         self.transport = transport
         self.session_id = session_id
+        self.lanes = lanes
         self._session: Session | None = None
 
     @property
@@ -567,7 +579,8 @@ class ProducerSession:
             self._session = (self._existing(self.session_id) if self.session_id is not None
                              else self.controlplane.open_session(
                                  self.template, self.params, client_key=self.client.public,
-                                 ttl=self.ttl, transport=self.transport, project=self.project))
+                                 ttl=self.ttl, transport=self.transport, project=self.project,
+                                 lanes=self.lanes))
         return self._session
 
     def _existing(self, session_id: str) -> Session:
@@ -587,9 +600,17 @@ class ProducerSession:
         self.controlplane.end_session(self.session.id)
 
     def gateway(self) -> GatewayTarget:
-        """Where this session's streams go, and how they authenticate."""
+        """Where this session's streams go (of a session of several lanes, lane 0's), and how
+        they authenticate."""
+        return self._target(self.session.gateway)
+
+    def gateways(self) -> list[GatewayTarget]:
+        """Where each lane's streams go, lane by lane: one target for a session of one lane."""
         session = self.session
-        gateway, server_key = session.gateway, session.gateway.server_key.encode("ascii")
+        return [self._target(gateway) for gateway in session.lanes or [session.gateway]]
+
+    def _target(self, gateway: GatewayInfo) -> GatewayTarget:
+        session, server_key = self.session, gateway.server_key.encode("ascii")
         if self.transport == "curve":
             return GatewayTarget(gateway.endpoint, server_key, self.client,
                                  receipts=gateway.receipts_endpoint)
@@ -607,27 +628,35 @@ class ProducerSession:
         no receipts) calls this and streams again through ``gateway()``. What it sent to the old
         gateway that no receipt confirmed is not known to have arrived: the caller lists it."""
         current = self.controlplane.session(self.session.id)
-        changed = current.gateway != self.session.gateway
+        changed = _placement(current) != _placement(self.session)
         self._session = self.session.model_copy(update={
             "gateway": current.gateway, "gateway_name": current.gateway_name,
-            "previous_gateway": current.previous_gateway, "replaced_at": current.replaced_at})
+            "previous_gateway": current.previous_gateway, "replaced_at": current.replaced_at,
+            "lanes": current.lanes})
         return changed
 
-    def producer(self, **options: Any) -> Producer:
-        """A ``Producer`` connected to the session's gateway; ``options`` as for ``Producer``."""
-        target = self.gateway()
+    def producer(self, lane: int = 0, **options: Any) -> Producer:
+        """A ``Producer`` connected to the gateway of lane ``lane`` (a session of one lane has
+        lane 0 only); ``options`` as for ``Producer``. Where the session has several lanes, its
+        scans name their lane (``begin_scan(lane=(lane, lanes))``)."""
+        target = self.gateways()[lane]
         return Producer(target.endpoint, target.server_public, target.client,
                         plain=target.plain, **options)
 
     def stream_synthetic(self, camera: SyntheticCamera, plan: StreamPlan, scan: int = 0,
                          **options: Any) -> StreamStats:
-        """``stream_synthetic`` into this session; ``options`` as for that function."""
-        target = self.gateway()
-        return stream_synthetic(target.endpoint, target.server_public, target.client, camera,
-                                plan, scan, plain=target.plain, **options)
+        """``stream_synthetic`` into this session, over each of its lanes; ``options`` as for
+        that function."""
+        targets = self.gateways()
+        return stream_synthetic([t.endpoint for t in targets], [t.server_public for t in targets],
+                                self.client, camera, plan, scan, plain=targets[0].plain,
+                                **options)
 
-    def replay_spool(self, path: Path, **options: Any) -> StreamStats:
-        """``replay_spool`` into this session; ``options`` as for that function."""
+    def replay_spool(self, path: Path | Sequence[Path], **options: Any) -> StreamStats:
+        """``replay_spool`` into this session (of one lane); ``options`` as for that function."""
+        if self.session.lanes:
+            raise ProducerError("a spool is replayed as one lane: replay it into a session of "
+                                "one lane")
         target = self.gateway()
         return replay_spool(path, target.endpoint, target.server_public, target.client,
                             plain=target.plain, **options)
@@ -652,7 +681,7 @@ class MoveWatch:
     def __init__(self, session: ProducerSession, every_s: float = ABANDON_CHECK_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
-        self._gateway = session.session.gateway
+        self._placement = _placement(session.session)
         self._every_s = every_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -674,9 +703,16 @@ class MoveWatch:
             current = self._session.controlplane.session(self._session.session.id)
         except ClientError:
             return None  # it cannot say now: the stream goes on waiting
-        if current.gateway == self._gateway:
+        if _placement(current) == self._placement:
             return None
-        return current.gateway_name or current.gateway.endpoint
+        moved = [gateway for gateway in current.lanes or [current.gateway]
+                 if gateway not in self._placement[1]]
+        return (moved[0].name or moved[0].endpoint) if moved else current.gateway.endpoint
+
+
+def _placement(session: Session) -> tuple[GatewayInfo, tuple[GatewayInfo, ...]]:
+    """Where a session's streams go: lane 0's gateway, and each lane's."""
+    return session.gateway, tuple(session.lanes)
 
 
 def _client_keypair(client: KeyPair | Path | None) -> KeyPair:

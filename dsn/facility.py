@@ -40,6 +40,7 @@ from common.clitypes import (
 from common.keys import load_keypair
 from common.output import Columns, show
 from common.privatefs import create_private_file
+from common.protocol import MAX_LANES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,12 +125,16 @@ def sessions() -> None:
               help="plain: also admit the session's PLAIN credentials on the gateway's "
                    "unencrypted ingress (only where the policy allows it).")
 @click.option("--project", default=None, help="The session's project. [default: the token's]")
+@click.option("--lanes", type=click.IntRange(1, MAX_LANES), default=1, show_default=True,
+              help="Split each scan over this many registered gateways, one per lane: lane k's "
+                   "producers stream to the k-th gateway listed, and the consumer ranks merge the "
+                   "lanes.")
 @click.option("--token-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="New file (created 0600, never overwritten) for the session token, which the "
                    "control plane returns only this once. [default: not kept]")
 def open_command(client: Client, as_json: bool, client_key: Path, template: str,
                  param_pairs: tuple[str, ...], ttl: int | None, transport: str,
-                 project: str | None, token_out: Path | None) -> None:
+                 project: str | None, lanes: int, token_out: Path | None) -> None:
     """Open a streaming session and print where its producer streams.
 
     The session's configuration is rendered from --template with the --param values; the
@@ -142,7 +147,7 @@ def open_command(client: Client, as_json: bool, client_key: Path, template: str,
     opened = client.open_session(template, template_params(param_pairs),
                                  client_key=load_keypair(client_key).public, ttl=ttl,
                                  transport="plain" if transport == "plain" else "curve",
-                                 project=project)
+                                 project=project, lanes=lanes)
     if token_out is not None:
         create_private_file(token_out, f"{opened.token}\n".encode())
     _print([opened], OPENED_COLUMNS, as_json, single=True,
@@ -186,11 +191,15 @@ def _detail_cells(detail: SessionDetail) -> dict[str, Any]:
 
 def _gateway_cell(session: Session) -> str:
     """Where the session's producers stream: the endpoint, and on a site of several gateways the
-    gateway's name and the one it was moved from."""
+    gateway's name and the one it was moved from; each lane's, for a session of several."""
     if session.gateway_name is None:
         return session.gateway.endpoint
     moved = f", moved from {session.previous_gateway}" if session.previous_gateway else ""
-    return f"{session.gateway.endpoint} ({session.gateway_name}{moved})"
+    if not session.lanes:
+        return f"{session.gateway.endpoint} ({session.gateway_name}{moved})"
+    lanes = "; ".join(f"lane {lane}: {gateway.endpoint} ({gateway.name})"
+                      for lane, gateway in enumerate(session.lanes))
+    return f"{lanes}{moved}"
 
 
 # --- jobs ----------------------------------------------------------------------------------------

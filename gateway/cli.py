@@ -321,9 +321,9 @@ def _live_gateway(config: DSNConfig, mode: Mode, servers: list[StateServer],
     if mode != "l7":
         raise ConfigError("--mode l4 forwards one fixed session; use --config for it")
     if config.gateway.ncem_lane is not None:
-        raise ConfigError("gateway.ncem_lane (--ncem-lane): the control plane places each session "
-                          "on one gateway, which carries its scans whole; lanes need a static "
-                          "--config")
+        raise ConfigError("gateway.ncem_lane (--ncem-lane): the control plane tells each gateway "
+                          "which lane of a session it carries ('dsn sessions open --lanes'); set "
+                          "the NCEM lane only with a static --config")
     link = config.gateway.controlplane
     max_sector_bytes = max_sector_bytes or (link.max_sector_bytes if link else None)
     keypair = load_secret_keypair(config.gateway.server_secret_key_file)

@@ -61,6 +61,7 @@ from typing import Final, NamedTuple, Protocol
 import msgspec
 import numpy as np
 
+from common.config import Session
 from common.protocol import (
     MAX_MANIFEST,
     MAX_U63,
@@ -657,9 +658,22 @@ class Router:
             return decision
         return replace(decision, opening=opening, closing=closing)
 
+    def _lane_problem(self, session: Session, msg: ScanBegin) -> str | None:
+        """Why ``msg`` names a lane this gateway does not carry for ``session``, or None."""
+        if session.lane is not None:
+            # The control plane placed this lane here; a producer of another lane (or of none)
+            # would have the ranks wait for a lane that never comes.
+            wanted = (session.lane.lane, session.lane.lanes)
+            return None if (msg.lane, msg.lanes) == wanted else DropReason.WRONG_LANE.value
+        if msg.lanes is not None and not self._lanes:
+            return DropReason.NO_LANES.value
+        return None
+
     def _ncem_begin(self, state: _SessionState, ncem: NcemHeader) -> ScanBegin:
-        detector = state.entry.session.detector
-        lane, lanes = (None, None) if self._ncem_lane is None else self._ncem_lane
+        session = state.entry.session
+        detector = session.detector
+        lane, lanes = ((session.lane.lane, session.lane.lanes) if session.lane is not None
+                       else (None, None) if self._ncem_lane is None else self._ncem_lane)
         return ScanBegin(v=VERSION, scan=ncem.scan_number,
                          scan_shape=(ncem.rows, ncem.positions_per_row),
                          frame_shape=detector.frame_shape, sectors=detector.sectors, producers=1,
@@ -720,8 +734,9 @@ class Router:
             return self._refuse(sid, msg, DropReason.SCAN_TOO_LARGE.value)
         if msg.producers > limits.max_producers:
             return self._refuse(sid, msg, DropReason.TOO_MANY_PRODUCERS.value)
-        if msg.lanes is not None and not self._lanes:
-            return self._refuse(sid, msg, DropReason.NO_LANES.value)
+        lane = self._lane_problem(session, msg)
+        if lane is not None:
+            return self._refuse(sid, msg, lane)
         scan = state.scans.get(msg.scan)
         if scan is not None:
             return self._join_scan(sid, scan, msg, now)

@@ -330,9 +330,9 @@ async def test_one_replica_leads_and_the_other_takes_over_when_it_is_killed(pair
         assert "signed checkpoints hold" in result.output
 
 
-async def configured_gateway(_conn: Conn) -> None:
+async def configured_gateway(_conn: Conn) -> tuple[str, ...]:
     """No placement: the session goes to the configured single gateway."""
-    return None
+    return ()
 
 
 async def test_a_session_open_waits_for_the_quota_lock_another_process_holds(

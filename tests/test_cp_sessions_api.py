@@ -171,13 +171,13 @@ async def test_open_session_renders_the_config_and_returns_the_token_once(
     assert (session["id"], session["client_keys"]) == (body["id"], [key])
     assert session["limits"]["hwm"] == 64
     assert session["consumers"] == [] and body["state"] == "open"
-    assert body["gateway"] == {"endpoint": "tcp://127.0.0.1:5555", "server_key":
+    assert body["gateway"] == {"name": None, "endpoint": "tcp://127.0.0.1:5555", "server_key":
                                load_keypair(tmp_path / "keys" / "gateway.key").public.decode(),
                                "plain_endpoint": None,
                                "receipts_endpoint": "tcp://127.0.0.1:5556"}
     # No gateway registered: the configured one, as on a single-gateway site.
-    assert (body["gateway_name"], body["previous_gateway"], body["replaced_at"]) == (
-        None, None, None)
+    assert (body["gateway_name"], body["previous_gateway"], body["replaced_at"], body["lanes"]) == (
+        None, None, None, [])
     assert session["plain_password_sha256"] is None  # encrypted transport only, by default
     assert body["config"]["gateway"]["server_secret_key_file"] == str(
         (tmp_path / "keys" / "gateway.key_secret").resolve())

@@ -237,4 +237,5 @@ def test_an_ncem_lane_is_refused_in_control_plane_mode(tmp_path: Path) -> None:
         str(_state_key(tmp_path / "state.key")), "--key", str(secret), "--ncem-lane", "1/2"])
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: gateway.ncem_lane (--ncem-lane): the control plane places")
+    assert line.startswith("error: gateway.ncem_lane (--ncem-lane): the control plane tells each "
+                           "gateway which lane of a session it carries")

@@ -47,7 +47,7 @@ from controlplane.errors import Unavailable
 from controlplane.placement import GatewayRecord, Load, choose
 from controlplane.policy import GatewayAllowance
 from controlplane.sessions.service import replace_stranded
-from dataplane.producer import Producer, ProducerError, ProducerSession
+from dataplane.producer import MoveWatch, Producer, ProducerError, ProducerSession
 from dsn.facility import sessions
 from gateway.cli import Announced, _registration
 
@@ -94,7 +94,7 @@ def test_only_live_gateways_with_room_count_and_a_full_site_is_refused() -> None
     plain = _record("c", 4, plain="tcp://127.0.0.1:3")
     assert choose([Load(full, 0), Load(plain, 3)], 100.0, TIMEOUT_S, EVERY, plain=True) == plain
     assert choose([Load(full, 0), Load(plain, 0)], 100.0, TIMEOUT_S, EVERY, plain=False,
-                  exclude="b") == plain
+                  exclude={"b"}) == plain
     # Live gateways without a plaintext ingress refuse a plaintext session: no fallback.
     with pytest.raises(Unavailable, match="no live gateway project 'alpha' may use has a "
                                           "plaintext ingress"):
@@ -118,7 +118,7 @@ def test_only_the_gateways_the_project_may_use_count_and_none_live_is_refused() 
     # A gateway the session is moved off is no candidate either, whatever the policy says.
     with pytest.raises(Unavailable, match="no gateway project 'alpha' may use is live"):
         choose([Load(east, 0), Load(west, 0)], 100.0, TIMEOUT_S, eastern, plain=False,
-               exclude="east-1")
+               exclude={"east-1"})
     nothing = GatewayAllowance("beta", ())
     with pytest.raises(Unavailable, match="the policy allows it none$"):
         choose([Load(west, 0)], 100.0, TIMEOUT_S, nothing, plain=False)
@@ -470,7 +470,7 @@ async def test_a_restarted_control_plane_knows_the_gateways_and_moves_nothing_be
     body = await response.json()
     assert (body["gateway_name"], body["previous_gateway"]) == ("west", "east")
     assert body["gateway"]["endpoint"] == "tcp://127.0.0.1:7100"
-    assert services.state.placement(session["id"]) == "west"
+    assert services.state.placement(session["id"]) == ("west",)
 
 
 async def _stream_to_a_dead_gateway(site: Site, tmp_path: Path, *options: str
@@ -665,3 +665,105 @@ async def test_a_silent_gateways_sessions_move_only_where_their_projects_may_go(
     assert (gamma["gateway_name"], gamma["previous_gateway"]) == ("north", None)
     moves = sorted(row[5] for row in cp.audit_rows() if row[2] == "sessions:replace")
     assert moves == ["gateway-silent:east-1->east-2", "gateway-silent:north->west"]
+
+
+# --- sessions split over several gateways (lanes) -------------------------------------------------
+
+async def _open_lanes(cp: ControlPlane, client: KeyPair, project: str, lanes: int) -> Any:
+    token = str((await cp.project_token(project, scope=WORKER_SCOPE))["token"])
+    return await cp.call("POST", "/api/v1/sessions", token, json={
+        "project": project, "template": "tiny", "client_key": client.public.decode(),
+        "lanes": lanes})
+
+
+def _lanes_of(session: dict[str, Any]) -> list[str]:
+    return [lane["name"] for lane in session["lanes"]]
+
+
+async def test_a_session_of_lanes_takes_one_gateway_per_lane_each_counting_it(
+        policed: PolicedSite, curve_keypair: Callable[[], KeyPair]) -> None:
+    cp = policed.cp
+    response = await _open_lanes(cp, curve_keypair(), "beta", 3)
+    assert response.status == 201, await response.text()
+    session = await response.json()
+    # Least loaded first, ties by name, each lane on another gateway; lane 0 is the gateway.
+    assert _lanes_of(session) == ["east-1", "east-2", "north"]
+    assert session["gateway_name"] == "east-1"
+    assert [lane["server_key"] for lane in session["lanes"]] == [
+        policed.keys[name].public.decode() for name in ("east-1", "east-2", "north")]
+    # A lane is a session to its gateway: the next session goes to the one left empty.
+    _, one = await _open(cp, curve_keypair(), "beta")
+    assert (one["gateway_name"], one["lanes"]) == ("west", [])
+    listed = await (await cp.admin("GET", "/api/v1/gateways")).json()
+    assert {g["name"]: g["sessions"] for g in listed["registered"]} == {
+        "east-1": 1, "east-2": 1, "north": 1, "west": 1}
+    # Published lane by lane (each gateway is told the lane it carries: test_state_service).
+    assert cp.services.state.placement(session["id"]) == ("east-1", "east-2", "north")
+
+
+async def test_a_session_of_more_lanes_than_its_project_may_use_gateways_is_refused(
+        policed: PolicedSite, curve_keypair: Callable[[], KeyPair]) -> None:
+    cp = policed.cp
+    # Alpha may use east-1 and east-2 only; gamma north only.
+    response = await _open_lanes(cp, curve_keypair(), "alpha", 3)
+    assert response.status == 503, await response.text()
+    assert (await response.json())["detail"] == (
+        "a session of 3 lanes needs 3 gateways project 'alpha' may use, live and with room; 2 can "
+        "take it (east-1, east-2)")
+    response = await _open_lanes(cp, curve_keypair(), "gamma", 2)
+    assert response.status == 503, await response.text()
+    assert "2 lanes needs 2 gateways project 'gamma' may use" in (await response.json())["detail"]
+    response = await _open_lanes(cp, curve_keypair(), "beta", 65)
+    assert response.status == 400, await response.text()
+    # Nothing was placed by the refused opens.
+    listed = await (await cp.admin("GET", "/api/v1/gateways")).json()
+    assert {g["sessions"] for g in listed["registered"]} == {0}
+    # No gateway live at all: a session of one lane falls back to the configured gateway; one of
+    # several lanes cannot.
+    cp.clock.advance(TIMEOUT_S + 1)
+    response = await _open_lanes(cp, curve_keypair(), "beta", 2)
+    assert response.status == 503, await response.text()
+    assert (await response.json())["detail"].endswith(", and 2 lanes need as many")
+    _, session = await _open(cp, curve_keypair(), "beta")
+    assert session["gateway_name"] is None
+
+
+async def test_a_silent_gateways_lane_moves_to_a_gateway_carrying_no_other_lane(
+        policed: PolicedSite, curve_keypair: Callable[[], KeyPair]) -> None:
+    cp = policed.cp
+    token = str((await cp.project_token("beta", scope=WORKER_SCOPE))["token"])
+    producing = ProducerSession(Client(cp.url, token), template="tiny", client=curve_keypair(),
+                                lanes=2)
+    opened = await asyncio.to_thread(producing.open)
+    session = opened.model_dump(mode="json")
+    assert _lanes_of(session) == ["east-1", "east-2"]
+    assert [target.server_public for target in producing.gateways()] == [
+        policed.keys[name].public for name in ("east-1", "east-2")]
+    watch = MoveWatch(producing, every_s=0)
+    assert await asyncio.to_thread(watch) is None
+    await policed.silence("east-2")
+
+    async def moved() -> dict[str, Any]:
+        body = await policed.placed(session["id"])
+        assert _lanes_of(body) == ["east-1", "north"], _lanes_of(body)
+        return body
+
+    body = await eventually_async(moved, timeout_s=20, what="lane 1 moved off east-2")
+    assert (body["gateway_name"], body["previous_gateway"]) == ("east-1", "east-2")
+    # A stream blocked on the lost lane gives up, naming where the lane went; the producer
+    # learns each lane's gateway anew.
+    assert await asyncio.to_thread(watch) == "the control plane moved the session to gateway north"
+    assert await asyncio.to_thread(producing.follow_gateway)
+    assert [target.server_public for target in producing.gateways()] == [
+        policed.keys[name].public for name in ("east-1", "north")]
+    assert cp.services.state.placement(session["id"]) == ("east-1", "north")
+    moves = [row[5] for row in cp.audit_rows() if row[2] == "sessions:replace"]
+    assert moves == ["gateway-silent:east-2->north"]
+    # Lane 0's gateway falls silent too: it moves to the one gateway carrying neither lane.
+    await policed.silence("east-1", "east-2")
+
+    async def moved_again() -> bool:
+        assert _lanes_of(await policed.placed(session["id"])) == ["west", "north"]
+        return True
+
+    await eventually_async(moved_again, timeout_s=20, what="lane 0 moved off east-1")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gateway.router as router_module
-from common.config import Detector, Limits, Session
+from common.config import Detector, Lane, Limits, Session
 from common.protocol import (
     Data,
     NcemHeader,
@@ -242,6 +242,27 @@ def test_a_gateway_without_lanes_refuses_a_scan_naming_them_and_says_why() -> No
     assert router.route("s1", begin(scan=4, lane=0, lanes=2), 1, 0).drop == "no_lanes"
     assert router.refused("s1", 4) == "no_lanes"
     assert router.route("s1", begin(scan=5), 1, 0).control  # a scan of one lane opens
+
+
+def test_a_session_placed_as_one_lane_admits_only_scans_of_that_lane() -> None:
+    """The control plane placed lane 1 of 2 here: a producer of lane 0, or of no lane, would have
+    the ranks wait for a lane no gateway carries, so it is refused and its receipt says why."""
+    router = Router(SessionTable([_session(lane=Lane(lane=1, lanes=2))]), clock=Clock(),
+                    lanes=False)
+    for scan, lane in ((4, {"lane": 0, "lanes": 2}), (5, {}), (6, {"lane": 1, "lanes": 3})):
+        assert router.route("s1", begin(scan=scan, **lane), 1, 0).drop == "wrong_lane"
+        assert router.refused("s1", scan) == "wrong_lane"
+    opened = router.route("s1", begin(scan=7, lane=1, lanes=2), 1, 0)
+    assert {(msg.lane, msg.lanes) for _, msg in control(opened)} == {(1, 2)}
+
+
+def test_ncem_scans_of_a_session_placed_as_one_lane_carry_that_lane_over_the_gateways() -> None:
+    router = Router(SessionTable([_session(lane=Lane(lane=0, lanes=2))]), clock=Clock(),
+                    ncem_lane=(1, 2), lanes=False)
+    first = send_data(router, ncem(0, sector=0))
+    assert first.opening is not None
+    assert {(msg.lane, msg.lanes) for _, msg in control(first.opening)} == {(0, 2)}
+    assert send_data(router, ncem(1, sector=1)).drop == "wrong_lane"
 
 
 def test_a_native_scans_lane_takes_ncem_data_of_any_module() -> None:

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pytest
 import yaml
 import zmq
-from cp_helpers import DSN, ControlPlane, metrics_text
+from cp_helpers import DSN, ControlPlane, ManualClock, metrics_text, served_on
+from cp_helpers import start_control_plane as start_cp
 from test_cp_sessions_api import WORKER_SCOPE
 from test_faults_gateway import GatewayProcess
+from test_gateway_placement import Site, admitting_east_and_west
 from test_no_silent_loss import (
     CAMERA,
     EVERY_SECTOR,
@@ -35,6 +40,7 @@ from test_no_silent_loss import (
     ncem_message,
     send_sectors,
 )
+from test_sessions_end_to_end import finished, poll
 from waiting import eventually, eventually_async
 
 from common.client import Client
@@ -365,3 +371,131 @@ async def test_a_scan_naming_lanes_is_refused_in_a_session_the_control_plane_ope
                 with pytest.raises(ProducerError, match=r"refused scan 1 \(no_lanes\)"):
                     await_report(receipts, 1, timeout_s=30)
     await asyncio.to_thread(stream)
+
+
+@pytest.fixture
+async def two_gateways(tmp_path: Path, free_port: Callable[[], int]) -> AsyncIterator[Site]:
+    """A control plane on a real port (jobs reach it) admitting gateways ``east`` and ``west``,
+    both running, with no configured gateway to fall back to."""
+    port = free_port()
+    state_dir, clock = tmp_path / "state", ManualClock()
+    gateways = await admitting_east_and_west(state_dir, clock, free_port)
+    async with served_on(port) as serve:
+        cp = await start_cp(serve, state_dir, clock=clock, port=port, reconcile_s=0.2,
+                            gateway_fallback=False)
+        site = Site(cp, gateways, tmp_path / "spool", free_port, serve)
+        try:
+            for name in gateways:
+                site.start(name, capacity=4)
+            await site.registered(*gateways)
+            yield site
+        finally:
+            site.stop()
+
+
+def _facility(token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A ``dsn`` command with the project token in the environment, as a user runs it."""
+    return subprocess.run([DSN, *args], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "DSN_PROJECT_TOKEN": token})
+
+
+async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_whole(
+        two_gateways: Site, tmp_path: Path) -> None:
+    """``dsn sessions open --lanes 2``: the control plane places lane 0 on east and lane 1 on
+    west, each told its lane; a consumer job registers once and both gateways connect to its
+    ranks; ``dsn producer stream --session`` streams each producer to its lane's gateway, each
+    gateway's receipt accounts for its lane, and the ranks write one scan counting every sector
+    (and report it once)."""
+    site = two_gateways
+    cp = site.cp
+    await cp.create_project("alpha")
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    public, secret = create_keypair(tmp_path / "producer", "cam")
+    opened = await asyncio.to_thread(_facility, token, "sessions", "open", "--controlplane",
+                                     cp.url, "--client-key", str(public), "--lanes", "2",
+                                     "--json")
+    assert opened.returncode == 0, opened.stderr
+    session = json.loads(opened.stdout)
+    east, west = site.gateways["east"], site.gateways["west"]
+    assert [(lane["name"], lane["endpoint"]) for lane in session["lanes"]] == [
+        ("east", east.ingress), ("west", west.ingress)]
+    shown = await asyncio.to_thread(_facility, token, "sessions", "show", session["id"],
+                                    "--controlplane", cp.url)
+    assert f"lane 0: {east.ingress} (east); lane 1: {west.ingress} (west)" in shown.stdout, \
+        shown.stdout + shown.stderr
+    base = f"/api/v1/sessions/{session['id']}"
+    response = await cp.call("POST", f"{base}/jobs", token, json={
+        "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": 1}})
+    assert response.status == 202, await response.text()
+    job_path = response.headers["Location"]
+    job_log = cp.settings.jobs_dir / (await response.json())["id"] / "job.log"
+    await poll(cp, token, base, lambda s: s["counters"]["live_consumers"] == RANKS)
+    serving = f'dsn_gateway_consumers{{session="{session["id"]}"}} {float(RANKS)}'
+    for gateway in (east, west):
+        await eventually_async(lambda g=gateway: asyncio.to_thread(g.shows, serving),
+                               timeout_s=30, what=f"{gateway.name} serving the session's ranks")
+
+    streamed = await asyncio.to_thread(
+        _facility, token, "producer", "stream", "--controlplane", cp.url, "--session",
+        session["id"], "--client-key", str(secret), "--scan", "1", "--scan-shape", "4x4",
+        "--no-progress")
+    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    assert f"2 lanes: gateways {east.ingress}, {west.ingress}" in streamed.stdout
+    for lane in range(LANES):
+        assert f"gateway: scan 1 lane {lane} of 2 forwarded: 32 sent, 32 forwarded, 0 spooled, " \
+               "0 lost" in streamed.stdout, streamed.stdout
+
+    await finished(cp, token, job_path, job_log)
+    listed = await (await cp.call("GET", f"/api/v1/scans?session={session['id']}", token)).json()
+    [result] = listed["items"]
+    assert (result["status"], result["frames"], result["expected_sectors"],
+            result["received_sectors"], result["lost_sectors"], result["lane"]) == (
+        "complete", 16, 64, 64, 0, 0)
+    with h5py.File(result["path"]) as output:
+        assert output["metadata/stream"].attrs["lanes"] == 2
+
+
+async def test_each_lane_of_a_scan_without_consumers_is_spooled_and_reported_by_its_gateway(
+        two_gateways: Site, tmp_path: Path) -> None:
+    """No consumer yet: each lane's gateway spools its part and reports it to the control plane,
+    which records both (one result per lane); the spools are replayed as one scan, but not into
+    a session of several lanes."""
+    site = two_gateways
+    cp = site.cp
+    await cp.create_project("alpha")
+    token = str((await cp.project_token("alpha", scope=WORKER_SCOPE))["token"])
+    _, secret = create_keypair(tmp_path / "producer", "cam")
+    streamed = await asyncio.to_thread(
+        _facility, token, "producer", "stream", "--controlplane", cp.url, "--lanes", "2",
+        "--client-key", str(secret), "--scan", "2", "--scan-shape", "2x2", "--no-progress")
+    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+    spools = re.findall(r"gateway: spooled to (\S+);", streamed.stdout)
+    assert len(spools) == LANES, streamed.stdout
+    session = re.search(r"^session (s[0-9a-f]+) ", streamed.stdout, re.MULTILINE)
+    assert session is not None, streamed.stdout
+
+    async def reported() -> list[Any]:
+        listed = await (await cp.call("GET", f"/api/v1/scans?session={session.group(1)}",
+                                      token)).json()
+        assert len(listed["items"]) == LANES, listed
+        return list(listed["items"])
+
+    results = await eventually_async(reported, timeout_s=30, what="both lanes' reports")
+    assert sorted((r["lane"], r["source"], r["status"], r["spooled_sectors"], r["path"])
+                  for r in results) == [
+        (lane, "gateway", "spooled", 8, path) for lane, path in enumerate(spools)]
+
+    replayed = await asyncio.to_thread(
+        _facility, token, "producer", "stream", "--controlplane", cp.url, "--session",
+        session.group(1), "--client-key", str(secret), "--spool", spools[0], "--spool",
+        spools[1], "--no-progress")
+    assert replayed.returncode == 1
+    assert "the session has 2 lanes; a spool is replayed as one lane" in replayed.stderr
+    # Into a session of one lane (opened by the command) both lanes' spools go as one scan.
+    _, other = create_keypair(tmp_path / "producer", "replayer")
+    replayed = await asyncio.to_thread(
+        _facility, token, "producer", "stream", "--controlplane", cp.url, "--client-key",
+        str(other), "--spool", spools[0], "--spool", spools[1], "--no-progress")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert re.search(r"gateway: scan 2 spooled \(no_consumers\): 16 sent, 0 forwarded, 16 spooled",
+                     replayed.stdout), replayed.stdout

@@ -359,7 +359,7 @@ def test_stream_command_rejects_a_bad_scan_shape(tmp_path: Path, shape: str) -> 
       "--receipts", "tcp://127.0.0.1:2"],
      "2 --endpoint but 1 --receipts: give one --receipts per --endpoint, or none"),
     ([arg for port in range(1, 11, 2) for arg in ("--endpoint", f"tcp://127.0.0.1:{port}")],
-     "5 --endpoint for 4 producers (one per sector): each lane needs a producer"),
+     "5 lanes for 4 producers (one per sector): each lane needs a producer"),
     (["--endpoint", "tcp://127.0.0.1:1", "--endpoint", "tcp://127.0.0.1:3", "--spool", "x"],
      "--spool replays through one gateway: give one --endpoint"),
 ])

@@ -16,7 +16,7 @@ from zmq.utils import z85
 
 from common import clone, zap
 from common.clone import AckOutcome, StateEndpoints, StateServer
-from common.config import Session
+from common.config import Lane, Session
 from common.keys import KeyPair
 from common.receipts import GatewayReport
 from controlplane.placement import registration_problem
@@ -109,8 +109,8 @@ async def test_snapshot_then_updates_reach_the_gateway_table(endpoints: StateEnd
         with client(endpoints, tables) as source:
             await tables.become("a", "b")
             assert source.wait_synced(0)
-            await service.publish("c", session("c"))
-            await service.publish("a", session("a", consumers=2))
+            await service.publish("c", Placed(session("c")))
+            await service.publish("a", Placed(session("a", consumers=2)))
             await tables.become("a", "b", "c")
 
             def a_has_two_consumers() -> bool:
@@ -150,7 +150,7 @@ async def test_a_gap_triggers_a_resnapshot(endpoints: StateEndpoints) -> None:
             # An update the gateway never sees: the state changes and the seq moves on silently.
             service._published["lost"] = Placed(session("lost"))
             service.seq += 1
-            await service.publish("b", session("b"))
+            await service.publish("b", Placed(session("b")))
             await tables.become("a", "b", "lost")
             assert source.resyncs >= 1
 
@@ -249,7 +249,7 @@ async def test_an_unknown_gateway_key_gets_nothing(endpoints: StateEndpoints) ->
     tables = Tables()
     async with serving(endpoints, Store(session("a"))) as service:
         with client(endpoints, tables, keypair=STRANGER) as source:
-            await service.publish("b", session("b"))
+            await service.publish("b", Placed(session("b")))
             # Its snapshot request goes unanswered twice (it asks again after each timeout).
             await eventually_async(lambda: source.resyncs >= 2, timeout_s=1.0,
                                    what="two unanswered snapshot requests")
@@ -285,7 +285,7 @@ def test_diff_names_new_changed_and_gone_sessions() -> None:
                                                                    ("c", Placed(c))]
     assert diff(published, [Placed(a), Placed(c)]) == [("c", Placed(c)), ("b", None)]
     # A session moved to another gateway is a change too.
-    assert diff(published, [Placed(a, "east"), Placed(b)]) == [("a", Placed(a, "east"))]
+    assert diff(published, [Placed(a, ("east",)), Placed(b)]) == [("a", Placed(a, ("east",)))]
 
 
 REPORT = GatewayReport(session="a", scan=2, outcome="interrupted", reason="consumer_gone",
@@ -362,24 +362,54 @@ class PlacedStore(Store):
 
 async def test_each_gateway_gets_its_own_sessions_and_the_unplaced_ones(
         endpoints: StateEndpoints) -> None:
-    store = PlacedStore(Placed(session("shared")), Placed(session("e1"), "east"),
-                        Placed(session("w1"), "west"))
+    store = PlacedStore(Placed(session("shared")), Placed(session("e1"), ("east",)),
+                        Placed(session("w1"), ("west",)))
     east, west = Tables(), Tables()
     async with serving_two(endpoints, store) as service:
         with client(endpoints, east, EAST), client(endpoints, west, WEST):
             await east.become("shared", "e1")
             await west.become("shared", "w1")
             # Updates follow the placement: a new session reaches its own gateway only.
-            await service.publish("e2", session("e2"), "east")
+            await service.publish("e2", Placed(session("e2"), ("east",)))
             await east.become("shared", "e1", "e2")
             # A session moved to the other gateway leaves the first and reaches the second.
-            await service.publish("e1", session("e1"), "west")
+            await service.publish("e1", Placed(session("e1"), ("west",)))
             await east.become("shared", "e2")
             await west.become("shared", "w1", "e1")
             await service.publish("shared", None)
             await east.become("e2")
             await west.become("w1", "e1")
-            assert service.placement("e1") == "west"
+            assert service.placement("e1") == ("west",)
+
+
+async def test_each_gateway_of_a_laned_session_is_told_its_own_lane(
+        endpoints: StateEndpoints) -> None:
+    """Snapshot and updates alike: a session split over east and west reaches each as the lane
+    it carries, and a lane moved to the other gateway leaves the first."""
+    east, west = Tables(), Tables()
+
+    def lanes(tables: Tables) -> dict[str, tuple[int, int] | None]:
+        return {e.id: None if e.session.lane is None else (e.session.lane.lane,
+                                                           e.session.lane.lanes)
+                for e in tables.received[-1]}
+
+    async with serving_two(endpoints, PlacedStore(Placed(session("l"), ("east", "west")))
+                           ) as service:
+        with client(endpoints, east, EAST), client(endpoints, west, WEST):
+            await east.become("l")
+            await west.become("l")
+            assert (lanes(east), lanes(west)) == ({"l": (0, 2)}, {"l": (1, 2)})
+            # The lanes swap gateways: each is told its new lane.
+            await service.publish("l", Placed(session("l"), ("west", "east")))
+            await eventually_async(lambda: lanes(east) == {"l": (1, 2)}, timeout_s=1,
+                                   what="east told it now carries lane 1")
+            assert lanes(west) == {"l": (0, 2)}
+            # A one-lane session carries no lane, whatever its stored configuration says.
+            await service.publish("l", Placed(session("l").model_copy(
+                update={"lane": Lane(lane=1, lanes=2)}), ("east",)))
+            await west.become()
+            await eventually_async(lambda: lanes(east) == {"l": None}, timeout_s=1,
+                                   what="east told the session has one lane")
 
 
 def _registration(keypair: KeyPair, **fields: object) -> clone.Registration:

@@ -127,7 +127,8 @@ def session_fields(s: SessionRecord, now: float, gateways: Mapping[str | None, G
             "expires_at": utc(s.expires_at), "ended_at": _time(s.ended_at),
             "config": config_with_consumers(s.config, live), "gateway": gateways[s.gateway],
             "gateway_name": s.gateway, "previous_gateway": s.previous_gateway,
-            "replaced_at": _time(s.replaced_at)}
+            "replaced_at": _time(s.replaced_at),
+            "lanes": [gateways[name] for name in s.gateways] if s.lanes > 1 else []}
 
 
 def counters(consumers: Sequence[ConsumerRecord], jobs: int, scans: Sequence[ScanRecord],

@@ -62,13 +62,24 @@ class SessionRecord:
     expires_at: float
     ended_at: float | None
     # The registered gateway it is placed on (None: the configured single gateway), and the one
-    # it was moved from when that one's heartbeats stopped.
+    # it was moved from when that one's heartbeats stopped. A session whose scans are split over
+    # several gateways has ``gateway`` carry lane 0, and ``lane_gateways`` lanes 1 and on.
     gateway: str | None = None
     previous_gateway: str | None = None
     replaced_at: float | None = None
+    lane_gateways: tuple[str, ...] = ()
 
     def state(self, now: float) -> SessionState:
         return session_state(self.ended_at, self.expires_at, now)
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        """The gateways of its lanes, lane by lane (none: the configured single gateway)."""
+        return () if self.gateway is None else (self.gateway, *self.lane_gateways)
+
+    @property
+    def lanes(self) -> int:
+        return 1 + len(self.lane_gateways)
 
 
 @dataclass(frozen=True)
@@ -116,9 +127,9 @@ class ScanRecord(ScanResult):
     """A scan's result as the store keeps it: the project, when it was reported and by whom.
 
     ``source`` ``consumer`` is rank 0's result. ``gateway`` is a scan the gateway interrupted when
-    a member left: always partial, with no file of its own (``path`` is the spool file and there
+    a member left (or spooled whole): no file of its own (``path`` is the spool file and there
     is no sha256), ``reason`` says what interrupted it, and the sectors spooled and the losses by
-    reason come with it.
+    reason come with it; one per lane of a scan split over several gateways.
     """
 
     project: str
@@ -126,6 +137,9 @@ class ScanRecord(ScanResult):
     source: ScanSource = "consumer"
     spooled_sectors: int = 0
     lost_by_reason: dict[str, int] = field(default_factory=dict)
+    # The lane a gateway's report covers, of a scan split over several gateways (each reports
+    # its own); 0 for a scan of one lane and for the consumers' result, which merges the lanes.
+    lane: int = 0
 
     @classmethod
     def of(cls, result: ScanResult, *, project: str, reported_at: float) -> ScanRecord:

@@ -17,7 +17,7 @@ from common.answers import (
     SessionCounters,
 )
 from common.config import ConnectEndpoint, CurveKey
-from common.protocol import MAX_MANIFEST
+from common.protocol import MAX_LANES, MAX_MANIFEST
 from common.results import ConsumerStatus, ScanResult, ScanStatus, check
 from controlplane.launchers import JobState
 from controlplane.schemas import (
@@ -61,7 +61,10 @@ class SessionOpen(RequestBody):
     ``ttl`` (seconds) defaults to, and is capped by, the policy's session-token lifetime and the
     project token's remaining life; the session expires with its token. ``transport`` ``plain``
     (only where the policy sets ``allow_plaintext``) also admits the producer unencrypted, on the
-    gateway's plaintext ingress, with the session token as its credential.
+    gateway's plaintext ingress, with the session token as its credential. ``lanes`` above 1
+    splits each scan over that many registered gateways, one per lane (``lanes`` in the answer
+    names them): the producers of lane k stream to its gateway, and the consumer ranks merge
+    the lanes.
     """
 
     project: Name
@@ -70,6 +73,7 @@ class SessionOpen(RequestBody):
     client_key: CurveKey
     ttl: Ttl | None = None
     transport: Literal["curve", "plain"] = "curve"
+    lanes: Annotated[int, Field(ge=1, le=MAX_LANES)] = 1
 
 
 class ConsumerRegister(RequestBody):

@@ -36,8 +36,11 @@ log = logging.getLogger("dsn.controlplane.sessions")
 
 R = TypeVar("R", bound="DataclassInstance")
 
-_JSON_COLUMNS = frozenset({"params", "config", "lost_by_reason", "loss_manifest"})
-# JSON has no tuples; a loss manifest is a tuple of entry tuples, as a reported result makes it.
+_JSON_COLUMNS = frozenset({"params", "config", "lost_by_reason", "loss_manifest",
+                           "lane_gateways"})
+# JSON has no tuples: the lanes' gateways are a tuple of names, and a loss manifest a tuple of
+# entry tuples, as a reported result makes it.
+_TUPLES = frozenset({"lane_gateways"})
 _TUPLES_OF_TUPLES = frozenset({"loss_manifest"})
 # A scan result names its session ``session`` (common.results); its column is the ``session_id``
 # of every other table.
@@ -52,16 +55,23 @@ def _record(cls: type[R], row: Row) -> R:
     values = {f.name: row[_column(f.name)] for f in fields(cls)}
     for name in _JSON_COLUMNS & values.keys():
         values[name] = json.loads(values[name])
+    for name in _TUPLES & values.keys():
+        values[name] = tuple(values[name])
     for name in _TUPLES_OF_TUPLES & values.keys():
         values[name] = tuple(map(tuple, values[name]))
     return cls(**values)
+
+
+def _json(value: Any) -> str:
+    # One spelling for every write, so that a stored value compares equal to the one it was.
+    return json.dumps(value, sort_keys=True)
 
 
 async def _insert(conn: Conn, table: str, record: Any) -> None:
     # Table and column names come from the record dataclasses in ``core``, never from a request.
     values = {_column(f.name): getattr(record, f.name) for f in fields(record)}
     for name in _JSON_COLUMNS & values.keys():
-        values[name] = json.dumps(values[name], sort_keys=True)
+        values[name] = _json(values[name])
     await conn.execute(f"INSERT INTO {table} ({', '.join(values)}) "
                        f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
 
@@ -77,13 +87,14 @@ async def _all(conn: Conn, sql: str, params: Sequence[Any]) -> list[Row]:
         return list(await cursor.fetchall())
 
 
-# Picks the gateway of a new session inside its transaction (None: the configured gateway).
-Chooser = Callable[[Conn], Awaitable[str | None]]
+# Picks the gateways of a new session's lanes inside its transaction (none: the configured
+# gateway).
+Chooser = Callable[[Conn], Awaitable[tuple[str, ...]]]
 
 
 async def insert_session(store: Store, session: SessionRecord, token: TokenRecord, limit: int,
                          now: float, place: Chooser) -> SessionRecord:
-    """Store the session, placed on the gateway ``place`` picks, and its token's metadata, in one
+    """Store the session, placed on the gateways ``place`` picks, and its token's metadata, in one
     transaction with the quota and client key checks and the gateways' loads, so that concurrent
     opens cannot both pass them."""
     async def body(conn: Conn) -> SessionRecord:
@@ -98,7 +109,9 @@ async def insert_session(store: Store, session: SessionRecord, token: TokenRecor
         if await _one(conn, "SELECT 1 FROM sessions WHERE client_key = ? AND ended_at IS NULL "
                             "AND expires_at > ?", (session.client_key, now)):
             raise Conflict("this client key already belongs to an open session")
-        placed = replace(session, gateway=await place(conn))
+        chosen = await place(conn)
+        placed = replace(session, gateway=chosen[0] if chosen else None,
+                         lane_gateways=chosen[1:])
         await conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(token))
         await _insert(conn, "sessions", placed)
         return placed
@@ -106,28 +119,34 @@ async def insert_session(store: Store, session: SessionRecord, token: TokenRecor
 
 
 async def stranded_sessions(store: Store, now: float, live: Sequence[str]) -> list[SessionRecord]:
-    """The open sessions placed on a gateway that is not among ``live``, oldest first."""
+    """The open sessions with a lane placed on a gateway that is not among ``live``, oldest
+    first."""
     rows = await store.read(
         "SELECT * FROM sessions WHERE gateway IS NOT NULL AND ended_at IS NULL AND expires_at > ? "
         "ORDER BY created_at, id", (now,))
     return [record for record in map(lambda row: _record(SessionRecord, row), rows)
-            if record.gateway not in live]
+            if not set(record.gateways) <= set(live)]
 
 
-async def move_session(store: Store, session: SessionRecord, target: str, now: float,
+async def move_session(store: Store, session: SessionRecord, lane: int, target: str, now: float,
                        timeout_s: float) -> SessionRecord | None:
-    """Move the open ``session`` off its gateway to ``target``, if ``target`` can still take it
-    (live, below capacity) and the session is still where it was; None (nothing changed) else."""
+    """Move lane ``lane`` of the open ``session`` off its gateway to ``target``, if ``target`` can
+    still take it (live, below capacity) and the session's lanes are still where they were; None
+    (nothing changed) else."""
     async def body(conn: Conn) -> SessionRecord | None:
         load = next((load for load in await loads_in(conn, now) if load.gateway.name == target),
                     None)
         if load is None or not load.gateway.live(now, timeout_s) \
                 or load.sessions >= load.gateway.capacity:
             return None
+        gateways = list(session.gateways)
+        previous, gateways[lane] = gateways[lane], target
         cursor = await conn.execute(
-            "UPDATE sessions SET gateway = ?, previous_gateway = gateway, replaced_at = ? "
-            "WHERE id = ? AND gateway = ? AND ended_at IS NULL RETURNING *",
-            (target, now, session.id, session.gateway))
+            "UPDATE sessions SET gateway = ?, lane_gateways = ?, previous_gateway = ?, "
+            "replaced_at = ? WHERE id = ? AND gateway = ? AND lane_gateways = ? "
+            "AND ended_at IS NULL RETURNING *",
+            (gateways[0], _json(gateways[1:]), previous, now, session.id, session.gateway,
+             _json(session.lane_gateways)))
         row = await cursor.fetchone()
         return _record(SessionRecord, row) if row is not None else None
     return await store.write(body)
@@ -299,7 +318,8 @@ async def record_result(store: Store, result: ScanRecord) -> ScanRecord:
     overwritten)."""
     async def body(conn: Conn) -> ScanRecord:
         row = await _one(conn, "SELECT * FROM scan_results WHERE session_id = ? AND scan = ? "
-                         "AND source = ?", (result.session, result.scan, result.source))
+                         "AND source = ? AND lane = ?",
+                         (result.session, result.scan, result.source, result.lane))
         if row is None:
             await _insert(conn, "scan_results", result)
             return result
@@ -317,7 +337,7 @@ async def list_results(store: Store, *, project: str | None, session_id: str | N
         "SELECT * FROM scan_results WHERE (CAST(?1 AS TEXT) IS NULL OR project = ?1) "
         "AND (CAST(?2 AS TEXT) IS NULL OR session_id = ?2) "
         "AND (CAST(?3 AS BIGINT) IS NULL OR scan = ?3) "
-        "ORDER BY reported_at, session_id, scan, source LIMIT ?4",
+        "ORDER BY reported_at, session_id, scan, source, lane LIMIT ?4",
         (project, session_id, scan, limit))
     return [_record(ScanRecord, row) for row in rows]
 
@@ -346,7 +366,7 @@ async def live_sessions(store: Store, now: float, session_id: str | None = None
 def _gateway_session(record: SessionRecord, endpoints: Sequence[str]) -> Placed | None:
     try:
         config = parse_config(config_with_consumers(record.config, endpoints))
-        return Placed(config.session(record.id), record.gateway)
+        return Placed(config.session(record.id), record.gateways)
     except ConfigError as exc:
         # Validated when rendered; a stored config that no longer validates is not served.
         log.error("session %s cannot be published: %s", record.id, exc)

@@ -99,10 +99,7 @@ async def publish_session(services: Services, session_id: str) -> None:
     state service's reconcile loop publishes the difference within ``reconcile_s``."""
     try:
         live = await live_sessions(services.store, services.now(), session_id)
-        if live:
-            await services.state.publish(session_id, live[0].session, live[0].gateway)
-        else:
-            await services.state.publish(session_id, None)
+        await services.state.publish(session_id, live[0] if live else None)
     except (ControlPlaneError, zmq.ZMQError) as exc:
         log.warning("publishing session %s failed (reconcile retries): %s", session_id, exc)
 
@@ -128,7 +125,9 @@ async def gateway_infos(services: Services, sessions: Iterable[SessionRecord]
                         ) -> dict[str | None, GatewayInfo]:
     """Where the producers of each of ``sessions`` stream, by gateway name (None: the configured
     gateway): a registered gateway's last announcement."""
-    names = {session.gateway for session in sessions}
+    names: set[str | None] = set()
+    for session in sessions:
+        names.update(session.gateways or (None,))
     infos: dict[str | None, GatewayInfo] = {}
     if None in names:
         infos[None] = await configured_gateway(services)
@@ -139,7 +138,7 @@ async def gateway_infos(services: Services, sessions: Iterable[SessionRecord]
             record = registered.get(name)
             if record is None:  # the table keeps every gateway that ever registered
                 raise ConfigurationError(f"gateway {name!r} is not registered")
-            infos[name] = GatewayInfo(endpoint=record.endpoint,
+            infos[name] = GatewayInfo(name=name, endpoint=record.endpoint,
                                       server_key=record.server_key,
                                       plain_endpoint=record.plain_endpoint,
                                       receipts_endpoint=record.receipts_endpoint)
@@ -218,25 +217,28 @@ def _check_plaintext(services: Services, body: SessionOpen) -> None:
                         rule="plaintext-not-allowed")
 
 
-def _chooser(services: Services, project: str, plain: bool) -> Chooser:
+def _chooser(services: Services, project: str, plain: bool, lanes: int) -> Chooser:
     """The placement of a new session of ``project`` (``controlplane.placement``), else, when no
-    gateway at all is live, the configured gateway where the settings allow it. Live gateways
-    that cannot take the session refuse it: falling back then would pass over the policy."""
+    gateway at all is live, the configured gateway where the settings allow it and the session
+    has one lane. Live gateways that cannot take the session refuse it: falling back then would
+    pass over the policy."""
     settings = services.settings
 
-    async def place(conn: Conn) -> str | None:
+    async def place(conn: Conn) -> tuple[str, ...]:
         now = services.now()
-        chosen = placement.choose(await placement.loads_in(conn, now), now,
-                                  settings.gateway_timeout_s,
-                                  services.policies.current.gateways_for(project), plain=plain)
+        chosen = placement.choose_lanes(await placement.loads_in(conn, now), now,
+                                        settings.gateway_timeout_s,
+                                        services.policies.current.gateways_for(project),
+                                        plain=plain, lanes=lanes)
         if chosen is not None:
-            return chosen.name
-        if not settings.gateway_fallback:
+            return tuple(gateway.name for gateway in chosen)
+        if not settings.gateway_fallback or lanes > 1:
             raise Unavailable("no gateway is live: none has registered within the last "
-                              f"{settings.gateway_timeout_s:g} s")
+                              f"{settings.gateway_timeout_s:g} s"
+                              f"{'' if lanes == 1 else f', and {lanes} lanes need as many'}")
         if plain and settings.gateway_plain_endpoint is None:
             raise Conflict("the gateway has no plaintext ingress (gateway_plain_endpoint is unset)")
-        return None
+        return ()
     return place
 
 
@@ -264,7 +266,8 @@ async def open_session(services: Services, parent: Claims, body: SessionOpen
     limit = await _session_limit(services, body.project)
     session = await insert_session(services.store, session, _token_record(claims, parent.jti),
                                    limit, now,
-                                   _chooser(services, body.project, body.transport == "plain"))
+                                   _chooser(services, body.project, body.transport == "plain",
+                                            body.lanes))
     services.metrics.tokens_issued.labels(claims.kind.value).inc()
     return session, token
 
@@ -499,9 +502,10 @@ async def register_gateway(services: Services, name: str, key: str,
 
 
 async def replace_stranded(services: Services, since: float) -> int:
-    """Move the open sessions of every gateway silent for longer than ``gateway_timeout_s`` to a
-    live one (the placement rule), audit each move and publish it: the new gateway admits the
-    session's producers, the old one drops it. Gateways are judged only once the service has run
+    """Move the open sessions (each lane of them) of every gateway silent for longer than
+    ``gateway_timeout_s`` to a live one (the placement rule; never one carrying another lane of
+    the session), audit each move and publish it: the new gateway admits the session's
+    producers, the old one drops it. Gateways are judged only once the service has run
     ``gateway_timeout_s`` (``since``: its start), so a restart moves nothing before they announce
     themselves again. A session is only ever moved to a gateway its project may use (policy
     section ``gateways``); one nowhere else can take stays, and is tried again next time."""
@@ -512,31 +516,41 @@ async def replace_stranded(services: Services, since: float) -> int:
             if record.live(now, timeout_s)]
     moved = 0
     for session in await stranded_sessions(services.store, now, live):
-        plain = bool(session.config["sessions"][0].get("plain_password_sha256"))
-        allowance = services.policies.current.gateways_for(session.project)
-        try:
-            target = placement.choose(await placement.loads(services.store, now), now,
-                                      timeout_s, allowance, plain=plain, exclude=session.gateway)
-        except Unavailable as exc:  # none its project may use is live, or has room
-            log.warning("session %s stays on silent gateway %s: %s", session.id, session.gateway,
-                        exc.detail)
-            continue
-        if target is None:
-            continue
-        # Audited before it takes effect, like every decision.
-        await services.audit.record(
-            principal="controlplane", action="sessions:replace",
-            resource=resource_label(Resource(kind="session", project=session.project,
-                                             name=session.id)), decision="allow",
-            rule=f"gateway-silent:{session.gateway}->{target.name}",
-            request_id=f"replace-{secrets.token_hex(8)}")
-        if await move_session(services.store, session, target.name, now, timeout_s) is None:
-            continue  # ended, moved or the target filled up meanwhile: the next round looks again
-        log.warning("session %s moved from silent gateway %s to %s", session.id, session.gateway,
-                    target.name)
-        await publish_session(services, session.id)
-        moved += 1
+        # One lane per round: the next round sees the session as this move left it.
+        lane = next(lane for lane, name in enumerate(session.gateways) if name not in live)
+        if await _replace_lane(services, session, lane, now):
+            moved += 1
     return moved
+
+
+async def _replace_lane(services: Services, session: SessionRecord, lane: int,
+                        now: float) -> bool:
+    """Move lane ``lane`` of ``session`` off its silent gateway; whether it moved."""
+    timeout_s, silent = services.settings.gateway_timeout_s, session.gateways[lane]
+    plain = bool(session.config["sessions"][0].get("plain_password_sha256"))
+    allowance = services.policies.current.gateways_for(session.project)
+    try:
+        target = placement.choose(await placement.loads(services.store, now), now, timeout_s,
+                                  allowance, plain=plain, exclude=session.gateways)
+    except Unavailable as exc:  # none its project may use is live, or has room
+        log.warning("session %s stays on silent gateway %s: %s", session.id, silent, exc.detail)
+        return False
+    if target is None:
+        return False
+    # Audited before it takes effect, like every decision.
+    await services.audit.record(
+        principal="controlplane", action="sessions:replace",
+        resource=resource_label(Resource(kind="session", project=session.project,
+                                         name=session.id)), decision="allow",
+        rule=f"gateway-silent:{silent}->{target.name}",
+        request_id=f"replace-{secrets.token_hex(8)}")
+    if await move_session(services.store, session, lane, target.name, now, timeout_s) is None:
+        return False  # ended, moved or the target filled up meanwhile: the next round looks again
+    lanes = "" if session.lanes == 1 else f" (lane {lane} of {session.lanes})"
+    log.warning("session %s%s moved from silent gateway %s to %s", session.id, lanes, silent,
+                target.name)
+    await publish_session(services, session.id)
+    return True
 
 
 async def record_gateway_report(services: Services, report: GatewayReport) -> AckOutcome:
@@ -562,7 +576,8 @@ async def _record_report(services: Services, report: GatewayReport) -> AckOutcom
         reported_at=services.now(), source="gateway", spooled_sectors=report.spooled,
         lost_by_reason=dict(report.dropped),
         loss_manifest=tuple(report.drops),
-        manifest_truncated=report.drops_truncated, reason=report.reason)
+        manifest_truncated=report.drops_truncated, reason=report.reason,
+        lane=report.lane or 0)
     resource = Resource(kind="scan", project=session.project, name=f"{session.id}/{report.scan}")
     # Audited first, like every request: a report that cannot be audited is not recorded.
     await services.audit.record(principal="gateway", action="scans:report",

@@ -238,5 +238,44 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE sessions ADD COLUMN replaced_at REAL",
         "CREATE INDEX sessions_by_gateway ON sessions(gateway, ended_at)",
     ),
+    # 12 -> 13: a session's scans may be split over several gateways (lanes): ``gateway`` carries
+    # lane 0 and ``lane_gateways`` (a JSON list) lanes 1 and on. Each lane's gateway reports its
+    # part of a scan no consumer reports, so the key of a result gains the ``lane`` (0: lane 0,
+    # a scan of one lane, and the consumers' result, which merges every lane).
+    (
+        "ALTER TABLE sessions ADD COLUMN lane_gateways TEXT NOT NULL DEFAULT '[]'",
+        """CREATE TABLE scan_results_v13 (
+            session_id TEXT NOT NULL REFERENCES sessions(id),
+            scan INTEGER NOT NULL,
+            project TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            frames INTEGER NOT NULL,
+            events INTEGER NOT NULL,
+            expected_sectors INTEGER NOT NULL,
+            received_sectors INTEGER NOT NULL,
+            duplicate_sectors INTEGER NOT NULL,
+            lost_sectors INTEGER NOT NULL,
+            incomplete_frames INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            reported_at REAL NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('consumer', 'gateway')),
+            spooled_sectors INTEGER NOT NULL,
+            lost_by_reason TEXT NOT NULL,
+            loss_manifest TEXT NOT NULL,
+            manifest_truncated INTEGER NOT NULL CHECK (manifest_truncated IN (0, 1)),
+            reason TEXT,
+            conflicting_duplicates INTEGER NOT NULL DEFAULT 0,
+            lane INTEGER NOT NULL DEFAULT 0 CHECK (lane >= 0),
+            PRIMARY KEY (session_id, scan, source, lane))""",
+        """INSERT INTO scan_results_v13 SELECT session_id, scan, project, path, sha256, frames,
+            events, expected_sectors, received_sectors, duplicate_sectors, lost_sectors,
+            incomplete_frames, status, reported_at, source, spooled_sectors, lost_by_reason,
+            loss_manifest, manifest_truncated, reason, conflicting_duplicates, 0
+            FROM scan_results""",
+        "DROP TABLE scan_results",
+        "ALTER TABLE scan_results_v13 RENAME TO scan_results",
+        "CREATE INDEX scan_results_by_project ON scan_results(project, reported_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -188,10 +188,12 @@ function registryTable(registered, at) {
   return rows;
 }
 
-// The registered gateway a session is placed on (none: the configured gateway), and the one it
-// was moved off when that one fell silent.
+// The registered gateway a session is placed on (none: the configured gateway), each lane's for
+// a session split over several, and the one it was moved off when that one fell silent.
 function placedOn(session) {
-  const name = session.gateway_name || h("span", { class: "muted" }, "configured gateway");
+  const name = session.lanes.length
+    ? session.lanes.map((lane, index) => `${lane.name} (lane ${index})`).join(", ")
+    : session.gateway_name || h("span", { class: "muted" }, "configured gateway");
   if (!session.previous_gateway) {
     return name;
   }
