@@ -3,10 +3,19 @@ scan_begin, ended once every lane's scan_end is in, with the lanes' counts summe
 
 from __future__ import annotations
 
-import msgspec
+import logging
 
-from common.protocol import MAX_MANIFEST, MAX_U63, RoutedScanBegin, RoutedScanEnd
+import msgspec
+import numpy as np
+from cp_helpers import ManualClock
+
+from common.protocol import MAX_MANIFEST, MAX_U63, Data, RoutedScanBegin, RoutedScanEnd
+from dataplane import counting
 from dataplane.consumer.lanes import Joined, LaneMerge, merge_ends
+from dataplane.consumer.order import GatewayWatch
+from dataplane.consumer.scanwork import CountingOptions, ScanWork
+
+OPTIONS = CountingOptions(kernel=counting.count_frame, samples=3)
 
 
 def _begin(lane: int | None = 0, lanes: int | None = 2, **changes: object) -> RoutedScanBegin:
@@ -73,3 +82,47 @@ def test_merged_manifests_and_sums_stay_within_the_protocol_bounds() -> None:
     merged = merge_ends(ends)
     assert len(merged.drops) == MAX_MANIFEST and merged.drops_truncated
     assert merged.sent == MAX_U63
+
+
+def test_the_lanes_that_ended_so_far_merge_into_one_end() -> None:
+    merge = LaneMerge(_begin(lane=0, lanes=3))
+    assert merge.ended() is None
+    merge.join(_begin(lane=1, lanes=3))
+    merge.end(_end(0, lanes=3))
+    assert merge.ended() == _end(0, lanes=3)
+    merge.end(_end(1, lanes=3, expected=2))
+    ended = merge.ended()
+    assert ended is not None and (ended.expected, ended.sent) == (7, 20)
+    assert merge.waiting_for == [2]
+
+
+def test_a_scan_waiting_for_a_lane_is_lost_once_nothing_of_it_came_for_the_grace() -> None:
+    clock = ManualClock(0.0)
+    watch = GatewayWatch(lambda: None, grace_s=10, log=logging.getLogger("test"), clock=clock)
+    watch.lane_ended(1)
+    watch.lane_ended(2)
+    clock.advance(9)
+    watch.heard(2)  # another lane of scan 2 is still streaming: it waits on
+    assert watch.lost([1, 2, 3]) == []
+    clock.advance(1)
+    assert watch.lost([1, 2, 3]) == [1]
+    # Scan 2 ends (no longer held) before its grace is over: never lost.
+    assert watch.lost([3]) == []
+    clock.advance(100)
+    assert watch.lost([2, 3]) == []
+
+
+def test_a_lost_scan_keeps_its_ended_lanes_accounting_and_lists_the_rest_lane_lost() -> None:
+    work = ScanWork(_begin(lane=0), OPTIONS, 2)
+    sector = np.zeros(576 * 576 // 4, dtype=np.uint16)
+    for frame in (0, 2):  # this rank's frames; lane 0 carries sectors 0 and 1
+        for s in (0, 1):
+            work.add(Data(v=1, scan=4, frame=frame, sector=s, seq=0), sector.tobytes())
+    assert work.lanes.end(_end(0, expected=4, sent=8, accepted=8, dropped={}, drops=[])) is None
+    closure = work.close_lost()
+    assert (closure.expected, closure.received) == (4, 4)
+    assert [(m.frame, m.sector, m.reason) for m in closure.missing] == [
+        (f, s, "lane_lost") for f in (0, 2) for s in (2, 3)]
+    # A scan none of whose lanes ended is closed as its lost gateway's.
+    alone = ScanWork(_begin(lane=0), OPTIONS, 2)
+    assert {m.reason for m in alone.close_lost().missing} == {"gateway_lost"}

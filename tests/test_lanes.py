@@ -277,6 +277,34 @@ def test_a_scan_ends_at_the_consumer_only_once_every_lane_has_ended_it(
     assert _counted(Path(str(result["path"]))) == EVERY_SECTOR
 
 
+def test_a_scan_whose_other_lane_never_comes_is_closed_partial_listing_that_lanes_sectors(
+        laned: LanedSite, gateways: list[GatewayProcess]) -> None:
+    """Lane 0 streams whole and ends; lane 1's producers never start (their host died): once
+    nothing of the scan has arrived for --gateway-lost-s, the ranks close it, keep lane 0's
+    accounting, and write and report it partial, lane 1's sectors listed lane_lost."""
+    job = laned.site.job("job", "--scans", "1", "--gateway-lost-s", "2")
+    context = zmq.Context()
+    try:
+        first = _lane_producer(context, laned, 0)
+        _stream_lane(first, 0, (0, 1))
+        assert job.wait() == 0, job.log.read_text()[-3000:]
+    finally:
+        context.destroy(linger=0)
+    [result] = job.result_lines()
+    lane0 = _lane_sectors((0, 1))
+    assert (result["scan"], result["status"], result["expected_sectors"],
+            result["received_sectors"], result["lost_sectors"]) == (
+        3, "partial", len(lane0), len(lane0), len(EVERY_SECTOR) - len(lane0))
+    path = Path(str(result["path"]))
+    assert _counted(path) == set(lane0)
+    with h5py.File(path) as output:
+        reasons = set(output["metadata/stream/loss_manifest/reason"][()].astype(str).tolist())
+    assert reasons == {"lane_lost"}
+    closed = [json.loads(line) for line in job.log.read_text().splitlines()
+              if '"event": "scan closed: its gateway was lost"' in line]
+    assert sorted((e["rank"], e["lanes_lost"]) for e in closed) == [(0, [1]), (1, [1])]
+
+
 def test_ncem_producers_each_streaming_to_its_modules_lane_are_counted_whole(
         laned: LanedSite, gateways: list[GatewayProcess]) -> None:
     """The 4D Camera's receiving servers, a module each, as the NCEM aggregator's threads take

@@ -33,6 +33,9 @@ from common.protocol import Data, ProtocolError, RoutedScanBegin, RoutedScanEnd
 NOT_RECEIVED = "not_received"
 # No routed scan_end will ever come: the scan's gateway was lost and nothing began it again.
 GATEWAY_LOST = "gateway_lost"
+# A scan split over lanes, some of which ended: the others never will (their gateway or producers
+# were lost), and what they carried did not come.
+LANE_LOST = "lane_lost"
 MISROUTED = "misrouted"
 CONFLICTING_DUPLICATE = "conflicting_duplicate"
 

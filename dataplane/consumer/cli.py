@@ -39,7 +39,9 @@ def consumer() -> None:
                    "gateway, a scan begun before that receives nothing for this long is closed "
                    "partial, every sector that never came listed gateway_lost (env "
                    "DSN_CONSUMER_GATEWAY_LOST_S). A producer that streams the scan again through "
-                   "the new gateway keeps it open; give such producers the time to do so.")
+                   "the new gateway keeps it open; give such producers the time to do so. In any "
+                   "job, a scan split over lanes that receives nothing for this long after one "
+                   "of its lanes ended is closed too, the other lanes' sectors listed lane_lost.")
 @click.option("--dark", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Dark reference: a frame-shaped float32 .npy file.")
 @click.option("--samples", type=click.IntRange(min=1), default=40, show_default=True,

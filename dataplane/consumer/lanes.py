@@ -10,7 +10,8 @@ arrives after the merged end. Data messages need no merging: frames and sectors 
 A lane's scan_begin must describe the same scan as the first one's (shape, membership, lane
 count); one that does not, or names a lane already begun, is not joined, and neither is its
 scan_end: the scan then waits for the lane it lacks, as it would for a gateway that never ended
-it.
+it. A lane that never ends is not waited for forever: the root closes the scan once nothing of it
+has arrived for a while (``order.GatewayWatch``), keeping what the ended lanes accounted for.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class LaneMerge:
         if len(self._ends) < self.lanes:
             return None
         return merge_ends(list(self._ends.values()))
+
+    def ended(self) -> RoutedScanEnd | None:
+        """The lanes that ended so far, merged as one end (None: none has)."""
+        return merge_ends(list(self._ends.values())) if self._ends else None
 
     @property
     def waiting_for(self) -> list[int]:

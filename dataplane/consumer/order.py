@@ -83,13 +83,16 @@ class RootOrders:
 
 
 class GatewayWatch:
-    """On the root of a registered job: the scans a lost gateway left open.
+    """On the root: the scans a lost gateway left open.
 
-    The rule: when a heartbeat answer says the session moved to another gateway (a
-    ``session_moved_at`` this job has not seen before), every scan the root holds that has not
-    ended is suspect; a suspect scan of which any message arrives (the new gateway's repeated
-    ``scan_begin``, data, its ``scan_end``) is served by a live gateway and no longer suspect; one
-    of which nothing arrives for ``grace_s`` will never end, and is lost.
+    Two rules. A registered job's: when a heartbeat answer says the session moved to another
+    gateway (a ``session_moved_at`` this job has not seen before), every scan the root holds that
+    has not ended is suspect; a suspect scan of which any message arrives (the new gateway's
+    repeated ``scan_begin``, data, its ``scan_end``) is served by a live gateway and no longer
+    suspect; one of which nothing arrives for ``grace_s`` will never end, and is lost. Any job's:
+    a scan split over lanes of which one lane has ended waits for the others, whose gateways
+    stream the same scan at the same time; once nothing of it arrives for ``grace_s``, the lanes
+    it waits for will never end (their gateway or producers were lost), and it is lost.
     """
 
     def __init__(self, moved_at: Callable[[], datetime | None], grace_s: float,
@@ -100,9 +103,16 @@ class GatewayWatch:
         self._log = log
         self._clock = clock
         self._deadlines: dict[int, float] = {}
+        self._waiting: dict[int, float] = {}  # scans waiting for lanes: their deadlines
 
     def heard(self, scan: int) -> None:
         self._deadlines.pop(scan, None)
+        if scan in self._waiting:
+            self._waiting[scan] = self._clock() + self._grace_s
+
+    def lane_ended(self, scan: int) -> None:
+        """A lane of ``scan`` ended while others have not."""
+        self._waiting[scan] = self._clock() + self._grace_s
 
     def lost(self, open_scans: Iterable[int]) -> list[int]:
         """The scans to close as lost now; ``open_scans`` are those held and not ended."""
@@ -115,8 +125,13 @@ class GatewayWatch:
                 self._deadlines.setdefault(scan, deadline)
             self._log.warning("session moved to another gateway", extra=fields(
                 moved_at=moved.isoformat(), scans=suspect, grace_s=self._grace_s))
+        held = set(open_scans)
         now = self._clock()
-        lost = sorted(scan for scan, deadline in self._deadlines.items() if deadline <= now)
-        for scan in lost:
-            del self._deadlines[scan]
-        return lost
+        lost = set()
+        for deadlines in (self._deadlines, self._waiting):
+            for scan, deadline in list(deadlines.items()):
+                if scan not in held or deadline <= now:
+                    # Ended meanwhile (no longer held), or lost; either way watched no more.
+                    del deadlines[scan]
+                    lost |= {scan} & held
+        return sorted(lost)

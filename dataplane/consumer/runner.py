@@ -122,9 +122,13 @@ class ConsumerSettings:
     output_dir: Path  # absolute
     options: CountingOptions
     scans: int | None = None  # exit after this many scans; None: until stopped
-    # Registered: after the session moved, how long a scan may go without a message before it
-    # is closed as lost with its gateway.
+    # How long a scan may go without a message before it is closed as lost with its gateway:
+    # registered, after the session moved; any job, once some of a scan's lanes ended.
     gateway_lost_s: float = 30.0
+
+
+def _never_moved() -> datetime | None:
+    return None  # a job without the control plane hears of no move
 
 
 def check_layout(session: Session, ranks: int) -> None:
@@ -166,8 +170,8 @@ class RankLoop:
         self._gather_comm = world.Dup()
         self._orders = RootOrders(world.Dup(), root=ROOT)
         # Only the root watches for a lost gateway: it decides, and tells the others.
-        self._watch = (GatewayWatch(moved_at, settings.gateway_lost_s, log)
-                       if moved_at is not None and self.rank == ROOT else None)
+        self._watch = (GatewayWatch(moved_at or _never_moved, settings.gateway_lost_s, log)
+                       if self.rank == ROOT else None)
         self._socket = socket
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
@@ -314,6 +318,8 @@ class RankLoop:
         if merged is None:
             self._log.info("lane ends", extra=fields(scan=end.scan, lane=end.lane,
                                                      waiting_for=work.lanes.waiting_for))
+            if self._watch is not None:
+                self._watch.lane_ended(end.scan)
             return
         closure = work.close(merged)
         self._ended.append(end.scan)
@@ -348,7 +354,8 @@ class RankLoop:
             closure = work.close_lost()
             self._ended.append(scan)
             self._log.warning("scan closed: its gateway was lost", extra=fields(
-                scan=scan, received=closure.received, missing_sectors=len(closure.missing)))
+                scan=scan, received=closure.received, missing_sectors=len(closure.missing),
+                lanes_lost=work.lanes.waiting_for))
 
     def _drop(self, abort: RoutedScanAbort) -> None:
         work = self._scans.pop(abort.scan)

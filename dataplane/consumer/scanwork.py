@@ -13,11 +13,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from common.protocol import VERSION, Data, RoutedScanBegin, RoutedScanEnd
 from dataplane import counting
-from dataplane.consumer.assembly import GATEWAY_LOST, NOT_RECEIVED, ScanAssembly, ScanClosure
+from dataplane.consumer.assembly import (
+    GATEWAY_LOST,
+    LANE_LOST,
+    NOT_RECEIVED,
+    ScanAssembly,
+    ScanClosure,
+)
 from dataplane.consumer.lanes import LaneMerge
 
 HISTOGRAM_BINS = counting.PIXEL_VALUES
@@ -176,8 +183,13 @@ class ScanWork:
     def close_lost(self) -> ScanClosure:
         """Close a scan whose gateway was lost, as its routed ``scan_end`` would have: what the
         gateway forwarded is known only as far as it arrived, no producer's count reached it,
-        and every sector that never came is listed ``gateway_lost``."""
+        and every sector that never came is listed ``gateway_lost``. A scan split over lanes some
+        of which ended keeps their accounting, and lists what never came ``lane_lost``."""
         received = self.assembly.counters.received
+        ended = self.lanes.ended()
+        if ended is not None:
+            return self.close(msgspec.structs.replace(ended, expected=max(ended.expected,
+                                                                          received)), LANE_LOST)
         return self.close(RoutedScanEnd(v=VERSION, scan=self.scan, expected=received, sent=0,
                                         accepted=0, dropped={}, drops=[], drops_truncated=False),
                           GATEWAY_LOST)
