@@ -151,7 +151,8 @@ def open_command(client: Client, as_json: bool, client_key: Path, template: str,
     if token_out is not None:
         create_private_file(token_out, f"{opened.token}\n".encode())
     _print([opened], OPENED_COLUMNS, as_json, single=True,
-           cells=lambda s: {"gateway": _gateway_cell(s), "server_key": s.gateway.server_key})
+           cells=lambda s: {"gateway": _gateway_cell(s), "server_key": "; ".join(
+               gateway.server_key for gateway in s.lanes or [s.gateway])})
 
 
 @sessions.command("list")

@@ -447,6 +447,11 @@ async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_w
     east, west = site.gateways["east"], site.gateways["west"]
     assert [(lane["name"], lane["endpoint"]) for lane in session["lanes"]] == [
         ("east", east.ingress), ("west", west.ingress)]
+    other, _ = create_keypair(tmp_path / "producer", "other")
+    table = await asyncio.to_thread(_facility, token, "sessions", "open", "--controlplane",
+                                    cp.url, "--client-key", str(other), "--lanes", "2")
+    assert f"{east.keys.public.decode()}; {west.keys.public.decode()}" in table.stdout, \
+        table.stdout + table.stderr
     shown = await asyncio.to_thread(_facility, token, "sessions", "show", session["id"],
                                     "--controlplane", cp.url)
     assert f"lane 0: {east.ingress} (east); lane 1: {west.ingress} (west)" in shown.stdout, \
