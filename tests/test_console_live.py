@@ -37,9 +37,9 @@ def project_with_token(site: Site, name: str) -> str:
 
 
 def open_session(site: Site, project: str, token: str,
-                 client_key: bytes | None = None) -> dict[str, Any]:
+                 client_key: bytes | None = None, lanes: int = 1) -> dict[str, Any]:
     return dict(site.api("POST", "/api/v1/sessions", token, {
-        "project": project, "template": "4dstem", "params": {},
+        "project": project, "template": "4dstem", "params": {}, "lanes": lanes,
         "client_key": (client_key or zmq.curve_keypair()[0]).decode()}))
 
 
@@ -274,4 +274,10 @@ def test_registered_gateways_show_live_or_silent_and_each_session_its_gateway(
     row = page.wait_text(f"tr.session-row[data-session='{session['id']}']",
                          "moved from edge-gone")
     assert "local, moved from edge-gone" in row.text
+    # Back, and empty: a session of two lanes takes it and local, each row naming its lanes.
+    announce(console_site, "edge-gone", time.time())
+    laned = open_session(console_site, "live-demo-7", token, lanes=2)
+    assert [lane["name"] for lane in laned["lanes"]] == ["edge-gone", "local"]
+    page.wait_text(f"tr.session-row[data-session='{laned['id']}']",
+                   "edge-gone (lane 0), local (lane 1)")
     assert still_marked(page)
