@@ -431,9 +431,9 @@ async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_w
         two_gateways: Site, tmp_path: Path) -> None:
     """``dsn sessions open --lanes 2``: the control plane places lane 0 on east and lane 1 on
     west, each told its lane; a consumer job registers once and both gateways connect to its
-    ranks; ``dsn producer stream --session`` streams each producer to its lane's gateway, each
-    gateway's receipt accounts for its lane, and the ranks write one scan counting every sector
-    (and report it once)."""
+    ranks; ``dsn producer stream --session`` streams each producer to its lane's gateway (SDK and
+    NCEM headers alike), each gateway's receipt accounts for its lane, and the ranks write each
+    scan counting every sector (and report it once)."""
     site = two_gateways
     cp = site.cp
     await cp.create_project("alpha")
@@ -458,7 +458,7 @@ async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_w
         shown.stdout + shown.stderr
     base = f"/api/v1/sessions/{session['id']}"
     response = await cp.call("POST", f"{base}/jobs", token, json={
-        "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": 1}})
+        "template": "local-mpiexec", "ranks": RANKS, "params": {"scans": 2}})
     assert response.status == 202, await response.text()
     job_path = response.headers["Location"]
     job_log = cp.settings.jobs_dir / (await response.json())["id"] / "job.log"
@@ -468,24 +468,28 @@ async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_w
         await eventually_async(lambda g=gateway: asyncio.to_thread(g.shows, serving),
                                timeout_s=30, what=f"{gateway.name} serving the session's ranks")
 
-    streamed = await asyncio.to_thread(
-        _facility, token, "producer", "stream", "--controlplane", cp.url, "--session",
-        session["id"], "--client-key", str(secret), "--scan", "1", "--scan-shape", "4x4",
-        "--no-progress")
-    assert streamed.returncode == 0, streamed.stdout + streamed.stderr
-    assert f"2 lanes: gateways {east.ingress}, {west.ingress}" in streamed.stdout
-    for lane in range(LANES):
-        assert f"gateway: scan 1 lane {lane} of 2 forwarded: 32 sent, 32 forwarded, 0 spooled, " \
-               "0 lost" in streamed.stdout, streamed.stdout
+    # The SDK's producers, then the camera's NCEM module streams, which name no lane: each
+    # gateway opens its NCEM scans as the lane the control plane told it it carries.
+    for scan, header in ((1, "native"), (2, "ncem")):
+        streamed = await asyncio.to_thread(
+            _facility, token, "producer", "stream", "--controlplane", cp.url, "--session",
+            session["id"], "--client-key", str(secret), "--scan", str(scan), "--scan-shape",
+            "4x4", "--header", header, "--no-progress")
+        assert streamed.returncode == 0, streamed.stdout + streamed.stderr
+        assert f"2 lanes: gateways {east.ingress}, {west.ingress}" in streamed.stdout
+        for lane in range(LANES):
+            assert f"gateway: scan {scan} lane {lane} of 2 forwarded: 32 sent, 32 forwarded, " \
+                   "0 spooled, 0 lost" in streamed.stdout, streamed.stdout
 
     await finished(cp, token, job_path, job_log)
     listed = await (await cp.call("GET", f"/api/v1/scans?session={session['id']}", token)).json()
-    [result] = listed["items"]
-    assert (result["status"], result["frames"], result["expected_sectors"],
-            result["received_sectors"], result["lost_sectors"], result["lane"]) == (
-        "complete", 16, 64, 64, 0, 0)
-    with h5py.File(result["path"]) as output:
-        assert output["metadata/stream"].attrs["lanes"] == 2
+    assert sorted((r["scan"], r["status"], r["frames"], r["expected_sectors"],
+                   r["received_sectors"], r["lost_sectors"], r["lane"])
+                  for r in listed["items"]) == [
+        (scan, "complete", 16, 64, 64, 0, 0) for scan in (1, 2)]
+    for result in listed["items"]:
+        with h5py.File(result["path"]) as output:
+            assert output["metadata/stream"].attrs["lanes"] == 2
 
 
 async def test_each_lane_of_a_scan_without_consumers_is_spooled_and_reported_by_its_gateway(
