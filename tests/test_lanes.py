@@ -133,9 +133,12 @@ def laned(tmp_path: Path) -> LanedSite:
 
 @contextmanager
 def running(laned: LanedSite) -> Iterator[list[GatewayProcess]]:
-    """A gateway process per lane."""
+    """A gateway process per lane, each serving (one that exits fails the test with its log)."""
     gateways = [lane.start() for lane in laned.lanes]
     try:
+        for gateway in gateways:
+            eventually(lambda g=gateway: g.alive() and metrics_text(g.metrics) != "",
+                       timeout_s=30, what="a lane's gateway to serve")
         yield gateways
     finally:
         for gateway in gateways:

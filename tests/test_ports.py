@@ -31,8 +31,20 @@ def test_free_ports_are_distinct_below_the_ephemeral_range_and_leave_the_next_po
             probe.close()
 
 
+def test_a_port_handed_out_lately_is_not_handed_out_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free until its server binds it: a second caller would get the same port."""
+    [base] = free_ports(1)
+    draws = iter([base, base + 1, base - 1])
+    real = random.randrange
+    monkeypatch.setattr(ports.random, "randrange",
+                        lambda low, high: next(draws, None) or real(low, high))
+    assert not {base - 1, base, base + 1} & set(free_ports(1))
+
+
 def test_a_port_next_to_a_chosen_one_is_not_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     [base] = free_ports(1)  # free with the port after it, a moment ago
+    monkeypatch.setattr(ports, "_recent_set", set())  # forgotten: it may be chosen again
     draws = iter([base, base + 1, base - 1])
     real = random.randrange
     monkeypatch.setattr(ports.random, "randrange",

@@ -293,6 +293,12 @@ async def test_slurm_job_states_survive_a_restart_and_jobs_are_adopted_again(
         (done, done_out), (during, during_out), (across, _) = [await launch() for _ in range(3)]
         (done_out / "exit").write_text("0\n")
         assert (await _job_ended(cp, session, done))["state"] == "succeeded"
+        # The third job must be running when the control plane stops (a loaded machine may
+        # still hold it pending): it is the one adopted as running.
+        await eventually_async(
+            lambda: "RUNNING" in slurm_cluster.client("squeue", "-h", "-t", "all", "-j",
+                                                      _native(cp, across), "-o", "%T").stdout,
+            timeout_s=WAIT_S, what="the third job to run", interval_s=0.2)
 
         await cp.client.close()  # the control plane stops; Slurm jobs are the scheduler's
         (during_out / "exit").write_text("4\n")  # ... and one of them fails meanwhile
