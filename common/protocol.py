@@ -331,19 +331,17 @@ def _decode(decoder: msgspec.msgpack.Decoder[_M], buf: bytes | memoryview) -> _M
         # msgspec reports a string that is not UTF-8 as UnicodeDecodeError, not as a DecodeError.
         raise ProtocolError(DropReason.MALFORMED_HEADER, str(exc)) from None
     # Unknown keys are refused, so a map with more entries than the message has fields present
-    # can only hold a key twice (msgspec keeps the last one silently).
-    if _map_length(buf) > _entries(msg):
+    # can only hold a key twice (msgspec keeps the last one silently). Inline: every data
+    # message passes here.
+    cls = type(msg)
+    entries = _FIELD_COUNT[cls]
+    optional = _NONE_WHEN_ABSENT.get(cls)
+    if optional is not None:
+        entries -= sum(getattr(msg, name) is None for name in optional)
+    if _map_length(buf) > entries:
         raise ProtocolError(DropReason.DUPLICATE_KEY,
                             "a header key appears twice (or an optional key is nil)")
     return msg
-
-
-def _entries(msg: msgspec.Struct) -> int:
-    cls = type(msg)
-    optional = _NONE_WHEN_ABSENT.get(cls)
-    if optional is None:
-        return _FIELD_COUNT[cls]
-    return _FIELD_COUNT[cls] - sum(getattr(msg, name) is None for name in optional)
 
 
 def decode_producer_header(buf: bytes | memoryview) -> ScanBegin | Data | ScanEnd:

@@ -351,10 +351,9 @@ def stream_synthetic(endpoint: str | Sequence[str], server_public: bytes | Seque
     ``endpoint``: the gateway's ingress, or several (one per lane, each a gateway serving the
     session; ``server_public`` one key for all, or one per lane): producer p streams lane
     p mod lanes, so each lane carries whole sector streams and needs one producer at least.
-    ``progress`` None shows a progress bar only
-    when the output is a terminal. The first producer error stops the others and is raised once
-    every thread has finished. ``abandon`` is asked, from any of the threads, while a send is
-    blocked (``Producer``).
+    ``progress`` None shows a progress bar only when the output is a terminal. The first producer
+    error stops the others and is raised once every thread has finished. ``abandon`` is asked,
+    from any of the threads, while a send is blocked (``Producer``).
     """
     if plan.spec != camera.spec:
         raise ProducerError("the stream plan and the camera describe different scans")

@@ -45,7 +45,7 @@ from typing import Final, Literal, cast
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.config import DSNConfig, GatewaySettings
+from common.config import DSNConfig, GatewaySettings, Lane
 from common.keys import KeyPair, load_secret_keypair
 from common.procstat import named_thread, thread_cpu_seconds
 from common.receipts import GatewayReport
@@ -214,7 +214,7 @@ class L7Proxy:
                  plain_ingress: zmq.Socket[bytes] | None = None,
                  journal: ScanJournal | None = None,
                  egress_buffer_bytes: int | None = None,
-                 ncem_lane: tuple[int, int] | None = None, lanes: bool = True) -> None:
+                 ncem_lane: Lane | None = None, lanes: bool = True) -> None:
         self.router = Router(table, clock=clock, spooling=spools is not None, journal=journal,
                              ncem_lane=ncem_lane, lanes=lanes)
         self.spools = spools
@@ -636,12 +636,10 @@ class Gateway:
         if directory is not None:
             spools, journal = Spools(directory), ScanJournal(directory, CLOSED_SCANS_KEPT)
         settings = self.config.gateway
-        lane = settings.ncem_lane
         return L7Proxy(self.context, ingress, self.table, clock=self._clock, spools=spools,
                        on_report=self.on_report, plain_ingress=plain, journal=journal,
                        egress_buffer_bytes=settings.egress_buffer_bytes,
-                       ncem_lane=None if lane is None else (lane.lane, lane.lanes),
-                       lanes=self.lanes)
+                       ncem_lane=settings.ncem_lane, lanes=self.lanes)
 
     def run(self) -> None:
         """Forward until stop() is called from another thread or a signal handler."""

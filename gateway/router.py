@@ -61,7 +61,7 @@ from typing import Final, NamedTuple, Protocol
 import msgspec
 import numpy as np
 
-from common.config import Session
+from common.config import Lane, Session
 from common.protocol import (
     MAX_MANIFEST,
     MAX_U63,
@@ -409,9 +409,10 @@ class Router:
 
     def __init__(self, table: SessionTable, *, clock: Callable[[], float] = time.time,
                  spooling: bool = False, journal: Journal | None = None,
-                 ncem_lane: tuple[int, int] | None = None, lanes: bool = True) -> None:
+                 ncem_lane: Lane | None = None, lanes: bool = True) -> None:
         self.endpoints: list[str] = []
-        # (lane, lanes) this gateway carries of the NCEM scans, whose producers cannot say.
+        # The lane this gateway carries of the NCEM scans, whose producers cannot say (a
+        # session's own lane, set by the control plane, comes first).
         self._ncem_lane = ncem_lane
         # Whether a scan may be split over gateways: not where the control plane places each
         # session on one, and its ranks would wait for lanes no gateway carries.
@@ -672,12 +673,14 @@ class Router:
     def _ncem_begin(self, state: _SessionState, ncem: NcemHeader) -> ScanBegin:
         session = state.entry.session
         detector = session.detector
-        lane, lanes = ((session.lane.lane, session.lane.lanes) if session.lane is not None
-                       else (None, None) if self._ncem_lane is None else self._ncem_lane)
-        return ScanBegin(v=VERSION, scan=ncem.scan_number,
-                         scan_shape=(ncem.rows, ncem.positions_per_row),
-                         frame_shape=detector.frame_shape, sectors=detector.sectors, producers=1,
-                         dtype=detector.dtype, lane=lane, lanes=lanes)
+        lane = session.lane or self._ncem_lane
+        begin = ScanBegin(v=VERSION, scan=ncem.scan_number,
+                          scan_shape=(ncem.rows, ncem.positions_per_row),
+                          frame_shape=detector.frame_shape, sectors=detector.sectors, producers=1,
+                          dtype=detector.dtype)
+        if lane is None:
+            return begin
+        return msgspec.structs.replace(begin, lane=lane.lane, lanes=lane.lanes)
 
     def _accept(self, state: _SessionState, scan: _Scan, msg: Data, payload_bytes: int,
                 native: bool) -> Decision:

@@ -222,7 +222,7 @@ def test_ncem_data_opens_its_scan_and_closes_it_when_every_sector_arrived() -> N
 
 def test_a_gateway_carrying_one_lane_of_ncem_scans_takes_its_modules_and_closes_when_they_are_in(
         ) -> None:
-    router = Router(SessionTable([_session()]), clock=Clock(), ncem_lane=(1, 2))
+    router = Router(SessionTable([_session()]), clock=Clock(), ncem_lane=Lane(lane=1, lanes=2))
     first = send_data(router, ncem(0, sector=1))
     assert first.opening is not None
     assert {(msg.lane, msg.lanes) for _, msg in control(first.opening)} == {(1, 2)}
@@ -258,7 +258,7 @@ def test_a_session_placed_as_one_lane_admits_only_scans_of_that_lane() -> None:
 
 def test_ncem_scans_of_a_session_placed_as_one_lane_carry_that_lane_over_the_gateways() -> None:
     router = Router(SessionTable([_session(lane=Lane(lane=0, lanes=2))]), clock=Clock(),
-                    ncem_lane=(1, 2), lanes=False)
+                    ncem_lane=Lane(lane=1, lanes=2), lanes=False)
     first = send_data(router, ncem(0, sector=0))
     assert first.opening is not None
     assert {(msg.lane, msg.lanes) for _, msg in control(first.opening)} == {(0, 2)}
@@ -268,7 +268,7 @@ def test_ncem_scans_of_a_session_placed_as_one_lane_carry_that_lane_over_the_gat
 def test_a_native_scans_lane_takes_ncem_data_of_any_module() -> None:
     """A producer that announces its lane itself and sends NCEM data headers chose its lane's
     sectors; only the gateway's own NCEM lane ties modules to lanes."""
-    router = Router(SessionTable([_session()]), clock=Clock(), ncem_lane=(1, 2))
+    router = Router(SessionTable([_session()]), clock=Clock(), ncem_lane=Lane(lane=1, lanes=2))
     router.route("s1", begin(scan=7, shape=(3, 4), lane=1, lanes=2), 1, 0)
     assert send_data(router, ncem(5, sector=0)).drop is None
 

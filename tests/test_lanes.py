@@ -430,6 +430,23 @@ def _facility(token: str, *args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "DSN_PROJECT_TOKEN": token})
 
 
+def _refused_off_its_lane(lane: dict[str, Any], client: KeyPair) -> None:
+    server = lane["server_key"].encode()
+    context = zmq.Context()
+    try:
+        push = contract_producer(context, client, server, lane["endpoint"], linger_ms=5000)
+        with ReceiptClient(lane["receipts_endpoint"], server, client) as receipts:
+            for scan, named in ((7, {}), (8, {"lane": 0, "lanes": LANES})):
+                push.send(encode(ScanBegin(v=1, scan=scan, scan_shape=(4, 4),
+                                           frame_shape=(576, 576), sectors=4, producers=1,
+                                           dtype="uint16", **named)))
+                with pytest.raises(ProducerError, match=rf"refused scan {scan} \(wrong_lane\)"):
+                    await_report(receipts, scan, timeout_s=30)
+        push.close()
+    finally:
+        context.destroy(linger=0)
+
+
 async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_whole(
         two_gateways: Site, tmp_path: Path) -> None:
     """``dsn sessions open --lanes 2``: the control plane places lane 0 on east and lane 1 on
@@ -483,6 +500,11 @@ async def test_a_session_the_control_plane_splits_over_two_gateways_is_counted_w
         for lane in range(LANES):
             assert f"gateway: scan {scan} lane {lane} of 2 forwarded: 32 sent, 32 forwarded, " \
                    "0 spooled, 0 lost" in streamed.stdout, streamed.stdout
+
+    # A producer that follows only the contract, sending lane 1's gateway a scan_begin that
+    # names no lane (or lane 0's): refused, and its receipt says why; the job is not disturbed.
+    await asyncio.to_thread(_refused_off_its_lane, session["lanes"][1],
+                            load_secret_keypair(secret))
 
     await finished(cp, token, job_path, job_log)
     listed = await (await cp.call("GET", f"/api/v1/scans?session={session['id']}", token)).json()

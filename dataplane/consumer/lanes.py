@@ -58,9 +58,7 @@ class LaneMerge:
         if lane not in self._begun or lane in self._ends or (end.lanes or 1) != self.lanes:
             return Joined.MISMATCH
         self._ends[lane] = end
-        if len(self._ends) < self.lanes:
-            return None
-        return merge_ends(list(self._ends.values()))
+        return self.ended() if len(self._ends) == self.lanes else None
 
     def ended(self) -> RoutedScanEnd | None:
         """The lanes that ended so far, merged as one end (None: none has)."""

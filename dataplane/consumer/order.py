@@ -127,11 +127,12 @@ class GatewayWatch:
                 moved_at=moved.isoformat(), scans=suspect, grace_s=self._grace_s))
         held = set(open_scans)
         now = self._clock()
-        lost = set()
+        lost: set[int] = set()
         for deadlines in (self._deadlines, self._waiting):
             for scan, deadline in list(deadlines.items()):
-                if scan not in held or deadline <= now:
-                    # Ended meanwhile (no longer held), or lost; either way watched no more.
+                if scan not in held:
+                    del deadlines[scan]  # it ended meanwhile
+                elif deadline <= now:
                     del deadlines[scan]
-                    lost |= {scan} & held
+                    lost.add(scan)
         return sorted(lost)
